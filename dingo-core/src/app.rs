@@ -1,0 +1,449 @@
+//! [`App`]: registers tasks, runs worker pools, makes calls.
+
+mod builder;
+
+pub use builder::{AppBuilder, BrokerScheme};
+
+use std::fmt;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use serde::Serialize;
+use serde::de::DeserializeOwned;
+
+use crate::broker::{ConsumeSettings, Consumer, Producer, Reporter, Store};
+use crate::codec::{CodecId, Codecs, Encoded};
+use crate::context::Context;
+use crate::error::{BrokerError, BrokerErrorKind, Error, Role, TaskError, TaskErrorKind};
+use crate::event::{Event, EventFilter, EventKind, EventSink, Events, Level, Origin};
+use crate::id::{CallKey, IdMaker, TaskId, TaskName};
+use crate::message::{Payload, ReplySink, ReplyTo, TaskMessage};
+use crate::options::CallOptions;
+use crate::registry::{self, Handler, RawOutput, Registry, Task, TaskRef};
+use crate::result::{self, DecodeFn, Handle, Slot};
+use crate::worker::{Pool, Shared};
+
+/// A dingo application: the tasks it knows, the broker roles it uses, its worker pools.
+///
+/// Cheap to clone (all clones are the same app) and `Send + Sync`. One process may hold
+/// several apps (a caller and a worker sharing a [`LocalBroker`](crate::LocalBroker), say).
+///
+/// ```
+/// # fn main() -> Result<(), dingo_core::Error> {
+/// let app = dingo_core::App::local()?;
+/// app.register("add", |(a, b): (i64, i64)| a + b)?;
+/// app.allocate("add", 2)?;
+/// let sum: i64 = app.call("add", (2i64, 3i64))?.wait()?;
+/// assert_eq!(sum, 5);
+/// app.close()
+/// # }
+/// ```
+#[derive(Clone)]
+pub struct App {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    producer: Option<Arc<dyn Producer>>,
+    consumer: Option<Arc<dyn Consumer>>,
+    reporter: Option<Arc<dyn Reporter>>,
+    store: Option<Arc<dyn Store>>,
+    /// The producer moves Rust values instead of bytes.
+    local_args: bool,
+    registry: Registry,
+    codecs: Codecs,
+    events: EventSink,
+    pools: Mutex<Vec<Pool>>,
+    closed: AtomicBool,
+    shutdown_grace: Duration,
+    worker_spin: Duration,
+}
+
+impl App {
+    /// An app on a new in-process [`LocalBroker`](crate::LocalBroker): no server needed.
+    pub fn local() -> Result<App, Error> {
+        App::builder().build()
+    }
+
+    /// An app on the broker a URL names: `local://` (in-process), `local://?serialized`,
+    /// `redis://…` and `amqp://…` where those brokers are compiled in. An unknown scheme is an
+    /// error.
+    pub fn connect(url: &str) -> Result<App, Error> {
+        App::builder().url(url)?.build()
+    }
+
+    /// Configures an app.
+    pub fn builder() -> AppBuilder {
+        AppBuilder::new()
+    }
+
+    /// Starts `count` worker threads dedicated to one task (callable again to add more).
+    ///
+    /// `task` is a `#[dingo::task]` function item (`app.allocate(add, 4)`) or a task name.
+    pub fn allocate<M>(&self, task: impl TaskRef<M>, count: usize) -> Result<(), Error> {
+        let name = task.task_name()?;
+        let handler = self
+            .inner
+            .registry
+            .get(name.as_str())
+            .and_then(|entry| entry.handler.clone())
+            .ok_or_else(|| Error::UnknownTask { name: name.to_string() })?;
+        self.spawn_pool(&short_label(name.as_str()), count, vec![handler])
+    }
+
+    /// Starts `count` worker threads that serve every task registered so far, like a Celery
+    /// worker with concurrency `count`.
+    pub fn allocate_all(&self, count: usize) -> Result<(), Error> {
+        let handlers = self.inner.registry.handlers();
+        if handlers.is_empty() {
+            return Err(Error::InvalidConfig("no task is registered".into()));
+        }
+        self.spawn_pool("all", count, handlers)
+    }
+
+    fn spawn_pool(&self, label: &str, count: usize, handlers: Vec<Handler>) -> Result<(), Error> {
+        if count == 0 {
+            return Err(Error::InvalidConfig("a pool needs at least one worker".into()));
+        }
+        self.check_open()?;
+        let consumer = self.inner.consumer.as_ref().ok_or(Error::MissingRole(Role::Consumer))?;
+        let reporter = self.inner.reporter.clone().ok_or(Error::MissingRole(Role::Reporter))?;
+        let names: Vec<TaskName> = handlers.iter().map(|h| h.name().clone()).collect();
+        let subscription = consumer.consume(&names, &ConsumeSettings::new(count)).map_err(broker_error)?;
+        let shared = Shared {
+            handlers: handlers.into_iter().map(|h| (h.name().clone(), h)).collect(),
+            reporter,
+            codecs: self.inner.codecs.clone(),
+            events: self.inner.events.clone(),
+            spin: self.inner.worker_spin,
+        };
+        let pool = Pool::spawn(label, count, subscription, shared)?;
+        lock(&self.inner.pools).push(pool);
+        // A close that raced with this allocation must not leave the pool running.
+        if self.inner.closed.load(Ordering::Acquire) {
+            for pool in std::mem::take(&mut *lock(&self.inner.pools)) {
+                pool.stop();
+            }
+            return Err(Error::Shutdown);
+        }
+        Ok(())
+    }
+
+    /// Registers a closure (or any stateful function) as a task: `f` takes the arguments
+    /// (a tuple for several) and returns the result.
+    ///
+    /// Callers must register nothing to call it; workers must register it before
+    /// `allocate`. A name already taken is an error.
+    pub fn register<A, R, F>(&self, name: impl Into<String>, f: F) -> Result<(), Error>
+    where
+        A: DeserializeOwned + Send + 'static,
+        R: Serialize + Send + 'static,
+        F: Fn(A) -> R + Send + Sync + 'static,
+    {
+        let name = static_name(name.into());
+        let handler = Handler::new(name, registry::fingerprint::<A, R>(), move |_: &Context<'_>, args: A| Ok(f(args)));
+        self.add_handler(handler)
+    }
+
+    /// Registers a closure that gets the [`Context`] and can fail: an `Err(e)` becomes a
+    /// `Failed` report carrying `e`.
+    pub fn register_with_context<A, R, E, F>(&self, name: impl Into<String>, f: F) -> Result<(), Error>
+    where
+        A: DeserializeOwned + Send + 'static,
+        R: Serialize + Send + 'static,
+        E: Serialize + fmt::Display,
+        F: Fn(&Context<'_>, A) -> Result<R, E> + Send + Sync + 'static,
+    {
+        let name = static_name(name.into());
+        let handler = Handler::new(name, registry::fingerprint::<A, R>(), move |ctx: &Context<'_>, args: A| {
+            f(ctx, args).map_err(|e| registry::failed(ctx, &e, e.to_string()))
+        });
+        self.add_handler(handler)
+    }
+
+    pub(crate) fn add_handler(&self, handler: Handler) -> Result<(), Error> {
+        let name = self.inner.registry.add(handler)?;
+        self.declare(&name)
+    }
+
+    fn declare(&self, name: &TaskName) -> Result<(), Error> {
+        if let Some(producer) = &self.inner.producer {
+            producer.declare(name).map_err(broker_error)?;
+        }
+        if let Some(consumer) = &self.inner.consumer {
+            consumer.declare(name).map_err(broker_error)?;
+        }
+        Ok(())
+    }
+
+    /// Sets a task's default call options (a call's own options win, option by option).
+    pub fn set_default_options<M>(&self, task: impl TaskRef<M>, options: CallOptions) -> Result<(), Error> {
+        let name = task.task_name()?;
+        self.inner.registry.update(&name, |s| s.defaults = options);
+        Ok(())
+    }
+
+    /// Sets the id maker of a task's calls.
+    pub fn set_id_maker<M>(&self, task: impl TaskRef<M>, maker: impl IdMaker) -> Result<(), Error> {
+        let name = task.task_name()?;
+        let maker: Arc<dyn IdMaker> = Arc::new(maker);
+        self.inner.registry.update(&name, |s| s.id_maker = maker);
+        Ok(())
+    }
+
+    /// Sets the codec a task's calls encode with (a codec the app knows, see
+    /// [`AppBuilder::codec`]).
+    pub fn set_codec<M>(&self, task: impl TaskRef<M>, codec: CodecId) -> Result<(), Error> {
+        self.inner.codecs.get(codec)?;
+        let name = task.task_name()?;
+        self.inner.registry.update(&name, |s| s.codec = codec);
+        Ok(())
+    }
+
+    /// Calls a task by name with typed arguments (a tuple for several) and result.
+    ///
+    /// The stubs generated by `#[dingo::task]` (`add::call(&app, 2, 3)`) are the checked
+    /// way; this one is for closures registered with [`register`](App::register).
+    pub fn call<A, T>(&self, name: impl AsRef<str>, args: A) -> Result<Handle<T>, Error>
+    where
+        A: Serialize + Send + 'static,
+        T: DeserializeOwned + Send + 'static,
+    {
+        self.call_with(name, &CallOptions::new(), args)
+    }
+
+    /// [`call`](App::call) with options.
+    pub fn call_with<A, T>(&self, name: impl AsRef<str>, options: &CallOptions, args: A) -> Result<Handle<T>, Error>
+    where
+        A: Serialize + Send + 'static,
+        T: DeserializeOwned + Send + 'static,
+    {
+        let name = registry::intern(name.as_ref());
+        let fingerprint = registry::fingerprint::<A, T>();
+        self.submit(name, fingerprint, Args::Typed(args), options, result::decode_value::<T>)
+    }
+
+    /// Sends a task by name and forgets it: no report is produced. Returns the call's id.
+    pub fn send<A>(&self, name: impl AsRef<str>, args: A) -> Result<TaskId, Error>
+    where
+        A: Serialize + Send + 'static,
+    {
+        let options = CallOptions::new().ignore_report(true);
+        let name = registry::intern(name.as_ref());
+        let handle = self.submit::<A, ()>(name, 0, Args::Typed(args), &options, result::decode_value::<()>)?;
+        Ok(handle.id().clone())
+    }
+
+    /// Calls a task with arguments already encoded (a tuple, by a codec the worker knows) and
+    /// gets the result as bytes. No signature check: for tools and bridges.
+    pub fn call_raw(
+        &self,
+        name: impl AsRef<str>,
+        options: &CallOptions,
+        args: Encoded,
+    ) -> Result<Handle<RawOutput>, Error> {
+        let name = registry::intern(name.as_ref());
+        self.submit::<(), RawOutput>(name, 0, Args::Encoded(args), options, result::decode_raw)
+    }
+
+    #[doc(hidden)]
+    pub fn __call_task<K: Task>(&self, args: K::Args, options: &CallOptions) -> Result<Handle<K::Output>, Error> {
+        let name = TaskName::from_static(K::NAME);
+        self.submit(name, K::fingerprint(), Args::Typed(args), options, result::decode_value::<K::Output>)
+    }
+
+    fn submit<A, T>(
+        &self,
+        name: TaskName,
+        fingerprint: u64,
+        args: Args<A>,
+        options: &CallOptions,
+        decode: DecodeFn<T>,
+    ) -> Result<Handle<T>, Error>
+    where
+        A: Serialize + Send + 'static,
+        T: Send + 'static,
+    {
+        self.check_open()?;
+        let inner = &*self.inner;
+        let producer = inner.producer.as_ref().ok_or(Error::MissingRole(Role::Producer))?;
+        let settings = inner.registry.settings(name.as_str());
+        let options = options.or(&settings.defaults);
+        let id = match options.get_id() {
+            Some(id) => id.clone(),
+            None => settings.id_maker.next_id(),
+        };
+        let key = CallKey { name, id };
+
+        let args = match args {
+            Args::Typed(value) if inner.local_args => Payload::Local(Box::new(value)),
+            Args::Typed(value) => Payload::Encoded(inner.codecs.encode(settings.codec, &value)?),
+            Args::Encoded(encoded) => Payload::Encoded(encoded),
+        };
+
+        let (handle, reply_to) = if options.is_ignore_report() {
+            (Handle::detached(key.clone()), ReplyTo::None)
+        } else {
+            let store = inner.store.as_ref().ok_or(Error::MissingRole(Role::Store))?;
+            let slot = Arc::new(Slot::new(inner.codecs.clone(), decode));
+            let reply_to = store.watch(&key, ReplySink::new(slot.clone())).map_err(broker_error)?;
+            let keeps_state = matches!(reply_to, ReplyTo::Address(_));
+            (Handle::new(key.clone(), slot, keeps_state.then(|| store.clone())), reply_to)
+        };
+
+        let message = TaskMessage {
+            name: key.name.clone(),
+            id: key.id.clone(),
+            fingerprint,
+            options: options.task_options(),
+            reply_to,
+            args,
+        };
+        match producer.send(message, options.get_enqueue_timeout()) {
+            Ok(()) => Ok(handle),
+            Err(e) => Err(self.send_failed(&key, e)),
+        }
+    }
+
+    fn send_failed(&self, key: &CallKey, error: BrokerError) -> Error {
+        match error.kind() {
+            BrokerErrorKind::Full => Error::QueueFull { task: key.name.to_string() },
+            BrokerErrorKind::Closed => Error::Shutdown,
+            BrokerErrorKind::Unroutable => {
+                let error = TaskError::new(TaskErrorKind::UnknownTask, format!("no queue serves task `{}`", key.name));
+                self.inner.events.emit(
+                    Event::new(Origin::Producer, Level::Warning, EventKind::UnknownTask, error.message().to_owned())
+                        .with_task(key.clone()),
+                );
+                Error::Task(error)
+            }
+            _ => Error::Broker(error),
+        }
+    }
+
+    /// Subscribes to the app's events (see [`event`](crate::event)).
+    pub fn events(&self, filter: EventFilter) -> Events {
+        self.inner.events.subscribe(filter)
+    }
+
+    /// The codecs this app knows.
+    pub fn codecs(&self) -> &Codecs {
+        &self.inner.codecs
+    }
+
+    /// Whether [`close`](App::close) was called.
+    pub fn is_closed(&self) -> bool {
+        self.inner.closed.load(Ordering::Acquire)
+    }
+
+    /// Shuts down gracefully: stops accepting calls, lets running tasks finish (up to the
+    /// shutdown grace period, see [`AppBuilder::shutdown_grace`]), then releases the broker
+    /// roles. Pending handles of tasks that will not run get a `Shutdown` failure. Calling it
+    /// again does nothing.
+    pub fn close(&self) -> Result<(), Error> {
+        if self.inner.closed.swap(true, Ordering::AcqRel) {
+            return Ok(());
+        }
+        let pools = std::mem::take(&mut *lock(&self.inner.pools));
+        for pool in &pools {
+            pool.stop();
+        }
+        let deadline = Instant::now() + self.inner.shutdown_grace;
+        let mut running = 0;
+        for pool in pools {
+            let label = pool.label().to_owned();
+            let left = pool.join(Some(deadline));
+            if left > 0 {
+                self.inner.events.emit(Event::new(
+                    Origin::App,
+                    Level::Error,
+                    EventKind::Stopped,
+                    format!("workers of {label} still busy after the shutdown grace period"),
+                ));
+            }
+            running += left;
+        }
+        self.inner.release_roles();
+        self.inner.events.emit(Event::new(Origin::App, Level::Info, EventKind::Stopped, "app closed"));
+        self.inner.events.close();
+        if running > 0 { Err(Error::ShutdownTimeout { running }) } else { Ok(()) }
+    }
+
+    fn check_open(&self) -> Result<(), Error> {
+        if self.inner.closed.load(Ordering::Acquire) { Err(Error::Shutdown) } else { Ok(()) }
+    }
+}
+
+impl Inner {
+    fn release_roles(&self) {
+        if let Some(r) = &self.consumer {
+            r.close();
+        }
+        if let Some(r) = &self.reporter {
+            r.close();
+        }
+        if let Some(r) = &self.producer {
+            r.close();
+        }
+        if let Some(r) = &self.store {
+            r.close();
+        }
+    }
+}
+
+impl Drop for Inner {
+    /// An app dropped without `close`: stop the workers after their current task and release
+    /// the roles, without waiting.
+    fn drop(&mut self) {
+        if !self.closed.swap(true, Ordering::AcqRel) {
+            for pool in std::mem::take(&mut *lock(&self.pools)) {
+                pool.stop();
+            }
+            self.release_roles();
+            self.events.close();
+        }
+    }
+}
+
+impl fmt::Debug for App {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("App")
+            .field("pools", &lock(&self.inner.pools).iter().map(Pool::label).collect::<Vec<_>>())
+            .field("codecs", &self.inner.codecs)
+            .field("closed", &self.is_closed())
+            .finish_non_exhaustive()
+    }
+}
+
+enum Args<A> {
+    Typed(A),
+    Encoded(Encoded),
+}
+
+fn broker_error(e: BrokerError) -> Error {
+    match e.kind() {
+        BrokerErrorKind::Closed => Error::Shutdown,
+        _ => Error::Broker(e),
+    }
+}
+
+/// Names registered at run time live as long as the program: leaking them once keeps every
+/// later message for them free of reference counting.
+fn static_name(name: String) -> TaskName {
+    match registry::linked_tasks().find(|d| d.name == name) {
+        Some(decl) => TaskName::from_static(decl.name),
+        None => TaskName::from_static(Box::leak(name.into_boxed_str())),
+    }
+}
+
+/// The last path segment of a task name, for thread names.
+fn short_label(name: &str) -> String {
+    let short = name.rsplit("::").next().unwrap_or(name);
+    short.chars().take(24).collect()
+}
+
+// A panicking holder cannot leave the pool list inconsistent (push / take only).
+fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    mutex.lock().unwrap_or_else(|e| e.into_inner())
+}

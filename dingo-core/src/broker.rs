@@ -1,0 +1,235 @@
+//! The four roles a broker plays, as in Go dingo, so a deployment can mix transports
+//! (tasks through RabbitMQ, reports through Redis):
+//!
+//! | role | side | does |
+//! | --- | --- | --- |
+//! | [`Producer`] | caller | sends task messages |
+//! | [`Consumer`] | worker | receives task messages of named tasks, hands them to workers with an [`Ack`] |
+//! | [`Reporter`] | worker | publishes the reports of a call; the final one together with the [`Ack`] |
+//! | [`Store`] | caller | routes the reports of a call to the caller's handle |
+//!
+//! The data flow of one call:
+//!
+//! ```text
+//! caller: Store::watch(key, sink) -> ReplyTo ─┐
+//!         Producer::send(TaskMessage{reply_to, ..}) ──> queue of the task
+//! worker: Consumer::consume([tasks]) -> Subscription::recv() -> Delivery{message, ack}
+//!         run the task
+//!         Reporter::report(reply_to, Sent/Progress)            (monitor_progress only)
+//!         Reporter::finish(reply_to, Success/Failure, ack)     (acknowledge after storing)
+//! caller: the Store hands every report to the sink of (task name, id), in order
+//! ```
+//!
+//! At-least-once brokers acknowledge a delivery only after its final report is stored, in
+//! [`Reporter::finish`]; a broker playing both roles overrides it to make the pair atomic
+//! (it can downcast the [`Ack`] to its own type with [`Ack::into_any`]).
+//!
+//! The built-in [`local`] broker plays all four roles in process.
+
+pub mod local;
+
+use std::any::Any;
+use std::fmt;
+use std::time::Duration;
+
+use crate::error::BrokerError;
+use crate::event::EventSink;
+use crate::id::{CallKey, TaskName};
+use crate::message::{ReplySink, ReplyTo, ReportMessage, TaskMessage};
+
+/// Sends task messages (caller side).
+pub trait Producer: Send + Sync + 'static {
+    /// Called once by every app that uses this producer, with the app's event sink.
+    fn attach(&self, events: &EventSink) {
+        let _ = events;
+    }
+
+    /// Makes sure the queue of `task` exists (idempotent). Apps call it for every task they
+    /// register, so a message is never sent into a missing queue.
+    fn declare(&self, task: &TaskName) -> Result<(), BrokerError>;
+
+    /// Sends a task message. Blocks while the queue is full, at most `timeout` (`None`: no
+    /// limit), then fails with [`BrokerErrorKind::Full`](crate::BrokerErrorKind::Full). A
+    /// message for a task without a queue fails with
+    /// [`BrokerErrorKind::Unroutable`](crate::BrokerErrorKind::Unroutable) where the broker
+    /// can tell.
+    fn send(&self, message: TaskMessage, timeout: Option<Duration>) -> Result<(), BrokerError>;
+
+    /// Whether messages may carry in-process values ([`Payload::Local`](crate::message::Payload::Local)).
+    /// Only brokers inside the process say yes; the app then skips serialization.
+    fn accepts_local(&self) -> bool {
+        false
+    }
+
+    /// The app that attached this producer is closing.
+    fn close(&self) {}
+}
+
+/// How a consumer should deliver.
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct ConsumeSettings {
+    /// How many messages may be fetched ahead of the workers (at least 1).
+    pub prefetch: usize,
+    /// How many worker threads share the subscription.
+    pub workers: usize,
+}
+
+impl ConsumeSettings {
+    /// Settings for `workers` threads, prefetching as many messages.
+    pub fn new(workers: usize) -> ConsumeSettings {
+        ConsumeSettings { prefetch: workers.max(1), workers: workers.max(1) }
+    }
+}
+
+/// Receives task messages (worker side).
+pub trait Consumer: Send + Sync + 'static {
+    /// Called once by every app that uses this consumer, with the app's event sink.
+    fn attach(&self, events: &EventSink) {
+        let _ = events;
+    }
+
+    /// Makes sure the queue of `task` exists (idempotent).
+    fn declare(&self, task: &TaskName) -> Result<(), BrokerError>;
+
+    /// Starts receiving the messages of `tasks`. The subscription is shared by the worker
+    /// threads of one pool.
+    fn consume(&self, tasks: &[TaskName], settings: &ConsumeSettings) -> Result<Box<dyn Subscription>, BrokerError>;
+
+    /// The app that attached this consumer is closing (its subscriptions are stopped).
+    fn close(&self) {}
+}
+
+/// What [`Subscription::recv`] got.
+#[derive(Debug)]
+pub enum Recv {
+    /// A task to run.
+    Delivery(Delivery),
+    /// Nothing within the timeout.
+    Empty,
+    /// The subscription was stopped (or the broker closed): the worker should exit.
+    Stopped,
+}
+
+/// A stream of deliveries shared by the worker threads of one pool.
+pub trait Subscription: Send + Sync + 'static {
+    /// The next delivery if one is ready, without blocking.
+    fn try_recv(&self) -> Recv;
+
+    /// Blocks for the next delivery, at most `timeout` (`None`: until one arrives or the
+    /// subscription stops).
+    fn recv(&self, timeout: Option<Duration>) -> Recv;
+
+    /// Stops fetching and wakes every blocked `recv` (which then returns [`Recv::Stopped`]).
+    /// Messages fetched but not handed to a worker go back to their queue.
+    fn stop(&self);
+}
+
+/// A task message handed to a worker, with what acknowledges it.
+#[derive(Debug)]
+pub struct Delivery {
+    /// The message.
+    pub message: TaskMessage,
+    /// Acknowledges the message once its final report is stored (`None`: nothing to do).
+    pub ack: Option<Ack>,
+    /// Whether the broker delivered this message before (a worker died or gave it back).
+    pub redelivered: bool,
+}
+
+impl Delivery {
+    /// A delivery that needs no acknowledgement.
+    pub fn new(message: TaskMessage) -> Delivery {
+        Delivery { message, ack: None, redelivered: false }
+    }
+}
+
+/// The broker side of acknowledging one delivery.
+pub trait Acknowledge: Send + 'static {
+    /// The task is done: remove it from the broker.
+    fn ack(self: Box<Self>) -> Result<(), BrokerError>;
+    /// Give the task back (`requeue`) or drop / dead-letter it.
+    fn reject(self: Box<Self>, requeue: bool) -> Result<(), BrokerError>;
+    /// For a reporter of the same broker, to store a report and acknowledge in one step.
+    fn into_any(self: Box<Self>) -> Box<dyn Any + Send>;
+}
+
+/// Acknowledges one delivery (see [`Acknowledge`]).
+pub struct Ack(Box<dyn Acknowledge>);
+
+impl Ack {
+    /// Wraps a broker's acknowledgement.
+    pub fn new(inner: impl Acknowledge) -> Ack {
+        Ack(Box::new(inner))
+    }
+
+    /// The task is done.
+    pub fn ack(self) -> Result<(), BrokerError> {
+        self.0.ack()
+    }
+
+    /// Give the task back (`requeue`) or drop / dead-letter it.
+    pub fn reject(self, requeue: bool) -> Result<(), BrokerError> {
+        self.0.reject(requeue)
+    }
+
+    /// The broker's own type, for a reporter that acknowledges atomically.
+    pub fn into_any(self) -> Box<dyn Any + Send> {
+        self.0.into_any()
+    }
+}
+
+impl fmt::Debug for Ack {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("Ack")
+    }
+}
+
+/// Publishes reports (worker side).
+pub trait Reporter: Send + Sync + 'static {
+    /// Called once by every app that uses this reporter, with the app's event sink.
+    fn attach(&self, events: &EventSink) {
+        let _ = events;
+    }
+
+    /// Publishes a non-final report (`Sent`, `Progress`). Reports of one call published from
+    /// one thread must reach the caller in order.
+    fn report(&self, to: &ReplyTo, report: ReportMessage) -> Result<(), BrokerError>;
+
+    /// Publishes the final report, then acknowledges the delivery. Brokers that can do both
+    /// in one atomic step override this.
+    fn finish(&self, to: &ReplyTo, report: ReportMessage, ack: Option<Ack>) -> Result<(), BrokerError> {
+        self.report(to, report)?;
+        match ack {
+            Some(ack) => ack.ack(),
+            None => Ok(()),
+        }
+    }
+
+    /// Whether reports may carry in-process values.
+    fn accepts_local(&self) -> bool {
+        false
+    }
+
+    /// The app that attached this reporter is closing.
+    fn close(&self) {}
+}
+
+/// Routes the reports of calls to their handles (caller side).
+pub trait Store: Send + Sync + 'static {
+    /// Called once by every app that uses this store, with the app's event sink.
+    fn attach(&self, events: &EventSink) {
+        let _ = events;
+    }
+
+    /// Registers the handle of one call, before its task is sent, and returns where workers
+    /// must send its reports. Reports that arrive before the caller reads them are kept in
+    /// the sink; a store that keeps results by key also hands over reports published before
+    /// this call.
+    fn watch(&self, key: &CallKey, sink: ReplySink) -> Result<ReplyTo, BrokerError>;
+
+    /// The handle of `key` is gone (finished or dropped): forget it.
+    fn forget(&self, key: &CallKey);
+
+    /// The app that attached this store is closing: pending handles get a `Shutdown` failure.
+    fn close(&self) {}
+}

@@ -1,0 +1,657 @@
+//! The embedded broker: bounded in-process queues, one per task, playing all four roles.
+//!
+//! Two modes:
+//! - [`LocalBroker::new`] moves Rust values from caller to worker and results straight into
+//!   the caller's handle: no serialization, no copying (Go dingo's local mode).
+//! - [`LocalBroker::serialized`] turns every message into bytes through the codec and the
+//!   [`wire`](crate::message::wire) format, as a remote broker would, so codecs, malformed
+//!   messages and the conformance suite can be exercised without a server (Go dingo's
+//!   `NewLocalBroker` / `NewLocalBackend`).
+//!
+//! Queues are bounded ([`LocalOptions::capacity`]): a full queue makes `send` block (or fail
+//! after its timeout), never grow. Sending to a task whose queue was never declared fails
+//! as unroutable — the app turns that into an `UnknownTask` failure.
+//!
+//! Clones share one broker; apps that share it may live in one process as separate callers
+//! and workers. It shuts down when the last app using it closes (or on
+//! [`LocalBroker::shutdown`]): queued tasks then fail with `Shutdown`.
+
+use std::collections::{HashMap, VecDeque};
+use std::fmt;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use arc_swap::ArcSwap;
+use crossbeam_channel::{Receiver, Select, SendTimeoutError, Sender, TryRecvError, TrySendError};
+
+use crate::broker::{Ack, ConsumeSettings, Consumer, Delivery, Producer, Recv, Reporter, Store, Subscription};
+use crate::error::{BrokerError, BrokerErrorKind, TaskError, TaskErrorKind};
+use crate::event::{Event, EventKind, EventSink, EventSinks, Level, Origin};
+use crate::id::{CallKey, TaskName};
+use crate::message::wire::{self, MalformedTask};
+use crate::message::{ReplySink, ReplyTo, ReportBody, ReportMessage, TaskMessage};
+
+/// Settings of a [`LocalBroker`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct LocalOptions {
+    /// Messages each task queue holds before `send` blocks. Default 4096.
+    pub capacity: usize,
+    /// Encode every message to bytes (see the module docs). Default off.
+    pub serialized: bool,
+    /// Largest encoded task message accepted in serialized mode. Default 16 MiB.
+    pub max_message_size: usize,
+    /// How long a report nobody waits for is kept (serialized mode). Default 1 hour.
+    pub result_ttl: Duration,
+    /// How many unclaimed reports are kept at most (serialized mode). Default 100,000.
+    pub max_unclaimed: usize,
+    /// How many dead letters are kept (the oldest are dropped). Default 1,000.
+    pub max_dead_letters: usize,
+}
+
+impl Default for LocalOptions {
+    fn default() -> LocalOptions {
+        LocalOptions {
+            capacity: 4096,
+            serialized: false,
+            max_message_size: 16 << 20,
+            result_ttl: Duration::from_secs(3600),
+            max_unclaimed: 100_000,
+            max_dead_letters: 1_000,
+        }
+    }
+}
+
+impl LocalOptions {
+    /// The defaults.
+    pub fn new() -> LocalOptions {
+        LocalOptions::default()
+    }
+
+    /// Sets [`capacity`](LocalOptions::capacity).
+    pub fn capacity(mut self, capacity: usize) -> LocalOptions {
+        self.capacity = capacity.max(1);
+        self
+    }
+
+    /// Sets [`serialized`](LocalOptions::serialized).
+    pub fn serialized(mut self, serialized: bool) -> LocalOptions {
+        self.serialized = serialized;
+        self
+    }
+
+    /// Sets [`max_message_size`](LocalOptions::max_message_size).
+    pub fn max_message_size(mut self, bytes: usize) -> LocalOptions {
+        self.max_message_size = bytes;
+        self
+    }
+
+    /// Sets [`result_ttl`](LocalOptions::result_ttl).
+    pub fn result_ttl(mut self, ttl: Duration) -> LocalOptions {
+        self.result_ttl = ttl;
+        self
+    }
+}
+
+/// A message that could not be delivered, kept for inspection.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DeadLetter {
+    /// The queue it was taken from.
+    pub queue: TaskName,
+    /// Why it was dead-lettered.
+    pub reason: String,
+    /// The message as it was queued.
+    pub bytes: Vec<u8>,
+}
+
+/// The embedded in-process broker (see the [module docs](self)).
+#[derive(Clone)]
+pub struct LocalBroker {
+    inner: Arc<Inner>,
+}
+
+enum Item {
+    Message(TaskMessage),
+    Bytes(Vec<u8>),
+}
+
+#[derive(Clone)]
+struct Queue {
+    tx: Sender<Item>,
+    rx: Receiver<Item>,
+}
+
+struct Inner {
+    options: LocalOptions,
+    address: Arc<str>,
+    queues: ArcSwap<HashMap<TaskName, Queue>>,
+    declare_lock: Mutex<()>,
+    closed: AtomicBool,
+    users: AtomicUsize,
+    /// Dropped on shutdown, which wakes every subscription.
+    shutdown_tx: Mutex<Option<Sender<()>>>,
+    shutdown_rx: Receiver<()>,
+    events: EventSinks,
+    watched: Mutex<HashMap<CallKey, Arc<ReplySink>>>,
+    unclaimed: Mutex<Unclaimed>,
+    dead: Mutex<VecDeque<DeadLetter>>,
+}
+
+#[derive(Default)]
+struct Unclaimed {
+    reports: HashMap<CallKey, Vec<ReportMessage>>,
+    order: VecDeque<(Instant, CallKey)>,
+}
+
+impl LocalBroker {
+    /// An in-memory broker with default options.
+    pub fn new() -> LocalBroker {
+        LocalBroker::with_options(LocalOptions::default())
+    }
+
+    /// A broker that serializes every message (see the module docs).
+    pub fn serialized() -> LocalBroker {
+        LocalBroker::with_options(LocalOptions::default().serialized(true))
+    }
+
+    /// A broker with these options.
+    pub fn with_options(options: LocalOptions) -> LocalBroker {
+        static NEXT: AtomicUsize = AtomicUsize::new(1);
+        let (shutdown_tx, shutdown_rx) = crossbeam_channel::bounded(0);
+        LocalBroker {
+            inner: Arc::new(Inner {
+                address: Arc::from(format!("local.{}", NEXT.fetch_add(1, Ordering::Relaxed))),
+                options,
+                queues: ArcSwap::from_pointee(HashMap::new()),
+                declare_lock: Mutex::new(()),
+                closed: AtomicBool::new(false),
+                users: AtomicUsize::new(0),
+                shutdown_tx: Mutex::new(Some(shutdown_tx)),
+                shutdown_rx,
+                events: EventSinks::new(),
+                watched: Mutex::new(HashMap::new()),
+                unclaimed: Mutex::new(Unclaimed::default()),
+                dead: Mutex::new(VecDeque::new()),
+            }),
+        }
+    }
+
+    /// The options this broker was built with.
+    pub fn options(&self) -> &LocalOptions {
+        &self.inner.options
+    }
+
+    /// How many messages wait in the queue of `task`.
+    pub fn queue_len(&self, task: &str) -> usize {
+        self.inner.queues.load().get(task).map(|q| q.rx.len()).unwrap_or(0)
+    }
+
+    /// Puts raw bytes into the queue of `task`, as a remote peer (or a corrupted network)
+    /// would. Serialized mode only.
+    pub fn push_raw(&self, task: &str, bytes: Vec<u8>) -> Result<(), BrokerError> {
+        if !self.inner.options.serialized {
+            return Err(BrokerError::new(BrokerErrorKind::Config, "push_raw needs a serialized local broker"));
+        }
+        let queue = self.inner.queue(task)?;
+        queue.tx.send(Item::Bytes(bytes)).map_err(|_| closed())
+    }
+
+    /// The messages that could not be delivered, oldest first.
+    pub fn dead_letters(&self) -> Vec<DeadLetter> {
+        lock(&self.inner.dead).iter().cloned().collect()
+    }
+
+    /// Shuts the broker down for every app that uses it: queued tasks fail with `Shutdown`,
+    /// subscriptions stop, sends fail.
+    pub fn shutdown(&self) {
+        self.inner.shutdown();
+    }
+
+    fn attach_events(&self, events: &EventSink) {
+        self.inner.users.fetch_add(1, Ordering::AcqRel);
+        self.inner.events.add(events);
+    }
+
+    fn detach(&self) {
+        let previous = self
+            .inner
+            .users
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| Some(n.saturating_sub(1)))
+            .unwrap_or(0);
+        if previous <= 1 {
+            self.inner.shutdown();
+        }
+    }
+}
+
+impl Default for LocalBroker {
+    fn default() -> LocalBroker {
+        LocalBroker::new()
+    }
+}
+
+impl fmt::Debug for LocalBroker {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("LocalBroker")
+            .field("address", &self.inner.address)
+            .field("serialized", &self.inner.options.serialized)
+            .field("queues", &self.inner.queues.load().len())
+            .field("closed", &self.inner.closed.load(Ordering::Relaxed))
+            .finish()
+    }
+}
+
+impl Inner {
+    fn queue(&self, task: &str) -> Result<Queue, BrokerError> {
+        if self.closed.load(Ordering::Acquire) {
+            return Err(closed());
+        }
+        self.queues.load().get(task).cloned().ok_or_else(|| {
+            BrokerError::new(BrokerErrorKind::Unroutable, format!("no queue is declared for task `{task}`"))
+        })
+    }
+
+    fn declare(&self, task: &TaskName) -> Result<(), BrokerError> {
+        if self.closed.load(Ordering::Acquire) {
+            return Err(closed());
+        }
+        if self.queues.load().contains_key(task.as_str()) {
+            return Ok(());
+        }
+        let _guard = lock(&self.declare_lock);
+        let current = self.queues.load();
+        if !current.contains_key(task.as_str()) {
+            let (tx, rx) = crossbeam_channel::bounded(self.options.capacity);
+            let mut next = HashMap::clone(&current);
+            next.insert(task.clone(), Queue { tx, rx });
+            self.queues.store(Arc::new(next));
+        }
+        Ok(())
+    }
+
+    fn shutdown(&self) {
+        if self.closed.swap(true, Ordering::AcqRel) {
+            return;
+        }
+        lock(&self.shutdown_tx).take();
+        self.drain_queues();
+        // Pending handles of the serialized store learn that no report will come.
+        let watched = std::mem::take(&mut *lock(&self.watched));
+        drop(watched);
+        *lock(&self.unclaimed) = Unclaimed::default();
+    }
+
+    /// Fails every queued task with `Shutdown`.
+    fn drain_queues(&self) {
+        for queue in self.queues.load().values() {
+            while let Ok(item) = queue.rx.try_recv() {
+                let failure = || TaskError::new(TaskErrorKind::Shutdown, "the broker shut down before the task ran");
+                match item {
+                    Item::Message(message) => {
+                        if let ReplyTo::Local(sink) = &message.reply_to {
+                            sink.deliver(ReportBody::Failure(failure()));
+                        }
+                    }
+                    Item::Bytes(bytes) => {
+                        if let Ok(message) = wire::decode_task(&bytes) {
+                            self.fail(&message.reply_to, message.key(), failure());
+                        }
+                    }
+                }
+            }
+        }
+    }
+
+    /// Turns a queued item into a delivery; bytes that do not decode are dead-lettered (and
+    /// their caller told, if it can be identified).
+    fn delivery(&self, queue: &TaskName, item: Item) -> Option<Delivery> {
+        match item {
+            Item::Message(message) => Some(Delivery::new(message)),
+            Item::Bytes(bytes) => match wire::decode_task(&bytes) {
+                Ok(message) => Some(Delivery::new(message)),
+                Err(malformed) => {
+                    self.reject_malformed(queue, bytes, malformed);
+                    None
+                }
+            },
+        }
+    }
+
+    fn reject_malformed(&self, queue: &TaskName, bytes: Vec<u8>, malformed: MalformedTask) {
+        let reason = crate::error::chain(&malformed.error);
+        let mut event = Event::new(
+            Origin::Consumer,
+            Level::Error,
+            EventKind::MalformedMessage,
+            format!("undecodable message in queue `{queue}` dead-lettered: {reason}"),
+        );
+        if let (Some(name), Some(id)) = (malformed.name, malformed.id) {
+            let key = CallKey { name, id };
+            event = event.with_task(key.clone());
+            if let Some(address) = malformed.reply_to {
+                let error =
+                    TaskError::new(TaskErrorKind::BadPayload, format!("the task message is malformed: {reason}"));
+                self.fail(&ReplyTo::Address(address), key, error);
+            }
+        }
+        self.events.emit(event);
+        let mut dead = lock(&self.dead);
+        if dead.len() >= self.options.max_dead_letters {
+            dead.pop_front();
+        }
+        dead.push_back(DeadLetter { queue: queue.clone(), reason, bytes });
+    }
+
+    fn fail(&self, to: &ReplyTo, key: CallKey, error: TaskError) {
+        let report = ReportMessage { name: key.name, id: key.id, body: ReportBody::Failure(error) };
+        let _ = self.report(to, report);
+    }
+
+    fn report(&self, to: &ReplyTo, report: ReportMessage) -> Result<(), BrokerError> {
+        match to {
+            ReplyTo::None => Ok(()),
+            ReplyTo::Local(sink) => {
+                sink.deliver(report.body);
+                Ok(())
+            }
+            ReplyTo::Address(address) if *address == self.address => {
+                // The wire: encode and decode as a remote store would.
+                let bytes = wire::encode_report(&report)?;
+                let report = wire::decode_report(&bytes)?;
+                self.route(report);
+                Ok(())
+            }
+            ReplyTo::Address(address) => Err(BrokerError::new(
+                BrokerErrorKind::Unroutable,
+                format!("reply address `{address}` is not served by this local broker ({})", self.address),
+            )),
+        }
+    }
+
+    /// Hands a decoded report to the handle watching its call, or keeps it until one does.
+    fn route(&self, report: ReportMessage) {
+        let key = report.key();
+        let is_final = report.body.is_final();
+        let sink = {
+            let mut watched = lock(&self.watched);
+            if is_final { watched.remove(&key) } else { watched.get(&key).cloned() }
+        };
+        match sink {
+            Some(sink) => sink.deliver(report.body),
+            None => self.keep_unclaimed(key, report),
+        }
+    }
+
+    fn keep_unclaimed(&self, key: CallKey, report: ReportMessage) {
+        if self.closed.load(Ordering::Acquire) {
+            return;
+        }
+        let mut unclaimed = lock(&self.unclaimed);
+        let now = Instant::now();
+        while let Some((at, _)) = unclaimed.order.front() {
+            let expired = now.duration_since(*at) > self.options.result_ttl;
+            if !expired && unclaimed.order.len() < self.options.max_unclaimed {
+                break;
+            }
+            if let Some((_, old)) = unclaimed.order.pop_front() {
+                unclaimed.reports.remove(&old);
+            }
+        }
+        let unclaimed = &mut *unclaimed;
+        let reports = unclaimed.reports.entry(key.clone()).or_default();
+        if reports.is_empty() {
+            unclaimed.order.push_back((now, key));
+        }
+        reports.push(report);
+    }
+}
+
+fn closed() -> BrokerError {
+    BrokerError::new(BrokerErrorKind::Closed, "the local broker is shut down")
+}
+
+impl Producer for LocalBroker {
+    fn attach(&self, events: &EventSink) {
+        self.attach_events(events);
+    }
+
+    fn declare(&self, task: &TaskName) -> Result<(), BrokerError> {
+        self.inner.declare(task)
+    }
+
+    fn send(&self, message: TaskMessage, timeout: Option<Duration>) -> Result<(), BrokerError> {
+        let queue = self.inner.queue(message.name.as_str())?;
+        let item = if self.inner.options.serialized {
+            let bytes = wire::encode_task(&message)?;
+            if bytes.len() > self.inner.options.max_message_size {
+                return Err(BrokerError::new(
+                    BrokerErrorKind::TooLarge,
+                    format!(
+                        "task message of {} bytes exceeds the limit of {} bytes",
+                        bytes.len(),
+                        self.inner.options.max_message_size
+                    ),
+                ));
+            }
+            Item::Bytes(bytes)
+        } else {
+            Item::Message(message)
+        };
+        let full = || BrokerError::new(BrokerErrorKind::Full, "the task queue is full");
+        let sent = match queue.tx.try_send(item) {
+            Ok(()) => Ok(()),
+            Err(TrySendError::Disconnected(_)) => Err(closed()),
+            Err(TrySendError::Full(item)) => match timeout {
+                Some(timeout) => queue.tx.send_timeout(item, timeout).map_err(|e| match e {
+                    SendTimeoutError::Timeout(_) => full(),
+                    SendTimeoutError::Disconnected(_) => closed(),
+                }),
+                None => queue.tx.send(item).map_err(|_| closed()),
+            },
+        };
+        // A send that raced with shutdown must not leave its task stranded.
+        if self.inner.closed.load(Ordering::Acquire) {
+            self.inner.drain_queues();
+        }
+        sent
+    }
+
+    fn accepts_local(&self) -> bool {
+        !self.inner.options.serialized
+    }
+
+    fn close(&self) {
+        self.detach();
+    }
+}
+
+impl Consumer for LocalBroker {
+    fn attach(&self, events: &EventSink) {
+        self.attach_events(events);
+    }
+
+    fn declare(&self, task: &TaskName) -> Result<(), BrokerError> {
+        self.inner.declare(task)
+    }
+
+    fn consume(&self, tasks: &[TaskName], _settings: &ConsumeSettings) -> Result<Box<dyn Subscription>, BrokerError> {
+        let mut queues = Vec::with_capacity(tasks.len());
+        for task in tasks {
+            self.inner.declare(task)?;
+            queues.push((task.clone(), self.inner.queue(task.as_str())?.rx));
+        }
+        if queues.is_empty() {
+            return Err(BrokerError::new(BrokerErrorKind::Config, "a subscription needs at least one task"));
+        }
+        let (stop_tx, stop_rx) = crossbeam_channel::bounded(0);
+        Ok(Box::new(LocalSubscription {
+            broker: self.inner.clone(),
+            queues,
+            next: AtomicUsize::new(0),
+            stopped: AtomicBool::new(false),
+            stop_tx: Mutex::new(Some(stop_tx)),
+            stop_rx,
+        }))
+    }
+
+    fn close(&self) {
+        self.detach();
+    }
+}
+
+impl Reporter for LocalBroker {
+    fn attach(&self, events: &EventSink) {
+        self.attach_events(events);
+    }
+
+    fn report(&self, to: &ReplyTo, report: ReportMessage) -> Result<(), BrokerError> {
+        self.inner.report(to, report)
+    }
+
+    fn finish(&self, to: &ReplyTo, report: ReportMessage, ack: Option<Ack>) -> Result<(), BrokerError> {
+        self.inner.report(to, report)?;
+        match ack {
+            Some(ack) => ack.ack(),
+            None => Ok(()),
+        }
+    }
+
+    fn accepts_local(&self) -> bool {
+        !self.inner.options.serialized
+    }
+
+    fn close(&self) {
+        self.detach();
+    }
+}
+
+impl Store for LocalBroker {
+    fn attach(&self, events: &EventSink) {
+        self.attach_events(events);
+    }
+
+    fn watch(&self, key: &CallKey, sink: ReplySink) -> Result<ReplyTo, BrokerError> {
+        if self.inner.closed.load(Ordering::Acquire) {
+            return Err(closed());
+        }
+        if !self.inner.options.serialized {
+            return Ok(ReplyTo::Local(sink));
+        }
+        let early = {
+            let mut unclaimed = lock(&self.inner.unclaimed);
+            unclaimed.reports.remove(key)
+        };
+        let sink = Arc::new(sink);
+        let mut finished = false;
+        for report in early.into_iter().flatten() {
+            finished |= report.body.is_final();
+            sink.deliver(report.body);
+        }
+        if !finished {
+            lock(&self.inner.watched).insert(key.clone(), sink);
+        }
+        Ok(ReplyTo::Address(self.inner.address.clone()))
+    }
+
+    fn forget(&self, key: &CallKey) {
+        if self.inner.options.serialized {
+            let sink = lock(&self.inner.watched).remove(key);
+            drop(sink);
+        }
+    }
+
+    fn close(&self) {
+        self.detach();
+    }
+}
+
+struct LocalSubscription {
+    broker: Arc<Inner>,
+    queues: Vec<(TaskName, Receiver<Item>)>,
+    next: AtomicUsize,
+    stopped: AtomicBool,
+    /// Never carries a value: dropping the sender wakes every blocked `recv`.
+    stop_tx: Mutex<Option<Sender<()>>>,
+    stop_rx: Receiver<()>,
+}
+
+impl LocalSubscription {
+    fn stopped(&self) -> bool {
+        self.stopped.load(Ordering::Acquire) || self.broker.closed.load(Ordering::Acquire)
+    }
+}
+
+impl Subscription for LocalSubscription {
+    fn try_recv(&self) -> Recv {
+        if self.stopped.load(Ordering::Acquire) {
+            return Recv::Stopped;
+        }
+        let n = self.queues.len();
+        let start = if n == 1 { 0 } else { self.next.fetch_add(1, Ordering::Relaxed) % n };
+        for i in 0..n {
+            let (name, rx) = &self.queues[(start + i) % n];
+            loop {
+                match rx.try_recv() {
+                    Ok(item) => match self.broker.delivery(name, item) {
+                        Some(delivery) => return Recv::Delivery(delivery),
+                        None => continue,
+                    },
+                    Err(TryRecvError::Empty) => break,
+                    Err(TryRecvError::Disconnected) => return Recv::Stopped,
+                }
+            }
+        }
+        if self.broker.closed.load(Ordering::Acquire) { Recv::Stopped } else { Recv::Empty }
+    }
+
+    fn recv(&self, timeout: Option<Duration>) -> Recv {
+        let deadline = timeout.map(|t| Instant::now() + t);
+        loop {
+            if self.stopped() {
+                return Recv::Stopped;
+            }
+            if let Recv::Delivery(d) = self.try_recv() {
+                return Recv::Delivery(d);
+            }
+            let mut select = Select::new();
+            for (_, rx) in &self.queues {
+                select.recv(rx);
+            }
+            let stop = select.recv(&self.stop_rx);
+            let shutdown = select.recv(&self.broker.shutdown_rx);
+            let ready = match deadline {
+                Some(deadline) => match select.ready_deadline(deadline) {
+                    Ok(index) => index,
+                    Err(_) => return Recv::Empty,
+                },
+                None => select.ready(),
+            };
+            if ready == stop || ready == shutdown {
+                return Recv::Stopped;
+            }
+            let (name, rx) = &self.queues[ready];
+            match rx.try_recv() {
+                Ok(item) => {
+                    if let Some(delivery) = self.broker.delivery(name, item) {
+                        return Recv::Delivery(delivery);
+                    }
+                }
+                // Another worker was faster; wait again.
+                Err(TryRecvError::Empty) => {}
+                Err(TryRecvError::Disconnected) => return Recv::Stopped,
+            }
+        }
+    }
+
+    fn stop(&self) {
+        self.stopped.store(true, Ordering::Release);
+        lock(&self.stop_tx).take();
+    }
+}
+
+// The guarded data stays consistent if a holder panics (single inserts and removals), so a
+// poisoned lock is still used.
+fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    mutex.lock().unwrap_or_else(|e| e.into_inner())
+}

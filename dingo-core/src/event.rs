@@ -1,0 +1,431 @@
+//! Events: what happens inside an app that no call returns — a task that panicked, a message
+//! that could not be decoded, a broker that reconnected.
+//!
+//! Subscribe with [`App::events`](crate::App::events) and an [`EventFilter`]. Every
+//! subscriber has a bounded queue; when it is full the event is dropped for that subscriber
+//! and counted ([`Events::dropped`]) — a slow subscriber never blocks a worker. Every event
+//! is also a `tracing` record (target `dingo`).
+
+use std::fmt;
+use std::ops::BitOr;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, RwLock};
+use std::time::{Duration, SystemTime};
+
+use crossbeam_channel::{Receiver, RecvTimeoutError, Sender, TrySendError};
+
+use crate::id::CallKey;
+
+/// How serious an event is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum Level {
+    /// Detail for debugging.
+    Debug,
+    /// Normal operation worth knowing (started, reconnected).
+    Info,
+    /// Something failed but dingo handled it (a task panicked, a message was dead-lettered).
+    Warning,
+    /// Something failed that needs attention.
+    Error,
+}
+
+/// The part of dingo an event comes from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+#[non_exhaustive]
+pub enum Origin {
+    /// The app itself (start, close, configuration).
+    App,
+    /// A worker thread running tasks.
+    Worker,
+    /// The caller side of the task transport.
+    Producer,
+    /// The worker side of the task transport.
+    Consumer,
+    /// The worker side of the report transport.
+    Reporter,
+    /// The caller side of the report transport.
+    Store,
+}
+
+impl Origin {
+    fn bit(self) -> u16 {
+        match self {
+            Origin::App => 1,
+            Origin::Worker => 2,
+            Origin::Producer => 4,
+            Origin::Consumer => 8,
+            Origin::Reporter => 16,
+            Origin::Store => 32,
+        }
+    }
+}
+
+impl fmt::Display for Origin {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        fmt::Debug::fmt(self, f)
+    }
+}
+
+/// A set of [`Origin`]s, combined with `|`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct Origins(u16);
+
+impl Origins {
+    /// Every origin.
+    pub const ALL: Origins = Origins(u16::MAX);
+    /// No origin.
+    pub const NONE: Origins = Origins(0);
+
+    /// Whether `origin` is in the set.
+    pub fn contains(self, origin: Origin) -> bool {
+        self.0 & origin.bit() != 0
+    }
+}
+
+impl From<Origin> for Origins {
+    fn from(origin: Origin) -> Origins {
+        Origins(origin.bit())
+    }
+}
+
+impl<T: Into<Origins>> BitOr<T> for Origin {
+    type Output = Origins;
+    fn bitor(self, rhs: T) -> Origins {
+        Origins(self.bit() | rhs.into().0)
+    }
+}
+
+impl<T: Into<Origins>> BitOr<T> for Origins {
+    type Output = Origins;
+    fn bitor(self, rhs: T) -> Origins {
+        Origins(self.0 | rhs.into().0)
+    }
+}
+
+/// What an event is about.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+#[non_exhaustive]
+pub enum EventKind {
+    /// A task panicked (its caller got a `Panic` failure).
+    TaskPanicked,
+    /// A task's arguments could not be decoded (its caller got a `BadPayload` failure).
+    BadPayload,
+    /// A task message named a task nobody serves.
+    UnknownTask,
+    /// A task message's signature fingerprint differs from the worker's.
+    SignatureMismatch,
+    /// A message could not be decoded at all.
+    MalformedMessage,
+    /// A message was moved to a dead-letter queue.
+    DeadLettered,
+    /// A task's result could not be encoded.
+    EncodeFailed,
+    /// A report could not be published.
+    ReportFailed,
+    /// A report arrived that no caller waits for.
+    UnclaimedReport,
+    /// A delivery could not be acknowledged.
+    AckFailed,
+    /// A task message could not be received.
+    ReceiveFailed,
+    /// A connection to a broker was lost.
+    ConnectionLost,
+    /// A connection to a broker was restored.
+    ConnectionRestored,
+    /// Workers or the app started.
+    Started,
+    /// Workers or the app stopped.
+    Stopped,
+    /// Anything else.
+    Other,
+}
+
+/// One thing that happened.
+#[derive(Debug, Clone)]
+pub struct Event {
+    /// Where it happened.
+    pub origin: Origin,
+    /// How serious it is.
+    pub level: Level,
+    /// What it is about.
+    pub kind: EventKind,
+    /// A description.
+    pub message: String,
+    /// The call it concerns, if any.
+    pub task: Option<CallKey>,
+    /// When it happened.
+    pub time: SystemTime,
+}
+
+impl Event {
+    /// A new event, stamped now.
+    pub fn new(origin: Origin, level: Level, kind: EventKind, message: impl Into<String>) -> Event {
+        Event { origin, level, kind, message: message.into(), task: None, time: SystemTime::now() }
+    }
+
+    /// The same event about one call.
+    pub fn with_task(mut self, task: CallKey) -> Event {
+        self.task = Some(task);
+        self
+    }
+}
+
+/// Which events a subscriber gets, and how many may queue up.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct EventFilter {
+    origins: Origins,
+    level: Level,
+    capacity: usize,
+}
+
+impl EventFilter {
+    /// Every origin, level [`Level::Info`] and above, 1024 queued events.
+    pub fn new() -> EventFilter {
+        EventFilter { origins: Origins::ALL, level: Level::Info, capacity: 1024 }
+    }
+
+    /// Only events from these origins.
+    pub fn origins(mut self, origins: impl Into<Origins>) -> EventFilter {
+        self.origins = origins.into();
+        self
+    }
+
+    /// Only events at this level or above.
+    pub fn level(mut self, level: Level) -> EventFilter {
+        self.level = level;
+        self
+    }
+
+    /// How many events may wait in the subscriber's queue (at least 1).
+    pub fn capacity(mut self, capacity: usize) -> EventFilter {
+        self.capacity = capacity.max(1);
+        self
+    }
+
+    fn accepts(&self, event: &Event) -> bool {
+        event.level >= self.level && self.origins.contains(event.origin)
+    }
+}
+
+impl Default for EventFilter {
+    fn default() -> EventFilter {
+        EventFilter::new()
+    }
+}
+
+/// A subscription to an app's events. The iterator ends when the app is closed.
+#[derive(Debug)]
+pub struct Events {
+    rx: Receiver<Event>,
+    dropped: Arc<AtomicU64>,
+}
+
+impl Events {
+    /// Blocks for the next event; `None` once the app is closed and the queue is empty.
+    pub fn recv(&self) -> Option<Event> {
+        self.rx.recv().ok()
+    }
+
+    /// The next event if one is queued.
+    pub fn try_recv(&self) -> Option<Event> {
+        self.rx.try_recv().ok()
+    }
+
+    /// Waits up to `timeout` for the next event.
+    pub fn recv_timeout(&self, timeout: Duration) -> Option<Event> {
+        match self.rx.recv_timeout(timeout) {
+            Ok(event) => Some(event),
+            Err(RecvTimeoutError::Timeout | RecvTimeoutError::Disconnected) => None,
+        }
+    }
+
+    /// How many events were dropped because this subscriber's queue was full.
+    pub fn dropped(&self) -> u64 {
+        self.dropped.load(Ordering::Relaxed)
+    }
+
+    /// Iterates until the app is closed.
+    pub fn iter(&self) -> impl Iterator<Item = Event> + '_ {
+        self.rx.iter()
+    }
+}
+
+struct Subscriber {
+    filter: EventFilter,
+    tx: Sender<Event>,
+    dropped: Arc<AtomicU64>,
+}
+
+#[derive(Default)]
+struct Bus {
+    subscribers: RwLock<Vec<Subscriber>>,
+}
+
+/// Where events are emitted: a cheap handle to one app's subscribers.
+#[derive(Clone, Default)]
+pub struct EventSink {
+    bus: Arc<Bus>,
+}
+
+impl EventSink {
+    /// A sink with no subscriber yet.
+    pub fn new() -> EventSink {
+        EventSink::default()
+    }
+
+    /// Adds a subscriber.
+    pub fn subscribe(&self, filter: EventFilter) -> Events {
+        let (tx, rx) = crossbeam_channel::bounded(filter.capacity);
+        let dropped = Arc::new(AtomicU64::new(0));
+        let subscriber = Subscriber { filter, tx, dropped: dropped.clone() };
+        write(&self.bus.subscribers).push(subscriber);
+        Events { rx, dropped }
+    }
+
+    /// Emits an event to every matching subscriber and to `tracing`. Never blocks.
+    pub fn emit(&self, event: Event) {
+        trace(&event);
+        let mut gone: Vec<Arc<AtomicU64>> = Vec::new();
+        for subscriber in read(&self.bus.subscribers).iter() {
+            if !subscriber.filter.accepts(&event) {
+                continue;
+            }
+            match subscriber.tx.try_send(event.clone()) {
+                Ok(()) => {}
+                Err(TrySendError::Full(_)) => {
+                    subscriber.dropped.fetch_add(1, Ordering::Relaxed);
+                }
+                Err(TrySendError::Disconnected(_)) => gone.push(subscriber.dropped.clone()),
+            }
+        }
+        if !gone.is_empty() {
+            write(&self.bus.subscribers).retain(|s| !gone.iter().any(|g| Arc::ptr_eq(g, &s.dropped)));
+        }
+    }
+
+    /// Ends every subscription (their iterators finish once drained).
+    pub fn close(&self) {
+        write(&self.bus.subscribers).clear();
+    }
+}
+
+impl fmt::Debug for EventSink {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("EventSink").field("subscribers", &read(&self.bus.subscribers).len()).finish()
+    }
+}
+
+/// The event sinks of every app a shared broker serves; events go to all of them.
+#[derive(Clone, Default)]
+pub struct EventSinks {
+    sinks: Arc<Mutex<Vec<EventSink>>>,
+}
+
+impl EventSinks {
+    /// No sink yet.
+    pub fn new() -> EventSinks {
+        EventSinks::default()
+    }
+
+    /// Adds an app's sink.
+    pub fn add(&self, sink: &EventSink) {
+        let mut sinks = lock(&self.sinks);
+        if !sinks.iter().any(|s| Arc::ptr_eq(&s.bus, &sink.bus)) {
+            sinks.push(sink.clone());
+        }
+    }
+
+    /// Emits to every sink (and once to `tracing` when there is none).
+    pub fn emit(&self, event: Event) {
+        let sinks = lock(&self.sinks).clone();
+        match sinks.split_last() {
+            None => trace(&event),
+            Some((last, rest)) => {
+                for sink in rest {
+                    sink.emit(event.clone());
+                }
+                last.emit(event);
+            }
+        }
+    }
+}
+
+impl fmt::Debug for EventSinks {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("EventSinks").field("sinks", &lock(&self.sinks).len()).finish()
+    }
+}
+
+fn trace(event: &Event) {
+    let task = event.task.as_ref().map(|t| t.to_string()).unwrap_or_default();
+    macro_rules! record {
+        ($level:expr) => {
+            tracing::event!(target: "dingo", $level, origin = %event.origin, kind = ?event.kind, task = %task, "{}", event.message)
+        };
+    }
+    match event.level {
+        Level::Debug => record!(tracing::Level::DEBUG),
+        Level::Info => record!(tracing::Level::INFO),
+        Level::Warning => record!(tracing::Level::WARN),
+        Level::Error => record!(tracing::Level::ERROR),
+    }
+}
+
+// A panic while holding these locks cannot leave the data inconsistent (pushes and
+// retains only), so poisoning is ignored.
+fn read<T>(lock: &RwLock<T>) -> std::sync::RwLockReadGuard<'_, T> {
+    lock.read().unwrap_or_else(|e| e.into_inner())
+}
+
+fn write<T>(lock: &RwLock<T>) -> std::sync::RwLockWriteGuard<'_, T> {
+    lock.write().unwrap_or_else(|e| e.into_inner())
+}
+
+fn lock<T>(lock: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    lock.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn event(origin: Origin, level: Level) -> Event {
+        Event::new(origin, level, EventKind::Other, format!("{origin:?} {level:?}"))
+    }
+
+    #[test]
+    fn filters_by_origin_and_level() {
+        let sink = EventSink::new();
+        let workers = sink.subscribe(EventFilter::new().origins(Origin::Worker | Origin::Store).level(Level::Warning));
+        let everything = sink.subscribe(EventFilter::new().level(Level::Debug));
+        sink.emit(event(Origin::Worker, Level::Info));
+        sink.emit(event(Origin::Worker, Level::Error));
+        sink.emit(event(Origin::Producer, Level::Error));
+        sink.emit(event(Origin::Store, Level::Warning));
+        let got: Vec<String> = std::iter::from_fn(|| workers.try_recv()).map(|e| e.message).collect();
+        assert_eq!(got, ["Worker Error", "Store Warning"]);
+        assert_eq!(std::iter::from_fn(|| everything.try_recv()).count(), 4);
+    }
+
+    #[test]
+    fn a_full_subscriber_loses_events_and_counts_them() {
+        let sink = EventSink::new();
+        let slow = sink.subscribe(EventFilter::new().capacity(2));
+        for _ in 0..5 {
+            sink.emit(event(Origin::Worker, Level::Error));
+        }
+        assert_eq!(slow.dropped(), 3);
+        assert_eq!(std::iter::from_fn(|| slow.try_recv()).count(), 2);
+    }
+
+    #[test]
+    fn dropped_subscribers_are_removed_and_close_ends_iteration() {
+        let sink = EventSink::new();
+        drop(sink.subscribe(EventFilter::new()));
+        let kept = sink.subscribe(EventFilter::new());
+        sink.emit(event(Origin::App, Level::Info));
+        assert_eq!(read(&sink.bus.subscribers).len(), 1);
+        sink.close();
+        assert_eq!(kept.iter().count(), 1);
+    }
+}

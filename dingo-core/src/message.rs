@@ -1,0 +1,170 @@
+//! What travels between callers and workers: [`TaskMessage`] one way, [`ReportMessage`]s
+//! the other. Brokers that carry bytes use [`wire`] to encode them.
+
+pub mod wire;
+
+use std::any::Any;
+use std::fmt;
+use std::sync::Arc;
+
+use crate::codec::Encoded;
+use crate::error::TaskError;
+use crate::id::{CallKey, TaskId, TaskName};
+use crate::options::TaskOptions;
+
+/// A value in a message: encoded by a codec, or (inside one process, on the local broker) the
+/// Rust value itself, moved without serialization.
+pub enum Payload {
+    /// Bytes produced by a codec.
+    Encoded(Encoded),
+    /// An in-process value (only brokers that say [`accepts_local`](crate::broker::Producer::accepts_local) see these).
+    Local(Box<dyn Any + Send>),
+}
+
+impl Payload {
+    /// The bytes, if this payload is encoded.
+    pub fn encoded(&self) -> Option<&Encoded> {
+        match self {
+            Payload::Encoded(e) => Some(e),
+            Payload::Local(_) => None,
+        }
+    }
+}
+
+impl fmt::Debug for Payload {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Payload::Encoded(e) => fmt::Debug::fmt(e, f),
+            Payload::Local(_) => f.write_str("Local(..)"),
+        }
+    }
+}
+
+/// Where the reports of a call go. Chosen by the caller's [`Store`](crate::broker::Store).
+pub enum ReplyTo {
+    /// Nowhere: the call was made with `ignore_report`.
+    None,
+    /// A broker address (a reply queue, a result key prefix, …) that the store understands.
+    Address(Arc<str>),
+    /// Straight into the caller's handle, inside one process.
+    Local(ReplySink),
+}
+
+impl ReplyTo {
+    /// Whether reports are wanted at all.
+    pub fn wants_reports(&self) -> bool {
+        !matches!(self, ReplyTo::None)
+    }
+}
+
+impl fmt::Debug for ReplyTo {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            ReplyTo::None => f.write_str("None"),
+            ReplyTo::Address(a) => f.debug_tuple("Address").field(a).finish(),
+            ReplyTo::Local(_) => f.write_str("Local(..)"),
+        }
+    }
+}
+
+/// One task to run: what a producer sends and a consumer delivers.
+#[derive(Debug)]
+pub struct TaskMessage {
+    /// The task to run.
+    pub name: TaskName,
+    /// The call's id (unique per task name).
+    pub id: TaskId,
+    /// A hash of the task's argument and result types, checked by the worker; 0 skips the check.
+    pub fingerprint: u64,
+    /// Options chosen by the caller.
+    pub options: TaskOptions,
+    /// Where the reports go.
+    pub reply_to: ReplyTo,
+    /// The arguments (a tuple).
+    pub args: Payload,
+}
+
+impl TaskMessage {
+    /// The identity of the call.
+    pub fn key(&self) -> CallKey {
+        CallKey { name: self.name.clone(), id: self.id.clone() }
+    }
+}
+
+/// What a report says.
+#[derive(Debug)]
+pub enum ReportBody {
+    /// A worker received the task.
+    Sent,
+    /// The task started (`None`) or reported progress (the encoded value).
+    Progress(Option<Encoded>),
+    /// The task returned a value.
+    Success(Payload),
+    /// The task failed or could not run.
+    Failure(TaskError),
+}
+
+impl ReportBody {
+    /// Whether this is the last report of a call.
+    pub fn is_final(&self) -> bool {
+        matches!(self, ReportBody::Success(_) | ReportBody::Failure(_))
+    }
+}
+
+/// One report about one call.
+#[derive(Debug)]
+pub struct ReportMessage {
+    /// The task's name.
+    pub name: TaskName,
+    /// The call's id.
+    pub id: TaskId,
+    /// What happened.
+    pub body: ReportBody,
+}
+
+impl ReportMessage {
+    /// The identity of the call.
+    pub fn key(&self) -> CallKey {
+        CallKey { name: self.name.clone(), id: self.id.clone() }
+    }
+}
+
+/// Receives the reports of one call on the caller's side (implemented by the call's handle).
+pub trait ReportSink: Send + Sync + 'static {
+    /// A report arrived. Reports of one call arrive in order; the final one arrives once.
+    fn deliver(&self, body: ReportBody);
+    /// The writer went away before the final report (shutdown, a dropped message).
+    fn disconnect(&self);
+}
+
+/// The writing end of one call's reports.
+///
+/// There is one per call; dropping it before the final report tells the caller the task will
+/// not report (it gets a `Shutdown` failure instead of waiting forever).
+pub struct ReplySink {
+    sink: Arc<dyn ReportSink>,
+}
+
+impl ReplySink {
+    /// Wraps a sink.
+    pub fn new(sink: Arc<dyn ReportSink>) -> ReplySink {
+        ReplySink { sink }
+    }
+
+    /// Hands a report to the caller.
+    pub fn deliver(&self, body: ReportBody) {
+        self.sink.deliver(body);
+    }
+}
+
+impl Drop for ReplySink {
+    fn drop(&mut self) {
+        self.sink.disconnect();
+    }
+}
+
+impl fmt::Debug for ReplySink {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("ReplySink")
+    }
+}

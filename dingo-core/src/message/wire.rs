@@ -1,0 +1,380 @@
+//! The byte layout of messages, for brokers that carry bytes.
+//!
+//! ```text
+//! message = version:u8 (1) | type:u8 (1 task, 2 report) | field* | 0x00
+//! field   = tag:u8 | len:varint (LEB128) | len bytes
+//! ```
+//! Task fields: 1 name, 2 id, 3 fingerprint (u64 LE), 4 option flags, 5 reply address,
+//! 6 codec id, 7 argument bytes. Report fields: 1 name, 2 id, 8 status (1 sent, 2 progress,
+//! 3 success, 4 failure), 6 codec id, 7 payload bytes, 9 error kind, 10 error message.
+//! Readers skip tags they do not know, so fields can be added without breaking older
+//! workers; a new version byte marks an incompatible change.
+
+use std::sync::Arc;
+
+use crate::codec::Encoded;
+use crate::error::{BrokerError, BrokerErrorKind, TaskError, TaskErrorKind};
+use crate::id::{TaskId, TaskName};
+use crate::message::{Payload, ReplyTo, ReportBody, ReportMessage, TaskMessage};
+use crate::options::TaskOptions;
+
+/// The format version written in front of every message.
+pub const VERSION: u8 = 1;
+const TYPE_TASK: u8 = 1;
+const TYPE_REPORT: u8 = 2;
+
+const END: u8 = 0;
+const NAME: u8 = 1;
+const ID: u8 = 2;
+const FINGERPRINT: u8 = 3;
+const OPTIONS: u8 = 4;
+const REPLY_TO: u8 = 5;
+const CODEC: u8 = 6;
+const PAYLOAD: u8 = 7;
+const STATUS: u8 = 8;
+const ERROR_KIND: u8 = 9;
+const ERROR_MESSAGE: u8 = 10;
+
+const OPT_IGNORE_REPORT: u8 = 1;
+const OPT_MONITOR_PROGRESS: u8 = 2;
+
+const STATUS_SENT: u8 = 1;
+const STATUS_PROGRESS: u8 = 2;
+const STATUS_SUCCESS: u8 = 3;
+const STATUS_FAILURE: u8 = 4;
+
+/// Encodes a task message. Its arguments must be encoded and its reply address must not be
+/// an in-process sink.
+pub fn encode_task(msg: &TaskMessage) -> Result<Vec<u8>, BrokerError> {
+    let Payload::Encoded(args) = &msg.args else {
+        return Err(BrokerError::new(BrokerErrorKind::Config, "in-process arguments cannot be sent as bytes"));
+    };
+    let mut out = Vec::with_capacity(32 + msg.name.as_str().len() + msg.id.as_str().len() + args.bytes.len());
+    out.push(VERSION);
+    out.push(TYPE_TASK);
+    field(&mut out, NAME, msg.name.as_str().as_bytes());
+    field(&mut out, ID, msg.id.as_str().as_bytes());
+    match &msg.reply_to {
+        ReplyTo::None => {}
+        ReplyTo::Address(address) => field(&mut out, REPLY_TO, address.as_bytes()),
+        ReplyTo::Local(_) => {
+            return Err(BrokerError::new(BrokerErrorKind::Config, "an in-process reply sink cannot be sent as bytes"));
+        }
+    }
+    field(&mut out, FINGERPRINT, &msg.fingerprint.to_le_bytes());
+    let mut flags = 0;
+    if msg.options.ignore_report {
+        flags |= OPT_IGNORE_REPORT;
+    }
+    if msg.options.monitor_progress {
+        flags |= OPT_MONITOR_PROGRESS;
+    }
+    field(&mut out, OPTIONS, &[flags]);
+    field(&mut out, CODEC, &[args.codec]);
+    field(&mut out, PAYLOAD, &args.bytes);
+    out.push(END);
+    Ok(out)
+}
+
+/// A task message that could not be decoded, with what could be read of its identity (so
+/// the caller can still be told).
+#[derive(Debug)]
+pub struct MalformedTask {
+    /// Why decoding failed.
+    pub error: BrokerError,
+    /// The task name, if it was read.
+    pub name: Option<TaskName>,
+    /// The call id, if it was read.
+    pub id: Option<TaskId>,
+    /// The reply address, if it was read.
+    pub reply_to: Option<Arc<str>>,
+}
+
+/// Decodes a task message.
+pub fn decode_task(bytes: &[u8]) -> Result<TaskMessage, MalformedTask> {
+    let mut name = None;
+    let mut id = None;
+    let mut reply_to = None;
+    let mut fingerprint = None;
+    let mut options = TaskOptions::default();
+    let mut codec = None;
+    let mut payload = None;
+    let result = (|| {
+        let mut reader = Reader::new(bytes, TYPE_TASK)?;
+        while let Some((tag, value)) = reader.next_field()? {
+            match tag {
+                NAME => name = Some(TaskName::from(utf8(value, "name")?)),
+                ID => id = Some(TaskId::new(utf8(value, "id")?)),
+                REPLY_TO => reply_to = Some(Arc::<str>::from(utf8(value, "reply address")?)),
+                FINGERPRINT => fingerprint = Some(u64::from_le_bytes(fixed(value, "fingerprint")?)),
+                OPTIONS => {
+                    let [flags] = fixed(value, "options")?;
+                    options.ignore_report = flags & OPT_IGNORE_REPORT != 0;
+                    options.monitor_progress = flags & OPT_MONITOR_PROGRESS != 0;
+                }
+                CODEC => codec = Some(fixed::<1>(value, "codec")?[0]),
+                PAYLOAD => payload = Some(value.to_vec()),
+                _ => {}
+            }
+        }
+        Ok(())
+    })();
+    let missing = |what: &'static str| malformed(format!("task message without {what}"));
+    let checked = result.and_then(|()| {
+        Ok((
+            name.clone().ok_or_else(|| missing("name"))?,
+            id.clone().ok_or_else(|| missing("id"))?,
+            codec.ok_or_else(|| missing("codec"))?,
+            payload.take().ok_or_else(|| missing("arguments"))?,
+        ))
+    });
+    match checked {
+        Ok((name, id, codec, bytes)) => Ok(TaskMessage {
+            name,
+            id,
+            fingerprint: fingerprint.unwrap_or(0),
+            options,
+            reply_to: reply_to.map(ReplyTo::Address).unwrap_or(ReplyTo::None),
+            args: Payload::Encoded(Encoded::new(codec, bytes)),
+        }),
+        Err(error) => Err(MalformedTask { error, name, id, reply_to }),
+    }
+}
+
+/// Encodes a report. A success payload must be encoded.
+pub fn encode_report(report: &ReportMessage) -> Result<Vec<u8>, BrokerError> {
+    let mut out = Vec::with_capacity(64);
+    out.push(VERSION);
+    out.push(TYPE_REPORT);
+    field(&mut out, NAME, report.name.as_str().as_bytes());
+    field(&mut out, ID, report.id.as_str().as_bytes());
+    let encoded_payload = |out: &mut Vec<u8>, payload: &Encoded| {
+        field(out, CODEC, &[payload.codec]);
+        field(out, PAYLOAD, &payload.bytes);
+    };
+    match &report.body {
+        ReportBody::Sent => field(&mut out, STATUS, &[STATUS_SENT]),
+        ReportBody::Progress(value) => {
+            field(&mut out, STATUS, &[STATUS_PROGRESS]);
+            if let Some(value) = value {
+                encoded_payload(&mut out, value);
+            }
+        }
+        ReportBody::Success(Payload::Encoded(value)) => {
+            field(&mut out, STATUS, &[STATUS_SUCCESS]);
+            encoded_payload(&mut out, value);
+        }
+        ReportBody::Success(Payload::Local(_)) => {
+            return Err(BrokerError::new(BrokerErrorKind::Config, "an in-process result cannot be sent as bytes"));
+        }
+        ReportBody::Failure(error) => {
+            field(&mut out, STATUS, &[STATUS_FAILURE]);
+            field(&mut out, ERROR_KIND, &[error.kind().code()]);
+            field(&mut out, ERROR_MESSAGE, error.message().as_bytes());
+            if let Some(payload) = error.raw_payload() {
+                encoded_payload(&mut out, payload);
+            }
+        }
+    }
+    out.push(END);
+    Ok(out)
+}
+
+/// Decodes a report.
+pub fn decode_report(bytes: &[u8]) -> Result<ReportMessage, BrokerError> {
+    let mut reader = Reader::new(bytes, TYPE_REPORT)?;
+    let (mut name, mut id, mut status, mut codec, mut payload) = (None, None, None, None, None);
+    let (mut error_kind, mut error_message) = (None, None);
+    while let Some((tag, value)) = reader.next_field()? {
+        match tag {
+            NAME => name = Some(TaskName::from(utf8(value, "name")?)),
+            ID => id = Some(TaskId::new(utf8(value, "id")?)),
+            STATUS => status = Some(fixed::<1>(value, "status")?[0]),
+            CODEC => codec = Some(fixed::<1>(value, "codec")?[0]),
+            PAYLOAD => payload = Some(value.to_vec()),
+            ERROR_KIND => error_kind = Some(TaskErrorKind::from_code(fixed::<1>(value, "error kind")?[0])),
+            ERROR_MESSAGE => error_message = Some(utf8(value, "error message")?.to_owned()),
+            _ => {}
+        }
+    }
+    let encoded = match (codec, payload) {
+        (Some(codec), Some(bytes)) => Some(Encoded::new(codec, bytes)),
+        (None, None) => None,
+        _ => return Err(malformed("report payload without codec (or codec without payload)")),
+    };
+    let body = match status {
+        Some(STATUS_SENT) => ReportBody::Sent,
+        Some(STATUS_PROGRESS) => ReportBody::Progress(encoded),
+        Some(STATUS_SUCCESS) => {
+            ReportBody::Success(Payload::Encoded(encoded.ok_or_else(|| malformed("success report without value"))?))
+        }
+        Some(STATUS_FAILURE) => {
+            let kind = error_kind.unwrap_or(TaskErrorKind::Other);
+            let message = error_message.unwrap_or_default();
+            ReportBody::Failure(match encoded {
+                Some(payload) => TaskError::with_payload(kind, message, payload),
+                None => TaskError::new(kind, message),
+            })
+        }
+        Some(other) => return Err(malformed(format!("unknown report status {other}"))),
+        None => return Err(malformed("report without status")),
+    };
+    Ok(ReportMessage {
+        name: name.ok_or_else(|| malformed("report without name"))?,
+        id: id.ok_or_else(|| malformed("report without id"))?,
+        body,
+    })
+}
+
+fn field(out: &mut Vec<u8>, tag: u8, value: &[u8]) {
+    out.push(tag);
+    let mut len = value.len() as u64;
+    loop {
+        let byte = (len & 0x7f) as u8;
+        len >>= 7;
+        if len == 0 {
+            out.push(byte);
+            break;
+        }
+        out.push(byte | 0x80);
+    }
+    out.extend_from_slice(value);
+}
+
+fn malformed(message: impl Into<std::borrow::Cow<'static, str>>) -> BrokerError {
+    BrokerError::new(BrokerErrorKind::Malformed, message)
+}
+
+fn utf8<'a>(value: &'a [u8], what: &'static str) -> Result<&'a str, BrokerError> {
+    std::str::from_utf8(value)
+        .map_err(|e| BrokerError::with_source(BrokerErrorKind::Malformed, format!("{what} is not UTF-8"), e))
+}
+
+fn fixed<const N: usize>(value: &[u8], what: &'static str) -> Result<[u8; N], BrokerError> {
+    value.try_into().map_err(|_| malformed(format!("{what} has {} bytes, expected {N}", value.len())))
+}
+
+struct Reader<'a> {
+    rest: &'a [u8],
+}
+
+impl<'a> Reader<'a> {
+    fn new(bytes: &'a [u8], expected_type: u8) -> Result<Reader<'a>, BrokerError> {
+        match bytes {
+            [VERSION, ty, rest @ ..] if *ty == expected_type => Ok(Reader { rest }),
+            [VERSION, ty, ..] => Err(malformed(format!("message type {ty}, expected {expected_type}"))),
+            [version, ..] => Err(malformed(format!("unknown message format version {version}"))),
+            [] => Err(malformed("empty message")),
+        }
+    }
+
+    fn next_field(&mut self) -> Result<Option<(u8, &'a [u8])>, BrokerError> {
+        let Some((&tag, rest)) = self.rest.split_first() else {
+            return Err(malformed("message truncated (no end marker)"));
+        };
+        if tag == END {
+            return Ok(None);
+        }
+        let mut len: u64 = 0;
+        let mut shift = 0;
+        let mut rest = rest;
+        loop {
+            let Some((&byte, tail)) = rest.split_first() else {
+                return Err(malformed("message truncated in a field length"));
+            };
+            rest = tail;
+            if shift > 56 {
+                return Err(malformed("field length overflows"));
+            }
+            len |= u64::from(byte & 0x7f) << shift;
+            shift += 7;
+            if byte & 0x80 == 0 {
+                break;
+            }
+        }
+        if len > rest.len() as u64 {
+            return Err(malformed(format!("field {tag} claims {len} bytes, {} remain", rest.len())));
+        }
+        let (value, tail) = rest.split_at(len as usize);
+        self.rest = tail;
+        Ok(Some((tag, value)))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn task() -> TaskMessage {
+        TaskMessage {
+            name: TaskName::from("tasks.add"),
+            id: TaskId::new("0190a5b2-0000-7000-8000-000000000001"),
+            fingerprint: 0xdead_beef_0102_0304,
+            options: TaskOptions { ignore_report: false, monitor_progress: true },
+            reply_to: ReplyTo::Address(Arc::from("reply.1")),
+            args: Payload::Encoded(Encoded::new(1, vec![0x92, 0x02, 0x03])),
+        }
+    }
+
+    #[test]
+    fn task_round_trips() {
+        let bytes = encode_task(&task()).unwrap();
+        let back = decode_task(&bytes).unwrap();
+        assert_eq!(back.name, "tasks.add");
+        assert_eq!(back.id, "0190a5b2-0000-7000-8000-000000000001");
+        assert_eq!(back.fingerprint, 0xdead_beef_0102_0304);
+        assert_eq!(back.options, TaskOptions { ignore_report: false, monitor_progress: true });
+        assert!(matches!(&back.reply_to, ReplyTo::Address(a) if &**a == "reply.1"));
+        assert_eq!(back.args.encoded(), Some(&Encoded::new(1, vec![0x92, 0x02, 0x03])));
+    }
+
+    #[test]
+    fn truncated_task_keeps_identity() {
+        let bytes = encode_task(&task()).unwrap();
+        for cut in 0..bytes.len() {
+            let err = decode_task(&bytes[..cut]).unwrap_err();
+            assert_eq!(err.error.kind(), BrokerErrorKind::Malformed);
+        }
+        // Cut inside the arguments: name, id and reply address were read.
+        let err = decode_task(&bytes[..bytes.len() - 2]).unwrap_err();
+        assert_eq!(err.name.unwrap(), "tasks.add");
+        assert_eq!(err.id.unwrap(), "0190a5b2-0000-7000-8000-000000000001");
+        assert_eq!(&*err.reply_to.unwrap(), "reply.1");
+    }
+
+    #[test]
+    fn unknown_fields_are_skipped() {
+        let mut bytes = encode_task(&task()).unwrap();
+        let end = bytes.pop().unwrap();
+        field(&mut bytes, 200, b"from the future");
+        bytes.push(end);
+        assert_eq!(decode_task(&bytes).unwrap().name, "tasks.add");
+    }
+
+    #[test]
+    fn garbage_is_malformed() {
+        for garbage in [&b""[..], b"\x00", b"hello world", b"\x01\x02\x01\xff\xff\xff\xff\xff\xff\xff\xff\xff\xff"] {
+            assert_eq!(decode_task(garbage).unwrap_err().error.kind(), BrokerErrorKind::Malformed);
+            assert_eq!(decode_report(garbage).unwrap_err().kind(), BrokerErrorKind::Malformed);
+        }
+    }
+
+    #[test]
+    fn reports_round_trip() {
+        let bodies = [
+            ReportBody::Sent,
+            ReportBody::Progress(None),
+            ReportBody::Progress(Some(Encoded::new(2, b"0.5".to_vec()))),
+            ReportBody::Success(Payload::Encoded(Encoded::new(1, vec![6]))),
+            ReportBody::Failure(TaskError::with_payload(TaskErrorKind::Failed, "no", Encoded::new(1, vec![1]))),
+            ReportBody::Failure(TaskError::new(TaskErrorKind::Panic, "boom")),
+        ];
+        for body in bodies {
+            let expected = format!("{body:?}");
+            let report = ReportMessage { name: TaskName::from("n"), id: TaskId::new("1"), body };
+            let back = decode_report(&encode_report(&report).unwrap()).unwrap();
+            assert_eq!((back.name.as_str(), back.id.as_str()), ("n", "1"));
+            assert_eq!(format!("{:?}", back.body), expected);
+        }
+    }
+}

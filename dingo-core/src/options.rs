@@ -1,0 +1,111 @@
+//! Per-call options ([`CallOptions`]) and the part of them that travels with the task
+//! ([`TaskOptions`]): the worker obeys what the caller chose.
+
+use std::time::Duration;
+
+use crate::id::TaskId;
+
+/// Options for one call, or a task's defaults (see
+/// [`App::set_default_options`](crate::App::set_default_options)).
+///
+/// Every option left unset falls back to the task's default, then to dingo's default.
+///
+/// ```
+/// use std::time::Duration;
+/// use dingo_core::CallOptions;
+///
+/// let opts = CallOptions::new().monitor_progress(true).enqueue_timeout(Duration::ZERO);
+/// assert_eq!(opts.is_monitor_progress(), true);
+/// assert_eq!(opts.is_ignore_report(), false);
+/// ```
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct CallOptions {
+    ignore_report: Option<bool>,
+    monitor_progress: Option<bool>,
+    enqueue_timeout: Option<Duration>,
+    id: Option<TaskId>,
+}
+
+impl CallOptions {
+    /// No option set.
+    pub fn new() -> CallOptions {
+        CallOptions::default()
+    }
+
+    /// Fire-and-forget: workers produce no report at all and the call has no result.
+    pub fn ignore_report(mut self, yes: bool) -> CallOptions {
+        self.ignore_report = Some(yes);
+        self
+    }
+
+    /// Also deliver `Sent` (a worker received the task) and `Progress` reports.
+    pub fn monitor_progress(mut self, yes: bool) -> CallOptions {
+        self.monitor_progress = Some(yes);
+        self
+    }
+
+    /// How long a call may block on a full queue before failing with
+    /// [`Error::QueueFull`](crate::Error::QueueFull); `Duration::ZERO` never blocks. Unset:
+    /// block until there is room.
+    pub fn enqueue_timeout(mut self, timeout: Duration) -> CallOptions {
+        self.enqueue_timeout = Some(timeout);
+        self
+    }
+
+    /// Use this id instead of one from the task's [`IdMaker`](crate::IdMaker).
+    pub fn id(mut self, id: impl Into<TaskId>) -> CallOptions {
+        self.id = Some(id.into());
+        self
+    }
+
+    /// Whether `ignore_report` is on.
+    pub fn is_ignore_report(&self) -> bool {
+        self.ignore_report.unwrap_or(false)
+    }
+
+    /// Whether `monitor_progress` is on.
+    pub fn is_monitor_progress(&self) -> bool {
+        self.monitor_progress.unwrap_or(false)
+    }
+
+    /// The enqueue timeout, if one is set.
+    pub fn get_enqueue_timeout(&self) -> Option<Duration> {
+        self.enqueue_timeout
+    }
+
+    /// The explicit id, if one is set.
+    pub fn get_id(&self) -> Option<&TaskId> {
+        self.id.as_ref()
+    }
+
+    /// These options, with every unset one taken from `defaults`.
+    pub fn or(&self, defaults: &CallOptions) -> CallOptions {
+        CallOptions {
+            ignore_report: self.ignore_report.or(defaults.ignore_report),
+            monitor_progress: self.monitor_progress.or(defaults.monitor_progress),
+            enqueue_timeout: self.enqueue_timeout.or(defaults.enqueue_timeout),
+            id: self.id.clone().or_else(|| defaults.id.clone()),
+        }
+    }
+
+    pub(crate) fn task_options(&self) -> TaskOptions {
+        TaskOptions { ignore_report: self.is_ignore_report(), monitor_progress: self.is_monitor_progress() }
+    }
+}
+
+/// The options that travel inside a task message.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash)]
+#[non_exhaustive]
+pub struct TaskOptions {
+    /// No report is produced.
+    pub ignore_report: bool,
+    /// `Sent` and `Progress` reports are produced.
+    pub monitor_progress: bool,
+}
+
+impl TaskOptions {
+    /// Defaults: a final report only.
+    pub fn new() -> TaskOptions {
+        TaskOptions::default()
+    }
+}

@@ -1,0 +1,82 @@
+//! What `#[dingo::task]` expands to refers to, and nothing else. Not a public API: it may
+//! change in any release.
+
+use std::any::TypeId;
+use std::fmt;
+
+pub use inventory;
+pub use serde;
+pub use std::any::TypeId as __TypeId;
+pub use std::option::Option::{self, None, Some};
+pub use std::result::Result::{self, Err, Ok};
+pub use std::sync::OnceLock;
+
+pub use crate::app::App;
+pub use crate::context::Context;
+pub use crate::error::{Error, TaskError};
+pub use crate::id::TaskId;
+pub use crate::options::CallOptions;
+pub use crate::registry::{Task, TaskDecl, failed, fingerprint};
+pub use crate::result::Handle;
+
+/// Calls a macro-generated task.
+pub fn call<K: Task>(app: &App, args: K::Args, options: &CallOptions) -> Result<Handle<K::Output>, Error> {
+    app.__call_task::<K>(args, options)
+}
+
+/// Sends a macro-generated task without a report.
+pub fn send<K: Task>(app: &App, args: K::Args) -> Result<TaskId, Error> {
+    let handle = app.__call_task::<K>(args, &CallOptions::new().ignore_report(true))?;
+    Ok(handle.id().clone())
+}
+
+/// The `TypeId` of a function item.
+pub fn type_id_of<F: 'static>(_: &F) -> TypeId {
+    TypeId::of::<F>()
+}
+
+/// The signature fingerprint of a task, computed once.
+pub fn cached_fingerprint<K: Task>(cell: &OnceLock<u64>) -> u64 {
+    *cell.get_or_init(fingerprint::<K::Args, K::Output>)
+}
+
+/// Describes a task's error value for the failure message: its `Display`, else its `Debug`,
+/// else its type name (autoref specialization: `(&&&Message(&e)).dingo_message()`).
+#[allow(missing_debug_implementations)]
+pub struct Message<'a, E: ?Sized>(pub &'a E);
+
+/// Highest priority: `Display`.
+pub trait ViaDisplay {
+    /// The message.
+    fn dingo_message(&self) -> String;
+}
+
+impl<E: fmt::Display + ?Sized> ViaDisplay for &&Message<'_, E> {
+    fn dingo_message(&self) -> String {
+        self.0.to_string()
+    }
+}
+
+/// Second: `Debug`.
+pub trait ViaDebug {
+    /// The message.
+    fn dingo_message(&self) -> String;
+}
+
+impl<E: fmt::Debug + ?Sized> ViaDebug for &Message<'_, E> {
+    fn dingo_message(&self) -> String {
+        format!("{:?}", self.0)
+    }
+}
+
+/// Last: the type's name.
+pub trait ViaTypeName {
+    /// The message.
+    fn dingo_message(&self) -> String;
+}
+
+impl<E: ?Sized> ViaTypeName for Message<'_, E> {
+    fn dingo_message(&self) -> String {
+        format!("the task returned an error of type `{}`", std::any::type_name::<E>())
+    }
+}

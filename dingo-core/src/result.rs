@@ -1,0 +1,421 @@
+//! [`Handle`]: the caller's end of one call.
+
+use std::collections::VecDeque;
+use std::fmt;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard};
+use std::time::{Duration, Instant};
+
+use crate::broker::Store;
+use crate::codec::{Codecs, Encoded};
+use crate::error::{Error, TaskError, TaskErrorKind};
+use crate::id::{CallKey, TaskId, TaskName};
+use crate::message::{Payload, ReportBody, ReportSink};
+use crate::report::{Progress, Report};
+
+/// How long a waiter spins before it sleeps: a result that is microseconds away is picked
+/// up without the cost of a wake-up (tens of microseconds).
+const SPIN: Duration = Duration::from_micros(50);
+
+/// Turns a success payload into the caller's type.
+pub(crate) type DecodeFn<T> = fn(Payload, &Codecs) -> Result<T, TaskError>;
+
+/// The result of one call: wait for it, iterate over its reports, or register callbacks.
+///
+/// A call made with `ignore_report` returns a *detached* handle: it has an id but no result
+/// ([`Error::NoReport`]).
+///
+/// ```
+/// # fn main() -> Result<(), dingo_core::Error> {
+/// use std::time::Duration;
+/// let app = dingo_core::App::local()?;
+/// app.register("double", |n: i64| n * 2)?;
+/// app.allocate("double", 1)?;
+///
+/// let mut handle = app.call::<_, i64>("double", 21i64)?;
+/// handle.on_ok(|v| assert_eq!(*v, 42));
+/// assert_eq!(handle.wait_timeout(Duration::from_secs(5))?, 42);
+/// app.close()
+/// # }
+/// ```
+pub struct Handle<T> {
+    key: CallKey,
+    slot: Option<Arc<Slot<T>>>,
+    /// Set when the store keeps state for this call (to forget it when the handle goes).
+    store: Option<Arc<dyn Store>>,
+}
+
+impl<T: Send + 'static> Handle<T> {
+    pub(crate) fn new(key: CallKey, slot: Arc<Slot<T>>, store: Option<Arc<dyn Store>>) -> Handle<T> {
+        Handle { key, slot: Some(slot), store }
+    }
+
+    pub(crate) fn detached(key: CallKey) -> Handle<T> {
+        Handle { key, slot: None, store: None }
+    }
+
+    /// The call's id.
+    pub fn id(&self) -> &TaskId {
+        &self.key.id
+    }
+
+    /// The task's name.
+    pub fn name(&self) -> &TaskName {
+        &self.key.name
+    }
+
+    /// The call's identity.
+    pub fn key(&self) -> &CallKey {
+        &self.key
+    }
+
+    /// Whether the call was made with `ignore_report` (there is nothing to wait for).
+    pub fn is_detached(&self) -> bool {
+        self.slot.is_none()
+    }
+
+    /// Blocks until the task finishes and returns its value.
+    pub fn wait(mut self) -> Result<T, Error> {
+        self.wait_for(None)
+    }
+
+    /// Waits at most `timeout`. On [`Error::Timeout`] nothing is lost: wait again later.
+    pub fn wait_timeout(&mut self, timeout: Duration) -> Result<T, Error> {
+        self.wait_for(Some(timeout))
+    }
+
+    /// The value if the task has finished, without blocking; `None` while it runs.
+    pub fn try_get(&mut self) -> Option<Result<T, Error>> {
+        let slot = match &self.slot {
+            None => return Some(Err(Error::NoReport)),
+            Some(slot) => slot,
+        };
+        let mut state = slot.lock();
+        state.reports.clear();
+        slot.take_outcome(&mut state)
+    }
+
+    /// Whether the final report has arrived.
+    pub fn is_finished(&self) -> bool {
+        self.slot.as_ref().is_some_and(|s| s.finished.load(Ordering::Acquire))
+    }
+
+    /// Calls `f` with the value once the task succeeds — at once if it already has. It runs
+    /// on the thread that delivers the result (keep it short) and does not take the value:
+    /// `wait` still returns it. Never called if the task fails.
+    pub fn on_ok(&self, f: impl FnOnce(&T) + Send + 'static) -> &Handle<T> {
+        if let Some(slot) = &self.slot {
+            let mut state = slot.lock();
+            match slot.resolve(&mut state) {
+                Some(Ok(value)) => f(value),
+                Some(Err(_)) => {}
+                None => state.on_ok = Some(Box::new(f)),
+            }
+        }
+        self
+    }
+
+    /// Calls `f` with the error once the task fails — at once if it already has. Like
+    /// [`on_ok`](Handle::on_ok), whatever the order the two are registered in and whatever
+    /// reports came before.
+    pub fn on_err(&self, f: impl FnOnce(&TaskError) + Send + 'static) -> &Handle<T> {
+        if let Some(slot) = &self.slot {
+            let mut state = slot.lock();
+            match slot.resolve(&mut state) {
+                Some(Err(error)) => f(error),
+                Some(Ok(_)) => {}
+                None => state.on_err = Some(Box::new(f)),
+            }
+        }
+        self
+    }
+
+    /// The reports of the call, in order, ending with the final one (`Sent` and `Progress`
+    /// appear only with `monitor_progress`).
+    pub fn reports(self) -> Reports<T> {
+        Reports { handle: self, done: false }
+    }
+
+    /// The next report, waiting at most `timeout` (`None`: no limit). `Ok(None)` once the
+    /// final report was returned.
+    pub fn next_report(&mut self, timeout: Option<Duration>) -> Result<Option<Report<T>>, Error> {
+        let Some(slot) = &self.slot else {
+            return Err(Error::NoReport);
+        };
+        let deadline = timeout.map(|t| Instant::now() + t);
+        let mut state = slot.lock();
+        loop {
+            if let Some(report) = state.reports.pop_front() {
+                return Ok(Some(report));
+            }
+            match slot.take_outcome(&mut state) {
+                Some(Ok(value)) => return Ok(Some(Report::Success(value))),
+                Some(Err(Error::Task(error))) => return Ok(Some(Report::Failure(error))),
+                Some(Err(Error::ResultTaken)) => return Ok(None),
+                Some(Err(other)) => return Err(other),
+                None => {}
+            }
+            state = slot.sleep(state, deadline).map_err(|()| Error::Timeout(timeout.unwrap_or_default()))?;
+        }
+    }
+
+    fn wait_for(&mut self, timeout: Option<Duration>) -> Result<T, Error> {
+        let deadline = timeout.map(|t| Instant::now() + t);
+        let slot = self.slot.as_ref().ok_or(Error::NoReport)?;
+        slot.spin_until_finished();
+        let mut state = slot.lock();
+        loop {
+            state.reports.clear();
+            if let Some(outcome) = slot.take_outcome(&mut state) {
+                return outcome;
+            }
+            state = slot.sleep(state, deadline).map_err(|()| Error::Timeout(timeout.unwrap_or_default()))?;
+        }
+    }
+}
+
+impl<T> Drop for Handle<T> {
+    fn drop(&mut self) {
+        if let Some(store) = &self.store {
+            store.forget(&self.key);
+        }
+    }
+}
+
+impl<T> fmt::Debug for Handle<T> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Handle")
+            .field("key", &self.key)
+            .field("detached", &self.slot.is_none())
+            .field("finished", &self.slot.as_ref().is_some_and(|s| s.finished.load(Ordering::Relaxed)))
+            .finish()
+    }
+}
+
+/// Iterator over the reports of one call (see [`Handle::reports`]).
+#[derive(Debug)]
+pub struct Reports<T> {
+    handle: Handle<T>,
+    done: bool,
+}
+
+impl<T: Send + 'static> Iterator for Reports<T> {
+    type Item = Report<T>;
+
+    fn next(&mut self) -> Option<Report<T>> {
+        if self.done {
+            return None;
+        }
+        match self.handle.next_report(None) {
+            Ok(Some(report)) => {
+                self.done = report.is_final();
+                Some(report)
+            }
+            Ok(None) | Err(_) => {
+                self.done = true;
+                None
+            }
+        }
+    }
+}
+
+type OnOk<T> = Box<dyn FnOnce(&T) + Send>;
+type OnErr = Box<dyn FnOnce(&TaskError) + Send>;
+
+/// The shared state of one call: written by the report transport, read by the handle.
+pub(crate) struct Slot<T> {
+    finished: AtomicBool,
+    state: Mutex<State<T>>,
+    wake: Condvar,
+    codecs: Codecs,
+    decode: DecodeFn<T>,
+}
+
+struct State<T> {
+    reports: VecDeque<Report<T>>,
+    outcome: Outcome<T>,
+    waiting: bool,
+    on_ok: Option<OnOk<T>>,
+    on_err: Option<OnErr>,
+}
+
+enum Outcome<T> {
+    Pending,
+    /// Arrived, not decoded yet (decoding happens on the caller's thread).
+    Raw(Payload),
+    Ready(Result<T, TaskError>),
+    Taken,
+}
+
+impl<T: Send + 'static> Slot<T> {
+    pub(crate) fn new(codecs: Codecs, decode: DecodeFn<T>) -> Slot<T> {
+        Slot {
+            finished: AtomicBool::new(false),
+            state: Mutex::new(State {
+                reports: VecDeque::new(),
+                outcome: Outcome::Pending,
+                waiting: false,
+                on_ok: None,
+                on_err: None,
+            }),
+            wake: Condvar::new(),
+            codecs,
+            decode,
+        }
+    }
+
+    // A panicking callback can poison the lock; the state itself is still consistent.
+    fn lock(&self) -> MutexGuard<'_, State<T>> {
+        self.state.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn spin_until_finished(&self) {
+        let start = Instant::now();
+        let mut spins = 0u32;
+        while !self.finished.load(Ordering::Acquire) {
+            spins += 1;
+            if spins % 64 == 0 {
+                if start.elapsed() > SPIN {
+                    return;
+                }
+                std::thread::yield_now();
+            } else {
+                std::hint::spin_loop();
+            }
+        }
+    }
+
+    /// Sleeps until something is delivered; `Err` when the deadline passed.
+    fn sleep<'a>(
+        &'a self,
+        mut state: MutexGuard<'a, State<T>>,
+        deadline: Option<Instant>,
+    ) -> Result<MutexGuard<'a, State<T>>, ()> {
+        state.waiting = true;
+        let mut state = match deadline {
+            None => self.wake.wait(state).unwrap_or_else(|e| e.into_inner()),
+            Some(deadline) => {
+                let left = deadline.saturating_duration_since(Instant::now());
+                if left.is_zero() {
+                    state.waiting = false;
+                    return Err(());
+                }
+                self.wake.wait_timeout(state, left).unwrap_or_else(|e| e.into_inner()).0
+            }
+        };
+        state.waiting = false;
+        Ok(state)
+    }
+
+    /// Decodes a raw outcome in place and returns a view of the final result, if any.
+    fn resolve<'s>(&self, state: &'s mut State<T>) -> Option<Result<&'s T, &'s TaskError>> {
+        if let Outcome::Raw(_) = &state.outcome {
+            let Outcome::Raw(payload) = std::mem::replace(&mut state.outcome, Outcome::Pending) else {
+                return None;
+            };
+            state.outcome = Outcome::Ready((self.decode)(payload, &self.codecs));
+        }
+        match &state.outcome {
+            Outcome::Ready(Ok(v)) => Some(Ok(v)),
+            Outcome::Ready(Err(e)) => Some(Err(e)),
+            Outcome::Pending | Outcome::Raw(_) | Outcome::Taken => None,
+        }
+    }
+
+    /// Moves the final result out, if it has arrived.
+    fn take_outcome(&self, state: &mut State<T>) -> Option<Result<T, Error>> {
+        match std::mem::replace(&mut state.outcome, Outcome::Taken) {
+            Outcome::Pending => {
+                state.outcome = Outcome::Pending;
+                None
+            }
+            Outcome::Raw(payload) => Some((self.decode)(payload, &self.codecs).map_err(Error::Task)),
+            Outcome::Ready(result) => Some(result.map_err(Error::Task)),
+            Outcome::Taken => Some(Err(Error::ResultTaken)),
+        }
+    }
+
+    fn finish(&self, state: &mut State<T>, outcome: Outcome<T>) {
+        state.outcome = outcome;
+        if state.on_ok.is_some() || state.on_err.is_some() {
+            let (on_ok, on_err) = (state.on_ok.take(), state.on_err.take());
+            match self.resolve(state) {
+                Some(Ok(value)) => {
+                    if let Some(f) = on_ok {
+                        f(value)
+                    }
+                }
+                Some(Err(error)) => {
+                    if let Some(f) = on_err {
+                        f(error)
+                    }
+                }
+                None => {}
+            }
+        }
+        self.finished.store(true, Ordering::Release);
+    }
+}
+
+impl<T: Send + 'static> ReportSink for Slot<T> {
+    fn deliver(&self, body: ReportBody) {
+        let mut state = self.lock();
+        if !matches!(state.outcome, Outcome::Pending) {
+            return; // a final report already arrived: ignore duplicates
+        }
+        match body {
+            ReportBody::Sent => state.reports.push_back(Report::Sent),
+            ReportBody::Progress(value) => {
+                state.reports.push_back(Report::Progress(Progress::new(value, self.codecs.clone())))
+            }
+            ReportBody::Success(payload) => self.finish(&mut state, Outcome::Raw(payload)),
+            ReportBody::Failure(mut error) => {
+                error.set_codecs(self.codecs.clone());
+                self.finish(&mut state, Outcome::Ready(Err(error)))
+            }
+        }
+        if state.waiting {
+            self.wake.notify_all();
+        }
+    }
+
+    fn disconnect(&self) {
+        let mut state = self.lock();
+        if matches!(state.outcome, Outcome::Pending) {
+            let error = TaskError::new(TaskErrorKind::Shutdown, "the task was dropped before it reported (shutdown)");
+            self.finish(&mut state, Outcome::Ready(Err(error)));
+            if state.waiting {
+                self.wake.notify_all();
+            }
+        }
+    }
+}
+
+/// Decodes a success payload into `T`: a moved value, or bytes through the codec.
+pub(crate) fn decode_value<T: serde::de::DeserializeOwned + 'static>(
+    payload: Payload,
+    codecs: &Codecs,
+) -> Result<T, TaskError> {
+    match payload {
+        Payload::Local(value) => value.downcast::<T>().map(|v| *v).map_err(|_| {
+            TaskError::new(
+                TaskErrorKind::SignatureMismatch,
+                format!("the result is not a `{}`", std::any::type_name::<T>()),
+            )
+        }),
+        Payload::Encoded(encoded) => codecs.decode(&encoded).map_err(|e| {
+            TaskError::new(
+                TaskErrorKind::BadPayload,
+                format!("the result does not decode as `{}`: {}", std::any::type_name::<T>(), crate::error::chain(&e)),
+            )
+        }),
+    }
+}
+
+/// Keeps a success payload as bytes (for untyped calls).
+pub(crate) fn decode_raw(payload: Payload, _codecs: &Codecs) -> Result<Encoded, TaskError> {
+    match payload {
+        Payload::Encoded(encoded) => Ok(encoded),
+        Payload::Local(_) => Err(TaskError::new(TaskErrorKind::BadPayload, "an in-process result has no bytes")),
+    }
+}

@@ -1,0 +1,291 @@
+//! Worker pools: named OS threads sharing one [`Subscription`], each running one task at a
+//! time. A panic in a task is caught and reported; the thread goes on.
+
+use std::collections::HashMap;
+use std::panic::{AssertUnwindSafe, catch_unwind};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use crossbeam_channel::{Receiver, Sender};
+
+use crate::broker::{Ack, Delivery, Recv, Reporter, Subscription};
+use crate::codec::Codecs;
+use crate::context::Context;
+use crate::error::{Error, TaskError, TaskErrorKind};
+use crate::event::{Event, EventKind, EventSink, Level, Origin};
+use crate::id::{CallKey, TaskId, TaskName};
+use crate::message::{Payload, ReplyTo, ReportBody, ReportMessage, TaskMessage};
+use crate::registry::{Handler, Invoke};
+
+/// What the threads of one pool share.
+pub(crate) struct Shared {
+    pub(crate) handlers: HashMap<TaskName, Handler>,
+    pub(crate) reporter: Arc<dyn Reporter>,
+    pub(crate) codecs: Codecs,
+    pub(crate) events: EventSink,
+    /// How long an idle worker polls before it sleeps.
+    pub(crate) spin: Duration,
+}
+
+/// A group of worker threads started by one `allocate` call.
+pub(crate) struct Pool {
+    label: String,
+    subscription: Arc<dyn Subscription>,
+    stopping: Arc<AtomicBool>,
+    threads: Vec<JoinHandle<()>>,
+    /// Each thread drops its sender when it exits; disconnected means all are gone.
+    exited: Receiver<()>,
+    busy: Arc<AtomicUsize>,
+}
+
+impl Pool {
+    pub(crate) fn spawn(
+        label: &str,
+        count: usize,
+        subscription: Box<dyn Subscription>,
+        shared: Shared,
+    ) -> Result<Pool, Error> {
+        let subscription: Arc<dyn Subscription> = Arc::from(subscription);
+        let shared = Arc::new(shared);
+        let stopping = Arc::new(AtomicBool::new(false));
+        let busy = Arc::new(AtomicUsize::new(0));
+        let (exit_tx, exited) = crossbeam_channel::bounded::<()>(0);
+        let mut threads = Vec::with_capacity(count);
+        for i in 0..count {
+            let worker = Worker {
+                shared: shared.clone(),
+                subscription: subscription.clone(),
+                stopping: stopping.clone(),
+                busy: busy.clone(),
+                _exit: exit_tx.clone(),
+            };
+            let spawned = std::thread::Builder::new().name(format!("dingo-{label}-{i}")).spawn(move || worker.run());
+            match spawned {
+                Ok(handle) => threads.push(handle),
+                Err(e) => {
+                    let started = Pool { label: label.to_owned(), subscription, stopping, threads, exited, busy };
+                    drop(exit_tx);
+                    started.stop();
+                    let _ = started.join(Some(Instant::now()));
+                    return Err(Error::Spawn(e));
+                }
+            }
+        }
+        shared.events.emit(Event::new(
+            Origin::Worker,
+            Level::Info,
+            EventKind::Started,
+            format!("{count} worker thread(s) started for {label}"),
+        ));
+        Ok(Pool { label: label.to_owned(), subscription, stopping, threads, exited, busy })
+    }
+
+    /// Tells the threads to exit after their current task; does not wait.
+    pub(crate) fn stop(&self) {
+        self.stopping.store(true, Ordering::Release);
+        self.subscription.stop();
+    }
+
+    /// Waits for the threads until `deadline` (`None`: no limit). Returns how many threads
+    /// were still running a task when it gave up (those are left to finish on their own).
+    pub(crate) fn join(self, deadline: Option<Instant>) -> usize {
+        let all_exited = match deadline {
+            None => self.exited.recv().is_err(),
+            Some(deadline) => {
+                matches!(self.exited.recv_deadline(deadline), Err(crossbeam_channel::RecvTimeoutError::Disconnected))
+            }
+        };
+        if all_exited {
+            for thread in self.threads {
+                let _ = thread.join();
+            }
+            0
+        } else {
+            self.busy.load(Ordering::Acquire).max(1)
+        }
+    }
+
+    pub(crate) fn label(&self) -> &str {
+        &self.label
+    }
+}
+
+struct Worker {
+    shared: Arc<Shared>,
+    subscription: Arc<dyn Subscription>,
+    stopping: Arc<AtomicBool>,
+    busy: Arc<AtomicUsize>,
+    _exit: Sender<()>,
+}
+
+impl Worker {
+    fn run(self) {
+        while !self.stopping.load(Ordering::Acquire) {
+            let received = match self.subscription.try_recv() {
+                Recv::Empty => self.idle(),
+                other => other,
+            };
+            match received {
+                Recv::Delivery(delivery) => {
+                    self.busy.fetch_add(1, Ordering::AcqRel);
+                    execute(&self.shared, delivery);
+                    self.busy.fetch_sub(1, Ordering::AcqRel);
+                }
+                Recv::Empty => {}
+                Recv::Stopped => break,
+            }
+        }
+    }
+
+    /// Polls for a short while (a task that arrives within microseconds starts without a
+    /// wake-up), then blocks.
+    fn idle(&self) -> Recv {
+        let start = Instant::now();
+        let mut spins = 0u32;
+        while start.elapsed() < self.shared.spin {
+            for _ in 0..32 {
+                std::hint::spin_loop();
+            }
+            spins += 1;
+            if spins % 8 == 0 {
+                std::thread::yield_now();
+            }
+            match self.subscription.try_recv() {
+                Recv::Empty => {}
+                other => return other,
+            }
+        }
+        self.subscription.recv(None)
+    }
+}
+
+/// Runs one delivery to its final report.
+pub(crate) fn execute(shared: &Shared, delivery: Delivery) {
+    let Delivery { message, ack, redelivered } = delivery;
+    let TaskMessage { name, id, fingerprint, options, reply_to, args } = message;
+    let call = Call { shared, name: &name, id: &id, reply_to: &reply_to };
+
+    let Some(handler) = shared.handlers.get(name.as_str()) else {
+        let error = TaskError::new(TaskErrorKind::UnknownTask, format!("no worker here runs task `{name}`"));
+        call.event(Level::Error, EventKind::UnknownTask, error.message().to_owned());
+        return call.finish(ReportBody::Failure(error), ack);
+    };
+    if fingerprint != 0 && fingerprint != handler.fingerprint() {
+        let error = TaskError::new(
+            TaskErrorKind::SignatureMismatch,
+            format!(
+                "task `{name}` was called with signature {fingerprint:016x}, the worker's is {:016x}: \
+                 caller and worker were built from different code",
+                handler.fingerprint()
+            ),
+        );
+        call.event(Level::Error, EventKind::SignatureMismatch, error.message().to_owned());
+        return call.finish(ReportBody::Failure(error), ack);
+    }
+
+    if options.monitor_progress && reply_to.wants_reports() {
+        call.report(ReportBody::Sent);
+        call.report(ReportBody::Progress(None));
+    }
+
+    let codec = match &args {
+        Payload::Encoded(encoded) if shared.codecs.get(encoded.codec).is_ok() => encoded.codec,
+        _ => shared.codecs.default_codec().id(),
+    };
+    let invoke = Invoke {
+        codecs: &shared.codecs,
+        codec,
+        local: matches!(args, Payload::Local(_)) && shared.reporter.accepts_local(),
+    };
+    let ctx = Context {
+        name: &name,
+        id: &id,
+        options,
+        redelivered,
+        reply_to: &reply_to,
+        reporter: &*shared.reporter,
+        codec: shared.codecs.get(codec).map(|c| &**c).unwrap_or(&**shared.codecs.default_codec()),
+        events: &shared.events,
+    };
+    let span = tracing::debug_span!(target: "dingo", "task", name = %name, id = %id);
+    let _entered = span.enter();
+    let outcome = catch_unwind(AssertUnwindSafe(|| handler.run(&ctx, args, &invoke)));
+    let body = match outcome {
+        Ok(Ok(value)) => ReportBody::Success(value),
+        Ok(Err(error)) => {
+            match error.kind() {
+                TaskErrorKind::BadPayload => {
+                    call.event(Level::Error, EventKind::BadPayload, error.message().to_owned())
+                }
+                TaskErrorKind::Encode => call.event(Level::Error, EventKind::EncodeFailed, error.message().to_owned()),
+                TaskErrorKind::SignatureMismatch => {
+                    call.event(Level::Error, EventKind::SignatureMismatch, error.message().to_owned())
+                }
+                _ => {}
+            }
+            ReportBody::Failure(error)
+        }
+        Err(panic) => {
+            let message = panic_message(&*panic);
+            call.event(Level::Warning, EventKind::TaskPanicked, format!("task panicked: {message}"));
+            ReportBody::Failure(TaskError::new(TaskErrorKind::Panic, message))
+        }
+    };
+    call.finish(body, ack);
+}
+
+struct Call<'a> {
+    shared: &'a Shared,
+    name: &'a TaskName,
+    id: &'a TaskId,
+    reply_to: &'a ReplyTo,
+}
+
+impl Call<'_> {
+    fn key(&self) -> CallKey {
+        CallKey { name: self.name.clone(), id: self.id.clone() }
+    }
+
+    fn message(&self, body: ReportBody) -> ReportMessage {
+        ReportMessage { name: self.name.clone(), id: self.id.clone(), body }
+    }
+
+    fn event(&self, level: Level, kind: EventKind, message: String) {
+        self.shared.events.emit(Event::new(Origin::Worker, level, kind, message).with_task(self.key()));
+    }
+
+    fn report(&self, body: ReportBody) {
+        if let Err(e) = self.shared.reporter.report(self.reply_to, self.message(body)) {
+            self.event(Level::Error, EventKind::ReportFailed, format!("report lost: {}", crate::error::chain(&e)));
+        }
+    }
+
+    /// Stores the final report and acknowledges the delivery (just acknowledges it when the
+    /// caller wants no report).
+    fn finish(&self, body: ReportBody, ack: Option<Ack>) {
+        let result = if self.reply_to.wants_reports() {
+            self.shared.reporter.finish(self.reply_to, self.message(body), ack)
+        } else {
+            ack.map(Ack::ack).unwrap_or(Ok(()))
+        };
+        if let Err(e) = result {
+            self.event(
+                Level::Error,
+                EventKind::ReportFailed,
+                format!("final report or acknowledgement failed: {}", crate::error::chain(&e)),
+            );
+        }
+    }
+}
+
+fn panic_message(panic: &(dyn std::any::Any + Send)) -> String {
+    if let Some(s) = panic.downcast_ref::<&str>() {
+        (*s).to_owned()
+    } else if let Some(s) = panic.downcast_ref::<String>() {
+        s.clone()
+    } else {
+        "panic with a non-string payload".to_owned()
+    }
+}
