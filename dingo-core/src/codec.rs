@@ -92,6 +92,12 @@ pub trait Codec: Send + Sync + 'static {
     ) -> Result<(), CodecError>;
 }
 
+impl fmt::Debug for dyn Codec {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "Codec({} #{})", self.name(), self.id())
+    }
+}
+
 /// Encodes `value` with `codec`.
 pub fn encode<T: Serialize + ?Sized>(codec: &dyn Codec, value: &T) -> Result<Vec<u8>, CodecError> {
     let mut out = Vec::new();

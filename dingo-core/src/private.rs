@@ -4,6 +4,7 @@
 use std::any::TypeId;
 use std::fmt;
 
+pub use core::{concat, module_path};
 pub use inventory;
 pub use serde;
 pub use std::any::TypeId as __TypeId;

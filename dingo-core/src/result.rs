@@ -274,7 +274,7 @@ impl<T: Send + 'static> Slot<T> {
         let mut spins = 0u32;
         while !self.finished.load(Ordering::Acquire) {
             spins += 1;
-            if spins % 64 == 0 {
+            if spins.is_multiple_of(64) {
                 if start.elapsed() > SPIN {
                     return;
                 }

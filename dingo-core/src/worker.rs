@@ -149,7 +149,7 @@ impl Worker {
                 std::hint::spin_loop();
             }
             spins += 1;
-            if spins % 8 == 0 {
+            if spins.is_multiple_of(8) {
                 std::thread::yield_now();
             }
             match self.subscription.try_recv() {

@@ -197,6 +197,21 @@ impl LocalBroker {
         queue.tx.send(Item::Bytes(bytes)).map_err(|_| closed())
     }
 
+    /// Takes the oldest message out of the queue of `task`, as bytes (serialized mode only;
+    /// `None` when the queue is empty). For inspection and repair tools.
+    pub fn take_raw(&self, task: &str) -> Result<Option<Vec<u8>>, BrokerError> {
+        if !self.inner.options.serialized {
+            return Err(BrokerError::new(BrokerErrorKind::Config, "take_raw needs a serialized local broker"));
+        }
+        match self.inner.queue(task)?.rx.try_recv() {
+            Ok(Item::Bytes(bytes)) => Ok(Some(bytes)),
+            Ok(Item::Message(_)) => {
+                Err(BrokerError::new(BrokerErrorKind::Protocol, "an in-memory message in a serialized queue"))
+            }
+            Err(_) => Ok(None),
+        }
+    }
+
     /// The messages that could not be delivered, oldest first.
     pub fn dead_letters(&self) -> Vec<DeadLetter> {
         lock(&self.inner.dead).iter().cloned().collect()
@@ -311,7 +326,7 @@ impl Inner {
             Item::Bytes(bytes) => match wire::decode_task(&bytes) {
                 Ok(message) => Some(Delivery::new(message)),
                 Err(malformed) => {
-                    self.reject_malformed(queue, bytes, malformed);
+                    self.reject_malformed(queue, bytes, *malformed);
                     None
                 }
             },
@@ -326,10 +341,11 @@ impl Inner {
             EventKind::MalformedMessage,
             format!("undecodable message in queue `{queue}` dead-lettered: {reason}"),
         );
-        if let (Some(name), Some(id)) = (malformed.name, malformed.id) {
+        let MalformedTask { name, id, reply_to, .. } = malformed;
+        if let (Some(name), Some(id)) = (name, id) {
             let key = CallKey { name, id };
             event = event.with_task(key.clone());
-            if let Some(address) = malformed.reply_to {
+            if let Some(address) = reply_to {
                 let error =
                     TaskError::new(TaskErrorKind::BadPayload, format!("the task message is malformed: {reason}"));
                 self.fail(&ReplyTo::Address(address), key, error);

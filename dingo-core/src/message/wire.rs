@@ -91,7 +91,7 @@ pub struct MalformedTask {
 }
 
 /// Decodes a task message.
-pub fn decode_task(bytes: &[u8]) -> Result<TaskMessage, MalformedTask> {
+pub fn decode_task(bytes: &[u8]) -> Result<TaskMessage, Box<MalformedTask>> {
     let mut name = None;
     let mut id = None;
     let mut reply_to = None;
@@ -137,7 +137,7 @@ pub fn decode_task(bytes: &[u8]) -> Result<TaskMessage, MalformedTask> {
             reply_to: reply_to.map(ReplyTo::Address).unwrap_or(ReplyTo::None),
             args: Payload::Encoded(Encoded::new(codec, bytes)),
         }),
-        Err(error) => Err(MalformedTask { error, name, id, reply_to }),
+        Err(error) => Err(Box::new(MalformedTask { error, name, id, reply_to })),
     }
 }
 

@@ -1,0 +1,94 @@
+//! The `#[dingo::task]` attribute macro; use it through the `dingo` crate, whose
+//! `dingo::__private` module is all the generated code refers to.
+//!
+//! The expansion runs in three steps: `attr` reads the attribute's keys, `signature`
+//! reads and checks the function, and the generators in `expand` write one item each.
+#![deny(missing_docs)]
+
+mod attr;
+mod errors;
+mod expand;
+mod signature;
+
+use proc_macro::TokenStream;
+
+/// Turns a function into a task: a function that workers run and callers invoke through a
+/// typed stub.
+///
+/// ```
+/// /// Adds two numbers (on a worker).
+/// #[dingo::task]
+/// pub fn add(a: i64, b: i64) -> i64 {
+///     a + b
+/// }
+///
+/// # fn main() -> Result<(), dingo::Error> {
+/// let app = dingo::App::local()?;
+/// app.allocate(add, 1)?;
+/// assert_eq!(add::call(&app, 2, 3)?.wait()?, 5); // the stub
+/// assert_eq!(add(2, 3), 5); // the function, unchanged
+/// # app.close()
+/// # }
+/// ```
+///
+/// # Attribute keys
+///
+/// | key | default | meaning |
+/// | --- | --- | --- |
+/// | `name = "…"` | `module_path!()::function` | the task's name on the wire (a non-empty string literal) |
+///
+/// Unknown and repeated keys are errors.
+///
+/// # Generated items
+///
+/// The function is emitted unchanged: still callable and unit-testable. Next to it, with the
+/// function's visibility, comes a struct of the same name (a braced struct, so it lives only
+/// in the type namespace and `add(2, 3)` still calls the function) with:
+///
+/// | item | what |
+/// | --- | --- |
+/// | `add::NAME` | the task's name |
+/// | `add::call(&app, a, b)` | calls the task: `Result<Handle<T>, Error>` |
+/// | `add::call_with(&app, &options, a, b)` | the same with `CallOptions` |
+/// | `add::send(&app, a, b)` | fire-and-forget (`ignore_report`): `Result<TaskId, Error>` |
+/// | `impl Task for add` | the wire types (`Args`, `Output`), how a worker runs it, the signature fingerprint |
+///
+/// and an `inventory` submission of its `TaskDecl`, so every `App` in the program knows the
+/// task. The stubs take the arguments in the function's order and types, so a wrong
+/// argument is an ordinary type error at the call.
+///
+/// # Signatures
+///
+/// - Arguments are bound by name (`x: T` or `mut x: T`) and owned: they are sent to the
+///   worker, so they must be `Serialize + DeserializeOwned + Send + 'static`.
+/// - One parameter may be the context, `&Context` (any path ending in `Context`, e.g.
+///   `&dingo::Context<'_>`), anywhere in the list: the worker passes it in and the caller
+///   does not send it.
+/// - The return is nothing, `()`, any such type (a tuple too), or `Result<T, E>` (any path
+///   ending in `Result` with two type arguments; `io::Result<T>` counts as a plain value).
+///   An `Err(e)` becomes a `Failed` task error whose message is `e`'s `Display` (else its
+///   `Debug`, else its type name) and whose payload decodes into `E` (which must be
+///   `Serialize`).
+///
+/// ```
+/// use dingo::Context;
+///
+/// #[dingo::task(name = "text.count_words")]
+/// fn count_words(ctx: &Context<'_>, text: String) -> Result<usize, String> {
+///     ctx.progress("counting");
+///     if text.is_empty() { Err("no text".to_string()) } else { Ok(text.split_whitespace().count()) }
+/// }
+///
+/// assert_eq!(count_words::NAME, "text.count_words");
+/// ```
+///
+/// Rejected, each with an error at the offending tokens (all of them in one pass, and the
+/// function is still emitted so its callers see no follow-on errors): generic parameters
+/// (types, lifetimes, consts), `impl Trait` arguments and returns, `where` clauses, `self`,
+/// `async fn`, `const fn`, `unsafe fn`, `extern` ABIs, variadics, patterns other than a
+/// name, borrowed argument or return types, `&mut Context`, a second context, unknown or
+/// repeated keys, a `name` that is not a non-empty string literal.
+#[proc_macro_attribute]
+pub fn task(attr: TokenStream, item: TokenStream) -> TokenStream {
+    expand::task(attr.into(), item.into()).into()
+}

@@ -1,0 +1,81 @@
+//! dingo is a distributed task framework: a function annotated with `#[dingo::task]` becomes
+//! a task that callers invoke through a generated, compile-time-checked stub and that a pool
+//! of worker threads runs — in the same process on the embedded [`LocalBroker`] (no server
+//! needed), or in other processes through Redis or RabbitMQ. Callers get typed results,
+//! progress reports and failures back. It ports Go's dingo (itself after Celery) and goes
+//! beyond it.
+//!
+//! ```
+//! use std::time::Duration;
+//!
+//! /// A task: the function stays callable as it is; `add::call` is its typed stub.
+//! #[dingo::task]
+//! fn add(a: i64, b: i64) -> i64 {
+//!     a + b
+//! }
+//!
+//! /// A task that can fail: an `Err` reaches the caller as a failure carrying the value.
+//! #[dingo::task(name = "math.checked_div")]
+//! fn checked_div(a: i64, b: i64) -> Result<i64, String> {
+//!     if b == 0 { Err("division by zero".to_string()) } else { Ok(a / b) }
+//! }
+//!
+//! /// The context is injected by the worker, not sent by the caller.
+//! #[dingo::task]
+//! fn count_words(ctx: &dingo::Context, text: String) -> usize {
+//!     ctx.progress("counting");
+//!     text.split_whitespace().count()
+//! }
+//!
+//! fn main() -> Result<(), dingo::Error> {
+//!     let app = dingo::App::local()?;           // in-process broker
+//!     app.allocate(add, 2)?;                    // two worker threads for `add`
+//!     app.allocate_all(2)?;                     // two more serving every task
+//!
+//!     let sum = add::call(&app, 2, 3)?.wait()?; // typed: `add::call(&app, "2", 3)` does not compile
+//!     assert_eq!(sum, 5);
+//!
+//!     let err = checked_div::call(&app, 1, 0)?.wait().unwrap_err();
+//!     let payload: String = err.task_error().unwrap().payload().unwrap().unwrap();
+//!     assert_eq!(payload, "division by zero");
+//!
+//!     let mut words = count_words::call(&app, "a b c".to_string())?;
+//!     assert_eq!(words.wait_timeout(Duration::from_secs(5))?, 3);
+//!
+//!     app.close()
+//! }
+//! ```
+//!
+//! # Where to go next
+//! - [`task`]: the macro, its attribute keys and what it generates.
+//! - [`App`]: allocating workers, registering closures, calling by name, shutting down.
+//! - [`Handle`]: waiting, timeouts, report iterators, callbacks.
+//! - [`broker`]: the four broker roles, for mixing transports or writing a broker.
+//! - [`event`]: subscribing to what happens inside the app.
+//!
+//! # Features
+//! | feature | default | what |
+//! | --- | --- | --- |
+//! | `json` | yes | the JSON codec ([`codec::Json`]); MessagePack is always there and the default |
+//! | `redis` | no | the Redis broker (`dingo::redis`, `redis://` URLs) — in progress |
+//! | `amqp` | no | the RabbitMQ broker (`dingo::amqp`, `amqp://` URLs) — in progress |
+#![deny(missing_docs)]
+
+pub use dingo_core::{
+    App, AppBuilder, BrokerError, BrokerErrorKind, CallKey, CallOptions, Codec, CodecError, Context, DeadLetter,
+    Encoded, Error, Event, EventFilter, EventKind, Events, Handle, IdMaker, Level, LocalBroker, LocalOptions, Origin,
+    Origins, Progress, Report, Reports, Role, Sequential, Task, TaskError, TaskErrorKind, TaskId, TaskName,
+    TaskOptions, TaskRef, UuidV7,
+};
+pub use dingo_core::{broker, codec, event, id, message, registry};
+
+/// Turns a function into a task (attribute keys, generated items and accepted signatures
+/// are listed below).
+pub use dingo_macros::task;
+
+#[doc(hidden)]
+pub use dingo_core::__private;
+
+/// The serde version dingo uses, for `#[serde(crate = "dingo::serde")]` in programs that
+/// do not depend on serde themselves.
+pub use dingo_core::__private::serde;

@@ -1,0 +1,170 @@
+//! Shared test support of the dingo workspace (not published): the conformance suite every
+//! broker and every pairing of task and report transport must pass, written once and
+//! instantiated per broker, plus helpers.
+//!
+//! - [`transport`]: the task transport rules (byte-exact delivery, FIFO per queue, exactly
+//!   once under competing consumers).
+//! - [`reports`]: the report transport rules (reports kept until read, in order, keyed by
+//!   (task name, id)).
+//! - [`app`]: App-level scenarios (progress reports, many names with the same ids, panics,
+//!   fire-and-forget, shutdown, unknown tasks, signature mismatches, bad payloads, several
+//!   caller and worker apps on one broker).
+//!
+//! Instantiate with the macros: `dingo_test_support::transport_suite!(setup)` and friends
+//! expand to one `#[test]` per rule, each with a fresh `setup` (evaluated per test, so each
+//! test gets its own broker or namespace).
+
+// Test helpers are not printed; Debug on every helper type would be noise.
+#![allow(missing_debug_implementations)]
+
+pub mod app;
+pub mod reports;
+pub mod transport;
+
+use std::time::Duration;
+
+/// How long a conformance test waits for anything before it fails (never hangs).
+pub const PATIENCE: Duration = Duration::from_secs(20);
+
+/// Whether tests that need a server must fail (not skip) when it is absent:
+/// `DINGO_REQUIRE_SERVICES=1`, set by `.ci/run`.
+pub fn services_required() -> bool {
+    std::env::var("DINGO_REQUIRE_SERVICES").is_ok_and(|v| v == "1")
+}
+
+/// Skips (loudly) or fails a test whose server is unreachable; `Some(url)` when it is up.
+pub fn service_url(env: &str, default: &str, probe: impl Fn(&str) -> bool) -> Option<String> {
+    let url = std::env::var(env).unwrap_or_else(|_| default.to_owned());
+    if probe(&url) {
+        return Some(url);
+    }
+    if services_required() {
+        panic!("{url} (from {env}) is unreachable and DINGO_REQUIRE_SERVICES=1");
+    }
+    eprintln!("SKIPPED: {url} (from {env}) is unreachable; set DINGO_REQUIRE_SERVICES=1 to fail instead");
+    None
+}
+
+/// A name unique to this process and call, for isolating tests that share a server.
+pub fn unique(prefix: &str) -> String {
+    use std::sync::atomic::{AtomicU64, Ordering};
+    static NEXT: AtomicU64 = AtomicU64::new(0);
+    format!("{prefix}.{}.{}", std::process::id(), NEXT.fetch_add(1, Ordering::Relaxed))
+}
+
+/// Instantiates the [`transport`] suite: one `#[test]` per rule.
+///
+/// `$setup` is an expression of a type implementing [`transport::TransportSetup`],
+/// evaluated anew for every test.
+#[macro_export]
+macro_rules! transport_suite {
+    ($setup:expr) => {
+        $crate::__suite!(
+            $setup,
+            $crate::transport,
+            byte_exact_delivery,
+            fifo_per_queue_256_over_5,
+            competing_consumers_exactly_once
+        );
+    };
+}
+
+/// Instantiates the [`reports`] suite: one `#[test]` per rule (see [`transport_suite`]).
+#[macro_export]
+macro_rules! reports_suite {
+    ($setup:expr) => {
+        $crate::__suite!(
+            $setup,
+            $crate::reports,
+            report_before_wait_is_kept,
+            order_of_100_interleaved_calls,
+            same_ids_under_10_names
+        );
+    };
+}
+
+/// Instantiates the [`app`] suite for apps on one shared broker (see [`transport_suite`]).
+#[macro_export]
+macro_rules! app_suite {
+    ($setup:expr) => {
+        $crate::__suite!(
+            $setup,
+            $crate::app,
+            sent_progress_success,
+            same_ids_under_12_names,
+            panic_is_reported_and_worker_survives,
+            ignore_report_gives_no_handle_and_no_report,
+            shutdown_fails_pending_calls,
+            unknown_task_fails,
+            signature_mismatch_fails,
+            bad_payload_fails_and_worker_goes_on,
+            three_callers_three_workers,
+        );
+    };
+}
+
+#[doc(hidden)]
+#[macro_export]
+macro_rules! __suite {
+    ($setup:expr, $module:path, $($test:ident),+ $(,)?) => {
+        $(
+            #[test]
+            fn $test() {
+                use $module as suite;
+                suite::$test(&$setup);
+            }
+        )+
+    };
+}
+
+pub mod local {
+    //! Setups for the embedded [`LocalBroker`](dingo::LocalBroker): one fresh broker per test.
+
+    use std::sync::Arc;
+
+    use dingo::broker::Reporter;
+    use dingo::{App, AppBuilder, LocalBroker};
+
+    use crate::app::AppSetup;
+    use crate::reports::{ReportSetup, ReportTransport};
+    use crate::transport::{TaskTransport, TransportSetup};
+
+    /// A fresh local broker; every connection and app shares it.
+    pub struct Local {
+        broker: LocalBroker,
+    }
+
+    impl Local {
+        /// In-memory mode (values moved, nothing serialized).
+        pub fn memory() -> Local {
+            Local { broker: LocalBroker::new() }
+        }
+
+        /// Serialized mode (every message through the codec and the wire format).
+        pub fn serialized() -> Local {
+            Local { broker: LocalBroker::serialized() }
+        }
+    }
+
+    impl TransportSetup for Local {
+        fn connect(&self) -> TaskTransport {
+            TaskTransport::of(self.broker.clone())
+        }
+    }
+
+    impl ReportSetup for Local {
+        fn connect(&self) -> ReportTransport {
+            ReportTransport::of(self.broker.clone())
+        }
+    }
+
+    impl AppSetup for Local {
+        fn builder(&self) -> AppBuilder {
+            App::builder().broker(self.broker.clone())
+        }
+
+        fn reporter(&self) -> Arc<dyn Reporter> {
+            Arc::new(self.broker.clone())
+        }
+    }
+}

@@ -1,0 +1,8 @@
+//! Every form `#[dingo::task]` rejects, and a mistyped stub call, with the compiler's
+//! output pinned in `tests/ui/*.stderr` (regenerate with `TRYBUILD=overwrite`).
+
+#[test]
+fn ui() {
+    let t = trybuild::TestCases::new();
+    t.compile_fail("tests/ui/*.rs");
+}
