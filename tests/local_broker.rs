@@ -4,7 +4,7 @@
 use std::time::Duration;
 
 use dingo::broker::{Reporter, Store};
-use dingo::message::{Payload, ReportBody, ReportMessage};
+use dingo::message::{ReportBody, ReportMessage, Value};
 use dingo::{
     App, BrokerErrorKind, CallKey, Encoded, Error, EventFilter, EventKind, Handle, Level, LocalBroker, LocalOptions,
     Origin, TaskErrorKind,
@@ -81,13 +81,13 @@ fn a_report_published_before_the_watch_is_kept() {
     let report = ReportMessage {
         name: key.name.clone(),
         id: key.id.clone(),
-        body: ReportBody::Success(Payload::Encoded(Encoded::new(1, vec![42]))),
+        body: ReportBody::Success(Value::Encoded(Encoded::new(1, vec![42]))),
     };
     broker.report(&reply_to, report).unwrap();
     let (sink, rx) = collector();
     broker.watch(&key, sink).unwrap();
     match next(&rx) {
-        ReportBody::Success(Payload::Encoded(v)) => assert_eq!(v.bytes, [42]),
+        ReportBody::Success(Value::Encoded(v)) => assert_eq!(v.bytes, [42]),
         other => panic!("{other:?}"),
     }
 }

@@ -11,13 +11,17 @@
 //! - `sequential`: one call at a time, p50 / p99 of call→result latency;
 //! - `inflight-serialized`: `inflight` through the serialized local broker (MessagePack and
 //!   the wire format on every message), so the codec's cost shows;
-//! - `payload-1k-serialized`: a 1 KiB payload echoed through the serialized broker.
+//! - `payload-1k-serialized`: a 1 KiB string echoed through the serialized broker.
 
 use std::collections::VecDeque;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use dingo::{App, LocalBroker};
+
+#[cfg(feature = "mimalloc")]
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
 #[dingo::task(name = "bench.add")]
 fn add(a: i64, b: i64) -> i64 {
@@ -33,7 +37,7 @@ fn count(a: i64, b: i64) {
 }
 
 #[dingo::task(name = "bench.echo")]
-fn echo(payload: Vec<u8>) -> Vec<u8> {
+fn echo(payload: String) -> String {
     payload
 }
 
@@ -43,6 +47,7 @@ struct Config {
     window: usize,
     workers: usize,
     only: Option<String>,
+    worker_spin: Option<Duration>,
 }
 
 type Outcome = Result<Measure, dingo::Error>;
@@ -56,7 +61,7 @@ enum Measure {
 fn main() {
     let mut args = std::env::args().skip(1);
     let mode = args.next().unwrap_or_else(|| "local".to_owned());
-    let mut config = Config { runs: 5, calls: 2_000_000, window: 1024, workers: 1, only: None };
+    let mut config = Config { runs: 5, calls: 2_000_000, window: 1024, workers: 1, only: None, worker_spin: None };
     while let Some(flag) = args.next() {
         let value = args.next().unwrap_or_default();
         let number = || value.parse::<u64>().unwrap_or_else(|_| usage(&format!("{flag} needs a number")));
@@ -66,6 +71,7 @@ fn main() {
             "--window" => config.window = number().max(1) as usize,
             "--workers" => config.workers = number().max(1) as usize,
             "--only" => config.only = Some(value.clone()),
+            "--worker-spin-us" => config.worker_spin = Some(Duration::from_micros(number())),
             _ => usage(&format!("unknown flag {flag}")),
         }
     }
@@ -77,19 +83,24 @@ fn main() {
 
 fn usage(problem: &str) -> ! {
     eprintln!(
-        "{problem}\nusage: dingo-bench local [--runs N] [--calls N] [--window N] [--workers N] [--only SCENARIO]"
+        "{problem}\nusage: dingo-bench local [--runs N] [--calls N] [--window N] [--workers N] [--only SCENARIO] [--worker-spin-us N]"
     );
     std::process::exit(2)
 }
 
 fn local(config: &Config) {
     let cores = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(0);
+    let allocator = if cfg!(feature = "mimalloc") { "mimalloc" } else { "system malloc" };
     println!(
-        "dingo-bench local: {} runs per scenario, {} calls per run, window {}, {} worker thread(s), {cores} cores",
+        "dingo-bench local: {} runs per scenario, {} calls per run, window {}, {} worker thread(s), {cores} cores, {allocator}",
         config.runs, config.calls, config.window, config.workers
     );
-    let memory = || App::builder().broker(LocalBroker::new()).build();
-    let serialized = || App::builder().broker(LocalBroker::serialized()).build();
+    let builder = || match config.worker_spin {
+        Some(spin) => App::builder().worker_spin(spin),
+        None => App::builder(),
+    };
+    let memory = || builder().broker(LocalBroker::new()).build();
+    let serialized = || builder().broker(LocalBroker::serialized()).build();
     let calls = config.calls;
     let scenarios: Vec<Scenario<'_>> = vec![
         ("inflight", Box::new(move || inflight(memory()?, config, calls))),
@@ -193,7 +204,7 @@ fn sequential(app: App, config: &Config, calls: u64) -> Outcome {
 
 fn payload(app: App, config: &Config, calls: u64) -> Outcome {
     app.allocate(echo, config.workers)?;
-    let data: Vec<u8> = (0..1024u32).map(|i| i as u8).collect();
+    let data: String = (0..1024u32).map(|i| char::from(b'a' + (i % 26) as u8)).collect();
     let mut pending = VecDeque::with_capacity(config.window);
     let start = Instant::now();
     for _ in 0..calls {

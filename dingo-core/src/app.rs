@@ -53,6 +53,9 @@ struct Inner {
     local_args: bool,
     registry: Registry,
     codecs: Codecs,
+    /// The same codecs behind a reference count only callers touch (each call's handle
+    /// holds one; workers read `codecs`, whose count then stays still).
+    caller_codecs: Arc<Codecs>,
     events: EventSink,
     pools: Mutex<Vec<Pool>>,
     closed: AtomicBool,
@@ -268,17 +271,19 @@ impl App {
         self.check_open()?;
         let inner = &*self.inner;
         let producer = inner.producer.as_ref().ok_or(Error::MissingRole(Role::Producer))?;
-        let settings = inner.registry.settings(name.as_str());
-        let options = options.or(&settings.defaults);
-        let id = match options.get_id() {
-            Some(id) => id.clone(),
-            None => settings.id_maker.next_id(),
-        };
+        let (options, id, codec) = inner.registry.with_settings(name.as_str(), |settings| {
+            let options = options.or(&settings.defaults);
+            let id = match options.get_id() {
+                Some(id) => id.clone(),
+                None => settings.id_maker.next_id(),
+            };
+            (options, id, settings.codec)
+        });
         let key = CallKey { name, id };
 
         let args = match args {
             Args::Typed(value) if inner.local_args => Payload::Local(Box::new(value)),
-            Args::Typed(value) => Payload::Encoded(inner.codecs.encode(settings.codec, &value)?),
+            Args::Typed(value) => Payload::Encoded(inner.codecs.encode(codec, &value)?),
             Args::Encoded(encoded) => Payload::Encoded(encoded),
         };
 
@@ -286,7 +291,7 @@ impl App {
             (Handle::detached(key.clone()), ReplyTo::None)
         } else {
             let store = inner.store.as_ref().ok_or(Error::MissingRole(Role::Store))?;
-            let slot = Arc::new(Slot::new(inner.codecs.clone(), decode));
+            let slot = Arc::new(Slot::new(inner.caller_codecs.clone(), decode));
             let reply_to = store.watch(&key, ReplySink::new(slot.clone())).map_err(broker_error)?;
             let keeps_state = matches!(reply_to, ReplyTo::Address(_));
             (Handle::new(key.clone(), slot, keeps_state.then(|| store.clone())), reply_to)

@@ -192,12 +192,13 @@ pub trait Reporter: Send + Sync + 'static {
     }
 
     /// Publishes a non-final report (`Sent`, `Progress`). Reports of one call published from
-    /// one thread must reach the caller in order.
-    fn report(&self, to: &ReplyTo, report: ReportMessage) -> Result<(), BrokerError>;
+    /// one thread must reach the caller in order. A report lends its value only for the
+    /// duration of the call: encode (or deliver) it before returning.
+    fn report(&self, to: &ReplyTo, report: ReportMessage<'_>) -> Result<(), BrokerError>;
 
     /// Publishes the final report, then acknowledges the delivery. Brokers that can do both
     /// in one atomic step override this.
-    fn finish(&self, to: &ReplyTo, report: ReportMessage, ack: Option<Ack>) -> Result<(), BrokerError> {
+    fn finish(&self, to: &ReplyTo, report: ReportMessage<'_>, ack: Option<Ack>) -> Result<(), BrokerError> {
         self.report(to, report)?;
         match ack {
             Some(ack) => ack.ack(),
@@ -205,7 +206,7 @@ pub trait Reporter: Send + Sync + 'static {
         }
     }
 
-    /// Whether reports may carry in-process values.
+    /// Whether reports may carry in-process values ([`Value::Local`](crate::message::Value::Local)).
     fn accepts_local(&self) -> bool {
         false
     }

@@ -40,6 +40,35 @@ impl fmt::Debug for Payload {
     }
 }
 
+/// The value of a successful call, in a report: encoded, or (inside one process) the value
+/// itself, lent to the report's receiver for the duration of the call.
+pub enum Value<'a> {
+    /// Bytes produced by a codec.
+    Encoded(Encoded),
+    /// An `Option<T>` holding the task's result; the receiving handle takes it out. Only
+    /// reporters that say [`accepts_local`](crate::broker::Reporter::accepts_local) see these.
+    Local(&'a mut (dyn Any + Send)),
+}
+
+impl Value<'_> {
+    /// The bytes, if this value is encoded.
+    pub fn encoded(&self) -> Option<&Encoded> {
+        match self {
+            Value::Encoded(e) => Some(e),
+            Value::Local(_) => None,
+        }
+    }
+}
+
+impl fmt::Debug for Value<'_> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Value::Encoded(e) => fmt::Debug::fmt(e, f),
+            Value::Local(_) => f.write_str("Local(..)"),
+        }
+    }
+}
+
 /// Where the reports of a call go. Chosen by the caller's [`Store`](crate::broker::Store).
 pub enum ReplyTo {
     /// Nowhere: the call was made with `ignore_report`.
@@ -93,18 +122,18 @@ impl TaskMessage {
 
 /// What a report says.
 #[derive(Debug)]
-pub enum ReportBody {
+pub enum ReportBody<'a> {
     /// A worker received the task.
     Sent,
     /// The task started (`None`) or reported progress (the encoded value).
     Progress(Option<Encoded>),
     /// The task returned a value.
-    Success(Payload),
+    Success(Value<'a>),
     /// The task failed or could not run.
     Failure(TaskError),
 }
 
-impl ReportBody {
+impl ReportBody<'_> {
     /// Whether this is the last report of a call.
     pub fn is_final(&self) -> bool {
         matches!(self, ReportBody::Success(_) | ReportBody::Failure(_))
@@ -113,16 +142,16 @@ impl ReportBody {
 
 /// One report about one call.
 #[derive(Debug)]
-pub struct ReportMessage {
+pub struct ReportMessage<'a> {
     /// The task's name.
     pub name: TaskName,
     /// The call's id.
     pub id: TaskId,
     /// What happened.
-    pub body: ReportBody,
+    pub body: ReportBody<'a>,
 }
 
-impl ReportMessage {
+impl ReportMessage<'_> {
     /// The identity of the call.
     pub fn key(&self) -> CallKey {
         CallKey { name: self.name.clone(), id: self.id.clone() }
@@ -132,7 +161,7 @@ impl ReportMessage {
 /// Receives the reports of one call on the caller's side (implemented by the call's handle).
 pub trait ReportSink: Send + Sync + 'static {
     /// A report arrived. Reports of one call arrive in order; the final one arrives once.
-    fn deliver(&self, body: ReportBody);
+    fn deliver(&self, body: ReportBody<'_>);
     /// The writer went away before the final report (shutdown, a dropped message).
     fn disconnect(&self);
 }
@@ -152,7 +181,7 @@ impl ReplySink {
     }
 
     /// Hands a report to the caller.
-    pub fn deliver(&self, body: ReportBody) {
+    pub fn deliver(&self, body: ReportBody<'_>) {
         self.sink.deliver(body);
     }
 }

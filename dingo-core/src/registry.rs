@@ -5,8 +5,8 @@
 //! Closures and stateful handlers are added with [`App::register`](crate::App::register).
 
 use std::any::{Any, TypeId};
-use std::collections::HashMap;
 use std::fmt;
+use std::panic::{AssertUnwindSafe, catch_unwind};
 use std::sync::{Arc, Mutex};
 
 use arc_swap::ArcSwap;
@@ -16,8 +16,8 @@ use serde::de::DeserializeOwned;
 use crate::codec::{CodecId, Codecs, Encoded};
 use crate::context::Context;
 use crate::error::{Error, TaskError, TaskErrorKind};
-use crate::id::{IdMaker, TaskName};
-use crate::message::Payload;
+use crate::id::{FastMap, IdMaker, TaskName};
+use crate::message::{Payload, Value};
 use crate::options::CallOptions;
 
 /// A task defined by `#[dingo::task]`: its name, its wire types and how to run it.
@@ -119,7 +119,10 @@ impl Fnv {
     }
 }
 
-type RunFn = dyn Fn(&Context<'_>, Payload, &Invoke<'_>) -> Result<Payload, TaskError> + Send + Sync;
+/// Receives the outcome of a run (called exactly once).
+pub(crate) type Done<'d> = &'d mut dyn FnMut(Result<Value<'_>, TaskError>);
+
+type RunFn = dyn Fn(&Context<'_>, Payload, &Invoke<'_>, Done<'_>) + Send + Sync;
 
 /// How the worker wants a result encoded.
 pub(crate) struct Invoke<'a> {
@@ -130,7 +133,9 @@ pub(crate) struct Invoke<'a> {
     pub(crate) local: bool,
 }
 
-/// A runnable task, type-erased: decodes the arguments, runs, encodes the result.
+/// A runnable task, type-erased: decodes the arguments, runs (catching panics), and hands
+/// the result on — encoded, or lent by reference so an in-process caller takes it without
+/// an allocation.
 #[derive(Clone)]
 pub struct Handler {
     name: TaskName,
@@ -151,35 +156,42 @@ impl Handler {
         R: Serialize + Send + 'static,
         F: Fn(&Context<'_>, A) -> Result<R, TaskError> + Send + Sync + 'static,
     {
-        let run = move |ctx: &Context<'_>, args: Payload, invoke: &Invoke<'_>| {
+        let run = move |ctx: &Context<'_>, args: Payload, invoke: &Invoke<'_>, done: Done<'_>| {
             let args: A = match args {
-                Payload::Local(value) => *value.downcast::<A>().map_err(|_| {
-                    TaskError::new(
-                        TaskErrorKind::SignatureMismatch,
-                        format!("the arguments are not a `{}`", std::any::type_name::<A>()),
-                    )
-                })?,
-                Payload::Encoded(encoded) => invoke.codecs.decode(&encoded).map_err(|e| {
-                    TaskError::new(
-                        TaskErrorKind::BadPayload,
-                        format!(
+                Payload::Local(value) => match value.downcast::<A>() {
+                    Ok(args) => *args,
+                    Err(_) => {
+                        let message = format!("the arguments are not a `{}`", std::any::type_name::<A>());
+                        return done(Err(TaskError::new(TaskErrorKind::SignatureMismatch, message)));
+                    }
+                },
+                Payload::Encoded(encoded) => match invoke.codecs.decode(&encoded) {
+                    Ok(args) => args,
+                    Err(e) => {
+                        let message = format!(
                             "the arguments do not decode as `{}`: {}",
                             std::any::type_name::<A>(),
                             crate::error::chain(&e)
-                        ),
-                    )
-                })?,
+                        );
+                        return done(Err(TaskError::new(TaskErrorKind::BadPayload, message)));
+                    }
+                },
             };
-            let value = f(ctx, args)?;
-            if invoke.local {
-                return Ok(Payload::Local(Box::new(value) as Box<dyn Any + Send>));
+            match catch_unwind(AssertUnwindSafe(|| f(ctx, args))) {
+                Err(panic) => done(Err(TaskError::new(TaskErrorKind::Panic, panic_message(&*panic)))),
+                Ok(Err(error)) => done(Err(error)),
+                Ok(Ok(value)) if invoke.local => {
+                    let mut value = Some(value);
+                    done(Ok(Value::Local(&mut value)))
+                }
+                Ok(Ok(value)) => match invoke.codecs.encode(invoke.codec, &value) {
+                    Ok(encoded) => done(Ok(Value::Encoded(encoded))),
+                    Err(e) => done(Err(TaskError::new(
+                        TaskErrorKind::Encode,
+                        format!("the result could not be encoded: {}", crate::error::chain(&e)),
+                    ))),
+                },
             }
-            invoke.codecs.encode(invoke.codec, &value).map(Payload::Encoded).map_err(|e| {
-                TaskError::new(
-                    TaskErrorKind::Encode,
-                    format!("the result could not be encoded: {}", crate::error::chain(&e)),
-                )
-            })
         };
         Handler { name, fingerprint, run: Arc::new(run) }
     }
@@ -194,14 +206,24 @@ impl Handler {
         self.fingerprint
     }
 
-    pub(crate) fn run(&self, ctx: &Context<'_>, args: Payload, invoke: &Invoke<'_>) -> Result<Payload, TaskError> {
-        (self.run)(ctx, args, invoke)
+    pub(crate) fn run(&self, ctx: &Context<'_>, args: Payload, invoke: &Invoke<'_>, done: Done<'_>) {
+        (self.run)(ctx, args, invoke, done)
     }
 }
 
 impl fmt::Debug for Handler {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("Handler").field("name", &self.name).field("fingerprint", &self.fingerprint).finish()
+    }
+}
+
+fn panic_message(panic: &(dyn Any + Send)) -> String {
+    if let Some(s) = panic.downcast_ref::<&str>() {
+        (*s).to_owned()
+    } else if let Some(s) = panic.downcast_ref::<String>() {
+        s.clone()
+    } else {
+        "panic with a non-string payload".to_owned()
     }
 }
 
@@ -232,25 +254,27 @@ pub(crate) struct Entry {
 
 /// The tasks one app knows, by name. Reads (every call) take no lock.
 pub(crate) struct Registry {
-    entries: ArcSwap<HashMap<TaskName, Arc<Entry>>>,
+    entries: ArcSwap<FastMap<TaskName, Arc<Entry>>>,
     write: Mutex<()>,
     defaults: Settings,
 }
 
 impl Registry {
     pub(crate) fn new(defaults: Settings) -> Registry {
-        Registry { entries: ArcSwap::from_pointee(HashMap::new()), write: Mutex::new(()), defaults }
+        Registry { entries: ArcSwap::from_pointee(FastMap::default()), write: Mutex::new(()), defaults }
     }
 
     pub(crate) fn get(&self, name: &str) -> Option<Arc<Entry>> {
         self.entries.load().get(name).cloned()
     }
 
-    /// The settings for calling `name` (the app's defaults for a task it does not know).
-    pub(crate) fn settings(&self, name: &str) -> Arc<Settings> {
-        match self.entries.load().get(name) {
-            Some(entry) => entry.settings.load_full(),
-            None => Arc::new(self.defaults.clone()),
+    /// Runs `f` with the settings for calling `name` (the app's defaults for a task it does
+    /// not know), without cloning them: every call goes through here.
+    pub(crate) fn with_settings<R>(&self, name: &str, f: impl FnOnce(&Settings) -> R) -> R {
+        let entries = self.entries.load();
+        match entries.get(name) {
+            Some(entry) => f(&entry.settings.load()),
+            None => f(&self.defaults),
         }
     }
 
@@ -271,7 +295,7 @@ impl Registry {
             None => Arc::new(self.defaults.clone()),
         };
         let entry = Entry { handler: Some(handler), settings: ArcSwap::new(settings) };
-        let mut next = HashMap::clone(&current);
+        let mut next = FastMap::clone(&current);
         next.insert(name.clone(), Arc::new(entry));
         self.entries.store(Arc::new(next));
         Ok(name)
@@ -291,7 +315,7 @@ impl Registry {
                 let mut settings = self.defaults.clone();
                 change(&mut settings);
                 let entry = Entry { handler: None, settings: ArcSwap::from_pointee(settings) };
-                let mut next = HashMap::clone(&current);
+                let mut next = FastMap::clone(&current);
                 next.insert(name.clone(), Arc::new(entry));
                 self.entries.store(Arc::new(next));
             }

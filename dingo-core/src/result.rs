@@ -10,15 +10,15 @@ use crate::broker::Store;
 use crate::codec::{Codecs, Encoded};
 use crate::error::{Error, TaskError, TaskErrorKind};
 use crate::id::{CallKey, TaskId, TaskName};
-use crate::message::{Payload, ReportBody, ReportSink};
+use crate::message::{ReportBody, ReportSink, Value};
 use crate::report::{Progress, Report};
 
 /// How long a waiter spins before it sleeps: a result that is microseconds away is picked
 /// up without the cost of a wake-up (tens of microseconds).
 const SPIN: Duration = Duration::from_micros(50);
 
-/// Turns a success payload into the caller's type.
-pub(crate) type DecodeFn<T> = fn(Payload, &Codecs) -> Result<T, TaskError>;
+/// Turns an encoded result into the caller's type.
+pub(crate) type DecodeFn<T> = fn(Encoded, &Codecs) -> Result<T, TaskError>;
 
 /// The result of one call: wait for it, iterate over its reports, or register callbacks.
 ///
@@ -227,7 +227,7 @@ pub(crate) struct Slot<T> {
     finished: AtomicBool,
     state: Mutex<State<T>>,
     wake: Condvar,
-    codecs: Codecs,
+    codecs: Arc<Codecs>,
     decode: DecodeFn<T>,
 }
 
@@ -242,13 +242,13 @@ struct State<T> {
 enum Outcome<T> {
     Pending,
     /// Arrived, not decoded yet (decoding happens on the caller's thread).
-    Raw(Payload),
+    Raw(Encoded),
     Ready(Result<T, TaskError>),
     Taken,
 }
 
 impl<T: Send + 'static> Slot<T> {
-    pub(crate) fn new(codecs: Codecs, decode: DecodeFn<T>) -> Slot<T> {
+    pub(crate) fn new(codecs: Arc<Codecs>, decode: DecodeFn<T>) -> Slot<T> {
         Slot {
             finished: AtomicBool::new(false),
             state: Mutex::new(State {
@@ -358,7 +358,7 @@ impl<T: Send + 'static> Slot<T> {
 }
 
 impl<T: Send + 'static> ReportSink for Slot<T> {
-    fn deliver(&self, body: ReportBody) {
+    fn deliver(&self, body: ReportBody<'_>) {
         let mut state = self.lock();
         if !matches!(state.outcome, Outcome::Pending) {
             return; // a final report already arrived: ignore duplicates
@@ -366,11 +366,22 @@ impl<T: Send + 'static> ReportSink for Slot<T> {
         match body {
             ReportBody::Sent => state.reports.push_back(Report::Sent),
             ReportBody::Progress(value) => {
-                state.reports.push_back(Report::Progress(Progress::new(value, self.codecs.clone())))
+                state.reports.push_back(Report::Progress(Progress::new(value, Codecs::clone(&self.codecs))))
             }
-            ReportBody::Success(payload) => self.finish(&mut state, Outcome::Raw(payload)),
+            ReportBody::Success(Value::Encoded(encoded)) => self.finish(&mut state, Outcome::Raw(encoded)),
+            // Moved straight out of the worker's hands: no allocation, no serialization.
+            ReportBody::Success(Value::Local(value)) => {
+                let outcome = match value.downcast_mut::<Option<T>>().and_then(Option::take) {
+                    Some(value) => Ok(value),
+                    None => Err(TaskError::new(
+                        TaskErrorKind::SignatureMismatch,
+                        format!("the result is not a `{}`", std::any::type_name::<T>()),
+                    )),
+                };
+                self.finish(&mut state, Outcome::Ready(outcome))
+            }
             ReportBody::Failure(mut error) => {
-                error.set_codecs(self.codecs.clone());
+                error.set_codecs(Codecs::clone(&self.codecs));
                 self.finish(&mut state, Outcome::Ready(Err(error)))
             }
         }
@@ -380,6 +391,9 @@ impl<T: Send + 'static> ReportSink for Slot<T> {
     }
 
     fn disconnect(&self) {
+        if self.finished.load(Ordering::Acquire) {
+            return; // the usual case: the final report came first
+        }
         let mut state = self.lock();
         if matches!(state.outcome, Outcome::Pending) {
             let error = TaskError::new(TaskErrorKind::Shutdown, "the task was dropped before it reported (shutdown)");
@@ -391,31 +405,20 @@ impl<T: Send + 'static> ReportSink for Slot<T> {
     }
 }
 
-/// Decodes a success payload into `T`: a moved value, or bytes through the codec.
+/// Decodes an encoded result into `T`.
 pub(crate) fn decode_value<T: serde::de::DeserializeOwned + 'static>(
-    payload: Payload,
+    encoded: Encoded,
     codecs: &Codecs,
 ) -> Result<T, TaskError> {
-    match payload {
-        Payload::Local(value) => value.downcast::<T>().map(|v| *v).map_err(|_| {
-            TaskError::new(
-                TaskErrorKind::SignatureMismatch,
-                format!("the result is not a `{}`", std::any::type_name::<T>()),
-            )
-        }),
-        Payload::Encoded(encoded) => codecs.decode(&encoded).map_err(|e| {
-            TaskError::new(
-                TaskErrorKind::BadPayload,
-                format!("the result does not decode as `{}`: {}", std::any::type_name::<T>(), crate::error::chain(&e)),
-            )
-        }),
-    }
+    codecs.decode(&encoded).map_err(|e| {
+        TaskError::new(
+            TaskErrorKind::BadPayload,
+            format!("the result does not decode as `{}`: {}", std::any::type_name::<T>(), crate::error::chain(&e)),
+        )
+    })
 }
 
-/// Keeps a success payload as bytes (for untyped calls).
-pub(crate) fn decode_raw(payload: Payload, _codecs: &Codecs) -> Result<Encoded, TaskError> {
-    match payload {
-        Payload::Encoded(encoded) => Ok(encoded),
-        Payload::Local(_) => Err(TaskError::new(TaskErrorKind::BadPayload, "an in-process result has no bytes")),
-    }
+/// Keeps an encoded result as bytes (for untyped calls).
+pub(crate) fn decode_raw(encoded: Encoded, _codecs: &Codecs) -> Result<Encoded, TaskError> {
+    Ok(encoded)
 }

@@ -1,8 +1,6 @@
 //! Worker pools: named OS threads sharing one [`Subscription`], each running one task at a
 //! time. A panic in a task is caught and reported; the thread goes on.
 
-use std::collections::HashMap;
-use std::panic::{AssertUnwindSafe, catch_unwind};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::thread::JoinHandle;
@@ -15,13 +13,13 @@ use crate::codec::Codecs;
 use crate::context::Context;
 use crate::error::{Error, TaskError, TaskErrorKind};
 use crate::event::{Event, EventKind, EventSink, Level, Origin};
-use crate::id::{CallKey, TaskId, TaskName};
+use crate::id::{CallKey, FastMap, TaskId, TaskName};
 use crate::message::{Payload, ReplyTo, ReportBody, ReportMessage, TaskMessage};
 use crate::registry::{Handler, Invoke};
 
 /// What the threads of one pool share.
 pub(crate) struct Shared {
-    pub(crate) handlers: HashMap<TaskName, Handler>,
+    pub(crate) handlers: FastMap<TaskName, Handler>,
     pub(crate) reporter: Arc<dyn Reporter>,
     pub(crate) codecs: Codecs,
     pub(crate) events: EventSink,
@@ -211,29 +209,34 @@ pub(crate) fn execute(shared: &Shared, delivery: Delivery) {
     };
     let span = tracing::debug_span!(target: "dingo", "task", name = %name, id = %id);
     let _entered = span.enter();
-    let outcome = catch_unwind(AssertUnwindSafe(|| handler.run(&ctx, args, &invoke)));
-    let body = match outcome {
-        Ok(Ok(value)) => ReportBody::Success(value),
-        Ok(Err(error)) => {
-            match error.kind() {
-                TaskErrorKind::BadPayload => {
-                    call.event(Level::Error, EventKind::BadPayload, error.message().to_owned())
+    let mut ack = ack;
+    let mut finished = false;
+    handler.run(&ctx, args, &invoke, &mut |outcome| {
+        let body = match outcome {
+            Ok(value) => ReportBody::Success(value),
+            Err(error) => {
+                let kind = match error.kind() {
+                    TaskErrorKind::Panic => Some((Level::Warning, EventKind::TaskPanicked)),
+                    TaskErrorKind::BadPayload => Some((Level::Error, EventKind::BadPayload)),
+                    TaskErrorKind::Encode => Some((Level::Error, EventKind::EncodeFailed)),
+                    TaskErrorKind::SignatureMismatch => Some((Level::Error, EventKind::SignatureMismatch)),
+                    _ => None,
+                };
+                if let Some((level, kind)) = kind {
+                    let prefix = if kind == EventKind::TaskPanicked { "task panicked: " } else { "" };
+                    call.event(level, kind, format!("{prefix}{}", error.message()));
                 }
-                TaskErrorKind::Encode => call.event(Level::Error, EventKind::EncodeFailed, error.message().to_owned()),
-                TaskErrorKind::SignatureMismatch => {
-                    call.event(Level::Error, EventKind::SignatureMismatch, error.message().to_owned())
-                }
-                _ => {}
+                ReportBody::Failure(error)
             }
-            ReportBody::Failure(error)
-        }
-        Err(panic) => {
-            let message = panic_message(&*panic);
-            call.event(Level::Warning, EventKind::TaskPanicked, format!("task panicked: {message}"));
-            ReportBody::Failure(TaskError::new(TaskErrorKind::Panic, message))
-        }
-    };
-    call.finish(body, ack);
+        };
+        finished = true;
+        call.finish(body, ack.take());
+    });
+    if !finished {
+        // Unreachable with the handlers dingo builds; kept so a delivery is never left open.
+        let error = TaskError::new(TaskErrorKind::Other, "the task produced no outcome");
+        call.finish(ReportBody::Failure(error), ack.take());
+    }
 }
 
 struct Call<'a> {
@@ -248,7 +251,7 @@ impl Call<'_> {
         CallKey { name: self.name.clone(), id: self.id.clone() }
     }
 
-    fn message(&self, body: ReportBody) -> ReportMessage {
+    fn message<'v>(&self, body: ReportBody<'v>) -> ReportMessage<'v> {
         ReportMessage { name: self.name.clone(), id: self.id.clone(), body }
     }
 
@@ -256,7 +259,7 @@ impl Call<'_> {
         self.shared.events.emit(Event::new(Origin::Worker, level, kind, message).with_task(self.key()));
     }
 
-    fn report(&self, body: ReportBody) {
+    fn report(&self, body: ReportBody<'_>) {
         if let Err(e) = self.shared.reporter.report(self.reply_to, self.message(body)) {
             self.event(Level::Error, EventKind::ReportFailed, format!("report lost: {}", crate::error::chain(&e)));
         }
@@ -264,7 +267,7 @@ impl Call<'_> {
 
     /// Stores the final report and acknowledges the delivery (just acknowledges it when the
     /// caller wants no report).
-    fn finish(&self, body: ReportBody, ack: Option<Ack>) {
+    fn finish(&self, body: ReportBody<'_>, ack: Option<Ack>) {
         let result = if self.reply_to.wants_reports() {
             self.shared.reporter.finish(self.reply_to, self.message(body), ack)
         } else {
@@ -277,15 +280,5 @@ impl Call<'_> {
                 format!("final report or acknowledgement failed: {}", crate::error::chain(&e)),
             );
         }
-    }
-}
-
-fn panic_message(panic: &(dyn std::any::Any + Send)) -> String {
-    if let Some(s) = panic.downcast_ref::<&str>() {
-        (*s).to_owned()
-    } else if let Some(s) = panic.downcast_ref::<String>() {
-        s.clone()
-    } else {
-        "panic with a non-string payload".to_owned()
     }
 }

@@ -171,12 +171,12 @@ impl Reporter for CountingReporter {
         self.inner.attach(events)
     }
 
-    fn report(&self, to: &ReplyTo, report: ReportMessage) -> Result<(), BrokerError> {
+    fn report(&self, to: &ReplyTo, report: ReportMessage<'_>) -> Result<(), BrokerError> {
         self.published.fetch_add(1, Ordering::SeqCst);
         self.inner.report(to, report)
     }
 
-    fn finish(&self, to: &ReplyTo, report: ReportMessage, ack: Option<Ack>) -> Result<(), BrokerError> {
+    fn finish(&self, to: &ReplyTo, report: ReportMessage<'_>, ack: Option<Ack>) -> Result<(), BrokerError> {
         self.published.fetch_add(1, Ordering::SeqCst);
         self.inner.finish(to, report, ack)
     }

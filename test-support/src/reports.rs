@@ -7,7 +7,7 @@ use std::sync::Arc;
 
 use crossbeam_channel::{Receiver, Sender};
 use dingo::broker::{Reporter, Store};
-use dingo::message::{Payload, ReplySink, ReplyTo, ReportBody, ReportMessage, ReportSink};
+use dingo::message::{ReplySink, ReplyTo, ReportBody, ReportMessage, ReportSink, Value};
 use dingo::{CallKey, Encoded, IdMaker, Sequential, TaskError, TaskErrorKind, TaskName};
 
 use crate::PATIENCE;
@@ -44,8 +44,10 @@ impl<F: Fn() -> ReportTransport> ReportSetup for F {
 /// What a test handle received.
 #[derive(Debug)]
 pub enum Got {
-    /// A report.
-    Report(ReportBody),
+    /// A report (an in-process success value is replaced by `Got::LocalValue`).
+    Report(ReportBody<'static>),
+    /// A success report lending an in-process value.
+    LocalValue,
     /// The writer went away.
     Disconnected,
 }
@@ -56,8 +58,15 @@ pub struct Collector {
 }
 
 impl ReportSink for Collector {
-    fn deliver(&self, body: ReportBody) {
-        let _ = self.tx.send(Got::Report(body));
+    fn deliver(&self, body: ReportBody<'_>) {
+        let got = match body {
+            ReportBody::Sent => Got::Report(ReportBody::Sent),
+            ReportBody::Progress(value) => Got::Report(ReportBody::Progress(value)),
+            ReportBody::Success(Value::Encoded(value)) => Got::Report(ReportBody::Success(Value::Encoded(value))),
+            ReportBody::Success(Value::Local(_)) => Got::LocalValue,
+            ReportBody::Failure(error) => Got::Report(ReportBody::Failure(error)),
+        };
+        let _ = self.tx.send(got);
     }
 
     fn disconnect(&self) {
@@ -72,20 +81,21 @@ pub fn collector() -> (ReplySink, Receiver<Got>) {
 }
 
 /// The next report, or fails the test.
-pub fn next(rx: &Receiver<Got>) -> ReportBody {
+pub fn next(rx: &Receiver<Got>) -> ReportBody<'static> {
     match rx.recv_timeout(PATIENCE) {
         Ok(Got::Report(body)) => body,
+        Ok(Got::LocalValue) => panic!("an in-process value where bytes were expected"),
         Ok(Got::Disconnected) => panic!("the store disconnected before the report"),
         Err(_) => panic!("no report within {PATIENCE:?}"),
     }
 }
 
-fn report(key: &CallKey, body: ReportBody) -> ReportMessage {
+fn report<'a>(key: &CallKey, body: ReportBody<'a>) -> ReportMessage<'a> {
     ReportMessage { name: key.name.clone(), id: key.id.clone(), body }
 }
 
-fn value(bytes: &[u8]) -> Payload {
-    Payload::Encoded(Encoded::new(1, bytes.to_vec()))
+fn value(bytes: &[u8]) -> Value<'static> {
+    Value::Encoded(Encoded::new(1, bytes.to_vec()))
 }
 
 /// Reports published after the caller registered but before it reads are kept, and arrive
@@ -152,7 +162,7 @@ pub fn order_of_100_interleaved_calls(setup: &dyn ReportSetup) {
                 assert!(matches!(next(rx), ReportBody::Sent), "{key}: Sent first");
                 assert!(matches!(next(rx), ReportBody::Progress(None)), "{key}: Progress second");
                 match next(rx) {
-                    ReportBody::Success(Payload::Encoded(v)) => assert_eq!(v.bytes, key.id.as_str().as_bytes()),
+                    ReportBody::Success(Value::Encoded(v)) => assert_eq!(v.bytes, key.id.as_str().as_bytes()),
                     other => panic!("{key}: expected its own Success, got {other:?}"),
                 }
                 assert!(!matches!(rx.try_recv(), Ok(Got::Report(_))), "{key}: more than three reports");
@@ -199,7 +209,7 @@ pub fn same_ids_under_10_names(setup: &dyn ReportSetup) {
         assert!(matches!(next(rx), ReportBody::Sent), "{key}");
         assert!(matches!(next(rx), ReportBody::Progress(None)), "{key}");
         match next(rx) {
-            ReportBody::Success(Payload::Encoded(v)) => assert_eq!(v.bytes, key.to_string().as_bytes(), "mixed up"),
+            ReportBody::Success(Value::Encoded(v)) => assert_eq!(v.bytes, key.to_string().as_bytes(), "mixed up"),
             other => panic!("{key}: expected Success, got {other:?}"),
         }
         caller.store.forget(key);

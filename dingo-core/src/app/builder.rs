@@ -215,6 +215,7 @@ impl AppBuilder {
                 reporter: this.reporter,
                 store: this.store,
                 registry: Registry::new(defaults),
+                caller_codecs: Arc::new(this.codecs.clone()),
                 codecs: this.codecs,
                 events,
                 pools: Mutex::new(Vec::new()),

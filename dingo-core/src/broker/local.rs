@@ -16,7 +16,7 @@
 //! and workers. It shuts down when the last app using it closes (or on
 //! [`LocalBroker::shutdown`]): queued tasks then fail with `Shutdown`.
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::VecDeque;
 use std::fmt;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
@@ -28,8 +28,8 @@ use crossbeam_channel::{Receiver, Select, SendTimeoutError, Sender, TryRecvError
 use crate::broker::{Ack, ConsumeSettings, Consumer, Delivery, Producer, Recv, Reporter, Store, Subscription};
 use crate::error::{BrokerError, BrokerErrorKind, TaskError, TaskErrorKind};
 use crate::event::{Event, EventKind, EventSink, EventSinks, Level, Origin};
-use crate::id::{CallKey, TaskName};
-use crate::message::wire::{self, MalformedTask};
+use crate::id::{CallKey, FastMap, TaskName};
+use crate::message::wire::{self, Known, MalformedTask};
 use crate::message::{ReplySink, ReplyTo, ReportBody, ReportMessage, TaskMessage};
 
 /// Settings of a [`LocalBroker`].
@@ -125,7 +125,7 @@ struct Queue {
 struct Inner {
     options: LocalOptions,
     address: Arc<str>,
-    queues: ArcSwap<HashMap<TaskName, Queue>>,
+    queues: ArcSwap<FastMap<TaskName, Queue>>,
     declare_lock: Mutex<()>,
     closed: AtomicBool,
     users: AtomicUsize,
@@ -133,14 +133,14 @@ struct Inner {
     shutdown_tx: Mutex<Option<Sender<()>>>,
     shutdown_rx: Receiver<()>,
     events: EventSinks,
-    watched: Mutex<HashMap<CallKey, Arc<ReplySink>>>,
+    watched: Mutex<FastMap<CallKey, Arc<ReplySink>>>,
     unclaimed: Mutex<Unclaimed>,
     dead: Mutex<VecDeque<DeadLetter>>,
 }
 
 #[derive(Default)]
 struct Unclaimed {
-    reports: HashMap<CallKey, Vec<ReportMessage>>,
+    reports: FastMap<CallKey, Vec<ReportMessage<'static>>>,
     order: VecDeque<(Instant, CallKey)>,
 }
 
@@ -163,14 +163,14 @@ impl LocalBroker {
             inner: Arc::new(Inner {
                 address: Arc::from(format!("local.{}", NEXT.fetch_add(1, Ordering::Relaxed))),
                 options,
-                queues: ArcSwap::from_pointee(HashMap::new()),
+                queues: ArcSwap::from_pointee(FastMap::default()),
                 declare_lock: Mutex::new(()),
                 closed: AtomicBool::new(false),
                 users: AtomicUsize::new(0),
                 shutdown_tx: Mutex::new(Some(shutdown_tx)),
                 shutdown_rx,
                 events: EventSinks::new(),
-                watched: Mutex::new(HashMap::new()),
+                watched: Mutex::new(FastMap::default()),
                 unclaimed: Mutex::new(Unclaimed::default()),
                 dead: Mutex::new(VecDeque::new()),
             }),
@@ -278,7 +278,7 @@ impl Inner {
         let current = self.queues.load();
         if !current.contains_key(task.as_str()) {
             let (tx, rx) = crossbeam_channel::bounded(self.options.capacity);
-            let mut next = HashMap::clone(&current);
+            let mut next = FastMap::clone(&current);
             next.insert(task.clone(), Queue { tx, rx });
             self.queues.store(Arc::new(next));
         }
@@ -309,7 +309,7 @@ impl Inner {
                         }
                     }
                     Item::Bytes(bytes) => {
-                        if let Ok(message) = wire::decode_task(&bytes) {
+                        if let Ok(message) = wire::decode_task_from(bytes, &Known::default()) {
                             self.fail(&message.reply_to, message.key(), failure());
                         }
                     }
@@ -323,17 +323,20 @@ impl Inner {
     fn delivery(&self, queue: &TaskName, item: Item) -> Option<Delivery> {
         match item {
             Item::Message(message) => Some(Delivery::new(message)),
-            Item::Bytes(bytes) => match wire::decode_task(&bytes) {
-                Ok(message) => Some(Delivery::new(message)),
-                Err(malformed) => {
-                    self.reject_malformed(queue, bytes, *malformed);
-                    None
+            Item::Bytes(bytes) => {
+                let known = Known { name: Some(queue), address: Some(&self.address) };
+                match wire::decode_task_from(bytes, &known) {
+                    Ok(message) => Some(Delivery::new(message)),
+                    Err(malformed) => {
+                        self.reject_malformed(queue, *malformed);
+                        None
+                    }
                 }
-            },
+            }
         }
     }
 
-    fn reject_malformed(&self, queue: &TaskName, bytes: Vec<u8>, malformed: MalformedTask) {
+    fn reject_malformed(&self, queue: &TaskName, malformed: MalformedTask) {
         let reason = crate::error::chain(&malformed.error);
         let mut event = Event::new(
             Origin::Consumer,
@@ -341,7 +344,7 @@ impl Inner {
             EventKind::MalformedMessage,
             format!("undecodable message in queue `{queue}` dead-lettered: {reason}"),
         );
-        let MalformedTask { name, id, reply_to, .. } = malformed;
+        let MalformedTask { name, id, reply_to, bytes, .. } = malformed;
         if let (Some(name), Some(id)) = (name, id) {
             let key = CallKey { name, id };
             event = event.with_task(key.clone());
@@ -364,7 +367,7 @@ impl Inner {
         let _ = self.report(to, report);
     }
 
-    fn report(&self, to: &ReplyTo, report: ReportMessage) -> Result<(), BrokerError> {
+    fn report(&self, to: &ReplyTo, report: ReportMessage<'_>) -> Result<(), BrokerError> {
         match to {
             ReplyTo::None => Ok(()),
             ReplyTo::Local(sink) => {
@@ -374,7 +377,7 @@ impl Inner {
             ReplyTo::Address(address) if *address == self.address => {
                 // The wire: encode and decode as a remote store would.
                 let bytes = wire::encode_report(&report)?;
-                let report = wire::decode_report(&bytes)?;
+                let report = wire::decode_report_from(bytes, &Known { name: Some(&report.name), address: None })?;
                 self.route(report);
                 Ok(())
             }
@@ -386,7 +389,7 @@ impl Inner {
     }
 
     /// Hands a decoded report to the handle watching its call, or keeps it until one does.
-    fn route(&self, report: ReportMessage) {
+    fn route(&self, report: ReportMessage<'static>) {
         let key = report.key();
         let is_final = report.body.is_final();
         let sink = {
@@ -399,7 +402,7 @@ impl Inner {
         }
     }
 
-    fn keep_unclaimed(&self, key: CallKey, report: ReportMessage) {
+    fn keep_unclaimed(&self, key: CallKey, report: ReportMessage<'static>) {
         if self.closed.load(Ordering::Acquire) {
             return;
         }
@@ -437,16 +440,20 @@ impl Producer for LocalBroker {
     }
 
     fn send(&self, message: TaskMessage, timeout: Option<Duration>) -> Result<(), BrokerError> {
-        let queue = self.inner.queue(message.name.as_str())?;
-        let item = if self.inner.options.serialized {
+        let inner = &*self.inner;
+        if inner.closed.load(Ordering::Acquire) {
+            return Err(closed());
+        }
+        let task = message.name.clone();
+        let item = if inner.options.serialized {
             let bytes = wire::encode_task(&message)?;
-            if bytes.len() > self.inner.options.max_message_size {
+            if bytes.len() > inner.options.max_message_size {
                 return Err(BrokerError::new(
                     BrokerErrorKind::TooLarge,
                     format!(
                         "task message of {} bytes exceeds the limit of {} bytes",
                         bytes.len(),
-                        self.inner.options.max_message_size
+                        inner.options.max_message_size
                     ),
                 ));
             }
@@ -454,21 +461,33 @@ impl Producer for LocalBroker {
         } else {
             Item::Message(message)
         };
+        // The common case sends under the map guard, without touching the channel's
+        // reference counts; only a full queue takes a sender of its own to block on.
+        let queues = inner.queues.load();
         let full = || BrokerError::new(BrokerErrorKind::Full, "the task queue is full");
-        let sent = match queue.tx.try_send(item) {
-            Ok(()) => Ok(()),
-            Err(TrySendError::Disconnected(_)) => Err(closed()),
-            Err(TrySendError::Full(item)) => match timeout {
-                Some(timeout) => queue.tx.send_timeout(item, timeout).map_err(|e| match e {
-                    SendTimeoutError::Timeout(_) => full(),
-                    SendTimeoutError::Disconnected(_) => closed(),
-                }),
-                None => queue.tx.send(item).map_err(|_| closed()),
+        let sent = match queues.get(task.as_str()) {
+            None => {
+                Err(BrokerError::new(BrokerErrorKind::Unroutable, format!("no queue is declared for task `{task}`")))
+            }
+            Some(queue) => match queue.tx.try_send(item) {
+                Ok(()) => Ok(()),
+                Err(TrySendError::Disconnected(_)) => Err(closed()),
+                Err(TrySendError::Full(item)) => {
+                    let tx = queue.tx.clone();
+                    drop(queues);
+                    match timeout {
+                        Some(timeout) => tx.send_timeout(item, timeout).map_err(|e| match e {
+                            SendTimeoutError::Timeout(_) => full(),
+                            SendTimeoutError::Disconnected(_) => closed(),
+                        }),
+                        None => tx.send(item).map_err(|_| closed()),
+                    }
+                }
             },
         };
         // A send that raced with shutdown must not leave its task stranded.
-        if self.inner.closed.load(Ordering::Acquire) {
-            self.inner.drain_queues();
+        if inner.closed.load(Ordering::Acquire) {
+            inner.drain_queues();
         }
         sent
     }
@@ -521,11 +540,11 @@ impl Reporter for LocalBroker {
         self.attach_events(events);
     }
 
-    fn report(&self, to: &ReplyTo, report: ReportMessage) -> Result<(), BrokerError> {
+    fn report(&self, to: &ReplyTo, report: ReportMessage<'_>) -> Result<(), BrokerError> {
         self.inner.report(to, report)
     }
 
-    fn finish(&self, to: &ReplyTo, report: ReportMessage, ack: Option<Ack>) -> Result<(), BrokerError> {
+    fn finish(&self, to: &ReplyTo, report: ReportMessage<'_>, ack: Option<Ack>) -> Result<(), BrokerError> {
         self.inner.report(to, report)?;
         match ack {
             Some(ack) => ack.ack(),

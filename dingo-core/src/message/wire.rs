@@ -15,7 +15,7 @@ use std::sync::Arc;
 use crate::codec::Encoded;
 use crate::error::{BrokerError, BrokerErrorKind, TaskError, TaskErrorKind};
 use crate::id::{TaskId, TaskName};
-use crate::message::{Payload, ReplyTo, ReportBody, ReportMessage, TaskMessage};
+use crate::message::{Payload, ReplyTo, ReportBody, ReportMessage, TaskMessage, Value};
 use crate::options::TaskOptions;
 
 /// The format version written in front of every message.
@@ -88,10 +88,44 @@ pub struct MalformedTask {
     pub id: Option<TaskId>,
     /// The reply address, if it was read.
     pub reply_to: Option<Arc<str>>,
+    /// The message as it was given to the decoder.
+    pub bytes: Vec<u8>,
+}
+
+/// Strings a decoder may already hold: when a decoded name or address equals one of them,
+/// it is shared instead of allocated again.
+#[derive(Debug, Default, Clone, Copy)]
+pub struct Known<'a> {
+    /// The task name expected (e.g. the queue's).
+    pub name: Option<&'a TaskName>,
+    /// The reply address expected (e.g. this process's own).
+    pub address: Option<&'a Arc<str>>,
+}
+
+impl Known<'_> {
+    fn name(&self, name: &str) -> TaskName {
+        match self.name {
+            Some(known) if known.as_str() == name => known.clone(),
+            _ => TaskName::from(name),
+        }
+    }
+
+    fn address(&self, address: &str) -> Arc<str> {
+        match self.address {
+            Some(known) if &**known == address => known.clone(),
+            _ => Arc::from(address),
+        }
+    }
 }
 
 /// Decodes a task message.
 pub fn decode_task(bytes: &[u8]) -> Result<TaskMessage, Box<MalformedTask>> {
+    decode_task_from(bytes.to_vec(), &Known::default())
+}
+
+/// Decodes a task message, reusing `bytes` for the arguments (no copy of the payload) and
+/// sharing the strings in `known`.
+pub fn decode_task_from(bytes: Vec<u8>, known: &Known<'_>) -> Result<TaskMessage, Box<MalformedTask>> {
     let mut name = None;
     let mut id = None;
     let mut reply_to = None;
@@ -100,12 +134,12 @@ pub fn decode_task(bytes: &[u8]) -> Result<TaskMessage, Box<MalformedTask>> {
     let mut codec = None;
     let mut payload = None;
     let result = (|| {
-        let mut reader = Reader::new(bytes, TYPE_TASK)?;
+        let mut reader = Reader::new(&bytes, TYPE_TASK)?;
         while let Some((tag, value)) = reader.next_field()? {
             match tag {
-                NAME => name = Some(TaskName::from(utf8(value, "name")?)),
+                NAME => name = Some(known.name(utf8(value, "name")?)),
                 ID => id = Some(TaskId::new(utf8(value, "id")?)),
-                REPLY_TO => reply_to = Some(Arc::<str>::from(utf8(value, "reply address")?)),
+                REPLY_TO => reply_to = Some(known.address(utf8(value, "reply address")?)),
                 FINGERPRINT => fingerprint = Some(u64::from_le_bytes(fixed(value, "fingerprint")?)),
                 OPTIONS => {
                     let [flags] = fixed(value, "options")?;
@@ -113,7 +147,7 @@ pub fn decode_task(bytes: &[u8]) -> Result<TaskMessage, Box<MalformedTask>> {
                     options.monitor_progress = flags & OPT_MONITOR_PROGRESS != 0;
                 }
                 CODEC => codec = Some(fixed::<1>(value, "codec")?[0]),
-                PAYLOAD => payload = Some(value.to_vec()),
+                PAYLOAD => payload = Some(reader.range_of(value)),
                 _ => {}
             }
         }
@@ -129,20 +163,27 @@ pub fn decode_task(bytes: &[u8]) -> Result<TaskMessage, Box<MalformedTask>> {
         ))
     });
     match checked {
-        Ok((name, id, codec, bytes)) => Ok(TaskMessage {
+        Ok((name, id, codec, range)) => Ok(TaskMessage {
             name,
             id,
             fingerprint: fingerprint.unwrap_or(0),
             options,
             reply_to: reply_to.map(ReplyTo::Address).unwrap_or(ReplyTo::None),
-            args: Payload::Encoded(Encoded::new(codec, bytes)),
+            args: Payload::Encoded(Encoded::new(codec, take_range(bytes, range))),
         }),
-        Err(error) => Err(Box::new(MalformedTask { error, name, id, reply_to })),
+        Err(error) => Err(Box::new(MalformedTask { error, name, id, reply_to, bytes })),
     }
 }
 
+/// The bytes of `range`, in the buffer that held them.
+fn take_range(mut bytes: Vec<u8>, range: std::ops::Range<usize>) -> Vec<u8> {
+    bytes.truncate(range.end);
+    bytes.drain(..range.start);
+    bytes
+}
+
 /// Encodes a report. A success payload must be encoded.
-pub fn encode_report(report: &ReportMessage) -> Result<Vec<u8>, BrokerError> {
+pub fn encode_report(report: &ReportMessage<'_>) -> Result<Vec<u8>, BrokerError> {
     let mut out = Vec::with_capacity(64);
     out.push(VERSION);
     out.push(TYPE_REPORT);
@@ -160,11 +201,11 @@ pub fn encode_report(report: &ReportMessage) -> Result<Vec<u8>, BrokerError> {
                 encoded_payload(&mut out, value);
             }
         }
-        ReportBody::Success(Payload::Encoded(value)) => {
+        ReportBody::Success(Value::Encoded(value)) => {
             field(&mut out, STATUS, &[STATUS_SUCCESS]);
             encoded_payload(&mut out, value);
         }
-        ReportBody::Success(Payload::Local(_)) => {
+        ReportBody::Success(Value::Local(_)) => {
             return Err(BrokerError::new(BrokerErrorKind::Config, "an in-process result cannot be sent as bytes"));
         }
         ReportBody::Failure(error) => {
@@ -181,24 +222,29 @@ pub fn encode_report(report: &ReportMessage) -> Result<Vec<u8>, BrokerError> {
 }
 
 /// Decodes a report.
-pub fn decode_report(bytes: &[u8]) -> Result<ReportMessage, BrokerError> {
-    let mut reader = Reader::new(bytes, TYPE_REPORT)?;
+pub fn decode_report(bytes: &[u8]) -> Result<ReportMessage<'static>, BrokerError> {
+    decode_report_from(bytes.to_vec(), &Known::default())
+}
+
+/// Decodes a report, reusing `bytes` for its value and sharing the strings in `known`.
+pub fn decode_report_from(bytes: Vec<u8>, known: &Known<'_>) -> Result<ReportMessage<'static>, BrokerError> {
+    let mut reader = Reader::new(&bytes, TYPE_REPORT)?;
     let (mut name, mut id, mut status, mut codec, mut payload) = (None, None, None, None, None);
     let (mut error_kind, mut error_message) = (None, None);
     while let Some((tag, value)) = reader.next_field()? {
         match tag {
-            NAME => name = Some(TaskName::from(utf8(value, "name")?)),
+            NAME => name = Some(known.name(utf8(value, "name")?)),
             ID => id = Some(TaskId::new(utf8(value, "id")?)),
             STATUS => status = Some(fixed::<1>(value, "status")?[0]),
             CODEC => codec = Some(fixed::<1>(value, "codec")?[0]),
-            PAYLOAD => payload = Some(value.to_vec()),
+            PAYLOAD => payload = Some(reader.range_of(value)),
             ERROR_KIND => error_kind = Some(TaskErrorKind::from_code(fixed::<1>(value, "error kind")?[0])),
             ERROR_MESSAGE => error_message = Some(utf8(value, "error message")?.to_owned()),
             _ => {}
         }
     }
     let encoded = match (codec, payload) {
-        (Some(codec), Some(bytes)) => Some(Encoded::new(codec, bytes)),
+        (Some(codec), Some(range)) => Some(Encoded::new(codec, take_range(bytes, range))),
         (None, None) => None,
         _ => return Err(malformed("report payload without codec (or codec without payload)")),
     };
@@ -206,7 +252,7 @@ pub fn decode_report(bytes: &[u8]) -> Result<ReportMessage, BrokerError> {
         Some(STATUS_SENT) => ReportBody::Sent,
         Some(STATUS_PROGRESS) => ReportBody::Progress(encoded),
         Some(STATUS_SUCCESS) => {
-            ReportBody::Success(Payload::Encoded(encoded.ok_or_else(|| malformed("success report without value"))?))
+            ReportBody::Success(Value::Encoded(encoded.ok_or_else(|| malformed("success report without value"))?))
         }
         Some(STATUS_FAILURE) => {
             let kind = error_kind.unwrap_or(TaskErrorKind::Other);
@@ -255,17 +301,24 @@ fn fixed<const N: usize>(value: &[u8], what: &'static str) -> Result<[u8; N], Br
 }
 
 struct Reader<'a> {
+    all: &'a [u8],
     rest: &'a [u8],
 }
 
 impl<'a> Reader<'a> {
     fn new(bytes: &'a [u8], expected_type: u8) -> Result<Reader<'a>, BrokerError> {
         match bytes {
-            [VERSION, ty, rest @ ..] if *ty == expected_type => Ok(Reader { rest }),
+            [VERSION, ty, rest @ ..] if *ty == expected_type => Ok(Reader { all: bytes, rest }),
             [VERSION, ty, ..] => Err(malformed(format!("message type {ty}, expected {expected_type}"))),
             [version, ..] => Err(malformed(format!("unknown message format version {version}"))),
             [] => Err(malformed("empty message")),
         }
+    }
+
+    /// Where a field's value (a slice of this reader's input) lies in the input.
+    fn range_of(&self, value: &[u8]) -> std::ops::Range<usize> {
+        let start = value.as_ptr() as usize - self.all.as_ptr() as usize;
+        start..start + value.len()
     }
 
     fn next_field(&mut self) -> Result<Option<(u8, &'a [u8])>, BrokerError> {
@@ -365,7 +418,7 @@ mod tests {
             ReportBody::Sent,
             ReportBody::Progress(None),
             ReportBody::Progress(Some(Encoded::new(2, b"0.5".to_vec()))),
-            ReportBody::Success(Payload::Encoded(Encoded::new(1, vec![6]))),
+            ReportBody::Success(Value::Encoded(Encoded::new(1, vec![6]))),
             ReportBody::Failure(TaskError::with_payload(TaskErrorKind::Failed, "no", Encoded::new(1, vec![1]))),
             ReportBody::Failure(TaskError::new(TaskErrorKind::Panic, "boom")),
         ];
