@@ -48,6 +48,7 @@ struct Config {
     workers: usize,
     only: Option<String>,
     worker_spin: Option<Duration>,
+    sequential_ids: bool,
 }
 
 type Outcome = Result<Measure, dingo::Error>;
@@ -61,7 +62,15 @@ enum Measure {
 fn main() {
     let mut args = std::env::args().skip(1);
     let mode = args.next().unwrap_or_else(|| "local".to_owned());
-    let mut config = Config { runs: 5, calls: 2_000_000, window: 1024, workers: 1, only: None, worker_spin: None };
+    let mut config = Config {
+        runs: 5,
+        calls: 2_000_000,
+        window: 1024,
+        workers: 1,
+        only: None,
+        worker_spin: None,
+        sequential_ids: false,
+    };
     while let Some(flag) = args.next() {
         let value = args.next().unwrap_or_default();
         let number = || value.parse::<u64>().unwrap_or_else(|_| usage(&format!("{flag} needs a number")));
@@ -72,6 +81,11 @@ fn main() {
             "--workers" => config.workers = number().max(1) as usize,
             "--only" => config.only = Some(value.clone()),
             "--worker-spin-us" => config.worker_spin = Some(Duration::from_micros(number())),
+            "--ids" => match value.as_str() {
+                "uuid" => config.sequential_ids = false,
+                "sequential" => config.sequential_ids = true,
+                _ => usage("--ids takes uuid or sequential"),
+            },
             _ => usage(&format!("unknown flag {flag}")),
         }
     }
@@ -83,7 +97,7 @@ fn main() {
 
 fn usage(problem: &str) -> ! {
     eprintln!(
-        "{problem}\nusage: dingo-bench local [--runs N] [--calls N] [--window N] [--workers N] [--only SCENARIO] [--worker-spin-us N]"
+        "{problem}\nusage: dingo-bench local [--runs N] [--calls N] [--window N] [--workers N] [--only SCENARIO] [--worker-spin-us N] [--ids uuid|sequential]"
     );
     std::process::exit(2)
 }
@@ -95,9 +109,15 @@ fn local(config: &Config) {
         "dingo-bench local: {} runs per scenario, {} calls per run, window {}, {} worker thread(s), {cores} cores, {allocator}",
         config.runs, config.calls, config.window, config.workers
     );
-    let builder = || match config.worker_spin {
-        Some(spin) => App::builder().worker_spin(spin),
-        None => App::builder(),
+    let builder = || {
+        let mut builder = App::builder();
+        if let Some(spin) = config.worker_spin {
+            builder = builder.worker_spin(spin);
+        }
+        if config.sequential_ids {
+            builder = builder.id_maker(dingo::Sequential::new());
+        }
+        builder
     };
     let memory = || builder().broker(LocalBroker::new()).build();
     let serialized = || builder().broker(LocalBroker::serialized()).build();

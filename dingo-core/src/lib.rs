@@ -32,6 +32,7 @@ mod options;
 pub mod registry;
 mod report;
 mod result;
+mod spin;
 mod worker;
 
 #[doc(hidden)]

@@ -270,19 +270,7 @@ impl<T: Send + 'static> Slot<T> {
     }
 
     fn spin_until_finished(&self) {
-        let start = Instant::now();
-        let mut spins = 0u32;
-        while !self.finished.load(Ordering::Acquire) {
-            spins += 1;
-            if spins.is_multiple_of(64) {
-                if start.elapsed() > SPIN {
-                    return;
-                }
-                std::thread::yield_now();
-            } else {
-                std::hint::spin_loop();
-            }
-        }
+        crate::spin::spin(SPIN, || self.finished.load(Ordering::Acquire).then_some(()));
     }
 
     /// Sleeps until something is delivered; `Err` when the deadline passed.

@@ -140,22 +140,11 @@ impl Worker {
     /// Polls for a short while (a task that arrives within microseconds starts without a
     /// wake-up), then blocks.
     fn idle(&self) -> Recv {
-        let start = Instant::now();
-        let mut spins = 0u32;
-        while start.elapsed() < self.shared.spin {
-            for _ in 0..32 {
-                std::hint::spin_loop();
-            }
-            spins += 1;
-            if spins.is_multiple_of(8) {
-                std::thread::yield_now();
-            }
-            match self.subscription.try_recv() {
-                Recv::Empty => {}
-                other => return other,
-            }
-        }
-        self.subscription.recv(None)
+        let polled = crate::spin::spin(self.shared.spin, || match self.subscription.try_recv() {
+            Recv::Empty => None,
+            other => Some(other),
+        });
+        polled.unwrap_or_else(|| self.subscription.recv(None))
     }
 }
 
