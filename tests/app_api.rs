@@ -336,3 +336,114 @@ fn closures_keep_state() {
     assert_eq!(counts, [1, 2, 3]);
     app.close().unwrap();
 }
+
+#[test]
+fn a_panicking_callback_neither_kills_the_worker_nor_hangs_the_waiter() {
+    let app = app();
+    app.register("id", |n: i64| n).unwrap();
+    app.allocate("id", 1).unwrap();
+    let handle: Handle<i64> = app.call("id", 1i64).unwrap();
+    handle.on_ok(|_| panic!("a bad callback"));
+    assert_eq!(handle.wait().unwrap(), 1);
+    // The only worker still serves.
+    assert_eq!(app.call::<_, i64>("id", 2i64).unwrap().wait_timeout(PATIENCE).unwrap(), 2);
+    app.close().unwrap();
+}
+
+/// A type whose decoding panics: user serde code runs on the worker too.
+#[derive(Debug)]
+struct Bomb;
+
+impl dingo::serde::Serialize for Bomb {
+    fn serialize<S: dingo::serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        serializer.serialize_unit()
+    }
+}
+
+impl<'de> dingo::serde::Deserialize<'de> for Bomb {
+    fn deserialize<D: dingo::serde::Deserializer<'de>>(_: D) -> Result<Bomb, D::Error> {
+        panic!("cannot decode a bomb")
+    }
+}
+
+#[test]
+fn a_panic_while_decoding_arguments_is_a_task_failure() {
+    let app = App::builder().broker(LocalBroker::serialized()).build().unwrap();
+    app.register("defuse", |_: Bomb| 0u8).unwrap();
+    app.allocate("defuse", 1).unwrap();
+    let err = app.call::<_, u8>("defuse", Bomb).unwrap().wait_timeout(PATIENCE).unwrap_err();
+    assert_eq!(err.task_kind(), Some(TaskErrorKind::Panic));
+    assert_eq!(err.task_error().unwrap().message(), "cannot decode a bomb");
+    app.register("fine", |n: u8| n).unwrap();
+    app.allocate("fine", 1).unwrap();
+    assert_eq!(app.call::<_, u8>("fine", 7u8).unwrap().wait_timeout(PATIENCE).unwrap(), 7);
+    app.close().unwrap();
+}
+
+#[test]
+fn a_dropped_handle_still_runs_its_callback() {
+    for broker in [LocalBroker::new(), LocalBroker::serialized()] {
+        let app = App::builder().broker(broker).build().unwrap();
+        app.register("triple", |n: i64| n * 3).unwrap();
+        let (tx, rx) = std::sync::mpsc::channel();
+        let handle: Handle<i64> = app.call("triple", 5i64).unwrap();
+        let errors = tx.clone();
+        handle.on_ok(move |v| tx.send(Ok(*v)).unwrap());
+        handle.on_err(move |e| errors.send(Err(e.kind())).unwrap());
+        drop(handle);
+        app.allocate("triple", 1).unwrap();
+        assert_eq!(rx.recv_timeout(PATIENCE).unwrap(), Ok(15));
+        app.close().unwrap();
+    }
+}
+
+#[test]
+fn huge_timeouts_mean_no_limit() {
+    let app = App::builder().shutdown_grace(Duration::MAX).build().unwrap();
+    app.register("one", |(): ()| 1u8).unwrap();
+    app.allocate("one", 1).unwrap();
+    let mut handle: Handle<u8> = app.call("one", ()).unwrap();
+    assert_eq!(handle.wait_timeout(Duration::MAX).unwrap(), 1);
+    app.close().unwrap();
+}
+
+#[test]
+fn events_subscribed_after_close_end_at_once() {
+    let app = app();
+    app.close().unwrap();
+    assert!(app.events(EventFilter::new()).recv().is_none());
+}
+
+#[test]
+fn close_from_inside_a_task_does_not_wait_for_itself() {
+    let app = App::builder().shutdown_grace(Duration::from_secs(10)).build().unwrap();
+    let inner = app.clone();
+    app.register("closer", move |(): ()| inner.close().is_ok()).unwrap();
+    app.allocate("closer", 1).unwrap();
+    let started = Instant::now();
+    assert!(app.call::<_, bool>("closer", ()).unwrap().wait_timeout(PATIENCE).unwrap());
+    assert!(started.elapsed() < Duration::from_secs(5), "close waited for its own thread");
+    assert!(app.is_closed());
+}
+
+#[test]
+fn fire_and_forget_by_name_checks_the_argument_type() {
+    for broker in [LocalBroker::new(), LocalBroker::serialized()] {
+        let app = App::builder().broker(broker).build().unwrap();
+        let events = app.events(EventFilter::new().level(Level::Error));
+        app.register("wide", |n: i64| n).unwrap();
+        app.allocate("wide", 1).unwrap();
+        app.send("wide", 1i32).unwrap();
+        let event = events.recv_timeout(PATIENCE).unwrap();
+        assert_eq!(event.kind, EventKind::SignatureMismatch);
+        app.close().unwrap();
+    }
+}
+
+#[test]
+fn an_explicit_id_cannot_be_a_default() {
+    let app = app();
+    app.register("x", |n: i64| n).unwrap();
+    let options = CallOptions::new().id("always-the-same");
+    assert!(matches!(app.set_default_options("x", options), Err(Error::InvalidConfig(_))));
+}

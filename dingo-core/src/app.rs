@@ -7,7 +7,7 @@ pub use builder::{AppBuilder, BrokerScheme};
 use std::fmt;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use serde::Serialize;
 use serde::de::DeserializeOwned;
@@ -180,8 +180,12 @@ impl App {
         Ok(())
     }
 
-    /// Sets a task's default call options (a call's own options win, option by option).
+    /// Sets a task's default call options (a call's own options win, option by option). An
+    /// explicit id cannot be a default (every call would share it).
     pub fn set_default_options<M>(&self, task: impl TaskRef<M>, options: CallOptions) -> Result<(), Error> {
+        if options.get_id().is_some() {
+            return Err(Error::InvalidConfig("an explicit id cannot be a default option".into()));
+        }
         let name = task.task_name()?;
         self.inner.registry.update(&name, |s| s.defaults = options);
         Ok(())
@@ -234,7 +238,9 @@ impl App {
     {
         let options = CallOptions::new().ignore_report(true);
         let name = registry::intern(name.as_ref());
-        let handle = self.submit::<A, ()>(name, 0, Args::Typed(args), &options, result::decode_value::<()>)?;
+        let fingerprint = registry::args_fingerprint::<A>();
+        let handle =
+            self.submit::<A, ()>(name, fingerprint, Args::Typed(args), &options, result::decode_value::<()>)?;
         Ok(handle.id().clone())
     }
 
@@ -354,11 +360,11 @@ impl App {
         for pool in &pools {
             pool.stop();
         }
-        let deadline = Instant::now() + self.inner.shutdown_grace;
+        let deadline = result::deadline(self.inner.shutdown_grace);
         let mut running = 0;
         for pool in pools {
             let label = pool.label().to_owned();
-            let left = pool.join(Some(deadline));
+            let left = pool.join(deadline);
             if left > 0 {
                 self.inner.events.emit(Event::new(
                     Origin::App,

@@ -231,6 +231,7 @@ pub trait Store: Send + Sync + 'static {
     /// The handle of `key` is gone (finished or dropped): forget it.
     fn forget(&self, key: &CallKey);
 
-    /// The app that attached this store is closing: pending handles get a `Shutdown` failure.
+    /// The app that attached this store is closing. Once no app uses the store, pending
+    /// handles get a `Shutdown` failure (a store shared by apps keeps serving the others).
     fn close(&self) {}
 }

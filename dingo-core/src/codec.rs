@@ -222,8 +222,9 @@ impl Codecs {
             ));
         }
         let mut by_id = self.inner.by_id.clone();
+        let default = if self.inner.default.id() == id { codec.clone() } else { self.inner.default.clone() };
         by_id[id as usize] = Some(codec);
-        Ok(Codecs { inner: Arc::new(CodecTable { by_id, default: self.inner.default.clone() }) })
+        Ok(Codecs { inner: Arc::new(CodecTable { by_id, default }) })
     }
 
     /// Makes the codec with this id the one new calls encode with.

@@ -8,8 +8,8 @@
 
 use std::fmt;
 use std::ops::BitOr;
-use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, RwLock};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, RwLock, Weak};
 use std::time::{Duration, SystemTime};
 
 use crossbeam_channel::{Receiver, Sender, TrySendError};
@@ -218,6 +218,13 @@ impl Default for EventFilter {
 pub struct Events {
     rx: Receiver<Event>,
     dropped: Arc<AtomicU64>,
+    alive: Arc<AtomicBool>,
+}
+
+impl Drop for Events {
+    fn drop(&mut self) {
+        self.alive.store(false, Ordering::Release);
+    }
 }
 
 impl Events {
@@ -251,11 +258,13 @@ struct Subscriber {
     filter: EventFilter,
     tx: Sender<Event>,
     dropped: Arc<AtomicU64>,
+    alive: Arc<AtomicBool>,
 }
 
 #[derive(Default)]
 struct Bus {
     subscribers: RwLock<Vec<Subscriber>>,
+    closed: AtomicBool,
 }
 
 /// Where events are emitted: a cheap handle to one app's subscribers.
@@ -270,13 +279,17 @@ impl EventSink {
         EventSink::default()
     }
 
-    /// Adds a subscriber.
+    /// Adds a subscriber (after [`close`](EventSink::close), one that ends at once).
     pub fn subscribe(&self, filter: EventFilter) -> Events {
         let (tx, rx) = crossbeam_channel::bounded(filter.capacity);
         let dropped = Arc::new(AtomicU64::new(0));
-        let subscriber = Subscriber { filter, tx, dropped: dropped.clone() };
-        write(&self.bus.subscribers).push(subscriber);
-        Events { rx, dropped }
+        let alive = Arc::new(AtomicBool::new(true));
+        let mut subscribers = write(&self.bus.subscribers);
+        subscribers.retain(|s| s.alive.load(Ordering::Acquire));
+        if !self.bus.closed.load(Ordering::Acquire) {
+            subscribers.push(Subscriber { filter, tx, dropped: dropped.clone(), alive: alive.clone() });
+        }
+        Events { rx, dropped, alive }
     }
 
     /// Emits an event to every matching subscriber and to `tracing`. Never blocks.
@@ -300,9 +313,11 @@ impl EventSink {
         }
     }
 
-    /// Ends every subscription (their iterators finish once drained).
+    /// Ends every subscription (their iterators finish once drained), now and later.
     pub fn close(&self) {
-        write(&self.bus.subscribers).clear();
+        let mut subscribers = write(&self.bus.subscribers);
+        self.bus.closed.store(true, Ordering::Release);
+        subscribers.clear();
     }
 }
 
@@ -312,10 +327,11 @@ impl fmt::Debug for EventSink {
     }
 }
 
-/// The event sinks of every app a shared broker serves; events go to all of them.
+/// The event sinks of every app a shared broker serves; events go to all of them. Apps
+/// that are gone drop out by themselves (the sinks are held weakly).
 #[derive(Clone, Default)]
 pub struct EventSinks {
-    sinks: Arc<Mutex<Vec<EventSink>>>,
+    sinks: Arc<Mutex<Vec<Weak<Bus>>>>,
 }
 
 impl EventSinks {
@@ -327,14 +343,16 @@ impl EventSinks {
     /// Adds an app's sink.
     pub fn add(&self, sink: &EventSink) {
         let mut sinks = lock(&self.sinks);
-        if !sinks.iter().any(|s| Arc::ptr_eq(&s.bus, &sink.bus)) {
-            sinks.push(sink.clone());
+        sinks.retain(|s| s.strong_count() > 0);
+        if !sinks.iter().any(|s| std::ptr::eq(s.as_ptr(), Arc::as_ptr(&sink.bus))) {
+            sinks.push(Arc::downgrade(&sink.bus));
         }
     }
 
     /// Emits to every sink (and once to `tracing` when there is none).
     pub fn emit(&self, event: Event) {
-        let sinks = lock(&self.sinks).clone();
+        let sinks: Vec<EventSink> =
+            lock(&self.sinks).iter().filter_map(Weak::upgrade).map(|bus| EventSink { bus }).collect();
         match sinks.split_last() {
             None => trace(&event),
             Some((last, rest)) => {
@@ -424,5 +442,7 @@ mod tests {
         assert_eq!(read(&sink.bus.subscribers).len(), 1);
         sink.close();
         assert_eq!(kept.iter().count(), 1);
+        let late = sink.subscribe(EventFilter::new());
+        assert!(late.recv().is_none(), "a subscription after close ends at once");
     }
 }

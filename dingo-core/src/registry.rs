@@ -64,18 +64,35 @@ pub fn linked_tasks() -> impl Iterator<Item = &'static TaskDecl> {
     inventory::iter::<TaskDecl>.into_iter()
 }
 
-/// The signature fingerprint of a task taking `A` and returning `T`: a hash (FNV-1a, 64 bit)
-/// of both type names with module paths removed (`alloc::string::String` counts as
-/// `String`), so it is the same in every binary built from one codebase, wherever the types
-/// live. It catches a different number, order or kind of arguments and a different result
-/// type; a struct whose fields changed keeps its name and is caught by the decoder instead.
+/// The signature fingerprint of a task taking `A` and returning `T`: two 32-bit hashes
+/// (FNV-1a), of the argument type in the high half and of the result type in the low half,
+/// of the type names with module paths removed (`alloc::string::String` counts as `String`).
+/// It is the same in every binary built from one codebase, wherever the types live, and
+/// catches a different number, order or kind of arguments and a different result type; a
+/// struct whose fields changed keeps its name and is caught by the decoder instead. A zero
+/// half is not checked (fire-and-forget calls do not know the result type).
 pub fn fingerprint<A: ?Sized + 'static, T: ?Sized + 'static>() -> u64 {
+    (u64::from(type_hash::<A>()) << 32) | u64::from(type_hash::<T>())
+}
+
+/// The fingerprint of a call that only knows its argument type.
+pub fn args_fingerprint<A: ?Sized + 'static>() -> u64 {
+    u64::from(type_hash::<A>()) << 32
+}
+
+/// Whether a message's fingerprint `sent` agrees with a worker's `expected` (zero halves
+/// match anything).
+pub fn fingerprints_match(sent: u64, expected: u64) -> bool {
+    let half = |fp: u64, shift: u32| (fp >> shift) & 0xffff_ffff;
+    [32, 0].iter().all(|&shift| half(sent, shift) == 0 || half(sent, shift) == half(expected, shift))
+}
+
+fn type_hash<X: ?Sized + 'static>() -> u32 {
     let mut hash = Fnv::new();
-    hash.write_type_name(std::any::type_name::<A>());
-    hash.write(b"->");
-    hash.write_type_name(std::any::type_name::<T>());
-    // 0 means "unchecked" on the wire.
-    hash.0.max(1)
+    hash.write_type_name(std::any::type_name::<X>());
+    // Fold to 32 bits; zero is kept for "unchecked".
+    let folded = (hash.0 >> 32) as u32 ^ hash.0 as u32;
+    folded.max(1)
 }
 
 struct Fnv(u64);
@@ -157,40 +174,40 @@ impl Handler {
         F: Fn(&Context<'_>, A) -> Result<R, TaskError> + Send + Sync + 'static,
     {
         let run = move |ctx: &Context<'_>, args: Payload, invoke: &Invoke<'_>, done: Done<'_>| {
-            let args: A = match args {
-                Payload::Local(value) => match value.downcast::<A>() {
-                    Ok(args) => *args,
-                    Err(_) => {
+            // Decoding and encoding run user code too (serde impls): all of it is inside the
+            // unwind boundary, so a panic anywhere in it is the task's failure.
+            let outcome = catch_unwind(AssertUnwindSafe(|| -> Result<Output<R>, TaskError> {
+                let args: A = match args {
+                    Payload::Local(value) => *value.downcast::<A>().map_err(|_| {
                         let message = format!("the arguments are not a `{}`", std::any::type_name::<A>());
-                        return done(Err(TaskError::new(TaskErrorKind::SignatureMismatch, message)));
-                    }
-                },
-                Payload::Encoded(encoded) => match invoke.codecs.decode(&encoded) {
-                    Ok(args) => args,
-                    Err(e) => {
+                        TaskError::new(TaskErrorKind::SignatureMismatch, message)
+                    })?,
+                    Payload::Encoded(encoded) => invoke.codecs.decode(&encoded).map_err(|e| {
                         let message = format!(
                             "the arguments do not decode as `{}`: {}",
                             std::any::type_name::<A>(),
                             crate::error::chain(&e)
                         );
-                        return done(Err(TaskError::new(TaskErrorKind::BadPayload, message)));
-                    }
-                },
-            };
-            match catch_unwind(AssertUnwindSafe(|| f(ctx, args))) {
+                        TaskError::new(TaskErrorKind::BadPayload, message)
+                    })?,
+                };
+                let value = f(ctx, args)?;
+                if invoke.local {
+                    return Ok(Output::Local(value));
+                }
+                invoke.codecs.encode(invoke.codec, &value).map(Output::Encoded).map_err(|e| {
+                    let message = format!("the result could not be encoded: {}", crate::error::chain(&e));
+                    TaskError::new(TaskErrorKind::Encode, message)
+                })
+            }));
+            match outcome {
                 Err(panic) => done(Err(TaskError::new(TaskErrorKind::Panic, panic_message(&*panic)))),
                 Ok(Err(error)) => done(Err(error)),
-                Ok(Ok(value)) if invoke.local => {
+                Ok(Ok(Output::Local(value))) => {
                     let mut value = Some(value);
                     done(Ok(Value::Local(&mut value)))
                 }
-                Ok(Ok(value)) => match invoke.codecs.encode(invoke.codec, &value) {
-                    Ok(encoded) => done(Ok(Value::Encoded(encoded))),
-                    Err(e) => done(Err(TaskError::new(
-                        TaskErrorKind::Encode,
-                        format!("the result could not be encoded: {}", crate::error::chain(&e)),
-                    ))),
-                },
+                Ok(Ok(Output::Encoded(encoded))) => done(Ok(Value::Encoded(encoded))),
             }
         };
         Handler { name, fingerprint, run: Arc::new(run) }
@@ -215,6 +232,11 @@ impl fmt::Debug for Handler {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("Handler").field("name", &self.name).field("fingerprint", &self.fingerprint).finish()
     }
+}
+
+enum Output<R> {
+    Local(R),
+    Encoded(Encoded),
 }
 
 fn panic_message(panic: &(dyn Any + Send)) -> String {
@@ -419,6 +441,16 @@ mod tests {
         let mut b = Fnv::new();
         b.write_type_name("(String,Option<Order>)");
         assert_eq!(a.0, b.0);
+    }
+
+    #[test]
+    fn fingerprint_halves_are_checked_separately() {
+        let full = fingerprint::<(i64, i64), i64>();
+        assert!(fingerprints_match(full, full));
+        assert!(fingerprints_match(args_fingerprint::<(i64, i64)>(), full));
+        assert!(!fingerprints_match(args_fingerprint::<(i64,)>(), full));
+        assert!(!fingerprints_match(fingerprint::<(i64, i64), u8>(), full));
+        assert!(fingerprints_match(0, full));
     }
 
     #[test]

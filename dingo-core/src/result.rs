@@ -2,6 +2,7 @@
 
 use std::collections::VecDeque;
 use std::fmt;
+use std::panic::{AssertUnwindSafe, catch_unwind};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
@@ -16,6 +17,15 @@ use crate::report::{Progress, Report};
 /// How long a waiter spins before it sleeps: a result that is microseconds away is picked
 /// up without the cost of a wake-up (tens of microseconds).
 const SPIN: Duration = Duration::from_micros(50);
+
+/// How many `Sent` / `Progress` reports a handle keeps while nobody reads them; beyond
+/// that the oldest are dropped (a chatty task must not grow a forgotten handle without end).
+const MAX_PENDING_REPORTS: usize = 1024;
+
+/// `now + timeout`, or no deadline when that is beyond what `Instant` can represent.
+pub(crate) fn deadline(timeout: Duration) -> Option<Instant> {
+    Instant::now().checked_add(timeout)
+}
 
 /// Turns an encoded result into the caller's type.
 pub(crate) type DecodeFn<T> = fn(Encoded, &Codecs) -> Result<T, TaskError>;
@@ -101,8 +111,10 @@ impl<T: Send + 'static> Handle<T> {
     }
 
     /// Calls `f` with the value once the task succeeds — at once if it already has. It runs
-    /// on the thread that delivers the result (keep it short) and does not take the value:
-    /// `wait` still returns it. Never called if the task fails.
+    /// on the thread that delivers the result (keep it short, and do not call this handle's
+    /// methods from it) and does not take the value: `wait` still returns it. Never called
+    /// if the task fails, or if the value was already taken by `wait`. A second `on_ok`
+    /// replaces the first. Dropping the handle does not cancel the callback.
     pub fn on_ok(&self, f: impl FnOnce(&T) + Send + 'static) -> &Handle<T> {
         if let Some(slot) = &self.slot {
             let mut state = slot.lock();
@@ -142,7 +154,7 @@ impl<T: Send + 'static> Handle<T> {
         let Some(slot) = &self.slot else {
             return Err(Error::NoReport);
         };
-        let deadline = timeout.map(|t| Instant::now() + t);
+        let deadline = timeout.and_then(deadline);
         let mut state = slot.lock();
         loop {
             if let Some(report) = state.reports.pop_front() {
@@ -160,7 +172,7 @@ impl<T: Send + 'static> Handle<T> {
     }
 
     fn wait_for(&mut self, timeout: Option<Duration>) -> Result<T, Error> {
-        let deadline = timeout.map(|t| Instant::now() + t);
+        let deadline = timeout.and_then(deadline);
         let slot = self.slot.as_ref().ok_or(Error::NoReport)?;
         slot.spin_until_finished();
         let mut state = slot.lock();
@@ -175,9 +187,14 @@ impl<T: Send + 'static> Handle<T> {
 }
 
 impl<T> Drop for Handle<T> {
+    /// Tells the store to stop keeping reports for this call — unless a callback still waits
+    /// for the result, which then arrives as if the handle were kept.
     fn drop(&mut self) {
         if let Some(store) = &self.store {
-            store.forget(&self.key);
+            let callbacks_pending = self.slot.as_ref().is_some_and(|slot| slot.callbacks_pending());
+            if !callbacks_pending {
+                store.forget(&self.key);
+            }
         }
     }
 }
@@ -245,6 +262,16 @@ enum Outcome<T> {
     Raw(Encoded),
     Ready(Result<T, TaskError>),
     Taken,
+}
+
+impl<T> Slot<T> {
+    fn callbacks_pending(&self) -> bool {
+        if self.finished.load(Ordering::Acquire) {
+            return false;
+        }
+        let state = self.state.lock().unwrap_or_else(|e| e.into_inner());
+        state.on_ok.is_some() || state.on_err.is_some()
+    }
 }
 
 impl<T: Send + 'static> Slot<T> {
@@ -323,25 +350,26 @@ impl<T: Send + 'static> Slot<T> {
         }
     }
 
+    /// Records the final outcome, wakes waiters, then runs the callbacks (a panicking
+    /// callback is caught: it must not take the delivering thread down with it).
     fn finish(&self, state: &mut State<T>, outcome: Outcome<T>) {
         state.outcome = outcome;
-        if state.on_ok.is_some() || state.on_err.is_some() {
-            let (on_ok, on_err) = (state.on_ok.take(), state.on_err.take());
-            match self.resolve(state) {
-                Some(Ok(value)) => {
-                    if let Some(f) = on_ok {
-                        f(value)
-                    }
-                }
-                Some(Err(error)) => {
-                    if let Some(f) = on_err {
-                        f(error)
-                    }
-                }
-                None => {}
-            }
-        }
         self.finished.store(true, Ordering::Release);
+        if state.waiting {
+            self.wake.notify_all();
+        }
+        if state.on_ok.is_none() && state.on_err.is_none() {
+            return;
+        }
+        let (on_ok, on_err) = (state.on_ok.take(), state.on_err.take());
+        let ran = catch_unwind(AssertUnwindSafe(|| match self.resolve(state) {
+            Some(Ok(value)) => on_ok.map(|f| f(value)),
+            Some(Err(error)) => on_err.map(|f| f(error)),
+            None => None,
+        }));
+        if ran.is_err() {
+            tracing::error!(target: "dingo", "an on_ok / on_err callback panicked");
+        }
     }
 }
 
@@ -350,6 +378,9 @@ impl<T: Send + 'static> ReportSink for Slot<T> {
         let mut state = self.lock();
         if !matches!(state.outcome, Outcome::Pending) {
             return; // a final report already arrived: ignore duplicates
+        }
+        if !body.is_final() && state.reports.len() >= MAX_PENDING_REPORTS {
+            state.reports.pop_front();
         }
         match body {
             ReportBody::Sent => state.reports.push_back(Report::Sent),
@@ -373,7 +404,7 @@ impl<T: Send + 'static> ReportSink for Slot<T> {
                 self.finish(&mut state, Outcome::Ready(Err(error)))
             }
         }
-        if state.waiting {
+        if state.waiting && !self.finished.load(Ordering::Relaxed) {
             self.wake.notify_all();
         }
     }
@@ -386,9 +417,6 @@ impl<T: Send + 'static> ReportSink for Slot<T> {
         if matches!(state.outcome, Outcome::Pending) {
             let error = TaskError::new(TaskErrorKind::Shutdown, "the task was dropped before it reported (shutdown)");
             self.finish(&mut state, Outcome::Ready(Err(error)));
-            if state.waiting {
-                self.wake.notify_all();
-            }
         }
     }
 }

@@ -1,9 +1,10 @@
 //! Worker pools: named OS threads sharing one [`Subscription`], each running one task at a
 //! time. A panic in a task is caught and reported; the thread goes on.
 
+use std::panic::{AssertUnwindSafe, catch_unwind};
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
-use std::thread::JoinHandle;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::thread::{JoinHandle, ThreadId};
 use std::time::{Duration, Instant};
 
 use crossbeam_channel::{Receiver, Sender};
@@ -33,9 +34,8 @@ pub(crate) struct Pool {
     subscription: Arc<dyn Subscription>,
     stopping: Arc<AtomicBool>,
     threads: Vec<JoinHandle<()>>,
-    /// Each thread drops its sender when it exits; disconnected means all are gone.
-    exited: Receiver<()>,
-    busy: Arc<AtomicUsize>,
+    /// Every thread sends its id here as it exits (even by unwinding).
+    exited: Receiver<ThreadId>,
 }
 
 impl Pool {
@@ -48,25 +48,21 @@ impl Pool {
         let subscription: Arc<dyn Subscription> = Arc::from(subscription);
         let shared = Arc::new(shared);
         let stopping = Arc::new(AtomicBool::new(false));
-        let busy = Arc::new(AtomicUsize::new(0));
-        let (exit_tx, exited) = crossbeam_channel::bounded::<()>(0);
-        let mut threads = Vec::with_capacity(count);
+        let (exit, exited) = crossbeam_channel::unbounded();
+        let mut pool =
+            Pool { label: label.to_owned(), subscription, stopping, threads: Vec::with_capacity(count), exited };
         for i in 0..count {
             let worker = Worker {
                 shared: shared.clone(),
-                subscription: subscription.clone(),
-                stopping: stopping.clone(),
-                busy: busy.clone(),
-                _exit: exit_tx.clone(),
+                subscription: pool.subscription.clone(),
+                stopping: pool.stopping.clone(),
+                exit: exit.clone(),
             };
-            let spawned = std::thread::Builder::new().name(format!("dingo-{label}-{i}")).spawn(move || worker.run());
-            match spawned {
-                Ok(handle) => threads.push(handle),
+            match std::thread::Builder::new().name(format!("dingo-{label}-{i}")).spawn(move || worker.run()) {
+                Ok(handle) => pool.threads.push(handle),
                 Err(e) => {
-                    let started = Pool { label: label.to_owned(), subscription, stopping, threads, exited, busy };
-                    drop(exit_tx);
-                    started.stop();
-                    let _ = started.join(Some(Instant::now()));
+                    pool.stop();
+                    pool.join(None);
                     return Err(Error::Spawn(e));
                 }
             }
@@ -77,7 +73,7 @@ impl Pool {
             EventKind::Started,
             format!("{count} worker thread(s) started for {label}"),
         ));
-        Ok(Pool { label: label.to_owned(), subscription, stopping, threads, exited, busy })
+        Ok(pool)
     }
 
     /// Tells the threads to exit after their current task; does not wait.
@@ -86,23 +82,37 @@ impl Pool {
         self.subscription.stop();
     }
 
-    /// Waits for the threads until `deadline` (`None`: no limit). Returns how many threads
-    /// were still running a task when it gave up (those are left to finish on their own).
+    /// Waits for the threads until `deadline` (`None`: no limit) and joins them. Returns
+    /// how many were still running when it gave up; those finish on their own. The calling
+    /// thread is never waited for (`close` called from inside a task).
     pub(crate) fn join(self, deadline: Option<Instant>) -> usize {
-        let all_exited = match deadline {
-            None => self.exited.recv().is_err(),
-            Some(deadline) => {
-                matches!(self.exited.recv_deadline(deadline), Err(crossbeam_channel::RecvTimeoutError::Disconnected))
+        let me = std::thread::current().id();
+        let mut waiting: Vec<JoinHandle<()>> = Vec::new();
+        for thread in self.threads {
+            if thread.thread().id() != me {
+                waiting.push(thread);
             }
-        };
-        if all_exited {
-            for thread in self.threads {
-                let _ = thread.join();
-            }
-            0
-        } else {
-            self.busy.load(Ordering::Acquire).max(1)
         }
+        let mut exited: Vec<ThreadId> = Vec::with_capacity(waiting.len());
+        while exited.len() < waiting.len() {
+            let next = match deadline {
+                None => self.exited.recv().ok(),
+                Some(deadline) => self.exited.recv_deadline(deadline).ok(),
+            };
+            match next {
+                Some(id) => exited.push(id),
+                None => break,
+            }
+        }
+        let mut running = 0;
+        for thread in waiting {
+            if exited.contains(&thread.thread().id()) {
+                let _ = thread.join();
+            } else {
+                running += 1;
+            }
+        }
+        running
     }
 
     pub(crate) fn label(&self) -> &str {
@@ -114,8 +124,13 @@ struct Worker {
     shared: Arc<Shared>,
     subscription: Arc<dyn Subscription>,
     stopping: Arc<AtomicBool>,
-    busy: Arc<AtomicUsize>,
-    _exit: Sender<()>,
+    exit: Sender<ThreadId>,
+}
+
+impl Drop for Worker {
+    fn drop(&mut self) {
+        let _ = self.exit.send(std::thread::current().id());
+    }
 }
 
 impl Worker {
@@ -127,9 +142,16 @@ impl Worker {
             };
             match received {
                 Recv::Delivery(delivery) => {
-                    self.busy.fetch_add(1, Ordering::AcqRel);
-                    execute(&self.shared, delivery);
-                    self.busy.fetch_sub(1, Ordering::AcqRel);
+                    // Task panics are caught closer to the task; this catches what is left
+                    // (a panicking reporter, say), so the thread itself never dies.
+                    if catch_unwind(AssertUnwindSafe(|| execute(&self.shared, delivery))).is_err() {
+                        self.shared.events.emit(Event::new(
+                            Origin::Worker,
+                            Level::Error,
+                            EventKind::Other,
+                            "a worker recovered from a panic outside the task (in reporting or acknowledging)",
+                        ));
+                    }
                 }
                 Recv::Empty => {}
                 Recv::Stopped => break,
@@ -159,7 +181,7 @@ pub(crate) fn execute(shared: &Shared, delivery: Delivery) {
         call.event(Level::Error, EventKind::UnknownTask, error.message().to_owned());
         return call.finish(ReportBody::Failure(error), ack);
     };
-    if fingerprint != 0 && fingerprint != handler.fingerprint() {
+    if !crate::registry::fingerprints_match(fingerprint, handler.fingerprint()) {
         let error = TaskError::new(
             TaskErrorKind::SignatureMismatch,
             format!(

@@ -44,7 +44,8 @@ pub struct LocalOptions {
     pub max_message_size: usize,
     /// How long a report nobody waits for is kept (serialized mode). Default 1 hour.
     pub result_ttl: Duration,
-    /// How many unclaimed reports are kept at most (serialized mode). Default 100,000.
+    /// How many reports nobody waits for are kept at most, oldest dropped first
+    /// (serialized mode). Default 100,000.
     pub max_unclaimed: usize,
     /// How many dead letters are kept (the oldest are dropped). Default 1,000.
     pub max_dead_letters: usize,
@@ -133,15 +134,56 @@ struct Inner {
     shutdown_tx: Mutex<Option<Sender<()>>>,
     shutdown_rx: Receiver<()>,
     events: EventSinks,
-    watched: Mutex<FastMap<CallKey, Arc<ReplySink>>>,
-    unclaimed: Mutex<Unclaimed>,
+    /// The serialized store: handles waiting, and reports nobody waits for yet.
+    store: Mutex<StoreState>,
     dead: Mutex<VecDeque<DeadLetter>>,
 }
 
 #[derive(Default)]
-struct Unclaimed {
-    reports: FastMap<CallKey, Vec<ReportMessage<'static>>>,
-    order: VecDeque<(Instant, CallKey)>,
+struct StoreState {
+    watched: FastMap<CallKey, Arc<ReplySink>>,
+    unclaimed: FastMap<CallKey, (u64, Vec<ReportMessage<'static>>)>,
+    /// Keys in the order they became unclaimed, with their generation: an entry whose
+    /// generation no longer matches was claimed since and is skipped.
+    order: VecDeque<(Instant, CallKey, u64)>,
+    kept: usize,
+    generation: u64,
+}
+
+impl StoreState {
+    fn keep(&mut self, key: CallKey, report: ReportMessage<'static>, ttl: Duration, max: usize) {
+        let now = Instant::now();
+        while let Some((at, _, _)) = self.order.front() {
+            let expired = now.duration_since(*at) > ttl;
+            if !expired && self.kept < max && self.order.len() < 2 * max.max(1) {
+                break;
+            }
+            if let Some((_, old, generation)) = self.order.pop_front()
+                && self.unclaimed.get(&old).is_some_and(|(g, _)| *g == generation)
+                && let Some((_, reports)) = self.unclaimed.remove(&old)
+            {
+                self.kept -= reports.len();
+            }
+        }
+        let generation = self.generation;
+        let (entry_generation, reports) = self.unclaimed.entry(key.clone()).or_insert_with(|| (generation, Vec::new()));
+        if *entry_generation == generation {
+            self.generation += 1;
+            self.order.push_back((now, key, generation));
+        }
+        reports.push(report);
+        self.kept += 1;
+    }
+
+    fn claim(&mut self, key: &CallKey) -> Vec<ReportMessage<'static>> {
+        match self.unclaimed.remove(key) {
+            Some((_, reports)) => {
+                self.kept -= reports.len();
+                reports
+            }
+            None => Vec::new(),
+        }
+    }
 }
 
 impl LocalBroker {
@@ -170,8 +212,7 @@ impl LocalBroker {
                 shutdown_tx: Mutex::new(Some(shutdown_tx)),
                 shutdown_rx,
                 events: EventSinks::new(),
-                watched: Mutex::new(FastMap::default()),
-                unclaimed: Mutex::new(Unclaimed::default()),
+                store: Mutex::new(StoreState::default()),
                 dead: Mutex::new(VecDeque::new()),
             }),
         }
@@ -286,20 +327,21 @@ impl Inner {
     }
 
     fn shutdown(&self) {
-        if self.closed.swap(true, Ordering::AcqRel) {
+        // SeqCst pairs with the load after enqueueing in `send`: either the sender sees the
+        // flag and drains, or this drain sees the message.
+        if self.closed.swap(true, Ordering::SeqCst) {
             return;
         }
         lock(&self.shutdown_tx).take();
         self.drain_queues();
         // Pending handles of the serialized store learn that no report will come.
-        let watched = std::mem::take(&mut *lock(&self.watched));
-        drop(watched);
-        *lock(&self.unclaimed) = Unclaimed::default();
+        let state = std::mem::take(&mut *lock(&self.store));
+        drop(state);
     }
 
     /// Fails every queued task with `Shutdown`.
     fn drain_queues(&self) {
-        for queue in self.queues.load().values() {
+        for (name, queue) in self.queues.load().iter() {
             while let Ok(item) = queue.rx.try_recv() {
                 let failure = || TaskError::new(TaskErrorKind::Shutdown, "the broker shut down before the task ran");
                 match item {
@@ -308,11 +350,10 @@ impl Inner {
                             sink.deliver(ReportBody::Failure(failure()));
                         }
                     }
-                    Item::Bytes(bytes) => {
-                        if let Ok(message) = wire::decode_task_from(bytes, &Known::default()) {
-                            self.fail(&message.reply_to, message.key(), failure());
-                        }
-                    }
+                    Item::Bytes(bytes) => match wire::decode_task_from(bytes, &Known::default()) {
+                        Ok(message) => self.fail(&message.reply_to, message.key(), failure()),
+                        Err(malformed) => self.reject_malformed(name, *malformed),
+                    },
                 }
             }
         }
@@ -391,38 +432,32 @@ impl Inner {
     /// Hands a decoded report to the handle watching its call, or keeps it until one does.
     fn route(&self, report: ReportMessage<'static>) {
         let key = report.key();
-        let is_final = report.body.is_final();
         let sink = {
-            let mut watched = lock(&self.watched);
-            if is_final { watched.remove(&key) } else { watched.get(&key).cloned() }
+            let mut state = lock(&self.store);
+            let sink =
+                if report.body.is_final() { state.watched.remove(&key) } else { state.watched.get(&key).cloned() };
+            if sink.is_none() {
+                if self.closed.load(Ordering::Acquire) {
+                    return;
+                }
+                self.events.emit(
+                    Event::new(
+                        Origin::Store,
+                        Level::Debug,
+                        EventKind::UnclaimedReport,
+                        "a report nobody waits for is kept",
+                    )
+                    .with_task(key.clone()),
+                );
+                state.keep(key, report, self.options.result_ttl, self.options.max_unclaimed);
+                return;
+            }
+            sink
         };
-        match sink {
-            Some(sink) => sink.deliver(report.body),
-            None => self.keep_unclaimed(key, report),
+        // Outside the lock: delivering may run the caller's callbacks.
+        if let Some(sink) = sink {
+            sink.deliver(report.body);
         }
-    }
-
-    fn keep_unclaimed(&self, key: CallKey, report: ReportMessage<'static>) {
-        if self.closed.load(Ordering::Acquire) {
-            return;
-        }
-        let mut unclaimed = lock(&self.unclaimed);
-        let now = Instant::now();
-        while let Some((at, _)) = unclaimed.order.front() {
-            let expired = now.duration_since(*at) > self.options.result_ttl;
-            if !expired && unclaimed.order.len() < self.options.max_unclaimed {
-                break;
-            }
-            if let Some((_, old)) = unclaimed.order.pop_front() {
-                unclaimed.reports.remove(&old);
-            }
-        }
-        let unclaimed = &mut *unclaimed;
-        let reports = unclaimed.reports.entry(key.clone()).or_default();
-        if reports.is_empty() {
-            unclaimed.order.push_back((now, key));
-        }
-        reports.push(report);
     }
 }
 
@@ -485,8 +520,9 @@ impl Producer for LocalBroker {
                 }
             },
         };
-        // A send that raced with shutdown must not leave its task stranded.
-        if inner.closed.load(Ordering::Acquire) {
+        // A send that raced with shutdown must not leave its task stranded (SeqCst: see
+        // `shutdown`).
+        if inner.closed.load(Ordering::SeqCst) {
             inner.drain_queues();
         }
         sent
@@ -573,26 +609,24 @@ impl Store for LocalBroker {
         if !self.inner.options.serialized {
             return Ok(ReplyTo::Local(sink));
         }
-        let early = {
-            let mut unclaimed = lock(&self.inner.unclaimed);
-            unclaimed.reports.remove(key)
-        };
-        let sink = Arc::new(sink);
+        let mut state = lock(&self.inner.store);
+        // Reports that came first are handed over under the lock, so none that arrives now
+        // can overtake them (no callback can be registered on a handle not yet returned).
         let mut finished = false;
-        for report in early.into_iter().flatten() {
+        for report in state.claim(key) {
             finished |= report.body.is_final();
             sink.deliver(report.body);
         }
         if !finished {
-            lock(&self.inner.watched).insert(key.clone(), sink);
+            state.watched.insert(key.clone(), Arc::new(sink));
         }
         Ok(ReplyTo::Address(self.inner.address.clone()))
     }
 
     fn forget(&self, key: &CallKey) {
         if self.inner.options.serialized {
-            let sink = lock(&self.inner.watched).remove(key);
-            drop(sink);
+            let sink = lock(&self.inner.store).watched.remove(key);
+            drop(sink); // outside the lock
         }
     }
 

@@ -123,8 +123,8 @@ pub fn decode_task(bytes: &[u8]) -> Result<TaskMessage, Box<MalformedTask>> {
     decode_task_from(bytes.to_vec(), &Known::default())
 }
 
-/// Decodes a task message, reusing `bytes` for the arguments (no copy of the payload) and
-/// sharing the strings in `known`.
+/// Decodes a task message, reusing the buffer of `bytes` for the arguments (no new
+/// allocation) and sharing the strings in `known`.
 pub fn decode_task_from(bytes: Vec<u8>, known: &Known<'_>) -> Result<TaskMessage, Box<MalformedTask>> {
     let mut name = None;
     let mut id = None;
@@ -226,7 +226,8 @@ pub fn decode_report(bytes: &[u8]) -> Result<ReportMessage<'static>, BrokerError
     decode_report_from(bytes.to_vec(), &Known::default())
 }
 
-/// Decodes a report, reusing `bytes` for its value and sharing the strings in `known`.
+/// Decodes a report, reusing the buffer of `bytes` for its value (no new allocation) and
+/// sharing the strings in `known`.
 pub fn decode_report_from(bytes: Vec<u8>, known: &Known<'_>) -> Result<ReportMessage<'static>, BrokerError> {
     let mut reader = Reader::new(&bytes, TYPE_REPORT)?;
     let (mut name, mut id, mut status, mut codec, mut payload) = (None, None, None, None, None);
@@ -310,6 +311,7 @@ impl<'a> Reader<'a> {
         match bytes {
             [VERSION, ty, rest @ ..] if *ty == expected_type => Ok(Reader { all: bytes, rest }),
             [VERSION, ty, ..] => Err(malformed(format!("message type {ty}, expected {expected_type}"))),
+            [VERSION] => Err(malformed("message truncated after its version")),
             [version, ..] => Err(malformed(format!("unknown message format version {version}"))),
             [] => Err(malformed("empty message")),
         }
@@ -326,6 +328,9 @@ impl<'a> Reader<'a> {
             return Err(malformed("message truncated (no end marker)"));
         };
         if tag == END {
+            if !rest.is_empty() {
+                return Err(malformed(format!("{} bytes after the end of the message", rest.len())));
+            }
             return Ok(None);
         }
         let mut len: u64 = 0;
@@ -393,6 +398,14 @@ mod tests {
         assert_eq!(err.name.unwrap(), "tasks.add");
         assert_eq!(err.id.unwrap(), "0190a5b2-0000-7000-8000-000000000001");
         assert_eq!(&*err.reply_to.unwrap(), "reply.1");
+    }
+
+    #[test]
+    fn bytes_after_the_end_are_malformed() {
+        let mut bytes = encode_task(&task()).unwrap();
+        bytes.push(0);
+        assert!(decode_task(&bytes).unwrap_err().error.to_string().contains("after the end"));
+        assert!(decode_task(&[VERSION]).unwrap_err().error.to_string().contains("truncated"));
     }
 
     #[test]
