@@ -118,7 +118,7 @@ macro_rules! __suite {
 }
 
 pub mod local {
-    //! Setups for the embedded [`LocalBroker`](dingo::LocalBroker): one fresh broker per test.
+    //! Setups for the embedded [`dingo::LocalBroker`]: one fresh broker per test.
 
     use std::sync::Arc;
 

@@ -4,7 +4,7 @@
 //! - [`LocalBroker::new`] moves Rust values from caller to worker and results straight into
 //!   the caller's handle: no serialization, no copying (Go dingo's local mode).
 //! - [`LocalBroker::serialized`] turns every message into bytes through the codec and the
-//!   [`wire`](crate::message::wire) format, as a remote broker would, so codecs, malformed
+//!   [wire format](crate::message::wire), as a remote broker would, so codecs, malformed
 //!   messages and the conformance suite can be exercised without a server (Go dingo's
 //!   `NewLocalBroker` / `NewLocalBackend`).
 //!
