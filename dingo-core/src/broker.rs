@@ -147,8 +147,9 @@ impl Delivery {
 pub trait Acknowledge: Send + 'static {
     /// The task is done: remove it from the broker.
     fn ack(self: Box<Self>) -> Result<(), BrokerError>;
-    /// Give the task back (`requeue`) or drop / dead-letter it.
-    fn reject(self: Box<Self>, requeue: bool) -> Result<(), BrokerError>;
+    /// Give the task back (`requeue`), or move it to the dead letters with `reason` (a
+    /// message that cannot run: undecodable, unknown task, wrong signature).
+    fn reject(self: Box<Self>, requeue: bool, reason: &str) -> Result<(), BrokerError>;
     /// For a reporter of the same broker, to store a report and acknowledge in one step.
     fn into_any(self: Box<Self>) -> Box<dyn Any + Send>;
 }
@@ -167,9 +168,9 @@ impl Ack {
         self.0.ack()
     }
 
-    /// Give the task back (`requeue`) or drop / dead-letter it.
-    pub fn reject(self, requeue: bool) -> Result<(), BrokerError> {
-        self.0.reject(requeue)
+    /// Give the task back (`requeue`), or move it to the dead letters with `reason`.
+    pub fn reject(self, requeue: bool, reason: &str) -> Result<(), BrokerError> {
+        self.0.reject(requeue, reason)
     }
 
     /// The broker's own type, for a reporter that acknowledges atomically.

@@ -22,6 +22,7 @@ use crate::id::TaskId;
 pub struct CallOptions {
     ignore_report: Option<bool>,
     monitor_progress: Option<bool>,
+    at_most_once: Option<bool>,
     enqueue_timeout: Option<Duration>,
     id: Option<TaskId>,
 }
@@ -41,6 +42,15 @@ impl CallOptions {
     /// Also deliver `Sent` (a worker received the task) and `Progress` reports.
     pub fn monitor_progress(mut self, yes: bool) -> CallOptions {
         self.monitor_progress = Some(yes);
+        self
+    }
+
+    /// Deliver at most once: the broker forgets the task as soon as a worker takes it, so a
+    /// worker that dies while running it loses it (instead of the task running again
+    /// elsewhere). Cheaper on brokers that keep leases (Redis); the default is at least once.
+    /// Usually a per-task default ([`App::set_default_options`](crate::App::set_default_options)).
+    pub fn at_most_once(mut self, yes: bool) -> CallOptions {
+        self.at_most_once = Some(yes);
         self
     }
 
@@ -68,6 +78,11 @@ impl CallOptions {
         self.monitor_progress.unwrap_or(false)
     }
 
+    /// Whether `at_most_once` is on.
+    pub fn is_at_most_once(&self) -> bool {
+        self.at_most_once.unwrap_or(false)
+    }
+
     /// The enqueue timeout, if one is set.
     pub fn get_enqueue_timeout(&self) -> Option<Duration> {
         self.enqueue_timeout
@@ -83,13 +98,18 @@ impl CallOptions {
         CallOptions {
             ignore_report: self.ignore_report.or(defaults.ignore_report),
             monitor_progress: self.monitor_progress.or(defaults.monitor_progress),
+            at_most_once: self.at_most_once.or(defaults.at_most_once),
             enqueue_timeout: self.enqueue_timeout.or(defaults.enqueue_timeout),
             id: self.id.clone().or_else(|| defaults.id.clone()),
         }
     }
 
     pub(crate) fn task_options(&self) -> TaskOptions {
-        TaskOptions { ignore_report: self.is_ignore_report(), monitor_progress: self.is_monitor_progress() }
+        TaskOptions {
+            ignore_report: self.is_ignore_report(),
+            monitor_progress: self.is_monitor_progress(),
+            at_most_once: self.is_at_most_once(),
+        }
     }
 }
 
@@ -101,6 +121,8 @@ pub struct TaskOptions {
     pub ignore_report: bool,
     /// `Sent` and `Progress` reports are produced.
     pub monitor_progress: bool,
+    /// The broker may forget the task once a worker has taken it.
+    pub at_most_once: bool,
 }
 
 impl TaskOptions {

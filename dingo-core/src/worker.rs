@@ -179,7 +179,7 @@ pub(crate) fn execute(shared: &Shared, delivery: Delivery) {
     let Some(handler) = shared.handlers.get(name.as_str()) else {
         let error = TaskError::new(TaskErrorKind::UnknownTask, format!("no worker here runs task `{name}`"));
         call.event(Level::Error, EventKind::UnknownTask, error.message().to_owned());
-        return call.finish(ReportBody::Failure(error), ack);
+        return call.dead_letter(error, ack);
     };
     if !crate::registry::fingerprints_match(fingerprint, handler.fingerprint()) {
         let error = TaskError::new(
@@ -191,7 +191,7 @@ pub(crate) fn execute(shared: &Shared, delivery: Delivery) {
             ),
         );
         call.event(Level::Error, EventKind::SignatureMismatch, error.message().to_owned());
-        return call.finish(ReportBody::Failure(error), ack);
+        return call.dead_letter(error, ack);
     }
 
     if options.monitor_progress && reply_to.wants_reports() {
@@ -223,14 +223,23 @@ pub(crate) fn execute(shared: &Shared, delivery: Delivery) {
     let mut ack = ack;
     let mut finished = false;
     handler.run(&ctx, args, &invoke, &mut |outcome| {
+        finished = true;
         let body = match outcome {
             Ok(value) => ReportBody::Success(value),
+            // The message itself is bad: it goes to the dead letters, not back to work.
+            Err(error) if matches!(error.kind(), TaskErrorKind::BadPayload | TaskErrorKind::SignatureMismatch) => {
+                let kind = if error.kind() == TaskErrorKind::BadPayload {
+                    EventKind::BadPayload
+                } else {
+                    EventKind::SignatureMismatch
+                };
+                call.event(Level::Error, kind, error.message().to_owned());
+                return call.dead_letter(error, ack.take());
+            }
             Err(error) => {
                 let kind = match error.kind() {
                     TaskErrorKind::Panic => Some((Level::Warning, EventKind::TaskPanicked)),
-                    TaskErrorKind::BadPayload => Some((Level::Error, EventKind::BadPayload)),
                     TaskErrorKind::Encode => Some((Level::Error, EventKind::EncodeFailed)),
-                    TaskErrorKind::SignatureMismatch => Some((Level::Error, EventKind::SignatureMismatch)),
                     _ => None,
                 };
                 if let Some((level, kind)) = kind {
@@ -240,7 +249,6 @@ pub(crate) fn execute(shared: &Shared, delivery: Delivery) {
                 ReportBody::Failure(error)
             }
         };
-        finished = true;
         call.finish(body, ack.take());
     });
     if !finished {
@@ -273,6 +281,24 @@ impl Call<'_> {
     fn report(&self, body: ReportBody<'_>) {
         if let Err(e) = self.shared.reporter.report(self.reply_to, self.message(body)) {
             self.event(Level::Error, EventKind::ReportFailed, format!("report lost: {}", crate::error::chain(&e)));
+        }
+    }
+
+    /// Tells the caller its message cannot run, then moves the message to the broker's dead
+    /// letters (a malformed message must neither be lost silently nor retried forever).
+    fn dead_letter(&self, error: TaskError, ack: Option<Ack>) {
+        let reason = format!("{}: {}", error.kind(), error.message());
+        if self.reply_to.wants_reports() {
+            self.report(ReportBody::Failure(error));
+        }
+        if let Some(ack) = ack
+            && let Err(e) = ack.reject(false, &reason)
+        {
+            self.event(
+                Level::Error,
+                EventKind::AckFailed,
+                format!("dead-lettering failed: {}", crate::error::chain(&e)),
+            );
         }
     }
 

@@ -4,8 +4,10 @@
 //! message = version:u8 (1) | type:u8 (1 task, 2 report) | field* | 0x00
 //! field   = tag:u8 | len:varint (LEB128) | len bytes
 //! ```
-//! Task fields: 1 name, 2 id, 3 fingerprint (u64 LE), 4 option flags, 5 reply address,
-//! 6 codec id, 7 argument bytes. Report fields: 1 name, 2 id, 8 status (1 sent, 2 progress,
+//! Task fields: 1 name, 2 id, 3 fingerprint (u64 LE), 4 option flags (1 ignore report,
+//! 2 monitor progress, 4 at most once), 5 reply address, 6 codec id, 7 argument bytes,
+//! 11 redelivered (empty; a broker appends it when it gives a task back after its lease
+//! expired: the bytes [`REDELIVERED_MARK`] replace the final end marker). Report fields: 1 name, 2 id, 8 status (1 sent, 2 progress,
 //! 3 success, 4 failure), 6 codec id, 7 payload bytes, 9 error kind, 10 error message.
 //! Readers skip tags they do not know, so fields can be added without breaking older
 //! workers; a new version byte marks an incompatible change.
@@ -34,9 +36,16 @@ const PAYLOAD: u8 = 7;
 const STATUS: u8 = 8;
 const ERROR_KIND: u8 = 9;
 const ERROR_MESSAGE: u8 = 10;
+const REDELIVERED: u8 = 11;
+
+/// What a broker puts in place of a task message's last byte (its end marker) to mark it
+/// redelivered: the empty field 11, then the end marker again. Brokers that rewrite
+/// messages server-side (a Redis script) use it as is.
+pub const REDELIVERED_MARK: &[u8] = &[REDELIVERED, 0, END];
 
 const OPT_IGNORE_REPORT: u8 = 1;
 const OPT_MONITOR_PROGRESS: u8 = 2;
+const OPT_AT_MOST_ONCE: u8 = 4;
 
 const STATUS_SENT: u8 = 1;
 const STATUS_PROGRESS: u8 = 2;
@@ -68,6 +77,9 @@ pub fn encode_task(msg: &TaskMessage) -> Result<Vec<u8>, BrokerError> {
     }
     if msg.options.monitor_progress {
         flags |= OPT_MONITOR_PROGRESS;
+    }
+    if msg.options.at_most_once {
+        flags |= OPT_AT_MOST_ONCE;
     }
     field(&mut out, OPTIONS, &[flags]);
     field(&mut out, CODEC, &[args.codec]);
@@ -126,6 +138,12 @@ pub fn decode_task(bytes: &[u8]) -> Result<TaskMessage, Box<MalformedTask>> {
 /// Decodes a task message, reusing the buffer of `bytes` for the arguments (no new
 /// allocation) and sharing the strings in `known`.
 pub fn decode_task_from(bytes: Vec<u8>, known: &Known<'_>) -> Result<TaskMessage, Box<MalformedTask>> {
+    decode_delivery(bytes, known).map(|(message, _)| message)
+}
+
+/// [`decode_task_from`], also telling whether a broker marked the message redelivered.
+pub fn decode_delivery(bytes: Vec<u8>, known: &Known<'_>) -> Result<(TaskMessage, bool), Box<MalformedTask>> {
+    let mut redelivered = false;
     let mut name = None;
     let mut id = None;
     let mut reply_to = None;
@@ -145,9 +163,11 @@ pub fn decode_task_from(bytes: Vec<u8>, known: &Known<'_>) -> Result<TaskMessage
                     let [flags] = fixed(value, "options")?;
                     options.ignore_report = flags & OPT_IGNORE_REPORT != 0;
                     options.monitor_progress = flags & OPT_MONITOR_PROGRESS != 0;
+                    options.at_most_once = flags & OPT_AT_MOST_ONCE != 0;
                 }
                 CODEC => codec = Some(fixed::<1>(value, "codec")?[0]),
                 PAYLOAD => payload = Some(reader.range_of(value)),
+                REDELIVERED => redelivered = true,
                 _ => {}
             }
         }
@@ -163,14 +183,17 @@ pub fn decode_task_from(bytes: Vec<u8>, known: &Known<'_>) -> Result<TaskMessage
         ))
     });
     match checked {
-        Ok((name, id, codec, range)) => Ok(TaskMessage {
-            name,
-            id,
-            fingerprint: fingerprint.unwrap_or(0),
-            options,
-            reply_to: reply_to.map(ReplyTo::Address).unwrap_or(ReplyTo::None),
-            args: Payload::Encoded(Encoded::new(codec, take_range(bytes, range))),
-        }),
+        Ok((name, id, codec, range)) => Ok((
+            TaskMessage {
+                name,
+                id,
+                fingerprint: fingerprint.unwrap_or(0),
+                options,
+                reply_to: reply_to.map(ReplyTo::Address).unwrap_or(ReplyTo::None),
+                args: Payload::Encoded(Encoded::new(codec, take_range(bytes, range))),
+            },
+            redelivered,
+        )),
         Err(error) => Err(Box::new(MalformedTask { error, name, id, reply_to, bytes })),
     }
 }
@@ -368,7 +391,7 @@ mod tests {
             name: TaskName::from("tasks.add"),
             id: TaskId::new("0190a5b2-0000-7000-8000-000000000001"),
             fingerprint: 0xdead_beef_0102_0304,
-            options: TaskOptions { ignore_report: false, monitor_progress: true },
+            options: TaskOptions { ignore_report: false, monitor_progress: true, at_most_once: true },
             reply_to: ReplyTo::Address(Arc::from("reply.1")),
             args: Payload::Encoded(Encoded::new(1, vec![0x92, 0x02, 0x03])),
         }
@@ -381,7 +404,7 @@ mod tests {
         assert_eq!(back.name, "tasks.add");
         assert_eq!(back.id, "0190a5b2-0000-7000-8000-000000000001");
         assert_eq!(back.fingerprint, 0xdead_beef_0102_0304);
-        assert_eq!(back.options, TaskOptions { ignore_report: false, monitor_progress: true });
+        assert_eq!(back.options, TaskOptions { ignore_report: false, monitor_progress: true, at_most_once: true });
         assert!(matches!(&back.reply_to, ReplyTo::Address(a) if &**a == "reply.1"));
         assert_eq!(back.args.encoded(), Some(&Encoded::new(1, vec![0x92, 0x02, 0x03])));
     }
@@ -398,6 +421,18 @@ mod tests {
         assert_eq!(err.name.unwrap(), "tasks.add");
         assert_eq!(err.id.unwrap(), "0190a5b2-0000-7000-8000-000000000001");
         assert_eq!(&*err.reply_to.unwrap(), "reply.1");
+    }
+
+    #[test]
+    fn the_redelivery_mark_is_recognised() {
+        let mut bytes = encode_task(&task()).unwrap();
+        let (_, redelivered) = decode_delivery(bytes.clone(), &Known::default()).unwrap();
+        assert!(!redelivered);
+        bytes.pop();
+        bytes.extend_from_slice(REDELIVERED_MARK);
+        let (message, redelivered) = decode_delivery(bytes, &Known::default()).unwrap();
+        assert!(redelivered);
+        assert_eq!(message.id, "0190a5b2-0000-7000-8000-000000000001");
     }
 
     #[test]
