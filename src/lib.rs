@@ -57,7 +57,8 @@
 //! | feature | default | what |
 //! | --- | --- | --- |
 //! | `json` | yes | the JSON codec ([`codec::Json`]); MessagePack is always there and the default |
-//! | `redis` | no | the Redis broker (`dingo::redis`, `redis://` URLs) — in progress |
+//! | `redis` | no | the Redis broker (`dingo::redis`, `redis://` URLs) |
+//! | `redis-tls` | no | `rediss://` URLs (TLS through the system's OpenSSL) |
 //! | `amqp` | no | the RabbitMQ broker (`dingo::amqp`, `amqp://` URLs) — in progress |
 #![deny(missing_docs)]
 
@@ -72,6 +73,10 @@ pub use dingo_core::{broker, codec, event, id, message, registry};
 /// Turns a function into a task (attribute keys, generated items and accepted signatures
 /// are listed below).
 pub use dingo_macros::task;
+
+/// The Redis broker (feature `redis`).
+#[cfg(feature = "redis")]
+pub use dingo_redis as redis;
 
 #[doc(hidden)]
 pub use dingo_core::__private;

@@ -3,15 +3,15 @@
 mod memory {
     use dingo_test_support::local::Local;
 
-    dingo_test_support::transport_suite!(Local::memory());
-    dingo_test_support::reports_suite!(Local::memory());
-    dingo_test_support::app_suite!(Local::memory());
+    dingo_test_support::transport_suite!(Some(Local::memory()));
+    dingo_test_support::reports_suite!(Some(Local::memory()));
+    dingo_test_support::app_suite!(Some(Local::memory()));
 }
 
 mod serialized {
     use dingo_test_support::local::Local;
 
-    dingo_test_support::transport_suite!(Local::serialized());
-    dingo_test_support::reports_suite!(Local::serialized());
-    dingo_test_support::app_suite!(Local::serialized());
+    dingo_test_support::transport_suite!(Some(Local::serialized()));
+    dingo_test_support::reports_suite!(Some(Local::serialized()));
+    dingo_test_support::app_suite!(Some(Local::serialized()));
 }

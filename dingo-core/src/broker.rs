@@ -22,11 +22,12 @@
 //!
 //! At-least-once brokers acknowledge a delivery only after its final report is stored, in
 //! [`Reporter::finish`]; a broker playing both roles overrides it to make the pair atomic
-//! (it can downcast the [`Ack`] to its own type with [`Ack::into_any`]).
+//! (it recognises its own acknowledgements with [`Ack::downcast`]).
 //!
 //! The built-in [`local`] broker plays all four roles in process.
 
 pub mod local;
+pub mod router;
 
 use std::any::Any;
 use std::fmt;
@@ -150,6 +151,8 @@ pub trait Acknowledge: Send + 'static {
     /// Give the task back (`requeue`), or move it to the dead letters with `reason` (a
     /// message that cannot run: undecodable, unknown task, wrong signature).
     fn reject(self: Box<Self>, requeue: bool, reason: &str) -> Result<(), BrokerError>;
+    /// For a reporter of the same broker, to recognise its own acknowledgements.
+    fn as_any(&self) -> &dyn Any;
     /// For a reporter of the same broker, to store a report and acknowledge in one step.
     fn into_any(self: Box<Self>) -> Box<dyn Any + Send>;
 }
@@ -173,9 +176,16 @@ impl Ack {
         self.0.reject(requeue, reason)
     }
 
-    /// The broker's own type, for a reporter that acknowledges atomically.
-    pub fn into_any(self) -> Box<dyn Any + Send> {
-        self.0.into_any()
+    /// The broker's own acknowledgement, if it is a `T` (a reporter of the same broker
+    /// stores the final report and acknowledges in one step); otherwise `self` back.
+    pub fn downcast<T: Acknowledge>(self) -> Result<Box<T>, Ack> {
+        if self.0.as_any().is::<T>() {
+            // `is::<T>()` just held for this very value, so the downcast cannot fail.
+            #[allow(clippy::expect_used)]
+            Ok(self.0.into_any().downcast::<T>().expect("the type was checked"))
+        } else {
+            Err(self)
+        }
     }
 }
 

@@ -321,7 +321,7 @@ impl BrokerError {
 }
 
 /// `err` and its sources, joined with ": " (for messages that travel without the chain).
-pub(crate) fn chain(err: &(dyn std::error::Error + 'static)) -> String {
+pub fn chain(err: &(dyn std::error::Error + 'static)) -> String {
     let mut out = err.to_string();
     let mut source = err.source();
     while let Some(cause) = source {

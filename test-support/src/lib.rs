@@ -12,7 +12,8 @@
 //!
 //! Instantiate with the macros: `dingo_test_support::transport_suite!(setup)` and friends
 //! expand to one `#[test]` per rule, each with a fresh `setup` (evaluated per test, so each
-//! test gets its own broker or namespace).
+//! test gets its own broker or namespace). `setup` is an `Option`: `None` skips the test (a
+//! server that is not there, see [`service_url`]).
 
 // Test helpers are not printed; Debug on every helper type would be noise.
 #![allow(missing_debug_implementations)]
@@ -54,8 +55,8 @@ pub fn unique(prefix: &str) -> String {
 
 /// Instantiates the [`transport`] suite: one `#[test]` per rule.
 ///
-/// `$setup` is an expression of a type implementing [`transport::TransportSetup`],
-/// evaluated anew for every test.
+/// `$setup` is an expression of type `Option<S>` where `S` implements
+/// [`transport::TransportSetup`], evaluated anew for every test; `None` skips.
 #[macro_export]
 macro_rules! transport_suite {
     ($setup:expr) => {
@@ -111,7 +112,9 @@ macro_rules! __suite {
             #[test]
             fn $test() {
                 use $module as suite;
-                suite::$test(&$setup);
+                if let Some(setup) = $setup {
+                    suite::$test(&setup);
+                }
             }
         )+
     };
@@ -165,6 +168,93 @@ pub mod local {
 
         fn reporter(&self) -> Arc<dyn Reporter> {
             Arc::new(self.broker.clone())
+        }
+    }
+}
+
+#[cfg(feature = "redis")]
+pub mod redis {
+    //! Setups for the Redis broker: a unique namespace per test on the server of
+    //! `DINGO_REDIS_URL` (default `redis://127.0.0.1:6379`), deleted afterwards.
+
+    use std::sync::Arc;
+    use std::time::Duration;
+
+    use dingo::broker::Reporter;
+    use dingo::redis::{RedisBroker, RedisOptions};
+    use dingo::{App, AppBuilder};
+
+    use crate::app::AppSetup;
+    use crate::reports::{ReportSetup, ReportTransport};
+    use crate::transport::{TaskTransport, TransportSetup};
+
+    /// The server's URL, or `None` (the test is skipped, loudly) when it does not answer.
+    pub fn url() -> Option<String> {
+        crate::service_url("DINGO_REDIS_URL", "redis://127.0.0.1:6379", |url| RedisBroker::connect(url).is_ok())
+    }
+
+    /// A fresh namespace on the test server; every broker of one setup shares it.
+    pub struct Redis {
+        url: String,
+        options: RedisOptions,
+    }
+
+    impl Redis {
+        /// A setup with test-friendly options (a short lease), or `None` to skip.
+        pub fn setup() -> Option<Redis> {
+            Redis::with_options(RedisOptions::new().lease(Duration::from_secs(2)))
+        }
+
+        /// A setup with these options (the namespace is replaced by a unique one).
+        pub fn with_options(options: RedisOptions) -> Option<Redis> {
+            let url = url()?;
+            Some(Redis { url, options: options.namespace(crate::unique("dingo-test")) })
+        }
+
+        /// A new broker (its own connections) on this setup's namespace.
+        pub fn broker(&self) -> RedisBroker {
+            RedisBroker::connect_with(&self.url, self.options.clone()).expect("connect to redis")
+        }
+
+        /// The server URL.
+        pub fn url(&self) -> &str {
+            &self.url
+        }
+
+        /// The options (with the namespace) brokers of this setup use.
+        pub fn options(&self) -> &RedisOptions {
+            &self.options
+        }
+    }
+
+    impl Drop for Redis {
+        fn drop(&mut self) {
+            if let Ok(broker) = RedisBroker::connect_with(&self.url, self.options.clone()) {
+                let _ = broker.purge_namespace();
+                broker.shutdown();
+            }
+        }
+    }
+
+    impl TransportSetup for Redis {
+        fn connect(&self) -> TaskTransport {
+            TaskTransport::of(self.broker())
+        }
+    }
+
+    impl ReportSetup for Redis {
+        fn connect(&self) -> ReportTransport {
+            ReportTransport::of(self.broker())
+        }
+    }
+
+    impl AppSetup for Redis {
+        fn builder(&self) -> AppBuilder {
+            App::builder().broker(self.broker())
+        }
+
+        fn reporter(&self) -> Arc<dyn Reporter> {
+            Arc::new(self.broker())
         }
     }
 }

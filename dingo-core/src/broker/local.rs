@@ -25,6 +25,7 @@ use std::time::{Duration, Instant};
 use arc_swap::ArcSwap;
 use crossbeam_channel::{Receiver, Select, SendTimeoutError, Sender, TryRecvError, TrySendError};
 
+use crate::broker::router::{ReportRouter, Routed};
 use crate::broker::{Ack, ConsumeSettings, Consumer, Delivery, Producer, Recv, Reporter, Store, Subscription};
 use crate::error::{BrokerError, BrokerErrorKind, TaskError, TaskErrorKind};
 use crate::event::{Event, EventKind, EventSink, EventSinks, Level, Origin};
@@ -135,55 +136,8 @@ struct Inner {
     shutdown_rx: Receiver<()>,
     events: EventSinks,
     /// The serialized store: handles waiting, and reports nobody waits for yet.
-    store: Mutex<StoreState>,
+    router: ReportRouter,
     dead: Mutex<VecDeque<DeadLetter>>,
-}
-
-#[derive(Default)]
-struct StoreState {
-    watched: FastMap<CallKey, Arc<ReplySink>>,
-    unclaimed: FastMap<CallKey, (u64, Vec<ReportMessage<'static>>)>,
-    /// Keys in the order they became unclaimed, with their generation: an entry whose
-    /// generation no longer matches was claimed since and is skipped.
-    order: VecDeque<(Instant, CallKey, u64)>,
-    kept: usize,
-    generation: u64,
-}
-
-impl StoreState {
-    fn keep(&mut self, key: CallKey, report: ReportMessage<'static>, ttl: Duration, max: usize) {
-        let now = Instant::now();
-        while let Some((at, _, _)) = self.order.front() {
-            let expired = now.duration_since(*at) > ttl;
-            if !expired && self.kept < max && self.order.len() < 2 * max.max(1) {
-                break;
-            }
-            if let Some((_, old, generation)) = self.order.pop_front()
-                && self.unclaimed.get(&old).is_some_and(|(g, _)| *g == generation)
-                && let Some((_, reports)) = self.unclaimed.remove(&old)
-            {
-                self.kept -= reports.len();
-            }
-        }
-        let generation = self.generation;
-        let (entry_generation, reports) = self.unclaimed.entry(key.clone()).or_insert_with(|| (generation, Vec::new()));
-        if *entry_generation == generation {
-            self.generation += 1;
-            self.order.push_back((now, key, generation));
-        }
-        reports.push(report);
-        self.kept += 1;
-    }
-
-    fn claim(&mut self, key: &CallKey) -> Vec<ReportMessage<'static>> {
-        match self.unclaimed.remove(key) {
-            Some((_, reports)) => {
-                self.kept -= reports.len();
-                reports
-            }
-            None => Vec::new(),
-        }
-    }
 }
 
 impl LocalBroker {
@@ -201,6 +155,7 @@ impl LocalBroker {
     pub fn with_options(options: LocalOptions) -> LocalBroker {
         static NEXT: AtomicUsize = AtomicUsize::new(1);
         let (shutdown_tx, shutdown_rx) = crossbeam_channel::bounded(0);
+        let router = ReportRouter::new(options.result_ttl, options.max_unclaimed);
         LocalBroker {
             inner: Arc::new(Inner {
                 address: Arc::from(format!("local.{}", NEXT.fetch_add(1, Ordering::Relaxed))),
@@ -212,7 +167,7 @@ impl LocalBroker {
                 shutdown_tx: Mutex::new(Some(shutdown_tx)),
                 shutdown_rx,
                 events: EventSinks::new(),
-                store: Mutex::new(StoreState::default()),
+                router,
                 dead: Mutex::new(VecDeque::new()),
             }),
         }
@@ -335,8 +290,7 @@ impl Inner {
         lock(&self.shutdown_tx).take();
         self.drain_queues();
         // Pending handles of the serialized store learn that no report will come.
-        let state = std::mem::take(&mut *lock(&self.store));
-        drop(state);
+        self.router.close();
     }
 
     /// Fails every queued task with `Shutdown`.
@@ -431,32 +385,17 @@ impl Inner {
 
     /// Hands a decoded report to the handle watching its call, or keeps it until one does.
     fn route(&self, report: ReportMessage<'static>) {
-        let key = report.key();
-        let sink = {
-            let mut state = lock(&self.store);
-            let sink =
-                if report.body.is_final() { state.watched.remove(&key) } else { state.watched.get(&key).cloned() };
-            if sink.is_none() {
-                if self.closed.load(Ordering::Acquire) {
-                    return;
-                }
-                self.events.emit(
-                    Event::new(
-                        Origin::Store,
-                        Level::Debug,
-                        EventKind::UnclaimedReport,
-                        "a report nobody waits for is kept",
-                    )
-                    .with_task(key.clone()),
-                );
-                state.keep(key, report, self.options.result_ttl, self.options.max_unclaimed);
-                return;
-            }
-            sink
-        };
-        // Outside the lock: delivering may run the caller's callbacks.
-        if let Some(sink) = sink {
-            sink.deliver(report.body);
+        let task = report.key();
+        if self.router.route(report) == Routed::Kept {
+            self.events.emit(
+                Event::new(
+                    Origin::Store,
+                    Level::Debug,
+                    EventKind::UnclaimedReport,
+                    "a report nobody waits for is kept",
+                )
+                .with_task(task),
+            );
         }
     }
 }
@@ -609,24 +548,13 @@ impl Store for LocalBroker {
         if !self.inner.options.serialized {
             return Ok(ReplyTo::Local(sink));
         }
-        let mut state = lock(&self.inner.store);
-        // Reports that came first are handed over under the lock, so none that arrives now
-        // can overtake them (no callback can be registered on a handle not yet returned).
-        let mut finished = false;
-        for report in state.claim(key) {
-            finished |= report.body.is_final();
-            sink.deliver(report.body);
-        }
-        if !finished {
-            state.watched.insert(key.clone(), Arc::new(sink));
-        }
+        self.inner.router.watch(key, sink);
         Ok(ReplyTo::Address(self.inner.address.clone()))
     }
 
     fn forget(&self, key: &CallKey) {
         if self.inner.options.serialized {
-            let sink = lock(&self.inner.store).watched.remove(key);
-            drop(sink); // outside the lock
+            self.inner.router.forget(key);
         }
     }
 

@@ -71,6 +71,8 @@ pub fn encode_task(msg: &TaskMessage) -> Result<Vec<u8>, BrokerError> {
         }
     }
     field(&mut out, FINGERPRINT, &msg.fingerprint.to_le_bytes());
+    field(&mut out, CODEC, &[args.codec]);
+    field(&mut out, PAYLOAD, &args.bytes);
     let mut flags = 0;
     if msg.options.ignore_report {
         flags |= OPT_IGNORE_REPORT;
@@ -81,9 +83,9 @@ pub fn encode_task(msg: &TaskMessage) -> Result<Vec<u8>, BrokerError> {
     if msg.options.at_most_once {
         flags |= OPT_AT_MOST_ONCE;
     }
+    // Last, so a message's tail (`4, 1, flags, END`) can never look like redelivery marks
+    // to a broker counting them.
     field(&mut out, OPTIONS, &[flags]);
-    field(&mut out, CODEC, &[args.codec]);
-    field(&mut out, PAYLOAD, &args.bytes);
     out.push(END);
     Ok(out)
 }
@@ -416,7 +418,7 @@ mod tests {
             let err = decode_task(&bytes[..cut]).unwrap_err();
             assert_eq!(err.error.kind(), BrokerErrorKind::Malformed);
         }
-        // Cut inside the arguments: name, id and reply address were read.
+        // Cut near the end: name, id and reply address were read.
         let err = decode_task(&bytes[..bytes.len() - 2]).unwrap_err();
         assert_eq!(err.name.unwrap(), "tasks.add");
         assert_eq!(err.id.unwrap(), "0190a5b2-0000-7000-8000-000000000001");

@@ -1,0 +1,615 @@
+//! [`RedisBroker`]: the four roles over Redis. Each role runs on threads of its own, each
+//! with its own connection (blocking waits never share one):
+//!
+//! | thread | role | does |
+//! | --- | --- | --- |
+//! | `dingo-redis-send` | producer | pipelines queued task messages, one script per queue per batch |
+//! | `dingo-redis-fetch` | consumer (one per subscription) | takes batches under lease; blocks on the queues' wake lists when idle |
+//! | `dingo-redis-done` | reporter | stores reports and releases leases, one script per queue per batch |
+//! | `dingo-redis-leases` | consumer | renews the leases of running tasks, returns expired ones to their queue |
+//! | `dingo-redis-reply` | store | blocks on this process's reply lists and routes reports to handles |
+
+mod completer;
+mod fetcher;
+mod keeper;
+mod listener;
+mod writer;
+
+use std::collections::{HashMap, HashSet};
+use std::fmt;
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard, OnceLock};
+use std::thread::JoinHandle;
+use std::time::Duration;
+
+use dingo_core::broker::router::ReportRouter;
+use dingo_core::broker::{Ack, ConsumeSettings, Consumer, Producer, Reporter, Store, Subscription};
+use dingo_core::event::{EventSink, EventSinks, Origin};
+use dingo_core::id::UuidV7;
+use dingo_core::message::{ReplySink, ReplyTo, ReportMessage, TaskMessage, wire};
+use dingo_core::{BrokerError, BrokerErrorKind, CallKey, IdMaker, TaskName};
+
+use crate::conn::{Conn, broker_error};
+use crate::keys::{self, QueueKeys};
+use crate::options::RedisOptions;
+
+use completer::{Completer, Op};
+use keeper::Keeper;
+use listener::Listener;
+use writer::{Outgoing, Writer};
+
+pub(crate) use fetcher::RedisAck;
+
+/// The Redis broker: task transport and report transport, usable for either role alone.
+///
+/// Cheap to clone; clones share connections and threads. Apps that use it release it on
+/// close; when the last one has, its threads finish their queued work (sends, reports) and
+/// stop, and calls still waiting for reports get a `Shutdown` failure.
+#[derive(Clone)]
+pub struct RedisBroker {
+    inner: Arc<Inner>,
+}
+
+/// Counters of what happened, for monitoring and tests.
+#[derive(Debug, Default)]
+pub struct Stats {
+    /// Task messages written to Redis.
+    pub sent: AtomicU64,
+    /// Task messages taken by this process's consumers.
+    pub fetched: AtomicU64,
+    /// Final reports stored (with their leases released).
+    pub completed: AtomicU64,
+    /// Late reports rejected because the lease had been taken over (fencing).
+    pub rejected_reports: AtomicU64,
+    /// Leases this process renewed.
+    pub renewed: AtomicU64,
+    /// Expired leases this process returned to their queue.
+    pub requeued_expired: AtomicU64,
+    /// Messages moved to the dead letters.
+    pub dead_lettered: AtomicU64,
+}
+
+/// A queue and the lease tokens this process holds on it.
+pub(crate) type Leased = (Arc<QueueKeys>, HashSet<String>);
+
+pub(crate) struct Inner {
+    pub(crate) client: redis::Client,
+    pub(crate) options: RedisOptions,
+    /// This broker instance's id: names its reply lists and control list.
+    pub(crate) process: Arc<str>,
+    pub(crate) control: String,
+    pub(crate) events: EventSinks,
+    pub(crate) stats: Stats,
+    pub(crate) router: ReportRouter,
+    queues: Mutex<HashMap<String, Arc<QueueKeys>>>,
+    known: Mutex<HashSet<String>>,
+    misc: Mutex<Conn>,
+    closed: AtomicBool,
+    users: AtomicUsize,
+    writer: Lazy<Writer>,
+    completer: Lazy<Completer>,
+    listener: Lazy<Listener>,
+    keeper: Lazy<Keeper>,
+    /// Leased tokens this process holds, by queue prefix: what the keeper renews.
+    pub(crate) leased: Mutex<HashMap<String, Leased>>,
+    /// Queues this process consumes, by prefix (with how many subscriptions): what the
+    /// keeper reaps.
+    pub(crate) consumed: Mutex<HashMap<String, (Arc<QueueKeys>, usize)>>,
+}
+
+impl RedisBroker {
+    /// Connects with default options: `redis://[user][:password@]host[:port][/db]`, or
+    /// `rediss://…` with the `tls` feature. The server is checked at once (an unreachable
+    /// server or one older than Redis 7.0 is an error).
+    pub fn connect(url: &str) -> Result<RedisBroker, BrokerError> {
+        RedisBroker::connect_with(url, RedisOptions::default())
+    }
+
+    /// Connects with these options.
+    pub fn connect_with(url: &str, options: RedisOptions) -> Result<RedisBroker, BrokerError> {
+        let client = redis::Client::open(url)
+            .map_err(|e| BrokerError::with_source(BrokerErrorKind::Config, "invalid redis URL", e))?;
+        let events = EventSinks::new();
+        let mut misc = Conn::new(
+            client.clone(),
+            "command",
+            Origin::Producer,
+            options.command_timeout,
+            options.command_timeout,
+            options.reconnect_backoff,
+            events.clone(),
+        );
+        let info: String = misc
+            .once(&mut |c| redis::cmd("INFO").arg("server").query(c))
+            .map_err(|e| broker_error("cannot reach redis", e))?;
+        check_version(&info)?;
+        let process: Arc<str> = Arc::from(UuidV7.next_id().as_str());
+        let control = keys::control(&options.namespace, &process);
+        let router = ReportRouter::new(options.result_ttl, 1_000_000);
+        Ok(RedisBroker {
+            inner: Arc::new(Inner {
+                client,
+                control,
+                process,
+                events,
+                stats: Stats::default(),
+                router,
+                queues: Mutex::new(HashMap::new()),
+                known: Mutex::new(HashSet::new()),
+                misc: Mutex::new(misc),
+                closed: AtomicBool::new(false),
+                users: AtomicUsize::new(0),
+                writer: Lazy::new(),
+                completer: Lazy::new(),
+                listener: Lazy::new(),
+                keeper: Lazy::new(),
+                leased: Mutex::new(HashMap::new()),
+                consumed: Mutex::new(HashMap::new()),
+                options,
+            }),
+        })
+    }
+
+    /// The options in use.
+    pub fn options(&self) -> &RedisOptions {
+        &self.inner.options
+    }
+
+    /// What happened so far.
+    pub fn stats(&self) -> &Stats {
+        &self.inner.stats
+    }
+
+    /// The dead letters of a task's queue, newest first.
+    pub fn dead_letters(&self, task: &str) -> Result<Vec<DeadLetter>, BrokerError> {
+        let keys = self.inner.queue_keys(task);
+        let entries: Vec<Vec<u8>> = self
+            .inner
+            .command(&mut |c| redis::cmd("LRANGE").arg(&keys.dead).arg(0).arg(-1).query(c))
+            .map_err(|e| broker_error("reading dead letters failed", e))?;
+        Ok(entries.into_iter().filter_map(|entry| DeadLetter::decode(&entry)).collect())
+    }
+
+    /// How many messages wait in a task's queue (both delivery modes).
+    pub fn queue_len(&self, task: &str) -> Result<usize, BrokerError> {
+        let keys = self.inner.queue_keys(task);
+        let (a, b): (usize, usize) = self
+            .inner
+            .command(&mut |c| redis::pipe().cmd("LLEN").arg(&keys.pending).cmd("LLEN").arg(&keys.amo).query(c))
+            .map_err(|e| broker_error("reading the queue length failed", e))?;
+        Ok(a + b)
+    }
+
+    /// Pushes raw bytes into a task's queue, as a foreign or broken producer would (for tests
+    /// and repair tools).
+    pub fn push_raw(&self, task: &str, bytes: Vec<u8>) -> Result<(), BrokerError> {
+        let keys = self.inner.queue_keys(task);
+        self.inner
+            .command(&mut |c| {
+                crate::scripts::PUSH.key(&keys.pending).key(&keys.wake).arg(bytes.as_slice()).invoke::<i64>(c)
+            })
+            .map(|_| ())
+            .map_err(|e| broker_error("pushing raw bytes failed", e))
+    }
+
+    /// Deletes every key of the namespace (all queues, leases, dead letters and replies). For
+    /// tests and tools; never while apps use it.
+    pub fn purge_namespace(&self) -> Result<usize, BrokerError> {
+        let pattern = format!("{}:*", self.inner.options.namespace);
+        let mut deleted = 0;
+        let mut cursor: u64 = 0;
+        loop {
+            let (next, keys): (u64, Vec<String>) = self
+                .inner
+                .command(&mut |c| {
+                    redis::cmd("SCAN").arg(cursor).arg("MATCH").arg(&pattern).arg("COUNT").arg(500).query(c)
+                })
+                .map_err(|e| broker_error("scanning the namespace failed", e))?;
+            if !keys.is_empty() {
+                deleted += self
+                    .inner
+                    .command(&mut |c| redis::cmd("UNLINK").arg(&keys).query::<usize>(c))
+                    .map_err(|e| broker_error("deleting keys failed", e))?;
+            }
+            if next == 0 {
+                return Ok(deleted);
+            }
+            cursor = next;
+        }
+    }
+
+    /// Shuts the broker down for every app that uses it: queued sends and reports are
+    /// written first, then the threads stop; pending calls get a `Shutdown` failure.
+    pub fn shutdown(&self) {
+        self.inner.shutdown();
+    }
+
+    fn attach_events(&self, events: &EventSink) {
+        self.inner.users.fetch_add(1, Ordering::AcqRel);
+        self.inner.events.add(events);
+    }
+
+    fn detach(&self) {
+        let previous = self
+            .inner
+            .users
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| Some(n.saturating_sub(1)))
+            .unwrap_or(0);
+        if previous <= 1 {
+            self.inner.shutdown();
+        }
+    }
+}
+
+impl fmt::Debug for RedisBroker {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("RedisBroker")
+            .field("namespace", &self.inner.options.namespace)
+            .field("process", &self.inner.process)
+            .field("closed", &self.inner.closed.load(Ordering::Relaxed))
+            .finish_non_exhaustive()
+    }
+}
+
+impl Inner {
+    pub(crate) fn queue_keys(&self, task: &str) -> Arc<QueueKeys> {
+        let mut queues = lock(&self.queues);
+        if let Some(keys) = queues.get(task) {
+            return keys.clone();
+        }
+        let keys = Arc::new(QueueKeys::new(&self.options.namespace, task));
+        queues.insert(task.to_owned(), keys.clone());
+        keys
+    }
+
+    /// A short command on the shared command connection.
+    pub(crate) fn command<T>(
+        &self,
+        f: &mut dyn FnMut(&mut redis::Connection) -> redis::RedisResult<T>,
+    ) -> Result<T, redis::RedisError> {
+        lock(&self.misc).once(f)
+    }
+
+    pub(crate) fn is_closed(&self) -> bool {
+        self.closed.load(Ordering::SeqCst)
+    }
+
+    pub(crate) fn conn(&self, role: &'static str, origin: Origin, blocking: bool) -> Conn {
+        let read_timeout = if blocking { self.options.blocking_read_timeout() } else { self.options.command_timeout };
+        Conn::new(
+            self.client.clone(),
+            role,
+            origin,
+            read_timeout,
+            self.options.command_timeout,
+            self.options.reconnect_backoff,
+            self.events.clone(),
+        )
+    }
+
+    fn declare(&self, task: &TaskName) -> Result<(), BrokerError> {
+        if lock(&self.known).contains(task.as_str()) {
+            return Ok(());
+        }
+        let set = keys::tasks(&self.options.namespace);
+        self.command(&mut |c| redis::cmd("SADD").arg(&set).arg(task.as_str()).query::<i64>(c))
+            .map_err(|e| broker_error("declaring the task failed", e))?;
+        lock(&self.known).insert(task.as_str().to_owned());
+        Ok(())
+    }
+
+    /// Whether some app declared `task` (else nobody can ever run it).
+    fn is_declared(&self, task: &str) -> Result<bool, BrokerError> {
+        if lock(&self.known).contains(task) {
+            return Ok(true);
+        }
+        let set = keys::tasks(&self.options.namespace);
+        let member: bool = self
+            .command(&mut |c| redis::cmd("SISMEMBER").arg(&set).arg(task).query(c))
+            .map_err(|e| broker_error("checking the task failed", e))?;
+        if member {
+            lock(&self.known).insert(task.to_owned());
+        }
+        Ok(member)
+    }
+
+    pub(crate) fn completer(self: &Arc<Inner>) -> Result<&Completer, BrokerError> {
+        self.completer.get_or_start(|| Completer::start(self.clone()))
+    }
+
+    pub(crate) fn keeper(self: &Arc<Inner>) -> Result<&Keeper, BrokerError> {
+        self.keeper.get_or_start(|| Keeper::start(self.clone()))
+    }
+
+    /// Wakes this process's blocked connections (they re-read what to wait for, or stop).
+    pub(crate) fn wake_blocked(&self) {
+        let _ = self.command(&mut |c| redis::cmd("LPUSH").arg(&self.control).arg("wake").query::<i64>(c));
+    }
+
+    fn shutdown(&self) {
+        if self.closed.swap(true, Ordering::SeqCst) {
+            return;
+        }
+        // Queued work is written before the threads stop.
+        if let Some(writer) = self.writer.get() {
+            writer.stop();
+        }
+        if let Some(completer) = self.completer.get() {
+            completer.stop();
+        }
+        self.wake_blocked();
+        if let Some(keeper) = self.keeper.get() {
+            keeper.stop();
+        }
+        if let Some(listener) = self.listener.get() {
+            listener.stop();
+        }
+        self.router.close();
+        let _ = self.command(&mut |c| redis::cmd("DEL").arg(&self.control).query::<i64>(c));
+    }
+}
+
+fn check_version(info: &str) -> Result<(), BrokerError> {
+    let version = info.lines().find_map(|line| line.strip_prefix("redis_version:")).unwrap_or("").trim();
+    let major: u32 = version.split('.').next().and_then(|m| m.parse().ok()).unwrap_or(0);
+    if major < 7 {
+        return Err(BrokerError::new(
+            BrokerErrorKind::Config,
+            format!("redis {version} is too old: dingo needs 7.0 or later (BLMPOP, RPOP with a count)"),
+        ));
+    }
+    Ok(())
+}
+
+impl Producer for RedisBroker {
+    fn attach(&self, events: &EventSink) {
+        self.attach_events(events);
+    }
+
+    fn declare(&self, task: &TaskName) -> Result<(), BrokerError> {
+        self.inner.declare(task)
+    }
+
+    fn send(&self, message: TaskMessage, timeout: Option<Duration>) -> Result<(), BrokerError> {
+        let inner = &self.inner;
+        if inner.is_closed() {
+            return Err(closed());
+        }
+        if !inner.is_declared(message.name.as_str())? {
+            return Err(BrokerError::new(
+                BrokerErrorKind::Unroutable,
+                format!("no app declared task `{}` in namespace `{}`", message.name, inner.options.namespace),
+            ));
+        }
+        let bytes = wire::encode_task(&message)?;
+        if bytes.len() > inner.options.max_message_size {
+            return Err(BrokerError::new(
+                BrokerErrorKind::TooLarge,
+                format!(
+                    "task message of {} bytes exceeds the limit of {} bytes",
+                    bytes.len(),
+                    inner.options.max_message_size
+                ),
+            ));
+        }
+        let queue = inner.queue_keys(message.name.as_str());
+        let reply = match &message.reply_to {
+            ReplyTo::Address(caller) => Some(caller.clone()),
+            _ => None,
+        };
+        let outgoing = Outgoing { queue, at_most_once: message.options.at_most_once, bytes, key: message.key(), reply };
+        let writer = inner.writer.get_or_start(|| Writer::start(inner.clone()))?;
+        writer.send(outgoing, timeout)
+    }
+
+    fn close(&self) {
+        self.detach();
+    }
+}
+
+impl Consumer for RedisBroker {
+    fn attach(&self, events: &EventSink) {
+        self.attach_events(events);
+    }
+
+    fn declare(&self, task: &TaskName) -> Result<(), BrokerError> {
+        self.inner.declare(task)
+    }
+
+    fn consume(&self, tasks: &[TaskName], settings: &ConsumeSettings) -> Result<Box<dyn Subscription>, BrokerError> {
+        if self.inner.is_closed() {
+            return Err(closed());
+        }
+        if tasks.is_empty() {
+            return Err(BrokerError::new(BrokerErrorKind::Config, "a subscription needs at least one task"));
+        }
+        self.inner.keeper()?;
+        self.inner.completer()?;
+        Ok(Box::new(fetcher::RedisSubscription::start(self.inner.clone(), tasks, settings)?))
+    }
+
+    fn close(&self) {
+        self.detach();
+    }
+}
+
+impl Reporter for RedisBroker {
+    fn attach(&self, events: &EventSink) {
+        self.attach_events(events);
+    }
+
+    fn report(&self, to: &ReplyTo, report: ReportMessage<'_>) -> Result<(), BrokerError> {
+        let Some(reply) = self.reply_key(to, &report)? else {
+            return Ok(());
+        };
+        let queue = self.inner.queue_keys(report.name.as_str());
+        let bytes = wire::encode_report(&report)?;
+        self.inner.completer()?.push(Op::Report { queue, reply, bytes })
+    }
+
+    fn finish(&self, to: &ReplyTo, report: ReportMessage<'_>, ack: Option<Ack>) -> Result<(), BrokerError> {
+        let reply = self.reply_key(to, &report)?;
+        let bytes = match reply {
+            Some(_) => Some(wire::encode_report(&report)?),
+            None => None,
+        };
+        let queue = self.inner.queue_keys(report.name.as_str());
+        let completer = self.inner.completer()?;
+        match ack.map(|ack| ack.downcast::<RedisAck>()) {
+            // Our own lease: report and release in one script.
+            Some(Ok(ours)) if ours.is_from(&self.inner) => completer.push(Op::Complete {
+                queue: ours.queue().clone(),
+                token: ours.token().to_owned(),
+                reply,
+                bytes,
+            }),
+            other => {
+                if let (Some(reply), Some(bytes)) = (reply, bytes) {
+                    completer.push(Op::Report { queue, reply, bytes })?;
+                }
+                match other {
+                    Some(Ok(foreign)) => Ack::new(*foreign).ack(),
+                    Some(Err(ack)) => ack.ack(),
+                    None => Ok(()),
+                }
+            }
+        }
+    }
+
+    fn close(&self) {
+        self.detach();
+    }
+}
+
+impl RedisBroker {
+    fn reply_key(&self, to: &ReplyTo, report: &ReportMessage<'_>) -> Result<Option<String>, BrokerError> {
+        match to {
+            ReplyTo::None => Ok(None),
+            ReplyTo::Address(caller) => Ok(Some(self.inner.queue_keys(report.name.as_str()).reply(caller))),
+            ReplyTo::Local(_) => {
+                Err(BrokerError::new(BrokerErrorKind::Config, "an in-process reply cannot go through redis"))
+            }
+        }
+    }
+}
+
+impl Store for RedisBroker {
+    fn attach(&self, events: &EventSink) {
+        self.attach_events(events);
+    }
+
+    fn watch(&self, key: &CallKey, sink: ReplySink) -> Result<ReplyTo, BrokerError> {
+        let inner = &self.inner;
+        if inner.is_closed() {
+            return Err(closed());
+        }
+        let listener = inner.listener.get_or_start(|| Listener::start(inner.clone()))?;
+        listener.listen_to(&inner.queue_keys(key.name.as_str()));
+        inner.router.watch(key, sink);
+        Ok(ReplyTo::Address(inner.process.clone()))
+    }
+
+    fn forget(&self, key: &CallKey) {
+        self.inner.router.forget(key);
+    }
+
+    fn close(&self) {
+        self.detach();
+    }
+}
+
+/// A message that could not be delivered, as kept in a queue's dead-letter list.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DeadLetter {
+    /// Why it was dead-lettered.
+    pub reason: String,
+    /// The message as it was queued.
+    pub bytes: Vec<u8>,
+}
+
+impl DeadLetter {
+    /// The entry stored in Redis: 4-byte little-endian reason length, reason, message.
+    pub(crate) fn prefix(reason: &str) -> Vec<u8> {
+        let mut out = Vec::with_capacity(4 + reason.len());
+        out.extend_from_slice(&(reason.len() as u32).to_le_bytes());
+        out.extend_from_slice(reason.as_bytes());
+        out
+    }
+
+    fn decode(entry: &[u8]) -> Option<DeadLetter> {
+        let len = u32::from_le_bytes(entry.get(..4)?.try_into().ok()?) as usize;
+        let reason = std::str::from_utf8(entry.get(4..4 + len)?).ok()?.to_owned();
+        Some(DeadLetter { reason, bytes: entry.get(4 + len..)?.to_vec() })
+    }
+}
+
+fn closed() -> BrokerError {
+    BrokerError::new(BrokerErrorKind::Closed, "the redis broker is shut down")
+}
+
+/// A background component started on first use; failing to start is an error, not a panic.
+pub(crate) struct Lazy<T> {
+    cell: OnceLock<T>,
+    starting: Mutex<()>,
+}
+
+impl<T> Lazy<T> {
+    fn new() -> Lazy<T> {
+        Lazy { cell: OnceLock::new(), starting: Mutex::new(()) }
+    }
+
+    pub(crate) fn get_or_start(&self, start: impl FnOnce() -> Result<T, BrokerError>) -> Result<&T, BrokerError> {
+        if let Some(started) = self.cell.get() {
+            return Ok(started);
+        }
+        let _starting = lock(&self.starting);
+        if self.cell.get().is_none() {
+            let _ = self.cell.set(start()?);
+        }
+        self.cell.get().ok_or_else(closed)
+    }
+
+    fn get(&self) -> Option<&T> {
+        self.cell.get()
+    }
+}
+
+/// A thread with a stop flag and an owner that joins it.
+pub(crate) struct Thread {
+    stop: Arc<AtomicBool>,
+    handle: Mutex<Option<JoinHandle<()>>>,
+}
+
+impl Thread {
+    pub(crate) fn spawn(name: &str, run: impl FnOnce(Arc<AtomicBool>) + Send + 'static) -> Result<Thread, BrokerError> {
+        let stop = Arc::new(AtomicBool::new(false));
+        let flag = stop.clone();
+        let handle = std::thread::Builder::new()
+            .name(name.to_owned())
+            .spawn(move || run(flag))
+            .map_err(|e| BrokerError::with_source(BrokerErrorKind::Other, "cannot start a redis thread", e))?;
+        Ok(Thread { stop, handle: Mutex::new(Some(handle)) })
+    }
+
+    /// Tells the thread to stop and waits for it (never for the calling thread itself).
+    pub(crate) fn stop_and_join(&self) {
+        self.stop_and_join_with(|| {});
+    }
+
+    /// Like [`stop_and_join`](Thread::stop_and_join), calling `wake` once the flag is set
+    /// (to interrupt a blocking wait).
+    pub(crate) fn stop_and_join_with(&self, wake: impl FnOnce()) {
+        self.stop.store(true, Ordering::SeqCst);
+        wake();
+        if let Some(handle) = lock(&self.handle).take()
+            && handle.thread().id() != std::thread::current().id()
+        {
+            let _ = handle.join();
+        }
+    }
+}
+
+// The guarded data stays consistent if a holder panics (single inserts and removals).
+pub(crate) fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
+    mutex.lock().unwrap_or_else(|e| e.into_inner())
+}

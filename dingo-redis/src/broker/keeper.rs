@@ -1,0 +1,155 @@
+//! The lease keeper: renews the leases of the tasks this process holds (so a long task is
+//! not handed to another worker), and returns the expired leases of the queues it serves to
+//! their queue (so the tasks of a worker that died run again). Runs for as long as the
+//! process consumes anything, not only at start-up.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, Instant};
+
+use dingo_core::BrokerError;
+use dingo_core::event::{Event, EventKind, Level, Origin};
+use dingo_core::message::wire::REDELIVERED_MARK;
+use redis::Value;
+
+use super::{DeadLetter, Inner, Thread, lock};
+use crate::keys::QueueKeys;
+use crate::scripts::{self, Call};
+
+pub(crate) struct Keeper {
+    thread: Thread,
+}
+
+impl Keeper {
+    pub(crate) fn start(inner: Arc<Inner>) -> Result<Keeper, BrokerError> {
+        let thread = Thread::spawn("dingo-redis-leases", move |stop| keep(&inner, &stop))?;
+        Ok(Keeper { thread })
+    }
+
+    pub(crate) fn stop(&self) {
+        self.thread.stop_and_join();
+    }
+}
+
+fn keep(inner: &Arc<Inner>, stop: &AtomicBool) {
+    let mut conn = inner.conn("lease keeper", Origin::Consumer, false);
+    let renew_every = inner.options.lease / 3;
+    let reap_every = inner.options.reap_interval;
+    let mut next_renew = Instant::now() + renew_every;
+    let mut next_reap = Instant::now();
+    while !stop.load(Ordering::SeqCst) {
+        let now = Instant::now();
+        if now >= next_renew {
+            renew(inner, &mut conn, stop);
+            next_renew = now + renew_every;
+        }
+        if now >= next_reap {
+            reap(inner, &mut conn, stop);
+            next_reap = now + reap_every;
+        }
+        // A timer, not a poll for work: wake at the next deadline, in short slices so a
+        // stop is seen promptly.
+        let next = next_renew.min(next_reap);
+        std::thread::sleep(next.saturating_duration_since(Instant::now()).min(Duration::from_millis(50)));
+    }
+}
+
+fn renew(inner: &Inner, conn: &mut crate::conn::Conn, stop: &AtomicBool) {
+    let lease = inner.options.lease.as_millis().to_string();
+    let held: Vec<(Arc<QueueKeys>, Vec<String>)> = lock(&inner.leased)
+        .values()
+        .filter(|(_, tokens)| !tokens.is_empty())
+        .map(|(queue, tokens)| (queue.clone(), tokens.iter().cloned().collect()))
+        .collect();
+    let mut calls = Vec::new();
+    let mut owners = Vec::new();
+    for (queue, tokens) in &held {
+        for chunk in tokens.chunks(1000) {
+            let mut call = Call::new(&scripts::RENEW).key(queue.leases.clone()).arg(lease.clone());
+            call.args.extend(chunk.iter().map(|t| t.clone().into_bytes()));
+            calls.push(call);
+            owners.push((queue.clone(), chunk.len()));
+        }
+    }
+    if calls.is_empty() {
+        return;
+    }
+    let Some(Ok(results)) = conn.retry(stop, &mut |c| scripts::run_batch(c, &calls)) else {
+        return;
+    };
+    let mut lost_total = 0;
+    for ((queue, count), result) in owners.iter().zip(results) {
+        let lost: Vec<String> = match result {
+            Value::Array(tokens) => tokens.into_iter().filter_map(|t| redis::from_redis_value(t).ok()).collect(),
+            _ => Vec::new(),
+        };
+        inner.stats.renewed.fetch_add((count - lost.len().min(*count)) as u64, Ordering::Relaxed);
+        if !lost.is_empty() {
+            lost_total += lost.len();
+            if let Some((_, held)) = lock(&inner.leased).get_mut(&queue.prefix) {
+                for token in &lost {
+                    held.remove(token);
+                }
+            }
+        }
+    }
+    if lost_total > 0 {
+        inner.events.emit(Event::new(
+            Origin::Consumer,
+            Level::Warning,
+            EventKind::Other,
+            format!(
+                "{lost_total} lease(s) lost before renewal (this process was stalled longer than the lease): \
+                 those tasks were handed to other workers and their reports from here will be rejected"
+            ),
+        ));
+    }
+}
+
+fn reap(inner: &Inner, conn: &mut crate::conn::Conn, stop: &AtomicBool) {
+    let queues: Vec<Arc<QueueKeys>> = lock(&inner.consumed).values().map(|(queue, _)| queue.clone()).collect();
+    if queues.is_empty() {
+        return;
+    }
+    let reason = DeadLetter::prefix(&format!(
+        "redelivered {} times: every worker that took it stopped renewing its lease (died or stalled)",
+        inner.options.max_redeliveries
+    ));
+    let calls: Vec<Call> = queues
+        .iter()
+        .map(|q| {
+            Call::new(&scripts::REAP)
+                .key(q.leases.clone())
+                .key(q.inflight.clone())
+                .key(q.pending.clone())
+                .key(q.wake.clone())
+                .key(q.dead.clone())
+                .arg("1000")
+                .arg(REDELIVERED_MARK.to_vec())
+                .arg(inner.options.max_redeliveries.to_string())
+                .arg(inner.options.max_dead_letters.to_string())
+                .arg(reason.clone())
+        })
+        .collect();
+    let Some(Ok(results)) = conn.retry(stop, &mut |c| scripts::run_batch(c, &calls)) else {
+        return;
+    };
+    for (queue, result) in queues.iter().zip(results) {
+        let (requeued, dead): (u64, u64) = redis::from_redis_value(result).unwrap_or((0, 0));
+        if requeued + dead == 0 {
+            continue;
+        }
+        inner.stats.requeued_expired.fetch_add(requeued, Ordering::Relaxed);
+        inner.stats.dead_lettered.fetch_add(dead, Ordering::Relaxed);
+        inner.events.emit(Event::new(
+            Origin::Consumer,
+            Level::Warning,
+            if dead > 0 { EventKind::DeadLettered } else { EventKind::Other },
+            format!(
+                "{requeued} task(s) of `{}` whose lease expired went back to the queue; {dead} redelivered too often \
+                 went to the dead letters",
+                queue.prefix
+            ),
+        ));
+    }
+}

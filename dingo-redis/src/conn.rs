@@ -1,0 +1,140 @@
+//! One Redis connection that reconnects: with backoff, reporting loss and recovery as
+//! events, reloading the scripts into a server that may have restarted.
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, Instant};
+
+use dingo_core::event::{Event, EventKind, EventSinks, Level, Origin};
+use dingo_core::{BrokerError, BrokerErrorKind};
+
+use crate::scripts;
+
+/// A connection owned by one thread.
+pub(crate) struct Conn {
+    client: redis::Client,
+    conn: Option<redis::Connection>,
+    /// What the connection is for, in events ("task fetcher", "report listener", …).
+    role: &'static str,
+    origin: Origin,
+    read_timeout: Duration,
+    connect_timeout: Duration,
+    backoff: (Duration, Duration),
+    events: EventSinks,
+    lost_since: Option<Instant>,
+}
+
+impl Conn {
+    pub(crate) fn new(
+        client: redis::Client,
+        role: &'static str,
+        origin: Origin,
+        read_timeout: Duration,
+        connect_timeout: Duration,
+        backoff: (Duration, Duration),
+        events: EventSinks,
+    ) -> Conn {
+        Conn { client, conn: None, role, origin, read_timeout, connect_timeout, backoff, events, lost_since: None }
+    }
+
+    /// Runs `f` once on the connection (connecting first if needed). A failed connection is
+    /// dropped, so the next call reconnects.
+    pub(crate) fn once<T>(
+        &mut self,
+        f: &mut dyn FnMut(&mut redis::Connection) -> redis::RedisResult<T>,
+    ) -> Result<T, redis::RedisError> {
+        if self.conn.is_none() {
+            self.conn = Some(self.connect()?);
+        }
+        let Some(conn) = self.conn.as_mut() else {
+            return Err(redis::RedisError::from(std::io::Error::other("not connected")));
+        };
+        match f(conn) {
+            Ok(value) => {
+                if let Some(since) = self.lost_since.take() {
+                    self.events.emit(Event::new(
+                        self.origin,
+                        Level::Info,
+                        EventKind::ConnectionRestored,
+                        format!("redis {} connection restored after {:.1?}", self.role, since.elapsed()),
+                    ));
+                }
+                Ok(value)
+            }
+            Err(e) => {
+                if is_connection_error(&e) {
+                    self.conn = None;
+                    self.lost(&e);
+                }
+                Err(e)
+            }
+        }
+    }
+
+    /// Runs `f` until it succeeds, reconnecting with backoff between attempts; gives up
+    /// (`None`) once `stop` is set. Errors other than connection errors are returned.
+    pub(crate) fn retry<T>(
+        &mut self,
+        stop: &AtomicBool,
+        f: &mut dyn FnMut(&mut redis::Connection) -> redis::RedisResult<T>,
+    ) -> Option<Result<T, redis::RedisError>> {
+        let mut pause = self.backoff.0;
+        loop {
+            match self.once(f) {
+                Ok(value) => return Some(Ok(value)),
+                Err(e) if is_connection_error(&e) => {
+                    if stop.load(Ordering::Acquire) {
+                        return None;
+                    }
+                    std::thread::sleep(pause);
+                    pause = (pause * 2).min(self.backoff.1);
+                }
+                Err(e) => return Some(Err(e)),
+            }
+        }
+    }
+
+    fn connect(&mut self) -> redis::RedisResult<redis::Connection> {
+        let conn = self.client.get_connection_with_timeout(self.connect_timeout);
+        let mut conn = match conn {
+            Ok(conn) => conn,
+            Err(e) => {
+                self.lost(&e);
+                return Err(e);
+            }
+        };
+        conn.set_read_timeout(Some(self.read_timeout))?;
+        conn.set_write_timeout(Some(self.connect_timeout))?;
+        // A server that restarted forgot the scripts.
+        for script in scripts::all() {
+            script.load(&mut conn)?;
+        }
+        Ok(conn)
+    }
+
+    fn lost(&mut self, error: &redis::RedisError) {
+        if self.lost_since.is_none() {
+            self.lost_since = Some(Instant::now());
+            self.events.emit(Event::new(
+                self.origin,
+                Level::Warning,
+                EventKind::ConnectionLost,
+                format!("redis {} connection lost ({error}); reconnecting", self.role),
+            ));
+        }
+    }
+}
+
+/// Whether an error means the connection is gone (as opposed to a command error).
+pub(crate) fn is_connection_error(e: &redis::RedisError) -> bool {
+    e.is_io_error()
+        || e.is_connection_dropped()
+        || e.is_connection_refusal()
+        || e.is_timeout()
+        || e.is_unrecoverable_error()
+}
+
+/// A redis error as a broker error.
+pub(crate) fn broker_error(context: &'static str, e: redis::RedisError) -> BrokerError {
+    let kind = if is_connection_error(&e) { BrokerErrorKind::Connection } else { BrokerErrorKind::Protocol };
+    BrokerError::with_source(kind, context, e)
+}

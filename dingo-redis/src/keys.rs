@@ -1,0 +1,82 @@
+//! Where everything lives in Redis; the layout is documented in `keys.md` (part of the
+//! crate docs).
+
+use std::fmt::Write;
+
+/// The keys of one task's queue.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct QueueKeys {
+    /// `NS:{T}` — the prefix of every key of the queue.
+    pub(crate) prefix: String,
+    pub(crate) pending: String,
+    pub(crate) amo: String,
+    pub(crate) wake: String,
+    pub(crate) leases: String,
+    pub(crate) inflight: String,
+    pub(crate) seq: String,
+    pub(crate) dead: String,
+}
+
+impl QueueKeys {
+    pub(crate) fn new(namespace: &str, task: &str) -> QueueKeys {
+        let prefix = format!("{namespace}:{{{}}}", escape(task));
+        let key = |kind: &str| format!("{prefix}:{kind}");
+        QueueKeys {
+            pending: key("pending"),
+            amo: key("amo"),
+            wake: key("wake"),
+            leases: key("leases"),
+            inflight: key("inflight"),
+            seq: key("seq"),
+            dead: key("dead"),
+            prefix,
+        }
+    }
+
+    /// The reply list of caller `caller` for this task.
+    pub(crate) fn reply(&self, caller: &str) -> String {
+        format!("{}:reply:{caller}", self.prefix)
+    }
+}
+
+/// The set of declared task names.
+pub(crate) fn tasks(namespace: &str) -> String {
+    format!("{namespace}:tasks")
+}
+
+/// The wake-up list of one process's blocked connections.
+pub(crate) fn control(namespace: &str, process: &str) -> String {
+    format!("{namespace}:ctl:{process}")
+}
+
+fn escape(task: &str) -> String {
+    let mut out = String::with_capacity(task.len());
+    for c in task.chars() {
+        match c {
+            '{' | '}' | '%' => {
+                let _ = write!(out, "%{:02X}", c as u32);
+            }
+            c => out.push(c),
+        }
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn all_keys_of_a_queue_share_one_hash_tag() {
+        let keys = QueueKeys::new("ns", "math.add");
+        for key in [&keys.pending, &keys.amo, &keys.wake, &keys.leases, &keys.inflight, &keys.seq, &keys.dead] {
+            assert!(key.starts_with("ns:{math.add}:"), "{key}");
+        }
+        assert_eq!(keys.reply("c1"), "ns:{math.add}:reply:c1");
+    }
+
+    #[test]
+    fn braces_in_names_cannot_break_the_tag() {
+        assert_eq!(QueueKeys::new("ns", "a}b{c%").pending, "ns:{a%7Db%7Bc%25}:pending");
+    }
+}

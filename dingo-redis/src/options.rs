@@ -1,0 +1,154 @@
+//! [`RedisOptions`]: every knob of the Redis broker, with the defaults documented.
+
+use std::time::Duration;
+
+/// Settings of a [`RedisBroker`](crate::RedisBroker).
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct RedisOptions {
+    /// Prefix of every key, so several apps can share one server. Default `dingo`.
+    pub namespace: String,
+    /// How long a worker owns a task it took. It renews the lease every third of it while the
+    /// task runs; a task whose worker stopped renewing (the process died) goes back to its
+    /// queue once the lease ends. Default 15 s.
+    pub lease: Duration,
+    /// How often each consumer process looks for expired leases of the queues it serves.
+    /// Default 1 s.
+    pub reap_interval: Duration,
+    /// A task redelivered this many times (its workers kept dying) is dead-lettered instead.
+    /// Default 5.
+    pub max_redeliveries: u32,
+    /// How long reports wait for their caller (the reply list's expiry, renewed on every
+    /// report). Default 1 day.
+    pub result_ttl: Duration,
+    /// The most messages moved by one script: fetched, sent or completed together.
+    /// Default 256.
+    pub batch: usize,
+    /// How many tasks a subscription holds ahead of its workers (leased, renewed, given back
+    /// on stop); at least the app's own prefetch. Default 256.
+    pub prefetch: usize,
+    /// How long a blocking wait (for tasks, for reports) lasts on the server before it is
+    /// renewed; the client's read timeout is this plus [`read_margin`](RedisOptions::read_margin).
+    /// Default 1 s.
+    pub block_timeout: Duration,
+    /// Added to the block timeout for the socket read timeout: a reply that arrives after a
+    /// client-side timeout would be lost by the client library. Default 2 s.
+    pub read_margin: Duration,
+    /// Timeout for connecting and for non-blocking commands. Default 5 s.
+    pub command_timeout: Duration,
+    /// Messages a producer may hold before `send` blocks (back-pressure while Redis is slow or
+    /// away). Default 65,536.
+    pub send_buffer: usize,
+    /// Largest encoded task message accepted. Default 16 MiB.
+    pub max_message_size: usize,
+    /// How many dead letters a queue keeps (the oldest are dropped). Default 10,000.
+    pub max_dead_letters: usize,
+    /// First and longest pause between reconnection attempts (doubling in between).
+    /// Default 10 ms and 2 s.
+    pub reconnect_backoff: (Duration, Duration),
+}
+
+impl Default for RedisOptions {
+    fn default() -> RedisOptions {
+        RedisOptions {
+            namespace: "dingo".to_owned(),
+            lease: Duration::from_secs(15),
+            reap_interval: Duration::from_secs(1),
+            max_redeliveries: 5,
+            result_ttl: Duration::from_secs(24 * 3600),
+            batch: 256,
+            prefetch: 256,
+            block_timeout: Duration::from_secs(1),
+            read_margin: Duration::from_secs(2),
+            command_timeout: Duration::from_secs(5),
+            send_buffer: 65_536,
+            max_message_size: 16 << 20,
+            max_dead_letters: 10_000,
+            reconnect_backoff: (Duration::from_millis(10), Duration::from_secs(2)),
+        }
+    }
+}
+
+impl RedisOptions {
+    /// The defaults.
+    pub fn new() -> RedisOptions {
+        RedisOptions::default()
+    }
+
+    /// Sets [`namespace`](RedisOptions::namespace).
+    pub fn namespace(mut self, namespace: impl Into<String>) -> RedisOptions {
+        self.namespace = namespace.into();
+        self
+    }
+
+    /// Sets [`lease`](RedisOptions::lease).
+    pub fn lease(mut self, lease: Duration) -> RedisOptions {
+        self.lease = lease.max(Duration::from_millis(100));
+        self
+    }
+
+    /// Sets [`reap_interval`](RedisOptions::reap_interval).
+    pub fn reap_interval(mut self, interval: Duration) -> RedisOptions {
+        self.reap_interval = interval.max(Duration::from_millis(10));
+        self
+    }
+
+    /// Sets [`max_redeliveries`](RedisOptions::max_redeliveries).
+    pub fn max_redeliveries(mut self, count: u32) -> RedisOptions {
+        self.max_redeliveries = count;
+        self
+    }
+
+    /// Sets [`result_ttl`](RedisOptions::result_ttl).
+    pub fn result_ttl(mut self, ttl: Duration) -> RedisOptions {
+        self.result_ttl = ttl.max(Duration::from_millis(1));
+        self
+    }
+
+    /// Sets [`batch`](RedisOptions::batch).
+    pub fn batch(mut self, batch: usize) -> RedisOptions {
+        self.batch = batch.clamp(1, 4096);
+        self
+    }
+
+    /// Sets [`prefetch`](RedisOptions::prefetch).
+    pub fn prefetch(mut self, tasks: usize) -> RedisOptions {
+        self.prefetch = tasks.max(1);
+        self
+    }
+
+    /// Sets [`block_timeout`](RedisOptions::block_timeout) (whole milliseconds, at least 1).
+    pub fn block_timeout(mut self, timeout: Duration) -> RedisOptions {
+        self.block_timeout = timeout.max(Duration::from_millis(1));
+        self
+    }
+
+    /// Sets [`command_timeout`](RedisOptions::command_timeout).
+    pub fn command_timeout(mut self, timeout: Duration) -> RedisOptions {
+        self.command_timeout = timeout;
+        self
+    }
+
+    /// Sets [`send_buffer`](RedisOptions::send_buffer).
+    pub fn send_buffer(mut self, messages: usize) -> RedisOptions {
+        self.send_buffer = messages.max(1);
+        self
+    }
+
+    /// Sets [`max_message_size`](RedisOptions::max_message_size).
+    pub fn max_message_size(mut self, bytes: usize) -> RedisOptions {
+        self.max_message_size = bytes;
+        self
+    }
+
+    /// Sets [`reconnect_backoff`](RedisOptions::reconnect_backoff).
+    pub fn reconnect_backoff(mut self, first: Duration, longest: Duration) -> RedisOptions {
+        self.reconnect_backoff = (first, longest.max(first));
+        self
+    }
+
+    /// The socket read timeout of blocking connections.
+    pub(crate) fn blocking_read_timeout(&self) -> Duration {
+        self.block_timeout + self.read_margin
+    }
+}
