@@ -47,7 +47,18 @@ pub(crate) use fetcher::RedisAck;
 /// stop, and calls still waiting for reports get a `Shutdown` failure.
 #[derive(Clone)]
 pub struct RedisBroker {
-    inner: Arc<Inner>,
+    pub(crate) inner: Arc<Inner>,
+    /// Shared by the clones: when the last goes, the broker shuts down (its threads hold
+    /// `inner`, not this).
+    _last: Arc<ShutdownOnDrop>,
+}
+
+struct ShutdownOnDrop(Arc<Inner>);
+
+impl Drop for ShutdownOnDrop {
+    fn drop(&mut self) {
+        self.0.shutdown();
+    }
 }
 
 /// Counters of what happened, for monitoring and tests.
@@ -126,28 +137,27 @@ impl RedisBroker {
         let process: Arc<str> = Arc::from(UuidV7.next_id().as_str());
         let control = keys::control(&options.namespace, &process);
         let router = ReportRouter::new(options.result_ttl, 1_000_000);
-        Ok(RedisBroker {
-            inner: Arc::new(Inner {
-                client,
-                control,
-                process,
-                events,
-                stats: Stats::default(),
-                router,
-                queues: Mutex::new(HashMap::new()),
-                known: Mutex::new(HashSet::new()),
-                misc: Mutex::new(misc),
-                closed: AtomicBool::new(false),
-                users: AtomicUsize::new(0),
-                writer: Lazy::new(),
-                completer: Lazy::new(),
-                listener: Lazy::new(),
-                keeper: Lazy::new(),
-                leased: Mutex::new(HashMap::new()),
-                consumed: Mutex::new(HashMap::new()),
-                options,
-            }),
-        })
+        let inner = Arc::new(Inner {
+            client,
+            control,
+            process,
+            events,
+            stats: Stats::default(),
+            router,
+            queues: Mutex::new(HashMap::new()),
+            known: Mutex::new(HashSet::new()),
+            misc: Mutex::new(misc),
+            closed: AtomicBool::new(false),
+            users: AtomicUsize::new(0),
+            writer: Lazy::new(),
+            completer: Lazy::new(),
+            listener: Lazy::new(),
+            keeper: Lazy::new(),
+            leased: Mutex::new(HashMap::new()),
+            consumed: Mutex::new(HashMap::new()),
+            options,
+        });
+        Ok(RedisBroker { _last: Arc::new(ShutdownOnDrop(inner.clone())), inner })
     }
 
     /// The options in use.
@@ -425,7 +435,7 @@ impl Consumer for RedisBroker {
         }
         self.inner.keeper()?;
         self.inner.completer()?;
-        Ok(Box::new(fetcher::RedisSubscription::start(self.inner.clone(), tasks, settings)?))
+        Ok(Box::new(fetcher::RedisSubscription::start(self.clone(), tasks, settings)?))
     }
 
     fn close(&self) {

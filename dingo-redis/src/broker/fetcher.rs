@@ -72,6 +72,8 @@ impl Acknowledge for RedisAck {
 }
 
 pub(crate) struct RedisSubscription {
+    /// Keeps the broker up while the subscription lives.
+    _broker: super::RedisBroker,
     inner: Arc<Inner>,
     queues: Vec<(TaskName, Arc<QueueKeys>)>,
     rx: Receiver<Delivery>,
@@ -82,10 +84,11 @@ pub(crate) struct RedisSubscription {
 
 impl RedisSubscription {
     pub(crate) fn start(
-        inner: Arc<Inner>,
+        broker: super::RedisBroker,
         tasks: &[TaskName],
         settings: &ConsumeSettings,
     ) -> Result<RedisSubscription, BrokerError> {
+        let inner = broker.inner.clone();
         static NEXT: AtomicU64 = AtomicU64::new(1);
         let queues: Vec<(TaskName, Arc<QueueKeys>)> =
             tasks.iter().map(|t| (t.clone(), inner.queue_keys(t.as_str()))).collect();
@@ -104,7 +107,7 @@ impl RedisSubscription {
         let stopped = Arc::new(AtomicBool::new(false));
         let fetch = Fetch { inner: inner.clone(), queues: queues.clone(), tx, control: control.clone(), capacity };
         let fetcher = Thread::spawn("dingo-redis-fetch", move |stop| fetch.run(&stop))?;
-        Ok(RedisSubscription { inner, queues, rx, stopped, control, fetcher })
+        Ok(RedisSubscription { _broker: broker, inner, queues, rx, stopped, control, fetcher })
     }
 
     /// Gives back what was fetched but never handed to a worker.

@@ -1,0 +1,66 @@
+//! Tasks shared by the Redis examples. Caller and worker are separate programs built from
+//! this one file, so each task has an explicit name (module paths differ per program).
+
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use dingo::serde::{Deserialize, Serialize};
+
+/// Tasks this process has run (for the worker's bounded mode).
+pub(crate) static RUN: AtomicU64 = AtomicU64::new(0);
+
+/// An order, to show that structs travel.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(crate = "dingo::serde")]
+pub(crate) struct Order {
+    pub(crate) id: u32,
+    pub(crate) items: Vec<String>,
+    pub(crate) cents_each: u64,
+}
+
+/// What `total` returns.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(crate = "dingo::serde")]
+pub(crate) struct Invoice {
+    pub(crate) order: u32,
+    pub(crate) total_cents: u64,
+}
+
+#[dingo::task(name = "example.add")]
+pub(crate) fn add(a: i64, b: i64) -> i64 {
+    RUN.fetch_add(1, Ordering::SeqCst);
+    a + b
+}
+
+#[dingo::task(name = "example.total")]
+pub(crate) fn total(order: Order) -> Result<Invoice, String> {
+    RUN.fetch_add(1, Ordering::SeqCst);
+    if order.items.is_empty() {
+        return Err(format!("order {} has no items", order.id));
+    }
+    Ok(Invoice { order: order.id, total_cents: order.items.len() as u64 * order.cents_each })
+}
+
+/// Sleeps, then returns its input: a task that takes time (for the fault tests).
+#[dingo::task(name = "example.slow_echo")]
+pub(crate) fn slow_echo(ctx: &dingo::Context, n: u64, millis: u64) -> u64 {
+    std::thread::sleep(std::time::Duration::from_millis(millis));
+    RUN.fetch_add(1, Ordering::SeqCst);
+    if ctx.redelivered() {
+        // Another worker took it first and died (or stalled) before finishing.
+        eprintln!("task {} was redelivered", ctx.id());
+    }
+    n
+}
+
+/// The broker both programs use: `DINGO_REDIS_URL` (default `redis://127.0.0.1:6379`),
+/// namespace `DINGO_NAMESPACE` (default `dingo-example`), lease `DINGO_LEASE_MS`.
+pub(crate) fn broker() -> Result<dingo::redis::RedisBroker, dingo::BrokerError> {
+    let url = std::env::var("DINGO_REDIS_URL").unwrap_or_else(|_| "redis://127.0.0.1:6379".to_owned());
+    let namespace = std::env::var("DINGO_NAMESPACE").unwrap_or_else(|_| "dingo-example".to_owned());
+    let mut options = dingo::redis::RedisOptions::new().namespace(namespace);
+    if let Some(ms) = std::env::var("DINGO_LEASE_MS").ok().and_then(|v| v.parse().ok()) {
+        options =
+            options.lease(std::time::Duration::from_millis(ms)).reap_interval(std::time::Duration::from_millis(ms / 4));
+    }
+    dingo::redis::RedisBroker::connect_with(&url, options)
+}
