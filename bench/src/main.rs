@@ -3,6 +3,7 @@
 //!
 //! ```text
 //! cargo run --release -p dingo-bench -- local [--runs 5] [--calls 2000000] [--window 1024] [--workers 1]
+//! cargo run --release -p dingo-bench -- redis [--url redis://127.0.0.1:6379] [--calls 300000] [--workers 2]
 //! ```
 //!
 //! Scenarios on the local broker:
@@ -12,12 +13,20 @@
 //! - `inflight-serialized`: `inflight` through the serialized local broker (MessagePack and
 //!   the wire format on every message), so the codec's cost shows;
 //! - `payload-1k-serialized`: a 1 KiB string echoed through the serialized broker.
+//!
+//! Scenarios on Redis (a caller app and a worker app, each with its own connections, in
+//! this process; a fresh namespace per run, deleted afterwards):
+//! - `redis-inflight`: at-least-once `add::call` + `wait`, `--window` calls in flight;
+//! - `redis-inflight-at-most-once`: the same with the task's default `at_most_once`;
+//! - `redis-fire-and-forget`: at-least-once `add::send`, counted when the workers ran them;
+//! - `redis-sequential`: one call at a time, p50 / p99.
 
 use std::collections::VecDeque;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
-use dingo::{App, LocalBroker};
+use dingo::redis::{RedisBroker, RedisOptions};
+use dingo::{App, CallOptions, LocalBroker};
 
 #[cfg(feature = "mimalloc")]
 #[global_allocator]
@@ -43,7 +52,8 @@ fn echo(payload: String) -> String {
 
 struct Config {
     runs: usize,
-    calls: u64,
+    calls: Option<u64>,
+    url: String,
     window: usize,
     workers: usize,
     only: Option<String>,
@@ -64,7 +74,8 @@ fn main() {
     let mode = args.next().unwrap_or_else(|| "local".to_owned());
     let mut config = Config {
         runs: 5,
-        calls: 2_000_000,
+        calls: None,
+        url: std::env::var("DINGO_REDIS_URL").unwrap_or_else(|_| "redis://127.0.0.1:6379".to_owned()),
         window: 1024,
         workers: 1,
         only: None,
@@ -76,7 +87,8 @@ fn main() {
         let number = || value.parse::<u64>().unwrap_or_else(|_| usage(&format!("{flag} needs a number")));
         match flag.as_str() {
             "--runs" => config.runs = number().max(1) as usize,
-            "--calls" => config.calls = number().max(1),
+            "--calls" => config.calls = Some(number().max(1)),
+            "--url" => config.url = value.clone(),
             "--window" => config.window = number().max(1) as usize,
             "--workers" => config.workers = number().max(1) as usize,
             "--only" => config.only = Some(value.clone()),
@@ -91,24 +103,30 @@ fn main() {
     }
     match mode.as_str() {
         "local" => local(&config),
-        other => usage(&format!("unknown mode {other} (this build knows: local)")),
+        "redis" => redis(&config),
+        other => usage(&format!("unknown mode {other} (this build knows: local, redis)")),
     }
 }
 
 fn usage(problem: &str) -> ! {
     eprintln!(
-        "{problem}\nusage: dingo-bench local [--runs N] [--calls N] [--window N] [--workers N] [--only SCENARIO] [--worker-spin-us N] [--ids uuid|sequential]"
+        "{problem}\nusage: dingo-bench local|redis [--runs N] [--url URL] [--calls N] [--window N] [--workers N] [--only SCENARIO] [--worker-spin-us N] [--ids uuid|sequential]"
     );
     std::process::exit(2)
 }
 
-fn local(config: &Config) {
+fn machine(config: &Config, mode: &str, calls: u64) {
     let cores = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(0);
     let allocator = if cfg!(feature = "mimalloc") { "mimalloc" } else { "system malloc" };
     println!(
-        "dingo-bench local: {} runs per scenario, {} calls per run, window {}, {} worker thread(s), {cores} cores, {allocator}",
-        config.runs, config.calls, config.window, config.workers
+        "dingo-bench {mode}: {} runs per scenario, {calls} calls per run, window {}, {} worker thread(s), {cores} cores, {allocator}",
+        config.runs, config.window, config.workers
     );
+}
+
+fn local(config: &Config) {
+    let calls = config.calls.unwrap_or(2_000_000);
+    machine(config, "local", calls);
     let builder = || {
         let mut builder = App::builder();
         if let Some(spin) = config.worker_spin {
@@ -121,15 +139,93 @@ fn local(config: &Config) {
     };
     let memory = || builder().broker(LocalBroker::new()).build();
     let serialized = || builder().broker(LocalBroker::serialized()).build();
-    let calls = config.calls;
     let scenarios: Vec<Scenario<'_>> = vec![
-        ("inflight", Box::new(move || inflight(memory()?, config, calls))),
-        ("fire-and-forget", Box::new(move || fire_and_forget(memory()?, config, calls))),
-        ("sequential", Box::new(move || sequential(memory()?, config, (calls / 10).max(1)))),
-        ("inflight-serialized", Box::new(move || inflight(serialized()?, config, (calls / 4).max(1)))),
+        ("inflight", Box::new(move || inflight(&memory()?, &memory_same(), config, calls))),
+        ("fire-and-forget", Box::new(move || fire_and_forget(&memory()?, &memory_same(), config, calls))),
+        ("sequential", Box::new(move || sequential(&memory()?, &memory_same(), config, (calls / 10).max(1)))),
+        ("inflight-serialized", Box::new(move || inflight(&serialized()?, &memory_same(), config, (calls / 4).max(1)))),
         ("payload-1k-serialized", Box::new(move || payload(serialized()?, config, (calls / 10).max(1)))),
     ];
-    println!("{:<24} {:>14} {:>14} {:>14} {:>10} {:>10}", "scenario", "median/s", "min/s", "max/s", "p50", "p99");
+    run(config, scenarios);
+}
+
+/// The worker app of a local scenario: the caller app itself.
+fn memory_same() -> Option<App> {
+    None
+}
+
+fn redis(config: &Config) {
+    let calls = config.calls.unwrap_or(300_000);
+    machine(config, "redis", calls);
+    let url = config.url.as_str();
+    let pair = move || -> Result<(App, App, Namespace), dingo::Error> {
+        let namespace = Namespace::new(url)?;
+        let caller = App::builder().broker(namespace.broker()?).build()?;
+        let worker = App::builder().broker(namespace.broker()?).build()?;
+        Ok((caller, worker, namespace))
+    };
+    let at_most_once = |app: &App| app.set_default_options(add, CallOptions::new().at_most_once(true));
+    let scenarios: Vec<Scenario<'_>> = vec![
+        (
+            "redis-inflight",
+            Box::new(move || {
+                let (caller, worker, _ns) = pair()?;
+                inflight(&caller, &Some(worker), config, calls)
+            }),
+        ),
+        (
+            "redis-inflight-at-most-once",
+            Box::new(move || {
+                let (caller, worker, _ns) = pair()?;
+                at_most_once(&caller)?;
+                inflight(&caller, &Some(worker), config, calls)
+            }),
+        ),
+        (
+            "redis-fire-and-forget",
+            Box::new(move || {
+                let (caller, worker, _ns) = pair()?;
+                fire_and_forget(&caller, &Some(worker), config, calls)
+            }),
+        ),
+        (
+            "redis-sequential",
+            Box::new(move || {
+                let (caller, worker, _ns) = pair()?;
+                sequential(&caller, &Some(worker), config, (calls / 20).max(1))
+            }),
+        ),
+    ];
+    run(config, scenarios);
+}
+
+/// A namespace of its own for one run, deleted afterwards.
+struct Namespace {
+    url: String,
+    options: RedisOptions,
+}
+
+impl Namespace {
+    fn new(url: &str) -> Result<Namespace, dingo::Error> {
+        let name = format!("dingo-bench-{}-{}", std::process::id(), dingo::IdMaker::next_id(&dingo::UuidV7));
+        Ok(Namespace { url: url.to_owned(), options: RedisOptions::new().namespace(name) })
+    }
+
+    fn broker(&self) -> Result<RedisBroker, dingo::Error> {
+        Ok(RedisBroker::connect_with(&self.url, self.options.clone())?)
+    }
+}
+
+impl Drop for Namespace {
+    fn drop(&mut self) {
+        if let Ok(broker) = self.broker() {
+            let _ = broker.purge_namespace();
+        }
+    }
+}
+
+fn run(config: &Config, scenarios: Vec<Scenario<'_>>) {
+    println!("{:<28} {:>14} {:>14} {:>14} {:>10} {:>10}", "scenario", "median/s", "min/s", "max/s", "p50", "p99");
     for (name, scenario) in scenarios {
         if config.only.as_deref().is_some_and(|only| only != name) {
             continue;
@@ -156,7 +252,7 @@ fn local(config: &Config) {
         p99s.sort();
         let latency = |v: &[Duration]| v.get(v.len() / 2).map(|d| format!("{:.2}µs", d.as_secs_f64() * 1e6));
         println!(
-            "{:<24} {:>14.0} {:>14.0} {:>14.0} {:>10} {:>10}",
+            "{:<28} {:>14.0} {:>14.0} {:>14.0} {:>10} {:>10}",
             name,
             rates[rates.len() / 2],
             rates[0],
@@ -169,13 +265,26 @@ fn local(config: &Config) {
 
 /// `window` calls in flight from one caller thread: call, and once the window is full wait
 /// for the oldest.
-fn inflight(app: App, config: &Config, calls: u64) -> Outcome {
-    app.allocate(add, config.workers)?;
-    warm_up(&app)?;
+/// The app whose workers run the tasks: a separate worker app, or the caller itself.
+fn workers<'a>(caller: &'a App, worker: &'a Option<App>) -> &'a App {
+    worker.as_ref().unwrap_or(caller)
+}
+
+fn close(caller: &App, worker: &Option<App>) -> Result<(), dingo::Error> {
+    caller.close()?;
+    if let Some(worker) = worker {
+        worker.close()?;
+    }
+    Ok(())
+}
+
+fn inflight(app: &App, worker: &Option<App>, config: &Config, calls: u64) -> Outcome {
+    workers(app, worker).allocate(add, config.workers)?;
+    warm_up(app)?;
     let mut pending = VecDeque::with_capacity(config.window);
     let start = Instant::now();
     for i in 0..calls as i64 {
-        pending.push_back(add::call(&app, i, 1)?);
+        pending.push_back(add::call(app, i, 1)?);
         if pending.len() >= config.window {
             let handle = pending.pop_front().ok_or(dingo::Error::NoReport)?;
             handle.wait()?;
@@ -185,40 +294,40 @@ fn inflight(app: App, config: &Config, calls: u64) -> Outcome {
         handle.wait()?;
     }
     let rate = calls as f64 / start.elapsed().as_secs_f64();
-    app.close()?;
+    close(app, worker)?;
     Ok(Measure::Rate(rate))
 }
 
-fn fire_and_forget(app: App, config: &Config, calls: u64) -> Outcome {
-    app.allocate(count, config.workers)?;
+fn fire_and_forget(app: &App, worker: &Option<App>, config: &Config, calls: u64) -> Outcome {
+    workers(app, worker).allocate(count, config.workers)?;
     let before = EXECUTED.load(Ordering::Relaxed);
     let start = Instant::now();
     for i in 0..calls as i64 {
-        count::send(&app, i, 1)?;
+        count::send(app, i, 1)?;
     }
     while EXECUTED.load(Ordering::Relaxed) - before < calls {
-        std::hint::spin_loop();
+        std::thread::yield_now();
     }
     let rate = calls as f64 / start.elapsed().as_secs_f64();
-    app.close()?;
+    close(app, worker)?;
     Ok(Measure::Rate(rate))
 }
 
-fn sequential(app: App, config: &Config, calls: u64) -> Outcome {
-    app.allocate(add, config.workers)?;
-    warm_up(&app)?;
+fn sequential(app: &App, worker: &Option<App>, config: &Config, calls: u64) -> Outcome {
+    workers(app, worker).allocate(add, config.workers)?;
+    warm_up(app)?;
     let mut latencies = Vec::with_capacity(calls as usize);
     let start = Instant::now();
     for i in 0..calls as i64 {
         let begin = Instant::now();
-        add::call(&app, i, 1)?.wait()?;
+        add::call(app, i, 1)?.wait()?;
         latencies.push(begin.elapsed());
     }
     let rate = calls as f64 / start.elapsed().as_secs_f64();
     latencies.sort();
     let at = |q: f64| latencies[((latencies.len() as f64 * q) as usize).min(latencies.len() - 1)];
     let measure = Measure::Latency { p50: at(0.50), p99: at(0.99), rate };
-    app.close()?;
+    close(app, worker)?;
     Ok(measure)
 }
 

@@ -124,6 +124,13 @@ pub trait Subscription: Send + Sync + 'static {
     /// Stops fetching and wakes every blocked `recv` (which then returns [`Recv::Stopped`]).
     /// Messages fetched but not handed to a worker go back to their queue.
     fn stop(&self);
+
+    /// Whether an idle worker should poll [`try_recv`](Subscription::try_recv) for a few
+    /// microseconds before blocking: worth it for in-process queues, where the next task may
+    /// be that close; a waste of a core for remote ones, where tasks arrive in batches.
+    fn prefers_polling(&self) -> bool {
+        false
+    }
 }
 
 /// A task message handed to a worker, with what acknowledges it.
@@ -241,6 +248,12 @@ pub trait Store: Send + Sync + 'static {
 
     /// The handle of `key` is gone (finished or dropped): forget it.
     fn forget(&self, key: &CallKey);
+
+    /// Whether a caller waiting for a result should poll for a few microseconds before
+    /// sleeping: worth it when reports come from this process, not over a network.
+    fn prefers_polling(&self) -> bool {
+        false
+    }
 
     /// The app that attached this store is closing. Once no app uses the store, pending
     /// handles get a `Shutdown` failure (a store shared by apps keeps serving the others).

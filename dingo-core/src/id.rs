@@ -257,11 +257,11 @@ impl fmt::Debug for CallKey {
 
 /// A map keyed by task names or call keys, with a fast non-cryptographic hash: the keys are
 /// names the program registered, not attacker-chosen input, and every call looks one up.
-pub(crate) type FastMap<K, V> = HashMap<K, V, BuildHasherDefault<FxHasher>>;
+pub type FastMap<K, V> = HashMap<K, V, BuildHasherDefault<FxHasher>>;
 
-/// The Fx hash (rustc's): one multiply per 8 bytes.
-#[derive(Default, Clone, Copy)]
-pub(crate) struct FxHasher(u64);
+/// The Fx hash (rustc's): one multiply per 8 bytes. Not for keys an attacker chooses.
+#[derive(Debug, Default, Clone, Copy)]
+pub struct FxHasher(u64);
 
 impl FxHasher {
     fn add(&mut self, word: u64) {

@@ -17,6 +17,7 @@ use crate::report::{Progress, Report};
 /// How long a waiter spins before it sleeps: a result that is microseconds away is picked
 /// up without the cost of a wake-up (tens of microseconds).
 const SPIN: Duration = Duration::from_micros(50);
+const REMOTE_SPIN: Duration = Duration::from_micros(20);
 
 /// How many `Sent` / `Progress` reports a handle keeps while nobody reads them; beyond
 /// that the oldest are dropped (a chatty task must not grow a forgotten handle without end).
@@ -242,6 +243,9 @@ type OnErr = Box<dyn FnOnce(&TaskError) + Send>;
 /// The shared state of one call: written by the report transport, read by the handle.
 pub(crate) struct Slot<T> {
     finished: AtomicBool,
+    /// Whether a waiter polls briefly before sleeping: yes when the result comes from this
+    /// process (microseconds away), no when it comes over the network.
+    spin: AtomicBool,
     state: Mutex<State<T>>,
     wake: Condvar,
     codecs: Arc<Codecs>,
@@ -278,6 +282,7 @@ impl<T: Send + 'static> Slot<T> {
     pub(crate) fn new(codecs: Arc<Codecs>, decode: DecodeFn<T>) -> Slot<T> {
         Slot {
             finished: AtomicBool::new(false),
+            spin: AtomicBool::new(true),
             state: Mutex::new(State {
                 reports: VecDeque::new(),
                 outcome: Outcome::Pending,
@@ -297,7 +302,13 @@ impl<T: Send + 'static> Slot<T> {
     }
 
     fn spin_until_finished(&self) {
-        crate::spin::spin(SPIN, || self.finished.load(Ordering::Acquire).then_some(()));
+        let budget = if self.spin.load(Ordering::Relaxed) { SPIN } else { REMOTE_SPIN };
+        crate::spin::spin(budget, || self.finished.load(Ordering::Acquire).then_some(()));
+    }
+
+    /// The result will come over the network: waiters sleep at once instead of polling.
+    pub(crate) fn remote(&self) {
+        self.spin.store(false, Ordering::Relaxed);
     }
 
     /// Sleeps until something is delivered; `Err` when the deadline passed.

@@ -162,6 +162,9 @@ impl Worker {
     /// Polls for a short while (a task that arrives within microseconds starts without a
     /// wake-up), then blocks.
     fn idle(&self) -> Recv {
+        if !self.subscription.prefers_polling() {
+            return self.subscription.recv(None);
+        }
         let polled = crate::spin::spin(self.shared.spin, || match self.subscription.try_recv() {
             Recv::Empty => None,
             other => Some(other),

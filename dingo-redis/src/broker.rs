@@ -18,14 +18,14 @@ mod writer;
 use std::collections::{HashMap, HashSet};
 use std::fmt;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard, OnceLock};
+use std::sync::{Arc, Mutex, MutexGuard, OnceLock, RwLock, RwLockReadGuard, RwLockWriteGuard};
 use std::thread::JoinHandle;
 use std::time::Duration;
 
 use dingo_core::broker::router::ReportRouter;
 use dingo_core::broker::{Ack, ConsumeSettings, Consumer, Producer, Reporter, Store, Subscription};
 use dingo_core::event::{EventSink, EventSinks, Origin};
-use dingo_core::id::UuidV7;
+use dingo_core::id::{FastMap, UuidV7};
 use dingo_core::message::{ReplySink, ReplyTo, ReportMessage, TaskMessage, wire};
 use dingo_core::{BrokerError, BrokerErrorKind, CallKey, IdMaker, TaskName};
 
@@ -92,7 +92,7 @@ pub(crate) struct Inner {
     pub(crate) events: EventSinks,
     pub(crate) stats: Stats,
     pub(crate) router: ReportRouter,
-    queues: Mutex<HashMap<String, Arc<QueueKeys>>>,
+    queues: RwLock<FastMap<TaskName, Arc<QueueKeys>>>,
     known: Mutex<HashSet<String>>,
     misc: Mutex<Conn>,
     closed: AtomicBool,
@@ -144,7 +144,7 @@ impl RedisBroker {
             events,
             stats: Stats::default(),
             router,
-            queues: Mutex::new(HashMap::new()),
+            queues: RwLock::new(FastMap::default()),
             known: Mutex::new(HashSet::new()),
             misc: Mutex::new(misc),
             closed: AtomicBool::new(false),
@@ -263,13 +263,11 @@ impl fmt::Debug for RedisBroker {
 
 impl Inner {
     pub(crate) fn queue_keys(&self, task: &str) -> Arc<QueueKeys> {
-        let mut queues = lock(&self.queues);
-        if let Some(keys) = queues.get(task) {
+        if let Some(keys) = read(&self.queues).get(task) {
             return keys.clone();
         }
-        let keys = Arc::new(QueueKeys::new(&self.options.namespace, task));
-        queues.insert(task.to_owned(), keys.clone());
-        keys
+        let keys = Arc::new(QueueKeys::new(&self.options.namespace, task, &self.process));
+        write(&self.queues).entry(TaskName::from(task)).or_insert(keys).clone()
     }
 
     /// A short command on the shared command connection.
@@ -622,4 +620,12 @@ impl Thread {
 // The guarded data stays consistent if a holder panics (single inserts and removals).
 pub(crate) fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
     mutex.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+fn read<T>(lock: &RwLock<T>) -> RwLockReadGuard<'_, T> {
+    lock.read().unwrap_or_else(|e| e.into_inner())
+}
+
+fn write<T>(lock: &RwLock<T>) -> RwLockWriteGuard<'_, T> {
+    lock.write().unwrap_or_else(|e| e.into_inner())
 }

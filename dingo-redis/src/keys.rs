@@ -15,10 +15,12 @@ pub(crate) struct QueueKeys {
     pub(crate) inflight: String,
     pub(crate) seq: String,
     pub(crate) dead: String,
+    /// The reply list of the process these keys were made for.
+    pub(crate) reply_here: String,
 }
 
 impl QueueKeys {
-    pub(crate) fn new(namespace: &str, task: &str) -> QueueKeys {
+    pub(crate) fn new(namespace: &str, task: &str, process: &str) -> QueueKeys {
         let prefix = format!("{namespace}:{{{}}}", escape(task));
         let key = |kind: &str| format!("{prefix}:{kind}");
         QueueKeys {
@@ -29,6 +31,7 @@ impl QueueKeys {
             inflight: key("inflight"),
             seq: key("seq"),
             dead: key("dead"),
+            reply_here: key(&format!("reply:{process}")),
             prefix,
         }
     }
@@ -68,15 +71,16 @@ mod tests {
 
     #[test]
     fn all_keys_of_a_queue_share_one_hash_tag() {
-        let keys = QueueKeys::new("ns", "math.add");
+        let keys = QueueKeys::new("ns", "math.add", "p1");
         for key in [&keys.pending, &keys.amo, &keys.wake, &keys.leases, &keys.inflight, &keys.seq, &keys.dead] {
             assert!(key.starts_with("ns:{math.add}:"), "{key}");
         }
         assert_eq!(keys.reply("c1"), "ns:{math.add}:reply:c1");
+        assert_eq!(keys.reply_here, "ns:{math.add}:reply:p1");
     }
 
     #[test]
     fn braces_in_names_cannot_break_the_tag() {
-        assert_eq!(QueueKeys::new("ns", "a}b{c%").pending, "ns:{a%7Db%7Bc%25}:pending");
+        assert_eq!(QueueKeys::new("ns", "a}b{c%", "p").pending, "ns:{a%7Db%7Bc%25}:pending");
     }
 }

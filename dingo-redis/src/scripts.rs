@@ -63,12 +63,14 @@ return out
 /// token is "" there is no lease (a non-final report, an at-most-once task); otherwise the
 /// lease (`KEYS[1]`) must still be this worker's, and it is released with the message
 /// (`KEYS[2]`) in the same step as the report is stored. A reply index of 0 stores no
-/// report (a fire-and-forget call). Reply lists are `KEYS[3..]` and expire after `ARGV[1]`
-/// ms. Returns the tokens whose lease was lost (their reports are not stored: fencing).
+/// report (a fire-and-forget call). Reply lists are `KEYS[3..]`; each gets its reports in
+/// one push, in order, and expires `ARGV[1]` ms later. Returns the tokens whose lease was
+/// lost (their reports are not stored: fencing).
 pub(crate) static COMPLETE: LazyLock<Script> = LazyLock::new(|| {
     Script::new(
         r#"
 local lost = {}
+local out = {}
 local i = 2
 while i <= #ARGV do
   local token, k, report = ARGV[i], tonumber(ARGV[i + 1]), ARGV[i + 2]
@@ -79,13 +81,18 @@ while i <= #ARGV do
   end
   if owned then
     if k > 0 then
-      redis.call('RPUSH', KEYS[2 + k], report)
-      redis.call('PEXPIRE', KEYS[2 + k], ARGV[1])
+      local list = out[k]
+      if not list then list = {}; out[k] = list end
+      list[#list + 1] = report
     end
   else
     lost[#lost + 1] = token
   end
   i = i + 3
+end
+for k, reports in pairs(out) do
+  redis.call('RPUSH', KEYS[2 + k], unpack(reports))
+  redis.call('PEXPIRE', KEYS[2 + k], ARGV[1])
 end
 return lost
 "#,
@@ -226,11 +233,25 @@ impl Call {
 /// Runs script calls in one round trip. A call the server does not know (its script cache
 /// was flushed) is loaded and sent again; a call that ran is never sent twice.
 pub(crate) fn run_batch(conn: &mut redis::Connection, calls: &[Call]) -> redis::RedisResult<Vec<Value>> {
+    run_after(conn, None, calls)
+}
+
+/// Like [`run_batch`], with a command sent first in the same pipeline — a blocking wait:
+/// the server runs the calls the moment the wait ends, without another round trip.
+pub(crate) fn run_after(
+    conn: &mut redis::Connection,
+    first: Option<&redis::Cmd>,
+    calls: &[Call],
+) -> redis::RedisResult<Vec<Value>> {
     let mut results: Vec<Option<Value>> = vec![None; calls.len()];
     let mut todo: Vec<usize> = (0..calls.len()).collect();
     for attempt in 0..2 {
         let mut pipe = redis::pipe();
         pipe.ignore_errors();
+        let first = if attempt == 0 { first } else { None };
+        if let Some(first) = first {
+            pipe.add_command(first.clone());
+        }
         for &i in &todo {
             let call = &calls[i];
             let cmd = pipe.cmd("EVALSHA").arg(call.script.get_hash()).arg(call.keys.len());
@@ -241,7 +262,10 @@ pub(crate) fn run_batch(conn: &mut redis::Connection, calls: &[Call]) -> redis::
                 cmd.arg(arg.as_slice());
             }
         }
-        let replies: Vec<redis::RedisResult<Value>> = pipe.query(conn)?;
+        let mut replies: Vec<redis::RedisResult<Value>> = pipe.query(conn)?;
+        if first.is_some() && !replies.is_empty() {
+            replies.remove(0)?;
+        }
         let mut missing = Vec::new();
         for (&i, reply) in todo.iter().zip(replies) {
             match reply {

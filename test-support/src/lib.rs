@@ -19,6 +19,7 @@
 #![allow(missing_debug_implementations)]
 
 pub mod app;
+pub mod proxy;
 pub mod reports;
 pub mod transport;
 

@@ -558,6 +558,10 @@ impl Store for LocalBroker {
         }
     }
 
+    fn prefers_polling(&self) -> bool {
+        true
+    }
+
     fn close(&self) {
         self.detach();
     }
@@ -644,6 +648,10 @@ impl Subscription for LocalSubscription {
     fn stop(&self) {
         self.stopped.store(true, Ordering::Release);
         lock(&self.stop_tx).take();
+    }
+
+    fn prefers_polling(&self) -> bool {
+        true
     }
 }
 

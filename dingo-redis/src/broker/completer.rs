@@ -78,7 +78,7 @@ fn complete_loop(inner: &Arc<Inner>, rx: &Receiver<Op>, stop: &AtomicBool) {
         {
             batch.push(op);
         }
-        let plan = Plan::new(&batch, inner);
+        let plan = Plan::new(&mut batch, inner);
         match conn.retry(stop, &mut |c| scripts::run_batch(c, &plan.calls)) {
             Some(Ok(results)) => plan.done(inner, &results),
             Some(Err(e)) => error(inner, format!("{} report(s) or acknowledgement(s) were refused: {e}", batch.len())),
@@ -105,19 +105,20 @@ enum Kind {
 impl Plan {
     /// Per queue, consecutive reports and completions share one `COMPLETE`; dead letters and
     /// requeues get calls of their own, in their place in the order.
-    fn new(batch: &[Op], inner: &Inner) -> Plan {
+    fn new(batch: &mut [Op], inner: &Inner) -> Plan {
         let ttl = inner.options.result_ttl.as_millis().to_string();
         let mut plan = Plan { calls: Vec::new(), kinds: Vec::new() };
         // Per call: its reply keys (KEYS[3..] of a COMPLETE). Per queue: its open COMPLETE.
         let mut replies: Vec<Vec<String>> = Vec::new();
         let mut open: HashMap<String, usize> = HashMap::new();
-        for op in batch {
-            let queue = op.queue();
+        for op in batch.iter_mut() {
+            let queue = op.queue().clone();
+            let queue = &queue;
             match op {
                 Op::Report { reply, bytes, .. } => {
                     let index = plan.open_complete(&mut open, &mut replies, queue, &ttl);
                     let k = plan.reply_index(&mut replies[index], index, reply);
-                    plan.calls[index].args.extend([Vec::new(), k.to_string().into_bytes(), bytes.clone()]);
+                    plan.calls[index].args.extend([Vec::new(), k.to_string().into_bytes(), std::mem::take(bytes)]);
                 }
                 Op::Complete { token, reply, bytes, .. } => {
                     let index = plan.open_complete(&mut open, &mut replies, queue, &ttl);
@@ -125,7 +126,7 @@ impl Plan {
                         Some(reply) => plan.reply_index(&mut replies[index], index, reply),
                         None => 0,
                     };
-                    let report = bytes.clone().unwrap_or_default();
+                    let report = bytes.take().unwrap_or_default();
                     plan.calls[index].args.extend([token.clone().into_bytes(), k.to_string().into_bytes(), report]);
                     if let Kind::Complete { finals } = &mut plan.kinds[index] {
                         *finals += 1;
@@ -140,7 +141,7 @@ impl Plan {
                         .arg(inner.options.max_dead_letters.to_string())
                         .arg(token.clone())
                         .arg(DeadLetter::prefix(reason))
-                        .arg(bytes.clone());
+                        .arg(std::mem::take(bytes));
                     plan.push(call, Kind::Dead { count: 1 }, &mut replies);
                 }
                 Op::Requeue { tokens, amo, .. } => {
@@ -153,7 +154,7 @@ impl Plan {
                         .key(queue.amo.clone())
                         .arg(tokens.len().to_string());
                     call.args.extend(tokens.iter().map(|t| t.clone().into_bytes()));
-                    call.args.extend(amo.iter().cloned());
+                    call.args.append(amo);
                     plan.push(call, Kind::Requeue, &mut replies);
                 }
             }

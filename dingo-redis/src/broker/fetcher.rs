@@ -17,7 +17,6 @@ use redis::Value;
 
 use super::completer::Op;
 use super::{Inner, Thread, lock};
-use crate::conn::Conn;
 use crate::keys::{self, QueueKeys};
 use crate::scripts::{self, Call};
 
@@ -208,6 +207,10 @@ impl Fetch {
         let lease = self.inner.options.lease.as_millis().to_string();
         let mut wake_keys: Vec<&str> = vec![self.control.as_str()];
         wake_keys.extend(self.queues.iter().map(|(_, q)| q.wake.as_str()));
+        let timeout = self.inner.options.block_timeout.as_secs_f64();
+        let mut wait = redis::cmd("BLPOP");
+        wait.arg(&wake_keys).arg(timeout);
+        let mut idle = false;
         let mut round = 0usize;
         while !stop.load(Ordering::SeqCst) {
             let free = self.capacity.saturating_sub(self.tx.len());
@@ -227,13 +230,17 @@ impl Fetch {
                         .arg(lease.clone())
                 })
                 .collect();
-            let results = match fetching.retry(stop, &mut |c| scripts::run_batch(c, &calls)) {
+            // Idle: wait on the wake lists with the fetch pipelined behind the wait, so the
+            // server fetches the moment work arrives (one round trip, not two).
+            let first = idle.then_some(&wait);
+            let results = match fetching.retry(stop, &mut |c| scripts::run_after(c, first, &calls)) {
                 Some(Ok(results)) => results,
                 Some(Err(e)) => {
+                    // Not a connection problem (those are retried with backoff): something
+                    // is wrong with the data; report it and try again a little later.
                     self.event(Level::Error, EventKind::ReceiveFailed, format!("fetching tasks failed: {e}"));
-                    if !self.block(&mut fetching, &wake_keys, stop) {
-                        return;
-                    }
+                    std::thread::sleep(self.inner.options.block_timeout);
+                    idle = false;
                     continue;
                 }
                 None => return,
@@ -243,18 +250,8 @@ impl Fetch {
                 let (name, queue) = &self.queues[(i + round) % self.queues.len()];
                 got += self.deliver(name, queue, result, stop);
             }
-            if got == 0 && !self.block(&mut fetching, &wake_keys, stop) {
-                return;
-            }
+            idle = got == 0;
         }
-    }
-
-    /// Blocks until a queue has work, this subscription is told to stop, or the block
-    /// timeout passes. `false` when the thread should exit.
-    fn block(&self, conn: &mut Conn, keys: &[&str], stop: &AtomicBool) -> bool {
-        let timeout = self.inner.options.block_timeout.as_secs_f64();
-        conn.retry(stop, &mut |c| redis::cmd("BLPOP").arg(keys).arg(timeout).query::<Value>(c)).is_some()
-            && !stop.load(Ordering::SeqCst)
     }
 
     /// Hands the fetched messages of one queue to the workers; returns how many there were.

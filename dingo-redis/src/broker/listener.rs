@@ -34,13 +34,12 @@ impl Listener {
 
     /// Makes sure the reply list of this process for `queue`'s task is listened to.
     pub(crate) fn listen_to(&self, queue: &QueueKeys) {
-        let reply = queue.reply(&self.inner.process);
         let mut replies = lock(&self.replies);
-        if replies.contains_key(&reply) {
+        if replies.contains_key(&queue.reply_here) {
             return;
         }
         let task = queue_task(queue);
-        replies.insert(reply, task);
+        replies.insert(queue.reply_here.clone(), task);
         drop(replies);
         // The listener may be blocked on the old set of lists: wake it to take the new one.
         self.wake();

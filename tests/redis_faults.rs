@@ -1,0 +1,917 @@
+//! Faults on the Redis broker, each asserting that nothing is lost and nothing completes
+//! twice: connections cut and an outage (through a [`Proxy`]), a task outliving its lease
+//! while renewing it, a stalled worker fenced out, garbage in a queue, and a Redis server
+//! restarted under running apps (a server of the test's own; the shared one is never
+//! restarted).
+//!
+//! Tests marked `#[ignore = "bug: …"]` reproduce defects these faults uncovered, each
+//! deterministically; they pass once the defect is fixed (`cargo test -- --ignored`).
+#![cfg(feature = "redis")]
+
+use std::collections::BTreeMap;
+use std::io::{Read, Write};
+use std::net::{SocketAddr, TcpListener, TcpStream, ToSocketAddrs};
+use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::{Duration, Instant};
+
+use dingo::broker::Store;
+use dingo::message::{Payload, ReplySink, ReplyTo, ReportBody, ReportSink, TaskMessage, wire};
+use dingo::redis::{RedisBroker, RedisOptions};
+use dingo::{App, CallKey, Event, EventFilter, EventKind, Events, Level, TaskErrorKind, TaskId, TaskName};
+use dingo_test_support::PATIENCE;
+use dingo_test_support::proxy::Proxy;
+use dingo_test_support::redis::Redis;
+
+// ---------------------------------------------------------------------------------------
+// Helpers
+// ---------------------------------------------------------------------------------------
+
+fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
+    mutex.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+/// Waits until `done` holds, or fails after [`PATIENCE`] naming `what`.
+fn wait_until(what: &str, mut done: impl FnMut() -> bool) {
+    let deadline = Instant::now() + PATIENCE;
+    while !done() {
+        assert!(Instant::now() < deadline, "timed out after {PATIENCE:?} waiting until {what}");
+        std::thread::sleep(Duration::from_millis(5));
+    }
+}
+
+/// Splits `redis://[user:pass@]host[:port][/db]` into what comes before the address
+/// (`redis://user:pass@`), `host:port`, and what comes after (`/db`).
+fn split_url(url: &str) -> (String, String, String) {
+    let (scheme, rest) = url.split_once("://").expect("a URL with a scheme");
+    let (auth, rest) = match rest.rsplit_once('@') {
+        Some((auth, rest)) => (format!("{auth}@"), rest),
+        None => (String::new(), rest),
+    };
+    let (hostport, path) = match rest.find('/') {
+        Some(i) => (&rest[..i], &rest[i..]),
+        None => (rest, ""),
+    };
+    let hostport = if hostport.contains(':') { hostport.to_owned() } else { format!("{hostport}:6379") };
+    (format!("{scheme}://{auth}"), hostport, path.to_owned())
+}
+
+/// The socket address of the server a URL names.
+fn server_addr(url: &str) -> SocketAddr {
+    let (_, hostport, _) = split_url(url);
+    hostport.to_socket_addrs().expect("resolve the redis host").next().expect("an address")
+}
+
+/// The same URL, through `proxy`.
+fn via(proxy: &Proxy, url: &str) -> String {
+    let (front, _, path) = split_url(url);
+    format!("{front}127.0.0.1:{}{path}", proxy.port())
+}
+
+/// Runs `redis-cli` against `url`; its output, trimmed.
+fn redis_cli(url: &str, args: &[&str]) -> String {
+    let out = Command::new("redis-cli")
+        .arg("-u")
+        .arg(url)
+        .args(args)
+        .stderr(Stdio::null())
+        .output()
+        .expect("redis-cli must be installed for this test");
+    assert!(out.status.success(), "redis-cli {args:?} failed");
+    String::from_utf8_lossy(&out.stdout).trim().to_owned()
+}
+
+/// Leases and in-flight messages left in a task's queue (both must be 0 once all is done).
+fn leftovers(url: &str, namespace: &str, task: &str) -> (u64, u64) {
+    let prefix = format!("{namespace}:{{{task}}}");
+    let leases = redis_cli(url, &["ZCARD", &format!("{prefix}:leases")]).parse().expect("ZCARD");
+    let inflight = redis_cli(url, &["HLEN", &format!("{prefix}:inflight")]).parse().expect("HLEN");
+    (leases, inflight)
+}
+
+/// Every event of an app, kept for questions asked later.
+struct Seen {
+    events: Events,
+    seen: Vec<Event>,
+}
+
+impl Seen {
+    fn watch(app: &App) -> Seen {
+        Seen { events: app.events(EventFilter::new().level(Level::Info).capacity(100_000)), seen: Vec::new() }
+    }
+
+    fn drain(&mut self) {
+        while let Some(event) = self.events.try_recv() {
+            self.seen.push(event);
+        }
+    }
+
+    fn count(&mut self, kind: EventKind) -> usize {
+        self.drain();
+        self.seen.iter().filter(|e| e.kind == kind).count()
+    }
+
+    fn wait_for(&mut self, kind: EventKind) -> Event {
+        let deadline = Instant::now() + PATIENCE;
+        loop {
+            self.drain();
+            if let Some(event) = self.seen.iter().find(|e| e.kind == kind) {
+                return event.clone();
+            }
+            let left = deadline.saturating_duration_since(Instant::now());
+            assert!(!left.is_zero(), "no {kind:?} event within {PATIENCE:?}; saw {:#?}", self.seen);
+            if let Some(event) = self.events.recv_timeout(left) {
+                self.seen.push(event);
+            }
+        }
+    }
+}
+
+fn stat(counter: &std::sync::atomic::AtomicU64) -> u64 {
+    counter.load(Ordering::SeqCst)
+}
+
+// ---------------------------------------------------------------------------------------
+// a. Connections cut, and an outage
+// ---------------------------------------------------------------------------------------
+
+/// Runs per argument of `cut_echo` (distinct per call).
+static CUT_RUNS: Mutex<BTreeMap<u64, u32>> = Mutex::new(BTreeMap::new());
+
+#[dingo::task(name = "faults.cut_echo")]
+fn cut_echo(n: u64, millis: u64) -> u64 {
+    *lock(&CUT_RUNS).entry(n).or_default() += 1;
+    std::thread::sleep(Duration::from_millis(millis));
+    n * 3 + 1
+}
+
+fn cut_echo_started() -> usize {
+    lock(&CUT_RUNS).len()
+}
+
+/// Resolves handles of `cut_echo(n, _)` to `n * 3 + 1`, or fails naming the call.
+fn expect_cut_echoes(handles: Vec<(u64, dingo::Handle<u64>)>) {
+    for (n, mut handle) in handles {
+        let got = handle.wait_timeout(PATIENCE).unwrap_or_else(|e| panic!("call {n} got no result: {e:?}"));
+        assert_eq!(got, n * 3 + 1, "call {n}");
+    }
+}
+
+/// A caller and a worker, each with its own broker and its own proxy to Redis; 300 calls in
+/// three waves. The worker's connections are cut three times while tasks run and fetches,
+/// renewals and reports are in flight; then both sides go through an outage of a second
+/// (connections dropped, reconnections refused) with 100 calls waiting. (The caller's side
+/// is cut only while no report is on its way to it: a report in flight is lost, see
+/// `a_report_in_flight_survives_a_partition`.) Every call gets its own exact result, every
+/// run's report is stored once or rejected, any extra run is accounted for by an expired
+/// lease, and both apps report the lost and restored connections.
+#[test]
+fn connection_cuts_and_an_outage_lose_nothing() {
+    let Some(setup) = Redis::setup() else { return };
+    let worker_proxy = Proxy::start(server_addr(setup.url())).expect("start the worker's proxy");
+    let caller_proxy = Proxy::start(server_addr(setup.url())).expect("start the caller's proxy");
+    let connect = |proxy: &Proxy| {
+        RedisBroker::connect_with(&via(proxy, setup.url()), setup.options().clone()).expect("connect via the proxy")
+    };
+    let worker_broker = connect(&worker_proxy);
+    let caller_broker = connect(&caller_proxy);
+    let worker = App::builder().broker(worker_broker.clone()).build().expect("worker app");
+    let caller = App::builder().broker(caller_broker.clone()).build().expect("caller app");
+    let mut worker_events = Seen::watch(&worker);
+    let mut caller_events = Seen::watch(&caller);
+    worker.allocate(cut_echo, 4).expect("allocate");
+    let call = |range: std::ops::Range<u64>| -> Vec<(u64, dingo::Handle<u64>)> {
+        range.map(|n| (n, cut_echo::call(&caller, n, 10).expect("call"))).collect()
+    };
+
+    // Waves 1 and 2, the worker cut off twice while it works.
+    let mut handles = call(0..100);
+    wait_until("50 tasks started", || cut_echo_started() >= 50);
+    let cut = worker_proxy.cut();
+    assert!(cut >= 3, "the worker's connections go through the proxy (cut {cut})");
+    handles.extend(call(100..200));
+    wait_until("120 tasks started", || cut_echo_started() >= 120);
+    worker_proxy.cut();
+    expect_cut_echoes(handles);
+
+    // The outage: the worker goes first (so no report is on its way to the caller), wave 3
+    // is written, then the caller goes too.
+    worker_proxy.pause();
+    let handles = call(200..300);
+    wait_until("wave 3 is written", || stat(&caller_broker.stats().sent) == 300);
+    assert!(caller_proxy.cut() >= 2, "the caller's connections go through its proxy");
+    caller_proxy.pause();
+    std::thread::sleep(Duration::from_secs(1)); // the outage's length, not an assertion
+    caller_proxy.resume();
+    worker_proxy.resume();
+    wait_until("250 tasks started", || cut_echo_started() >= 250);
+    worker_proxy.cut();
+    expect_cut_echoes(handles);
+
+    let runs = lock(&CUT_RUNS).clone();
+    assert_eq!(runs.keys().copied().collect::<Vec<_>>(), (0..300).collect::<Vec<_>>(), "every task ran");
+    let executions: u64 = runs.values().map(|&r| u64::from(r)).sum();
+    let twice: Vec<u64> = runs.iter().filter(|(_, r)| **r > 1).map(|(n, _)| *n).collect();
+    let stats = worker_broker.stats();
+    eprintln!(
+        "cuts: {} task(s) ran more than once {twice:?}; {} lease(s) expired and were requeued; {} report(s) \
+         rejected; the worker's proxy accepted {} and refused {} connection(s), the caller's {} and {}",
+        twice.len(),
+        stat(&stats.requeued_expired),
+        stat(&stats.rejected_reports),
+        worker_proxy.accepted(),
+        worker_proxy.refused(),
+        caller_proxy.accepted(),
+        caller_proxy.refused(),
+    );
+    // At least once: a task runs again only after its lease expired and it was requeued.
+    assert!(
+        twice.len() as u64 <= stat(&stats.requeued_expired),
+        "{} task(s) ran twice but only {} lease(s) expired: {twice:?}",
+        twice.len(),
+        stat(&stats.requeued_expired)
+    );
+    // Every run's final report was stored or rejected (fencing, or a retried batch), none
+    // lost in between, and at most one stored per call.
+    wait_until("every run's report is stored or rejected", || {
+        stat(&stats.completed) + stat(&stats.rejected_reports) == executions
+    });
+    assert!(stat(&stats.completed) <= 300, "at most one stored result per call: {}", stat(&stats.completed));
+    // On a fresh connection: see `broker_commands_work_after_a_connection_cut` for the
+    // broker's own command connection after a cut.
+    assert_eq!(setup.broker().queue_len(cut_echo::NAME).expect("queue length"), 0);
+    assert_eq!(leftovers(setup.url(), &setup.options().namespace, cut_echo::NAME), (0, 0));
+
+    for (who, events) in [("worker", &mut worker_events), ("caller", &mut caller_events)] {
+        events.wait_for(EventKind::ConnectionLost);
+        events.wait_for(EventKind::ConnectionRestored);
+        eprintln!(
+            "cuts: the {who} saw {} ConnectionLost and {} ConnectionRestored event(s)",
+            events.count(EventKind::ConnectionLost),
+            events.count(EventKind::ConnectionRestored)
+        );
+    }
+    assert!(worker_proxy.refused() >= 1, "the worker tried to reconnect during the outage");
+    assert!(caller_proxy.refused() >= 1, "the caller tried to reconnect during the outage");
+    caller.close().expect("close the caller");
+    worker.close().expect("close the worker");
+}
+
+/// A task that waits for the test to let it finish; returns `n + 1`.
+struct Gate {
+    started: std::sync::mpsc::Receiver<u64>,
+    release: std::sync::mpsc::SyncSender<()>,
+}
+
+impl Gate {
+    /// Registers `name` on `app` as a gated task.
+    fn register(app: &App, name: &str) -> Gate {
+        let (started_tx, started) = std::sync::mpsc::sync_channel::<u64>(16);
+        let (release, release_rx) = std::sync::mpsc::sync_channel::<()>(16);
+        let (started_tx, release_rx) = (Mutex::new(started_tx), Mutex::new(release_rx));
+        app.register(name, move |(n,): (u64,)| {
+            let _ = lock(&started_tx).send(n);
+            let _ = lock(&release_rx).recv_timeout(PATIENCE);
+            n + 1
+        })
+        .expect("register the gated task");
+        Gate { started, release }
+    }
+}
+
+/// The reply lists of a namespace that exist now.
+fn reply_lists(url: &str, namespace: &str) -> String {
+    redis_cli(url, &["--scan", "--pattern", &format!("{namespace}:*:reply:*")])
+}
+
+/// The connection of the caller's report listener breaks after Redis handed it a report
+/// (a partition, then the connection given up): the report still reaches its handle.
+#[test]
+#[ignore = "bug: reports popped by the listener's BLMPOP are lost when its connection breaks before the reply arrives"]
+fn a_report_in_flight_survives_a_partition() {
+    let Some(setup) = Redis::setup() else { return };
+    let proxy = Proxy::start(server_addr(setup.url())).expect("start the proxy");
+    // The listener's wait lasts long on the server, so it is surely waiting there when the
+    // report comes.
+    let options = setup.options().clone().block_timeout(Duration::from_secs(10));
+    let caller = App::builder()
+        .broker(RedisBroker::connect_with(&via(&proxy, setup.url()), options).expect("connect via the proxy"))
+        .build()
+        .expect("caller app");
+    let worker_broker = setup.broker();
+    let worker = App::builder().broker(worker_broker.clone()).build().expect("worker app");
+    let gate = Gate::register(&worker, "faults.gate");
+    worker.allocate("faults.gate", 1).expect("allocate");
+
+    let mut handle = caller.call::<_, u64>("faults.gate", (5u64,)).expect("call");
+    assert_eq!(gate.started.recv_timeout(PATIENCE).expect("the task starts"), 5);
+    proxy.partition();
+    gate.release.send(()).expect("release the task");
+    let namespace = &setup.options().namespace;
+    wait_until("the report is stored and taken by the listener's wait", || {
+        stat(&worker_broker.stats().completed) == 1 && reply_lists(setup.url(), namespace).is_empty()
+    });
+    proxy.resume();
+    assert_eq!(handle.wait_timeout(PATIENCE).expect("the report after the partition"), 6);
+    caller.close().expect("close");
+    worker.close().expect("close");
+}
+
+/// The reply to a batch of task messages is lost on its way back (the messages were
+/// queued): the caller's retry must not queue them again, so each call runs once.
+#[test]
+#[ignore = "bug: a task batch whose reply was lost is pushed again on retry: the calls run twice"]
+fn a_lost_reply_to_a_send_does_not_run_the_call_twice() {
+    let Some(setup) = Redis::setup() else { return };
+    let proxy = Proxy::start(server_addr(setup.url())).expect("start the proxy");
+    let options = setup.options().clone().command_timeout(Duration::from_secs(1));
+    let sender = RedisBroker::connect_with(&via(&proxy, setup.url()), options).expect("connect via the proxy");
+    // Tasks through the proxy, reports straight from Redis (so only the send is disturbed).
+    let caller = App::builder().tasks(sender.clone()).reports(setup.broker()).build().expect("caller app");
+    let worker = App::builder().broker(setup.broker()).build().expect("worker app");
+    let runs: Arc<Mutex<BTreeMap<u64, u32>>> = Arc::default();
+    let counted = runs.clone();
+    worker
+        .register("faults.once", move |(n,): (u64,)| {
+            *lock(&counted).entry(n).or_default() += 1;
+            n
+        })
+        .expect("register");
+    worker.allocate("faults.once", 1).expect("allocate");
+    // The sender's connection is up before the replies go missing.
+    assert_eq!(caller.call::<_, u64>("faults.once", (0u64,)).expect("call").wait_timeout(PATIENCE).expect("ok"), 0);
+
+    proxy.mute();
+    let mut handle = caller.call::<_, u64>("faults.once", (1u64,)).expect("call");
+    assert_eq!(handle.wait_timeout(PATIENCE).expect("the call ran"), 1);
+    proxy.resume();
+    wait_until("the sender's retry went through", || stat(&sender.stats().sent) == 2);
+    let namespace = &setup.options().namespace;
+    wait_until("the queue is drained", || {
+        setup.broker().queue_len("faults.once").expect("queue length") == 0
+            && leftovers(setup.url(), namespace, "faults.once") == (0, 0)
+    });
+    assert_eq!(*lock(&runs), BTreeMap::from([(0, 1), (1, 1)]), "each call ran once");
+    caller.close().expect("close");
+    worker.close().expect("close");
+}
+
+/// The reply to a worker's completion is lost on its way back (the report was stored and
+/// the lease released): the retry must not count it as a late report rejected by fencing,
+/// nor warn that the task was handed to another worker, since it never was.
+#[test]
+#[ignore = "bug: a completion retried after its reply was lost counts as a rejected late report (false fencing warning)"]
+fn a_lost_reply_to_a_completion_is_not_a_rejected_report() {
+    let Some(setup) = Redis::setup() else { return };
+    let proxy = Proxy::start(server_addr(setup.url())).expect("start the proxy");
+    let options = setup.options().clone().command_timeout(Duration::from_secs(1));
+    let worker_broker = RedisBroker::connect_with(&via(&proxy, setup.url()), options).expect("connect via the proxy");
+    let worker = App::builder().broker(worker_broker.clone()).build().expect("worker app");
+    let warnings = worker.events(EventFilter::new().level(Level::Warning));
+    let gate = Gate::register(&worker, "faults.gate");
+    worker.allocate("faults.gate", 1).expect("allocate");
+    let caller = App::builder().broker(setup.broker()).build().expect("caller app");
+    // The report writer's connection is up before the replies go missing.
+    let mut first = caller.call::<_, u64>("faults.gate", (1u64,)).expect("call");
+    assert_eq!(gate.started.recv_timeout(PATIENCE).expect("the task starts"), 1);
+    gate.release.send(()).expect("release");
+    assert_eq!(first.wait_timeout(PATIENCE).expect("result"), 2);
+
+    let mut handle = caller.call::<_, u64>("faults.gate", (2u64,)).expect("call");
+    assert_eq!(gate.started.recv_timeout(PATIENCE).expect("the task starts"), 2);
+    proxy.mute();
+    gate.release.send(()).expect("release");
+    assert_eq!(handle.wait_timeout(PATIENCE).expect("the report was stored"), 3);
+    proxy.resume();
+    let stats = worker_broker.stats();
+    wait_until("the completion is settled", || stat(&stats.completed) + stat(&stats.rejected_reports) >= 2);
+    assert_eq!((stat(&stats.completed), stat(&stats.rejected_reports)), (2, 0));
+    let rejected: Vec<Event> =
+        std::iter::from_fn(|| warnings.try_recv()).filter(|e| e.kind == EventKind::ReportFailed).collect();
+    assert!(rejected.is_empty(), "{rejected:#?}");
+    caller.close().expect("close");
+    worker.close().expect("close");
+}
+
+/// A connection cut costs no error once Redis answers again: the broker's own commands
+/// (queue length, dead letters), declaring a task, and calling a task by a name only the
+/// worker knows all work on the first try after a cut.
+#[test]
+#[ignore = "bug: the first command on the broker's shared command connection after a cut fails"]
+fn broker_commands_work_after_a_connection_cut() {
+    let Some(setup) = Redis::setup() else { return };
+    let proxy = Proxy::start(server_addr(setup.url())).expect("start the proxy");
+    let broker = RedisBroker::connect_with(&via(&proxy, setup.url()), setup.options().clone()).expect("connect");
+    let worker = App::builder().broker(setup.broker()).build().expect("worker app");
+    worker.register("faults.by_name", |n: i64| n * 10).expect("register");
+    worker.allocate("faults.by_name", 1).expect("allocate");
+    let caller = App::builder().broker(broker.clone()).build().expect("caller app");
+
+    proxy.cut();
+    assert_eq!(broker.queue_len("faults.by_name").expect("queue length after a cut"), 0);
+    proxy.cut();
+    assert!(broker.dead_letters("faults.by_name").expect("dead letters after a cut").is_empty());
+    proxy.cut();
+    caller.register("faults.declared_late", |n: i64| n).expect("register after a cut");
+    proxy.cut();
+    let mut handle = caller.call::<_, i64>("faults.by_name", (4i64,)).expect("call by name after a cut");
+    assert_eq!(handle.wait_timeout(PATIENCE).expect("result"), 40);
+    caller.close().expect("close");
+    worker.close().expect("close");
+}
+
+// ---------------------------------------------------------------------------------------
+// b. A task longer than its lease, renewing it
+// ---------------------------------------------------------------------------------------
+
+static LONG_RUNS: AtomicUsize = AtomicUsize::new(0);
+
+#[dingo::task(name = "faults.long")]
+fn long(ctx: &dingo::Context, millis: u64) -> (u64, bool) {
+    LONG_RUNS.fetch_add(1, Ordering::SeqCst);
+    std::thread::sleep(Duration::from_millis(millis));
+    (millis, ctx.redelivered())
+}
+
+/// With a lease of 1 s and two worker apps reaping every 100 ms, a task of 3.5 s runs once,
+/// on one worker, not redelivered: its lease was renewed all along, nobody requeued it, no
+/// report was rejected.
+#[test]
+fn a_task_longer_than_its_lease_is_not_stolen() {
+    let options = RedisOptions::new().lease(Duration::from_secs(1)).reap_interval(Duration::from_millis(100));
+    let Some(setup) = Redis::with_options(options) else { return };
+    let brokers: Vec<RedisBroker> = (0..2).map(|_| setup.broker()).collect();
+    let workers: Vec<App> =
+        brokers.iter().map(|b| App::builder().broker(b.clone()).build().expect("worker app")).collect();
+    for worker in &workers {
+        worker.allocate(long, 1).expect("allocate");
+    }
+    let caller = App::builder().broker(setup.broker()).build().expect("caller app");
+
+    let mut handle = long::call(&caller, 3500).expect("call");
+    assert_eq!(handle.wait_timeout(PATIENCE).expect("the long task's result"), (3500, false));
+    assert_eq!(LONG_RUNS.load(Ordering::SeqCst), 1, "the task ran exactly once");
+
+    let sum = |f: fn(&dingo::redis::Stats) -> u64| brokers.iter().map(|b| f(b.stats())).sum::<u64>();
+    wait_until("the result is counted as completed", || sum(|s| stat(&s.completed)) == 1);
+    assert_eq!(sum(|s| stat(&s.requeued_expired)), 0, "no lease expired");
+    assert_eq!(sum(|s| stat(&s.rejected_reports)), 0, "no report was rejected");
+    assert_eq!(sum(|s| stat(&s.dead_lettered)), 0);
+    // Renewed every third of the lease for 3.5 s: about 10 times.
+    let renewed = sum(|s| stat(&s.renewed));
+    assert!(renewed >= 5, "the lease was renewed only {renewed} time(s)");
+    assert_eq!(leftovers(setup.url(), &setup.options().namespace, long::NAME), (0, 0));
+    caller.close().expect("close");
+    for worker in &workers {
+        worker.close().expect("close");
+    }
+}
+
+// ---------------------------------------------------------------------------------------
+// c. Fencing
+// ---------------------------------------------------------------------------------------
+
+const FENCED: &str = "faults.fenced";
+
+/// Worker A takes a task and stalls in it past its lease, cut off from Redis (its proxy is
+/// paused, so its lease keeper cannot renew). Worker B reaps the expired lease, runs the task
+/// again (marked redelivered) and completes it: the caller gets B's result. When A comes back
+/// and finishes, its late report is rejected and counted, never stored.
+#[test]
+fn a_stalled_worker_is_fenced_out() {
+    let options = RedisOptions::new().lease(Duration::from_secs(1)).reap_interval(Duration::from_millis(100));
+    let Some(setup) = Redis::with_options(options) else { return };
+    let proxy = Proxy::start(server_addr(setup.url())).expect("start the proxy");
+    let a_broker =
+        RedisBroker::connect_with(&via(&proxy, setup.url()), setup.options().clone()).expect("connect A via proxy");
+    let worker_a = App::builder().broker(a_broker.clone()).build().expect("worker A");
+    let caller = App::builder().broker(setup.broker()).build().expect("caller app");
+
+    let (started_tx, started_rx) = std::sync::mpsc::sync_channel::<()>(1);
+    let (release_tx, release_rx) = std::sync::mpsc::sync_channel::<()>(1);
+    let (started_tx, release_rx) = (Mutex::new(started_tx), Mutex::new(release_rx));
+    let a_runs = Arc::new(AtomicUsize::new(0));
+    let a_count = a_runs.clone();
+    worker_a
+        .register(FENCED, move |(n,): (u64,)| {
+            a_count.fetch_add(1, Ordering::SeqCst);
+            let _ = lock(&started_tx).send(());
+            let _ = lock(&release_rx).recv_timeout(PATIENCE);
+            format!("A:{n}")
+        })
+        .expect("register on A");
+    worker_a.allocate(FENCED, 1).expect("allocate on A");
+
+    let mut handle = caller.call::<_, String>(FENCED, (7u64,)).expect("call");
+    started_rx.recv_timeout(PATIENCE).expect("worker A starts the task");
+    // A stalls: no connection of A's reaches Redis any more.
+    proxy.pause();
+
+    let b_broker = setup.broker();
+    let worker_b = App::builder().broker(b_broker.clone()).build().expect("worker B");
+    let b_runs = Arc::new(Mutex::new(Vec::new()));
+    let b_seen = b_runs.clone();
+    worker_b
+        .register_with_context(FENCED, move |ctx: &dingo::Context, (n,): (u64,)| {
+            lock(&b_seen).push(ctx.redelivered());
+            Ok::<_, String>(format!("B:{n}"))
+        })
+        .expect("register on B");
+    worker_b.allocate(FENCED, 1).expect("allocate on B");
+
+    assert_eq!(handle.wait_timeout(PATIENCE).expect("B's result"), "B:7");
+    assert_eq!(*lock(&b_runs), [true], "B ran the task once, marked redelivered");
+    assert!(stat(&b_broker.stats().requeued_expired) >= 1, "B's keeper requeued A's expired lease");
+    wait_until("B's result is counted", || stat(&b_broker.stats().completed) == 1);
+
+    // A comes back and finishes: too late.
+    proxy.resume();
+    release_tx.send(()).expect("release A");
+    wait_until("A's late report is rejected", || stat(&a_broker.stats().rejected_reports) >= 1);
+    assert_eq!(stat(&a_broker.stats().rejected_reports), 1);
+    assert_eq!(stat(&a_broker.stats().completed), 0, "A's report was not stored");
+    assert_eq!(a_runs.load(Ordering::SeqCst), 1);
+    assert_eq!(lock(&b_runs).len(), 1);
+    assert_eq!(b_broker.queue_len(FENCED).expect("queue length"), 0);
+    assert_eq!(leftovers(setup.url(), &setup.options().namespace, FENCED), (0, 0));
+    worker_a.close().expect("close A");
+    worker_b.close().expect("close B");
+    caller.close().expect("close the caller");
+}
+
+// ---------------------------------------------------------------------------------------
+// d. Garbage in a queue
+// ---------------------------------------------------------------------------------------
+
+#[dingo::task(name = "faults.plus")]
+fn plus(n: i64) -> i64 {
+    n + 1
+}
+
+/// Collects the failure reports of calls watched by hand.
+#[derive(Default)]
+struct Inbox {
+    failures: Mutex<Vec<(TaskErrorKind, String)>>,
+    other: AtomicUsize,
+}
+
+impl ReportSink for Inbox {
+    fn deliver(&self, body: ReportBody<'_>) {
+        match body {
+            ReportBody::Failure(error) => lock(&self.failures).push((error.kind(), error.message().to_owned())),
+            _ => {
+                self.other.fetch_add(1, Ordering::SeqCst);
+            }
+        }
+    }
+
+    fn disconnect(&self) {}
+}
+
+/// Watches a call by hand on `store`: the reply address to put in a crafted message, and
+/// where its reports land.
+fn watch(store: &RedisBroker, task: &str, id: &str) -> (ReplyTo, Arc<Inbox>) {
+    let inbox = Arc::new(Inbox::default());
+    let key = CallKey { name: TaskName::from(task), id: TaskId::from(id) };
+    let reply_to = store.watch(&key, ReplySink::new(inbox.clone())).expect("watch");
+    (reply_to, inbox)
+}
+
+/// A task message built by hand, as a caller from other code would send it.
+fn crafted(app: &App, task: &str, id: &str, fingerprint: u64, reply_to: ReplyTo) -> Vec<u8> {
+    let args = app.codecs().encode(dingo::codec::MSGPACK, &(5i64,)).expect("encode the arguments");
+    let message = TaskMessage {
+        name: TaskName::from(task),
+        id: TaskId::from(id),
+        fingerprint,
+        options: dingo::TaskOptions::new(),
+        reply_to,
+        args: Payload::Encoded(args),
+    };
+    wire::encode_task(&message).expect("encode the message")
+}
+
+/// The one failure an inbox got, waited for.
+fn failure(inbox: &Inbox) -> (TaskErrorKind, String) {
+    wait_until("a failure report arrives", || !lock(&inbox.failures).is_empty());
+    let failures = lock(&inbox.failures);
+    assert_eq!(failures.len(), 1, "{failures:?}");
+    failures[0].clone()
+}
+
+/// Four bad messages pushed straight into a queue: bytes that do not decode, a message cut
+/// short (its caller can be identified), one with another signature, and one naming a task
+/// the worker does not have. Each goes to the dead letters with its reason and an event;
+/// callers that can be identified get a failure of the right kind; the worker's single
+/// thread goes on serving.
+#[test]
+fn garbage_in_a_queue_is_dead_lettered_and_the_worker_goes_on() {
+    let Some(setup) = Redis::setup() else { return };
+    let worker_broker = setup.broker();
+    let caller_broker = setup.broker();
+    let worker = App::builder().broker(worker_broker.clone()).build().expect("worker app");
+    let caller = App::builder().broker(caller_broker.clone()).build().expect("caller app");
+    let mut events = Seen::watch(&worker);
+    worker.allocate(plus, 1).expect("allocate");
+    assert_eq!(plus::call(&caller, 1).expect("call").wait_timeout(PATIENCE).expect("works"), 2);
+
+    // Not a dingo message at all.
+    let garbage = b"\xff\x00 definitely not a task message".to_vec();
+    worker_broker.push_raw(plus::NAME, garbage.clone()).expect("push garbage");
+    let event = events.wait_for(EventKind::MalformedMessage);
+    assert_eq!(event.level, Level::Error);
+    assert!(event.message.contains("undecodable"), "{}", event.message);
+
+    // A message cut short after its name, id and reply address: its caller is told.
+    let (reply_to, cut_inbox) = watch(&caller_broker, plus::NAME, "cut-1");
+    let whole = crafted(&caller, plus::NAME, "cut-1", <plus as dingo::Task>::fingerprint(), reply_to);
+    let cut_short = whole[..whole.len() - 6].to_vec();
+    worker_broker.push_raw(plus::NAME, cut_short.clone()).expect("push a truncated message");
+    let (kind, message) = failure(&cut_inbox);
+    assert_eq!(kind, TaskErrorKind::BadPayload, "{message}");
+
+    // Another signature: decodes, but must not run.
+    let (reply_to, sig_inbox) = watch(&caller_broker, plus::NAME, "sig-1");
+    let wrong_signature = crafted(&caller, plus::NAME, "sig-1", 0x0bad_5eed_0bad_5eed, reply_to);
+    worker_broker.push_raw(plus::NAME, wrong_signature.clone()).expect("push a wrong signature");
+    let (kind, message) = failure(&sig_inbox);
+    assert_eq!(kind, TaskErrorKind::SignatureMismatch, "{message}");
+    events.wait_for(EventKind::SignatureMismatch);
+
+    // A task nobody serves, in this queue.
+    let (reply_to, ghost_inbox) = watch(&caller_broker, "faults.ghost", "ghost-1");
+    let ghost = crafted(&caller, "faults.ghost", "ghost-1", <plus as dingo::Task>::fingerprint(), reply_to);
+    worker_broker.push_raw(plus::NAME, ghost.clone()).expect("push an unknown task");
+    let (kind, message) = failure(&ghost_inbox);
+    assert_eq!(kind, TaskErrorKind::UnknownTask, "{message}");
+    events.wait_for(EventKind::UnknownTask);
+
+    // The worker's one thread still serves.
+    for n in [41, 99] {
+        assert_eq!(plus::call(&caller, n).expect("call").wait_timeout(PATIENCE).expect("works"), n + 1);
+    }
+
+    wait_until("four dead letters", || worker_broker.dead_letters(plus::NAME).expect("dead letters").len() >= 4);
+    let dead = worker_broker.dead_letters(plus::NAME).expect("dead letters");
+    let reasons: Vec<&str> = dead.iter().map(|d| d.reason.as_str()).collect();
+    assert_eq!(dead.len(), 4, "{reasons:#?}");
+    // Newest first.
+    assert!(reasons[0].starts_with("unknown task"), "{reasons:#?}");
+    assert!(reasons[1].starts_with("signature mismatch"), "{reasons:#?}");
+    assert!(reasons[2].starts_with("undecodable message"), "{reasons:#?}");
+    assert!(reasons[3].starts_with("undecodable message"), "{reasons:#?}");
+    assert_eq!(events.count(EventKind::MalformedMessage), 2);
+    for inbox in [&cut_inbox, &sig_inbox, &ghost_inbox] {
+        assert_eq!(inbox.other.load(Ordering::SeqCst), 0, "only the failure report");
+    }
+    assert_eq!(worker_broker.queue_len(plus::NAME).expect("queue length"), 0);
+    assert_eq!(leftovers(setup.url(), &setup.options().namespace, plus::NAME), (0, 0));
+    caller.close().expect("close");
+    worker.close().expect("close");
+}
+
+/// Dead letters keep the message as it was queued, byte for byte, so it can be replayed;
+/// dead-lettering is counted and raises no error.
+#[test]
+#[ignore = "bug: dead-lettering a leased message stores only the reason (bytes lost) and the DEAD script fails"]
+fn dead_letters_keep_the_message_bytes() {
+    let Some(setup) = Redis::setup() else { return };
+    let worker_broker = setup.broker();
+    let worker = App::builder().broker(worker_broker.clone()).build().expect("worker app");
+    let errors = worker.events(EventFilter::new().level(Level::Error));
+    worker.allocate(plus, 1).expect("allocate");
+    let garbage = b"\xff\x00 not a task message either".to_vec();
+    worker_broker.push_raw(plus::NAME, garbage.clone()).expect("push garbage");
+    let wrong_signature = crafted(&worker, plus::NAME, "sig-2", 0x0bad_5eed_0bad_5eed, ReplyTo::None);
+    worker_broker.push_raw(plus::NAME, wrong_signature.clone()).expect("push a wrong signature");
+    wait_until("two dead letters", || worker_broker.dead_letters(plus::NAME).expect("dead letters").len() >= 2);
+    let dead = worker_broker.dead_letters(plus::NAME).expect("dead letters");
+    assert_eq!(dead.len(), 2, "{dead:#?}");
+    assert!(dead[0].reason.starts_with("signature mismatch"), "{dead:#?}");
+    assert_eq!(dead[0].bytes, wrong_signature, "the wrong-signature message, as queued");
+    assert!(dead[1].reason.starts_with("undecodable message"), "{dead:#?}");
+    assert_eq!(dead[1].bytes, garbage, "the garbage, as queued");
+    wait_until("the dead letters are counted", || stat(&worker_broker.stats().dead_lettered) == 2);
+    let failed: Vec<Event> =
+        std::iter::from_fn(|| errors.try_recv()).filter(|e| e.kind == EventKind::ReportFailed).collect();
+    assert!(failed.is_empty(), "dead-lettering failed: {failed:#?}");
+    worker.close().expect("close");
+}
+
+// ---------------------------------------------------------------------------------------
+// e. A Redis restart under running apps
+// ---------------------------------------------------------------------------------------
+
+/// A `redis-server` of the test's own, on a port of its own, keeping nothing on disk;
+/// killed on drop.
+struct Server {
+    child: Option<Child>,
+    port: u16,
+    dir: std::path::PathBuf,
+}
+
+impl Server {
+    /// A server on a free port, or `None` (skipped loudly, or failed under
+    /// `DINGO_REQUIRE_SERVICES=1`) when `redis-server` is not installed.
+    fn start_fresh() -> Option<Server> {
+        let installed = Command::new("redis-server").arg("--version").stdout(Stdio::null()).status();
+        if !installed.is_ok_and(|s| s.success()) {
+            assert!(!dingo_test_support::services_required(), "redis-server is not installed");
+            eprintln!("SKIPPED: redis-server is not installed");
+            return None;
+        }
+        let port = TcpListener::bind("127.0.0.1:0").expect("a free port").local_addr().expect("addr").port();
+        let dir = std::env::temp_dir().join(dingo_test_support::unique("dingo-redis-restart"));
+        std::fs::create_dir_all(&dir).expect("a directory for the server");
+        let mut server = Server { child: None, port, dir };
+        server.start();
+        Some(server)
+    }
+
+    fn url(&self) -> String {
+        format!("redis://127.0.0.1:{}", self.port)
+    }
+
+    /// Starts (again) on the same port and waits until it answers PING.
+    fn start(&mut self) {
+        assert!(self.child.is_none(), "already running");
+        let mut child = Command::new("redis-server")
+            .args(["--port", &self.port.to_string(), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"])
+            .args(["--daemonize", "no", "--logfile", ""])
+            .arg("--dir")
+            .arg(&self.dir)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("start redis-server");
+        let port = self.port;
+        wait_until("the test's redis-server answers PING", || {
+            // Exited: it could not take the port (the PING would reach someone else).
+            let exited = child.try_wait().expect("poll redis-server");
+            assert!(exited.is_none(), "redis-server on port {port} exited: {exited:?}");
+            Server::pings(port)
+        });
+        self.child = Some(child);
+    }
+
+    fn pings(port: u16) -> bool {
+        let addr = SocketAddr::from(([127, 0, 0, 1], port));
+        let Ok(mut stream) = TcpStream::connect_timeout(&addr, Duration::from_millis(200)) else { return false };
+        let _ = stream.set_read_timeout(Some(Duration::from_millis(500)));
+        let mut reply = [0u8; 7];
+        stream.write_all(b"PING\r\n").is_ok() && stream.read_exact(&mut reply).is_ok() && &reply == b"+PONG\r\n"
+    }
+
+    /// SIGKILL, like a crash: everything in memory is gone.
+    fn kill(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        self.kill();
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+static RESTART_RUNS: AtomicUsize = AtomicUsize::new(0);
+
+#[dingo::task(name = "faults.restart_echo")]
+fn restart_echo(n: u64, millis: u64) -> u64 {
+    RESTART_RUNS.fetch_add(1, Ordering::SeqCst);
+    std::thread::sleep(Duration::from_millis(millis));
+    n * 2
+}
+
+#[dingo::task(name = "faults.restart_orphan")]
+fn restart_orphan(n: u64) -> u64 {
+    n + 7
+}
+
+/// Apps on a server that is killed and started again on the same port, with no task
+/// running at the crash: both report the lost connection and its recovery, and calls made
+/// afterwards — while the server is down and once it is back — get their exact results,
+/// each run once. Calls that only waited in the crashed server's queue are gone with it
+/// (it kept nothing on disk): their handles time out instead of hanging.
+#[test]
+fn apps_survive_a_redis_restart() {
+    let Some(mut server) = Server::start_fresh() else { return };
+    let options = RedisOptions::new()
+        .namespace(dingo_test_support::unique("dingo-test"))
+        .lease(Duration::from_secs(2))
+        .reconnect_backoff(Duration::from_millis(10), Duration::from_millis(200));
+    let worker_broker = RedisBroker::connect_with(&server.url(), options.clone()).expect("connect");
+    let caller_broker = RedisBroker::connect_with(&server.url(), options.clone()).expect("connect");
+    let worker = App::builder().broker(worker_broker.clone()).build().expect("worker app");
+    let caller = App::builder().broker(caller_broker.clone()).build().expect("caller app");
+    let mut worker_events = Seen::watch(&worker);
+    let mut caller_events = Seen::watch(&caller);
+    worker.allocate(restart_echo, 2).expect("allocate");
+
+    let before: Vec<_> = (0..10).map(|n| (n, restart_echo::call(&caller, n, 0).expect("call"))).collect();
+    for (n, mut handle) in before {
+        assert_eq!(handle.wait_timeout(PATIENCE).expect("a result before the crash"), n * 2);
+    }
+    // Queued for a task nobody serves yet: these die with the server.
+    let orphans: Vec<_> = (0..3).map(|n| restart_orphan::call(&caller, n).expect("call")).collect();
+    wait_until("the orphan calls are queued", || stat(&caller_broker.stats().sent) == 13);
+
+    server.kill();
+    worker_events.wait_for(EventKind::ConnectionLost);
+    caller_events.wait_for(EventKind::ConnectionLost);
+    // Calls while the server is down wait in the caller's buffer.
+    let during: Vec<_> = (100..110).map(|n| (n, restart_echo::call(&caller, n, 0).expect("call"))).collect();
+    server.start();
+    worker_events.wait_for(EventKind::ConnectionRestored);
+    caller_events.wait_for(EventKind::ConnectionRestored);
+
+    let after: Vec<_> = (200..230).map(|n| (n, restart_echo::call(&caller, n, 5).expect("call"))).collect();
+    for (n, mut handle) in during.into_iter().chain(after) {
+        let got = handle.wait_timeout(PATIENCE).unwrap_or_else(|e| panic!("call {n} after the restart: {e:?}"));
+        assert_eq!(got, n * 2, "call {n}");
+    }
+    assert_eq!(RESTART_RUNS.load(Ordering::SeqCst), 50, "each call ran once");
+
+    // Now the orphans' task is served: new calls work, the lost ones give up in time.
+    worker.allocate(restart_orphan, 1).expect("allocate");
+    assert_eq!(restart_orphan::call(&caller, 100).expect("call").wait_timeout(PATIENCE).expect("result"), 107);
+    let deadline = Instant::now() + Duration::from_secs(1);
+    for (n, mut handle) in (0u64..).zip(orphans) {
+        match handle.wait_timeout(deadline.saturating_duration_since(Instant::now())) {
+            Ok(got) => assert_eq!(got, n + 7, "a lost call, if ever resolved, has its own result"),
+            Err(dingo::Error::Timeout(_) | dingo::Error::Task(_)) => {}
+            Err(other) => panic!("orphan {n}: unexpected {other:?}"),
+        }
+    }
+    assert!(Instant::now() < deadline + Duration::from_secs(1), "waiting for lost calls does not hang");
+    let fresh = RedisBroker::connect_with(&server.url(), options).expect("connect");
+    assert_eq!(fresh.queue_len(restart_echo::NAME).expect("queue length"), 0);
+    assert_eq!(fresh.queue_len(restart_orphan::NAME).expect("queue length"), 0);
+    caller.close().expect("close");
+    worker.close().expect("close");
+}
+
+static INFLIGHT_RUNS: AtomicUsize = AtomicUsize::new(0);
+
+#[dingo::task(name = "faults.inflight_echo")]
+fn inflight_echo(n: u64, millis: u64) -> u64 {
+    INFLIGHT_RUNS.fetch_add(1, Ordering::SeqCst);
+    std::thread::sleep(Duration::from_millis(millis));
+    n * 2
+}
+
+/// The same with tasks running at the crash: their handles give up after a timeout or get
+/// a failure (never hang), while every call made after the restart gets its exact result —
+/// even though the workers finish the old tasks with leases the new server never issued.
+#[test]
+#[ignore = "bug: lease tokens restart at 1 with the server, so an old task's report fences out a new one"]
+fn calls_after_a_redis_restart_succeed_while_old_tasks_finish() {
+    let Some(mut server) = Server::start_fresh() else { return };
+    let options = RedisOptions::new()
+        .namespace(dingo_test_support::unique("dingo-test"))
+        .lease(Duration::from_secs(2))
+        .reconnect_backoff(Duration::from_millis(10), Duration::from_millis(200));
+    let worker_broker = RedisBroker::connect_with(&server.url(), options.clone()).expect("connect");
+    let caller_broker = RedisBroker::connect_with(&server.url(), options).expect("connect");
+    let worker = App::builder().broker(worker_broker.clone()).build().expect("worker app");
+    let caller = App::builder().broker(caller_broker.clone()).build().expect("caller app");
+    let mut worker_events = Seen::watch(&worker);
+    worker.allocate(inflight_echo, 2).expect("allocate");
+
+    // Ten calls done (lease tokens 1..=10 on the old server), then two long ones running.
+    for n in 0..10 {
+        assert_eq!(inflight_echo::call(&caller, n, 0).expect("call").wait_timeout(PATIENCE).expect("result"), n * 2);
+    }
+    let running: Vec<_> = (10..12).map(|n| (n, inflight_echo::call(&caller, n, 1500).expect("call"))).collect();
+    wait_until("both long tasks run", || INFLIGHT_RUNS.load(Ordering::SeqCst) == 12);
+
+    server.kill();
+    worker_events.wait_for(EventKind::ConnectionLost);
+    server.start();
+    worker_events.wait_for(EventKind::ConnectionRestored);
+
+    // While the old tasks still run, new ones are fetched under the new server's leases.
+    let after: Vec<_> = (200..230).map(|n| (n, inflight_echo::call(&caller, n, 5).expect("call"))).collect();
+    for (n, mut handle) in after {
+        let got = handle.wait_timeout(PATIENCE).unwrap_or_else(|e| panic!("call {n} after the restart: {e:?}"));
+        assert_eq!(got, n * 2, "call {n}");
+    }
+    // The calls running at the crash: a result, a failure or a timeout, but never a hang.
+    for (n, mut handle) in running {
+        let started = Instant::now();
+        match handle.wait_timeout(Duration::from_secs(3)) {
+            Ok(got) => assert_eq!(got, n * 2, "call {n}"),
+            Err(dingo::Error::Timeout(_) | dingo::Error::Task(_)) => {}
+            Err(other) => panic!("call {n}: unexpected {other:?}"),
+        }
+        assert!(started.elapsed() < Duration::from_secs(5));
+    }
+    caller.close().expect("close");
+    worker.close().expect("close");
+}
