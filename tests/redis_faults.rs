@@ -4,8 +4,9 @@
 //! restarted under running apps (a server of the test's own; the shared one is never
 //! restarted).
 //!
-//! Tests marked `#[ignore = "bug: …"]` reproduce defects these faults uncovered, each
-//! deterministically; they pass once the defect is fixed (`cargo test -- --ignored`).
+//! Several tests reproduce, deterministically, defects these faults once uncovered (lost dead
+//! letter bytes, lease tokens reused after a server restart, reports lost in transit,
+//! duplicated sends and completions on retry, a failing first command after a cut).
 #![cfg(feature = "redis")]
 
 use std::collections::BTreeMap;
@@ -280,15 +281,15 @@ impl Gate {
     }
 }
 
-/// The reply lists of a namespace that exist now.
-fn reply_lists(url: &str, namespace: &str) -> String {
-    redis_cli(url, &["--scan", "--pattern", &format!("{namespace}:*:reply:*")])
+/// The notify lists of a namespace that exist now (a token waits in one while its reply
+/// list has reports nobody has read).
+fn notify_lists(url: &str, namespace: &str) -> String {
+    redis_cli(url, &["--scan", "--pattern", &format!("{namespace}:*:notify:*")])
 }
 
 /// The connection of the caller's report listener breaks after Redis handed it a report
 /// (a partition, then the connection given up): the report still reaches its handle.
 #[test]
-#[ignore = "bug: reports popped by the listener's BLMPOP are lost when its connection breaks before the reply arrives"]
 fn a_report_in_flight_survives_a_partition() {
     let Some(setup) = Redis::setup() else { return };
     let proxy = Proxy::start(server_addr(setup.url())).expect("start the proxy");
@@ -309,8 +310,8 @@ fn a_report_in_flight_survives_a_partition() {
     proxy.partition();
     gate.release.send(()).expect("release the task");
     let namespace = &setup.options().namespace;
-    wait_until("the report is stored and taken by the listener's wait", || {
-        stat(&worker_broker.stats().completed) == 1 && reply_lists(setup.url(), namespace).is_empty()
+    wait_until("the report is stored and the listener's wait ended with it", || {
+        stat(&worker_broker.stats().completed) == 1 && notify_lists(setup.url(), namespace).is_empty()
     });
     proxy.resume();
     assert_eq!(handle.wait_timeout(PATIENCE).expect("the report after the partition"), 6);
@@ -321,7 +322,6 @@ fn a_report_in_flight_survives_a_partition() {
 /// The reply to a batch of task messages is lost on its way back (the messages were
 /// queued): the caller's retry must not queue them again, so each call runs once.
 #[test]
-#[ignore = "bug: a task batch whose reply was lost is pushed again on retry: the calls run twice"]
 fn a_lost_reply_to_a_send_does_not_run_the_call_twice() {
     let Some(setup) = Redis::setup() else { return };
     let proxy = Proxy::start(server_addr(setup.url())).expect("start the proxy");
@@ -361,7 +361,6 @@ fn a_lost_reply_to_a_send_does_not_run_the_call_twice() {
 /// the lease released): the retry must not count it as a late report rejected by fencing,
 /// nor warn that the task was handed to another worker, since it never was.
 #[test]
-#[ignore = "bug: a completion retried after its reply was lost counts as a rejected late report (false fencing warning)"]
 fn a_lost_reply_to_a_completion_is_not_a_rejected_report() {
     let Some(setup) = Redis::setup() else { return };
     let proxy = Proxy::start(server_addr(setup.url())).expect("start the proxy");
@@ -398,7 +397,6 @@ fn a_lost_reply_to_a_completion_is_not_a_rejected_report() {
 /// (queue length, dead letters), declaring a task, and calling a task by a name only the
 /// worker knows all work on the first try after a cut.
 #[test]
-#[ignore = "bug: the first command on the broker's shared command connection after a cut fails"]
 fn broker_commands_work_after_a_connection_cut() {
     let Some(setup) = Redis::setup() else { return };
     let proxy = Proxy::start(server_addr(setup.url())).expect("start the proxy");
@@ -415,7 +413,7 @@ fn broker_commands_work_after_a_connection_cut() {
     proxy.cut();
     caller.register("faults.declared_late", |n: i64| n).expect("register after a cut");
     proxy.cut();
-    let mut handle = caller.call::<_, i64>("faults.by_name", (4i64,)).expect("call by name after a cut");
+    let mut handle = caller.call::<_, i64>("faults.by_name", 4i64).expect("call by name after a cut");
     assert_eq!(handle.wait_timeout(PATIENCE).expect("result"), 40);
     caller.close().expect("close");
     worker.close().expect("close");
@@ -674,7 +672,6 @@ fn garbage_in_a_queue_is_dead_lettered_and_the_worker_goes_on() {
 /// Dead letters keep the message as it was queued, byte for byte, so it can be replayed;
 /// dead-lettering is counted and raises no error.
 #[test]
-#[ignore = "bug: dead-lettering a leased message stores only the reason (bytes lost) and the DEAD script fails"]
 fn dead_letters_keep_the_message_bytes() {
     let Some(setup) = Redis::setup() else { return };
     let worker_broker = setup.broker();
@@ -870,7 +867,6 @@ fn inflight_echo(n: u64, millis: u64) -> u64 {
 /// a failure (never hang), while every call made after the restart gets its exact result —
 /// even though the workers finish the old tasks with leases the new server never issued.
 #[test]
-#[ignore = "bug: lease tokens restart at 1 with the server, so an old task's report fences out a new one"]
 fn calls_after_a_redis_restart_succeed_while_old_tasks_finish() {
     let Some(mut server) = Server::start_fresh() else { return };
     let options = RedisOptions::new()

@@ -131,6 +131,10 @@ pub trait Subscription: Send + Sync + 'static {
     fn prefers_polling(&self) -> bool {
         false
     }
+
+    /// The calling worker thread stops using the subscription (it exits): whatever it holds
+    /// — completions not yet stored, tasks fetched but not started — must be settled now.
+    fn detach_worker(&self) {}
 }
 
 /// A task message handed to a worker, with what acknowledges it.

@@ -17,7 +17,7 @@ use crate::report::{Progress, Report};
 /// How long a waiter spins before it sleeps: a result that is microseconds away is picked
 /// up without the cost of a wake-up (tens of microseconds).
 const SPIN: Duration = Duration::from_micros(50);
-const REMOTE_SPIN: Duration = Duration::from_micros(20);
+const REMOTE_SPIN: Duration = Duration::ZERO;
 
 /// How many `Sent` / `Progress` reports a handle keeps while nobody reads them; beyond
 /// that the oldest are dropped (a chatty task must not grow a forgotten handle without end).

@@ -157,6 +157,7 @@ impl Worker {
                 Recv::Stopped => break,
             }
         }
+        self.subscription.detach_worker();
     }
 
     /// Polls for a short while (a task that arrives within microseconds starts without a

@@ -194,9 +194,16 @@ impl RedisBroker {
     /// and repair tools).
     pub fn push_raw(&self, task: &str, bytes: Vec<u8>) -> Result<(), BrokerError> {
         let keys = self.inner.queue_keys(task);
+        let marker = keys.marker("sent", UuidV7.next_id().as_str());
         self.inner
             .command(&mut |c| {
-                crate::scripts::PUSH.key(&keys.pending).key(&keys.wake).arg(bytes.as_slice()).invoke::<i64>(c)
+                crate::scripts::PUSH
+                    .key(&keys.pending)
+                    .key(&keys.wake)
+                    .key(&marker)
+                    .arg(completer::MARKER_TTL)
+                    .arg(bytes.as_slice())
+                    .invoke::<i64>(c)
             })
             .map(|_| ())
             .map_err(|e| broker_error("pushing raw bytes failed", e))
@@ -270,12 +277,17 @@ impl Inner {
         write(&self.queues).entry(TaskName::from(task)).or_insert(keys).clone()
     }
 
-    /// A short command on the shared command connection.
+    /// A short command on the shared command connection; a connection that turns out to
+    /// be broken is replaced and the command tried once more.
     pub(crate) fn command<T>(
         &self,
         f: &mut dyn FnMut(&mut redis::Connection) -> redis::RedisResult<T>,
     ) -> Result<T, redis::RedisError> {
-        lock(&self.misc).once(f)
+        let mut conn = lock(&self.misc);
+        match conn.once(f) {
+            Err(e) if crate::conn::is_connection_error(&e) => conn.once(f),
+            other => other,
+        }
     }
 
     pub(crate) fn is_closed(&self) -> bool {
@@ -447,33 +459,34 @@ impl Reporter for RedisBroker {
     }
 
     fn report(&self, to: &ReplyTo, report: ReportMessage<'_>) -> Result<(), BrokerError> {
-        let Some(reply) = self.reply_key(to, &report)? else {
+        let Some(caller) = caller(to)? else {
             return Ok(());
         };
         let queue = self.inner.queue_keys(report.name.as_str());
-        let bytes = wire::encode_report(&report)?;
-        self.inner.completer()?.push(Op::Report { queue, reply, bytes })
+        let op = Op::Report { queue, caller, bytes: wire::encode_report(&report)? };
+        match fetcher::report_here(&self.inner, op)? {
+            None => Ok(()),
+            Some(op) => self.inner.completer()?.push(op),
+        }
     }
 
     fn finish(&self, to: &ReplyTo, report: ReportMessage<'_>, ack: Option<Ack>) -> Result<(), BrokerError> {
-        let reply = self.reply_key(to, &report)?;
-        let bytes = match reply {
+        let caller = caller(to)?;
+        let bytes = match caller {
             Some(_) => Some(wire::encode_report(&report)?),
             None => None,
         };
-        let queue = self.inner.queue_keys(report.name.as_str());
-        let completer = self.inner.completer()?;
         match ack.map(|ack| ack.downcast::<RedisAck>()) {
-            // Our own lease: report and release in one script.
-            Some(Ok(ours)) if ours.is_from(&self.inner) => completer.push(Op::Complete {
-                queue: ours.queue().clone(),
-                token: ours.token().to_owned(),
-                reply,
-                bytes,
-            }),
+            // Our own lease: stored with the worker's next fetch, or by the background
+            // writer, releasing the lease in the same script.
+            Some(Ok(ours)) if ours.is_from(&self.inner) => match (*ours).complete_here(caller, bytes) {
+                Ok(()) => Ok(()),
+                Err(completion) => self.inner.completer()?.push(completion.into_op()),
+            },
             other => {
-                if let (Some(reply), Some(bytes)) = (reply, bytes) {
-                    completer.push(Op::Report { queue, reply, bytes })?;
+                if let (Some(caller), Some(bytes)) = (caller, bytes) {
+                    let queue = self.inner.queue_keys(report.name.as_str());
+                    self.inner.completer()?.push(Op::Report { queue, caller, bytes })?;
                 }
                 match other {
                     Some(Ok(foreign)) => Ack::new(*foreign).ack(),
@@ -489,14 +502,13 @@ impl Reporter for RedisBroker {
     }
 }
 
-impl RedisBroker {
-    fn reply_key(&self, to: &ReplyTo, report: &ReportMessage<'_>) -> Result<Option<String>, BrokerError> {
-        match to {
-            ReplyTo::None => Ok(None),
-            ReplyTo::Address(caller) => Ok(Some(self.inner.queue_keys(report.name.as_str()).reply(caller))),
-            ReplyTo::Local(_) => {
-                Err(BrokerError::new(BrokerErrorKind::Config, "an in-process reply cannot go through redis"))
-            }
+/// The caller process a report goes to.
+fn caller(to: &ReplyTo) -> Result<Option<String>, BrokerError> {
+    match to {
+        ReplyTo::None => Ok(None),
+        ReplyTo::Address(caller) => Ok(Some(caller.to_string())),
+        ReplyTo::Local(_) => {
+            Err(BrokerError::new(BrokerErrorKind::Config, "an in-process reply cannot go through redis"))
         }
     }
 }

@@ -6,6 +6,8 @@ use std::fmt::Write;
 /// The keys of one task's queue.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub(crate) struct QueueKeys {
+    /// The task's name.
+    pub(crate) task: String,
     /// `NS:{T}` — the prefix of every key of the queue.
     pub(crate) prefix: String,
     pub(crate) pending: String,
@@ -13,10 +15,10 @@ pub(crate) struct QueueKeys {
     pub(crate) wake: String,
     pub(crate) leases: String,
     pub(crate) inflight: String,
-    pub(crate) seq: String,
     pub(crate) dead: String,
-    /// The reply list of the process these keys were made for.
+    /// The reply list of the process these keys were made for, and its notify list.
     pub(crate) reply_here: String,
+    pub(crate) notify_here: String,
 }
 
 impl QueueKeys {
@@ -29,16 +31,27 @@ impl QueueKeys {
             wake: key("wake"),
             leases: key("leases"),
             inflight: key("inflight"),
-            seq: key("seq"),
             dead: key("dead"),
             reply_here: key(&format!("reply:{process}")),
+            notify_here: key(&format!("notify:{process}")),
             prefix,
+            task: task.to_owned(),
         }
     }
 
     /// The reply list of caller `caller` for this task.
     pub(crate) fn reply(&self, caller: &str) -> String {
         format!("{}:reply:{caller}", self.prefix)
+    }
+
+    /// The notify list of caller `caller` for this task: a token while reports wait.
+    pub(crate) fn notify(&self, caller: &str) -> String {
+        format!("{}:notify:{caller}", self.prefix)
+    }
+
+    /// A marker that a batch of writes was applied (so a retry does not apply it twice).
+    pub(crate) fn marker(&self, kind: &str, batch: &str) -> String {
+        format!("{}:{kind}:{batch}", self.prefix)
     }
 }
 
@@ -72,7 +85,7 @@ mod tests {
     #[test]
     fn all_keys_of_a_queue_share_one_hash_tag() {
         let keys = QueueKeys::new("ns", "math.add", "p1");
-        for key in [&keys.pending, &keys.amo, &keys.wake, &keys.leases, &keys.inflight, &keys.seq, &keys.dead] {
+        for key in [&keys.pending, &keys.amo, &keys.wake, &keys.leases, &keys.inflight, &keys.dead] {
             assert!(key.starts_with("ns:{math.add}:"), "{key}");
         }
         assert_eq!(keys.reply("c1"), "ns:{math.add}:reply:c1");

@@ -6,22 +6,26 @@ use std::sync::LazyLock;
 
 use redis::{Script, Value};
 
-/// Pushes messages onto a queue list (`KEYS[1]`) and leaves a wake token (`KEYS[2]`).
-/// ARGV: the messages.
+/// Pushes messages onto a queue list (`KEYS[1]`) and leaves a wake token (`KEYS[2]`), once:
+/// `KEYS[3]` marks the batch as written (for `ARGV[1]` ms), so a batch sent again after its
+/// reply was lost is not queued twice. ARGV[2..]: the messages.
 pub(crate) static PUSH: LazyLock<Script> = LazyLock::new(|| {
     Script::new(
         r#"
-redis.call('LPUSH', KEYS[1], unpack(ARGV))
+if not redis.call('SET', KEYS[3], '1', 'NX', 'PX', ARGV[1]) then return 0 end
+redis.call('LPUSH', KEYS[1], unpack(ARGV, 2))
 if redis.call('LLEN', KEYS[2]) == 0 then redis.call('LPUSH', KEYS[2], '1') end
-return #ARGV
+return #ARGV - 1
 "#,
     )
 });
 
 /// Takes up to `ARGV[1]` messages: at-most-once ones (`KEYS[2]`) as they are, the others
 /// (`KEYS[1]`) under a lease of `ARGV[2]` ms each (`KEYS[4]` deadlines, `KEYS[5]` the
-/// messages, `KEYS[6]` the token counter). Returns pairs (token or "", message). Leaves a
-/// wake token (`KEYS[3]`) while work remains, so the next idle consumer wakes too.
+/// messages). Lease tokens are `ARGV[3]` (the consumer's own prefix, unique per process
+/// run) followed by `ARGV[4]` + 1, + 2, …, so tokens never repeat, not even across server
+/// restarts. Returns pairs (token or "", message). Leaves a wake token (`KEYS[3]`) while
+/// work remains, so the next idle consumer wakes too.
 pub(crate) static FETCH: LazyLock<Script> = LazyLock::new(|| {
     Script::new(
         r#"
@@ -37,10 +41,10 @@ if n > 0 then
   if msgs then
     local t = redis.call('TIME')
     local deadline = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000) + tonumber(ARGV[2])
-    local first = redis.call('INCRBY', KEYS[6], #msgs) - #msgs
+    local base = tonumber(ARGV[4])
     local zargs, hargs = {}, {}
     for i = 1, #msgs do
-      local token = tostring(first + i)
+      local token = ARGV[3] .. (base + i)
       zargs[#zargs + 1] = deadline; zargs[#zargs + 1] = token
       hargs[#hargs + 1] = token; hargs[#hargs + 1] = msgs[i]
       out[#out + 1] = token; out[#out + 1] = msgs[i]
@@ -59,19 +63,22 @@ return out
     )
 });
 
-/// Completes calls: for each triple (token, reply key index, report) in ARGV[2..] — if the
-/// token is "" there is no lease (a non-final report, an at-most-once task); otherwise the
-/// lease (`KEYS[1]`) must still be this worker's, and it is released with the message
-/// (`KEYS[2]`) in the same step as the report is stored. A reply index of 0 stores no
-/// report (a fire-and-forget call). Reply lists are `KEYS[3..]`; each gets its reports in
-/// one push, in order, and expires `ARGV[1]` ms later. Returns the tokens whose lease was
-/// lost (their reports are not stored: fencing).
+/// Completes calls, once: `KEYS[3]` marks the batch as applied (for `ARGV[1]` ms), so a
+/// batch sent again after its reply was lost changes nothing. For each triple (token,
+/// reply index, report) in ARGV[3..] — if the token is "" there is no lease (a non-final
+/// report, an at-most-once task); otherwise the lease (`KEYS[1]`) must still be this
+/// worker's, and it is released with the message (`KEYS[2]`) in the same step as the
+/// report is stored. A reply index of 0 stores no report (a fire-and-forget call). Reply
+/// index k is the list `KEYS[2 + 2k]` with its notify list `KEYS[3 + 2k]`; each list gets
+/// its reports in one push, in order, and both expire `ARGV[2]` ms later. Returns the
+/// tokens whose lease was lost (their reports are not stored: fencing).
 pub(crate) static COMPLETE: LazyLock<Script> = LazyLock::new(|| {
     Script::new(
         r#"
+if not redis.call('SET', KEYS[3], '1', 'NX', 'PX', ARGV[1]) then return {} end
 local lost = {}
 local out = {}
-local i = 2
+local i = 3
 while i <= #ARGV do
   local token, k, report = ARGV[i], tonumber(ARGV[i + 1]), ARGV[i + 2]
   local owned = true
@@ -91,29 +98,34 @@ while i <= #ARGV do
   i = i + 3
 end
 for k, reports in pairs(out) do
-  redis.call('RPUSH', KEYS[2 + k], unpack(reports))
-  redis.call('PEXPIRE', KEYS[2 + k], ARGV[1])
+  local reply, notify = KEYS[2 + 2 * k], KEYS[3 + 2 * k]
+  redis.call('RPUSH', reply, unpack(reports))
+  redis.call('PEXPIRE', reply, ARGV[2])
+  if redis.call('LLEN', notify) == 0 then redis.call('LPUSH', notify, '1') end
+  redis.call('PEXPIRE', notify, ARGV[2])
 end
 return lost
 "#,
     )
 });
 
-/// Moves messages to the dead letters (`KEYS[3]`, kept to `ARGV[1]` entries): pairs
-/// (token or "", entry) in ARGV[2..]; a token's lease (`KEYS[1]`) and message (`KEYS[2]`)
-/// are released.
+/// Moves messages to the dead letters (`KEYS[3]`, kept to `ARGV[1]` entries): triples
+/// (token or "", reason prefix, message) in ARGV[2..]. A token's lease (`KEYS[1]`) and
+/// message (`KEYS[2]`) are released; its message is the one kept in `KEYS[2]` (the
+/// triple's own is empty then).
 pub(crate) static DEAD: LazyLock<Script> = LazyLock::new(|| {
     Script::new(
         r#"
 local i = 2
 while i <= #ARGV do
-  local token, entry = ARGV[i], ARGV[i + 1]
+  local token, prefix, m = ARGV[i], ARGV[i + 1], ARGV[i + 2]
   if token ~= '' then
+    m = redis.call('HGET', KEYS[2], token) or m
     redis.call('ZREM', KEYS[1], token)
     redis.call('HDEL', KEYS[2], token)
   end
-  redis.call('LPUSH', KEYS[3], entry)
-  i = i + 2
+  redis.call('LPUSH', KEYS[3], prefix .. m)
+  i = i + 3
 end
 redis.call('LTRIM', KEYS[3], 0, tonumber(ARGV[1]) - 1)
 return 0
@@ -202,12 +214,26 @@ return {requeued, dead}
     )
 });
 
+/// Removes the first `ARGV[1]` reports of a reply list (`KEYS[1]`) — the ones its listener
+/// routed — once: `KEYS[2]` marks the trim as done (for `ARGV[2]` ms), so a trim sent
+/// again after its reply was lost removes nothing more.
+pub(crate) static TRIM: LazyLock<Script> = LazyLock::new(|| {
+    Script::new(
+        r#"
+if not redis.call('SET', KEYS[2], '1', 'NX', 'PX', ARGV[2]) then return 0 end
+redis.call('LTRIM', KEYS[1], tonumber(ARGV[1]), -1)
+return 1
+"#,
+    )
+});
+
 /// All scripts, to load into a fresh connection's server.
-pub(crate) fn all() -> [&'static Script; 7] {
-    [&PUSH, &FETCH, &COMPLETE, &DEAD, &REQUEUE, &RENEW, &REAP]
+pub(crate) fn all() -> [&'static Script; 8] {
+    [&PUSH, &FETCH, &COMPLETE, &DEAD, &REQUEUE, &RENEW, &REAP, &TRIM]
 }
 
 /// One script call in a pipelined batch.
+#[derive(Clone)]
 pub(crate) struct Call {
     pub(crate) script: &'static Script,
     pub(crate) keys: Vec<String>,

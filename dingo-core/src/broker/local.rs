@@ -333,13 +333,21 @@ impl Inner {
 
     fn reject_malformed(&self, queue: &TaskName, malformed: MalformedTask) {
         let reason = crate::error::chain(&malformed.error);
+        let MalformedTask { name, id, reply_to, bytes, .. } = malformed;
+        // Kept first: whoever learns of the failure can already find the dead letter.
+        {
+            let mut dead = lock(&self.dead);
+            if dead.len() >= self.options.max_dead_letters {
+                dead.pop_front();
+            }
+            dead.push_back(DeadLetter { queue: queue.clone(), reason: reason.clone(), bytes });
+        }
         let mut event = Event::new(
             Origin::Consumer,
             Level::Error,
             EventKind::MalformedMessage,
             format!("undecodable message in queue `{queue}` dead-lettered: {reason}"),
         );
-        let MalformedTask { name, id, reply_to, bytes, .. } = malformed;
         if let (Some(name), Some(id)) = (name, id) {
             let key = CallKey { name, id };
             event = event.with_task(key.clone());
@@ -350,11 +358,6 @@ impl Inner {
             }
         }
         self.events.emit(event);
-        let mut dead = lock(&self.dead);
-        if dead.len() >= self.options.max_dead_letters {
-            dead.pop_front();
-        }
-        dead.push_back(DeadLetter { queue: queue.clone(), reason, bytes });
     }
 
     fn fail(&self, to: &ReplyTo, key: CallKey, error: TaskError) {

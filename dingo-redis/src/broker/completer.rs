@@ -1,7 +1,11 @@
-//! The reporter's writer: workers hand over reports and acknowledgements and go on to the
-//! next task; one thread stores whatever has accumulated — per queue one `COMPLETE` script
-//! that checks each lease, releases it and stores the report in the same step — all in one
-//! round trip. Reports of one call keep their order: they travel one channel, in order.
+//! Storing reports and settling leases: the plan of script calls for a batch (shared by
+//! worker threads, which store their own completions with their next fetch), and a
+//! background thread for what does not come from a worker thread of this broker — progress
+//! of foreign deliveries, dead letters, tasks given back, reports of mixed transports.
+//!
+//! Per queue, consecutive reports and completions share one `COMPLETE` script that checks
+//! each lease, releases it and stores the report in the same step. Reports of one call
+//! keep their order: they leave in order, by one channel or one connection.
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -10,19 +14,25 @@ use std::time::Duration;
 
 use crossbeam_channel::{Receiver, RecvTimeoutError, Sender};
 use dingo_core::event::{Event, EventKind, Level, Origin};
+use dingo_core::id::{IdMaker, UuidV7};
 use dingo_core::{BrokerError, BrokerErrorKind};
 use redis::Value;
 
+use super::fetcher::Completion;
 use super::{DeadLetter, Inner, Thread, lock};
 use crate::keys::QueueKeys;
 use crate::scripts::{self, Call};
 
+/// How long markers of applied batches live (longer than any retry of the batch).
+pub(crate) const MARKER_TTL: &str = "600000";
+
 /// One thing to store.
 pub(crate) enum Op {
-    /// A report without a lease to release (progress, at-most-once tasks, foreign acks).
-    Report { queue: Arc<QueueKeys>, reply: String, bytes: Vec<u8> },
+    /// A report without a lease to release (progress, at-most-once tasks, foreign acks), for
+    /// caller process `caller`.
+    Report { queue: Arc<QueueKeys>, caller: String, bytes: Vec<u8> },
     /// The final report (if the caller wants one) and the release of the lease `token`.
-    Complete { queue: Arc<QueueKeys>, token: String, reply: Option<String>, bytes: Option<Vec<u8>> },
+    Complete { queue: Arc<QueueKeys>, token: String, caller: Option<String>, bytes: Option<Vec<u8>> },
     /// A message to the dead letters: by lease token (the server has the bytes), or the
     /// bytes themselves (`token` empty).
     Dead { queue: Arc<QueueKeys>, token: String, reason: String, bytes: Vec<u8> },
@@ -80,7 +90,7 @@ fn complete_loop(inner: &Arc<Inner>, rx: &Receiver<Op>, stop: &AtomicBool) {
         }
         let plan = Plan::new(&mut batch, inner);
         match conn.retry(stop, &mut |c| scripts::run_batch(c, &plan.calls)) {
-            Some(Ok(results)) => plan.done(inner, &results),
+            Some(Ok(results)) => account(inner, &plan.kinds, &results),
             Some(Err(e)) => error(inner, format!("{} report(s) or acknowledgement(s) were refused: {e}", batch.len())),
             // Leases of what was not stored expire and the tasks run again elsewhere.
             None => error(inner, format!("{} report(s) not stored: redis unreachable at shutdown", batch.len())),
@@ -89,14 +99,26 @@ fn complete_loop(inner: &Arc<Inner>, rx: &Receiver<Op>, stop: &AtomicBool) {
     }
 }
 
+/// The plan for a worker thread's completions; also returns them as operations (to
+/// [`release`] once stored).
+pub(crate) fn complete_calls(inner: &Inner, done: Vec<Completion>) -> (Plan, Vec<Op>) {
+    plan(inner, done.into_iter().map(Completion::into_op).collect())
+}
+
+/// The plan for some operations, which it returns (their bytes moved into the plan).
+pub(crate) fn plan(inner: &Inner, mut ops: Vec<Op>) -> (Plan, Vec<Op>) {
+    let plan = Plan::new(&mut ops, inner);
+    (plan, ops)
+}
+
 /// The script calls of one batch, with what to do with their results.
-struct Plan {
-    calls: Vec<Call>,
-    kinds: Vec<Kind>,
+pub(crate) struct Plan {
+    pub(crate) calls: Vec<Call>,
+    pub(crate) kinds: Vec<Kind>,
 }
 
 #[derive(Clone, Copy, PartialEq, Eq)]
-enum Kind {
+pub(crate) enum Kind {
     Complete { finals: usize },
     Dead { count: usize },
     Requeue,
@@ -104,26 +126,26 @@ enum Kind {
 
 impl Plan {
     /// Per queue, consecutive reports and completions share one `COMPLETE`; dead letters and
-    /// requeues get calls of their own, in their place in the order.
+    /// requeues get calls of their own, in their place in the order. Report bytes move
+    /// into the calls.
     fn new(batch: &mut [Op], inner: &Inner) -> Plan {
         let ttl = inner.options.result_ttl.as_millis().to_string();
         let mut plan = Plan { calls: Vec::new(), kinds: Vec::new() };
-        // Per call: its reply keys (KEYS[3..] of a COMPLETE). Per queue: its open COMPLETE.
-        let mut replies: Vec<Vec<String>> = Vec::new();
+        // Per call: its callers (reply index k is callers[k - 1]). Per queue: its open COMPLETE.
+        let mut callers: Vec<Vec<String>> = Vec::new();
         let mut open: HashMap<String, usize> = HashMap::new();
         for op in batch.iter_mut() {
             let queue = op.queue().clone();
-            let queue = &queue;
             match op {
-                Op::Report { reply, bytes, .. } => {
-                    let index = plan.open_complete(&mut open, &mut replies, queue, &ttl);
-                    let k = plan.reply_index(&mut replies[index], index, reply);
+                Op::Report { caller, bytes, .. } => {
+                    let index = plan.open_complete(&mut open, &mut callers, &queue, &ttl);
+                    let k = plan.reply_index(&mut callers[index], index, &queue, caller);
                     plan.calls[index].args.extend([Vec::new(), k.to_string().into_bytes(), std::mem::take(bytes)]);
                 }
-                Op::Complete { token, reply, bytes, .. } => {
-                    let index = plan.open_complete(&mut open, &mut replies, queue, &ttl);
-                    let k = match reply {
-                        Some(reply) => plan.reply_index(&mut replies[index], index, reply),
+                Op::Complete { token, caller, bytes, .. } => {
+                    let index = plan.open_complete(&mut open, &mut callers, &queue, &ttl);
+                    let k = match caller {
+                        Some(caller) => plan.reply_index(&mut callers[index], index, &queue, caller),
                         None => 0,
                     };
                     let report = bytes.take().unwrap_or_default();
@@ -142,7 +164,7 @@ impl Plan {
                         .arg(token.clone())
                         .arg(DeadLetter::prefix(reason))
                         .arg(std::mem::take(bytes));
-                    plan.push(call, Kind::Dead { count: 1 }, &mut replies);
+                    plan.push(call, Kind::Dead { count: 1 }, &mut callers);
                 }
                 Op::Requeue { tokens, amo, .. } => {
                     open.remove(&queue.prefix);
@@ -155,17 +177,17 @@ impl Plan {
                         .arg(tokens.len().to_string());
                     call.args.extend(tokens.iter().map(|t| t.clone().into_bytes()));
                     call.args.append(amo);
-                    plan.push(call, Kind::Requeue, &mut replies);
+                    plan.push(call, Kind::Requeue, &mut callers);
                 }
             }
         }
         plan
     }
 
-    fn push(&mut self, call: Call, kind: Kind, replies: &mut Vec<Vec<String>>) -> usize {
+    fn push(&mut self, call: Call, kind: Kind, callers: &mut Vec<Vec<String>>) -> usize {
         self.calls.push(call);
         self.kinds.push(kind);
-        replies.push(Vec::new());
+        callers.push(Vec::new());
         self.calls.len() - 1
     }
 
@@ -173,65 +195,73 @@ impl Plan {
     fn open_complete(
         &mut self,
         open: &mut HashMap<String, usize>,
-        replies: &mut Vec<Vec<String>>,
+        callers: &mut Vec<Vec<String>>,
         queue: &QueueKeys,
         ttl: &str,
     ) -> usize {
         if let Some(&index) = open.get(&queue.prefix) {
             return index;
         }
-        let call = Call::new(&scripts::COMPLETE).key(queue.leases.clone()).key(queue.inflight.clone()).arg(ttl);
-        let index = self.push(call, Kind::Complete { finals: 0 }, replies);
+        let batch = UuidV7.next_id();
+        let call = Call::new(&scripts::COMPLETE)
+            .key(queue.leases.clone())
+            .key(queue.inflight.clone())
+            .key(queue.marker("done", batch.as_str()))
+            .arg(MARKER_TTL)
+            .arg(ttl);
+        let index = self.push(call, Kind::Complete { finals: 0 }, callers);
         open.insert(queue.prefix.clone(), index);
         index
     }
 
-    /// The 1-based index of `reply` among a `COMPLETE`'s reply keys (`KEYS[3..]`), added
-    /// if new.
-    fn reply_index(&mut self, replies: &mut Vec<String>, index: usize, reply: &str) -> usize {
-        if let Some(i) = replies.iter().position(|r| r == reply) {
+    /// The 1-based index of `caller`'s reply list among a `COMPLETE`'s (`KEYS[2 + 2k]`, its
+    /// notify list `KEYS[3 + 2k]`), added if new.
+    fn reply_index(&mut self, callers: &mut Vec<String>, index: usize, queue: &QueueKeys, caller: &str) -> usize {
+        if let Some(i) = callers.iter().position(|c| c == caller) {
             return i + 1;
         }
-        replies.push(reply.to_owned());
-        self.calls[index].keys.push(reply.to_owned());
-        replies.len()
+        callers.push(caller.to_owned());
+        self.calls[index].keys.push(queue.reply(caller));
+        self.calls[index].keys.push(queue.notify(caller));
+        callers.len()
     }
+}
 
-    fn done(&self, inner: &Inner, results: &[Value]) {
-        for (kind, result) in self.kinds.iter().zip(results) {
-            match kind {
-                Kind::Complete { finals } => {
-                    let lost = match result {
-                        Value::Array(tokens) => tokens.len(),
-                        _ => 0,
-                    };
-                    inner.stats.completed.fetch_add((finals - lost.min(*finals)) as u64, Ordering::Relaxed);
-                    if lost > 0 {
-                        inner.stats.rejected_reports.fetch_add(lost as u64, Ordering::Relaxed);
-                        inner.events.emit(Event::new(
-                            Origin::Reporter,
-                            Level::Warning,
-                            EventKind::ReportFailed,
-                            format!(
-                                "{lost} late report(s) rejected: the lease had expired and the task was handed to \
-                                 another worker"
-                            ),
-                        ));
-                    }
+/// Counts what a batch did, and warns about reports rejected by fencing.
+pub(crate) fn account(inner: &Inner, kinds: &[Kind], results: &[Value]) {
+    for (kind, result) in kinds.iter().zip(results) {
+        match kind {
+            Kind::Complete { finals } => {
+                let lost = match result {
+                    Value::Array(tokens) => tokens.len(),
+                    _ => 0,
+                };
+                inner.stats.completed.fetch_add((finals - lost.min(*finals)) as u64, Ordering::Relaxed);
+                if lost > 0 {
+                    inner.stats.rejected_reports.fetch_add(lost as u64, Ordering::Relaxed);
+                    inner.events.emit(Event::new(
+                        Origin::Reporter,
+                        Level::Warning,
+                        EventKind::ReportFailed,
+                        format!(
+                            "{lost} late report(s) rejected: the lease had expired and the task was handed to another \
+                             worker"
+                        ),
+                    ));
                 }
-                Kind::Dead { count } => {
-                    inner.stats.dead_lettered.fetch_add(*count as u64, Ordering::Relaxed);
-                }
-                Kind::Requeue => {}
             }
+            Kind::Dead { count } => {
+                inner.stats.dead_lettered.fetch_add(*count as u64, Ordering::Relaxed);
+            }
+            Kind::Requeue => {}
         }
     }
 }
 
-/// The leases settled by this batch need no renewal any more.
-fn release(inner: &Inner, batch: &[Op]) {
+/// The leases settled by these operations need no renewal any more.
+pub(crate) fn release(inner: &Inner, ops: &[Op]) {
     let mut leased = lock(&inner.leased);
-    for op in batch {
+    for op in ops {
         let (queue, tokens): (&Arc<QueueKeys>, Vec<&str>) = match op {
             Op::Complete { queue, token, .. } | Op::Dead { queue, token, .. } => (queue, vec![token.as_str()]),
             Op::Requeue { queue, tokens, .. } => (queue, tokens.iter().map(String::as_str).collect()),

@@ -84,11 +84,13 @@ fn renew(inner: &Inner, conn: &mut crate::conn::Conn, stop: &AtomicBool) {
             _ => Vec::new(),
         };
         inner.stats.renewed.fetch_add((count - lost.len().min(*count)) as u64, Ordering::Relaxed);
-        if !lost.is_empty() {
-            lost_total += lost.len();
-            if let Some((_, held)) = lock(&inner.leased).get_mut(&queue.prefix) {
-                for token in &lost {
-                    held.remove(token);
+        if !lost.is_empty()
+            && let Some((_, held)) = lock(&inner.leased).get_mut(&queue.prefix)
+        {
+            // Tokens settled since the list was taken are not lost, just done.
+            for token in &lost {
+                if held.remove(token) {
+                    lost_total += 1;
                 }
             }
         }
@@ -111,6 +113,15 @@ fn reap(inner: &Inner, conn: &mut crate::conn::Conn, stop: &AtomicBool) {
     if queues.is_empty() {
         return;
     }
+    // Declared again and again: a server that restarted without its data forgot the tasks,
+    // and callers would find them unroutable.
+    let tasks = crate::keys::tasks(&inner.options.namespace);
+    let mut declare = redis::cmd("SADD");
+    declare.arg(&tasks);
+    for queue in &queues {
+        declare.arg(&queue.task);
+    }
+    let _ = conn.once(&mut |c| declare.query::<i64>(c));
     let reason = DeadLetter::prefix(&format!(
         "redelivered {} times: every worker that took it stopped renewing its lease (died or stalled)",
         inner.options.max_redeliveries

@@ -1,31 +1,44 @@
 //! The store's listener: one thread and one connection per process, however many calls wait.
-//! It blocks on the process's reply lists (`BLMPOP`, a batch at a time) and routes each
-//! report to the handle of its call; reports that arrive before their handle watches are
-//! kept by the router.
+//! It blocks on the process's notify lists (`BLMPOP`); the reads of its reply lists ride in
+//! the same round trip, so the server answers the moment a report arrives. Reports are
+//! removed from Redis only after they were routed — in the next round trip, by an
+//! idempotent trim — so a connection that breaks mid-read loses nothing (a report read
+//! twice is ignored by its handle). Reports that arrive before their handle watches are kept
+//! by the router.
 
-use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 
 use dingo_core::event::{Event, EventKind, Level, Origin};
+use dingo_core::id::{IdMaker, UuidV7};
 use dingo_core::message::wire::{self, Known};
 use dingo_core::{BrokerError, TaskName};
 use redis::Value;
 
+use super::completer::MARKER_TTL;
 use super::{Inner, Thread, lock};
 use crate::keys::{self, QueueKeys};
+use crate::scripts;
 
 pub(crate) struct Listener {
     inner: Arc<Inner>,
-    /// Reply list → the task it belongs to.
-    replies: Arc<Mutex<HashMap<String, TaskName>>>,
+    /// The reply lists this process listens to.
+    replies: Arc<Mutex<Vec<Reply>>>,
     control: String,
     thread: Thread,
 }
 
+#[derive(Clone)]
+struct Reply {
+    list: String,
+    notify: String,
+    prefix: String,
+    task: TaskName,
+}
+
 impl Listener {
     pub(crate) fn start(inner: Arc<Inner>) -> Result<Listener, BrokerError> {
-        let replies: Arc<Mutex<HashMap<String, TaskName>>> = Arc::default();
+        let replies: Arc<Mutex<Vec<Reply>>> = Arc::default();
         let control = keys::control(&inner.options.namespace, &format!("{}:reply", inner.process));
         let listen = Listen { inner: inner.clone(), replies: replies.clone(), control: control.clone() };
         let thread = Thread::spawn("dingo-redis-reply", move |stop| listen.run(&stop))?;
@@ -35,11 +48,15 @@ impl Listener {
     /// Makes sure the reply list of this process for `queue`'s task is listened to.
     pub(crate) fn listen_to(&self, queue: &QueueKeys) {
         let mut replies = lock(&self.replies);
-        if replies.contains_key(&queue.reply_here) {
+        if replies.iter().any(|r| r.list == queue.reply_here) {
             return;
         }
-        let task = queue_task(queue);
-        replies.insert(queue.reply_here.clone(), task);
+        replies.push(Reply {
+            list: queue.reply_here.clone(),
+            notify: queue.notify_here.clone(),
+            prefix: queue.prefix.clone(),
+            task: TaskName::from(queue.task.as_str()),
+        });
         drop(replies);
         // The listener may be blocked on the old set of lists: wake it to take the new one.
         self.wake();
@@ -55,17 +72,17 @@ impl Listener {
     }
 }
 
-/// The task name of a queue, from its key prefix (`NS:{task}`), unescaped.
-fn queue_task(queue: &QueueKeys) -> TaskName {
-    let tagged = queue.prefix.rsplit_once(":{").map(|(_, t)| t).unwrap_or("");
-    let escaped = tagged.strip_suffix('}').unwrap_or(tagged);
-    TaskName::from(escaped.replace("%7B", "{").replace("%7D", "}").replace("%25", "%"))
-}
-
 struct Listen {
     inner: Arc<Inner>,
-    replies: Arc<Mutex<HashMap<String, TaskName>>>,
+    replies: Arc<Mutex<Vec<Reply>>>,
     control: String,
+}
+
+/// Reports read but not yet removed from a reply list.
+struct Trim {
+    list: String,
+    marker: String,
+    count: usize,
 }
 
 impl Listen {
@@ -73,49 +90,93 @@ impl Listen {
         let mut conn = self.inner.conn("report listener", Origin::Store, true);
         let timeout = self.inner.options.block_timeout.as_secs_f64();
         let batch = self.inner.options.batch;
+        let mut trims: Vec<Trim> = Vec::new();
+        let mut block = true;
         while !stop.load(Ordering::SeqCst) {
-            let (keys, names): (Vec<String>, HashMap<String, TaskName>) = {
-                let replies = lock(&self.replies);
-                let mut keys = vec![self.control.clone()];
-                keys.extend(replies.keys().cloned());
-                (keys, replies.clone())
-            };
-            let popped = conn.retry(stop, &mut |c| {
-                redis::cmd("BLMPOP")
-                    .arg(timeout)
-                    .arg(keys.len())
-                    .arg(&keys)
-                    .arg("LEFT")
-                    .arg("COUNT")
-                    .arg(batch)
-                    .query::<Value>(c)
+            let replies = lock(&self.replies).clone();
+            let round = conn.retry(stop, &mut |c| {
+                let mut pipe = redis::pipe();
+                pipe.ignore_errors();
+                for trim in &trims {
+                    pipe.cmd("EVALSHA")
+                        .arg(scripts::TRIM.get_hash())
+                        .arg(2)
+                        .arg(&trim.list)
+                        .arg(&trim.marker)
+                        .arg(trim.count)
+                        .arg(MARKER_TTL);
+                }
+                if block {
+                    let wait = pipe.cmd("BLMPOP").arg(timeout).arg(replies.len() + 1).arg(&self.control);
+                    for reply in &replies {
+                        wait.arg(&reply.notify);
+                    }
+                    wait.arg("LEFT").arg("COUNT").arg(1000);
+                }
+                for reply in &replies {
+                    pipe.cmd("LRANGE").arg(&reply.list).arg(0).arg(batch as i64 - 1);
+                }
+                let results: Vec<redis::RedisResult<Value>> = pipe.query(c)?;
+                let mut results = results.into_iter();
+                for _ in &trims {
+                    match results.next() {
+                        Some(Err(e)) if e.code() == Some("NOSCRIPT") => {
+                            scripts::TRIM.load(c)?;
+                            return Err(e);
+                        }
+                        Some(Err(e)) => return Err(e),
+                        _ => {}
+                    }
+                }
+                if block {
+                    results.next().transpose()?;
+                }
+                results.collect::<redis::RedisResult<Vec<Value>>>()
             });
-            let value = match popped {
-                Some(Ok(value)) => value,
+            let lists = match round {
+                Some(Ok(lists)) => lists,
+                Some(Err(e)) if e.code() == Some("NOSCRIPT") => {
+                    block = false; // the wait may have taken the notify tokens: read at once
+                    continue;
+                }
                 Some(Err(e)) => {
                     self.event(Level::Error, EventKind::ReceiveFailed, format!("waiting for reports failed: {e}"));
+                    std::thread::sleep(self.inner.options.block_timeout);
                     continue;
                 }
                 None => return,
             };
-            let Some((key, reports)) = split(value) else { continue };
-            if key == self.control {
-                continue;
-            }
-            let name = names.get(&key);
-            for bytes in reports {
-                let known = Known { name, address: None };
-                match wire::decode_report_from(bytes, &known) {
-                    Ok(report) => {
-                        self.inner.router.route(report);
-                    }
-                    Err(e) => self.event(
-                        Level::Error,
-                        EventKind::MalformedMessage,
-                        format!("an undecodable report in `{key}` was dropped: {}", dingo_core::error::chain(&e)),
-                    ),
+            trims.clear();
+            block = true;
+            for (reply, list) in replies.iter().zip(lists) {
+                let Value::Array(reports) = list else { continue };
+                if reports.is_empty() {
+                    continue;
+                }
+                if reports.len() >= batch {
+                    block = false; // more are waiting: read on without blocking
+                }
+                let marker = format!("{}:trim:{}", reply.prefix, UuidV7.next_id());
+                trims.push(Trim { list: reply.list.clone(), marker, count: reports.len() });
+                for report in reports {
+                    let Value::BulkString(bytes) = report else { continue };
+                    self.route(reply, bytes);
                 }
             }
+        }
+    }
+
+    fn route(&self, reply: &Reply, bytes: Vec<u8>) {
+        let known = Known { name: Some(&reply.task), address: None };
+        match wire::decode_report_from(bytes, &known) {
+            Ok(report) => {
+                self.inner.router.route(report);
+            }
+            Err(e) => self.event(
+                Level::Error,
+                EventKind::MalformedMessage,
+                format!("an undecodable report in `{}` was dropped: {}", reply.list, dingo_core::error::chain(&e)),
+            ),
         }
     }
 
@@ -124,21 +185,8 @@ impl Listen {
     }
 }
 
-/// `[key, [elements…]]` from `BLMPOP`; `None` on a timeout.
-fn split(value: Value) -> Option<(String, Vec<Vec<u8>>)> {
-    let Value::Array(mut parts) = value else { return None };
-    if parts.len() != 2 {
-        return None;
+impl std::fmt::Debug for Reply {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.list)
     }
-    let elements = parts.pop()?;
-    let key: String = redis::from_redis_value(parts.pop()?).ok()?;
-    let Value::Array(elements) = elements else { return None };
-    let bytes = elements
-        .into_iter()
-        .filter_map(|v| match v {
-            Value::BulkString(b) => Some(b),
-            _ => None,
-        })
-        .collect();
-    Some((key, bytes))
 }

@@ -8,9 +8,11 @@ use std::time::Duration;
 
 use crossbeam_channel::{Receiver, RecvTimeoutError, SendTimeoutError, Sender, TrySendError};
 use dingo_core::event::{Event, EventKind, Level, Origin};
+use dingo_core::id::{IdMaker, UuidV7};
 use dingo_core::message::{ReportBody, ReportMessage};
 use dingo_core::{BrokerError, BrokerErrorKind, CallKey, TaskError, TaskErrorKind};
 
+use super::completer::MARKER_TTL;
 use super::{Inner, Thread};
 use crate::keys::QueueKeys;
 use crate::scripts::{self, Call};
@@ -99,7 +101,14 @@ fn push_calls(batch: &mut [Outgoing], max: usize) -> Vec<Call> {
                 *n += 1;
             }
             None => {
-                let call = Call::new(&scripts::PUSH).key(list.clone()).key(outgoing.queue.wake.clone()).arg(bytes);
+                // A marker of its own, so a retry after a lost reply does not queue it twice.
+                let batch = UuidV7.next_id();
+                let call = Call::new(&scripts::PUSH)
+                    .key(list.clone())
+                    .key(outgoing.queue.wake.clone())
+                    .key(outgoing.queue.marker("sent", batch.as_str()))
+                    .arg(MARKER_TTL)
+                    .arg(bytes);
                 calls.push((list.clone(), call, 1));
             }
         }
