@@ -191,12 +191,15 @@ fn redis_cli(url: &str, args: &[&str]) -> String {
     String::from_utf8_lossy(&out.stdout).trim().to_owned()
 }
 
-/// Leases and in-flight messages left in a task's queue.
-fn leftovers(url: &str, namespace: &str, task: &str) -> (u64, u64) {
-    let prefix = format!("{namespace}:{{{task}}}");
-    let leases = redis_cli(url, &["ZCARD", &format!("{prefix}:leases")]).parse().expect("ZCARD");
-    let inflight = redis_cli(url, &["HLEN", &format!("{prefix}:inflight")]).parse().expect("HLEN");
-    (leases, inflight)
+/// Messages taken by workers and not settled, left in a task's queue: those in the
+/// processing lists of its consumers (0 once every task taken was done).
+fn held(url: &str, namespace: &str, task: &str) -> u64 {
+    let pattern = format!("{namespace}:{{{task}}}:processing:*");
+    redis_cli(url, &["--scan", "--pattern", &pattern])
+        .lines()
+        .filter(|key| !key.is_empty())
+        .map(|key| redis_cli(url, &["LLEN", key]).parse::<u64>().expect("LLEN"))
+        .sum()
 }
 
 /// The worker example serving 13 tasks on 2 threads and the caller example making its 10
@@ -279,7 +282,7 @@ fn a_worker_process_killed_mid_run_loses_nothing() {
     let fresh = setup.broker();
     wait_until("the queue is empty and no lease is left", || {
         fresh.queue_len(tasks::slow_echo::NAME).expect("queue length") == 0
-            && leftovers(setup.url(), &namespace, tasks::slow_echo::NAME) == (0, 0)
+            && held(setup.url(), &namespace, tasks::slow_echo::NAME) == 0
     });
     assert!(fresh.dead_letters(tasks::slow_echo::NAME).expect("dead letters").is_empty());
     b.kill();

@@ -83,12 +83,15 @@ fn redis_cli(url: &str, args: &[&str]) -> String {
     String::from_utf8_lossy(&out.stdout).trim().to_owned()
 }
 
-/// Leases and in-flight messages left in a task's queue (both must be 0 once all is done).
-fn leftovers(url: &str, namespace: &str, task: &str) -> (u64, u64) {
-    let prefix = format!("{namespace}:{{{task}}}");
-    let leases = redis_cli(url, &["ZCARD", &format!("{prefix}:leases")]).parse().expect("ZCARD");
-    let inflight = redis_cli(url, &["HLEN", &format!("{prefix}:inflight")]).parse().expect("HLEN");
-    (leases, inflight)
+/// Messages taken by workers and not settled, left in a task's queue: those in the
+/// processing lists of its consumers (0 once every task taken was done).
+fn held(url: &str, namespace: &str, task: &str) -> u64 {
+    let pattern = format!("{namespace}:{{{task}}}:processing:*");
+    redis_cli(url, &["--scan", "--pattern", &pattern])
+        .lines()
+        .filter(|key| !key.is_empty())
+        .map(|key| redis_cli(url, &["LLEN", key]).parse::<u64>().expect("LLEN"))
+        .sum()
 }
 
 /// Every event of an app, kept for questions asked later.
@@ -242,7 +245,7 @@ fn connection_cuts_and_an_outage_lose_nothing() {
     // On a fresh connection: see `broker_commands_work_after_a_connection_cut` for the
     // broker's own command connection after a cut.
     assert_eq!(setup.broker().queue_len(cut_echo::NAME).expect("queue length"), 0);
-    assert_eq!(leftovers(setup.url(), &setup.options().namespace, cut_echo::NAME), (0, 0));
+    assert_eq!(held(setup.url(), &setup.options().namespace, cut_echo::NAME), 0);
 
     for (who, events) in [("worker", &mut worker_events), ("caller", &mut caller_events)] {
         events.wait_for(EventKind::ConnectionLost);
@@ -350,7 +353,7 @@ fn a_lost_reply_to_a_send_does_not_run_the_call_twice() {
     let namespace = &setup.options().namespace;
     wait_until("the queue is drained", || {
         setup.broker().queue_len("faults.once").expect("queue length") == 0
-            && leftovers(setup.url(), namespace, "faults.once") == (0, 0)
+            && held(setup.url(), namespace, "faults.once") == 0
     });
     assert_eq!(*lock(&runs), BTreeMap::from([(0, 1), (1, 1)]), "each call ran once");
     caller.close().expect("close");
@@ -459,7 +462,7 @@ fn a_task_longer_than_its_lease_is_not_stolen() {
     // Renewed every third of the lease for 3.5 s: about 10 times.
     let renewed = sum(|s| stat(&s.renewed));
     assert!(renewed >= 5, "the lease was renewed only {renewed} time(s)");
-    assert_eq!(leftovers(setup.url(), &setup.options().namespace, long::NAME), (0, 0));
+    assert_eq!(held(setup.url(), &setup.options().namespace, long::NAME), 0);
     caller.close().expect("close");
     for worker in &workers {
         worker.close().expect("close");
@@ -532,7 +535,7 @@ fn a_stalled_worker_is_fenced_out() {
     assert_eq!(a_runs.load(Ordering::SeqCst), 1);
     assert_eq!(lock(&b_runs).len(), 1);
     assert_eq!(b_broker.queue_len(FENCED).expect("queue length"), 0);
-    assert_eq!(leftovers(setup.url(), &setup.options().namespace, FENCED), (0, 0));
+    assert_eq!(held(setup.url(), &setup.options().namespace, FENCED), 0);
     worker_a.close().expect("close A");
     worker_b.close().expect("close B");
     caller.close().expect("close the caller");
@@ -664,7 +667,7 @@ fn garbage_in_a_queue_is_dead_lettered_and_the_worker_goes_on() {
         assert_eq!(inbox.other.load(Ordering::SeqCst), 0, "only the failure report");
     }
     assert_eq!(worker_broker.queue_len(plus::NAME).expect("queue length"), 0);
-    assert_eq!(leftovers(setup.url(), &setup.options().namespace, plus::NAME), (0, 0));
+    assert_eq!(held(setup.url(), &setup.options().namespace, plus::NAME), 0);
     caller.close().expect("close");
     worker.close().expect("close");
 }

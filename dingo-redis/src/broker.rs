@@ -33,7 +33,7 @@ use crate::conn::{Conn, broker_error};
 use crate::keys::{self, QueueKeys};
 use crate::options::RedisOptions;
 
-use completer::{Completer, Op};
+use completer::{Completer, Op, Settle};
 use keeper::Keeper;
 use listener::Listener;
 use writer::{Outgoing, Writer};
@@ -80,8 +80,8 @@ pub struct Stats {
     pub dead_lettered: AtomicU64,
 }
 
-/// A queue and the lease tokens this process holds on it.
-pub(crate) type Leased = (Arc<QueueKeys>, HashSet<String>);
+/// A queue and the consumers of this process holding a lease on it.
+pub(crate) type Leases = (Arc<QueueKeys>, HashSet<Arc<str>>);
 
 pub(crate) struct Inner {
     pub(crate) client: redis::Client,
@@ -101,8 +101,9 @@ pub(crate) struct Inner {
     completer: Lazy<Completer>,
     listener: Lazy<Listener>,
     keeper: Lazy<Keeper>,
-    /// Leased tokens this process holds, by queue prefix: what the keeper renews.
-    pub(crate) leased: Mutex<HashMap<String, Leased>>,
+    /// The consumers (worker threads) of this process, by queue prefix: whose leases the
+    /// keeper renews.
+    pub(crate) leases: Mutex<HashMap<String, Leases>>,
     /// Queues this process consumes, by prefix (with how many subscriptions): what the
     /// keeper reaps.
     pub(crate) consumed: Mutex<HashMap<String, (Arc<QueueKeys>, usize)>>,
@@ -153,7 +154,7 @@ impl RedisBroker {
             completer: Lazy::new(),
             listener: Lazy::new(),
             keeper: Lazy::new(),
-            leased: Mutex::new(HashMap::new()),
+            leases: Mutex::new(HashMap::new()),
             consumed: Mutex::new(HashMap::new()),
             options,
         });
@@ -341,6 +342,23 @@ impl Inner {
         self.keeper.get_or_start(|| Keeper::start(self.clone()))
     }
 
+    /// A consumer of this process registered a lease on `queue`: keep renewing it.
+    pub(crate) fn remember_consumer(&self, queue: &Arc<QueueKeys>, consumer: &Arc<str>) {
+        let mut leases = lock(&self.leases);
+        leases
+            .entry(queue.prefix.clone())
+            .or_insert_with(|| (queue.clone(), HashSet::new()))
+            .1
+            .insert(consumer.clone());
+    }
+
+    /// A consumer of this process is gone (or lost its lease): stop renewing it.
+    pub(crate) fn forget_consumer(&self, queue: &QueueKeys, consumer: &str) {
+        if let Some((_, consumers)) = lock(&self.leases).get_mut(&queue.prefix) {
+            consumers.remove(consumer);
+        }
+    }
+
     /// Wakes this process's blocked connections (they re-read what to wait for, or stop).
     pub(crate) fn wake_blocked(&self) {
         let _ = self.command(&mut |c| redis::cmd("LPUSH").arg(&self.control).arg("wake").query::<i64>(c));
@@ -477,16 +495,17 @@ impl Reporter for RedisBroker {
             None => None,
         };
         match ack.map(|ack| ack.downcast::<RedisAck>()) {
-            // Our own lease: stored with the worker's next fetch, or by the background
-            // writer, releasing the lease in the same script.
-            Some(Ok(ours)) if ours.is_from(&self.inner) => match (*ours).complete_here(caller, bytes) {
-                Ok(()) => Ok(()),
-                Err(completion) => self.inner.completer()?.push(completion.into_op()),
-            },
+            // Our own delivery: its message leaves the processing list in the step that
+            // stores the report, with the worker's next fetch.
+            Some(Ok(ours)) if ours.is_from(&self.inner) => (*ours).settle(Settle::Complete { caller, bytes }),
             other => {
                 if let (Some(caller), Some(bytes)) = (caller, bytes) {
                     let queue = self.inner.queue_keys(report.name.as_str());
-                    self.inner.completer()?.push(Op::Report { queue, caller, bytes })?;
+                    // A task without a lease (at most once): on the worker's connection, in
+                    // order with its progress, when this is a worker thread of ours.
+                    if let Some((caller, bytes)) = fetcher::finish_here(&self.inner, &queue, caller, bytes) {
+                        self.inner.completer()?.push(Op::Report { queue, caller, bytes })?;
+                    }
                 }
                 match other {
                     Some(Ok(foreign)) => Ack::new(*foreign).ack(),

@@ -13,8 +13,10 @@ pub(crate) struct QueueKeys {
     pub(crate) pending: String,
     pub(crate) amo: String,
     pub(crate) wake: String,
-    pub(crate) leases: String,
-    pub(crate) inflight: String,
+    /// Consumer → lease deadline.
+    pub(crate) consumers: String,
+    /// The prefix of the consumers' processing lists (+ consumer id).
+    pub(crate) processing: String,
     pub(crate) dead: String,
     /// The reply list of the process these keys were made for, and its notify list.
     pub(crate) reply_here: String,
@@ -29,8 +31,8 @@ impl QueueKeys {
             pending: key("pending"),
             amo: key("amo"),
             wake: key("wake"),
-            leases: key("leases"),
-            inflight: key("inflight"),
+            consumers: key("consumers"),
+            processing: key("processing:"),
             dead: key("dead"),
             reply_here: key(&format!("reply:{process}")),
             notify_here: key(&format!("notify:{process}")),
@@ -85,7 +87,7 @@ mod tests {
     #[test]
     fn all_keys_of_a_queue_share_one_hash_tag() {
         let keys = QueueKeys::new("ns", "math.add", "p1");
-        for key in [&keys.pending, &keys.amo, &keys.wake, &keys.leases, &keys.inflight, &keys.dead] {
+        for key in [&keys.pending, &keys.amo, &keys.wake, &keys.consumers, &keys.processing, &keys.dead] {
             assert!(key.starts_with("ns:{math.add}:"), "{key}");
         }
         assert_eq!(keys.reply("c1"), "ns:{math.add}:reply:c1");

@@ -20,38 +20,38 @@ return #ARGV - 1
     )
 });
 
-/// Takes up to `ARGV[1]` messages: at-most-once ones (`KEYS[2]`) as they are, the others
-/// (`KEYS[1]`) under a lease of `ARGV[2]` ms each (`KEYS[4]` deadlines, `KEYS[5]` the
-/// messages). Lease tokens are `ARGV[3]` (the consumer's own prefix, unique per process
-/// run) followed by `ARGV[4]` + 1, + 2, …, so tokens never repeat, not even across server
-/// restarts. Returns pairs (token or "", message). Leaves a wake token (`KEYS[3]`) while
-/// work remains, so the next idle consumer wakes too.
+/// Takes up to `ARGV[1]` messages for consumer `ARGV[3]`: at-most-once ones (`KEYS[2]`) as
+/// they are, the others (`KEYS[1]`) moved to the consumer's processing list (`KEYS[5]`,
+/// newest first), where they stay until settled. The consumer holds one lease (`KEYS[4]`,
+/// deadline `ARGV[2]` ms from now) for all of them: registered when `ARGV[4]` is 1,
+/// renewed otherwise — and if it expired and was reaped meanwhile, nothing is taken and
+/// the reply is `{'lost'}` (the consumer must start over under a new id). Returns
+/// `{'ok', number of at-most-once messages, messages…}`. Leaves a wake token (`KEYS[3]`)
+/// while work remains, so the next idle consumer wakes too.
 pub(crate) static FETCH: LazyLock<Script> = LazyLock::new(|| {
     Script::new(
         r#"
+local t = redis.call('TIME')
+local deadline = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000) + tonumber(ARGV[2])
+if ARGV[4] == '1' then
+  redis.call('ZADD', KEYS[4], 'NX', deadline, ARGV[3])
+elseif not redis.call('ZSCORE', KEYS[4], ARGV[3]) then
+  return {'lost'}
+else
+  redis.call('ZADD', KEYS[4], 'XX', deadline, ARGV[3])
+end
 local n = tonumber(ARGV[1])
-local out = {}
+local out = {'ok', 0}
 local amo = redis.call('RPOP', KEYS[2], n)
 if amo then
-  for i = 1, #amo do out[#out + 1] = ''; out[#out + 1] = amo[i] end
+  out[2] = #amo
+  for i = 1, #amo do out[#out + 1] = amo[i] end
   n = n - #amo
 end
-if n > 0 then
-  local msgs = redis.call('RPOP', KEYS[1], n)
-  if msgs then
-    local t = redis.call('TIME')
-    local deadline = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000) + tonumber(ARGV[2])
-    local base = tonumber(ARGV[4])
-    local zargs, hargs = {}, {}
-    for i = 1, #msgs do
-      local token = ARGV[3] .. (base + i)
-      zargs[#zargs + 1] = deadline; zargs[#zargs + 1] = token
-      hargs[#hargs + 1] = token; hargs[#hargs + 1] = msgs[i]
-      out[#out + 1] = token; out[#out + 1] = msgs[i]
-    end
-    redis.call('ZADD', KEYS[4], unpack(zargs))
-    redis.call('HSET', KEYS[5], unpack(hargs))
-  end
+for _ = 1, n do
+  local m = redis.call('LMOVE', KEYS[1], KEYS[5], 'RIGHT', 'LEFT')
+  if not m then break end
+  out[#out + 1] = m
 end
 if redis.call('LLEN', KEYS[1]) + redis.call('LLEN', KEYS[2]) > 0 then
   if redis.call('LLEN', KEYS[3]) == 0 then redis.call('LPUSH', KEYS[3], '1') end
@@ -63,99 +63,124 @@ return out
     )
 });
 
-/// Completes calls, once: `KEYS[3]` marks the batch as applied (for `ARGV[1]` ms), so a
-/// batch sent again after its reply was lost changes nothing. For each triple (token,
-/// reply index, report) in ARGV[3..] — if the token is "" there is no lease (a non-final
-/// report, an at-most-once task); otherwise the lease (`KEYS[1]`) must still be this
-/// worker's, and it is released with the message (`KEYS[2]`) in the same step as the
-/// report is stored. A reply index of 0 stores no report (a fire-and-forget call). Reply
-/// index k is the list `KEYS[2 + 2k]` with its notify list `KEYS[3 + 2k]`; each list gets
-/// its reports in one push, in order, and both expire `ARGV[2]` ms later. Returns the
-/// tokens whose lease was lost (their reports are not stored: fencing).
+/// Settles, in order, what one consumer (`ARGV[3]`) did with its messages — once: `KEYS[3]`
+/// marks the batch as applied (for `ARGV[1]` ms), so a batch sent again after its reply was
+/// lost changes nothing. Triples (op, reply index, data) in ARGV[5..]:
+/// - `r`: store report `data` (no lease involved: progress, at-most-once tasks);
+/// - `c`: settle the oldest message of the processing list (`KEYS[2]`) and store its final
+///   report `data` (reply index 0: none, a fire-and-forget call);
+/// - `d`: settle the oldest message to the dead letters (`KEYS[4]`, kept to `ARGV[4]`) with
+///   the reason prefix `data`;
+/// - `q`: give the newest message back to the front of its queue (`KEYS[5]`, wake `KEYS[6]`);
+/// - `x`: settle the newest message to the dead letters, with the reason prefix `data`.
+///
+/// The consumer's lease (`KEYS[1]`) must still stand: if it expired and was reaped, its
+/// messages went back to the queue for others, and nothing of `c`, `d`, `q` is applied
+/// (fencing). Reply index k is the list `KEYS[5 + 2k]` with its notify list `KEYS[6 + 2k]`;
+/// each gets its reports in one push, in order, and both expire `ARGV[2]` ms later. Returns
+/// {1 if the lease stood else 0, how many final reports were rejected}.
 pub(crate) static COMPLETE: LazyLock<Script> = LazyLock::new(|| {
     Script::new(
         r#"
-if not redis.call('SET', KEYS[3], '1', 'NX', 'PX', ARGV[1]) then return {} end
-local lost = {}
+if not redis.call('SET', KEYS[3], '1', 'NX', 'PX', ARGV[1]) then return {1, 0} end
+local owned = redis.call('ZSCORE', KEYS[1], ARGV[3]) ~= false
+local rejected = 0
 local out = {}
-local i = 3
-while i <= #ARGV do
-  local token, k, report = ARGV[i], tonumber(ARGV[i + 1]), ARGV[i + 2]
-  local owned = true
-  if token ~= '' then
-    owned = redis.call('ZREM', KEYS[1], token) == 1
-    if owned then redis.call('HDEL', KEYS[2], token) end
+local function report(k, data)
+  if k > 0 then
+    local list = out[k]
+    if not list then list = {}; out[k] = list end
+    list[#list + 1] = data
   end
-  if owned then
-    if k > 0 then
-      local list = out[k]
-      if not list then list = {}; out[k] = list end
-      list[#list + 1] = report
+end
+local i = 5
+while i <= #ARGV do
+  local op, k, data = ARGV[i], tonumber(ARGV[i + 1]), ARGV[i + 2]
+  if op == 'r' then
+    report(k, data)
+  elseif not owned then
+    if op == 'c' then rejected = rejected + 1 end
+  elseif op == 'c' then
+    redis.call('RPOP', KEYS[2])
+    report(k, data)
+  elseif op == 'd' then
+    local m = redis.call('RPOP', KEYS[2])
+    if m then
+      redis.call('LPUSH', KEYS[4], data .. m)
+      redis.call('LTRIM', KEYS[4], 0, tonumber(ARGV[4]) - 1)
     end
-  else
-    lost[#lost + 1] = token
+  elseif op == 'q' then
+    local m = redis.call('LPOP', KEYS[2])
+    if m then
+      redis.call('RPUSH', KEYS[5], m)
+      if redis.call('LLEN', KEYS[6]) == 0 then redis.call('LPUSH', KEYS[6], '1') end
+    end
+  elseif op == 'x' then
+    local m = redis.call('LPOP', KEYS[2])
+    if m then
+      redis.call('LPUSH', KEYS[4], data .. m)
+      redis.call('LTRIM', KEYS[4], 0, tonumber(ARGV[4]) - 1)
+    end
   end
   i = i + 3
 end
 for k, reports in pairs(out) do
-  local reply, notify = KEYS[2 + 2 * k], KEYS[3 + 2 * k]
+  local reply, notify = KEYS[5 + 2 * k], KEYS[6 + 2 * k]
   redis.call('RPUSH', reply, unpack(reports))
   redis.call('PEXPIRE', reply, ARGV[2])
   if redis.call('LLEN', notify) == 0 then redis.call('LPUSH', notify, '1') end
   redis.call('PEXPIRE', notify, ARGV[2])
 end
-return lost
+return {owned and 1 or 0, rejected}
 "#,
     )
 });
 
-/// Moves messages to the dead letters (`KEYS[3]`, kept to `ARGV[1]` entries): triples
-/// (token or "", reason prefix, message) in ARGV[2..]. A token's lease (`KEYS[1]`) and
-/// message (`KEYS[2]`) are released; its message is the one kept in `KEYS[2]` (the
-/// triple's own is empty then).
+/// Moves messages that never had a lease (at-most-once or undecodable ones) to the dead
+/// letters (`KEYS[1]`, kept to `ARGV[1]` entries): pairs (reason prefix, message) in
+/// ARGV[2..].
 pub(crate) static DEAD: LazyLock<Script> = LazyLock::new(|| {
     Script::new(
         r#"
 local i = 2
 while i <= #ARGV do
-  local token, prefix, m = ARGV[i], ARGV[i + 1], ARGV[i + 2]
-  if token ~= '' then
-    m = redis.call('HGET', KEYS[2], token) or m
-    redis.call('ZREM', KEYS[1], token)
-    redis.call('HDEL', KEYS[2], token)
-  end
-  redis.call('LPUSH', KEYS[3], prefix .. m)
-  i = i + 3
+  redis.call('LPUSH', KEYS[1], ARGV[i] .. ARGV[i + 1])
+  i = i + 2
 end
-redis.call('LTRIM', KEYS[3], 0, tonumber(ARGV[1]) - 1)
+redis.call('LTRIM', KEYS[1], 0, tonumber(ARGV[1]) - 1)
 return 0
 "#,
     )
 });
 
-/// Gives back tasks fetched but never started (a consumer stopping): leased tokens in
-/// ARGV[1..ARGV[1]+1] go back to the front of `KEYS[3]`; the remaining ARGV are
-/// at-most-once messages, back to the front of `KEYS[5]`. `KEYS[4]` gets a wake token.
-pub(crate) static REQUEUE: LazyLock<Script> = LazyLock::new(|| {
+/// Gives at-most-once messages (ARGV) taken but never started back to the front of their
+/// list (`KEYS[1]`), leaving a wake token (`KEYS[2]`).
+pub(crate) static GIVE_BACK: LazyLock<Script> = LazyLock::new(|| {
     Script::new(
         r#"
-local leased = tonumber(ARGV[1])
-for i = 2, leased + 1 do
-  local m = redis.call('HGET', KEYS[2], ARGV[i])
-  redis.call('ZREM', KEYS[1], ARGV[i])
-  redis.call('HDEL', KEYS[2], ARGV[i])
-  if m then redis.call('RPUSH', KEYS[3], m) end
-end
-for i = leased + 2, #ARGV do redis.call('RPUSH', KEYS[5], ARGV[i]) end
-if redis.call('LLEN', KEYS[4]) == 0 then redis.call('LPUSH', KEYS[4], '1') end
+for i = 1, #ARGV do redis.call('RPUSH', KEYS[1], ARGV[i]) end
+if redis.call('LLEN', KEYS[2]) == 0 then redis.call('LPUSH', KEYS[2], '1') end
 return 0
 "#,
     )
 });
 
-/// Extends the leases (`KEYS[1]`) of the tokens in ARGV[2..] by `ARGV[1]` ms from now.
-/// Returns the tokens that no longer hold a lease (taken over: the worker must not
-/// complete them).
+/// Retires consumer `ARGV[1]` (a worker thread that stopped): its lease (`KEYS[1]`) ends,
+/// and its processing list (`KEYS[2]`) goes if empty. Anything still in it stays there for
+/// the reaper, to run again elsewhere.
+pub(crate) static RETIRE: LazyLock<Script> = LazyLock::new(|| {
+    Script::new(
+        r#"
+if redis.call('LLEN', KEYS[2]) > 0 then return 0 end
+redis.call('DEL', KEYS[2])
+redis.call('ZREM', KEYS[1], ARGV[1])
+return 1
+"#,
+    )
+});
+
+/// Renews the leases (`KEYS[1]`) of the consumers in ARGV[2..] by `ARGV[1]` ms from now.
+/// Returns the consumers whose lease is gone (reaped: their messages went to others).
 pub(crate) static RENEW: LazyLock<Script> = LazyLock::new(|| {
     Script::new(
         r#"
@@ -174,10 +199,12 @@ return lost
     )
 });
 
-/// Returns expired leases (`KEYS[1]`) to the queue (`KEYS[3]`, at the front), marked
-/// redelivered (`ARGV[2]` replaces the message's last byte); a message redelivered
-/// `ARGV[3]` times already goes to the dead letters (`KEYS[5]`, kept to `ARGV[4]`) with
-/// `ARGV[5]` as the reason prefix. At most `ARGV[1]` per call. Returns {requeued, dead}.
+/// Reaps consumers whose lease expired (`KEYS[1]`, at most `ARGV[1]` per call): their
+/// processing lists (`ARGV[6]` + consumer id, in the queue's slot) go back to the front of
+/// the queue (`KEYS[2]`, wake `KEYS[3]`) in their order, each message marked redelivered
+/// (`ARGV[2]` replaces its last byte); a message redelivered `ARGV[3]` times already goes to
+/// the dead letters (`KEYS[4]`, kept to `ARGV[4]`) with `ARGV[5]` as the reason prefix.
+/// Returns {requeued, dead}.
 pub(crate) static REAP: LazyLock<Script> = LazyLock::new(|| {
     Script::new(
         r#"
@@ -188,27 +215,29 @@ local mark = ARGV[2]
 local body = string.sub(mark, 1, #mark - 1)
 local max = tonumber(ARGV[3])
 local requeued, dead = 0, 0
-for _, token in ipairs(expired) do
-  local m = redis.call('HGET', KEYS[2], token)
-  redis.call('ZREM', KEYS[1], token)
-  redis.call('HDEL', KEYS[2], token)
-  if m then
+for _, consumer in ipairs(expired) do
+  local list = ARGV[6] .. consumer
+  while true do
+    local m = redis.call('LPOP', list)
+    if not m then break end
     local count, stop = 0, #m - 1
     while stop >= #body and string.sub(m, stop - #body + 1, stop) == body do
       count = count + 1
       stop = stop - #body
     end
     if count >= max then
-      redis.call('LPUSH', KEYS[5], ARGV[5] .. m)
-      redis.call('LTRIM', KEYS[5], 0, tonumber(ARGV[4]) - 1)
+      redis.call('LPUSH', KEYS[4], ARGV[5] .. m)
+      redis.call('LTRIM', KEYS[4], 0, tonumber(ARGV[4]) - 1)
       dead = dead + 1
     else
-      redis.call('RPUSH', KEYS[3], string.sub(m, 1, -2) .. mark)
+      redis.call('RPUSH', KEYS[2], string.sub(m, 1, -2) .. mark)
       requeued = requeued + 1
     end
   end
+  redis.call('DEL', list)
+  redis.call('ZREM', KEYS[1], consumer)
 end
-if requeued > 0 and redis.call('LLEN', KEYS[4]) == 0 then redis.call('LPUSH', KEYS[4], '1') end
+if requeued > 0 and redis.call('LLEN', KEYS[3]) == 0 then redis.call('LPUSH', KEYS[3], '1') end
 return {requeued, dead}
 "#,
     )
@@ -228,8 +257,8 @@ return 1
 });
 
 /// All scripts, to load into a fresh connection's server.
-pub(crate) fn all() -> [&'static Script; 8] {
-    [&PUSH, &FETCH, &COMPLETE, &DEAD, &REQUEUE, &RENEW, &REAP, &TRIM]
+pub(crate) fn all() -> [&'static Script; 9] {
+    [&PUSH, &FETCH, &COMPLETE, &DEAD, &GIVE_BACK, &RETIRE, &RENEW, &REAP, &TRIM]
 }
 
 /// One script call in a pipelined batch.

@@ -1,10 +1,12 @@
 //! A consumer's subscription. Each worker thread of the pool talks to Redis itself, on a
-//! connection of its own: it fetches a batch under lease (one `FETCH` script per queue),
-//! runs the tasks, and stores their final reports with the next fetch — completions and the
-//! next fetch go in one round trip. An idle worker sends the fetch pipelined behind a
-//! blocking wait on the queues' wake lists, so the server fetches the moment work arrives.
+//! connection of its own, as a consumer with its own processing list and lease per queue:
+//! it moves a batch of tasks into its processing list (one `FETCH` script per queue), runs
+//! them in order, and settles them in the same order — final report stored and message
+//! removed by one `COMPLETE` script — together with its next fetch, in one round trip. An
+//! idle worker sends the fetch pipelined behind a blocking wait on the queues' wake lists,
+//! so the server fetches the moment work arrives.
 //!
-//! Completions wait for the next fetch only while tasks are quick: one older than
+//! Settlements wait for the next fetch only while tasks are quick: one older than
 //! [`FLUSH_AFTER`] is written before the worker starts another task.
 
 use std::any::Any;
@@ -22,7 +24,7 @@ use dingo_core::message::{ReportBody, ReportMessage};
 use dingo_core::{BrokerError, CallKey, TaskError, TaskErrorKind, TaskName};
 use redis::Value;
 
-use super::completer::{Op, complete_calls};
+use super::completer::{self, Op, Settle};
 use super::{Inner, lock};
 use crate::conn::Conn;
 use crate::keys::{self, QueueKeys};
@@ -31,11 +33,12 @@ use crate::scripts::{self, Call};
 /// How long a finished task's report may wait to ride along with the next fetch.
 const FLUSH_AFTER: Duration = Duration::from_micros(200);
 
-/// The lease of one delivered task: completing it releases the lease with the final report.
+/// One delivered task's place in its consumer's processing list: settling it stores the
+/// final report and removes the message in one step.
 pub(crate) struct RedisAck {
     pub(crate) inner: Arc<Inner>,
     pub(crate) queue: Arc<QueueKeys>,
-    pub(crate) token: String,
+    pub(crate) consumer: Arc<str>,
     /// The subscription whose worker thread took the task.
     pub(crate) subscription: u64,
 }
@@ -45,57 +48,33 @@ impl RedisAck {
         Arc::ptr_eq(&self.inner, inner)
     }
 
-    /// Hands the completion to the worker thread's own connection if this thread took the
-    /// task; otherwise gives it back.
-    pub(crate) fn complete_here(self, caller: Option<String>, bytes: Option<Vec<u8>>) -> Result<(), Completion> {
-        let completion = Completion { queue: self.queue, token: self.token, caller, bytes };
-        LOCAL.with(|local| match local.borrow_mut().get_mut(&self.subscription) {
+    /// Queues the settlement on the worker thread that took the task (settlements must keep
+    /// the order of the processing list); elsewhere, hands it to the background writer.
+    pub(crate) fn settle(self, settle: Settle) -> Result<(), BrokerError> {
+        let pending = Pending { queue: self.queue, consumer: self.consumer, settle };
+        let left = LOCAL.with(|local| match local.borrow_mut().get_mut(&self.subscription) {
             Some(state) => {
-                state.done.push(completion);
+                state.done.push(pending);
                 state.oldest_done.get_or_insert_with(Instant::now);
-                Ok(())
+                None
             }
-            None => Err(completion),
-        })
-    }
-}
-
-/// A final report (or a bare acknowledgement) waiting to be stored.
-pub(crate) struct Completion {
-    pub(crate) queue: Arc<QueueKeys>,
-    pub(crate) token: String,
-    /// The caller process to report to (none: a fire-and-forget call).
-    pub(crate) caller: Option<String>,
-    pub(crate) bytes: Option<Vec<u8>>,
-}
-
-impl Completion {
-    pub(crate) fn into_op(self) -> Op {
-        Op::Complete { queue: self.queue, token: self.token, caller: self.caller, bytes: self.bytes }
+            None => Some(pending),
+        });
+        match left {
+            None => Ok(()),
+            Some(pending) => self.inner.completer()?.push(pending.into_op()),
+        }
     }
 }
 
 impl Acknowledge for RedisAck {
     fn ack(self: Box<Self>) -> Result<(), BrokerError> {
-        let inner = self.inner.clone();
-        match (*self).complete_here(None, None) {
-            Ok(()) => Ok(()),
-            Err(completion) => inner.completer()?.push(completion.into_op()),
-        }
+        (*self).settle(Settle::Complete { caller: None, bytes: None })
     }
 
     fn reject(self: Box<Self>, requeue: bool, reason: &str) -> Result<(), BrokerError> {
-        let op = if requeue {
-            Op::Requeue { queue: self.queue.clone(), tokens: vec![self.token.clone()], amo: Vec::new() }
-        } else {
-            Op::Dead {
-                queue: self.queue.clone(),
-                token: self.token.clone(),
-                reason: reason.to_owned(),
-                bytes: Vec::new(),
-            }
-        };
-        self.inner.completer()?.push(op)
+        let settle = if requeue { Settle::Requeue } else { Settle::Dead { reason: reason.to_owned() } };
+        (*self).settle(settle)
     }
 
     fn as_any(&self) -> &dyn Any {
@@ -107,9 +86,33 @@ impl Acknowledge for RedisAck {
     }
 }
 
+/// A settlement waiting for the worker's next round trip.
+pub(crate) struct Pending {
+    pub(crate) queue: Arc<QueueKeys>,
+    pub(crate) consumer: Arc<str>,
+    pub(crate) settle: Settle,
+}
+
+impl Pending {
+    pub(crate) fn into_op(self) -> Op {
+        Op::Settle { queue: self.queue, consumer: self.consumer, settles: vec![self.settle] }
+    }
+}
+
 thread_local! {
-    /// Per subscription: this worker thread's connection, fetched tasks and completions.
+    /// Per subscription: this worker thread's connection, fetched tasks and settlements.
     static LOCAL: RefCell<FastMap<u64, Local>> = RefCell::new(FastMap::default());
+}
+
+/// What a worker thread took, in the order it took it.
+enum Entry {
+    Task(Delivery),
+    /// A message that does not decode: settled to the dead letters in its turn.
+    Malformed {
+        queue: Arc<QueueKeys>,
+        consumer: Arc<str>,
+        reason: String,
+    },
 }
 
 struct Local {
@@ -118,12 +121,11 @@ struct Local {
     conn: Conn,
     /// Wakes this thread's blocking wait (a stop).
     control: String,
-    buffer: VecDeque<Delivery>,
-    done: Vec<Completion>,
+    /// Per queue (by prefix): this thread's consumer id there, and whether it is registered.
+    consumers: FastMap<String, (Arc<str>, bool)>,
+    buffer: VecDeque<Entry>,
+    done: Vec<Pending>,
     oldest_done: Option<Instant>,
-    /// Lease tokens are `prefix` + a counter: unique per thread and process run.
-    prefix: String,
-    next_token: u64,
     /// After an empty fetch, the next one waits on the wake lists first.
     idle: bool,
     round: usize,
@@ -135,7 +137,7 @@ pub(crate) struct RedisSubscription {
     inner: Arc<Inner>,
     id: u64,
     queues: Vec<(TaskName, Arc<QueueKeys>)>,
-    /// How many tasks one worker thread fetches at a time.
+    /// How many tasks one worker thread takes at a time.
     per_worker: usize,
     stopped: AtomicBool,
     /// The control lists of the worker threads, to wake them on stop.
@@ -181,45 +183,63 @@ impl RedisSubscription {
     }
 
     fn new_local(&self) -> Local {
-        let thread = UuidV7.next_id();
-        let control = keys::control(&self.inner.options.namespace, thread.as_str());
+        let control = keys::control(&self.inner.options.namespace, UuidV7.next_id().as_str());
         lock(&self.controls).push(control.clone());
         Local {
             process: self.inner.process.clone(),
             conn: self.inner.conn("task fetcher", Origin::Consumer, true),
             control,
+            consumers: FastMap::default(),
             buffer: VecDeque::new(),
             done: Vec::new(),
             oldest_done: None,
-            prefix: format!("{thread}."),
-            next_token: 0,
             idle: false,
             round: 0,
         }
     }
 
-    /// The next task in this thread's buffer, storing completions that waited too long.
-    fn next_buffered(&self, local: &mut Local) -> Option<Delivery> {
-        let delivery = local.buffer.pop_front()?;
-        if local.oldest_done.is_some_and(|t| t.elapsed() >= FLUSH_AFTER) {
-            self.flush(local, None);
-        }
-        Some(delivery)
+    /// This thread's consumer id on `queue`, a new one if it has none.
+    fn consumer(&self, local: &mut Local, queue: &Arc<QueueKeys>) -> (Arc<str>, bool) {
+        let (id, registered) = local
+            .consumers
+            .entry(queue.prefix.clone())
+            .or_insert_with(|| (Arc::from(UuidV7.next_id().as_str()), false))
+            .clone();
+        (id, registered)
     }
 
-    /// Stores this thread's completions (and runs `fetch` in the same round trip).
-    fn flush(&self, local: &mut Local, fetch: Option<(Option<&redis::Cmd>, &[Call])>) -> Option<Vec<Value>> {
+    /// The next task in this thread's buffer (settling undecodable messages in their turn),
+    /// storing settlements that waited too long first.
+    fn next_buffered(&self, local: &mut Local) -> Option<Delivery> {
+        loop {
+            match local.buffer.pop_front()? {
+                Entry::Task(delivery) => {
+                    if local.oldest_done.is_some_and(|t| t.elapsed() >= FLUSH_AFTER) {
+                        self.round_trip(local, None);
+                    }
+                    return Some(delivery);
+                }
+                Entry::Malformed { queue, consumer, reason } => {
+                    local.done.push(Pending { queue, consumer, settle: Settle::Dead { reason } });
+                    local.oldest_done.get_or_insert_with(Instant::now);
+                }
+            }
+        }
+    }
+
+    /// Stores this thread's settlements, with `fetch` (a blocking wait and fetch calls) in
+    /// the same round trip; returns the fetch results.
+    fn round_trip(&self, local: &mut Local, fetch: Option<(Option<&redis::Cmd>, &[Call])>) -> Option<Vec<Value>> {
         let done = std::mem::take(&mut local.done);
         local.oldest_done = None;
-        let (plan, settled) = complete_calls(&self.inner, done);
+        let plan = completer::settle_calls(&self.inner, done);
         let (first, fetches) = fetch.unwrap_or((None, &[]));
         let mut calls = plan.calls;
-        let completes = calls.len();
+        let settled = calls.len();
         calls.extend(fetches.iter().cloned());
         let never = AtomicBool::new(false);
         let stop = if fetch.is_some() { &self.stopped } else { &never };
-        let outcome = local.conn.retry(stop, &mut |c| scripts::run_after(c, first, &calls));
-        let results = match outcome {
+        let results = match local.conn.retry(stop, &mut |c| scripts::run_after(c, first, &calls)) {
             Some(Ok(results)) => results,
             Some(Err(e)) => {
                 self.event(Level::Error, EventKind::ReceiveFailed, format!("talking to redis failed: {e}"));
@@ -227,34 +247,34 @@ impl RedisSubscription {
             }
             None => return None,
         };
-        super::completer::account(&self.inner, &plan.kinds, &results[..completes.min(results.len())]);
-        super::completer::release(&self.inner, &settled);
-        Some(results.into_iter().skip(completes).collect())
+        completer::account(&self.inner, &plan.kinds, &results[..settled.min(results.len())]);
+        Some(results.into_iter().skip(settled).collect())
     }
 
-    /// Fetches into this thread's buffer (blocking first when the last fetch was empty);
-    /// `false` when nothing came.
+    /// Fetches into this thread's buffer (waiting on the wake lists first after an empty
+    /// fetch); `false` when nothing came.
     fn fetch(&self, local: &mut Local, block: Duration) -> bool {
         let lease = self.inner.options.lease.as_millis().to_string();
         local.round = local.round.wrapping_add(1);
         let n = self.queues.len();
         let order: Vec<usize> = (0..n).map(|i| (i + local.round) % n).collect();
+        let mut consumers = Vec::with_capacity(n);
         let calls: Vec<Call> = order
             .iter()
             .map(|&i| {
                 let q = &self.queues[i].1;
-                let base = local.next_token;
-                local.next_token += self.per_worker as u64;
+                let (consumer, registered) = self.consumer(local, q);
+                consumers.push(consumer.clone());
                 Call::new(&scripts::FETCH)
                     .key(q.pending.clone())
                     .key(q.amo.clone())
                     .key(q.wake.clone())
-                    .key(q.leases.clone())
-                    .key(q.inflight.clone())
+                    .key(q.consumers.clone())
+                    .key(format!("{}{consumer}", q.processing))
                     .arg(self.per_worker.to_string())
                     .arg(lease.clone())
-                    .arg(local.prefix.clone())
-                    .arg(base.to_string())
+                    .arg(consumer.as_bytes())
+                    .arg(if registered { "0" } else { "1" })
             })
             .collect();
         let wait = local.idle.then(|| {
@@ -266,7 +286,7 @@ impl RedisSubscription {
             wait.arg(block.as_secs_f64().max(0.001));
             wait
         });
-        let Some(results) = self.flush(local, Some((wait.as_ref(), &calls))) else {
+        let Some(results) = self.round_trip(local, Some((wait.as_ref(), &calls))) else {
             if !self.stopped.load(Ordering::SeqCst) {
                 // Not a connection problem (those are retried): try again a little later.
                 std::thread::sleep(self.inner.options.block_timeout.min(block));
@@ -274,85 +294,84 @@ impl RedisSubscription {
             return false;
         };
         let mut got = 0;
-        for (&i, result) in order.iter().zip(results) {
+        for ((&i, consumer), result) in order.iter().zip(consumers).zip(results) {
             let (name, queue) = &self.queues[i];
-            got += self.deliver(local, name, queue, result);
+            got += self.take(local, name, queue, consumer, result);
         }
         local.idle = got == 0;
         got > 0
     }
 
-    /// Decodes one queue's fetched messages into the buffer; returns how many there were.
-    fn deliver(&self, local: &mut Local, name: &TaskName, queue: &Arc<QueueKeys>, fetched: Value) -> usize {
+    /// Puts one queue's fetched messages into the buffer; returns how many there were.
+    fn take(
+        &self,
+        local: &mut Local,
+        name: &TaskName,
+        queue: &Arc<QueueKeys>,
+        consumer: Arc<str>,
+        fetched: Value,
+    ) -> usize {
         let Value::Array(items) = fetched else { return 0 };
-        let count = items.len() / 2;
-        self.inner.stats.fetched.fetch_add(count as u64, Ordering::Relaxed);
         let mut items = items.into_iter();
-        let mut pairs = Vec::with_capacity(count);
-        while let (Some(token), Some(bytes)) = (items.next(), items.next()) {
-            let token = bulk(token).and_then(|t| String::from_utf8(t).ok()).unwrap_or_default();
-            pairs.push((token, bulk(bytes).unwrap_or_default()));
+        let status: String = items.next().and_then(|v| redis::from_redis_value(v).ok()).unwrap_or_default();
+        if status == "lost" {
+            // This consumer's lease expired and its tasks went to others: start over under a
+            // new id (what it still settles under the old one is rejected).
+            local.consumers.remove(&queue.prefix);
+            self.inner.forget_consumer(queue, &consumer);
+            self.event(
+                Level::Warning,
+                EventKind::Other,
+                format!("this worker's lease on `{}` expired (it was stalled): it starts over", queue.prefix),
+            );
+            return 0;
         }
+        if let Some(entry) = local.consumers.get_mut(&queue.prefix)
+            && !entry.1
         {
-            let mut leased = lock(&self.inner.leased);
-            let held = &mut leased.entry(queue.prefix.clone()).or_insert_with(|| (queue.clone(), Default::default())).1;
-            held.extend(pairs.iter().filter(|(t, _)| !t.is_empty()).map(|(t, _)| t.clone()));
+            entry.1 = true;
+            self.inner.remember_consumer(queue, &consumer);
         }
-        for (token, bytes) in pairs {
+        let amo: usize = items.next().and_then(|v| redis::from_redis_value(v).ok()).unwrap_or(0);
+        let mut count = 0;
+        for (i, item) in items.enumerate() {
+            count += 1;
+            let leased = i >= amo;
+            let Value::BulkString(bytes) = item else { continue };
             let known = Known { name: Some(name), address: None };
             match wire::decode_delivery(bytes, &known) {
                 Ok((message, redelivered)) => {
-                    let ack = (!token.is_empty()).then(|| {
+                    let ack = leased.then(|| {
                         Ack::new(RedisAck {
                             inner: self.inner.clone(),
                             queue: queue.clone(),
-                            token,
+                            consumer: consumer.clone(),
                             subscription: self.id,
                         })
                     });
-                    local.buffer.push_back(Delivery { message, ack, redelivered });
+                    local.buffer.push_back(Entry::Task(Delivery { message, ack, redelivered }));
                 }
-                Err(malformed) => self.dead_letter(queue, token, *malformed),
+                Err(malformed) => {
+                    let reason = self.malformed(queue, &malformed);
+                    if leased {
+                        local.buffer.push_back(Entry::Malformed {
+                            queue: queue.clone(),
+                            consumer: consumer.clone(),
+                            reason,
+                        });
+                    } else if let Ok(completer) = self.inner.completer() {
+                        let _ = completer.push(Op::Dead { queue: queue.clone(), reason, bytes: malformed.bytes });
+                    }
+                }
             }
         }
+        self.inner.stats.fetched.fetch_add(count as u64, Ordering::Relaxed);
         count
     }
 
-    /// Stores this thread's completions and gives back the tasks it fetched but did not
-    /// start; forgets its state.
-    fn release_local(&self) {
-        let state = LOCAL.with(|local| local.borrow_mut().remove(&self.id));
-        let Some(mut local) = state else { return };
-        if !local.done.is_empty() {
-            self.flush(&mut local, None);
-        }
-        self.give_back(std::mem::take(&mut local.buffer));
-        lock(&self.controls).retain(|c| *c != local.control);
-    }
-
-    fn give_back(&self, deliveries: VecDeque<Delivery>) {
-        if deliveries.is_empty() {
-            return;
-        }
-        let Ok(completer) = self.inner.completer() else { return };
-        for delivery in deliveries {
-            let name = delivery.message.name.clone();
-            let Some((_, queue)) = self.queues.iter().find(|(n, _)| *n == name) else { continue };
-            let op = match delivery.ack.map(|ack| ack.downcast::<RedisAck>()) {
-                Some(Ok(lease)) => {
-                    Op::Requeue { queue: queue.clone(), tokens: vec![lease.token.clone()], amo: Vec::new() }
-                }
-                _ => match wire::encode_task(&delivery.message) {
-                    Ok(bytes) => Op::Requeue { queue: queue.clone(), tokens: Vec::new(), amo: vec![bytes] },
-                    Err(_) => continue,
-                },
-            };
-            let _ = completer.push(op);
-        }
-    }
-
-    /// An undecodable message: to the dead letters, its caller told if it can be identified.
-    fn dead_letter(&self, queue: &Arc<QueueKeys>, token: String, malformed: wire::MalformedTask) {
+    /// Reports an undecodable message (and tells its caller, if it can be identified);
+    /// returns the dead-letter reason.
+    fn malformed(&self, queue: &Arc<QueueKeys>, malformed: &wire::MalformedTask) -> String {
         let reason = format!("undecodable message: {}", dingo_core::error::chain(&malformed.error));
         let mut event = Event::new(
             Origin::Consumer,
@@ -360,21 +379,77 @@ impl RedisSubscription {
             EventKind::MalformedMessage,
             format!("{reason}; moved to the dead letters of `{}`", queue.prefix),
         );
-        let Ok(completer) = self.inner.completer() else { return };
-        if let (Some(name), Some(id)) = (malformed.name, malformed.id) {
+        if let (Some(name), Some(id)) = (&malformed.name, &malformed.id) {
             event = event.with_task(CallKey { name: name.clone(), id: id.clone() });
-            if let Some(caller) = malformed.reply_to {
+            if let (Some(caller), Ok(completer)) = (&malformed.reply_to, self.inner.completer()) {
                 let error =
                     TaskError::new(TaskErrorKind::BadPayload, format!("the task message is malformed: {reason}"));
-                let report = ReportMessage { name, id, body: ReportBody::Failure(error) };
+                let report = ReportMessage { name: name.clone(), id: id.clone(), body: ReportBody::Failure(error) };
                 if let Ok(bytes) = wire::encode_report(&report) {
                     let _ = completer.push(Op::Report { queue: queue.clone(), caller: caller.to_string(), bytes });
                 }
             }
         }
         self.inner.events.emit(event);
-        let bytes = if token.is_empty() { malformed.bytes } else { Vec::new() };
-        let _ = completer.push(Op::Dead { queue: queue.clone(), token, reason, bytes });
+        reason
+    }
+
+    /// Settles what this thread holds — settlements not yet stored, tasks taken but not
+    /// started (given back) — and forgets its state.
+    fn release_local(&self) {
+        let state = LOCAL.with(|local| local.borrow_mut().remove(&self.id));
+        let Some(mut local) = state else { return };
+        let mut amo: FastMap<String, (Arc<QueueKeys>, Vec<Vec<u8>>)> = FastMap::default();
+        // Given back newest first: the script takes them from the head of the list.
+        while let Some(entry) = local.buffer.pop_back() {
+            match entry {
+                Entry::Task(delivery) => match delivery.ack.map(|ack| ack.downcast::<RedisAck>()) {
+                    Some(Ok(lease)) => local.done.push(Pending {
+                        queue: lease.queue.clone(),
+                        consumer: lease.consumer.clone(),
+                        settle: Settle::Requeue,
+                    }),
+                    _ => {
+                        let Some((_, queue)) = self.queues.iter().find(|(n, _)| *n == delivery.message.name) else {
+                            continue;
+                        };
+                        if let Ok(bytes) = wire::encode_task(&delivery.message) {
+                            amo.entry(queue.prefix.clone())
+                                .or_insert_with(|| (queue.clone(), Vec::new()))
+                                .1
+                                .push(bytes);
+                        }
+                    }
+                },
+                Entry::Malformed { queue, consumer, reason } => {
+                    local.done.push(Pending { queue, consumer, settle: Settle::DeadNewest { reason } });
+                }
+            }
+        }
+        if !local.done.is_empty() {
+            self.round_trip(&mut local, None);
+        }
+        if let Ok(completer) = self.inner.completer() {
+            for (queue, messages) in amo.into_values() {
+                let _ = completer.push(Op::GiveBack { queue, messages });
+            }
+        }
+        let mut retire = Vec::new();
+        for (prefix, (consumer, _)) in &local.consumers {
+            if let Some((_, queue)) = self.queues.iter().find(|(_, q)| &q.prefix == prefix) {
+                self.inner.forget_consumer(queue, consumer);
+                retire.push(
+                    Call::new(&scripts::RETIRE)
+                        .key(queue.consumers.clone())
+                        .key(format!("{}{consumer}", queue.processing))
+                        .arg(consumer.as_bytes()),
+                );
+            }
+        }
+        if !retire.is_empty() {
+            let _ = local.conn.once(&mut |c| scripts::run_batch(c, &retire));
+        }
+        lock(&self.controls).retain(|c| *c != local.control);
     }
 
     fn event(&self, level: Level, kind: EventKind, message: String) {
@@ -391,9 +466,30 @@ pub(crate) fn report_here(inner: &Inner, report: Op) -> Result<Option<Op>, Broke
         let Some(state) = local.values_mut().find(|state| Arc::ptr_eq(&state.process, &inner.process)) else {
             return Ok(Some(report));
         };
-        let (plan, _) = super::completer::plan(inner, vec![report]);
+        let plan = completer::plan(inner, vec![report]);
         let stored = state.conn.once(&mut |c| scripts::run_batch(c, &plan.calls));
         stored.map(|_| None).map_err(|e| crate::conn::broker_error("storing a report failed", e))
+    })
+}
+
+/// Settles a final report on this thread's connection, in order with the other
+/// settlements of its consumer, if this thread took the task; gives it back otherwise.
+pub(crate) fn finish_here(
+    inner: &Inner,
+    queue: &Arc<QueueKeys>,
+    caller: String,
+    bytes: Vec<u8>,
+) -> Option<(String, Vec<u8>)> {
+    LOCAL.with(|local| {
+        let mut local = local.borrow_mut();
+        let Some(state) = local.values_mut().find(|state| Arc::ptr_eq(&state.process, &inner.process)) else {
+            return Some((caller, bytes));
+        };
+        let consumer = state.consumers.get(&queue.prefix).map(|(c, _)| c.clone()).unwrap_or_else(|| Arc::from(""));
+        let settle = Settle::Report { caller, bytes };
+        state.done.push(Pending { queue: queue.clone(), consumer, settle });
+        state.oldest_done.get_or_insert_with(Instant::now);
+        None
     })
 }
 
@@ -442,7 +538,7 @@ impl Subscription for RedisSubscription {
         for control in controls {
             let _ = self.inner.command(&mut |c| redis::cmd("LPUSH").arg(&control).arg("stop").query::<i64>(c));
         }
-        // This thread's own state, if it served too (a single-threaded consumer).
+        // This thread's own state, if it served too (a consumer used without a pool).
         self.release_local();
         let mut consumed = lock(&self.inner.consumed);
         for (_, queue) in &self.queues {
@@ -467,13 +563,5 @@ impl Drop for RedisSubscription {
         for control in controls {
             let _ = self.inner.command(&mut |c| redis::cmd("DEL").arg(&control).query::<i64>(c));
         }
-    }
-}
-
-fn bulk(value: Value) -> Option<Vec<u8>> {
-    match value {
-        Value::BulkString(bytes) => Some(bytes),
-        Value::SimpleString(s) => Some(s.into_bytes()),
-        _ => None,
     }
 }

@@ -10,7 +10,6 @@ use std::time::{Duration, Instant};
 use dingo_core::BrokerError;
 use dingo_core::event::{Event, EventKind, Level, Origin};
 use dingo_core::message::wire::REDELIVERED_MARK;
-use redis::Value;
 
 use super::{DeadLetter, Inner, Thread, lock};
 use crate::keys::QueueKeys;
@@ -56,21 +55,19 @@ fn keep(inner: &Arc<Inner>, stop: &AtomicBool) {
 
 fn renew(inner: &Inner, conn: &mut crate::conn::Conn, stop: &AtomicBool) {
     let lease = inner.options.lease.as_millis().to_string();
-    let held: Vec<(Arc<QueueKeys>, Vec<String>)> = lock(&inner.leased)
+    let held: Vec<(Arc<QueueKeys>, Vec<Arc<str>>)> = lock(&inner.leases)
         .values()
-        .filter(|(_, tokens)| !tokens.is_empty())
-        .map(|(queue, tokens)| (queue.clone(), tokens.iter().cloned().collect()))
+        .filter(|(_, consumers)| !consumers.is_empty())
+        .map(|(queue, consumers)| (queue.clone(), consumers.iter().cloned().collect()))
         .collect();
-    let mut calls = Vec::new();
-    let mut owners = Vec::new();
-    for (queue, tokens) in &held {
-        for chunk in tokens.chunks(1000) {
-            let mut call = Call::new(&scripts::RENEW).key(queue.leases.clone()).arg(lease.clone());
-            call.args.extend(chunk.iter().map(|t| t.clone().into_bytes()));
-            calls.push(call);
-            owners.push((queue.clone(), chunk.len()));
-        }
-    }
+    let calls: Vec<Call> = held
+        .iter()
+        .map(|(queue, consumers)| {
+            let mut call = Call::new(&scripts::RENEW).key(queue.consumers.clone()).arg(lease.clone());
+            call.args.extend(consumers.iter().map(|c| c.as_bytes().to_vec()));
+            call
+        })
+        .collect();
     if calls.is_empty() {
         return;
     }
@@ -78,18 +75,15 @@ fn renew(inner: &Inner, conn: &mut crate::conn::Conn, stop: &AtomicBool) {
         return;
     };
     let mut lost_total = 0;
-    for ((queue, count), result) in owners.iter().zip(results) {
-        let lost: Vec<String> = match result {
-            Value::Array(tokens) => tokens.into_iter().filter_map(|t| redis::from_redis_value(t).ok()).collect(),
-            _ => Vec::new(),
-        };
-        inner.stats.renewed.fetch_add((count - lost.len().min(*count)) as u64, Ordering::Relaxed);
+    for ((queue, consumers), result) in held.iter().zip(results) {
+        let lost: Vec<String> = redis::from_redis_value(result).unwrap_or_default();
+        inner.stats.renewed.fetch_add((consumers.len() - lost.len().min(consumers.len())) as u64, Ordering::Relaxed);
         if !lost.is_empty()
-            && let Some((_, held)) = lock(&inner.leased).get_mut(&queue.prefix)
+            && let Some((_, held)) = lock(&inner.leases).get_mut(&queue.prefix)
         {
-            // Tokens settled since the list was taken are not lost, just done.
-            for token in &lost {
-                if held.remove(token) {
+            // Consumers gone since the list was taken (threads that stopped) are not lost.
+            for consumer in &lost {
+                if held.remove(consumer.as_str()) {
                     lost_total += 1;
                 }
             }
@@ -101,8 +95,8 @@ fn renew(inner: &Inner, conn: &mut crate::conn::Conn, stop: &AtomicBool) {
             Level::Warning,
             EventKind::Other,
             format!(
-                "{lost_total} lease(s) lost before renewal (this process was stalled longer than the lease): \
-                 those tasks were handed to other workers and their reports from here will be rejected"
+                "{lost_total} worker lease(s) expired before renewal (this process was stalled longer than the lease): \
+                 their tasks were handed to other workers and their reports from here will be rejected"
             ),
         ));
     }
@@ -130,16 +124,16 @@ fn reap(inner: &Inner, conn: &mut crate::conn::Conn, stop: &AtomicBool) {
         .iter()
         .map(|q| {
             Call::new(&scripts::REAP)
-                .key(q.leases.clone())
-                .key(q.inflight.clone())
+                .key(q.consumers.clone())
                 .key(q.pending.clone())
                 .key(q.wake.clone())
                 .key(q.dead.clone())
-                .arg("1000")
+                .arg("100")
                 .arg(REDELIVERED_MARK.to_vec())
                 .arg(inner.options.max_redeliveries.to_string())
                 .arg(inner.options.max_dead_letters.to_string())
                 .arg(reason.clone())
+                .arg(q.processing.clone())
         })
         .collect();
     let Some(Ok(results)) = conn.retry(stop, &mut |c| scripts::run_batch(c, &calls)) else {
@@ -157,8 +151,8 @@ fn reap(inner: &Inner, conn: &mut crate::conn::Conn, stop: &AtomicBool) {
             Level::Warning,
             if dead > 0 { EventKind::DeadLettered } else { EventKind::Other },
             format!(
-                "{requeued} task(s) of `{}` whose lease expired went back to the queue; {dead} redelivered too often \
-                 went to the dead letters",
+                "{requeued} task(s) of `{}` held by worker(s) whose lease expired went back to the queue; {dead} \
+                 redelivered too often went to the dead letters",
                 queue.prefix
             ),
         ));
