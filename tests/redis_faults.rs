@@ -342,8 +342,10 @@ fn a_lost_reply_to_a_send_does_not_run_the_call_twice() {
         })
         .expect("register");
     worker.allocate("faults.once", 1).expect("allocate");
-    // The sender's connection is up before the replies go missing.
+    // The sender's connection is up, and its first batch acknowledged, before the replies
+    // go missing (a result can come back before the send's own reply does).
     assert_eq!(caller.call::<_, u64>("faults.once", (0u64,)).expect("call").wait_timeout(PATIENCE).expect("ok"), 0);
+    wait_until("the first send is acknowledged", || stat(&sender.stats().sent) == 1);
 
     proxy.mute();
     let mut handle = caller.call::<_, u64>("faults.once", (1u64,)).expect("call");

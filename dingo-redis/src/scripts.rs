@@ -48,10 +48,13 @@ if amo then
   for i = 1, #amo do out[#out + 1] = amo[i] end
   n = n - #amo
 end
-for _ = 1, n do
-  local m = redis.call('LMOVE', KEYS[1], KEYS[5], 'RIGHT', 'LEFT')
-  if not m then break end
-  out[#out + 1] = m
+if n > 0 then
+  -- Oldest first; pushed in that order, the newest ends at the head of the processing list.
+  local msgs = redis.call('RPOP', KEYS[1], n)
+  if msgs then
+    redis.call('LPUSH', KEYS[5], unpack(msgs))
+    for i = 1, #msgs do out[#out + 1] = msgs[i] end
+  end
 end
 if redis.call('LLEN', KEYS[1]) + redis.call('LLEN', KEYS[2]) > 0 then
   if redis.call('LLEN', KEYS[3]) == 0 then redis.call('LPUSH', KEYS[3], '1') end
@@ -93,15 +96,21 @@ local function report(k, data)
     list[#list + 1] = data
   end
 end
+-- Consecutive completions remove their messages with one RPOP.
+local settled = 0
+local function flush()
+  if settled > 0 then redis.call('RPOP', KEYS[2], settled); settled = 0 end
+end
 local i = 5
 while i <= #ARGV do
   local op, k, data = ARGV[i], tonumber(ARGV[i + 1]), ARGV[i + 2]
+  if op ~= 'c' then flush() end
   if op == 'r' then
     report(k, data)
   elseif not owned then
     if op == 'c' then rejected = rejected + 1 end
   elseif op == 'c' then
-    redis.call('RPOP', KEYS[2])
+    settled = settled + 1
     report(k, data)
   elseif op == 'd' then
     local m = redis.call('RPOP', KEYS[2])
@@ -124,6 +133,7 @@ while i <= #ARGV do
   end
   i = i + 3
 end
+flush()
 for k, reports in pairs(out) do
   local reply, notify = KEYS[5 + 2 * k], KEYS[6 + 2 * k]
   redis.call('RPUSH', reply, unpack(reports))
