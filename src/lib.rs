@@ -68,7 +68,7 @@ pub use dingo_core::{
     Origins, Progress, Report, Reports, Role, Sequential, Task, TaskError, TaskErrorKind, TaskId, TaskName,
     TaskOptions, TaskRef, UuidV7,
 };
-pub use dingo_core::{broker, codec, event, id, message, registry};
+pub use dingo_core::{broker, codec, error, event, id, message, registry};
 
 /// Turns a function into a task (attribute keys, generated items and accepted signatures
 /// are listed below).

@@ -1,4 +1,5 @@
-//! The conformance suite on Redis: as task transport, as report transport, and both.
+//! The conformance suite on Redis: as task transport, as report transport, and both; and
+//! the App-level suite with Redis in one role and the serialized local broker in the other.
 #![cfg(feature = "redis")]
 
 mod both {
@@ -7,4 +8,44 @@ mod both {
     dingo_test_support::transport_suite!(Redis::setup());
     dingo_test_support::reports_suite!(Redis::setup());
     dingo_test_support::app_suite!(Redis::setup());
+}
+
+mod redis_tasks_local_reports {
+    use dingo_test_support::redis::{Mixed, Role};
+
+    dingo_test_support::app_suite!(Mixed::setup(Role::Tasks));
+}
+
+mod local_tasks_redis_reports {
+    use dingo_test_support::redis::{Mixed, Role};
+
+    dingo_test_support::app_suite!(Mixed::setup(Role::Reports));
+}
+
+/// `App::connect` with a `redis://` URL (the facade's `redis` feature registers the scheme),
+/// its query choosing the namespace: a worker app and a caller app meet on it.
+#[test]
+fn app_connects_by_url() {
+    use dingo::App;
+    use dingo_test_support::PATIENCE;
+    use dingo_test_support::redis::Redis;
+
+    let Some(setup) = Redis::setup() else { return };
+    let url = format!("{}?namespace={}&lease_ms=2000", setup.url(), setup.options().namespace);
+    let worker = App::connect(&url).expect("worker app by URL");
+    worker.register("by_url.triple", |n: i64| n * 3).expect("register");
+    worker.allocate("by_url.triple", 1).expect("allocate");
+    let caller = App::connect(&url).expect("caller app by URL");
+    let mut handle = caller.call::<_, i64>("by_url.triple", 14i64).expect("call");
+    assert_eq!(handle.wait_timeout(PATIENCE).expect("result"), 42);
+    // The namespace came from the URL: an app built on the setup's options reaches the worker.
+    let direct = App::builder().broker(setup.broker()).build().expect("caller app by options");
+    let mut handle = direct.call::<_, i64>("by_url.triple", 5i64).expect("call");
+    assert_eq!(handle.wait_timeout(PATIENCE).expect("result"), 15);
+    direct.close().expect("close");
+    caller.close().expect("close");
+    worker.close().expect("close");
+    let error = App::connect("redis://127.0.0.1:6379/?lease_ms=soon").expect_err("a bad option is an error");
+    let message = dingo::error::chain(&error);
+    assert!(message.contains("lease_ms"), "{message}");
 }

@@ -113,13 +113,20 @@ impl RedisBroker {
     /// Connects with default options: `redis://[user][:password@]host[:port][/db]`, or
     /// `rediss://…` with the `tls` feature. The server is checked at once (an unreachable
     /// server or one older than Redis 7.0 is an error).
+    ///
+    /// The URL's query may set options: `namespace`, `lease_ms`, `prefetch`, `batch`,
+    /// `result_ttl_s`, `block_timeout_ms`, `max_redeliveries`
+    /// (`redis://127.0.0.1:6379/0?namespace=shop&lease_ms=30000`); they override the options
+    /// given to [`connect_with`](RedisBroker::connect_with).
     pub fn connect(url: &str) -> Result<RedisBroker, BrokerError> {
         RedisBroker::connect_with(url, RedisOptions::default())
     }
 
     /// Connects with these options.
     pub fn connect_with(url: &str, options: RedisOptions) -> Result<RedisBroker, BrokerError> {
-        let client = redis::Client::open(url)
+        let (url, options) =
+            options.from_url(url).map_err(|e| BrokerError::new(BrokerErrorKind::Config, format!("redis URL: {e}")))?;
+        let client = redis::Client::open(url.as_str())
             .map_err(|e| BrokerError::with_source(BrokerErrorKind::Config, "invalid redis URL", e))?;
         let events = EventSinks::new();
         let mut misc = Conn::new(

@@ -23,27 +23,37 @@
 //!
 //! # Guarantees
 //!
-//! - **At least once.** A worker takes a task under a lease (a deadline in a sorted set,
-//!   renewed every third of the lease while the task runs). Its final report is stored and
-//!   the lease released by one Lua script, so a task is never marked done without its
-//!   result, nor its result stored twice. A worker process that dies stops renewing; once
-//!   its leases expire, any consumer process of the queue returns the tasks to the front of
-//!   their queue, marked redelivered ([`Context::redelivered`](dingo_core::Context::redelivered)).
-//!   A task redelivered [`max_redeliveries`](RedisOptions::max_redeliveries) times goes to
-//!   the dead letters instead.
-//! - **Fencing.** A worker whose lease was taken over (it stalled longer than the lease)
-//!   cannot complete the task afterwards: its late report is rejected by the script and
-//!   counted ([`Stats::rejected_reports`]).
+//! - **At least once.** Every worker thread is a *consumer* with its own processing list and
+//!   one lease (a deadline in the queue's `consumers` sorted set, renewed every third of the
+//!   lease by a keeper thread while the process lives). Taking tasks moves them from the
+//!   queue to the consumer's processing list in one script; storing a final report and
+//!   removing its task from the processing list is one script too, so a task is never
+//!   marked done without its result, nor its result stored twice. A worker process that
+//!   dies stops renewing; once its consumers' leases expire, any consumer process of the
+//!   queue (a reaper runs every [`reap_interval`](RedisOptions::reap_interval)) moves their
+//!   processing lists back to the front of the queue, marked redelivered
+//!   ([`Context::redelivered`](dingo_core::Context::redelivered)). A task redelivered
+//!   [`max_redeliveries`](RedisOptions::max_redeliveries) times goes to the dead letters
+//!   instead. Long tasks are never stolen while their process renews.
+//! - **Fencing.** A consumer whose lease was taken over (its process stalled longer than the
+//!   lease) cannot complete its tasks afterwards: the script checks the lease first, rejects
+//!   the late report and the broker counts it ([`Stats::rejected_reports`]); the consumer
+//!   then starts over under a new id.
+//! - **Exactly-once effects of retried commands.** Every script that sends or completes a
+//!   batch leaves a short-lived marker; when a reply is lost (a cut connection) and the batch
+//!   is retried, nothing is applied twice.
 //! - **At most once, per task.** With `CallOptions::at_most_once` (usually a task's default)
 //!   tasks wait in a list of their own and are taken without a lease: cheaper, and lost if
 //!   the worker dies while running them.
 //! - **Reports** go to one reply list per caller process and task, which expires after the
 //!   [`result_ttl`](RedisOptions::result_ttl). One listener thread per process waits on all of
 //!   them and routes each report to its call's handle by (task name, id); reports that arrive
-//!   before the handle waits are kept, and a wait that times out loses nothing.
+//!   before the handle waits are kept, a wait that times out loses nothing, and many waiting
+//!   calls cost no connection each.
 //! - **Dead letters.** A message that cannot run — it does not decode, names a task the
 //!   worker does not have, or has another signature — is moved to its queue's dead-letter
-//!   list with the reason; its caller, when it can be identified, gets a failure report.
+//!   list with the reason ([`RedisBroker::dead_letters`]); its caller, when it can be
+//!   identified, gets a failure report, and the worker goes on.
 //! - **Reconnection.** Every connection reconnects with exponential backoff, reported as
 //!   `ConnectionLost` / `ConnectionRestored` events; work in flight is recovered by the
 //!   lease rules.
@@ -51,11 +61,18 @@
 //! # Batching
 //!
 //! Nothing is one round trip per message. Callers queue task messages and go on; a writer
-//! thread pushes whatever has accumulated, one script per queue. Consumers fetch up to
-//! [`batch`](RedisOptions::batch) tasks per queue per script. Workers queue reports and go
-//! on to the next task; a completer thread stores them, one script per queue. Blocking waits
-//! (idle consumers, the report listener) use their own connections, with a socket read
-//! timeout above the server-side block timeout.
+//! thread pushes whatever has accumulated, one script per queue. A worker thread takes up
+//! to [`batch`](RedisOptions::batch) tasks per script on its own connection, and the
+//! completions of the tasks it ran ride with its next fetch (one script settles them and
+//! takes more). Blocking waits (idle consumers, the report listener) use their own
+//! connections, with a socket read timeout above the server-side block timeout, and are
+//! pipelined behind the last non-blocking command so an idle worker costs no extra round
+//! trip.
+//!
+//! # Options
+//!
+//! [`RedisOptions`] documents every setting and its default. The URL's query sets the common
+//! ones (`redis://host:6379/0?namespace=shop&lease_ms=30000`, see [`RedisBroker::connect`]).
 //!
 #![doc = include_str!("keys.md")]
 #![deny(missing_docs)]

@@ -147,8 +147,76 @@ impl RedisOptions {
         self
     }
 
+    /// Splits dingo's settings off a URL's query string: `namespace`, `lease_ms`,
+    /// `prefetch`, `batch`, `result_ttl_s`, `block_timeout_ms` and `max_redeliveries`
+    /// override these options; any other key stays in the URL for the client library
+    /// (e.g. `protocol`). Returns the URL left for the client and the options.
+    pub(crate) fn from_url(mut self, url: &str) -> Result<(String, RedisOptions), String> {
+        let (base, fragment) = match url.split_once('#') {
+            Some((base, fragment)) => (base, Some(fragment)),
+            None => (url, None),
+        };
+        let Some((address, query)) = base.split_once('?') else { return Ok((url.to_owned(), self)) };
+        let mut kept = Vec::new();
+        for pair in query.split('&').filter(|p| !p.is_empty()) {
+            let (key, value) = pair.split_once('=').unwrap_or((pair, ""));
+            let number = || value.parse::<u64>().map_err(|_| format!("`{key}` wants a whole number, not `{value}`"));
+            match key {
+                "namespace" if !value.is_empty() => self = self.namespace(value),
+                "namespace" => return Err("`namespace` must not be empty".to_owned()),
+                "lease_ms" => self = self.lease(Duration::from_millis(number()?)),
+                "prefetch" => self = self.prefetch(usize::try_from(number()?).unwrap_or(usize::MAX)),
+                "batch" => self = self.batch(usize::try_from(number()?).unwrap_or(usize::MAX)),
+                "result_ttl_s" => self = self.result_ttl(Duration::from_secs(number()?)),
+                "block_timeout_ms" => self = self.block_timeout(Duration::from_millis(number()?)),
+                "max_redeliveries" => self = self.max_redeliveries(u32::try_from(number()?).unwrap_or(u32::MAX)),
+                _ => kept.push(pair),
+            }
+        }
+        let mut rest = address.to_owned();
+        if !kept.is_empty() {
+            rest.push('?');
+            rest.push_str(&kept.join("&"));
+        }
+        if let Some(fragment) = fragment {
+            rest.push('#');
+            rest.push_str(fragment);
+        }
+        Ok((rest, self))
+    }
+
     /// The socket read timeout of blocking connections.
     pub(crate) fn blocking_read_timeout(&self) -> Duration {
         self.block_timeout + self.read_margin
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn url_query_sets_options_and_keeps_the_rest() {
+        let (url, options) = RedisOptions::new()
+            .from_url("redis://:pw@host:6380/2?namespace=shop&lease_ms=3000&protocol=resp3&prefetch=64#insecure")
+            .expect("valid");
+        assert_eq!(url, "redis://:pw@host:6380/2?protocol=resp3#insecure");
+        assert_eq!(options.namespace, "shop");
+        assert_eq!(options.lease, Duration::from_secs(3));
+        assert_eq!(options.prefetch, 64);
+        assert_eq!(options.batch, RedisOptions::default().batch);
+    }
+
+    #[test]
+    fn url_without_query_is_untouched() {
+        let (url, options) = RedisOptions::new().from_url("redis://127.0.0.1:6379/0").expect("valid");
+        assert_eq!((url.as_str(), options), ("redis://127.0.0.1:6379/0", RedisOptions::default()));
+    }
+
+    #[test]
+    fn url_query_errors_name_the_key() {
+        let error = RedisOptions::new().from_url("redis://h/?lease_ms=soon").expect_err("invalid");
+        assert!(error.contains("lease_ms"), "{error}");
+        assert!(RedisOptions::new().from_url("redis://h/?namespace=").is_err());
     }
 }

@@ -258,4 +258,44 @@ pub mod redis {
             Arc::new(self.broker())
         }
     }
+
+    /// Which role Redis plays in a [`Mixed`] setup; the serialized local broker plays the other.
+    #[derive(Clone, Copy)]
+    pub enum Role {
+        /// Tasks travel through Redis, reports through the serialized local broker.
+        Tasks,
+        /// Tasks travel through the serialized local broker, reports through Redis.
+        Reports,
+    }
+
+    /// Apps whose task transport and report transport are different brokers: the roles
+    /// are independent, so any pairing must pass the App-level suite.
+    pub struct Mixed {
+        redis: Redis,
+        local: dingo::LocalBroker,
+        role: Role,
+    }
+
+    impl Mixed {
+        /// Redis in `role`, a fresh serialized local broker in the other; `None` to skip.
+        pub fn setup(role: Role) -> Option<Mixed> {
+            Some(Mixed { redis: Redis::setup()?, local: dingo::LocalBroker::serialized(), role })
+        }
+    }
+
+    impl AppSetup for Mixed {
+        fn builder(&self) -> AppBuilder {
+            match self.role {
+                Role::Tasks => App::builder().tasks(self.redis.broker()).reports(self.local.clone()),
+                Role::Reports => App::builder().tasks(self.local.clone()).reports(self.redis.broker()),
+            }
+        }
+
+        fn reporter(&self) -> Arc<dyn Reporter> {
+            match self.role {
+                Role::Tasks => Arc::new(self.local.clone()),
+                Role::Reports => Arc::new(self.redis.broker()),
+            }
+        }
+    }
 }
