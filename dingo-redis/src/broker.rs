@@ -125,7 +125,7 @@ impl RedisBroker {
     /// Connects with these options.
     pub fn connect_with(url: &str, options: RedisOptions) -> Result<RedisBroker, BrokerError> {
         let (url, options) =
-            options.from_url(url).map_err(|e| BrokerError::new(BrokerErrorKind::Config, format!("redis URL: {e}")))?;
+            options.apply_url(url).map_err(|e| BrokerError::new(BrokerErrorKind::Config, format!("redis URL: {e}")))?;
         let client = redis::Client::open(url.as_str())
             .map_err(|e| BrokerError::with_source(BrokerErrorKind::Config, "invalid redis URL", e))?;
         let events = EventSinks::new();

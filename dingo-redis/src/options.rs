@@ -151,7 +151,7 @@ impl RedisOptions {
     /// `prefetch`, `batch`, `result_ttl_s`, `block_timeout_ms` and `max_redeliveries`
     /// override these options; any other key stays in the URL for the client library
     /// (e.g. `protocol`). Returns the URL left for the client and the options.
-    pub(crate) fn from_url(mut self, url: &str) -> Result<(String, RedisOptions), String> {
+    pub(crate) fn apply_url(mut self, url: &str) -> Result<(String, RedisOptions), String> {
         let (base, fragment) = match url.split_once('#') {
             Some((base, fragment)) => (base, Some(fragment)),
             None => (url, None),
@@ -198,7 +198,7 @@ mod tests {
     #[test]
     fn url_query_sets_options_and_keeps_the_rest() {
         let (url, options) = RedisOptions::new()
-            .from_url("redis://:pw@host:6380/2?namespace=shop&lease_ms=3000&protocol=resp3&prefetch=64#insecure")
+            .apply_url("redis://:pw@host:6380/2?namespace=shop&lease_ms=3000&protocol=resp3&prefetch=64#insecure")
             .expect("valid");
         assert_eq!(url, "redis://:pw@host:6380/2?protocol=resp3#insecure");
         assert_eq!(options.namespace, "shop");
@@ -209,14 +209,14 @@ mod tests {
 
     #[test]
     fn url_without_query_is_untouched() {
-        let (url, options) = RedisOptions::new().from_url("redis://127.0.0.1:6379/0").expect("valid");
+        let (url, options) = RedisOptions::new().apply_url("redis://127.0.0.1:6379/0").expect("valid");
         assert_eq!((url.as_str(), options), ("redis://127.0.0.1:6379/0", RedisOptions::default()));
     }
 
     #[test]
     fn url_query_errors_name_the_key() {
-        let error = RedisOptions::new().from_url("redis://h/?lease_ms=soon").expect_err("invalid");
+        let error = RedisOptions::new().apply_url("redis://h/?lease_ms=soon").expect_err("invalid");
         assert!(error.contains("lease_ms"), "{error}");
-        assert!(RedisOptions::new().from_url("redis://h/?namespace=").is_err());
+        assert!(RedisOptions::new().apply_url("redis://h/?namespace=").is_err());
     }
 }
