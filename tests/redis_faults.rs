@@ -362,6 +362,45 @@ fn a_lost_reply_to_a_send_does_not_run_the_call_twice() {
     worker.close().expect("close");
 }
 
+/// The reply to a worker's fetch is lost on its way back (the task was moved into the
+/// worker's processing list): the retried fetch must hand the worker that same task, not
+/// leave it in the processing list where nobody runs it. It runs once and is settled.
+#[test]
+fn a_lost_reply_to_a_fetch_still_delivers_the_task() {
+    let Some(setup) = Redis::setup() else { return };
+    let proxy = Proxy::start(server_addr(setup.url())).expect("start the proxy");
+    let worker_broker =
+        RedisBroker::connect_with(&via(&proxy, setup.url()), setup.options().clone()).expect("connect via the proxy");
+    // Tasks fetched through the proxy; reports and calls straight from Redis.
+    let worker = App::builder().tasks(worker_broker.clone()).reports(setup.broker()).build().expect("worker app");
+    let runs: Arc<Mutex<BTreeMap<u64, u32>>> = Arc::default();
+    let counted = runs.clone();
+    worker
+        .register("faults.fetched", move |(n,): (u64,)| {
+            *lock(&counted).entry(n).or_default() += 1;
+            n * 2
+        })
+        .expect("register");
+    worker.allocate("faults.fetched", 1).expect("allocate");
+    let caller = App::builder().broker(setup.broker()).build().expect("caller app");
+    assert_eq!(caller.call::<_, u64>("faults.fetched", (1u64,)).expect("call").wait_timeout(PATIENCE).expect("ok"), 2);
+    let namespace = &setup.options().namespace;
+    wait_until("the first task is settled", || held(setup.url(), namespace, "faults.fetched") == 0);
+
+    // The idle worker waits with its fetch pipelined; the reply to that fetch is lost.
+    proxy.mute();
+    let mut handle = caller.call::<_, u64>("faults.fetched", (2u64,)).expect("call");
+    wait_until("the fetch took the task", || held(setup.url(), namespace, "faults.fetched") == 1);
+    assert_eq!(stat(&worker_broker.stats().fetched), 1, "the worker has not seen the second task");
+    proxy.resume();
+    assert_eq!(handle.wait_timeout(PATIENCE).expect("the retried fetch delivered the task"), 4);
+    wait_until("the task is settled", || held(setup.url(), namespace, "faults.fetched") == 0);
+    assert_eq!(*lock(&runs), BTreeMap::from([(1, 1), (2, 1)]), "each call ran once");
+    assert_eq!(setup.broker().queue_len("faults.fetched").expect("queue length"), 0);
+    caller.close().expect("close");
+    worker.close().expect("close");
+}
+
 /// The reply to a worker's completion is lost on its way back (the report was stored and
 /// the lease released): the retry must not count it as a late report rejected by fencing,
 /// nor warn that the task was handed to another worker, since it never was.

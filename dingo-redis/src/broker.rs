@@ -32,6 +32,7 @@ use dingo_core::{BrokerError, BrokerErrorKind, CallKey, IdMaker, TaskName};
 use crate::conn::{Conn, broker_error};
 use crate::keys::{self, QueueKeys};
 use crate::options::RedisOptions;
+use crate::scripts::Sequence;
 
 use completer::{Completer, Op, Settle};
 use keeper::Keeper;
@@ -202,14 +203,16 @@ impl RedisBroker {
     /// and repair tools).
     pub fn push_raw(&self, task: &str, bytes: Vec<u8>) -> Result<(), BrokerError> {
         let keys = self.inner.queue_keys(task);
-        let marker = keys.marker("sent", UuidV7.next_id().as_str());
+        // An actor of its own for this one push: a retry of it applies once.
+        let (seq_key, seq) = Sequence::new("raw", UuidV7.next_id().as_str()).next(&keys);
         self.inner
             .command(&mut |c| {
                 crate::scripts::PUSH
                     .key(&keys.pending)
                     .key(&keys.wake)
-                    .key(&marker)
-                    .arg(completer::MARKER_TTL)
+                    .key(&seq_key)
+                    .arg(&seq)
+                    .arg("60000")
                     .arg(bytes.as_slice())
                     .invoke::<i64>(c)
             })

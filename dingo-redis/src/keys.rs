@@ -51,9 +51,9 @@ impl QueueKeys {
         format!("{}:notify:{caller}", self.prefix)
     }
 
-    /// A marker that a batch of writes was applied (so a retry does not apply it twice).
-    pub(crate) fn marker(&self, kind: &str, batch: &str) -> String {
-        format!("{}:{kind}:{batch}", self.prefix)
+    /// The sequence key of `actor` on this queue: the number of its last batch applied.
+    pub(crate) fn seq(&self, actor: &str) -> String {
+        format!("{}:seq:{actor}", self.prefix)
     }
 }
 

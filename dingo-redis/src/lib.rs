@@ -39,9 +39,11 @@
 //!   lease) cannot complete its tasks afterwards: the script checks the lease first, rejects
 //!   the late report and the broker counts it ([`Stats::rejected_reports`]); the consumer
 //!   then starts over under a new id.
-//! - **Exactly-once effects of retried commands.** Every script that sends or completes a
-//!   batch leaves a short-lived marker; when a reply is lost (a cut connection) and the batch
-//!   is retried, nothing is applied twice.
+//! - **Retries apply once.** A connection that breaks while a command is on its way leaves
+//!   the sender unsure whether it ran; it reconnects and sends it again. Every batch that
+//!   sends, fetches, completes or trims is numbered per sender (one small key per sender and
+//!   queue, see the key layout), so a retried batch changes nothing twice, and a retried
+//!   fetch hands its worker the very tasks the lost reply carried.
 //! - **At most once, per task.** With `CallOptions::at_most_once` (usually a task's default)
 //!   tasks wait in a list of their own and are taken without a lease: cheaper, and lost if
 //!   the worker dies while running them.

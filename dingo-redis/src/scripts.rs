@@ -6,16 +6,73 @@ use std::sync::LazyLock;
 
 use redis::{Script, Value};
 
+/// How long a sequence key lives after its actor's last batch (longer than any retry).
+pub(crate) const SEQ_TTL: &str = "600000";
+
+/// Exactly once for retried batches: every actor (a sender, a worker thread, a listener)
+/// numbers its batches, and a script keeps the last number it applied in the actor's
+/// sequence key of the queue (`NS:{T}:seq:ACTOR`, with the count of tasks the last fetch
+/// took). `seen(key, n)` tells whether batch `n` was applied already (a retry after its
+/// reply was lost), and that count. One key per actor and queue, never one per batch.
+const SEEN: &str = r#"
+local function seen(key, n)
+  local v = redis.call('GET', key)
+  if not v then return false, 0 end
+  local last, count = string.match(v, '^(%d+) ?(%d*)$')
+  if last and tonumber(n) <= tonumber(last) then return true, tonumber(count) or 0 end
+  return false, 0
+end
+"#;
+
+/// Numbers the batches of one actor (a sender, a worker thread, a listener): see `SEEN`.
+pub(crate) struct Sequence {
+    actor: String,
+    next: u64,
+}
+
+impl Sequence {
+    /// A new actor (`role` and a unique id: the numbers start over with it).
+    pub(crate) fn new(role: &str, id: &str) -> Sequence {
+        Sequence { actor: format!("{role}.{id}"), next: 1 }
+    }
+
+    /// The next batch's sequence key on `queue` and its number.
+    pub(crate) fn next(&mut self, queue: &crate::keys::QueueKeys) -> (String, String) {
+        let n = self.next;
+        self.next += 1;
+        (queue.seq(&self.actor), n.to_string())
+    }
+
+    /// The next batch's number alone (the caller knows the key).
+    pub(crate) fn next_number(&mut self) -> String {
+        let n = self.next;
+        self.next += 1;
+        n.to_string()
+    }
+
+    /// This actor's sequence key on `queue`.
+    pub(crate) fn key(&self, queue: &crate::keys::QueueKeys) -> String {
+        queue.seq(&self.actor)
+    }
+}
+
+/// A script whose body may call `seen`.
+fn with_seen(body: &str) -> Script {
+    Script::new(&format!("{SEEN}{body}"))
+}
+
 /// Pushes messages onto a queue list (`KEYS[1]`) and leaves a wake token (`KEYS[2]`), once:
-/// `KEYS[3]` marks the batch as written (for `ARGV[1]` ms), so a batch sent again after its
-/// reply was lost is not queued twice. ARGV[2..]: the messages.
+/// batch number `ARGV[1]` of the sender whose sequence key is `KEYS[3]` (kept `ARGV[2]`
+/// ms), so a batch sent again after its reply was lost is not queued twice. ARGV[3..]:
+/// the messages.
 pub(crate) static PUSH: LazyLock<Script> = LazyLock::new(|| {
-    Script::new(
+    with_seen(
         r#"
-if not redis.call('SET', KEYS[3], '1', 'NX', 'PX', ARGV[1]) then return 0 end
-redis.call('LPUSH', KEYS[1], unpack(ARGV, 2))
+if seen(KEYS[3], ARGV[1]) then return 0 end
+redis.call('SET', KEYS[3], ARGV[1], 'PX', ARGV[2])
+redis.call('LPUSH', KEYS[1], unpack(ARGV, 3))
 if redis.call('LLEN', KEYS[2]) == 0 then redis.call('LPUSH', KEYS[2], '1') end
-return #ARGV - 1
+return #ARGV - 2
 "#,
     )
 });
@@ -28,8 +85,14 @@ return #ARGV - 1
 /// the reply is `{'lost'}` (the consumer must start over under a new id). Returns
 /// `{'ok', number of at-most-once messages, messages…}`. Leaves a wake token (`KEYS[3]`)
 /// while work remains, so the next idle consumer wakes too.
+///
+/// Batch number `ARGV[5]` of the worker thread whose sequence key is `KEYS[6]` (kept
+/// `ARGV[6]` ms): sent again after its reply was lost, the fetch takes nothing new and
+/// returns what it moved the first time (the head of the processing list) — else those
+/// messages would sit in the processing list unknown to their worker. (At-most-once
+/// messages of a lost reply are lost: at most once.)
 pub(crate) static FETCH: LazyLock<Script> = LazyLock::new(|| {
-    Script::new(
+    with_seen(
         r#"
 local t = redis.call('TIME')
 local deadline = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000) + tonumber(ARGV[2])
@@ -40,22 +103,33 @@ elseif not redis.call('ZSCORE', KEYS[4], ARGV[3]) then
 else
   redis.call('ZADD', KEYS[4], 'XX', deadline, ARGV[3])
 end
-local n = tonumber(ARGV[1])
 local out = {'ok', 0}
+local applied, moved = seen(KEYS[6], ARGV[5])
+if applied then
+  if moved > 0 then
+    local msgs = redis.call('LRANGE', KEYS[5], 0, moved - 1)
+    for i = #msgs, 1, -1 do out[#out + 1] = msgs[i] end
+  end
+  return out
+end
+local n = tonumber(ARGV[1])
 local amo = redis.call('RPOP', KEYS[2], n)
 if amo then
   out[2] = #amo
   for i = 1, #amo do out[#out + 1] = amo[i] end
   n = n - #amo
 end
+moved = 0
 if n > 0 then
   -- Oldest first; pushed in that order, the newest ends at the head of the processing list.
   local msgs = redis.call('RPOP', KEYS[1], n)
   if msgs then
     redis.call('LPUSH', KEYS[5], unpack(msgs))
     for i = 1, #msgs do out[#out + 1] = msgs[i] end
+    moved = #msgs
   end
 end
+redis.call('SET', KEYS[6], ARGV[5] .. ' ' .. moved, 'PX', ARGV[6])
 if redis.call('LLEN', KEYS[1]) + redis.call('LLEN', KEYS[2]) > 0 then
   if redis.call('LLEN', KEYS[3]) == 0 then redis.call('LPUSH', KEYS[3], '1') end
 else
@@ -66,9 +140,10 @@ return out
     )
 });
 
-/// Settles, in order, what one consumer (`ARGV[3]`) did with its messages — once: `KEYS[3]`
-/// marks the batch as applied (for `ARGV[1]` ms), so a batch sent again after its reply was
-/// lost changes nothing. Triples (op, reply index, data) in ARGV[5..]:
+/// Settles, in order, what one consumer (`ARGV[3]`) did with its messages — once: batch
+/// number `ARGV[1]` of the actor whose sequence key is `KEYS[3]` (kept `ARGV[5]` ms), so a
+/// batch sent again after its reply was lost changes nothing. Triples (op, reply index,
+/// data) in ARGV[6..]:
 /// - `r`: store report `data` (no lease involved: progress, at-most-once tasks);
 /// - `c`: settle the oldest message of the processing list (`KEYS[2]`) and store its final
 ///   report `data` (reply index 0: none, a fire-and-forget call);
@@ -83,9 +158,10 @@ return out
 /// each gets its reports in one push, in order, and both expire `ARGV[2]` ms later. Returns
 /// {1 if the lease stood else 0, how many final reports were rejected}.
 pub(crate) static COMPLETE: LazyLock<Script> = LazyLock::new(|| {
-    Script::new(
+    with_seen(
         r#"
-if not redis.call('SET', KEYS[3], '1', 'NX', 'PX', ARGV[1]) then return {1, 0} end
+if seen(KEYS[3], ARGV[1]) then return {1, 0} end
+redis.call('SET', KEYS[3], ARGV[1], 'PX', ARGV[5])
 local owned = redis.call('ZSCORE', KEYS[1], ARGV[3]) ~= false
 local rejected = 0
 local out = {}
@@ -101,7 +177,7 @@ local settled = 0
 local function flush()
   if settled > 0 then redis.call('RPOP', KEYS[2], settled); settled = 0 end
 end
-local i = 5
+local i = 6
 while i <= #ARGV do
   local op, k, data = ARGV[i], tonumber(ARGV[i + 1]), ARGV[i + 2]
   if op ~= 'c' then flush() end
@@ -175,12 +251,13 @@ return 0
     )
 });
 
-/// Retires consumer `ARGV[1]` (a worker thread that stopped): its lease (`KEYS[1]`) ends,
-/// and its processing list (`KEYS[2]`) goes if empty. Anything still in it stays there for
-/// the reaper, to run again elsewhere.
+/// Retires consumer `ARGV[1]` (a worker thread that stopped): its worker's sequence key
+/// (`KEYS[3]`) goes, its lease (`KEYS[1]`) ends, and its processing list (`KEYS[2]`) goes
+/// if empty. Anything still in it stays there for the reaper, to run again elsewhere.
 pub(crate) static RETIRE: LazyLock<Script> = LazyLock::new(|| {
     Script::new(
         r#"
+redis.call('DEL', KEYS[3])
 if redis.call('LLEN', KEYS[2]) > 0 then return 0 end
 redis.call('DEL', KEYS[2])
 redis.call('ZREM', KEYS[1], ARGV[1])
@@ -254,12 +331,13 @@ return {requeued, dead}
 });
 
 /// Removes the first `ARGV[1]` reports of a reply list (`KEYS[1]`) — the ones its listener
-/// routed — once: `KEYS[2]` marks the trim as done (for `ARGV[2]` ms), so a trim sent
-/// again after its reply was lost removes nothing more.
+/// routed — once: batch number `ARGV[2]` of the listener whose sequence key is `KEYS[2]`
+/// (kept `ARGV[3]` ms), so a trim sent again after its reply was lost removes nothing more.
 pub(crate) static TRIM: LazyLock<Script> = LazyLock::new(|| {
-    Script::new(
+    with_seen(
         r#"
-if not redis.call('SET', KEYS[2], '1', 'NX', 'PX', ARGV[2]) then return 0 end
+if seen(KEYS[2], ARGV[2]) then return 0 end
+redis.call('SET', KEYS[2], ARGV[2], 'PX', ARGV[3])
 redis.call('LTRIM', KEYS[1], tonumber(ARGV[1]), -1)
 return 1
 "#,

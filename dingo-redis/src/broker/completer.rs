@@ -14,17 +14,13 @@ use std::time::Duration;
 
 use crossbeam_channel::{Receiver, RecvTimeoutError, Sender};
 use dingo_core::event::{Event, EventKind, Level, Origin};
-use dingo_core::id::{IdMaker, UuidV7};
 use dingo_core::{BrokerError, BrokerErrorKind};
 use redis::Value;
 
 use super::fetcher::Pending;
 use super::{DeadLetter, Inner, Thread};
 use crate::keys::QueueKeys;
-use crate::scripts::{self, Call};
-
-/// How long markers of applied batches live (longer than any retry of the batch).
-pub(crate) const MARKER_TTL: &str = "600000";
+use crate::scripts::{self, Call, SEQ_TTL, Sequence};
 
 /// What to do with one message of a consumer's processing list (or one report).
 pub(crate) enum Settle {
@@ -76,6 +72,7 @@ impl Completer {
 
 fn complete_loop(inner: &Arc<Inner>, rx: &Receiver<Op>, stop: &AtomicBool) {
     let mut conn = inner.conn("report writer", Origin::Reporter, false);
+    let mut sequence = Sequence::new("done", &inner.process);
     loop {
         let first = match rx.recv_timeout(Duration::from_millis(50)) {
             Ok(op) => op,
@@ -90,7 +87,7 @@ fn complete_loop(inner: &Arc<Inner>, rx: &Receiver<Op>, stop: &AtomicBool) {
             batch.push(op);
         }
         let count = batch.len();
-        let plan = plan(inner, batch);
+        let plan = plan(inner, batch, &mut sequence);
         match conn.retry(stop, &mut |c| scripts::run_batch(c, &plan.calls)) {
             Some(Ok(results)) => account(inner, &plan.kinds, &results),
             Some(Err(e)) => error(inner, format!("{count} report(s) or settlement(s) were refused: {e}")),
@@ -101,7 +98,7 @@ fn complete_loop(inner: &Arc<Inner>, rx: &Receiver<Op>, stop: &AtomicBool) {
 }
 
 /// The plan for a worker thread's settlements, in order.
-pub(crate) fn settle_calls(inner: &Inner, done: Vec<Pending>) -> Plan {
+pub(crate) fn settle_calls(inner: &Inner, done: Vec<Pending>, sequence: &mut Sequence) -> Plan {
     let mut ops: Vec<Op> = Vec::new();
     for pending in done {
         match ops.last_mut() {
@@ -115,7 +112,7 @@ pub(crate) fn settle_calls(inner: &Inner, done: Vec<Pending>) -> Plan {
             }
         }
     }
-    plan(inner, ops)
+    plan(inner, ops, sequence)
 }
 
 /// The script calls for some operations, with what to do with their results.
@@ -139,17 +136,17 @@ pub(crate) enum Kind {
 }
 
 /// One call per operation; report bytes move into the calls.
-pub(crate) fn plan(inner: &Inner, ops: Vec<Op>) -> Plan {
+pub(crate) fn plan(inner: &Inner, ops: Vec<Op>, sequence: &mut Sequence) -> Plan {
     let mut plan = Plan { calls: Vec::new(), kinds: Vec::new() };
     for op in ops {
         match op {
             Op::Report { queue, caller, bytes } => {
-                let (call, kind) = complete(inner, &queue, "", vec![Settle::Report { caller, bytes }]);
+                let (call, kind) = complete(inner, &queue, "", vec![Settle::Report { caller, bytes }], sequence);
                 plan.calls.push(call);
                 plan.kinds.push(kind);
             }
             Op::Settle { queue, consumer, settles } => {
-                let (call, kind) = complete(inner, &queue, &consumer, settles);
+                let (call, kind) = complete(inner, &queue, &consumer, settles, sequence);
                 plan.calls.push(call);
                 plan.kinds.push(kind);
             }
@@ -174,18 +171,26 @@ pub(crate) fn plan(inner: &Inner, ops: Vec<Op>) -> Plan {
 }
 
 /// A `COMPLETE` call for one consumer's settlements.
-fn complete(inner: &Inner, queue: &QueueKeys, consumer: &str, settles: Vec<Settle>) -> (Call, Kind) {
+fn complete(
+    inner: &Inner,
+    queue: &QueueKeys,
+    consumer: &str,
+    settles: Vec<Settle>,
+    sequence: &mut Sequence,
+) -> (Call, Kind) {
+    let (seq_key, seq) = sequence.next(queue);
     let mut call = Call::new(&scripts::COMPLETE)
         .key(queue.consumers.clone())
         .key(format!("{}{consumer}", queue.processing))
-        .key(queue.marker("done", UuidV7.next_id().as_str()))
+        .key(seq_key)
         .key(queue.dead.clone())
         .key(queue.pending.clone())
         .key(queue.wake.clone())
-        .arg(MARKER_TTL)
+        .arg(seq)
         .arg(inner.options.result_ttl.as_millis().to_string())
         .arg(consumer)
-        .arg(inner.options.max_dead_letters.to_string());
+        .arg(inner.options.max_dead_letters.to_string())
+        .arg(SEQ_TTL);
     let mut callers: Vec<String> = Vec::new();
     let (mut finals, mut dead) = (0, 0);
     for settle in settles {

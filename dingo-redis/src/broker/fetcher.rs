@@ -28,7 +28,7 @@ use super::completer::{self, Op, Settle};
 use super::{Inner, lock};
 use crate::conn::Conn;
 use crate::keys::{self, QueueKeys};
-use crate::scripts::{self, Call};
+use crate::scripts::{self, Call, SEQ_TTL, Sequence};
 
 /// How long a finished task's report may wait to ride along with the next fetch.
 const FLUSH_AFTER: Duration = Duration::from_micros(200);
@@ -126,6 +126,8 @@ struct Local {
     buffer: VecDeque<Entry>,
     done: Vec<Pending>,
     oldest_done: Option<Instant>,
+    /// Numbers this thread's fetches and settlements, so a retry applies each once.
+    sequence: Sequence,
     /// After an empty fetch, the next one waits on the wake lists first.
     idle: bool,
     round: usize,
@@ -183,7 +185,8 @@ impl RedisSubscription {
     }
 
     fn new_local(&self) -> Local {
-        let control = keys::control(&self.inner.options.namespace, UuidV7.next_id().as_str());
+        let thread = UuidV7.next_id();
+        let control = keys::control(&self.inner.options.namespace, thread.as_str());
         lock(&self.controls).push(control.clone());
         Local {
             process: self.inner.process.clone(),
@@ -193,6 +196,7 @@ impl RedisSubscription {
             buffer: VecDeque::new(),
             done: Vec::new(),
             oldest_done: None,
+            sequence: Sequence::new("work", thread.as_str()),
             idle: false,
             round: 0,
         }
@@ -232,7 +236,7 @@ impl RedisSubscription {
     fn round_trip(&self, local: &mut Local, fetch: Option<(Option<&redis::Cmd>, &[Call])>) -> Option<Vec<Value>> {
         let done = std::mem::take(&mut local.done);
         local.oldest_done = None;
-        let plan = completer::settle_calls(&self.inner, done);
+        let plan = completer::settle_calls(&self.inner, done, &mut local.sequence);
         let (first, fetches) = fetch.unwrap_or((None, &[]));
         let mut calls = plan.calls;
         let settled = calls.len();
@@ -265,16 +269,20 @@ impl RedisSubscription {
                 let q = &self.queues[i].1;
                 let (consumer, registered) = self.consumer(local, q);
                 consumers.push(consumer.clone());
+                let (seq_key, seq) = local.sequence.next(q);
                 Call::new(&scripts::FETCH)
                     .key(q.pending.clone())
                     .key(q.amo.clone())
                     .key(q.wake.clone())
                     .key(q.consumers.clone())
                     .key(format!("{}{consumer}", q.processing))
+                    .key(seq_key)
                     .arg(self.per_worker.to_string())
                     .arg(lease.clone())
                     .arg(consumer.as_bytes())
                     .arg(if registered { "0" } else { "1" })
+                    .arg(seq)
+                    .arg(SEQ_TTL)
             })
             .collect();
         let wait = local.idle.then(|| {
@@ -442,6 +450,7 @@ impl RedisSubscription {
                     Call::new(&scripts::RETIRE)
                         .key(queue.consumers.clone())
                         .key(format!("{}{consumer}", queue.processing))
+                        .key(local.sequence.key(queue))
                         .arg(consumer.as_bytes()),
                 );
             }
@@ -466,7 +475,7 @@ pub(crate) fn report_here(inner: &Inner, report: Op) -> Result<Option<Op>, Broke
         let Some(state) = local.values_mut().find(|state| Arc::ptr_eq(&state.process, &inner.process)) else {
             return Ok(Some(report));
         };
-        let plan = completer::plan(inner, vec![report]);
+        let plan = completer::plan(inner, vec![report], &mut state.sequence);
         let stored = state.conn.once(&mut |c| scripts::run_batch(c, &plan.calls));
         stored.map(|_| None).map_err(|e| crate::conn::broker_error("storing a report failed", e))
     })

@@ -10,15 +10,13 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 
 use dingo_core::event::{Event, EventKind, Level, Origin};
-use dingo_core::id::{IdMaker, UuidV7};
 use dingo_core::message::wire::{self, Known};
 use dingo_core::{BrokerError, TaskName};
 use redis::Value;
 
-use super::completer::MARKER_TTL;
 use super::{Inner, Thread, lock};
 use crate::keys::{self, QueueKeys};
-use crate::scripts;
+use crate::scripts::{self, SEQ_TTL, Sequence};
 
 pub(crate) struct Listener {
     inner: Arc<Inner>,
@@ -32,7 +30,8 @@ pub(crate) struct Listener {
 struct Reply {
     list: String,
     notify: String,
-    prefix: String,
+    /// Where the listener's sequence key for trimming `list` lives.
+    seq_key: String,
     task: TaskName,
 }
 
@@ -54,7 +53,7 @@ impl Listener {
         replies.push(Reply {
             list: queue.reply_here.clone(),
             notify: queue.notify_here.clone(),
-            prefix: queue.prefix.clone(),
+            seq_key: queue.seq(&format!("recv.{}", self.inner.process)),
             task: TaskName::from(queue.task.as_str()),
         });
         drop(replies);
@@ -81,7 +80,8 @@ struct Listen {
 /// Reports read but not yet removed from a reply list.
 struct Trim {
     list: String,
-    marker: String,
+    seq_key: String,
+    seq: String,
     count: usize,
 }
 
@@ -91,6 +91,8 @@ impl Listen {
         let timeout = self.inner.options.block_timeout.as_secs_f64();
         let batch = self.inner.options.batch;
         let mut trims: Vec<Trim> = Vec::new();
+        // Numbers the trims (see `scripts::SEEN`); the keys are each reply's `seq_key`.
+        let mut sequence = Sequence::new("recv", &self.inner.process);
         let mut block = true;
         while !stop.load(Ordering::SeqCst) {
             let replies = lock(&self.replies).clone();
@@ -102,9 +104,10 @@ impl Listen {
                         .arg(scripts::TRIM.get_hash())
                         .arg(2)
                         .arg(&trim.list)
-                        .arg(&trim.marker)
+                        .arg(&trim.seq_key)
                         .arg(trim.count)
-                        .arg(MARKER_TTL);
+                        .arg(&trim.seq)
+                        .arg(SEQ_TTL);
                 }
                 if block {
                     let wait = pipe.cmd("BLMPOP").arg(timeout).arg(replies.len() + 1).arg(&self.control);
@@ -156,8 +159,13 @@ impl Listen {
                 if reports.len() >= batch {
                     block = false; // more are waiting: read on without blocking
                 }
-                let marker = format!("{}:trim:{}", reply.prefix, UuidV7.next_id());
-                trims.push(Trim { list: reply.list.clone(), marker, count: reports.len() });
+                let seq = sequence.next_number();
+                trims.push(Trim {
+                    list: reply.list.clone(),
+                    seq_key: reply.seq_key.clone(),
+                    seq,
+                    count: reports.len(),
+                });
                 for report in reports {
                     let Value::BulkString(bytes) = report else { continue };
                     self.route(reply, bytes);

@@ -8,14 +8,12 @@ use std::time::Duration;
 
 use crossbeam_channel::{Receiver, RecvTimeoutError, SendTimeoutError, Sender, TrySendError};
 use dingo_core::event::{Event, EventKind, Level, Origin};
-use dingo_core::id::{IdMaker, UuidV7};
 use dingo_core::message::{ReportBody, ReportMessage};
 use dingo_core::{BrokerError, BrokerErrorKind, CallKey, TaskError, TaskErrorKind};
 
-use super::completer::MARKER_TTL;
 use super::{Inner, Thread};
 use crate::keys::QueueKeys;
-use crate::scripts::{self, Call};
+use crate::scripts::{self, Call, SEQ_TTL, Sequence};
 
 /// A task message on its way to Redis.
 pub(crate) struct Outgoing {
@@ -63,6 +61,7 @@ impl Writer {
 
 fn write_loop(inner: &Arc<Inner>, rx: &Receiver<Outgoing>, stop: &AtomicBool) {
     let mut conn = inner.conn("task sender", Origin::Producer, false);
+    let mut sequence = Sequence::new("send", &inner.process);
     loop {
         let first = match rx.recv_timeout(Duration::from_millis(50)) {
             Ok(outgoing) => outgoing,
@@ -76,7 +75,7 @@ fn write_loop(inner: &Arc<Inner>, rx: &Receiver<Outgoing>, stop: &AtomicBool) {
         {
             batch.push(outgoing);
         }
-        let calls = push_calls(&mut batch, inner.options.batch);
+        let calls = push_calls(&mut batch, inner.options.batch, &mut sequence);
         match conn.retry(stop, &mut |c| scripts::run_batch(c, &calls)) {
             Some(Ok(_)) => {
                 inner.stats.sent.fetch_add(batch.len() as u64, Ordering::Relaxed);
@@ -89,7 +88,7 @@ fn write_loop(inner: &Arc<Inner>, rx: &Receiver<Outgoing>, stop: &AtomicBool) {
 
 /// One `PUSH` per queue and delivery mode, in order, at most `batch` messages each. The
 /// messages' bytes move into the calls.
-fn push_calls(batch: &mut [Outgoing], max: usize) -> Vec<Call> {
+fn push_calls(batch: &mut [Outgoing], max: usize, sequence: &mut Sequence) -> Vec<Call> {
     let mut calls: Vec<(String, Call, usize)> = Vec::new();
     for outgoing in batch {
         let bytes = std::mem::take(&mut outgoing.bytes);
@@ -101,13 +100,14 @@ fn push_calls(batch: &mut [Outgoing], max: usize) -> Vec<Call> {
                 *n += 1;
             }
             None => {
-                // A marker of its own, so a retry after a lost reply does not queue it twice.
-                let batch = UuidV7.next_id();
+                // Numbered, so a retry after a lost reply does not queue it twice.
+                let (seq_key, seq) = sequence.next(&outgoing.queue);
                 let call = Call::new(&scripts::PUSH)
                     .key(list.clone())
                     .key(outgoing.queue.wake.clone())
-                    .key(outgoing.queue.marker("sent", batch.as_str()))
-                    .arg(MARKER_TTL)
+                    .key(seq_key)
+                    .arg(seq)
+                    .arg(SEQ_TTL)
                     .arg(bytes);
                 calls.push((list.clone(), call, 1));
             }
