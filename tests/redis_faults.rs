@@ -463,6 +463,43 @@ fn broker_commands_work_after_a_connection_cut() {
     worker.close().expect("close");
 }
 
+/// At most once, per call: the task leaves Redis when a worker takes it — nothing in a
+/// processing list, nothing to requeue if the worker dies — and its progress and result
+/// still come back in order. An at-least-once call of the same task, meanwhile, sits in
+/// its worker's processing list until it is done.
+#[test]
+fn an_at_most_once_task_leaves_redis_when_taken() {
+    let Some(setup) = Redis::setup() else { return };
+    let worker = App::builder().broker(setup.broker()).build().expect("worker app");
+    let gate = Gate::register(&worker, "faults.amo");
+    worker.allocate("faults.amo", 1).expect("allocate");
+    let caller = App::builder().broker(setup.broker()).build().expect("caller app");
+    let namespace = &setup.options().namespace;
+    let in_redis = || {
+        setup.broker().queue_len("faults.amo").expect("queue length") as u64
+            + held(setup.url(), namespace, "faults.amo")
+    };
+
+    let at_most_once = dingo::CallOptions::new().at_most_once(true).monitor_progress(true);
+    let handle = caller.call_with::<_, u64>("faults.amo", &at_most_once, (1u64,)).expect("call");
+    assert_eq!(gate.started.recv_timeout(PATIENCE).expect("the task starts"), 1);
+    assert_eq!(in_redis(), 0, "an at-most-once task is nowhere in Redis while it runs");
+    gate.release.send(()).expect("release");
+    let reports: Vec<dingo::Report<u64>> = handle.reports().collect();
+    assert!(matches!(reports.first(), Some(dingo::Report::Sent)), "Sent comes first: {reports:?}");
+    assert!(matches!(reports.last(), Some(dingo::Report::Success(2))), "Success(2) comes last: {reports:?}");
+    assert!(reports[1..reports.len() - 1].iter().all(|r| matches!(r, dingo::Report::Progress(_))), "{reports:?}");
+
+    let mut handle = caller.call::<_, u64>("faults.amo", (2u64,)).expect("call");
+    assert_eq!(gate.started.recv_timeout(PATIENCE).expect("the task starts"), 2);
+    assert_eq!(in_redis(), 1, "an at-least-once task stays in its worker's processing list while it runs");
+    gate.release.send(()).expect("release");
+    assert_eq!(handle.wait_timeout(PATIENCE).expect("result"), 3);
+    wait_until("the task is settled", || in_redis() == 0);
+    caller.close().expect("close");
+    worker.close().expect("close");
+}
+
 // ---------------------------------------------------------------------------------------
 // b. A task longer than its lease, renewing it
 // ---------------------------------------------------------------------------------------

@@ -93,6 +93,45 @@ impl Conn {
         }
     }
 
+    /// Like [`retry`](Conn::retry), telling `f` whether an earlier attempt may have
+    /// reached the server (its command was written before the connection broke), so that
+    /// it can leave out what must not run twice.
+    pub(crate) fn retry_tracked<T>(
+        &mut self,
+        stop: &AtomicBool,
+        f: &mut dyn FnMut(&mut redis::Connection, bool) -> redis::RedisResult<T>,
+    ) -> Option<Result<T, redis::RedisError>> {
+        let mut pause = self.backoff.0;
+        let mut reached = false;
+        loop {
+            let result = match self.conn.is_some() {
+                true => {
+                    let again = reached;
+                    reached = true;
+                    self.once(&mut |c| f(c, again))
+                }
+                false => match self.connect() {
+                    Ok(conn) => {
+                        self.conn = Some(conn);
+                        continue;
+                    }
+                    Err(e) => Err(e),
+                },
+            };
+            match result {
+                Ok(value) => return Some(Ok(value)),
+                Err(e) if is_connection_error(&e) => {
+                    if stop.load(Ordering::Acquire) {
+                        return None;
+                    }
+                    std::thread::sleep(pause);
+                    pause = (pause * 2).min(self.backoff.1);
+                }
+                Err(e) => return Some(Err(e)),
+            }
+        }
+    }
+
     fn connect(&mut self) -> redis::RedisResult<redis::Connection> {
         let conn = self.client.get_connection_with_timeout(self.connect_timeout);
         let mut conn = match conn {

@@ -77,20 +77,19 @@ return #ARGV - 2
     )
 });
 
-/// Takes up to `ARGV[1]` messages for consumer `ARGV[3]`: at-most-once ones (`KEYS[2]`) as
-/// they are, the others (`KEYS[1]`) moved to the consumer's processing list (`KEYS[5]`,
-/// newest first), where they stay until settled. The consumer holds one lease (`KEYS[4]`,
-/// deadline `ARGV[2]` ms from now) for all of them: registered when `ARGV[4]` is 1,
-/// renewed otherwise — and if it expired and was reaped meanwhile, nothing is taken and
-/// the reply is `{'lost'}` (the consumer must start over under a new id). Returns
-/// `{'ok', number of at-most-once messages, messages…}`. Leaves a wake token (`KEYS[3]`)
-/// while work remains, so the next idle consumer wakes too.
+/// Takes up to `ARGV[1]` messages (`KEYS[1]`) for consumer `ARGV[3]`, moved to its
+/// processing list (`KEYS[5]`, newest first), where they stay until settled. The consumer
+/// holds one lease (`KEYS[4]`, deadline `ARGV[2]` ms from now) for all of them: registered
+/// when `ARGV[4]` is 1, renewed otherwise — and if it expired and was reaped meanwhile,
+/// nothing is taken and the reply is `{'lost'}` (the consumer must start over under a new
+/// id). Returns `{'ok', messages…}`, oldest first. Leaves a wake token (`KEYS[3]`) while
+/// work remains in the queue or its at-most-once list (`KEYS[2]`, popped by a plain `RPOP`
+/// just before), so the next idle consumer wakes too.
 ///
 /// Batch number `ARGV[5]` of the worker thread whose sequence key is `KEYS[6]` (kept
 /// `ARGV[6]` ms): sent again after its reply was lost, the fetch takes nothing new and
 /// returns what it moved the first time (the head of the processing list) — else those
-/// messages would sit in the processing list unknown to their worker. (At-most-once
-/// messages of a lost reply are lost: at most once.)
+/// messages would sit in the processing list unknown to their worker.
 pub(crate) static FETCH: LazyLock<Script> = LazyLock::new(|| {
     with_seen(
         r#"
@@ -103,7 +102,7 @@ elseif not redis.call('ZSCORE', KEYS[4], ARGV[3]) then
 else
   redis.call('ZADD', KEYS[4], 'XX', deadline, ARGV[3])
 end
-local out = {'ok', 0}
+local out = {'ok'}
 local applied, moved = seen(KEYS[6], ARGV[5])
 if applied then
   if moved > 0 then
@@ -112,24 +111,14 @@ if applied then
   end
   return out
 end
-local n = tonumber(ARGV[1])
-local amo = redis.call('RPOP', KEYS[2], n)
-if amo then
-  out[2] = #amo
-  for i = 1, #amo do out[#out + 1] = amo[i] end
-  n = n - #amo
+-- Oldest first; pushed in that order, the newest ends at the head of the processing list.
+local msgs = redis.call('RPOP', KEYS[1], tonumber(ARGV[1]))
+if msgs then
+  redis.call('LPUSH', KEYS[5], unpack(msgs))
+  for i = 1, #msgs do out[#out + 1] = msgs[i] end
+  -- A fetch that took nothing needs no record: sent again, it may take what came since.
+  redis.call('SET', KEYS[6], ARGV[5] .. ' ' .. #msgs, 'PX', ARGV[6])
 end
-moved = 0
-if n > 0 then
-  -- Oldest first; pushed in that order, the newest ends at the head of the processing list.
-  local msgs = redis.call('RPOP', KEYS[1], n)
-  if msgs then
-    redis.call('LPUSH', KEYS[5], unpack(msgs))
-    for i = 1, #msgs do out[#out + 1] = msgs[i] end
-    moved = #msgs
-  end
-end
-redis.call('SET', KEYS[6], ARGV[5] .. ' ' .. moved, 'PX', ARGV[6])
 if redis.call('LLEN', KEYS[1]) + redis.call('LLEN', KEYS[2]) > 0 then
   if redis.call('LLEN', KEYS[3]) == 0 then redis.call('LPUSH', KEYS[3], '1') end
 else
@@ -349,17 +338,25 @@ pub(crate) fn all() -> [&'static Script; 9] {
     [&PUSH, &FETCH, &COMPLETE, &DEAD, &GIVE_BACK, &RETIRE, &RENEW, &REAP, &TRIM]
 }
 
-/// One script call in a pipelined batch.
+/// One step of a pipelined batch: a script call, or a plain command (`keys` empty, the
+/// command's arguments in `args`).
 #[derive(Clone)]
 pub(crate) struct Call {
-    pub(crate) script: &'static Script,
+    pub(crate) script: Option<&'static Script>,
+    /// The plain command's name (with `script` `None`).
+    pub(crate) command: &'static str,
     pub(crate) keys: Vec<String>,
     pub(crate) args: Vec<Vec<u8>>,
 }
 
 impl Call {
     pub(crate) fn new(script: &'static Script) -> Call {
-        Call { script, keys: Vec::new(), args: Vec::new() }
+        Call { script: Some(script), command: "", keys: Vec::new(), args: Vec::new() }
+    }
+
+    /// A plain command: not atomic with anything, so only for steps that need no script.
+    pub(crate) fn command(name: &'static str) -> Call {
+        Call { script: None, command: name, keys: Vec::new(), args: Vec::new() }
     }
 
     pub(crate) fn key(mut self, key: impl Into<String>) -> Call {
@@ -373,8 +370,8 @@ impl Call {
     }
 }
 
-/// Runs script calls in one round trip. A call the server does not know (its script cache
-/// was flushed) is loaded and sent again; a call that ran is never sent twice.
+/// Runs calls in one round trip. A script the server does not know (its script cache was
+/// flushed) is loaded and its call sent again; a call that ran is never sent twice.
 pub(crate) fn run_batch(conn: &mut redis::Connection, calls: &[Call]) -> redis::RedisResult<Vec<Value>> {
     run_after(conn, None, calls)
 }
@@ -397,7 +394,10 @@ pub(crate) fn run_after(
         }
         for &i in &todo {
             let call = &calls[i];
-            let cmd = pipe.cmd("EVALSHA").arg(call.script.get_hash()).arg(call.keys.len());
+            let cmd = match call.script {
+                Some(script) => pipe.cmd("EVALSHA").arg(script.get_hash()).arg(call.keys.len()),
+                None => pipe.cmd(call.command),
+            };
             for key in &call.keys {
                 cmd.arg(key);
             }

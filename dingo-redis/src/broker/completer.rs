@@ -19,6 +19,7 @@ use redis::Value;
 
 use super::fetcher::Pending;
 use super::{DeadLetter, Inner, Thread};
+use crate::conn::Conn;
 use crate::keys::QueueKeys;
 use crate::scripts::{self, Call, SEQ_TTL, Sequence};
 
@@ -88,8 +89,8 @@ fn complete_loop(inner: &Arc<Inner>, rx: &Receiver<Op>, stop: &AtomicBool) {
         }
         let count = batch.len();
         let plan = plan(inner, batch, &mut sequence);
-        match conn.retry(stop, &mut |c| scripts::run_batch(c, &plan.calls)) {
-            Some(Ok(results)) => account(inner, &plan.kinds, &results),
+        match plan.run(inner, &mut conn, stop, None) {
+            Some(Ok(results)) => account(inner, &results),
             Some(Err(e)) => error(inner, format!("{count} report(s) or settlement(s) were refused: {e}")),
             // What was not settled expires with its consumer's lease and runs again elsewhere.
             None => error(inner, format!("{count} report(s) not stored: redis unreachable at shutdown")),
@@ -115,10 +116,14 @@ pub(crate) fn settle_calls(inner: &Inner, done: Vec<Pending>, sequence: &mut Seq
     plan(inner, ops, sequence)
 }
 
-/// The script calls for some operations, with what to do with their results.
+/// The calls for some operations, with what to do with their results.
+#[derive(Default)]
 pub(crate) struct Plan {
     pub(crate) calls: Vec<Call>,
     pub(crate) kinds: Vec<Kind>,
+    /// The reply list the last call pushes reports to, while it is the last call: the
+    /// next report for that list joins it.
+    open_report: Option<String>,
 }
 
 #[derive(Clone, Copy, PartialEq, Eq)]
@@ -132,23 +137,142 @@ pub(crate) enum Kind {
     Dead {
         count: usize,
     },
+    /// A plain command of storing reports that settle nothing (progress, at-most-once
+    /// tasks); `reports` is how many it stores. Not repeated (see [`Kind::repeatable`]).
+    Report {
+        reports: usize,
+    },
+    /// A worker's fetch: the `FETCH` script, or (`at_most_once`) a plain pop of the
+    /// at-most-once list, not repeated.
+    Fetch {
+        at_most_once: bool,
+    },
     Other,
 }
 
-/// One call per operation; report bytes move into the calls.
+impl Kind {
+    /// Whether the call may be sent again after the connection broke with it on its way.
+    /// Scripts apply once (numbered batches); the plain commands of the at-most-once path
+    /// are left out of the retry — what they carried may be lost, never doubled.
+    pub(crate) fn repeatable(self) -> bool {
+        !matches!(self, Kind::Report { .. } | Kind::Fetch { at_most_once: true })
+    }
+}
+
+impl Plan {
+    pub(crate) fn push(&mut self, call: Call, kind: Kind) {
+        self.calls.push(call);
+        self.kinds.push(kind);
+        self.open_report = None;
+    }
+
+    /// Stores a report that settles nothing (progress, at-most-once tasks) with plain
+    /// commands — no script: these are the at-most-once path's whole cost. Consecutive
+    /// reports for one reply list share one push.
+    fn report(&mut self, inner: &Inner, queue: &QueueKeys, caller: &str, bytes: Vec<u8>) {
+        let reply = queue.reply(caller);
+        if self.open_report.as_deref() == Some(reply.as_str()) {
+            // The push is followed by four calls (expiry, notify token, …).
+            let at = self.calls.len() - 5;
+            self.calls[at].args.push(bytes);
+            if let Kind::Report { reports } = &mut self.kinds[at] {
+                *reports += 1;
+            }
+            return;
+        }
+        let ttl = inner.options.result_ttl.as_millis().to_string();
+        let notify = queue.notify(caller);
+        let none = Kind::Report { reports: 0 };
+        self.push(Call::command("RPUSH").arg(reply.as_bytes()).arg(bytes), Kind::Report { reports: 1 });
+        self.push(Call::command("PEXPIRE").arg(reply.as_bytes()).arg(ttl.as_bytes()), none);
+        self.push(Call::command("LPUSH").arg(notify.as_bytes()).arg("1"), none);
+        self.push(Call::command("LTRIM").arg(notify.as_bytes()).arg("0").arg("0"), none);
+        self.push(Call::command("PEXPIRE").arg(notify.as_bytes()).arg(ttl), none);
+        self.open_report = Some(reply);
+    }
+
+    /// The calls and kinds of a retry after the connection broke with this plan on its way:
+    /// the repeatable ones; with how many reports that leaves out.
+    fn for_retry(&self) -> (Vec<Call>, Vec<Kind>, usize) {
+        let mut dropped = 0;
+        let mut calls = Vec::with_capacity(self.calls.len());
+        let mut kinds = Vec::with_capacity(self.kinds.len());
+        for (call, &kind) in self.calls.iter().zip(&self.kinds) {
+            if kind.repeatable() {
+                calls.push(call.clone());
+                kinds.push(kind);
+            } else if let Kind::Report { reports } = kind {
+                dropped += reports;
+            }
+        }
+        (calls, kinds, dropped)
+    }
+
+    /// Runs the plan in one round trip, after `first` (a blocking wait) if given, until it
+    /// goes through: reconnecting with backoff, and leaving out of a retry what must not
+    /// run twice (saying so in an event). `None` when `stop` ended the retries. Each call
+    /// that ran comes back with its kind and result.
+    pub(crate) fn run(
+        &self,
+        inner: &Inner,
+        conn: &mut Conn,
+        stop: &AtomicBool,
+        first: Option<&redis::Cmd>,
+    ) -> Option<redis::RedisResult<Vec<(Kind, Value)>>> {
+        let mut retry: Option<(Vec<Call>, Vec<Kind>)> = None;
+        let mut dropped = 0;
+        let result = conn.retry_tracked(stop, &mut |c, again| {
+            if again && retry.is_none() {
+                let (calls, kinds, reports) = self.for_retry();
+                dropped = reports;
+                retry = Some((calls, kinds));
+            }
+            let calls = retry.as_ref().map_or(&self.calls, |(calls, _)| calls);
+            scripts::run_after(c, first, calls)
+        });
+        if dropped > 0 {
+            inner.events.emit(Event::new(
+                Origin::Reporter,
+                Level::Warning,
+                EventKind::ReportFailed,
+                format!(
+                    "{dropped} report(s) of at-most-once tasks or progress may be lost: the connection broke while \
+                     they were on their way, and they are not sent twice"
+                ),
+            ));
+        }
+        let kinds = retry.map_or_else(|| self.kinds.clone(), |(_, kinds)| kinds);
+        result.map(|r| r.map(|values| kinds.into_iter().zip(values).collect()))
+    }
+}
+
+/// The calls for some operations, in order; report bytes move into the calls.
 pub(crate) fn plan(inner: &Inner, ops: Vec<Op>, sequence: &mut Sequence) -> Plan {
-    let mut plan = Plan { calls: Vec::new(), kinds: Vec::new() };
+    let mut plan = Plan::default();
     for op in ops {
         match op {
-            Op::Report { queue, caller, bytes } => {
-                let (call, kind) = complete(inner, &queue, "", vec![Settle::Report { caller, bytes }], sequence);
-                plan.calls.push(call);
-                plan.kinds.push(kind);
-            }
+            Op::Report { queue, caller, bytes } => plan.report(inner, &queue, &caller, bytes),
             Op::Settle { queue, consumer, settles } => {
-                let (call, kind) = complete(inner, &queue, &consumer, settles, sequence);
-                plan.calls.push(call);
-                plan.kinds.push(kind);
+                // Reports that settle nothing leave as plain commands, in order with the
+                // settlements around them.
+                let mut run = Vec::new();
+                for settle in settles {
+                    match settle {
+                        Settle::Report { caller, bytes } => {
+                            if !run.is_empty() {
+                                let (call, kind) =
+                                    complete(inner, &queue, &consumer, std::mem::take(&mut run), sequence);
+                                plan.push(call, kind);
+                            }
+                            plan.report(inner, &queue, &caller, bytes);
+                        }
+                        other => run.push(other),
+                    }
+                }
+                if !run.is_empty() {
+                    let (call, kind) = complete(inner, &queue, &consumer, run, sequence);
+                    plan.push(call, kind);
+                }
             }
             Op::Dead { queue, reason, bytes } => {
                 let call = Call::new(&scripts::DEAD)
@@ -156,14 +280,12 @@ pub(crate) fn plan(inner: &Inner, ops: Vec<Op>, sequence: &mut Sequence) -> Plan
                     .arg(inner.options.max_dead_letters.to_string())
                     .arg(DeadLetter::prefix(&reason))
                     .arg(bytes);
-                plan.calls.push(call);
-                plan.kinds.push(Kind::Dead { count: 1 });
+                plan.push(call, Kind::Dead { count: 1 });
             }
             Op::GiveBack { queue, messages } => {
                 let mut call = Call::new(&scripts::GIVE_BACK).key(queue.amo.clone()).key(queue.wake.clone());
                 call.args.extend(messages);
-                plan.calls.push(call);
-                plan.kinds.push(Kind::Other);
+                plan.push(call, Kind::Other);
             }
         }
     }
@@ -200,6 +322,7 @@ fn complete(
                 let k = caller.map(|c| reply_index(&mut callers, &mut call, queue, c)).unwrap_or(0);
                 ("c", k, bytes.unwrap_or_default())
             }
+            // Planned as plain commands by `plan`; stored by the script all the same.
             Settle::Report { caller, bytes } => ("r", reply_index(&mut callers, &mut call, queue, caller), bytes),
             Settle::Dead { reason } => {
                 dead += 1;
@@ -229,8 +352,8 @@ fn reply_index(callers: &mut Vec<String>, call: &mut Call, queue: &QueueKeys, ca
 }
 
 /// Counts what a batch did, and warns about reports rejected by fencing.
-pub(crate) fn account(inner: &Inner, kinds: &[Kind], results: &[Value]) {
-    for (kind, result) in kinds.iter().zip(results) {
+pub(crate) fn account(inner: &Inner, results: &[(Kind, Value)]) {
+    for (kind, result) in results {
         match kind {
             Kind::Complete { finals, dead } => {
                 let (owned, rejected): (i64, usize) = redis::from_redis_value(result.clone()).unwrap_or((1, 0));
@@ -254,7 +377,7 @@ pub(crate) fn account(inner: &Inner, kinds: &[Kind], results: &[Value]) {
             Kind::Dead { count } => {
                 inner.stats.dead_lettered.fetch_add(*count as u64, Ordering::Relaxed);
             }
-            Kind::Other => {}
+            Kind::Report { .. } | Kind::Fetch { .. } | Kind::Other => {}
         }
     }
 }

@@ -24,7 +24,7 @@ use dingo_core::message::{ReportBody, ReportMessage};
 use dingo_core::{BrokerError, CallKey, TaskError, TaskErrorKind, TaskName};
 use redis::Value;
 
-use super::completer::{self, Op, Settle};
+use super::completer::{self, Kind, Op, Settle};
 use super::{Inner, lock};
 use crate::conn::Conn;
 use crate::keys::{self, QueueKeys};
@@ -84,6 +84,13 @@ impl Acknowledge for RedisAck {
     fn into_any(self: Box<Self>) -> Box<dyn Any + Send> {
         self
     }
+}
+
+/// The fetching part of a worker's round trip: a blocking wait first (when idle), then the
+/// fetch calls.
+struct Fetch<'a> {
+    wait: Option<&'a redis::Cmd>,
+    calls: Vec<(Call, Kind)>,
 }
 
 /// A settlement waiting for the worker's next round trip.
@@ -232,59 +239,63 @@ impl RedisSubscription {
     }
 
     /// Stores this thread's settlements, with `fetch` (a blocking wait and fetch calls) in
-    /// the same round trip; returns the fetch results.
-    fn round_trip(&self, local: &mut Local, fetch: Option<(Option<&redis::Cmd>, &[Call])>) -> Option<Vec<Value>> {
+    /// the same round trip; returns the results of the calls that ran, with their kinds.
+    fn round_trip(&self, local: &mut Local, fetch: Option<Fetch<'_>>) -> Option<Vec<(Kind, Value)>> {
         let done = std::mem::take(&mut local.done);
         local.oldest_done = None;
-        let plan = completer::settle_calls(&self.inner, done, &mut local.sequence);
-        let (first, fetches) = fetch.unwrap_or((None, &[]));
-        let mut calls = plan.calls;
-        let settled = calls.len();
-        calls.extend(fetches.iter().cloned());
+        let mut plan = completer::settle_calls(&self.inner, done, &mut local.sequence);
+        let fetching = fetch.is_some();
+        let Fetch { wait, calls } = fetch.unwrap_or(Fetch { wait: None, calls: Vec::new() });
+        for (call, kind) in calls {
+            plan.push(call, kind);
+        }
         let never = AtomicBool::new(false);
-        let stop = if fetch.is_some() { &self.stopped } else { &never };
-        let results = match local.conn.retry(stop, &mut |c| scripts::run_after(c, first, &calls)) {
-            Some(Ok(results)) => results,
-            Some(Err(e)) => {
-                self.event(Level::Error, EventKind::ReceiveFailed, format!("talking to redis failed: {e}"));
-                return None;
+        let stop = if fetching { &self.stopped } else { &never };
+        match plan.run(&self.inner, &mut local.conn, stop, wait)? {
+            Ok(results) => {
+                completer::account(&self.inner, &results);
+                Some(results)
             }
-            None => return None,
-        };
-        completer::account(&self.inner, &plan.kinds, &results[..settled.min(results.len())]);
-        Some(results.into_iter().skip(settled).collect())
+            Err(e) => {
+                self.event(Level::Error, EventKind::ReceiveFailed, format!("talking to redis failed: {e}"));
+                None
+            }
+        }
     }
 
     /// Fetches into this thread's buffer (waiting on the wake lists first after an empty
-    /// fetch); `false` when nothing came.
+    /// fetch); `false` when nothing came. Per queue, one plain `RPOP` of the at-most-once
+    /// list and one `FETCH` of the others: up to twice the batch per round trip.
     fn fetch(&self, local: &mut Local, block: Duration) -> bool {
         let lease = self.inner.options.lease.as_millis().to_string();
         local.round = local.round.wrapping_add(1);
         let n = self.queues.len();
         let order: Vec<usize> = (0..n).map(|i| (i + local.round) % n).collect();
+        let count = self.per_worker.to_string();
         let mut consumers = Vec::with_capacity(n);
-        let calls: Vec<Call> = order
-            .iter()
-            .map(|&i| {
-                let q = &self.queues[i].1;
-                let (consumer, registered) = self.consumer(local, q);
-                consumers.push(consumer.clone());
-                let (seq_key, seq) = local.sequence.next(q);
-                Call::new(&scripts::FETCH)
-                    .key(q.pending.clone())
-                    .key(q.amo.clone())
-                    .key(q.wake.clone())
-                    .key(q.consumers.clone())
-                    .key(format!("{}{consumer}", q.processing))
-                    .key(seq_key)
-                    .arg(self.per_worker.to_string())
-                    .arg(lease.clone())
-                    .arg(consumer.as_bytes())
-                    .arg(if registered { "0" } else { "1" })
-                    .arg(seq)
-                    .arg(SEQ_TTL)
-            })
-            .collect();
+        let mut calls = Vec::with_capacity(2 * n);
+        for &i in &order {
+            let q = &self.queues[i].1;
+            let (consumer, registered) = self.consumer(local, q);
+            consumers.push(consumer.clone());
+            let (seq_key, seq) = local.sequence.next(q);
+            let pop = Call::command("RPOP").arg(q.amo.as_bytes()).arg(count.as_bytes());
+            calls.push((pop, Kind::Fetch { at_most_once: true }));
+            let take = Call::new(&scripts::FETCH)
+                .key(q.pending.clone())
+                .key(q.amo.clone())
+                .key(q.wake.clone())
+                .key(q.consumers.clone())
+                .key(format!("{}{consumer}", q.processing))
+                .key(seq_key)
+                .arg(count.as_bytes())
+                .arg(lease.clone())
+                .arg(consumer.as_bytes())
+                .arg(if registered { "0" } else { "1" })
+                .arg(seq)
+                .arg(SEQ_TTL);
+            calls.push((take, Kind::Fetch { at_most_once: false }));
+        }
         let wait = local.idle.then(|| {
             let mut wait = redis::cmd("BLPOP");
             wait.arg(&local.control);
@@ -294,32 +305,51 @@ impl RedisSubscription {
             wait.arg(block.as_secs_f64().max(0.001));
             wait
         });
-        let Some(results) = self.round_trip(local, Some((wait.as_ref(), &calls))) else {
+        let Some(results) = self.round_trip(local, Some(Fetch { wait: wait.as_ref(), calls })) else {
             if !self.stopped.load(Ordering::SeqCst) {
                 // Not a connection problem (those are retried): try again a little later.
                 std::thread::sleep(self.inner.options.block_timeout.min(block));
             }
             return false;
         };
+        // Per queue in `order`: its at-most-once pop (left out of a retry), then its FETCH.
         let mut got = 0;
-        for ((&i, consumer), result) in order.iter().zip(consumers).zip(results) {
-            let (name, queue) = &self.queues[i];
-            got += self.take(local, name, queue, consumer, result);
+        let mut queues = order.iter().zip(consumers);
+        let mut popped = None;
+        for (kind, result) in results {
+            match kind {
+                Kind::Fetch { at_most_once: true } => popped = Some(result),
+                Kind::Fetch { at_most_once: false } => {
+                    let Some((&i, consumer)) = queues.next() else { break };
+                    let (name, queue) = &self.queues[i];
+                    got += self.take(local, name, queue, consumer, popped.take(), result);
+                }
+                _ => {}
+            }
         }
         local.idle = got == 0;
         got > 0
     }
 
-    /// Puts one queue's fetched messages into the buffer; returns how many there were.
+    /// Puts one queue's fetched messages into the buffer — the at-most-once ones `popped`
+    /// first, then the ones `fetched` into the processing list; returns how many there were.
     fn take(
         &self,
         local: &mut Local,
         name: &TaskName,
         queue: &Arc<QueueKeys>,
         consumer: Arc<str>,
+        popped: Option<Value>,
         fetched: Value,
     ) -> usize {
-        let Value::Array(items) = fetched else { return 0 };
+        let mut count = 0;
+        if let Some(Value::Array(items)) = popped {
+            for item in items {
+                count += 1;
+                self.buffer(local, name, queue, None, item);
+            }
+        }
+        let Value::Array(items) = fetched else { return count };
         let mut items = items.into_iter();
         let status: String = items.next().and_then(|v| redis::from_redis_value(v).ok()).unwrap_or_default();
         if status == "lost" {
@@ -332,7 +362,7 @@ impl RedisSubscription {
                 EventKind::Other,
                 format!("this worker's lease on `{}` expired (it was stalled): it starts over", queue.prefix),
             );
-            return 0;
+            return count;
         }
         if let Some(entry) = local.consumers.get_mut(&queue.prefix)
             && !entry.1
@@ -340,41 +370,54 @@ impl RedisSubscription {
             entry.1 = true;
             self.inner.remember_consumer(queue, &consumer);
         }
-        let amo: usize = items.next().and_then(|v| redis::from_redis_value(v).ok()).unwrap_or(0);
-        let mut count = 0;
-        for (i, item) in items.enumerate() {
+        for item in items {
             count += 1;
-            let leased = i >= amo;
-            let Value::BulkString(bytes) = item else { continue };
-            let known = Known { name: Some(name), address: None };
-            match wire::decode_delivery(bytes, &known) {
-                Ok((message, redelivered)) => {
-                    let ack = leased.then(|| {
-                        Ack::new(RedisAck {
-                            inner: self.inner.clone(),
-                            queue: queue.clone(),
-                            consumer: consumer.clone(),
-                            subscription: self.id,
-                        })
-                    });
-                    local.buffer.push_back(Entry::Task(Delivery { message, ack, redelivered }));
-                }
-                Err(malformed) => {
-                    let reason = self.malformed(queue, &malformed);
-                    if leased {
-                        local.buffer.push_back(Entry::Malformed {
-                            queue: queue.clone(),
-                            consumer: consumer.clone(),
-                            reason,
-                        });
-                    } else if let Ok(completer) = self.inner.completer() {
-                        let _ = completer.push(Op::Dead { queue: queue.clone(), reason, bytes: malformed.bytes });
+            self.buffer(local, name, queue, Some(&consumer), item);
+        }
+        count
+    }
+
+    /// Decodes one fetched message into the buffer: `leased` by `consumer` (it sits in that
+    /// consumer's processing list) or at most once (`None`).
+    fn buffer(
+        &self,
+        local: &mut Local,
+        name: &TaskName,
+        queue: &Arc<QueueKeys>,
+        leased: Option<&Arc<str>>,
+        item: Value,
+    ) {
+        self.inner.stats.fetched.fetch_add(1, Ordering::Relaxed);
+        let Value::BulkString(bytes) = item else { return };
+        let known = Known { name: Some(name), address: None };
+        match wire::decode_delivery(bytes, &known) {
+            Ok((message, redelivered)) => {
+                let ack = leased.map(|consumer| {
+                    Ack::new(RedisAck {
+                        inner: self.inner.clone(),
+                        queue: queue.clone(),
+                        consumer: consumer.clone(),
+                        subscription: self.id,
+                    })
+                });
+                local.buffer.push_back(Entry::Task(Delivery { message, ack, redelivered }));
+            }
+            Err(malformed) => {
+                let reason = self.malformed(queue, &malformed);
+                match leased {
+                    Some(consumer) => local.buffer.push_back(Entry::Malformed {
+                        queue: queue.clone(),
+                        consumer: consumer.clone(),
+                        reason,
+                    }),
+                    None => {
+                        if let Ok(completer) = self.inner.completer() {
+                            let _ = completer.push(Op::Dead { queue: queue.clone(), reason, bytes: malformed.bytes });
+                        }
                     }
                 }
             }
         }
-        self.inner.stats.fetched.fetch_add(count as u64, Ordering::Relaxed);
-        count
     }
 
     /// Reports an undecodable message (and tells its caller, if it can be identified);
