@@ -49,3 +49,33 @@ fn app_connects_by_url() {
     let message = dingo::error::chain(&error);
     assert!(message.contains("lease_ms"), "{message}");
 }
+
+/// 2,000 calls in flight through one worker app with two threads: every task is fetched
+/// exactly once and settled once, and no fetch is mistaken for the retry of a lost one
+/// (settlements and fetches share a round trip; their batch numbers must rise in the order
+/// they run).
+#[test]
+fn a_busy_worker_fetches_each_task_once() {
+    use std::sync::atomic::Ordering;
+
+    use dingo::App;
+    use dingo_test_support::PATIENCE;
+    use dingo_test_support::redis::Redis;
+
+    let Some(setup) = Redis::setup() else { return };
+    let worker_broker = setup.broker();
+    let worker = App::builder().broker(worker_broker.clone()).build().expect("worker app");
+    worker.register("busy.inc", |n: u64| n + 1).expect("register");
+    worker.allocate("busy.inc", 2).expect("allocate");
+    let caller = App::builder().broker(setup.broker()).build().expect("caller app");
+    let handles: Vec<_> = (0..2_000u64).map(|n| caller.call::<_, u64>("busy.inc", n).expect("call")).collect();
+    for (n, mut handle) in (0u64..).zip(handles) {
+        assert_eq!(handle.wait_timeout(PATIENCE).expect("result"), n + 1);
+    }
+    caller.close().expect("close");
+    worker.close().expect("close");
+    let stats = worker_broker.stats();
+    assert_eq!(stats.fetched.load(Ordering::Relaxed), 2_000, "each task fetched once");
+    assert_eq!(stats.completed.load(Ordering::Relaxed), 2_000, "each task settled once");
+    assert_eq!(stats.fetches_replayed.load(Ordering::Relaxed), 0, "no fetch was answered as a retry");
+}

@@ -396,6 +396,7 @@ fn a_lost_reply_to_a_fetch_still_delivers_the_task() {
     assert_eq!(handle.wait_timeout(PATIENCE).expect("the retried fetch delivered the task"), 4);
     wait_until("the task is settled", || held(setup.url(), namespace, "faults.fetched") == 0);
     assert_eq!(*lock(&runs), BTreeMap::from([(1, 1), (2, 1)]), "each call ran once");
+    assert_eq!(stat(&worker_broker.stats().fetches_replayed), 1, "the lost fetch was answered again");
     assert_eq!(setup.broker().queue_len("faults.fetched").expect("queue length"), 0);
     caller.close().expect("close");
     worker.close().expect("close");

@@ -69,6 +69,9 @@ pub struct Stats {
     pub sent: AtomicU64,
     /// Task messages taken by this process's consumers.
     pub fetched: AtomicU64,
+    /// Fetches sent again after their reply was lost, answered with the tasks they had
+    /// taken (0 unless connections broke).
+    pub fetches_replayed: AtomicU64,
     /// Final reports stored (with their leases released).
     pub completed: AtomicU64,
     /// Late reports rejected because the lease had been taken over (fencing).

@@ -10,16 +10,19 @@ use redis::{Script, Value};
 pub(crate) const SEQ_TTL: &str = "600000";
 
 /// Exactly once for retried batches: every actor (a sender, a worker thread, a listener)
-/// numbers its batches, and a script keeps the last number it applied in the actor's
-/// sequence key of the queue (`NS:{T}:seq:ACTOR`, with the count of tasks the last fetch
-/// took). `seen(key, n)` tells whether batch `n` was applied already (a retry after its
-/// reply was lost), and that count. One key per actor and queue, never one per batch.
+/// numbers its batches, and a script records the number of the batch it applies in the
+/// actor's sequence key of the queue (`NS:{T}:seq:ACTOR`; `N.C` after a fetch that took C
+/// tasks). `seen(key, n, ttl)` records batch `n` and tells whether it was applied already
+/// (a retry after its reply was lost) — then the record stays as it was, and the count of
+/// tasks that fetch took comes back too. One `SET … GET` in the usual case; one key per
+/// actor and queue, never one per batch.
 const SEEN: &str = r#"
-local function seen(key, n)
-  local v = redis.call('GET', key)
-  if not v then return false, 0 end
-  local last, count = string.match(v, '^(%d+) ?(%d*)$')
-  if last and tonumber(n) <= tonumber(last) then return true, tonumber(count) or 0 end
+local function seen(key, n, ttl)
+  local prior = redis.call('SET', key, n, 'PX', ttl, 'GET')
+  if prior and math.floor(tonumber(prior)) >= tonumber(n) then
+    redis.call('SET', key, prior, 'PX', ttl)
+    return true, tonumber(string.match(prior, '%.(%d+)$')) or 0
+  end
   return false, 0
 end
 "#;
@@ -68,8 +71,7 @@ fn with_seen(body: &str) -> Script {
 pub(crate) static PUSH: LazyLock<Script> = LazyLock::new(|| {
     with_seen(
         r#"
-if seen(KEYS[3], ARGV[1]) then return 0 end
-redis.call('SET', KEYS[3], ARGV[1], 'PX', ARGV[2])
+if seen(KEYS[3], ARGV[1], ARGV[2]) then return 0 end
 redis.call('LPUSH', KEYS[1], unpack(ARGV, 3))
 if redis.call('LLEN', KEYS[2]) == 0 then redis.call('LPUSH', KEYS[2], '1') end
 return #ARGV - 2
@@ -88,8 +90,9 @@ return #ARGV - 2
 ///
 /// Batch number `ARGV[5]` of the worker thread whose sequence key is `KEYS[6]` (kept
 /// `ARGV[6]` ms): sent again after its reply was lost, the fetch takes nothing new and
-/// returns what it moved the first time (the head of the processing list) — else those
-/// messages would sit in the processing list unknown to their worker.
+/// returns `{'again', messages…}`: what it moved the first time (the head of the
+/// processing list) — else those messages would sit in the processing list unknown to
+/// their worker.
 pub(crate) static FETCH: LazyLock<Script> = LazyLock::new(|| {
     with_seen(
         r#"
@@ -103,8 +106,9 @@ else
   redis.call('ZADD', KEYS[4], 'XX', deadline, ARGV[3])
 end
 local out = {'ok'}
-local applied, moved = seen(KEYS[6], ARGV[5])
+local applied, moved = seen(KEYS[6], ARGV[5], ARGV[6])
 if applied then
+  out[1] = 'again'
   if moved > 0 then
     local msgs = redis.call('LRANGE', KEYS[5], 0, moved - 1)
     for i = #msgs, 1, -1 do out[#out + 1] = msgs[i] end
@@ -116,8 +120,7 @@ local msgs = redis.call('RPOP', KEYS[1], tonumber(ARGV[1]))
 if msgs then
   redis.call('LPUSH', KEYS[5], unpack(msgs))
   for i = 1, #msgs do out[#out + 1] = msgs[i] end
-  -- A fetch that took nothing needs no record: sent again, it may take what came since.
-  redis.call('SET', KEYS[6], ARGV[5] .. ' ' .. #msgs, 'PX', ARGV[6])
+  redis.call('SET', KEYS[6], ARGV[5] .. '.' .. #msgs, 'PX', ARGV[6])
 end
 if redis.call('LLEN', KEYS[1]) + redis.call('LLEN', KEYS[2]) > 0 then
   if redis.call('LLEN', KEYS[3]) == 0 then redis.call('LPUSH', KEYS[3], '1') end
@@ -149,8 +152,7 @@ return out
 pub(crate) static COMPLETE: LazyLock<Script> = LazyLock::new(|| {
     with_seen(
         r#"
-if seen(KEYS[3], ARGV[1]) then return {1, 0} end
-redis.call('SET', KEYS[3], ARGV[1], 'PX', ARGV[5])
+if seen(KEYS[3], ARGV[1], ARGV[5]) then return {1, 0} end
 local owned = redis.call('ZSCORE', KEYS[1], ARGV[3]) ~= false
 local rejected = 0
 local out = {}
@@ -325,8 +327,7 @@ return {requeued, dead}
 pub(crate) static TRIM: LazyLock<Script> = LazyLock::new(|| {
     with_seen(
         r#"
-if seen(KEYS[2], ARGV[2]) then return 0 end
-redis.call('SET', KEYS[2], ARGV[2], 'PX', ARGV[3])
+if seen(KEYS[2], ARGV[2], ARGV[3]) then return 0 end
 redis.call('LTRIM', KEYS[1], tonumber(ARGV[1]), -1)
 return 1
 "#,

@@ -24,7 +24,7 @@ use dingo_core::message::{ReportBody, ReportMessage};
 use dingo_core::{BrokerError, CallKey, TaskError, TaskErrorKind, TaskName};
 use redis::Value;
 
-use super::completer::{self, Kind, Op, Settle};
+use super::completer::{self, Kind, Op, Plan, Settle};
 use super::{Inner, lock};
 use crate::conn::Conn;
 use crate::keys::{self, QueueKeys};
@@ -84,13 +84,6 @@ impl Acknowledge for RedisAck {
     fn into_any(self: Box<Self>) -> Box<dyn Any + Send> {
         self
     }
-}
-
-/// The fetching part of a worker's round trip: a blocking wait first (when idle), then the
-/// fetch calls.
-struct Fetch<'a> {
-    wait: Option<&'a redis::Cmd>,
-    calls: Vec<(Call, Kind)>,
 }
 
 /// A settlement waiting for the worker's next round trip.
@@ -226,7 +219,7 @@ impl RedisSubscription {
             match local.buffer.pop_front()? {
                 Entry::Task(delivery) => {
                     if local.oldest_done.is_some_and(|t| t.elapsed() >= FLUSH_AFTER) {
-                        self.round_trip(local, None);
+                        self.settle(local);
                     }
                     return Some(delivery);
                 }
@@ -238,17 +231,30 @@ impl RedisSubscription {
         }
     }
 
-    /// Stores this thread's settlements, with `fetch` (a blocking wait and fetch calls) in
-    /// the same round trip; returns the results of the calls that ran, with their kinds.
-    fn round_trip(&self, local: &mut Local, fetch: Option<Fetch<'_>>) -> Option<Vec<(Kind, Value)>> {
+    /// The plan that stores this thread's settlements (taken from `local`). Calls added to
+    /// it afterwards are numbered after it, in the order they run.
+    fn settle_plan(&self, local: &mut Local) -> Plan {
         let done = std::mem::take(&mut local.done);
         local.oldest_done = None;
-        let mut plan = completer::settle_calls(&self.inner, done, &mut local.sequence);
-        let fetching = fetch.is_some();
-        let Fetch { wait, calls } = fetch.unwrap_or(Fetch { wait: None, calls: Vec::new() });
-        for (call, kind) in calls {
-            plan.push(call, kind);
-        }
+        completer::settle_calls(&self.inner, done, &mut local.sequence)
+    }
+
+    /// Stores this thread's settlements now.
+    fn settle(&self, local: &mut Local) {
+        let plan = self.settle_plan(local);
+        self.round_trip(local, &plan, None, false);
+    }
+
+    /// Runs `plan` (after `wait`, a blocking wait, if given) on this thread's connection;
+    /// returns the results of the calls that ran, with their kinds. A fetching round trip
+    /// gives up its retries when the subscription stops; settling ones do not.
+    fn round_trip(
+        &self,
+        local: &mut Local,
+        plan: &Plan,
+        wait: Option<&redis::Cmd>,
+        fetching: bool,
+    ) -> Option<Vec<(Kind, Value)>> {
         let never = AtomicBool::new(false);
         let stop = if fetching { &self.stopped } else { &never };
         match plan.run(&self.inner, &mut local.conn, stop, wait)? {
@@ -273,14 +279,15 @@ impl RedisSubscription {
         let order: Vec<usize> = (0..n).map(|i| (i + local.round) % n).collect();
         let count = self.per_worker.to_string();
         let mut consumers = Vec::with_capacity(n);
-        let mut calls = Vec::with_capacity(2 * n);
+        // Settlements first: batch numbers must rise in the order the calls run.
+        let mut plan = self.settle_plan(local);
         for &i in &order {
             let q = &self.queues[i].1;
             let (consumer, registered) = self.consumer(local, q);
             consumers.push(consumer.clone());
             let (seq_key, seq) = local.sequence.next(q);
             let pop = Call::command("RPOP").arg(q.amo.as_bytes()).arg(count.as_bytes());
-            calls.push((pop, Kind::Fetch { at_most_once: true }));
+            plan.push(pop, Kind::Fetch { at_most_once: true });
             let take = Call::new(&scripts::FETCH)
                 .key(q.pending.clone())
                 .key(q.amo.clone())
@@ -294,7 +301,7 @@ impl RedisSubscription {
                 .arg(if registered { "0" } else { "1" })
                 .arg(seq)
                 .arg(SEQ_TTL);
-            calls.push((take, Kind::Fetch { at_most_once: false }));
+            plan.push(take, Kind::Fetch { at_most_once: false });
         }
         let wait = local.idle.then(|| {
             let mut wait = redis::cmd("BLPOP");
@@ -305,7 +312,7 @@ impl RedisSubscription {
             wait.arg(block.as_secs_f64().max(0.001));
             wait
         });
-        let Some(results) = self.round_trip(local, Some(Fetch { wait: wait.as_ref(), calls })) else {
+        let Some(results) = self.round_trip(local, &plan, wait.as_ref(), true) else {
             if !self.stopped.load(Ordering::SeqCst) {
                 // Not a connection problem (those are retried): try again a little later.
                 std::thread::sleep(self.inner.options.block_timeout.min(block));
@@ -352,6 +359,9 @@ impl RedisSubscription {
         let Value::Array(items) = fetched else { return count };
         let mut items = items.into_iter();
         let status: String = items.next().and_then(|v| redis::from_redis_value(v).ok()).unwrap_or_default();
+        if status == "again" {
+            self.inner.stats.fetches_replayed.fetch_add(1, Ordering::Relaxed);
+        }
         if status == "lost" {
             // This consumer's lease expired and its tasks went to others: start over under a
             // new id (what it still settles under the old one is rejected).
@@ -478,7 +488,7 @@ impl RedisSubscription {
             }
         }
         if !local.done.is_empty() {
-            self.round_trip(&mut local, None);
+            self.settle(&mut local);
         }
         if let Ok(completer) = self.inner.completer() {
             for (queue, messages) in amo.into_values() {
