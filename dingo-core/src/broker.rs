@@ -253,10 +253,12 @@ pub trait Store: Send + Sync + 'static {
     /// The handle of `key` is gone (finished or dropped): forget it.
     fn forget(&self, key: &CallKey);
 
-    /// Whether a caller waiting for a result should poll for a few microseconds before
-    /// sleeping: worth it when reports come from this process, not over a network.
-    fn prefers_polling(&self) -> bool {
-        false
+    /// How long a caller waiting for the result of a call just watched polls before it
+    /// sleeps. Polling keeps a core busy and saves the wake-up (tens of microseconds, more on
+    /// virtual machines): worth it when the result is that close — reports from this
+    /// process, or a lone call over a fast network. Default: no polling.
+    fn wait_spin(&self) -> Duration {
+        Duration::ZERO
     }
 
     /// The app that attached this store is closing. Once no app uses the store, pending

@@ -3,7 +3,7 @@
 use std::collections::VecDeque;
 use std::fmt;
 use std::panic::{AssertUnwindSafe, catch_unwind};
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
@@ -14,10 +14,10 @@ use crate::id::{CallKey, TaskId, TaskName};
 use crate::message::{ReportBody, ReportSink, Value};
 use crate::report::{Progress, Report};
 
-/// How long a waiter spins before it sleeps: a result that is microseconds away is picked
-/// up without the cost of a wake-up (tens of microseconds).
+/// How long a waiter spins before it sleeps, unless its store says otherwise
+/// ([`Store::wait_spin`](crate::broker::Store::wait_spin)): a result that is microseconds
+/// away is picked up without the cost of a wake-up (tens of microseconds).
 const SPIN: Duration = Duration::from_micros(50);
-const REMOTE_SPIN: Duration = Duration::ZERO;
 
 /// How many `Sent` / `Progress` reports a handle keeps while nobody reads them; beyond
 /// that the oldest are dropped (a chatty task must not grow a forgotten handle without end).
@@ -243,9 +243,8 @@ type OnErr = Box<dyn FnOnce(&TaskError) + Send>;
 /// The shared state of one call: written by the report transport, read by the handle.
 pub(crate) struct Slot<T> {
     finished: AtomicBool,
-    /// Whether a waiter polls briefly before sleeping: yes when the result comes from this
-    /// process (microseconds away), no when it comes over the network.
-    spin: AtomicBool,
+    /// How long a waiter polls before sleeping (µs).
+    spin: AtomicU32,
     state: Mutex<State<T>>,
     wake: Condvar,
     codecs: Arc<Codecs>,
@@ -282,7 +281,7 @@ impl<T: Send + 'static> Slot<T> {
     pub(crate) fn new(codecs: Arc<Codecs>, decode: DecodeFn<T>) -> Slot<T> {
         Slot {
             finished: AtomicBool::new(false),
-            spin: AtomicBool::new(true),
+            spin: AtomicU32::new(SPIN.as_micros() as u32),
             state: Mutex::new(State {
                 reports: VecDeque::new(),
                 outcome: Outcome::Pending,
@@ -302,13 +301,13 @@ impl<T: Send + 'static> Slot<T> {
     }
 
     fn spin_until_finished(&self) {
-        let budget = if self.spin.load(Ordering::Relaxed) { SPIN } else { REMOTE_SPIN };
+        let budget = Duration::from_micros(u64::from(self.spin.load(Ordering::Relaxed)));
         crate::spin::spin(budget, || self.finished.load(Ordering::Acquire).then_some(()));
     }
 
-    /// The result will come over the network: waiters sleep at once instead of polling.
-    pub(crate) fn remote(&self) {
-        self.spin.store(false, Ordering::Relaxed);
+    /// Sets how long waiters poll before they sleep (what the store advises).
+    pub(crate) fn set_spin(&self, budget: Duration) {
+        self.spin.store(u32::try_from(budget.as_micros()).unwrap_or(u32::MAX), Ordering::Relaxed);
     }
 
     /// Sleeps until something is delivered; `Err` when the deadline passed.

@@ -119,7 +119,7 @@ impl RedisBroker {
     /// server or one older than Redis 7.0 is an error).
     ///
     /// The URL's query may set options: `namespace`, `lease_ms`, `prefetch`, `batch`,
-    /// `result_ttl_s`, `block_timeout_ms`, `max_redeliveries`
+    /// `result_ttl_s`, `block_timeout_ms`, `max_redeliveries`, `wait_spin_us`
     /// (`redis://127.0.0.1:6379/0?namespace=shop&lease_ms=30000`); they override the options
     /// given to [`connect_with`](RedisBroker::connect_with).
     pub fn connect(url: &str) -> Result<RedisBroker, BrokerError> {
@@ -563,6 +563,11 @@ impl Store for RedisBroker {
 
     fn forget(&self, key: &CallKey) {
         self.inner.router.forget(key);
+    }
+
+    fn wait_spin(&self) -> Duration {
+        // Only a lone call: a caller with many in flight would burn a core the workers need.
+        if self.inner.router.watched() <= 1 { self.inner.options.wait_spin } else { Duration::ZERO }
     }
 
     fn close(&self) {

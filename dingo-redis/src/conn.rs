@@ -21,6 +21,9 @@ pub(crate) struct Conn {
     backoff: (Duration, Duration),
     events: EventSinks,
     lost_since: Option<Instant>,
+    /// How many connections were made: tells a reply that was written on this connection
+    /// from one written on an earlier one.
+    generation: u64,
 }
 
 impl Conn {
@@ -33,7 +36,18 @@ impl Conn {
         backoff: (Duration, Duration),
         events: EventSinks,
     ) -> Conn {
-        Conn { client, conn: None, role, origin, read_timeout, connect_timeout, backoff, events, lost_since: None }
+        Conn {
+            client,
+            conn: None,
+            role,
+            origin,
+            read_timeout,
+            connect_timeout,
+            backoff,
+            events,
+            lost_since: None,
+            generation: 0,
+        }
     }
 
     /// Runs `f` once on the connection (connecting first if needed). A failed connection is
@@ -132,6 +146,11 @@ impl Conn {
         }
     }
 
+    /// Which connection is open (`None`: none is): commands written on it are answered on it.
+    pub(crate) fn generation(&self) -> Option<u64> {
+        self.conn.as_ref().map(|_| self.generation)
+    }
+
     fn connect(&mut self) -> redis::RedisResult<redis::Connection> {
         let conn = self.client.get_connection_with_timeout(self.connect_timeout);
         let mut conn = match conn {
@@ -147,6 +166,7 @@ impl Conn {
         for script in scripts::all() {
             script.load(&mut conn)?;
         }
+        self.generation += 1;
         Ok(conn)
     }
 

@@ -63,13 +63,18 @@
 //! # Batching
 //!
 //! Nothing is one round trip per message. Callers queue task messages and go on; a writer
-//! thread pushes whatever has accumulated, one script per queue. A worker thread takes up
+//! thread pushes whatever has accumulated, one script per queue (a lone call, finding
+//! nothing queued, is written by its caller at once, and the writer thread reads the reply). A worker thread takes up
 //! to [`batch`](RedisOptions::batch) tasks per script on its own connection, and the
 //! completions of the tasks it ran ride with its next fetch (one script settles them and
 //! takes more). Blocking waits (idle consumers, the report listener) use their own
 //! connections, with a socket read timeout above the server-side block timeout, and are
 //! pipelined behind the last non-blocking command so an idle worker costs no extra round
 //! trip.
+//!
+//! A caller with a single call in flight polls for its result for up to
+//! [`wait_spin`](RedisOptions::wait_spin) before it sleeps, which saves a thread wake-up on
+//! the way back; callers with many calls in flight sleep at once.
 //!
 //! # Options
 //!

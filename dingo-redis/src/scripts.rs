@@ -387,25 +387,9 @@ pub(crate) fn run_after(
     let mut results: Vec<Option<Value>> = vec![None; calls.len()];
     let mut todo: Vec<usize> = (0..calls.len()).collect();
     for attempt in 0..2 {
-        let mut pipe = redis::pipe();
-        pipe.ignore_errors();
         let first = if attempt == 0 { first } else { None };
-        if let Some(first) = first {
-            pipe.add_command(first.clone());
-        }
-        for &i in &todo {
-            let call = &calls[i];
-            let cmd = match call.script {
-                Some(script) => pipe.cmd("EVALSHA").arg(script.get_hash()).arg(call.keys.len()),
-                None => pipe.cmd(call.command),
-            };
-            for key in &call.keys {
-                cmd.arg(key);
-            }
-            for arg in &call.args {
-                cmd.arg(arg.as_slice());
-            }
-        }
+        let mut pipe = pipeline(first, todo.iter().map(|&i| &calls[i]));
+        pipe.ignore_errors();
         let mut replies: Vec<redis::RedisResult<Value>> = pipe.query(conn)?;
         if first.is_some() && !replies.is_empty() {
             replies.remove(0)?;
@@ -427,4 +411,30 @@ pub(crate) fn run_after(
         todo = missing;
     }
     Ok(results.into_iter().map(|r| r.unwrap_or(Value::Nil)).collect())
+}
+
+/// The pipeline of `calls`, after `first` if given.
+fn pipeline<'a>(first: Option<&redis::Cmd>, calls: impl Iterator<Item = &'a Call>) -> redis::Pipeline {
+    let mut pipe = redis::pipe();
+    if let Some(first) = first {
+        pipe.add_command(first.clone());
+    }
+    for call in calls {
+        let cmd = match call.script {
+            Some(script) => pipe.cmd("EVALSHA").arg(script.get_hash()).arg(call.keys.len()),
+            None => pipe.cmd(call.command),
+        };
+        for key in &call.keys {
+            cmd.arg(key);
+        }
+        for arg in &call.args {
+            cmd.arg(arg.as_slice());
+        }
+    }
+    pipe
+}
+
+/// `calls` as the bytes of one pipelined write (their replies to be read one per call).
+pub(crate) fn pack(calls: &[Call]) -> Vec<u8> {
+    pipeline(None, calls.iter()).get_packed_pipeline()
 }
