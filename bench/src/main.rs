@@ -6,6 +6,8 @@
 //! cargo run --release -p dingo-bench -- redis [--url redis://127.0.0.1:6379] [--calls 300000] [--workers 2]
 //! ```
 //!
+//! `--url` may carry broker options in its query (`redis://127.0.0.1:6379/?prefetch=512`).
+//!
 //! Scenarios on the local broker:
 //! - `inflight`: no-op `add` with a result, `--window` calls in flight from one caller thread;
 //! - `fire-and-forget`: `add::send`, counted when the worker has run them all;
@@ -77,7 +79,9 @@ fn main() {
         calls: None,
         url: std::env::var("DINGO_REDIS_URL").unwrap_or_else(|_| "redis://127.0.0.1:6379".to_owned()),
         window: 1024,
-        workers: 1,
+        // One worker thread per core the broker leaves free: in process, the caller and one
+        // worker share two cores; with Redis, two workers (Redis runs on its own thread).
+        workers: if mode == "redis" { 2 } else { 1 },
         only: None,
         worker_spin: None,
         sequential_ids: false,
