@@ -13,7 +13,7 @@ use std::time::{Duration, Instant};
 
 use dingo::App;
 use dingo_test_support::PATIENCE;
-use dingo_test_support::redis::Redis;
+use dingo_test_support::redis::{Redis, held};
 
 // The tasks the example programs share: the same names and signatures, so the test process
 // can call what the worker processes run.
@@ -176,30 +176,6 @@ fn collect(name: String, mut pipe: impl Read + Send + 'static, into: Arc<Mutex<S
             }
         })
         .expect("spawn a pipe reader")
-}
-
-/// Runs `redis-cli` against `url`; its output, trimmed.
-fn redis_cli(url: &str, args: &[&str]) -> String {
-    let out = Command::new("redis-cli")
-        .arg("-u")
-        .arg(url)
-        .args(args)
-        .stderr(Stdio::null())
-        .output()
-        .expect("redis-cli must be installed for this test");
-    assert!(out.status.success(), "redis-cli {args:?} failed");
-    String::from_utf8_lossy(&out.stdout).trim().to_owned()
-}
-
-/// Messages taken by workers and not settled, left in a task's queue: those in the
-/// processing lists of its consumers (0 once every task taken was done).
-fn held(url: &str, namespace: &str, task: &str) -> u64 {
-    let pattern = format!("{namespace}:{{{task}}}:processing:*");
-    redis_cli(url, &["--scan", "--pattern", &pattern])
-        .lines()
-        .filter(|key| !key.is_empty())
-        .map(|key| redis_cli(url, &["LLEN", key]).parse::<u64>().expect("LLEN"))
-        .sum()
 }
 
 /// The worker example serving 13 tasks on 2 threads and the caller example making its 10

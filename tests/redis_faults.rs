@@ -23,7 +23,7 @@ use dingo::redis::{RedisBroker, RedisOptions};
 use dingo::{App, CallKey, Event, EventFilter, EventKind, Events, Level, TaskErrorKind, TaskId, TaskName};
 use dingo_test_support::PATIENCE;
 use dingo_test_support::proxy::Proxy;
-use dingo_test_support::redis::Redis;
+use dingo_test_support::redis::{Redis, held, redis_cli};
 
 // ---------------------------------------------------------------------------------------
 // Helpers
@@ -68,30 +68,6 @@ fn server_addr(url: &str) -> SocketAddr {
 fn via(proxy: &Proxy, url: &str) -> String {
     let (front, _, path) = split_url(url);
     format!("{front}127.0.0.1:{}{path}", proxy.port())
-}
-
-/// Runs `redis-cli` against `url`; its output, trimmed.
-fn redis_cli(url: &str, args: &[&str]) -> String {
-    let out = Command::new("redis-cli")
-        .arg("-u")
-        .arg(url)
-        .args(args)
-        .stderr(Stdio::null())
-        .output()
-        .expect("redis-cli must be installed for this test");
-    assert!(out.status.success(), "redis-cli {args:?} failed");
-    String::from_utf8_lossy(&out.stdout).trim().to_owned()
-}
-
-/// Messages taken by workers and not settled, left in a task's queue: those in the
-/// processing lists of its consumers (0 once every task taken was done).
-fn held(url: &str, namespace: &str, task: &str) -> u64 {
-    let pattern = format!("{namespace}:{{{task}}}:processing:*");
-    redis_cli(url, &["--scan", "--pattern", &pattern])
-        .lines()
-        .filter(|key| !key.is_empty())
-        .map(|key| redis_cli(url, &["LLEN", key]).parse::<u64>().expect("LLEN"))
-        .sum()
 }
 
 /// Every event of an app, kept for questions asked later.

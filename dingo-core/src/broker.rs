@@ -31,6 +31,7 @@ pub mod router;
 
 use std::any::Any;
 use std::fmt;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
 use crate::error::BrokerError;
@@ -264,4 +265,25 @@ pub trait Store: Send + Sync + 'static {
     /// The app that attached this store is closing. Once no app uses the store, pending
     /// handles get a `Shutdown` failure (a store shared by apps keeps serving the others).
     fn close(&self) {}
+}
+
+/// How many apps use a broker, for broker implementations: a broker that several apps share
+/// shuts down when the last of them closes (see [`Store::close`]).
+#[derive(Debug, Default)]
+pub struct Users {
+    count: AtomicUsize,
+}
+
+impl Users {
+    /// An app attached the broker.
+    pub fn attach(&self) {
+        self.count.fetch_add(1, Ordering::AcqRel);
+    }
+
+    /// An app let the broker go; `true` when it was the last one (time to shut down).
+    pub fn detach(&self) -> bool {
+        let previous =
+            self.count.fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| Some(n.saturating_sub(1))).unwrap_or(0);
+        previous <= 1
+    }
 }

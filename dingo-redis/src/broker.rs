@@ -1,13 +1,13 @@
-//! [`RedisBroker`]: the four roles over Redis. Each role runs on threads of its own, each
-//! with its own connection (blocking waits never share one):
+//! [`RedisBroker`]: the four roles over Redis. Each role runs on threads and connections
+//! of its own (blocking waits never share a connection):
 //!
 //! | thread | role | does |
 //! | --- | --- | --- |
-//! | `dingo-redis-send` | producer | pipelines queued task messages, one script per queue per batch |
-//! | `dingo-redis-fetch` | consumer (one per subscription) | takes batches under lease; blocks on the queues' wake lists when idle |
-//! | `dingo-redis-done` | reporter | stores reports and releases leases, one script per queue per batch |
-//! | `dingo-redis-leases` | consumer | renews the leases of running tasks, returns expired ones to their queue |
-//! | `dingo-redis-reply` | store | blocks on this process's reply lists and routes reports to handles |
+//! | `dingo-redis-send` ([`writer`]) | producer | pipelines queued task messages, one script per queue per batch; reads the replies to what lone callers wrote themselves |
+//! | the app's worker threads ([`fetcher`]) | consumer | each a consumer of its own: takes batches into its processing list, settles them with its next fetch; blocks on the queues' wake lists when idle |
+//! | `dingo-redis-done` ([`completer`]) | reporter | stores what does not come from a worker thread of this broker (mixed transports, dead letters, give-backs) |
+//! | `dingo-redis-leases` ([`keeper`]) | consumer | renews the consumers' leases, returns the tasks of expired ones to their queue |
+//! | `dingo-redis-reply` ([`listener`]) | store | blocks on this process's reply lists and routes reports to handles |
 
 mod completer;
 mod fetcher;
@@ -17,13 +17,14 @@ mod writer;
 
 use std::collections::{HashMap, HashSet};
 use std::fmt;
-use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard, OnceLock, RwLock, RwLockReadGuard, RwLockWriteGuard};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard, OnceLock};
 use std::thread::JoinHandle;
 use std::time::Duration;
 
+use arc_swap::ArcSwap;
 use dingo_core::broker::router::ReportRouter;
-use dingo_core::broker::{Ack, ConsumeSettings, Consumer, Producer, Reporter, Store, Subscription};
+use dingo_core::broker::{Ack, ConsumeSettings, Consumer, Producer, Reporter, Store, Subscription, Users};
 use dingo_core::event::{EventSink, EventSinks, Origin};
 use dingo_core::id::{FastMap, UuidV7};
 use dingo_core::message::{ReplySink, ReplyTo, ReportMessage, TaskMessage, wire};
@@ -96,11 +97,12 @@ pub(crate) struct Inner {
     pub(crate) events: EventSinks,
     pub(crate) stats: Stats,
     pub(crate) router: ReportRouter,
-    queues: RwLock<FastMap<TaskName, Arc<QueueKeys>>>,
+    /// Keys per task, read on every call (without a lock), written once per task.
+    queues: ArcSwap<FastMap<TaskName, Arc<QueueKeys>>>,
     known: Mutex<HashSet<String>>,
     misc: Mutex<Conn>,
     closed: AtomicBool,
-    users: AtomicUsize,
+    users: Users,
     writer: Lazy<Writer>,
     completer: Lazy<Completer>,
     listener: Lazy<Listener>,
@@ -156,11 +158,11 @@ impl RedisBroker {
             events,
             stats: Stats::default(),
             router,
-            queues: RwLock::new(FastMap::default()),
+            queues: ArcSwap::default(),
             known: Mutex::new(HashSet::new()),
             misc: Mutex::new(misc),
             closed: AtomicBool::new(false),
-            users: AtomicUsize::new(0),
+            users: Users::default(),
             writer: Lazy::new(),
             completer: Lazy::new(),
             listener: Lazy::new(),
@@ -256,17 +258,12 @@ impl RedisBroker {
     }
 
     fn attach_events(&self, events: &EventSink) {
-        self.inner.users.fetch_add(1, Ordering::AcqRel);
+        self.inner.users.attach();
         self.inner.events.add(events);
     }
 
     fn detach(&self) {
-        let previous = self
-            .inner
-            .users
-            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| Some(n.saturating_sub(1)))
-            .unwrap_or(0);
-        if previous <= 1 {
+        if self.inner.users.detach() {
             self.inner.shutdown();
         }
     }
@@ -284,11 +281,17 @@ impl fmt::Debug for RedisBroker {
 
 impl Inner {
     pub(crate) fn queue_keys(&self, task: &str) -> Arc<QueueKeys> {
-        if let Some(keys) = read(&self.queues).get(task) {
+        if let Some(keys) = self.queues.load().get(task) {
             return keys.clone();
         }
         let keys = Arc::new(QueueKeys::new(&self.options.namespace, task, &self.process));
-        write(&self.queues).entry(TaskName::from(task)).or_insert(keys).clone()
+        let mut added = None;
+        self.queues.rcu(|queues| {
+            let mut queues = FastMap::clone(queues);
+            added = Some(queues.entry(TaskName::from(task)).or_insert_with(|| keys.clone()).clone());
+            queues
+        });
+        added.unwrap_or(keys)
     }
 
     /// A short command on the shared command connection; a connection that turns out to
@@ -669,12 +672,4 @@ impl Thread {
 // The guarded data stays consistent if a holder panics (single inserts and removals).
 pub(crate) fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
     mutex.lock().unwrap_or_else(|e| e.into_inner())
-}
-
-fn read<T>(lock: &RwLock<T>) -> RwLockReadGuard<'_, T> {
-    lock.read().unwrap_or_else(|e| e.into_inner())
-}
-
-fn write<T>(lock: &RwLock<T>) -> RwLockWriteGuard<'_, T> {
-    lock.write().unwrap_or_else(|e| e.into_inner())
 }

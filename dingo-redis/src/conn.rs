@@ -91,20 +91,7 @@ impl Conn {
         stop: &AtomicBool,
         f: &mut dyn FnMut(&mut redis::Connection) -> redis::RedisResult<T>,
     ) -> Option<Result<T, redis::RedisError>> {
-        let mut pause = self.backoff.0;
-        loop {
-            match self.once(f) {
-                Ok(value) => return Some(Ok(value)),
-                Err(e) if is_connection_error(&e) => {
-                    if stop.load(Ordering::Acquire) {
-                        return None;
-                    }
-                    std::thread::sleep(pause);
-                    pause = (pause * 2).min(self.backoff.1);
-                }
-                Err(e) => return Some(Err(e)),
-            }
-        }
+        self.retry_tracked(stop, &mut |c, _| f(c))
     }
 
     /// Like [`retry`](Conn::retry), telling `f` whether an earlier attempt may have

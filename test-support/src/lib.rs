@@ -189,6 +189,31 @@ pub mod redis {
     use crate::reports::{ReportSetup, ReportTransport};
     use crate::transport::{TaskTransport, TransportSetup};
 
+    /// Runs `redis-cli` against `url` (for looking at Redis behind a broker's back); its
+    /// output, trimmed.
+    pub fn redis_cli(url: &str, args: &[&str]) -> String {
+        let out = std::process::Command::new("redis-cli")
+            .arg("-u")
+            .arg(url)
+            .args(args)
+            .stderr(std::process::Stdio::null())
+            .output()
+            .expect("redis-cli must be installed for this test");
+        assert!(out.status.success(), "redis-cli {args:?} failed");
+        String::from_utf8_lossy(&out.stdout).trim().to_owned()
+    }
+
+    /// Messages taken by workers and not settled, left in a task's queue: those in the
+    /// processing lists of its consumers (0 once every task taken was done).
+    pub fn held(url: &str, namespace: &str, task: &str) -> u64 {
+        let pattern = format!("{namespace}:{{{task}}}:processing:*");
+        redis_cli(url, &["--scan", "--pattern", &pattern])
+            .lines()
+            .filter(|key| !key.is_empty())
+            .map(|key| redis_cli(url, &["LLEN", key]).parse::<u64>().expect("LLEN"))
+            .sum()
+    }
+
     /// The server's URL, or `None` (the test is skipped, loudly) when it does not answer.
     pub fn url() -> Option<String> {
         crate::service_url("DINGO_REDIS_URL", "redis://127.0.0.1:6379", |url| RedisBroker::connect(url).is_ok())

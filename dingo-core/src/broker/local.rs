@@ -26,7 +26,7 @@ use arc_swap::ArcSwap;
 use crossbeam_channel::{Receiver, Select, SendTimeoutError, Sender, TryRecvError, TrySendError};
 
 use crate::broker::router::{ReportRouter, Routed};
-use crate::broker::{Ack, ConsumeSettings, Consumer, Delivery, Producer, Recv, Reporter, Store, Subscription};
+use crate::broker::{Ack, ConsumeSettings, Consumer, Delivery, Producer, Recv, Reporter, Store, Subscription, Users};
 use crate::error::{BrokerError, BrokerErrorKind, TaskError, TaskErrorKind};
 use crate::event::{Event, EventKind, EventSink, EventSinks, Level, Origin};
 use crate::id::{CallKey, FastMap, TaskName};
@@ -130,7 +130,7 @@ struct Inner {
     queues: ArcSwap<FastMap<TaskName, Queue>>,
     declare_lock: Mutex<()>,
     closed: AtomicBool,
-    users: AtomicUsize,
+    users: Users,
     /// Dropped on shutdown, which wakes every subscription.
     shutdown_tx: Mutex<Option<Sender<()>>>,
     shutdown_rx: Receiver<()>,
@@ -163,7 +163,7 @@ impl LocalBroker {
                 queues: ArcSwap::from_pointee(FastMap::default()),
                 declare_lock: Mutex::new(()),
                 closed: AtomicBool::new(false),
-                users: AtomicUsize::new(0),
+                users: Users::default(),
                 shutdown_tx: Mutex::new(Some(shutdown_tx)),
                 shutdown_rx,
                 events: EventSinks::new(),
@@ -220,17 +220,12 @@ impl LocalBroker {
     }
 
     fn attach_events(&self, events: &EventSink) {
-        self.inner.users.fetch_add(1, Ordering::AcqRel);
+        self.inner.users.attach();
         self.inner.events.add(events);
     }
 
     fn detach(&self) {
-        let previous = self
-            .inner
-            .users
-            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| Some(n.saturating_sub(1)))
-            .unwrap_or(0);
-        if previous <= 1 {
+        if self.inner.users.detach() {
             self.inner.shutdown();
         }
     }
