@@ -3,8 +3,8 @@
 
 use std::fmt::Write;
 
-/// The keys of one task's queue.
-#[derive(Debug, Clone, PartialEq, Eq)]
+/// The keys of one task's queue (for one broker: its reply lists are this process's).
+#[derive(Debug)]
 pub(crate) struct QueueKeys {
     /// The task's name.
     pub(crate) task: String,
@@ -21,6 +21,9 @@ pub(crate) struct QueueKeys {
     /// The reply list of the process these keys were made for, and its notify list.
     pub(crate) reply_here: String,
     pub(crate) notify_here: String,
+    /// Whether this process's listener waits on `reply_here` already (checked on every call,
+    /// without the listener's lock).
+    pub(crate) listened: std::sync::atomic::AtomicBool,
 }
 
 impl QueueKeys {
@@ -36,6 +39,7 @@ impl QueueKeys {
             dead: key("dead"),
             reply_here: key(&format!("reply:{process}")),
             notify_here: key(&format!("notify:{process}")),
+            listened: std::sync::atomic::AtomicBool::new(false),
             prefix,
             task: task.to_owned(),
         }

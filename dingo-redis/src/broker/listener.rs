@@ -46,7 +46,11 @@ impl Listener {
 
     /// Makes sure the reply list of this process for `queue`'s task is listened to.
     pub(crate) fn listen_to(&self, queue: &QueueKeys) {
+        if queue.listened.load(std::sync::atomic::Ordering::Acquire) {
+            return;
+        }
         let mut replies = lock(&self.replies);
+        queue.listened.store(true, std::sync::atomic::Ordering::Release);
         if replies.iter().any(|r| r.list == queue.reply_here) {
             return;
         }
