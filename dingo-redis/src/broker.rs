@@ -497,7 +497,7 @@ impl Reporter for RedisBroker {
             return Ok(());
         };
         let queue = self.inner.queue_keys(report.name.as_str());
-        let op = Op::Report { queue, caller, bytes: wire::encode_report(&report)? };
+        let op = Op::Report { queue, caller, bytes: wire::encode_report(&report)?, then: None };
         match fetcher::report_here(&self.inner, op)? {
             None => Ok(()),
             Some(op) => self.inner.completer()?.push(op),
@@ -515,18 +515,27 @@ impl Reporter for RedisBroker {
             // stores the report, with the worker's next fetch.
             Some(Ok(ours)) if ours.is_from(&self.inner) => (*ours).settle(Settle::Complete { caller, bytes }),
             other => {
-                if let (Some(caller), Some(bytes)) = (caller, bytes) {
-                    let queue = self.inner.queue_keys(report.name.as_str());
-                    // A task without a lease (at most once): on the worker's connection, in
-                    // order with its progress, when this is a worker thread of ours.
-                    if let Some((caller, bytes)) = fetcher::finish_here(&self.inner, &queue, caller, bytes) {
-                        self.inner.completer()?.push(Op::Report { queue, caller, bytes })?;
-                    }
+                // A delivery of another broker or transport: acknowledged once the report is
+                // stored (at least once across transports).
+                let then = match other {
+                    Some(Ok(foreign)) => Some(Ack::new(*foreign)),
+                    Some(Err(ack)) => Some(ack),
+                    None => None,
+                };
+                let (Some(caller), Some(bytes)) = (caller, bytes) else {
+                    return then.map_or(Ok(()), Ack::ack);
+                };
+                let queue = self.inner.queue_keys(report.name.as_str());
+                if then.is_some() {
+                    return self.inner.completer()?.push(Op::Report { queue, caller, bytes, then });
                 }
-                match other {
-                    Some(Ok(foreign)) => Ack::new(*foreign).ack(),
-                    Some(Err(ack)) => ack.ack(),
+                // A task without a lease (at most once): on the worker's connection, in order
+                // with its progress, when this is a worker thread of ours.
+                match fetcher::finish_here(&self.inner, &queue, caller, bytes) {
                     None => Ok(()),
+                    Some((caller, bytes)) => {
+                        self.inner.completer()?.push(Op::Report { queue, caller, bytes, then: None })
+                    }
                 }
             }
         }

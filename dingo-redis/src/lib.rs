@@ -43,7 +43,8 @@
 //!   the sender unsure whether it ran; it reconnects and sends it again. Every batch that
 //!   sends, fetches, completes or trims is numbered per sender (one small key per sender and
 //!   queue, see the key layout), so a retried batch changes nothing twice, and a retried
-//!   fetch hands its worker the very tasks the lost reply carried.
+//!   fetch hands its worker the very tasks the lost reply carried (except at-most-once
+//!   ones: those are lost, never run twice).
 //! - **At most once, per task.** With `CallOptions::at_most_once` (usually a task's default)
 //!   tasks wait in a list of their own and are taken without a lease: cheaper, and lost if
 //!   the worker dies while running them.

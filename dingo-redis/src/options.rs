@@ -46,10 +46,11 @@ pub struct RedisOptions {
     /// First and longest pause between reconnection attempts (doubling in between).
     /// Default 10 ms and 2 s.
     pub reconnect_backoff: (Duration, Duration),
-    /// How long a caller with one call in flight polls for its result before it sleeps.
-    /// Polling keeps a core busy for up to this long and saves the wake-up, about 100 µs on
-    /// virtual machines whose idle cores wake slowly (a quarter of a call's latency there).
-    /// Callers with more calls in flight always sleep. Zero turns it off. Default 500 µs.
+    /// How long a caller waits hot (polls) for the result of a call made while it had no
+    /// other call in flight, before it sleeps. Polling keeps a core busy for up to this long
+    /// and saves the wake-up, about 100 µs on virtual machines whose idle cores wake slowly
+    /// (a third of a call's latency there). Calls made while others are in flight sleep at
+    /// once. Zero turns it off. Default 500 µs.
     pub wait_spin: Duration,
 }
 

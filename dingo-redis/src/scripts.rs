@@ -6,8 +6,9 @@ use std::sync::LazyLock;
 
 use redis::{Script, Value};
 
-/// How long a sequence key lives after its actor's last batch (longer than any retry).
-pub(crate) const SEQ_TTL: &str = "600000";
+/// How long a sequence key lives after its actor's last batch: a day. A batch retried
+/// after a longer outage could apply twice.
+pub(crate) const SEQ_TTL: &str = "86400000";
 
 /// Exactly once for retried batches: every actor (a sender, a worker thread, a listener)
 /// numbers its batches, and a script records the number of the batch it applies in the
@@ -344,6 +345,8 @@ pub(crate) fn all() -> [&'static Script; 9] {
 #[derive(Clone)]
 pub(crate) struct Call {
     pub(crate) script: Option<&'static Script>,
+    /// Which of `args` is the call's batch number (see `SEEN`), if it has one.
+    pub(crate) seq: Option<usize>,
     /// The plain command's name (with `script` `None`).
     pub(crate) command: &'static str,
     pub(crate) keys: Vec<String>,
@@ -352,12 +355,12 @@ pub(crate) struct Call {
 
 impl Call {
     pub(crate) fn new(script: &'static Script) -> Call {
-        Call { script: Some(script), command: "", keys: Vec::new(), args: Vec::new() }
+        Call { script: Some(script), seq: None, command: "", keys: Vec::new(), args: Vec::new() }
     }
 
     /// A plain command: not atomic with anything, so only for steps that need no script.
     pub(crate) fn command(name: &'static str) -> Call {
-        Call { script: None, command: name, keys: Vec::new(), args: Vec::new() }
+        Call { script: None, seq: None, command: name, keys: Vec::new(), args: Vec::new() }
     }
 
     pub(crate) fn key(mut self, key: impl Into<String>) -> Call {
@@ -369,20 +372,33 @@ impl Call {
         self.args.push(arg.into());
         self
     }
+
+    /// The batch number, as the next argument.
+    pub(crate) fn numbered(mut self, seq: String) -> Call {
+        self.seq = Some(self.args.len());
+        self.args.push(seq.into_bytes());
+        self
+    }
 }
 
-/// Runs calls in one round trip. A script the server does not know (its script cache was
-/// flushed) is loaded and its call sent again; a call that ran is never sent twice.
+/// Runs calls without batch numbers in one round trip (see [`run_after`]).
 pub(crate) fn run_batch(conn: &mut redis::Connection, calls: &[Call]) -> redis::RedisResult<Vec<Value>> {
-    run_after(conn, None, calls)
+    run_after(conn, None, &mut calls.to_vec(), None)
 }
 
-/// Like [`run_batch`], with a command sent first in the same pipeline — a blocking wait:
-/// the server runs the calls the moment the wait ends, without another round trip.
+/// Runs calls in one round trip, after `first` (a blocking wait: the server runs the calls
+/// the moment the wait ends, without another round trip) if given.
+///
+/// A script the server does not know (its script cache was flushed) is loaded and its call
+/// sent again; a call that ran is never sent twice. A numbered call sent again that way
+/// runs after calls that followed it, so it takes a new number from `sequence` (in place,
+/// for any later retry): under its old one it would look applied already (`SEEN` keeps
+/// the highest number) and be skipped.
 pub(crate) fn run_after(
     conn: &mut redis::Connection,
     first: Option<&redis::Cmd>,
-    calls: &[Call],
+    calls: &mut [Call],
+    mut sequence: Option<&mut Sequence>,
 ) -> redis::RedisResult<Vec<Value>> {
     let mut results: Vec<Option<Value>> = vec![None; calls.len()];
     let mut todo: Vec<usize> = (0..calls.len()).collect();
@@ -407,6 +423,11 @@ pub(crate) fn run_after(
         }
         for script in all() {
             script.load(conn)?;
+        }
+        for &i in &missing {
+            if let (Some(at), Some(sequence)) = (calls[i].seq, sequence.as_deref_mut()) {
+                calls[i].args[at] = sequence.next_number().into_bytes();
+            }
         }
         todo = missing;
     }
@@ -437,4 +458,54 @@ fn pipeline<'a>(first: Option<&redis::Cmd>, calls: impl Iterator<Item = &'a Call
 /// `calls` as the bytes of one pipelined write (their replies to be read one per call).
 pub(crate) fn pack(calls: &[Call]) -> Vec<u8> {
     pipeline(None, calls.iter()).get_packed_pipeline()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The test server (`DINGO_REDIS_URL`, default `redis://127.0.0.1:6379`), or `None` to
+    /// skip — unless `DINGO_REQUIRE_SERVICES=1`, which makes its absence a failure.
+    fn server() -> Option<redis::Connection> {
+        let url = std::env::var("DINGO_REDIS_URL").unwrap_or_else(|_| "redis://127.0.0.1:6379".to_owned());
+        let conn = redis::Client::open(url.as_str()).and_then(|c| c.get_connection());
+        match conn {
+            Ok(conn) => Some(conn),
+            Err(e) if std::env::var("DINGO_REQUIRE_SERVICES").is_ok_and(|v| v == "1") => {
+                panic!("{url} is unreachable and DINGO_REQUIRE_SERVICES=1: {e}")
+            }
+            Err(_) => None,
+        }
+    }
+
+    /// A numbered call refused with NOSCRIPT while a later call of the same sender ran is
+    /// sent again under a new number; under its old one `seen` would skip it (the later
+    /// number is higher), and its messages would be lost although the sender was told they
+    /// were queued.
+    #[test]
+    fn a_call_sent_again_after_noscript_gets_a_new_number() {
+        let Some(mut conn) = server() else { return };
+        // A script the server has not seen (unique body), loaded by the pipeline itself
+        // between its two calls, as a script cache flushed and refilled would be.
+        let body = format!(
+            "{SEEN}\n-- {}\nif seen(KEYS[2], ARGV[1], 60000) then return 0 end\nreturn redis.call('LPUSH', KEYS[1], ARGV[2])",
+            std::process::id()
+        );
+        let script: &'static Script = Box::leak(Box::new(Script::new(&body)));
+        let prefix = format!("dingo-test-noscript-{}-{}", std::process::id(), script.get_hash());
+        let (list, seq_key) = (format!("{prefix}:{{q}}:list"), format!("{prefix}:{{q}}:seq"));
+        let mut sequence = Sequence::new("test", "noscript");
+        let call = |sequence: &mut Sequence, message: &str| {
+            Call::new(script).key(list.clone()).key(seq_key.clone()).numbered(sequence.next_number()).arg(message)
+        };
+        let first = call(&mut sequence, "first");
+        let load = Call::command("SCRIPT").arg("LOAD").arg(body.as_bytes());
+        let second = call(&mut sequence, "second");
+        let mut calls = vec![first, load, second];
+        run_after(&mut conn, None, &mut calls, Some(&mut sequence)).expect("the batch runs");
+        let queued: Vec<String> = redis::cmd("LRANGE").arg(&list).arg(0).arg(-1).query(&mut conn).expect("LRANGE");
+        let _: () = redis::cmd("DEL").arg(&list).arg(&seq_key).query(&mut conn).expect("DEL");
+        assert_eq!(queued, ["first", "second"], "both messages are queued (the first sent again, last)");
+        assert_eq!(calls[0].args[0], b"3", "the call sent again took a new number");
+    }
 }

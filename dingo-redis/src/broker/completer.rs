@@ -13,6 +13,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use crossbeam_channel::{Receiver, RecvTimeoutError, Sender};
+use dingo_core::broker::Ack;
 use dingo_core::event::{Event, EventKind, Level, Origin};
 use dingo_core::{BrokerError, BrokerErrorKind};
 use redis::Value;
@@ -27,7 +28,8 @@ use crate::scripts::{self, Call, SEQ_TTL, Sequence};
 pub(crate) enum Settle {
     /// The oldest message is done: remove it, storing its final report for `caller`, if any.
     Complete { caller: Option<String>, bytes: Option<Vec<u8>> },
-    /// A report that settles nothing (at-most-once tasks).
+    /// The final report of an at-most-once task this worker thread ran: stored with plain
+    /// commands, not sent again after a broken connection (at most once).
     Report { caller: String, bytes: Vec<u8> },
     /// The oldest message cannot run: to the dead letters.
     Dead { reason: String },
@@ -39,8 +41,10 @@ pub(crate) enum Settle {
 
 /// One thing for the background writer.
 pub(crate) enum Op {
-    /// A report for caller process `caller`, settling nothing.
-    Report { queue: Arc<QueueKeys>, caller: String, bytes: Vec<u8> },
+    /// A report for caller process `caller` (stored once, however often it is retried),
+    /// then the delivery `then` is acknowledged: a task from another transport or broker
+    /// counts as done only once its final report is stored.
+    Report { queue: Arc<QueueKeys>, caller: String, bytes: Vec<u8>, then: Option<Ack> },
     /// Settlements of one consumer, in order.
     Settle { queue: Arc<QueueKeys>, consumer: Arc<str>, settles: Vec<Settle> },
     /// A message without a lease (at-most-once, undecodable) to the dead letters.
@@ -88,9 +92,25 @@ fn complete_loop(inner: &Arc<Inner>, rx: &Receiver<Op>, stop: &AtomicBool) {
             batch.push(op);
         }
         let count = batch.len();
-        let plan = plan(inner, batch, &mut sequence);
-        match plan.run(inner, &mut conn, stop, None) {
-            Some(Ok(results)) => account(inner, &results),
+        let acks: Vec<Ack> = batch
+            .iter_mut()
+            .filter_map(|op| match op {
+                Op::Report { then, .. } => then.take(),
+                _ => None,
+            })
+            .collect();
+        let mut plan = plan(inner, batch, &mut sequence);
+        match plan.run(inner, &mut conn, stop, None, &mut sequence) {
+            Some(Ok(results)) => {
+                account(inner, &results);
+                for ack in acks {
+                    if let Err(e) = ack.ack() {
+                        error(inner, format!("a delivery whose report was stored could not be acknowledged: {e}"));
+                    }
+                }
+            }
+            // Deliveries waiting for their report (`acks`) are not acknowledged: their
+            // transport hands them out again.
             Some(Err(e)) => error(inner, format!("{count} report(s) or settlement(s) were refused: {e}")),
             // What was not settled expires with its consumer's lease and runs again elsewhere.
             None => error(inner, format!("{count} report(s) not stored: redis unreachable at shutdown")),
@@ -147,7 +167,8 @@ pub(crate) enum Kind {
     Fetch {
         at_most_once: bool,
     },
-    Other,
+    /// At-most-once tasks given back unstarted (`GIVE_BACK`), not repeated.
+    GiveBack,
 }
 
 impl Kind {
@@ -155,11 +176,30 @@ impl Kind {
     /// Scripts apply once (numbered batches); the plain commands of the at-most-once path
     /// are left out of the retry — what they carried may be lost, never doubled.
     pub(crate) fn repeatable(self) -> bool {
-        !matches!(self, Kind::Report { .. } | Kind::Fetch { at_most_once: true })
+        !matches!(self, Kind::Report { .. } | Kind::Fetch { at_most_once: true } | Kind::GiveBack)
     }
 }
 
 impl Plan {
+    /// Keeps only the repeatable calls, for a retry after the connection broke with the
+    /// plan on its way; returns how many reports, and how many commands taking or giving
+    /// back at-most-once tasks, that leaves out.
+    fn keep_repeatable(&mut self) -> (usize, usize) {
+        let (mut reports, mut commands) = (0, 0);
+        let mut kinds = self.kinds.iter();
+        self.calls.retain(|_| {
+            let Some(&kind) = kinds.next() else { return false };
+            match kind {
+                Kind::Report { reports: n } => reports += n,
+                Kind::Fetch { at_most_once: true } | Kind::GiveBack => commands += 1,
+                _ => {}
+            }
+            kind.repeatable()
+        });
+        self.kinds.retain(|kind| kind.repeatable());
+        (reports, commands)
+    }
+
     pub(crate) fn push(&mut self, call: Call, kind: Kind) {
         self.calls.push(call);
         self.kinds.push(kind);
@@ -191,57 +231,53 @@ impl Plan {
         self.open_report = Some(reply);
     }
 
-    /// The calls and kinds of a retry after the connection broke with this plan on its way:
-    /// the repeatable ones; with how many reports that leaves out.
-    fn for_retry(&self) -> (Vec<Call>, Vec<Kind>, usize) {
-        let mut dropped = 0;
-        let mut calls = Vec::with_capacity(self.calls.len());
-        let mut kinds = Vec::with_capacity(self.kinds.len());
-        for (call, &kind) in self.calls.iter().zip(&self.kinds) {
-            if kind.repeatable() {
-                calls.push(call.clone());
-                kinds.push(kind);
-            } else if let Kind::Report { reports } = kind {
-                dropped += reports;
-            }
-        }
-        (calls, kinds, dropped)
-    }
-
     /// Runs the plan in one round trip, after `first` (a blocking wait) if given, until it
     /// goes through: reconnecting with backoff, and leaving out of a retry what must not
-    /// run twice (saying so in an event). `None` when `stop` ended the retries. Each call
-    /// that ran comes back with its kind and result.
+    /// run twice (saying so in an event) — and the wait, which may have taken the wake-up
+    /// the retried fetch needs. `None` when `stop` ended the retries. Each call that ran
+    /// comes back with its kind and result. `sequence` numbers calls sent again.
     pub(crate) fn run(
-        &self,
+        &mut self,
         inner: &Inner,
         conn: &mut Conn,
         stop: &AtomicBool,
         first: Option<&redis::Cmd>,
+        sequence: &mut Sequence,
     ) -> Option<redis::RedisResult<Vec<(Kind, Value)>>> {
-        let mut retry: Option<(Vec<Call>, Vec<Kind>)> = None;
-        let mut dropped = 0;
+        let (mut reports, mut tasks) = (0, 0);
+        let mut retrying = false;
         let result = conn.retry_tracked(stop, &mut |c, again| {
-            if again && retry.is_none() {
-                let (calls, kinds, reports) = self.for_retry();
-                dropped = reports;
-                retry = Some((calls, kinds));
+            if again && !retrying {
+                retrying = true;
+                (reports, tasks) = self.keep_repeatable();
             }
-            let calls = retry.as_ref().map_or(&self.calls, |(calls, _)| calls);
-            scripts::run_after(c, first, calls)
+            let first = if again { None } else { first };
+            scripts::run_after(c, first, &mut self.calls, Some(&mut *sequence))
         });
-        if dropped > 0 {
+        if reports > 0 {
             inner.events.emit(Event::new(
                 Origin::Reporter,
                 Level::Warning,
                 EventKind::ReportFailed,
                 format!(
-                    "{dropped} report(s) of at-most-once tasks or progress may be lost: the connection broke while \
-                     they were on their way, and they are not sent twice"
+                    "the connection broke while {reports} report(s) of at-most-once tasks were on their way: they \
+                     are not sent twice, and may be lost"
                 ),
             ));
         }
-        let kinds = retry.map_or_else(|| self.kinds.clone(), |(_, kinds)| kinds);
+        if tasks > 0 {
+            // Usually nothing: most fetches find no at-most-once task.
+            inner.events.emit(Event::new(
+                Origin::Consumer,
+                Level::Info,
+                EventKind::Other,
+                format!(
+                    "the connection broke while {tasks} command(s) taking or giving back at-most-once tasks were on \
+                     their way: they are not sent twice, and the tasks they carried, if any, are lost"
+                ),
+            ));
+        }
+        let kinds = std::mem::take(&mut self.kinds);
         result.map(|r| r.map(|values| kinds.into_iter().zip(values).collect()))
     }
 }
@@ -251,10 +287,13 @@ pub(crate) fn plan(inner: &Inner, ops: Vec<Op>, sequence: &mut Sequence) -> Plan
     let mut plan = Plan::default();
     for op in ops {
         match op {
-            Op::Report { queue, caller, bytes } => plan.report(inner, &queue, &caller, bytes),
+            Op::Report { queue, caller, bytes, then: _ } => {
+                let (call, kind) = complete(inner, &queue, "", vec![Settle::Report { caller, bytes }], sequence);
+                plan.push(call, kind);
+            }
             Op::Settle { queue, consumer, settles } => {
-                // Reports that settle nothing leave as plain commands, in order with the
-                // settlements around them.
+                // Final reports of at-most-once tasks leave as plain commands, in order with
+                // the settlements around them.
                 let mut run = Vec::new();
                 for settle in settles {
                     match settle {
@@ -285,7 +324,7 @@ pub(crate) fn plan(inner: &Inner, ops: Vec<Op>, sequence: &mut Sequence) -> Plan
             Op::GiveBack { queue, messages } => {
                 let mut call = Call::new(&scripts::GIVE_BACK).key(queue.amo.clone()).key(queue.wake.clone());
                 call.args.extend(messages);
-                plan.push(call, Kind::Other);
+                plan.push(call, Kind::GiveBack);
             }
         }
     }
@@ -308,7 +347,7 @@ fn complete(
         .key(queue.dead.clone())
         .key(queue.pending.clone())
         .key(queue.wake.clone())
-        .arg(seq)
+        .numbered(seq)
         .arg(inner.options.result_ttl.as_millis().to_string())
         .arg(consumer)
         .arg(inner.options.max_dead_letters.to_string())
@@ -377,7 +416,7 @@ pub(crate) fn account(inner: &Inner, results: &[(Kind, Value)]) {
             Kind::Dead { count } => {
                 inner.stats.dead_lettered.fetch_add(*count as u64, Ordering::Relaxed);
             }
-            Kind::Report { .. } | Kind::Fetch { .. } | Kind::Other => {}
+            Kind::Report { .. } | Kind::Fetch { .. } | Kind::GiveBack => {}
         }
     }
 }

@@ -7,7 +7,9 @@
 //! so the server fetches the moment work arrives.
 //!
 //! Settlements wait for the next fetch only while tasks are quick: one older than
-//! [`FLUSH_AFTER`] is written before the worker starts another task.
+//! [`FLUSH_AFTER`], or one of a task that ran longer than that, is written before the worker
+//! starts another task. (A quick task's result still waits while the task after it runs;
+//! only the worker's own connection may settle its processing list, in order.)
 
 use std::any::Any;
 use std::cell::RefCell;
@@ -126,6 +128,8 @@ struct Local {
     buffer: VecDeque<Entry>,
     done: Vec<Pending>,
     oldest_done: Option<Instant>,
+    /// When the last task was handed to the worker.
+    handed_at: Option<Instant>,
     /// Numbers this thread's fetches and settlements, so a retry applies each once.
     sequence: Sequence,
     /// After an empty fetch, the next one waits on the wake lists first.
@@ -196,6 +200,7 @@ impl RedisSubscription {
             buffer: VecDeque::new(),
             done: Vec::new(),
             oldest_done: None,
+            handed_at: None,
             sequence: Sequence::new("work", thread.as_str()),
             idle: false,
             round: 0,
@@ -218,9 +223,14 @@ impl RedisSubscription {
         loop {
             match local.buffer.pop_front()? {
                 Entry::Task(delivery) => {
-                    if local.oldest_done.is_some_and(|t| t.elapsed() >= FLUSH_AFTER) {
+                    // Settlements wait for the next fetch while tasks are quick; when they have
+                    // waited long, or the task just finished took long (the next may too),
+                    // they go now.
+                    let slow = local.handed_at.is_some_and(|t| t.elapsed() >= FLUSH_AFTER);
+                    if local.oldest_done.is_some_and(|t| slow || t.elapsed() >= FLUSH_AFTER) {
                         self.settle(local);
                     }
+                    local.handed_at = Some(Instant::now());
                     return Some(delivery);
                 }
                 Entry::Malformed { queue, consumer, reason } => {
@@ -241,8 +251,8 @@ impl RedisSubscription {
 
     /// Stores this thread's settlements now.
     fn settle(&self, local: &mut Local) {
-        let plan = self.settle_plan(local);
-        self.round_trip(local, &plan, None, false);
+        let mut plan = self.settle_plan(local);
+        self.round_trip(local, &mut plan, None, false);
     }
 
     /// Runs `plan` (after `wait`, a blocking wait, if given) on this thread's connection;
@@ -251,13 +261,13 @@ impl RedisSubscription {
     fn round_trip(
         &self,
         local: &mut Local,
-        plan: &Plan,
+        plan: &mut Plan,
         wait: Option<&redis::Cmd>,
         fetching: bool,
     ) -> Option<Vec<(Kind, Value)>> {
         let never = AtomicBool::new(false);
         let stop = if fetching { &self.stopped } else { &never };
-        match plan.run(&self.inner, &mut local.conn, stop, wait)? {
+        match plan.run(&self.inner, &mut local.conn, stop, wait, &mut local.sequence)? {
             Ok(results) => {
                 completer::account(&self.inner, &results);
                 Some(results)
@@ -299,7 +309,7 @@ impl RedisSubscription {
                 .arg(lease.clone())
                 .arg(consumer.as_bytes())
                 .arg(if registered { "0" } else { "1" })
-                .arg(seq)
+                .numbered(seq)
                 .arg(SEQ_TTL);
             plan.push(take, Kind::Fetch { at_most_once: false });
         }
@@ -312,7 +322,7 @@ impl RedisSubscription {
             wait.arg(block.as_secs_f64().max(0.001));
             wait
         });
-        let Some(results) = self.round_trip(local, &plan, wait.as_ref(), true) else {
+        let Some(results) = self.round_trip(local, &mut plan, wait.as_ref(), true) else {
             if !self.stopped.load(Ordering::SeqCst) {
                 // Not a connection problem (those are retried): try again a little later.
                 std::thread::sleep(self.inner.options.block_timeout.min(block));
@@ -447,7 +457,12 @@ impl RedisSubscription {
                     TaskError::new(TaskErrorKind::BadPayload, format!("the task message is malformed: {reason}"));
                 let report = ReportMessage { name: name.clone(), id: id.clone(), body: ReportBody::Failure(error) };
                 if let Ok(bytes) = wire::encode_report(&report) {
-                    let _ = completer.push(Op::Report { queue: queue.clone(), caller: caller.to_string(), bytes });
+                    let _ = completer.push(Op::Report {
+                        queue: queue.clone(),
+                        caller: caller.to_string(),
+                        bytes,
+                        then: None,
+                    });
                 }
             }
         }
@@ -528,8 +543,9 @@ pub(crate) fn report_here(inner: &Inner, report: Op) -> Result<Option<Op>, Broke
         let Some(state) = local.values_mut().find(|state| Arc::ptr_eq(&state.process, &inner.process)) else {
             return Ok(Some(report));
         };
-        let plan = completer::plan(inner, vec![report], &mut state.sequence);
-        let stored = state.conn.once(&mut |c| scripts::run_batch(c, &plan.calls));
+        let mut plan = completer::plan(inner, vec![report], &mut state.sequence);
+        let sequence = &mut state.sequence;
+        let stored = state.conn.once(&mut |c| scripts::run_after(c, None, &mut plan.calls, Some(&mut *sequence)));
         stored.map(|_| None).map_err(|e| crate::conn::broker_error("storing a report failed", e))
     })
 }

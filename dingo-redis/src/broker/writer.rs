@@ -45,6 +45,8 @@ struct Line {
     sequence: Sequence,
     /// Batches callers wrote whose replies nobody has read yet, oldest first.
     unanswered: VecDeque<Written>,
+    /// The writer thread has stopped: nobody would read a reply any more.
+    closed: bool,
 }
 
 /// A batch a caller wrote.
@@ -70,6 +72,7 @@ impl Writer {
             conn: inner.conn("task sender", Origin::Producer, false),
             sequence: Sequence::new("send", &inner.process),
             unanswered: VecDeque::new(),
+            closed: false,
         }));
         let thread = {
             let (inner, line) = (inner.clone(), line.clone());
@@ -105,7 +108,7 @@ impl Writer {
         }
         let Ok(mut line) = self.line.try_lock() else { return Some(outgoing) };
         let generation = line.conn.generation();
-        if !self.tx.is_empty() || !line.unanswered.is_empty() || generation.is_none() {
+        if line.closed || !self.tx.is_empty() || !line.unanswered.is_empty() || generation.is_none() {
             return Some(outgoing);
         }
         let mut batch = vec![outgoing];
@@ -151,12 +154,14 @@ fn write_loop(inner: &Arc<Inner>, rx: &Receiver<Msg>, line: &Mutex<Line>, stop: 
         }
         if batch.is_empty() {
             if closed || stop.load(Ordering::SeqCst) {
+                line.closed = true;
                 return;
             }
             continue;
         }
-        let calls = push_calls(&mut batch, inner.options.batch, &mut line.sequence);
-        match line.conn.retry(stop, &mut |c| scripts::run_batch(c, &calls)) {
+        let mut calls = push_calls(&mut batch, inner.options.batch, &mut line.sequence);
+        let sequence = &mut line.sequence;
+        match line.conn.retry(stop, &mut |c| scripts::run_after(c, None, &mut calls, Some(&mut *sequence))) {
             Some(Ok(_)) => {
                 inner.stats.sent.fetch_add(batch.len() as u64, Ordering::Relaxed);
             }
@@ -169,7 +174,7 @@ fn write_loop(inner: &Arc<Inner>, rx: &Receiver<Msg>, line: &Mutex<Line>, stop: 
 /// Reads the replies to what callers wrote; a batch whose replies cannot be read (the
 /// connection broke, or a reply is an error) is sent again the ordinary way.
 fn answer(inner: &Inner, line: &mut Line, stop: &AtomicBool) {
-    while let Some(written) = line.unanswered.pop_front() {
+    while let Some(mut written) = line.unanswered.pop_front() {
         let mut answered = written.generation.is_some() && written.generation == line.conn.generation();
         if answered {
             for _ in &written.calls {
@@ -190,7 +195,8 @@ fn answer(inner: &Inner, line: &mut Line, stop: &AtomicBool) {
             inner.stats.sent.fetch_add(written.batch.len() as u64, Ordering::Relaxed);
             continue;
         }
-        match line.conn.retry(stop, &mut |c| scripts::run_batch(c, &written.calls)) {
+        let sequence = &mut line.sequence;
+        match line.conn.retry(stop, &mut |c| scripts::run_after(c, None, &mut written.calls, Some(&mut *sequence))) {
             Some(Ok(_)) => {
                 inner.stats.sent.fetch_add(written.batch.len() as u64, Ordering::Relaxed);
             }
@@ -220,7 +226,7 @@ fn push_calls(batch: &mut [Outgoing], max: usize, sequence: &mut Sequence) -> Ve
                     .key(list.clone())
                     .key(outgoing.queue.wake.clone())
                     .key(seq_key)
-                    .arg(seq)
+                    .numbered(seq)
                     .arg(SEQ_TTL)
                     .arg(bytes);
                 calls.push((list.clone(), call, 1));
