@@ -59,7 +59,8 @@
 //! | `json` | yes | the JSON codec ([`codec::Json`]); MessagePack is always there and the default |
 //! | `redis` | no | the Redis broker (`dingo::redis`, `redis://` URLs) |
 //! | `redis-tls` | no | `rediss://` URLs (TLS through the system's OpenSSL) |
-//! | `amqp` | no | the RabbitMQ broker (`dingo::amqp`, `amqp://` URLs) — in progress |
+//! | `amqp` | no | the RabbitMQ broker (`dingo::amqp`, `amqp://` URLs) |
+//! | `amqp-tls` | no | `amqps://` URLs (TLS through the system's OpenSSL) |
 #![deny(missing_docs)]
 
 pub use dingo_core::{
@@ -77,6 +78,10 @@ pub use dingo_macros::task;
 /// The Redis broker (feature `redis`).
 #[cfg(feature = "redis")]
 pub use dingo_redis as redis;
+
+/// The RabbitMQ broker (feature `amqp`).
+#[cfg(feature = "amqp")]
+pub use dingo_amqp as amqp;
 
 #[doc(hidden)]
 pub use dingo_core::__private;

@@ -1,10 +1,106 @@
-//! The RabbitMQ (AMQP 0-9-1) broker of [dingo](https://docs.rs/dingo) — not implemented yet.
+//! The RabbitMQ broker of [dingo](https://docs.rs/dingo): task transport and report
+//! transport over AMQP 0-9-1 (through `amiquip`), with at-least-once delivery.
 //!
-//! This crate will provide `AmqpBroker`, playing all four broker roles
-//! ([`Producer`](dingo_core::broker::Producer), [`Consumer`](dingo_core::broker::Consumer),
-//! [`Reporter`](dingo_core::broker::Reporter), [`Store`](dingo_core::broker::Store)) over
-//! RabbitMQ through `amiquip`: durable queues, publisher confirms, acknowledgement after the
-//! final report is confirmed, a reply queue per caller process, dead-letter exchanges and
-//! reconnection. It is enabled by the `amqp` feature of the `dingo` crate. Until then the
-//! crate is empty.
+//! ```no_run
+//! use dingo_core::App;
+//! use dingo_amqp::{AmqpBroker, AmqpOptions};
+//!
+//! # fn main() -> Result<(), Box<dyn std::error::Error>> {
+//! let url = "amqp://guest:guest@127.0.0.1:5672/%2f";
+//! let worker = App::builder().broker(AmqpBroker::connect_with(url, AmqpOptions::new().namespace("shop"))?).build()?;
+//! worker.register("double", |n: i64| n * 2)?;
+//! worker.allocate("double", 4)?;
+//!
+//! // Another process (or the same one): calls through the same server and namespace.
+//! let caller = App::connect("amqp://guest:guest@127.0.0.1:5672/%2f?namespace=shop")?;
+//! let doubled: i64 = caller.call("double", 21i64)?.wait()?;
+//! # Ok(())
+//! # }
+//! ```
+//!
+//! With the `amqp` feature of `dingo`, `App::connect("amqp://…")` works too. Either role can
+//! be played alone: tasks on RabbitMQ and reports on Redis, say
+//! (`App::builder().tasks(amqp).reports(redis)`).
+//!
+//! # Topology
+//!
+//! Declared by the library, idempotently, whenever an app registers a task (caller or
+//! worker side), and again after every reconnection:
+//!
+//! | name | kind | what |
+//! | --- | --- | --- |
+//! | `NS.task.NAME` | queue (durable, or quorum) | the task's messages; dead-letters to `NS.dead` |
+//! | `NS.dead` | direct exchange | dead letters, routed by the task queue's name |
+//! | `NS.dead.NAME` | queue | the task's dead letters ([`AmqpBroker::dead_letters`]) |
+//! | `NS.reply.ID` | queue, expires unused after the result TTL | reports for one caller process |
+//!
+//! `NS` is the [`namespace`](AmqpOptions::namespace). Task messages go through the default
+//! exchange straight to their queue, published `mandatory`: a message that reaches no queue
+//! comes back and fails its call (`UnknownTask`); it is never dropped silently. Room is left
+//! for what comes next: delayed tasks and retries as per-delay TTL queues
+//! (`NS.delay.MS`) that dead-letter back to the task queues, no plugin needed.
+//!
+//! # Guarantees
+//!
+//! - **At least once.** Task messages are persistent on durable queues and published with
+//!   asynchronous publisher confirms (batched, never one wait per message); messages not
+//!   confirmed when a connection breaks are published again. Workers take tasks with manual
+//!   acknowledgement and a per-consumer prefetch; a task is acknowledged only after its
+//!   final report is published *and confirmed*. A worker process that dies leaves its
+//!   unacknowledged tasks to RabbitMQ, which redelivers them, marked as such
+//!   ([`Context::redelivered`](dingo_core::Context::redelivered)). A late report of a task
+//!   that was redelivered meanwhile may reach its caller twice; the caller keeps the first.
+//! - **At most once, per task.** With `CallOptions::at_most_once` (usually a task's default)
+//!   a task message is transient and acknowledged as it is delivered, before it runs.
+//! - **Reports** go to one reply queue per caller process, each carrying its task id as
+//!   correlation id; one listener thread routes them to handles by (task name, id). Reports
+//!   published before the caller waits are kept, and a wait that times out loses nothing.
+//!   The reply queue is not exclusive (an exclusive queue dies with its connection, and the
+//!   reports in it): it outlives a reconnection and expires once unused for the
+//!   [`result_ttl`](AmqpOptions::result_ttl), as do the reports in it. Direct reply-to is
+//!   not used: it is at most once.
+//! - **Dead letters.** A message that cannot run — it does not decode, names a task the
+//!   worker does not have, or has another signature — is published to the dead-letter
+//!   exchange with the reason (header `x-dingo-reason`), and acknowledged once that is
+//!   confirmed; its caller, when it can be identified, gets a failure report, and the worker
+//!   goes on. Messages RabbitMQ dead-letters itself land in the same queue.
+//! - **Reconnection.** amiquip does not reconnect; dingo does, with exponential backoff,
+//!   reported as `ConnectionLost` / `ConnectionRestored` events: the connection is dialled
+//!   again, topology declared again, consumers started again, unconfirmed messages published
+//!   again. Heartbeats are on ([`heartbeat`](AmqpOptions::heartbeat)), and the socket has
+//!   `TCP_NODELAY` (without it each request-reply round trip waits ~40 ms for Nagle and
+//!   delayed ACKs).
+//!
+//! # Long tasks and RabbitMQ's consumer timeout
+//!
+//! RabbitMQ closes a channel whose delivery stays unacknowledged longer than its
+//! `consumer_timeout` (30 minutes by default). dingo acknowledges when the task's report is
+//! confirmed, so a task running longer than that loses its channel: RabbitMQ requeues every
+//! unacknowledged task of that channel, dingo consumes again on a new channel, and the long
+//! task runs again (its first run's late report may still reach the caller). For tasks
+//! longer than the timeout, raise `consumer_timeout` in `rabbitmq.conf` (or, from RabbitMQ
+//! 3.12, per queue with a policy).
+//!
+//! # Options
+//!
+//! [`AmqpOptions`] documents every setting and its default. The URL's query sets the common
+//! ones (see [`AmqpBroker::connect`]).
 #![deny(missing_docs)]
+#![cfg_attr(not(test), warn(clippy::unwrap_used, clippy::expect_used, clippy::panic))]
+
+mod broker;
+mod conn;
+mod options;
+mod topology;
+
+pub use broker::{AmqpBroker, DeadLetter, Stats};
+pub use options::AmqpOptions;
+
+use dingo_core::app::{AppBuilder, BrokerScheme};
+
+fn configure(url: &str, builder: AppBuilder) -> Result<AppBuilder, dingo_core::Error> {
+    Ok(builder.broker(AmqpBroker::connect(url)?))
+}
+
+inventory::submit! { BrokerScheme { scheme: "amqp", configure } }
+inventory::submit! { BrokerScheme { scheme: "amqps", configure } }

@@ -324,3 +324,132 @@ pub mod redis {
         }
     }
 }
+
+#[cfg(feature = "amqp")]
+pub mod amqp {
+    //! Setups for the RabbitMQ broker: a unique namespace per test on the server of
+    //! `DINGO_AMQP_URL` (default `amqp://guest:guest@127.0.0.1:5672/%2f`); the queues its
+    //! brokers declared are deleted afterwards.
+
+    use std::sync::{Arc, Mutex};
+
+    use dingo::amqp::{AmqpBroker, AmqpOptions};
+    use dingo::broker::Reporter;
+    use dingo::{App, AppBuilder};
+
+    use crate::app::AppSetup;
+    use crate::reports::{ReportSetup, ReportTransport};
+    use crate::transport::{TaskTransport, TransportSetup};
+
+    /// The server's URL, or `None` (the test is skipped, loudly) when it does not answer.
+    pub fn url() -> Option<String> {
+        crate::service_url("DINGO_AMQP_URL", "amqp://guest:guest@127.0.0.1:5672/%2f", |url| {
+            AmqpBroker::connect(url).is_ok()
+        })
+    }
+
+    /// A fresh namespace on the test server; every broker of one setup shares it.
+    pub struct Amqp {
+        url: String,
+        options: AmqpOptions,
+        /// Every broker handed out, for deleting what they declared.
+        brokers: Mutex<Vec<AmqpBroker>>,
+    }
+
+    impl Amqp {
+        /// A setup with default options (transient queues: tests need no disk), or `None`
+        /// to skip.
+        pub fn setup() -> Option<Amqp> {
+            Amqp::with_options(AmqpOptions::new().durable(false))
+        }
+
+        /// A setup with these options (the namespace is replaced by a unique one).
+        pub fn with_options(options: AmqpOptions) -> Option<Amqp> {
+            let url = url()?;
+            Some(Amqp { url, options: options.namespace(crate::unique("dingo-test")), brokers: Mutex::default() })
+        }
+
+        /// A new broker (its own connection) on this setup's namespace.
+        pub fn broker(&self) -> AmqpBroker {
+            let broker = AmqpBroker::connect_with(&self.url, self.options.clone()).expect("connect to RabbitMQ");
+            self.brokers.lock().expect("brokers").push(broker.clone());
+            broker
+        }
+
+        /// The server URL.
+        pub fn url(&self) -> &str {
+            &self.url
+        }
+
+        /// The options (with the namespace) brokers of this setup use.
+        pub fn options(&self) -> &AmqpOptions {
+            &self.options
+        }
+    }
+
+    impl Drop for Amqp {
+        fn drop(&mut self) {
+            let brokers = std::mem::take(&mut *self.brokers.lock().unwrap_or_else(|e| e.into_inner()));
+            let mut tasks: Vec<String> = brokers.iter().flat_map(AmqpBroker::known_tasks).collect();
+            tasks.sort();
+            tasks.dedup();
+            let replies: Vec<String> = brokers.iter().map(|b| b.reply_queue().to_owned()).collect();
+            for broker in &brokers {
+                broker.shutdown();
+            }
+            if let Ok(cleaner) = AmqpBroker::connect_with(&self.url, self.options.clone()) {
+                let _ = cleaner.delete_topology(&tasks, &replies);
+                cleaner.shutdown();
+            }
+        }
+    }
+
+    impl TransportSetup for Amqp {
+        fn connect(&self) -> TaskTransport {
+            TaskTransport::of(self.broker())
+        }
+    }
+
+    impl ReportSetup for Amqp {
+        fn connect(&self) -> ReportTransport {
+            ReportTransport::of(self.broker())
+        }
+    }
+
+    impl AppSetup for Amqp {
+        fn builder(&self) -> AppBuilder {
+            App::builder().broker(self.broker())
+        }
+
+        fn reporter(&self) -> Arc<dyn Reporter> {
+            Arc::new(self.broker())
+        }
+    }
+
+    /// Tasks through RabbitMQ, reports through Redis: the pairing the two transports are
+    /// split for.
+    #[cfg(feature = "redis")]
+    pub struct WithRedisReports {
+        amqp: Amqp,
+        redis: crate::redis::Redis,
+    }
+
+    #[cfg(feature = "redis")]
+    impl WithRedisReports {
+        /// `None` to skip (either server absent).
+        pub fn setup() -> Option<WithRedisReports> {
+            Some(WithRedisReports { amqp: Amqp::setup()?, redis: crate::redis::Redis::setup()? })
+        }
+    }
+
+    #[cfg(feature = "redis")]
+    impl AppSetup for WithRedisReports {
+        fn builder(&self) -> AppBuilder {
+            App::builder().tasks(self.amqp.broker()).reports(self.redis.broker())
+        }
+
+        fn reporter(&self) -> Arc<dyn Reporter> {
+            Arc::new(self.redis.broker())
+        }
+    }
+}

@@ -1,0 +1,644 @@
+//! [`AmqpBroker`]: the four roles over RabbitMQ. One connection per broker; every thread
+//! works on channels of its own (an amiquip channel belongs to one thread):
+//!
+//! | thread | role | does |
+//! | --- | --- | --- |
+//! | `dingo-amqp-publish` ([`publisher`]) | producer, reporter | publishes task messages, reports and dead letters on a confirmed channel; acts on each confirm (acknowledges the task a report finishes) and on returns (unroutable messages) |
+//! | `dingo-amqp-consume` ([`subscription`]), one per worker pool | consumer | consumes the pool's queues with per-consumer prefetch, hands deliveries to the workers, acknowledges or rejects them when told |
+//! | `dingo-amqp-reply` ([`listener`]) | store | consumes this process's reply queue and routes reports to handles |
+//!
+//! Declarations and queue inspection use a control channel under a lock.
+
+mod listener;
+mod publisher;
+mod subscription;
+
+use std::collections::HashSet;
+use std::fmt;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard, OnceLock};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use amiquip::{AmqpValue, Channel, QueueDeleteOptions};
+use crossbeam_channel::{Receiver, Sender};
+use dingo_core::broker::router::ReportRouter;
+use dingo_core::broker::{Ack, ConsumeSettings, Consumer, Producer, Reporter, Store, Subscription, Users};
+use dingo_core::event::{EventSink, EventSinks};
+use dingo_core::id::UuidV7;
+use dingo_core::message::{ReplySink, ReplyTo, ReportMessage, TaskMessage, wire};
+use dingo_core::{BrokerError, BrokerErrorKind, CallKey, IdMaker, TaskName};
+
+use crate::conn::{Address, Opened, Session, amqp_error};
+use crate::options::AmqpOptions;
+use crate::topology::{self, Names};
+
+use listener::Listener;
+use publisher::{Outgoing, Publisher, Then};
+
+/// The RabbitMQ broker: task transport and report transport, usable for either role alone.
+///
+/// Cheap to clone; clones share the connection and threads. Apps that use it release it on
+/// close; when the last one has, its threads publish what is queued (and wait for the
+/// confirms) and stop, and calls still waiting for reports get a `Shutdown` failure.
+#[derive(Clone)]
+pub struct AmqpBroker {
+    pub(crate) inner: Arc<Inner>,
+    /// Shared by the clones: when the last goes, the broker shuts down (its threads hold
+    /// `inner`, not this).
+    _last: Arc<ShutdownOnDrop>,
+}
+
+struct ShutdownOnDrop(Arc<Inner>);
+
+impl Drop for ShutdownOnDrop {
+    fn drop(&mut self) {
+        self.0.shutdown();
+    }
+}
+
+/// Counters of what happened, for monitoring and tests.
+#[derive(Debug, Default)]
+pub struct Stats {
+    /// Task messages RabbitMQ confirmed.
+    pub sent: AtomicU64,
+    /// Messages RabbitMQ returned as unroutable (their queue is gone).
+    pub returned: AtomicU64,
+    /// Task messages delivered to this process's subscriptions.
+    pub fetched: AtomicU64,
+    /// Deliveries that RabbitMQ had delivered before (a consumer died or gave them back).
+    pub redelivered: AtomicU64,
+    /// Deliveries acknowledged (their final report confirmed first).
+    pub acked: AtomicU64,
+    /// Deliveries given back to their queue.
+    pub requeued: AtomicU64,
+    /// Messages moved to the dead letters.
+    pub dead_lettered: AtomicU64,
+    /// Reports RabbitMQ confirmed.
+    pub reports: AtomicU64,
+}
+
+pub(crate) struct Inner {
+    pub(crate) options: AmqpOptions,
+    pub(crate) names: Names,
+    /// This broker instance's reply queue (its address in task messages).
+    pub(crate) reply_queue: Arc<str>,
+    pub(crate) session: Session,
+    pub(crate) events: EventSinks,
+    pub(crate) stats: Stats,
+    pub(crate) router: ReportRouter,
+    /// Tasks whose queues are known to exist.
+    known: Mutex<HashSet<String>>,
+    control: Mutex<Option<Opened>>,
+    closed: AtomicBool,
+    users: Users,
+    publisher: Lazy<Publisher>,
+    listener: Lazy<Listener>,
+}
+
+impl AmqpBroker {
+    /// Connects with default options: `amqp://user:pass@host:port/vhost` (`%2f` is the
+    /// default vhost `/`), or `amqps://…` with the `tls` feature. The server is reached at
+    /// once: an unreachable server or bad credentials are an error.
+    ///
+    /// The URL's query may set options: `namespace`, `durable`, `quorum`, `prefetch`,
+    /// `max_unconfirmed`, `heartbeat` (s), `connection_timeout` (ms), `result_ttl_s`,
+    /// `wait_spin_us` (`amqp://guest:guest@127.0.0.1:5672/%2f?namespace=shop&prefetch=256`);
+    /// they override the options given to [`connect_with`](AmqpBroker::connect_with).
+    pub fn connect(url: &str) -> Result<AmqpBroker, BrokerError> {
+        AmqpBroker::connect_with(url, AmqpOptions::default())
+    }
+
+    /// Connects with these options.
+    pub fn connect_with(url: &str, options: AmqpOptions) -> Result<AmqpBroker, BrokerError> {
+        let (url, options) =
+            options.apply_url(url).map_err(|e| BrokerError::new(BrokerErrorKind::Config, format!("AMQP URL: {e}")))?;
+        if options.quorum && !options.durable {
+            return Err(BrokerError::new(BrokerErrorKind::Config, "quorum queues are always durable"));
+        }
+        let address = Address::parse(&url)?;
+        let events = EventSinks::new();
+        let session = Session::connect(address, options.clone(), events.clone())?;
+        let names = Names::new(&options.namespace);
+        let reply_queue: Arc<str> = Arc::from(names.reply_queue(UuidV7.next_id().as_str()));
+        let inner = Arc::new(Inner {
+            router: ReportRouter::new(options.result_ttl, 1_000_000),
+            names,
+            reply_queue,
+            session,
+            events,
+            stats: Stats::default(),
+            known: Mutex::new(HashSet::new()),
+            control: Mutex::new(None),
+            closed: AtomicBool::new(false),
+            users: Users::default(),
+            publisher: Lazy::new(),
+            listener: Lazy::new(),
+            options,
+        });
+        Ok(AmqpBroker { _last: Arc::new(ShutdownOnDrop(inner.clone())), inner })
+    }
+
+    /// The options in use.
+    pub fn options(&self) -> &AmqpOptions {
+        &self.inner.options
+    }
+
+    /// What happened so far.
+    pub fn stats(&self) -> &Stats {
+        &self.inner.stats
+    }
+
+    /// The queue a task's messages wait in (`NAMESPACE.task.NAME`).
+    pub fn task_queue(&self, task: &str) -> Result<String, BrokerError> {
+        self.inner.names.task_queue(task)
+    }
+
+    /// How many messages wait in a task's queue (not counting those delivered and not yet
+    /// acknowledged).
+    pub fn queue_len(&self, task: &str) -> Result<usize, BrokerError> {
+        let queue = self.inner.names.task_queue(task)?;
+        self.inner.with_control("reading the queue length", |channel| {
+            channel.queue_declare_passive(queue.clone()).map(|q| q.declared_message_count().unwrap_or(0) as usize)
+        })
+    }
+
+    /// The dead letters of a task, oldest first: each with the reason dingo gave (or
+    /// RabbitMQ's, for messages it dead-lettered itself). They stay in the dead-letter queue.
+    pub fn dead_letters(&self, task: &str) -> Result<Vec<DeadLetter>, BrokerError> {
+        let queue = self.inner.names.dead_queue(task)?;
+        self.inner.with_control("reading dead letters", |channel| {
+            let mut letters = Vec::new();
+            while let Some(get) = channel.basic_get(queue.clone(), false)? {
+                letters.push(DeadLetter::of(&get.delivery.properties, get.delivery.body.clone()));
+            }
+            // Unacknowledged: they go back when the channel recovers them.
+            channel.recover(true)?;
+            Ok(letters)
+        })
+    }
+
+    /// Publishes raw bytes into a task's queue, as a foreign or broken producer would (for
+    /// tests and repair tools). Waits for the confirm.
+    pub fn publish_raw(&self, task: &str, bytes: Vec<u8>) -> Result<(), BrokerError> {
+        let queue = self.inner.names.task_queue(task)?;
+        self.inner.with_control("publishing raw bytes", |channel| {
+            channel.enable_publisher_confirms()?;
+            let confirms = channel.listen_for_publisher_confirms()?;
+            let properties = amiquip::AmqpProperties::default().with_delivery_mode(2);
+            channel.basic_publish("", amiquip::Publish::with_properties(&bytes, queue.clone(), properties))?;
+            match confirms.recv_timeout(self.inner.options.connect_timeout) {
+                Ok(amiquip::Confirm::Ack(_)) => Ok(()),
+                _ => Err(amiquip::Error::ClientException),
+            }
+        })
+    }
+
+    /// This broker's reply queue (its address in the task messages it sends).
+    pub fn reply_queue(&self) -> &str {
+        &self.inner.reply_queue
+    }
+
+    /// The tasks whose queues this broker declared or found.
+    pub fn known_tasks(&self) -> Vec<String> {
+        lock(&self.inner.known).iter().cloned().collect()
+    }
+
+    /// Deletes the queues of these tasks (with their dead letters), these reply queues and
+    /// the namespace's dead-letter exchange, with whatever they hold. For tests and tools;
+    /// never while apps use them.
+    pub fn delete_topology(&self, tasks: &[String], reply_queues: &[String]) -> Result<(), BrokerError> {
+        let mut queues = reply_queues.to_vec();
+        for task in tasks {
+            queues.push(self.inner.names.task_queue(task)?);
+            queues.push(self.inner.names.dead_queue(task)?);
+        }
+        let exchange = self.inner.names.dead_exchange();
+        self.inner.with_control("deleting the topology", |channel| {
+            for queue in &queues {
+                channel.queue_delete(queue.clone(), QueueDeleteOptions::default())?;
+            }
+            channel.exchange_delete(exchange.clone(), false)
+        })?;
+        let mut known = lock(&self.inner.known);
+        for task in tasks {
+            known.remove(task);
+        }
+        Ok(())
+    }
+
+    /// Shuts the broker down for every app that uses it: queued messages are published and
+    /// confirmed first, then the threads stop; pending calls get a `Shutdown` failure.
+    pub fn shutdown(&self) {
+        self.inner.shutdown();
+    }
+
+    fn attach_events(&self, events: &EventSink) {
+        self.inner.users.attach();
+        self.inner.events.add(events);
+    }
+
+    fn detach(&self) {
+        if self.inner.users.detach() {
+            self.inner.shutdown();
+        }
+    }
+}
+
+impl fmt::Debug for AmqpBroker {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("AmqpBroker")
+            .field("namespace", &self.inner.options.namespace)
+            .field("reply_queue", &self.inner.reply_queue)
+            .field("closed", &self.inner.closed.load(Ordering::Relaxed))
+            .finish_non_exhaustive()
+    }
+}
+
+/// A message in a dead-letter queue.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DeadLetter {
+    /// Why it was dead-lettered.
+    pub reason: String,
+    /// The message as it was queued.
+    pub bytes: Vec<u8>,
+}
+
+impl DeadLetter {
+    fn of(properties: &amiquip::AmqpProperties, bytes: Vec<u8>) -> DeadLetter {
+        let headers = properties.headers().as_ref();
+        let ours = headers.and_then(|h| h.get(topology::REASON_HEADER)).and_then(|v| match v {
+            AmqpValue::LongString(reason) => Some(reason.clone()),
+            _ => None,
+        });
+        // RabbitMQ's own dead-lettering records why in the first `x-death` entry.
+        let theirs = || {
+            let deaths = headers?.get("x-death")?;
+            let AmqpValue::FieldArray(deaths) = deaths else { return None };
+            let Some(AmqpValue::FieldTable(first)) = deaths.first() else { return None };
+            match first.get("reason") {
+                Some(AmqpValue::LongString(reason)) => Some(format!("dead-lettered by RabbitMQ: {reason}")),
+                _ => None,
+            }
+        };
+        DeadLetter { reason: ours.or_else(theirs).unwrap_or_default(), bytes }
+    }
+}
+
+impl Inner {
+    pub(crate) fn is_closed(&self) -> bool {
+        self.closed.load(Ordering::SeqCst)
+    }
+
+    /// Runs `f` on the control channel; a channel the server closed (say, a passive
+    /// declaration of a missing queue) is replaced, and a broken connection is reconnected
+    /// and `f` tried once more.
+    fn with_control<T>(
+        &self,
+        what: &str,
+        mut f: impl FnMut(&Channel) -> Result<T, amiquip::Error>,
+    ) -> Result<T, BrokerError> {
+        let mut control = lock(&self.control);
+        let mut last = None;
+        for _ in 0..2 {
+            let opened = match control.take() {
+                Some(opened) => opened,
+                None => {
+                    let give_up = AtomicBool::new(false);
+                    let deadline = Instant::now() + self.options.connect_timeout;
+                    match self.session.channel_until("control channel", &give_up, Some(deadline)) {
+                        Some(opened) => opened,
+                        None => {
+                            return Err(BrokerError::new(
+                                BrokerErrorKind::Connection,
+                                format!("{what} failed: RabbitMQ unreachable"),
+                            ));
+                        }
+                    }
+                }
+            };
+            match f(&opened.channel) {
+                Ok(value) => {
+                    *control = Some(opened);
+                    return Ok(value);
+                }
+                Err(e @ amiquip::Error::ServerClosedChannel { .. }) => {
+                    // The server refused; the connection is fine.
+                    return Err(amqp_error(&format!("{what} failed"), e));
+                }
+                Err(e) => {
+                    self.session.channel_failed(opened.generation, "control channel", &e.to_string());
+                    last = Some(e);
+                }
+            }
+        }
+        Err(amqp_error(&format!("{what} failed"), last.unwrap_or(amiquip::Error::ClientException)))
+    }
+
+    fn declare(&self, task: &TaskName) -> Result<(), BrokerError> {
+        if lock(&self.known).contains(task.as_str()) {
+            return Ok(());
+        }
+        let queues = topology::TaskQueues::of(&self.names, task.as_str())?;
+        self.with_control("declaring the task's queues", |channel| {
+            topology::declare_task(channel, &self.options, &queues)
+        })?;
+        lock(&self.known).insert(task.as_str().to_owned());
+        Ok(())
+    }
+
+    /// Whether some app declared `task` (its queue exists), else nobody can ever run it.
+    fn is_declared(&self, task: &str) -> Result<bool, BrokerError> {
+        if lock(&self.known).contains(task) {
+            return Ok(true);
+        }
+        let queue = self.names.task_queue(task)?;
+        let exists = match self.with_control("checking the task's queue", |channel| {
+            channel.queue_declare_passive(queue.clone()).map(|_| ())
+        }) {
+            Ok(()) => true,
+            // RabbitMQ answers a passive declaration of a missing queue by closing the channel.
+            Err(e) if is_not_found(&e) => false,
+            Err(e) => return Err(e),
+        };
+        if exists {
+            lock(&self.known).insert(task.to_owned());
+        }
+        Ok(exists)
+    }
+
+    pub(crate) fn publisher(self: &Arc<Inner>) -> Result<&Publisher, BrokerError> {
+        self.publisher.get_or_start(|| Publisher::start(self.clone()))
+    }
+
+    fn shutdown(&self) {
+        if self.closed.swap(true, Ordering::SeqCst) {
+            return;
+        }
+        // Queued messages are published and confirmed before the threads stop.
+        if let Some(publisher) = self.publisher.get() {
+            publisher.stop();
+        }
+        if let Some(listener) = self.listener.get() {
+            listener.stop();
+        }
+        self.router.close();
+        *lock(&self.control) = None;
+        self.session.close();
+    }
+}
+
+impl Producer for AmqpBroker {
+    fn attach(&self, events: &EventSink) {
+        self.attach_events(events);
+    }
+
+    fn declare(&self, task: &TaskName) -> Result<(), BrokerError> {
+        self.inner.declare(task)
+    }
+
+    fn send(&self, message: TaskMessage, timeout: Option<Duration>) -> Result<(), BrokerError> {
+        let inner = &self.inner;
+        if inner.is_closed() {
+            return Err(closed());
+        }
+        if !inner.is_declared(message.name.as_str())? {
+            return Err(BrokerError::new(
+                BrokerErrorKind::Unroutable,
+                format!("no app declared task `{}` in namespace `{}`", message.name, inner.options.namespace),
+            ));
+        }
+        let body = wire::encode_task(&message)?;
+        if body.len() > inner.options.max_message_size {
+            return Err(BrokerError::new(
+                BrokerErrorKind::TooLarge,
+                format!(
+                    "task message of {} bytes exceeds the limit of {} bytes",
+                    body.len(),
+                    inner.options.max_message_size
+                ),
+            ));
+        }
+        let reply = match &message.reply_to {
+            ReplyTo::Address(caller) => Some(caller.clone()),
+            _ => None,
+        };
+        let outgoing = Outgoing {
+            exchange: String::new(),
+            routing_key: inner.names.task_queue(message.name.as_str())?,
+            body,
+            persistent: inner.options.durable && !message.options.at_most_once,
+            correlation: None,
+            reason: None,
+            then: Then::Task { key: message.key(), reply },
+        };
+        inner.publisher()?.send(outgoing, timeout)
+    }
+
+    fn close(&self) {
+        self.detach();
+    }
+}
+
+impl Consumer for AmqpBroker {
+    fn attach(&self, events: &EventSink) {
+        self.attach_events(events);
+    }
+
+    fn declare(&self, task: &TaskName) -> Result<(), BrokerError> {
+        self.inner.declare(task)
+    }
+
+    fn consume(&self, tasks: &[TaskName], settings: &ConsumeSettings) -> Result<Box<dyn Subscription>, BrokerError> {
+        if self.inner.is_closed() {
+            return Err(closed());
+        }
+        if tasks.is_empty() {
+            return Err(BrokerError::new(BrokerErrorKind::Config, "a subscription needs at least one task"));
+        }
+        for task in tasks {
+            self.inner.declare(task)?;
+        }
+        self.inner.publisher()?;
+        Ok(Box::new(subscription::AmqpSubscription::start(self.inner.clone(), tasks, settings)?))
+    }
+
+    fn close(&self) {
+        self.detach();
+    }
+}
+
+impl Reporter for AmqpBroker {
+    fn attach(&self, events: &EventSink) {
+        self.attach_events(events);
+    }
+
+    fn report(&self, to: &ReplyTo, report: ReportMessage<'_>) -> Result<(), BrokerError> {
+        let Some(queue) = reply_queue(to)? else {
+            return Ok(());
+        };
+        self.inner.publish_report(queue, &report, None)
+    }
+
+    fn finish(&self, to: &ReplyTo, report: ReportMessage<'_>, ack: Option<Ack>) -> Result<(), BrokerError> {
+        match reply_queue(to)? {
+            // Acknowledged once RabbitMQ confirmed the report (whichever broker the
+            // delivery came from).
+            Some(queue) => self.inner.publish_report(queue, &report, ack),
+            None => ack.map_or(Ok(()), Ack::ack),
+        }
+    }
+
+    fn close(&self) {
+        self.detach();
+    }
+}
+
+impl Inner {
+    fn publish_report(
+        self: &Arc<Inner>,
+        queue: &Arc<str>,
+        report: &ReportMessage<'_>,
+        ack: Option<Ack>,
+    ) -> Result<(), BrokerError> {
+        if self.is_closed() {
+            return Err(closed());
+        }
+        let outgoing = Outgoing {
+            exchange: String::new(),
+            routing_key: queue.to_string(),
+            body: wire::encode_report(report)?,
+            persistent: self.options.durable,
+            correlation: Some(report.id.as_str().to_owned()),
+            reason: None,
+            then: Then::Report { key: report.key(), ack, final_report: report.body.is_final() },
+        };
+        self.publisher()?.send(outgoing, None)
+    }
+}
+
+/// The reply queue a report goes to.
+fn reply_queue(to: &ReplyTo) -> Result<Option<&Arc<str>>, BrokerError> {
+    match to {
+        ReplyTo::None => Ok(None),
+        ReplyTo::Address(queue) => Ok(Some(queue)),
+        ReplyTo::Local(_) => {
+            Err(BrokerError::new(BrokerErrorKind::Config, "an in-process reply cannot go through RabbitMQ"))
+        }
+    }
+}
+
+impl Store for AmqpBroker {
+    fn attach(&self, events: &EventSink) {
+        self.attach_events(events);
+    }
+
+    fn watch(&self, key: &CallKey, sink: ReplySink) -> Result<ReplyTo, BrokerError> {
+        let inner = &self.inner;
+        if inner.is_closed() {
+            return Err(closed());
+        }
+        inner.listener.get_or_start(|| Listener::start(inner.clone()))?;
+        inner.router.watch(key, sink);
+        Ok(ReplyTo::Address(inner.reply_queue.clone()))
+    }
+
+    fn forget(&self, key: &CallKey) {
+        self.inner.router.forget(key);
+    }
+
+    fn wait_spin(&self) -> Duration {
+        // Only a lone call: a caller with many in flight would burn a core the workers need.
+        if self.inner.router.watched() <= 1 { self.inner.options.wait_spin } else { Duration::ZERO }
+    }
+
+    fn close(&self) {
+        self.detach();
+    }
+}
+
+/// Whether RabbitMQ answered "not found" (404).
+fn is_not_found(error: &BrokerError) -> bool {
+    let source = std::error::Error::source(error).and_then(|s| s.downcast_ref::<amiquip::Error>());
+    matches!(source, Some(amiquip::Error::ServerClosedChannel { code: 404, .. }))
+}
+
+pub(crate) fn closed() -> BrokerError {
+    BrokerError::new(BrokerErrorKind::Closed, "the RabbitMQ broker is shut down")
+}
+
+/// A background component started on first use; failing to start is an error, not a panic.
+pub(crate) struct Lazy<T> {
+    cell: OnceLock<T>,
+    starting: Mutex<()>,
+}
+
+impl<T> Lazy<T> {
+    fn new() -> Lazy<T> {
+        Lazy { cell: OnceLock::new(), starting: Mutex::new(()) }
+    }
+
+    fn get_or_start(&self, start: impl FnOnce() -> Result<T, BrokerError>) -> Result<&T, BrokerError> {
+        if let Some(started) = self.cell.get() {
+            return Ok(started);
+        }
+        let _starting = lock(&self.starting);
+        if self.cell.get().is_none() {
+            let _ = self.cell.set(start()?);
+        }
+        self.cell.get().ok_or_else(closed)
+    }
+
+    fn get(&self) -> Option<&T> {
+        self.cell.get()
+    }
+}
+
+/// A thread with a way to be told to stop and an owner that joins it.
+pub(crate) struct Thread {
+    stop: Arc<AtomicBool>,
+    /// Dropped on stop: wakes the thread where it selects on [`Stop::signal`].
+    signal: Mutex<Option<Sender<()>>>,
+    handle: Mutex<Option<JoinHandle<()>>>,
+}
+
+/// What a [`Thread`] is told to stop by: a flag, and a channel that disconnects.
+pub(crate) struct Stop {
+    pub(crate) flag: Arc<AtomicBool>,
+    pub(crate) signal: Receiver<()>,
+}
+
+impl Stop {
+    pub(crate) fn is_set(&self) -> bool {
+        self.flag.load(Ordering::Acquire)
+    }
+}
+
+impl Thread {
+    pub(crate) fn spawn(name: &str, run: impl FnOnce(Stop) + Send + 'static) -> Result<Thread, BrokerError> {
+        let flag = Arc::new(AtomicBool::new(false));
+        let (signal, receiver) = crossbeam_channel::bounded(0);
+        let stop = Stop { flag: flag.clone(), signal: receiver };
+        let handle = std::thread::Builder::new()
+            .name(name.to_owned())
+            .spawn(move || run(stop))
+            .map_err(|e| BrokerError::with_source(BrokerErrorKind::Other, "cannot start an AMQP thread", e))?;
+        Ok(Thread { stop: flag, signal: Mutex::new(Some(signal)), handle: Mutex::new(Some(handle)) })
+    }
+
+    /// Tells the thread to stop and waits for it (never for the calling thread itself).
+    pub(crate) fn stop_and_join(&self) {
+        self.stop.store(true, Ordering::SeqCst);
+        drop(lock(&self.signal).take());
+        if let Some(handle) = lock(&self.handle).take()
+            && handle.thread().id() != std::thread::current().id()
+        {
+            let _ = handle.join();
+        }
+    }
+}
+
+// The guarded data stays consistent if a holder panics (single inserts and removals).
+pub(crate) fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
+    mutex.lock().unwrap_or_else(|e| e.into_inner())
+}

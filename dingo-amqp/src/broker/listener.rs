@@ -1,0 +1,125 @@
+//! The report listener: one thread per broker consuming this process's reply queue and
+//! routing every report to its call's handle by (task name, id). Many calls waiting cost
+//! no channel each. Reports are acknowledged in batches once routed; after a reconnection
+//! the queue (which outlives its connection) is consumed again, so nothing in it is lost.
+
+use std::sync::Arc;
+
+use amiquip::{Channel, ConsumerMessage, ConsumerOptions};
+use crossbeam_channel::Sender;
+use dingo_core::event::{Event, EventKind, Level, Origin};
+use dingo_core::message::wire;
+use dingo_core::{BrokerError, BrokerErrorKind};
+
+use super::{Inner, Stop, Thread};
+use crate::conn::amqp_error;
+use crate::topology;
+
+/// How many reports RabbitMQ sends ahead of the listener's acknowledgements.
+const PREFETCH: u16 = 2048;
+
+pub(crate) struct Listener {
+    thread: Thread,
+}
+
+impl Listener {
+    /// Starts the thread and waits until the reply queue is declared (a worker must never
+    /// publish a report into a queue that does not exist yet).
+    pub(crate) fn start(inner: Arc<Inner>) -> Result<Listener, BrokerError> {
+        let (ready, declared) = crossbeam_channel::bounded(1);
+        let patience = inner.options.connect_timeout * 2;
+        let thread = Thread::spawn("dingo-amqp-reply", move |stop| run(&inner, &stop, &mut Some(ready)))?;
+        let listener = Listener { thread };
+        match declared.recv_timeout(patience) {
+            Ok(Ok(())) => Ok(listener),
+            Ok(Err(e)) => Err(e),
+            Err(_) => {
+                Err(BrokerError::new(BrokerErrorKind::Connection, "the reply queue could not be declared in time"))
+            }
+        }
+    }
+
+    pub(crate) fn stop(&self) {
+        self.thread.stop_and_join();
+    }
+}
+
+fn run(inner: &Arc<Inner>, stop: &Stop, ready: &mut Option<Sender<Result<(), BrokerError>>>) {
+    while !stop.is_set() {
+        let Some(opened) = inner.session.channel("report listener", &stop.flag) else { break };
+        if let Err(e) = topology::declare_reply(&opened.channel, &inner.options, &inner.reply_queue) {
+            if let Some(ready) = ready.take() {
+                // At start: the caller learns why (a declaration the server refuses will not
+                // succeed by retrying).
+                let _ = ready.send(Err(amqp_error("declaring the reply queue failed", e)));
+                return;
+            }
+            inner.session.channel_failed(opened.generation, "report listener", &e.to_string());
+            continue;
+        }
+        if let Some(ready) = ready.take() {
+            let _ = ready.send(Ok(()));
+        }
+        if let Err(error) = listen(inner, &opened.channel, stop) {
+            inner.events.emit(Event::new(
+                Origin::Store,
+                Level::Warning,
+                EventKind::ReceiveFailed,
+                format!("receiving reports failed ({error}); listening again"),
+            ));
+            inner.session.channel_failed(opened.generation, "report listener", &error);
+        }
+    }
+}
+
+/// Routes reports until told to stop (`Ok`) or the channel breaks (`Err`).
+fn listen(inner: &Inner, channel: &Channel, stop: &Stop) -> Result<(), String> {
+    channel.qos(0, PREFETCH, false).map_err(|e| e.to_string())?;
+    let consumer =
+        channel.basic_consume(inner.reply_queue.to_string(), ConsumerOptions::default()).map_err(|e| e.to_string())?;
+    let receiver = consumer.receiver();
+    while !stop.is_set() {
+        let mut last = None;
+        let mut next = crossbeam_channel::select! {
+            recv(receiver) -> message => match message {
+                Ok(message) => Some(message),
+                Err(_) => return Err("the connection stopped delivering reports".to_owned()),
+            },
+            recv(stop.signal) -> _ => None,
+        };
+        // Route what has arrived, then acknowledge it all at once.
+        while let Some(message) = next {
+            match message {
+                ConsumerMessage::Delivery(mut delivery) => {
+                    route(inner, std::mem::take(&mut delivery.body));
+                    last = Some(delivery);
+                }
+                ConsumerMessage::ServerClosedChannel(e) | ConsumerMessage::ServerClosedConnection(e) => {
+                    return Err(e.to_string());
+                }
+                _ => return Err("the reply queue's consumer was cancelled".to_owned()),
+            }
+            next = if last.is_some() { receiver.try_recv().ok() } else { None };
+        }
+        if let Some(last) = last {
+            last.ack_multiple(channel).map_err(|e| e.to_string())?;
+        }
+    }
+    // Reports that arrive meanwhile stay unacknowledged: the queue keeps them.
+    crate::conn::cancelled(&consumer, drop);
+    Ok(())
+}
+
+fn route(inner: &Inner, body: Vec<u8>) {
+    match wire::decode_report_from(body, &wire::Known { name: None, address: None }) {
+        Ok(report) => {
+            inner.router.route(report);
+        }
+        Err(e) => inner.events.emit(Event::new(
+            Origin::Store,
+            Level::Warning,
+            EventKind::MalformedMessage,
+            format!("an undecodable report in `{}` was dropped: {}", inner.reply_queue, dingo_core::error::chain(&e)),
+        )),
+    }
+}

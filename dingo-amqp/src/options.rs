@@ -1,0 +1,226 @@
+//! [`AmqpOptions`]: every knob of the RabbitMQ broker, with the defaults documented.
+
+use std::time::Duration;
+
+/// Settings of an [`AmqpBroker`](crate::AmqpBroker).
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct AmqpOptions {
+    /// Prefix of every queue and exchange name, so several apps can share one virtual host.
+    /// Default `dingo`.
+    pub namespace: String,
+    /// Durable queues and persistent task messages (they survive a broker restart).
+    /// Transient ones are faster and lost with the broker. Default `true`.
+    pub durable: bool,
+    /// Quorum queues (`x-queue-type=quorum`, replicated; for clusters). Implies durable.
+    /// Default `false` (classic queues).
+    pub quorum: bool,
+    /// How many unacknowledged tasks RabbitMQ hands each subscription ahead of its workers
+    /// (per-consumer QoS; at least the app's own prefetch). Default 128.
+    pub prefetch: u16,
+    /// How many published messages may wait for their confirms (publisher confirms are
+    /// asynchronous and batched); past it, publishing waits for confirms. Default 4,096.
+    pub max_unconfirmed: usize,
+    /// Messages a producer may queue before `send` blocks (back-pressure while RabbitMQ is
+    /// slow or away). Default 65,536.
+    pub send_buffer: usize,
+    /// AMQP heartbeat: a connection silent for about twice this long is considered dead.
+    /// Default 10 s.
+    pub heartbeat: Duration,
+    /// Timeout for connecting (TCP and the AMQP handshake). Default 5 s.
+    pub connect_timeout: Duration,
+    /// Largest encoded task message accepted. Default 16 MiB.
+    pub max_message_size: usize,
+    /// How long reports wait in a caller's reply queue, and how long an unused reply queue
+    /// lives (its process gone). Default 1 day.
+    pub result_ttl: Duration,
+    /// First and longest pause between reconnection attempts (doubling in between).
+    /// Default 10 ms and 2 s.
+    pub reconnect_backoff: (Duration, Duration),
+    /// How long a stopping subscription waits for the acknowledgements of tasks its workers
+    /// finished (their reports still on their way) before it closes its channel; whatever is
+    /// unacknowledged then goes back to the queue. Default 5 s.
+    pub settle_grace: Duration,
+    /// How long a caller waits hot (polls) for the result of a call made while it had no
+    /// other call in flight, before it sleeps (saves a thread wake-up). Zero turns it off.
+    /// Default 300 µs.
+    pub wait_spin: Duration,
+}
+
+impl Default for AmqpOptions {
+    fn default() -> AmqpOptions {
+        AmqpOptions {
+            namespace: "dingo".to_owned(),
+            durable: true,
+            quorum: false,
+            prefetch: 128,
+            max_unconfirmed: 4096,
+            send_buffer: 65_536,
+            heartbeat: Duration::from_secs(10),
+            connect_timeout: Duration::from_secs(5),
+            max_message_size: 16 << 20,
+            result_ttl: Duration::from_secs(24 * 3600),
+            reconnect_backoff: (Duration::from_millis(10), Duration::from_secs(2)),
+            settle_grace: Duration::from_secs(5),
+            wait_spin: Duration::from_micros(300),
+        }
+    }
+}
+
+impl AmqpOptions {
+    /// The defaults.
+    pub fn new() -> AmqpOptions {
+        AmqpOptions::default()
+    }
+
+    /// Sets [`namespace`](AmqpOptions::namespace).
+    pub fn namespace(mut self, namespace: impl Into<String>) -> AmqpOptions {
+        self.namespace = namespace.into();
+        self
+    }
+
+    /// Sets [`durable`](AmqpOptions::durable).
+    pub fn durable(mut self, durable: bool) -> AmqpOptions {
+        self.durable = durable;
+        self
+    }
+
+    /// Sets [`quorum`](AmqpOptions::quorum) (quorum queues are always durable).
+    pub fn quorum(mut self, quorum: bool) -> AmqpOptions {
+        self.quorum = quorum;
+        if quorum {
+            self.durable = true;
+        }
+        self
+    }
+
+    /// Sets [`prefetch`](AmqpOptions::prefetch).
+    pub fn prefetch(mut self, tasks: u16) -> AmqpOptions {
+        self.prefetch = tasks.max(1);
+        self
+    }
+
+    /// Sets [`max_unconfirmed`](AmqpOptions::max_unconfirmed).
+    pub fn max_unconfirmed(mut self, messages: usize) -> AmqpOptions {
+        self.max_unconfirmed = messages.max(1);
+        self
+    }
+
+    /// Sets [`send_buffer`](AmqpOptions::send_buffer).
+    pub fn send_buffer(mut self, messages: usize) -> AmqpOptions {
+        self.send_buffer = messages.max(1);
+        self
+    }
+
+    /// Sets [`heartbeat`](AmqpOptions::heartbeat) (whole seconds, at least 1).
+    pub fn heartbeat(mut self, interval: Duration) -> AmqpOptions {
+        self.heartbeat = interval.max(Duration::from_secs(1));
+        self
+    }
+
+    /// Sets [`connect_timeout`](AmqpOptions::connect_timeout).
+    pub fn connect_timeout(mut self, timeout: Duration) -> AmqpOptions {
+        self.connect_timeout = timeout.max(Duration::from_millis(1));
+        self
+    }
+
+    /// Sets [`max_message_size`](AmqpOptions::max_message_size).
+    pub fn max_message_size(mut self, bytes: usize) -> AmqpOptions {
+        self.max_message_size = bytes;
+        self
+    }
+
+    /// Sets [`result_ttl`](AmqpOptions::result_ttl) (whole milliseconds, at least 1 s:
+    /// RabbitMQ's queue expiry).
+    pub fn result_ttl(mut self, ttl: Duration) -> AmqpOptions {
+        self.result_ttl = ttl.max(Duration::from_secs(1));
+        self
+    }
+
+    /// Sets [`reconnect_backoff`](AmqpOptions::reconnect_backoff).
+    pub fn reconnect_backoff(mut self, first: Duration, longest: Duration) -> AmqpOptions {
+        self.reconnect_backoff = (first, longest.max(first));
+        self
+    }
+
+    /// Sets [`settle_grace`](AmqpOptions::settle_grace).
+    pub fn settle_grace(mut self, grace: Duration) -> AmqpOptions {
+        self.settle_grace = grace;
+        self
+    }
+
+    /// Sets [`wait_spin`](AmqpOptions::wait_spin).
+    pub fn wait_spin(mut self, spin: Duration) -> AmqpOptions {
+        self.wait_spin = spin;
+        self
+    }
+
+    /// Splits dingo's settings off a URL's query string: `namespace`, `durable`, `quorum`,
+    /// `prefetch`, `max_unconfirmed`, `heartbeat` (seconds, as RabbitMQ's URI spec has it),
+    /// `connection_timeout` (milliseconds, likewise), `result_ttl_s`, `wait_spin_us`. Any
+    /// other key is an error (a misspelt option should not pass unnoticed). Returns the URL
+    /// without its query, and the options.
+    pub(crate) fn apply_url(mut self, url: &str) -> Result<(String, AmqpOptions), String> {
+        let Some((address, query)) = url.split_once('?') else { return Ok((url.to_owned(), self)) };
+        for pair in query.split('&').filter(|p| !p.is_empty()) {
+            let (key, value) = pair.split_once('=').unwrap_or((pair, ""));
+            let number = || value.parse::<u64>().map_err(|_| format!("`{key}` wants a whole number, not `{value}`"));
+            let flag = || match value {
+                "true" | "1" | "yes" => Ok(true),
+                "false" | "0" | "no" => Ok(false),
+                _ => Err(format!("`{key}` wants true or false, not `{value}`")),
+            };
+            match key {
+                "namespace" if !value.is_empty() => self = self.namespace(value),
+                "namespace" => return Err("`namespace` must not be empty".to_owned()),
+                "durable" => self = self.durable(flag()?),
+                "quorum" => self = self.quorum(flag()?),
+                "prefetch" => self = self.prefetch(u16::try_from(number()?).unwrap_or(u16::MAX)),
+                "max_unconfirmed" => self = self.max_unconfirmed(usize::try_from(number()?).unwrap_or(usize::MAX)),
+                "heartbeat" => self = self.heartbeat(Duration::from_secs(number()?)),
+                "connection_timeout" => self = self.connect_timeout(Duration::from_millis(number()?)),
+                "result_ttl_s" => self = self.result_ttl(Duration::from_secs(number()?)),
+                "wait_spin_us" => self = self.wait_spin(Duration::from_micros(number()?)),
+                _ => return Err(format!("unknown option `{key}`")),
+            }
+        }
+        if self.quorum && !self.durable {
+            return Err("quorum queues are always durable: `quorum=true` with `durable=false`".to_owned());
+        }
+        Ok((address.to_owned(), self))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn url_query_sets_options() {
+        let (url, options) = AmqpOptions::new()
+            .apply_url("amqp://u:p@host:5673/vh?namespace=shop&prefetch=64&quorum=true&heartbeat=30")
+            .expect("valid");
+        assert_eq!(url, "amqp://u:p@host:5673/vh");
+        assert_eq!(options.namespace, "shop");
+        assert_eq!(options.prefetch, 64);
+        assert!(options.quorum && options.durable);
+        assert_eq!(options.heartbeat, Duration::from_secs(30));
+        assert_eq!(options.max_unconfirmed, AmqpOptions::default().max_unconfirmed);
+    }
+
+    #[test]
+    fn url_without_query_is_untouched() {
+        let (url, options) = AmqpOptions::new().apply_url("amqp://127.0.0.1:5672/%2f").expect("valid");
+        assert_eq!((url.as_str(), options), ("amqp://127.0.0.1:5672/%2f", AmqpOptions::default()));
+    }
+
+    #[test]
+    fn url_query_errors_name_the_key() {
+        let error = AmqpOptions::new().apply_url("amqp://h/?prefetch=many").expect_err("invalid");
+        assert!(error.contains("prefetch"), "{error}");
+        let error = AmqpOptions::new().apply_url("amqp://h/?prefech=5").expect_err("misspelt");
+        assert!(error.contains("prefech"), "{error}");
+        assert!(AmqpOptions::new().apply_url("amqp://h/?quorum=true&durable=false").is_err());
+        assert!(AmqpOptions::new().apply_url("amqp://h/?namespace=").is_err());
+    }
+}
