@@ -4,9 +4,11 @@
 //! ```text
 //! cargo run --release -p dingo-bench -- local [--runs 5] [--calls 2000000] [--window 1024] [--workers 1]
 //! cargo run --release -p dingo-bench -- redis [--url redis://127.0.0.1:6379] [--calls 300000] [--workers 2]
+//! cargo run --release -p dingo-bench -- amqp [--url amqp://guest:guest@127.0.0.1:5672/%2f] [--calls 100000] [--workers 2]
 //! ```
 //!
-//! `--url` may carry broker options in its query (`redis://127.0.0.1:6379/?prefetch=512`).
+//! `--url` may carry broker options in its query (`redis://127.0.0.1:6379/?prefetch=512`,
+//! `amqp://guest:guest@127.0.0.1:5672/%2f?prefetch=256`).
 //!
 //! Scenarios on the local broker:
 //! - `inflight`: no-op `add` with a result, `--window` calls in flight from one caller thread;
@@ -22,11 +24,17 @@
 //! - `redis-inflight-at-most-once`: the same with the task's default `at_most_once`;
 //! - `redis-fire-and-forget`: at-least-once `add::send`, counted when the workers ran them;
 //! - `redis-sequential`: one call at a time, p50 / p99.
+//!
+//! Scenarios on RabbitMQ: the same four (`amqp-inflight`, `amqp-inflight-at-most-once`,
+//! `amqp-fire-and-forget`, `amqp-sequential`), with durable queues, persistent messages and
+//! publisher confirms (the broker's defaults); a fresh namespace per run, its queues deleted
+//! afterwards.
 
 use std::collections::VecDeque;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
+use dingo::amqp::{AmqpBroker, AmqpOptions};
 use dingo::redis::{RedisBroker, RedisOptions};
 use dingo::{App, CallOptions, LocalBroker};
 
@@ -77,11 +85,16 @@ fn main() {
     let mut config = Config {
         runs: 5,
         calls: None,
-        url: std::env::var("DINGO_REDIS_URL").unwrap_or_else(|_| "redis://127.0.0.1:6379".to_owned()),
+        url: match mode.as_str() {
+            "amqp" => {
+                std::env::var("DINGO_AMQP_URL").unwrap_or_else(|_| "amqp://guest:guest@127.0.0.1:5672/%2f".to_owned())
+            }
+            _ => std::env::var("DINGO_REDIS_URL").unwrap_or_else(|_| "redis://127.0.0.1:6379".to_owned()),
+        },
         window: 1024,
         // One worker thread per core the broker leaves free: in process, the caller and one
         // worker share two cores; with Redis, two workers (Redis runs on its own thread).
-        workers: if mode == "redis" { 2 } else { 1 },
+        workers: if mode == "local" { 1 } else { 2 },
         only: None,
         worker_spin: None,
         sequential_ids: false,
@@ -108,13 +121,14 @@ fn main() {
     match mode.as_str() {
         "local" => local(&config),
         "redis" => redis(&config),
-        other => usage(&format!("unknown mode {other} (this build knows: local, redis)")),
+        "amqp" => amqp(&config),
+        other => usage(&format!("unknown mode {other} (this build knows: local, redis, amqp)")),
     }
 }
 
 fn usage(problem: &str) -> ! {
     eprintln!(
-        "{problem}\nusage: dingo-bench local|redis [--runs N] [--url URL] [--calls N] [--window N] [--workers N] [--only SCENARIO] [--worker-spin-us N] [--ids uuid|sequential]"
+        "{problem}\nusage: dingo-bench local|redis|amqp [--runs N] [--url URL] [--calls N] [--window N] [--workers N] [--only SCENARIO] [--worker-spin-us N] [--ids uuid|sequential]"
     );
     std::process::exit(2)
 }
@@ -158,49 +172,107 @@ fn memory_same() -> Option<App> {
     None
 }
 
+/// A caller app and a worker app on one server, and what removes their run's traces.
+type Pair = (App, App, Box<dyn std::any::Any>);
+
 fn redis(config: &Config) {
     let calls = config.calls.unwrap_or(300_000);
     machine(config, "redis", calls);
     let url = config.url.as_str();
-    let pair = move || -> Result<(App, App, Namespace), dingo::Error> {
+    let pair = move || -> Result<Pair, dingo::Error> {
         let namespace = Namespace::new(url)?;
         let caller = App::builder().broker(namespace.broker()?).build()?;
         let worker = App::builder().broker(namespace.broker()?).build()?;
-        Ok((caller, worker, namespace))
+        Ok((caller, worker, Box::new(namespace)))
     };
+    run(config, remote("redis", config, calls, &pair));
+}
+
+fn amqp(config: &Config) {
+    let calls = config.calls.unwrap_or(100_000);
+    machine(config, "amqp", calls);
+    let url = config.url.as_str();
+    let pair = move || -> Result<Pair, dingo::Error> {
+        let topology = Topology::new(url)?;
+        let caller = App::builder().broker(topology.broker()?).build()?;
+        let worker = App::builder().broker(topology.broker()?).build()?;
+        Ok((caller, worker, Box::new(topology)))
+    };
+    run(config, remote("amqp", config, calls, &pair));
+}
+
+/// The scenarios of a broker on a server: a caller app and a worker app per run.
+fn remote<'a>(
+    broker: &str,
+    config: &'a Config,
+    calls: u64,
+    pair: &'a (dyn Fn() -> Result<Pair, dingo::Error> + 'a),
+) -> Vec<Scenario<'a>> {
     let at_most_once = |app: &App| app.set_default_options(add, CallOptions::new().at_most_once(true));
-    let scenarios: Vec<Scenario<'_>> = vec![
+    let name = |scenario: &str| -> &'static str { format!("{broker}-{scenario}").leak() };
+    vec![
         (
-            "redis-inflight",
+            name("inflight"),
             Box::new(move || {
-                let (caller, worker, _ns) = pair()?;
+                let (caller, worker, _cleanup) = pair()?;
                 inflight(&caller, &Some(worker), config, calls)
             }),
         ),
         (
-            "redis-inflight-at-most-once",
+            name("inflight-at-most-once"),
             Box::new(move || {
-                let (caller, worker, _ns) = pair()?;
+                let (caller, worker, _cleanup) = pair()?;
                 at_most_once(&caller)?;
                 inflight(&caller, &Some(worker), config, calls)
             }),
         ),
         (
-            "redis-fire-and-forget",
+            name("fire-and-forget"),
             Box::new(move || {
-                let (caller, worker, _ns) = pair()?;
+                let (caller, worker, _cleanup) = pair()?;
                 fire_and_forget(&caller, &Some(worker), config, calls)
             }),
         ),
         (
-            "redis-sequential",
+            name("sequential"),
             Box::new(move || {
-                let (caller, worker, _ns) = pair()?;
+                let (caller, worker, _cleanup) = pair()?;
                 sequential(&caller, &Some(worker), config, (calls / 20).max(1))
             }),
         ),
-    ];
-    run(config, scenarios);
+    ]
+}
+
+/// The queues of one AMQP run, in a namespace of their own, deleted afterwards.
+struct Topology {
+    url: String,
+    options: AmqpOptions,
+    brokers: std::cell::RefCell<Vec<AmqpBroker>>,
+}
+
+impl Topology {
+    fn new(url: &str) -> Result<Topology, dingo::Error> {
+        let name = format!("dingo-bench-{}-{}", std::process::id(), dingo::IdMaker::next_id(&dingo::UuidV7));
+        Ok(Topology { url: url.to_owned(), options: AmqpOptions::new().namespace(name), brokers: Default::default() })
+    }
+
+    fn broker(&self) -> Result<AmqpBroker, dingo::Error> {
+        let broker = AmqpBroker::connect_with(&self.url, self.options.clone())?;
+        self.brokers.borrow_mut().push(broker.clone());
+        Ok(broker)
+    }
+}
+
+impl Drop for Topology {
+    fn drop(&mut self) {
+        let brokers = self.brokers.take();
+        let tasks: Vec<String> = brokers.iter().flat_map(AmqpBroker::known_tasks).collect();
+        let replies: Vec<String> = brokers.iter().map(|b| b.reply_queue().to_owned()).collect();
+        drop(brokers);
+        if let Ok(cleaner) = AmqpBroker::connect_with(&self.url, self.options.clone()) {
+            let _ = cleaner.delete_topology(&tasks, &replies);
+        }
+    }
 }
 
 /// A namespace of its own for one run, deleted afterwards.
@@ -309,8 +381,10 @@ fn fire_and_forget(app: &App, worker: &Option<App>, config: &Config, calls: u64)
     for i in 0..calls as i64 {
         count::send(app, i, 1)?;
     }
+    // Sleeping, not yielding: a caller spinning on `sched_yield` takes the CPU the broker
+    // and the workers need (RabbitMQ most of all).
     while EXECUTED.load(Ordering::Relaxed) - before < calls {
-        std::thread::yield_now();
+        std::thread::sleep(Duration::from_micros(200));
     }
     let rate = calls as f64 / start.elapsed().as_secs_f64();
     close(app, worker)?;

@@ -101,7 +101,8 @@ impl AmqpBroker {
     /// default vhost `/`), or `amqps://…` with the `tls` feature. The server is reached at
     /// once: an unreachable server or bad credentials are an error.
     ///
-    /// The URL's query may set options: `namespace`, `durable`, `quorum`, `prefetch`,
+    /// The URL's query may set options: `namespace`, `durable`, `quorum`,
+    /// `persistent_reports`, `prefetch`,
     /// `max_unconfirmed`, `heartbeat` (s), `connection_timeout` (ms), `result_ttl_s`,
     /// `wait_spin_us` (`amqp://guest:guest@127.0.0.1:5672/%2f?namespace=shop&prefetch=256`);
     /// they override the options given to [`connect_with`](AmqpBroker::connect_with).
@@ -508,7 +509,7 @@ impl Inner {
             exchange: String::new(),
             routing_key: queue.to_string(),
             body: wire::encode_report(report)?,
-            persistent: self.options.durable,
+            persistent: self.options.persistent_reports,
             correlation: Some(report.id.as_str().to_owned()),
             reason: None,
             then: Then::Report { key: report.key(), ack, final_report: report.body.is_final() },

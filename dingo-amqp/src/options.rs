@@ -12,6 +12,10 @@ pub struct AmqpOptions {
     /// Durable queues and persistent task messages (they survive a broker restart).
     /// Transient ones are faster and lost with the broker. Default `true`.
     pub durable: bool,
+    /// Persistent reports in durable reply queues, so results survive a restart of RabbitMQ.
+    /// Off by default, as Celery's `result_persistent`: reports are read by a caller that is
+    /// alive, and persisting them costs RabbitMQ a disk write per call. Default `false`.
+    pub persistent_reports: bool,
     /// Quorum queues (`x-queue-type=quorum`, replicated; for clusters). Implies durable.
     /// Default `false` (classic queues).
     pub quorum: bool,
@@ -52,6 +56,7 @@ impl Default for AmqpOptions {
         AmqpOptions {
             namespace: "dingo".to_owned(),
             durable: true,
+            persistent_reports: false,
             quorum: false,
             prefetch: 128,
             max_unconfirmed: 4096,
@@ -82,6 +87,12 @@ impl AmqpOptions {
     /// Sets [`durable`](AmqpOptions::durable).
     pub fn durable(mut self, durable: bool) -> AmqpOptions {
         self.durable = durable;
+        self
+    }
+
+    /// Sets [`persistent_reports`](AmqpOptions::persistent_reports).
+    pub fn persistent_reports(mut self, persistent: bool) -> AmqpOptions {
+        self.persistent_reports = persistent;
         self
     }
 
@@ -156,7 +167,7 @@ impl AmqpOptions {
     }
 
     /// Splits dingo's settings off a URL's query string: `namespace`, `durable`, `quorum`,
-    /// `prefetch`, `max_unconfirmed`, `heartbeat` (seconds, as RabbitMQ's URI spec has it),
+    /// `persistent_reports`, `prefetch`, `max_unconfirmed`, `heartbeat` (seconds, as RabbitMQ's URI spec has it),
     /// `connection_timeout` (milliseconds, likewise), `result_ttl_s`, `wait_spin_us`. Any
     /// other key is an error (a misspelt option should not pass unnoticed). Returns the URL
     /// without its query, and the options.
@@ -175,6 +186,7 @@ impl AmqpOptions {
                 "namespace" => return Err("`namespace` must not be empty".to_owned()),
                 "durable" => self = self.durable(flag()?),
                 "quorum" => self = self.quorum(flag()?),
+                "persistent_reports" => self = self.persistent_reports(flag()?),
                 "prefetch" => self = self.prefetch(u16::try_from(number()?).unwrap_or(u16::MAX)),
                 "max_unconfirmed" => self = self.max_unconfirmed(usize::try_from(number()?).unwrap_or(usize::MAX)),
                 "heartbeat" => self = self.heartbeat(Duration::from_secs(number()?)),

@@ -108,7 +108,8 @@ fn kind(options: &AmqpOptions) -> FieldTable {
 
 /// Declares a caller's reply queue. Not exclusive: an exclusive queue dies with its
 /// connection, and the reports in it with it; this one outlives a reconnection and expires
-/// once unused for the result TTL (so do the reports in it).
+/// once unused for the result TTL (so do the reports in it). Durable only with persistent
+/// reports.
 pub(crate) fn declare_reply(channel: &Channel, options: &AmqpOptions, queue: &str) -> Result<(), amiquip::Error> {
     let ttl = i64::try_from(options.result_ttl.as_millis()).unwrap_or(i64::MAX);
     let mut arguments = FieldTable::new();
@@ -117,7 +118,7 @@ pub(crate) fn declare_reply(channel: &Channel, options: &AmqpOptions, queue: &st
     channel
         .queue_declare(
             queue.to_owned(),
-            QueueDeclareOptions { durable: options.durable, arguments, ..QueueDeclareOptions::default() },
+            QueueDeclareOptions { durable: options.persistent_reports, arguments, ..QueueDeclareOptions::default() },
         )
         .map(|_| ())
 }

@@ -411,7 +411,7 @@ impl ConsumerThread {
                             exchange: String::new(),
                             routing_key: caller.to_string(),
                             body,
-                            persistent: inner.options.durable,
+                            persistent: inner.options.persistent_reports,
                             correlation: Some(id.as_str().to_owned()),
                             reason: None,
                             then: Then::Report { key, ack: None, final_report: true },
