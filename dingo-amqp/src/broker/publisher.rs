@@ -1,29 +1,28 @@
-//! The publisher thread: every message this broker sends — task messages, reports, dead
-//! letters — leaves through one channel in confirm mode, in the order it was queued (so the
-//! reports of a call stay in order).
+//! Publishing: every message this broker sends — task messages, reports, dead letters —
+//! leaves through one channel in confirm mode, published by the thread that sends it (under
+//! a lock, so the reports of a call stay in order) without waiting for RabbitMQ.
 //!
-//! Confirms are asynchronous: the thread publishes whatever is queued, up to
-//! [`max_unconfirmed`](crate::AmqpOptions::max_unconfirmed) messages ahead of RabbitMQ's
-//! confirms, and acts on each confirm as it comes ([`Then`]): a report's confirm
-//! acknowledges the task it finishes. Task messages and reports are published `mandatory`;
+//! Confirms are asynchronous: up to [`max_unconfirmed`](crate::AmqpOptions::max_unconfirmed)
+//! messages may wait for theirs; the confirm thread acts on each confirm as it comes
+//! ([`Then`]): a report's confirm acknowledges the task it finishes. Task messages and reports are published `mandatory`;
 //! one that reaches no queue comes back (a return, then its confirm) and is treated as an
 //! error. Messages not yet confirmed when the connection breaks are published again on the
 //! next one (at least once).
 
 use std::collections::VecDeque;
-use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Condvar, Mutex};
 use std::time::{Duration, Instant};
 
 use amiquip::{AmqpProperties, AmqpValue, Channel, Confirm, ConfirmSmoother, FieldTable, Publish};
-use crossbeam_channel::{Receiver, Select, SendTimeoutError, Sender, TrySendError};
+use crossbeam_channel::{Receiver, Sender};
 use dingo_core::broker::Ack;
 use dingo_core::event::{Event, EventKind, Level, Origin};
 use dingo_core::message::{ReportBody, ReportMessage};
 use dingo_core::{BrokerError, BrokerErrorKind, CallKey, TaskError, TaskErrorKind};
 
 use super::subscription::AmqpAck;
-use super::{Inner, Stop, Thread};
+use super::{Inner, Stop, Thread, lock};
 use crate::topology::REASON_HEADER;
 
 /// One message to publish and what to do once RabbitMQ confirmed it.
@@ -65,67 +64,118 @@ struct Pending {
     returned: Option<String>,
 }
 
+/// The publishing channel, shared: callers and workers publish on it themselves (under the
+/// lock, no thread hop), the confirm thread reads RabbitMQ's answers and replaces the
+/// channel when it breaks.
 pub(crate) struct Publisher {
-    requests: Sender<Outgoing>,
+    shared: Arc<Shared>,
     thread: Thread,
+}
+
+struct Shared {
+    state: Mutex<State>,
+    /// Signalled when confirms make room under `max_unconfirmed`.
+    room: Condvar,
+    /// Tells the confirm thread that publishing failed (the channel is broken).
+    broken: Sender<()>,
+    limit: usize,
+}
+
+struct State {
+    /// `None` while (re)connecting: messages wait in `pending` and go out on the next channel.
+    channel: Option<Channel>,
+    /// Published (or waiting for a channel), not yet confirmed; in publishing order, which is
+    /// the order of the channel's delivery tags.
+    pending: VecDeque<Pending>,
+    numbers: u64,
+    /// The confirm thread has stopped: nothing more is published.
+    closed: bool,
 }
 
 impl Publisher {
     pub(crate) fn start(inner: Arc<Inner>) -> Result<Publisher, BrokerError> {
-        let (requests, queued) = crossbeam_channel::bounded(inner.options.send_buffer);
-        let thread = Thread::spawn("dingo-amqp-publish", move |stop| run(&inner, &queued, &stop))?;
-        Ok(Publisher { requests, thread })
+        let (broken, failures) = crossbeam_channel::bounded(1);
+        let shared = Arc::new(Shared {
+            state: Mutex::new(State { channel: None, pending: VecDeque::new(), numbers: 0, closed: false }),
+            room: Condvar::new(),
+            broken,
+            limit: inner.options.max_unconfirmed,
+        });
+        let confirmer = shared.clone();
+        let thread = Thread::spawn("dingo-amqp-confirm", move |stop| run(&inner, &confirmer, &failures, &stop))?;
+        Ok(Publisher { shared, thread })
     }
 
-    /// Queues a message; blocks while the queue is full, at most `timeout`.
+    /// Publishes a message (on this thread); blocks while `max_unconfirmed` messages wait for
+    /// their confirms, at most `timeout`.
     pub(crate) fn send(&self, outgoing: Outgoing, timeout: Option<Duration>) -> Result<(), BrokerError> {
-        let full = || BrokerError::new(BrokerErrorKind::Full, "the AMQP publisher's queue is full");
-        match timeout {
-            None => self.requests.send(outgoing).map_err(|_| super::closed()),
-            Some(timeout) if timeout.is_zero() => self.requests.try_send(outgoing).map_err(|e| match e {
-                TrySendError::Full(_) => full(),
-                TrySendError::Disconnected(_) => super::closed(),
-            }),
-            Some(timeout) => self.requests.send_timeout(outgoing, timeout).map_err(|e| match e {
-                SendTimeoutError::Timeout(_) => full(),
-                SendTimeoutError::Disconnected(_) => super::closed(),
-            }),
+        let shared = &*self.shared;
+        let deadline = timeout.map(|t| Instant::now() + t);
+        let mut state = lock(&shared.state);
+        while state.pending.len() >= shared.limit && !state.closed {
+            state = match deadline {
+                None => shared.room.wait(state).unwrap_or_else(|e| e.into_inner()),
+                Some(deadline) => {
+                    let left = deadline.saturating_duration_since(Instant::now());
+                    if left.is_zero() {
+                        return Err(BrokerError::new(
+                            BrokerErrorKind::Full,
+                            "too many messages wait for RabbitMQ's confirms",
+                        ));
+                    }
+                    shared.room.wait_timeout(state, left).unwrap_or_else(|e| e.into_inner()).0
+                }
+            };
         }
+        if state.closed {
+            return Err(super::closed());
+        }
+        state.numbers += 1;
+        let entry = Pending { outgoing, number: state.numbers, returned: None };
+        if let Some(channel) = &state.channel
+            && publish(channel, &entry).is_err()
+        {
+            // Kept: it goes out again on the next channel.
+            state.channel = None;
+            let _ = shared.broken.try_send(());
+        }
+        state.pending.push_back(entry);
+        Ok(())
     }
 
-    /// Publishes what is queued, waits for the confirms (at most the settle grace), stops.
+    /// Waits for the confirms of what was published (at most the settle grace), stops.
     pub(crate) fn stop(&self) {
         self.thread.stop_and_join();
     }
 }
 
-enum Served {
-    /// Told to stop, and done (or out of time).
-    Stopped,
-    /// The channel broke: publish the unconfirmed messages again on a new one.
-    Broken(String),
-}
-
-fn run(inner: &Arc<Inner>, queued: &Receiver<Outgoing>, stop: &Stop) {
-    let mut pending: VecDeque<Pending> = VecDeque::new();
-    let mut numbers = 0u64;
+/// The confirm thread: (re)opens the channel, acts on confirms and returns, and at stop
+/// waits for the last confirms.
+fn run(inner: &Arc<Inner>, shared: &Shared, failures: &Receiver<()>, stop: &Stop) {
     let mut deadline = None;
     let never = AtomicBool::new(false);
     loop {
         if stop.is_set() && deadline.is_none() {
             deadline = Some(Instant::now() + inner.options.settle_grace);
         }
-        if deadline.is_some() && pending.is_empty() && queued.is_empty() {
+        if deadline.is_some() && lock(&shared.state).pending.is_empty() {
             break;
         }
         let Some(opened) = inner.session.channel_until("publisher", &never, deadline) else { break };
-        match serve(inner, &opened.channel, queued, &mut pending, &mut numbers, stop, &mut deadline) {
-            Served::Stopped => break,
-            Served::Broken(error) => inner.session.channel_failed(opened.generation, "publisher channel", &error),
+        let error = confirm(inner, shared, opened.channel, failures, stop, &mut deadline);
+        match error {
+            None => break,
+            Some(error) => inner.session.channel_failed(opened.generation, "publisher channel", &error),
         }
     }
     // Out of time at shutdown, or the broker is gone: what is left is not published.
-    let left: Vec<Outgoing> = pending.into_iter().map(|p| p.outgoing).chain(queued.try_iter()).collect();
+    let left: Vec<Pending> = {
+        let mut state = lock(&shared.state);
+        state.closed = true;
+        state.channel = None;
+        state.pending.drain(..).collect()
+    };
+    shared.room.notify_all();
     if !left.is_empty() {
         inner.events.emit(Event::new(
             Origin::Producer,
@@ -133,8 +183,8 @@ fn run(inner: &Arc<Inner>, queued: &Receiver<Outgoing>, stop: &Stop) {
             EventKind::Other,
             format!("{} message(s) were not confirmed by RabbitMQ before shutdown", left.len()),
         ));
-        for outgoing in left {
-            if let Then::Task { key, reply } = outgoing.then {
+        for entry in left {
+            if let Then::Task { key, reply } = entry.outgoing.then {
                 fail_call(inner, key, reply.as_deref(), TaskErrorKind::Shutdown, "the task message was not sent");
             }
             // Reports: their deliveries stay unacknowledged and are redelivered.
@@ -142,15 +192,15 @@ fn run(inner: &Arc<Inner>, queued: &Receiver<Outgoing>, stop: &Stop) {
     }
 }
 
-fn serve(
+/// Serves one channel: `None` when stopped, else why the channel broke.
+fn confirm(
     inner: &Arc<Inner>,
-    channel: &Channel,
-    queued: &Receiver<Outgoing>,
-    pending: &mut VecDeque<Pending>,
-    numbers: &mut u64,
+    shared: &Shared,
+    channel: Channel,
+    failures: &Receiver<()>,
     stop: &Stop,
     deadline: &mut Option<Instant>,
-) -> Served {
+) -> Option<String> {
     let setup = || -> Result<_, amiquip::Error> {
         let confirms = channel.listen_for_publisher_confirms()?;
         let returns = channel.listen_for_returns()?;
@@ -159,70 +209,72 @@ fn serve(
     };
     let (confirms, returns) = match setup() {
         Ok(listeners) => listeners,
-        Err(e) => return Served::Broken(e.to_string()),
+        Err(e) => return Some(e.to_string()),
     };
-    let mut smoother = ConfirmSmoother::new();
-    // What the last channel did not confirm, again and in order (RabbitMQ may have stored
-    // some of it: at least once).
-    for entry in pending.iter_mut() {
-        entry.returned = None;
-        if let Err(e) = publish(channel, entry) {
-            return Served::Broken(e.to_string());
+    {
+        let mut state = lock(&shared.state);
+        // What the last channel did not confirm, again and in order (RabbitMQ may have
+        // stored some of it: at least once).
+        for entry in state.pending.iter_mut() {
+            entry.returned = None;
+            if let Err(e) = publish(&channel, entry) {
+                return Some(e.to_string());
+            }
         }
+        state.channel = Some(channel);
+        while failures.try_recv().is_ok() {}
     }
-    let limit = inner.options.max_unconfirmed;
+    let mut smoother = ConfirmSmoother::new();
+    let mut settled = Vec::new();
     loop {
         if stop.is_set() && deadline.is_none() {
             *deadline = Some(Instant::now() + inner.options.settle_grace);
         }
         if let Some(deadline) = *deadline
-            && ((pending.is_empty() && queued.is_empty()) || Instant::now() >= deadline)
+            && (lock(&shared.state).pending.is_empty() || Instant::now() >= deadline)
         {
-            return Served::Stopped;
+            return None;
         }
-        let mut select = Select::new();
-        let on_confirm = select.recv(&confirms);
-        let on_return = select.recv(&returns);
-        let on_queued = (pending.len() < limit).then(|| select.recv(queued));
-        let on_stop = deadline.is_none().then(|| select.recv(&stop.signal));
-        let Ok(ready) = select.select_timeout(Duration::from_millis(100)) else { continue };
-        let index = ready.index();
-        if Some(index) == on_stop {
-            let _ = ready.recv(&stop.signal);
-        } else if index == on_confirm {
-            let Ok(confirm) = ready.recv(&confirms) else {
-                return Served::Broken("the connection stopped delivering confirms".to_owned());
-            };
-            for confirm in smoother.process(confirm) {
-                if let Some(entry) = pending.pop_front() {
-                    settle(inner, entry, matches!(confirm, Confirm::Ack(_)));
+        crossbeam_channel::select! {
+            recv(confirms) -> confirm => {
+                let Ok(confirm) = confirm else {
+                    return Some(broken(shared, "the connection stopped delivering confirms"));
+                };
+                {
+                    let mut state = lock(&shared.state);
+                    for confirm in smoother.process(confirm) {
+                        if let Some(entry) = state.pending.pop_front() {
+                            settled.push((entry, matches!(confirm, Confirm::Ack(_))));
+                        }
+                    }
+                }
+                shared.room.notify_all();
+                // Outside the lock: settling acknowledges deliveries, fails calls.
+                for (entry, stored) in settled.drain(..) {
+                    settle(inner, entry, stored);
                 }
             }
-        } else if index == on_return {
-            let Ok(returned) = ready.recv(&returns) else {
-                return Served::Broken("the connection stopped delivering returns".to_owned());
-            };
-            let number = returned.properties.message_id().as_ref().and_then(|id| id.parse::<u64>().ok());
-            if let Some(entry) = pending.iter_mut().find(|p| Some(p.number) == number) {
-                entry.returned = Some(format!("{} {}", returned.reply_code, returned.reply_text));
-            }
-        } else if Some(index) == on_queued {
-            let Ok(first) = ready.recv(queued) else { return Served::Stopped };
-            // Whatever else is queued goes out in the same burst.
-            let mut next = Some(first);
-            while let Some(outgoing) = next {
-                *numbers += 1;
-                let entry = Pending { outgoing, number: *numbers, returned: None };
-                let published = publish(channel, &entry);
-                // Kept either way: a message whose publishing failed goes out on the next channel.
-                pending.push_back(entry);
-                if let Err(e) = published {
-                    return Served::Broken(e.to_string());
+            recv(returns) -> returned => {
+                let Ok(returned) = returned else {
+                    return Some(broken(shared, "the connection stopped delivering returns"));
+                };
+                let number = returned.properties.message_id().as_ref().and_then(|id| id.parse::<u64>().ok());
+                let mut state = lock(&shared.state);
+                if let Some(entry) = state.pending.iter_mut().find(|p| Some(p.number) == number) {
+                    entry.returned = Some(format!("{} {}", returned.reply_code, returned.reply_text));
                 }
-                next = if pending.len() < limit { queued.try_recv().ok() } else { None };
             }
+            recv(failures) -> _ => return Some(broken(shared, "publishing failed")),
+            recv(stop.signal) -> _ => {}
+            default(Duration::from_millis(100)) => {}
         }
     }
+}
+
+/// Takes the channel out of use (messages published meanwhile wait for the next one).
+fn broken(shared: &Shared, why: &str) -> String {
+    lock(&shared.state).channel = None;
+    why.to_owned()
 }
 
 fn publish(channel: &Channel, entry: &Pending) -> Result<(), amiquip::Error> {
