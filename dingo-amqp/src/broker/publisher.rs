@@ -47,7 +47,7 @@ pub(crate) enum Then {
     Report { key: CallKey, ack: Option<Ack>, final_report: bool },
     /// A copy of a message that cannot run, with its reason, for the dead-letter queue: once
     /// stored, the original is acknowledged.
-    DeadLetter { original: AmqpAck },
+    DeadLetter { original: Box<AmqpAck> },
 }
 
 impl Outgoing {

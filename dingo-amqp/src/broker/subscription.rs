@@ -1,15 +1,17 @@
-//! A worker pool's subscription: one consumer thread owning one channel, consuming the
-//! pool's task queues with per-consumer prefetch (`global = false`, which quorum queues
-//! require), handing deliveries to the workers over a crossbeam channel, and settling them
-//! when told ([`AmqpAck`]): acknowledged once the final report is confirmed, given back, or
-//! dead-lettered with a reason.
+//! A worker pool's subscription. One consumer thread owns the pool's channel: it declares
+//! the pool's task queues, consumes them with per-consumer prefetch (`global = false`, which
+//! quorum queues require), and settles deliveries when told ([`AmqpAck`]): acknowledged
+//! once the final report is confirmed, given back, or dead-lettered with a reason. The
+//! worker threads take deliveries straight from amiquip's consumer channels (the [`Feed`]),
+//! with no thread in between.
 //!
 //! A delivery belongs to the channel it came on: when the channel breaks, RabbitMQ requeues
 //! everything it had not acknowledged (marked redelivered), and settlements for the old
-//! channel are ignored. The thread reconnects, declares the queues again and consumes again.
+//! channel are dropped. The consumer thread reconnects, declares the queues again, consumes
+//! again and hands the workers a new feed.
 
 use std::any::Any;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -17,7 +19,6 @@ use amiquip::{Channel, Consumer, ConsumerMessage, ConsumerOptions};
 use crossbeam_channel::{Receiver, Select, Sender};
 use dingo_core::broker::{Ack, Acknowledge, ConsumeSettings, Delivery, Recv, Subscription};
 use dingo_core::event::{Event, EventKind, Level, Origin};
-use dingo_core::id::FastMap;
 use dingo_core::message::{ReportBody, ReportMessage, wire};
 use dingo_core::{BrokerError, CallKey, TaskError, TaskErrorKind, TaskName};
 
@@ -30,78 +31,122 @@ use crate::topology::{self, TaskQueues};
 /// (reason `rejected`, dingo's reason in the event only).
 const DEAD_COPY_LIMIT: usize = 64 << 10;
 
-/// What the consumer thread is told to do with a delivery of channel `channel`.
+/// What the consumer thread is told; `channel` names the channel a delivery came on.
 enum Settle {
+    /// Acknowledge; `counted`: the delivery was counted as outstanding (not at most once).
     Ack {
         channel: u64,
-        tag: u64,
+        delivery: amiquip::Delivery,
+        counted: bool,
     },
     Requeue {
         channel: u64,
-        tag: u64,
+        delivery: amiquip::Delivery,
     },
     /// Dead-lettered by RabbitMQ (the queue's dead-letter exchange), without dingo's reason.
     Reject {
         channel: u64,
-        tag: u64,
+        delivery: amiquip::Delivery,
     },
     /// Dead-lettered by dingo: a copy with the reason, then the original acknowledged.
     Dead {
         channel: u64,
-        tag: u64,
+        delivery: amiquip::Delivery,
+        copy: Option<Vec<u8>>,
         reason: String,
+    },
+    /// A message that does not decode.
+    Malformed {
+        channel: u64,
+        delivery: amiquip::Delivery,
+        malformed: Box<wire::MalformedTask>,
+    },
+    /// A worker saw the channel's consumers end.
+    Lost {
+        channel: u64,
+        why: String,
     },
     /// Look at the stop flag.
     Wake,
 }
 
+/// The consumers of the current channel, as the workers see them.
+struct Feed {
+    channel: u64,
+    /// One per task, in the subscription's order.
+    receivers: Vec<Receiver<ConsumerMessage>>,
+    /// Disconnects when this feed is replaced.
+    retired: Receiver<()>,
+}
+
 struct Shared {
     inner: Arc<Inner>,
+    tasks: Vec<TaskName>,
     settle: Sender<Settle>,
     stopped: AtomicBool,
     /// Dropped on stop: wakes every worker blocked in `recv`.
     stop_signal: Mutex<Option<Sender<()>>>,
-    /// Which channel the thread consumes on (counted per subscription).
-    channel: AtomicU64,
+    feed: Mutex<Arc<Feed>>,
+    /// Deliveries handed to workers (at least once) and not settled yet.
+    outstanding: AtomicUsize,
 }
 
-/// Acknowledges one delivery: tells the consumer thread, which owns its channel.
+impl Shared {
+    fn tell(&self, settle: Settle) {
+        // A consumer thread that is gone took its channel with it: RabbitMQ redelivers.
+        let _ = self.settle.send(settle);
+    }
+}
+
+/// Acknowledges one delivery: tells the consumer thread, which owns its channel. Dropped
+/// unused, it gives the delivery back.
 pub(crate) struct AmqpAck {
     shared: Arc<Shared>,
     channel: u64,
-    tag: u64,
+    delivery: Option<amiquip::Delivery>,
+    /// A copy of the message, for dead-lettering it with a reason.
+    copy: Option<Vec<u8>>,
 }
 
 impl AmqpAck {
-    fn tell(&self, settle: Settle) -> Result<(), BrokerError> {
-        // A subscription that is gone took its channel with it: RabbitMQ redelivers.
-        self.shared.settle.send(settle).map_err(|_| super::closed())
+    fn settle(mut self, settle: impl FnOnce(u64, amiquip::Delivery, Option<Vec<u8>>) -> Settle) {
+        if let Some(delivery) = self.delivery.take() {
+            self.shared.tell(settle(self.channel, delivery, self.copy.take()));
+        }
     }
 
     /// Its dead letter was stored: acknowledge the original.
     pub(crate) fn settle_acked(self) {
-        let _ = self.tell(Settle::Ack { channel: self.channel, tag: self.tag });
+        self.settle(|channel, delivery, _| Settle::Ack { channel, delivery, counted: true });
     }
 
     /// Its dead letter was refused: let RabbitMQ dead-letter the original itself.
     pub(crate) fn settle_rejected(self) {
-        let _ = self.tell(Settle::Reject { channel: self.channel, tag: self.tag });
+        self.settle(|channel, delivery, _| Settle::Reject { channel, delivery });
+    }
+}
+
+impl Drop for AmqpAck {
+    fn drop(&mut self) {
+        if let Some(delivery) = self.delivery.take() {
+            self.shared.tell(Settle::Requeue { channel: self.channel, delivery });
+        }
     }
 }
 
 impl Acknowledge for AmqpAck {
     fn ack(self: Box<Self>) -> Result<(), BrokerError> {
-        self.tell(Settle::Ack { channel: self.channel, tag: self.tag })
+        self.settle(|channel, delivery, _| Settle::Ack { channel, delivery, counted: true });
+        Ok(())
     }
 
     fn reject(self: Box<Self>, requeue: bool, reason: &str) -> Result<(), BrokerError> {
-        let (channel, tag) = (self.channel, self.tag);
-        let settle = if requeue {
-            Settle::Requeue { channel, tag }
+        if requeue {
+            self.settle(|channel, delivery, _| Settle::Requeue { channel, delivery });
         } else {
-            Settle::Dead { channel, tag, reason: reason.to_owned() }
-        };
-        self.tell(settle)
+            self.settle(|channel, delivery, copy| Settle::Dead { channel, delivery, copy, reason: reason.to_owned() });
+        }
+        Ok(())
     }
 
     fn as_any(&self) -> &dyn Any {
@@ -115,7 +160,6 @@ impl Acknowledge for AmqpAck {
 
 pub(crate) struct AmqpSubscription {
     shared: Arc<Shared>,
-    deliveries: Receiver<Delivery>,
     stop_seen: Receiver<()>,
     thread: Thread,
 }
@@ -128,29 +172,69 @@ impl AmqpSubscription {
     ) -> Result<AmqpSubscription, BrokerError> {
         let queues = tasks
             .iter()
-            .map(|task| Ok((task.clone(), TaskQueues::of(&inner.names, task.as_str())?)))
+            .map(|task| TaskQueues::of(&inner.names, task.as_str()))
             .collect::<Result<Vec<_>, BrokerError>>()?;
         let prefetch = inner.options.prefetch.max(u16::try_from(settings.prefetch).unwrap_or(u16::MAX));
         let (settle, settles) = crossbeam_channel::unbounded();
         let (stop_signal, stop_seen) = crossbeam_channel::bounded(0);
-        let (to_workers, deliveries) = crossbeam_channel::unbounded();
+        let (retire, retired) = crossbeam_channel::bounded(0);
         let shared = Arc::new(Shared {
             inner,
+            tasks: tasks.to_vec(),
             settle,
             stopped: AtomicBool::new(false),
             stop_signal: Mutex::new(Some(stop_signal)),
-            channel: AtomicU64::new(0),
+            feed: Mutex::new(Arc::new(Feed { channel: 0, receivers: Vec::new(), retired })),
+            outstanding: AtomicUsize::new(0),
         });
-        let consumer = ConsumerThread {
-            shared: shared.clone(),
-            queues,
-            prefetch,
-            to_workers,
-            undelivered: deliveries.clone(),
-            settles,
-        };
-        let thread = Thread::spawn("dingo-amqp-consume", move |stop| consumer.run(&stop.flag))?;
-        Ok(AmqpSubscription { shared, deliveries, stop_seen, thread })
+        let consumer = ConsumerThread { shared: shared.clone(), queues, prefetch, settles };
+        let thread = Thread::spawn("dingo-amqp-consume", move |stop| consumer.run(&stop.flag, retire))?;
+        Ok(AmqpSubscription { shared, stop_seen, thread })
+    }
+
+    /// A delivery for a worker, or `None` when there is nothing to run (an undecodable
+    /// message, handed to the consumer thread for the dead letters).
+    fn take(&self, feed: &Feed, queue: usize, mut delivery: amiquip::Delivery) -> Option<Delivery> {
+        let shared = &self.shared;
+        let stats = &shared.inner.stats;
+        stats.fetched.fetch_add(1, Ordering::Relaxed);
+        let redelivered = delivery.redelivered;
+        if redelivered {
+            stats.redelivered.fetch_add(1, Ordering::Relaxed);
+        }
+        let channel = feed.channel;
+        let body = std::mem::take(&mut delivery.body);
+        let copy = (body.len() <= DEAD_COPY_LIMIT).then(|| body.clone());
+        let known = wire::Known { name: shared.tasks.get(queue), address: None };
+        match wire::decode_delivery(body, &known) {
+            Ok((message, marked)) if message.options.at_most_once => {
+                // At most once: acknowledged before it runs.
+                shared.tell(Settle::Ack { channel, delivery, counted: false });
+                Some(Delivery { message, ack: None, redelivered: redelivered || marked })
+            }
+            Ok((message, marked)) => {
+                shared.outstanding.fetch_add(1, Ordering::AcqRel);
+                let ack = AmqpAck { shared: shared.clone(), channel, delivery: Some(delivery), copy };
+                Some(Delivery { message, ack: Some(Ack::new(ack)), redelivered: redelivered || marked })
+            }
+            Err(malformed) => {
+                shared.outstanding.fetch_add(1, Ordering::AcqRel);
+                shared.tell(Settle::Malformed { channel, delivery, malformed });
+                None
+            }
+        }
+    }
+
+    /// The feed's consumers ended (the channel broke or is being replaced): tells the
+    /// consumer thread, then waits for the next feed, at most until `deadline`. `false` when
+    /// stopped.
+    fn wait_for_new_feed(&self, feed: &Feed, why: String, deadline: Option<Instant>) -> bool {
+        self.shared.tell(Settle::Lost { channel: feed.channel, why });
+        crossbeam_channel::select! {
+            recv(feed.retired) -> _ => true,
+            recv(self.stop_seen) -> _ => false,
+            default(deadline.map_or(Duration::from_secs(1), |d| d.saturating_duration_since(Instant::now()))) => true,
+        }
     }
 }
 
@@ -159,41 +243,76 @@ impl Subscription for AmqpSubscription {
         if self.shared.stopped.load(Ordering::Acquire) {
             return Recv::Stopped;
         }
-        match self.deliveries.try_recv() {
-            Ok(delivery) => Recv::Delivery(delivery),
-            Err(_) => Recv::Empty,
+        let feed = lock(&self.shared.feed).clone();
+        for (queue, receiver) in feed.receivers.iter().enumerate() {
+            while let Ok(message) = receiver.try_recv() {
+                match message {
+                    ConsumerMessage::Delivery(delivery) => {
+                        if let Some(delivery) = self.take(&feed, queue, delivery) {
+                            return Recv::Delivery(delivery);
+                        }
+                    }
+                    other => {
+                        self.shared.tell(Settle::Lost { channel: feed.channel, why: describe(&other) });
+                        break;
+                    }
+                }
+            }
         }
+        Recv::Empty
     }
 
     fn recv(&self, timeout: Option<Duration>) -> Recv {
-        if self.shared.stopped.load(Ordering::Acquire) {
-            return Recv::Stopped;
-        }
-        let mut select = Select::new();
-        let on_delivery = select.recv(&self.deliveries);
-        select.recv(&self.stop_seen);
-        let ready = match timeout {
-            None => select.select(),
-            Some(timeout) => match select.select_timeout(timeout) {
-                Ok(ready) => ready,
-                Err(_) => return Recv::Empty,
-            },
-        };
-        // A selected operation must be completed, whichever it is.
-        if ready.index() == on_delivery {
-            return match ready.recv(&self.deliveries) {
-                Ok(delivery) => Recv::Delivery(delivery),
-                Err(_) => Recv::Stopped,
+        let deadline = timeout.map(|t| Instant::now() + t);
+        loop {
+            if self.shared.stopped.load(Ordering::Acquire) {
+                return Recv::Stopped;
+            }
+            let feed = lock(&self.shared.feed).clone();
+            let mut select = Select::new();
+            for receiver in &feed.receivers {
+                select.recv(receiver);
+            }
+            let on_retired = select.recv(&feed.retired);
+            let on_stop = select.recv(&self.stop_seen);
+            let ready = match deadline {
+                None => select.select(),
+                Some(deadline) => match select.select_deadline(deadline) {
+                    Ok(ready) => ready,
+                    Err(_) => return Recv::Empty,
+                },
             };
+            // A selected operation must be completed, whichever it is.
+            let index = ready.index();
+            if index == on_stop {
+                let _ = ready.recv(&self.stop_seen);
+                return Recv::Stopped;
+            }
+            if index == on_retired {
+                let _ = ready.recv(&feed.retired);
+                continue;
+            }
+            let ended = match ready.recv(&feed.receivers[index]) {
+                Ok(ConsumerMessage::Delivery(delivery)) => match self.take(&feed, index, delivery) {
+                    Some(delivery) => return Recv::Delivery(delivery),
+                    None => continue,
+                },
+                Ok(other) => describe(&other),
+                Err(_) => "the consumer's channel closed".to_owned(),
+            };
+            if self.shared.stopped.load(Ordering::Acquire) {
+                return Recv::Stopped;
+            }
+            if !self.wait_for_new_feed(&feed, ended, deadline) {
+                return Recv::Stopped;
+            }
         }
-        let _ = ready.recv(&self.stop_seen);
-        Recv::Stopped
     }
 
     fn stop(&self) {
         self.shared.stopped.store(true, Ordering::Release);
         drop(lock(&self.shared.stop_signal).take());
-        let _ = self.shared.settle.send(Settle::Wake);
+        self.shared.tell(Settle::Wake);
     }
 }
 
@@ -205,11 +324,16 @@ impl Drop for AmqpSubscription {
     }
 }
 
-/// A delivery handed out and not yet settled.
-struct Held {
-    delivery: amiquip::Delivery,
-    /// A copy of the message, for dead-lettering it with a reason.
-    copy: Option<Vec<u8>>,
+fn describe(message: &ConsumerMessage) -> String {
+    match message {
+        ConsumerMessage::Delivery(_) => "a delivery".to_owned(),
+        ConsumerMessage::ClientCancelled => "the consumer was cancelled".to_owned(),
+        ConsumerMessage::ServerCancelled => "RabbitMQ cancelled the consumer (its queue was deleted?)".to_owned(),
+        ConsumerMessage::ClientClosedChannel => "the channel was closed".to_owned(),
+        ConsumerMessage::ServerClosedChannel(e) => format!("RabbitMQ closed the channel: {e}"),
+        ConsumerMessage::ClientClosedConnection => "the connection was closed".to_owned(),
+        ConsumerMessage::ServerClosedConnection(e) => format!("RabbitMQ closed the connection: {e}"),
+    }
 }
 
 enum Served {
@@ -219,23 +343,22 @@ enum Served {
 
 struct ConsumerThread {
     shared: Arc<Shared>,
-    queues: Vec<(TaskName, TaskQueues)>,
+    queues: Vec<TaskQueues>,
     prefetch: u16,
-    to_workers: Sender<Delivery>,
-    /// The workers' end too: what they have not taken goes back to the queue on stop.
-    undelivered: Receiver<Delivery>,
     settles: Receiver<Settle>,
 }
 
 impl ConsumerThread {
-    fn run(self, stop: &AtomicBool) {
+    /// `retire` retires the current feed when dropped.
+    fn run(self, stop: &AtomicBool, mut retire: Sender<()>) {
         let inner = self.shared.inner.clone();
         let stopping = || stop.load(Ordering::Acquire) || self.shared.stopped.load(Ordering::Acquire);
         let never = AtomicBool::new(false);
+        let mut number = 0;
         while !stopping() {
             let Some(opened) = inner.session.channel("task consumer", &never) else { break };
-            let number = self.shared.channel.fetch_add(1, Ordering::AcqRel) + 1;
-            match self.serve(&opened.channel, number, &stopping) {
+            number += 1;
+            match self.serve(&opened.channel, number, &stopping, &mut retire) {
                 Served::Stopped => break,
                 Served::Broken(error) => {
                     inner.events.emit(Event::new(
@@ -248,84 +371,79 @@ impl ConsumerThread {
                 }
             }
         }
-        // Whatever the workers did not take: its channel is gone or closing, RabbitMQ
-        // requeues it; the stale acknowledgements are dropped with the receiver.
-        self.undelivered.try_iter().for_each(drop);
+        // The workers' feed ends with this thread.
+        self.install(Feed { channel: number + 1, receivers: Vec::new(), retired: crossbeam_channel::never() });
+        drop(retire);
     }
 
-    fn serve(&self, channel: &Channel, number: u64, stopping: &dyn Fn() -> bool) -> Served {
-        let inner = &self.shared.inner;
+    /// Hands the workers a new feed (the old one retires: workers waiting on it look again).
+    fn install(&self, feed: Feed) {
+        *lock(&self.shared.feed) = Arc::new(feed);
+    }
+
+    fn serve(&self, channel: &Channel, number: u64, stopping: &dyn Fn() -> bool, retire: &mut Sender<()>) -> Served {
         let consumers = match self.consume(channel) {
             Ok(consumers) => consumers,
             Err(e) => return Served::Broken(e.to_string()),
         };
-        let mut held: FastMap<u64, Held> = FastMap::default();
-        let mut open = vec![true; consumers.len()];
+        let (next_retire, retired) = crossbeam_channel::bounded(0);
+        self.install(Feed {
+            channel: number,
+            receivers: consumers.iter().map(|c| c.receiver().clone()).collect(),
+            retired,
+        });
+        // Dropping the previous feed's sender wakes the workers waiting on it.
+        drop(std::mem::replace(retire, next_retire));
+        let served = self.settle_until_done(channel, number, stopping, &consumers);
+        if matches!(served, Served::Broken(_)) {
+            // An empty feed until the next channel (the workers wait on it, not spin on the
+            // dead one).
+            let (next_retire, retired) = crossbeam_channel::bounded(0);
+            self.install(Feed { channel: number, receivers: Vec::new(), retired });
+            drop(std::mem::replace(retire, next_retire));
+        }
+        served
+    }
+
+    fn settle_until_done(
+        &self,
+        channel: &Channel,
+        number: u64,
+        stopping: &dyn Fn() -> bool,
+        consumers: &[Consumer<'_>],
+    ) -> Served {
+        let inner = &self.shared.inner;
         let mut deadline: Option<Instant> = None;
         loop {
             if deadline.is_none() && stopping() {
                 deadline = Some(Instant::now() + inner.options.settle_grace);
-                for consumer in &consumers {
-                    let _ = consumer.cancel();
-                }
-                // Not started: back to the queue now (their settlements come back to us).
-                for delivery in self.undelivered.try_iter() {
-                    if let Some(ack) = delivery.ack {
-                        let _ = ack.reject(true, "the worker pool stopped");
-                    }
-                }
-            }
-            if let Some(deadline) = deadline
-                && ((held.is_empty() && self.settles.is_empty()) || Instant::now() >= deadline)
-            {
-                for (i, consumer) in consumers.iter().enumerate() {
-                    if open[i] {
-                        crate::conn::cancelled(consumer, |delivery| {
-                            let _ = delivery.nack(channel, true);
-                        });
-                    }
-                }
-                // Closing the channel requeues whatever is still unacknowledged.
-                return Served::Stopped;
-            }
-            let mut select = Select::new();
-            let on_settle = select.recv(&self.settles);
-            let mut indices = Vec::with_capacity(consumers.len());
-            for (i, consumer) in consumers.iter().enumerate() {
-                if open[i] {
-                    indices.push((select.recv(consumer.receiver()), i));
-                }
-            }
-            let Ok(ready) = select.select_timeout(Duration::from_millis(100)) else { continue };
-            if ready.index() == on_settle {
-                let Ok(settle) = ready.recv(&self.settles) else { return Served::Stopped };
-                if let Err(e) = self.settle(channel, number, &mut held, settle) {
-                    return Served::Broken(e.to_string());
-                }
-                continue;
-            }
-            let Some(&(_, i)) = indices.iter().find(|(index, _)| *index == ready.index()) else { continue };
-            match ready.recv(consumers[i].receiver()) {
-                Ok(ConsumerMessage::Delivery(delivery)) => {
-                    if deadline.is_some() {
-                        // Arrived as the consumer was being cancelled.
+                // The workers have stopped taking: what arrives now goes back to the queue.
+                for consumer in consumers {
+                    crate::conn::cancelled(consumer, |delivery| {
                         let _ = delivery.nack(channel, true);
-                        continue;
+                    });
+                }
+                for receiver in &lock(&self.shared.feed).receivers {
+                    for message in receiver.try_iter() {
+                        if let ConsumerMessage::Delivery(delivery) = message {
+                            let _ = delivery.nack(channel, true);
+                        }
                     }
-                    if let Err(e) = self.deliver(channel, number, &mut held, i, delivery) {
-                        return Served::Broken(e.to_string());
-                    }
                 }
-                Ok(ConsumerMessage::ClientCancelled) => open[i] = false,
-                Ok(ConsumerMessage::ServerCancelled) => {
-                    return Served::Broken(format!("RabbitMQ cancelled the consumer of `{}`", self.queues[i].1.queue));
+            }
+            if let Some(deadline) = deadline {
+                let settled = self.shared.outstanding.load(Ordering::Acquire) == 0 && self.settles.is_empty();
+                if settled || Instant::now() >= deadline {
+                    // Closing the channel requeues whatever is still unacknowledged.
+                    return Served::Stopped;
                 }
-                Ok(ConsumerMessage::ServerClosedChannel(e) | ConsumerMessage::ServerClosedConnection(e)) => {
-                    return Served::Broken(e.to_string());
-                }
-                Ok(ConsumerMessage::ClientClosedChannel | ConsumerMessage::ClientClosedConnection) | Err(_) => {
-                    return Served::Broken("the channel was closed".to_owned());
-                }
+            }
+            let settle = match self.settles.recv_timeout(Duration::from_millis(100)) {
+                Ok(settle) => settle,
+                Err(_) => continue,
+            };
+            if let Err(why) = self.settle(channel, number, settle) {
+                return Served::Broken(why);
             }
         }
     }
@@ -333,58 +451,102 @@ impl ConsumerThread {
     /// Declares the queues (again: one may have been deleted meanwhile) and consumes them.
     fn consume<'c>(&self, channel: &'c Channel) -> Result<Vec<Consumer<'c>>, amiquip::Error> {
         let inner = &self.shared.inner;
-        for (_, queues) in &self.queues {
+        for queues in &self.queues {
             topology::declare_task(channel, &inner.options, queues)?;
         }
         channel.qos(0, self.prefetch, false)?;
         self.queues
             .iter()
-            .map(|(_, queues)| channel.basic_consume(queues.queue.clone(), ConsumerOptions::default()))
+            .map(|queues| channel.basic_consume(queues.queue.clone(), ConsumerOptions::default()))
             .collect()
     }
 
-    /// Hands a delivery to the workers (acknowledging an at-most-once task at once), or
-    /// dead-letters it if it does not decode.
-    fn deliver(
+    fn settle(&self, channel: &Channel, number: u64, settle: Settle) -> Result<(), String> {
+        let shared = &self.shared;
+        let stats = &shared.inner.stats;
+        let done = || {
+            shared.outstanding.fetch_sub(1, Ordering::AcqRel);
+        };
+        let failed = |e: amiquip::Error| e.to_string();
+        match settle {
+            Settle::Wake => {}
+            // (When stopping, the consumers end because they were cancelled.)
+            Settle::Lost { channel: c, why } => {
+                if c == number && !shared.stopped.load(Ordering::Acquire) {
+                    return Err(why);
+                }
+            }
+            // For a channel that is gone: RabbitMQ requeued the delivery already.
+            Settle::Ack { channel: c, counted, .. } if c != number => {
+                if counted {
+                    done();
+                }
+            }
+            Settle::Requeue { channel: c, .. }
+            | Settle::Reject { channel: c, .. }
+            | Settle::Dead { channel: c, .. }
+            | Settle::Malformed { channel: c, .. }
+                if c != number =>
+            {
+                done();
+            }
+            Settle::Ack { delivery, counted, .. } => {
+                if counted {
+                    done();
+                }
+                delivery.ack(channel).map_err(failed)?;
+                stats.acked.fetch_add(1, Ordering::Relaxed);
+            }
+            Settle::Requeue { delivery, .. } => {
+                done();
+                delivery.reject(channel, true).map_err(failed)?;
+                stats.requeued.fetch_add(1, Ordering::Relaxed);
+            }
+            Settle::Reject { delivery, .. } => {
+                done();
+                delivery.reject(channel, false).map_err(failed)?;
+                stats.dead_lettered.fetch_add(1, Ordering::Relaxed);
+            }
+            Settle::Dead { delivery, copy, reason, .. } => self.dead_letter(channel, number, delivery, copy, reason)?,
+            Settle::Malformed { delivery, malformed, .. } => {
+                let reason = format!("undecodable message: {}", dingo_core::error::chain(&malformed.error));
+                self.tell_caller(&malformed, &reason);
+                self.dead_letter(channel, number, delivery, Some(malformed.bytes), reason)?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Publishes a copy of the message with its reason to the dead letters; the original is
+    /// acknowledged once that is confirmed. Without a copy, RabbitMQ dead-letters it.
+    fn dead_letter(
         &self,
         channel: &Channel,
         number: u64,
-        held: &mut FastMap<u64, Held>,
-        queue: usize,
-        mut delivery: amiquip::Delivery,
-    ) -> Result<(), amiquip::Error> {
+        delivery: amiquip::Delivery,
+        copy: Option<Vec<u8>>,
+        reason: String,
+    ) -> Result<(), String> {
         let inner = &self.shared.inner;
-        inner.stats.fetched.fetch_add(1, Ordering::Relaxed);
-        let redelivered = delivery.redelivered;
-        if redelivered {
-            inner.stats.redelivered.fetch_add(1, Ordering::Relaxed);
-        }
-        let tag = delivery.delivery_tag();
-        let body = std::mem::take(&mut delivery.body);
-        let copy = (body.len() <= DEAD_COPY_LIMIT).then(|| body.clone());
-        let known = wire::Known { name: Some(&self.queues[queue].0), address: None };
-        match wire::decode_delivery(body, &known) {
-            Ok((message, marked)) if message.options.at_most_once => {
-                delivery.ack(channel)?;
-                inner.stats.acked.fetch_add(1, Ordering::Relaxed);
-                let _ = self.to_workers.send(Delivery { message, ack: None, redelivered: redelivered || marked });
-            }
-            Ok((message, marked)) => {
-                held.insert(tag, Held { delivery, copy });
-                let ack = AmqpAck { shared: self.shared.clone(), channel: number, tag };
-                let _ = self.to_workers.send(Delivery {
-                    message,
-                    ack: Some(Ack::new(ack)),
-                    redelivered: redelivered || marked,
-                });
-            }
-            Err(malformed) => {
-                let reason = format!("undecodable message: {}", dingo_core::error::chain(&malformed.error));
-                self.tell_caller(&malformed, &reason);
-                held.insert(tag, Held { delivery, copy: Some(malformed.bytes) });
-                self.settle(channel, number, held, Settle::Dead { channel: number, tag, reason })?;
-            }
-        }
+        let publisher = inner.publisher();
+        let (Some(body), Ok(publisher)) = (copy, publisher) else {
+            return self.settle(channel, number, Settle::Reject { channel: number, delivery });
+        };
+        let routing_key = delivery.routing_key.clone();
+        let original =
+            Box::new(AmqpAck { shared: self.shared.clone(), channel: number, delivery: Some(delivery), copy: None });
+        let outgoing = Outgoing {
+            exchange: inner.names.dead_exchange(),
+            routing_key,
+            body,
+            persistent: true,
+            correlation: None,
+            reason: Some(reason),
+            then: Then::DeadLetter { original },
+        };
+        // A refusal drops the outgoing message and with it the original's ack, which gives
+        // the delivery back (it is tried again).
+        let _ = publisher.send(outgoing, None);
         Ok(())
     }
 
@@ -422,67 +584,5 @@ impl ConsumerThread {
             }
         }
         inner.events.emit(event);
-    }
-
-    fn settle(
-        &self,
-        channel: &Channel,
-        number: u64,
-        held: &mut FastMap<u64, Held>,
-        settle: Settle,
-    ) -> Result<(), amiquip::Error> {
-        let inner = &self.shared.inner;
-        let stats = &inner.stats;
-        match settle {
-            Settle::Wake => {}
-            // For a channel that is gone: RabbitMQ requeued the delivery already.
-            Settle::Ack { channel: c, .. }
-            | Settle::Requeue { channel: c, .. }
-            | Settle::Reject { channel: c, .. }
-            | Settle::Dead { channel: c, .. }
-                if c != number => {}
-            Settle::Ack { tag, .. } => {
-                if let Some(entry) = held.remove(&tag) {
-                    entry.delivery.ack(channel)?;
-                    stats.acked.fetch_add(1, Ordering::Relaxed);
-                }
-            }
-            Settle::Requeue { tag, .. } => {
-                if let Some(entry) = held.remove(&tag) {
-                    entry.delivery.reject(channel, true)?;
-                    stats.requeued.fetch_add(1, Ordering::Relaxed);
-                }
-            }
-            Settle::Reject { tag, .. } => {
-                if let Some(entry) = held.remove(&tag) {
-                    entry.delivery.reject(channel, false)?;
-                    stats.dead_lettered.fetch_add(1, Ordering::Relaxed);
-                }
-            }
-            Settle::Dead { tag, reason, .. } => {
-                let Some(entry) = held.get_mut(&tag) else { return Ok(()) };
-                let publisher = inner.publisher();
-                match (entry.copy.take(), publisher) {
-                    (Some(body), Ok(publisher)) => {
-                        // Kept until the dead letter is confirmed; then acknowledged.
-                        let original = AmqpAck { shared: self.shared.clone(), channel: number, tag };
-                        let outgoing = Outgoing {
-                            exchange: inner.names.dead_exchange(),
-                            routing_key: entry.delivery.routing_key.clone(),
-                            body,
-                            persistent: true,
-                            correlation: None,
-                            reason: Some(reason),
-                            then: Then::DeadLetter { original },
-                        };
-                        if publisher.send(outgoing, None).is_err() {
-                            return self.settle(channel, number, held, Settle::Reject { channel: number, tag });
-                        }
-                    }
-                    _ => return self.settle(channel, number, held, Settle::Reject { channel: number, tag }),
-                }
-            }
-        }
-        Ok(())
     }
 }
