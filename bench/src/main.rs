@@ -28,7 +28,12 @@
 //! Scenarios on RabbitMQ: the same four (`amqp-inflight`, `amqp-inflight-at-most-once`,
 //! `amqp-fire-and-forget`, `amqp-sequential`), with durable queues, persistent messages and
 //! publisher confirms (the broker's defaults); a fresh namespace per run, its queues deleted
-//! afterwards.
+//! afterwards. And two baselines without dingo, amiquip alone on the same server:
+//! `amqp-raw-publish-consume` (persistent messages, publisher confirms, manual acks: what
+//! fire-and-forget needs at the least, in messages/s) and `amqp-raw-request-reply` (one
+//! persistent confirmed request and its reply at a time: the floor under `amqp-sequential`).
+
+mod raw_amqp;
 
 use std::collections::VecDeque;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -198,7 +203,10 @@ fn amqp(config: &Config) {
         let worker = App::builder().broker(topology.broker()?).build()?;
         Ok((caller, worker, Box::new(topology)))
     };
-    run(config, remote("amqp", config, calls, &pair));
+    let mut scenarios = remote("amqp", config, calls, &pair);
+    scenarios.push(("amqp-raw-publish-consume", Box::new(move || raw_amqp::publish_consume(url, calls, 1024))));
+    scenarios.push(("amqp-raw-request-reply", Box::new(move || raw_amqp::request_reply(url, (calls / 20).max(1)))));
+    run(config, scenarios);
 }
 
 /// The scenarios of a broker on a server: a caller app and a worker app per run.

@@ -1,0 +1,136 @@
+//! Baselines on RabbitMQ without dingo: amiquip alone, doing the least that dingo's
+//! guarantees need (persistent messages on a durable queue, publisher confirms, manual
+//! acknowledgements), so each dingo figure has a same-run reference on the same server.
+
+use std::time::{Duration, Instant};
+
+use amiquip::{
+    AmqpProperties, Auth, Channel, ConfirmSmoother, Connection, ConnectionOptions, ConnectionTuning, ConsumerMessage,
+    ConsumerOptions, Publish, QueueDeclareOptions, QueueDeleteOptions,
+};
+
+use crate::{Measure, Outcome};
+
+fn error(e: impl std::fmt::Display) -> dingo::Error {
+    dingo::Error::Broker(dingo::BrokerError::new(dingo::BrokerErrorKind::Other, e.to_string()))
+}
+
+/// A connection to `url`'s host (`amqp://guest:guest@host:port/…`, default vhost) with
+/// `TCP_NODELAY`, as dingo opens it.
+fn connect(url: &str) -> Result<Connection, dingo::Error> {
+    let rest = url.strip_prefix("amqp://").ok_or_else(|| error("the raw baseline needs an amqp:// URL"))?;
+    let rest = rest.rsplit('@').next().unwrap_or(rest);
+    let host = rest.split(['/', '?']).next().unwrap_or("127.0.0.1:5672");
+    let host = if host.contains(':') { host.to_owned() } else { format!("{host}:5672") };
+    let stream = std::net::TcpStream::connect(&host).map_err(error)?;
+    stream.set_nodelay(true).map_err(error)?;
+    let stream = mio::net::TcpStream::from_stream(stream).map_err(error)?;
+    Connection::insecure_open_stream(stream, ConnectionOptions::<Auth>::default(), ConnectionTuning::default())
+        .map_err(error)
+}
+
+fn durable_queue(channel: &Channel, name: &str) -> Result<(), dingo::Error> {
+    channel
+        .queue_declare(name, QueueDeclareOptions { durable: true, ..QueueDeclareOptions::default() })
+        .map_err(error)?;
+    channel.queue_purge(name).map_err(error)?;
+    Ok(())
+}
+
+fn persistent() -> AmqpProperties {
+    AmqpProperties::default().with_delivery_mode(2)
+}
+
+/// `messages` persistent messages published with confirms (at most `window` unconfirmed) on
+/// one connection, consumed with manual acknowledgement (prefetch 128) on another: what
+/// fire-and-forget costs RabbitMQ at the least. Messages per second.
+pub(crate) fn publish_consume(url: &str, messages: u64, window: usize) -> Outcome {
+    let queue = format!("dingo-bench-raw-{}", std::process::id());
+    let mut publishing = connect(url)?;
+    let mut consuming = connect(url)?;
+    let channel = publishing.open_channel(None).map_err(error)?;
+    durable_queue(&channel, &queue)?;
+    let confirms = channel.listen_for_publisher_confirms().map_err(error)?;
+    channel.enable_publisher_confirms().map_err(error)?;
+    let consumer_queue = queue.clone();
+    let consumer = std::thread::spawn(move || -> Result<(), dingo::Error> {
+        let channel = consuming.open_channel(None).map_err(error)?;
+        channel.qos(0, 128, false).map_err(error)?;
+        let consumer = channel.basic_consume(consumer_queue, ConsumerOptions::default()).map_err(error)?;
+        let mut received = 0;
+        while received < messages {
+            if let ConsumerMessage::Delivery(delivery) = consumer.receiver().recv().map_err(error)? {
+                consumer.ack(delivery).map_err(error)?;
+                received += 1;
+            }
+        }
+        Ok(())
+    });
+    let body = [7u8; 100];
+    let start = Instant::now();
+    let (mut sent, mut confirmed) = (0u64, 0u64);
+    let mut smoother = ConfirmSmoother::new();
+    while confirmed < messages {
+        while sent < messages && sent - confirmed < window as u64 {
+            channel.basic_publish("", Publish::with_properties(&body, queue.as_str(), persistent())).map_err(error)?;
+            sent += 1;
+        }
+        let confirm = confirms.recv().map_err(error)?;
+        confirmed += smoother.process(confirm).count() as u64;
+    }
+    consumer.join().map_err(|_| error("the consumer thread panicked"))??;
+    let rate = messages as f64 / start.elapsed().as_secs_f64();
+    channel.queue_delete(queue, QueueDeleteOptions::default()).map_err(error)?;
+    Ok(Measure::Rate(rate))
+}
+
+/// One request at a time: a persistent, confirmed request to a durable queue, answered by a
+/// responder on another connection with a transient reply; p50 / p99 of the round trip —
+/// the floor under dingo's sequential call→result latency.
+pub(crate) fn request_reply(url: &str, requests: u64) -> Outcome {
+    let requests_queue = format!("dingo-bench-raw-req-{}", std::process::id());
+    let replies_queue = format!("dingo-bench-raw-rep-{}", std::process::id());
+    let mut caller = connect(url)?;
+    let mut responding = connect(url)?;
+    let channel = caller.open_channel(None).map_err(error)?;
+    durable_queue(&channel, &requests_queue)?;
+    channel.queue_declare(replies_queue.as_str(), QueueDeclareOptions::default()).map_err(error)?;
+    let _confirms = channel.listen_for_publisher_confirms().map_err(error)?;
+    channel.enable_publisher_confirms().map_err(error)?;
+    let (request_queue, reply_queue) = (requests_queue.clone(), replies_queue.clone());
+    let responder = std::thread::spawn(move || -> Result<(), dingo::Error> {
+        let channel = responding.open_channel(None).map_err(error)?;
+        channel.qos(0, 128, false).map_err(error)?;
+        let consumer = channel.basic_consume(request_queue, ConsumerOptions::default()).map_err(error)?;
+        let mut answered = 0;
+        while answered < requests {
+            if let ConsumerMessage::Delivery(delivery) = consumer.receiver().recv().map_err(error)? {
+                channel.basic_publish("", Publish::new(&delivery.body, reply_queue.as_str())).map_err(error)?;
+                consumer.ack(delivery).map_err(error)?;
+                answered += 1;
+            }
+        }
+        Ok(())
+    });
+    let replies = channel
+        .basic_consume(replies_queue.as_str(), ConsumerOptions { no_ack: true, ..ConsumerOptions::default() })
+        .map_err(error)?;
+    let mut latencies = Vec::with_capacity(requests as usize);
+    let start = Instant::now();
+    for _ in 0..requests {
+        let begin = Instant::now();
+        channel
+            .basic_publish("", Publish::with_properties(b"request", requests_queue.as_str(), persistent()))
+            .map_err(error)?;
+        while !matches!(replies.receiver().recv().map_err(error)?, ConsumerMessage::Delivery(_)) {}
+        latencies.push(begin.elapsed());
+    }
+    let rate = requests as f64 / start.elapsed().as_secs_f64();
+    responder.join().map_err(|_| error("the responder thread panicked"))??;
+    drop(replies);
+    channel.queue_delete(requests_queue, QueueDeleteOptions::default()).map_err(error)?;
+    channel.queue_delete(replies_queue, QueueDeleteOptions::default()).map_err(error)?;
+    latencies.sort();
+    let at = |q: f64| latencies.get(((latencies.len() as f64 * q) as usize).min(latencies.len() - 1)).copied();
+    Ok(Measure::Latency { p50: at(0.50).unwrap_or(Duration::ZERO), p99: at(0.99).unwrap_or(Duration::ZERO), rate })
+}
