@@ -11,106 +11,19 @@
 
 use std::collections::BTreeMap;
 use std::io::{Read, Write};
-use std::net::{SocketAddr, TcpListener, TcpStream, ToSocketAddrs};
+use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::process::{Child, Command, Stdio};
 use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use dingo::broker::Store;
-use dingo::message::{Payload, ReplySink, ReplyTo, ReportBody, ReportSink, TaskMessage, wire};
+use dingo::message::ReplyTo;
 use dingo::redis::{RedisBroker, RedisOptions};
-use dingo::{App, CallKey, Event, EventFilter, EventKind, Events, Level, TaskErrorKind, TaskId, TaskName};
+use dingo::{App, Event, EventFilter, EventKind, Level, TaskErrorKind};
 use dingo_test_support::PATIENCE;
+use dingo_test_support::faults::{Seen, crafted, failure, lock, server_addr, stat, via, wait_until, watch};
 use dingo_test_support::proxy::Proxy;
 use dingo_test_support::redis::{Redis, held, redis_cli};
-
-// ---------------------------------------------------------------------------------------
-// Helpers
-// ---------------------------------------------------------------------------------------
-
-fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
-    mutex.lock().unwrap_or_else(|e| e.into_inner())
-}
-
-/// Waits until `done` holds, or fails after [`PATIENCE`] naming `what`.
-fn wait_until(what: &str, mut done: impl FnMut() -> bool) {
-    let deadline = Instant::now() + PATIENCE;
-    while !done() {
-        assert!(Instant::now() < deadline, "timed out after {PATIENCE:?} waiting until {what}");
-        std::thread::sleep(Duration::from_millis(5));
-    }
-}
-
-/// Splits `redis://[user:pass@]host[:port][/db]` into what comes before the address
-/// (`redis://user:pass@`), `host:port`, and what comes after (`/db`).
-fn split_url(url: &str) -> (String, String, String) {
-    let (scheme, rest) = url.split_once("://").expect("a URL with a scheme");
-    let (auth, rest) = match rest.rsplit_once('@') {
-        Some((auth, rest)) => (format!("{auth}@"), rest),
-        None => (String::new(), rest),
-    };
-    let (hostport, path) = match rest.find('/') {
-        Some(i) => (&rest[..i], &rest[i..]),
-        None => (rest, ""),
-    };
-    let hostport = if hostport.contains(':') { hostport.to_owned() } else { format!("{hostport}:6379") };
-    (format!("{scheme}://{auth}"), hostport, path.to_owned())
-}
-
-/// The socket address of the server a URL names.
-fn server_addr(url: &str) -> SocketAddr {
-    let (_, hostport, _) = split_url(url);
-    hostport.to_socket_addrs().expect("resolve the redis host").next().expect("an address")
-}
-
-/// The same URL, through `proxy`.
-fn via(proxy: &Proxy, url: &str) -> String {
-    let (front, _, path) = split_url(url);
-    format!("{front}127.0.0.1:{}{path}", proxy.port())
-}
-
-/// Every event of an app, kept for questions asked later.
-struct Seen {
-    events: Events,
-    seen: Vec<Event>,
-}
-
-impl Seen {
-    fn watch(app: &App) -> Seen {
-        Seen { events: app.events(EventFilter::new().level(Level::Info).capacity(100_000)), seen: Vec::new() }
-    }
-
-    fn drain(&mut self) {
-        while let Some(event) = self.events.try_recv() {
-            self.seen.push(event);
-        }
-    }
-
-    fn count(&mut self, kind: EventKind) -> usize {
-        self.drain();
-        self.seen.iter().filter(|e| e.kind == kind).count()
-    }
-
-    fn wait_for(&mut self, kind: EventKind) -> Event {
-        let deadline = Instant::now() + PATIENCE;
-        loop {
-            self.drain();
-            if let Some(event) = self.seen.iter().find(|e| e.kind == kind) {
-                return event.clone();
-            }
-            let left = deadline.saturating_duration_since(Instant::now());
-            assert!(!left.is_zero(), "no {kind:?} event within {PATIENCE:?}; saw {:#?}", self.seen);
-            if let Some(event) = self.events.recv_timeout(left) {
-                self.seen.push(event);
-            }
-        }
-    }
-}
-
-fn stat(counter: &std::sync::atomic::AtomicU64) -> u64 {
-    counter.load(Ordering::SeqCst)
-}
 
 // ---------------------------------------------------------------------------------------
 // a. Connections cut, and an outage
@@ -603,57 +516,6 @@ fn a_stalled_worker_is_fenced_out() {
 #[dingo::task(name = "faults.plus")]
 fn plus(n: i64) -> i64 {
     n + 1
-}
-
-/// Collects the failure reports of calls watched by hand.
-#[derive(Default)]
-struct Inbox {
-    failures: Mutex<Vec<(TaskErrorKind, String)>>,
-    other: AtomicUsize,
-}
-
-impl ReportSink for Inbox {
-    fn deliver(&self, body: ReportBody<'_>) {
-        match body {
-            ReportBody::Failure(error) => lock(&self.failures).push((error.kind(), error.message().to_owned())),
-            _ => {
-                self.other.fetch_add(1, Ordering::SeqCst);
-            }
-        }
-    }
-
-    fn disconnect(&self) {}
-}
-
-/// Watches a call by hand on `store`: the reply address to put in a crafted message, and
-/// where its reports land.
-fn watch(store: &RedisBroker, task: &str, id: &str) -> (ReplyTo, Arc<Inbox>) {
-    let inbox = Arc::new(Inbox::default());
-    let key = CallKey { name: TaskName::from(task), id: TaskId::from(id) };
-    let reply_to = store.watch(&key, ReplySink::new(inbox.clone())).expect("watch");
-    (reply_to, inbox)
-}
-
-/// A task message built by hand, as a caller from other code would send it.
-fn crafted(app: &App, task: &str, id: &str, fingerprint: u64, reply_to: ReplyTo) -> Vec<u8> {
-    let args = app.codecs().encode(dingo::codec::MSGPACK, &(5i64,)).expect("encode the arguments");
-    let message = TaskMessage {
-        name: TaskName::from(task),
-        id: TaskId::from(id),
-        fingerprint,
-        options: dingo::TaskOptions::new(),
-        reply_to,
-        args: Payload::Encoded(args),
-    };
-    wire::encode_task(&message).expect("encode the message")
-}
-
-/// The one failure an inbox got, waited for.
-fn failure(inbox: &Inbox) -> (TaskErrorKind, String) {
-    wait_until("a failure report arrives", || !lock(&inbox.failures).is_empty());
-    let failures = lock(&inbox.failures);
-    assert_eq!(failures.len(), 1, "{failures:?}");
-    failures[0].clone()
 }
 
 /// Four bad messages pushed straight into a queue: bytes that do not decode, a message cut

@@ -76,6 +76,9 @@ pub struct Stats {
     pub dead_lettered: AtomicU64,
     /// Reports RabbitMQ confirmed.
     pub reports: AtomicU64,
+    /// Messages published again on a new channel because the one they went out on broke
+    /// before RabbitMQ confirmed them (at least once: RabbitMQ may have stored some twice).
+    pub republished: AtomicU64,
 }
 
 pub(crate) struct Inner {

@@ -95,7 +95,9 @@ impl Address {
             .virtual_host(self.vhost.clone())
             .heartbeat(heartbeat)
             .connection_timeout(Some(options.connect_timeout))
-            .information(Some("dingo".to_owned()));
+            // Tells operators (and `rabbitmqctl list_connections client_properties`) whose
+            // connection this is.
+            .information(Some(format!("dingo, namespace {}", options.namespace)));
         let opened = if self.tls {
             self.open_tls(stream, connection_options)
         } else {

@@ -1,4 +1,4 @@
-//! Tasks shared by the Redis examples. Caller and worker are separate programs built from
+//! Tasks shared by the Redis and RabbitMQ examples. Caller and worker are separate programs built from
 //! this one file, so each task has an explicit name (module paths differ per program).
 
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -52,15 +52,28 @@ pub(crate) fn slow_echo(ctx: &dingo::Context, n: u64, millis: u64) -> u64 {
     n
 }
 
-/// The broker both programs use: `DINGO_REDIS_URL` (default `redis://127.0.0.1:6379`),
+/// The Redis broker of the examples: `DINGO_REDIS_URL` (default `redis://127.0.0.1:6379`),
 /// namespace `DINGO_NAMESPACE` (default `dingo-example`), lease `DINGO_LEASE_MS`.
-pub(crate) fn broker() -> Result<dingo::redis::RedisBroker, dingo::BrokerError> {
+#[cfg(feature = "redis")]
+pub(crate) fn redis_broker() -> Result<dingo::redis::RedisBroker, dingo::BrokerError> {
     let url = std::env::var("DINGO_REDIS_URL").unwrap_or_else(|_| "redis://127.0.0.1:6379".to_owned());
-    let namespace = std::env::var("DINGO_NAMESPACE").unwrap_or_else(|_| "dingo-example".to_owned());
-    let mut options = dingo::redis::RedisOptions::new().namespace(namespace);
+    let mut options = dingo::redis::RedisOptions::new().namespace(namespace());
     if let Some(ms) = std::env::var("DINGO_LEASE_MS").ok().and_then(|v| v.parse().ok()) {
         options =
             options.lease(std::time::Duration::from_millis(ms)).reap_interval(std::time::Duration::from_millis(ms / 4));
     }
     dingo::redis::RedisBroker::connect_with(&url, options)
+}
+
+/// The RabbitMQ broker of the examples: `DINGO_AMQP_URL` (default
+/// `amqp://guest:guest@127.0.0.1:5672/%2f`), namespace `DINGO_NAMESPACE` (default
+/// `dingo-example`).
+#[cfg(feature = "amqp")]
+pub(crate) fn amqp_broker() -> Result<dingo::amqp::AmqpBroker, dingo::BrokerError> {
+    let url = std::env::var("DINGO_AMQP_URL").unwrap_or_else(|_| "amqp://guest:guest@127.0.0.1:5672/%2f".to_owned());
+    dingo::amqp::AmqpBroker::connect_with(&url, dingo::amqp::AmqpOptions::new().namespace(namespace()))
+}
+
+fn namespace() -> String {
+    std::env::var("DINGO_NAMESPACE").unwrap_or_else(|_| "dingo-example".to_owned())
 }

@@ -19,6 +19,8 @@
 #![allow(missing_debug_implementations)]
 
 pub mod app;
+pub mod faults;
+pub mod process;
 pub mod proxy;
 pub mod reports;
 pub mod transport;

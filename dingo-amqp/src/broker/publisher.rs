@@ -62,6 +62,8 @@ struct Pending {
     number: u64,
     /// The reason RabbitMQ returned it, if it did.
     returned: Option<String>,
+    /// Whether it went out on a channel (else it waits for one).
+    sent: bool,
 }
 
 /// The publishing channel, shared: callers and workers publish on it themselves (under the
@@ -131,13 +133,16 @@ impl Publisher {
             return Err(super::closed());
         }
         state.numbers += 1;
-        let entry = Pending { outgoing, number: state.numbers, returned: None };
-        if let Some(channel) = &state.channel
-            && publish(channel, &entry).is_err()
-        {
-            // Kept: it goes out again on the next channel.
-            state.channel = None;
-            let _ = shared.broken.try_send(());
+        let mut entry = Pending { outgoing, number: state.numbers, returned: None, sent: false };
+        if let Some(channel) = &state.channel {
+            match publish(channel, &entry) {
+                Ok(()) => entry.sent = true,
+                Err(_) => {
+                    // Kept: it goes out again on the next channel.
+                    state.channel = None;
+                    let _ = shared.broken.try_send(());
+                }
+            }
         }
         state.pending.push_back(entry);
         Ok(())
@@ -217,9 +222,13 @@ fn confirm(
         // stored some of it: at least once).
         for entry in state.pending.iter_mut() {
             entry.returned = None;
+            if entry.sent {
+                inner.stats.republished.fetch_add(1, Ordering::Relaxed);
+            }
             if let Err(e) = publish(&channel, entry) {
                 return Some(e.to_string());
             }
+            entry.sent = true;
         }
         state.channel = Some(channel);
         while failures.try_recv().is_ok() {}

@@ -1,0 +1,22 @@
+//! A worker process on RabbitMQ: serves the shared tasks with a pool of threads.
+//!
+//! ```text
+//! cargo run --features amqp --example amqp_worker -- [--threads N] [--tasks N] [--seconds S]
+//! ```
+//! Without `--tasks` or `--seconds` it serves until killed; with them it stops (gracefully)
+//! after that many tasks or seconds. Run `amqp_caller` in another terminal. The server is
+//! `DINGO_AMQP_URL` (default `amqp://guest:guest@127.0.0.1:5672/%2f`), the namespace
+//! `DINGO_NAMESPACE`.
+
+#[allow(dead_code)]
+#[path = "shared/tasks.rs"]
+mod tasks;
+
+// Each program uses one of its two functions.
+#[allow(dead_code)]
+#[path = "shared/programs.rs"]
+mod programs;
+
+fn main() -> Result<(), Box<dyn std::error::Error>> {
+    programs::worker(dingo::App::builder().broker(tasks::amqp_broker()?))
+}

@@ -1,0 +1,143 @@
+//! Callers and workers as separate processes on RabbitMQ: the example programs run as child
+//! processes, and a worker process is killed with SIGKILL in the middle of 1,000 tasks.
+#![cfg(feature = "amqp")]
+
+use std::collections::HashSet;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::Duration;
+
+use dingo::App;
+use dingo::amqp::AmqpOptions;
+use dingo_test_support::PATIENCE;
+use dingo_test_support::amqp::Amqp;
+use dingo_test_support::faults::wait_until;
+use dingo_test_support::process::{Examples, Proc};
+
+// The tasks the example programs share: the same names and signatures, so the test process
+// can call what the worker processes run.
+#[allow(dead_code)]
+#[path = "../examples/shared/tasks.rs"]
+mod tasks;
+
+/// The example programs, built with this test's features.
+const EXAMPLES: Examples = Examples {
+    features: &[
+        "amqp",
+        #[cfg(feature = "json")]
+        "json",
+        #[cfg(feature = "redis")]
+        "redis",
+        #[cfg(feature = "amqp-tls")]
+        "amqp-tls",
+    ],
+    names: &["amqp_worker", "amqp_caller"],
+};
+
+/// A setup with the examples' options (durable queues: the declarations must agree), and
+/// the environment that points the example programs at it. Reply queues of the example
+/// callers expire a minute after their process is gone.
+fn setup() -> Option<(Amqp, Vec<(&'static str, String)>)> {
+    let setup = Amqp::with_options(AmqpOptions::new())?;
+    let env = vec![
+        ("DINGO_AMQP_URL", format!("{}?result_ttl_s=60", setup.url())),
+        ("DINGO_NAMESPACE", setup.options().namespace.clone()),
+    ];
+    Some((setup, env))
+}
+
+fn as_env<'a>(env: &'a [(&'static str, String)]) -> Vec<(&'static str, &'a str)> {
+    env.iter().map(|(k, v)| (*k, v.as_str())).collect()
+}
+
+/// The worker example serving 13 tasks on 2 threads and the caller example making its 10
+/// calls and the rest: the caller prints exactly the typed results, and both exit 0.
+#[test]
+fn the_example_worker_and_caller_as_processes() {
+    let Some((setup, env)) = setup() else { return };
+    // Declared here too, so the test's cleanup deletes the queues.
+    let broker = setup.broker();
+    for task in [tasks::add::NAME, tasks::total::NAME, tasks::slow_echo::NAME] {
+        dingo::broker::Consumer::declare(&broker, &dingo::TaskName::from(task)).expect("declare");
+    }
+    let env = as_env(&env);
+    let mut worker = Proc::spawn(&EXAMPLES, "amqp_worker", &["--tasks", "13", "--threads", "2"], &env);
+    let mut caller = Proc::spawn(&EXAMPLES, "amqp_caller", &["--calls", "10"], &env);
+
+    let status = caller.wait(Duration::from_secs(30));
+    assert!(status.success(), "the caller failed: {status}; stderr:\n{}", caller.stderr());
+    let mut expected: Vec<String> = (0..10).map(|i| format!("add({i}, 1000) = {}", 1000 + i)).collect();
+    expected.push("total = Invoice { order: 7, total_cents: 700 }".into());
+    expected.push(r#"total failed: order 8 has no items (payload Some(Ok("order 8 has no items")))"#.into());
+    expected.push("slow_echo = 42".into());
+    assert_eq!(caller.stdout().lines().collect::<Vec<_>>(), expected);
+
+    let status = worker.wait(Duration::from_secs(30));
+    assert!(status.success(), "the worker failed: {status}; stderr:\n{}", worker.stderr());
+    assert_eq!(
+        worker.stdout().lines().collect::<Vec<_>>(),
+        [
+            "worker ready: 2 thread(s) serving example.add, example.total, example.slow_echo",
+            "worker done after 13 task(s)"
+        ]
+    );
+}
+
+/// 1,000 `slow_echo` calls from this process; worker process A (4 threads) is killed with
+/// SIGKILL once about 150 results are in, holding running and prefetched tasks; RabbitMQ
+/// requeues what A had not acknowledged, and worker process B finishes everything. Each of
+/// the 1,000 calls resolves to its own value, exactly once; some of A's tasks reach B marked
+/// redelivered; nothing is left in the queue or its dead letters.
+#[test]
+fn a_worker_process_killed_mid_run_loses_nothing() {
+    const CALLS: u64 = 1000;
+    let Some((setup, env)) = setup() else { return };
+    let env = as_env(&env);
+    let caller_broker = setup.broker();
+    let caller = App::builder().broker(caller_broker.clone()).build().expect("caller app");
+    let handles: Vec<_> = (0..CALLS).map(|n| (n, tasks::slow_echo::call(&caller, n, 5).expect("call"))).collect();
+    let ids: HashSet<String> = handles.iter().map(|(_, h)| h.id().to_string()).collect();
+    assert_eq!(ids.len(), CALLS as usize, "every call has its own id");
+
+    // Results are taken in call order on a thread of their own while the workers come and go.
+    let resolved = Arc::new(AtomicUsize::new(0));
+    let counter = resolved.clone();
+    let collector = std::thread::Builder::new()
+        .name("results".into())
+        .spawn(move || {
+            handles
+                .into_iter()
+                .map(|(n, mut handle)| {
+                    let got = handle.wait_timeout(PATIENCE);
+                    counter.fetch_add(1, Ordering::SeqCst);
+                    (n, handle.id().to_string(), got)
+                })
+                .collect::<Vec<_>>()
+        })
+        .expect("spawn the collector");
+
+    let mut a = Proc::spawn(&EXAMPLES, "amqp_worker", &["--threads", "4"], &env);
+    wait_until("about 150 results are in", || resolved.load(Ordering::SeqCst) >= 150);
+    a.kill();
+    let at_kill = resolved.load(Ordering::SeqCst);
+    assert!(at_kill < CALLS as usize, "worker A finished everything before it was killed");
+    let mut b = Proc::spawn(&EXAMPLES, "amqp_worker", &["--threads", "4"], &env);
+
+    let results = collector.join().expect("the collector");
+    let mut seen = HashSet::new();
+    for (n, id, got) in results {
+        let got = got.unwrap_or_else(|e| panic!("call {n} ({id}) got no result: {e:?}"));
+        assert_eq!(got, n, "call {n}");
+        assert!(seen.insert(id), "call {n} resolved twice");
+    }
+    assert_eq!(seen, ids, "all 1,000 calls resolved");
+
+    let fresh = setup.broker();
+    wait_until("the queue is empty", || fresh.queue_len(tasks::slow_echo::NAME).expect("queue length") == 0);
+    assert!(fresh.dead_letters(tasks::slow_echo::NAME).expect("dead letters").is_empty());
+    b.kill();
+    let redelivered = b.stderr().lines().filter(|l| l.ends_with("was redelivered")).count();
+    eprintln!("sigkill: {at_kill} result(s) in when A was killed; B ran {redelivered} task(s) redelivered from A");
+    assert!(redelivered >= 1, "A's unfinished tasks reached B marked redelivered; B's stderr:\n{}", b.stderr());
+    caller.close().expect("close");
+}
