@@ -378,6 +378,11 @@ pub mod amqp {
             broker
         }
 
+        /// Takes a broker made elsewhere (through a proxy, say) into the cleanup.
+        pub fn adopt(&self, broker: AmqpBroker) {
+            self.brokers.lock().expect("brokers").push(broker);
+        }
+
         /// The server URL.
         pub fn url(&self) -> &str {
             &self.url
