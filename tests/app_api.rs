@@ -28,6 +28,10 @@ fn public_types_are_shareable_across_threads() {
     send::<Handle<i64>>();
     send::<Handle<String>>();
     send::<dingo::Reports<Vec<u8>>>();
+    #[cfg(feature = "redis")]
+    send_sync::<dingo::redis::RedisBroker>();
+    #[cfg(feature = "amqp")]
+    send_sync::<dingo::amqp::AmqpBroker>();
 }
 
 #[test]

@@ -22,3 +22,74 @@ mod durable_queues {
 
     dingo_test_support::app_suite!(Amqp::with_options(dingo::amqp::AmqpOptions::new()));
 }
+
+/// `App::connect` with an `amqp://` URL (the facade's `amqp` feature registers the scheme),
+/// its query choosing the namespace: a worker app and a caller app meet on it. A bad option
+/// is an error naming it.
+#[test]
+fn app_connects_by_url() {
+    use dingo::App;
+    use dingo_test_support::PATIENCE;
+    use dingo_test_support::amqp::Amqp;
+
+    let Some(setup) = Amqp::setup() else { return };
+    // Reply queues of apps made by URL expire a minute after their apps close.
+    let url =
+        format!("{}?namespace={}&durable=false&prefetch=16&result_ttl_s=60", setup.url(), setup.options().namespace);
+    let worker = App::connect(&url).expect("worker app by URL");
+    worker.register("by_url.triple", |n: i64| n * 3).expect("register");
+    worker.allocate("by_url.triple", 1).expect("allocate");
+    let caller = App::connect(&url).expect("caller app by URL");
+    let mut handle = caller.call::<_, i64>("by_url.triple", 14i64).expect("call");
+    assert_eq!(handle.wait_timeout(PATIENCE).expect("result"), 42);
+    // The namespace came from the URL: an app built on the setup's options reaches the worker.
+    let direct = App::builder().broker(setup.broker()).build().expect("caller app by options");
+    let mut handle = direct.call::<_, i64>("by_url.triple", 5i64).expect("call");
+    assert_eq!(handle.wait_timeout(PATIENCE).expect("result"), 15);
+    direct.close().expect("close");
+    caller.close().expect("close");
+    worker.close().expect("close");
+    let error = App::connect("amqp://127.0.0.1:5672/%2f?prefetch=lots").expect_err("a bad option is an error");
+    let message = dingo::error::chain(&error);
+    assert!(message.contains("prefetch"), "{message}");
+    let error = App::connect("amqp://guest:wrong@127.0.0.1:5672/%2f").expect_err("bad credentials are an error");
+    assert!(matches!(error, dingo::Error::Broker(_)), "{error:?}");
+}
+
+/// An at-most-once task is acknowledged as it is delivered: once it runs, RabbitMQ holds
+/// nothing for it (a worker dying now would not get it back), and its result arrives.
+#[test]
+fn an_at_most_once_task_is_acknowledged_when_delivered() {
+    use std::sync::mpsc;
+
+    use dingo::{App, CallOptions};
+    use dingo_test_support::PATIENCE;
+    use dingo_test_support::amqp::Amqp;
+
+    let Some(setup) = Amqp::setup() else { return };
+    let worker_broker = setup.broker();
+    let worker = App::builder().broker(worker_broker.clone()).build().expect("worker app");
+    let (started, running) = mpsc::sync_channel::<()>(1);
+    let (release, released) = mpsc::sync_channel::<()>(1);
+    let (started, released) = (std::sync::Mutex::new(started), std::sync::Mutex::new(released));
+    worker
+        .register("amo.gated", move |n: u64| {
+            let _ = started.lock().expect("lock").send(());
+            let _ = released.lock().expect("lock").recv_timeout(PATIENCE);
+            n + 1
+        })
+        .expect("register");
+    worker.allocate("amo.gated", 1).expect("allocate");
+    let caller = App::builder().broker(setup.broker()).build().expect("caller app");
+    let options = CallOptions::new().at_most_once(true);
+    let mut handle = caller.call_with::<_, u64>("amo.gated", &options, 7u64).expect("call");
+    running.recv_timeout(PATIENCE).expect("the task started");
+    let stats = worker_broker.stats();
+    let acked = || stats.acked.load(std::sync::atomic::Ordering::SeqCst);
+    dingo_test_support::faults::wait_until("the delivery is acknowledged", || acked() == 1);
+    release.send(()).expect("release");
+    assert_eq!(handle.wait_timeout(PATIENCE).expect("result"), 8);
+    assert_eq!(acked(), 1, "acknowledged once, before it ran");
+    caller.close().expect("close");
+    worker.close().expect("close");
+}
