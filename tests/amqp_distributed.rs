@@ -12,7 +12,7 @@ use dingo::amqp::AmqpOptions;
 use dingo_test_support::PATIENCE;
 use dingo_test_support::amqp::Amqp;
 use dingo_test_support::faults::wait_until;
-use dingo_test_support::process::{Examples, Proc};
+use dingo_test_support::process::{Examples, Proc, example};
 
 // The tasks the example programs share: the same names and signatures, so the test process
 // can call what the worker processes run.
@@ -21,18 +21,7 @@ use dingo_test_support::process::{Examples, Proc};
 mod tasks;
 
 /// The example programs, built with this test's features.
-const EXAMPLES: Examples = Examples {
-    features: &[
-        "amqp",
-        #[cfg(feature = "json")]
-        "json",
-        #[cfg(feature = "redis")]
-        "redis",
-        #[cfg(feature = "amqp-tls")]
-        "amqp-tls",
-    ],
-    names: &["amqp_worker", "amqp_caller"],
-};
+const EXAMPLES: Examples = dingo_test_support::examples!["amqp_worker", "amqp_caller"];
 
 /// A setup with the examples' options (durable queues: the declarations must agree), and
 /// the environment that points the example programs at it. Reply queues of the example
@@ -94,6 +83,8 @@ fn a_worker_process_killed_mid_run_loses_nothing() {
     let Some((setup, env)) = setup() else { return };
     let env = as_env(&env);
     let caller_broker = setup.broker();
+    // Built before any call waits: a first build takes longer than a call's patience.
+    example(&EXAMPLES, "amqp_worker");
     let caller = App::builder().broker(caller_broker.clone()).build().expect("caller app");
     let handles: Vec<_> = (0..CALLS).map(|n| (n, tasks::slow_echo::call(&caller, n, 5).expect("call"))).collect();
     let ids: HashSet<String> = handles.iter().map(|(_, h)| h.id().to_string()).collect();

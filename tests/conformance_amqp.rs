@@ -93,3 +93,32 @@ fn an_at_most_once_task_is_acknowledged_when_delivered() {
     caller.close().expect("close");
     worker.close().expect("close");
 }
+
+/// Quorum queues (`quorum=true`): declared with `x-queue-type=quorum`, consumed with
+/// per-consumer prefetch (quorum queues refuse global QoS); calls and a dead letter work.
+#[test]
+fn quorum_queues_work() {
+    use dingo::App;
+    use dingo::amqp::AmqpOptions;
+    use dingo_test_support::PATIENCE;
+    use dingo_test_support::amqp::Amqp;
+    use dingo_test_support::faults::{stat, wait_until};
+
+    let Some(setup) = Amqp::with_options(AmqpOptions::new().quorum(true)) else { return };
+    let worker_broker = setup.broker();
+    let worker = App::builder().broker(worker_broker.clone()).build().expect("worker app");
+    worker.register("quorum.square", |n: i64| n * n).expect("register");
+    worker.allocate("quorum.square", 2).expect("allocate");
+    let caller = App::builder().broker(setup.broker()).build().expect("caller app");
+    let handles: Vec<_> = (0..20i64).map(|n| (n, caller.call::<_, i64>("quorum.square", n).expect("call"))).collect();
+    for (n, mut handle) in handles {
+        assert_eq!(handle.wait_timeout(PATIENCE).expect("result"), n * n);
+    }
+    worker_broker.publish_raw("quorum.square", b"not a task".to_vec()).expect("publish garbage");
+    wait_until("the garbage is dead-lettered", || stat(&worker_broker.stats().dead_lettered) == 1);
+    let dead = worker_broker.dead_letters("quorum.square").expect("dead letters");
+    assert_eq!(dead.len(), 1, "{dead:?}");
+    assert_eq!(dead[0].bytes, b"not a task");
+    caller.close().expect("close");
+    worker.close().expect("close");
+}

@@ -10,22 +10,11 @@ use std::time::Duration;
 use dingo::App;
 use dingo_test_support::PATIENCE;
 use dingo_test_support::faults::wait_until;
-use dingo_test_support::process::{Examples, Proc};
+use dingo_test_support::process::{Examples, Proc, example};
 use dingo_test_support::redis::{Redis, held};
 
 /// The example programs, built with this test's features.
-const EXAMPLES: Examples = Examples {
-    features: &[
-        "redis",
-        #[cfg(feature = "json")]
-        "json",
-        #[cfg(feature = "redis-tls")]
-        "redis-tls",
-        #[cfg(feature = "amqp")]
-        "amqp",
-    ],
-    names: &["redis_worker", "redis_caller"],
-};
+const EXAMPLES: Examples = dingo_test_support::examples!["redis_worker", "redis_caller"];
 
 // The tasks the example programs share: the same names and signatures, so the test process
 // can call what the worker processes run.
@@ -72,6 +61,8 @@ fn a_worker_process_killed_mid_run_loses_nothing() {
     let Some(setup) = Redis::setup() else { return };
     let namespace = setup.options().namespace.clone();
     let env = [("DINGO_REDIS_URL", setup.url()), ("DINGO_NAMESPACE", namespace.as_str()), ("DINGO_LEASE_MS", "1000")];
+    // Built before any call waits: a first build takes longer than a call's patience.
+    example(&EXAMPLES, "redis_worker");
     let caller = App::builder().broker(setup.broker()).build().expect("caller app");
     let handles: Vec<_> = (0..CALLS).map(|n| (n, tasks::slow_echo::call(&caller, n, 5).expect("call"))).collect();
     let ids: HashSet<String> = handles.iter().map(|(_, h)| h.id().to_string()).collect();

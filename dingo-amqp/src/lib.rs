@@ -62,8 +62,10 @@
 //! - **Dead letters.** A message that cannot run — it does not decode, names a task the
 //!   worker does not have, or has another signature — is published to the dead-letter
 //!   exchange with the reason (header `x-dingo-reason`), and acknowledged once that is
-//!   confirmed; its caller, when it can be identified, gets a failure report, and the worker
-//!   goes on. Messages RabbitMQ dead-letters itself land in the same queue.
+//!   confirmed; its caller, when it can be identified and reports travel through RabbitMQ
+//!   too, gets a failure report (the worker's own checks — unknown task, other signature —
+//!   report through whatever report transport the app uses), and the worker goes on.
+//!   Messages RabbitMQ dead-letters itself land in the same queue.
 //! - **Reconnection.** amiquip does not reconnect; dingo does, with exponential backoff,
 //!   reported as `ConnectionLost` / `ConnectionRestored` events: the connection is dialled
 //!   again, topology declared again, consumers started again, unconfirmed messages published

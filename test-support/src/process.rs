@@ -9,13 +9,38 @@ use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 /// How to build the example programs: the features the test was built with (so what
-/// `cargo test` built is reused, not rebuilt) and the examples it needs.
+/// `cargo test` built is reused, not rebuilt) and the examples it needs. Made with
+/// [`examples!`](crate::examples), which reads the features where it is used.
 #[derive(Debug, Clone, Copy)]
 pub struct Examples {
     /// Features of the `dingo` package, as the test crate was built (`cfg!(feature = …)`).
     pub features: &'static [&'static str],
     /// The example programs to build.
     pub names: &'static [&'static str],
+}
+
+/// The [`Examples`] named, with the `dingo` features of the crate this is expanded in (every
+/// feature that changes the build must be listed, or the examples are built anew with
+/// other features — slow, and a test waiting meanwhile may time out).
+#[macro_export]
+macro_rules! examples {
+    ($($name:literal),+ $(,)?) => {
+        $crate::process::Examples {
+            features: &[
+                #[cfg(feature = "json")]
+                "json",
+                #[cfg(feature = "redis")]
+                "redis",
+                #[cfg(feature = "redis-tls")]
+                "redis-tls",
+                #[cfg(feature = "amqp")]
+                "amqp",
+                #[cfg(feature = "amqp-tls")]
+                "amqp-tls",
+            ],
+            names: &[$($name),+],
+        }
+    };
 }
 
 /// An example program, up to date: built once per test run into the test's own target
