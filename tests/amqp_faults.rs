@@ -253,3 +253,66 @@ fn garbage_in_a_queue_is_dead_lettered_and_the_worker_goes_on() {
     caller.close().expect("close");
     worker.close().expect("close");
 }
+
+/// A task message RabbitMQ cannot route (its queue was deleted behind the caller's back,
+/// after the caller learnt it existed) comes back as a return: the call fails with
+/// `UnknownTask` instead of waiting forever, and the next call, once the queue is declared
+/// again, works.
+#[test]
+fn a_task_whose_queue_is_gone_fails_its_call() {
+    let Some(setup) = Amqp::setup() else { return };
+    let caller_broker = setup.broker();
+    let caller = App::builder().broker(caller_broker.clone()).build().expect("caller app");
+    let worker = App::builder().broker(setup.broker()).build().expect("worker app");
+    worker.allocate(triple, 1).expect("allocate");
+    assert_eq!(triple::call(&caller, 2).expect("call").wait_timeout(PATIENCE).expect("works"), 6);
+    worker.close().expect("close the worker");
+    // Deleted by another client: the caller's broker still believes the queue is there.
+    setup.broker().delete_topology(&[triple::NAME.to_owned()], &[]).expect("delete the queue");
+    let failures: Vec<TaskErrorKind> = (0..20u64)
+        .map(|n| triple::call(&caller, n).expect("call"))
+        .map(|mut handle| {
+            handle.wait_timeout(PATIENCE).expect_err("no queue serves it").task_kind().expect("a task error")
+        })
+        .collect();
+    assert!(failures.iter().all(|kind| *kind == TaskErrorKind::UnknownTask), "{failures:?}");
+    assert_eq!(stat(&caller_broker.stats().returned), 20);
+    let worker = App::builder().broker(setup.broker()).build().expect("a new worker app");
+    worker.allocate(triple, 1).expect("allocate declares the queue again");
+    assert_eq!(triple::call(&caller, 5).expect("call").wait_timeout(PATIENCE).expect("works again"), 15);
+    worker.close().expect("close");
+    caller.close().expect("close");
+}
+
+/// RabbitMQ goes away (connections dropped, reconnections refused) under a caller app and a
+/// worker app, one call waiting: closing both apps returns within the settle grace instead
+/// of waiting for RabbitMQ to come back, and the waiting call fails with `Shutdown`.
+#[test]
+fn closing_during_an_outage_does_not_hang() {
+    let Some(setup) =
+        Amqp::with_options(dingo::amqp::AmqpOptions::new().durable(false).settle_grace(Duration::from_millis(500)))
+    else {
+        return;
+    };
+    let proxy = Proxy::start(server_addr(setup.url())).expect("start the proxy");
+    let connect = || {
+        let broker = AmqpBroker::connect_with(&via(&proxy, setup.url()), setup.options().clone())
+            .expect("connect via the proxy");
+        setup.adopt(broker.clone());
+        broker
+    };
+    let worker = App::builder().broker(connect()).shutdown_grace(Duration::from_secs(1)).build().expect("worker");
+    let caller = App::builder().broker(connect()).build().expect("caller app");
+    worker.allocate(triple, 1).expect("allocate");
+    assert_eq!(triple::call(&caller, 3).expect("call").wait_timeout(PATIENCE).expect("works"), 9);
+    proxy.pause();
+    let waiting = triple::call(&caller, 4).expect("the call is queued while RabbitMQ is away");
+    let started = std::time::Instant::now();
+    caller.close().expect("close the caller");
+    worker.close().expect("close the worker");
+    let took = started.elapsed();
+    assert!(took < Duration::from_secs(10), "closing took {took:?}");
+    let error = waiting.wait().expect_err("no result can come");
+    assert_eq!(error.task_kind(), Some(TaskErrorKind::Shutdown), "{error:?}");
+    proxy.resume();
+}

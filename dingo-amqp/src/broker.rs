@@ -186,7 +186,13 @@ impl AmqpBroker {
     /// tests and repair tools). Waits for the confirm.
     pub fn publish_raw(&self, task: &str, bytes: Vec<u8>) -> Result<(), BrokerError> {
         let queue = self.inner.names.task_queue(task)?;
+        let mut published = false;
         self.inner.with_control("publishing raw bytes", |channel| {
+            if published {
+                // Not twice: the first attempt may have been stored.
+                return Err(amiquip::Error::ClientException);
+            }
+            published = true;
             channel.enable_publisher_confirms()?;
             let confirms = channel.listen_for_publisher_confirms()?;
             let properties = amiquip::AmqpProperties::default().with_delivery_mode(2);
@@ -508,10 +514,27 @@ impl Inner {
         if self.is_closed() {
             return Err(closed());
         }
+        // AMQP short strings (routing key, correlation id) hold 255 bytes; a longer one would
+        // corrupt the frame and cost the whole connection.
+        for (what, text) in [("reply queue", &**queue), ("task id", report.id.as_str())] {
+            if text.len() > 255 {
+                return Err(BrokerError::new(
+                    BrokerErrorKind::Config,
+                    format!("the {what} `{text}` is longer than AMQP's 255 bytes"),
+                ));
+            }
+        }
+        let body = wire::encode_report(report)?;
+        if body.len() > self.options.max_message_size {
+            return Err(BrokerError::new(
+                BrokerErrorKind::TooLarge,
+                format!("report of {} bytes exceeds the limit of {} bytes", body.len(), self.options.max_message_size),
+            ));
+        }
         let outgoing = Outgoing {
             exchange: String::new(),
             routing_key: queue.to_string(),
-            body: wire::encode_report(report)?,
+            body,
             persistent: self.options.persistent_reports,
             correlation: Some(report.id.as_str().to_owned()),
             reason: None,

@@ -255,6 +255,11 @@ impl Session {
         }
     }
 
+    /// Whether [`close`](Session::close) was called.
+    pub(crate) fn is_closed(&self) -> bool {
+        self.closed.load(Ordering::Acquire)
+    }
+
     /// Closes the connection (threads still holding channels see them fail).
     pub(crate) fn close(&self) {
         self.closed.store(true, Ordering::Release);
@@ -284,6 +289,36 @@ pub(crate) fn cancelled(consumer: &Consumer<'_>, mut on_delivery: impl FnMut(ami
             ConsumerMessage::Delivery(delivery) => on_delivery(delivery),
             _ => return,
         }
+    }
+}
+
+/// Pauses between a thread's attempts to serve a channel: a channel that breaks soon after
+/// it opened (a declaration the server refuses, a message it rejects) must not make the
+/// thread open channels in a tight loop.
+pub(crate) struct Backoff {
+    first: Duration,
+    longest: Duration,
+    next: Duration,
+}
+
+impl Backoff {
+    /// How long a channel must have served for its loss to count as a fresh start.
+    const HEALTHY: Duration = Duration::from_secs(5);
+
+    pub(crate) fn new(options: &AmqpOptions) -> Backoff {
+        let (first, longest) = options.reconnect_backoff;
+        Backoff { first, longest, next: first }
+    }
+
+    /// A channel that served since `opened` broke: pauses (unless it served long enough to
+    /// count as healthy), doubling the pause each time in a row, until `stop`.
+    pub(crate) fn broke(&mut self, opened: Instant, stop: &AtomicBool) {
+        if opened.elapsed() >= Self::HEALTHY {
+            self.next = self.first;
+            return;
+        }
+        sleep_unless(stop, self.next);
+        self.next = (self.next * 2).min(self.longest);
     }
 }
 

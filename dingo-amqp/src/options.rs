@@ -23,11 +23,9 @@ pub struct AmqpOptions {
     /// (per-consumer QoS; at least the app's own prefetch). Default 128.
     pub prefetch: u16,
     /// How many published messages may wait for their confirms (publisher confirms are
-    /// asynchronous and batched); past it, publishing waits for confirms. Default 4,096.
+    /// asynchronous and batched); past it, `send` blocks (back-pressure while RabbitMQ is
+    /// slow or away), at most the call's enqueue timeout. Default 4,096.
     pub max_unconfirmed: usize,
-    /// Messages a producer may queue before `send` blocks (back-pressure while RabbitMQ is
-    /// slow or away). Default 65,536.
-    pub send_buffer: usize,
     /// AMQP heartbeat: a connection silent for about twice this long is considered dead.
     /// Default 10 s.
     pub heartbeat: Duration,
@@ -60,7 +58,6 @@ impl Default for AmqpOptions {
             quorum: false,
             prefetch: 128,
             max_unconfirmed: 4096,
-            send_buffer: 65_536,
             heartbeat: Duration::from_secs(10),
             connect_timeout: Duration::from_secs(5),
             max_message_size: 16 << 20,
@@ -114,12 +111,6 @@ impl AmqpOptions {
     /// Sets [`max_unconfirmed`](AmqpOptions::max_unconfirmed).
     pub fn max_unconfirmed(mut self, messages: usize) -> AmqpOptions {
         self.max_unconfirmed = messages.max(1);
-        self
-    }
-
-    /// Sets [`send_buffer`](AmqpOptions::send_buffer).
-    pub fn send_buffer(mut self, messages: usize) -> AmqpOptions {
-        self.send_buffer = messages.max(1);
         self
     }
 

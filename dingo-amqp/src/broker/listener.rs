@@ -4,6 +4,7 @@
 //! the queue (which outlives its connection) is consumed again, so nothing in it is lost.
 
 use std::sync::Arc;
+use std::time::Instant;
 
 use amiquip::{Channel, ConsumerMessage, ConsumerOptions};
 use crossbeam_channel::Sender;
@@ -12,7 +13,7 @@ use dingo_core::message::wire;
 use dingo_core::{BrokerError, BrokerErrorKind};
 
 use super::{Inner, Stop, Thread};
-use crate::conn::amqp_error;
+use crate::conn::{Backoff, amqp_error};
 use crate::topology;
 
 /// How many reports RabbitMQ sends ahead of the listener's acknowledgements.
@@ -30,13 +31,14 @@ impl Listener {
         let patience = inner.options.connect_timeout * 2;
         let thread = Thread::spawn("dingo-amqp-reply", move |stop| run(&inner, &stop, &mut Some(ready)))?;
         let listener = Listener { thread };
-        match declared.recv_timeout(patience) {
-            Ok(Ok(())) => Ok(listener),
-            Ok(Err(e)) => Err(e),
-            Err(_) => {
-                Err(BrokerError::new(BrokerErrorKind::Connection, "the reply queue could not be declared in time"))
-            }
-        }
+        let failed = match declared.recv_timeout(patience) {
+            Ok(Ok(())) => return Ok(listener),
+            Ok(Err(e)) => e,
+            Err(_) => BrokerError::new(BrokerErrorKind::Connection, "the reply queue could not be declared in time"),
+        };
+        // Not left behind: a later `watch` starts another.
+        listener.stop();
+        Err(failed)
     }
 
     pub(crate) fn stop(&self) {
@@ -45,8 +47,10 @@ impl Listener {
 }
 
 fn run(inner: &Arc<Inner>, stop: &Stop, ready: &mut Option<Sender<Result<(), BrokerError>>>) {
+    let mut backoff = Backoff::new(&inner.options);
     while !stop.is_set() {
         let Some(opened) = inner.session.channel("report listener", &stop.flag) else { break };
+        let since = Instant::now();
         if let Err(e) = topology::declare_reply(&opened.channel, &inner.options, &inner.reply_queue) {
             if let Some(ready) = ready.take() {
                 // At start: the caller learns why (a declaration the server refuses will not
@@ -55,6 +59,7 @@ fn run(inner: &Arc<Inner>, stop: &Stop, ready: &mut Option<Sender<Result<(), Bro
                 return;
             }
             inner.session.channel_failed(opened.generation, "report listener", &e.to_string());
+            backoff.broke(since, &stop.flag);
             continue;
         }
         if let Some(ready) = ready.take() {
@@ -68,6 +73,7 @@ fn run(inner: &Arc<Inner>, stop: &Stop, ready: &mut Option<Sender<Result<(), Bro
                 format!("receiving reports failed ({error}); listening again"),
             ));
             inner.session.channel_failed(opened.generation, "report listener", &error);
+            backoff.broke(since, &stop.flag);
         }
     }
 }

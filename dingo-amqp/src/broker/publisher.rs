@@ -4,7 +4,7 @@
 //!
 //! Confirms are asynchronous: up to [`max_unconfirmed`](crate::AmqpOptions::max_unconfirmed)
 //! messages may wait for theirs; the confirm thread acts on each confirm as it comes
-//! ([`Then`]): a report's confirm acknowledges the task it finishes. Task messages and reports are published `mandatory`;
+//! ([`Then`]): a report's confirm acknowledges the task it finishes. Every message is published `mandatory`;
 //! one that reaches no queue comes back (a return, then its confirm) and is treated as an
 //! error. Messages not yet confirmed when the connection breaks are published again on the
 //! next one (at least once).
@@ -23,6 +23,7 @@ use dingo_core::{BrokerError, BrokerErrorKind, CallKey, TaskError, TaskErrorKind
 
 use super::subscription::AmqpAck;
 use super::{Inner, Stop, Thread, lock};
+use crate::conn::Backoff;
 use crate::topology::REASON_HEADER;
 
 /// One message to publish and what to do once RabbitMQ confirmed it.
@@ -50,11 +51,10 @@ pub(crate) enum Then {
     DeadLetter { original: Box<AmqpAck> },
 }
 
-impl Outgoing {
-    fn mandatory(&self) -> bool {
-        !matches!(self.then, Then::DeadLetter { .. })
-    }
-}
+/// How many channels a message may go out on, each breaking before RabbitMQ confirmed it,
+/// before it is given up (a message the server refuses by closing the channel would
+/// otherwise be published again forever, with everything queued behind it).
+const MAX_ATTEMPTS: u32 = 5;
 
 struct Pending {
     outgoing: Outgoing,
@@ -64,6 +64,8 @@ struct Pending {
     returned: Option<String>,
     /// Whether it went out on a channel (else it waits for one).
     sent: bool,
+    /// Channels it went out on that broke before it was confirmed.
+    attempts: u32,
 }
 
 /// The publishing channel, shared: callers and workers publish on it themselves (under the
@@ -133,18 +135,22 @@ impl Publisher {
             return Err(super::closed());
         }
         state.numbers += 1;
-        let mut entry = Pending { outgoing, number: state.numbers, returned: None, sent: false };
+        let mut entry = Pending { outgoing, number: state.numbers, returned: None, sent: false, attempts: 0 };
+        let mut broken = None;
         if let Some(channel) = &state.channel {
             match publish(channel, &entry) {
                 Ok(()) => entry.sent = true,
                 Err(_) => {
                     // Kept: it goes out again on the next channel.
-                    state.channel = None;
+                    broken = state.channel.take();
                     let _ = shared.broken.try_send(());
                 }
             }
         }
         state.pending.push_back(entry);
+        drop(state);
+        // Closed outside the lock.
+        drop(broken);
         Ok(())
     }
 
@@ -159,18 +165,26 @@ impl Publisher {
 fn run(inner: &Arc<Inner>, shared: &Shared, failures: &Receiver<()>, stop: &Stop) {
     let mut deadline = None;
     let never = AtomicBool::new(false);
+    let mut backoff = Backoff::new(&inner.options);
     loop {
         if stop.is_set() && deadline.is_none() {
             deadline = Some(Instant::now() + inner.options.settle_grace);
         }
-        if deadline.is_some() && lock(&shared.state).pending.is_empty() {
+        let late = deadline.is_some_and(|d| Instant::now() >= d);
+        if (deadline.is_some() && lock(&shared.state).pending.is_empty()) || late || inner.session.is_closed() {
             break;
         }
-        let Some(opened) = inner.session.channel_until("publisher", &never, deadline) else { break };
-        let error = confirm(inner, shared, opened.channel, failures, stop, &mut deadline);
-        match error {
+        // Until told to stop, reconnecting waits for RabbitMQ as long as it takes; after,
+        // until the deadline.
+        let interrupt = if deadline.is_some() { &never } else { &*stop.flag };
+        let Some(opened) = inner.session.channel_until("publisher", interrupt, deadline) else { continue };
+        let since = Instant::now();
+        match confirm(inner, shared, opened.channel, failures, stop, &mut deadline) {
             None => break,
-            Some(error) => inner.session.channel_failed(opened.generation, "publisher channel", &error),
+            Some(error) => {
+                inner.session.channel_failed(opened.generation, "publisher channel", &error);
+                backoff.broke(since, interrupt);
+            }
         }
     }
     // Out of time at shutdown, or the broker is gone: what is left is not published.
@@ -216,23 +230,41 @@ fn confirm(
         Ok(listeners) => listeners,
         Err(e) => return Some(e.to_string()),
     };
+    let mut given_up: Vec<Pending>;
     {
         let mut state = lock(&shared.state);
+        for entry in state.pending.iter_mut().filter(|entry| entry.sent) {
+            entry.attempts += 1;
+        }
+        let (kept, dropped): (VecDeque<Pending>, VecDeque<Pending>) =
+            std::mem::take(&mut state.pending).into_iter().partition(|entry| entry.attempts < MAX_ATTEMPTS);
+        state.pending = kept;
+        given_up = dropped.into();
         // What the last channel did not confirm, again and in order (RabbitMQ may have
         // stored some of it: at least once).
+        let mut failed = None;
         for entry in state.pending.iter_mut() {
             entry.returned = None;
             if entry.sent {
                 inner.stats.republished.fetch_add(1, Ordering::Relaxed);
             }
             if let Err(e) = publish(&channel, entry) {
-                return Some(e.to_string());
+                failed = Some(e.to_string());
+                break;
             }
             entry.sent = true;
         }
-        state.channel = Some(channel);
-        while failures.try_recv().is_ok() {}
+        if failed.is_none() {
+            state.channel = Some(channel);
+            while failures.try_recv().is_ok() {}
+        }
+        drop(state);
+        if let Some(error) = failed {
+            give_up(inner, given_up);
+            return Some(error);
+        }
     }
+    give_up(inner, std::mem::take(&mut given_up));
     let mut smoother = ConfirmSmoother::new();
     let mut settled = Vec::new();
     loop {
@@ -251,6 +283,11 @@ fn confirm(
                 };
                 {
                     let mut state = lock(&shared.state);
+                    // A return comes before its message's confirm, but on another channel of
+                    // amiquip's: take the returns that have come first.
+                    for returned in returns.try_iter() {
+                        mark_returned(&mut state, &returned);
+                    }
                     for confirm in smoother.process(confirm) {
                         if let Some(entry) = state.pending.pop_front() {
                             settled.push((entry, matches!(confirm, Confirm::Ack(_))));
@@ -267,11 +304,7 @@ fn confirm(
                 let Ok(returned) = returned else {
                     return Some(broken(shared, "the connection stopped delivering returns"));
                 };
-                let number = returned.properties.message_id().as_ref().and_then(|id| id.parse::<u64>().ok());
-                let mut state = lock(&shared.state);
-                if let Some(entry) = state.pending.iter_mut().find(|p| Some(p.number) == number) {
-                    entry.returned = Some(format!("{} {}", returned.reply_code, returned.reply_text));
-                }
+                mark_returned(&mut lock(&shared.state), &returned);
             }
             recv(failures) -> _ => return Some(broken(shared, "publishing failed")),
             recv(stop.signal) -> _ => {}
@@ -280,18 +313,46 @@ fn confirm(
     }
 }
 
+/// Notes which pending message RabbitMQ returned (by its number, the `message_id`).
+fn mark_returned(state: &mut State, returned: &amiquip::Return) {
+    let number = returned.properties.message_id().as_ref().and_then(|id| id.parse::<u64>().ok());
+    if let Some(entry) = state.pending.iter_mut().find(|p| Some(p.number) == number) {
+        entry.returned = Some(format!("{} {}", returned.reply_code, returned.reply_text));
+    }
+}
+
+/// Settles messages that went out on [`MAX_ATTEMPTS`] channels without a confirm as refused.
+fn give_up(inner: &Arc<Inner>, entries: Vec<Pending>) {
+    if entries.is_empty() {
+        return;
+    }
+    inner.events.emit(Event::new(
+        Origin::Producer,
+        Level::Error,
+        EventKind::Other,
+        format!(
+            "{} message(s) given up: each went out on {MAX_ATTEMPTS} channels that broke before RabbitMQ \
+             confirmed it (does the server refuse it?)",
+            entries.len()
+        ),
+    ));
+    for entry in entries {
+        settle(inner, entry, false);
+    }
+}
+
 /// Takes the channel out of use (messages published meanwhile wait for the next one).
 fn broken(shared: &Shared, why: &str) -> String {
-    lock(&shared.state).channel = None;
+    let channel = lock(&shared.state).channel.take();
+    // Closed outside the lock: closing waits for the server (or the dead connection).
+    drop(channel);
     why.to_owned()
 }
 
 fn publish(channel: &Channel, entry: &Pending) -> Result<(), amiquip::Error> {
     let outgoing = &entry.outgoing;
     let mut properties = AmqpProperties::default().with_delivery_mode(if outgoing.persistent { 2 } else { 1 });
-    if outgoing.mandatory() {
-        properties = properties.with_message_id(entry.number.to_string());
-    }
+    properties = properties.with_message_id(entry.number.to_string());
     if let Some(correlation) = &outgoing.correlation {
         properties = properties.with_correlation_id(correlation.clone());
     }
@@ -305,7 +366,7 @@ fn publish(channel: &Channel, entry: &Pending) -> Result<(), amiquip::Error> {
         Publish {
             body: &outgoing.body,
             routing_key: outgoing.routing_key.clone(),
-            mandatory: outgoing.mandatory(),
+            mandatory: true,
             immediate: false,
             properties,
         },
@@ -379,7 +440,9 @@ fn settle(inner: &Arc<Inner>, entry: Pending, stored: bool) {
             }
         }
         Then::DeadLetter { original } => {
-            if stored {
+            // A dead letter that reached no queue (its dead-letter queue was deleted) is
+            // not stored either.
+            if stored && returned.is_none() {
                 stats.dead_lettered.fetch_add(1, Ordering::Relaxed);
                 original.settle_acked();
             } else {

@@ -24,6 +24,7 @@ use dingo_core::{BrokerError, CallKey, TaskError, TaskErrorKind, TaskName};
 
 use super::publisher::{Outgoing, Then};
 use super::{Inner, Thread, lock};
+use crate::conn::Backoff;
 use crate::topology::{self, TaskQueues};
 
 /// Messages up to this size are copied as they arrive, so that one a worker cannot run can
@@ -49,8 +50,10 @@ enum Settle {
         delivery: amiquip::Delivery,
     },
     /// Dead-lettered by dingo: a copy with the reason, then the original acknowledged.
+    /// `queue`: the index of the delivery's queue in the subscription.
     Dead {
         channel: u64,
+        queue: usize,
         delivery: amiquip::Delivery,
         copy: Option<Vec<u8>>,
         reason: String,
@@ -58,6 +61,7 @@ enum Settle {
     /// A message that does not decode.
     Malformed {
         channel: u64,
+        queue: usize,
         delivery: amiquip::Delivery,
         malformed: Box<wire::MalformedTask>,
     },
@@ -103,6 +107,8 @@ impl Shared {
 pub(crate) struct AmqpAck {
     shared: Arc<Shared>,
     channel: u64,
+    /// The index of the delivery's queue in the subscription.
+    queue: usize,
     delivery: Option<amiquip::Delivery>,
     /// A copy of the message, for dead-lettering it with a reason.
     copy: Option<Vec<u8>>,
@@ -144,7 +150,14 @@ impl Acknowledge for AmqpAck {
         if requeue {
             self.settle(|channel, delivery, _| Settle::Requeue { channel, delivery });
         } else {
-            self.settle(|channel, delivery, copy| Settle::Dead { channel, delivery, copy, reason: reason.to_owned() });
+            let queue = self.queue;
+            self.settle(|channel, delivery, copy| Settle::Dead {
+                channel,
+                queue,
+                delivery,
+                copy,
+                reason: reason.to_owned(),
+            });
         }
         Ok(())
     }
@@ -214,12 +227,12 @@ impl AmqpSubscription {
             }
             Ok((message, marked)) => {
                 shared.outstanding.fetch_add(1, Ordering::AcqRel);
-                let ack = AmqpAck { shared: shared.clone(), channel, delivery: Some(delivery), copy };
+                let ack = AmqpAck { shared: shared.clone(), channel, queue, delivery: Some(delivery), copy };
                 Some(Delivery { message, ack: Some(Ack::new(ack)), redelivered: redelivered || marked })
             }
             Err(malformed) => {
                 shared.outstanding.fetch_add(1, Ordering::AcqRel);
-                shared.tell(Settle::Malformed { channel, delivery, malformed });
+                shared.tell(Settle::Malformed { channel, queue, delivery, malformed });
                 None
             }
         }
@@ -245,17 +258,23 @@ impl Subscription for AmqpSubscription {
         }
         let feed = lock(&self.shared.feed).clone();
         for (queue, receiver) in feed.receivers.iter().enumerate() {
-            while let Ok(message) = receiver.try_recv() {
-                match message {
-                    ConsumerMessage::Delivery(delivery) => {
+            loop {
+                match receiver.try_recv() {
+                    Ok(ConsumerMessage::Delivery(delivery)) => {
                         if let Some(delivery) = self.take(&feed, queue, delivery) {
                             return Recv::Delivery(delivery);
                         }
                     }
-                    other => {
+                    Ok(other) => {
                         self.shared.tell(Settle::Lost { channel: feed.channel, why: describe(&other) });
                         break;
                     }
+                    Err(crossbeam_channel::TryRecvError::Disconnected) => {
+                        let why = "the consumer's channel closed".to_owned();
+                        self.shared.tell(Settle::Lost { channel: feed.channel, why });
+                        break;
+                    }
+                    Err(crossbeam_channel::TryRecvError::Empty) => break,
                 }
             }
         }
@@ -353,14 +372,16 @@ impl ConsumerThread {
     fn run(self, stop: &AtomicBool, mut retire: Sender<()>) {
         let inner = self.shared.inner.clone();
         let stopping = || stop.load(Ordering::Acquire) || self.shared.stopped.load(Ordering::Acquire);
-        let never = AtomicBool::new(false);
+        let mut backoff = Backoff::new(&inner.options);
         let mut number = 0;
         while !stopping() {
-            let Some(opened) = inner.session.channel("task consumer", &never) else { break };
+            let Some(opened) = inner.session.channel("task consumer", &self.shared.stopped) else { break };
             number += 1;
+            let since = Instant::now();
             match self.serve(&opened.channel, number, &stopping, &mut retire) {
                 Served::Stopped => break,
                 Served::Broken(error) => {
+                    backoff.broke(since, &self.shared.stopped);
                     inner.events.emit(Event::new(
                         Origin::Consumer,
                         Level::Warning,
@@ -371,7 +392,10 @@ impl ConsumerThread {
                 }
             }
         }
-        // The workers' feed ends with this thread.
+        // The workers' feed ends with this thread, and so does the subscription (the broker
+        // may have shut down under it): workers waiting in `recv` learn it now.
+        self.shared.stopped.store(true, Ordering::Release);
+        drop(lock(&self.shared.stop_signal).take());
         self.install(Feed { channel: number + 1, receivers: Vec::new(), retired: crossbeam_channel::never() });
         drop(retire);
     }
@@ -396,6 +420,12 @@ impl ConsumerThread {
         drop(std::mem::replace(retire, next_retire));
         let served = self.settle_until_done(channel, number, stopping, &consumers);
         if matches!(served, Served::Broken(_)) {
+            // Cancelled and confirmed before they are dropped (amiquip 0.4 kills the whole
+            // connection otherwise, see `conn::cancelled`); on a dead channel this returns at
+            // once. What arrives meanwhile is requeued when the channel closes.
+            for consumer in &consumers {
+                crate::conn::cancelled(consumer, drop);
+            }
             // An empty feed until the next channel (the workers wait on it, not spin on the
             // dead one).
             let (next_retire, retired) = crossbeam_channel::bounded(0);
@@ -507,11 +537,13 @@ impl ConsumerThread {
                 delivery.reject(channel, false).map_err(failed)?;
                 stats.dead_lettered.fetch_add(1, Ordering::Relaxed);
             }
-            Settle::Dead { delivery, copy, reason, .. } => self.dead_letter(channel, number, delivery, copy, reason)?,
-            Settle::Malformed { delivery, malformed, .. } => {
+            Settle::Dead { queue, delivery, copy, reason, .. } => {
+                self.dead_letter(channel, number, queue, delivery, copy, reason)?;
+            }
+            Settle::Malformed { queue, delivery, malformed, .. } => {
                 let reason = format!("undecodable message: {}", dingo_core::error::chain(&malformed.error));
                 self.tell_caller(&malformed, &reason);
-                self.dead_letter(channel, number, delivery, Some(malformed.bytes), reason)?;
+                self.dead_letter(channel, number, queue, delivery, Some(malformed.bytes), reason)?;
             }
         }
         Ok(())
@@ -523,18 +555,26 @@ impl ConsumerThread {
         &self,
         channel: &Channel,
         number: u64,
+        queue: usize,
         delivery: amiquip::Delivery,
         copy: Option<Vec<u8>>,
         reason: String,
     ) -> Result<(), String> {
         let inner = &self.shared.inner;
         let publisher = inner.publisher();
-        let (Some(body), Ok(publisher)) = (copy, publisher) else {
+        let (Some(body), Ok(publisher), Some(queues)) = (copy, publisher, self.queues.get(queue)) else {
             return self.settle(channel, number, Settle::Reject { channel: number, delivery });
         };
-        let routing_key = delivery.routing_key.clone();
-        let original =
-            Box::new(AmqpAck { shared: self.shared.clone(), channel: number, delivery: Some(delivery), copy: None });
+        // Routed by the task queue's name, which binds its dead-letter queue (the delivery's
+        // own routing key may be another exchange's).
+        let routing_key = queues.queue.clone();
+        let original = Box::new(AmqpAck {
+            shared: self.shared.clone(),
+            channel: number,
+            queue,
+            delivery: Some(delivery),
+            copy: None,
+        });
         let outgoing = Outgoing {
             exchange: inner.names.dead_exchange(),
             routing_key,
@@ -544,9 +584,10 @@ impl ConsumerThread {
             reason: Some(reason),
             then: Then::DeadLetter { original },
         };
-        // A refusal drops the outgoing message and with it the original's ack, which gives
-        // the delivery back (it is tried again).
-        let _ = publisher.send(outgoing, None);
+        // A refusal (the publisher full for the whole grace: RabbitMQ away) drops the outgoing
+        // message and with it the original's ack, which gives the delivery back (it is tried
+        // again).
+        let _ = publisher.send(outgoing, Some(inner.options.settle_grace));
         Ok(())
     }
 
@@ -578,7 +619,7 @@ impl ConsumerThread {
                             reason: None,
                             then: Then::Report { key, ack: None, final_report: true },
                         },
-                        None,
+                        Some(inner.options.settle_grace),
                     );
                 }
             }
