@@ -16,13 +16,14 @@ mod subscription;
 use std::collections::HashSet;
 use std::fmt;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard, OnceLock};
+use std::sync::{Arc, Mutex, MutexGuard};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use amiquip::{AmqpValue, Channel, QueueDeleteOptions};
 use crossbeam_channel::{Receiver, Sender};
 use dingo_core::broker::router::ReportRouter;
+use dingo_core::broker::support::{Lazy, check_size, reply_address};
 use dingo_core::broker::{Ack, ConsumeSettings, Consumer, Producer, Reporter, Store, Subscription, Users};
 use dingo_core::event::{EventSink, EventSinks};
 use dingo_core::id::UuidV7;
@@ -419,16 +420,7 @@ impl Producer for AmqpBroker {
             ));
         }
         let body = wire::encode_task(&message)?;
-        if body.len() > inner.options.max_message_size {
-            return Err(BrokerError::new(
-                BrokerErrorKind::TooLarge,
-                format!(
-                    "task message of {} bytes exceeds the limit of {} bytes",
-                    body.len(),
-                    inner.options.max_message_size
-                ),
-            ));
-        }
+        check_size("task message", body.len(), inner.options.max_message_size)?;
         let reply = match &message.reply_to {
             ReplyTo::Address(caller) => Some(caller.clone()),
             _ => None,
@@ -484,14 +476,14 @@ impl Reporter for AmqpBroker {
     }
 
     fn report(&self, to: &ReplyTo, report: ReportMessage<'_>) -> Result<(), BrokerError> {
-        let Some(queue) = reply_queue(to)? else {
+        let Some(queue) = reply_address(to, "RabbitMQ")? else {
             return Ok(());
         };
         self.inner.publish_report(queue, &report, None)
     }
 
     fn finish(&self, to: &ReplyTo, report: ReportMessage<'_>, ack: Option<Ack>) -> Result<(), BrokerError> {
-        match reply_queue(to)? {
+        match reply_address(to, "RabbitMQ")? {
             // Acknowledged once RabbitMQ confirmed the report (whichever broker the
             // delivery came from).
             Some(queue) => self.inner.publish_report(queue, &report, ack),
@@ -525,12 +517,7 @@ impl Inner {
             }
         }
         let body = wire::encode_report(report)?;
-        if body.len() > self.options.max_message_size {
-            return Err(BrokerError::new(
-                BrokerErrorKind::TooLarge,
-                format!("report of {} bytes exceeds the limit of {} bytes", body.len(), self.options.max_message_size),
-            ));
-        }
+        check_size("report", body.len(), self.options.max_message_size)?;
         let outgoing = Outgoing {
             exchange: String::new(),
             routing_key: queue.to_string(),
@@ -541,17 +528,6 @@ impl Inner {
             then: Then::Report { key: report.key(), ack, final_report: report.body.is_final() },
         };
         self.publisher()?.send(outgoing, None)
-    }
-}
-
-/// The reply queue a report goes to.
-fn reply_queue(to: &ReplyTo) -> Result<Option<&Arc<str>>, BrokerError> {
-    match to {
-        ReplyTo::None => Ok(None),
-        ReplyTo::Address(queue) => Ok(Some(queue)),
-        ReplyTo::Local(_) => {
-            Err(BrokerError::new(BrokerErrorKind::Config, "an in-process reply cannot go through RabbitMQ"))
-        }
     }
 }
 
@@ -592,33 +568,6 @@ fn is_not_found(error: &BrokerError) -> bool {
 
 pub(crate) fn closed() -> BrokerError {
     BrokerError::new(BrokerErrorKind::Closed, "the RabbitMQ broker is shut down")
-}
-
-/// A background component started on first use; failing to start is an error, not a panic.
-pub(crate) struct Lazy<T> {
-    cell: OnceLock<T>,
-    starting: Mutex<()>,
-}
-
-impl<T> Lazy<T> {
-    fn new() -> Lazy<T> {
-        Lazy { cell: OnceLock::new(), starting: Mutex::new(()) }
-    }
-
-    fn get_or_start(&self, start: impl FnOnce() -> Result<T, BrokerError>) -> Result<&T, BrokerError> {
-        if let Some(started) = self.cell.get() {
-            return Ok(started);
-        }
-        let _starting = lock(&self.starting);
-        if self.cell.get().is_none() {
-            let _ = self.cell.set(start()?);
-        }
-        self.cell.get().ok_or_else(closed)
-    }
-
-    fn get(&self) -> Option<&T> {
-        self.cell.get()
-    }
 }
 
 /// A thread with a way to be told to stop and an owner that joins it.

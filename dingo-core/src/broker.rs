@@ -28,6 +28,7 @@
 
 pub mod local;
 pub mod router;
+pub mod support;
 
 use std::any::Any;
 use std::fmt;

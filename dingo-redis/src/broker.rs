@@ -18,12 +18,13 @@ mod writer;
 use std::collections::{HashMap, HashSet};
 use std::fmt;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard, OnceLock};
+use std::sync::{Arc, Mutex, MutexGuard};
 use std::thread::JoinHandle;
 use std::time::Duration;
 
 use arc_swap::ArcSwap;
 use dingo_core::broker::router::ReportRouter;
+use dingo_core::broker::support::{Lazy, check_size, reply_address};
 use dingo_core::broker::{Ack, ConsumeSettings, Consumer, Producer, Reporter, Store, Subscription, Users};
 use dingo_core::event::{EventSink, EventSinks, Origin};
 use dingo_core::id::{FastMap, UuidV7};
@@ -436,16 +437,7 @@ impl Producer for RedisBroker {
             ));
         }
         let bytes = wire::encode_task(&message)?;
-        if bytes.len() > inner.options.max_message_size {
-            return Err(BrokerError::new(
-                BrokerErrorKind::TooLarge,
-                format!(
-                    "task message of {} bytes exceeds the limit of {} bytes",
-                    bytes.len(),
-                    inner.options.max_message_size
-                ),
-            ));
-        }
+        check_size("task message", bytes.len(), inner.options.max_message_size)?;
         let queue = inner.queue_keys(message.name.as_str());
         let reply = match &message.reply_to {
             ReplyTo::Address(caller) => Some(caller.clone()),
@@ -548,13 +540,7 @@ impl Reporter for RedisBroker {
 
 /// The caller process a report goes to.
 fn caller(to: &ReplyTo) -> Result<Option<String>, BrokerError> {
-    match to {
-        ReplyTo::None => Ok(None),
-        ReplyTo::Address(caller) => Ok(Some(caller.to_string())),
-        ReplyTo::Local(_) => {
-            Err(BrokerError::new(BrokerErrorKind::Config, "an in-process reply cannot go through redis"))
-        }
-    }
+    Ok(reply_address(to, "redis")?.map(|caller| caller.to_string()))
 }
 
 impl Store for RedisBroker {
@@ -614,33 +600,6 @@ impl DeadLetter {
 
 fn closed() -> BrokerError {
     BrokerError::new(BrokerErrorKind::Closed, "the redis broker is shut down")
-}
-
-/// A background component started on first use; failing to start is an error, not a panic.
-pub(crate) struct Lazy<T> {
-    cell: OnceLock<T>,
-    starting: Mutex<()>,
-}
-
-impl<T> Lazy<T> {
-    fn new() -> Lazy<T> {
-        Lazy { cell: OnceLock::new(), starting: Mutex::new(()) }
-    }
-
-    pub(crate) fn get_or_start(&self, start: impl FnOnce() -> Result<T, BrokerError>) -> Result<&T, BrokerError> {
-        if let Some(started) = self.cell.get() {
-            return Ok(started);
-        }
-        let _starting = lock(&self.starting);
-        if self.cell.get().is_none() {
-            let _ = self.cell.set(start()?);
-        }
-        self.cell.get().ok_or_else(closed)
-    }
-
-    fn get(&self) -> Option<&T> {
-        self.cell.get()
-    }
 }
 
 /// A thread with a stop flag and an owner that joins it.
