@@ -12,7 +12,11 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
-use amiquip::{Auth, Channel, Connection, ConnectionOptions, ConnectionTuning, Consumer, ConsumerMessage};
+use amiquip::{
+    Auth, Channel, Connection, ConnectionBlockedNotification, ConnectionOptions, ConnectionTuning, Consumer,
+    ConsumerMessage,
+};
+use crossbeam_channel::Receiver;
 use dingo_core::event::{Event, EventKind, EventSinks, Level, Origin};
 use dingo_core::{BrokerError, BrokerErrorKind};
 
@@ -149,6 +153,9 @@ struct State {
     connection: Option<Connection>,
     generation: u64,
     lost_since: Option<Instant>,
+    /// RabbitMQ's `connection.blocked` / `unblocked` notifications for the current
+    /// connection (resource alarms: publishing waits while blocked).
+    blocked: Receiver<ConnectionBlockedNotification>,
 }
 
 /// A channel and the generation of the connection it was opened on.
@@ -160,12 +167,13 @@ pub(crate) struct Opened {
 impl Session {
     /// Connects at once: an unreachable server or bad credentials are an error here.
     pub(crate) fn connect(address: Address, options: AmqpOptions, events: EventSinks) -> Result<Session, BrokerError> {
-        let connection = address.open(&options)?;
+        let mut connection = address.open(&options)?;
+        let blocked = blocked_notifications(&mut connection);
         Ok(Session {
             address,
             options,
             events,
-            state: Mutex::new(State { connection: Some(connection), generation: 1, lost_since: None }),
+            state: Mutex::new(State { connection: Some(connection), generation: 1, lost_since: None, blocked }),
             closed: AtomicBool::new(false),
         })
     }
@@ -195,7 +203,8 @@ impl Session {
                 }
             }
             match self.address.open(&self.options) {
-                Ok(connection) => {
+                Ok(mut connection) => {
+                    state.blocked = blocked_notifications(&mut connection);
                     state.connection = Some(connection);
                     state.generation += 1;
                     if let Some(since) = state.lost_since.take() {
@@ -255,6 +264,11 @@ impl Session {
         }
     }
 
+    /// The `connection.blocked` notifications of the current connection.
+    pub(crate) fn blocked(&self) -> Receiver<ConnectionBlockedNotification> {
+        self.lock().blocked.clone()
+    }
+
     /// Whether [`close`](Session::close) was called.
     pub(crate) fn is_closed(&self) -> bool {
         self.closed.load(Ordering::Acquire)
@@ -273,6 +287,12 @@ impl Session {
         // The state stays consistent if a holder panicked (single assignments).
         self.state.lock().unwrap_or_else(|e| e.into_inner())
     }
+}
+
+/// Where RabbitMQ's resource-alarm notifications for `connection` arrive (none if amiquip
+/// cannot listen: the connection is then already failing).
+fn blocked_notifications(connection: &mut Connection) -> Receiver<ConnectionBlockedNotification> {
+    connection.listen_for_connection_blocked().unwrap_or_else(|_| crossbeam_channel::never())
 }
 
 /// Cancels a consumer and waits (up to a second) until amiquip confirms it, handing

@@ -72,6 +72,10 @@
 //!   again. Heartbeats are on ([`heartbeat`](AmqpOptions::heartbeat)), and the socket has
 //!   `TCP_NODELAY` (without it each request-reply round trip waits ~40 ms for Nagle and
 //!   delayed ACKs).
+//! - **Resource alarms.** When RabbitMQ runs low on memory or disk it blocks publishing
+//!   connections; dingo reports it (a `Warning` event, and an `Info` one when it unblocks)
+//!   and calls wait meanwhile, within [`max_unconfirmed`](AmqpOptions::max_unconfirmed) and
+//!   their enqueue timeout, then go through.
 //!
 //! # Long tasks and RabbitMQ's consumer timeout
 //!

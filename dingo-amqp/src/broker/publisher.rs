@@ -14,7 +14,9 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Condvar, Mutex};
 use std::time::{Duration, Instant};
 
-use amiquip::{AmqpProperties, AmqpValue, Channel, Confirm, ConfirmSmoother, FieldTable, Publish};
+use amiquip::{
+    AmqpProperties, AmqpValue, Channel, Confirm, ConfirmSmoother, ConnectionBlockedNotification, FieldTable, Publish,
+};
 use crossbeam_channel::{Receiver, Sender};
 use dingo_core::broker::Ack;
 use dingo_core::event::{Event, EventKind, Level, Origin};
@@ -267,6 +269,7 @@ fn confirm(
     give_up(inner, std::mem::take(&mut given_up));
     let mut smoother = ConfirmSmoother::new();
     let mut settled = Vec::new();
+    let mut blocked = inner.session.blocked();
     loop {
         if stop.is_set() && deadline.is_none() {
             *deadline = Some(Instant::now() + inner.options.settle_grace);
@@ -306,6 +309,21 @@ fn confirm(
                 };
                 mark_returned(&mut lock(&shared.state), &returned);
             }
+            recv(blocked) -> notification => match notification {
+                Ok(ConnectionBlockedNotification::Blocked(reason)) => inner.events.emit(Event::new(
+                    Origin::Producer,
+                    Level::Warning,
+                    EventKind::Other,
+                    format!("RabbitMQ blocks publishing on this connection ({reason}): messages wait until it unblocks"),
+                )),
+                Ok(ConnectionBlockedNotification::Unblocked) => inner.events.emit(Event::new(
+                    Origin::Producer,
+                    Level::Info,
+                    EventKind::Other,
+                    "RabbitMQ unblocked publishing on this connection",
+                )),
+                Err(_) => blocked = crossbeam_channel::never(),
+            },
             recv(failures) -> _ => return Some(broken(shared, "publishing failed")),
             recv(stop.signal) -> _ => {}
             default(Duration::from_millis(100)) => {}
