@@ -316,3 +316,39 @@ fn closing_during_an_outage_does_not_hang() {
     assert_eq!(error.task_kind(), Some(TaskErrorKind::Shutdown), "{error:?}");
     proxy.resume();
 }
+
+/// The network to RabbitMQ goes silent (connections stay open, nothing gets through, new
+/// ones hang in their handshake) under a caller app and a worker app: heartbeats find the
+/// dead connections, and closing both apps returns within seconds instead of hanging on a
+/// connection that will never answer.
+#[test]
+fn closing_during_a_partition_does_not_hang() {
+    let options = dingo::amqp::AmqpOptions::new()
+        .durable(false)
+        .heartbeat(Duration::from_secs(1))
+        .connect_timeout(Duration::from_secs(1))
+        .settle_grace(Duration::from_millis(500));
+    let Some(setup) = Amqp::with_options(options) else { return };
+    let proxy = Proxy::start(server_addr(setup.url())).expect("start the proxy");
+    let connect = || {
+        let broker = AmqpBroker::connect_with(&via(&proxy, setup.url()), setup.options().clone())
+            .expect("connect via the proxy");
+        setup.adopt(broker.clone());
+        broker
+    };
+    let worker = App::builder().broker(connect()).shutdown_grace(Duration::from_secs(1)).build().expect("worker");
+    let caller = App::builder().broker(connect()).build().expect("caller app");
+    let mut events = Seen::watch(&caller);
+    worker.allocate(triple, 1).expect("allocate");
+    assert_eq!(triple::call(&caller, 3).expect("call").wait_timeout(PATIENCE).expect("works"), 9);
+    proxy.partition();
+    let waiting = triple::call(&caller, 4).expect("the call is queued");
+    events.wait_for(EventKind::ConnectionLost);
+    let started = std::time::Instant::now();
+    caller.close().expect("close the caller");
+    worker.close().expect("close the worker");
+    let took = started.elapsed();
+    assert!(took < Duration::from_secs(10), "closing took {took:?}");
+    assert_eq!(waiting.wait().expect_err("no result can come").task_kind(), Some(TaskErrorKind::Shutdown));
+    proxy.resume();
+}
