@@ -232,41 +232,20 @@ fn confirm(
         Ok(listeners) => listeners,
         Err(e) => return Some(e.to_string()),
     };
-    let mut given_up: Vec<Pending>;
-    {
+    let (given_up, failed) = {
         let mut state = lock(&shared.state);
-        for entry in state.pending.iter_mut().filter(|entry| entry.sent) {
-            entry.attempts += 1;
-        }
-        let (kept, dropped): (VecDeque<Pending>, VecDeque<Pending>) =
-            std::mem::take(&mut state.pending).into_iter().partition(|entry| entry.attempts < MAX_ATTEMPTS);
-        state.pending = kept;
-        given_up = dropped.into();
-        // What the last channel did not confirm, again and in order (RabbitMQ may have
-        // stored some of it: at least once).
-        let mut failed = None;
-        for entry in state.pending.iter_mut() {
-            entry.returned = None;
-            if entry.sent {
-                inner.stats.republished.fetch_add(1, Ordering::Relaxed);
-            }
-            if let Err(e) = publish(&channel, entry) {
-                failed = Some(e.to_string());
-                break;
-            }
-            entry.sent = true;
-        }
+        let given_up = take_given_up(&mut state.pending);
+        let failed = republish(inner, &channel, &mut state.pending).err();
         if failed.is_none() {
             state.channel = Some(channel);
             while failures.try_recv().is_ok() {}
         }
-        drop(state);
-        if let Some(error) = failed {
-            give_up(inner, given_up);
-            return Some(error);
-        }
+        (given_up, failed)
+    };
+    give_up(inner, given_up);
+    if let Some(error) = failed {
+        return Some(error);
     }
-    give_up(inner, std::mem::take(&mut given_up));
     let mut smoother = ConfirmSmoother::new();
     let mut settled = Vec::new();
     let mut blocked = inner.session.blocked();
@@ -329,6 +308,32 @@ fn confirm(
             default(Duration::from_millis(100)) => {}
         }
     }
+}
+
+/// Takes out the messages that went out on [`MAX_ATTEMPTS`] channels, each breaking before
+/// it was confirmed (counting the channel that just broke).
+fn take_given_up(pending: &mut VecDeque<Pending>) -> Vec<Pending> {
+    for entry in pending.iter_mut().filter(|entry| entry.sent) {
+        entry.attempts += 1;
+    }
+    let (kept, given_up): (VecDeque<Pending>, VecDeque<Pending>) =
+        std::mem::take(pending).into_iter().partition(|entry| entry.attempts < MAX_ATTEMPTS);
+    *pending = kept;
+    given_up.into()
+}
+
+/// Publishes what the last channel did not confirm on the new one, in order (RabbitMQ may
+/// have stored some of it already: at least once).
+fn republish(inner: &Inner, channel: &Channel, pending: &mut VecDeque<Pending>) -> Result<(), String> {
+    for entry in pending.iter_mut() {
+        entry.returned = None;
+        if entry.sent {
+            inner.stats.republished.fetch_add(1, Ordering::Relaxed);
+        }
+        publish(channel, entry).map_err(|e| e.to_string())?;
+        entry.sent = true;
+    }
+    Ok(())
 }
 
 /// Notes which pending message RabbitMQ returned (by its number, the `message_id`).

@@ -201,7 +201,7 @@ impl AmqpSubscription {
             outstanding: AtomicUsize::new(0),
         });
         let consumer = ConsumerThread { shared: shared.clone(), queues, prefetch, settles };
-        let thread = Thread::spawn("dingo-amqp-consume", move |stop| consumer.run(&stop.flag, retire))?;
+        let thread = Thread::spawn("dingo-amqp-consume", move |_| consumer.run(retire))?;
         Ok(AmqpSubscription { shared, stop_seen, thread })
     }
 
@@ -369,9 +369,10 @@ struct ConsumerThread {
 
 impl ConsumerThread {
     /// `retire` retires the current feed when dropped.
-    fn run(self, stop: &AtomicBool, mut retire: Sender<()>) {
+    fn run(self, mut retire: Sender<()>) {
         let inner = self.shared.inner.clone();
-        let stopping = || stop.load(Ordering::Acquire) || self.shared.stopped.load(Ordering::Acquire);
+        // `AmqpSubscription::stop` sets it (dropping the subscription stops it first).
+        let stopping = || self.shared.stopped.load(Ordering::Acquire);
         let mut backoff = Backoff::new(&inner.options);
         let mut number = 0;
         while !stopping() {
