@@ -84,6 +84,98 @@ pub(crate) fn publish_consume(url: &str, messages: u64, window: usize) -> Outcom
     Ok(Measure::Rate(rate))
 }
 
+/// Calls as dingo makes them, without dingo: `calls` persistent, confirmed requests on a
+/// durable queue, at most `window` in flight; a responder on another connection publishes
+/// a transient reply for each (confirmed) and acknowledges the request once the reply is
+/// confirmed; the caller counts replies. Calls per second — the reference for
+/// `amqp-inflight`.
+pub(crate) fn inflight(url: &str, calls: u64, window: usize) -> Outcome {
+    let requests_queue = format!("dingo-bench-raw-inreq-{}", std::process::id());
+    let replies_queue = format!("dingo-bench-raw-inrep-{}", std::process::id());
+    let mut caller = connect(url)?;
+    let mut responding = connect(url)?;
+    let channel = caller.open_channel(None).map_err(error)?;
+    durable_queue(&channel, &requests_queue)?;
+    channel.queue_declare(replies_queue.as_str(), QueueDeclareOptions::default()).map_err(error)?;
+    let request_confirms = channel.listen_for_publisher_confirms().map_err(error)?;
+    channel.enable_publisher_confirms().map_err(error)?;
+    let (request_queue, reply_queue) = (requests_queue.clone(), replies_queue.clone());
+    let responder = std::thread::spawn(move || -> Result<(), dingo::Error> {
+        let channel = responding.open_channel(None).map_err(error)?;
+        channel.qos(0, 128, false).map_err(error)?;
+        let confirms = channel.listen_for_publisher_confirms().map_err(error)?;
+        channel.enable_publisher_confirms().map_err(error)?;
+        let consumer = channel.basic_consume(request_queue, ConsumerOptions::default()).map_err(error)?;
+        let mut smoother = ConfirmSmoother::new();
+        let mut waiting = std::collections::VecDeque::new();
+        let mut acked = 0;
+        while acked < calls {
+            crossbeam_select(&consumer, &confirms, |event| -> Result<(), dingo::Error> {
+                match event {
+                    RawEvent::Delivery(delivery) => {
+                        channel.basic_publish("", Publish::new(&delivery.body, reply_queue.as_str())).map_err(error)?;
+                        waiting.push_back(delivery);
+                    }
+                    RawEvent::Confirm(confirm) => {
+                        for _ in smoother.process(confirm) {
+                            if let Some(delivery) = waiting.pop_front() {
+                                consumer.ack(delivery).map_err(error)?;
+                                acked += 1;
+                            }
+                        }
+                    }
+                }
+                Ok(())
+            })?;
+        }
+        Ok(())
+    });
+    let replies = channel
+        .basic_consume(replies_queue.as_str(), ConsumerOptions { no_ack: true, ..ConsumerOptions::default() })
+        .map_err(error)?;
+    let body = [7u8; 100];
+    let start = Instant::now();
+    let (mut sent, mut answered) = (0u64, 0u64);
+    while answered < calls {
+        while sent < calls && sent - answered < window as u64 {
+            channel
+                .basic_publish("", Publish::with_properties(&body, requests_queue.as_str(), persistent()))
+                .map_err(error)?;
+            sent += 1;
+        }
+        if let ConsumerMessage::Delivery(_) = replies.receiver().recv().map_err(error)? {
+            answered += 1;
+        }
+        request_confirms.try_iter().for_each(drop);
+    }
+    let rate = calls as f64 / start.elapsed().as_secs_f64();
+    responder.join().map_err(|_| error("the responder thread panicked"))??;
+    drop(replies);
+    channel.queue_delete(requests_queue, QueueDeleteOptions::default()).map_err(error)?;
+    channel.queue_delete(replies_queue, QueueDeleteOptions::default()).map_err(error)?;
+    Ok(Measure::Rate(rate))
+}
+
+enum RawEvent {
+    Delivery(amiquip::Delivery),
+    Confirm(amiquip::Confirm),
+}
+
+/// Waits for the next delivery or confirm and hands it to `on`.
+fn crossbeam_select(
+    consumer: &amiquip::Consumer<'_>,
+    confirms: &crossbeam_channel::Receiver<amiquip::Confirm>,
+    mut on: impl FnMut(RawEvent) -> Result<(), dingo::Error>,
+) -> Result<(), dingo::Error> {
+    crossbeam_channel::select! {
+        recv(consumer.receiver()) -> message => match message.map_err(error)? {
+            ConsumerMessage::Delivery(delivery) => on(RawEvent::Delivery(delivery)),
+            other => Err(error(format!("the request consumer ended: {other:?}"))),
+        },
+        recv(confirms) -> confirm => on(RawEvent::Confirm(confirm.map_err(error)?)),
+    }
+}
+
 /// One request at a time: a persistent, confirmed request to a durable queue, answered by a
 /// responder on another connection with a transient reply; p50 / p99 of the round trip —
 /// the floor under dingo's sequential call→result latency.
