@@ -114,7 +114,7 @@ pub(crate) fn inflight(url: &str, calls: u64, window: usize) -> Outcome {
                 match event {
                     RawEvent::Delivery(delivery) => {
                         channel.basic_publish("", Publish::new(&delivery.body, reply_queue.as_str())).map_err(error)?;
-                        waiting.push_back(delivery);
+                        waiting.push_back(*delivery);
                     }
                     RawEvent::Confirm(confirm) => {
                         for _ in smoother.process(confirm) {
@@ -157,7 +157,7 @@ pub(crate) fn inflight(url: &str, calls: u64, window: usize) -> Outcome {
 }
 
 enum RawEvent {
-    Delivery(amiquip::Delivery),
+    Delivery(Box<amiquip::Delivery>),
     Confirm(amiquip::Confirm),
 }
 
@@ -169,7 +169,7 @@ fn crossbeam_select(
 ) -> Result<(), dingo::Error> {
     crossbeam_channel::select! {
         recv(consumer.receiver()) -> message => match message.map_err(error)? {
-            ConsumerMessage::Delivery(delivery) => on(RawEvent::Delivery(delivery)),
+            ConsumerMessage::Delivery(delivery) => on(RawEvent::Delivery(Box::new(delivery))),
             other => Err(error(format!("the request consumer ended: {other:?}"))),
         },
         recv(confirms) -> confirm => on(RawEvent::Confirm(confirm.map_err(error)?)),
