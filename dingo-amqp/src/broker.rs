@@ -1,12 +1,12 @@
-//! [`AmqpBroker`]: the four roles over RabbitMQ. One connection per broker; each channel is
-//! used by one thread at a time (amiquip's channels are not `Sync`):
+//! [`AmqpBroker`]: the four roles over RabbitMQ. One connection per broker; a channel used
+//! by several threads sits behind a lock (amiquip's channels are not `Sync`):
 //!
 //! | thread | role | does |
 //! | --- | --- | --- |
 //! | the app's callers and workers ([`publisher`]) | producer, reporter | publish task messages and reports themselves, on the broker's one confirmed channel (under a lock, in order) |
-//! | `dingo-amqp-confirm` ([`publisher`]) | producer, reporter | acts on each confirm (acknowledges the task a report finishes) and on returns (unroutable messages); replaces the channel when it breaks and publishes again what was not confirmed |
-//! | the app's worker threads ([`subscription`]) | consumer | take deliveries straight from amiquip's consumer channels |
-//! | `dingo-amqp-consume` ([`subscription`]), one per worker pool | consumer | owns the pool's channel: declares and consumes the pool's queues with per-consumer prefetch, acknowledges, requeues or dead-letters deliveries when told |
+//! | `dingo-amqp-confirm` ([`publisher`]) | producer, reporter | acts on each confirm (acknowledges the task a report finishes, on its pool's channel) and on returns (unroutable messages); replaces the channel when it breaks and publishes again what was not confirmed |
+//! | the app's worker threads ([`subscription`]) | consumer | take deliveries straight from amiquip's consumer channels; settle them on the pool's channel (under its lock): acknowledge at-most-once tasks, requeue, dead-letter |
+//! | `dingo-amqp-consume` ([`subscription`]), one per worker pool | consumer | opens the pool's channel, declares and consumes the pool's queues with per-consumer prefetch; replaces the channel when a worker finds it broken; at stop waits for outstanding settlements, then closes it |
 //! | `dingo-amqp-reply` ([`listener`]) | store | consumes this process's reply queue and routes reports to handles |
 //!
 //! Declarations and queue inspection use a control channel under a lock.

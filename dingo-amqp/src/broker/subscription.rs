@@ -1,9 +1,16 @@
-//! A worker pool's subscription. One consumer thread owns the pool's channel: it declares
-//! the pool's task queues, consumes them with per-consumer prefetch (`global = false`, which
-//! quorum queues require), and settles deliveries when told ([`AmqpAck`]): acknowledged
-//! once the final report is confirmed, given back, or dead-lettered with a reason. The
-//! worker threads take deliveries straight from amiquip's consumer channels (the [`Feed`]),
-//! with no thread in between.
+//! A worker pool's subscription. A consumer thread opens the pool's channel, declares the
+//! pool's task queues and consumes them with per-consumer prefetch (`global = false`, which
+//! quorum queues require); then it only watches. The worker threads take deliveries
+//! straight from amiquip's consumer channels (the [`Feed`]) and settle them themselves on
+//! the channel, which sits behind a lock ([`AmqpAck`]): acknowledged once the final report
+//! is confirmed (by the confirm thread), given back, or dead-lettered with a reason. No
+//! thread stands between RabbitMQ and a worker, either way.
+//!
+//! The amiquip `Consumer`s are forgotten once their receivers are cloned: a `Consumer`
+//! borrows its channel, which must be shared instead, and amiquip 0.4 kills the whole
+//! connection when a consumer's receiver is dropped while the channel lives (see
+//! `conn::cancelled`). Consuming ends with the channel: closing it requeues what was
+//! delivered and not acknowledged, taken by a worker or not.
 //!
 //! A delivery belongs to the channel it came on: when the channel breaks, RabbitMQ requeues
 //! everything it had not acknowledged (marked redelivered), and settlements for the old
@@ -15,7 +22,7 @@ use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use amiquip::{Channel, Consumer, ConsumerMessage, ConsumerOptions};
+use amiquip::{Channel, ConsumerMessage, ConsumerOptions};
 use crossbeam_channel::{Receiver, Select, Sender};
 use dingo_core::broker::{Ack, Acknowledge, ConsumeSettings, Delivery, Recv, Subscription};
 use dingo_core::event::{Event, EventKind, Level, Origin};
@@ -32,61 +39,54 @@ use crate::topology::{self, TaskQueues};
 /// (reason `rejected`, dingo's reason in the event only).
 const DEAD_COPY_LIMIT: usize = 64 << 10;
 
-/// What the consumer thread is told; `channel` names the channel a delivery came on.
-enum Settle {
-    /// Acknowledge; `counted`: the delivery was counted as outstanding (not at most once).
-    Ack {
-        channel: u64,
-        delivery: amiquip::Delivery,
-        counted: bool,
-    },
-    Requeue {
-        channel: u64,
-        delivery: amiquip::Delivery,
-    },
-    /// Dead-lettered by RabbitMQ (the queue's dead-letter exchange), without dingo's reason.
-    Reject {
-        channel: u64,
-        delivery: amiquip::Delivery,
-    },
-    /// Dead-lettered by dingo: a copy with the reason, then the original acknowledged.
-    /// `queue`: the index of the delivery's queue in the subscription.
-    Dead {
-        channel: u64,
-        queue: usize,
-        delivery: amiquip::Delivery,
-        copy: Option<Vec<u8>>,
-        reason: String,
-    },
-    /// A message that does not decode.
-    Malformed {
-        channel: u64,
-        queue: usize,
-        delivery: amiquip::Delivery,
-        malformed: Box<wire::MalformedTask>,
-    },
-    /// A worker saw the channel's consumers end.
-    Lost {
-        channel: u64,
-        why: String,
-    },
-    /// Look at the stop flag.
-    Wake,
+/// The pool's channel, shared by the workers, the confirm thread and the consumer thread.
+struct Line {
+    /// Which channel of the subscription this is (counted from 1).
+    number: u64,
+    /// `None` once closed (its deliveries went back to their queues).
+    channel: Mutex<Option<Channel>>,
+}
+
+impl Line {
+    /// Runs `settle` on the channel; `Err` when it failed there (the channel is broken).
+    /// A closed channel settles nothing: RabbitMQ requeued the delivery.
+    fn settle(&self, settle: impl FnOnce(&Channel) -> Result<(), amiquip::Error>) -> Result<(), amiquip::Error> {
+        match &*lock(&self.channel) {
+            Some(channel) => settle(channel),
+            None => Ok(()),
+        }
+    }
+
+    /// Closes the channel (RabbitMQ requeues what it had not acknowledged).
+    fn close(&self) {
+        let channel = lock(&self.channel).take();
+        // Outside the lock: closing waits for the server.
+        drop(channel);
+    }
 }
 
 /// The consumers of the current channel, as the workers see them.
 struct Feed {
-    channel: u64,
+    line: Arc<Line>,
     /// One per task, in the subscription's order.
     receivers: Vec<Receiver<ConsumerMessage>>,
     /// Disconnects when this feed is replaced.
     retired: Receiver<()>,
 }
 
+/// What the consumer thread is told.
+enum Note {
+    /// A worker saw channel `channel` end (its consumers stopped, or settling failed).
+    Lost { channel: u64, why: String },
+    /// Look at the stop flag.
+    Wake,
+}
+
 struct Shared {
     inner: Arc<Inner>,
     tasks: Vec<TaskName>,
-    settle: Sender<Settle>,
+    queues: Vec<TaskQueues>,
+    notes: Sender<Note>,
     stopped: AtomicBool,
     /// Dropped on stop: wakes every worker blocked in `recv`.
     stop_signal: Mutex<Option<Sender<()>>>,
@@ -96,17 +96,87 @@ struct Shared {
 }
 
 impl Shared {
-    fn tell(&self, settle: Settle) {
-        // A consumer thread that is gone took its channel with it: RabbitMQ redelivers.
-        let _ = self.settle.send(settle);
+    fn tell(&self, note: Note) {
+        // A consumer thread that is gone took its channel with it.
+        let _ = self.notes.send(note);
+    }
+
+    /// Settles one outstanding delivery on `line`: a failure means the channel broke
+    /// (RabbitMQ requeues the delivery), which the consumer thread is told.
+    fn settle(&self, line: &Line, settle: impl FnOnce(&Channel) -> Result<(), amiquip::Error>) {
+        if let Err(e) = line.settle(settle) {
+            self.tell(Note::Lost { channel: line.number, why: format!("settling a delivery failed: {e}") });
+        }
+        self.outstanding.fetch_sub(1, Ordering::AcqRel);
+    }
+
+    /// Dead-letters a delivery: a copy with the reason to the dead letters, the original
+    /// acknowledged once that is confirmed. Without a copy (too large), or if the publisher
+    /// will not take it, RabbitMQ dead-letters it itself (without dingo's reason).
+    fn dead_letter(self: &Arc<Shared>, ack: AmqpAck, copy: Option<Vec<u8>>, reason: String) {
+        let inner = &self.inner;
+        let (Some(body), Ok(publisher), Some(queues)) = (copy, inner.publisher(), self.queues.get(ack.queue)) else {
+            ack.settle_rejected();
+            return;
+        };
+        let outgoing = Outgoing {
+            exchange: inner.names.dead_exchange(),
+            // Routed by the task queue's name, which binds its dead-letter queue (the
+            // delivery's own routing key may be another exchange's).
+            routing_key: queues.queue.clone(),
+            body,
+            persistent: true,
+            correlation: None,
+            reason: Some(reason),
+            then: Then::DeadLetter { original: Box::new(ack) },
+        };
+        // A refusal (the publisher full for the whole grace: RabbitMQ away) drops the
+        // message and with it the original's ack, which gives the delivery back.
+        let _ = publisher.send(outgoing, Some(inner.options.settle_grace));
+    }
+
+    /// An undecodable message: an event, and a failure report to its caller if the message
+    /// says who that is.
+    fn tell_caller(&self, malformed: &wire::MalformedTask, reason: &str) {
+        let inner = &self.inner;
+        let mut event = Event::new(
+            Origin::Consumer,
+            Level::Error,
+            EventKind::MalformedMessage,
+            format!("{reason}; moved to the dead letters"),
+        );
+        if let (Some(name), Some(id)) = (&malformed.name, &malformed.id) {
+            let key = CallKey { name: name.clone(), id: id.clone() };
+            event = event.with_task(key.clone());
+            if let (Some(caller), Ok(publisher)) = (&malformed.reply_to, inner.publisher()) {
+                let error =
+                    TaskError::new(TaskErrorKind::BadPayload, format!("the task message is malformed: {reason}"));
+                let report = ReportMessage { name: name.clone(), id: id.clone(), body: ReportBody::Failure(error) };
+                if let Ok(body) = wire::encode_report(&report) {
+                    let _ = publisher.send(
+                        Outgoing {
+                            exchange: String::new(),
+                            routing_key: caller.to_string(),
+                            body,
+                            persistent: inner.options.persistent_reports,
+                            correlation: Some(id.as_str().to_owned()),
+                            reason: None,
+                            then: Then::Report { key, ack: None, final_report: true },
+                        },
+                        Some(inner.options.settle_grace),
+                    );
+                }
+            }
+        }
+        inner.events.emit(event);
     }
 }
 
-/// Acknowledges one delivery: tells the consumer thread, which owns its channel. Dropped
-/// unused, it gives the delivery back.
+/// Acknowledges one delivery on the channel it came on. Dropped unused, it gives the
+/// delivery back.
 pub(crate) struct AmqpAck {
     shared: Arc<Shared>,
-    channel: u64,
+    line: Arc<Line>,
     /// The index of the delivery's queue in the subscription.
     queue: usize,
     delivery: Option<amiquip::Delivery>,
@@ -115,50 +185,65 @@ pub(crate) struct AmqpAck {
 }
 
 impl AmqpAck {
-    fn settle(mut self, settle: impl FnOnce(u64, amiquip::Delivery, Option<Vec<u8>>) -> Settle) {
+    fn settle(mut self, settle: impl FnOnce(&Channel, amiquip::Delivery) -> Result<(), amiquip::Error>) {
         if let Some(delivery) = self.delivery.take() {
-            self.shared.tell(settle(self.channel, delivery, self.copy.take()));
+            self.shared.settle(&self.line, |channel| settle(channel, delivery));
         }
     }
 
     /// Its dead letter was stored: acknowledge the original.
     pub(crate) fn settle_acked(self) {
-        self.settle(|channel, delivery, _| Settle::Ack { channel, delivery, counted: true });
+        let inner = self.shared.inner.clone();
+        self.settle(|channel, delivery| {
+            delivery.ack(channel)?;
+            inner.stats.acked.fetch_add(1, Ordering::Relaxed);
+            Ok(())
+        });
     }
 
     /// Its dead letter was refused: let RabbitMQ dead-letter the original itself.
     pub(crate) fn settle_rejected(self) {
-        self.settle(|channel, delivery, _| Settle::Reject { channel, delivery });
+        let inner = self.shared.inner.clone();
+        self.settle(|channel, delivery| {
+            delivery.reject(channel, false)?;
+            inner.stats.dead_lettered.fetch_add(1, Ordering::Relaxed);
+            Ok(())
+        });
     }
 }
 
 impl Drop for AmqpAck {
     fn drop(&mut self) {
         if let Some(delivery) = self.delivery.take() {
-            self.shared.tell(Settle::Requeue { channel: self.channel, delivery });
+            let inner = self.shared.inner.clone();
+            self.shared.settle(&self.line, |channel| {
+                delivery.reject(channel, true)?;
+                inner.stats.requeued.fetch_add(1, Ordering::Relaxed);
+                Ok(())
+            });
         }
     }
 }
 
 impl Acknowledge for AmqpAck {
     fn ack(self: Box<Self>) -> Result<(), BrokerError> {
-        self.settle(|channel, delivery, _| Settle::Ack { channel, delivery, counted: true });
+        let inner = self.shared.inner.clone();
+        self.settle(|channel, delivery| {
+            delivery.ack(channel)?;
+            inner.stats.acked.fetch_add(1, Ordering::Relaxed);
+            Ok(())
+        });
         Ok(())
     }
 
-    fn reject(self: Box<Self>, requeue: bool, reason: &str) -> Result<(), BrokerError> {
+    fn reject(mut self: Box<Self>, requeue: bool, reason: &str) -> Result<(), BrokerError> {
         if requeue {
-            self.settle(|channel, delivery, _| Settle::Requeue { channel, delivery });
-        } else {
-            let queue = self.queue;
-            self.settle(|channel, delivery, copy| Settle::Dead {
-                channel,
-                queue,
-                delivery,
-                copy,
-                reason: reason.to_owned(),
-            });
+            // Dropping it gives it back.
+            return Ok(());
         }
+        let copy = self.copy.take();
+        let shared = self.shared.clone();
+        shared.dead_letter(*self, copy, reason.to_owned());
         Ok(())
     }
 
@@ -188,25 +273,27 @@ impl AmqpSubscription {
             .map(|task| TaskQueues::of(&inner.names, task.as_str()))
             .collect::<Result<Vec<_>, BrokerError>>()?;
         let prefetch = inner.options.prefetch.max(u16::try_from(settings.prefetch).unwrap_or(u16::MAX));
-        let (settle, settles) = crossbeam_channel::unbounded();
+        let (notes, noted) = crossbeam_channel::unbounded();
         let (stop_signal, stop_seen) = crossbeam_channel::bounded(0);
         let (retire, retired) = crossbeam_channel::bounded(0);
+        let none = Arc::new(Line { number: 0, channel: Mutex::new(None) });
         let shared = Arc::new(Shared {
             inner,
             tasks: tasks.to_vec(),
-            settle,
+            queues,
+            notes,
             stopped: AtomicBool::new(false),
             stop_signal: Mutex::new(Some(stop_signal)),
-            feed: Mutex::new(Arc::new(Feed { channel: 0, receivers: Vec::new(), retired })),
+            feed: Mutex::new(Arc::new(Feed { line: none, receivers: Vec::new(), retired })),
             outstanding: AtomicUsize::new(0),
         });
-        let consumer = ConsumerThread { shared: shared.clone(), queues, prefetch, settles };
+        let consumer = ConsumerThread { shared: shared.clone(), prefetch, noted };
         let thread = Thread::spawn("dingo-amqp-consume", move |_| consumer.run(retire))?;
         Ok(AmqpSubscription { shared, stop_seen, thread })
     }
 
     /// A delivery for a worker, or `None` when there is nothing to run (an undecodable
-    /// message, handed to the consumer thread for the dead letters).
+    /// message: dead-lettered here).
     fn take(&self, feed: &Feed, queue: usize, mut delivery: amiquip::Delivery) -> Option<Delivery> {
         let shared = &self.shared;
         let stats = &shared.inner.stats;
@@ -215,24 +302,42 @@ impl AmqpSubscription {
         if redelivered {
             stats.redelivered.fetch_add(1, Ordering::Relaxed);
         }
-        let channel = feed.channel;
         let body = std::mem::take(&mut delivery.body);
         let copy = (body.len() <= DEAD_COPY_LIMIT).then(|| body.clone());
         let known = wire::Known { name: shared.tasks.get(queue), address: None };
         match wire::decode_delivery(body, &known) {
             Ok((message, marked)) if message.options.at_most_once => {
                 // At most once: acknowledged before it runs.
-                shared.tell(Settle::Ack { channel, delivery, counted: false });
+                let acked = feed.line.settle(|channel| delivery.ack(channel));
+                match acked {
+                    Ok(()) => {
+                        stats.acked.fetch_add(1, Ordering::Relaxed);
+                    }
+                    Err(e) => shared.tell(Note::Lost {
+                        channel: feed.line.number,
+                        why: format!("acknowledging a delivery failed: {e}"),
+                    }),
+                }
                 Some(Delivery { message, ack: None, redelivered: redelivered || marked })
             }
             Ok((message, marked)) => {
                 shared.outstanding.fetch_add(1, Ordering::AcqRel);
-                let ack = AmqpAck { shared: shared.clone(), channel, queue, delivery: Some(delivery), copy };
+                let ack =
+                    AmqpAck { shared: shared.clone(), line: feed.line.clone(), queue, delivery: Some(delivery), copy };
                 Some(Delivery { message, ack: Some(Ack::new(ack)), redelivered: redelivered || marked })
             }
             Err(malformed) => {
                 shared.outstanding.fetch_add(1, Ordering::AcqRel);
-                shared.tell(Settle::Malformed { channel, queue, delivery, malformed });
+                let reason = format!("undecodable message: {}", dingo_core::error::chain(&malformed.error));
+                shared.tell_caller(&malformed, &reason);
+                let ack = AmqpAck {
+                    shared: shared.clone(),
+                    line: feed.line.clone(),
+                    queue,
+                    delivery: Some(delivery),
+                    copy: None,
+                };
+                shared.dead_letter(ack, Some(malformed.bytes), reason);
                 None
             }
         }
@@ -242,7 +347,7 @@ impl AmqpSubscription {
     /// consumer thread, then waits for the next feed, at most until `deadline`. `false` when
     /// stopped.
     fn wait_for_new_feed(&self, feed: &Feed, why: String, deadline: Option<Instant>) -> bool {
-        self.shared.tell(Settle::Lost { channel: feed.channel, why });
+        self.shared.tell(Note::Lost { channel: feed.line.number, why });
         crossbeam_channel::select! {
             recv(feed.retired) -> _ => true,
             recv(self.stop_seen) -> _ => false,
@@ -259,23 +364,17 @@ impl Subscription for AmqpSubscription {
         let feed = lock(&self.shared.feed).clone();
         for (queue, receiver) in feed.receivers.iter().enumerate() {
             loop {
-                match receiver.try_recv() {
-                    Ok(ConsumerMessage::Delivery(delivery)) => {
-                        if let Some(delivery) = self.take(&feed, queue, delivery) {
-                            return Recv::Delivery(delivery);
-                        }
-                    }
-                    Ok(other) => {
-                        self.shared.tell(Settle::Lost { channel: feed.channel, why: describe(&other) });
-                        break;
-                    }
-                    Err(crossbeam_channel::TryRecvError::Disconnected) => {
-                        let why = "the consumer's channel closed".to_owned();
-                        self.shared.tell(Settle::Lost { channel: feed.channel, why });
-                        break;
-                    }
+                let why = match receiver.try_recv() {
+                    Ok(ConsumerMessage::Delivery(delivery)) => match self.take(&feed, queue, delivery) {
+                        Some(delivery) => return Recv::Delivery(delivery),
+                        None => continue,
+                    },
+                    Ok(other) => describe(&other),
+                    Err(crossbeam_channel::TryRecvError::Disconnected) => "the consumer's channel closed".to_owned(),
                     Err(crossbeam_channel::TryRecvError::Empty) => break,
-                }
+                };
+                self.shared.tell(Note::Lost { channel: feed.line.number, why });
+                break;
             }
         }
         Recv::Empty
@@ -331,7 +430,7 @@ impl Subscription for AmqpSubscription {
     fn stop(&self) {
         self.shared.stopped.store(true, Ordering::Release);
         drop(lock(&self.shared.stop_signal).take());
-        self.shared.tell(Settle::Wake);
+        self.shared.tell(Note::Wake);
     }
 }
 
@@ -355,33 +454,27 @@ fn describe(message: &ConsumerMessage) -> String {
     }
 }
 
-enum Served {
-    Stopped,
-    Broken(String),
-}
-
 struct ConsumerThread {
     shared: Arc<Shared>,
-    queues: Vec<TaskQueues>,
     prefetch: u16,
-    settles: Receiver<Settle>,
+    noted: Receiver<Note>,
 }
 
 impl ConsumerThread {
     /// `retire` retires the current feed when dropped.
     fn run(self, mut retire: Sender<()>) {
         let inner = self.shared.inner.clone();
-        // `AmqpSubscription::stop` sets it (dropping the subscription stops it first).
-        let stopping = || self.shared.stopped.load(Ordering::Acquire);
         let mut backoff = Backoff::new(&inner.options);
         let mut number = 0;
-        while !stopping() {
+        // `AmqpSubscription::stop` sets it (dropping the subscription stops it first).
+        while !self.shared.stopped.load(Ordering::Acquire) {
             let Some(opened) = inner.session.channel("task consumer", &self.shared.stopped) else { break };
             number += 1;
             let since = Instant::now();
-            match self.serve(&opened.channel, number, &stopping, &mut retire) {
-                Served::Stopped => break,
-                Served::Broken(error) => {
+            let generation = opened.generation;
+            match self.serve(opened.channel, number, &mut retire) {
+                None => break,
+                Some(error) => {
                     backoff.broke(since, &self.shared.stopped);
                     inner.events.emit(Event::new(
                         Origin::Consumer,
@@ -389,7 +482,7 @@ impl ConsumerThread {
                         EventKind::ReceiveFailed,
                         format!("consuming tasks failed ({error}); unacknowledged tasks go back to their queues"),
                     ));
-                    inner.session.channel_failed(opened.generation, "task consumer", &error);
+                    inner.session.channel_failed(generation, "task consumer", &error);
                 }
             }
         }
@@ -397,234 +490,87 @@ impl ConsumerThread {
         // may have shut down under it): workers waiting in `recv` learn it now.
         self.shared.stopped.store(true, Ordering::Release);
         drop(lock(&self.shared.stop_signal).take());
-        self.install(Feed { channel: number + 1, receivers: Vec::new(), retired: crossbeam_channel::never() });
+        self.install(Feed {
+            line: Arc::new(Line { number: number + 1, channel: Mutex::new(None) }),
+            receivers: Vec::new(),
+            retired: crossbeam_channel::never(),
+        });
         drop(retire);
     }
 
-    /// Hands the workers a new feed (the old one retires: workers waiting on it look again).
+    /// Hands the workers a new feed; the old one's receivers are emptied (what they held
+    /// was requeued with its channel).
     fn install(&self, feed: Feed) {
-        *lock(&self.shared.feed) = Arc::new(feed);
+        let old = std::mem::replace(&mut *lock(&self.shared.feed), Arc::new(feed));
+        for receiver in &old.receivers {
+            receiver.try_iter().for_each(drop);
+        }
     }
 
-    fn serve(&self, channel: &Channel, number: u64, stopping: &dyn Fn() -> bool, retire: &mut Sender<()>) -> Served {
-        let consumers = match self.consume(channel) {
-            Ok(consumers) => consumers,
-            Err(e) => return Served::Broken(e.to_string()),
+    /// Consumes on `channel` until stopped (`None`) or the channel breaks (why).
+    fn serve(&self, channel: Channel, number: u64, retire: &mut Sender<()>) -> Option<String> {
+        let receivers = match self.consume(&channel) {
+            Ok(receivers) => receivers,
+            Err(e) => return Some(e.to_string()),
         };
+        let line = Arc::new(Line { number, channel: Mutex::new(Some(channel)) });
         let (next_retire, retired) = crossbeam_channel::bounded(0);
-        self.install(Feed {
-            channel: number,
-            receivers: consumers.iter().map(|c| c.receiver().clone()).collect(),
-            retired,
-        });
+        self.install(Feed { line: line.clone(), receivers, retired });
         // Dropping the previous feed's sender wakes the workers waiting on it.
         drop(std::mem::replace(retire, next_retire));
-        let served = self.settle_until_done(channel, number, stopping, &consumers);
-        if matches!(served, Served::Broken(_)) {
-            // Cancelled and confirmed before they are dropped (amiquip 0.4 kills the whole
-            // connection otherwise, see `conn::cancelled`); on a dead channel this returns at
-            // once. What arrives meanwhile is requeued when the channel closes.
-            for consumer in &consumers {
-                crate::conn::cancelled(consumer, drop);
-            }
+        let broken = self.watch(number);
+        // Closing the channel requeues whatever it had not acknowledged.
+        line.close();
+        if broken.is_some() {
             // An empty feed until the next channel (the workers wait on it, not spin on the
             // dead one).
             let (next_retire, retired) = crossbeam_channel::bounded(0);
-            self.install(Feed { channel: number, receivers: Vec::new(), retired });
+            let closed = Arc::new(Line { number, channel: Mutex::new(None) });
+            self.install(Feed { line: closed, receivers: Vec::new(), retired });
             drop(std::mem::replace(retire, next_retire));
         }
-        served
+        broken
     }
 
-    fn settle_until_done(
-        &self,
-        channel: &Channel,
-        number: u64,
-        stopping: &dyn Fn() -> bool,
-        consumers: &[Consumer<'_>],
-    ) -> Served {
-        let inner = &self.shared.inner;
+    /// Waits until stopped and every delivery handed out is settled (or the settle grace
+    /// passed): `None`; or until a worker reports the channel broken: why.
+    fn watch(&self, number: u64) -> Option<String> {
+        let shared = &self.shared;
         let mut deadline: Option<Instant> = None;
         loop {
-            if deadline.is_none() && stopping() {
-                deadline = Some(Instant::now() + inner.options.settle_grace);
-                // The workers have stopped taking: what arrives now goes back to the queue.
-                for consumer in consumers {
-                    crate::conn::cancelled(consumer, |delivery| {
-                        let _ = delivery.nack(channel, true);
-                    });
-                }
-                for receiver in &lock(&self.shared.feed).receivers {
-                    for message in receiver.try_iter() {
-                        if let ConsumerMessage::Delivery(delivery) = message {
-                            let _ = delivery.nack(channel, true);
-                        }
-                    }
-                }
+            if deadline.is_none() && shared.stopped.load(Ordering::Acquire) {
+                deadline = Some(Instant::now() + shared.inner.options.settle_grace);
             }
-            if let Some(deadline) = deadline {
-                let settled = self.shared.outstanding.load(Ordering::Acquire) == 0 && self.settles.is_empty();
-                if settled || Instant::now() >= deadline {
-                    // Closing the channel requeues whatever is still unacknowledged.
-                    return Served::Stopped;
-                }
+            if let Some(deadline) = deadline
+                && (shared.outstanding.load(Ordering::Acquire) == 0 || Instant::now() >= deadline)
+            {
+                return None;
             }
-            let settle = match self.settles.recv_timeout(Duration::from_millis(100)) {
-                Ok(settle) => settle,
-                Err(_) => continue,
-            };
-            if let Err(why) = self.settle(channel, number, settle) {
-                return Served::Broken(why);
+            match self.noted.recv_timeout(Duration::from_millis(100)) {
+                // (When stopping, the consumers end because the channel is closing.)
+                Ok(Note::Lost { channel, why }) if channel == number && deadline.is_none() => return Some(why),
+                Ok(_) | Err(_) => {}
             }
         }
     }
 
-    /// Declares the queues (again: one may have been deleted meanwhile) and consumes them.
-    fn consume<'c>(&self, channel: &'c Channel) -> Result<Vec<Consumer<'c>>, amiquip::Error> {
+    /// Declares the queues (again: one may have been deleted meanwhile), consumes them, and
+    /// returns the consumers' receivers. The `Consumer`s themselves are forgotten: they
+    /// borrow the channel, and dropping one would cancel it and drop its receiver (which
+    /// kills the connection in amiquip 0.4, see `conn::cancelled`); closing the channel ends
+    /// them.
+    fn consume(&self, channel: &Channel) -> Result<Vec<Receiver<ConsumerMessage>>, amiquip::Error> {
         let inner = &self.shared.inner;
-        for queues in &self.queues {
+        for queues in &self.shared.queues {
             topology::declare_task(channel, &inner.options, queues)?;
         }
         channel.qos(0, self.prefetch, false)?;
-        self.queues
-            .iter()
-            .map(|queues| channel.basic_consume(queues.queue.clone(), ConsumerOptions::default()))
-            .collect()
-    }
-
-    fn settle(&self, channel: &Channel, number: u64, settle: Settle) -> Result<(), String> {
-        let shared = &self.shared;
-        let stats = &shared.inner.stats;
-        let done = || {
-            shared.outstanding.fetch_sub(1, Ordering::AcqRel);
-        };
-        let failed = |e: amiquip::Error| e.to_string();
-        match settle {
-            Settle::Wake => {}
-            // (When stopping, the consumers end because they were cancelled.)
-            Settle::Lost { channel: c, why } => {
-                if c == number && !shared.stopped.load(Ordering::Acquire) {
-                    return Err(why);
-                }
-            }
-            // For a channel that is gone: RabbitMQ requeued the delivery already.
-            Settle::Ack { channel: c, counted, .. } if c != number => {
-                if counted {
-                    done();
-                }
-            }
-            Settle::Requeue { channel: c, .. }
-            | Settle::Reject { channel: c, .. }
-            | Settle::Dead { channel: c, .. }
-            | Settle::Malformed { channel: c, .. }
-                if c != number =>
-            {
-                done();
-            }
-            Settle::Ack { delivery, counted, .. } => {
-                if counted {
-                    done();
-                }
-                delivery.ack(channel).map_err(failed)?;
-                stats.acked.fetch_add(1, Ordering::Relaxed);
-            }
-            Settle::Requeue { delivery, .. } => {
-                done();
-                delivery.reject(channel, true).map_err(failed)?;
-                stats.requeued.fetch_add(1, Ordering::Relaxed);
-            }
-            Settle::Reject { delivery, .. } => {
-                done();
-                delivery.reject(channel, false).map_err(failed)?;
-                stats.dead_lettered.fetch_add(1, Ordering::Relaxed);
-            }
-            Settle::Dead { queue, delivery, copy, reason, .. } => {
-                self.dead_letter(channel, number, queue, delivery, copy, reason)?;
-            }
-            Settle::Malformed { queue, delivery, malformed, .. } => {
-                let reason = format!("undecodable message: {}", dingo_core::error::chain(&malformed.error));
-                self.tell_caller(&malformed, &reason);
-                self.dead_letter(channel, number, queue, delivery, Some(malformed.bytes), reason)?;
-            }
+        let mut receivers = Vec::with_capacity(self.shared.queues.len());
+        for queues in &self.shared.queues {
+            let consumer = channel.basic_consume(queues.queue.clone(), ConsumerOptions::default())?;
+            receivers.push(consumer.receiver().clone());
+            std::mem::forget(consumer);
         }
-        Ok(())
-    }
-
-    /// Publishes a copy of the message with its reason to the dead letters; the original is
-    /// acknowledged once that is confirmed. Without a copy, RabbitMQ dead-letters it.
-    fn dead_letter(
-        &self,
-        channel: &Channel,
-        number: u64,
-        queue: usize,
-        delivery: amiquip::Delivery,
-        copy: Option<Vec<u8>>,
-        reason: String,
-    ) -> Result<(), String> {
-        let inner = &self.shared.inner;
-        let publisher = inner.publisher();
-        let (Some(body), Ok(publisher), Some(queues)) = (copy, publisher, self.queues.get(queue)) else {
-            return self.settle(channel, number, Settle::Reject { channel: number, delivery });
-        };
-        // Routed by the task queue's name, which binds its dead-letter queue (the delivery's
-        // own routing key may be another exchange's).
-        let routing_key = queues.queue.clone();
-        let original = Box::new(AmqpAck {
-            shared: self.shared.clone(),
-            channel: number,
-            queue,
-            delivery: Some(delivery),
-            copy: None,
-        });
-        let outgoing = Outgoing {
-            exchange: inner.names.dead_exchange(),
-            routing_key,
-            body,
-            persistent: true,
-            correlation: None,
-            reason: Some(reason),
-            then: Then::DeadLetter { original },
-        };
-        // A refusal (the publisher full for the whole grace: RabbitMQ away) drops the outgoing
-        // message and with it the original's ack, which gives the delivery back (it is tried
-        // again).
-        let _ = publisher.send(outgoing, Some(inner.options.settle_grace));
-        Ok(())
-    }
-
-    /// An undecodable message: an event, and a failure report to its caller if the message
-    /// says who that is.
-    fn tell_caller(&self, malformed: &wire::MalformedTask, reason: &str) {
-        let inner = &self.shared.inner;
-        let mut event = Event::new(
-            Origin::Consumer,
-            Level::Error,
-            EventKind::MalformedMessage,
-            format!("{reason}; moved to the dead letters"),
-        );
-        if let (Some(name), Some(id)) = (&malformed.name, &malformed.id) {
-            let key = CallKey { name: name.clone(), id: id.clone() };
-            event = event.with_task(key.clone());
-            if let (Some(caller), Ok(publisher)) = (&malformed.reply_to, inner.publisher()) {
-                let error =
-                    TaskError::new(TaskErrorKind::BadPayload, format!("the task message is malformed: {reason}"));
-                let report = ReportMessage { name: name.clone(), id: id.clone(), body: ReportBody::Failure(error) };
-                if let Ok(body) = wire::encode_report(&report) {
-                    let _ = publisher.send(
-                        Outgoing {
-                            exchange: String::new(),
-                            routing_key: caller.to_string(),
-                            body,
-                            persistent: inner.options.persistent_reports,
-                            correlation: Some(id.as_str().to_owned()),
-                            reason: None,
-                            then: Then::Report { key, ack: None, final_report: true },
-                        },
-                        Some(inner.options.settle_grace),
-                    );
-                }
-            }
-        }
-        inner.events.emit(event);
+        Ok(receivers)
     }
 }
