@@ -45,16 +45,37 @@ struct Line {
     number: u64,
     /// `None` once closed (its deliveries went back to their queues).
     channel: Mutex<Option<Channel>>,
+    /// Deliveries of this channel handed to workers (at least once) and not settled yet.
+    outstanding: AtomicUsize,
+}
+
+/// What settling a delivery on a [`Line`] came to.
+enum Settled {
+    Done,
+    /// The channel is closed: RabbitMQ requeued the delivery, nothing to do.
+    Closed,
+    /// Settling failed: the channel is broken (RabbitMQ requeues the delivery).
+    Failed(amiquip::Error),
 }
 
 impl Line {
-    /// Runs `settle` on the channel; `Err` when it failed there (the channel is broken).
-    /// A closed channel settles nothing: RabbitMQ requeued the delivery.
-    fn settle(&self, settle: impl FnOnce(&Channel) -> Result<(), amiquip::Error>) -> Result<(), amiquip::Error> {
+    fn new(number: u64, channel: Option<Channel>) -> Line {
+        Line { number, channel: Mutex::new(channel), outstanding: AtomicUsize::new(0) }
+    }
+
+    /// Runs `settle` on the channel, if it is still open.
+    fn settle(&self, settle: impl FnOnce(&Channel) -> Result<(), amiquip::Error>) -> Settled {
         match &*lock(&self.channel) {
-            Some(channel) => settle(channel),
-            None => Ok(()),
+            Some(channel) => match settle(channel) {
+                Ok(()) => Settled::Done,
+                Err(e) => Settled::Failed(e),
+            },
+            None => Settled::Closed,
         }
+    }
+
+    fn is_open(&self) -> bool {
+        lock(&self.channel).is_some()
     }
 
     /// Closes the channel (RabbitMQ requeues what it had not acknowledged).
@@ -91,8 +112,8 @@ struct Shared {
     /// Dropped on stop: wakes every worker blocked in `recv`.
     stop_signal: Mutex<Option<Sender<()>>>,
     feed: Mutex<Arc<Feed>>,
-    /// Deliveries handed to workers (at least once) and not settled yet.
-    outstanding: AtomicUsize,
+    /// Where `try_recv` starts looking, turn by turn (so no queue starves the others).
+    cursor: AtomicUsize,
 }
 
 impl Shared {
@@ -104,17 +125,20 @@ impl Shared {
     /// Settles one outstanding delivery on `line`: a failure means the channel broke
     /// (RabbitMQ requeues the delivery), which the consumer thread is told.
     fn settle(&self, line: &Line, settle: impl FnOnce(&Channel) -> Result<(), amiquip::Error>) {
-        if let Err(e) = line.settle(settle) {
+        if let Settled::Failed(e) = line.settle(settle) {
             self.tell(Note::Lost { channel: line.number, why: format!("settling a delivery failed: {e}") });
         }
-        self.outstanding.fetch_sub(1, Ordering::AcqRel);
+        line.outstanding.fetch_sub(1, Ordering::AcqRel);
     }
 
     /// Dead-letters a delivery: a copy with the reason to the dead letters, the original
     /// acknowledged once that is confirmed. Without a copy (too large), or if the publisher
     /// will not take it, RabbitMQ dead-letters it itself (without dingo's reason).
-    fn dead_letter(self: &Arc<Shared>, ack: AmqpAck, copy: Option<Vec<u8>>, reason: String) {
+    fn dead_letter(self: &Arc<Shared>, mut ack: AmqpAck, copy: Option<Vec<u8>>, reason: String) {
         let inner = &self.inner;
+        // If the copy is refused or lost, RabbitMQ dead-letters the original itself: given
+        // back, it would come straight back here.
+        ack.on_drop = OnDrop::Reject;
         let (Some(body), Ok(publisher), Some(queues)) = (copy, inner.publisher(), self.queues.get(ack.queue)) else {
             ack.settle_rejected();
             return;
@@ -130,8 +154,8 @@ impl Shared {
             reason: Some(reason),
             then: Then::DeadLetter { original: Box::new(ack) },
         };
-        // A refusal (the publisher full for the whole grace: RabbitMQ away) drops the
-        // message and with it the original's ack, which gives the delivery back.
+        // A refusal (the publisher closed, or full for the whole grace) drops the message
+        // and with it the original's ack, which rejects the delivery.
         let _ = publisher.send(outgoing, Some(inner.options.settle_grace));
     }
 
@@ -182,23 +206,40 @@ pub(crate) struct AmqpAck {
     delivery: Option<amiquip::Delivery>,
     /// A copy of the message, for dead-lettering it with a reason.
     copy: Option<Vec<u8>>,
+    on_drop: OnDrop,
+}
+
+/// What an [`AmqpAck`] dropped unused does with its delivery.
+#[derive(Clone, Copy)]
+enum OnDrop {
+    /// Gives it back to its queue (a worker that never ran it).
+    Requeue,
+    /// Lets RabbitMQ dead-letter it (its dead letter copy was not stored).
+    Reject,
 }
 
 impl AmqpAck {
+    fn new(shared: &Arc<Shared>, line: &Arc<Line>, queue: usize, delivery: amiquip::Delivery) -> AmqpAck {
+        line.outstanding.fetch_add(1, Ordering::AcqRel);
+        AmqpAck {
+            shared: shared.clone(),
+            line: line.clone(),
+            queue,
+            delivery: Some(delivery),
+            copy: None,
+            on_drop: OnDrop::Requeue,
+        }
+    }
+
     fn settle(mut self, settle: impl FnOnce(&Channel, amiquip::Delivery) -> Result<(), amiquip::Error>) {
         if let Some(delivery) = self.delivery.take() {
             self.shared.settle(&self.line, |channel| settle(channel, delivery));
         }
     }
 
-    /// Its dead letter was stored: acknowledge the original.
+    /// Its dead letter was stored (and counted): acknowledge the original.
     pub(crate) fn settle_acked(self) {
-        let inner = self.shared.inner.clone();
-        self.settle(|channel, delivery| {
-            delivery.ack(channel)?;
-            inner.stats.acked.fetch_add(1, Ordering::Relaxed);
-            Ok(())
-        });
+        self.settle(|channel, delivery| delivery.ack(channel));
     }
 
     /// Its dead letter was refused: let RabbitMQ dead-letter the original itself.
@@ -216,9 +257,18 @@ impl Drop for AmqpAck {
     fn drop(&mut self) {
         if let Some(delivery) = self.delivery.take() {
             let inner = self.shared.inner.clone();
+            let on_drop = self.on_drop;
             self.shared.settle(&self.line, |channel| {
-                delivery.reject(channel, true)?;
-                inner.stats.requeued.fetch_add(1, Ordering::Relaxed);
+                match on_drop {
+                    OnDrop::Requeue => {
+                        delivery.reject(channel, true)?;
+                        inner.stats.requeued.fetch_add(1, Ordering::Relaxed);
+                    }
+                    OnDrop::Reject => {
+                        delivery.reject(channel, false)?;
+                        inner.stats.dead_lettered.fetch_add(1, Ordering::Relaxed);
+                    }
+                }
                 Ok(())
             });
         }
@@ -276,7 +326,7 @@ impl AmqpSubscription {
         let (notes, noted) = crossbeam_channel::unbounded();
         let (stop_signal, stop_seen) = crossbeam_channel::bounded(0);
         let (retire, retired) = crossbeam_channel::bounded(0);
-        let none = Arc::new(Line { number: 0, channel: Mutex::new(None) });
+        let none = Arc::new(Line::new(0, None));
         let shared = Arc::new(Shared {
             inner,
             tasks: tasks.to_vec(),
@@ -285,7 +335,7 @@ impl AmqpSubscription {
             stopped: AtomicBool::new(false),
             stop_signal: Mutex::new(Some(stop_signal)),
             feed: Mutex::new(Arc::new(Feed { line: none, receivers: Vec::new(), retired })),
-            outstanding: AtomicUsize::new(0),
+            cursor: AtomicUsize::new(0),
         });
         let consumer = ConsumerThread { shared: shared.clone(), prefetch, noted };
         let thread = Thread::spawn("dingo-amqp-consume", move |_| consumer.run(retire))?;
@@ -307,36 +357,32 @@ impl AmqpSubscription {
         let known = wire::Known { name: shared.tasks.get(queue), address: None };
         match wire::decode_delivery(body, &known) {
             Ok((message, marked)) if message.options.at_most_once => {
-                // At most once: acknowledged before it runs.
-                let acked = feed.line.settle(|channel| delivery.ack(channel));
-                match acked {
-                    Ok(()) => {
+                // At most once: acknowledged before it runs, and not run unless it was (a
+                // closed or broken channel gave it back to its queue).
+                match feed.line.settle(|channel| delivery.ack(channel)) {
+                    Settled::Done => {
                         stats.acked.fetch_add(1, Ordering::Relaxed);
+                        Some(Delivery { message, ack: None, redelivered: redelivered || marked })
                     }
-                    Err(e) => shared.tell(Note::Lost {
-                        channel: feed.line.number,
-                        why: format!("acknowledging a delivery failed: {e}"),
-                    }),
+                    Settled::Closed => None,
+                    Settled::Failed(e) => {
+                        let why = format!("acknowledging a delivery failed: {e}");
+                        shared.tell(Note::Lost { channel: feed.line.number, why });
+                        None
+                    }
                 }
-                Some(Delivery { message, ack: None, redelivered: redelivered || marked })
             }
+            // Its channel is closed: RabbitMQ gave it back to its queue already.
+            Ok(_) if !feed.line.is_open() => None,
             Ok((message, marked)) => {
-                shared.outstanding.fetch_add(1, Ordering::AcqRel);
-                let ack =
-                    AmqpAck { shared: shared.clone(), line: feed.line.clone(), queue, delivery: Some(delivery), copy };
+                let mut ack = AmqpAck::new(shared, &feed.line, queue, delivery);
+                ack.copy = copy;
                 Some(Delivery { message, ack: Some(Ack::new(ack)), redelivered: redelivered || marked })
             }
             Err(malformed) => {
-                shared.outstanding.fetch_add(1, Ordering::AcqRel);
                 let reason = format!("undecodable message: {}", dingo_core::error::chain(&malformed.error));
                 shared.tell_caller(&malformed, &reason);
-                let ack = AmqpAck {
-                    shared: shared.clone(),
-                    line: feed.line.clone(),
-                    queue,
-                    delivery: Some(delivery),
-                    copy: None,
-                };
+                let ack = AmqpAck::new(shared, &feed.line, queue, delivery);
                 shared.dead_letter(ack, Some(malformed.bytes), reason);
                 None
             }
@@ -362,7 +408,10 @@ impl Subscription for AmqpSubscription {
             return Recv::Stopped;
         }
         let feed = lock(&self.shared.feed).clone();
-        for (queue, receiver) in feed.receivers.iter().enumerate() {
+        let count = feed.receivers.len();
+        let start = if count > 1 { self.shared.cursor.fetch_add(1, Ordering::Relaxed) % count } else { 0 };
+        for queue in (start..count).chain(0..start) {
+            let receiver = &feed.receivers[queue];
             loop {
                 let why = match receiver.try_recv() {
                     Ok(ConsumerMessage::Delivery(delivery)) => match self.take(&feed, queue, delivery) {
@@ -423,6 +472,11 @@ impl Subscription for AmqpSubscription {
             }
             if !self.wait_for_new_feed(&feed, ended, deadline) {
                 return Recv::Stopped;
+            }
+            // (A dead feed's receivers are always ready: without this, a passed deadline
+            // would make this loop spin until the feed is replaced.)
+            if deadline.is_some_and(|d| Instant::now() >= d) {
+                return Recv::Empty;
             }
         }
     }
@@ -491,7 +545,7 @@ impl ConsumerThread {
         self.shared.stopped.store(true, Ordering::Release);
         drop(lock(&self.shared.stop_signal).take());
         self.install(Feed {
-            line: Arc::new(Line { number: number + 1, channel: Mutex::new(None) }),
+            line: Arc::new(Line::new(number + 1, None)),
             receivers: Vec::new(),
             retired: crossbeam_channel::never(),
         });
@@ -513,19 +567,19 @@ impl ConsumerThread {
             Ok(receivers) => receivers,
             Err(e) => return Some(e.to_string()),
         };
-        let line = Arc::new(Line { number, channel: Mutex::new(Some(channel)) });
+        let line = Arc::new(Line::new(number, Some(channel)));
         let (next_retire, retired) = crossbeam_channel::bounded(0);
         self.install(Feed { line: line.clone(), receivers, retired });
         // Dropping the previous feed's sender wakes the workers waiting on it.
         drop(std::mem::replace(retire, next_retire));
-        let broken = self.watch(number);
+        let broken = self.watch(&line);
         // Closing the channel requeues whatever it had not acknowledged.
         line.close();
         if broken.is_some() {
             // An empty feed until the next channel (the workers wait on it, not spin on the
             // dead one).
             let (next_retire, retired) = crossbeam_channel::bounded(0);
-            let closed = Arc::new(Line { number, channel: Mutex::new(None) });
+            let closed = Arc::new(Line::new(number, None));
             self.install(Feed { line: closed, receivers: Vec::new(), retired });
             drop(std::mem::replace(retire, next_retire));
         }
@@ -534,15 +588,16 @@ impl ConsumerThread {
 
     /// Waits until stopped and every delivery handed out is settled (or the settle grace
     /// passed): `None`; or until a worker reports the channel broken: why.
-    fn watch(&self, number: u64) -> Option<String> {
+    fn watch(&self, line: &Line) -> Option<String> {
         let shared = &self.shared;
+        let number = line.number;
         let mut deadline: Option<Instant> = None;
         loop {
             if deadline.is_none() && shared.stopped.load(Ordering::Acquire) {
                 deadline = Some(Instant::now() + shared.inner.options.settle_grace);
             }
             if let Some(deadline) = deadline
-                && (shared.outstanding.load(Ordering::Acquire) == 0 || Instant::now() >= deadline)
+                && (line.outstanding.load(Ordering::Acquire) == 0 || Instant::now() >= deadline)
             {
                 return None;
             }
