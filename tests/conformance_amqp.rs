@@ -122,3 +122,68 @@ fn quorum_queues_work() {
     caller.close().expect("close");
     worker.close().expect("close");
 }
+
+/// A subscription to two queues with a backlog in both: `try_recv` takes turns between
+/// them, so a busy task cannot starve the others (their deliveries would wait, prefetched
+/// and unavailable to other consumers, behind it).
+#[test]
+fn try_recv_takes_turns_between_queues() {
+    use std::sync::Arc;
+    use std::time::{Duration, Instant};
+
+    use dingo::broker::{ConsumeSettings, Consumer, Producer, Recv};
+    use dingo::message::{Payload, ReplyTo, TaskMessage};
+    use dingo::{Encoded, TaskId, TaskName, TaskOptions};
+    use dingo_test_support::PATIENCE;
+    use dingo_test_support::amqp::Amqp;
+    use dingo_test_support::faults::wait_until;
+
+    let Some(setup) = Amqp::setup() else { return };
+    let broker = setup.broker();
+    let (busy, other) = (TaskName::from("turns.busy"), TaskName::from("turns.other"));
+    for name in [&busy, &other] {
+        Consumer::declare(&broker, name).expect("declare");
+    }
+    let send = |name: &TaskName, i: usize| {
+        let message = TaskMessage {
+            name: name.clone(),
+            id: TaskId::new(&format!("{name}-{i}")),
+            fingerprint: 0,
+            options: TaskOptions::new(),
+            reply_to: ReplyTo::Address(Arc::from("nobody")),
+            args: Payload::Encoded(Encoded::new(1, vec![i as u8])),
+        };
+        broker.send(message, Some(PATIENCE)).expect("send");
+    };
+    for i in 0..20 {
+        send(&busy, i);
+    }
+    for i in 0..20 {
+        send(&other, i);
+    }
+    wait_until("all 40 are queued", || {
+        broker.queue_len(busy.as_str()).expect("length") + broker.queue_len(other.as_str()).expect("length") == 40
+    });
+    let subscription = broker.consume(&[busy.clone(), other.clone()], &ConsumeSettings::new(1)).expect("consume");
+    wait_until("all 40 are delivered to the subscription", || {
+        broker.queue_len(busy.as_str()).expect("length") + broker.queue_len(other.as_str()).expect("length") == 0
+    });
+    std::thread::sleep(Duration::from_millis(200)); // on their way from the socket to amiquip's receivers
+    let mut names = Vec::new();
+    let deadline = Instant::now() + PATIENCE;
+    while names.len() < 20 && Instant::now() < deadline {
+        match subscription.try_recv() {
+            Recv::Delivery(delivery) => {
+                names.push(delivery.message.name.clone());
+                if let Some(ack) = delivery.ack {
+                    ack.ack().expect("ack");
+                }
+            }
+            Recv::Empty => std::thread::sleep(Duration::from_millis(1)),
+            Recv::Stopped => panic!("the subscription stopped"),
+        }
+    }
+    let first_other = names.iter().position(|name| *name == other);
+    assert!(first_other.is_some_and(|i| i < 4), "the second queue waited behind the first: {names:?}");
+    subscription.stop();
+}
