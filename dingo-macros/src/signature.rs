@@ -312,7 +312,8 @@ mod tests {
     }
 
     fn output_of(ret: Type) -> String {
-        let func: ItemFn = parse_quote!(fn f() -> #ret { todo!() });
+        // The body is never looked at: only the signature is analysed.
+        let func: ItemFn = parse_quote!(fn f() -> #ret { f() });
         match analyze_ok(&func).map(|task| task.output) {
             Ok(Output::Unit) => "unit".to_owned(),
             Ok(Output::Value(ty)) => format!("value {}", quote!(#ty)),
