@@ -15,6 +15,15 @@ use dingo_test_support::amqp::Amqp;
 use dingo_test_support::faults::{Seen, crafted, failure, lock, server_addr, stat, via, wait_until, watch};
 use dingo_test_support::proxy::Proxy;
 
+/// A broker of `setup` whose connection goes through `proxy` (its queues deleted with the
+/// setup's).
+fn through(setup: &Amqp, proxy: &Proxy) -> AmqpBroker {
+    let broker =
+        AmqpBroker::connect_with(&via(proxy, setup.url()), setup.options().clone()).expect("connect via the proxy");
+    setup.adopt(broker.clone());
+    broker
+}
+
 /// Runs per argument of `cut_echo` (distinct per call).
 static CUT_RUNS: Mutex<BTreeMap<u64, u32>> = Mutex::new(BTreeMap::new());
 
@@ -49,12 +58,7 @@ fn connection_cuts_and_an_outage_lose_nothing() {
     let Some(setup) = Amqp::setup() else { return };
     let worker_proxy = Proxy::start(server_addr(setup.url())).expect("start the worker's proxy");
     let caller_proxy = Proxy::start(server_addr(setup.url())).expect("start the caller's proxy");
-    let connect = |proxy: &Proxy| {
-        let broker =
-            AmqpBroker::connect_with(&via(proxy, setup.url()), setup.options().clone()).expect("connect via the proxy");
-        setup.adopt(broker.clone());
-        broker
-    };
+    let connect = |proxy: &Proxy| through(&setup, proxy);
     let worker_broker = connect(&worker_proxy);
     let caller_broker = connect(&caller_proxy);
     let worker = App::builder().broker(worker_broker.clone()).build().expect("worker app");
@@ -295,12 +299,7 @@ fn closing_during_an_outage_does_not_hang() {
         return;
     };
     let proxy = Proxy::start(server_addr(setup.url())).expect("start the proxy");
-    let connect = || {
-        let broker = AmqpBroker::connect_with(&via(&proxy, setup.url()), setup.options().clone())
-            .expect("connect via the proxy");
-        setup.adopt(broker.clone());
-        broker
-    };
+    let connect = || through(&setup, &proxy);
     let worker = App::builder().broker(connect()).shutdown_grace(Duration::from_secs(1)).build().expect("worker");
     let caller = App::builder().broker(connect()).build().expect("caller app");
     worker.allocate(triple, 1).expect("allocate");
@@ -330,12 +329,7 @@ fn closing_during_a_partition_does_not_hang() {
         .settle_grace(Duration::from_millis(500));
     let Some(setup) = Amqp::with_options(options) else { return };
     let proxy = Proxy::start(server_addr(setup.url())).expect("start the proxy");
-    let connect = || {
-        let broker = AmqpBroker::connect_with(&via(&proxy, setup.url()), setup.options().clone())
-            .expect("connect via the proxy");
-        setup.adopt(broker.clone());
-        broker
-    };
+    let connect = || through(&setup, &proxy);
     let worker = App::builder().broker(connect()).shutdown_grace(Duration::from_secs(1)).build().expect("worker");
     let caller = App::builder().broker(connect()).build().expect("caller app");
     let mut events = Seen::watch(&caller);

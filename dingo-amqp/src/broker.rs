@@ -30,7 +30,7 @@ use dingo_core::broker::{Ack, ConsumeSettings, Consumer, Producer, Reporter, Sto
 use dingo_core::event::{EventSink, EventSinks};
 use dingo_core::id::UuidV7;
 use dingo_core::message::{ReplySink, ReplyTo, ReportMessage, TaskMessage, wire};
-use dingo_core::{BrokerError, BrokerErrorKind, CallKey, IdMaker, TaskName};
+use dingo_core::{BrokerError, BrokerErrorKind, CallKey, DeadLetter, IdMaker, TaskName};
 
 use crate::conn::{Address, Opened, Session, amqp_error};
 use crate::options::AmqpOptions;
@@ -174,10 +174,12 @@ impl AmqpBroker {
     /// RabbitMQ's, for messages it dead-lettered itself). They stay in the dead-letter queue.
     pub fn dead_letters(&self, task: &str) -> Result<Vec<DeadLetter>, BrokerError> {
         let queue = self.inner.names.dead_queue(task)?;
+        let name = TaskName::from(task);
         self.inner.with_control("reading dead letters", |channel| {
             let mut letters = Vec::new();
             while let Some(get) = channel.basic_get(queue.clone(), false)? {
-                letters.push(DeadLetter::of(&get.delivery.properties, get.delivery.body.clone()));
+                let reason = dead_letter_reason(&get.delivery.properties);
+                letters.push(DeadLetter { queue: name.clone(), reason, bytes: get.delivery.body });
             }
             // Unacknowledged: they go back when the channel recovers them.
             channel.recover(true)?;
@@ -268,34 +270,24 @@ impl fmt::Debug for AmqpBroker {
     }
 }
 
-/// A message in a dead-letter queue.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct DeadLetter {
-    /// Why it was dead-lettered.
-    pub reason: String,
-    /// The message as it was queued.
-    pub bytes: Vec<u8>,
-}
-
-impl DeadLetter {
-    fn of(properties: &amiquip::AmqpProperties, bytes: Vec<u8>) -> DeadLetter {
-        let headers = properties.headers().as_ref();
-        let ours = headers.and_then(|h| h.get(topology::REASON_HEADER)).and_then(|v| match v {
-            AmqpValue::LongString(reason) => Some(reason.clone()),
+/// Why a message in a dead-letter queue is there: the reason dingo gave, or RabbitMQ's for
+/// messages it dead-lettered itself (the first `x-death` entry).
+fn dead_letter_reason(properties: &amiquip::AmqpProperties) -> String {
+    let headers = properties.headers().as_ref();
+    let ours = headers.and_then(|h| h.get(topology::REASON_HEADER)).and_then(|v| match v {
+        AmqpValue::LongString(reason) => Some(reason.clone()),
+        _ => None,
+    });
+    let theirs = || {
+        let deaths = headers?.get("x-death")?;
+        let AmqpValue::FieldArray(deaths) = deaths else { return None };
+        let Some(AmqpValue::FieldTable(first)) = deaths.first() else { return None };
+        match first.get("reason") {
+            Some(AmqpValue::LongString(reason)) => Some(format!("dead-lettered by RabbitMQ: {reason}")),
             _ => None,
-        });
-        // RabbitMQ's own dead-lettering records why in the first `x-death` entry.
-        let theirs = || {
-            let deaths = headers?.get("x-death")?;
-            let AmqpValue::FieldArray(deaths) = deaths else { return None };
-            let Some(AmqpValue::FieldTable(first)) = deaths.first() else { return None };
-            match first.get("reason") {
-                Some(AmqpValue::LongString(reason)) => Some(format!("dead-lettered by RabbitMQ: {reason}")),
-                _ => None,
-            }
-        };
-        DeadLetter { reason: ours.or_else(theirs).unwrap_or_default(), bytes }
-    }
+        }
+    };
+    ours.or_else(theirs).unwrap_or_default()
 }
 
 impl Inner {

@@ -99,7 +99,9 @@ mod conn;
 mod options;
 mod topology;
 
-pub use broker::{AmqpBroker, DeadLetter, Stats};
+pub use broker::{AmqpBroker, Stats};
+/// A dead letter, as [`AmqpBroker::dead_letters`] lists it (the type every broker uses).
+pub use dingo_core::DeadLetter;
 pub use options::AmqpOptions;
 
 use dingo_core::app::{AppBuilder, BrokerScheme};
