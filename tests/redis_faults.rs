@@ -251,6 +251,51 @@ fn a_lost_reply_to_a_send_does_not_run_the_call_twice() {
     worker.close().expect("close");
 }
 
+/// The reply to an at-most-once message is lost on its way back (the message was queued):
+/// the sender must not queue it again — it would run twice — and its caller learns that
+/// the message's fate is unknown instead of waiting forever. The queued message still runs,
+/// once.
+#[test]
+fn a_lost_reply_to_an_at_most_once_send_is_not_sent_again() {
+    let Some(setup) = Redis::setup() else { return };
+    let proxy = Proxy::start(server_addr(setup.url())).expect("start the proxy");
+    let options = setup.options().clone().command_timeout(Duration::from_secs(1));
+    let sender = RedisBroker::connect_with(&via(&proxy, setup.url()), options).expect("connect via the proxy");
+    // Reports through the sender's broker too: it tells the callers it serves itself.
+    let caller = App::builder().broker(sender.clone()).build().expect("caller app");
+    let worker = App::builder().broker(setup.broker()).build().expect("worker app");
+    let runs: Arc<Mutex<BTreeMap<u64, u32>>> = Arc::default();
+    let counted = runs.clone();
+    worker
+        .register("faults.amo_once", move |(n,): (u64,)| {
+            *lock(&counted).entry(n).or_default() += 1;
+            n
+        })
+        .expect("register");
+    let at_most_once = dingo::CallOptions::new().at_most_once(true);
+    // The sender's connection is up, and its first batch acknowledged, before the replies
+    // go missing; no worker runs yet, so nothing answers the calls but the sender.
+    let _first = caller.call_with::<_, u64>("faults.amo_once", &at_most_once, (0u64,)).expect("call");
+    wait_until("the first send is acknowledged", || stat(&sender.stats().sent) == 1);
+
+    proxy.mute();
+    let mut handle = caller.call_with::<_, u64>("faults.amo_once", &at_most_once, (1u64,)).expect("call");
+    std::thread::sleep(Duration::from_millis(1500)); // past the sender's command timeout
+    proxy.resume();
+    match handle.wait_timeout(PATIENCE) {
+        Err(dingo::Error::Task(error)) => {
+            assert!(error.message().contains("may or may not have been queued"), "{error:?}")
+        }
+        other => panic!("the caller must learn the message's fate is unknown, got {other:?}"),
+    }
+    worker.allocate("faults.amo_once", 1).expect("allocate");
+    wait_until("both messages ran", || lock(&runs).len() == 2);
+    std::thread::sleep(Duration::from_millis(300)); // time for a second run, if there were one
+    assert_eq!(*lock(&runs), BTreeMap::from([(0, 1), (1, 1)]), "each message ran once");
+    caller.close().expect("close");
+    worker.close().expect("close");
+}
+
 /// The reply to a worker's fetch is lost on its way back (the task was moved into the
 /// worker's processing list): the retried fetch must hand the worker that same task, not
 /// leave it in the processing list where nobody runs it. It runs once and is settled.

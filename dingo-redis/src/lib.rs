@@ -46,8 +46,11 @@
 //!   fetch hands its worker the very tasks the lost reply carried (except at-most-once
 //!   ones: those are lost, never run twice).
 //! - **At most once, per task.** With `CallOptions::at_most_once` (usually a task's default)
-//!   tasks wait in a list of their own and are taken without a lease: cheaper, and lost if
-//!   the worker dies while running them.
+//!   tasks wait in a list of their own, are sent and taken with plain commands (no script,
+//!   no batch number) and run without a lease: cheaper, and lost if the worker dies while
+//!   running them. Nothing at most once is sent twice: a message whose send was cut off
+//!   before Redis answered may or may not be queued, and its caller gets a failure saying
+//!   so rather than waiting for a result that may never come.
 //! - **Reports** go to one reply list per caller process and task, which expires after the
 //!   [`result_ttl`](RedisOptions::result_ttl). One listener thread per process waits on all of
 //!   them and routes each report to its call's handle by (task name, id); reports that arrive

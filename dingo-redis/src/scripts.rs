@@ -85,13 +85,14 @@ return #ARGV - 2
 /// holds one lease (`KEYS[4]`, deadline `ARGV[2]` ms from now) for all of them: registered
 /// when `ARGV[4]` is 1, renewed otherwise — and if it expired and was reaped meanwhile,
 /// nothing is taken and the reply is `{'lost'}` (the consumer must start over under a new
-/// id). Returns `{'ok', messages…}`, oldest first. Leaves a wake token (`KEYS[3]`) while
-/// work remains in the queue or its at-most-once list (`KEYS[2]`, popped by a plain `RPOP`
-/// just before), so the next idle consumer wakes too.
+/// id). Returns `{'ok', {messages…}}`, oldest first: the popped array as it is (copying
+/// each message into another Lua table costs Redis more than the pop). Leaves a wake token
+/// (`KEYS[3]`) while work remains in the queue or its at-most-once list (`KEYS[2]`, popped
+/// by a plain `RPOP` just before), so the next idle consumer wakes too.
 ///
 /// Batch number `ARGV[5]` of the worker thread whose sequence key is `KEYS[6]` (kept
 /// `ARGV[6]` ms): sent again after its reply was lost, the fetch takes nothing new and
-/// returns `{'again', messages…}`: what it moved the first time (the head of the
+/// returns `{'again', {messages…}}`: what it moved the first time (the head of the
 /// processing list) — else those messages would sit in the processing list unknown to
 /// their worker.
 pub(crate) static FETCH: LazyLock<Script> = LazyLock::new(|| {
@@ -106,105 +107,117 @@ elseif not redis.call('ZSCORE', KEYS[4], ARGV[3]) then
 else
   redis.call('ZADD', KEYS[4], 'XX', deadline, ARGV[3])
 end
-local out = {'ok'}
 local applied, moved = seen(KEYS[6], ARGV[5], ARGV[6])
 if applied then
-  out[1] = 'again'
+  local again = {}
   if moved > 0 then
     local msgs = redis.call('LRANGE', KEYS[5], 0, moved - 1)
-    for i = #msgs, 1, -1 do out[#out + 1] = msgs[i] end
+    for i = #msgs, 1, -1 do again[#again + 1] = msgs[i] end
   end
-  return out
+  return {'again', again}
 end
 -- Oldest first; pushed in that order, the newest ends at the head of the processing list.
 local msgs = redis.call('RPOP', KEYS[1], tonumber(ARGV[1]))
 if msgs then
   redis.call('LPUSH', KEYS[5], unpack(msgs))
-  for i = 1, #msgs do out[#out + 1] = msgs[i] end
   redis.call('SET', KEYS[6], ARGV[5] .. '.' .. #msgs, 'PX', ARGV[6])
+else
+  msgs = {}
 end
 if redis.call('LLEN', KEYS[1]) + redis.call('LLEN', KEYS[2]) > 0 then
   if redis.call('LLEN', KEYS[3]) == 0 then redis.call('LPUSH', KEYS[3], '1') end
 else
   redis.call('DEL', KEYS[3])
 end
-return out
+return {'ok', msgs}
 "#,
     )
 });
 
 /// Settles, in order, what one consumer (`ARGV[3]`) did with its messages — once: batch
 /// number `ARGV[1]` of the actor whose sequence key is `KEYS[3]` (kept `ARGV[5]` ms), so a
-/// batch sent again after its reply was lost changes nothing. Triples (op, reply index,
-/// data) in ARGV[6..]:
-/// - `r`: store report `data` (no lease involved: progress, at-most-once tasks);
-/// - `c`: settle the oldest message of the processing list (`KEYS[2]`) and store its final
-///   report `data` (reply index 0: none, a fire-and-forget call);
+/// batch sent again after its reply was lost changes nothing. From ARGV[6], runs of one
+/// operation: (op, reply index k, count n), then the run's n data items if it carries data
+/// (`r`, `d`, `x`, and `c` with k > 0):
+/// - `r`: store reports `data` (no lease involved: progress, at-most-once tasks);
+/// - `c`: settle the n oldest messages of the processing list (`KEYS[2]`) and store their
+///   final reports `data` (k 0: none, fire-and-forget calls);
 /// - `d`: settle the oldest message to the dead letters (`KEYS[4]`, kept to `ARGV[4]`) with
-///   the reason prefix `data`;
-/// - `q`: give the newest message back to the front of its queue (`KEYS[5]`, wake `KEYS[6]`);
+///   the reason prefix `data`, n times;
+/// - `q`: give the newest message back to the front of its queue (`KEYS[5]`, wake `KEYS[6]`),
+///   n times;
 /// - `x`: settle the newest message to the dead letters, with the reason prefix `data`.
+///
+/// Runs keep the work in Redis's C code: a run of completions is one `LTRIM` and one `RPUSH`
+/// of a slice of ARGV, with no Lua loop over its tasks (each Lua step per task costs more
+/// than the push itself).
 ///
 /// The consumer's lease (`KEYS[1]`) must still stand: if it expired and was reaped, its
 /// messages went back to the queue for others, and nothing of `c`, `d`, `q` is applied
 /// (fencing). Reply index k is the list `KEYS[5 + 2k]` with its notify list `KEYS[6 + 2k]`;
-/// each gets its reports in one push, in order, and both expire `ARGV[2]` ms later. Returns
-/// {1 if the lease stood else 0, how many final reports were rejected}.
+/// each gets its reports in order, and both expire `ARGV[2]` ms later. Returns {1 if the
+/// lease stood else 0, how many final reports were rejected}.
 pub(crate) static COMPLETE: LazyLock<Script> = LazyLock::new(|| {
     with_seen(
         r#"
 if seen(KEYS[3], ARGV[1], ARGV[5]) then return {1, 0} end
 local owned = redis.call('ZSCORE', KEYS[1], ARGV[3]) ~= false
 local rejected = 0
-local out = {}
-local function report(k, data)
-  if k > 0 then
-    local list = out[k]
-    if not list then list = {}; out[k] = list end
-    list[#list + 1] = data
-  end
+local touched = {}
+local function report(k, first, last)
+  redis.call('RPUSH', KEYS[5 + 2 * k], unpack(ARGV, first, last))
+  touched[k] = true
 end
--- Consecutive completions remove their messages with one RPOP.
+-- Consecutive completions remove their messages with one LTRIM (an RPOP would copy each
+-- message into Lua only to drop it).
 local settled = 0
 local function flush()
-  if settled > 0 then redis.call('RPOP', KEYS[2], settled); settled = 0 end
+  if settled > 0 then redis.call('LTRIM', KEYS[2], 0, -settled - 1); settled = 0 end
 end
 local i = 6
 while i <= #ARGV do
-  local op, k, data = ARGV[i], tonumber(ARGV[i + 1]), ARGV[i + 2]
+  local op, k, n = ARGV[i], tonumber(ARGV[i + 1]), tonumber(ARGV[i + 2])
+  local first = i + 3
+  local last = first - 1
+  if op == 'r' or op == 'd' or op == 'x' or (op == 'c' and k > 0) then last = first + n - 1 end
+  i = last + 1
   if op ~= 'c' then flush() end
   if op == 'r' then
-    report(k, data)
+    report(k, first, last)
   elseif not owned then
-    if op == 'c' then rejected = rejected + 1 end
+    if op == 'c' then rejected = rejected + n end
   elseif op == 'c' then
-    settled = settled + 1
-    report(k, data)
+    settled = settled + n
+    if k > 0 then report(k, first, last) end
   elseif op == 'd' then
-    local m = redis.call('RPOP', KEYS[2])
-    if m then
-      redis.call('LPUSH', KEYS[4], data .. m)
-      redis.call('LTRIM', KEYS[4], 0, tonumber(ARGV[4]) - 1)
+    for j = first, last do
+      local m = redis.call('RPOP', KEYS[2])
+      if m then
+        redis.call('LPUSH', KEYS[4], ARGV[j] .. m)
+        redis.call('LTRIM', KEYS[4], 0, tonumber(ARGV[4]) - 1)
+      end
     end
   elseif op == 'q' then
-    local m = redis.call('LPOP', KEYS[2])
-    if m then
-      redis.call('RPUSH', KEYS[5], m)
-      if redis.call('LLEN', KEYS[6]) == 0 then redis.call('LPUSH', KEYS[6], '1') end
+    for _ = 1, n do
+      local m = redis.call('LPOP', KEYS[2])
+      if m then
+        redis.call('RPUSH', KEYS[5], m)
+        if redis.call('LLEN', KEYS[6]) == 0 then redis.call('LPUSH', KEYS[6], '1') end
+      end
     end
   elseif op == 'x' then
-    local m = redis.call('LPOP', KEYS[2])
-    if m then
-      redis.call('LPUSH', KEYS[4], data .. m)
-      redis.call('LTRIM', KEYS[4], 0, tonumber(ARGV[4]) - 1)
+    for j = first, last do
+      local m = redis.call('LPOP', KEYS[2])
+      if m then
+        redis.call('LPUSH', KEYS[4], ARGV[j] .. m)
+        redis.call('LTRIM', KEYS[4], 0, tonumber(ARGV[4]) - 1)
+      end
     end
   end
-  i = i + 3
 end
 flush()
-for k, reports in pairs(out) do
+for k in pairs(touched) do
   local reply, notify = KEYS[5 + 2 * k], KEYS[6 + 2 * k]
-  redis.call('RPUSH', reply, unpack(reports))
   redis.call('PEXPIRE', reply, ARGV[2])
   if redis.call('LLEN', notify) == 0 then redis.call('LPUSH', notify, '1') end
   redis.call('PEXPIRE', notify, ARGV[2])
@@ -476,6 +489,55 @@ mod tests {
             }
             Err(_) => None,
         }
+    }
+
+    /// `COMPLETE` applies its runs in order on the lists themselves: two completions with
+    /// reports for one caller, one without a report, a dead letter, a message given back; a
+    /// batch sent again changes nothing; once the lease is gone, completions are rejected
+    /// and nothing is stored.
+    #[test]
+    fn complete_applies_its_runs_in_order() {
+        let Some(mut conn) = server() else { return };
+        let prefix = format!("dingo-test-complete-{}", std::process::id());
+        let key = |name: &str| format!("{prefix}:{{q}}:{name}");
+        let names = ["consumers", "processing", "seq", "dead", "pending", "wake", "reply", "notify"];
+        let keys: Vec<String> = names.iter().map(|n| key(n)).collect();
+        let _: () = redis::cmd("DEL").arg(&keys).query(&mut conn).expect("DEL");
+        // The processing list holds m1 (oldest) … m5 (newest, at its head).
+        let _: () =
+            redis::cmd("LPUSH").arg(&keys[1]).arg(&["m1", "m2", "m3", "m4", "m5"]).query(&mut conn).expect("LPUSH");
+        let _: () = redis::cmd("ZADD").arg(&keys[0]).arg(i64::MAX).arg("c1").query(&mut conn).expect("ZADD");
+        let call = |seq: &str, runs: &[&str]| {
+            let mut call = Call::new(&COMPLETE);
+            call.keys = keys.clone();
+            call = call.numbered(seq.to_owned()).arg("60000").arg("c1").arg("100").arg(SEQ_TTL);
+            for arg in runs {
+                call = call.arg(*arg);
+            }
+            call
+        };
+        let runs = ["c", "1", "2", "r1", "r2", "c", "0", "1", "d", "0", "1", "why:", "q", "0", "1"];
+        let list = |conn: &mut redis::Connection, i: usize| -> Vec<String> {
+            redis::cmd("LRANGE").arg(&keys[i]).arg(0).arg(-1).query(conn).expect("LRANGE")
+        };
+        for attempt in ["first", "sent again"] {
+            let result = run_batch(&mut conn, &[call("1", &runs)]).expect("COMPLETE runs");
+            let (owned, rejected): (i64, i64) = redis::from_redis_value(result[0].clone()).expect("a pair");
+            assert_eq!((owned, rejected), (1, 0), "{attempt}");
+            assert_eq!(list(&mut conn, 6), ["r1", "r2"], "the reports, in order ({attempt})");
+            assert!(list(&mut conn, 1).is_empty(), "every message settled ({attempt})");
+            assert_eq!(list(&mut conn, 3), ["why:m4"], "m4 dead-lettered with its reason ({attempt})");
+            assert_eq!(list(&mut conn, 4), ["m5"], "m5 back in its queue ({attempt})");
+            assert_eq!(list(&mut conn, 7), ["1"], "one wake token for the caller ({attempt})");
+        }
+        let _: () = redis::cmd("LPUSH").arg(&keys[1]).arg("m6").query(&mut conn).expect("LPUSH");
+        let _: () = redis::cmd("ZREM").arg(&keys[0]).arg("c1").query(&mut conn).expect("ZREM");
+        let result = run_batch(&mut conn, &[call("2", &["c", "1", "1", "r3"])]).expect("COMPLETE runs");
+        let (owned, rejected): (i64, i64) = redis::from_redis_value(result[0].clone()).expect("a pair");
+        assert_eq!((owned, rejected), (0, 1), "fenced out: the completion is rejected");
+        assert_eq!(list(&mut conn, 6), ["r1", "r2"], "its report is not stored");
+        assert_eq!(list(&mut conn, 1), ["m6"], "its message stays for the reaper");
+        let _: () = redis::cmd("DEL").arg(&keys).query(&mut conn).expect("DEL");
     }
 
     /// A numbered call refused with NOSCRIPT while a later call of the same sender ran is

@@ -354,28 +354,71 @@ fn complete(
         .arg(SEQ_TTL);
     let mut callers: Vec<String> = Vec::new();
     let (mut finals, mut dead) = (0, 0);
+    let mut runs = Runs::default();
     for settle in settles {
-        let (op, k, data): (&str, usize, Vec<u8>) = match settle {
+        match settle {
             Settle::Complete { caller, bytes } => {
                 finals += 1;
-                let k = caller.map(|c| reply_index(&mut callers, &mut call, queue, c)).unwrap_or(0);
-                ("c", k, bytes.unwrap_or_default())
+                match caller {
+                    Some(caller) => {
+                        let k = reply_index(&mut callers, &mut call, queue, caller);
+                        runs.add(&mut call, "c", k, Some(bytes.unwrap_or_default()));
+                    }
+                    None => runs.add(&mut call, "c", 0, None),
+                }
             }
             // Planned as plain commands by `plan`; stored by the script all the same.
-            Settle::Report { caller, bytes } => ("r", reply_index(&mut callers, &mut call, queue, caller), bytes),
+            Settle::Report { caller, bytes } => {
+                let k = reply_index(&mut callers, &mut call, queue, caller);
+                runs.add(&mut call, "r", k, Some(bytes));
+            }
             Settle::Dead { reason } => {
                 dead += 1;
-                ("d", 0, DeadLetter::prefix(&reason))
+                runs.add(&mut call, "d", 0, Some(DeadLetter::prefix(&reason)));
             }
             Settle::DeadNewest { reason } => {
                 dead += 1;
-                ("x", 0, DeadLetter::prefix(&reason))
+                runs.add(&mut call, "x", 0, Some(DeadLetter::prefix(&reason)));
             }
-            Settle::Requeue => ("q", 0, Vec::new()),
-        };
-        call.args.extend([op.as_bytes().to_vec(), k.to_string().into_bytes(), data]);
+            Settle::Requeue => runs.add(&mut call, "q", 0, None),
+        }
     }
+    runs.close(&mut call);
     (call, Kind::Complete { finals, dead })
+}
+
+/// Groups a `COMPLETE`'s settlements into runs of one operation and reply list: a header
+/// (op, k, n) in the call's arguments, its data items after it.
+#[derive(Default)]
+struct Runs {
+    /// The open run: its op, k, and where its header's count goes in the arguments.
+    open: Option<(&'static str, usize, usize)>,
+    count: usize,
+}
+
+impl Runs {
+    /// Longest run: `unpack` in the script puts a run on Lua's stack.
+    const MAX: usize = 1000;
+
+    fn add(&mut self, call: &mut Call, op: &'static str, k: usize, data: Option<Vec<u8>>) {
+        let joins = matches!(self.open, Some((o, j, _)) if o == op && j == k) && self.count < Runs::MAX;
+        if !joins {
+            self.close(call);
+            call.args.extend([op.as_bytes().to_vec(), k.to_string().into_bytes(), Vec::new()]);
+            self.open = Some((op, k, call.args.len() - 1));
+            self.count = 0;
+        }
+        self.count += 1;
+        if let Some(data) = data {
+            call.args.push(data);
+        }
+    }
+
+    fn close(&mut self, call: &mut Call) {
+        if let Some((_, _, at)) = self.open.take() {
+            call.args[at] = self.count.to_string().into_bytes();
+        }
+    }
 }
 
 /// The 1-based index of `caller`'s reply list among a `COMPLETE`'s (`KEYS[5 + 2k]`, its

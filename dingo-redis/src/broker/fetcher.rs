@@ -366,9 +366,13 @@ impl RedisSubscription {
                 self.buffer(local, name, queue, None, item);
             }
         }
-        let Value::Array(items) = fetched else { return count };
-        let mut items = items.into_iter();
-        let status: String = items.next().and_then(|v| redis::from_redis_value(v).ok()).unwrap_or_default();
+        let Value::Array(reply) = fetched else { return count };
+        let mut reply = reply.into_iter();
+        let status: String = reply.next().and_then(|v| redis::from_redis_value(v).ok()).unwrap_or_default();
+        let items = match reply.next() {
+            Some(Value::Array(items)) => items,
+            _ => Vec::new(),
+        };
         if status == "again" {
             self.inner.stats.fetches_replayed.fetch_add(1, Ordering::Relaxed);
         }

@@ -159,58 +159,90 @@ fn write_loop(inner: &Arc<Inner>, rx: &Receiver<Msg>, line: &Mutex<Line>, stop: 
             }
             continue;
         }
-        let mut calls = push_calls(&mut batch, inner.options.batch, &mut line.sequence);
-        let sequence = &mut line.sequence;
-        match line.conn.retry(stop, &mut |c| scripts::run_after(c, None, &mut calls, Some(&mut *sequence))) {
-            Some(Ok(_)) => {
-                inner.stats.sent.fetch_add(batch.len() as u64, Ordering::Relaxed);
-            }
-            Some(Err(e)) => fail(inner, batch, &format!("redis refused the task messages: {e}")),
-            None => fail(inner, batch, "the broker shut down while redis was unreachable"),
-        }
+        let calls = push_calls(&mut batch, inner.options.batch, &mut line.sequence);
+        write(inner, line, stop, calls, batch, false);
     }
 }
 
-/// Reads the replies to what callers wrote; a batch whose replies cannot be read (the
-/// connection broke, or a reply is an error) is sent again the ordinary way.
+/// Writes `calls` (carrying `batch`) until they go through; `sent_before`: they were
+/// written once already, and may have been applied (what was answered is left out).
+fn write(
+    inner: &Inner,
+    line: &mut Line,
+    stop: &AtomicBool,
+    mut calls: Vec<Call>,
+    mut batch: Vec<Outgoing>,
+    sent_before: bool,
+) {
+    let mut unknown = Vec::new();
+    if sent_before {
+        unknown = unrepeatable(&mut calls, &mut batch);
+    }
+    let sequence = &mut line.sequence;
+    let result = line.conn.retry_tracked(stop, &mut |c, again| {
+        if again {
+            unknown.extend(unrepeatable(&mut calls, &mut batch));
+        }
+        if calls.is_empty() {
+            return Ok(Vec::new());
+        }
+        scripts::run_after(c, None, &mut calls, Some(&mut *sequence))
+    });
+    if !unknown.is_empty() {
+        fail(
+            inner,
+            unknown,
+            "the connection broke while these at-most-once messages were on their way: they may or may not have been queued, and are not sent twice",
+        );
+    }
+    match result {
+        Some(Ok(_)) => {
+            inner.stats.sent.fetch_add(batch.len() as u64, Ordering::Relaxed);
+        }
+        Some(Err(e)) => fail(inner, batch, &format!("redis refused the task messages: {e}")),
+        None => fail(inner, batch, "the broker shut down while redis was unreachable"),
+    }
+}
+
+/// Reads the replies to what callers wrote; the calls of a batch whose replies cannot all
+/// be read (the connection broke, or a reply is an error) are sent again the ordinary way
+/// — those that were answered are not, and neither are at-most-once pushes whose fate is
+/// unknown.
 fn answer(inner: &Inner, line: &mut Line, stop: &AtomicBool) {
-    while let Some(mut written) = line.unanswered.pop_front() {
-        let mut answered = written.generation.is_some() && written.generation == line.conn.generation();
-        if answered {
-            for _ in &written.calls {
+    while let Some(Written { mut calls, batch, generation }) = line.unanswered.pop_front() {
+        let mut done = vec![false; calls.len()];
+        if generation.is_some() && generation == line.conn.generation() {
+            for answered in done.iter_mut() {
                 match line.conn.once(&mut |c| c.recv_response()) {
                     // An error reply (a script cache flushed, …): read on, to stay in step.
-                    Ok(redis::Value::ServerError(_)) => answered = false,
-                    Ok(_) => {}
+                    Ok(redis::Value::ServerError(_)) => {}
+                    Ok(_) => *answered = true,
                     // `once` dropped the connection; what follows was written on it too.
-                    Err(e) if is_connection_error(&e) => {
-                        answered = false;
-                        break;
-                    }
-                    Err(_) => answered = false,
+                    Err(e) if is_connection_error(&e) => break,
+                    Err(_) => {}
                 }
             }
         }
-        if answered {
-            inner.stats.sent.fetch_add(written.batch.len() as u64, Ordering::Relaxed);
+        if done.iter().all(|answered| *answered) {
+            inner.stats.sent.fetch_add(batch.len() as u64, Ordering::Relaxed);
             continue;
         }
-        let sequence = &mut line.sequence;
-        match line.conn.retry(stop, &mut |c| scripts::run_after(c, None, &mut written.calls, Some(&mut *sequence))) {
-            Some(Ok(_)) => {
-                inner.stats.sent.fetch_add(written.batch.len() as u64, Ordering::Relaxed);
-            }
-            Some(Err(e)) => fail(inner, written.batch, &format!("redis refused the task messages: {e}")),
-            None => fail(inner, written.batch, "the broker shut down while redis was unreachable"),
-        }
+        let mut answered = done.into_iter();
+        calls.retain(|_| !answered.next().unwrap_or(false));
+        write(inner, line, stop, calls, batch, true);
     }
 }
 
-/// One `PUSH` per queue and delivery mode, in order, at most `batch` messages each. The
+/// One `PUSH` per queue and delivery mode, in order, at most `max` messages each. The
 /// messages' bytes move into the calls.
+///
+/// At-most-once messages go out as plain `LPUSH`es, followed by their queues' wake tokens:
+/// no script (Lua copies every message it is handed, which costs Redis more than the push),
+/// no batch number — and so never sent twice (see [`unrepeatable`]).
 fn push_calls(batch: &mut [Outgoing], max: usize, sequence: &mut Sequence) -> Vec<Call> {
     let mut calls: Vec<(String, Call, usize)> = Vec::new();
-    for outgoing in batch {
+    let mut wakes: Vec<&str> = Vec::new();
+    for outgoing in batch.iter_mut() {
         let bytes = std::mem::take(&mut outgoing.bytes);
         let list = if outgoing.at_most_once { &outgoing.queue.amo } else { &outgoing.queue.pending };
         let open = calls.iter_mut().rev().find(|(key, _, n)| key == list && *n < max);
@@ -218,6 +250,9 @@ fn push_calls(batch: &mut [Outgoing], max: usize, sequence: &mut Sequence) -> Ve
             Some((_, call, n)) => {
                 call.args.push(bytes);
                 *n += 1;
+            }
+            None if outgoing.at_most_once => {
+                calls.push((list.clone(), Call::command("LPUSH").arg(list.as_bytes()).arg(bytes), 1));
             }
             None => {
                 // Numbered, so a retry after a lost reply does not queue it twice.
@@ -233,7 +268,33 @@ fn push_calls(batch: &mut [Outgoing], max: usize, sequence: &mut Sequence) -> Ve
             }
         }
     }
-    calls.into_iter().map(|(_, call, _)| call).collect()
+    let mut calls: Vec<Call> = calls.into_iter().map(|(_, call, _)| call).collect();
+    for outgoing in batch.iter() {
+        if outgoing.at_most_once && !wakes.contains(&outgoing.queue.wake.as_str()) {
+            wakes.push(&outgoing.queue.wake);
+        }
+    }
+    for wake in wakes {
+        // One token, as the scripts leave it: what idle consumers block on.
+        calls.push(Call::command("LPUSH").arg(wake.as_bytes()).arg("1"));
+        calls.push(Call::command("LTRIM").arg(wake.as_bytes()).arg("0").arg("0"));
+    }
+    calls
+}
+
+/// Before `calls` are sent again after the connection broke with them on their way: drops
+/// the plain commands (at-most-once pushes may have been applied, and must not be applied
+/// twice) and, if there were any, returns the at-most-once messages of `batch`, whose fate
+/// is unknown, for [`fail`]. The scripts stay: numbered, they apply once.
+fn unrepeatable(calls: &mut Vec<Call>, batch: &mut Vec<Outgoing>) -> Vec<Outgoing> {
+    let before = calls.len();
+    calls.retain(|call| call.script.is_some());
+    if calls.len() == before {
+        return Vec::new();
+    }
+    let (unknown, kept) = std::mem::take(batch).into_iter().partition(|o| o.at_most_once);
+    *batch = kept;
+    unknown
 }
 
 /// Tells the callers of messages that could not be written (their handles would wait
