@@ -28,10 +28,13 @@
 //! Scenarios on RabbitMQ: the same four (`amqp-inflight`, `amqp-inflight-at-most-once`,
 //! `amqp-fire-and-forget`, `amqp-sequential`), with durable queues, persistent messages and
 //! publisher confirms (the broker's defaults); a fresh namespace per run, its queues deleted
-//! afterwards. And three baselines without dingo, amiquip alone on the same server:
+//! afterwards. And four baselines without dingo, amiquip alone on the same server:
 //! `amqp-raw-inflight` (calls as dingo makes them — persistent confirmed requests, a
 //! responder acknowledging each once its confirmed reply is out — `--window` in flight:
-//! the reference for `amqp-inflight`), `amqp-raw-publish-consume` (persistent messages,
+//! the reference for `amqp-inflight`), `amqp-raw-inflight-at-most-once` (transient
+//! requests and replies published without confirms, each request acknowledged as it
+//! arrives: the reference for `amqp-inflight-at-most-once`), `amqp-raw-publish-consume`
+//! (persistent messages,
 //! publisher confirms, manual acks: what fire-and-forget needs at the least, in messages/s)
 //! and `amqp-raw-request-reply` (one persistent confirmed request and its reply at a time:
 //! the floor under `amqp-sequential`).
@@ -208,6 +211,10 @@ fn amqp(config: &Config) {
     };
     let mut scenarios = remote("amqp", config, calls, &pair);
     scenarios.push(("amqp-raw-inflight", Box::new(move || raw_amqp::inflight(url, calls, config.window))));
+    scenarios.push((
+        "amqp-raw-inflight-at-most-once",
+        Box::new(move || raw_amqp::inflight_at_most_once(url, calls, config.window)),
+    ));
     scenarios.push(("amqp-raw-publish-consume", Box::new(move || raw_amqp::publish_consume(url, calls, 1024))));
     scenarios.push(("amqp-raw-request-reply", Box::new(move || raw_amqp::request_reply(url, (calls / 20).max(1)))));
     run(config, scenarios);

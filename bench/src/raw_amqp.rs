@@ -156,6 +156,58 @@ pub(crate) fn inflight(url: &str, calls: u64, window: usize) -> Outcome {
     Ok(Measure::Rate(rate))
 }
 
+/// At-most-once calls without dingo: `calls` transient requests published without
+/// confirms, at most `window` in flight; a responder on another connection acknowledges each
+/// request as it arrives (prefetch 128), then publishes a transient reply without a
+/// confirm; the caller counts replies. Calls per second — the reference for
+/// `amqp-inflight-at-most-once`.
+pub(crate) fn inflight_at_most_once(url: &str, calls: u64, window: usize) -> Outcome {
+    let requests_queue = format!("dingo-bench-raw-amoreq-{}", std::process::id());
+    let replies_queue = format!("dingo-bench-raw-amorep-{}", std::process::id());
+    let mut caller = connect(url)?;
+    let mut responding = connect(url)?;
+    let channel = caller.open_channel(None).map_err(error)?;
+    durable_queue(&channel, &requests_queue)?;
+    channel.queue_declare(replies_queue.as_str(), QueueDeclareOptions::default()).map_err(error)?;
+    let (request_queue, reply_queue) = (requests_queue.clone(), replies_queue.clone());
+    let responder = std::thread::spawn(move || -> Result<(), dingo::Error> {
+        let channel = responding.open_channel(None).map_err(error)?;
+        channel.qos(0, 128, false).map_err(error)?;
+        let consumer = channel.basic_consume(request_queue, ConsumerOptions::default()).map_err(error)?;
+        let mut answered = 0;
+        while answered < calls {
+            if let ConsumerMessage::Delivery(delivery) = consumer.receiver().recv().map_err(error)? {
+                let body = delivery.body.clone();
+                consumer.ack(delivery).map_err(error)?;
+                channel.basic_publish("", Publish::new(&body, reply_queue.as_str())).map_err(error)?;
+                answered += 1;
+            }
+        }
+        Ok(())
+    });
+    let replies = channel
+        .basic_consume(replies_queue.as_str(), ConsumerOptions { no_ack: true, ..ConsumerOptions::default() })
+        .map_err(error)?;
+    let body = [7u8; 100];
+    let start = Instant::now();
+    let (mut sent, mut answered) = (0u64, 0u64);
+    while answered < calls {
+        while sent < calls && sent - answered < window as u64 {
+            channel.basic_publish("", Publish::new(&body, requests_queue.as_str())).map_err(error)?;
+            sent += 1;
+        }
+        if let ConsumerMessage::Delivery(_) = replies.receiver().recv().map_err(error)? {
+            answered += 1;
+        }
+    }
+    let rate = calls as f64 / start.elapsed().as_secs_f64();
+    responder.join().map_err(|_| error("the responder thread panicked"))??;
+    drop(replies);
+    channel.queue_delete(requests_queue, QueueDeleteOptions::default()).map_err(error)?;
+    channel.queue_delete(replies_queue, QueueDeleteOptions::default()).map_err(error)?;
+    Ok(Measure::Rate(rate))
+}
+
 enum RawEvent {
     Delivery(Box<amiquip::Delivery>),
     Confirm(amiquip::Confirm),
