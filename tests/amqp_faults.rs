@@ -260,8 +260,9 @@ fn garbage_in_a_queue_is_dead_lettered_and_the_worker_goes_on() {
 
 /// A task message RabbitMQ cannot route (its queue was deleted behind the caller's back,
 /// after the caller learnt it existed) comes back as a return: the call fails with
-/// `UnknownTask` instead of waiting forever, and the next call, once the queue is declared
-/// again, works.
+/// `UnknownTask` instead of waiting forever — at least once (confirmed) and at most once
+/// (published without confirms) — and the next call, once the queue is declared again,
+/// works.
 #[test]
 fn a_task_whose_queue_is_gone_fails_its_call() {
     let Some(setup) = Amqp::setup() else { return };
@@ -281,6 +282,16 @@ fn a_task_whose_queue_is_gone_fails_its_call() {
         .collect();
     assert!(failures.iter().all(|kind| *kind == TaskErrorKind::UnknownTask), "{failures:?}");
     assert_eq!(stat(&caller_broker.stats().returned), 20);
+    // At most once, published without confirms: the return alone fails the call.
+    let at_most_once = dingo::CallOptions::new().at_most_once(true);
+    let failures: Vec<TaskErrorKind> = (0..5u64)
+        .map(|n| triple::call_with(&caller, &at_most_once, n).expect("call"))
+        .map(|mut handle| {
+            handle.wait_timeout(PATIENCE).expect_err("no queue serves it").task_kind().expect("a task error")
+        })
+        .collect();
+    assert_eq!(failures, [TaskErrorKind::UnknownTask; 5]);
+    assert_eq!(stat(&caller_broker.stats().returned), 25);
     let worker = App::builder().broker(setup.broker()).build().expect("a new worker app");
     worker.allocate(triple, 1).expect("allocate declares the queue again");
     assert_eq!(triple::call(&caller, 5).expect("call").wait_timeout(PATIENCE).expect("works again"), 15);

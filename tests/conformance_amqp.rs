@@ -94,6 +94,42 @@ fn an_at_most_once_task_is_acknowledged_when_delivered() {
     worker.close().expect("close");
 }
 
+/// At-most-once calls with progress: each call's reports arrive complete and in order
+/// (Sent, its progress, then its result), although final reports of at-most-once tasks
+/// take a channel without confirms and progress reports the confirmed one: a final report
+/// never overtakes its call's progress.
+#[test]
+fn at_most_once_reports_keep_their_order() {
+    use dingo::{App, CallOptions, Context, Report};
+    use dingo_test_support::amqp::Amqp;
+
+    let Some(setup) = Amqp::setup() else { return };
+    let worker = App::builder().broker(setup.broker()).build().expect("worker app");
+    worker
+        .register_with_context("amo.steps", |ctx: &Context<'_>, n: u64| {
+            for step in 0..3u64 {
+                ctx.progress(step);
+            }
+            Ok::<u64, String>(n * 10)
+        })
+        .expect("register");
+    worker.allocate("amo.steps", 2).expect("allocate");
+    let caller = App::builder().broker(setup.broker()).build().expect("caller app");
+    let options = CallOptions::new().at_most_once(true).monitor_progress(true);
+    let handles: Vec<_> =
+        (0..200u64).map(|n| (n, caller.call_with::<_, u64>("amo.steps", &options, n).expect("call"))).collect();
+    for (n, handle) in handles {
+        let reports: Vec<Report<u64>> = handle.reports().collect();
+        assert_eq!(reports.first(), Some(&Report::Sent), "call {n}: {reports:?}");
+        assert_eq!(reports.last(), Some(&Report::Success(n * 10)), "call {n}: {reports:?}");
+        let progress = reports.iter().filter(|r| matches!(r, Report::Progress(_))).count();
+        // The start of the task, then its three steps.
+        assert_eq!(progress, 4, "call {n}: every progress report, before the result: {reports:?}");
+    }
+    caller.close().expect("close");
+    worker.close().expect("close");
+}
+
 /// Quorum queues (`quorum=true`): declared with `x-queue-type=quorum`, consumed with
 /// per-consumer prefetch (quorum queues refuse global QoS); calls and a dead letter work.
 #[test]

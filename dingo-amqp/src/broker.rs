@@ -37,7 +37,7 @@ use crate::options::AmqpOptions;
 use crate::topology::{self, Names};
 
 use listener::Listener;
-use publisher::{Outgoing, Publisher, Then};
+use publisher::{Outgoing, Publisher, Sent, Then};
 
 /// The RabbitMQ broker: task transport and report transport, usable for either role alone.
 ///
@@ -426,9 +426,13 @@ impl Producer for AmqpBroker {
             persistent: inner.options.durable && !message.options.at_most_once,
             correlation: None,
             reason: None,
+            once: message.options.at_most_once,
             then: Then::Task { key: message.key(), reply },
         };
-        inner.publisher()?.send(outgoing, timeout)
+        if inner.publisher()?.send(outgoing, timeout)? == Sent::Unconfirmed {
+            inner.stats.sent.fetch_add(1, Ordering::Relaxed);
+        }
+        Ok(())
     }
 
     fn close(&self) {
@@ -473,14 +477,18 @@ impl Reporter for AmqpBroker {
         let Some(queue) = reply_address(to, "RabbitMQ")? else {
             return Ok(());
         };
-        self.inner.publish_report(queue, &report, None)
+        self.inner.publish_report(queue, &report, None, false)
     }
 
     fn finish(&self, to: &ReplyTo, report: ReportMessage<'_>, ack: Option<Ack>) -> Result<(), BrokerError> {
         match reply_address(to, "RabbitMQ")? {
             // Acknowledged once RabbitMQ confirmed the report (whichever broker the
-            // delivery came from).
-            Some(queue) => self.inner.publish_report(queue, &report, ack),
+            // delivery came from). With nothing to acknowledge (an at-most-once task, taken
+            // as it was delivered) the report is at most once too.
+            Some(queue) => {
+                let once = ack.is_none();
+                self.inner.publish_report(queue, &report, ack, once)
+            }
             None => ack.map_or(Ok(()), Ack::ack),
         }
     }
@@ -496,6 +504,7 @@ impl Inner {
         queue: &Arc<str>,
         report: &ReportMessage<'_>,
         ack: Option<Ack>,
+        once: bool,
     ) -> Result<(), BrokerError> {
         if self.is_closed() {
             return Err(closed());
@@ -519,9 +528,13 @@ impl Inner {
             persistent: self.options.persistent_reports,
             correlation: Some(report.id.as_str().to_owned()),
             reason: None,
+            once,
             then: Then::Report { key: report.key(), ack, final_report: report.body.is_final() },
         };
-        self.publisher()?.send(outgoing, None)
+        if self.publisher()?.send(outgoing, None)? == Sent::Unconfirmed {
+            self.stats.reports.fetch_add(1, Ordering::Relaxed);
+        }
+        Ok(())
     }
 }
 

@@ -51,7 +51,13 @@
 //!   ([`Context::redelivered`](dingo_core::Context::redelivered)). A late report of a task
 //!   that was redelivered meanwhile may reach its caller twice; the caller keeps the first.
 //! - **At most once, per task.** With `CallOptions::at_most_once` (usually a task's default)
-//!   a task message is transient and acknowledged as it is delivered, before it runs.
+//!   a task message is transient, published on a second channel without confirms, and
+//!   acknowledged as it is delivered, before it runs; its final report takes that channel
+//!   too (unless its call's progress reports still wait for confirms, which it must not
+//!   overtake). Nothing at most once is published twice: a task message still unconfirmed
+//!   when its channel broke (it went out while the unconfirmed channel was down) may or may
+//!   not have been queued, and its caller gets a failure saying so. One RabbitMQ returns (no
+//!   queue) fails its call, as at least once.
 //! - **Reports** go to one reply queue per caller process, each carrying its task id as
 //!   correlation id; one listener thread routes them to handles by (task name, id). Reports
 //!   published before the caller waits are kept, and a wait that times out loses nothing.

@@ -2,6 +2,13 @@
 //! leaves through one channel in confirm mode, published by the thread that sends it (under
 //! a lock, so the reports of a call stay in order) without waiting for RabbitMQ.
 //!
+//! At-most-once messages (tasks called `at_most_once`, and their final reports) take a
+//! second channel of the same connection without confirms: RabbitMQ's confirms cost it
+//! about a fifth of its work per message, and a message that must never be published twice
+//! cannot be published again after a break anyway. One that cannot be published there
+//! waits with the others, goes out once on the next confirmed channel, and is given up —
+//! its caller told its fate is unknown — if that channel breaks before the confirm.
+//!
 //! Confirms are asynchronous: up to [`max_unconfirmed`](crate::AmqpOptions::max_unconfirmed)
 //! messages may wait for theirs; the confirm thread acts on each confirm as it comes
 //! ([`Then`]): a report's confirm acknowledges the task it finishes. Every message is published `mandatory`;
@@ -39,6 +46,10 @@ pub(crate) struct Outgoing {
     pub(crate) correlation: Option<String>,
     /// Why a dead letter is one (a header).
     pub(crate) reason: Option<String>,
+    /// At most once (see the module's docs): a task message is never published twice; a
+    /// report takes the channel without confirms when it cannot overtake its call's
+    /// progress.
+    pub(crate) once: bool,
     pub(crate) then: Then,
 }
 
@@ -51,6 +62,26 @@ pub(crate) enum Then {
     /// A copy of a message that cannot run, with its reason, for the dead-letter queue: once
     /// stored, the original is acknowledged.
     DeadLetter { original: Box<AmqpAck> },
+}
+
+/// How [`Publisher::send`] sent a message.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Sent {
+    /// Published, or waiting for a channel; it will be confirmed (see [`Then`]).
+    Confirmed,
+    /// Published on the channel without confirms: nothing more will be heard of it, unless
+    /// RabbitMQ returns it.
+    Unconfirmed,
+}
+
+impl Outgoing {
+    fn is_task(&self) -> bool {
+        matches!(self.then, Then::Task { .. })
+    }
+
+    fn is_progress(&self) -> bool {
+        matches!(self.then, Then::Report { final_report: false, .. })
+    }
 }
 
 /// How many channels a message may go out on, each breaking before RabbitMQ confirmed it,
@@ -90,6 +121,13 @@ struct Shared {
 struct State {
     /// `None` while (re)connecting: messages wait in `pending` and go out on the next channel.
     channel: Option<Channel>,
+    /// The channel without confirms, for at-most-once messages; opened and dropped with
+    /// `channel`.
+    fast: Option<Channel>,
+    /// How many progress reports in `pending` wait for their confirm. While any does, a
+    /// final report takes the confirmed channel too: on another channel it could overtake
+    /// its call's progress.
+    progress_unconfirmed: usize,
     /// Published (or waiting for a channel), not yet confirmed; in publishing order, which is
     /// the order of the channel's delivery tags.
     pending: VecDeque<Pending>,
@@ -102,7 +140,14 @@ impl Publisher {
     pub(crate) fn start(inner: Arc<Inner>) -> Result<Publisher, BrokerError> {
         let (broken, failures) = crossbeam_channel::bounded(1);
         let shared = Arc::new(Shared {
-            state: Mutex::new(State { channel: None, pending: VecDeque::new(), numbers: 0, closed: false }),
+            state: Mutex::new(State {
+                channel: None,
+                fast: None,
+                progress_unconfirmed: 0,
+                pending: VecDeque::new(),
+                numbers: 0,
+                closed: false,
+            }),
             room: Condvar::new(),
             broken,
             limit: inner.options.max_unconfirmed,
@@ -114,7 +159,7 @@ impl Publisher {
 
     /// Publishes a message (on this thread); blocks while `max_unconfirmed` messages wait for
     /// their confirms, at most `timeout`.
-    pub(crate) fn send(&self, outgoing: Outgoing, timeout: Option<Duration>) -> Result<(), BrokerError> {
+    pub(crate) fn send(&self, outgoing: Outgoing, timeout: Option<Duration>) -> Result<Sent, BrokerError> {
         let shared = &*self.shared;
         let deadline = timeout.map(|t| Instant::now() + t);
         let mut state = lock(&shared.state);
@@ -137,14 +182,32 @@ impl Publisher {
             return Err(super::closed());
         }
         state.numbers += 1;
-        let mut entry = Pending { outgoing, number: state.numbers, returned: None, sent: false, attempts: 0 };
+        let number = state.numbers;
+        let fast = outgoing.once && (outgoing.is_task() || state.progress_unconfirmed == 0);
+        if let (true, Some(channel)) = (fast, &state.fast) {
+            let entry = Pending { outgoing, number, returned: None, sent: false, attempts: 0 };
+            return match publish(channel, &entry) {
+                Ok(()) => Ok(Sent::Unconfirmed),
+                Err(e) => {
+                    let broken = (state.channel.take(), state.fast.take());
+                    let _ = shared.broken.try_send(());
+                    drop(state);
+                    drop(broken);
+                    Err(crate::conn::amqp_error("publishing an at-most-once message failed", e))
+                }
+            };
+        }
+        if outgoing.is_progress() {
+            state.progress_unconfirmed += 1;
+        }
+        let mut entry = Pending { outgoing, number, returned: None, sent: false, attempts: 0 };
         let mut broken = None;
         if let Some(channel) = &state.channel {
             match publish(channel, &entry) {
                 Ok(()) => entry.sent = true,
                 Err(_) => {
                     // Kept: it goes out again on the next channel.
-                    broken = state.channel.take();
+                    broken = Some((state.channel.take(), state.fast.take()));
                     let _ = shared.broken.try_send(());
                 }
             }
@@ -153,7 +216,7 @@ impl Publisher {
         drop(state);
         // Closed outside the lock.
         drop(broken);
-        Ok(())
+        Ok(Sent::Confirmed)
     }
 
     /// Waits for the confirms of what was published (at most the settle grace), stops.
@@ -180,8 +243,9 @@ fn run(inner: &Arc<Inner>, shared: &Shared, failures: &Receiver<()>, stop: &Stop
         // until the deadline.
         let interrupt = if deadline.is_some() { &never } else { &*stop.flag };
         let Some(opened) = inner.session.channel_until("publisher", interrupt, deadline) else { continue };
+        let fast = inner.session.channel_until("publisher (at most once)", interrupt, deadline);
         let since = Instant::now();
-        match confirm(inner, shared, opened.channel, failures, stop, &mut deadline) {
+        match confirm(inner, shared, opened.channel, fast.map(|f| f.channel), failures, stop, &mut deadline) {
             None => break,
             Some(error) => {
                 inner.session.channel_failed(opened.generation, "publisher channel", &error);
@@ -194,6 +258,8 @@ fn run(inner: &Arc<Inner>, shared: &Shared, failures: &Receiver<()>, stop: &Stop
         let mut state = lock(&shared.state);
         state.closed = true;
         state.channel = None;
+        state.fast = None;
+        state.progress_unconfirmed = 0;
         state.pending.drain(..).collect()
     };
     shared.room.notify_all();
@@ -213,11 +279,13 @@ fn run(inner: &Arc<Inner>, shared: &Shared, failures: &Receiver<()>, stop: &Stop
     }
 }
 
-/// Serves one channel: `None` when stopped, else why the channel broke.
+/// Serves one channel (and `fast`, its companion without confirms, if it opened): `None`
+/// when stopped, else why the channel broke.
 fn confirm(
     inner: &Arc<Inner>,
     shared: &Shared,
     channel: Channel,
+    fast: Option<Channel>,
     failures: &Receiver<()>,
     stop: &Stop,
     deadline: &mut Option<Instant>,
@@ -226,23 +294,29 @@ fn confirm(
         let confirms = channel.listen_for_publisher_confirms()?;
         let returns = channel.listen_for_returns()?;
         channel.enable_publisher_confirms()?;
-        Ok((confirms, returns))
+        let fast_returns = match &fast {
+            Some(fast) => fast.listen_for_returns()?,
+            None => crossbeam_channel::never(),
+        };
+        Ok((confirms, returns, fast_returns))
     };
-    let (confirms, returns) = match setup() {
+    let (confirms, returns, fast_returns) = match setup() {
         Ok(listeners) => listeners,
         Err(e) => return Some(e.to_string()),
     };
-    let (given_up, failed) = {
+    let (given_up, unknown, failed) = {
         let mut state = lock(&shared.state);
-        let given_up = take_given_up(&mut state.pending);
+        let (given_up, unknown) = take_given_up(&mut state);
         let failed = republish(inner, &channel, &mut state.pending).err();
         if failed.is_none() {
             state.channel = Some(channel);
+            state.fast = fast;
             while failures.try_recv().is_ok() {}
         }
-        (given_up, failed)
+        (given_up, unknown, failed)
     };
     give_up(inner, given_up);
+    lost_on_the_way(inner, unknown);
     if let Some(error) = failed {
         return Some(error);
     }
@@ -272,6 +346,9 @@ fn confirm(
                     }
                     for confirm in smoother.process(confirm) {
                         if let Some(entry) = state.pending.pop_front() {
+                            if entry.outgoing.is_progress() {
+                                state.progress_unconfirmed -= 1;
+                            }
                             settled.push((entry, matches!(confirm, Confirm::Ack(_))));
                         }
                     }
@@ -287,6 +364,12 @@ fn confirm(
                     return Some(broken(shared, "the connection stopped delivering returns"));
                 };
                 mark_returned(&mut lock(&shared.state), &returned);
+            }
+            recv(fast_returns) -> returned => {
+                let Ok(returned) = returned else {
+                    return Some(broken(shared, "the connection stopped delivering returns"));
+                };
+                returned_unconfirmed(inner, returned);
             }
             recv(blocked) -> notification => match notification {
                 Ok(ConnectionBlockedNotification::Blocked(reason)) => inner.events.emit(Event::new(
@@ -311,15 +394,93 @@ fn confirm(
 }
 
 /// Takes out the messages that went out on [`MAX_ATTEMPTS`] channels, each breaking before
-/// it was confirmed (counting the channel that just broke).
-fn take_given_up(pending: &mut VecDeque<Pending>) -> Vec<Pending> {
-    for entry in pending.iter_mut().filter(|entry| entry.sent) {
+/// it was confirmed (counting the channel that just broke), and the at-most-once ones that
+/// went out once: those are never published again (their fate is unknown).
+fn take_given_up(state: &mut State) -> (Vec<Pending>, Vec<Pending>) {
+    for entry in state.pending.iter_mut().filter(|entry| entry.sent) {
         entry.attempts += 1;
     }
-    let (kept, given_up): (VecDeque<Pending>, VecDeque<Pending>) =
-        std::mem::take(pending).into_iter().partition(|entry| entry.attempts < MAX_ATTEMPTS);
-    *pending = kept;
-    given_up.into()
+    let (mut given_up, mut unknown) = (Vec::new(), Vec::new());
+    let mut kept = VecDeque::with_capacity(state.pending.len());
+    for entry in state.pending.drain(..) {
+        if entry.outgoing.once && entry.outgoing.is_task() && entry.sent {
+            unknown.push(entry);
+        } else if entry.attempts >= MAX_ATTEMPTS {
+            given_up.push(entry);
+        } else {
+            kept.push_back(entry);
+        }
+    }
+    state.pending = kept;
+    state.progress_unconfirmed = state.pending.iter().filter(|entry| entry.outgoing.is_progress()).count();
+    (given_up, unknown)
+}
+
+/// Settles at-most-once messages that went out on a channel which broke before RabbitMQ
+/// confirmed them: they may or may not have been stored, and are not published again.
+fn lost_on_the_way(inner: &Arc<Inner>, entries: Vec<Pending>) {
+    if entries.is_empty() {
+        return;
+    }
+    inner.events.emit(Event::new(
+        Origin::Producer,
+        Level::Warning,
+        EventKind::Other,
+        format!(
+            "{} at-most-once message(s) were on their way when the channel broke: they may or may not have \
+             been stored, and are not published twice",
+            entries.len()
+        ),
+    ));
+    for entry in entries {
+        if let Then::Task { key, reply } = entry.outgoing.then {
+            fail_call(
+                inner,
+                key,
+                reply.as_deref(),
+                TaskErrorKind::Other,
+                "the connection broke while this at-most-once task message was on its way: it may or may not have \
+                 been queued, and is not published twice",
+            );
+        }
+    }
+}
+
+/// RabbitMQ returned a message published without confirms: a task message no queue took
+/// fails its call; a report whose reply queue is gone is dropped, as on the confirmed path.
+fn returned_unconfirmed(inner: &Arc<Inner>, returned: amiquip::Return) {
+    inner.stats.returned.fetch_add(1, Ordering::Relaxed);
+    let why = format!("{} {}", returned.reply_code, returned.reply_text);
+    if returned.properties.correlation_id().is_some() {
+        inner.events.emit(Event::new(
+            Origin::Reporter,
+            Level::Warning,
+            EventKind::ReportFailed,
+            format!("a report was dropped: its caller's reply queue is gone ({why})"),
+        ));
+        return;
+    }
+    match dingo_core::message::wire::decode_task(&returned.content) {
+        Ok(message) => {
+            let reply = match &message.reply_to {
+                dingo_core::message::ReplyTo::Address(caller) => Some(caller.clone()),
+                _ => None,
+            };
+            let key = message.key();
+            let text = format!("no queue serves task `{}` (RabbitMQ returned the message: {why})", key.name);
+            inner.events.emit(
+                Event::new(Origin::Producer, Level::Warning, EventKind::UnknownTask, text.clone())
+                    .with_task(key.clone()),
+            );
+            fail_call(inner, key, reply.as_deref(), TaskErrorKind::UnknownTask, &text);
+        }
+        Err(_) => inner.events.emit(Event::new(
+            Origin::Producer,
+            Level::Warning,
+            EventKind::UnknownTask,
+            format!("RabbitMQ returned a message no queue took ({why})"),
+        )),
+    }
 }
 
 /// Publishes what the last channel did not confirm on the new one, in order (RabbitMQ may
@@ -364,11 +525,14 @@ fn give_up(inner: &Arc<Inner>, entries: Vec<Pending>) {
     }
 }
 
-/// Takes the channel out of use (messages published meanwhile wait for the next one).
+/// Takes the channels out of use (messages published meanwhile wait for the next one).
 fn broken(shared: &Shared, why: &str) -> String {
-    let channel = lock(&shared.state).channel.take();
+    let channels = {
+        let mut state = lock(&shared.state);
+        (state.channel.take(), state.fast.take())
+    };
     // Closed outside the lock: closing waits for the server (or the dead connection).
-    drop(channel);
+    drop(channels);
     why.to_owned()
 }
 

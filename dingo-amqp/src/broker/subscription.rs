@@ -152,6 +152,7 @@ impl Shared {
             persistent: true,
             correlation: None,
             reason: Some(reason),
+            once: false,
             then: Then::DeadLetter { original: Box::new(ack) },
         };
         // A refusal (the publisher closed, or full for the whole grace) drops the message
@@ -185,6 +186,7 @@ impl Shared {
                             persistent: inner.options.persistent_reports,
                             correlation: Some(id.as_str().to_owned()),
                             reason: None,
+                            once: false,
                             then: Then::Report { key, ack: None, final_report: true },
                         },
                         Some(inner.options.settle_grace),
