@@ -79,3 +79,43 @@ fn a_busy_worker_fetches_each_task_once() {
     assert_eq!(stats.completed.load(Ordering::Relaxed), 2_000, "each task settled once");
     assert_eq!(stats.fetches_replayed.load(Ordering::Relaxed), 0, "no fetch was answered as a retry");
 }
+
+/// A quick task's result does not wait for the slow task fetched after it: one worker
+/// thread takes both in one fetch (settlements ride with the worker's next round trip,
+/// which comes only after the slow task), yet the quick call's result arrives while the
+/// slow task still runs — the flusher stores parked settlements; and both settle once.
+#[test]
+fn a_quick_result_does_not_wait_for_the_slow_task_after_it() {
+    use std::sync::atomic::Ordering;
+    use std::time::{Duration, Instant};
+
+    use dingo::App;
+    use dingo_test_support::PATIENCE;
+    use dingo_test_support::redis::Redis;
+
+    let Some(setup) = Redis::setup() else { return };
+    let worker_broker = setup.broker();
+    let worker = App::builder().broker(worker_broker.clone()).build().expect("worker app");
+    worker
+        .register("flush.nap", |millis: u64| {
+            std::thread::sleep(Duration::from_millis(millis));
+            millis
+        })
+        .expect("register");
+    let caller = App::builder().broker(setup.broker()).build().expect("caller app");
+    // Both queued before the worker starts: its first fetch takes the two together.
+    let mut quick = caller.call::<_, u64>("flush.nap", 0u64).expect("call");
+    let mut slow = caller.call::<_, u64>("flush.nap", 3_000u64).expect("call");
+    let start = Instant::now();
+    worker.allocate("flush.nap", 1).expect("allocate");
+    assert_eq!(quick.wait_timeout(PATIENCE).expect("the quick result"), 0);
+    let quick_after = start.elapsed();
+    assert!(quick_after < Duration::from_millis(1_500), "the quick result took {quick_after:?}");
+    assert_eq!(slow.wait_timeout(PATIENCE).expect("the slow result"), 3_000);
+    assert!(start.elapsed() >= Duration::from_millis(3_000));
+    caller.close().expect("close");
+    worker.close().expect("close");
+    let stats = worker_broker.stats();
+    assert_eq!(stats.fetched.load(Ordering::Relaxed), 2, "one fetch took both");
+    assert_eq!(stats.completed.load(Ordering::Relaxed), 2, "each task settled once");
+}

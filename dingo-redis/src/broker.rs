@@ -11,6 +11,7 @@
 
 mod completer;
 mod fetcher;
+mod flusher;
 mod keeper;
 mod listener;
 mod writer;
@@ -37,6 +38,7 @@ use crate::options::RedisOptions;
 use crate::scripts::Sequence;
 
 use completer::{Completer, Op, Settle};
+use flusher::Flusher;
 use keeper::Keeper;
 use listener::Listener;
 use writer::{Outgoing, Writer};
@@ -76,6 +78,10 @@ pub struct Stats {
     pub fetches_replayed: AtomicU64,
     /// Final reports stored (with their leases released).
     pub completed: AtomicU64,
+    /// Settlements stored by the flusher thread because the task after theirs ran long (a
+    /// part of `completed`, `dead_lettered`, …; the others ride with their worker's next
+    /// fetch).
+    pub flushed: AtomicU64,
     /// Late reports rejected because the lease had been taken over (fencing).
     pub rejected_reports: AtomicU64,
     /// Leases this process renewed.
@@ -106,6 +112,7 @@ pub(crate) struct Inner {
     users: Users,
     writer: Lazy<Writer>,
     completer: Lazy<Completer>,
+    flusher: Lazy<Flusher>,
     listener: Lazy<Listener>,
     keeper: Lazy<Keeper>,
     /// The consumers (worker threads) of this process, by queue prefix: whose leases the
@@ -166,6 +173,7 @@ impl RedisBroker {
             users: Users::default(),
             writer: Lazy::new(),
             completer: Lazy::new(),
+            flusher: Lazy::new(),
             listener: Lazy::new(),
             keeper: Lazy::new(),
             leases: Mutex::new(HashMap::new()),
@@ -355,6 +363,10 @@ impl Inner {
         self.completer.get_or_start(|| Completer::start(self.clone()))
     }
 
+    pub(crate) fn flusher(self: &Arc<Inner>) -> Result<&Flusher, BrokerError> {
+        self.flusher.get_or_start(|| Flusher::start(self.clone()))
+    }
+
     pub(crate) fn keeper(self: &Arc<Inner>) -> Result<&Keeper, BrokerError> {
         self.keeper.get_or_start(|| Keeper::start(self.clone()))
     }
@@ -391,6 +403,9 @@ impl Inner {
         }
         if let Some(completer) = self.completer.get() {
             completer.stop();
+        }
+        if let Some(flusher) = self.flusher.get() {
+            flusher.stop();
         }
         self.wake_blocked();
         if let Some(keeper) = self.keeper.get() {

@@ -100,7 +100,7 @@ fn complete_loop(inner: &Arc<Inner>, rx: &Receiver<Op>, stop: &AtomicBool) {
             })
             .collect();
         let mut plan = plan(inner, batch, &mut sequence);
-        match plan.run(inner, &mut conn, stop, None, &mut sequence) {
+        match plan.run(inner, &mut conn, stop, None, Some(&mut sequence)) {
             Some(Ok(results)) => {
                 account(inner, &results);
                 for ack in acks {
@@ -200,6 +200,15 @@ impl Plan {
         (reports, commands)
     }
 
+    /// Appends `later`'s calls (numbered after this plan's).
+    pub(crate) fn append(&mut self, later: Plan) {
+        if !later.calls.is_empty() {
+            self.open_report = later.open_report;
+        }
+        self.calls.extend(later.calls);
+        self.kinds.extend(later.kinds);
+    }
+
     pub(crate) fn push(&mut self, call: Call, kind: Kind) {
         self.calls.push(call);
         self.kinds.push(kind);
@@ -235,14 +244,15 @@ impl Plan {
     /// goes through: reconnecting with backoff, and leaving out of a retry what must not
     /// run twice (saying so in an event) — and the wait, which may have taken the wake-up
     /// the retried fetch needs. `None` when `stop` ended the retries. Each call that ran
-    /// comes back with its kind and result. `sequence` numbers calls sent again.
+    /// comes back with its kind and result. `sequence` numbers calls sent again (see
+    /// `scripts::run_after`).
     pub(crate) fn run(
         &mut self,
         inner: &Inner,
         conn: &mut Conn,
         stop: &AtomicBool,
         first: Option<&redis::Cmd>,
-        sequence: &mut Sequence,
+        mut sequence: Option<&mut Sequence>,
     ) -> Option<redis::RedisResult<Vec<(Kind, Value)>>> {
         let (mut reports, mut tasks) = (0, 0);
         let mut retrying = false;
@@ -252,7 +262,7 @@ impl Plan {
                 (reports, tasks) = self.keep_repeatable();
             }
             let first = if again { None } else { first };
-            scripts::run_after(c, first, &mut self.calls, Some(&mut *sequence))
+            scripts::run_after(c, first, &mut self.calls, sequence.as_deref_mut())
         });
         if reports > 0 {
             inner.events.emit(Event::new(

@@ -8,8 +8,8 @@
 //!
 //! Settlements wait for the next fetch only while tasks are quick: one older than
 //! [`FLUSH_AFTER`], or one of a task that ran longer than that, is written before the worker
-//! starts another task. (A quick task's result still waits while the task after it runs;
-//! only the worker's own connection may settle its processing list, in order.)
+//! starts another task; the others are parked while it runs, and stored by the flusher
+//! thread if that task runs past [`FLUSH_AFTER`] (see [`super::flusher`]).
 
 use std::any::Any;
 use std::cell::RefCell;
@@ -27,13 +27,11 @@ use dingo_core::{BrokerError, CallKey, TaskError, TaskErrorKind, TaskName};
 use redis::Value;
 
 use super::completer::{self, Kind, Op, Plan, Settle};
+use super::flusher::{FLUSH_AFTER, Parked};
 use super::{Inner, lock};
 use crate::conn::Conn;
 use crate::keys::{self, QueueKeys};
 use crate::scripts::{self, Call, SEQ_TTL, Sequence};
-
-/// How long a finished task's report may wait to ride along with the next fetch.
-const FLUSH_AFTER: Duration = Duration::from_micros(200);
 
 /// One delivered task's place in its consumer's processing list: settling it stores the
 /// final report and removes the message in one step.
@@ -128,6 +126,8 @@ struct Local {
     buffer: VecDeque<Entry>,
     done: Vec<Pending>,
     oldest_done: Option<Instant>,
+    /// Settlements parked while the current task runs (taken back before every round trip).
+    parked: Arc<Parked>,
     /// When the last task was handed to the worker.
     handed_at: Option<Instant>,
     /// Numbers this thread's fetches and settlements, so a retry applies each once.
@@ -200,6 +200,7 @@ impl RedisSubscription {
             buffer: VecDeque::new(),
             done: Vec::new(),
             oldest_done: None,
+            parked: Arc::default(),
             handed_at: None,
             sequence: Sequence::new("work", thread.as_str()),
             idle: false,
@@ -229,6 +230,8 @@ impl RedisSubscription {
                     let slow = local.handed_at.is_some_and(|t| t.elapsed() >= FLUSH_AFTER);
                     if local.oldest_done.is_some_and(|t| slow || t.elapsed() >= FLUSH_AFTER) {
                         self.settle(local);
+                    } else if !local.done.is_empty() {
+                        self.park(local);
                     }
                     local.handed_at = Some(Instant::now());
                     return Some(delivery);
@@ -241,9 +244,11 @@ impl RedisSubscription {
         }
     }
 
-    /// The plan that stores this thread's settlements (taken from `local`). Calls added to
-    /// it afterwards are numbered after it, in the order they run.
+    /// The plan that stores this thread's settlements (taken from `local`): the parked
+    /// ones first, if the flusher did not store them. Calls added to it afterwards are
+    /// numbered after it, in the order they run.
     fn settle_plan(&self, local: &mut Local) -> Plan {
+        local.parked.reclaim(&mut local.done);
         let done = std::mem::take(&mut local.done);
         local.oldest_done = None;
         completer::settle_calls(&self.inner, done, &mut local.sequence)
@@ -252,7 +257,23 @@ impl RedisSubscription {
     /// Stores this thread's settlements now.
     fn settle(&self, local: &mut Local) {
         let mut plan = self.settle_plan(local);
-        self.round_trip(local, &mut plan, None, false);
+        if !plan.calls.is_empty() {
+            self.round_trip(local, &mut plan, None, false);
+        }
+    }
+
+    /// Parks this thread's settlements while it runs its next task: they go with its next
+    /// round trip, or the flusher stores them if the task runs long.
+    fn park(&self, local: &mut Local) {
+        local.parked.reclaim(&mut local.done);
+        local.oldest_done = None;
+        if local.parked.park(std::mem::take(&mut local.done)) {
+            match self.inner.flusher() {
+                Ok(flusher) => flusher.watch(local.parked.clone()),
+                // No flusher (the broker is closing): store them now.
+                Err(_) => self.settle(local),
+            }
+        }
     }
 
     /// Runs `plan` (after `wait`, a blocking wait, if given) on this thread's connection;
@@ -267,7 +288,7 @@ impl RedisSubscription {
     ) -> Option<Vec<(Kind, Value)>> {
         let never = AtomicBool::new(false);
         let stop = if fetching { &self.stopped } else { &never };
-        match plan.run(&self.inner, &mut local.conn, stop, wait, &mut local.sequence)? {
+        match plan.run(&self.inner, &mut local.conn, stop, wait, Some(&mut local.sequence))? {
             Ok(results) => {
                 completer::account(&self.inner, &results);
                 Some(results)
@@ -506,9 +527,7 @@ impl RedisSubscription {
                 }
             }
         }
-        if !local.done.is_empty() {
-            self.settle(&mut local);
-        }
+        self.settle(&mut local);
         if let Ok(completer) = self.inner.completer() {
             for (queue, messages) in amo.into_values() {
                 let _ = completer.push(Op::GiveBack { queue, messages });
@@ -547,7 +566,12 @@ pub(crate) fn report_here(inner: &Inner, report: Op) -> Result<Option<Op>, Broke
         let Some(state) = local.values_mut().find(|state| Arc::ptr_eq(&state.process, &inner.process)) else {
             return Ok(Some(report));
         };
-        let mut plan = completer::plan(inner, vec![report], &mut state.sequence);
+        // After the settlements parked before it (their numbers come first).
+        state.parked.reclaim(&mut state.done);
+        let done = std::mem::take(&mut state.done);
+        state.oldest_done = None;
+        let mut plan = completer::settle_calls(inner, done, &mut state.sequence);
+        plan.append(completer::plan(inner, vec![report], &mut state.sequence));
         let sequence = &mut state.sequence;
         let stored = state.conn.once(&mut |c| scripts::run_after(c, None, &mut plan.calls, Some(&mut *sequence)));
         stored.map(|_| None).map_err(|e| crate::conn::broker_error("storing a report failed", e))

@@ -1,0 +1,172 @@
+//! Settlements that wait while their worker thread runs its next task.
+//!
+//! A worker settles its tasks with its next round trip, so that quick tasks cost one round
+//! trip per batch instead of one per task. Before it starts a task it *parks* the
+//! settlements it holds; if the task finishes soon, the worker takes them back and sends
+//! them with its next fetch as before. If the task runs past [`FLUSH_AFTER`], this thread
+//! stores them on its own connection — so a quick task's result never waits for a slow
+//! task behind it in the same batch.
+//!
+//! Order still holds: settlements are positional (each removes the oldest message of its
+//! consumer's processing list) and numbered (see `scripts::SEEN`), so the worker's next
+//! round trip must come after the flusher's. Taking a parked plan back waits while the
+//! flusher is storing it.
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard};
+use std::time::{Duration, Instant};
+
+use crossbeam_channel::{Receiver, RecvTimeoutError, Sender};
+use dingo_core::BrokerError;
+use dingo_core::event::{Event, EventKind, Level, Origin};
+
+use super::completer;
+use super::fetcher::Pending;
+use super::{Inner, Thread};
+use crate::scripts::Sequence;
+
+/// How long a finished task's settlement may wait to ride along with its worker's next
+/// round trip.
+pub(crate) const FLUSH_AFTER: Duration = Duration::from_micros(200);
+
+/// One worker thread's parked settlements.
+#[derive(Default)]
+pub(crate) struct Parked {
+    state: Mutex<ParkedState>,
+    stored: Condvar,
+}
+
+#[derive(Default)]
+struct ParkedState {
+    /// Oldest first.
+    done: Vec<Pending>,
+    /// When the oldest was parked.
+    since: Option<Instant>,
+    /// The flusher is storing what was parked.
+    storing: bool,
+    /// The flusher watches this worker.
+    watched: bool,
+}
+
+impl Parked {
+    fn lock(&self) -> MutexGuard<'_, ParkedState> {
+        self.state.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Parks `done` (the worker took back what it parked before, see
+    /// [`reclaim`](Parked::reclaim)); `true` when the flusher must be told to watch this
+    /// worker.
+    pub(crate) fn park(&self, done: Vec<Pending>) -> bool {
+        let mut state = self.lock();
+        state.done = done;
+        state.since = Some(Instant::now());
+        !std::mem::replace(&mut state.watched, true)
+    }
+
+    /// Takes the parked settlements back, to go before `done` — after the flusher stored
+    /// them, if it is doing so (then there is nothing left to take). The worker calls this
+    /// before every round trip and every park.
+    pub(crate) fn reclaim(&self, done: &mut Vec<Pending>) {
+        let mut state = self.lock();
+        while state.storing {
+            state = self.stored.wait(state).unwrap_or_else(|e| e.into_inner());
+        }
+        state.since = None;
+        if !state.done.is_empty() {
+            let later = std::mem::replace(done, std::mem::take(&mut state.done));
+            done.extend(later);
+        }
+    }
+}
+
+pub(crate) struct Flusher {
+    tx: Sender<Arc<Parked>>,
+    thread: Thread,
+}
+
+impl Flusher {
+    pub(crate) fn start(inner: Arc<Inner>) -> Result<Flusher, BrokerError> {
+        let (tx, rx) = crossbeam_channel::unbounded();
+        let thread = Thread::spawn("dingo-redis-flush", move |stop| flush_loop(&inner, &rx, &stop))?;
+        Ok(Flusher { tx, thread })
+    }
+
+    /// Watches a worker that just parked settlements.
+    pub(crate) fn watch(&self, parked: Arc<Parked>) {
+        let _ = self.tx.send(parked);
+    }
+
+    pub(crate) fn stop(&self) {
+        self.thread.stop_and_join();
+    }
+}
+
+fn flush_loop(inner: &Arc<Inner>, rx: &Receiver<Arc<Parked>>, stop: &AtomicBool) {
+    let mut conn = inner.conn("settlement flusher", Origin::Consumer, false);
+    // An actor of its own: its batches are numbered apart from the workers' (see
+    // `scripts::SEEN`); the order between them is the workers' waiting in `reclaim`.
+    let mut sequence = Sequence::new("flush", &dingo_core::IdMaker::next_id(&dingo_core::id::UuidV7).to_string());
+    let mut watched: Vec<Arc<Parked>> = Vec::new();
+    while !stop.load(Ordering::SeqCst) {
+        // Until the first parked settlement falls due (or news, or a look at the stop flag).
+        let now = Instant::now();
+        let mut wait = Duration::from_millis(50);
+        let mut due = Vec::new();
+        watched.retain(|parked| {
+            let mut state = parked.lock();
+            match state.since {
+                Some(since) if !state.done.is_empty() => {
+                    let left = (since + FLUSH_AFTER).saturating_duration_since(now);
+                    if left.is_zero() {
+                        // Taken out under the lock: the worker now waits for them to be stored.
+                        state.storing = true;
+                        state.since = None;
+                        due.push((parked.clone(), std::mem::take(&mut state.done)));
+                    } else {
+                        wait = wait.min(left);
+                    }
+                    true
+                }
+                _ => {
+                    state.watched = false;
+                    false
+                }
+            }
+        });
+        for (parked, done) in due {
+            store(inner, &mut conn, stop, &mut sequence, done);
+            parked.lock().storing = false;
+            parked.stored.notify_all();
+        }
+        match rx.recv_timeout(wait) {
+            Ok(parked) => {
+                watched.push(parked);
+                watched.extend(rx.try_iter());
+            }
+            Err(RecvTimeoutError::Timeout) => {}
+            Err(RecvTimeoutError::Disconnected) => return,
+        }
+    }
+}
+
+/// Stores a worker's settlements as the worker itself would have.
+fn store(inner: &Inner, conn: &mut crate::conn::Conn, stop: &AtomicBool, sequence: &mut Sequence, done: Vec<Pending>) {
+    inner.stats.flushed.fetch_add(done.len() as u64, Ordering::Relaxed);
+    let mut plan = completer::settle_calls(inner, done, sequence);
+    match plan.run(inner, conn, stop, None, Some(sequence)) {
+        Some(Ok(results)) => completer::account(inner, &results),
+        Some(Err(e)) => inner.events.emit(Event::new(
+            Origin::Consumer,
+            Level::Error,
+            EventKind::ReportFailed,
+            format!("storing a worker's settlements failed: {e}"),
+        )),
+        // Their tasks stay in the processing list and run again after the lease.
+        None => inner.events.emit(Event::new(
+            Origin::Consumer,
+            Level::Error,
+            EventKind::ReportFailed,
+            "a worker's settlements were not stored: redis unreachable at shutdown",
+        )),
+    }
+}
