@@ -296,6 +296,30 @@ fn a_lost_reply_to_an_at_most_once_send_is_not_sent_again() {
     worker.close().expect("close");
 }
 
+/// Redis refuses an at-most-once message (the key of its list holds a string): the call
+/// fails at once saying so, instead of waiting for a result; with the key fixed, calls work.
+#[test]
+fn a_refused_at_most_once_send_fails_its_call() {
+    let Some(setup) = Redis::setup() else { return };
+    let caller = App::builder().broker(setup.broker()).build().expect("caller app");
+    let worker = App::builder().broker(setup.broker()).build().expect("worker app");
+    worker.register("faults.amo_refused", |(n,): (u64,)| n).expect("register");
+    let list = format!("{}:{{faults.amo_refused}}:amo", setup.options().namespace);
+    assert_eq!(redis_cli(setup.url(), &["SET", &list, "not a list"]), "OK");
+    let at_most_once = dingo::CallOptions::new().at_most_once(true);
+    let mut handle = caller.call_with::<_, u64>("faults.amo_refused", &at_most_once, (1u64,)).expect("call");
+    match handle.wait_timeout(PATIENCE) {
+        Err(dingo::Error::Task(error)) => assert!(error.message().contains("refused"), "{error:?}"),
+        other => panic!("the call must fail, refused, got {other:?}"),
+    }
+    redis_cli(setup.url(), &["DEL", &list]);
+    worker.allocate("faults.amo_refused", 1).expect("allocate");
+    let mut handle = caller.call_with::<_, u64>("faults.amo_refused", &at_most_once, (2u64,)).expect("call");
+    assert_eq!(handle.wait_timeout(PATIENCE).expect("works once the key is a list"), 2);
+    caller.close().expect("close");
+    worker.close().expect("close");
+}
+
 /// The reply to a worker's fetch is lost on its way back (the task was moved into the
 /// worker's processing list): the retried fetch must hand the worker that same task, not
 /// leave it in the processing list where nobody runs it. It runs once and is settled.

@@ -174,29 +174,33 @@ fn write(
     mut batch: Vec<Outgoing>,
     sent_before: bool,
 ) {
-    let mut unknown = Vec::new();
     if sent_before {
-        unknown = unrepeatable(&mut calls, &mut batch);
+        unrepeatable(inner, &mut calls, &mut batch);
+        if calls.is_empty() {
+            // Nothing left to send (what was answered needs nothing more).
+            inner.stats.sent.fetch_add(batch.len() as u64, Ordering::Relaxed);
+            return;
+        }
     }
     let sequence = &mut line.sequence;
     let result = line.conn.retry_tracked(stop, &mut |c, again| {
         if again {
-            unknown.extend(unrepeatable(&mut calls, &mut batch));
+            unrepeatable(inner, &mut calls, &mut batch);
         }
         if calls.is_empty() {
             return Ok(Vec::new());
         }
         scripts::run_after(c, None, &mut calls, Some(&mut *sequence))
     });
-    if !unknown.is_empty() {
-        fail(
-            inner,
-            unknown,
-            "the connection broke while these at-most-once messages were on their way: they may or may not have been queued, and are not sent twice",
-        );
-    }
+    let transaction = calls.last().is_some_and(|call| call.script.is_none());
     match result {
-        Some(Ok(_)) => {
+        Some(Ok(replies)) => {
+            // The at-most-once transaction, if it went: `EXEC`'s reply comes last.
+            if transaction && let Some(refused) = replies.last().and_then(refused_transaction) {
+                let (amo, rest) = batch.into_iter().partition(|o| o.at_most_once);
+                batch = rest;
+                fail(inner, amo, &format!("redis refused the task messages: {refused}"));
+            }
             inner.stats.sent.fetch_add(batch.len() as u64, Ordering::Relaxed);
         }
         Some(Err(e)) => fail(inner, batch, &format!("redis refused the task messages: {e}")),
@@ -206,53 +210,80 @@ fn write(
 
 /// Reads the replies to what callers wrote; the calls of a batch whose replies cannot all
 /// be read (the connection broke, or a reply is an error) are sent again the ordinary way
-/// — those that were answered are not, and neither are at-most-once pushes whose fate is
-/// unknown.
+/// — those that were answered are not, and neither is an at-most-once transaction whose
+/// outcome is unknown.
 fn answer(inner: &Inner, line: &mut Line, stop: &AtomicBool) {
-    while let Some(Written { mut calls, batch, generation }) = line.unanswered.pop_front() {
+    while let Some(Written { mut calls, mut batch, generation }) = line.unanswered.pop_front() {
         let mut done = vec![false; calls.len()];
+        let mut last = None;
         if generation.is_some() && generation == line.conn.generation() {
             for answered in done.iter_mut() {
                 match line.conn.once(&mut |c| c.recv_response()) {
                     // An error reply (a script cache flushed, …): read on, to stay in step.
-                    Ok(redis::Value::ServerError(_)) => {}
-                    Ok(_) => *answered = true,
+                    Ok(redis::Value::ServerError(e)) => last = Some(redis::Value::ServerError(e)),
+                    Ok(value) => {
+                        *answered = true;
+                        last = Some(value);
+                    }
                     // `once` dropped the connection; what follows was written on it too.
-                    Err(e) if is_connection_error(&e) => break,
-                    Err(_) => {}
+                    Err(e) if is_connection_error(&e) => {
+                        last = None;
+                        break;
+                    }
+                    Err(_) => last = None,
                 }
             }
         }
-        if done.iter().all(|answered| *answered) {
+        // `EXEC` (the last call, if there is a transaction) answered: the transaction's
+        // messages were queued, or refused.
+        let settled = calls.last().is_some_and(|call| call.script.is_none()) && done.last() == Some(&true);
+        if settled && let Some(refused) = last.as_ref().and_then(refused_transaction) {
+            let (amo, rest) = batch.into_iter().partition(|o| o.at_most_once);
+            batch = rest;
+            fail(inner, amo, &format!("redis refused the task messages: {refused}"));
+        }
+        // Left to send: the scripts not answered, and the transaction if its outcome is
+        // unknown (`write` drops it and fails its messages).
+        let mut answered = done.into_iter();
+        calls.retain(|call| {
+            let answered = answered.next().unwrap_or(false);
+            let in_settled_transaction = settled && call.script.is_none();
+            !(answered || in_settled_transaction)
+        });
+        if calls.is_empty() {
             inner.stats.sent.fetch_add(batch.len() as u64, Ordering::Relaxed);
             continue;
         }
-        let mut answered = done.into_iter();
-        calls.retain(|_| !answered.next().unwrap_or(false));
         write(inner, line, stop, calls, batch, true);
     }
 }
 
-/// One `PUSH` per queue and delivery mode, in order, at most `max` messages each. The
-/// messages' bytes move into the calls.
+/// One `PUSH` per queue, in order, at most `max` messages each; the messages' bytes move
+/// into the calls.
 ///
-/// At-most-once messages go out as plain `LPUSH`es, followed by their queues' wake tokens:
-/// no script (Lua copies every message it is handed, which costs Redis more than the push),
-/// no batch number — and so never sent twice (see [`unrepeatable`]).
+/// At-most-once messages follow, in one transaction (`MULTI` … `EXEC`) of plain `LPUSH`es
+/// and their queues' wake tokens: no script (Lua copies every message it is handed, which
+/// costs Redis more than the push), no batch number — and so never sent twice; all of them
+/// are queued, or none, and `EXEC`'s reply says which (see [`unrepeatable`]).
 fn push_calls(batch: &mut [Outgoing], max: usize, sequence: &mut Sequence) -> Vec<Call> {
     let mut calls: Vec<(String, Call, usize)> = Vec::new();
+    let mut plain: Vec<(String, Call, usize)> = Vec::new();
     let mut wakes: Vec<&str> = Vec::new();
     for outgoing in batch.iter_mut() {
         let bytes = std::mem::take(&mut outgoing.bytes);
         let list = if outgoing.at_most_once { &outgoing.queue.amo } else { &outgoing.queue.pending };
-        let open = calls.iter_mut().rev().find(|(key, _, n)| key == list && *n < max);
+        let group = if outgoing.at_most_once { &mut plain } else { &mut calls };
+        let open = group.iter_mut().rev().find(|(key, _, n)| key == list && *n < max);
         match open {
             Some((_, call, n)) => {
                 call.args.push(bytes);
                 *n += 1;
             }
             None if outgoing.at_most_once => {
-                calls.push((list.clone(), Call::command("LPUSH").arg(list.as_bytes()).arg(bytes), 1));
+                plain.push((list.clone(), Call::command("LPUSH").arg(list.as_bytes()).arg(bytes), 1));
+                if !wakes.contains(&outgoing.queue.wake.as_str()) {
+                    wakes.push(&outgoing.queue.wake);
+                }
             }
             None => {
                 // Numbered, so a retry after a lost reply does not queue it twice.
@@ -269,32 +300,51 @@ fn push_calls(batch: &mut [Outgoing], max: usize, sequence: &mut Sequence) -> Ve
         }
     }
     let mut calls: Vec<Call> = calls.into_iter().map(|(_, call, _)| call).collect();
-    for outgoing in batch.iter() {
-        if outgoing.at_most_once && !wakes.contains(&outgoing.queue.wake.as_str()) {
-            wakes.push(&outgoing.queue.wake);
+    if !plain.is_empty() {
+        calls.push(Call::command("MULTI"));
+        calls.extend(plain.into_iter().map(|(_, call, _)| call));
+        for wake in wakes {
+            // One token, as the scripts leave it: what idle consumers block on.
+            calls.push(Call::command("LPUSH").arg(wake.as_bytes()).arg("1"));
+            calls.push(Call::command("LTRIM").arg(wake.as_bytes()).arg("0").arg("0"));
         }
-    }
-    for wake in wakes {
-        // One token, as the scripts leave it: what idle consumers block on.
-        calls.push(Call::command("LPUSH").arg(wake.as_bytes()).arg("1"));
-        calls.push(Call::command("LTRIM").arg(wake.as_bytes()).arg("0").arg("0"));
+        calls.push(Call::command("EXEC"));
     }
     calls
 }
 
 /// Before `calls` are sent again after the connection broke with them on their way: drops
-/// the plain commands (at-most-once pushes may have been applied, and must not be applied
-/// twice) and, if there were any, returns the at-most-once messages of `batch`, whose fate
-/// is unknown, for [`fail`]. The scripts stay: numbered, they apply once.
-fn unrepeatable(calls: &mut Vec<Call>, batch: &mut Vec<Outgoing>) -> Vec<Outgoing> {
+/// the at-most-once transaction (it may have been applied, and must not be applied twice)
+/// and fails its messages, whose fate is unknown. The scripts stay: numbered, they apply
+/// once.
+fn unrepeatable(inner: &Inner, calls: &mut Vec<Call>, batch: &mut Vec<Outgoing>) {
     let before = calls.len();
     calls.retain(|call| call.script.is_some());
     if calls.len() == before {
-        return Vec::new();
+        return;
     }
     let (unknown, kept) = std::mem::take(batch).into_iter().partition(|o| o.at_most_once);
     *batch = kept;
-    unknown
+    fail(
+        inner,
+        unknown,
+        "the connection broke while these at-most-once messages were on their way: they may or may not have been \
+         queued, and are not sent twice",
+    );
+}
+
+/// Why Redis refused an at-most-once transaction, from `EXEC`'s reply (`None`: it was
+/// applied, or the reply is a script's).
+fn refused_transaction(reply: &redis::Value) -> Option<String> {
+    match reply {
+        redis::Value::ServerError(e) => Some(format!("{e:?}")),
+        redis::Value::Nil => Some("the transaction was aborted".to_owned()),
+        redis::Value::Array(results) => results.iter().find_map(|r| match r {
+            redis::Value::ServerError(e) => Some(format!("{e:?}")),
+            _ => None,
+        }),
+        _ => None,
+    }
 }
 
 /// Tells the callers of messages that could not be written (their handles would wait
