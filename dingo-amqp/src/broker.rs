@@ -483,10 +483,10 @@ impl Reporter for AmqpBroker {
     fn finish(&self, to: &ReplyTo, report: ReportMessage<'_>, ack: Option<Ack>) -> Result<(), BrokerError> {
         match reply_address(to, "RabbitMQ")? {
             // Acknowledged once RabbitMQ confirmed the report (whichever broker the
-            // delivery came from). With nothing to acknowledge (an at-most-once task, taken
-            // as it was delivered) the report is at most once too.
+            // delivery came from). The report of an at-most-once task this thread took from
+            // RabbitMQ is at most once too.
             Some(queue) => {
-                let once = ack.is_none();
+                let once = ack.is_none() && subscription::took_at_most_once(&report.key());
                 self.inner.publish_report(queue, &report, ack, once)
             }
             None => ack.map_or(Ok(()), Ack::ack),

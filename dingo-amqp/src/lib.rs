@@ -54,10 +54,12 @@
 //!   a task message is transient, published on a second channel without confirms, and
 //!   acknowledged as it is delivered, before it runs; its final report takes that channel
 //!   too (unless its call's progress reports still wait for confirms, which it must not
-//!   overtake). Nothing at most once is published twice: a task message still unconfirmed
-//!   when its channel broke (it went out while the unconfirmed channel was down) may or may
-//!   not have been queued, and its caller gets a failure saying so. One RabbitMQ returns (no
-//!   queue) fails its call, as at least once.
+//!   overtake). Nothing at most once is published twice. A message without a confirm that
+//!   the connection takes down with it is lost without a word: wait for at-most-once calls
+//!   with a timeout. One that went out on the confirmed channel instead (while the other
+//!   was down, or RabbitMQ blocked the connection) and is still unconfirmed when that
+//!   channel breaks may or may not have been queued: its caller gets a failure saying so.
+//!   One RabbitMQ returns (no queue) fails its call, as at least once.
 //! - **Reports** go to one reply queue per caller process, each carrying its task id as
 //!   correlation id; one listener thread routes them to handles by (task name, id). Reports
 //!   published before the caller waits are kept, and a wait that times out loses nothing.

@@ -5,9 +5,12 @@
 //! At-most-once messages (tasks called `at_most_once`, and their final reports) take a
 //! second channel of the same connection without confirms: RabbitMQ's confirms cost it
 //! about a fifth of its work per message, and a message that must never be published twice
-//! cannot be published again after a break anyway. One that cannot be published there
-//! waits with the others, goes out once on the next confirmed channel, and is given up —
-//! its caller told its fate is unknown — if that channel breaks before the confirm.
+//! cannot be published again after a break anyway. Once handed to the connection, such a
+//! message is on its own: if the connection dies before RabbitMQ read it, it is lost
+//! without a word (its caller's `wait_timeout` is the guard). One that cannot be published
+//! there (the channel is down, or RabbitMQ blocks the connection) waits with the others,
+//! goes out once on the next confirmed channel, and is given up — its caller told its fate
+//! is unknown — if that channel breaks before the confirm.
 //!
 //! Confirms are asynchronous: up to [`max_unconfirmed`](crate::AmqpOptions::max_unconfirmed)
 //! messages may wait for theirs; the confirm thread acts on each confirm as it comes
@@ -111,6 +114,8 @@ pub(crate) struct Publisher {
 
 struct Shared {
     state: Mutex<State>,
+    /// RabbitMQ blocks publishing on the connection (a resource alarm).
+    blocked: AtomicBool,
     /// Signalled when confirms make room under `max_unconfirmed`.
     room: Condvar,
     /// Tells the confirm thread that publishing failed (the channel is broken).
@@ -149,6 +154,7 @@ impl Publisher {
                 closed: false,
             }),
             room: Condvar::new(),
+            blocked: AtomicBool::new(false),
             broken,
             limit: inner.options.max_unconfirmed,
         });
@@ -182,27 +188,27 @@ impl Publisher {
             return Err(super::closed());
         }
         state.numbers += 1;
-        let number = state.numbers;
-        let fast = outgoing.once && (outgoing.is_task() || state.progress_unconfirmed == 0);
+        let mut entry = Pending { outgoing, number: state.numbers, returned: None, sent: false, attempts: 0 };
+        let mut broken = None;
+        // While RabbitMQ blocks the connection (an alarm) everything takes the confirmed
+        // path, whose `max_unconfirmed` holds senders back.
+        let fast = entry.outgoing.once
+            && !shared.blocked.load(Ordering::Acquire)
+            && (entry.outgoing.is_task() || state.progress_unconfirmed == 0);
         if let (true, Some(channel)) = (fast, &state.fast) {
-            let entry = Pending { outgoing, number, returned: None, sent: false, attempts: 0 };
-            return match publish(channel, &entry) {
-                Ok(()) => Ok(Sent::Unconfirmed),
-                Err(e) => {
-                    let broken = (state.channel.take(), state.fast.take());
+            match publish(channel, &entry) {
+                Ok(()) => return Ok(Sent::Unconfirmed),
+                // Not handed to the connection: it waits for the next channel, below.
+                Err(_) => {
+                    broken = Some((state.channel.take(), state.fast.take()));
                     let _ = shared.broken.try_send(());
-                    drop(state);
-                    drop(broken);
-                    Err(crate::conn::amqp_error("publishing an at-most-once message failed", e))
                 }
-            };
+            }
         }
-        if outgoing.is_progress() {
+        if entry.outgoing.is_progress() {
             state.progress_unconfirmed += 1;
         }
-        let mut entry = Pending { outgoing, number, returned: None, sent: false, attempts: 0 };
-        let mut broken = None;
-        if let Some(channel) = &state.channel {
+        if let Some(channel) = state.channel.as_ref().filter(|_| broken.is_none()) {
             match publish(channel, &entry) {
                 Ok(()) => entry.sent = true,
                 Err(_) => {
@@ -254,14 +260,14 @@ fn run(inner: &Arc<Inner>, shared: &Shared, failures: &Receiver<()>, stop: &Stop
         }
     }
     // Out of time at shutdown, or the broker is gone: what is left is not published.
-    let left: Vec<Pending> = {
+    let (left, channels): (Vec<Pending>, _) = {
         let mut state = lock(&shared.state);
         state.closed = true;
-        state.channel = None;
-        state.fast = None;
         state.progress_unconfirmed = 0;
-        state.pending.drain(..).collect()
+        (state.pending.drain(..).collect(), (state.channel.take(), state.fast.take()))
     };
+    // Closed outside the lock: closing waits for the server.
+    drop(channels);
     shared.room.notify_all();
     if !left.is_empty() {
         inner.events.emit(Event::new(
@@ -311,6 +317,8 @@ fn confirm(
         if failed.is_none() {
             state.channel = Some(channel);
             state.fast = fast;
+            // A new connection starts unblocked (a block would be notified again).
+            shared.blocked.store(false, Ordering::Release);
             while failures.try_recv().is_ok() {}
         }
         (given_up, unknown, failed)
@@ -372,18 +380,26 @@ fn confirm(
                 returned_unconfirmed(inner, returned);
             }
             recv(blocked) -> notification => match notification {
-                Ok(ConnectionBlockedNotification::Blocked(reason)) => inner.events.emit(Event::new(
-                    Origin::Producer,
-                    Level::Warning,
-                    EventKind::Other,
-                    format!("RabbitMQ blocks publishing on this connection ({reason}): messages wait until it unblocks"),
-                )),
-                Ok(ConnectionBlockedNotification::Unblocked) => inner.events.emit(Event::new(
-                    Origin::Producer,
-                    Level::Info,
-                    EventKind::Other,
-                    "RabbitMQ unblocked publishing on this connection",
-                )),
+                Ok(ConnectionBlockedNotification::Blocked(reason)) => {
+                    shared.blocked.store(true, Ordering::Release);
+                    inner.events.emit(Event::new(
+                        Origin::Producer,
+                        Level::Warning,
+                        EventKind::Other,
+                        format!(
+                            "RabbitMQ blocks publishing on this connection ({reason}): messages wait until it unblocks"
+                        ),
+                    ))
+                }
+                Ok(ConnectionBlockedNotification::Unblocked) => {
+                    shared.blocked.store(false, Ordering::Release);
+                    inner.events.emit(Event::new(
+                        Origin::Producer,
+                        Level::Info,
+                        EventKind::Other,
+                        "RabbitMQ unblocked publishing on this connection",
+                    ))
+                }
                 Err(_) => blocked = crossbeam_channel::never(),
             },
             recv(failures) -> _ => return Some(broken(shared, "publishing failed")),

@@ -198,6 +198,18 @@ impl Shared {
     }
 }
 
+thread_local! {
+    /// The at-most-once task this worker thread took last (acknowledged as delivered).
+    static AT_MOST_ONCE: std::cell::RefCell<Option<CallKey>> = const { std::cell::RefCell::new(None) };
+}
+
+/// Whether this worker thread took `key` as an at-most-once task: its final report is at
+/// most once too, and may go out without a confirm (see `publisher`). A report for any other
+/// task — from another transport, or one this thread did not take — keeps the confirmed path.
+pub(crate) fn took_at_most_once(key: &CallKey) -> bool {
+    AT_MOST_ONCE.with(|taken| taken.borrow().as_ref() == Some(key))
+}
+
 /// Acknowledges one delivery on the channel it came on. Dropped unused, it gives the
 /// delivery back.
 pub(crate) struct AmqpAck {
@@ -364,6 +376,8 @@ impl AmqpSubscription {
                 match feed.line.settle(|channel| delivery.ack(channel)) {
                     Settled::Done => {
                         stats.acked.fetch_add(1, Ordering::Relaxed);
+                        let key = message.key();
+                        AT_MOST_ONCE.with(|taken| *taken.borrow_mut() = Some(key));
                         Some(Delivery { message, ack: None, redelivered: redelivered || marked })
                     }
                     Settled::Closed => None,
