@@ -67,11 +67,14 @@
 //! # Batching
 //!
 //! Nothing is one round trip per message. Callers queue task messages and go on; a writer
-//! thread pushes whatever has accumulated, one script per queue (a lone call, finding
-//! nothing queued, is written by its caller at once, and the writer thread reads the reply). A worker thread takes up
-//! to [`batch`](RedisOptions::batch) tasks per script on its own connection, and the
+//! thread pushes whatever has accumulated, one script per queue (at-most-once messages in
+//! one plain transaction) — a lone call, finding nothing queued, is written by its caller at
+//! once, and the writer thread reads the reply. A worker thread takes up to
+//! [`batch`](RedisOptions::batch) tasks per script on its own connection, and the
 //! completions of the tasks it ran ride with its next fetch (one script settles them and
-//! takes more). Blocking waits (idle consumers, the report listener) use their own
+//! takes more) — unless the task it runs meanwhile takes longer than 200 µs: then a flusher
+//! thread stores them, so a quick task's result never waits for a slow one fetched after
+//! it ([`Stats::flushed`]). Blocking waits (idle consumers, the report listener) use their own
 //! connections, with a socket read timeout above the server-side block timeout, and are
 //! pipelined behind the last non-blocking command so an idle worker costs no extra round
 //! trip.
