@@ -658,8 +658,8 @@ fn garbage_in_a_queue_is_dead_lettered_and_the_worker_goes_on() {
     worker.close().expect("close");
 }
 
-/// Dead letters keep the message as it was queued, byte for byte, so it can be replayed;
-/// dead-lettering is counted and raises no error.
+/// Dead letters keep the message as it was queued, byte for byte, so it can be replayed,
+/// and name their queue; dead-lettering is counted and raises no error.
 #[test]
 fn dead_letters_keep_the_message_bytes() {
     let Some(setup) = Redis::setup() else { return };
@@ -678,6 +678,7 @@ fn dead_letters_keep_the_message_bytes() {
     assert_eq!(dead[0].bytes, wrong_signature, "the wrong-signature message, as queued");
     assert!(dead[1].reason.starts_with("undecodable message"), "{dead:#?}");
     assert_eq!(dead[1].bytes, garbage, "the garbage, as queued");
+    assert!(dead.iter().all(|d| d.queue.as_str() == plus::NAME), "each names its queue: {dead:#?}");
     wait_until("the dead letters are counted", || stat(&worker_broker.stats().dead_lettered) == 2);
     let failed: Vec<Event> =
         std::iter::from_fn(|| errors.try_recv()).filter(|e| e.kind == EventKind::ReportFailed).collect();

@@ -30,7 +30,7 @@ use dingo_core::broker::{Ack, ConsumeSettings, Consumer, Producer, Reporter, Sto
 use dingo_core::event::{EventSink, EventSinks, Origin};
 use dingo_core::id::{FastMap, UuidV7};
 use dingo_core::message::{ReplySink, ReplyTo, ReportMessage, TaskMessage, wire};
-use dingo_core::{BrokerError, BrokerErrorKind, CallKey, IdMaker, TaskName};
+use dingo_core::{BrokerError, BrokerErrorKind, CallKey, DeadLetter, IdMaker, TaskName};
 
 use crate::conn::{Conn, broker_error};
 use crate::keys::{self, QueueKeys};
@@ -200,7 +200,8 @@ impl RedisBroker {
             .inner
             .command(&mut |c| redis::cmd("LRANGE").arg(&keys.dead).arg(0).arg(-1).query(c))
             .map_err(|e| broker_error("reading dead letters failed", e))?;
-        Ok(entries.into_iter().filter_map(|entry| DeadLetter::decode(&entry)).collect())
+        let queue = TaskName::from(task);
+        Ok(entries.into_iter().filter_map(|entry| dead_entry::decode(&queue, entry)).collect())
     }
 
     /// How many messages wait in a task's queue (both delivery modes).
@@ -588,17 +589,12 @@ impl Store for RedisBroker {
     }
 }
 
-/// A message that could not be delivered, as kept in a queue's dead-letter list.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct DeadLetter {
-    /// Why it was dead-lettered.
-    pub reason: String,
-    /// The message as it was queued.
-    pub bytes: Vec<u8>,
-}
+/// How a dead letter is kept in a queue's dead-letter list: 4-byte little-endian reason
+/// length, reason, message.
+pub(crate) mod dead_entry {
+    use dingo_core::{DeadLetter, TaskName};
 
-impl DeadLetter {
-    /// The entry stored in Redis: 4-byte little-endian reason length, reason, message.
+    /// The part before the message.
     pub(crate) fn prefix(reason: &str) -> Vec<u8> {
         let mut out = Vec::with_capacity(4 + reason.len());
         out.extend_from_slice(&(reason.len() as u32).to_le_bytes());
@@ -606,10 +602,12 @@ impl DeadLetter {
         out
     }
 
-    fn decode(entry: &[u8]) -> Option<DeadLetter> {
+    /// A dead letter of `queue` (`None`: not an entry of this layout).
+    pub(crate) fn decode(queue: &TaskName, mut entry: Vec<u8>) -> Option<DeadLetter> {
         let len = u32::from_le_bytes(entry.get(..4)?.try_into().ok()?) as usize;
         let reason = std::str::from_utf8(entry.get(4..4 + len)?).ok()?.to_owned();
-        Some(DeadLetter { reason, bytes: entry.get(4 + len..)?.to_vec() })
+        entry.drain(..4 + len);
+        Some(DeadLetter { queue: queue.clone(), reason, bytes: entry })
     }
 }
 

@@ -98,7 +98,9 @@ mod keys;
 mod options;
 mod scripts;
 
-pub use broker::{DeadLetter, RedisBroker, Stats};
+pub use broker::{RedisBroker, Stats};
+/// What [`RedisBroker::dead_letters`] returns: the project's one dead-letter type.
+pub use dingo_core::DeadLetter;
 pub use options::RedisOptions;
 
 use dingo_core::app::{AppBuilder, BrokerScheme};

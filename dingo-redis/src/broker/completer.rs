@@ -19,7 +19,7 @@ use dingo_core::{BrokerError, BrokerErrorKind};
 use redis::Value;
 
 use super::fetcher::Pending;
-use super::{DeadLetter, Inner, Thread};
+use super::{Inner, Thread, dead_entry};
 use crate::conn::Conn;
 use crate::keys::QueueKeys;
 use crate::scripts::{self, Call, SEQ_TTL, Sequence};
@@ -327,7 +327,7 @@ pub(crate) fn plan(inner: &Inner, ops: Vec<Op>, sequence: &mut Sequence) -> Plan
                 let call = Call::new(&scripts::DEAD)
                     .key(queue.dead.clone())
                     .arg(inner.options.max_dead_letters.to_string())
-                    .arg(DeadLetter::prefix(&reason))
+                    .arg(dead_entry::prefix(&reason))
                     .arg(bytes);
                 plan.push(call, Kind::Dead { count: 1 });
             }
@@ -384,11 +384,11 @@ fn complete(
             }
             Settle::Dead { reason } => {
                 dead += 1;
-                runs.add(&mut call, "d", 0, Some(DeadLetter::prefix(&reason)));
+                runs.add(&mut call, "d", 0, Some(dead_entry::prefix(&reason)));
             }
             Settle::DeadNewest { reason } => {
                 dead += 1;
-                runs.add(&mut call, "x", 0, Some(DeadLetter::prefix(&reason)));
+                runs.add(&mut call, "x", 0, Some(dead_entry::prefix(&reason)));
             }
             Settle::Requeue => runs.add(&mut call, "q", 0, None),
         }

@@ -11,7 +11,7 @@ use dingo_core::BrokerError;
 use dingo_core::event::{Event, EventKind, Level, Origin};
 use dingo_core::message::wire::REDELIVERED_MARK;
 
-use super::{DeadLetter, Inner, Thread, lock};
+use super::{Inner, Thread, dead_entry, lock};
 use crate::keys::QueueKeys;
 use crate::scripts::{self, Call};
 
@@ -116,7 +116,7 @@ fn reap(inner: &Inner, conn: &mut crate::conn::Conn, stop: &AtomicBool) {
         declare.arg(&queue.task);
     }
     let _ = conn.once(&mut |c| declare.query::<i64>(c));
-    let reason = DeadLetter::prefix(&format!(
+    let reason = dead_entry::prefix(&format!(
         "redelivered {} times: every worker that took it stopped renewing its lease (died or stalled)",
         inner.options.max_redeliveries
     ));
