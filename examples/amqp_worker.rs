@@ -3,8 +3,10 @@
 //! ```text
 //! cargo run --features amqp --example amqp_worker -- [--threads N] [--tasks N] [--seconds S]
 //! ```
-//! Without `--tasks` or `--seconds` it serves until killed; with them it stops (gracefully)
-//! after that many tasks or seconds. Run `amqp_caller` in another terminal. The server is
+//! Without `--tasks` or `--seconds` it serves until SIGINT (Ctrl-C) or SIGTERM; with them it
+//! also stops after that many tasks or seconds. Stopping is graceful (a second signal exits
+//! at once).
+//! Run `amqp_caller` in another terminal. The server is
 //! `DINGO_AMQP_URL` (default `amqp://guest:guest@127.0.0.1:5672/%2f`), the namespace
 //! `DINGO_NAMESPACE`.
 

@@ -3,8 +3,10 @@
 //! ```text
 //! cargo run --features redis --example redis_worker -- [--threads N] [--tasks N] [--seconds S]
 //! ```
-//! Without `--tasks` or `--seconds` it serves until killed; with them it stops (gracefully)
-//! after that many tasks or seconds. Run `redis_caller` in another terminal. The server is
+//! Without `--tasks` or `--seconds` it serves until SIGINT (Ctrl-C) or SIGTERM; with them it
+//! also stops after that many tasks or seconds. Stopping is graceful (a second signal exits
+//! at once).
+//! Run `redis_caller` in another terminal. The server is
 //! `DINGO_REDIS_URL` (default `redis://127.0.0.1:6379`), the namespace `DINGO_NAMESPACE`.
 
 #[allow(dead_code)]

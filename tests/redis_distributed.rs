@@ -50,6 +50,31 @@ fn the_example_worker_and_caller_as_processes() {
     );
 }
 
+/// The worker example serving until told to stop: SIGTERM while a task runs stops it
+/// gracefully — the running task finishes and its result arrives, the process exits 0,
+/// and it leaves nothing in Redis (no task held, no lease).
+#[test]
+fn the_example_worker_stops_gracefully_on_sigterm() {
+    let Some(setup) = Redis::setup() else { return };
+    let namespace = setup.options().namespace.clone();
+    let env = [("DINGO_REDIS_URL", setup.url()), ("DINGO_NAMESPACE", namespace.as_str())];
+    let mut worker = Proc::spawn(&EXAMPLES, "redis_worker", &["--threads", "2"], &env);
+    wait_until("the worker is ready", || worker.stdout().contains("worker ready"));
+    let caller = App::builder().broker(setup.broker()).build().expect("caller app");
+    assert_eq!(tasks::add::call(&caller, 2, 3).expect("call").wait_timeout(PATIENCE).expect("served"), 5);
+    let mut slow = tasks::slow_echo::call(&caller, 7, 1_000).expect("call");
+    wait_until("the slow task runs", || held(setup.url(), &namespace, tasks::slow_echo::NAME) == 1);
+    worker.signal("TERM");
+    assert_eq!(slow.wait_timeout(PATIENCE).expect("the running task finishes"), 7);
+    let status = worker.wait(Duration::from_secs(30));
+    assert!(status.success(), "the worker failed: {status}; stderr:\n{}", worker.stderr());
+    assert_eq!(worker.stdout().lines().last(), Some("worker stopped on a signal after 2 task(s)"));
+    assert_eq!(held(setup.url(), &namespace, tasks::slow_echo::NAME), 0, "nothing held");
+    let leases = format!("{namespace}:{{{}}}:consumers", tasks::slow_echo::NAME);
+    assert_eq!(dingo_test_support::redis::redis_cli(setup.url(), &["ZCARD", &leases]), "0", "no lease left");
+    caller.close().expect("close");
+}
+
 /// 1,000 `slow_echo` calls from this process; worker process A (4 threads, lease 1 s) is
 /// killed with SIGKILL once about 150 results are in, holding running and prefetched tasks;
 /// worker process B starts and, once A's leases expire, finishes everything. Each of the

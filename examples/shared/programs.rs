@@ -1,6 +1,8 @@
 //! The worker and caller programs, whatever the broker: the `*_worker` and `*_caller`
 //! examples only choose the broker.
 
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 use dingo::AppBuilder;
@@ -8,8 +10,9 @@ use dingo::AppBuilder;
 use crate::tasks::{self, Order, add, slow_echo, total};
 
 /// Serves the shared tasks: `[--threads N] [--tasks N] [--seconds S]`. Without `--tasks`
-/// or `--seconds` it serves until killed; with them it stops (gracefully) after that many
-/// tasks or seconds.
+/// or `--seconds` it serves until SIGINT (Ctrl-C) or SIGTERM; with them it also stops after
+/// that many tasks or seconds. Stopping is graceful: running tasks finish and report,
+/// tasks taken but not started go back to their queue. A second signal exits at once.
 pub(crate) fn worker(builder: AppBuilder) -> Result<(), Box<dyn std::error::Error>> {
     let mut threads = 4;
     let mut stop_after_tasks = None;
@@ -24,13 +27,25 @@ pub(crate) fn worker(builder: AppBuilder) -> Result<(), Box<dyn std::error::Erro
             other => return Err(format!("unknown flag {other}").into()),
         }
     }
+    let signalled = Arc::new(AtomicBool::new(false));
+    for signal in [signal_hook::consts::SIGINT, signal_hook::consts::SIGTERM] {
+        // The first signal sets the flag; a second one, with the flag set, exits (code 1).
+        signal_hook::flag::register_conditional_shutdown(signal, 1, signalled.clone())?;
+        signal_hook::flag::register(signal, signalled.clone())?;
+    }
     let app = builder.build()?;
     app.allocate_all(threads)?;
     println!("worker ready: {threads} thread(s) serving example.add, example.total, example.slow_echo");
     let started = Instant::now();
     loop {
         std::thread::sleep(Duration::from_millis(20));
-        let run = tasks::RUN.load(std::sync::atomic::Ordering::SeqCst);
+        if signalled.load(Ordering::SeqCst) {
+            // Running tasks finish first.
+            app.close()?;
+            println!("worker stopped on a signal after {} task(s)", tasks::RUN.load(Ordering::SeqCst));
+            return Ok(());
+        }
+        let run = tasks::RUN.load(Ordering::SeqCst);
         if stop_after_tasks.is_some_and(|n| run >= n) || stop_after.is_some_and(|d| started.elapsed() >= d) {
             println!("worker done after {run} task(s)");
             break;

@@ -144,6 +144,17 @@ impl Proc {
         status
     }
 
+    /// Sends the process a signal by name (`"TERM"`, `"INT"`), as `kill -NAME` does.
+    pub fn signal(&self, name: &str) {
+        let child = self.child.as_ref().expect("still running");
+        let status = Command::new("kill")
+            .arg(format!("-{name}"))
+            .arg(child.id().to_string())
+            .status()
+            .unwrap_or_else(|e| panic!("cannot run kill: {e}"));
+        assert!(status.success(), "kill -{name} {} failed: {status}", child.id());
+    }
+
     /// SIGKILL: the process gets no chance to give anything back.
     pub fn kill(&mut self) {
         if let Some(mut child) = self.child.take() {
