@@ -90,17 +90,7 @@ pub(crate) fn publish_consume(url: &str, messages: u64, window: usize) -> Outcom
 /// confirmed; the caller counts replies. Calls per second — the reference for
 /// `amqp-inflight`.
 pub(crate) fn inflight(url: &str, calls: u64, window: usize) -> Outcome {
-    let requests_queue = format!("dingo-bench-raw-inreq-{}", std::process::id());
-    let replies_queue = format!("dingo-bench-raw-inrep-{}", std::process::id());
-    let mut caller = connect(url)?;
-    let mut responding = connect(url)?;
-    let channel = caller.open_channel(None).map_err(error)?;
-    durable_queue(&channel, &requests_queue)?;
-    channel.queue_declare(replies_queue.as_str(), QueueDeclareOptions::default()).map_err(error)?;
-    let request_confirms = channel.listen_for_publisher_confirms().map_err(error)?;
-    channel.enable_publisher_confirms().map_err(error)?;
-    let (request_queue, reply_queue) = (requests_queue.clone(), replies_queue.clone());
-    let responder = std::thread::spawn(move || -> Result<(), dingo::Error> {
+    in_flight(url, calls, window, true, move |responding, request_queue, reply_queue| {
         let channel = responding.open_channel(None).map_err(error)?;
         channel.qos(0, 128, false).map_err(error)?;
         let confirms = channel.listen_for_publisher_confirms().map_err(error)?;
@@ -113,7 +103,7 @@ pub(crate) fn inflight(url: &str, calls: u64, window: usize) -> Outcome {
             crossbeam_select(&consumer, &confirms, |event| -> Result<(), dingo::Error> {
                 match event {
                     RawEvent::Delivery(delivery) => {
-                        channel.basic_publish("", Publish::new(&delivery.body, reply_queue.as_str())).map_err(error)?;
+                        channel.basic_publish("", Publish::new(&delivery.body, reply_queue)).map_err(error)?;
                         waiting.push_back(*delivery);
                     }
                     RawEvent::Confirm(confirm) => {
@@ -129,31 +119,7 @@ pub(crate) fn inflight(url: &str, calls: u64, window: usize) -> Outcome {
             })?;
         }
         Ok(())
-    });
-    let replies = channel
-        .basic_consume(replies_queue.as_str(), ConsumerOptions { no_ack: true, ..ConsumerOptions::default() })
-        .map_err(error)?;
-    let body = [7u8; 100];
-    let start = Instant::now();
-    let (mut sent, mut answered) = (0u64, 0u64);
-    while answered < calls {
-        while sent < calls && sent - answered < window as u64 {
-            channel
-                .basic_publish("", Publish::with_properties(&body, requests_queue.as_str(), persistent()))
-                .map_err(error)?;
-            sent += 1;
-        }
-        if let ConsumerMessage::Delivery(_) = replies.receiver().recv().map_err(error)? {
-            answered += 1;
-        }
-        request_confirms.try_iter().for_each(drop);
-    }
-    let rate = calls as f64 / start.elapsed().as_secs_f64();
-    responder.join().map_err(|_| error("the responder thread panicked"))??;
-    drop(replies);
-    channel.queue_delete(requests_queue, QueueDeleteOptions::default()).map_err(error)?;
-    channel.queue_delete(replies_queue, QueueDeleteOptions::default()).map_err(error)?;
-    Ok(Measure::Rate(rate))
+    })
 }
 
 /// At-most-once calls without dingo: `calls` transient requests published without
@@ -162,15 +128,7 @@ pub(crate) fn inflight(url: &str, calls: u64, window: usize) -> Outcome {
 /// confirm; the caller counts replies. Calls per second — the reference for
 /// `amqp-inflight-at-most-once`.
 pub(crate) fn inflight_at_most_once(url: &str, calls: u64, window: usize) -> Outcome {
-    let requests_queue = format!("dingo-bench-raw-amoreq-{}", std::process::id());
-    let replies_queue = format!("dingo-bench-raw-amorep-{}", std::process::id());
-    let mut caller = connect(url)?;
-    let mut responding = connect(url)?;
-    let channel = caller.open_channel(None).map_err(error)?;
-    durable_queue(&channel, &requests_queue)?;
-    channel.queue_declare(replies_queue.as_str(), QueueDeclareOptions::default()).map_err(error)?;
-    let (request_queue, reply_queue) = (requests_queue.clone(), replies_queue.clone());
-    let responder = std::thread::spawn(move || -> Result<(), dingo::Error> {
+    in_flight(url, calls, window, false, move |responding, request_queue, reply_queue| {
         let channel = responding.open_channel(None).map_err(error)?;
         channel.qos(0, 128, false).map_err(error)?;
         let consumer = channel.basic_consume(request_queue, ConsumerOptions::default()).map_err(error)?;
@@ -179,25 +137,60 @@ pub(crate) fn inflight_at_most_once(url: &str, calls: u64, window: usize) -> Out
             if let ConsumerMessage::Delivery(delivery) = consumer.receiver().recv().map_err(error)? {
                 let body = delivery.body.clone();
                 consumer.ack(delivery).map_err(error)?;
-                channel.basic_publish("", Publish::new(&body, reply_queue.as_str())).map_err(error)?;
+                channel.basic_publish("", Publish::new(&body, reply_queue)).map_err(error)?;
                 answered += 1;
             }
         }
         Ok(())
-    });
+    })
+}
+
+/// The caller's side of a raw in-flight run: `calls` requests on a durable queue (persistent
+/// and confirmed when `confirmed`, else transient without confirms), at most `window`
+/// unanswered, replies consumed without acks; `respond` serves the requests on a connection
+/// of its own (its thread) until it answered them all. Calls per second.
+fn in_flight(
+    url: &str,
+    calls: u64,
+    window: usize,
+    confirmed: bool,
+    respond: impl FnOnce(&mut Connection, &str, &str) -> Result<(), dingo::Error> + Send + 'static,
+) -> Outcome {
+    let kind = if confirmed { "in" } else { "amo" };
+    let requests_queue = format!("dingo-bench-raw-{kind}req-{}", std::process::id());
+    let replies_queue = format!("dingo-bench-raw-{kind}rep-{}", std::process::id());
+    let mut caller = connect(url)?;
+    let mut responding = connect(url)?;
+    let channel = caller.open_channel(None).map_err(error)?;
+    durable_queue(&channel, &requests_queue)?;
+    channel.queue_declare(replies_queue.as_str(), QueueDeclareOptions::default()).map_err(error)?;
+    let request_confirms = if confirmed {
+        let confirms = channel.listen_for_publisher_confirms().map_err(error)?;
+        channel.enable_publisher_confirms().map_err(error)?;
+        Some(confirms)
+    } else {
+        None
+    };
+    let (request_queue, reply_queue) = (requests_queue.clone(), replies_queue.clone());
+    let responder = std::thread::spawn(move || respond(&mut responding, &request_queue, &reply_queue));
     let replies = channel
         .basic_consume(replies_queue.as_str(), ConsumerOptions { no_ack: true, ..ConsumerOptions::default() })
         .map_err(error)?;
     let body = [7u8; 100];
+    let properties = if confirmed { persistent() } else { AmqpProperties::default() };
     let start = Instant::now();
     let (mut sent, mut answered) = (0u64, 0u64);
     while answered < calls {
         while sent < calls && sent - answered < window as u64 {
-            channel.basic_publish("", Publish::new(&body, requests_queue.as_str())).map_err(error)?;
+            let request = Publish::with_properties(&body, requests_queue.as_str(), properties.clone());
+            channel.basic_publish("", request).map_err(error)?;
             sent += 1;
         }
         if let ConsumerMessage::Delivery(_) = replies.receiver().recv().map_err(error)? {
             answered += 1;
+        }
+        if let Some(confirms) = &request_confirms {
+            confirms.try_iter().for_each(drop);
         }
     }
     let rate = calls as f64 / start.elapsed().as_secs_f64();

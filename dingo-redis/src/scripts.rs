@@ -189,9 +189,11 @@ while i <= #ARGV do
   elseif op == 'c' then
     settled = settled + n
     if k > 0 then report(k, first, last) end
-  elseif op == 'd' then
+  elseif op == 'd' or op == 'x' then
+    -- 'd' the oldest message, 'x' the newest.
+    local pop = op == 'd' and 'RPOP' or 'LPOP'
     for j = first, last do
-      local m = redis.call('RPOP', KEYS[2])
+      local m = redis.call(pop, KEYS[2])
       if m then
         redis.call('LPUSH', KEYS[4], ARGV[j] .. m)
         redis.call('LTRIM', KEYS[4], 0, tonumber(ARGV[4]) - 1)
@@ -203,14 +205,6 @@ while i <= #ARGV do
       if m then
         redis.call('RPUSH', KEYS[5], m)
         if redis.call('LLEN', KEYS[6]) == 0 then redis.call('LPUSH', KEYS[6], '1') end
-      end
-    end
-  elseif op == 'x' then
-    for j = first, last do
-      local m = redis.call('LPOP', KEYS[2])
-      if m then
-        redis.call('LPUSH', KEYS[4], ARGV[j] .. m)
-        redis.call('LTRIM', KEYS[4], 0, tonumber(ARGV[4]) - 1)
       end
     end
   end
@@ -492,7 +486,8 @@ mod tests {
     }
 
     /// `COMPLETE` applies its runs in order on the lists themselves: two completions with
-    /// reports for one caller, one without a report, a dead letter, a message given back; a
+    /// reports for one caller, one without a report, the oldest and the newest message
+    /// dead-lettered, a message given back; a
     /// batch sent again changes nothing; once the lease is gone, completions are rejected
     /// and nothing is stored.
     #[test]
@@ -503,9 +498,9 @@ mod tests {
         let names = ["consumers", "processing", "seq", "dead", "pending", "wake", "reply", "notify"];
         let keys: Vec<String> = names.iter().map(|n| key(n)).collect();
         let _: () = redis::cmd("DEL").arg(&keys).query(&mut conn).expect("DEL");
-        // The processing list holds m1 (oldest) … m5 (newest, at its head).
-        let _: () =
-            redis::cmd("LPUSH").arg(&keys[1]).arg(&["m1", "m2", "m3", "m4", "m5"]).query(&mut conn).expect("LPUSH");
+        // The processing list holds m1 (oldest) … m6 (newest, at its head).
+        let messages = ["m1", "m2", "m3", "m4", "m5", "m6"];
+        let _: () = redis::cmd("LPUSH").arg(&keys[1]).arg(&messages).query(&mut conn).expect("LPUSH");
         let _: () = redis::cmd("ZADD").arg(&keys[0]).arg(i64::MAX).arg("c1").query(&mut conn).expect("ZADD");
         let call = |seq: &str, runs: &[&str]| {
             let mut call = Call::new(&COMPLETE);
@@ -516,7 +511,8 @@ mod tests {
             }
             call
         };
-        let runs = ["c", "1", "2", "r1", "r2", "c", "0", "1", "d", "0", "1", "why:", "q", "0", "1"];
+        let runs =
+            ["c", "1", "2", "r1", "r2", "c", "0", "1", "d", "0", "1", "why:", "x", "0", "1", "new:", "q", "0", "1"];
         let list = |conn: &mut redis::Connection, i: usize| -> Vec<String> {
             redis::cmd("LRANGE").arg(&keys[i]).arg(0).arg(-1).query(conn).expect("LRANGE")
         };
@@ -526,7 +522,7 @@ mod tests {
             assert_eq!((owned, rejected), (1, 0), "{attempt}");
             assert_eq!(list(&mut conn, 6), ["r1", "r2"], "the reports, in order ({attempt})");
             assert!(list(&mut conn, 1).is_empty(), "every message settled ({attempt})");
-            assert_eq!(list(&mut conn, 3), ["why:m4"], "m4 dead-lettered with its reason ({attempt})");
+            assert_eq!(list(&mut conn, 3), ["new:m6", "why:m4"], "m4, then m6, dead-lettered ({attempt})");
             assert_eq!(list(&mut conn, 4), ["m5"], "m5 back in its queue ({attempt})");
             assert_eq!(list(&mut conn, 7), ["1"], "one wake token for the caller ({attempt})");
         }
