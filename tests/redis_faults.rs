@@ -211,6 +211,75 @@ fn a_report_in_flight_survives_a_partition() {
     worker.close().expect("close");
 }
 
+/// Runs per argument of `nap` (the closing tests' own task: `cut_echo`'s runs are counted
+/// by a test that checks them all).
+static NAP_RUNS: Mutex<BTreeMap<u64, u32>> = Mutex::new(BTreeMap::new());
+
+#[dingo::task(name = "faults.nap")]
+fn nap(n: u64, millis: u64) -> u64 {
+    *lock(&NAP_RUNS).entry(n).or_default() += 1;
+    std::thread::sleep(Duration::from_millis(millis));
+    n * 3 + 1
+}
+
+/// Redis goes away (connections dropped, reconnections refused) while a task runs, so its
+/// report cannot be stored: closing the worker and the caller returns within seconds
+/// instead of waiting for Redis to come back, and the waiting call fails with `Shutdown`
+/// (its task stays in the worker's processing list, to run again once its lease expires).
+#[test]
+fn closing_during_an_outage_does_not_hang() {
+    let Some(setup) = Redis::setup() else { return };
+    let proxy = Proxy::start(server_addr(setup.url())).expect("start the proxy");
+    let options = setup.options().clone().command_timeout(Duration::from_secs(1));
+    let connect = || RedisBroker::connect_with(&via(&proxy, setup.url()), options.clone()).expect("connect");
+    let worker = App::builder().broker(connect()).shutdown_grace(Duration::from_secs(1)).build().expect("worker");
+    let caller = App::builder().broker(connect()).build().expect("caller app");
+    worker.allocate(nap, 1).expect("allocate");
+    assert_eq!(nap::call(&caller, 9_000, 0).expect("call").wait_timeout(PATIENCE).expect("works"), 27_001);
+    let waiting = nap::call(&caller, 9_001, 500).expect("call");
+    wait_until("the task runs", || lock(&NAP_RUNS).contains_key(&9_001));
+    proxy.pause();
+    std::thread::sleep(Duration::from_millis(700)); // the task finishes; its report has nowhere to go
+    let started = Instant::now();
+    caller.close().expect("close the caller");
+    worker.close().expect("close the worker");
+    let took = started.elapsed();
+    assert!(took < Duration::from_secs(10), "closing took {took:?}");
+    let error = waiting.wait().expect_err("no result can come");
+    assert_eq!(error.task_kind(), Some(TaskErrorKind::Shutdown), "{error:?}");
+    proxy.resume();
+}
+
+/// The same with a finished task's settlement waiting to be stored when Redis goes away
+/// (two tasks fetched together; the first ends during the outage, and its worker keeps
+/// retrying to store it before it starts the second): closing still returns within
+/// seconds — the retries give up once the worker stops, its tasks left to run again after
+/// their lease.
+#[test]
+fn closing_during_an_outage_with_settlements_pending_does_not_hang() {
+    let Some(setup) = Redis::setup() else { return };
+    let proxy = Proxy::start(server_addr(setup.url())).expect("start the proxy");
+    let options = setup.options().clone().command_timeout(Duration::from_secs(1));
+    let connect = || RedisBroker::connect_with(&via(&proxy, setup.url()), options.clone()).expect("connect");
+    let worker = App::builder().broker(connect()).shutdown_grace(Duration::from_secs(2)).build().expect("worker");
+    let caller = App::builder().broker(connect()).build().expect("caller app");
+    // Both queued before the worker starts: one fetch takes the two.
+    let first = nap::call(&caller, 9_100, 300).expect("call");
+    let second = nap::call(&caller, 9_101, 0).expect("call");
+    wait_until("both are queued", || setup.broker().queue_len(nap::NAME).expect("queue length") == 2);
+    worker.allocate(nap, 1).expect("allocate");
+    wait_until("the first task runs", || lock(&NAP_RUNS).contains_key(&9_100));
+    proxy.pause();
+    std::thread::sleep(Duration::from_millis(600)); // it ends; its settlement cannot be stored
+    let started = Instant::now();
+    caller.close().expect("close the caller");
+    worker.close().expect("close the worker: its retries give up");
+    let took = started.elapsed();
+    assert!(took < Duration::from_secs(10), "closing took {took:?}");
+    drop((first, second));
+    proxy.resume();
+}
+
 /// The reply to a batch of task messages is lost on its way back (the messages were
 /// queued): the caller's retry must not queue them again, so each call runs once.
 #[test]

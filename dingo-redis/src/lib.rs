@@ -62,7 +62,8 @@
 //!   identified, gets a failure report, and the worker goes on.
 //! - **Reconnection.** Every connection reconnects with exponential backoff, reported as
 //!   `ConnectionLost` / `ConnectionRestored` events; work in flight is recovered by the
-//!   lease rules.
+//!   lease rules. A worker stopped while Redis is away does not wait for it: what it could
+//!   not store runs again after its lease.
 //!
 //! # Batching
 //!

@@ -145,7 +145,8 @@ pub(crate) struct RedisSubscription {
     queues: Vec<(TaskName, Arc<QueueKeys>)>,
     /// How many tasks one worker thread takes at a time.
     per_worker: usize,
-    stopped: AtomicBool,
+    /// Also the flusher's signal to give up storing this subscription's parked settlements.
+    stopped: Arc<AtomicBool>,
     /// The control lists of the worker threads, to wake them on stop.
     controls: Mutex<Vec<String>>,
 }
@@ -174,7 +175,7 @@ impl RedisSubscription {
             id: NEXT.fetch_add(1, Ordering::Relaxed),
             queues,
             per_worker,
-            stopped: AtomicBool::new(false),
+            stopped: Arc::new(AtomicBool::new(false)),
             controls: Mutex::new(Vec::new()),
         })
     }
@@ -200,7 +201,7 @@ impl RedisSubscription {
             buffer: VecDeque::new(),
             done: Vec::new(),
             oldest_done: None,
-            parked: Arc::default(),
+            parked: Arc::new(Parked::new(self.stopped.clone())),
             handed_at: None,
             sequence: Sequence::new("work", thread.as_str()),
             idle: false,
@@ -258,7 +259,7 @@ impl RedisSubscription {
     fn settle(&self, local: &mut Local) {
         let mut plan = self.settle_plan(local);
         if !plan.calls.is_empty() {
-            self.round_trip(local, &mut plan, None, false);
+            self.round_trip(local, &mut plan, None);
         }
     }
 
@@ -277,18 +278,11 @@ impl RedisSubscription {
     }
 
     /// Runs `plan` (after `wait`, a blocking wait, if given) on this thread's connection;
-    /// returns the results of the calls that ran, with their kinds. A fetching round trip
-    /// gives up its retries when the subscription stops; settling ones do not.
-    fn round_trip(
-        &self,
-        local: &mut Local,
-        plan: &mut Plan,
-        wait: Option<&redis::Cmd>,
-        fetching: bool,
-    ) -> Option<Vec<(Kind, Value)>> {
-        let never = AtomicBool::new(false);
-        let stop = if fetching { &self.stopped } else { &never };
-        match plan.run(&self.inner, &mut local.conn, stop, wait, Some(&mut local.sequence))? {
+    /// returns the results of the calls that ran, with their kinds. Retries give up once
+    /// the subscription stops: what a stopping worker cannot store while Redis is away runs
+    /// again after its lease, rather than hold the stop up until Redis is back.
+    fn round_trip(&self, local: &mut Local, plan: &mut Plan, wait: Option<&redis::Cmd>) -> Option<Vec<(Kind, Value)>> {
+        match plan.run(&self.inner, &mut local.conn, &self.stopped, wait, Some(&mut local.sequence))? {
             Ok(results) => {
                 completer::account(&self.inner, &results);
                 Some(results)
@@ -343,7 +337,7 @@ impl RedisSubscription {
             wait.arg(block.as_secs_f64().max(0.001));
             wait
         });
-        let Some(results) = self.round_trip(local, &mut plan, wait.as_ref(), true) else {
+        let Some(results) = self.round_trip(local, &mut plan, wait.as_ref()) else {
             if !self.stopped.load(Ordering::SeqCst) {
                 // Not a connection problem (those are retried): try again a little later.
                 std::thread::sleep(self.inner.options.block_timeout.min(block));

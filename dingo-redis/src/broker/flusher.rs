@@ -30,10 +30,12 @@ use crate::scripts::Sequence;
 pub(crate) const FLUSH_AFTER: Duration = Duration::from_micros(200);
 
 /// One worker thread's parked settlements.
-#[derive(Default)]
 pub(crate) struct Parked {
     state: Mutex<ParkedState>,
     stored: Condvar,
+    /// Its subscription stopped: storing gives up on an unreachable Redis (the tasks run
+    /// again after their lease) instead of holding the worker's stop up.
+    stop: Arc<AtomicBool>,
 }
 
 #[derive(Default)]
@@ -49,6 +51,10 @@ struct ParkedState {
 }
 
 impl Parked {
+    pub(crate) fn new(stop: Arc<AtomicBool>) -> Parked {
+        Parked { state: Mutex::default(), stored: Condvar::new(), stop }
+    }
+
     fn lock(&self) -> MutexGuard<'_, ParkedState> {
         self.state.lock().unwrap_or_else(|e| e.into_inner())
     }
@@ -134,7 +140,7 @@ fn flush_loop(inner: &Arc<Inner>, rx: &Receiver<Arc<Parked>>, stop: &AtomicBool)
             }
         });
         for (parked, done) in due {
-            store(inner, &mut conn, stop, &mut sequence, done);
+            store(inner, &mut conn, &parked.stop, &mut sequence, done);
             parked.lock().storing = false;
             parked.stored.notify_all();
         }
@@ -166,7 +172,7 @@ fn store(inner: &Inner, conn: &mut crate::conn::Conn, stop: &AtomicBool, sequenc
             Origin::Consumer,
             Level::Error,
             EventKind::ReportFailed,
-            "a worker's settlements were not stored: redis unreachable at shutdown",
+            "a worker's settlements were not stored: redis unreachable when its subscription stopped",
         )),
     }
 }
