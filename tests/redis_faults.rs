@@ -280,6 +280,40 @@ fn closing_during_an_outage_with_settlements_pending_does_not_hang() {
     proxy.resume();
 }
 
+/// What a worker stopped during an outage could not settle is not lost: once Redis is back
+/// and the worker's lease expired, another worker runs those tasks and their callers get
+/// their results — including the task that had finished but whose settlement was given up
+/// (its consumer is abandoned, so no later settlement removes another task's message).
+#[test]
+fn tasks_a_worker_could_not_settle_at_stop_run_again() {
+    let Some(setup) = Redis::setup() else { return };
+    let proxy = Proxy::start(server_addr(setup.url())).expect("start the proxy");
+    let options = setup.options().clone().command_timeout(Duration::from_secs(1)).lease(Duration::from_secs(1));
+    let worker_broker =
+        RedisBroker::connect_with(&via(&proxy, setup.url()), options.clone()).expect("connect via the proxy");
+    let worker = App::builder().broker(worker_broker).shutdown_grace(Duration::from_secs(2)).build().expect("worker");
+    let caller = App::builder().broker(setup.broker()).build().expect("caller app");
+    // Both queued before the worker starts: one fetch takes the two.
+    let mut first = nap::call(&caller, 9_200, 300).expect("call");
+    let mut second = nap::call(&caller, 9_201, 0).expect("call");
+    wait_until("both are queued", || setup.broker().queue_len(nap::NAME).expect("queue length") == 2);
+    worker.allocate(nap, 1).expect("allocate");
+    wait_until("the first task runs", || lock(&NAP_RUNS).contains_key(&9_200));
+    proxy.pause();
+    std::thread::sleep(Duration::from_millis(600)); // it ends; its settlement cannot be stored
+    worker.close().expect("close the worker");
+    proxy.resume();
+    let rescuer = App::builder().broker(setup.broker()).build().expect("a second worker");
+    rescuer.allocate(nap, 1).expect("allocate");
+    assert_eq!(first.wait_timeout(PATIENCE).expect("the first call's result"), 9_200 * 3 + 1);
+    assert_eq!(second.wait_timeout(PATIENCE).expect("the second call's result"), 9_201 * 3 + 1);
+    assert_eq!(lock(&NAP_RUNS).get(&9_200), Some(&2), "the first task ran again");
+    let namespace = &setup.options().namespace;
+    wait_until("nothing is held", || held(setup.url(), namespace, nap::NAME) == 0);
+    rescuer.close().expect("close");
+    caller.close().expect("close");
+}
+
 /// The reply to a batch of task messages is lost on its way back (the messages were
 /// queued): the caller's retry must not queue them again, so each call runs once.
 #[test]

@@ -365,6 +365,10 @@ impl Inner {
     }
 
     pub(crate) fn flusher(self: &Arc<Inner>) -> Result<&Flusher, BrokerError> {
+        // Not started anew by a worker of a broker that shut down (nobody would stop it).
+        if self.is_closed() {
+            return Err(closed());
+        }
         self.flusher.get_or_start(|| Flusher::start(self.clone()))
     }
 

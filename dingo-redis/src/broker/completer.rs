@@ -200,15 +200,6 @@ impl Plan {
         (reports, commands)
     }
 
-    /// Appends `later`'s calls (numbered after this plan's).
-    pub(crate) fn append(&mut self, later: Plan) {
-        if !later.calls.is_empty() {
-            self.open_report = later.open_report;
-        }
-        self.calls.extend(later.calls);
-        self.kinds.extend(later.kinds);
-    }
-
     pub(crate) fn push(&mut self, call: Call, kind: Kind) {
         self.calls.push(call);
         self.kinds.push(kind);

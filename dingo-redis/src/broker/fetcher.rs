@@ -27,7 +27,7 @@ use dingo_core::{BrokerError, CallKey, TaskError, TaskErrorKind, TaskName};
 use redis::Value;
 
 use super::completer::{self, Kind, Op, Plan, Settle};
-use super::flusher::{FLUSH_AFTER, Parked};
+use super::flusher::{Consumer, FLUSH_AFTER, Parked};
 use super::{Inner, lock};
 use crate::conn::Conn;
 use crate::keys::{self, QueueKeys};
@@ -128,6 +128,9 @@ struct Local {
     oldest_done: Option<Instant>,
     /// Settlements parked while the current task runs (taken back before every round trip).
     parked: Arc<Parked>,
+    /// Consumers whose settlements could not be stored: nothing more is settled under them
+    /// (see `abandon`).
+    abandoned: Vec<Arc<str>>,
     /// When the last task was handed to the worker.
     handed_at: Option<Instant>,
     /// Numbers this thread's fetches and settlements, so a retry applies each once.
@@ -202,6 +205,7 @@ impl RedisSubscription {
             done: Vec::new(),
             oldest_done: None,
             parked: Arc::new(Parked::new(self.stopped.clone())),
+            abandoned: Vec::new(),
             handed_at: None,
             sequence: Sequence::new("work", thread.as_str()),
             idle: false,
@@ -246,28 +250,82 @@ impl RedisSubscription {
     }
 
     /// The plan that stores this thread's settlements (taken from `local`): the parked
-    /// ones first, if the flusher did not store them. Calls added to it afterwards are
-    /// numbered after it, in the order they run.
-    fn settle_plan(&self, local: &mut Local) -> Plan {
-        local.parked.reclaim(&mut local.done);
+    /// ones first, if the flusher did not store them — and the consumers whose processing
+    /// lists it settles (to abandon if it fails, see [`abandon`](Self::abandon)). Calls added
+    /// to the plan afterwards are numbered after it, in the order they run.
+    fn settle_plan(&self, local: &mut Local) -> (Plan, Vec<Consumer>) {
+        self.take_back(local);
         let done = std::mem::take(&mut local.done);
         local.oldest_done = None;
-        completer::settle_calls(&self.inner, done, &mut local.sequence)
+        let mut settled: Vec<Consumer> = Vec::new();
+        for pending in &done {
+            let positional = !matches!(pending.settle, Settle::Report { .. });
+            if positional && !settled.iter().any(|(_, c)| *c == pending.consumer) {
+                settled.push((pending.queue.clone(), pending.consumer.clone()));
+            }
+        }
+        (completer::settle_calls(&self.inner, done, &mut local.sequence), settled)
+    }
+
+    /// Takes back what this thread parked (after the flusher stored it, if it is doing so),
+    /// abandoning the consumers the flusher could not settle, and drops the settlements of
+    /// abandoned consumers.
+    fn take_back(&self, local: &mut Local) {
+        let failed = local.parked.reclaim(&mut local.done);
+        if !failed.is_empty() {
+            self.abandon(local, failed);
+        }
+        if !local.abandoned.is_empty() {
+            let abandoned = &local.abandoned;
+            local.done.retain(|pending| {
+                matches!(pending.settle, Settle::Report { .. }) || !abandoned.contains(&pending.consumer)
+            });
+        }
+    }
+
+    /// Gives up consumers whose settlements could not be stored. Settlements remove the
+    /// oldest messages of a processing list by position: once one is lost, a later one would
+    /// remove another task's message — that task would be lost. So nothing more is settled
+    /// under these ids; their leases are no longer renewed, and once they expire the reaper
+    /// puts every task of their processing lists back in the queue (at least once: those
+    /// that ran run again). This thread fetches under new ids.
+    fn abandon(&self, local: &mut Local, consumers: Vec<Consumer>) {
+        for (queue, consumer) in consumers {
+            if local.consumers.get(&queue.prefix).is_some_and(|(current, _)| *current == consumer) {
+                local.consumers.remove(&queue.prefix);
+            }
+            self.inner.forget_consumer(&queue, &consumer);
+            if !local.abandoned.contains(&consumer) {
+                local.abandoned.push(consumer);
+            }
+            self.event(
+                Level::Warning,
+                EventKind::Other,
+                format!(
+                    "settlements on `{}` could not be stored: this worker's tasks there run again once its lease \
+                     expires",
+                    queue.prefix
+                ),
+            );
+        }
     }
 
     /// Stores this thread's settlements now.
     fn settle(&self, local: &mut Local) {
-        let mut plan = self.settle_plan(local);
-        if !plan.calls.is_empty() {
-            self.round_trip(local, &mut plan, None);
+        let (mut plan, settled) = self.settle_plan(local);
+        if !plan.calls.is_empty() && self.round_trip(local, &mut plan, None).is_none() {
+            self.abandon(local, settled);
         }
     }
 
     /// Parks this thread's settlements while it runs its next task: they go with its next
     /// round trip, or the flusher stores them if the task runs long.
     fn park(&self, local: &mut Local) {
-        local.parked.reclaim(&mut local.done);
+        self.take_back(local);
         local.oldest_done = None;
+        if local.done.is_empty() {
+            return;
+        }
         if local.parked.park(std::mem::take(&mut local.done)) {
             match self.inner.flusher() {
                 Ok(flusher) => flusher.watch(local.parked.clone()),
@@ -305,7 +363,7 @@ impl RedisSubscription {
         let count = self.per_worker.to_string();
         let mut consumers = Vec::with_capacity(n);
         // Settlements first: batch numbers must rise in the order the calls run.
-        let mut plan = self.settle_plan(local);
+        let (mut plan, settled) = self.settle_plan(local);
         for &i in &order {
             let q = &self.queues[i].1;
             let (consumer, registered) = self.consumer(local, q);
@@ -338,6 +396,7 @@ impl RedisSubscription {
             wait
         });
         let Some(results) = self.round_trip(local, &mut plan, wait.as_ref()) else {
+            self.abandon(local, settled);
             if !self.stopped.load(Ordering::SeqCst) {
                 // Not a connection problem (those are retried): try again a little later.
                 std::thread::sleep(self.inner.options.block_timeout.min(block));
@@ -560,12 +619,9 @@ pub(crate) fn report_here(inner: &Inner, report: Op) -> Result<Option<Op>, Broke
         let Some(state) = local.values_mut().find(|state| Arc::ptr_eq(&state.process, &inner.process)) else {
             return Ok(Some(report));
         };
-        // After the settlements parked before it (their numbers come first).
-        state.parked.reclaim(&mut state.done);
-        let done = std::mem::take(&mut state.done);
-        state.oldest_done = None;
-        let mut plan = completer::settle_calls(inner, done, &mut state.sequence);
-        plan.append(completer::plan(inner, vec![report], &mut state.sequence));
+        // A report alone: it removes nothing from a processing list, so it needs no order
+        // with the settlements parked or waiting, and losing it loses no task.
+        let mut plan = completer::plan(inner, vec![report], &mut state.sequence);
         let sequence = &mut state.sequence;
         let stored = state.conn.once(&mut |c| scripts::run_after(c, None, &mut plan.calls, Some(&mut *sequence)));
         stored.map(|_| None).map_err(|e| crate::conn::broker_error("storing a report failed", e))

@@ -20,9 +20,10 @@ use crossbeam_channel::{Receiver, RecvTimeoutError, Sender};
 use dingo_core::BrokerError;
 use dingo_core::event::{Event, EventKind, Level, Origin};
 
-use super::completer;
+use super::completer::{self, Settle};
 use super::fetcher::Pending;
 use super::{Inner, Thread};
+use crate::keys::QueueKeys;
 use crate::scripts::Sequence;
 
 /// How long a finished task's settlement may wait to ride along with its worker's next
@@ -42,6 +43,9 @@ pub(crate) struct Parked {
 struct ParkedState {
     /// Oldest first.
     done: Vec<Pending>,
+    /// Consumers whose parked settlements the flusher could not store, for the worker to
+    /// abandon.
+    failed: Vec<Consumer>,
     /// When the oldest was parked.
     since: Option<Instant>,
     /// The flusher is storing what was parked.
@@ -70,9 +74,10 @@ impl Parked {
     }
 
     /// Takes the parked settlements back, to go before `done` — after the flusher stored
-    /// them, if it is doing so (then there is nothing left to take). The worker calls this
-    /// before every round trip and every park.
-    pub(crate) fn reclaim(&self, done: &mut Vec<Pending>) {
+    /// them, if it is doing so (then there is nothing left to take). Returns the consumers
+    /// whose settlements the flusher could not store. The worker calls this before every
+    /// round trip and every park.
+    pub(crate) fn reclaim(&self, done: &mut Vec<Pending>) -> Vec<Consumer> {
         let mut state = self.lock();
         while state.storing {
             state = self.stored.wait(state).unwrap_or_else(|e| e.into_inner());
@@ -82,8 +87,12 @@ impl Parked {
             let later = std::mem::replace(done, std::mem::take(&mut state.done));
             done.extend(later);
         }
+        std::mem::take(&mut state.failed)
     }
 }
+
+/// A consumer (queue, id) of a worker thread.
+pub(crate) type Consumer = (Arc<QueueKeys>, Arc<str>);
 
 pub(crate) struct Flusher {
     tx: Sender<Arc<Parked>>,
@@ -115,33 +124,20 @@ fn flush_loop(inner: &Arc<Inner>, rx: &Receiver<Arc<Parked>>, stop: &AtomicBool)
     let mut watched: Vec<Arc<Parked>> = Vec::new();
     while !stop.load(Ordering::SeqCst) {
         // Until the first parked settlement falls due (or news, or a look at the stop flag).
-        let now = Instant::now();
         let mut wait = Duration::from_millis(50);
-        let mut due = Vec::new();
-        watched.retain(|parked| {
+        // One worker at a time, each taken out just before it is stored: a store that waits
+        // for Redis holds up only the worker whose settlements it carries.
+        while let Some(parked) = next_due(&mut watched, &mut wait) {
             let mut state = parked.lock();
-            match state.since {
-                Some(since) if !state.done.is_empty() => {
-                    let left = (since + FLUSH_AFTER).saturating_duration_since(now);
-                    if left.is_zero() {
-                        // Taken out under the lock: the worker now waits for them to be stored.
-                        state.storing = true;
-                        state.since = None;
-                        due.push((parked.clone(), std::mem::take(&mut state.done)));
-                    } else {
-                        wait = wait.min(left);
-                    }
-                    true
-                }
-                _ => {
-                    state.watched = false;
-                    false
-                }
-            }
-        });
-        for (parked, done) in due {
-            store(inner, &mut conn, &parked.stop, &mut sequence, done);
-            parked.lock().storing = false;
+            let done = std::mem::take(&mut state.done);
+            state.storing = true;
+            state.since = None;
+            drop(state);
+            let failed = store(inner, &mut conn, &parked.stop, &mut sequence, done);
+            let mut state = parked.lock();
+            state.storing = false;
+            state.failed.extend(failed);
+            drop(state);
             parked.stored.notify_all();
         }
         match rx.recv_timeout(wait) {
@@ -155,24 +151,61 @@ fn flush_loop(inner: &Arc<Inner>, rx: &Receiver<Arc<Parked>>, stop: &AtomicBool)
     }
 }
 
-/// Stores a worker's settlements as the worker itself would have.
-fn store(inner: &Inner, conn: &mut crate::conn::Conn, stop: &AtomicBool, sequence: &mut Sequence, done: Vec<Pending>) {
-    inner.stats.flushed.fetch_add(done.len() as u64, Ordering::Relaxed);
-    let mut plan = completer::settle_calls(inner, done, sequence);
-    match plan.run(inner, conn, stop, None, Some(sequence)) {
-        Some(Ok(results)) => completer::account(inner, &results),
-        Some(Err(e)) => inner.events.emit(Event::new(
-            Origin::Consumer,
-            Level::Error,
-            EventKind::ReportFailed,
-            format!("storing a worker's settlements failed: {e}"),
-        )),
-        // Their tasks stay in the processing list and run again after the lease.
-        None => inner.events.emit(Event::new(
-            Origin::Consumer,
-            Level::Error,
-            EventKind::ReportFailed,
-            "a worker's settlements were not stored: redis unreachable when its subscription stopped",
-        )),
+/// The next watched worker whose parked settlements fall due, if any; forgets the workers
+/// with nothing parked, and leaves those whose subscription stopped to store their own
+/// (their retries give up, where the flusher's would hold them up). Lowers `wait` to the
+/// time until the next one falls due.
+fn next_due(watched: &mut Vec<Arc<Parked>>, wait: &mut Duration) -> Option<Arc<Parked>> {
+    let now = Instant::now();
+    let mut due = None;
+    watched.retain(|parked| {
+        let mut state = parked.lock();
+        match state.since {
+            Some(since) if !state.done.is_empty() && !parked.stop.load(Ordering::Acquire) => {
+                let left = (since + FLUSH_AFTER).saturating_duration_since(now);
+                if left.is_zero() && due.is_none() {
+                    due = Some(parked.clone());
+                } else if !left.is_zero() {
+                    *wait = (*wait).min(left);
+                }
+                true
+            }
+            _ => {
+                state.watched = false;
+                false
+            }
+        }
+    });
+    due
+}
+
+/// Stores a worker's settlements as the worker itself would have; returns the consumers
+/// whose settlements were not stored (the worker abandons them).
+fn store(
+    inner: &Inner,
+    conn: &mut crate::conn::Conn,
+    stop: &AtomicBool,
+    sequence: &mut Sequence,
+    done: Vec<Pending>,
+) -> Vec<Consumer> {
+    let mut consumers: Vec<Consumer> = Vec::new();
+    for pending in &done {
+        let positional = !matches!(pending.settle, Settle::Report { .. });
+        if positional && !consumers.iter().any(|(_, c)| *c == pending.consumer) {
+            consumers.push((pending.queue.clone(), pending.consumer.clone()));
+        }
     }
+    let count = done.len() as u64;
+    let mut plan = completer::settle_calls(inner, done, sequence);
+    let why = match plan.run(inner, conn, stop, None, Some(sequence)) {
+        Some(Ok(results)) => {
+            completer::account(inner, &results);
+            inner.stats.flushed.fetch_add(count, Ordering::Relaxed);
+            return Vec::new();
+        }
+        Some(Err(e)) => format!("storing a worker's settlements failed: {e}"),
+        None => "a worker's settlements were not stored: redis unreachable when its subscription stopped".to_owned(),
+    };
+    inner.events.emit(Event::new(Origin::Consumer, Level::Error, EventKind::ReportFailed, why));
+    consumers
 }
