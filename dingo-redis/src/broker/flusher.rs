@@ -133,7 +133,17 @@ fn flush_loop(inner: &Arc<Inner>, rx: &Receiver<Arc<Parked>>, stop: &AtomicBool)
             state.storing = true;
             state.since = None;
             drop(state);
-            let failed = store(inner, &mut conn, &parked.stop, &mut sequence, done);
+            let consumers = settled_by(&done);
+            // A panic must not leave the worker waiting for a store that never ends, nor let
+            // it settle on as if these settlements had been stored.
+            let stored = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                store(inner, &mut conn, &parked.stop, &mut sequence, done)
+            }));
+            if stored.is_err() {
+                // It may have stopped halfway through a round trip: start afresh.
+                conn = inner.conn("settlement flusher", Origin::Consumer, false);
+            }
+            let failed = if matches!(stored, Ok(true)) { Vec::new() } else { consumers };
             let mut state = parked.lock();
             state.storing = false;
             state.failed.extend(failed);
@@ -179,33 +189,38 @@ fn next_due(watched: &mut Vec<Arc<Parked>>, wait: &mut Duration) -> Option<Arc<P
     due
 }
 
-/// Stores a worker's settlements as the worker itself would have; returns the consumers
-/// whose settlements were not stored (the worker abandons them).
+/// The consumers whose processing lists `done` settles (all but reports).
+fn settled_by(done: &[Pending]) -> Vec<Consumer> {
+    let mut consumers: Vec<Consumer> = Vec::new();
+    for pending in done {
+        let positional = !matches!(pending.settle, Settle::Report { .. });
+        if positional && !consumers.iter().any(|(_, c)| *c == pending.consumer) {
+            consumers.push((pending.queue.clone(), pending.consumer.clone()));
+        }
+    }
+    consumers
+}
+
+/// Stores a worker's settlements as the worker itself would have; `false` when they were
+/// not stored (the worker abandons their consumers).
 fn store(
     inner: &Inner,
     conn: &mut crate::conn::Conn,
     stop: &AtomicBool,
     sequence: &mut Sequence,
     done: Vec<Pending>,
-) -> Vec<Consumer> {
-    let mut consumers: Vec<Consumer> = Vec::new();
-    for pending in &done {
-        let positional = !matches!(pending.settle, Settle::Report { .. });
-        if positional && !consumers.iter().any(|(_, c)| *c == pending.consumer) {
-            consumers.push((pending.queue.clone(), pending.consumer.clone()));
-        }
-    }
+) -> bool {
     let count = done.len() as u64;
     let mut plan = completer::settle_calls(inner, done, sequence);
     let why = match plan.run(inner, conn, stop, None, Some(sequence)) {
         Some(Ok(results)) => {
             completer::account(inner, &results);
             inner.stats.flushed.fetch_add(count, Ordering::Relaxed);
-            return Vec::new();
+            return true;
         }
         Some(Err(e)) => format!("storing a worker's settlements failed: {e}"),
         None => "a worker's settlements were not stored: redis unreachable when its subscription stopped".to_owned(),
     };
     inner.events.emit(Event::new(Origin::Consumer, Level::Error, EventKind::ReportFailed, why));
-    consumers
+    false
 }
