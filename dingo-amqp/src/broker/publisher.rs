@@ -468,12 +468,7 @@ fn returned_unconfirmed(inner: &Arc<Inner>, returned: amiquip::Return) {
     inner.stats.returned.fetch_add(1, Ordering::Relaxed);
     let why = format!("{} {}", returned.reply_code, returned.reply_text);
     if returned.properties.correlation_id().is_some() {
-        inner.events.emit(Event::new(
-            Origin::Reporter,
-            Level::Warning,
-            EventKind::ReportFailed,
-            format!("a report was dropped: its caller's reply queue is gone ({why})"),
-        ));
+        report_dropped(inner, None, Level::Warning, &why);
         return;
     }
     match dingo_core::message::wire::decode_task(&returned.content) {
@@ -482,13 +477,7 @@ fn returned_unconfirmed(inner: &Arc<Inner>, returned: amiquip::Return) {
                 dingo_core::message::ReplyTo::Address(caller) => Some(caller.clone()),
                 _ => None,
             };
-            let key = message.key();
-            let text = format!("no queue serves task `{}` (RabbitMQ returned the message: {why})", key.name);
-            inner.events.emit(
-                Event::new(Origin::Producer, Level::Warning, EventKind::UnknownTask, text.clone())
-                    .with_task(key.clone()),
-            );
-            fail_call(inner, key, reply.as_deref(), TaskErrorKind::UnknownTask, &text);
+            task_returned(inner, message.key(), reply.as_deref(), &why);
         }
         Err(_) => inner.events.emit(Event::new(
             Origin::Producer,
@@ -587,12 +576,7 @@ fn settle(inner: &Arc<Inner>, entry: Pending, stored: bool) {
             }
             (true, Some(why)) => {
                 stats.returned.fetch_add(1, Ordering::Relaxed);
-                let message = format!("no queue serves task `{}` (RabbitMQ returned the message: {why})", key.name);
-                inner.events.emit(
-                    Event::new(Origin::Producer, Level::Warning, EventKind::UnknownTask, message.clone())
-                        .with_task(key.clone()),
-                );
-                fail_call(inner, key, reply.as_deref(), TaskErrorKind::UnknownTask, &message);
+                task_returned(inner, key, reply.as_deref(), &why);
             }
             (false, _) => {
                 let message = "RabbitMQ refused to store the task message".to_owned();
@@ -624,17 +608,8 @@ fn settle(inner: &Arc<Inner>, entry: Pending, stored: bool) {
             stats.reports.fetch_add(1, Ordering::Relaxed);
             if let Some(why) = returned {
                 stats.returned.fetch_add(1, Ordering::Relaxed);
-                // The caller's reply queue is gone (it expired or was deleted): nobody waits.
                 let level = if final_report { Level::Warning } else { Level::Info };
-                inner.events.emit(
-                    Event::new(
-                        Origin::Reporter,
-                        level,
-                        EventKind::ReportFailed,
-                        format!("a report was dropped: its caller's reply queue is gone ({why})"),
-                    )
-                    .with_task(key),
-                );
+                report_dropped(inner, Some(key), level, &why);
             }
             if let Some(ack) = ack
                 && let Err(e) = ack.ack()
@@ -654,6 +629,30 @@ fn settle(inner: &Arc<Inner>, entry: Pending, stored: bool) {
             }
         }
     }
+}
+
+/// A task message RabbitMQ returned (no queue took it): its call fails with `UnknownTask`.
+fn task_returned(inner: &Inner, key: CallKey, reply: Option<&str>, why: &str) {
+    let message = format!("no queue serves task `{}` (RabbitMQ returned the message: {why})", key.name);
+    inner.events.emit(
+        Event::new(Origin::Producer, Level::Warning, EventKind::UnknownTask, message.clone()).with_task(key.clone()),
+    );
+    fail_call(inner, key, reply, TaskErrorKind::UnknownTask, &message);
+}
+
+/// A report RabbitMQ returned: its caller's reply queue is gone (it expired or was
+/// deleted), so nobody waits for it.
+fn report_dropped(inner: &Inner, key: Option<CallKey>, level: Level, why: &str) {
+    let mut event = Event::new(
+        Origin::Reporter,
+        level,
+        EventKind::ReportFailed,
+        format!("a report was dropped: its caller's reply queue is gone ({why})"),
+    );
+    if let Some(key) = key {
+        event = event.with_task(key);
+    }
+    inner.events.emit(event);
 }
 
 fn ack_failed(inner: &Inner, error: &BrokerError) {

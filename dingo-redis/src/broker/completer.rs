@@ -39,6 +39,14 @@ pub(crate) enum Settle {
     DeadNewest { reason: String },
 }
 
+impl Settle {
+    /// Whether it removes a message from its consumer's processing list (by position): all
+    /// but reports, which settle nothing.
+    pub(crate) fn is_positional(&self) -> bool {
+        !matches!(self, Settle::Report { .. })
+    }
+}
+
 /// One thing for the background writer.
 pub(crate) enum Op {
     /// A report for caller process `caller` (stored once, however often it is retried),
@@ -100,7 +108,7 @@ fn complete_loop(inner: &Arc<Inner>, rx: &Receiver<Op>, stop: &AtomicBool) {
             })
             .collect();
         let mut plan = plan(inner, batch, &mut sequence);
-        match plan.run(inner, &mut conn, stop, None, Some(&mut sequence)) {
+        match plan.run(inner, &mut conn, stop, None, &mut sequence) {
             Some(Ok(results)) => {
                 account(inner, &results);
                 for ack in acks {
@@ -243,7 +251,7 @@ impl Plan {
         conn: &mut Conn,
         stop: &AtomicBool,
         first: Option<&redis::Cmd>,
-        mut sequence: Option<&mut Sequence>,
+        sequence: &mut Sequence,
     ) -> Option<redis::RedisResult<Vec<(Kind, Value)>>> {
         let (mut reports, mut tasks) = (0, 0);
         let mut retrying = false;
@@ -253,7 +261,7 @@ impl Plan {
                 (reports, tasks) = self.keep_repeatable();
             }
             let first = if again { None } else { first };
-            scripts::run_after(c, first, &mut self.calls, sequence.as_deref_mut())
+            scripts::run_after(c, first, &mut self.calls, Some(&mut *sequence))
         });
         if reports > 0 {
             inner.events.emit(Event::new(

@@ -27,7 +27,7 @@ use dingo_core::{BrokerError, CallKey, TaskError, TaskErrorKind, TaskName};
 use redis::Value;
 
 use super::completer::{self, Kind, Op, Plan, Settle};
-use super::flusher::{Consumer, FLUSH_AFTER, Parked};
+use super::flusher::{Consumer, FLUSH_AFTER, Parked, settled_by};
 use super::{Inner, lock};
 use crate::conn::Conn;
 use crate::keys::{self, QueueKeys};
@@ -257,13 +257,7 @@ impl RedisSubscription {
         self.take_back(local);
         let done = std::mem::take(&mut local.done);
         local.oldest_done = None;
-        let mut settled: Vec<Consumer> = Vec::new();
-        for pending in &done {
-            let positional = !matches!(pending.settle, Settle::Report { .. });
-            if positional && !settled.iter().any(|(_, c)| *c == pending.consumer) {
-                settled.push((pending.queue.clone(), pending.consumer.clone()));
-            }
-        }
+        let settled = settled_by(&done);
         (completer::settle_calls(&self.inner, done, &mut local.sequence), settled)
     }
 
@@ -277,9 +271,7 @@ impl RedisSubscription {
         }
         if !local.abandoned.is_empty() {
             let abandoned = &local.abandoned;
-            local.done.retain(|pending| {
-                matches!(pending.settle, Settle::Report { .. }) || !abandoned.contains(&pending.consumer)
-            });
+            local.done.retain(|pending| !pending.settle.is_positional() || !abandoned.contains(&pending.consumer));
         }
     }
 
@@ -340,7 +332,7 @@ impl RedisSubscription {
     /// the subscription stops: what a stopping worker cannot store while Redis is away runs
     /// again after its lease, rather than hold the stop up until Redis is back.
     fn round_trip(&self, local: &mut Local, plan: &mut Plan, wait: Option<&redis::Cmd>) -> Option<Vec<(Kind, Value)>> {
-        match plan.run(&self.inner, &mut local.conn, &self.stopped, wait, Some(&mut local.sequence))? {
+        match plan.run(&self.inner, &mut local.conn, &self.stopped, wait, &mut local.sequence)? {
             Ok(results) => {
                 completer::account(&self.inner, &results);
                 Some(results)

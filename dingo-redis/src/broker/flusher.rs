@@ -20,7 +20,7 @@ use crossbeam_channel::{Receiver, RecvTimeoutError, Sender};
 use dingo_core::BrokerError;
 use dingo_core::event::{Event, EventKind, Level, Origin};
 
-use super::completer::{self, Settle};
+use super::completer;
 use super::fetcher::Pending;
 use super::{Inner, Thread};
 use crate::keys::QueueKeys;
@@ -189,12 +189,11 @@ fn next_due(watched: &mut Vec<Arc<Parked>>, wait: &mut Duration) -> Option<Arc<P
     due
 }
 
-/// The consumers whose processing lists `done` settles (all but reports).
-fn settled_by(done: &[Pending]) -> Vec<Consumer> {
+/// The consumers whose processing lists `done` settles (see `Settle::is_positional`).
+pub(crate) fn settled_by(done: &[Pending]) -> Vec<Consumer> {
     let mut consumers: Vec<Consumer> = Vec::new();
     for pending in done {
-        let positional = !matches!(pending.settle, Settle::Report { .. });
-        if positional && !consumers.iter().any(|(_, c)| *c == pending.consumer) {
+        if pending.settle.is_positional() && !consumers.iter().any(|(_, c)| *c == pending.consumer) {
             consumers.push((pending.queue.clone(), pending.consumer.clone()));
         }
     }
@@ -212,7 +211,7 @@ fn store(
 ) -> bool {
     let count = done.len() as u64;
     let mut plan = completer::settle_calls(inner, done, sequence);
-    let why = match plan.run(inner, conn, stop, None, Some(sequence)) {
+    let why = match plan.run(inner, conn, stop, None, sequence) {
         Some(Ok(results)) => {
             completer::account(inner, &results);
             inner.stats.flushed.fetch_add(count, Ordering::Relaxed);

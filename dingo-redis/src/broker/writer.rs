@@ -197,9 +197,7 @@ fn write(
         Some(Ok(replies)) => {
             // The at-most-once transaction, if it went: `EXEC`'s reply comes last.
             if transaction && let Some(refused) = replies.last().and_then(refused_transaction) {
-                let (amo, rest) = batch.into_iter().partition(|o| o.at_most_once);
-                batch = rest;
-                fail(inner, amo, &format!("redis refused the task messages: {refused}"));
+                fail(inner, at_most_once(&mut batch), &format!("redis refused the task messages: {refused}"));
             }
             inner.stats.sent.fetch_add(batch.len() as u64, Ordering::Relaxed);
         }
@@ -238,9 +236,7 @@ fn answer(inner: &Inner, line: &mut Line, stop: &AtomicBool) {
         // messages were queued, or refused.
         let settled = calls.last().is_some_and(|call| call.script.is_none()) && done.last() == Some(&true);
         if settled && let Some(refused) = last.as_ref().and_then(refused_transaction) {
-            let (amo, rest) = batch.into_iter().partition(|o| o.at_most_once);
-            batch = rest;
-            fail(inner, amo, &format!("redis refused the task messages: {refused}"));
+            fail(inner, at_most_once(&mut batch), &format!("redis refused the task messages: {refused}"));
         }
         // Left to send: the scripts not answered, and the transaction if its outcome is
         // unknown (`write` drops it and fails its messages).
@@ -323,14 +319,19 @@ fn unrepeatable(inner: &Inner, calls: &mut Vec<Call>, batch: &mut Vec<Outgoing>)
     if calls.len() == before {
         return;
     }
-    let (unknown, kept) = std::mem::take(batch).into_iter().partition(|o| o.at_most_once);
-    *batch = kept;
     fail(
         inner,
-        unknown,
+        at_most_once(batch),
         "the connection broke while these at-most-once messages were on their way: they may or may not have been \
          queued, and are not sent twice",
     );
+}
+
+/// Takes the at-most-once messages (the transaction's) out of `batch`.
+fn at_most_once(batch: &mut Vec<Outgoing>) -> Vec<Outgoing> {
+    let (amo, rest) = std::mem::take(batch).into_iter().partition(|o| o.at_most_once);
+    *batch = rest;
+    amo
 }
 
 /// Why Redis refused an at-most-once transaction, from `EXEC`'s reply (`None`: it was
