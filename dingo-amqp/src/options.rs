@@ -43,8 +43,9 @@ pub struct AmqpOptions {
     /// finished (their reports still on their way) before it closes its channel; whatever is
     /// unacknowledged then goes back to the queue. Default 5 s.
     pub settle_grace: Duration,
-    /// How long a caller waits hot (polls) for the result of a call made while it had no
-    /// other call in flight, before it sleeps (saves a thread wake-up). Zero turns it off.
+    /// How long a caller waits hot (polls) for a result, when that call is the only one of
+    /// the process in flight as the wait begins, before it sleeps (saves a thread wake-up).
+    /// Zero turns it off.
     /// Default 300 µs.
     pub wait_spin: Duration,
 }

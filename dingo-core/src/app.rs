@@ -300,8 +300,7 @@ impl App {
             let slot = Arc::new(Slot::new(inner.caller_codecs.clone(), decode));
             let reply_to = store.watch(&key, ReplySink::new(slot.clone())).map_err(broker_error)?;
             let keeps_state = matches!(reply_to, ReplyTo::Address(_));
-            slot.set_spin(store.wait_spin());
-            (Handle::new(key.clone(), slot, keeps_state.then(|| store.clone())), reply_to)
+            (Handle::new(key.clone(), slot, store.clone(), keeps_state), reply_to)
         };
 
         let message = TaskMessage {

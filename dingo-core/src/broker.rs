@@ -255,8 +255,8 @@ pub trait Store: Send + Sync + 'static {
     /// The handle of `key` is gone (finished or dropped): forget it.
     fn forget(&self, key: &CallKey);
 
-    /// How long a caller waiting for the result of a call just watched polls before it
-    /// sleeps. Polling keeps a core busy and saves the wake-up (tens of microseconds, more on
+    /// How long a caller about to wait for a result polls before it sleeps; asked each
+    /// time a handle waits, so the answer can depend on what is in flight at that moment. Polling keeps a core busy and saves the wake-up (tens of microseconds, more on
     /// virtual machines): worth it when the result is that close — reports from this
     /// process, or a lone call over a fast network. Default: no polling.
     fn wait_spin(&self) -> Duration {

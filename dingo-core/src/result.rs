@@ -3,7 +3,7 @@
 use std::collections::VecDeque;
 use std::fmt;
 use std::panic::{AssertUnwindSafe, catch_unwind};
-use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
@@ -13,11 +13,6 @@ use crate::error::{Error, TaskError, TaskErrorKind};
 use crate::id::{CallKey, TaskId, TaskName};
 use crate::message::{ReportBody, ReportSink, Value};
 use crate::report::{Progress, Report};
-
-/// How long a waiter spins before it sleeps, unless its store says otherwise
-/// ([`Store::wait_spin`](crate::broker::Store::wait_spin)): a result that is microseconds
-/// away is picked up without the cost of a wake-up (tens of microseconds).
-const SPIN: Duration = Duration::from_micros(50);
 
 /// How many `Sent` / `Progress` reports a handle keeps while nobody reads them; beyond
 /// that the oldest are dropped (a chatty task must not grow a forgotten handle without end).
@@ -52,17 +47,19 @@ pub(crate) type DecodeFn<T> = fn(Encoded, &Codecs) -> Result<T, TaskError>;
 pub struct Handle<T> {
     key: CallKey,
     slot: Option<Arc<Slot<T>>>,
-    /// Set when the store keeps state for this call (to forget it when the handle goes).
+    /// The store the reports come from (`None`: detached).
     store: Option<Arc<dyn Store>>,
+    /// Whether the store keeps state for this call (to forget when the handle goes).
+    keeps_state: bool,
 }
 
 impl<T: Send + 'static> Handle<T> {
-    pub(crate) fn new(key: CallKey, slot: Arc<Slot<T>>, store: Option<Arc<dyn Store>>) -> Handle<T> {
-        Handle { key, slot: Some(slot), store }
+    pub(crate) fn new(key: CallKey, slot: Arc<Slot<T>>, store: Arc<dyn Store>, keeps_state: bool) -> Handle<T> {
+        Handle { key, slot: Some(slot), store: Some(store), keeps_state }
     }
 
     pub(crate) fn detached(key: CallKey) -> Handle<T> {
-        Handle { key, slot: None, store: None }
+        Handle { key, slot: None, store: None, keeps_state: false }
     }
 
     /// The call's id.
@@ -175,7 +172,10 @@ impl<T: Send + 'static> Handle<T> {
     fn wait_for(&mut self, timeout: Option<Duration>) -> Result<T, Error> {
         let deadline = timeout.and_then(deadline);
         let slot = self.slot.as_ref().ok_or(Error::NoReport)?;
-        slot.spin_until_finished();
+        // Asked now, not at the call: whether this call is alone depends on the moment.
+        if let Some(store) = &self.store {
+            slot.spin_until_finished(store.wait_spin());
+        }
         let mut state = slot.lock();
         loop {
             state.reports.clear();
@@ -191,7 +191,7 @@ impl<T> Drop for Handle<T> {
     /// Tells the store to stop keeping reports for this call — unless a callback still waits
     /// for the result, which then arrives as if the handle were kept.
     fn drop(&mut self) {
-        if let Some(store) = &self.store {
+        if let Some(store) = self.store.as_ref().filter(|_| self.keeps_state) {
             let callbacks_pending = self.slot.as_ref().is_some_and(|slot| slot.callbacks_pending());
             if !callbacks_pending {
                 store.forget(&self.key);
@@ -243,8 +243,6 @@ type OnErr = Box<dyn FnOnce(&TaskError) + Send>;
 /// The shared state of one call: written by the report transport, read by the handle.
 pub(crate) struct Slot<T> {
     finished: AtomicBool,
-    /// How long a waiter polls before sleeping (µs).
-    spin: AtomicU32,
     state: Mutex<State<T>>,
     wake: Condvar,
     codecs: Arc<Codecs>,
@@ -281,7 +279,6 @@ impl<T: Send + 'static> Slot<T> {
     pub(crate) fn new(codecs: Arc<Codecs>, decode: DecodeFn<T>) -> Slot<T> {
         Slot {
             finished: AtomicBool::new(false),
-            spin: AtomicU32::new(SPIN.as_micros() as u32),
             state: Mutex::new(State {
                 reports: VecDeque::new(),
                 outcome: Outcome::Pending,
@@ -300,14 +297,9 @@ impl<T: Send + 'static> Slot<T> {
         self.state.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    fn spin_until_finished(&self) {
-        let budget = Duration::from_micros(u64::from(self.spin.load(Ordering::Relaxed)));
+    /// Polls for the final report for up to `budget` (what the store advises).
+    fn spin_until_finished(&self, budget: Duration) {
         crate::spin::spin(budget, || self.finished.load(Ordering::Acquire).then_some(()));
-    }
-
-    /// Sets how long waiters poll before they sleep (what the store advises).
-    pub(crate) fn set_spin(&self, budget: Duration) {
-        self.spin.store(u32::try_from(budget.as_micros()).unwrap_or(u32::MAX), Ordering::Relaxed);
     }
 
     /// Sleeps until something is delivered; `Err` when the deadline passed.

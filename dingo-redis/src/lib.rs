@@ -53,7 +53,10 @@
 //!   so rather than waiting for a result that may never come.
 //! - **Reports** go to one reply list per caller process and task, which expires after the
 //!   [`result_ttl`](RedisOptions::result_ttl). One listener thread per process waits on all of
-//!   them and routes each report to its call's handle by (task name, id); reports that arrive
+//!   them and routes each report to its call's handle by (task name, id). A batch of
+//!   reports stored in one step is one list element, the reports back to back (each is
+//!   self-delimiting), so Redis stores and the listener reads one value per batch, not per
+//!   report. Reports that arrive
 //!   before the handle waits are kept, a wait that times out loses nothing, and many waiting
 //!   calls cost no connection each.
 //! - **Dead letters.** A message that cannot run — it does not decode, names a task the
@@ -80,9 +83,9 @@
 //! pipelined behind the last non-blocking command so an idle worker costs no extra round
 //! trip.
 //!
-//! A caller with a single call in flight polls for its result for up to
+//! A caller waiting for its only call in flight polls for the result for up to
 //! [`wait_spin`](RedisOptions::wait_spin) before it sleeps, which saves a thread wake-up on
-//! the way back; callers with many calls in flight sleep at once.
+//! the way back; a wait that begins while other calls are in flight sleeps at once.
 //!
 //! # Options
 //!

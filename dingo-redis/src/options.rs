@@ -46,11 +46,11 @@ pub struct RedisOptions {
     /// First and longest pause between reconnection attempts (doubling in between).
     /// Default 10 ms and 2 s.
     pub reconnect_backoff: (Duration, Duration),
-    /// How long a caller waits hot (polls) for the result of a call made while it had no
-    /// other call in flight, before it sleeps. Polling keeps a core busy for up to this long
-    /// and saves the wake-up, about 100 µs on virtual machines whose idle cores wake slowly
-    /// (a third of a call's latency there). Calls made while others are in flight sleep at
-    /// once. Zero turns it off. Default 500 µs.
+    /// How long a caller waits hot (polls) for a result, when that call is the only one of
+    /// the process in flight as the wait begins, before it sleeps. Polling keeps a core busy
+    /// for up to this long and saves the wake-up, about 100 µs on virtual machines whose idle
+    /// cores wake slowly (a third of a call's latency there). Waits that begin while other
+    /// calls are in flight sleep at once. Zero turns it off. Default 500 µs.
     pub wait_spin: Duration,
 }
 

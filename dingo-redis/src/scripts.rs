@@ -137,11 +137,12 @@ return {'ok', msgs}
 /// Settles, in order, what one consumer (`ARGV[3]`) did with its messages — once: batch
 /// number `ARGV[1]` of the actor whose sequence key is `KEYS[3]` (kept `ARGV[5]` ms), so a
 /// batch sent again after its reply was lost changes nothing. From ARGV[6], runs of one
-/// operation: (op, reply index k, count n), then the run's n data items if it carries data
-/// (`r`, `d`, `x`, and `c` with k > 0):
-/// - `r`: store reports `data` (no lease involved: progress, at-most-once tasks);
+/// operation: (op, reply index k, count n), then the run's data: one item for `r` and for
+/// `c` with k > 0 (the run's reports back to back, stored as one list element: one Lua
+/// string and one element per run, not per report), n items for `d` and `x`, none else:
+/// - `r`: store the n reports `data` (no lease involved: progress, at-most-once tasks);
 /// - `c`: settle the n oldest messages of the processing list (`KEYS[2]`) and store their
-///   final reports `data` (k 0: none, fire-and-forget calls);
+///   final reports `data` (k 0: none, fire-and-forget calls; empty `data`: none either);
 /// - `d`: settle the oldest message to the dead letters (`KEYS[4]`, kept to `ARGV[4]`) with
 ///   the reason prefix `data`, n times;
 /// - `q`: give the newest message back to the front of its queue (`KEYS[5]`, wake `KEYS[6]`),
@@ -149,8 +150,8 @@ return {'ok', msgs}
 /// - `x`: settle the newest message to the dead letters, with the reason prefix `data`.
 ///
 /// Runs keep the work in Redis's C code: a run of completions is one `LTRIM` and one `RPUSH`
-/// of a slice of ARGV, with no Lua loop over its tasks (each Lua step per task costs more
-/// than the push itself).
+/// of one element, with no Lua loop over its tasks (each Lua step per task costs more than
+/// the push itself, and every string Lua receives is hashed whole).
 ///
 /// The consumer's lease (`KEYS[1]`) must still stand: if it expired and was reaped, its
 /// messages went back to the queue for others, and nothing of `c`, `d`, `q` is applied
@@ -164,8 +165,9 @@ if seen(KEYS[3], ARGV[1], ARGV[5]) then return {1, 0} end
 local owned = redis.call('ZSCORE', KEYS[1], ARGV[3]) ~= false
 local rejected = 0
 local touched = {}
-local function report(k, first, last)
-  redis.call('RPUSH', KEYS[5 + 2 * k], unpack(ARGV, first, last))
+local function report(k, data)
+  if data == '' then return end
+  redis.call('RPUSH', KEYS[5 + 2 * k], data)
   touched[k] = true
 end
 -- Consecutive completions remove their messages with one LTRIM (an RPOP would copy each
@@ -179,16 +181,17 @@ while i <= #ARGV do
   local op, k, n = ARGV[i], tonumber(ARGV[i + 1]), tonumber(ARGV[i + 2])
   local first = i + 3
   local last = first - 1
-  if op == 'r' or op == 'd' or op == 'x' or (op == 'c' and k > 0) then last = first + n - 1 end
+  if op == 'd' or op == 'x' then last = first + n - 1
+  elseif op == 'r' or (op == 'c' and k > 0) then last = first end
   i = last + 1
   if op ~= 'c' then flush() end
   if op == 'r' then
-    report(k, first, last)
+    report(k, ARGV[first])
   elseif not owned then
     if op == 'c' then rejected = rejected + n end
   elseif op == 'c' then
     settled = settled + n
-    if k > 0 then report(k, first, last) end
+    if k > 0 then report(k, ARGV[first]) end
   elseif op == 'd' or op == 'x' then
     -- 'd' the oldest message, 'x' the newest.
     local pop = op == 'd' and 'RPOP' or 'LPOP'
@@ -486,7 +489,8 @@ mod tests {
     }
 
     /// `COMPLETE` applies its runs in order on the lists themselves: two completions with
-    /// reports for one caller, one without a report, the oldest and the newest message
+    /// reports for one caller (one element), one without a report, a report that settles
+    /// nothing, the oldest and the newest message
     /// dead-lettered, a message given back; a
     /// batch sent again changes nothing; once the lease is gone, completions are rejected
     /// and nothing is stored.
@@ -511,8 +515,10 @@ mod tests {
             }
             call
         };
-        let runs =
-            ["c", "1", "2", "r1", "r2", "c", "0", "1", "d", "0", "1", "why:", "x", "0", "1", "new:", "q", "0", "1"];
+        let runs = [
+            "c", "1", "2", "r1r2", "c", "0", "1", "r", "1", "1", "p3", "d", "0", "1", "why:", "x", "0", "1", "new:",
+            "q", "0", "1",
+        ];
         let list = |conn: &mut redis::Connection, i: usize| -> Vec<String> {
             redis::cmd("LRANGE").arg(&keys[i]).arg(0).arg(-1).query(conn).expect("LRANGE")
         };
@@ -520,7 +526,7 @@ mod tests {
             let result = run_batch(&mut conn, &[call("1", &runs)]).expect("COMPLETE runs");
             let (owned, rejected): (i64, i64) = redis::from_redis_value(result[0].clone()).expect("a pair");
             assert_eq!((owned, rejected), (1, 0), "{attempt}");
-            assert_eq!(list(&mut conn, 6), ["r1", "r2"], "the reports, in order ({attempt})");
+            assert_eq!(list(&mut conn, 6), ["r1r2", "p3"], "the reports, in order, a run per element ({attempt})");
             assert!(list(&mut conn, 1).is_empty(), "every message settled ({attempt})");
             assert_eq!(list(&mut conn, 3), ["new:m6", "why:m4"], "m4, then m6, dead-lettered ({attempt})");
             assert_eq!(list(&mut conn, 4), ["m5"], "m5 back in its queue ({attempt})");
@@ -531,7 +537,7 @@ mod tests {
         let result = run_batch(&mut conn, &[call("2", &["c", "1", "1", "r3"])]).expect("COMPLETE runs");
         let (owned, rejected): (i64, i64) = redis::from_redis_value(result[0].clone()).expect("a pair");
         assert_eq!((owned, rejected), (0, 1), "fenced out: the completion is rejected");
-        assert_eq!(list(&mut conn, 6), ["r1", "r2"], "its report is not stored");
+        assert_eq!(list(&mut conn, 6), ["r1r2", "p3"], "its report is not stored");
         assert_eq!(list(&mut conn, 1), ["m6"], "its message stays for the reaper");
         let _: () = redis::cmd("DEL").arg(&keys).query(&mut conn).expect("DEL");
     }

@@ -298,6 +298,29 @@ pub fn decode_report_from(bytes: Vec<u8>, known: &Known<'_>) -> Result<ReportMes
     })
 }
 
+/// Decodes reports written back to back in one value (a broker may store a batch of reports
+/// as one), handing each to `each` in order. A single report decodes without a copy. A
+/// report that cannot be read ends the batch with its error (where the next one would
+/// start is unknown); those before it were handed over.
+pub fn decode_reports_from(
+    bytes: Vec<u8>,
+    known: &Known<'_>,
+    mut each: impl FnMut(ReportMessage<'static>),
+) -> Result<(), BrokerError> {
+    let first = Reader::new(&bytes, TYPE_REPORT)?.message_len()?;
+    if first == bytes.len() {
+        each(decode_report_from(bytes, known)?);
+        return Ok(());
+    }
+    let mut at = 0;
+    while at < bytes.len() {
+        let len = Reader::new(&bytes[at..], TYPE_REPORT)?.message_len()?;
+        each(decode_report_from(bytes[at..at + len].to_vec(), known)?);
+        at += len;
+    }
+    Ok(())
+}
+
 fn field(out: &mut Vec<u8>, tag: u8, value: &[u8]) {
     out.push(tag);
     let mut len = value.len() as u64;
@@ -349,13 +372,26 @@ impl<'a> Reader<'a> {
     }
 
     fn next_field(&mut self) -> Result<Option<(u8, &'a [u8])>, BrokerError> {
+        let field = self.field_or_end()?;
+        if field.is_none() && !self.rest.is_empty() {
+            return Err(malformed(format!("{} bytes after the end of the message", self.rest.len())));
+        }
+        Ok(field)
+    }
+
+    /// How long the message is, through its end marker (bytes after it are not read).
+    fn message_len(mut self) -> Result<usize, BrokerError> {
+        while self.field_or_end()?.is_some() {}
+        Ok(self.all.len() - self.rest.len())
+    }
+
+    /// The next field, or `None` at the end marker (leaving what follows it in `rest`).
+    fn field_or_end(&mut self) -> Result<Option<(u8, &'a [u8])>, BrokerError> {
         let Some((&tag, rest)) = self.rest.split_first() else {
             return Err(malformed("message truncated (no end marker)"));
         };
         if tag == END {
-            if !rest.is_empty() {
-                return Err(malformed(format!("{} bytes after the end of the message", rest.len())));
-            }
+            self.rest = rest;
             return Ok(None);
         }
         let mut len: u64 = 0;
@@ -479,5 +515,38 @@ mod tests {
             assert_eq!((back.name.as_str(), back.id.as_str()), ("n", "1"));
             assert_eq!(format!("{:?}", back.body), expected);
         }
+    }
+
+    /// Reports written back to back decode one by one, in order; a broken one ends the
+    /// batch after those before it.
+    #[test]
+    fn reports_back_to_back_decode_in_order() {
+        let report = |id: &str, value: u8| {
+            let body = ReportBody::Success(Value::Encoded(Encoded::new(1, vec![value])));
+            encode_report(&ReportMessage { name: TaskName::from("n"), id: TaskId::new(id), body }).unwrap()
+        };
+        let decode = |bytes: Vec<u8>| {
+            let mut got = Vec::new();
+            let result = decode_reports_from(bytes, &Known::default(), |r| {
+                let ReportBody::Success(Value::Encoded(e)) = r.body else { panic!("a success") };
+                got.push((r.id.as_str().to_owned(), e.bytes));
+            });
+            (got, result)
+        };
+        let (one, result) = decode(report("a", 1));
+        assert!(result.is_ok());
+        assert_eq!(one, [("a".to_owned(), vec![1])]);
+
+        let batch = [report("a", 1), report("b", 2), report("c", 3)].concat();
+        let (three, result) = decode(batch.clone());
+        assert!(result.is_ok());
+        assert_eq!(three, [("a".to_owned(), vec![1]), ("b".to_owned(), vec![2]), ("c".to_owned(), vec![3])]);
+
+        let mut broken = batch[..batch.len() - 1].to_vec(); // the last one lost its end marker
+        broken.splice(0..0, report("z", 9));
+        let (before, result) = decode(broken);
+        assert_eq!(result.unwrap_err().kind(), BrokerErrorKind::Malformed);
+        assert_eq!(before.len(), 3, "z, a and b were handed over before the broken c");
+        assert!(decode(Vec::new()).1.is_err(), "an empty value is malformed");
     }
 }

@@ -216,13 +216,15 @@ impl Plan {
 
     /// Stores a report that settles nothing (progress, at-most-once tasks) with plain
     /// commands — no script: these are the at-most-once path's whole cost. Consecutive
-    /// reports for one reply list share one push.
+    /// reports for one reply list share one push, back to back in one list element.
     fn report(&mut self, inner: &Inner, queue: &QueueKeys, caller: &str, bytes: Vec<u8>) {
         let reply = queue.reply(caller);
         if self.open_report.as_deref() == Some(reply.as_str()) {
             // The push is followed by four calls (expiry, notify token, …).
             let at = self.calls.len() - 5;
-            self.calls[at].args.push(bytes);
+            if let Some(joined) = self.calls[at].args.last_mut() {
+                joined.extend_from_slice(&bytes);
+            }
             if let Kind::Report { reports } = &mut self.kinds[at] {
                 *reports += 1;
             }
@@ -397,7 +399,8 @@ fn complete(
 }
 
 /// Groups a `COMPLETE`'s settlements into runs of one operation and reply list: a header
-/// (op, k, n) in the call's arguments, its data items after it.
+/// (op, k, n) in the call's arguments, its data after it — the run's reports back to back
+/// in one argument (`r`, `c` with k > 0), or one item each (dead-letter reasons).
 #[derive(Default)]
 struct Runs {
     /// The open run: its op, k, and where its header's count goes in the arguments.
@@ -406,20 +409,27 @@ struct Runs {
 }
 
 impl Runs {
-    /// Longest run: `unpack` in the script puts a run on Lua's stack.
+    /// Longest run: bounds a list element of reports, and the dead letters a script loop
+    /// moves at once.
     const MAX: usize = 1000;
 
     fn add(&mut self, call: &mut Call, op: &'static str, k: usize, data: Option<Vec<u8>>) {
+        let reports = op == "r" || (op == "c" && k > 0);
         let joins = matches!(self.open, Some((o, j, _)) if o == op && j == k) && self.count < Runs::MAX;
         if !joins {
             self.close(call);
             call.args.extend([op.as_bytes().to_vec(), k.to_string().into_bytes(), Vec::new()]);
             self.open = Some((op, k, call.args.len() - 1));
             self.count = 0;
+            if reports {
+                call.args.push(Vec::new());
+            }
         }
         self.count += 1;
-        if let Some(data) = data {
-            call.args.push(data);
+        match (data, call.args.last_mut()) {
+            (Some(data), Some(joined)) if reports => joined.extend_from_slice(&data),
+            (Some(data), _) => call.args.push(data),
+            (None, _) => {}
         }
     }
 
