@@ -559,8 +559,8 @@ impl Reporter for RedisBroker {
 }
 
 /// The caller process a report goes to.
-fn caller(to: &ReplyTo) -> Result<Option<String>, BrokerError> {
-    Ok(reply_address(to, "redis")?.map(|caller| caller.to_string()))
+fn caller(to: &ReplyTo) -> Result<Option<Arc<str>>, BrokerError> {
+    Ok(reply_address(to, "redis")?.cloned())
 }
 
 impl Store for RedisBroker {

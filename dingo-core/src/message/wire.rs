@@ -58,7 +58,12 @@ pub fn encode_task(msg: &TaskMessage) -> Result<Vec<u8>, BrokerError> {
     let Payload::Encoded(args) = &msg.args else {
         return Err(BrokerError::new(BrokerErrorKind::Config, "in-process arguments cannot be sent as bytes"));
     };
-    let mut out = Vec::with_capacity(32 + msg.name.as_str().len() + msg.id.as_str().len() + args.bytes.len());
+    let address = match &msg.reply_to {
+        ReplyTo::Address(address) => address.len(),
+        _ => 0,
+    };
+    // Room for every field at once (and the redelivery mark a broker may add).
+    let mut out = Vec::with_capacity(48 + msg.name.as_str().len() + msg.id.as_str().len() + address + args.bytes.len());
     out.push(VERSION);
     out.push(TYPE_TASK);
     field(&mut out, NAME, msg.name.as_str().as_bytes());
@@ -209,7 +214,13 @@ fn take_range(mut bytes: Vec<u8>, range: std::ops::Range<usize>) -> Vec<u8> {
 
 /// Encodes a report. A success payload must be encoded.
 pub fn encode_report(report: &ReportMessage<'_>) -> Result<Vec<u8>, BrokerError> {
-    let mut out = Vec::with_capacity(64);
+    // Room for every field at once: one allocation per report.
+    let body = match &report.body {
+        ReportBody::Progress(Some(value)) | ReportBody::Success(Value::Encoded(value)) => value.bytes.len(),
+        ReportBody::Failure(error) => error.message().len() + error.raw_payload().map_or(0, |p| p.bytes.len()),
+        _ => 0,
+    };
+    let mut out = Vec::with_capacity(48 + report.name.as_str().len() + report.id.as_str().len() + body);
     out.push(VERSION);
     out.push(TYPE_REPORT);
     field(&mut out, NAME, report.name.as_str().as_bytes());

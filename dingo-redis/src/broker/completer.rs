@@ -27,10 +27,10 @@ use crate::scripts::{self, Call, SEQ_TTL, Sequence};
 /// What to do with one message of a consumer's processing list (or one report).
 pub(crate) enum Settle {
     /// The oldest message is done: remove it, storing its final report for `caller`, if any.
-    Complete { caller: Option<String>, bytes: Option<Vec<u8>> },
+    Complete { caller: Option<Arc<str>>, bytes: Option<Vec<u8>> },
     /// The final report of an at-most-once task this worker thread ran: stored with plain
     /// commands, not sent again after a broken connection (at most once).
-    Report { caller: String, bytes: Vec<u8> },
+    Report { caller: Arc<str>, bytes: Vec<u8> },
     /// The oldest message cannot run: to the dead letters.
     Dead { reason: String },
     /// The newest message was never started: back to the front of its queue.
@@ -52,7 +52,7 @@ pub(crate) enum Op {
     /// A report for caller process `caller` (stored once, however often it is retried),
     /// then the delivery `then` is acknowledged: a task from another transport or broker
     /// counts as done only once its final report is stored.
-    Report { queue: Arc<QueueKeys>, caller: String, bytes: Vec<u8>, then: Option<Ack> },
+    Report { queue: Arc<QueueKeys>, caller: Arc<str>, bytes: Vec<u8>, then: Option<Ack> },
     /// Settlements of one consumer, in order.
     Settle { queue: Arc<QueueKeys>, consumer: Arc<str>, settles: Vec<Settle> },
     /// A message without a lease (at-most-once, undecodable) to the dead letters.
@@ -363,7 +363,7 @@ fn complete(
         .arg(consumer)
         .arg(inner.options.max_dead_letters.to_string())
         .arg(SEQ_TTL);
-    let mut callers: Vec<String> = Vec::new();
+    let mut callers: Vec<Arc<str>> = Vec::new();
     let (mut finals, mut dead) = (0, 0);
     let mut runs = Runs::default();
     for settle in settles {
@@ -442,7 +442,7 @@ impl Runs {
 
 /// The 1-based index of `caller`'s reply list among a `COMPLETE`'s (`KEYS[5 + 2k]`, its
 /// notify list `KEYS[6 + 2k]`), added if new.
-fn reply_index(callers: &mut Vec<String>, call: &mut Call, queue: &QueueKeys, caller: String) -> usize {
+fn reply_index(callers: &mut Vec<Arc<str>>, call: &mut Call, queue: &QueueKeys, caller: Arc<str>) -> usize {
     if let Some(i) = callers.iter().position(|c| *c == caller) {
         return i + 1;
     }

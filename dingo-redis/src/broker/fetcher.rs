@@ -527,12 +527,8 @@ impl RedisSubscription {
                     TaskError::new(TaskErrorKind::BadPayload, format!("the task message is malformed: {reason}"));
                 let report = ReportMessage { name: name.clone(), id: id.clone(), body: ReportBody::Failure(error) };
                 if let Ok(bytes) = wire::encode_report(&report) {
-                    let _ = completer.push(Op::Report {
-                        queue: queue.clone(),
-                        caller: caller.to_string(),
-                        bytes,
-                        then: None,
-                    });
+                    let _ =
+                        completer.push(Op::Report { queue: queue.clone(), caller: caller.clone(), bytes, then: None });
                 }
             }
         }
@@ -625,9 +621,9 @@ pub(crate) fn report_here(inner: &Inner, report: Op) -> Result<Option<Op>, Broke
 pub(crate) fn finish_here(
     inner: &Inner,
     queue: &Arc<QueueKeys>,
-    caller: String,
+    caller: Arc<str>,
     bytes: Vec<u8>,
-) -> Option<(String, Vec<u8>)> {
+) -> Option<(Arc<str>, Vec<u8>)> {
     LOCAL.with(|local| {
         let mut local = local.borrow_mut();
         let Some(state) = local.values_mut().find(|state| Arc::ptr_eq(&state.process, &inner.process)) else {
