@@ -354,6 +354,46 @@ fn a_lost_reply_to_a_send_does_not_run_the_call_twice() {
     worker.close().expect("close");
 }
 
+/// A batch of task messages is lost on its way to Redis (never applied): the sender's
+/// retry must queue it — as numbered scripts now, not the transaction it was written as —
+/// and each call runs once. A retry that dropped the batch would leave the calls waiting.
+#[test]
+fn a_send_lost_on_its_way_is_sent_again_and_runs_once() {
+    let Some(setup) = Redis::setup() else { return };
+    let proxy = Proxy::start(server_addr(setup.url())).expect("start the proxy");
+    let options = setup.options().clone().command_timeout(Duration::from_secs(1));
+    let sender = RedisBroker::connect_with(&via(&proxy, setup.url()), options).expect("connect via the proxy");
+    let caller = App::builder().tasks(sender.clone()).reports(setup.broker()).build().expect("caller app");
+    let worker = App::builder().broker(setup.broker()).build().expect("worker app");
+    let runs: Arc<Mutex<BTreeMap<u64, u32>>> = Arc::default();
+    let counted = runs.clone();
+    worker
+        .register("faults.resent", move |(n,): (u64,)| {
+            *lock(&counted).entry(n).or_default() += 1;
+            n
+        })
+        .expect("register");
+    worker.allocate("faults.resent", 1).expect("allocate");
+    assert_eq!(caller.call::<_, u64>("faults.resent", (0u64,)).expect("call").wait_timeout(PATIENCE).expect("ok"), 0);
+    wait_until("the first send is acknowledged", || stat(&sender.stats().sent) == 1);
+
+    proxy.partition();
+    let handles: Vec<_> =
+        (1..=5u64).map(|n| (n, caller.call::<_, u64>("faults.resent", (n,)).expect("call"))).collect();
+    std::thread::sleep(Duration::from_millis(1500)); // past the sender's command timeout
+    assert_eq!(setup.broker().queue_len("faults.resent").expect("queue length"), 0, "nothing reached redis");
+    proxy.resume();
+    for (n, mut handle) in handles {
+        assert_eq!(handle.wait_timeout(PATIENCE).expect("the call ran"), n);
+    }
+    wait_until("every send is acknowledged", || stat(&sender.stats().sent) == 6);
+    std::thread::sleep(Duration::from_millis(300)); // time for a second run, if there were one
+    let expected: BTreeMap<u64, u32> = (0..=5u64).map(|n| (n, 1)).collect();
+    assert_eq!(*lock(&runs), expected, "each call ran once");
+    caller.close().expect("close");
+    worker.close().expect("close");
+}
+
 /// The reply to an at-most-once message is lost on its way back (the message was queued):
 /// the sender must not queue it again — it would run twice — and its caller learns that
 /// the message's fate is unknown instead of waiting forever. The queued message still runs,
@@ -399,26 +439,32 @@ fn a_lost_reply_to_an_at_most_once_send_is_not_sent_again() {
     worker.close().expect("close");
 }
 
-/// Redis refuses an at-most-once message (the key of its list holds a string): the call
-/// fails at once saying so, instead of waiting for a result; with the key fixed, calls work.
+/// Redis refuses a task message (the key of its list holds a string): the call fails at
+/// once saying so, instead of waiting for a result — at most once or at least once; with
+/// the key fixed, calls work.
 #[test]
-fn a_refused_at_most_once_send_fails_its_call() {
+fn a_refused_send_fails_its_call() {
     let Some(setup) = Redis::setup() else { return };
     let caller = App::builder().broker(setup.broker()).build().expect("caller app");
     let worker = App::builder().broker(setup.broker()).build().expect("worker app");
-    worker.register("faults.amo_refused", |(n,): (u64,)| n).expect("register");
-    let list = format!("{}:{{faults.amo_refused}}:amo", setup.options().namespace);
-    assert_eq!(redis_cli(setup.url(), &["SET", &list, "not a list"]), "OK");
+    worker.register("faults.refused", |(n,): (u64,)| n).expect("register");
     let at_most_once = dingo::CallOptions::new().at_most_once(true);
-    let mut handle = caller.call_with::<_, u64>("faults.amo_refused", &at_most_once, (1u64,)).expect("call");
-    match handle.wait_timeout(PATIENCE) {
-        Err(dingo::Error::Task(error)) => assert!(error.message().contains("refused"), "{error:?}"),
-        other => panic!("the call must fail, refused, got {other:?}"),
+    let at_least_once = dingo::CallOptions::new();
+    for (options, list) in [(&at_most_once, "amo"), (&at_least_once, "pending")] {
+        let list = format!("{}:{{faults.refused}}:{list}", setup.options().namespace);
+        assert_eq!(redis_cli(setup.url(), &["SET", &list, "not a list"]), "OK");
+        let mut handle = caller.call_with::<_, u64>("faults.refused", options, (1u64,)).expect("call");
+        match handle.wait_timeout(PATIENCE) {
+            Err(dingo::Error::Task(error)) => assert!(error.message().contains("refused"), "{list}: {error:?}"),
+            other => panic!("the call must fail, refused ({list}), got {other:?}"),
+        }
+        redis_cli(setup.url(), &["DEL", &list]);
     }
-    redis_cli(setup.url(), &["DEL", &list]);
-    worker.allocate("faults.amo_refused", 1).expect("allocate");
-    let mut handle = caller.call_with::<_, u64>("faults.amo_refused", &at_most_once, (2u64,)).expect("call");
-    assert_eq!(handle.wait_timeout(PATIENCE).expect("works once the key is a list"), 2);
+    worker.allocate("faults.refused", 1).expect("allocate");
+    for (options, n) in [(&at_most_once, 2u64), (&at_least_once, 3u64)] {
+        let mut handle = caller.call_with::<_, u64>("faults.refused", options, (n,)).expect("call");
+        assert_eq!(handle.wait_timeout(PATIENCE).expect("works once the key is a list"), n);
+    }
     caller.close().expect("close");
     worker.close().expect("close");
 }

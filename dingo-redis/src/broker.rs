@@ -3,7 +3,7 @@
 //!
 //! | thread | role | does |
 //! | --- | --- | --- |
-//! | `dingo-redis-send` ([`writer`]) | producer | pipelines queued task messages, one script per queue per batch; reads the replies to what lone callers wrote themselves |
+//! | `dingo-redis-send` ([`writer`]) | producer | pipelines queued task messages, one transaction of plain pushes per batch; reads the replies to what lone callers wrote themselves |
 //! | the app's worker threads ([`fetcher`]) | consumer | each a consumer of its own: takes batches into its processing list, settles them with its next fetch; blocks on the queues' wake lists when idle |
 //! | `dingo-redis-done` ([`completer`]) | reporter | stores what does not come from a worker thread of this broker (mixed transports, dead letters, give-backs) |
 //! | `dingo-redis-leases` ([`keeper`]) | consumer | renews the consumers' leases, returns the tasks of expired ones to their queue |

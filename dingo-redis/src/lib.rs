@@ -71,9 +71,11 @@
 //! # Batching
 //!
 //! Nothing is one round trip per message. Callers queue task messages and go on; a writer
-//! thread pushes whatever has accumulated, one script per queue (at-most-once messages in
-//! one plain transaction) — a lone call, finding nothing queued, is written by its caller at
-//! once, and the writer thread reads the reply. A worker thread takes up to
+//! thread pushes whatever has accumulated as one transaction of plain `LPUSH`es (no Lua:
+//! Redis's Lua hashes every byte it is handed; the sender's batch number rides along as a
+//! plain `SET`, and a transaction whose outcome a broken connection left unknown is sent
+//! again as numbered scripts, which apply once). A lone call, finding nothing queued, is
+//! written by its caller at once, and the writer thread reads the reply. A worker thread takes up to
 //! [`batch`](RedisOptions::batch) tasks per script on its own connection, and the
 //! completions of the tasks it ran ride with its next fetch (one script settles them and
 //! takes more) — unless the task it runs meanwhile takes longer than 200 µs: then a flusher

@@ -68,7 +68,8 @@ fn with_seen(body: &str) -> Script {
 /// Pushes messages onto a queue list (`KEYS[1]`) and leaves a wake token (`KEYS[2]`), once:
 /// batch number `ARGV[1]` of the sender whose sequence key is `KEYS[3]` (kept `ARGV[2]`
 /// ms), so a batch sent again after its reply was lost is not queued twice. ARGV[3..]:
-/// the messages.
+/// the messages. Only for sends again (see [`Redo`]) and one-off pushes: the writer's
+/// first attempt is a transaction of plain commands, which costs Redis less.
 pub(crate) static PUSH: LazyLock<Script> = LazyLock::new(|| {
     with_seen(
         r#"
@@ -361,16 +362,41 @@ pub(crate) struct Call {
     pub(crate) command: &'static str,
     pub(crate) keys: Vec<String>,
     pub(crate) args: Vec<Vec<u8>>,
+    /// For a plain `LPUSH` of at-least-once messages in a transaction: how to send it again
+    /// if the transaction's outcome is unknown.
+    pub(crate) redo: Option<Redo>,
+}
+
+/// How a transaction's `LPUSH` of at-least-once messages (`LPUSH list m…`) is sent again
+/// when the connection broke before `EXEC` answered: as a numbered [`PUSH`] of the same
+/// messages. The transaction recorded the batch number with a plain `SET` of the sequence
+/// key, so `PUSH` skips a batch the transaction applied (see `SEEN`).
+#[derive(Clone)]
+pub(crate) struct Redo {
+    pub(crate) wake: String,
+    pub(crate) seq_key: String,
+    pub(crate) seq: String,
 }
 
 impl Call {
     pub(crate) fn new(script: &'static Script) -> Call {
-        Call { script: Some(script), seq: None, command: "", keys: Vec::new(), args: Vec::new() }
+        Call { script: Some(script), seq: None, command: "", keys: Vec::new(), args: Vec::new(), redo: None }
     }
 
     /// A plain command: not atomic with anything, so only for steps that need no script.
     pub(crate) fn command(name: &'static str) -> Call {
-        Call { script: None, seq: None, command: name, keys: Vec::new(), args: Vec::new() }
+        Call { script: None, seq: None, command: name, keys: Vec::new(), args: Vec::new(), redo: None }
+    }
+
+    /// This transaction step as the numbered `PUSH` that sends its messages again (`None`:
+    /// the step is not to be sent again).
+    pub(crate) fn redone(self) -> Option<Call> {
+        let Redo { wake, seq_key, seq } = self.redo?;
+        let mut args = self.args.into_iter();
+        let list = String::from_utf8(args.next()?).ok()?;
+        let mut call = Call::new(&PUSH).key(list).key(wake).key(seq_key).numbered(seq).arg(SEQ_TTL);
+        call.args.extend(args);
+        Some(call)
     }
 
     pub(crate) fn key(mut self, key: impl Into<String>) -> Call {

@@ -1,6 +1,6 @@
 //! The producer's writer. Callers hand task messages over a bounded channel and go on; one
-//! thread writes whatever has accumulated — one `PUSH` script per queue, all in one round
-//! trip — so many calls in flight cost few round trips.
+//! thread writes whatever has accumulated — one transaction of plain `LPUSH`es, in one
+//! round trip — so many calls in flight cost few round trips.
 //!
 //! A caller that finds nothing queued and the connection idle writes its message itself
 //! and goes on; the writer thread reads the reply later (or sends the batch again if the
@@ -20,7 +20,7 @@ use dingo_core::{BrokerError, BrokerErrorKind, CallKey, TaskError, TaskErrorKind
 use super::{Inner, Thread, lock};
 use crate::conn::{Conn, is_connection_error};
 use crate::keys::QueueKeys;
-use crate::scripts::{self, Call, SEQ_TTL, Sequence};
+use crate::scripts::{self, Call, Redo, SEQ_TTL, Sequence};
 
 /// A task message on its way to Redis.
 pub(crate) struct Outgoing {
@@ -54,6 +54,8 @@ struct Written {
     calls: Vec<Call>,
     /// Its messages (their bytes moved into `calls`), to tell their callers if it fails.
     batch: Vec<Outgoing>,
+    /// Which of `calls` carries each message of `batch`.
+    owners: Vec<usize>,
     /// The connection it was written on (`None`: the write failed).
     generation: Option<u64>,
 }
@@ -112,12 +114,12 @@ impl Writer {
             return Some(outgoing);
         }
         let mut batch = vec![outgoing];
-        let calls = push_calls(&mut batch, self.inner.options.batch, &mut line.sequence);
+        let (calls, owners) = push_calls(&mut batch, self.inner.options.batch, &mut line.sequence);
         let packed = scripts::pack(&calls);
         let written = line.conn.once(&mut |c| c.send_packed_command(&packed));
         let generation = if written.is_ok() { generation } else { None };
         // Written or not, the writer thread reads the reply, or sends the batch again.
-        line.unanswered.push_back(Written { calls, batch, generation });
+        line.unanswered.push_back(Written { calls, batch, owners, generation });
         drop(line);
         // A full channel means the writer thread is awake and will see it anyway.
         let _ = self.tx.try_send(Msg::Replies);
@@ -159,21 +161,15 @@ fn write_loop(inner: &Arc<Inner>, rx: &Receiver<Msg>, line: &Mutex<Line>, stop: 
             }
             continue;
         }
-        let calls = push_calls(&mut batch, inner.options.batch, &mut line.sequence);
-        write(inner, line, stop, calls, batch, false);
+        let (calls, owners) = push_calls(&mut batch, inner.options.batch, &mut line.sequence);
+        write(inner, line, stop, Written { calls, batch, owners, generation: None }, false);
     }
 }
 
-/// Writes `calls` (carrying `batch`) until they go through; `sent_before`: they were
-/// written once already, and may have been applied (what was answered is left out).
-fn write(
-    inner: &Inner,
-    line: &mut Line,
-    stop: &AtomicBool,
-    mut calls: Vec<Call>,
-    mut batch: Vec<Outgoing>,
-    sent_before: bool,
-) {
+/// Writes a batch's calls until they go through; `sent_before`: they were written once
+/// already, and may have been applied (what was answered is left out).
+fn write(inner: &Inner, line: &mut Line, stop: &AtomicBool, written: Written, sent_before: bool) {
+    let Written { mut calls, mut batch, owners, generation: _ } = written;
     if sent_before {
         unrepeatable(inner, &mut calls, &mut batch);
         if calls.is_empty() {
@@ -192,12 +188,13 @@ fn write(
         }
         scripts::run_after(c, None, &mut calls, Some(&mut *sequence))
     });
-    let transaction = calls.last().is_some_and(|call| call.script.is_none());
     match result {
         Some(Ok(replies)) => {
-            // The at-most-once transaction, if it went: `EXEC`'s reply comes last.
-            if transaction && let Some(refused) = replies.last().and_then(refused_transaction) {
-                fail(inner, at_most_once(&mut batch), &format!("redis refused the task messages: {refused}"));
+            // The transaction, if it went as written: `EXEC`'s reply comes last.
+            if is_transaction(&calls)
+                && let Some(exec) = replies.last()
+            {
+                settle_transaction(inner, exec, &owners, &mut batch);
             }
             inner.stats.sent.fetch_add(batch.len() as u64, Ordering::Relaxed);
         }
@@ -206,12 +203,12 @@ fn write(
     }
 }
 
-/// Reads the replies to what callers wrote; the calls of a batch whose replies cannot all
-/// be read (the connection broke, or a reply is an error) are sent again the ordinary way
-/// — those that were answered are not, and neither is an at-most-once transaction whose
-/// outcome is unknown.
+/// Reads the replies to what callers wrote; a batch whose transaction did not answer (the
+/// connection broke, or a reply is an error) is sent again the ordinary way — its
+/// at-least-once messages as numbered scripts, which apply once; its at-most-once messages
+/// not at all (see [`unrepeatable`]).
 fn answer(inner: &Inner, line: &mut Line, stop: &AtomicBool) {
-    while let Some(Written { mut calls, mut batch, generation }) = line.unanswered.pop_front() {
+    while let Some(Written { mut calls, mut batch, owners, generation }) = line.unanswered.pop_front() {
         let mut done = vec![false; calls.len()];
         let mut last = None;
         if generation.is_some() && generation == line.conn.generation() {
@@ -234,117 +231,159 @@ fn answer(inner: &Inner, line: &mut Line, stop: &AtomicBool) {
         }
         // `EXEC` (the last call, if there is a transaction) answered: the transaction's
         // messages were queued, or refused.
-        let settled = calls.last().is_some_and(|call| call.script.is_none()) && done.last() == Some(&true);
-        if settled && let Some(refused) = last.as_ref().and_then(refused_transaction) {
-            fail(inner, at_most_once(&mut batch), &format!("redis refused the task messages: {refused}"));
+        let settled = is_transaction(&calls) && done.last() == Some(&true);
+        if settled && let Some(exec) = &last {
+            settle_transaction(inner, exec, &owners, &mut batch);
         }
-        // Left to send: the scripts not answered, and the transaction if its outcome is
-        // unknown (`write` drops it and fails its messages).
+        // Left to send: the scripts not answered, and the whole transaction if its outcome
+        // is unknown — even the steps Redis acknowledged with `QUEUED` (`write` sends its
+        // at-least-once messages again as scripts and fails the rest).
         let mut answered = done.into_iter();
         calls.retain(|call| {
             let answered = answered.next().unwrap_or(false);
-            let in_settled_transaction = settled && call.script.is_none();
-            !(answered || in_settled_transaction)
+            match call.script {
+                Some(_) => !answered,
+                None => !settled,
+            }
         });
         if calls.is_empty() {
             inner.stats.sent.fetch_add(batch.len() as u64, Ordering::Relaxed);
             continue;
         }
-        write(inner, line, stop, calls, batch, true);
+        write(inner, line, stop, Written { calls, batch, owners, generation: None }, true);
     }
 }
 
-/// One `PUSH` per queue, in order, at most `max` messages each; the messages' bytes move
-/// into the calls.
+/// One transaction (`MULTI` … `EXEC`) of plain commands: an `LPUSH` per queue list, in
+/// order, at most `max` messages each, and one wake token per queue. No script: Lua hashes
+/// every byte it is handed, which costs Redis more than the push. The messages' bytes move
+/// into the calls; the second vector says which call carries each message of `batch`.
 ///
-/// At-most-once messages follow, in one transaction (`MULTI` … `EXEC`) of plain `LPUSH`es
-/// and their queues' wake tokens: no script (Lua copies every message it is handed, which
-/// costs Redis more than the push), no batch number — and so never sent twice; all of them
-/// are queued, or none, and `EXEC`'s reply says which (see [`unrepeatable`]).
-fn push_calls(batch: &mut [Outgoing], max: usize, sequence: &mut Sequence) -> Vec<Call> {
-    let mut calls: Vec<(String, Call, usize)> = Vec::new();
-    let mut plain: Vec<(String, Call, usize)> = Vec::new();
+/// At-least-once messages are numbered per queue: a `SET` of the sender's sequence key
+/// goes before their `LPUSH`, which carries how to send it again as a numbered `PUSH`
+/// script ([`scripts::Redo`]) should the outcome be unknown — it then applies once.
+/// At-most-once messages have no number and are never sent twice (see [`unrepeatable`]).
+fn push_calls(batch: &mut [Outgoing], max: usize, sequence: &mut Sequence) -> (Vec<Call>, Vec<usize>) {
+    let mut pushes: Vec<(Call, usize)> = Vec::new();
+    let mut owners = Vec::with_capacity(batch.len());
     let mut wakes: Vec<&str> = Vec::new();
     for outgoing in batch.iter_mut() {
         let bytes = std::mem::take(&mut outgoing.bytes);
         let list = if outgoing.at_most_once { &outgoing.queue.amo } else { &outgoing.queue.pending };
-        let group = if outgoing.at_most_once { &mut plain } else { &mut calls };
-        let open = group.iter_mut().rev().find(|(key, _, n)| key == list && *n < max);
-        match open {
-            Some((_, call, n)) => {
-                call.args.push(bytes);
-                *n += 1;
-            }
-            None if outgoing.at_most_once => {
-                plain.push((list.clone(), Call::command("LPUSH").arg(list.as_bytes()).arg(bytes), 1));
-                if !wakes.contains(&outgoing.queue.wake.as_str()) {
-                    wakes.push(&outgoing.queue.wake);
-                }
+        let open = pushes.iter().rposition(|(call, n)| call.args[0] == list.as_bytes() && *n < max);
+        let at = match open {
+            Some(at) => {
+                pushes[at].0.args.push(bytes);
+                pushes[at].1 += 1;
+                at
             }
             None => {
-                // Numbered, so a retry after a lost reply does not queue it twice.
-                let (seq_key, seq) = sequence.next(&outgoing.queue);
-                let call = Call::new(&scripts::PUSH)
-                    .key(list.clone())
-                    .key(outgoing.queue.wake.clone())
-                    .key(seq_key)
-                    .numbered(seq)
-                    .arg(SEQ_TTL)
-                    .arg(bytes);
-                calls.push((list.clone(), call, 1));
+                let mut call = Call::command("LPUSH").arg(list.as_bytes()).arg(bytes);
+                if !outgoing.at_most_once {
+                    let (seq_key, seq) = sequence.next(&outgoing.queue);
+                    call.redo = Some(Redo { wake: outgoing.queue.wake.clone(), seq_key, seq });
+                }
+                pushes.push((call, 1));
+                pushes.len() - 1
             }
+        };
+        owners.push(at);
+        if !wakes.contains(&outgoing.queue.wake.as_str()) {
+            wakes.push(&outgoing.queue.wake);
         }
     }
-    let mut calls: Vec<Call> = calls.into_iter().map(|(_, call, _)| call).collect();
-    if !plain.is_empty() {
-        calls.push(Call::command("MULTI"));
-        calls.extend(plain.into_iter().map(|(_, call, _)| call));
-        for wake in wakes {
-            // One token, as the scripts leave it: what idle consumers block on.
-            calls.push(Call::command("LPUSH").arg(wake.as_bytes()).arg("1"));
-            calls.push(Call::command("LTRIM").arg(wake.as_bytes()).arg("0").arg("0"));
+    let mut calls = vec![Call::command("MULTI")];
+    let mut push_at = Vec::with_capacity(pushes.len());
+    for (call, _) in pushes {
+        if let Some(redo) = &call.redo {
+            calls.push(
+                Call::command("SET").arg(redo.seq_key.as_bytes()).arg(redo.seq.as_bytes()).arg("PX").arg(SEQ_TTL),
+            );
         }
-        calls.push(Call::command("EXEC"));
+        push_at.push(calls.len());
+        calls.push(call);
     }
-    calls
+    for wake in wakes {
+        // One token, as the scripts leave it: what idle consumers block on.
+        calls.push(Call::command("LPUSH").arg(wake.as_bytes()).arg("1"));
+        calls.push(Call::command("LTRIM").arg(wake.as_bytes()).arg("0").arg("0"));
+    }
+    calls.push(Call::command("EXEC"));
+    let owners = owners.into_iter().map(|at| push_at[at]).collect();
+    (calls, owners)
 }
 
-/// Before `calls` are sent again after the connection broke with them on their way: drops
-/// the at-most-once transaction (it may have been applied, and must not be applied twice)
-/// and fails its messages, whose fate is unknown. The scripts stay: numbered, they apply
-/// once.
+/// Whether `calls` are a transaction as [`push_calls`] wrote it (not yet sent again as
+/// scripts).
+fn is_transaction(calls: &[Call]) -> bool {
+    calls.last().is_some_and(|call| call.script.is_none())
+}
+
+/// Before `calls` are sent again after the connection broke with them on their way: turns
+/// the transaction's at-least-once pushes into numbered `PUSH` scripts (they apply once,
+/// whether the transaction went or not) and drops the rest of it; fails the at-most-once
+/// messages, whose fate is unknown and which must not be queued twice. Scripts stay as
+/// they are.
 fn unrepeatable(inner: &Inner, calls: &mut Vec<Call>, batch: &mut Vec<Outgoing>) {
-    let before = calls.len();
-    calls.retain(|call| call.script.is_some());
-    if calls.len() == before {
+    if !is_transaction(calls) {
         return;
     }
-    fail(
-        inner,
-        at_most_once(batch),
-        "the connection broke while these at-most-once messages were on their way: they may or may not have been \
-         queued, and are not sent twice",
-    );
+    *calls = std::mem::take(calls)
+        .into_iter()
+        .filter_map(|call| if call.script.is_some() { Some(call) } else { call.redone() })
+        .collect();
+    let amo = at_most_once(batch);
+    if !amo.is_empty() {
+        fail(
+            inner,
+            amo,
+            "the connection broke while these at-most-once messages were on their way: they may or may not have \
+             been queued, and are not sent twice",
+        );
+    }
 }
 
-/// Takes the at-most-once messages (the transaction's) out of `batch`.
+/// Takes the at-most-once messages out of `batch`.
 fn at_most_once(batch: &mut Vec<Outgoing>) -> Vec<Outgoing> {
     let (amo, rest) = std::mem::take(batch).into_iter().partition(|o| o.at_most_once);
     *batch = rest;
     amo
 }
 
-/// Why Redis refused an at-most-once transaction, from `EXEC`'s reply (`None`: it was
-/// applied, or the reply is a script's).
-fn refused_transaction(reply: &redis::Value) -> Option<String> {
-    match reply {
-        redis::Value::ServerError(e) => Some(format!("{e:?}")),
-        redis::Value::Nil => Some("the transaction was aborted".to_owned()),
-        redis::Value::Array(results) => results.iter().find_map(|r| match r {
-            redis::Value::ServerError(e) => Some(format!("{e:?}")),
-            _ => None,
-        }),
-        _ => None,
+/// Reads `EXEC`'s reply to the transaction: fails every message if Redis refused the whole
+/// transaction, else the messages of each step it refused (a step that fails does not undo
+/// the others), and leaves in `batch` the messages that were queued.
+fn settle_transaction(inner: &Inner, exec: &redis::Value, owners: &[usize], batch: &mut Vec<Outgoing>) {
+    let refused: Vec<(usize, String)> = match exec {
+        redis::Value::ServerError(e) => vec![(usize::MAX, format!("{e:?}"))],
+        redis::Value::Nil => vec![(usize::MAX, "the transaction was aborted".to_owned())],
+        // Step j of the transaction is call j + 1 (after `MULTI`).
+        redis::Value::Array(results) => results
+            .iter()
+            .enumerate()
+            .filter_map(|(j, r)| match r {
+                redis::Value::ServerError(e) => Some((j + 1, format!("{e:?}"))),
+                _ => None,
+            })
+            .collect(),
+        _ => Vec::new(),
+    };
+    if refused.is_empty() {
+        return;
+    }
+    let mut failed: Vec<Vec<Outgoing>> = refused.iter().map(|_| Vec::new()).collect();
+    let mut kept = Vec::with_capacity(batch.len());
+    for (outgoing, &owner) in std::mem::take(batch).into_iter().zip(owners) {
+        match refused.iter().position(|(at, _)| *at == usize::MAX || *at == owner) {
+            Some(i) => failed[i].push(outgoing),
+            None => kept.push(outgoing),
+        }
+    }
+    *batch = kept;
+    for ((_, why), messages) in refused.iter().zip(failed) {
+        if !messages.is_empty() {
+            fail(inner, messages, &format!("redis refused the task messages: {why}"));
+        }
     }
 }
 
