@@ -86,10 +86,18 @@ return #ARGV - 2
 /// holds one lease (`KEYS[4]`, deadline `ARGV[2]` ms from now) for all of them: registered
 /// when `ARGV[4]` is 1, renewed otherwise — and if it expired and was reaped meanwhile,
 /// nothing is taken and the reply is `{'lost'}` (the consumer must start over under a new
-/// id). Returns `{'ok', {messages…}}`, oldest first: the popped array as it is (copying
-/// each message into another Lua table costs Redis more than the pop). Leaves a wake token
-/// (`KEYS[3]`) while work remains in the queue or its at-most-once list (`KEYS[2]`, popped
-/// by a plain `RPOP` just before), so the next idle consumer wakes too.
+/// id). Leaves a wake token (`KEYS[3]`) while work remains in the queue or its at-most-once
+/// list (`KEYS[2]`, popped by a plain `RPOP` just before), so the next idle consumer wakes
+/// too.
+///
+/// Returns `{'ok', n}`: the n messages taken are the head of the processing list, for an
+/// `LRANGE` right after the script to read — no message passes through Lua, which hashes
+/// every byte it is handed: into an empty processing list (the usual case: the worker's
+/// settlements run just before) they are copied by `SORT … BY nosort LIMIT … STORE`, a
+/// range copy in Redis's C code. Only into a list that still holds messages are they
+/// popped into Lua and pushed. With `ARGV[7]` = 1 (the call was sent again after
+/// `NOSCRIPT`, so a read sent after it may have run before it) the reply carries the
+/// messages themselves, oldest first: `{'ok', {messages…}}`.
 ///
 /// Batch number `ARGV[5]` of the worker thread whose sequence key is `KEYS[6]` (kept
 /// `ARGV[6]` ms): sent again after its reply was lost, the fetch takes nothing new and
@@ -108,29 +116,36 @@ elseif not redis.call('ZSCORE', KEYS[4], ARGV[3]) then
 else
   redis.call('ZADD', KEYS[4], 'XX', deadline, ARGV[3])
 end
-local applied, moved = seen(KEYS[6], ARGV[5], ARGV[6])
-if applied then
-  local again = {}
-  if moved > 0 then
-    local msgs = redis.call('LRANGE', KEYS[5], 0, moved - 1)
-    for i = #msgs, 1, -1 do again[#again + 1] = msgs[i] end
+local function head(n)
+  local msgs = {}
+  if n > 0 then
+    local newest_first = redis.call('LRANGE', KEYS[5], 0, n - 1)
+    for i = #newest_first, 1, -1 do msgs[#msgs + 1] = newest_first[i] end
   end
-  return {'again', again}
+  return msgs
 end
--- Oldest first; pushed in that order, the newest ends at the head of the processing list.
-local msgs = redis.call('RPOP', KEYS[1], tonumber(ARGV[1]))
-if msgs then
-  redis.call('LPUSH', KEYS[5], unpack(msgs))
-  redis.call('SET', KEYS[6], ARGV[5] .. '.' .. #msgs, 'PX', ARGV[6])
-else
-  msgs = {}
+local applied, moved = seen(KEYS[6], ARGV[5], ARGV[6])
+if applied then return {'again', head(moved)} end
+local queued = redis.call('LLEN', KEYS[1])
+local n = math.min(tonumber(ARGV[1]), queued)
+if n > 0 then
+  if redis.call('LLEN', KEYS[5]) == 0 then
+    -- The oldest n (the tail), in their order: the newest of them ends at the head.
+    redis.call('SORT', KEYS[1], 'BY', 'nosort', 'LIMIT', queued - n, n, 'STORE', KEYS[5])
+    if n == queued then redis.call('DEL', KEYS[1]) else redis.call('LTRIM', KEYS[1], 0, queued - n - 1) end
+  else
+    redis.call('LPUSH', KEYS[5], unpack(redis.call('RPOP', KEYS[1], n)))
+  end
+  queued = queued - n
 end
-if redis.call('LLEN', KEYS[1]) + redis.call('LLEN', KEYS[2]) > 0 then
+if n > 0 then redis.call('SET', KEYS[6], ARGV[5] .. '.' .. n, 'PX', ARGV[6]) end
+if queued + redis.call('LLEN', KEYS[2]) > 0 then
   if redis.call('LLEN', KEYS[3]) == 0 then redis.call('LPUSH', KEYS[3], '1') end
 else
   redis.call('DEL', KEYS[3])
 end
-return {'ok', msgs}
+if ARGV[7] == '1' then return {'ok', head(n)} end
+return {'ok', n}
 "#,
     )
 });
@@ -365,6 +380,9 @@ pub(crate) struct Call {
     /// For a plain `LPUSH` of at-least-once messages in a transaction: how to send it again
     /// if the transaction's outcome is unknown.
     pub(crate) redo: Option<Redo>,
+    /// Which of `args` becomes `1` when the call is sent again after `NOSCRIPT`: it then
+    /// runs after calls that followed it, and must not count on them (see `FETCH`).
+    pub(crate) resent: Option<usize>,
 }
 
 /// How a transaction's `LPUSH` of at-least-once messages (`LPUSH list m…`) is sent again
@@ -380,12 +398,20 @@ pub(crate) struct Redo {
 
 impl Call {
     pub(crate) fn new(script: &'static Script) -> Call {
-        Call { script: Some(script), seq: None, command: "", keys: Vec::new(), args: Vec::new(), redo: None }
+        Call {
+            script: Some(script),
+            seq: None,
+            command: "",
+            keys: Vec::new(),
+            args: Vec::new(),
+            redo: None,
+            resent: None,
+        }
     }
 
     /// A plain command: not atomic with anything, so only for steps that need no script.
     pub(crate) fn command(name: &'static str) -> Call {
-        Call { script: None, seq: None, command: name, keys: Vec::new(), args: Vec::new(), redo: None }
+        Call { script: None, seq: None, command: name, keys: Vec::new(), args: Vec::new(), redo: None, resent: None }
     }
 
     /// This transaction step as the numbered `PUSH` that sends its messages again (`None`:
@@ -413,6 +439,14 @@ impl Call {
     pub(crate) fn numbered(mut self, seq: String) -> Call {
         self.seq = Some(self.args.len());
         self.args.push(seq.into_bytes());
+        self
+    }
+
+    /// A flag, `0` as the next argument, that is `1` when the call is sent again after
+    /// `NOSCRIPT` (see [`Call::resent`]).
+    pub(crate) fn resent_flag(mut self) -> Call {
+        self.resent = Some(self.args.len());
+        self.args.push(b"0".to_vec());
         self
     }
 }
@@ -463,6 +497,9 @@ pub(crate) fn run_after(
         for &i in &missing {
             if let (Some(at), Some(sequence)) = (calls[i].seq, sequence.as_deref_mut()) {
                 calls[i].args[at] = sequence.next_number().into_bytes();
+            }
+            if let Some(at) = calls[i].resent {
+                calls[i].args[at] = b"1".to_vec();
             }
         }
         todo = missing;
@@ -565,6 +602,60 @@ mod tests {
         assert_eq!((owned, rejected), (0, 1), "fenced out: the completion is rejected");
         assert_eq!(list(&mut conn, 6), ["r1r2", "p3"], "its report is not stored");
         assert_eq!(list(&mut conn, 1), ["m6"], "its message stays for the reaper");
+        let _: () = redis::cmd("DEL").arg(&keys).query(&mut conn).expect("DEL");
+    }
+
+    /// `FETCH` takes the oldest messages, newest of them at the head of the processing list,
+    /// and says how many (the caller reads them there): into an empty processing list by a
+    /// range copy — taking the whole queue too, which must leave it empty — and into one
+    /// that holds messages by popping; with the resent flag it returns them itself, oldest
+    /// first; sent again under its number, it returns what it took the first time.
+    #[test]
+    fn fetch_takes_the_oldest_and_leaves_them_at_the_head() {
+        let Some(mut conn) = server() else { return };
+        let prefix = format!("dingo-test-fetch-{}", std::process::id());
+        let key = |name: &str| format!("{prefix}:{{q}}:{name}");
+        let names = ["pending", "amo", "wake", "consumers", "processing", "seq"];
+        let keys: Vec<String> = names.iter().map(|n| key(n)).collect();
+        let _: () = redis::cmd("DEL").arg(&keys).query(&mut conn).expect("DEL");
+        // Queued oldest first: m1 is the oldest, at the tail.
+        let _: () =
+            redis::cmd("LPUSH").arg(&keys[0]).arg(&["m1", "m2", "m3", "m4", "m5"]).query(&mut conn).expect("LPUSH");
+        let fetch = |seq: &str, count: &str, register: &str, resent: &str| {
+            let mut call = Call::new(&FETCH);
+            call.keys = keys.clone();
+            call.arg(count).arg("60000").arg("c1").arg(register).numbered(seq.to_owned()).arg(SEQ_TTL).arg(resent)
+        };
+        let list = |conn: &mut redis::Connection, i: usize| -> Vec<String> {
+            redis::cmd("LRANGE").arg(&keys[i]).arg(0).arg(-1).query(conn).expect("LRANGE")
+        };
+        let reply = |conn: &mut redis::Connection, call: Call| -> (String, Value) {
+            let result = run_batch(conn, &[call]).expect("FETCH");
+            redis::from_redis_value(result[0].clone()).expect("a status and a value")
+        };
+
+        let (status, taken) = reply(&mut conn, fetch("1", "2", "1", "0"));
+        assert_eq!((status.as_str(), taken), ("ok", Value::Int(2)));
+        assert_eq!(list(&mut conn, 4), ["m2", "m1"], "the two oldest, newest of them at the head");
+        assert_eq!(list(&mut conn, 0), ["m5", "m4", "m3"]);
+
+        let (status, taken) = reply(&mut conn, fetch("2", "1", "0", "0"));
+        assert_eq!((status.as_str(), taken), ("ok", Value::Int(1)), "into a list that holds messages");
+        assert_eq!(list(&mut conn, 4), ["m3", "m2", "m1"]);
+
+        let (status, again) = reply(&mut conn, fetch("2", "1", "0", "0"));
+        let again: Vec<String> = redis::from_redis_value(again).expect("messages");
+        assert_eq!((status.as_str(), again), ("again", vec!["m3".to_owned()]), "what the first attempt took");
+
+        let _: () = redis::cmd("DEL").arg(&keys[4]).query(&mut conn).expect("DEL");
+        let (status, taken) = reply(&mut conn, fetch("3", "10", "0", "1"));
+        let taken: Vec<String> = redis::from_redis_value(taken).expect("messages");
+        assert_eq!((status.as_str(), taken), ("ok", vec!["m4".to_owned(), "m5".to_owned()]), "resent: inline");
+        assert_eq!(list(&mut conn, 4), ["m5", "m4"]);
+        assert!(list(&mut conn, 0).is_empty(), "the whole queue was taken");
+
+        let (status, taken) = reply(&mut conn, fetch("4", "10", "0", "0"));
+        assert_eq!((status.as_str(), taken), ("ok", Value::Int(0)), "nothing left");
         let _: () = redis::cmd("DEL").arg(&keys).query(&mut conn).expect("DEL");
     }
 

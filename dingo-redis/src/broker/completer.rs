@@ -177,6 +177,8 @@ pub(crate) enum Kind {
     },
     /// At-most-once tasks given back unstarted (`GIVE_BACK`), not repeated.
     GiveBack,
+    /// The read of the head of a processing list after its `FETCH` (what it took).
+    Head,
 }
 
 impl Kind {
@@ -478,7 +480,7 @@ pub(crate) fn account(inner: &Inner, results: &[(Kind, Value)]) {
             Kind::Dead { count } => {
                 inner.stats.dead_lettered.fetch_add(*count as u64, Ordering::Relaxed);
             }
-            Kind::Report { .. } | Kind::Fetch { .. } | Kind::GiveBack => {}
+            Kind::Report { .. } | Kind::Fetch { .. } | Kind::GiveBack | Kind::Head => {}
         }
     }
 }

@@ -375,8 +375,15 @@ impl RedisSubscription {
                 .arg(consumer.as_bytes())
                 .arg(if registered { "0" } else { "1" })
                 .numbered(seq)
-                .arg(SEQ_TTL);
+                .arg(SEQ_TTL)
+                .resent_flag();
             plan.push(take, Kind::Fetch { at_most_once: false });
+            // What FETCH took, read natively (see `scripts::FETCH`).
+            let head = Call::command("LRANGE")
+                .arg(format!("{}{consumer}", q.processing))
+                .arg("0")
+                .arg((self.per_worker.max(1) - 1).to_string());
+            plan.push(head, Kind::Head);
         }
         let wait = local.idle.then(|| {
             let mut wait = redis::cmd("BLPOP");
@@ -395,17 +402,20 @@ impl RedisSubscription {
             }
             return false;
         };
-        // Per queue in `order`: its at-most-once pop (left out of a retry), then its FETCH.
+        // Per queue in `order`: its at-most-once pop (left out of a retry), its FETCH, and
+        // the read of what FETCH took.
         let mut got = 0;
         let mut queues = order.iter().zip(consumers);
-        let mut popped = None;
+        let (mut popped, mut fetched) = (None, None);
         for (kind, result) in results {
             match kind {
                 Kind::Fetch { at_most_once: true } => popped = Some(result),
-                Kind::Fetch { at_most_once: false } => {
+                Kind::Fetch { at_most_once: false } => fetched = Some(result),
+                Kind::Head => {
                     let Some((&i, consumer)) = queues.next() else { break };
                     let (name, queue) = &self.queues[i];
-                    got += self.take(local, name, queue, consumer, popped.take(), result);
+                    let fetched = fetched.take().unwrap_or(Value::Nil);
+                    got += self.take(local, name, queue, consumer, popped.take(), fetched, result);
                 }
                 _ => {}
             }
@@ -415,7 +425,9 @@ impl RedisSubscription {
     }
 
     /// Puts one queue's fetched messages into the buffer — the at-most-once ones `popped`
-    /// first, then the ones `fetched` into the processing list; returns how many there were.
+    /// first, then the ones `fetched` into the processing list (in FETCH's reply, or the
+    /// first of the processing list's `head`, as FETCH says); returns how many there were.
+    #[allow(clippy::too_many_arguments)]
     fn take(
         &self,
         local: &mut Local,
@@ -424,6 +436,7 @@ impl RedisSubscription {
         consumer: Arc<str>,
         popped: Option<Value>,
         fetched: Value,
+        head: Value,
     ) -> usize {
         let mut count = 0;
         if let Some(Value::Array(items)) = popped {
@@ -435,8 +448,14 @@ impl RedisSubscription {
         let Value::Array(reply) = fetched else { return count };
         let mut reply = reply.into_iter();
         let status: String = reply.next().and_then(|v| redis::from_redis_value(v).ok()).unwrap_or_default();
-        let items = match reply.next() {
-            Some(Value::Array(items)) => items,
+        let items = match (reply.next(), head) {
+            (Some(Value::Array(items)), _) => items,
+            // The n messages taken are the head of the processing list, newest first.
+            (Some(Value::Int(n)), Value::Array(mut newest_first)) => {
+                newest_first.truncate(usize::try_from(n).unwrap_or(0));
+                newest_first.reverse();
+                newest_first
+            }
             _ => Vec::new(),
         };
         if status == "again" {
