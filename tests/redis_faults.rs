@@ -394,6 +394,77 @@ fn a_send_lost_on_its_way_is_sent_again_and_runs_once() {
     worker.close().expect("close");
 }
 
+/// A batch of task messages is delayed on its way to Redis past the sender's timeout, and
+/// arrives after the sender reconnected and sent it again: the late copy must not queue it
+/// a second time (the sender ends its old connection at the server before sending again),
+/// so each call runs once.
+#[test]
+fn a_late_copy_of_a_send_does_not_queue_it_twice() {
+    let Some(setup) = Redis::setup() else { return };
+    let proxy = Proxy::start(server_addr(setup.url())).expect("start the proxy");
+    let options = setup.options().clone().command_timeout(Duration::from_secs(1));
+    let sender = RedisBroker::connect_with(&via(&proxy, setup.url()), options).expect("connect via the proxy");
+    let caller = App::builder().tasks(sender.clone()).reports(setup.broker()).build().expect("caller app");
+    let worker = App::builder().broker(setup.broker()).build().expect("worker app");
+    let runs: Arc<Mutex<BTreeMap<u64, u32>>> = Arc::default();
+    let counted = runs.clone();
+    worker
+        .register("faults.late", move |(n,): (u64,)| {
+            *lock(&counted).entry(n).or_default() += 1;
+            n
+        })
+        .expect("register");
+    worker.allocate("faults.late", 1).expect("allocate");
+    assert_eq!(caller.call::<_, u64>("faults.late", (0u64,)).expect("call").wait_timeout(PATIENCE).expect("ok"), 0);
+    wait_until("the first send is acknowledged", || stat(&sender.stats().sent) == 1);
+
+    proxy.hold();
+    let mut handle = caller.call::<_, u64>("faults.late", (1u64,)).expect("call");
+    assert_eq!(handle.wait_timeout(PATIENCE).expect("the call ran, sent again"), 1);
+    proxy.release(); // the first copy arrives now
+    std::thread::sleep(Duration::from_millis(500)); // time for it to run, if it could
+    let namespace = &setup.options().namespace;
+    wait_until("the queue is drained", || {
+        setup.broker().queue_len("faults.late").expect("queue length") == 0
+            && held(setup.url(), namespace, "faults.late") == 0
+    });
+    assert_eq!(*lock(&runs), BTreeMap::from([(0, 1), (1, 1)]), "each call ran once");
+    caller.close().expect("close");
+    worker.close().expect("close");
+}
+
+/// A Redis user that may neither end other connections (`CLIENT KILL`) nor run `SORT`
+/// (both in ACL's `@dangerous` category, which hardened setups often deny) still runs
+/// tasks, at least once and at most once: sends go as scripts from the start and fetches
+/// move tasks through Lua.
+#[test]
+fn a_user_without_dangerous_commands_still_runs_tasks() {
+    let Some(setup) = Redis::setup() else { return };
+    let user = format!("dingo-test-acl-{}", std::process::id());
+    let created = redis_cli(
+        setup.url(),
+        &["ACL", "SETUSER", &user, "reset", "on", ">secret", "~*", "&*", "+@all", "-client|kill", "-sort"],
+    );
+    assert_eq!(created, "OK");
+    let url = format!("redis://{user}:secret@{}", server_addr(setup.url()));
+    let broker = RedisBroker::connect_with(&url, setup.options().clone()).expect("connect as the restricted user");
+    let app = App::builder().broker(broker).build().expect("app");
+    app.register("faults.restricted", |(n,): (u64,)| n * 2).expect("register");
+    app.allocate("faults.restricted", 2).expect("allocate");
+    let at_most_once = dingo::CallOptions::new().at_most_once(true);
+    let handles: Vec<_> = (0..200u64)
+        .map(|n| {
+            let options = if n % 2 == 0 { dingo::CallOptions::new() } else { at_most_once.clone() };
+            (n, app.call_with::<_, u64>("faults.restricted", &options, (n,)).expect("call"))
+        })
+        .collect();
+    for (n, mut handle) in handles {
+        assert_eq!(handle.wait_timeout(PATIENCE).expect("the call ran"), n * 2);
+    }
+    app.close().expect("close");
+    redis_cli(setup.url(), &["ACL", "DELUSER", &user]);
+}
+
 /// The reply to an at-most-once message is lost on its way back (the message was queued):
 /// the sender must not queue it again — it would run twice — and its caller learns that
 /// the message's fate is unknown instead of waiting forever. The queued message still runs,

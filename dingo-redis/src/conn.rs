@@ -24,6 +24,16 @@ pub(crate) struct Conn {
     /// How many connections were made: tells a reply that was written on this connection
     /// from one written on an earlier one.
     generation: u64,
+    /// Whether each new connection first ends, at the server, the connections this one
+    /// dropped (see [`Conn::fencing`]).
+    fence: bool,
+    /// The server's id for the open connection (`CLIENT ID`), when fencing.
+    client_id: Option<i64>,
+    /// Server ids of connections dropped while broken, not yet ended at the server.
+    orphans: Vec<i64>,
+    /// Whether the server lets this client end its old connections (`CLIENT KILL`), once
+    /// known.
+    can_fence: Option<bool>,
 }
 
 impl Conn {
@@ -47,7 +57,27 @@ impl Conn {
             events,
             lost_since: None,
             generation: 0,
+            fence: false,
+            client_id: None,
+            orphans: Vec::new(),
+            can_fence: None,
         }
+    }
+
+    /// Makes every new connection end, at the server, the connections this one dropped
+    /// while broken, before anything else runs on it: bytes a dropped connection still had
+    /// on their way (the kernel keeps sending them after the socket is closed) can then
+    /// never run after what is sent on the new one. A plain command whose outcome a broken
+    /// connection left unknown can be followed by one that checks whether it applied.
+    pub(crate) fn fencing(mut self) -> Conn {
+        self.fence = true;
+        self
+    }
+
+    /// Whether the open connection was fenced (see [`Conn::fencing`]): the server allows
+    /// `CLIENT KILL` to this client. `false` while unknown.
+    pub(crate) fn fenced(&self) -> bool {
+        self.conn.is_some() && self.can_fence == Some(true)
     }
 
     /// Runs `f` once on the connection (connecting first if needed). A failed connection is
@@ -77,6 +107,7 @@ impl Conn {
             Err(e) => {
                 if is_connection_error(&e) {
                     self.conn = None;
+                    self.orphans.extend(self.client_id.take());
                     self.lost(&e);
                 }
                 Err(e)
@@ -149,12 +180,34 @@ impl Conn {
         };
         conn.set_read_timeout(Some(self.read_timeout))?;
         conn.set_write_timeout(Some(self.connect_timeout))?;
+        if self.fence {
+            self.fence_orphans(&mut conn)?;
+        }
         // A server that restarted forgot the scripts.
         for script in scripts::all() {
             script.load(&mut conn)?;
         }
         self.generation += 1;
         Ok(conn)
+    }
+
+    /// Ends the dropped connections at the server (`CLIENT KILL ID`, which finds nothing if
+    /// the server closed them already: then whatever they carried has run, or never will),
+    /// and learns this connection's id. With no orphan, probes with an id no client has
+    /// (`i64::MAX`), to learn whether the server allows it.
+    fn fence_orphans(&mut self, conn: &mut redis::Connection) -> redis::RedisResult<()> {
+        let orphans = if self.orphans.is_empty() { vec![i64::MAX] } else { self.orphans.clone() };
+        for id in orphans {
+            match redis::cmd("CLIENT").arg("KILL").arg("ID").arg(id).query::<i64>(conn) {
+                Ok(_) => self.can_fence = Some(true),
+                Err(e) if is_connection_error(&e) => return Err(e),
+                // Not allowed (ACL): the caller keeps to commands that apply once anyway.
+                Err(_) => self.can_fence = Some(false),
+            }
+        }
+        self.orphans.clear();
+        self.client_id = Some(redis::cmd("CLIENT").arg("ID").query(conn)?);
+        Ok(())
     }
 
     fn lost(&mut self, error: &redis::RedisError) {

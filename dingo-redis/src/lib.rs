@@ -74,8 +74,10 @@
 //! thread pushes whatever has accumulated as one transaction of plain `LPUSH`es (no Lua:
 //! Redis's Lua hashes every byte it is handed; the sender's batch number rides along as a
 //! plain `SET`, and a transaction whose outcome a broken connection left unknown is sent
-//! again as numbered scripts, which apply once). A lone call, finding nothing queued, is
-//! written by its caller at once, and the writer thread reads the reply. A worker thread takes up to
+//! again as numbered scripts, which apply once — after the sender has ended its old
+//! connection at the server with `CLIENT KILL`, so a late copy of the transaction still on
+//! its way can never run after them). A lone call, finding nothing queued, is written by
+//! its caller at once, and the writer thread reads the reply. A worker thread takes up to
 //! [`batch`](RedisOptions::batch) tasks per script on its own connection, and the
 //! completions of the tasks it ran ride with its next fetch (one script settles them and
 //! takes more) — unless the task it runs meanwhile takes longer than 200 µs: then a flusher
@@ -88,6 +90,15 @@
 //! A caller waiting for its only call in flight polls for the result for up to
 //! [`wait_spin`](RedisOptions::wait_spin) before it sleeps, which saves a thread wake-up on
 //! the way back; a wait that begins while other calls are in flight sleeps at once.
+//!
+//! # Permissions
+//!
+//! Two fast paths use commands in ACL's `@dangerous` category: `CLIENT KILL` (sends as
+//! plain transactions, above) and `SORT … BY nosort … STORE` (a fetch copies tasks into the
+//! processing list without passing them through Lua). A user denied them (`-@dangerous`)
+//! loses nothing: sends go as numbered scripts and fetches pop through Lua, at some cost in
+//! Redis CPU. Everything else needs the ordinary list, string, sorted set, transaction and
+//! scripting commands on the namespace's keys, `CLIENT ID`, and `SCRIPT LOAD`.
 //!
 //! # Options
 //!

@@ -94,8 +94,8 @@ return #ARGV - 2
 /// `LRANGE` right after the script to read — no message passes through Lua, which hashes
 /// every byte it is handed: into an empty processing list (the usual case: the worker's
 /// settlements run just before) they are copied by `SORT … BY nosort LIMIT … STORE`, a
-/// range copy in Redis's C code. Only into a list that still holds messages are they
-/// popped into Lua and pushed. With `ARGV[7]` = 1 (the call was sent again after
+/// range copy in Redis's C code. Only into a list that still holds messages (or where ACL
+/// rules forbid `SORT`, a `@dangerous` command) are they popped into Lua and pushed. With `ARGV[7]` = 1 (the call was sent again after
 /// `NOSCRIPT`, so a read sent after it may have run before it) the reply carries the
 /// messages themselves, oldest first: `{'ok', {messages…}}`.
 ///
@@ -129,9 +129,11 @@ if applied then return {'again', head(moved)} end
 local queued = redis.call('LLEN', KEYS[1])
 local n = math.min(tonumber(ARGV[1]), queued)
 if n > 0 then
-  if redis.call('LLEN', KEYS[5]) == 0 then
-    -- The oldest n (the tail), in their order: the newest of them ends at the head.
-    redis.call('SORT', KEYS[1], 'BY', 'nosort', 'LIMIT', queued - n, n, 'STORE', KEYS[5])
+  -- The oldest n (the tail), in their order: the newest of them ends at the head. SORT is
+  -- in ACL's @dangerous category: where it is not allowed, the messages go through Lua.
+  local copied = redis.call('LLEN', KEYS[5]) == 0
+    and type(redis.pcall('SORT', KEYS[1], 'BY', 'nosort', 'LIMIT', queued - n, n, 'STORE', KEYS[5])) == 'number'
+  if copied then
     if n == queued then redis.call('DEL', KEYS[1]) else redis.call('LTRIM', KEYS[1], 0, queued - n - 1) end
   else
     redis.call('LPUSH', KEYS[5], unpack(redis.call('RPOP', KEYS[1], n)))
@@ -391,6 +393,7 @@ pub(crate) struct Call {
 /// key, so `PUSH` skips a batch the transaction applied (see `SEEN`).
 #[derive(Clone)]
 pub(crate) struct Redo {
+    pub(crate) list: String,
     pub(crate) wake: String,
     pub(crate) seq_key: String,
     pub(crate) seq: String,
@@ -417,11 +420,9 @@ impl Call {
     /// This transaction step as the numbered `PUSH` that sends its messages again (`None`:
     /// the step is not to be sent again).
     pub(crate) fn redone(self) -> Option<Call> {
-        let Redo { wake, seq_key, seq } = self.redo?;
-        let mut args = self.args.into_iter();
-        let list = String::from_utf8(args.next()?).ok()?;
+        let Redo { list, wake, seq_key, seq } = self.redo?;
         let mut call = Call::new(&PUSH).key(list).key(wake).key(seq_key).numbered(seq).arg(SEQ_TTL);
-        call.args.extend(args);
+        call.args.extend(self.args.into_iter().skip(1)); // the list, then the messages
         Some(call)
     }
 

@@ -13,6 +13,8 @@
 //! proxy.resume(); // … until now
 //! proxy.partition(); // connections stay open, but nothing gets through …
 //! proxy.resume(); // … until now (the connections that lost bytes are dropped)
+//! proxy.hold(); // what clients send on open connections is held back …
+//! proxy.release(); // … and delivered late, even if the client gave up meanwhile
 //! ```
 //!
 //! Each accepted connection gets its own upstream connection and two pump threads (one per
@@ -56,6 +58,8 @@ struct Link {
     pumps: Vec<JoinHandle<()>>,
     /// Some bytes were dropped (partition, mute): the connection cannot go on after a resume.
     damaged: Arc<AtomicBool>,
+    /// Bytes from the client are kept, not forwarded, until released (see [`Proxy::hold`]).
+    held: Arc<AtomicBool>,
 }
 
 impl Link {
@@ -144,6 +148,24 @@ impl Proxy {
         self.shared.muted.store(true, Ordering::SeqCst);
     }
 
+    /// Holds back what clients send on the connections open now: their bytes are kept, not
+    /// forwarded, until [`release`](Proxy::release) — and then delivered even if the client
+    /// has closed its end meanwhile, as a kernel goes on sending what a closed socket had
+    /// written (a command that timed out on a client can still reach the server, late).
+    /// New connections are not held.
+    pub fn hold(&self) {
+        for link in lock(&self.shared.links).iter() {
+            link.held.store(true, Ordering::SeqCst);
+        }
+    }
+
+    /// Delivers what [`hold`](Proxy::hold) kept, and forwards again.
+    pub fn release(&self) {
+        for link in lock(&self.shared.links).iter() {
+            link.held.store(false, Ordering::SeqCst);
+        }
+    }
+
     /// Ends a [`pause`](Proxy::pause), [`partition`](Proxy::partition) or
     /// [`mute`](Proxy::mute): new connections are forwarded again, and the connections that
     /// lost bytes are dropped (their streams are broken; a real client would have timed out).
@@ -197,6 +219,7 @@ impl Drop for Proxy {
 fn drop_links(links: Vec<Link>) -> usize {
     let count = links.iter().filter(|link| !link.is_finished()).count();
     for link in &links {
+        link.held.store(false, Ordering::SeqCst);
         link.shut();
     }
     for link in links {
@@ -242,9 +265,10 @@ fn link(shared: &Arc<Shared>, client: TcpStream, server: TcpStream, n: u64) -> i
     client.set_nodelay(true)?;
     server.set_nodelay(true)?;
     let damaged = Arc::new(AtomicBool::new(false));
-    let up = Pump { shared: shared.clone(), damaged: damaged.clone(), downstream: false };
+    let held = Arc::new(AtomicBool::new(false));
+    let up = Pump { shared: shared.clone(), damaged: damaged.clone(), downstream: false, held: Some(held.clone()) };
     let up = up.spawn(format!("proxy-up-{n}"), client.try_clone()?, server.try_clone()?)?;
-    let down = Pump { shared: shared.clone(), damaged: damaged.clone(), downstream: true };
+    let down = Pump { shared: shared.clone(), damaged: damaged.clone(), downstream: true, held: None };
     let down = match down.spawn(format!("proxy-down-{n}"), server.try_clone()?, client.try_clone()?) {
         Ok(down) => down,
         Err(e) => {
@@ -254,7 +278,7 @@ fn link(shared: &Arc<Shared>, client: TcpStream, server: TcpStream, n: u64) -> i
             return Err(e);
         }
     };
-    Ok(Link { client, server, pumps: vec![up, down], damaged })
+    Ok(Link { client, server, pumps: vec![up, down], damaged, held })
 }
 
 /// One direction of a connection.
@@ -263,6 +287,8 @@ struct Pump {
     damaged: Arc<AtomicBool>,
     /// Server to client.
     downstream: bool,
+    /// Client to server: whether the client's bytes are held back (see [`Proxy::hold`]).
+    held: Option<Arc<AtomicBool>>,
 }
 
 impl Pump {
@@ -270,22 +296,46 @@ impl Pump {
     /// gone is a connection gone). Bytes that a partition or mute drops are read and thrown
     /// away, so the sender never blocks.
     fn spawn(self, name: String, mut from: TcpStream, mut to: TcpStream) -> io::Result<JoinHandle<()>> {
+        if self.held.is_some() {
+            // Wakes up now and then to deliver what a release freed.
+            from.set_read_timeout(Some(Duration::from_millis(10)))?;
+        }
         std::thread::Builder::new().name(name).spawn(move || {
             let mut buffer = [0u8; 16 * 1024];
+            let mut kept = Vec::new();
             loop {
                 match from.read(&mut buffer) {
+                    Err(e) if matches!(e.kind(), io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut) => {
+                        if !kept.is_empty() && !self.holds() && to.write_all(&std::mem::take(&mut kept)).is_err() {
+                            break;
+                        }
+                    }
                     Ok(0) | Err(_) => break,
                     Ok(_) if self.drops() => self.damaged.store(true, Ordering::SeqCst),
+                    Ok(n) if self.holds() => kept.extend_from_slice(&buffer[..n]),
                     Ok(n) => {
-                        if to.write_all(&buffer[..n]).is_err() {
+                        if to.write_all(&std::mem::take(&mut kept)).is_err() || to.write_all(&buffer[..n]).is_err() {
                             break;
                         }
                     }
                 }
             }
+            if !kept.is_empty() {
+                // The client is gone; what it sent still arrives, once released.
+                while self.holds() && !self.shared.stopping.load(Ordering::SeqCst) {
+                    std::thread::sleep(Duration::from_millis(5));
+                }
+                if to.write_all(&kept).is_ok() {
+                    std::thread::sleep(Duration::from_millis(200)); // time for the server to read it
+                }
+            }
             let _ = from.shutdown(Shutdown::Both);
             let _ = to.shutdown(Shutdown::Both);
         })
+    }
+
+    fn holds(&self) -> bool {
+        self.held.as_ref().is_some_and(|held| held.load(Ordering::SeqCst))
     }
 
     fn drops(&self) -> bool {

@@ -310,26 +310,30 @@ pub fn decode_report_from(bytes: Vec<u8>, known: &Known<'_>) -> Result<ReportMes
 }
 
 /// Decodes reports written back to back in one value (a broker may store a batch of reports
-/// as one), handing each to `each` in order. A single report decodes without a copy. A
-/// report that cannot be read ends the batch with its error (where the next one would
-/// start is unknown); those before it were handed over.
+/// as one), handing each to `each` in order: the report, or why it could not be read. A
+/// single report decodes without a copy. One that cannot be read is skipped when its length
+/// is known; when it is not, where the next one starts is unknown and the batch ends there.
 pub fn decode_reports_from(
     bytes: Vec<u8>,
     known: &Known<'_>,
-    mut each: impl FnMut(ReportMessage<'static>),
-) -> Result<(), BrokerError> {
-    let first = Reader::new(&bytes, TYPE_REPORT)?.message_len()?;
-    if first == bytes.len() {
-        each(decode_report_from(bytes, known)?);
-        return Ok(());
+    mut each: impl FnMut(Result<ReportMessage<'static>, BrokerError>),
+) {
+    let first = Reader::new(&bytes, TYPE_REPORT).and_then(Reader::message_len);
+    match first {
+        Ok(len) if len == bytes.len() => return each(decode_report_from(bytes, known)),
+        Err(e) => return each(Err(e)),
+        Ok(_) => {}
     }
     let mut at = 0;
     while at < bytes.len() {
-        let len = Reader::new(&bytes[at..], TYPE_REPORT)?.message_len()?;
-        each(decode_report_from(bytes[at..at + len].to_vec(), known)?);
-        at += len;
+        match Reader::new(&bytes[at..], TYPE_REPORT).and_then(Reader::message_len) {
+            Ok(len) => {
+                each(decode_report_from(bytes[at..at + len].to_vec(), known));
+                at += len;
+            }
+            Err(e) => return each(Err(e)),
+        }
     }
-    Ok(())
 }
 
 fn field(out: &mut Vec<u8>, tag: u8, value: &[u8]) {
@@ -528,36 +532,40 @@ mod tests {
         }
     }
 
-    /// Reports written back to back decode one by one, in order; a broken one ends the
-    /// batch after those before it.
+    /// Reports written back to back decode one by one, in order; a bad one whose length is
+    /// known is skipped, one whose length is not ends the batch.
     #[test]
     fn reports_back_to_back_decode_in_order() {
         let report = |id: &str, value: u8| {
             let body = ReportBody::Success(Value::Encoded(Encoded::new(1, vec![value])));
             encode_report(&ReportMessage { name: TaskName::from("n"), id: TaskId::new(id), body }).unwrap()
         };
+        // (id and value) of each report, `None` for each error.
         let decode = |bytes: Vec<u8>| {
             let mut got = Vec::new();
-            let result = decode_reports_from(bytes, &Known::default(), |r| {
-                let ReportBody::Success(Value::Encoded(e)) = r.body else { panic!("a success") };
-                got.push((r.id.as_str().to_owned(), e.bytes));
+            decode_reports_from(bytes, &Known::default(), |r| {
+                got.push(r.ok().map(|r| {
+                    let ReportBody::Success(Value::Encoded(e)) = r.body else { panic!("a success") };
+                    (r.id.as_str().to_owned(), e.bytes[0])
+                }))
             });
-            (got, result)
+            got
         };
-        let (one, result) = decode(report("a", 1));
-        assert!(result.is_ok());
-        assert_eq!(one, [("a".to_owned(), vec![1])]);
-
+        let ok = |id: &str, v: u8| Some((id.to_owned(), v));
+        assert_eq!(decode(report("a", 1)), [ok("a", 1)]);
         let batch = [report("a", 1), report("b", 2), report("c", 3)].concat();
-        let (three, result) = decode(batch.clone());
-        assert!(result.is_ok());
-        assert_eq!(three, [("a".to_owned(), vec![1]), ("b".to_owned(), vec![2]), ("c".to_owned(), vec![3])]);
+        assert_eq!(decode(batch.clone()), [ok("a", 1), ok("b", 2), ok("c", 3)]);
 
-        let mut broken = batch[..batch.len() - 1].to_vec(); // the last one lost its end marker
-        broken.splice(0..0, report("z", 9));
-        let (before, result) = decode(broken);
-        assert_eq!(result.unwrap_err().kind(), BrokerErrorKind::Malformed);
-        assert_eq!(before.len(), 3, "z, a and b were handed over before the broken c");
-        assert!(decode(Vec::new()).1.is_err(), "an empty value is malformed");
+        // b without its status: its length is known, so c still decodes.
+        let mut no_status = report("b", 2);
+        let at = no_status.windows(3).position(|w| w == [STATUS, 1, STATUS_SUCCESS]).unwrap();
+        no_status.drain(at..at + 3);
+        let skipped = [report("a", 1), no_status, report("c", 3)].concat();
+        assert_eq!(decode(skipped), [ok("a", 1), None, ok("c", 3)]);
+
+        let mut truncated = batch[..batch.len() - 1].to_vec(); // c lost its end marker
+        truncated.splice(0..0, report("z", 9));
+        assert_eq!(decode(truncated), [ok("z", 9), ok("a", 1), ok("b", 2), None]);
+        assert_eq!(decode(Vec::new()), [None], "an empty value is malformed");
     }
 }

@@ -24,6 +24,11 @@ use crate::conn::Conn;
 use crate::keys::QueueKeys;
 use crate::scripts::{self, Call, SEQ_TTL, Sequence};
 
+/// The most bytes of reports joined into one list element (a report larger than this is
+/// an element of its own): far below Redis's 512 MB limit on a value, and small enough that
+/// one element never holds up a listener for long.
+const MAX_JOINED: usize = 1 << 20;
+
 /// What to do with one message of a consumer's processing list (or one report).
 pub(crate) enum Settle {
     /// The oldest message is done: remove it, storing its final report for `caller`, if any.
@@ -224,8 +229,10 @@ impl Plan {
         if self.open_report.as_deref() == Some(reply.as_str()) {
             // The push is followed by four calls (expiry, notify token, …).
             let at = self.calls.len() - 5;
-            if let Some(joined) = self.calls[at].args.last_mut() {
-                joined.extend_from_slice(&bytes);
+            let args = &mut self.calls[at].args;
+            match args.last_mut() {
+                Some(joined) if joined.len() + bytes.len() <= MAX_JOINED => joined.extend_from_slice(&bytes),
+                _ => args.push(bytes),
             }
             if let Kind::Report { reports } = &mut self.kinds[at] {
                 *reports += 1;
@@ -411,13 +418,13 @@ struct Runs {
 }
 
 impl Runs {
-    /// Longest run: bounds a list element of reports, and the dead letters a script loop
-    /// moves at once.
+    /// Longest run: bounds the dead letters a script loop moves at once.
     const MAX: usize = 1000;
 
     fn add(&mut self, call: &mut Call, op: &'static str, k: usize, data: Option<Vec<u8>>) {
         let reports = op == "r" || (op == "c" && k > 0);
-        let joins = matches!(self.open, Some((o, j, _)) if o == op && j == k) && self.count < Runs::MAX;
+        let room = !reports || call.args.last().map_or(0, Vec::len) + data.as_ref().map_or(0, Vec::len) <= MAX_JOINED;
+        let joins = matches!(self.open, Some((o, j, _)) if o == op && j == k) && self.count < Runs::MAX && room;
         if !joins {
             self.close(call);
             call.args.extend([op.as_bytes().to_vec(), k.to_string().into_bytes(), Vec::new()]);

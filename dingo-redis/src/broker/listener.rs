@@ -181,20 +181,16 @@ impl Listen {
     /// Routes the reports of one list element (a batch of them, back to back).
     fn route(&self, reply: &Reply, bytes: Vec<u8>) {
         let known = Known { name: Some(&reply.task), address: None };
-        let routed = wire::decode_reports_from(bytes, &known, |report| {
-            self.inner.router.route(report);
-        });
-        if let Err(e) = routed {
-            self.event(
+        wire::decode_reports_from(bytes, &known, |report| match report {
+            Ok(report) => {
+                self.inner.router.route(report);
+            }
+            Err(e) => self.event(
                 Level::Error,
                 EventKind::MalformedMessage,
-                format!(
-                    "an undecodable report in `{}` was dropped, with any after it in its batch: {}",
-                    reply.list,
-                    dingo_core::error::chain(&e)
-                ),
-            );
-        }
+                format!("an undecodable report in `{}` was dropped: {}", reply.list, dingo_core::error::chain(&e)),
+            ),
+        });
     }
 
     fn event(&self, level: Level, kind: EventKind, message: String) {

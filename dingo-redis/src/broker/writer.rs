@@ -71,7 +71,7 @@ impl Writer {
     pub(crate) fn start(inner: Arc<Inner>) -> Result<Writer, BrokerError> {
         let (tx, rx) = crossbeam_channel::bounded(inner.options.send_buffer);
         let line = Arc::new(Mutex::new(Line {
-            conn: inner.conn("task sender", Origin::Producer, false),
+            conn: inner.conn("task sender", Origin::Producer, false).fencing(),
             sequence: Sequence::new("send", &inner.process),
             unanswered: VecDeque::new(),
             closed: false,
@@ -114,7 +114,8 @@ impl Writer {
             return Some(outgoing);
         }
         let mut batch = vec![outgoing];
-        let (calls, owners) = push_calls(&mut batch, self.inner.options.batch, &mut line.sequence);
+        let scripted = !line.conn.fenced();
+        let (calls, owners) = push_calls(&mut batch, self.inner.options.batch, &mut line.sequence, scripted);
         let packed = scripts::pack(&calls);
         let written = line.conn.once(&mut |c| c.send_packed_command(&packed));
         let generation = if written.is_ok() { generation } else { None };
@@ -161,7 +162,8 @@ fn write_loop(inner: &Arc<Inner>, rx: &Receiver<Msg>, line: &Mutex<Line>, stop: 
             }
             continue;
         }
-        let (calls, owners) = push_calls(&mut batch, inner.options.batch, &mut line.sequence);
+        let scripted = !line.conn.fenced();
+        let (calls, owners) = push_calls(&mut batch, inner.options.batch, &mut line.sequence, scripted);
         write(inner, line, stop, Written { calls, batch, owners, generation: None }, false);
     }
 }
@@ -194,7 +196,7 @@ fn write(inner: &Inner, line: &mut Line, stop: &AtomicBool, written: Written, se
             if is_transaction(&calls)
                 && let Some(exec) = replies.last()
             {
-                settle_transaction(inner, exec, &owners, &mut batch);
+                settle_transaction(inner, &calls, exec, &owners, &mut batch);
             }
             inner.stats.sent.fetch_add(batch.len() as u64, Ordering::Relaxed);
         }
@@ -233,7 +235,7 @@ fn answer(inner: &Inner, line: &mut Line, stop: &AtomicBool) {
         // messages were queued, or refused.
         let settled = is_transaction(&calls) && done.last() == Some(&true);
         if settled && let Some(exec) = &last {
-            settle_transaction(inner, exec, &owners, &mut batch);
+            settle_transaction(inner, &calls, exec, &owners, &mut batch);
         }
         // Left to send: the scripts not answered, and the whole transaction if its outcome
         // is unknown — even the steps Redis acknowledged with `QUEUED` (`write` sends its
@@ -261,9 +263,13 @@ fn answer(inner: &Inner, line: &mut Line, stop: &AtomicBool) {
 ///
 /// At-least-once messages are numbered per queue: a `SET` of the sender's sequence key
 /// goes before their `LPUSH`, which carries how to send it again as a numbered `PUSH`
-/// script ([`scripts::Redo`]) should the outcome be unknown — it then applies once.
-/// At-most-once messages have no number and are never sent twice (see [`unrepeatable`]).
-fn push_calls(batch: &mut [Outgoing], max: usize, sequence: &mut Sequence) -> (Vec<Call>, Vec<usize>) {
+/// script ([`scripts::Redo`]) should the outcome be unknown — it then applies once. That
+/// holds only if the transaction cannot run after the script: the sender's connection is
+/// fenced ([`Conn::fencing`]). Where the server does not allow that (`scripted`), the
+/// at-least-once messages go as numbered `PUSH` scripts from the start, ahead of the
+/// transaction. At-most-once messages have no number and are never sent twice (see
+/// [`unrepeatable`]).
+fn push_calls(batch: &mut [Outgoing], max: usize, sequence: &mut Sequence, scripted: bool) -> (Vec<Call>, Vec<usize>) {
     let mut pushes: Vec<(Call, usize)> = Vec::new();
     let mut owners = Vec::with_capacity(batch.len());
     let mut wakes: Vec<&str> = Vec::new();
@@ -281,35 +287,47 @@ fn push_calls(batch: &mut [Outgoing], max: usize, sequence: &mut Sequence) -> (V
                 let mut call = Call::command("LPUSH").arg(list.as_bytes()).arg(bytes);
                 if !outgoing.at_most_once {
                     let (seq_key, seq) = sequence.next(&outgoing.queue);
-                    call.redo = Some(Redo { wake: outgoing.queue.wake.clone(), seq_key, seq });
+                    call.redo = Some(Redo { list: list.clone(), wake: outgoing.queue.wake.clone(), seq_key, seq });
                 }
                 pushes.push((call, 1));
                 pushes.len() - 1
             }
         };
         owners.push(at);
-        if !wakes.contains(&outgoing.queue.wake.as_str()) {
-            wakes.push(&outgoing.queue.wake);
+        if outgoing.at_most_once || !scripted {
+            // The scripts leave their own wake tokens.
+            if !wakes.contains(&outgoing.queue.wake.as_str()) {
+                wakes.push(&outgoing.queue.wake);
+            }
         }
     }
-    let mut calls = vec![Call::command("MULTI")];
-    let mut push_at = Vec::with_capacity(pushes.len());
-    for (call, _) in pushes {
-        if let Some(redo) = &call.redo {
-            calls.push(
-                Call::command("SET").arg(redo.seq_key.as_bytes()).arg(redo.seq.as_bytes()).arg("PX").arg(SEQ_TTL),
-            );
+    let mut calls = Vec::new();
+    let mut call_of = vec![0; pushes.len()];
+    let (scripts, plain): (Vec<_>, Vec<_>) =
+        pushes.into_iter().enumerate().partition(|(_, (call, _))| scripted && call.redo.is_some());
+    for (i, (call, _)) in scripts {
+        call_of[i] = calls.len();
+        calls.extend(call.redone());
+    }
+    if !plain.is_empty() {
+        calls.push(Call::command("MULTI"));
+        for (i, (call, _)) in plain {
+            if let Some(redo) = &call.redo {
+                calls.push(
+                    Call::command("SET").arg(redo.seq_key.as_bytes()).arg(redo.seq.as_bytes()).arg("PX").arg(SEQ_TTL),
+                );
+            }
+            call_of[i] = calls.len();
+            calls.push(call);
         }
-        push_at.push(calls.len());
-        calls.push(call);
+        for wake in wakes {
+            // One token, as the scripts leave it: what idle consumers block on.
+            calls.push(Call::command("LPUSH").arg(wake.as_bytes()).arg("1"));
+            calls.push(Call::command("LTRIM").arg(wake.as_bytes()).arg("0").arg("0"));
+        }
+        calls.push(Call::command("EXEC"));
     }
-    for wake in wakes {
-        // One token, as the scripts leave it: what idle consumers block on.
-        calls.push(Call::command("LPUSH").arg(wake.as_bytes()).arg("1"));
-        calls.push(Call::command("LTRIM").arg(wake.as_bytes()).arg("0").arg("0"));
-    }
-    calls.push(Call::command("EXEC"));
-    let owners = owners.into_iter().map(|at| push_at[at]).collect();
+    let owners = owners.into_iter().map(|at| call_of[at]).collect();
     (calls, owners)
 }
 
@@ -350,19 +368,20 @@ fn at_most_once(batch: &mut Vec<Outgoing>) -> Vec<Outgoing> {
     amo
 }
 
-/// Reads `EXEC`'s reply to the transaction: fails every message if Redis refused the whole
-/// transaction, else the messages of each step it refused (a step that fails does not undo
-/// the others), and leaves in `batch` the messages that were queued.
-fn settle_transaction(inner: &Inner, exec: &redis::Value, owners: &[usize], batch: &mut Vec<Outgoing>) {
-    let refused: Vec<(usize, String)> = match exec {
-        redis::Value::ServerError(e) => vec![(usize::MAX, format!("{e:?}"))],
-        redis::Value::Nil => vec![(usize::MAX, "the transaction was aborted".to_owned())],
-        // Step j of the transaction is call j + 1 (after `MULTI`).
+/// Reads `EXEC`'s reply to the transaction in `calls`: fails its messages if Redis refused
+/// the whole transaction, else the messages of each step it refused (a step that fails does
+/// not undo the others), and leaves in `batch` the messages that were queued.
+fn settle_transaction(inner: &Inner, calls: &[Call], exec: &redis::Value, owners: &[usize], batch: &mut Vec<Outgoing>) {
+    let multi = calls.iter().position(|call| call.script.is_none() && call.command == "MULTI").unwrap_or(0);
+    let refused: Vec<(Option<usize>, String)> = match exec {
+        redis::Value::ServerError(e) => vec![(None, format!("{e:?}"))],
+        redis::Value::Nil => vec![(None, "the transaction was aborted".to_owned())],
+        // Step j of the transaction is the call j + 1 after `MULTI`.
         redis::Value::Array(results) => results
             .iter()
             .enumerate()
             .filter_map(|(j, r)| match r {
-                redis::Value::ServerError(e) => Some((j + 1, format!("{e:?}"))),
+                redis::Value::ServerError(e) => Some((Some(multi + 1 + j), format!("{e:?}"))),
                 _ => None,
             })
             .collect(),
@@ -374,7 +393,8 @@ fn settle_transaction(inner: &Inner, exec: &redis::Value, owners: &[usize], batc
     let mut failed: Vec<Vec<Outgoing>> = refused.iter().map(|_| Vec::new()).collect();
     let mut kept = Vec::with_capacity(batch.len());
     for (outgoing, &owner) in std::mem::take(batch).into_iter().zip(owners) {
-        match refused.iter().position(|(at, _)| *at == usize::MAX || *at == owner) {
+        let in_transaction = owner > multi;
+        match refused.iter().position(|(at, _)| in_transaction && at.is_none_or(|at| at == owner)) {
             Some(i) => failed[i].push(outgoing),
             None => kept.push(outgoing),
         }
