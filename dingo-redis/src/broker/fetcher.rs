@@ -55,7 +55,6 @@ impl RedisAck {
         let left = LOCAL.with(|local| match local.borrow_mut().get_mut(&self.subscription) {
             Some(state) => {
                 state.done.push(pending);
-                state.oldest_done.get_or_insert_with(Instant::now);
                 None
             }
             None => Some(pending),
@@ -125,7 +124,6 @@ struct Local {
     consumers: FastMap<String, (Arc<str>, bool)>,
     buffer: VecDeque<Entry>,
     done: Vec<Pending>,
-    oldest_done: Option<Instant>,
     /// Settlements parked while the current task runs (taken back before every round trip).
     parked: Arc<Parked>,
     /// Consumers whose settlements could not be stored: nothing more is settled under them
@@ -203,7 +201,6 @@ impl RedisSubscription {
             consumers: FastMap::default(),
             buffer: VecDeque::new(),
             done: Vec::new(),
-            oldest_done: None,
             parked: Arc::new(Parked::new(self.stopped.clone())),
             abandoned: Vec::new(),
             handed_at: None,
@@ -229,21 +226,23 @@ impl RedisSubscription {
         loop {
             match local.buffer.pop_front()? {
                 Entry::Task(delivery) => {
-                    // Settlements wait for the next fetch while tasks are quick; when they have
-                    // waited long, or the task just finished took long (the next may too),
-                    // they go now.
-                    let slow = local.handed_at.is_some_and(|t| t.elapsed() >= FLUSH_AFTER);
-                    if local.oldest_done.is_some_and(|t| slow || t.elapsed() >= FLUSH_AFTER) {
-                        self.settle(local);
-                    } else if !local.done.is_empty() {
-                        self.park(local);
+                    // Settlements wait for the next fetch while tasks are quick (parked: the
+                    // flusher stores them if the next task runs long); when the task just
+                    // finished took long (the next may too), they go now. One clock read
+                    // per task: on some VMs a read costs tens of nanoseconds.
+                    let now = Instant::now();
+                    if !local.done.is_empty() {
+                        if local.handed_at.is_some_and(|t| now.duration_since(t) >= FLUSH_AFTER) {
+                            self.settle(local);
+                        } else {
+                            self.park(local, now);
+                        }
                     }
-                    local.handed_at = Some(Instant::now());
+                    local.handed_at = Some(now);
                     return Some(delivery);
                 }
                 Entry::Malformed { queue, consumer, reason } => {
                     local.done.push(Pending { queue, consumer, settle: Settle::Dead { reason } });
-                    local.oldest_done.get_or_insert_with(Instant::now);
                 }
             }
         }
@@ -256,7 +255,6 @@ impl RedisSubscription {
     fn settle_plan(&self, local: &mut Local) -> (Plan, Vec<Consumer>) {
         self.take_back(local);
         let done = std::mem::take(&mut local.done);
-        local.oldest_done = None;
         let settled = settled_by(&done);
         (completer::settle_calls(&self.inner, done, &mut local.sequence), settled)
     }
@@ -312,13 +310,12 @@ impl RedisSubscription {
 
     /// Parks this thread's settlements while it runs its next task: they go with its next
     /// round trip, or the flusher stores them if the task runs long.
-    fn park(&self, local: &mut Local) {
+    fn park(&self, local: &mut Local, now: Instant) {
         self.take_back(local);
-        local.oldest_done = None;
         if local.done.is_empty() {
             return;
         }
-        if local.parked.park(std::mem::take(&mut local.done)) {
+        if local.parked.park(std::mem::take(&mut local.done), now) {
             match self.inner.flusher() {
                 Ok(flusher) => flusher.watch(local.parked.clone()),
                 // No flusher (the broker is closing): store them now.
@@ -651,7 +648,6 @@ pub(crate) fn finish_here(
         let consumer = state.consumers.get(&queue.prefix).map(|(c, _)| c.clone()).unwrap_or_else(|| Arc::from(""));
         let settle = Settle::Report { caller, bytes };
         state.done.push(Pending { queue: queue.clone(), consumer, settle });
-        state.oldest_done.get_or_insert_with(Instant::now);
         None
     })
 }

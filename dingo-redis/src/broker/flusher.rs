@@ -63,13 +63,13 @@ impl Parked {
         self.state.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    /// Parks `done` (the worker took back what it parked before, see
+    /// Parks `done` at `now` (the worker took back what it parked before, see
     /// [`reclaim`](Parked::reclaim)); `true` when the flusher must be told to watch this
     /// worker.
-    pub(crate) fn park(&self, done: Vec<Pending>) -> bool {
+    pub(crate) fn park(&self, done: Vec<Pending>, now: Instant) -> bool {
         let mut state = self.lock();
         state.done = done;
-        state.since = Some(Instant::now());
+        state.since = Some(now);
         !std::mem::replace(&mut state.watched, true)
     }
 
