@@ -122,17 +122,19 @@ pub struct Known<'a> {
 }
 
 impl Known<'_> {
-    fn name(&self, name: &str) -> TaskName {
+    /// The name in `value`: the known one if the bytes match (no check, no allocation).
+    fn name(&self, value: &[u8]) -> Result<TaskName, BrokerError> {
         match self.name {
-            Some(known) if known.as_str() == name => known.clone(),
-            _ => TaskName::from(name),
+            Some(known) if known.as_str().as_bytes() == value => Ok(known.clone()),
+            _ => Ok(TaskName::from(utf8(value, "name")?)),
         }
     }
 
-    fn address(&self, address: &str) -> Arc<str> {
+    /// The address in `value`: the known one if the bytes match (no check, no allocation).
+    fn address(&self, value: &[u8]) -> Result<Arc<str>, BrokerError> {
         match self.address {
-            Some(known) if &**known == address => known.clone(),
-            _ => Arc::from(address),
+            Some(known) if known.as_bytes() == value => Ok(known.clone()),
+            _ => Ok(Arc::from(utf8(value, "reply address")?)),
         }
     }
 }
@@ -162,9 +164,9 @@ pub fn decode_delivery(bytes: Vec<u8>, known: &Known<'_>) -> Result<(TaskMessage
         let mut reader = Reader::new(&bytes, TYPE_TASK)?;
         while let Some((tag, value)) = reader.next_field()? {
             match tag {
-                NAME => name = Some(known.name(utf8(value, "name")?)),
+                NAME => name = Some(known.name(value)?),
                 ID => id = Some(TaskId::new(utf8(value, "id")?)),
-                REPLY_TO => reply_to = Some(known.address(utf8(value, "reply address")?)),
+                REPLY_TO => reply_to = Some(known.address(value)?),
                 FINGERPRINT => fingerprint = Some(u64::from_le_bytes(fixed(value, "fingerprint")?)),
                 OPTIONS => {
                     let [flags] = fixed(value, "options")?;
@@ -270,7 +272,7 @@ pub fn decode_report_from(bytes: Vec<u8>, known: &Known<'_>) -> Result<ReportMes
     let (mut error_kind, mut error_message) = (None, None);
     while let Some((tag, value)) = reader.next_field()? {
         match tag {
-            NAME => name = Some(known.name(utf8(value, "name")?)),
+            NAME => name = Some(known.name(value)?),
             ID => id = Some(TaskId::new(utf8(value, "id")?)),
             STATUS => status = Some(fixed::<1>(value, "status")?[0]),
             CODEC => codec = Some(fixed::<1>(value, "codec")?[0]),

@@ -22,7 +22,7 @@ use dingo_core::broker::{Ack, Acknowledge, ConsumeSettings, Delivery, Recv, Subs
 use dingo_core::event::{Event, EventKind, Level, Origin};
 use dingo_core::id::{FastMap, IdMaker, UuidV7};
 use dingo_core::message::wire::{self, Known};
-use dingo_core::message::{ReportBody, ReportMessage};
+use dingo_core::message::{ReplyTo, ReportBody, ReportMessage};
 use dingo_core::{BrokerError, CallKey, TaskError, TaskErrorKind, TaskName};
 use redis::Value;
 
@@ -131,6 +131,8 @@ struct Local {
     abandoned: Vec<Arc<str>>,
     /// When the last task was handed to the worker.
     handed_at: Option<Instant>,
+    /// The reply address of the last task decoded.
+    last_caller: Option<Arc<str>>,
     /// Numbers this thread's fetches and settlements, so a retry applies each once.
     sequence: Sequence,
     /// After an empty fetch, the next one waits on the wake lists first.
@@ -204,6 +206,7 @@ impl RedisSubscription {
             parked: Arc::new(Parked::new(self.stopped.clone())),
             abandoned: Vec::new(),
             handed_at: None,
+            last_caller: None,
             sequence: Sequence::new("work", thread.as_str()),
             idle: false,
             round: 0,
@@ -495,9 +498,16 @@ impl RedisSubscription {
     ) {
         self.inner.stats.fetched.fetch_add(1, Ordering::Relaxed);
         let Value::BulkString(bytes) = item else { return };
-        let known = Known { name: Some(name), address: None };
+        // Most tasks of a fetch come from the caller of the one before: its address is
+        // shared, not allocated again.
+        let known = Known { name: Some(name), address: local.last_caller.as_ref() };
         match wire::decode_delivery(bytes, &known) {
             Ok((message, redelivered)) => {
+                if let ReplyTo::Address(caller) = &message.reply_to
+                    && !local.last_caller.as_ref().is_some_and(|last| Arc::ptr_eq(last, caller))
+                {
+                    local.last_caller = Some(caller.clone());
+                }
                 let ack = leased.map(|consumer| {
                     Ack::new(RedisAck {
                         inner: self.inner.clone(),
