@@ -314,44 +314,76 @@ fn tasks_a_worker_could_not_settle_at_stop_run_again() {
     caller.close().expect("close");
 }
 
+/// A caller whose task messages go through a proxy (command timeout 1 s) and whose
+/// reports come straight from Redis, so only the send is disturbed; a worker that counts
+/// the runs of `task` per argument. The sender's first batch (argument 0) is acknowledged
+/// before the test disturbs anything (a result can come back before the send's own reply).
+struct SendFault {
+    setup: Redis,
+    proxy: Proxy,
+    sender: RedisBroker,
+    caller: App,
+    worker: App,
+    task: &'static str,
+    runs: Arc<Mutex<BTreeMap<u64, u32>>>,
+}
+
+impl SendFault {
+    fn start(task: &'static str) -> Option<SendFault> {
+        let setup = Redis::setup()?;
+        let proxy = Proxy::start(server_addr(setup.url())).expect("start the proxy");
+        let options = setup.options().clone().command_timeout(Duration::from_secs(1));
+        let sender = RedisBroker::connect_with(&via(&proxy, setup.url()), options).expect("connect via the proxy");
+        let caller = App::builder().tasks(sender.clone()).reports(setup.broker()).build().expect("caller app");
+        let worker = App::builder().broker(setup.broker()).build().expect("worker app");
+        let runs: Arc<Mutex<BTreeMap<u64, u32>>> = Arc::default();
+        let counted = runs.clone();
+        worker
+            .register(task, move |(n,): (u64,)| {
+                *lock(&counted).entry(n).or_default() += 1;
+                n
+            })
+            .expect("register");
+        worker.allocate(task, 1).expect("allocate");
+        let fault = SendFault { setup, proxy, sender, caller, worker, task, runs };
+        assert_eq!(fault.call(0).wait_timeout(PATIENCE).expect("the first call"), 0);
+        wait_until("the first send is acknowledged", || fault.sent() == 1);
+        Some(fault)
+    }
+
+    fn call(&self, n: u64) -> dingo::Handle<u64> {
+        self.caller.call::<_, u64>(self.task, (n,)).expect("call")
+    }
+
+    fn sent(&self) -> u64 {
+        stat(&self.sender.stats().sent)
+    }
+
+    /// Waits until the queue is empty and nothing is held, then checks that each of the
+    /// arguments `0..=last` ran once, and closes the apps.
+    fn ran_once(self, last: u64) {
+        let namespace = &self.setup.options().namespace;
+        wait_until("the queue is drained", || {
+            self.setup.broker().queue_len(self.task).expect("queue length") == 0
+                && held(self.setup.url(), namespace, self.task) == 0
+        });
+        let expected: BTreeMap<u64, u32> = (0..=last).map(|n| (n, 1)).collect();
+        assert_eq!(*lock(&self.runs), expected, "each call ran once");
+        self.caller.close().expect("close");
+        self.worker.close().expect("close");
+    }
+}
+
 /// The reply to a batch of task messages is lost on its way back (the messages were
 /// queued): the caller's retry must not queue them again, so each call runs once.
 #[test]
 fn a_lost_reply_to_a_send_does_not_run_the_call_twice() {
-    let Some(setup) = Redis::setup() else { return };
-    let proxy = Proxy::start(server_addr(setup.url())).expect("start the proxy");
-    let options = setup.options().clone().command_timeout(Duration::from_secs(1));
-    let sender = RedisBroker::connect_with(&via(&proxy, setup.url()), options).expect("connect via the proxy");
-    // Tasks through the proxy, reports straight from Redis (so only the send is disturbed).
-    let caller = App::builder().tasks(sender.clone()).reports(setup.broker()).build().expect("caller app");
-    let worker = App::builder().broker(setup.broker()).build().expect("worker app");
-    let runs: Arc<Mutex<BTreeMap<u64, u32>>> = Arc::default();
-    let counted = runs.clone();
-    worker
-        .register("faults.once", move |(n,): (u64,)| {
-            *lock(&counted).entry(n).or_default() += 1;
-            n
-        })
-        .expect("register");
-    worker.allocate("faults.once", 1).expect("allocate");
-    // The sender's connection is up, and its first batch acknowledged, before the replies
-    // go missing (a result can come back before the send's own reply does).
-    assert_eq!(caller.call::<_, u64>("faults.once", (0u64,)).expect("call").wait_timeout(PATIENCE).expect("ok"), 0);
-    wait_until("the first send is acknowledged", || stat(&sender.stats().sent) == 1);
-
-    proxy.mute();
-    let mut handle = caller.call::<_, u64>("faults.once", (1u64,)).expect("call");
-    assert_eq!(handle.wait_timeout(PATIENCE).expect("the call ran"), 1);
-    proxy.resume();
-    wait_until("the sender's retry went through", || stat(&sender.stats().sent) == 2);
-    let namespace = &setup.options().namespace;
-    wait_until("the queue is drained", || {
-        setup.broker().queue_len("faults.once").expect("queue length") == 0
-            && held(setup.url(), namespace, "faults.once") == 0
-    });
-    assert_eq!(*lock(&runs), BTreeMap::from([(0, 1), (1, 1)]), "each call ran once");
-    caller.close().expect("close");
-    worker.close().expect("close");
+    let Some(fault) = SendFault::start("faults.once") else { return };
+    fault.proxy.mute();
+    assert_eq!(fault.call(1).wait_timeout(PATIENCE).expect("the call ran"), 1);
+    fault.proxy.resume();
+    wait_until("the sender's retry went through", || fault.sent() == 2);
+    fault.ran_once(1);
 }
 
 /// A batch of task messages is lost on its way to Redis (never applied): the sender's
@@ -359,39 +391,19 @@ fn a_lost_reply_to_a_send_does_not_run_the_call_twice() {
 /// and each call runs once. A retry that dropped the batch would leave the calls waiting.
 #[test]
 fn a_send_lost_on_its_way_is_sent_again_and_runs_once() {
-    let Some(setup) = Redis::setup() else { return };
-    let proxy = Proxy::start(server_addr(setup.url())).expect("start the proxy");
-    let options = setup.options().clone().command_timeout(Duration::from_secs(1));
-    let sender = RedisBroker::connect_with(&via(&proxy, setup.url()), options).expect("connect via the proxy");
-    let caller = App::builder().tasks(sender.clone()).reports(setup.broker()).build().expect("caller app");
-    let worker = App::builder().broker(setup.broker()).build().expect("worker app");
-    let runs: Arc<Mutex<BTreeMap<u64, u32>>> = Arc::default();
-    let counted = runs.clone();
-    worker
-        .register("faults.resent", move |(n,): (u64,)| {
-            *lock(&counted).entry(n).or_default() += 1;
-            n
-        })
-        .expect("register");
-    worker.allocate("faults.resent", 1).expect("allocate");
-    assert_eq!(caller.call::<_, u64>("faults.resent", (0u64,)).expect("call").wait_timeout(PATIENCE).expect("ok"), 0);
-    wait_until("the first send is acknowledged", || stat(&sender.stats().sent) == 1);
-
-    proxy.partition();
-    let handles: Vec<_> =
-        (1..=5u64).map(|n| (n, caller.call::<_, u64>("faults.resent", (n,)).expect("call"))).collect();
+    let Some(fault) = SendFault::start("faults.resent") else { return };
+    fault.proxy.partition();
+    let handles: Vec<_> = (1..=5u64).map(|n| (n, fault.call(n))).collect();
     std::thread::sleep(Duration::from_millis(1500)); // past the sender's command timeout
-    assert_eq!(setup.broker().queue_len("faults.resent").expect("queue length"), 0, "nothing reached redis");
-    proxy.resume();
+    let queued = fault.setup.broker().queue_len(fault.task).expect("queue length");
+    assert_eq!(queued, 0, "nothing reached redis");
+    fault.proxy.resume();
     for (n, mut handle) in handles {
         assert_eq!(handle.wait_timeout(PATIENCE).expect("the call ran"), n);
     }
-    wait_until("every send is acknowledged", || stat(&sender.stats().sent) == 6);
+    wait_until("every send is acknowledged", || fault.sent() == 6);
     std::thread::sleep(Duration::from_millis(300)); // time for a second run, if there were one
-    let expected: BTreeMap<u64, u32> = (0..=5u64).map(|n| (n, 1)).collect();
-    assert_eq!(*lock(&runs), expected, "each call ran once");
-    caller.close().expect("close");
-    worker.close().expect("close");
+    fault.ran_once(5);
 }
 
 /// A batch of task messages is delayed on its way to Redis past the sender's timeout, and
@@ -400,37 +412,12 @@ fn a_send_lost_on_its_way_is_sent_again_and_runs_once() {
 /// so each call runs once.
 #[test]
 fn a_late_copy_of_a_send_does_not_queue_it_twice() {
-    let Some(setup) = Redis::setup() else { return };
-    let proxy = Proxy::start(server_addr(setup.url())).expect("start the proxy");
-    let options = setup.options().clone().command_timeout(Duration::from_secs(1));
-    let sender = RedisBroker::connect_with(&via(&proxy, setup.url()), options).expect("connect via the proxy");
-    let caller = App::builder().tasks(sender.clone()).reports(setup.broker()).build().expect("caller app");
-    let worker = App::builder().broker(setup.broker()).build().expect("worker app");
-    let runs: Arc<Mutex<BTreeMap<u64, u32>>> = Arc::default();
-    let counted = runs.clone();
-    worker
-        .register("faults.late", move |(n,): (u64,)| {
-            *lock(&counted).entry(n).or_default() += 1;
-            n
-        })
-        .expect("register");
-    worker.allocate("faults.late", 1).expect("allocate");
-    assert_eq!(caller.call::<_, u64>("faults.late", (0u64,)).expect("call").wait_timeout(PATIENCE).expect("ok"), 0);
-    wait_until("the first send is acknowledged", || stat(&sender.stats().sent) == 1);
-
-    proxy.hold();
-    let mut handle = caller.call::<_, u64>("faults.late", (1u64,)).expect("call");
-    assert_eq!(handle.wait_timeout(PATIENCE).expect("the call ran, sent again"), 1);
-    proxy.release(); // the first copy arrives now
+    let Some(fault) = SendFault::start("faults.late") else { return };
+    fault.proxy.hold();
+    assert_eq!(fault.call(1).wait_timeout(PATIENCE).expect("the call ran, sent again"), 1);
+    fault.proxy.release(); // the first copy arrives now
     std::thread::sleep(Duration::from_millis(500)); // time for it to run, if it could
-    let namespace = &setup.options().namespace;
-    wait_until("the queue is drained", || {
-        setup.broker().queue_len("faults.late").expect("queue length") == 0
-            && held(setup.url(), namespace, "faults.late") == 0
-    });
-    assert_eq!(*lock(&runs), BTreeMap::from([(0, 1), (1, 1)]), "each call ran once");
-    caller.close().expect("close");
-    worker.close().expect("close");
+    fault.ran_once(1);
 }
 
 /// A Redis user that may neither end other connections (`CLIENT KILL`) nor run `SORT`
