@@ -29,6 +29,36 @@ fn connect(url: &str) -> Result<Connection, dingo::Error> {
         .map_err(error)
 }
 
+/// A request queue (durable) and a reply queue (transient) of one raw request-reply
+/// baseline, named for this process and `kind`.
+struct Exchange {
+    requests: String,
+    replies: String,
+}
+
+impl Exchange {
+    fn declare(channel: &Channel, kind: &str) -> Result<Exchange, dingo::Error> {
+        let requests = format!("dingo-bench-raw-{kind}req-{}", std::process::id());
+        let replies = format!("dingo-bench-raw-{kind}rep-{}", std::process::id());
+        durable_queue(channel, &requests)?;
+        channel.queue_declare(replies.as_str(), QueueDeclareOptions::default()).map_err(error)?;
+        Ok(Exchange { requests, replies })
+    }
+
+    /// The caller's consumer of the replies (no acks).
+    fn replies<'a>(&self, channel: &'a Channel) -> Result<amiquip::Consumer<'a>, dingo::Error> {
+        channel
+            .basic_consume(self.replies.as_str(), ConsumerOptions { no_ack: true, ..ConsumerOptions::default() })
+            .map_err(error)
+    }
+
+    fn delete(self, channel: &Channel) -> Result<(), dingo::Error> {
+        channel.queue_delete(self.requests, QueueDeleteOptions::default()).map_err(error)?;
+        channel.queue_delete(self.replies, QueueDeleteOptions::default()).map_err(error)?;
+        Ok(())
+    }
+}
+
 fn durable_queue(channel: &Channel, name: &str) -> Result<(), dingo::Error> {
     channel
         .queue_declare(name, QueueDeclareOptions { durable: true, ..QueueDeclareOptions::default() })
@@ -156,14 +186,10 @@ fn in_flight(
     confirmed: bool,
     respond: impl FnOnce(&mut Connection, &str, &str) -> Result<(), dingo::Error> + Send + 'static,
 ) -> Outcome {
-    let kind = if confirmed { "in" } else { "amo" };
-    let requests_queue = format!("dingo-bench-raw-{kind}req-{}", std::process::id());
-    let replies_queue = format!("dingo-bench-raw-{kind}rep-{}", std::process::id());
     let mut caller = connect(url)?;
     let mut responding = connect(url)?;
     let channel = caller.open_channel(None).map_err(error)?;
-    durable_queue(&channel, &requests_queue)?;
-    channel.queue_declare(replies_queue.as_str(), QueueDeclareOptions::default()).map_err(error)?;
+    let queues = Exchange::declare(&channel, if confirmed { "in" } else { "amo" })?;
     let request_confirms = if confirmed {
         let confirms = channel.listen_for_publisher_confirms().map_err(error)?;
         channel.enable_publisher_confirms().map_err(error)?;
@@ -171,18 +197,16 @@ fn in_flight(
     } else {
         None
     };
-    let (request_queue, reply_queue) = (requests_queue.clone(), replies_queue.clone());
+    let (request_queue, reply_queue) = (queues.requests.clone(), queues.replies.clone());
     let responder = std::thread::spawn(move || respond(&mut responding, &request_queue, &reply_queue));
-    let replies = channel
-        .basic_consume(replies_queue.as_str(), ConsumerOptions { no_ack: true, ..ConsumerOptions::default() })
-        .map_err(error)?;
+    let replies = queues.replies(&channel)?;
     let body = [7u8; 100];
     let properties = if confirmed { persistent() } else { AmqpProperties::default() };
     let start = Instant::now();
     let (mut sent, mut answered) = (0u64, 0u64);
     while answered < calls {
         while sent < calls && sent - answered < window as u64 {
-            let request = Publish::with_properties(&body, requests_queue.as_str(), properties.clone());
+            let request = Publish::with_properties(&body, queues.requests.as_str(), properties.clone());
             channel.basic_publish("", request).map_err(error)?;
             sent += 1;
         }
@@ -196,8 +220,7 @@ fn in_flight(
     let rate = calls as f64 / start.elapsed().as_secs_f64();
     responder.join().map_err(|_| error("the responder thread panicked"))??;
     drop(replies);
-    channel.queue_delete(requests_queue, QueueDeleteOptions::default()).map_err(error)?;
-    channel.queue_delete(replies_queue, QueueDeleteOptions::default()).map_err(error)?;
+    queues.delete(&channel)?;
     Ok(Measure::Rate(rate))
 }
 
@@ -225,16 +248,13 @@ fn crossbeam_select(
 /// responder on another connection with a transient reply; p50 / p99 of the round trip —
 /// the floor under dingo's sequential call→result latency.
 pub(crate) fn request_reply(url: &str, requests: u64) -> Outcome {
-    let requests_queue = format!("dingo-bench-raw-req-{}", std::process::id());
-    let replies_queue = format!("dingo-bench-raw-rep-{}", std::process::id());
     let mut caller = connect(url)?;
     let mut responding = connect(url)?;
     let channel = caller.open_channel(None).map_err(error)?;
-    durable_queue(&channel, &requests_queue)?;
-    channel.queue_declare(replies_queue.as_str(), QueueDeclareOptions::default()).map_err(error)?;
+    let queues = Exchange::declare(&channel, "")?;
     let _confirms = channel.listen_for_publisher_confirms().map_err(error)?;
     channel.enable_publisher_confirms().map_err(error)?;
-    let (request_queue, reply_queue) = (requests_queue.clone(), replies_queue.clone());
+    let (request_queue, reply_queue) = (queues.requests.clone(), queues.replies.clone());
     let responder = std::thread::spawn(move || -> Result<(), dingo::Error> {
         let channel = responding.open_channel(None).map_err(error)?;
         channel.qos(0, 128, false).map_err(error)?;
@@ -249,15 +269,13 @@ pub(crate) fn request_reply(url: &str, requests: u64) -> Outcome {
         }
         Ok(())
     });
-    let replies = channel
-        .basic_consume(replies_queue.as_str(), ConsumerOptions { no_ack: true, ..ConsumerOptions::default() })
-        .map_err(error)?;
+    let replies = queues.replies(&channel)?;
     let mut latencies = Vec::with_capacity(requests as usize);
     let start = Instant::now();
     for _ in 0..requests {
         let begin = Instant::now();
         channel
-            .basic_publish("", Publish::with_properties(b"request", requests_queue.as_str(), persistent()))
+            .basic_publish("", Publish::with_properties(b"request", queues.requests.as_str(), persistent()))
             .map_err(error)?;
         while !matches!(replies.receiver().recv().map_err(error)?, ConsumerMessage::Delivery(_)) {}
         latencies.push(begin.elapsed());
@@ -265,8 +283,7 @@ pub(crate) fn request_reply(url: &str, requests: u64) -> Outcome {
     let rate = requests as f64 / start.elapsed().as_secs_f64();
     responder.join().map_err(|_| error("the responder thread panicked"))??;
     drop(replies);
-    channel.queue_delete(requests_queue, QueueDeleteOptions::default()).map_err(error)?;
-    channel.queue_delete(replies_queue, QueueDeleteOptions::default()).map_err(error)?;
+    queues.delete(&channel)?;
     latencies.sort();
     let at = |q: f64| latencies.get(((latencies.len() as f64 * q) as usize).min(latencies.len() - 1)).copied();
     Ok(Measure::Latency { p50: at(0.50).unwrap_or(Duration::ZERO), p99: at(0.99).unwrap_or(Duration::ZERO), rate })

@@ -50,6 +50,16 @@ fn split_url(url: &str) -> (String, String, String) {
     (format!("{scheme}://{auth}"), hostport, path.to_owned())
 }
 
+/// Closes `caller`, then `worker`, and asserts that both returned within seconds: closing
+/// must not wait for a broker that is away.
+pub fn close_promptly(caller: &App, worker: &App) {
+    let started = Instant::now();
+    caller.close().expect("close the caller");
+    worker.close().expect("close the worker");
+    let took = started.elapsed();
+    assert!(took < Duration::from_secs(10), "closing took {took:?}");
+}
+
 /// The socket address of the server a URL names.
 pub fn server_addr(url: &str) -> SocketAddr {
     let (_, hostport, _) = split_url(url);
