@@ -337,7 +337,13 @@ fn run(config: &Config, scenarios: Vec<Scenario<'_>>) {
                     p99s.push(p99);
                 }
                 Err(e) => {
-                    eprintln!("{name} failed: {e}");
+                    let mut message = e.to_string();
+                    let mut source = std::error::Error::source(&e);
+                    while let Some(cause) = source {
+                        message.push_str(&format!(": {cause}"));
+                        source = cause.source();
+                    }
+                    eprintln!("{name} failed: {message}");
                     std::process::exit(1);
                 }
             }

@@ -11,6 +11,31 @@ use amiquip::{
 
 use crate::{Measure, Outcome};
 
+/// amiquip's warnings and errors on standard error: an I/O thread that ends says why only
+/// through `log`, and its clients only see "i/o loop dropped sending side of a channel".
+struct Stderr;
+
+impl log::Log for Stderr {
+    fn enabled(&self, metadata: &log::Metadata<'_>) -> bool {
+        metadata.level() <= log::Level::Warn
+    }
+
+    fn log(&self, record: &log::Record<'_>) {
+        if self.enabled(record.metadata()) {
+            eprintln!("{} {}: {}", record.level(), record.target(), record.args());
+        }
+    }
+
+    fn flush(&self) {}
+}
+
+/// Installs the logger once per process.
+pub(crate) fn log_amiquip() {
+    if log::set_logger(&Stderr).is_ok() {
+        log::set_max_level(log::LevelFilter::Warn);
+    }
+}
+
 fn error(e: impl std::fmt::Display) -> dingo::Error {
     dingo::Error::Broker(dingo::BrokerError::new(dingo::BrokerErrorKind::Other, e.to_string()))
 }
@@ -18,6 +43,7 @@ fn error(e: impl std::fmt::Display) -> dingo::Error {
 /// A connection to `url`'s host (`amqp://guest:guest@host:port/…`, default vhost) with
 /// `TCP_NODELAY`, as dingo opens it.
 fn connect(url: &str) -> Result<Connection, dingo::Error> {
+    log_amiquip();
     let rest = url.strip_prefix("amqp://").ok_or_else(|| error("the raw baseline needs an amqp:// URL"))?;
     let rest = rest.rsplit('@').next().unwrap_or(rest);
     let host = rest.split(['/', '?']).next().unwrap_or("127.0.0.1:5672");
@@ -46,16 +72,43 @@ impl Exchange {
     }
 
     /// The caller's consumer of the replies (no acks).
-    fn replies<'a>(&self, channel: &'a Channel) -> Result<amiquip::Consumer<'a>, dingo::Error> {
-        channel
-            .basic_consume(self.replies.as_str(), ConsumerOptions { no_ack: true, ..ConsumerOptions::default() })
-            .map_err(error)
+    fn replies<'a>(&self, channel: &'a Channel) -> Result<Consuming<'a>, dingo::Error> {
+        Consuming::start(channel, &self.replies, ConsumerOptions { no_ack: true, ..ConsumerOptions::default() })
     }
 
     fn delete(self, channel: &Channel) -> Result<(), dingo::Error> {
         channel.queue_delete(self.requests, QueueDeleteOptions::default()).map_err(error)?;
         channel.queue_delete(self.replies, QueueDeleteOptions::default()).map_err(error)?;
         Ok(())
+    }
+}
+
+/// A consumer that is cancelled safely when dropped. amiquip 0.4's own drop cancels, then
+/// drops the receiver while its I/O thread may still be about to report the cancellation
+/// there; that send fails and ends the whole connection ("i/o loop dropped sending side of
+/// a channel" on the next call). This waits for the report first, as dingo-amqp does.
+struct Consuming<'a>(amiquip::Consumer<'a>);
+
+impl<'a> Consuming<'a> {
+    fn start(channel: &'a Channel, queue: &str, options: ConsumerOptions) -> Result<Consuming<'a>, dingo::Error> {
+        Ok(Consuming(channel.basic_consume(queue, options).map_err(error)?))
+    }
+}
+
+impl<'a> std::ops::Deref for Consuming<'a> {
+    type Target = amiquip::Consumer<'a>;
+
+    fn deref(&self) -> &amiquip::Consumer<'a> {
+        &self.0
+    }
+}
+
+impl Drop for Consuming<'_> {
+    fn drop(&mut self) {
+        if self.0.cancel().is_ok() {
+            let until = Instant::now() + Duration::from_secs(1);
+            while let Ok(ConsumerMessage::Delivery(_)) = self.0.receiver().recv_deadline(until) {}
+        }
     }
 }
 
@@ -86,7 +139,7 @@ pub(crate) fn publish_consume(url: &str, messages: u64, window: usize) -> Outcom
     let consumer = std::thread::spawn(move || -> Result<(), dingo::Error> {
         let channel = consuming.open_channel(None).map_err(error)?;
         channel.qos(0, 128, false).map_err(error)?;
-        let consumer = channel.basic_consume(consumer_queue, ConsumerOptions::default()).map_err(error)?;
+        let consumer = Consuming::start(&channel, &consumer_queue, ConsumerOptions::default())?;
         let mut received = 0;
         while received < messages {
             if let ConsumerMessage::Delivery(delivery) = consumer.receiver().recv().map_err(error)? {
@@ -125,7 +178,7 @@ pub(crate) fn inflight(url: &str, calls: u64, window: usize) -> Outcome {
         channel.qos(0, 128, false).map_err(error)?;
         let confirms = channel.listen_for_publisher_confirms().map_err(error)?;
         channel.enable_publisher_confirms().map_err(error)?;
-        let consumer = channel.basic_consume(request_queue, ConsumerOptions::default()).map_err(error)?;
+        let consumer = Consuming::start(&channel, request_queue, ConsumerOptions::default())?;
         let mut smoother = ConfirmSmoother::new();
         let mut waiting = std::collections::VecDeque::new();
         let mut acked = 0;
@@ -161,7 +214,7 @@ pub(crate) fn inflight_at_most_once(url: &str, calls: u64, window: usize) -> Out
     in_flight(url, calls, window, false, move |responding, request_queue, reply_queue| {
         let channel = responding.open_channel(None).map_err(error)?;
         channel.qos(0, 128, false).map_err(error)?;
-        let consumer = channel.basic_consume(request_queue, ConsumerOptions::default()).map_err(error)?;
+        let consumer = Consuming::start(&channel, request_queue, ConsumerOptions::default())?;
         let mut answered = 0;
         while answered < calls {
             if let ConsumerMessage::Delivery(delivery) = consumer.receiver().recv().map_err(error)? {
@@ -231,7 +284,7 @@ enum RawEvent {
 
 /// Waits for the next delivery or confirm and hands it to `on`.
 fn crossbeam_select(
-    consumer: &amiquip::Consumer<'_>,
+    consumer: &Consuming<'_>,
     confirms: &crossbeam_channel::Receiver<amiquip::Confirm>,
     mut on: impl FnMut(RawEvent) -> Result<(), dingo::Error>,
 ) -> Result<(), dingo::Error> {
@@ -258,7 +311,7 @@ pub(crate) fn request_reply(url: &str, requests: u64) -> Outcome {
     let responder = std::thread::spawn(move || -> Result<(), dingo::Error> {
         let channel = responding.open_channel(None).map_err(error)?;
         channel.qos(0, 128, false).map_err(error)?;
-        let consumer = channel.basic_consume(request_queue, ConsumerOptions::default()).map_err(error)?;
+        let consumer = Consuming::start(&channel, &request_queue, ConsumerOptions::default())?;
         let mut answered = 0;
         while answered < requests {
             if let ConsumerMessage::Delivery(delivery) = consumer.receiver().recv().map_err(error)? {
