@@ -184,6 +184,12 @@ impl ReplySink {
     pub fn deliver(&self, body: ReportBody<'_>) {
         self.sink.deliver(body);
     }
+
+    /// The sink itself, to deliver to while this stays where it is (dropping a share does
+    /// not disconnect the caller).
+    pub(crate) fn shared(&self) -> Arc<dyn ReportSink> {
+        self.sink.clone()
+    }
 }
 
 impl Drop for ReplySink {

@@ -50,6 +50,11 @@ impl QueueKeys {
         format!("{}:reply:{caller}", self.prefix)
     }
 
+    /// Whether `key` is [`reply`](QueueKeys::reply)`(caller)`, without building it.
+    pub(crate) fn is_reply(&self, key: &str, caller: &str) -> bool {
+        key.strip_prefix(self.prefix.as_str()).and_then(|rest| rest.strip_prefix(":reply:")) == Some(caller)
+    }
+
     /// The notify list of caller `caller` for this task: a token while reports wait.
     pub(crate) fn notify(&self, caller: &str) -> String {
         format!("{}:notify:{caller}", self.prefix)
@@ -96,6 +101,11 @@ mod tests {
         }
         assert_eq!(keys.reply("c1"), "ns:{math.add}:reply:c1");
         assert_eq!(keys.reply_here, "ns:{math.add}:reply:p1");
+        assert!(keys.is_reply(&keys.reply("c1"), "c1"));
+        assert!(!keys.is_reply(&keys.reply("c1"), "c"));
+        assert!(!keys.is_reply(&keys.reply("c1"), "c12"));
+        assert!(!keys.is_reply(&QueueKeys::new("ns", "math.mul", "p1").reply("c1"), "c1"));
+        assert!(!keys.is_reply(&keys.notify("c1"), "c1"));
     }
 
     #[test]

@@ -475,9 +475,17 @@ pub(crate) fn run_after(
     let mut todo: Vec<usize> = (0..calls.len()).collect();
     for attempt in 0..2 {
         let first = if attempt == 0 { first } else { None };
-        let mut pipe = pipeline(first, todo.iter().map(|&i| &calls[i]));
-        pipe.ignore_errors();
-        let mut replies: Vec<redis::RedisResult<Value>> = pipe.query(conn)?;
+        let mut packed = Vec::new();
+        pack_into(&mut packed, first, todo.iter().map(|&i| &calls[i]));
+        let count = todo.len() + usize::from(first.is_some());
+        let mut replies: Vec<redis::RedisResult<Value>> =
+            redis::ConnectionLike::req_packed_commands(conn, &packed, 0, count)?
+                .into_iter()
+                .map(|value| match value {
+                    Value::ServerError(e) => Err(e.into()),
+                    value => Ok(value),
+                })
+                .collect();
         if first.is_some() && !replies.is_empty() {
             replies.remove(0)?;
         }
@@ -508,30 +516,103 @@ pub(crate) fn run_after(
     Ok(results.into_iter().map(|r| r.unwrap_or(Value::Nil)).collect())
 }
 
-/// The pipeline of `calls`, after `first` if given.
-fn pipeline<'a>(first: Option<&redis::Cmd>, calls: impl Iterator<Item = &'a Call>) -> redis::Pipeline {
-    let mut pipe = redis::pipe();
+/// `calls` as RESP commands written back to back into `buf` (after `first` if given), sized
+/// once: the bytes go straight from the calls to the socket, without building a
+/// `redis::Cmd` per call and copying every argument twice.
+fn pack_into<'a>(buf: &mut Vec<u8>, first: Option<&redis::Cmd>, calls: impl Iterator<Item = &'a Call> + Clone) {
+    let size: usize = calls.clone().map(Call::packed_len).sum();
+    buf.reserve_exact(size + first.map_or(0, |_| 64));
     if let Some(first) = first {
-        pipe.add_command(first.clone());
+        first.write_packed_command(buf);
     }
     for call in calls {
-        let cmd = match call.script {
-            Some(script) => pipe.cmd("EVALSHA").arg(script.get_hash()).arg(call.keys.len()),
-            None => pipe.cmd(call.command),
-        };
-        for key in &call.keys {
-            cmd.arg(key);
-        }
-        for arg in &call.args {
-            cmd.arg(arg.as_slice());
-        }
+        call.pack_into(buf);
     }
-    pipe
 }
 
 /// `calls` as the bytes of one pipelined write (their replies to be read one per call).
 pub(crate) fn pack(calls: &[Call]) -> Vec<u8> {
-    pipeline(None, calls.iter()).get_packed_pipeline()
+    let mut buf = Vec::new();
+    pack_into(&mut buf, None, calls.iter());
+    buf
+}
+
+impl Call {
+    /// The words of this command: `EVALSHA sha numkeys keys… args…` or `COMMAND keys… args…`.
+    fn head(&self) -> [Option<&[u8]>; 3] {
+        match self.script {
+            Some(script) => [Some(b"EVALSHA".as_slice()), Some(script.get_hash().as_bytes()), None],
+            None => [Some(self.command.as_bytes()), None, None],
+        }
+    }
+
+    fn words(&self) -> usize {
+        let head = if self.script.is_some() { 3 } else { 1 };
+        head + self.keys.len() + self.args.len()
+    }
+
+    /// Its length in RESP.
+    fn packed_len(&self) -> usize {
+        let bulk = |len: usize| 1 + decimal_len(len) + 2 + len + 2;
+        let head: usize = self.head().iter().flatten().map(|w| bulk(w.len())).sum::<usize>()
+            + if self.script.is_some() { bulk(decimal_len(self.keys.len())) } else { 0 };
+        let body: usize = self.keys.iter().map(|k| bulk(k.len())).sum::<usize>()
+            + self.args.iter().map(|a| bulk(a.len())).sum::<usize>();
+        1 + decimal_len(self.words()) + 2 + head + body
+    }
+
+    /// Writes it in RESP: an array of bulk strings.
+    fn pack_into(&self, buf: &mut Vec<u8>) {
+        buf.push(b'*');
+        push_decimal(buf, self.words());
+        buf.extend_from_slice(b"\r\n");
+        for word in self.head().into_iter().flatten() {
+            push_bulk(buf, word);
+        }
+        if self.script.is_some() {
+            push_bulk(buf, decimal(self.keys.len(), &mut [0; 20]));
+        }
+        for key in &self.keys {
+            push_bulk(buf, key.as_bytes());
+        }
+        for arg in &self.args {
+            push_bulk(buf, arg);
+        }
+    }
+}
+
+fn push_bulk(buf: &mut Vec<u8>, word: &[u8]) {
+    buf.push(b'$');
+    push_decimal(buf, word.len());
+    buf.extend_from_slice(b"\r\n");
+    buf.extend_from_slice(word);
+    buf.extend_from_slice(b"\r\n");
+}
+
+fn decimal_len(mut n: usize) -> usize {
+    let mut len = 1;
+    while n >= 10 {
+        n /= 10;
+        len += 1;
+    }
+    len
+}
+
+fn push_decimal(buf: &mut Vec<u8>, n: usize) {
+    buf.extend_from_slice(decimal(n, &mut [0; 20]));
+}
+
+/// `n` in decimal, written at the end of `digits`.
+fn decimal(mut n: usize, digits: &mut [u8; 20]) -> &[u8] {
+    let mut at = digits.len();
+    loop {
+        at -= 1;
+        digits[at] = b'0' + (n % 10) as u8;
+        n /= 10;
+        if n == 0 {
+            return &digits[at..];
+        }
+    }
 }
 
 #[cfg(test)]
@@ -558,6 +639,35 @@ mod tests {
     /// dead-lettered, a message given back; a
     /// batch sent again changes nothing; once the lease is gone, completions are rejected
     /// and nothing is stored.
+    /// The packing is byte for byte what redis-rs writes for the same commands.
+    #[test]
+    fn packed_calls_are_what_redis_rs_writes() {
+        let mut numbered = Call::new(&PUSH).key("q").key("w").key("s").numbered("12".into()).arg(SEQ_TTL);
+        numbered.args.extend([vec![], vec![7; 300], b"\r\n".to_vec()]);
+        let calls = [numbered, Call::command("LTRIM").arg("k").arg("0").arg("0"), Call::command("EXEC")];
+        let mut expected = Vec::new();
+        for call in &calls {
+            let mut cmd = match call.script {
+                Some(script) => {
+                    let mut cmd = redis::cmd("EVALSHA");
+                    cmd.arg(script.get_hash()).arg(call.keys.len());
+                    cmd
+                }
+                None => redis::cmd(call.command),
+            };
+            for key in &call.keys {
+                cmd.arg(key);
+            }
+            for arg in &call.args {
+                cmd.arg(arg.as_slice());
+            }
+            cmd.write_packed_command(&mut expected);
+        }
+        let packed = pack(&calls);
+        assert_eq!(String::from_utf8_lossy(&packed), String::from_utf8_lossy(&expected));
+        assert_eq!(packed.capacity(), packed.len(), "sized once");
+    }
+
     #[test]
     fn complete_applies_its_runs_in_order() {
         let Some(mut conn) = server() else { return };

@@ -10,7 +10,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use crate::id::{CallKey, FastMap};
-use crate::message::{ReplySink, ReportMessage};
+use crate::message::{ReplySink, ReportMessage, ReportSink};
 
 /// Hands reports to the handles waiting for them; keeps, for a while, those that arrive
 /// before their handle (or after it was dropped).
@@ -34,7 +34,7 @@ pub enum Routed {
 
 #[derive(Default)]
 struct State {
-    watched: FastMap<CallKey, Arc<ReplySink>>,
+    watched: FastMap<CallKey, ReplySink>,
     unclaimed: FastMap<CallKey, (u64, Vec<ReportMessage<'static>>)>,
     /// Keys in the order they became unclaimed, with their generation: an entry whose
     /// generation no longer matches was claimed since and is skipped.
@@ -56,33 +56,39 @@ impl ReportRouter {
     pub fn watch(&self, key: &CallKey, sink: ReplySink) {
         let mut state = self.lock();
         let mut finished = false;
-        for report in state.claim(key) {
-            finished |= report.body.is_final();
-            sink.deliver(report.body);
+        if state.kept > 0 {
+            for report in state.claim(key) {
+                finished |= report.body.is_final();
+                sink.deliver(report.body);
+            }
         }
         if !finished && !self.closed.load(Ordering::Acquire) {
-            state.watched.insert(key.clone(), Arc::new(sink));
+            state.watched.insert(key.clone(), sink);
         }
     }
 
     /// Hands a report to its handle (the final one ends the watch), or keeps it.
     pub fn route(&self, report: ReportMessage<'static>) -> Routed {
         let key = report.key();
-        let sink = {
-            let mut state = self.lock();
-            let sink =
-                if report.body.is_final() { state.watched.remove(&key) } else { state.watched.get(&key).cloned() };
-            match sink {
-                Some(sink) => sink,
-                None if self.closed.load(Ordering::Acquire) => return Routed::Dropped,
-                None => {
-                    state.keep(key, report, self.ttl, self.max_unclaimed);
-                    return Routed::Kept;
-                }
+        let mut state = self.lock();
+        let found = if report.body.is_final() {
+            state.watched.remove(&key).map(Sink::Last)
+        } else {
+            state.watched.get(&key).map(|sink| Sink::Shared(sink.shared()))
+        };
+        let Some(sink) = found else {
+            if self.closed.load(Ordering::Acquire) {
+                return Routed::Dropped;
             }
+            state.keep(key, report, self.ttl, self.max_unclaimed);
+            return Routed::Kept;
         };
         // Outside the lock: delivering may run the caller's callbacks.
-        sink.deliver(report.body);
+        drop(state);
+        match sink {
+            Sink::Last(sink) => sink.deliver(report.body),
+            Sink::Shared(sink) => sink.deliver(report.body),
+        }
         Routed::Delivered
     }
 
@@ -114,6 +120,13 @@ impl ReportRouter {
     fn lock(&self) -> std::sync::MutexGuard<'_, State> {
         self.state.lock().unwrap_or_else(|e| e.into_inner())
     }
+}
+
+/// Where [`ReportRouter::route`] delivers, outside the lock: the watch itself when the
+/// report is final (it ends there), a share of its sink otherwise.
+enum Sink {
+    Last(ReplySink),
+    Shared(Arc<dyn ReportSink>),
 }
 
 impl fmt::Debug for ReportRouter {

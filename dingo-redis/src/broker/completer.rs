@@ -225,8 +225,7 @@ impl Plan {
     /// commands — no script: these are the at-most-once path's whole cost. Consecutive
     /// reports for one reply list share one push, back to back in one list element.
     fn report(&mut self, inner: &Inner, queue: &QueueKeys, caller: &str, bytes: Vec<u8>) {
-        let reply = queue.reply(caller);
-        if self.open_report.as_deref() == Some(reply.as_str()) {
+        if self.open_report.as_deref().is_some_and(|open| queue.is_reply(open, caller)) {
             // The push is followed by four calls (expiry, notify token, …).
             let at = self.calls.len() - 5;
             let args = &mut self.calls[at].args;
@@ -239,6 +238,7 @@ impl Plan {
             }
             return;
         }
+        let reply = queue.reply(caller);
         let ttl = inner.options.result_ttl.as_millis().to_string();
         let notify = queue.notify(caller);
         let none = Kind::Report { reports: 0 };

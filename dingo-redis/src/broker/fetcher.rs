@@ -318,7 +318,7 @@ impl RedisSubscription {
         if local.done.is_empty() {
             return;
         }
-        if local.parked.park(std::mem::take(&mut local.done), now) {
+        if local.parked.park(&mut local.done, now) {
             match self.inner.flusher() {
                 Ok(flusher) => flusher.watch(local.parked.clone()),
                 // No flusher (the broker is closing): store them now.

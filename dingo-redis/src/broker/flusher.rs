@@ -66,9 +66,11 @@ impl Parked {
     /// Parks `done` at `now` (the worker took back what it parked before, see
     /// [`reclaim`](Parked::reclaim)); `true` when the flusher must be told to watch this
     /// worker.
-    pub(crate) fn park(&self, done: Vec<Pending>, now: Instant) -> bool {
+    pub(crate) fn park(&self, done: &mut Vec<Pending>, now: Instant) -> bool {
         let mut state = self.lock();
-        state.done = done;
+        debug_assert!(state.done.is_empty(), "parked settlements are taken back before the next park");
+        // Swapped, not moved: the worker's and the parked vectors keep their capacity.
+        std::mem::swap(&mut state.done, done);
         state.since = Some(now);
         !std::mem::replace(&mut state.watched, true)
     }
@@ -84,8 +86,8 @@ impl Parked {
         }
         state.since = None;
         if !state.done.is_empty() {
-            let later = std::mem::replace(done, std::mem::take(&mut state.done));
-            done.extend(later);
+            state.done.append(done);
+            std::mem::swap(done, &mut state.done);
         }
         std::mem::take(&mut state.failed)
     }
