@@ -520,11 +520,10 @@ pub(crate) fn run_after(
 /// once: the bytes go straight from the calls to the socket, without building a
 /// `redis::Cmd` per call and copying every argument twice.
 fn pack_into<'a>(buf: &mut Vec<u8>, first: Option<&redis::Cmd>, calls: impl Iterator<Item = &'a Call> + Clone) {
-    let size: usize = calls.clone().map(Call::packed_len).sum();
-    buf.reserve_exact(size + first.map_or(0, |_| 64));
     if let Some(first) = first {
         first.write_packed_command(buf);
     }
+    buf.reserve_exact(calls.clone().map(Call::packed_len).sum());
     for call in calls {
         call.pack_into(buf);
     }
@@ -633,12 +632,6 @@ mod tests {
         }
     }
 
-    /// `COMPLETE` applies its runs in order on the lists themselves: two completions with
-    /// reports for one caller (one element), one without a report, a report that settles
-    /// nothing, the oldest and the newest message
-    /// dead-lettered, a message given back; a
-    /// batch sent again changes nothing; once the lease is gone, completions are rejected
-    /// and nothing is stored.
     /// The packing is byte for byte what redis-rs writes for the same commands.
     #[test]
     fn packed_calls_are_what_redis_rs_writes() {
@@ -668,6 +661,12 @@ mod tests {
         assert_eq!(packed.capacity(), packed.len(), "sized once");
     }
 
+    /// `COMPLETE` applies its runs in order on the lists themselves: two completions with
+    /// reports for one caller (one element), one without a report, a report that settles
+    /// nothing, the oldest and the newest message
+    /// dead-lettered, a message given back; a
+    /// batch sent again changes nothing; once the lease is gone, completions are rejected
+    /// and nothing is stored.
     #[test]
     fn complete_applies_its_runs_in_order() {
         let Some(mut conn) = server() else { return };
