@@ -574,7 +574,11 @@ impl Store for RedisBroker {
             return Err(closed());
         }
         let listener = inner.listener.get_or_start(|| Listener::start(inner.clone()))?;
-        listener.listen_to(&inner.queue_keys(key.name.as_str()));
+        match inner.queues.load().get(key.name.as_str()) {
+            // Borrowed: cloning the shared `Arc` on every call costs a contended counter.
+            Some(queue) => listener.listen_to(queue),
+            None => listener.listen_to(&inner.queue_keys(key.name.as_str())),
+        }
         inner.router.watch(key, sink);
         Ok(ReplyTo::Address(inner.process.clone()))
     }

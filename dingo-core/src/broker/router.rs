@@ -5,7 +5,7 @@
 
 use std::collections::VecDeque;
 use std::fmt;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -19,6 +19,8 @@ pub struct ReportRouter {
     ttl: Duration,
     max_unclaimed: usize,
     closed: AtomicBool,
+    /// How many handles are watched, as of the last change (read without the lock).
+    watching: AtomicUsize,
 }
 
 /// What [`ReportRouter::route`] did with a report.
@@ -47,7 +49,13 @@ impl ReportRouter {
     /// A router keeping unclaimed reports for `ttl`, at most `max_unclaimed` of them (the
     /// oldest go first).
     pub fn new(ttl: Duration, max_unclaimed: usize) -> ReportRouter {
-        ReportRouter { state: Mutex::new(State::default()), ttl, max_unclaimed, closed: AtomicBool::new(false) }
+        ReportRouter {
+            state: Mutex::new(State::default()),
+            ttl,
+            max_unclaimed,
+            closed: AtomicBool::new(false),
+            watching: AtomicUsize::new(0),
+        }
     }
 
     /// Registers the handle of `key`. Reports kept for it are handed over at once, under the
@@ -64,6 +72,7 @@ impl ReportRouter {
         }
         if !finished && !self.closed.load(Ordering::Acquire) {
             state.watched.insert(key.clone(), sink);
+            self.watching.store(state.watched.len(), Ordering::Relaxed);
         }
     }
 
@@ -72,7 +81,9 @@ impl ReportRouter {
         let key = report.key();
         let mut state = self.lock();
         let found = if report.body.is_final() {
-            state.watched.remove(&key).map(Sink::Last)
+            let sink = state.watched.remove(&key).map(Sink::Last);
+            self.watching.store(state.watched.len(), Ordering::Relaxed);
+            sink
         } else {
             state.watched.get(&key).map(|sink| Sink::Shared(sink.shared()))
         };
@@ -94,7 +105,12 @@ impl ReportRouter {
 
     /// Stops watching `key` (its handle is gone).
     pub fn forget(&self, key: &CallKey) {
-        let sink = self.lock().watched.remove(key);
+        let sink = {
+            let mut state = self.lock();
+            let sink = state.watched.remove(key);
+            self.watching.store(state.watched.len(), Ordering::Relaxed);
+            sink
+        };
         drop(sink); // outside the lock: dropping may run the handle's disconnect
     }
 
@@ -103,17 +119,22 @@ impl ReportRouter {
         self.lock().watched.contains_key(key)
     }
 
-    /// How many handles are watched.
+    /// How many handles are watched (without taking the lock: a count as of the last watch,
+    /// route or forget on any thread).
     pub fn watched(&self) -> usize {
-        self.lock().watched.len()
+        self.watching.load(Ordering::Relaxed)
     }
 
     /// Closes the router: every waiting handle learns that no report will come (a
     /// `Shutdown` failure), kept reports are dropped, later ones too.
     pub fn close(&self) {
         self.closed.store(true, Ordering::Release);
-        let state = std::mem::take(&mut *self.lock());
-        drop(state);
+        let state = {
+            let mut state = self.lock();
+            self.watching.store(0, Ordering::Relaxed);
+            std::mem::take(&mut *state)
+        };
+        drop(state); // outside the lock: dropping disconnects the waiting handles
     }
 
     // The state stays consistent if a holder panics (single inserts and removals).
@@ -215,6 +236,25 @@ mod tests {
         let done = ReportBody::Success(Value::Encoded(Encoded::new(1, vec![1])));
         assert_eq!(router.route(report("3", done)), Routed::Delivered);
         assert!(!router.is_watched(&CallKey::new("t", "3")));
+    }
+
+    #[test]
+    fn the_count_of_watched_handles_follows_watches_routes_and_forgets() {
+        let router = ReportRouter::new(Duration::from_secs(60), 10);
+        let seen = Arc::new(Seen::default());
+        router.watch(&CallKey::new("t", "1"), ReplySink::new(seen.clone()));
+        router.watch(&CallKey::new("t", "2"), ReplySink::new(seen.clone()));
+        router.watch(&CallKey::new("t", "3"), ReplySink::new(seen.clone()));
+        assert_eq!(router.watched(), 3);
+        assert_eq!(router.route(report("1", ReportBody::Sent)), Routed::Delivered);
+        assert_eq!(router.watched(), 3, "a report that is not final keeps the watch");
+        let done = ReportBody::Success(Value::Encoded(Encoded::new(1, vec![1])));
+        assert_eq!(router.route(report("1", done)), Routed::Delivered);
+        assert_eq!(router.watched(), 2);
+        router.forget(&CallKey::new("t", "2"));
+        assert_eq!(router.watched(), 1);
+        router.close();
+        assert_eq!(router.watched(), 0);
     }
 
     #[test]
