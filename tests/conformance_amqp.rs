@@ -223,3 +223,31 @@ fn try_recv_takes_turns_between_queues() {
     assert!(first_other.is_some_and(|i| i < 4), "the second queue waited behind the first: {names:?}");
     subscription.stop();
 }
+
+/// A task message over `max_message_size` is refused at the call with `TooLarge`, nothing is
+/// published; calls under the limit go on. A result over the limit fails its call instead
+/// of never arriving.
+#[test]
+fn messages_over_the_size_limit_are_refused() {
+    use dingo::amqp::AmqpOptions;
+    use dingo::{App, BrokerErrorKind, Error};
+    use dingo_test_support::PATIENCE;
+    use dingo_test_support::amqp::Amqp;
+
+    let Some(setup) = Amqp::with_options(AmqpOptions::new().durable(false).max_message_size(1024)) else { return };
+    let app = App::builder().broker(setup.broker()).build().expect("app");
+    app.register("size.len", |v: Vec<u8>| v.len()).expect("register");
+    app.register("size.grow", |n: usize| vec![7u8; n]).expect("register");
+    app.allocate_all(1).expect("allocate");
+    let err = app.call::<_, usize>("size.len", vec![7u8; 4096]).expect_err("too large");
+    assert!(matches!(&err, Error::Broker(e) if e.kind() == BrokerErrorKind::TooLarge), "{err:?}");
+    let mut handle = app.call::<_, usize>("size.len", vec![7u8; 100]).expect("call");
+    assert_eq!(handle.wait_timeout(PATIENCE).expect("result"), 100);
+    let mut grown = app.call::<_, Vec<u8>>("size.grow", 4096usize).expect("call");
+    let err = grown.wait_timeout(PATIENCE).expect_err("a result over the limit cannot travel");
+    assert_eq!(err.task_kind(), Some(dingo::TaskErrorKind::Encode), "{err:?}");
+    assert!(dingo::error::chain(&err).contains("max_message_size"), "{err:?}");
+    let mut handle = app.call::<_, usize>("size.len", vec![7u8; 10]).expect("call");
+    assert_eq!(handle.wait_timeout(PATIENCE).expect("the worker goes on"), 10);
+    app.close().expect("close");
+}

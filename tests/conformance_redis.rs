@@ -119,3 +119,113 @@ fn a_quick_result_does_not_wait_for_the_slow_task_after_it() {
     assert_eq!(stats.fetched.load(Ordering::Relaxed), 2, "one fetch took both");
     assert_eq!(stats.completed.load(Ordering::Relaxed), 2, "each task settled once");
 }
+
+/// A task message over `max_message_size` is refused at the call with `TooLarge`, and
+/// nothing is queued; calls under the limit go on.
+#[test]
+fn a_task_message_over_the_size_limit_is_refused() {
+    use dingo::redis::RedisOptions;
+    use dingo::{App, BrokerErrorKind, Error};
+    use dingo_test_support::PATIENCE;
+    use dingo_test_support::redis::Redis;
+
+    let Some(setup) = Redis::with_options(RedisOptions::new().max_message_size(1024)) else { return };
+    let app = App::builder().broker(setup.broker()).build().expect("app");
+    app.register("size.len", |v: Vec<u8>| v.len()).expect("register");
+    app.allocate("size.len", 1).expect("allocate");
+    let err = app.call::<_, usize>("size.len", vec![7u8; 4096]).expect_err("too large");
+    assert!(matches!(&err, Error::Broker(e) if e.kind() == BrokerErrorKind::TooLarge), "{err:?}");
+    let mut handle = app.call::<_, usize>("size.len", vec![7u8; 100]).expect("call");
+    assert_eq!(handle.wait_timeout(PATIENCE).expect("result"), 100);
+    app.close().expect("close");
+}
+
+/// A report for a caller that never reads it expires with the result TTL: its reply list
+/// (and the list's wake-up token) carry the TTL, so a caller that went away leaves nothing
+/// behind for longer.
+#[test]
+fn reports_nobody_reads_expire_with_the_result_ttl() {
+    use std::time::{Duration, Instant};
+
+    use dingo::broker::Reporter;
+    use dingo::message::{ReplyTo, ReportBody, ReportMessage, Value};
+    use dingo::redis::RedisOptions;
+    use dingo_test_support::PATIENCE;
+    use dingo_test_support::redis::{Redis, redis_cli};
+
+    let ttl = Duration::from_secs(90);
+    let Some(setup) = Redis::with_options(RedisOptions::new().result_ttl(ttl)) else { return };
+    let broker = setup.broker();
+    let report = ReportMessage {
+        name: "ttl.task".into(),
+        id: "call-1".into(),
+        body: ReportBody::Success(Value::Encoded(dingo::codec::Encoded::new(1, vec![42]))),
+    };
+    broker.finish(&ReplyTo::Address("gone-caller".into()), report, None).expect("finish");
+    let namespace = &setup.options().namespace;
+    for list in ["reply", "notify"] {
+        let key = format!("{namespace}:{{ttl.task}}:{list}:gone-caller");
+        let deadline = Instant::now() + PATIENCE;
+        let pttl = loop {
+            let pttl: i64 = redis_cli(setup.url(), &["PTTL", &key]).parse().expect("PTTL");
+            if pttl > 0 || Instant::now() > deadline {
+                break pttl;
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        };
+        assert!(pttl > 0 && pttl <= ttl.as_millis() as i64, "{key}: PTTL {pttl}");
+    }
+    broker.shutdown();
+}
+
+/// Many calls waiting at once cost no connection each: one listener per process serves
+/// them all (the apps' connections at the server do not grow while 200 calls wait on 200
+/// threads).
+#[test]
+fn many_waiting_calls_share_one_listener() {
+    use std::time::Duration;
+
+    use dingo::App;
+    use dingo_test_support::PATIENCE;
+    use dingo_test_support::redis::{Redis, redis_cli};
+
+    let Some(setup) = Redis::setup() else { return };
+    // This test's connections: dingo names them `dingo:NAMESPACE:PROCESS:ROLE`.
+    let ours = format!("name=dingo:{}:", setup.options().namespace);
+    let clients = || redis_cli(setup.url(), &["CLIENT", "LIST"]).lines().filter(|c| c.contains(&ours)).count();
+    let worker = App::builder().broker(setup.broker()).build().expect("worker app");
+    worker
+        .register("many.nap", |millis: u64| {
+            std::thread::sleep(Duration::from_millis(millis));
+            millis
+        })
+        .expect("register");
+    worker.allocate("many.nap", 1).expect("allocate");
+    let caller = App::builder().broker(setup.broker()).build().expect("caller app");
+    // Warm up: a short call, then one long enough that the worker's settlements are stored
+    // by its flusher meanwhile (every thread that connects lazily has connected).
+    for millis in [0, 50] {
+        let mut warm = caller.call::<_, u64>("many.nap", millis).expect("call");
+        assert_eq!(warm.wait_timeout(PATIENCE).expect("result"), millis);
+    }
+    let before = clients();
+    // The worker's one thread naps for a second while 200 calls queue behind it and wait.
+    let blocker = caller.call::<_, u64>("many.nap", 1_000u64).expect("call");
+    let waiting: Vec<_> = (0..200)
+        .map(|_| {
+            let handle = caller.call::<_, u64>("many.nap", 0u64).expect("call");
+            std::thread::spawn(move || handle.wait().expect("result"))
+        })
+        .collect();
+    std::thread::sleep(Duration::from_millis(300));
+    let during = clients();
+    assert!(before > 0, "the connections are named");
+    // A thread that connects late may add one or two; a connection per call would add 200.
+    assert!(during <= before + 2, "{before} connections before, {during} with 200 calls waiting");
+    assert_eq!(blocker.wait().expect("the long nap"), 1_000);
+    for thread in waiting {
+        assert_eq!(thread.join().expect("waiting thread"), 0);
+    }
+    caller.close().expect("close");
+    worker.close().expect("close");
+}

@@ -29,8 +29,8 @@ use dingo_core::broker::support::{Lazy, check_size, reply_address};
 use dingo_core::broker::{Ack, ConsumeSettings, Consumer, Producer, Reporter, Store, Subscription, Users};
 use dingo_core::event::{EventSink, EventSinks};
 use dingo_core::id::UuidV7;
-use dingo_core::message::{ReplySink, ReplyTo, ReportMessage, TaskMessage, wire};
-use dingo_core::{BrokerError, BrokerErrorKind, CallKey, DeadLetter, IdMaker, TaskName};
+use dingo_core::message::{ReplySink, ReplyTo, ReportBody, ReportMessage, TaskMessage, wire};
+use dingo_core::{BrokerError, BrokerErrorKind, CallKey, DeadLetter, IdMaker, TaskError, TaskErrorKind, TaskName};
 
 use crate::conn::{Address, Opened, Session, amqp_error};
 use crate::options::AmqpOptions;
@@ -519,8 +519,20 @@ impl Inner {
                 ));
             }
         }
-        let body = wire::encode_report(report)?;
-        check_size("report", body.len(), self.options.max_message_size)?;
+        let mut body = wire::encode_report(report)?;
+        if let Err(too_large) = check_size("report", body.len(), self.options.max_message_size) {
+            if !report.body.is_final() {
+                return Err(too_large);
+            }
+            // The caller must not wait for a result that cannot travel: it gets a failure.
+            let message = format!("the result could not be sent: {too_large} (`max_message_size`)");
+            let failure = ReportMessage {
+                name: report.name.clone(),
+                id: report.id.clone(),
+                body: ReportBody::Failure(TaskError::new(TaskErrorKind::Encode, message)),
+            };
+            body = wire::encode_report(&failure)?;
+        }
         let outgoing = Outgoing {
             exchange: String::new(),
             routing_key: queue.to_string(),

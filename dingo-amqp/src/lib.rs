@@ -40,6 +40,8 @@
 //! for what comes next: delayed tasks and retries as per-delay TTL queues
 //! (`NS.delay.MS`) that dead-letter back to the task queues, no plugin needed.
 //!
+//! `amqps://` URLs (TLS) need the crate's `tls` feature (`amqp-tls` on `dingo`).
+//!
 //! # Guarantees
 //!
 //! - **At least once.** Task messages are persistent on durable queues and published with

@@ -31,7 +31,9 @@ pub struct AmqpOptions {
     pub heartbeat: Duration,
     /// Timeout for connecting (TCP and the AMQP handshake). Default 5 s.
     pub connect_timeout: Duration,
-    /// Largest encoded task message accepted. Default 16 MiB.
+    /// Largest encoded message accepted. A larger task fails its call (`TooLarge`); a
+    /// larger result reaches its caller as an `Encode` failure instead; a larger progress
+    /// report is dropped, with an event. Default 16 MiB.
     pub max_message_size: usize,
     /// How long reports wait in a caller's reply queue, and how long an unused reply queue
     /// lives (its process gone). Default 1 day.

@@ -157,6 +157,7 @@ impl RedisBroker {
             .map_err(|e| broker_error("cannot reach redis", e))?;
         check_version(&info)?;
         let process: Arc<str> = Arc::from(UuidV7.next_id().as_str());
+        misc.rename(&client_name(&options.namespace, &process, "command"));
         let control = keys::control(&options.namespace, &process);
         let router = ReportRouter::new(options.result_ttl, 1_000_000);
         let inner = Arc::new(Inner {
@@ -332,6 +333,13 @@ impl Inner {
             self.options.reconnect_backoff,
             self.events.clone(),
         )
+        .named(&self.client_name(role))
+    }
+
+    /// What this process's connections are called at the server (`CLIENT LIST`):
+    /// `dingo:NAMESPACE:PROCESS:ROLE`.
+    pub(crate) fn client_name(&self, role: &str) -> String {
+        client_name(&self.options.namespace, &self.process, role)
     }
 
     fn declare(&self, task: &TaskName) -> Result<(), BrokerError> {
@@ -556,6 +564,11 @@ impl Reporter for RedisBroker {
     fn close(&self) {
         self.detach();
     }
+}
+
+/// See [`Inner::client_name`].
+fn client_name(namespace: &str, process: &str, role: &str) -> String {
+    format!("dingo:{namespace}:{process}:{role}")
 }
 
 /// The caller process a report goes to.

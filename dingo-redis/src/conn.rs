@@ -34,6 +34,8 @@ pub(crate) struct Conn {
     /// Whether the server lets this client end its old connections (`CLIENT KILL`), once
     /// known.
     can_fence: Option<bool>,
+    /// The name every new connection gives itself (`CLIENT SETNAME`), if any.
+    name: Option<String>,
 }
 
 impl Conn {
@@ -61,7 +63,25 @@ impl Conn {
             client_id: None,
             orphans: Vec::new(),
             can_fence: None,
+            name: None,
         }
+    }
+
+    /// Names the connection at the server (`CLIENT SETNAME`, shown by `CLIENT LIST`): the
+    /// open one now, every new one as it connects. Whitespace becomes `-` (names may not
+    /// hold it). A server that refuses the name (ACL) only leaves the connection unnamed.
+    pub(crate) fn named(mut self, name: &str) -> Conn {
+        self.rename(name);
+        self
+    }
+
+    /// See [`named`](Conn::named).
+    pub(crate) fn rename(&mut self, name: &str) {
+        let name: String = name.chars().map(|c| if c.is_whitespace() { '-' } else { c }).collect();
+        if let Some(conn) = &mut self.conn {
+            let _ = redis::cmd("CLIENT").arg("SETNAME").arg(&name).query::<()>(conn);
+        }
+        self.name = Some(name);
     }
 
     /// Makes every new connection end, at the server, the connections this one dropped
@@ -182,6 +202,9 @@ impl Conn {
         conn.set_write_timeout(Some(self.connect_timeout))?;
         if self.fence {
             self.fence_orphans(&mut conn)?;
+        }
+        if let Some(name) = &self.name {
+            let _ = redis::cmd("CLIENT").arg("SETNAME").arg(name).query::<()>(&mut conn);
         }
         // A server that restarted forgot the scripts.
         for script in scripts::all() {

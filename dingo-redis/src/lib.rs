@@ -91,6 +91,18 @@
 //! [`wait_spin`](RedisOptions::wait_spin) before it sleeps, which saves a thread wake-up on
 //! the way back; a wait that begins while other calls are in flight sleeps at once.
 //!
+//! # Connections
+//!
+//! There is no pool to size: each thread that talks to Redis owns its connection, opened
+//! when the thread first needs it — for callers, the task sender and the report listener
+//! (one per broker, however many calls wait); for workers, a task fetcher per worker thread,
+//! the lease keeper (which also reaps), the settlement flusher and the report writer; and
+//! one for short commands (declarations, inspection). A broker serving both roles holds at
+//! most `worker threads + 6`. Each connection names itself at the server (`CLIENT
+//! SETNAME`), so `CLIENT LIST` shows `dingo:NAMESPACE:PROCESS:ROLE`.
+//!
+//! `rediss://` URLs (TLS) need the crate's `tls` feature (`redis-tls` on `dingo`).
+//!
 //! # Permissions
 //!
 //! Two fast paths use commands in ACL's `@dangerous` category: `CLIENT KILL` (sends as

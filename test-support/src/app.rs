@@ -228,6 +228,23 @@ pub fn shutdown_fails_pending_calls(setup: &dyn AppSetup) {
     assert!(matches!(sleep_then_echo::call(&app, 0), Err(Error::Shutdown)));
 }
 
+/// A wait that times out loses nothing: the result that arrives later is there for the next
+/// wait, and a result that arrives while nobody waits is kept for the first wait.
+pub fn a_timed_out_wait_loses_nothing(setup: &dyn AppSetup) {
+    let app = setup.app();
+    app.allocate(sleep_then_echo, 1).expect("allocate");
+    let mut slow = sleep_then_echo::call(&app, 300).expect("call");
+    let second = sleep_then_echo::call(&app, 0).expect("call");
+    match slow.wait_timeout(Duration::from_millis(50)) {
+        Err(Error::Timeout(after)) => assert_eq!(after, Duration::from_millis(50)),
+        other => panic!("expected a timeout, got {other:?}"),
+    }
+    assert_eq!(slow.wait_timeout(PATIENCE).expect("waiting again"), 300);
+    std::thread::sleep(Duration::from_millis(200)); // `second` finishes while nobody waits
+    assert_eq!(second.wait().expect("a result that came while nobody waited"), 0);
+    app.close().expect("close");
+}
+
 /// A call of a task nobody registered fails with `UnknownTask` instead of hanging.
 pub fn unknown_task_fails(setup: &dyn AppSetup) {
     let app = setup.app();

@@ -99,6 +99,7 @@ macro_rules! app_suite {
             panic_is_reported_and_worker_survives,
             ignore_report_gives_no_handle_and_no_report,
             shutdown_fails_pending_calls,
+            a_timed_out_wait_loses_nothing,
             unknown_task_fails,
             signature_mismatch_fails,
             bad_payload_fails_and_worker_goes_on,
