@@ -337,13 +337,7 @@ fn run(config: &Config, scenarios: Vec<Scenario<'_>>) {
                     p99s.push(p99);
                 }
                 Err(e) => {
-                    let mut message = e.to_string();
-                    let mut source = std::error::Error::source(&e);
-                    while let Some(cause) = source {
-                        message.push_str(&format!(": {cause}"));
-                        source = cause.source();
-                    }
-                    eprintln!("{name} failed: {message}");
+                    eprintln!("{name} failed: {}", dingo::error::chain(&e));
                     std::process::exit(1);
                 }
             }

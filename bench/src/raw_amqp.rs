@@ -30,7 +30,7 @@ impl log::Log for Stderr {
 }
 
 /// Installs the logger once per process.
-pub(crate) fn log_amiquip() {
+fn log_amiquip() {
     if log::set_logger(&Stderr).is_ok() {
         log::set_max_level(log::LevelFilter::Warn);
     }

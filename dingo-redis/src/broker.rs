@@ -333,13 +333,7 @@ impl Inner {
             self.options.reconnect_backoff,
             self.events.clone(),
         )
-        .named(&self.client_name(role))
-    }
-
-    /// What this process's connections are called at the server (`CLIENT LIST`):
-    /// `dingo:NAMESPACE:PROCESS:ROLE`.
-    pub(crate) fn client_name(&self, role: &str) -> String {
-        client_name(&self.options.namespace, &self.process, role)
+        .named(&client_name(&self.options.namespace, &self.process, role))
     }
 
     fn declare(&self, task: &TaskName) -> Result<(), BrokerError> {
@@ -566,7 +560,8 @@ impl Reporter for RedisBroker {
     }
 }
 
-/// See [`Inner::client_name`].
+/// What a process's connections are called at the server (`CLIENT LIST`):
+/// `dingo:NAMESPACE:PROCESS:ROLE`.
 fn client_name(namespace: &str, process: &str, role: &str) -> String {
     format!("dingo:{namespace}:{process}:{role}")
 }

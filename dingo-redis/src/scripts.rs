@@ -537,12 +537,19 @@ pub(crate) fn pack(calls: &[Call]) -> Vec<u8> {
 }
 
 impl Call {
-    /// The words of this command: `EVALSHA sha numkeys keys… args…` or `COMMAND keys… args…`.
-    fn head(&self) -> [Option<&[u8]>; 3] {
+    /// Hands each word of this command to `f`: `EVALSHA sha numkeys keys… args…` or
+    /// `COMMAND keys… args…`.
+    fn each_word(&self, mut f: impl FnMut(&[u8])) {
         match self.script {
-            Some(script) => [Some(b"EVALSHA".as_slice()), Some(script.get_hash().as_bytes()), None],
-            None => [Some(self.command.as_bytes()), None, None],
+            Some(script) => {
+                f(b"EVALSHA");
+                f(script.get_hash().as_bytes());
+                f(decimal(self.keys.len(), &mut [0; 20]));
+            }
+            None => f(self.command.as_bytes()),
         }
+        self.keys.iter().for_each(|key| f(key.as_bytes()));
+        self.args.iter().for_each(|arg| f(arg));
     }
 
     fn words(&self) -> usize {
@@ -552,12 +559,9 @@ impl Call {
 
     /// Its length in RESP.
     fn packed_len(&self) -> usize {
-        let bulk = |len: usize| 1 + decimal_len(len) + 2 + len + 2;
-        let head: usize = self.head().iter().flatten().map(|w| bulk(w.len())).sum::<usize>()
-            + if self.script.is_some() { bulk(decimal_len(self.keys.len())) } else { 0 };
-        let body: usize = self.keys.iter().map(|k| bulk(k.len())).sum::<usize>()
-            + self.args.iter().map(|a| bulk(a.len())).sum::<usize>();
-        1 + decimal_len(self.words()) + 2 + head + body
+        let mut len = 1 + decimal_len(self.words()) + 2;
+        self.each_word(|word| len += 1 + decimal_len(word.len()) + 2 + word.len() + 2);
+        len
     }
 
     /// Writes it in RESP: an array of bulk strings.
@@ -565,18 +569,7 @@ impl Call {
         buf.push(b'*');
         push_decimal(buf, self.words());
         buf.extend_from_slice(b"\r\n");
-        for word in self.head().into_iter().flatten() {
-            push_bulk(buf, word);
-        }
-        if self.script.is_some() {
-            push_bulk(buf, decimal(self.keys.len(), &mut [0; 20]));
-        }
-        for key in &self.keys {
-            push_bulk(buf, key.as_bytes());
-        }
-        for arg in &self.args {
-            push_bulk(buf, arg);
-        }
+        self.each_word(|word| push_bulk(buf, word));
     }
 }
 

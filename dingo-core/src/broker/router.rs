@@ -19,7 +19,8 @@ pub struct ReportRouter {
     ttl: Duration,
     max_unclaimed: usize,
     closed: AtomicBool,
-    /// How many handles are watched, as of the last change (read without the lock).
+    /// `state.watched.len()` as of its last change, for readers that must not take the lock
+    /// (every wait asks it).
     watching: AtomicUsize,
 }
 
@@ -72,7 +73,7 @@ impl ReportRouter {
         }
         if !finished && !self.closed.load(Ordering::Acquire) {
             state.watched.insert(key.clone(), sink);
-            self.watching.store(state.watched.len(), Ordering::Relaxed);
+            self.count(&state);
         }
     }
 
@@ -82,7 +83,7 @@ impl ReportRouter {
         let mut state = self.lock();
         let found = if report.body.is_final() {
             let sink = state.watched.remove(&key).map(Sink::Last);
-            self.watching.store(state.watched.len(), Ordering::Relaxed);
+            self.count(&state);
             sink
         } else {
             state.watched.get(&key).map(|sink| Sink::Shared(sink.shared()))
@@ -96,21 +97,16 @@ impl ReportRouter {
         };
         // Outside the lock: delivering may run the caller's callbacks.
         drop(state);
-        match sink {
-            Sink::Last(sink) => sink.deliver(report.body),
-            Sink::Shared(sink) => sink.deliver(report.body),
-        }
+        sink.deliver(report.body);
         Routed::Delivered
     }
 
     /// Stops watching `key` (its handle is gone).
     pub fn forget(&self, key: &CallKey) {
-        let sink = {
-            let mut state = self.lock();
-            let sink = state.watched.remove(key);
-            self.watching.store(state.watched.len(), Ordering::Relaxed);
-            sink
-        };
+        let mut state = self.lock();
+        let sink = state.watched.remove(key);
+        self.count(&state);
+        drop(state);
         drop(sink); // outside the lock: dropping may run the handle's disconnect
     }
 
@@ -119,8 +115,7 @@ impl ReportRouter {
         self.lock().watched.contains_key(key)
     }
 
-    /// How many handles are watched (without taking the lock: a count as of the last watch,
-    /// route or forget on any thread).
+    /// How many handles are watched (without taking the lock).
     pub fn watched(&self) -> usize {
         self.watching.load(Ordering::Relaxed)
     }
@@ -131,10 +126,16 @@ impl ReportRouter {
         self.closed.store(true, Ordering::Release);
         let state = {
             let mut state = self.lock();
-            self.watching.store(0, Ordering::Relaxed);
-            std::mem::take(&mut *state)
+            let taken = std::mem::take(&mut *state);
+            self.count(&state);
+            taken
         };
         drop(state); // outside the lock: dropping disconnects the waiting handles
+    }
+
+    /// Publishes the count of watched handles; called under the lock after every change.
+    fn count(&self, state: &State) {
+        self.watching.store(state.watched.len(), Ordering::Relaxed);
     }
 
     // The state stays consistent if a holder panics (single inserts and removals).
@@ -148,6 +149,15 @@ impl ReportRouter {
 enum Sink {
     Last(ReplySink),
     Shared(Arc<dyn ReportSink>),
+}
+
+impl Sink {
+    fn deliver(&self, body: crate::message::ReportBody<'_>) {
+        match self {
+            Sink::Last(sink) => sink.deliver(body),
+            Sink::Shared(sink) => sink.deliver(body),
+        }
+    }
 }
 
 impl fmt::Debug for ReportRouter {
