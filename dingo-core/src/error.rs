@@ -140,6 +140,11 @@ pub enum TaskErrorKind {
     Timeout,
     /// The worker could not encode the result.
     Encode,
+    /// Every worker that took the task stopped before finishing it — its process died, was
+    /// killed or stalled past its lease — as many times as the broker allows
+    /// (`max_redeliveries`): the broker gave up and dead-lettered the message. Usually a task
+    /// that crashes its worker process (an abort, running out of memory).
+    WorkerLost,
     /// A kind this build does not know (sent by a newer peer).
     Other,
 }
@@ -156,6 +161,7 @@ impl TaskErrorKind {
             TaskErrorKind::Shutdown => 6,
             TaskErrorKind::Timeout => 7,
             TaskErrorKind::Encode => 8,
+            TaskErrorKind::WorkerLost => 9,
         }
     }
 
@@ -169,6 +175,7 @@ impl TaskErrorKind {
             6 => TaskErrorKind::Shutdown,
             7 => TaskErrorKind::Timeout,
             8 => TaskErrorKind::Encode,
+            9 => TaskErrorKind::WorkerLost,
             _ => TaskErrorKind::Other,
         }
     }
@@ -185,6 +192,7 @@ impl fmt::Display for TaskErrorKind {
             TaskErrorKind::Shutdown => "shutdown",
             TaskErrorKind::Timeout => "timeout",
             TaskErrorKind::Encode => "encode",
+            TaskErrorKind::WorkerLost => "worker lost",
             TaskErrorKind::Other => "other",
         })
     }
@@ -330,4 +338,24 @@ pub fn chain(err: &(dyn std::error::Error + 'static)) -> String {
         source = cause.source();
     }
     out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Every kind travels as its own code (a kind added without one would arrive as `Other`).
+    #[test]
+    fn every_kind_round_trips_through_its_wire_code() {
+        use TaskErrorKind::*;
+        let kinds = [Panic, Failed, UnknownTask, BadPayload, SignatureMismatch, Shutdown, Timeout, Encode, WorkerLost];
+        for kind in kinds {
+            assert_eq!(TaskErrorKind::from_code(kind.code()), kind, "{kind}");
+        }
+        let mut codes: Vec<u8> = kinds.iter().map(|k| k.code()).collect();
+        codes.sort_unstable();
+        codes.dedup();
+        assert_eq!(codes.len(), kinds.len(), "codes are distinct");
+        assert_eq!(TaskErrorKind::from_code(200), Other);
+    }
 }
