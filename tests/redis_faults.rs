@@ -10,9 +10,6 @@
 #![cfg(feature = "redis")]
 
 use std::collections::BTreeMap;
-use std::io::{Read, Write};
-use std::net::{SocketAddr, TcpListener, TcpStream};
-use std::process::{Child, Command, Stdio};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -26,6 +23,7 @@ use dingo_test_support::faults::{
 };
 use dingo_test_support::proxy::Proxy;
 use dingo_test_support::redis::{Redis, held, redis_cli};
+use dingo_test_support::redis_server::Server;
 
 // ---------------------------------------------------------------------------------------
 // a. Connections cut, and an outage
@@ -890,83 +888,6 @@ fn dead_letters_keep_the_message_bytes() {
 // ---------------------------------------------------------------------------------------
 // e. A Redis restart under running apps
 // ---------------------------------------------------------------------------------------
-
-/// A `redis-server` of the test's own, on a port of its own, keeping nothing on disk;
-/// killed on drop.
-struct Server {
-    child: Option<Child>,
-    port: u16,
-    dir: std::path::PathBuf,
-}
-
-impl Server {
-    /// A server on a free port, or `None` (skipped loudly, or failed under
-    /// `DINGO_REQUIRE_SERVICES=1`) when `redis-server` is not installed.
-    fn start_fresh() -> Option<Server> {
-        let installed = Command::new("redis-server").arg("--version").stdout(Stdio::null()).status();
-        if !installed.is_ok_and(|s| s.success()) {
-            assert!(!dingo_test_support::services_required(), "redis-server is not installed");
-            eprintln!("SKIPPED: redis-server is not installed");
-            return None;
-        }
-        let port = TcpListener::bind("127.0.0.1:0").expect("a free port").local_addr().expect("addr").port();
-        let dir = std::env::temp_dir().join(dingo_test_support::unique("dingo-redis-restart"));
-        std::fs::create_dir_all(&dir).expect("a directory for the server");
-        let mut server = Server { child: None, port, dir };
-        server.start();
-        Some(server)
-    }
-
-    fn url(&self) -> String {
-        format!("redis://127.0.0.1:{}", self.port)
-    }
-
-    /// Starts (again) on the same port and waits until it answers PING.
-    fn start(&mut self) {
-        assert!(self.child.is_none(), "already running");
-        let mut child = Command::new("redis-server")
-            .args(["--port", &self.port.to_string(), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"])
-            .args(["--daemonize", "no", "--logfile", ""])
-            .arg("--dir")
-            .arg(&self.dir)
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .expect("start redis-server");
-        let port = self.port;
-        wait_until("the test's redis-server answers PING", || {
-            // Exited: it could not take the port (the PING would reach someone else).
-            let exited = child.try_wait().expect("poll redis-server");
-            assert!(exited.is_none(), "redis-server on port {port} exited: {exited:?}");
-            Server::pings(port)
-        });
-        self.child = Some(child);
-    }
-
-    fn pings(port: u16) -> bool {
-        let addr = SocketAddr::from(([127, 0, 0, 1], port));
-        let Ok(mut stream) = TcpStream::connect_timeout(&addr, Duration::from_millis(200)) else { return false };
-        let _ = stream.set_read_timeout(Some(Duration::from_millis(500)));
-        let mut reply = [0u8; 7];
-        stream.write_all(b"PING\r\n").is_ok() && stream.read_exact(&mut reply).is_ok() && &reply == b"+PONG\r\n"
-    }
-
-    /// SIGKILL, like a crash: everything in memory is gone.
-    fn kill(&mut self) {
-        if let Some(mut child) = self.child.take() {
-            let _ = child.kill();
-            let _ = child.wait();
-        }
-    }
-}
-
-impl Drop for Server {
-    fn drop(&mut self) {
-        self.kill();
-        let _ = std::fs::remove_dir_all(&self.dir);
-    }
-}
 
 static RESTART_RUNS: AtomicUsize = AtomicUsize::new(0);
 

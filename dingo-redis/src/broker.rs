@@ -306,16 +306,13 @@ impl Inner {
     }
 
     /// A short command on the shared command connection; a connection that turns out to
-    /// be broken is replaced and the command tried once more.
+    /// be broken is replaced and the command tried once more, and a server that is not
+    /// ready (loading its data after a restart, …) is waited for, up to the command timeout.
     pub(crate) fn command<T>(
         &self,
         f: &mut dyn FnMut(&mut redis::Connection) -> redis::RedisResult<T>,
     ) -> Result<T, redis::RedisError> {
-        let mut conn = lock(&self.misc);
-        match conn.once(f) {
-            Err(e) if crate::conn::is_connection_error(&e) => conn.once(f),
-            other => other,
-        }
+        lock(&self.misc).retry_briefly(self.options.command_timeout, f)
     }
 
     pub(crate) fn is_closed(&self) -> bool {

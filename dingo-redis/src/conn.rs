@@ -125,9 +125,11 @@ impl Conn {
                 Ok(value)
             }
             Err(e) => {
-                if is_connection_error(&e) {
+                if is_connection_error(&e) || needs_reconnect(&e) {
                     self.conn = None;
                     self.orphans.extend(self.client_id.take());
+                }
+                if is_transient(&e) {
                     self.lost(&e);
                 }
                 Err(e)
@@ -136,7 +138,8 @@ impl Conn {
     }
 
     /// Runs `f` until it succeeds, reconnecting with backoff between attempts; gives up
-    /// (`None`) once `stop` is set. Errors other than connection errors are returned.
+    /// (`None`) once `stop` is set. Errors other than transient ones (see [`is_transient`])
+    /// are returned.
     pub(crate) fn retry<T>(
         &mut self,
         stop: &AtomicBool,
@@ -148,6 +151,12 @@ impl Conn {
     /// Like [`retry`](Conn::retry), telling `f` whether an earlier attempt may have
     /// reached the server (its command was written before the connection broke), so that
     /// it can leave out what must not run twice.
+    ///
+    /// A server that is not ready (see [`is_not_ready`]) is waited for like a lost
+    /// connection: with backoff, until it serves commands again. Its refusal ran nothing (a
+    /// round trip that it refused only in part comes back as a broken connection, see
+    /// `scripts::run_after`), so the attempt it refused does not count as one that reached
+    /// the server.
     pub(crate) fn retry_tracked<T>(
         &mut self,
         stop: &AtomicBool,
@@ -160,7 +169,11 @@ impl Conn {
                 true => {
                     let again = reached;
                     reached = true;
-                    self.once(&mut |c| f(c, again))
+                    let result = self.once(&mut |c| f(c, again));
+                    if result.as_ref().is_err_and(is_not_ready) {
+                        reached = again;
+                    }
+                    result
                 }
                 false => match self.connect() {
                     Ok(conn) => {
@@ -172,7 +185,7 @@ impl Conn {
             };
             match result {
                 Ok(value) => return Some(Ok(value)),
-                Err(e) if is_connection_error(&e) => {
+                Err(e) if is_transient(&e) => {
                     if stop.load(Ordering::Acquire) {
                         return None;
                     }
@@ -184,20 +197,49 @@ impl Conn {
         }
     }
 
+    /// Runs `f` for a short command that has no stop flag to heed: a broken connection is
+    /// replaced and `f` tried once more at once; a server that is not ready is waited for
+    /// with backoff, for up to `patience`. `f` must be safe to run twice (the attempt on the
+    /// broken connection may have run).
+    pub(crate) fn retry_briefly<T>(
+        &mut self,
+        patience: Duration,
+        f: &mut dyn FnMut(&mut redis::Connection) -> redis::RedisResult<T>,
+    ) -> Result<T, redis::RedisError> {
+        let deadline = Instant::now() + patience;
+        let mut pause = self.backoff.0;
+        let mut reconnected = false;
+        loop {
+            match self.once(f) {
+                Err(e) if is_connection_error(&e) && !reconnected => reconnected = true,
+                Err(e) if is_not_ready(&e) && Instant::now() + pause < deadline => {
+                    std::thread::sleep(pause);
+                    pause = (pause * 2).min(self.backoff.1);
+                }
+                result => return result,
+            }
+        }
+    }
+
     /// Which connection is open (`None`: none is): commands written on it are answered on it.
     pub(crate) fn generation(&self) -> Option<u64> {
         self.conn.as_ref().map(|_| self.generation)
     }
 
     fn connect(&mut self) -> redis::RedisResult<redis::Connection> {
-        let conn = self.client.get_connection_with_timeout(self.connect_timeout);
-        let mut conn = match conn {
-            Ok(conn) => conn,
-            Err(e) => {
-                self.lost(&e);
-                return Err(e);
-            }
-        };
+        let conn = self.connect_once();
+        if let Err(e) = &conn
+            && is_transient(e)
+        {
+            self.lost(e);
+        }
+        conn
+    }
+
+    /// Opens and prepares a connection. A server still loading its data answers the
+    /// handshake but refuses the scripts: that is an error (not ready) like any other here.
+    fn connect_once(&mut self) -> redis::RedisResult<redis::Connection> {
+        let mut conn = self.client.get_connection_with_timeout(self.connect_timeout)?;
         conn.set_read_timeout(Some(self.read_timeout))?;
         conn.set_write_timeout(Some(self.connect_timeout))?;
         if self.fence {
@@ -233,15 +275,17 @@ impl Conn {
         Ok(())
     }
 
+    /// The connection broke or the server is not ready: said once per outage (its end is
+    /// `ConnectionRestored`).
     fn lost(&mut self, error: &redis::RedisError) {
         if self.lost_since.is_none() {
             self.lost_since = Some(Instant::now());
-            self.events.emit(Event::new(
-                self.origin,
-                Level::Warning,
-                EventKind::ConnectionLost,
-                format!("redis {} connection lost ({error}); reconnecting", self.role),
-            ));
+            let message = if is_not_ready(error) {
+                format!("redis is not ready for the {} connection ({error}); waiting for it", self.role)
+            } else {
+                format!("redis {} connection lost ({error}); reconnecting", self.role)
+            };
+            self.events.emit(Event::new(self.origin, Level::Warning, EventKind::ConnectionLost, message));
         }
     }
 }
@@ -255,8 +299,32 @@ pub(crate) fn is_connection_error(e: &redis::RedisError) -> bool {
         || e.is_unrecoverable_error()
 }
 
+/// Whether a reply means the server cannot serve commands yet, and will: it is loading its
+/// data (`LOADING`, after a restart, or a replica's full resynchronisation), a replica lost
+/// its master (`MASTERDOWN`), a cluster is reconfiguring (`TRYAGAIN`, `CLUSTERDOWN`), too few
+/// replicas to accept writes (`NOREPLICAS`), or the server turned into a replica under this
+/// client in a failover (`READONLY`, `UNBLOCKED`: the next connection may reach the new
+/// primary). The refused command did not run.
+pub(crate) fn is_not_ready(e: &redis::RedisError) -> bool {
+    matches!(
+        e.code(),
+        Some("LOADING" | "MASTERDOWN" | "TRYAGAIN" | "CLUSTERDOWN" | "NOREPLICAS" | "READONLY" | "UNBLOCKED")
+    )
+}
+
+/// Whether a not-ready reply calls for a new connection (the server changed roles).
+fn needs_reconnect(e: &redis::RedisError) -> bool {
+    matches!(e.code(), Some("READONLY" | "UNBLOCKED"))
+}
+
+/// Whether waiting and trying again may succeed: the connection broke, or the server is
+/// not ready.
+pub(crate) fn is_transient(e: &redis::RedisError) -> bool {
+    is_connection_error(e) || is_not_ready(e)
+}
+
 /// A redis error as a broker error.
 pub(crate) fn broker_error(context: &'static str, e: redis::RedisError) -> BrokerError {
-    let kind = if is_connection_error(&e) { BrokerErrorKind::Connection } else { BrokerErrorKind::Protocol };
+    let kind = if is_transient(&e) { BrokerErrorKind::Connection } else { BrokerErrorKind::Protocol };
     BrokerError::with_source(kind, context, e)
 }

@@ -33,8 +33,9 @@
 //!   queue (a reaper runs every [`reap_interval`](RedisOptions::reap_interval)) moves their
 //!   processing lists back to the front of the queue, marked redelivered
 //!   ([`Context::redelivered`](dingo_core::Context::redelivered)). A task redelivered
-//!   [`max_redeliveries`](RedisOptions::max_redeliveries) times goes to the dead letters
-//!   instead. Long tasks are never stolen while their process renews.
+//!   [`max_redeliveries`](RedisOptions::max_redeliveries) times (its workers keep dying: it
+//!   may crash them) goes to the dead letters instead, and its caller gets a failure of kind
+//!   `WorkerLost`. Long tasks are never stolen while their process renews.
 //! - **Fencing.** A consumer whose lease was taken over (its process stalled longer than the
 //!   lease) cannot complete its tasks afterwards: the script checks the lease first, rejects
 //!   the late report and the broker counts it ([`Stats::rejected_reports`]); the consumer
@@ -66,7 +67,25 @@
 //! - **Reconnection.** Every connection reconnects with exponential backoff, reported as
 //!   `ConnectionLost` / `ConnectionRestored` events; work in flight is recovered by the
 //!   lease rules. A worker stopped while Redis is away does not wait for it: what it could
-//!   not store runs again after its lease.
+//!   not store runs again after its lease. A server that is up but not ready — loading its
+//!   data after a restart (`LOADING`, seconds for a large data set), a replica without its
+//!   primary (`MASTERDOWN`), a cluster reconfiguring (`TRYAGAIN`, `CLUSTERDOWN`), too few
+//!   replicas for writes (`NOREPLICAS`), a failover under way (`READONLY`, `UNBLOCKED`: the
+//!   connection is made again) — is waited for the same way: a batch it refused ran
+//!   nothing and goes again as it was once it is ready; one it refused only in part is sent
+//!   again as after a broken connection (each batch still applies once).
+//!
+//! # Durability
+//!
+//! At least once holds for what Redis keeps. A server without persistence (`--save ""
+//! --appendonly no`) loses every queued task and stored result when it restarts; with
+//! snapshots only, whatever came after the last one. With the append-only file and Redis's
+//! default `appendfsync everysec`, a crash of the machine (power, kernel) — and, rarely, of
+//! the server while a slow disk holds its writes back — loses up to about a second of
+//! acknowledged writes: tasks the caller was told were queued, results and settlements.
+//! `appendfsync always` closes that window at the cost of an `fsync` per write; dingo
+//! batches its writes, so that is one per round trip, not one per task. Replication is
+//! asynchronous: a failover to a replica can lose the writes it had not received yet.
 //!
 //! # Batching
 //!

@@ -311,7 +311,8 @@ return lost
 /// the queue (`KEYS[2]`, wake `KEYS[3]`) in their order, each message marked redelivered
 /// (`ARGV[2]` replaces its last byte); a message redelivered `ARGV[3]` times already goes to
 /// the dead letters (`KEYS[4]`, kept to `ARGV[4]`) with `ARGV[5]` as the reason prefix.
-/// Returns {requeued, dead}.
+/// Returns {requeued, dead, heads}: heads holds the first `ARGV[7]` bytes of each message
+/// dead-lettered (where its name, id and caller are), so its caller can be told.
 pub(crate) static REAP: LazyLock<Script> = LazyLock::new(|| {
     Script::new(
         r#"
@@ -321,7 +322,7 @@ local expired = redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', now, 'LIMIT', 0, to
 local mark = ARGV[2]
 local body = string.sub(mark, 1, #mark - 1)
 local max = tonumber(ARGV[3])
-local requeued, dead = 0, 0
+local requeued, dead, heads = 0, 0, {}
 for _, consumer in ipairs(expired) do
   local list = ARGV[6] .. consumer
   while true do
@@ -336,6 +337,7 @@ for _, consumer in ipairs(expired) do
       redis.call('LPUSH', KEYS[4], ARGV[5] .. m)
       redis.call('LTRIM', KEYS[4], 0, tonumber(ARGV[4]) - 1)
       dead = dead + 1
+      heads[dead] = string.sub(m, 1, tonumber(ARGV[7]))
     else
       redis.call('RPUSH', KEYS[2], string.sub(m, 1, -2) .. mark)
       requeued = requeued + 1
@@ -345,7 +347,7 @@ for _, consumer in ipairs(expired) do
   redis.call('ZREM', KEYS[1], consumer)
 end
 if requeued > 0 and redis.call('LLEN', KEYS[3]) == 0 then redis.call('LPUSH', KEYS[3], '1') end
-return {requeued, dead}
+return {requeued, dead, heads}
 "#,
     )
 });
@@ -478,14 +480,15 @@ pub(crate) fn run_after(
         let mut packed = Vec::new();
         pack_into(&mut packed, first, todo.iter().map(|&i| &calls[i]));
         let count = todo.len() + usize::from(first.is_some());
-        let mut replies: Vec<redis::RedisResult<Value>> =
-            redis::ConnectionLike::req_packed_commands(conn, &packed, 0, count)?
-                .into_iter()
-                .map(|value| match value {
-                    Value::ServerError(e) => Err(e.into()),
-                    value => Ok(value),
-                })
-                .collect();
+        let replies = redis::ConnectionLike::req_packed_commands(conn, &packed, 0, count)?;
+        readiness(first.is_some(), todo.iter().map(|&i| &calls[i]), &replies)?;
+        let mut replies: Vec<redis::RedisResult<Value>> = replies
+            .into_iter()
+            .map(|value| match value {
+                Value::ServerError(e) => Err(e.into()),
+                value => Ok(value),
+            })
+            .collect();
         if first.is_some() && !replies.is_empty() {
             replies.remove(0)?;
         }
@@ -514,6 +517,48 @@ pub(crate) fn run_after(
         todo = missing;
     }
     Ok(results.into_iter().map(|r| r.unwrap_or(Value::Nil)).collect())
+}
+
+/// Checks the replies to one round trip (`first`: a blocking wait went before `calls`) for
+/// a server that was not ready (see [`conn::is_not_ready`](crate::conn::is_not_ready)). If
+/// it refused the round trip and ran none of it — every reply a refusal, or an effect-free
+/// step (`MULTI`, a `QUEUED` step, `EXECABORT`, a wait that timed out) — the refusal comes
+/// back: the round trip may go again as it is, once the server is ready. If it refused only
+/// part (it became ready, or stopped being, midway), what ran is not known to the caller:
+/// that comes back as a broken connection, so the round trip goes again the way it does
+/// after one — what applies once anyway (numbered scripts) is sent again, what must not run
+/// twice is not.
+pub(crate) fn readiness<'a>(
+    first: bool,
+    calls: impl Iterator<Item = &'a Call>,
+    replies: &[Value],
+) -> redis::RedisResult<()> {
+    let mut refused = None;
+    let mut ran = false;
+    let mut calls = calls;
+    for (i, reply) in replies.iter().enumerate() {
+        let call = if first && i == 0 { None } else { calls.next() };
+        match reply {
+            Value::ServerError(e) => {
+                let e = redis::RedisError::from(e.clone());
+                if refused.is_none() && crate::conn::is_not_ready(&e) {
+                    refused = Some(e);
+                }
+            }
+            Value::Okay if call.is_some_and(|c| c.script.is_none() && c.command == "MULTI") => {}
+            Value::SimpleString(status) if status == "QUEUED" => {}
+            Value::Nil if call.is_none() => {}
+            _ => ran = true,
+        }
+    }
+    match refused {
+        None => Ok(()),
+        Some(e) if !ran => Err(e),
+        Some(e) => Err(redis::RedisError::from(std::io::Error::new(
+            std::io::ErrorKind::ConnectionAborted,
+            format!("redis refused part of a round trip as not ready ({e}), and ran the rest"),
+        ))),
+    }
 }
 
 /// `calls` as RESP commands written back to back into `buf` (after `first` if given), sized
@@ -652,6 +697,43 @@ mod tests {
         let packed = pack(&calls);
         assert_eq!(String::from_utf8_lossy(&packed), String::from_utf8_lossy(&expected));
         assert_eq!(packed.capacity(), packed.len(), "sized once");
+    }
+
+    /// A round trip refused whole by a server that is not ready ran nothing and may go again
+    /// as it is; one refused in part comes back as a broken connection (what ran is not known
+    /// to the caller); other refusals are not a readiness matter.
+    #[test]
+    fn readiness_tells_a_whole_refusal_from_a_partial_one() {
+        let reply = |resp: &str| redis::parse_redis_value(resp.as_bytes()).expect("a reply");
+        let loading = || reply("-LOADING Redis is loading the dataset in memory\r\n");
+        let transaction = [
+            Call::command("MULTI"),
+            Call::command("SET").arg("k").arg("1"),
+            Call::command("LPUSH").arg("q").arg("m"),
+            Call::command("EXEC"),
+        ];
+        let check = |first: bool, replies: &[Value]| readiness(first, transaction.iter(), replies);
+
+        let refused = [reply("+OK\r\n"), loading(), loading(), reply("-EXECABORT Transaction discarded\r\n")];
+        let e = check(false, &refused).expect_err("refused");
+        assert!(crate::conn::is_not_ready(&e), "{e}");
+        let queued = [reply("+OK\r\n"), reply("+QUEUED\r\n"), loading(), reply("-EXECABORT discarded\r\n")];
+        assert!(crate::conn::is_not_ready(&check(false, &queued).expect_err("refused")));
+        // A wait that timed out took nothing.
+        let waited = [reply("*-1\r\n"), loading(), loading(), loading(), loading()];
+        assert!(crate::conn::is_not_ready(&check(true, &waited).expect_err("refused")));
+
+        // A plain `OK` of anything but MULTI is a step that ran.
+        let plain = [Call::command("LTRIM").arg("k").arg("0").arg("0"), Call::command("LPUSH").arg("q").arg("m")];
+        let e = readiness(false, plain.iter(), &[reply("+OK\r\n"), loading()]).expect_err("partial");
+        assert!(e.is_connection_dropped() && !crate::conn::is_not_ready(&e), "{e}");
+        let woke = [reply("*2\r\n$1\r\nw\r\n$1\r\n1\r\n"), loading(), loading(), loading(), loading()];
+        assert!(check(true, &woke).expect_err("partial").is_connection_dropped(), "the wait took a token");
+
+        let applied = [reply("+OK\r\n"), reply("+QUEUED\r\n"), reply("+QUEUED\r\n"), reply("*2\r\n+OK\r\n:1\r\n")];
+        assert!(check(false, &applied).is_ok());
+        let other = [reply("+OK\r\n"), reply("-WRONGTYPE no\r\n"), reply("+QUEUED\r\n"), reply("-EXECABORT x\r\n")];
+        assert!(check(false, &other).is_ok(), "not a readiness matter: the caller handles it");
     }
 
     /// `COMPLETE` applies its runs in order on the lists themselves: two completions with

@@ -9,6 +9,8 @@
 //! - [`app`]: App-level scenarios (progress reports, many names with the same ids, panics,
 //!   fire-and-forget, shutdown, unknown tasks, signature mismatches, bad payloads, several
 //!   caller and worker apps on one broker).
+//! - helpers for fault tests: [`faults`], a TCP [`proxy`] that cuts connections, example
+//!   programs as child [`process`]es, a private [`redis_server`] to kill and restart.
 //!
 //! Instantiate with the macros: `dingo_test_support::transport_suite!(setup)` and friends
 //! expand to one `#[test]` per rule, each with a fresh `setup` (evaluated per test, so each
@@ -22,6 +24,7 @@ pub mod app;
 pub mod faults;
 pub mod process;
 pub mod proxy;
+pub mod redis_server;
 pub mod reports;
 pub mod transport;
 
@@ -203,6 +206,26 @@ pub mod redis {
             .output()
             .expect("redis-cli must be installed for this test");
         assert!(out.status.success(), "redis-cli {args:?} failed");
+        String::from_utf8_lossy(&out.stdout).trim().to_owned()
+    }
+
+    /// Runs `redis-cli -x` against `url`: `bytes` (binary-safe) become the command's last
+    /// argument. Its output, trimmed.
+    pub fn redis_cli_with(url: &str, args: &[&str], bytes: &[u8]) -> String {
+        use std::io::Write;
+        let mut child = std::process::Command::new("redis-cli")
+            .arg("-u")
+            .arg(url)
+            .arg("-x")
+            .args(args)
+            .stdin(std::process::Stdio::piped())
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .expect("redis-cli must be installed for this test");
+        child.stdin.take().expect("stdin").write_all(bytes).expect("write to redis-cli");
+        let out = child.wait_with_output().expect("redis-cli");
+        assert!(out.status.success(), "redis-cli -x {args:?} failed");
         String::from_utf8_lossy(&out.stdout).trim().to_owned()
     }
 

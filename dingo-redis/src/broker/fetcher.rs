@@ -637,7 +637,11 @@ pub(crate) fn report_here(inner: &Inner, report: Op) -> Result<Option<Op>, Broke
         // with the settlements parked or waiting, and losing it loses no task.
         let mut plan = completer::plan(inner, vec![report], &mut state.sequence);
         let sequence = &mut state.sequence;
-        let stored = state.conn.once(&mut |c| scripts::run_after(c, None, &mut plan.calls, Some(&mut *sequence)));
+        // Numbered: a retry applies once.
+        let patience = inner.options.command_timeout;
+        let stored = state
+            .conn
+            .retry_briefly(patience, &mut |c| scripts::run_after(c, None, &mut plan.calls, Some(&mut *sequence)));
         stored.map(|_| None).map_err(|e| crate::conn::broker_error("storing a report failed", e))
     })
 }

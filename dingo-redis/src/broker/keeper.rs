@@ -7,10 +7,12 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
-use dingo_core::BrokerError;
 use dingo_core::event::{Event, EventKind, Level, Origin};
-use dingo_core::message::wire::REDELIVERED_MARK;
+use dingo_core::message::wire::{self, Known, REDELIVERED_MARK};
+use dingo_core::message::{ReplyTo, ReportBody, ReportMessage};
+use dingo_core::{BrokerError, CallKey, TaskError, TaskErrorKind};
 
+use super::completer::Op;
 use super::{Inner, Thread, dead_entry, lock};
 use crate::keys::QueueKeys;
 use crate::scripts::{self, Call};
@@ -102,7 +104,11 @@ fn renew(inner: &Inner, conn: &mut crate::conn::Conn, stop: &AtomicBool) {
     }
 }
 
-fn reap(inner: &Inner, conn: &mut crate::conn::Conn, stop: &AtomicBool) {
+/// How much of a dead-lettered message the reaper reads back: its name, id and reply
+/// address come first (see `wire`), so its caller can be told.
+const HEAD: usize = 4096;
+
+fn reap(inner: &Arc<Inner>, conn: &mut crate::conn::Conn, stop: &AtomicBool) {
     let queues: Vec<Arc<QueueKeys>> = lock(&inner.consumed).values().map(|(queue, _)| queue.clone()).collect();
     if queues.is_empty() {
         return;
@@ -134,27 +140,78 @@ fn reap(inner: &Inner, conn: &mut crate::conn::Conn, stop: &AtomicBool) {
                 .arg(inner.options.max_dead_letters.to_string())
                 .arg(reason.clone())
                 .arg(q.processing.clone())
+                .arg(HEAD.to_string())
         })
         .collect();
     let Some(Ok(results)) = conn.retry(stop, &mut |c| scripts::run_batch(c, &calls)) else {
         return;
     };
     for (queue, result) in queues.iter().zip(results) {
-        let (requeued, dead): (u64, u64) = redis::from_redis_value(result).unwrap_or((0, 0));
-        if requeued + dead == 0 {
-            continue;
+        let (requeued, dead, heads): (u64, u64, Vec<Vec<u8>>) =
+            redis::from_redis_value(result).unwrap_or((0, 0, Vec::new()));
+        if requeued > 0 {
+            inner.stats.requeued_expired.fetch_add(requeued, Ordering::Relaxed);
+            inner.events.emit(Event::new(
+                Origin::Consumer,
+                Level::Warning,
+                EventKind::Other,
+                format!(
+                    "{requeued} task(s) of `{}` held by worker(s) whose lease expired went back to the queue",
+                    queue.prefix
+                ),
+            ));
         }
-        inner.stats.requeued_expired.fetch_add(requeued, Ordering::Relaxed);
-        inner.stats.dead_lettered.fetch_add(dead, Ordering::Relaxed);
-        inner.events.emit(Event::new(
-            Origin::Consumer,
-            Level::Warning,
-            if dead > 0 { EventKind::DeadLettered } else { EventKind::Other },
-            format!(
-                "{requeued} task(s) of `{}` held by worker(s) whose lease expired went back to the queue; {dead} \
-                 redelivered too often went to the dead letters",
-                queue.prefix
-            ),
-        ));
+        if dead > 0 {
+            inner.stats.dead_lettered.fetch_add(dead, Ordering::Relaxed);
+            for head in heads {
+                given_up(inner, queue, head);
+            }
+        }
     }
+}
+
+/// A task whose workers kept dying went to the dead letters: an event, and a `WorkerLost`
+/// failure to its caller (who would otherwise wait for a result that never comes).
+fn given_up(inner: &Arc<Inner>, queue: &Arc<QueueKeys>, head: Vec<u8>) {
+    let (name, id, caller) = match wire::decode_delivery(head, &Known::default()) {
+        Ok((message, _)) => {
+            let caller = match message.reply_to {
+                ReplyTo::Address(caller) => Some(caller),
+                _ => None,
+            };
+            (Some(message.name), Some(message.id), caller)
+        }
+        // Only its head was read: the rest (its arguments) is cut off.
+        Err(cut) => (cut.name, cut.id, cut.reply_to),
+    };
+    let max = inner.options.max_redeliveries;
+    let why = format!(
+        "every worker that took the task stopped before finishing it, {} times (its process died, was killed or          stalled past its lease): it was redelivered {max} times (max_redeliveries) and moved to the dead letters;          the task may crash its worker",
+        max + 1
+    );
+    let mut event = Event::new(
+        Origin::Consumer,
+        Level::Error,
+        EventKind::DeadLettered,
+        format!("a task of `{}`: {why}", queue.task),
+    );
+    if let (Some(name), Some(id)) = (name, id) {
+        event = event.with_task(CallKey { name: name.clone(), id: id.clone() });
+        if let Some(caller) = caller {
+            let report =
+                ReportMessage { name, id, body: ReportBody::Failure(TaskError::new(TaskErrorKind::WorkerLost, why)) };
+            let sent = wire::encode_report(&report).and_then(|bytes| {
+                inner.completer()?.push(Op::Report { queue: queue.clone(), caller, bytes, then: None })
+            });
+            if let Err(e) = sent {
+                inner.events.emit(Event::new(
+                    Origin::Consumer,
+                    Level::Error,
+                    EventKind::ReportFailed,
+                    format!("the caller of a dead-lettered task could not be told: {}", dingo_core::error::chain(&e)),
+                ));
+            }
+        }
+    }
+    inner.events.emit(event);
 }

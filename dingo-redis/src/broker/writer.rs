@@ -18,7 +18,7 @@ use dingo_core::message::{ReportBody, ReportMessage};
 use dingo_core::{BrokerError, BrokerErrorKind, CallKey, TaskError, TaskErrorKind};
 
 use super::{Inner, Thread, lock};
-use crate::conn::{Conn, is_connection_error};
+use crate::conn::{Conn, is_connection_error, is_not_ready};
 use crate::keys::QueueKeys;
 use crate::scripts::{self, Call, Redo, SEQ_TTL, Sequence};
 
@@ -208,29 +208,35 @@ fn write(inner: &Inner, line: &mut Line, stop: &AtomicBool, written: Written, se
 /// Reads the replies to what callers wrote; a batch whose transaction did not answer (the
 /// connection broke, or a reply is an error) is sent again the ordinary way — its
 /// at-least-once messages as numbered scripts, which apply once; its at-most-once messages
-/// not at all (see [`unrepeatable`]).
+/// not at all (see [`unrepeatable`]). A batch the server refused whole because it was not
+/// ready (loading its data after a restart, …) ran nothing: it goes again as it was, once
+/// the server is ready.
 fn answer(inner: &Inner, line: &mut Line, stop: &AtomicBool) {
     while let Some(Written { mut calls, mut batch, owners, generation }) = line.unanswered.pop_front() {
-        let mut done = vec![false; calls.len()];
-        let mut last = None;
+        let mut replies = Vec::with_capacity(calls.len());
         if generation.is_some() && generation == line.conn.generation() {
-            for answered in done.iter_mut() {
+            while replies.len() < calls.len() {
                 match line.conn.once(&mut |c| c.recv_response()) {
-                    // An error reply (a script cache flushed, …): read on, to stay in step.
-                    Ok(redis::Value::ServerError(e)) => last = Some(redis::Value::ServerError(e)),
-                    Ok(value) => {
-                        *answered = true;
-                        last = Some(value);
-                    }
+                    Ok(value) => replies.push(Some(value)),
                     // `once` dropped the connection; what follows was written on it too.
-                    Err(e) if is_connection_error(&e) => {
-                        last = None;
-                        break;
-                    }
-                    Err(_) => last = None,
+                    Err(e) if is_connection_error(&e) => break,
+                    Err(_) => replies.push(None),
                 }
             }
         }
+        let whole: Option<Vec<redis::Value>> = replies.iter().cloned().collect();
+        if let Some(whole) = whole.filter(|whole| whole.len() == calls.len())
+            && let Err(e) = scripts::readiness(false, calls.iter(), &whole)
+            && is_not_ready(&e)
+        {
+            write(inner, line, stop, Written { calls, batch, owners, generation: None }, false);
+            continue;
+        }
+        // An error reply (a script cache flushed, …) leaves its call unanswered.
+        let done: Vec<bool> = (0..calls.len())
+            .map(|i| matches!(replies.get(i), Some(Some(value)) if !matches!(value, redis::Value::ServerError(_))))
+            .collect();
+        let last = replies.last().cloned().flatten().filter(|_| replies.len() == calls.len());
         // `EXEC` (the last call, if there is a transaction) answered: the transaction's
         // messages were queued, or refused.
         let settled = is_transaction(&calls) && done.last() == Some(&true);

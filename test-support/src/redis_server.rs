@@ -1,0 +1,126 @@
+//! A `redis-server` of the test's own, on a free port, for faults the shared server must never
+//! see: killed (SIGKILL, like a crash) and started again on the same port and directory,
+//! with whatever configuration the test gives it (persistence, ACL files, a slow load).
+
+use std::io::{Read, Write};
+use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::Duration;
+
+use crate::faults::wait_until;
+
+/// A private `redis-server`; killed, and its directory removed, on drop.
+pub struct Server {
+    child: Option<Child>,
+    port: u16,
+    dir: PathBuf,
+    args: Vec<String>,
+}
+
+impl Server {
+    /// A server on a free port keeping nothing on disk, or `None` (skipped loudly, or failed
+    /// under `DINGO_REQUIRE_SERVICES=1`) when `redis-server` is not installed.
+    pub fn start_fresh() -> Option<Server> {
+        Server::start_with(&["--save", "", "--appendonly", "no"])
+    }
+
+    /// A server with these extra arguments (`redis-server` options, e.g. `["--appendonly",
+    /// "yes"]`), kept for every restart.
+    pub fn start_with(args: &[&str]) -> Option<Server> {
+        let installed = Command::new("redis-server").arg("--version").stdout(Stdio::null()).status();
+        if !installed.is_ok_and(|s| s.success()) {
+            assert!(!crate::services_required(), "redis-server is not installed");
+            eprintln!("SKIPPED: redis-server is not installed");
+            return None;
+        }
+        let port = TcpListener::bind("127.0.0.1:0").expect("a free port").local_addr().expect("addr").port();
+        let dir = std::env::temp_dir().join(crate::unique("dingo-redis-server"));
+        std::fs::create_dir_all(&dir).expect("a directory for the server");
+        let args = args.iter().map(|a| (*a).to_owned()).collect();
+        let mut server = Server { child: None, port, dir, args };
+        server.start();
+        Some(server)
+    }
+
+    /// `redis://127.0.0.1:PORT`.
+    pub fn url(&self) -> String {
+        format!("redis://127.0.0.1:{}", self.port)
+    }
+
+    /// The server's port.
+    pub fn port(&self) -> u16 {
+        self.port
+    }
+
+    /// The server's working directory (its data files, if it keeps any).
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+
+    /// Starts (again) on the same port and waits until it answers PING (a server loading its
+    /// data answers `LOADING` instead: see [`spawn`](Server::spawn)).
+    pub fn start(&mut self) {
+        self.spawn();
+        let port = self.port;
+        let child = self.child.as_mut().expect("just spawned");
+        wait_until("the test's redis-server answers PING", || {
+            // Exited: it could not take the port (the PING would reach someone else).
+            let exited = child.try_wait().expect("poll redis-server");
+            assert!(exited.is_none(), "redis-server on port {port} exited: {exited:?}");
+            Server::ping(port) == Some(*b"+PONG\r\n")
+        });
+    }
+
+    /// Starts (again) and returns once it accepts connections, without waiting for it to
+    /// load its data.
+    pub fn spawn(&mut self) {
+        assert!(self.child.is_none(), "already running");
+        let child = Command::new("redis-server")
+            .args(["--port", &self.port.to_string(), "--bind", "127.0.0.1"])
+            .args(["--daemonize", "no", "--logfile", ""])
+            .args(&self.args)
+            .arg("--dir")
+            .arg(&self.dir)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("start redis-server");
+        self.child = Some(child);
+        let port = self.port;
+        wait_until("the test's redis-server accepts connections", || Server::ping(port).is_some());
+    }
+
+    /// The first bytes of the server's answer to PING (`+PONG\r\n`, or `-LOADING` while it
+    /// loads), `None` when it does not answer.
+    pub fn ping(port: u16) -> Option<[u8; 7]> {
+        let addr = SocketAddr::from(([127, 0, 0, 1], port));
+        let mut stream = TcpStream::connect_timeout(&addr, Duration::from_millis(200)).ok()?;
+        stream.set_read_timeout(Some(Duration::from_millis(500))).ok()?;
+        let mut reply = [0u8; 7];
+        stream.write_all(b"PING\r\n").ok()?;
+        stream.read_exact(&mut reply).ok()?;
+        Some(reply)
+    }
+
+    /// Whether the server answers `LOADING` (it is loading its data).
+    pub fn loading(&self) -> bool {
+        Server::ping(self.port).is_some_and(|reply| reply.starts_with(b"-LOADIN"))
+    }
+
+    /// SIGKILL, like a crash: what it had not written to disk is gone.
+    pub fn kill(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        self.kill();
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
