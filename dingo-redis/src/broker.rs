@@ -92,15 +92,25 @@ pub struct Stats {
     pub dead_lettered: AtomicU64,
 }
 
+/// The actors a broker has one of (see `scripts::Sequence`), by role: their sequence keys
+/// are named by the broker's process id.
+pub(crate) mod actor {
+    pub(crate) const SEND: &str = "send";
+    pub(crate) const DONE: &str = "done";
+    pub(crate) const FLUSH: &str = "flush";
+    pub(crate) const RECV: &str = "recv";
+    pub(crate) const ALL: [&str; 4] = [SEND, DONE, FLUSH, RECV];
+}
+
 /// A queue and the consumers of this process holding a lease on it.
 pub(crate) type Leases = (Arc<QueueKeys>, HashSet<Arc<str>>);
 
 pub(crate) struct Inner {
     pub(crate) client: redis::Client,
     pub(crate) options: RedisOptions,
-    /// This broker instance's id: names its reply lists and control list.
+    /// This broker instance's id: names its reply lists, its listener's control list and
+    /// the sequence keys of its one-per-broker actors.
     pub(crate) process: Arc<str>,
-    pub(crate) control: String,
     pub(crate) events: EventSinks,
     pub(crate) stats: Stats,
     pub(crate) router: ReportRouter,
@@ -158,11 +168,9 @@ impl RedisBroker {
         check_version(&info)?;
         let process: Arc<str> = Arc::from(UuidV7.next_id().as_str());
         misc.rename(&client_name(&options.namespace, &process, "command"));
-        let control = keys::control(&options.namespace, &process);
         let router = ReportRouter::new(options.result_ttl, 1_000_000);
         let inner = Arc::new(Inner {
             client,
-            control,
             process,
             events,
             stats: Stats::default(),
@@ -392,9 +400,22 @@ impl Inner {
         }
     }
 
-    /// Wakes this process's blocked connections (they re-read what to wait for, or stop).
-    pub(crate) fn wake_blocked(&self) {
-        let _ = self.command(&mut |c| redis::cmd("LPUSH").arg(&self.control).arg("wake").query::<i64>(c));
+    /// Leaves `token` in a control list, waking the connection blocked on it (its thread
+    /// re-reads what to wait for, or stops). The list expires: a token nobody was blocked to
+    /// take (its thread busy, or its process gone) must not stay forever.
+    pub(crate) fn poke(&self, control: &str, token: &str) {
+        let ttl = keys::CONTROL_TTL.as_millis().to_string();
+        let _ = self.command(&mut |c| {
+            redis::pipe()
+                .cmd("LPUSH")
+                .arg(control)
+                .arg(token)
+                .ignore()
+                .cmd("PEXPIRE")
+                .arg(control)
+                .arg(&ttl)
+                .query::<()>(c)
+        });
     }
 
     fn shutdown(&self) {
@@ -411,7 +432,6 @@ impl Inner {
         if let Some(flusher) = self.flusher.get() {
             flusher.stop();
         }
-        self.wake_blocked();
         if let Some(keeper) = self.keeper.get() {
             keeper.stop();
         }
@@ -419,7 +439,25 @@ impl Inner {
             listener.stop();
         }
         self.router.close();
-        let _ = self.command(&mut |c| redis::cmd("DEL").arg(&self.control).query::<i64>(c));
+        self.remove_own_keys();
+    }
+
+    /// Removes the keys that belong to this broker instance alone, now that none of its
+    /// threads uses them (each also expires, should a process die without this): its reply
+    /// and notify lists (nobody else reads them: reports still in them are for calls nobody
+    /// waits for any more), its listener's control list, and the sequence keys of its one-per-
+    /// broker actors (the sender, the report writer, the flusher, the listener) — each
+    /// numbers batches that will never come again. Worker threads remove their own when they
+    /// retire.
+    fn remove_own_keys(&self) {
+        let mut own = vec![keys::control(&self.options.namespace, &format!("{}:reply", self.process))];
+        for queue in self.queues.load().values() {
+            own.extend([queue.reply_here.clone(), queue.notify_here.clone()]);
+            own.extend(actor::ALL.iter().map(|role| queue.seq(&format!("{role}.{}", self.process))));
+        }
+        for keys in own.chunks(512) {
+            let _ = self.command(&mut |c| redis::cmd("UNLINK").arg(keys).query::<i64>(c));
+        }
     }
 }
 

@@ -71,10 +71,16 @@ pub(crate) fn tasks(namespace: &str) -> String {
     format!("{namespace}:tasks")
 }
 
-/// The wake-up list of one process's blocked connections.
-pub(crate) fn control(namespace: &str, process: &str) -> String {
-    format!("{namespace}:ctl:{process}")
+/// The control list of one blocking connection (`owner`: a worker thread's id, or a broker's
+/// process id and `:reply` for its report listener): wake-ups and stops.
+pub(crate) fn control(namespace: &str, owner: &str) -> String {
+    format!("{namespace}:ctl:{owner}")
 }
+
+/// How long a control list outlives its last token: tokens are taken within a block timeout
+/// by a live thread, and one left by a thread that was busy when it came, or that is gone,
+/// must not stay forever.
+pub(crate) const CONTROL_TTL: std::time::Duration = std::time::Duration::from_secs(60);
 
 fn escape(task: &str) -> String {
     let mut out = String::with_capacity(task.len());

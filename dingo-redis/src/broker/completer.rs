@@ -19,7 +19,7 @@ use dingo_core::{BrokerError, BrokerErrorKind};
 use redis::Value;
 
 use super::fetcher::Pending;
-use super::{Inner, Thread, dead_entry};
+use super::{Inner, Thread, actor, dead_entry};
 use crate::conn::Conn;
 use crate::keys::QueueKeys;
 use crate::scripts::{self, Call, SEQ_TTL, Sequence};
@@ -90,7 +90,7 @@ impl Completer {
 
 fn complete_loop(inner: &Arc<Inner>, rx: &Receiver<Op>, stop: &AtomicBool) {
     let mut conn = inner.conn("report writer", Origin::Reporter, false);
-    let mut sequence = Sequence::new("done", &inner.process);
+    let mut sequence = Sequence::new(actor::DONE, &inner.process);
     loop {
         let first = match rx.recv_timeout(Duration::from_millis(50)) {
             Ok(op) => op,

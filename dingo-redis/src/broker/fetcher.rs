@@ -709,7 +709,7 @@ impl Subscription for RedisSubscription {
         }
         let controls = lock(&self.controls).clone();
         for control in controls {
-            let _ = self.inner.command(&mut |c| redis::cmd("LPUSH").arg(&control).arg("stop").query::<i64>(c));
+            self.inner.poke(&control, "stop");
         }
         // This thread's own state, if it served too (a consumer used without a pool).
         self.release_local();

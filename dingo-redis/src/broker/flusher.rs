@@ -22,7 +22,7 @@ use dingo_core::event::{Event, EventKind, Level, Origin};
 
 use super::completer;
 use super::fetcher::Pending;
-use super::{Inner, Thread};
+use super::{Inner, Thread, actor};
 use crate::keys::QueueKeys;
 use crate::scripts::Sequence;
 
@@ -122,7 +122,7 @@ fn flush_loop(inner: &Arc<Inner>, rx: &Receiver<Arc<Parked>>, stop: &AtomicBool)
     let mut conn = inner.conn("settlement flusher", Origin::Consumer, false);
     // An actor of its own: its batches are numbered apart from the workers' (see
     // `scripts::SEEN`); the order between them is the workers' waiting in `reclaim`.
-    let mut sequence = Sequence::new("flush", &dingo_core::IdMaker::next_id(&dingo_core::id::UuidV7).to_string());
+    let mut sequence = Sequence::new(actor::FLUSH, &inner.process);
     let mut watched: Vec<Arc<Parked>> = Vec::new();
     while !stop.load(Ordering::SeqCst) {
         // Until the first parked settlement falls due (or news, or a look at the stop flag).

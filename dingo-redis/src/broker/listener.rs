@@ -14,7 +14,7 @@ use dingo_core::message::wire::{self, Known};
 use dingo_core::{BrokerError, TaskName};
 use redis::Value;
 
-use super::{Inner, Thread, lock};
+use super::{Inner, Thread, actor, lock};
 use crate::keys::{self, QueueKeys};
 use crate::scripts::{self, SEQ_TTL, Sequence};
 
@@ -57,7 +57,7 @@ impl Listener {
         replies.push(Reply {
             list: queue.reply_here.clone(),
             notify: queue.notify_here.clone(),
-            seq_key: queue.seq(&format!("recv.{}", self.inner.process)),
+            seq_key: queue.seq(&format!("{}.{}", actor::RECV, self.inner.process)),
             task: TaskName::from(queue.task.as_str()),
         });
         drop(replies);
@@ -70,8 +70,7 @@ impl Listener {
     }
 
     fn wake(&self) {
-        let control = self.control.clone();
-        let _ = self.inner.command(&mut |c| redis::cmd("LPUSH").arg(&control).arg("wake").query::<i64>(c));
+        self.inner.poke(&self.control, "wake");
     }
 }
 
@@ -96,7 +95,7 @@ impl Listen {
         let batch = self.inner.options.batch;
         let mut trims: Vec<Trim> = Vec::new();
         // Numbers the trims (see `scripts::SEEN`); the keys are each reply's `seq_key`.
-        let mut sequence = Sequence::new("recv", &self.inner.process);
+        let mut sequence = Sequence::new(actor::RECV, &self.inner.process);
         let mut block = true;
         while !stop.load(Ordering::SeqCst) {
             let replies = lock(&self.replies).clone();

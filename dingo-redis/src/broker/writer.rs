@@ -17,7 +17,7 @@ use dingo_core::event::{Event, EventKind, Level, Origin};
 use dingo_core::message::{ReportBody, ReportMessage};
 use dingo_core::{BrokerError, BrokerErrorKind, CallKey, TaskError, TaskErrorKind};
 
-use super::{Inner, Thread, lock};
+use super::{Inner, Thread, actor, lock};
 use crate::conn::{Conn, is_connection_error, is_not_ready};
 use crate::keys::QueueKeys;
 use crate::scripts::{self, Call, Redo, SEQ_TTL, Sequence};
@@ -72,7 +72,7 @@ impl Writer {
         let (tx, rx) = crossbeam_channel::bounded(inner.options.send_buffer);
         let line = Arc::new(Mutex::new(Line {
             conn: inner.conn("task sender", Origin::Producer, false).fencing(),
-            sequence: Sequence::new("send", &inner.process),
+            sequence: Sequence::new(actor::SEND, &inner.process),
             unanswered: VecDeque::new(),
             closed: false,
         }));
