@@ -23,7 +23,10 @@
 //! - `redis-inflight`: at-least-once `add::call` + `wait`, `--window` calls in flight;
 //! - `redis-inflight-at-most-once`: the same with the task's default `at_most_once`;
 //! - `redis-fire-and-forget`: at-least-once `add::send`, counted when the workers ran them;
-//! - `redis-sequential`: one call at a time, p50 / p99.
+//! - `redis-sequential`: one call at a time, p50 / p99;
+//! - `redis-raw-request-reply`: the baseline without dingo, the `redis` crate alone: one
+//!   request-reply at a time with four plain commands (`LPUSH`, `BRPOP` on each side), the
+//!   floor under `redis-sequential`.
 //!
 //! Scenarios on RabbitMQ: the same four (`amqp-inflight`, `amqp-inflight-at-most-once`,
 //! `amqp-fire-and-forget`, `amqp-sequential`), with durable queues, persistent messages and
@@ -40,6 +43,7 @@
 //! the floor under `amqp-sequential`).
 
 mod raw_amqp;
+mod raw_redis;
 
 use std::collections::VecDeque;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -196,7 +200,9 @@ fn redis(config: &Config) {
         let worker = App::builder().broker(namespace.broker()?).build()?;
         Ok((caller, worker, Box::new(namespace)))
     };
-    run(config, remote("redis", config, calls, &pair));
+    let mut scenarios = remote("redis", config, calls, &pair);
+    scenarios.push(("redis-raw-request-reply", Box::new(move || raw_redis::request_reply(url, (calls / 20).max(1)))));
+    run(config, scenarios);
 }
 
 fn amqp(config: &Config) {
