@@ -454,44 +454,36 @@ impl Call {
     }
 }
 
-/// Runs calls without batch numbers in one round trip (see [`run_after`]).
+/// Runs calls without batch numbers in one round trip (see [`run`]).
 pub(crate) fn run_batch(conn: &mut redis::Connection, calls: &[Call]) -> redis::RedisResult<Vec<Value>> {
-    run_after(conn, None, &mut calls.to_vec(), None)
+    run(conn, &mut calls.to_vec(), None)
 }
 
-/// Runs calls in one round trip, after `first` (a blocking wait: the server runs the calls
-/// the moment the wait ends, without another round trip) if given.
+/// Runs calls in one round trip. A blocking wait among them (a plain `BLPOP`) holds back
+/// the calls after it at the server, which runs them the moment the wait ends, without
+/// another round trip; the calls before it run at once.
 ///
 /// A script the server does not know (its script cache was flushed) is loaded and its call
 /// sent again; a call that ran is never sent twice. A numbered call sent again that way
 /// runs after calls that followed it, so it takes a new number from `sequence` (in place,
 /// for any later retry): under its old one it would look applied already (`SEEN` keeps
 /// the highest number) and be skipped.
-pub(crate) fn run_after(
+pub(crate) fn run(
     conn: &mut redis::Connection,
-    first: Option<&redis::Cmd>,
     calls: &mut [Call],
     mut sequence: Option<&mut Sequence>,
 ) -> redis::RedisResult<Vec<Value>> {
     let mut results: Vec<Option<Value>> = vec![None; calls.len()];
     let mut todo: Vec<usize> = (0..calls.len()).collect();
     for attempt in 0..2 {
-        let first = if attempt == 0 { first } else { None };
         let mut packed = Vec::new();
-        pack_into(&mut packed, first, todo.iter().map(|&i| &calls[i]));
-        let count = todo.len() + usize::from(first.is_some());
-        let replies = redis::ConnectionLike::req_packed_commands(conn, &packed, 0, count)?;
-        readiness(first.is_some(), todo.iter().map(|&i| &calls[i]), &replies)?;
-        let mut replies: Vec<redis::RedisResult<Value>> = replies
-            .into_iter()
-            .map(|value| match value {
-                Value::ServerError(e) => Err(e.into()),
-                value => Ok(value),
-            })
-            .collect();
-        if first.is_some() && !replies.is_empty() {
-            replies.remove(0)?;
-        }
+        pack_into(&mut packed, todo.iter().map(|&i| &calls[i]));
+        let replies = redis::ConnectionLike::req_packed_commands(conn, &packed, 0, todo.len())?;
+        readiness(todo.iter().map(|&i| &calls[i]), &replies)?;
+        let replies = replies.into_iter().map(|value| match value {
+            Value::ServerError(e) => Err(redis::RedisError::from(e)),
+            value => Ok(value),
+        });
         let mut missing = Vec::new();
         for (&i, reply) in todo.iter().zip(replies) {
             match reply {
@@ -519,8 +511,7 @@ pub(crate) fn run_after(
     Ok(results.into_iter().map(|r| r.unwrap_or(Value::Nil)).collect())
 }
 
-/// Checks the replies to one round trip (`first`: a blocking wait went before `calls`) for
-/// a server that was not ready (see [`conn::is_not_ready`](crate::conn::is_not_ready)). If
+/// Checks the replies to one round trip for a server that was not ready (see [`conn::is_not_ready`](crate::conn::is_not_ready)). If
 /// it refused the round trip and ran none of it — every reply a refusal, or an effect-free
 /// step (`MULTI`, a `QUEUED` step, `EXECABORT`, a wait that timed out) — the refusal comes
 /// back: the round trip may go again as it is, once the server is ready. If it refused only
@@ -528,16 +519,11 @@ pub(crate) fn run_after(
 /// that comes back as a broken connection, so the round trip goes again the way it does
 /// after one — what applies once anyway (numbered scripts) is sent again, what must not run
 /// twice is not.
-pub(crate) fn readiness<'a>(
-    first: bool,
-    calls: impl Iterator<Item = &'a Call>,
-    replies: &[Value],
-) -> redis::RedisResult<()> {
+pub(crate) fn readiness<'a>(calls: impl Iterator<Item = &'a Call>, replies: &[Value]) -> redis::RedisResult<()> {
     let mut refused = None;
     let mut ran = false;
-    let mut calls = calls;
-    for (i, reply) in replies.iter().enumerate() {
-        let call = if first && i == 0 { None } else { calls.next() };
+    for (call, reply) in calls.zip(replies) {
+        let plain = |command: &str| call.script.is_none() && call.command == command;
         match reply {
             Value::ServerError(e) => {
                 let e = redis::RedisError::from(e.clone());
@@ -545,9 +531,9 @@ pub(crate) fn readiness<'a>(
                     refused = Some(e);
                 }
             }
-            Value::Okay if call.is_some_and(|c| c.script.is_none() && c.command == "MULTI") => {}
+            Value::Okay if plain("MULTI") => {}
             Value::SimpleString(status) if status == "QUEUED" => {}
-            Value::Nil if call.is_none() => {}
+            Value::Nil if plain("BLPOP") => {}
             _ => ran = true,
         }
     }
@@ -561,13 +547,10 @@ pub(crate) fn readiness<'a>(
     }
 }
 
-/// `calls` as RESP commands written back to back into `buf` (after `first` if given), sized
-/// once: the bytes go straight from the calls to the socket, without building a
-/// `redis::Cmd` per call and copying every argument twice.
-fn pack_into<'a>(buf: &mut Vec<u8>, first: Option<&redis::Cmd>, calls: impl Iterator<Item = &'a Call> + Clone) {
-    if let Some(first) = first {
-        first.write_packed_command(buf);
-    }
+/// `calls` as RESP commands written back to back into `buf`, sized once: the bytes go
+/// straight from the calls to the socket, without building a `redis::Cmd` per call and
+/// copying every argument twice.
+fn pack_into<'a>(buf: &mut Vec<u8>, calls: impl Iterator<Item = &'a Call> + Clone) {
     buf.reserve_exact(calls.clone().map(Call::packed_len).sum());
     for call in calls {
         call.pack_into(buf);
@@ -577,7 +560,7 @@ fn pack_into<'a>(buf: &mut Vec<u8>, first: Option<&redis::Cmd>, calls: impl Iter
 /// `calls` as the bytes of one pipelined write (their replies to be read one per call).
 pub(crate) fn pack(calls: &[Call]) -> Vec<u8> {
     let mut buf = Vec::new();
-    pack_into(&mut buf, None, calls.iter());
+    pack_into(&mut buf, calls.iter());
     buf
 }
 
@@ -712,28 +695,34 @@ mod tests {
             Call::command("LPUSH").arg("q").arg("m"),
             Call::command("EXEC"),
         ];
-        let check = |first: bool, replies: &[Value]| readiness(first, transaction.iter(), replies);
+        let check = |replies: &[Value]| readiness(transaction.iter(), replies);
 
         let refused = [reply("+OK\r\n"), loading(), loading(), reply("-EXECABORT Transaction discarded\r\n")];
-        let e = check(false, &refused).expect_err("refused");
+        let e = check(&refused).expect_err("refused");
         assert!(crate::conn::is_not_ready(&e), "{e}");
         let queued = [reply("+OK\r\n"), reply("+QUEUED\r\n"), loading(), reply("-EXECABORT discarded\r\n")];
-        assert!(crate::conn::is_not_ready(&check(false, &queued).expect_err("refused")));
-        // A wait that timed out took nothing.
-        let waited = [reply("*-1\r\n"), loading(), loading(), loading(), loading()];
-        assert!(crate::conn::is_not_ready(&check(true, &waited).expect_err("refused")));
+        assert!(crate::conn::is_not_ready(&check(&queued).expect_err("refused")));
+
+        // A settlement refused, a wait that timed out (it took nothing), a fetch refused.
+        let fetch = [
+            Call::command("RPUSH").arg("r").arg("x"),
+            Call::command("BLPOP").arg("w").arg("1"),
+            Call::command("LRANGE").arg("p").arg("0").arg("0"),
+        ];
+        let waited = [loading(), reply("*-1\r\n"), loading()];
+        assert!(crate::conn::is_not_ready(&readiness(fetch.iter(), &waited).expect_err("refused")));
+        let woke = [loading(), reply("*2\r\n$1\r\nw\r\n$1\r\n1\r\n"), loading()];
+        let e = readiness(fetch.iter(), &woke).expect_err("partial");
+        assert!(e.is_connection_dropped() && !crate::conn::is_not_ready(&e), "the wait took a token: {e}");
 
         // A plain `OK` of anything but MULTI is a step that ran.
         let plain = [Call::command("LTRIM").arg("k").arg("0").arg("0"), Call::command("LPUSH").arg("q").arg("m")];
-        let e = readiness(false, plain.iter(), &[reply("+OK\r\n"), loading()]).expect_err("partial");
-        assert!(e.is_connection_dropped() && !crate::conn::is_not_ready(&e), "{e}");
-        let woke = [reply("*2\r\n$1\r\nw\r\n$1\r\n1\r\n"), loading(), loading(), loading(), loading()];
-        assert!(check(true, &woke).expect_err("partial").is_connection_dropped(), "the wait took a token");
+        assert!(readiness(plain.iter(), &[reply("+OK\r\n"), loading()]).expect_err("partial").is_connection_dropped());
 
         let applied = [reply("+OK\r\n"), reply("+QUEUED\r\n"), reply("+QUEUED\r\n"), reply("*2\r\n+OK\r\n:1\r\n")];
-        assert!(check(false, &applied).is_ok());
+        assert!(check(&applied).is_ok());
         let other = [reply("+OK\r\n"), reply("-WRONGTYPE no\r\n"), reply("+QUEUED\r\n"), reply("-EXECABORT x\r\n")];
-        assert!(check(false, &other).is_ok(), "not a readiness matter: the caller handles it");
+        assert!(check(&other).is_ok(), "not a readiness matter: the caller handles it");
     }
 
     /// `COMPLETE` applies its runs in order on the lists themselves: two completions with
@@ -868,7 +857,7 @@ mod tests {
         let load = Call::command("SCRIPT").arg("LOAD").arg(body.as_bytes());
         let second = call(&mut sequence, "second");
         let mut calls = vec![first, load, second];
-        run_after(&mut conn, None, &mut calls, Some(&mut sequence)).expect("the batch runs");
+        run(&mut conn, &mut calls, Some(&mut sequence)).expect("the batch runs");
         let queued: Vec<String> = redis::cmd("LRANGE").arg(&list).arg(0).arg(-1).query(&mut conn).expect("LRANGE");
         let _: () = redis::cmd("DEL").arg(&list).arg(&seq_key).query(&mut conn).expect("DEL");
         assert_eq!(queued, ["first", "second"], "both messages are queued (the first sent again, last)");

@@ -113,7 +113,7 @@ fn complete_loop(inner: &Arc<Inner>, rx: &Receiver<Op>, stop: &AtomicBool) {
             })
             .collect();
         let mut plan = plan(inner, batch, &mut sequence);
-        match plan.run(inner, &mut conn, stop, None, &mut sequence) {
+        match plan.run(inner, &mut conn, stop, &mut sequence) {
             Some(Ok(results)) => {
                 account(inner, &results);
                 for ack in acks {
@@ -184,6 +184,10 @@ pub(crate) enum Kind {
     GiveBack,
     /// The read of the head of a processing list after its `FETCH` (what it took).
     Head,
+    /// A worker's blocking wait for work (on its queues' wake lists and its control list),
+    /// after its settlements and before its fetches: not repeated (it may have taken the
+    /// wake-up a retried fetch finds work by anyway).
+    Wait,
 }
 
 impl Kind {
@@ -191,7 +195,7 @@ impl Kind {
     /// Scripts apply once (numbered batches); the plain commands of the at-most-once path
     /// are left out of the retry — what they carried may be lost, never doubled.
     pub(crate) fn repeatable(self) -> bool {
-        !matches!(self, Kind::Report { .. } | Kind::Fetch { at_most_once: true } | Kind::GiveBack)
+        !matches!(self, Kind::Report { .. } | Kind::Fetch { at_most_once: true } | Kind::GiveBack | Kind::Wait)
     }
 }
 
@@ -250,18 +254,16 @@ impl Plan {
         self.open_report = Some(reply);
     }
 
-    /// Runs the plan in one round trip, after `first` (a blocking wait) if given, until it
-    /// goes through: reconnecting with backoff, and leaving out of a retry what must not
-    /// run twice (saying so in an event) — and the wait, which may have taken the wake-up
-    /// the retried fetch needs. `None` when `stop` ended the retries. Each call that ran
-    /// comes back with its kind and result. `sequence` numbers calls sent again (see
-    /// `scripts::run_after`).
+    /// Runs the plan in one round trip until it goes through: reconnecting with backoff,
+    /// and leaving out of a retry what must not run twice (saying so in an event) — and a
+    /// wait, which may have taken the wake-up the retried fetch needs. `None` when `stop`
+    /// ended the retries. Each call that ran comes back with its kind and result.
+    /// `sequence` numbers calls sent again (see `scripts::run`).
     pub(crate) fn run(
         &mut self,
         inner: &Inner,
         conn: &mut Conn,
         stop: &AtomicBool,
-        first: Option<&redis::Cmd>,
         sequence: &mut Sequence,
     ) -> Option<redis::RedisResult<Vec<(Kind, Value)>>> {
         let (mut reports, mut tasks) = (0, 0);
@@ -271,8 +273,7 @@ impl Plan {
                 retrying = true;
                 (reports, tasks) = self.keep_repeatable();
             }
-            let first = if again { None } else { first };
-            scripts::run_after(c, first, &mut self.calls, Some(&mut *sequence))
+            scripts::run(c, &mut self.calls, Some(&mut *sequence))
         });
         if reports > 0 {
             inner.events.emit(Event::new(
@@ -487,7 +488,7 @@ pub(crate) fn account(inner: &Inner, results: &[(Kind, Value)]) {
             Kind::Dead { count } => {
                 inner.stats.dead_lettered.fetch_add(*count as u64, Ordering::Relaxed);
             }
-            Kind::Report { .. } | Kind::Fetch { .. } | Kind::GiveBack | Kind::Head => {}
+            Kind::Report { .. } | Kind::Fetch { .. } | Kind::GiveBack | Kind::Head | Kind::Wait => {}
         }
     }
 }

@@ -2,9 +2,10 @@
 //! connection of its own, as a consumer with its own processing list and lease per queue:
 //! it moves a batch of tasks into its processing list (one `FETCH` script per queue), runs
 //! them in order, and settles them in the same order — final report stored and message
-//! removed by one `COMPLETE` script — together with its next fetch, in one round trip. An
-//! idle worker sends the fetch pipelined behind a blocking wait on the queues' wake lists,
-//! so the server fetches the moment work arrives.
+//! removed by one `COMPLETE` script — together with its next fetch, in one round trip. A
+//! worker whose last fetch drained its queues puts a blocking wait on the queues' wake lists
+//! between its settlements (stored at once) and its next fetch (run by the server the
+//! moment work arrives): one round trip per task when tasks come one at a time.
 //!
 //! Settlements wait for the next fetch only while tasks are quick: one older than
 //! [`FLUSH_AFTER`], or one of a task that ran longer than that, is written before the worker
@@ -135,7 +136,8 @@ struct Local {
     last_caller: Option<Arc<str>>,
     /// Numbers this thread's fetches and settlements, so a retry applies each once.
     sequence: Sequence,
-    /// After an empty fetch, the next one waits on the wake lists first.
+    /// After a fetch that drained the queues (no whole batch from any), the next one waits
+    /// on the wake lists first, after its settlements.
     idle: bool,
     round: usize,
 }
@@ -306,7 +308,7 @@ impl RedisSubscription {
     /// Stores this thread's settlements now.
     fn settle(&self, local: &mut Local) {
         let (mut plan, settled) = self.settle_plan(local);
-        if !plan.calls.is_empty() && self.round_trip(local, &mut plan, None).is_none() {
+        if !plan.calls.is_empty() && self.round_trip(local, &mut plan).is_none() {
             self.abandon(local, settled);
         }
     }
@@ -327,12 +329,12 @@ impl RedisSubscription {
         }
     }
 
-    /// Runs `plan` (after `wait`, a blocking wait, if given) on this thread's connection;
-    /// returns the results of the calls that ran, with their kinds. Retries give up once
-    /// the subscription stops: what a stopping worker cannot store while Redis is away runs
-    /// again after its lease, rather than hold the stop up until Redis is back.
-    fn round_trip(&self, local: &mut Local, plan: &mut Plan, wait: Option<&redis::Cmd>) -> Option<Vec<(Kind, Value)>> {
-        match plan.run(&self.inner, &mut local.conn, &self.stopped, wait, &mut local.sequence)? {
+    /// Runs `plan` on this thread's connection; returns the results of the calls that ran,
+    /// with their kinds. Retries give up once the subscription stops: what a stopping worker
+    /// cannot store while Redis is away runs again after its lease, rather than hold the
+    /// stop up until Redis is back.
+    fn round_trip(&self, local: &mut Local, plan: &mut Plan) -> Option<Vec<(Kind, Value)>> {
+        match plan.run(&self.inner, &mut local.conn, &self.stopped, &mut local.sequence)? {
             Ok(results) => {
                 completer::account(&self.inner, &results);
                 Some(results)
@@ -354,8 +356,19 @@ impl RedisSubscription {
         let order: Vec<usize> = (0..n).map(|i| (i + local.round) % n).collect();
         let count = self.per_worker.to_string();
         let mut consumers = Vec::with_capacity(n);
-        // Settlements first: batch numbers must rise in the order the calls run.
+        // Settlements first: batch numbers must rise in the order the calls run. They are
+        // stored at once, even when a wait follows them.
         let (mut plan, settled) = self.settle_plan(local);
+        if local.idle {
+            // After a fetch that drained the queues, wait for work before fetching again, in
+            // the same round trip: the server runs the fetches the moment a wake token
+            // comes (at once if one is there: a token stays while work waits).
+            let mut wait = Call::command("BLPOP").arg(local.control.as_bytes());
+            for (_, q) in &self.queues {
+                wait = wait.arg(q.wake.as_bytes());
+            }
+            plan.push(wait.arg(format!("{:.3}", block.as_secs_f64().max(0.001))), Kind::Wait);
+        }
         for &i in &order {
             let q = &self.queues[i].1;
             let (consumer, registered) = self.consumer(local, q);
@@ -385,16 +398,7 @@ impl RedisSubscription {
                 .arg((self.per_worker.max(1) - 1).to_string());
             plan.push(head, Kind::Head);
         }
-        let wait = local.idle.then(|| {
-            let mut wait = redis::cmd("BLPOP");
-            wait.arg(&local.control);
-            for (_, q) in &self.queues {
-                wait.arg(&q.wake);
-            }
-            wait.arg(block.as_secs_f64().max(0.001));
-            wait
-        });
-        let Some(results) = self.round_trip(local, &mut plan, wait.as_ref()) else {
+        let Some(results) = self.round_trip(local, &mut plan) else {
             self.abandon(local, settled);
             if !self.stopped.load(Ordering::SeqCst) {
                 // Not a connection problem (those are retried): try again a little later.
@@ -404,7 +408,7 @@ impl RedisSubscription {
         };
         // Per queue in `order`: its at-most-once pop (left out of a retry), its FETCH, and
         // the read of what FETCH took.
-        let mut got = 0;
+        let (mut got, mut full) = (0, false);
         let mut queues = order.iter().zip(consumers);
         let (mut popped, mut fetched) = (None, None);
         for (kind, result) in results {
@@ -415,12 +419,17 @@ impl RedisSubscription {
                     let Some((&i, consumer)) = queues.next() else { break };
                     let (name, queue) = &self.queues[i];
                     let fetched = fetched.take().unwrap_or(Value::Nil);
-                    got += self.take(local, name, queue, consumer, popped.take(), fetched, result);
+                    let taken = self.take(local, name, queue, consumer, popped.take(), fetched, result);
+                    full |= taken >= self.per_worker;
+                    got += taken;
                 }
                 _ => {}
             }
         }
-        local.idle = got == 0;
+        // No queue gave a whole batch: they are drained, and the next fetch waits first — so
+        // a lone call costs one round trip of its worker, not a fetch that finds nothing and
+        // then a wait.
+        local.idle = !full;
         got > 0
     }
 
@@ -639,9 +648,8 @@ pub(crate) fn report_here(inner: &Inner, report: Op) -> Result<Option<Op>, Broke
         let sequence = &mut state.sequence;
         // Numbered: a retry applies once.
         let patience = inner.options.command_timeout;
-        let stored = state
-            .conn
-            .retry_briefly(patience, &mut |c| scripts::run_after(c, None, &mut plan.calls, Some(&mut *sequence)));
+        let stored =
+            state.conn.retry_briefly(patience, &mut |c| scripts::run(c, &mut plan.calls, Some(&mut *sequence)));
         stored.map(|_| None).map_err(|e| crate::conn::broker_error("storing a report failed", e))
     })
 }

@@ -213,7 +213,7 @@ fn store(
 ) -> bool {
     let count = done.len() as u64;
     let mut plan = completer::settle_calls(inner, done, sequence);
-    let why = match plan.run(inner, conn, stop, None, sequence) {
+    let why = match plan.run(inner, conn, stop, sequence) {
         Some(Ok(results)) => {
             completer::account(inner, &results);
             inner.stats.flushed.fetch_add(count, Ordering::Relaxed);

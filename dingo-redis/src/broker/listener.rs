@@ -81,11 +81,14 @@ struct Listen {
 }
 
 /// Reports read but not yet removed from a reply list.
-struct Trim {
-    list: String,
-    seq_key: String,
-    seq: String,
-    count: usize,
+enum Trim {
+    /// The first `count` elements, by the numbered `TRIM` script (it applies once).
+    Count { list: String, seq_key: String, seq: String, count: usize },
+    /// The one element read, by value (`LREM list 1 element`): a plain command that removes
+    /// nothing more when sent again, and costs Redis far less than a script — what a lone
+    /// call's report needs. (Were the same bytes there twice, the second copy would be a
+    /// duplicate report, which its handle ignores.)
+    One { list: String, element: Vec<u8> },
 }
 
 impl Listen {
@@ -103,14 +106,15 @@ impl Listen {
                 let mut pipe = redis::pipe();
                 pipe.ignore_errors();
                 for trim in &trims {
-                    pipe.cmd("EVALSHA")
-                        .arg(scripts::TRIM.get_hash())
-                        .arg(2)
-                        .arg(&trim.list)
-                        .arg(&trim.seq_key)
-                        .arg(trim.count)
-                        .arg(&trim.seq)
-                        .arg(SEQ_TTL);
+                    match trim {
+                        Trim::Count { list, seq_key, seq, count } => {
+                            let trim = pipe.cmd("EVALSHA").arg(scripts::TRIM.get_hash()).arg(2).arg(list);
+                            trim.arg(seq_key).arg(count).arg(seq).arg(SEQ_TTL);
+                        }
+                        Trim::One { list, element } => {
+                            pipe.cmd("LREM").arg(list).arg(1).arg(element.as_slice());
+                        }
+                    }
                 }
                 if block {
                     let wait = pipe.cmd("BLMPOP").arg(timeout).arg(replies.len() + 1).arg(&self.control);
@@ -162,13 +166,17 @@ impl Listen {
                 if reports.len() >= batch {
                     block = false; // more are waiting: read on without blocking
                 }
-                let seq = sequence.next_number();
-                trims.push(Trim {
-                    list: reply.list.clone(),
-                    seq_key: reply.seq_key.clone(),
-                    seq,
-                    count: reports.len(),
-                });
+                match reports.as_slice() {
+                    [Value::BulkString(element)] => {
+                        trims.push(Trim::One { list: reply.list.clone(), element: element.clone() })
+                    }
+                    _ => trims.push(Trim::Count {
+                        list: reply.list.clone(),
+                        seq_key: reply.seq_key.clone(),
+                        seq: sequence.next_number(),
+                        count: reports.len(),
+                    }),
+                }
                 for report in reports {
                     let Value::BulkString(bytes) = report else { continue };
                     self.route(reply, bytes);

@@ -188,7 +188,7 @@ fn write(inner: &Inner, line: &mut Line, stop: &AtomicBool, written: Written, se
         if calls.is_empty() {
             return Ok(Vec::new());
         }
-        scripts::run_after(c, None, &mut calls, Some(&mut *sequence))
+        scripts::run(c, &mut calls, Some(&mut *sequence))
     });
     match result {
         Some(Ok(replies)) => {
@@ -226,7 +226,7 @@ fn answer(inner: &Inner, line: &mut Line, stop: &AtomicBool) {
         }
         let whole: Option<Vec<redis::Value>> = replies.iter().cloned().collect();
         if let Some(whole) = whole.filter(|whole| whole.len() == calls.len())
-            && let Err(e) = scripts::readiness(false, calls.iter(), &whole)
+            && let Err(e) = scripts::readiness(calls.iter(), &whole)
             && is_not_ready(&e)
         {
             write(inner, line, stop, Written { calls, batch, owners, generation: None }, false);
