@@ -433,13 +433,24 @@ fn close_from_inside_a_task_does_not_wait_for_itself() {
 #[test]
 fn fire_and_forget_by_name_checks_the_argument_type() {
     for broker in [LocalBroker::new(), LocalBroker::serialized()] {
-        let app = App::builder().broker(broker).build().unwrap();
+        // The app that registered the closure refuses at once.
+        let app = App::builder().broker(broker.clone()).build().unwrap();
         let events = app.events(EventFilter::new().level(Level::Error));
         app.register("wide", |n: i64| n).unwrap();
         app.allocate("wide", 1).unwrap();
-        app.send("wide", 1i32).unwrap();
+        let err = app.send("wide", 1i32).unwrap_err();
+        assert_eq!(err.to_string(), "signature mismatch: task `wide` takes i64 and returns i64; this call passes i32");
         let event = events.recv_timeout(PATIENCE).unwrap();
-        assert_eq!(event.kind, EventKind::SignatureMismatch);
+        assert_eq!((event.kind, event.origin), (EventKind::SignatureMismatch, Origin::Producer));
+        assert_eq!(event.message, err.task_error().unwrap().message());
+
+        // Another app sends it; the worker refuses it, with nobody to tell but its events.
+        let other = App::builder().broker(broker).build().unwrap();
+        other.send("wide", 1i32).unwrap();
+        let event = events.recv_timeout(PATIENCE).unwrap();
+        assert_eq!((event.kind, event.origin), (EventKind::SignatureMismatch, Origin::Worker));
+        assert!(event.message.starts_with("task `wide` takes i64 and returns i64 on this worker"), "{}", event.message);
+        other.close().unwrap();
         app.close().unwrap();
     }
 }

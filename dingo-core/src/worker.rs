@@ -185,18 +185,14 @@ pub(crate) fn execute(shared: &Shared, delivery: Delivery) {
         call.event(Level::Error, EventKind::UnknownTask, error.message().to_owned());
         return call.dead_letter(error, ack);
     };
-    if !crate::registry::fingerprints_match(fingerprint, handler.fingerprint()) {
+    let Some(layout) = handler.signature().accepts(fingerprint) else {
         let error = TaskError::new(
             TaskErrorKind::SignatureMismatch,
-            format!(
-                "task `{name}` was called with signature {fingerprint:016x}, the worker's is {:016x}: \
-                 caller and worker were built from different code",
-                handler.fingerprint()
-            ),
+            handler.signature().mismatch_there(name.as_str(), fingerprint),
         );
         call.event(Level::Error, EventKind::SignatureMismatch, error.message().to_owned());
         return call.dead_letter(error, ack);
-    }
+    };
 
     if options.monitor_progress && reply_to.wants_reports() {
         call.report(ReportBody::Sent);
@@ -211,6 +207,7 @@ pub(crate) fn execute(shared: &Shared, delivery: Delivery) {
         codecs: &shared.codecs,
         codec,
         local: matches!(args, Payload::Local(_)) && shared.reporter.accepts_local(),
+        layout,
     };
     let ctx = Context {
         name: &name,

@@ -61,6 +61,8 @@ use proc_macro::TokenStream;
 ///
 /// - Arguments are bound by name (`x: T` or `mut x: T`) and owned: they are sent to the
 ///   worker, so they must be `Serialize + DeserializeOwned + Send + 'static`.
+/// - One argument travels as itself (the task's `Args` is its type `T`, not `(T,)`), as it
+///   does for a closure registered by name: a call by name sends the value, or `(value,)`.
 /// - One parameter may be the context, `&Context` (any path ending in `Context`, e.g.
 ///   `&dingo::Context<'_>`), anywhere in the list: the worker passes it in and the caller
 ///   does not send it.
