@@ -100,7 +100,12 @@ impl App {
     pub fn allocate_all(&self, count: usize) -> Result<(), Error> {
         let handlers = self.inner.registry.handlers();
         if handlers.is_empty() {
-            return Err(Error::InvalidConfig("no task is registered".into()));
+            return Err(Error::InvalidConfig(
+                "no task is registered in this app: register closures with `App::register` or define \
+                 `#[dingo::task]` functions; tasks in a crate nothing in the binary refers to are not \
+                 linked, so not registered (add `use my_tasks as _;` to the binary)"
+                    .into(),
+            ));
         }
         self.spawn_pool("all", count, handlers)
     }
@@ -375,7 +380,14 @@ impl App {
             BrokerErrorKind::Full => Error::QueueFull { task: key.name.to_string() },
             BrokerErrorKind::Closed => Error::Shutdown,
             BrokerErrorKind::Unroutable => {
-                let error = TaskError::new(TaskErrorKind::UnknownTask, format!("no queue serves task `{}`", key.name));
+                let error = TaskError::new(
+                    TaskErrorKind::UnknownTask,
+                    format!(
+                        "no queue serves task `{}`: no app on this broker has registered it; {}",
+                        key.name,
+                        crate::error::not_linked_hint(key.name.as_str())
+                    ),
+                );
                 self.inner.events.emit(
                     Event::new(Origin::Producer, Level::Warning, EventKind::UnknownTask, error.message().to_owned())
                         .with_task(key.clone()),

@@ -537,7 +537,7 @@ impl<F: TaskFnItem<M>, M> TaskRef<(ByFn, M)> for F {
         linked_tasks()
             .find(|decl| (decl.fn_type_id)() == id)
             .map(|decl| TaskName::from_static(decl.name))
-            .ok_or_else(|| Error::UnknownTask { name: std::any::type_name::<F>().to_owned() })
+            .ok_or_else(|| Error::NotATask { function: std::any::type_name::<F>().to_owned() })
     }
 }
 

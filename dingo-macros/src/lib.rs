@@ -57,6 +57,14 @@ use proc_macro::TokenStream;
 /// task. The stubs take the arguments in the function's order and types, so a wrong
 /// argument is an ordinary type error at the call.
 ///
+/// # Linking
+///
+/// The submission takes effect when the function is linked into the program, and Rust links
+/// a dependency only if the code refers to it: the tasks of a crate the binary never names
+/// are not registered (`allocate`, `allocate_all` and calls by name then fail, saying so).
+/// A worker binary whose tasks live in a crate of their own names it once, with
+/// `use my_tasks as _;`.
+///
 /// # Signatures
 ///
 /// - Arguments are bound by name (`x: T` or `mut x: T`) and owned: they are sent to the

@@ -246,13 +246,25 @@ pub fn a_timed_out_wait_loses_nothing(setup: &dyn AppSetup) {
     app.close().expect("close");
 }
 
-/// A call of a task nobody registered fails with `UnknownTask` instead of hanging.
+/// A call of a task nobody registered fails with `UnknownTask` instead of hanging, and says
+/// that the crate defining it may not be linked (the likely cause for a `#[dingo::task]`).
 pub fn unknown_task_fails(setup: &dyn AppSetup) {
     let app = setup.app();
     app.allocate_all(1).expect("allocate");
-    let outcome = app.call::<_, i64>("conformance.no_such_task", (1i64,)).and_then(|mut h| h.wait_timeout(PATIENCE));
+    let task = "conformance_tasks::no_such_task";
+    let outcome = app.call::<_, i64>(task, 1i64).and_then(|mut h| h.wait_timeout(PATIENCE));
     let err = outcome.expect_err("must fail");
     assert_eq!(err.task_kind(), Some(TaskErrorKind::UnknownTask), "{err:?}");
+    let message = err.task_error().expect("a task error").message().to_owned();
+    assert!(message.starts_with("no queue serves task `conformance_tasks::no_such_task`"), "{message}");
+    assert!(
+        message.ends_with(
+            ": no app on this broker has registered it; if it is a `#[dingo::task]` of crate `conformance_tasks`, \
+             that crate may not be linked into this binary (a crate nothing refers to is left out, and its tasks \
+             with it): add `use conformance_tasks as _;` to the binary"
+        ),
+        "{message}"
+    );
     app.close().expect("close");
 }
 
