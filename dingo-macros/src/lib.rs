@@ -68,7 +68,9 @@ use proc_macro::TokenStream;
 /// # Signatures
 ///
 /// - Arguments are bound by name (`x: T` or `mut x: T`) and owned: they are sent to the
-///   worker, so they must be `Serialize + DeserializeOwned + Send + 'static`.
+///   worker, so they must be `Serialize + DeserializeOwned + Send + 'static`. Without a
+///   serde dependency of its own, a program derives them through `dingo::serde` and adds
+///   `#[serde(crate = "dingo::serde")]` to each type (see the crate docs' "Defining tasks").
 /// - One argument travels as itself (the task's `Args` is its type `T`, not `(T,)`), as it
 ///   does for a closure registered by name: a call by name sends the value, or `(value,)`.
 /// - One parameter may be the context, `&Context` (any path ending in `Context`, e.g.
