@@ -46,6 +46,58 @@
 //! }
 //! ```
 //!
+//! # Defining tasks
+//!
+//! Arguments, results and error values travel through serde. A program that depends on dingo
+//! alone derives through `dingo::serde`, and tells the derives where serde is with
+//! `#[serde(crate = "dingo::serde")]` on each type (without it they look for a crate named
+//! `serde`: `error[E0463]: can't find crate for serde`). A program that depends on serde
+//! itself derives as usual.
+//!
+//! ```
+//! use dingo::serde::{Deserialize, Serialize};
+//!
+//! #[derive(Debug, PartialEq, Serialize, Deserialize)]
+//! #[serde(crate = "dingo::serde")]
+//! struct Order {
+//!     id: u64,
+//!     cents: Vec<u64>,
+//! }
+//!
+//! #[derive(Debug, PartialEq, Serialize, Deserialize)]
+//! #[serde(crate = "dingo::serde")]
+//! enum Invoice {
+//!     Empty,
+//!     Due { order: u64, total_cents: u64 },
+//! }
+//!
+//! #[dingo::task(name = "shop.invoice")]
+//! fn invoice(order: Order) -> Invoice {
+//!     match order.cents.iter().sum() {
+//!         0 => Invoice::Empty,
+//!         total_cents => Invoice::Due { order: order.id, total_cents },
+//!     }
+//! }
+//!
+//! fn main() -> Result<(), dingo::Error> {
+//!     let app = dingo::App::builder().broker(dingo::LocalBroker::serialized()).build()?;
+//!     app.allocate(invoice, 1)?;
+//!     let due = invoice::call(&app, Order { id: 7, cents: vec![250, 450] })?.wait()?;
+//!     assert_eq!(due, Invoice::Due { order: 7, total_cents: 700 });
+//!     // By name (a program that does not link the task's code): one argument is sent as
+//!     // itself, as a stub sends it; `(order,)` works too.
+//!     let empty: Invoice = app.call("shop.invoice", Order { id: 8, cents: vec![] })?.wait()?;
+//!     assert_eq!(empty, Invoice::Empty);
+//!     app.close()
+//! }
+//! ```
+//!
+//! `#[dingo::task]` functions register themselves when they are linked into the program, and
+//! Rust links a dependency only if the code refers to it. Tasks defined in a crate of their
+//! own that the worker's binary never names are therefore not registered, and `allocate`,
+//! `allocate_all` and calls by name fail with an error that says so. Name the crate once in
+//! the binary — `use my_tasks as _;` in its `main.rs` — and its tasks are registered.
+//!
 //! # Where to go next
 //! - [`task`]: the macro, its attribute keys and what it generates.
 //! - [`App`]: allocating workers, registering closures, calling by name, shutting down.

@@ -59,7 +59,7 @@ fn allocation_errors_are_clear() {
     let app = app();
     assert!(matches!(app.allocate("no.such.task", 1), Err(Error::UnknownTask { name }) if name == "no.such.task"));
     let not_a_task = |n: i64| n;
-    assert!(matches!(app.allocate(not_a_task, 1), Err(Error::UnknownTask { .. })));
+    assert!(matches!(app.allocate(not_a_task, 1), Err(Error::NotATask { .. })));
     app.register("zero", |n: i64| n).unwrap();
     assert!(matches!(app.allocate("zero", 0), Err(Error::InvalidConfig(_))));
     assert!(matches!(app.register("zero", |n: i64| n + 1), Err(Error::DuplicateTask { name }) if name == "zero"));
@@ -433,15 +433,53 @@ fn close_from_inside_a_task_does_not_wait_for_itself() {
 #[test]
 fn fire_and_forget_by_name_checks_the_argument_type() {
     for broker in [LocalBroker::new(), LocalBroker::serialized()] {
-        let app = App::builder().broker(broker).build().unwrap();
+        // The app that registered the closure refuses at once.
+        let app = App::builder().broker(broker.clone()).build().unwrap();
         let events = app.events(EventFilter::new().level(Level::Error));
         app.register("wide", |n: i64| n).unwrap();
         app.allocate("wide", 1).unwrap();
-        app.send("wide", 1i32).unwrap();
+        let err = app.send("wide", 1i32).unwrap_err();
+        assert_eq!(err.to_string(), "signature mismatch: task `wide` takes i64 and returns i64; this call passes i32");
         let event = events.recv_timeout(PATIENCE).unwrap();
-        assert_eq!(event.kind, EventKind::SignatureMismatch);
+        assert_eq!((event.kind, event.origin), (EventKind::SignatureMismatch, Origin::Producer));
+        assert_eq!(event.message, err.task_error().unwrap().message());
+
+        // Another app sends it; the worker refuses it, with nobody to tell but its events.
+        let other = App::builder().broker(broker).build().unwrap();
+        other.send("wide", 1i32).unwrap();
+        let event = events.recv_timeout(PATIENCE).unwrap();
+        assert_eq!((event.kind, event.origin), (EventKind::SignatureMismatch, Origin::Worker));
+        assert!(event.message.starts_with("task `wide` takes i64 and returns i64 on this worker"), "{}", event.message);
+        other.close().unwrap();
         app.close().unwrap();
     }
+}
+
+/// The errors of a task looked up by name say what to check, the crate that may not be
+/// linked first; a function that is not a task says so instead.
+#[test]
+fn unknown_tasks_say_what_to_check() {
+    let app = app();
+    assert_eq!(
+        app.allocate("billing::refund", 1).unwrap_err().to_string(),
+        "no task named `billing::refund` is registered in this app: register a closure first; if it is a \
+         `#[dingo::task]` of crate `billing`, that crate may not be linked into this binary (a crate nothing \
+         refers to is left out, and its tasks with it): add `use billing as _;` to the binary"
+    );
+    assert_eq!(
+        app.allocate("billing.refund", 1).unwrap_err().to_string(),
+        "no task named `billing.refund` is registered in this app: register a closure first; if it is a \
+         `#[dingo::task]`, the crate defining it may not be linked into this binary (a crate nothing refers to \
+         is left out, and its tasks with it): add `use that_crate as _;` to the binary"
+    );
+    fn plain(n: i64) -> i64 {
+        n
+    }
+    assert_eq!(
+        app.allocate(plain, 1).unwrap_err().to_string(),
+        "`app_api::unknown_tasks_say_what_to_check::plain` is not a `#[dingo::task]` function"
+    );
+    app.close().unwrap();
 }
 
 #[test]

@@ -82,6 +82,12 @@ mod hygienic {
         a + b
     }
 
+    /// One argument travels as itself, here named like the generated locals.
+    #[::dingo::task]
+    pub(crate) fn negate(__dingo_args: i64) -> i64 {
+        -__dingo_args
+    }
+
     /// Arguments named like the stubs' own parameters, the generated locals and the task.
     #[::dingo::task]
     pub(crate) fn clash(app: i64, options: i64, clash: i64, __dingo_args: i64, ctx: i64) -> i64 {
@@ -109,11 +115,31 @@ fn generated_stubs_run_the_functions() {
     app.close().unwrap();
 }
 
+/// A one-argument task's wire type is its argument's, as for a closure registered by name,
+/// so the stub and a call by name with the bare value agree; by name, `(x,)` works too.
+#[test]
+fn one_argument_travels_as_itself() {
+    fn wire_types<K: Task>() -> (&'static str, &'static str) {
+        (std::any::type_name::<K::Args>(), std::any::type_name::<K::Output>())
+    }
+    assert_eq!(wire_types::<hygienic::negate>(), ("i64", "i64"));
+    assert_eq!(wire_types::<hygienic::add>(), ("(i64, i64)", "i64"));
+    assert_eq!(wire_types::<hygienic::answer>(), ("()", "i64"));
+
+    let app = App::local().unwrap();
+    app.allocate(hygienic::negate, 1).unwrap();
+    assert_eq!(hygienic::negate::call(&app, 4).unwrap().wait().unwrap(), -4);
+    assert_eq!(app.call::<_, i64>(hygienic::negate::NAME, 5i64).unwrap().wait().unwrap(), -5);
+    assert_eq!(app.call::<_, i64>(hygienic::negate::NAME, (6i64,)).unwrap().wait().unwrap(), -6);
+    app.close().unwrap();
+}
+
 #[test]
 fn the_functions_stay_callable() {
     assert_eq!(hygienic::add(2, 3), 5);
     assert_eq!(hygienic::answer(), 42);
     assert_eq!(hygienic::clash(1, 2, 3, 4, 5), 12_345);
+    assert_eq!(hygienic::negate(1), -1);
 }
 
 #[test]

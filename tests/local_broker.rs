@@ -104,3 +104,24 @@ fn shutting_the_broker_down_fails_queued_calls() {
         app.close().unwrap();
     }
 }
+
+/// A message naming a task its pool does not serve, found in the queue of one it does (only
+/// a message written by hand gets there): its caller is told what the pool serves.
+#[test]
+fn a_message_for_another_task_in_a_queue_says_what_the_pool_serves() {
+    use dingo_test_support::faults::{crafted, failure, watch};
+
+    let broker = LocalBroker::serialized();
+    let app = worker(&broker);
+    app.allocate("double", 1).unwrap();
+    let (reply_to, inbox) = watch(&broker, "ghost", "ghost-1");
+    broker.push_raw("double", crafted(&app, "ghost", "ghost-1", 0, reply_to)).unwrap();
+    let (kind, message) = failure(&inbox);
+    assert_eq!(kind, TaskErrorKind::UnknownTask);
+    assert_eq!(
+        message,
+        "no worker here runs task `ghost` (this pool serves `double`); the message came through one of their queues"
+    );
+    assert_eq!(app.call::<_, i64>("double", 4i64).unwrap().wait().unwrap(), 8);
+    app.close().unwrap();
+}

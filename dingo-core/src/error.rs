@@ -37,11 +37,20 @@ pub enum Error {
     /// The final result was already taken from this handle.
     #[error("the result was already taken from this handle")]
     ResultTaken,
-    /// No task of that name is registered in this app.
-    #[error("no task named `{name}` is registered")]
+    /// No task of that name is registered in this app. The message says what to check: a
+    /// closure is registered with [`App::register`](crate::App::register), and a
+    /// `#[dingo::task]` only when the crate defining it is linked (see [`not_linked_hint`]).
+    #[error("no task named `{name}` is registered in this app: register a closure first; {}", not_linked_hint(.name))]
     UnknownTask {
-        /// The name (or, for a function that is not a task, its type).
+        /// The name.
         name: String,
+    },
+    /// A function given where a task is expected (`app.allocate(f, 1)`) is not a
+    /// `#[dingo::task]`.
+    #[error("`{function}` is not a `#[dingo::task]` function")]
+    NotATask {
+        /// The function's type name (its path).
+        function: String,
     },
     /// Two tasks were registered under one name.
     #[error("a task named `{name}` is already registered")]
@@ -325,6 +334,33 @@ impl BrokerError {
     /// Whether trying again later may succeed (a dropped connection, a full queue).
     pub fn is_transient(&self) -> bool {
         matches!(self.kind, BrokerErrorKind::Connection | BrokerErrorKind::Full)
+    }
+}
+
+/// What to check when a task looked up by name is not there: that the crate defining it is
+/// linked. Rust links a dependency only if the code refers to it, so a crate of
+/// `#[dingo::task]`s that nothing names is left out of the binary, and its tasks with it
+/// (they register themselves at link time). Errors of unknown tasks end with this.
+///
+/// ```
+/// assert_eq!(
+///     dingo_core::error::not_linked_hint("billing::refund"),
+///     "if it is a `#[dingo::task]` of crate `billing`, that crate may not be linked into \
+///      this binary (a crate nothing refers to is left out, and its tasks with it): add \
+///      `use billing as _;` to the binary"
+/// );
+/// ```
+pub fn not_linked_hint(task: &str) -> String {
+    let is_ident = |s: &str| !s.is_empty() && s.chars().all(|c| c.is_alphanumeric() || c == '_');
+    match task.split_once("::").map(|(first, _)| first).filter(|first| is_ident(first)) {
+        Some(krate) => format!(
+            "if it is a `#[dingo::task]` of crate `{krate}`, that crate may not be linked into this binary \
+             (a crate nothing refers to is left out, and its tasks with it): add `use {krate} as _;` to the binary"
+        ),
+        None => "if it is a `#[dingo::task]`, the crate defining it may not be linked into this binary \
+                 (a crate nothing refers to is left out, and its tasks with it): add `use that_crate as _;` \
+                 to the binary"
+            .to_owned(),
     }
 }
 

@@ -109,7 +109,8 @@ pub struct TaskMessage {
     pub options: TaskOptions,
     /// Where the reports go.
     pub reply_to: ReplyTo,
-    /// The arguments (a tuple).
+    /// The arguments: the value itself for one, a tuple for several (a call by name may send
+    /// one argument as a one-element tuple; its fingerprint says so).
     pub args: Payload,
 }
 

@@ -27,7 +27,8 @@ use crate::options::CallOptions;
 pub trait Task: 'static {
     /// The task's name (default: the function's module path and name).
     const NAME: &'static str;
-    /// The arguments sent by the caller, as a tuple (the context is not among them).
+    /// The arguments sent by the caller (the context is not among them): the value itself for
+    /// one argument, a tuple for none or several.
     type Args: Serialize + DeserializeOwned + Send + 'static;
     /// The value of a successful call (`T` of a `Result<T, E>` return).
     type Output: Serialize + DeserializeOwned + Send + 'static;
@@ -71,6 +72,10 @@ pub fn linked_tasks() -> impl Iterator<Item = &'static TaskDecl> {
 /// catches a different number, order or kind of arguments and a different result type; a
 /// struct whose fields changed keeps its name and is caught by the decoder instead. A zero
 /// half is not checked (fire-and-forget calls do not know the result type).
+///
+/// A task of one argument `X` also accepts calls whose arguments are the one-element tuple
+/// `(X,)` — how a call by name writes an argument list of one — and the worker, told by the
+/// fingerprint which of the two it got, decodes that layout (see [`Handler`]).
 pub fn fingerprint<A: ?Sized + 'static, T: ?Sized + 'static>() -> u64 {
     (u64::from(type_hash::<A>()) << 32) | u64::from(type_hash::<T>())
 }
@@ -148,15 +153,122 @@ pub(crate) struct Invoke<'a> {
     pub(crate) codec: CodecId,
     /// The result may stay an in-process value.
     pub(crate) local: bool,
+    /// How the message lays out the arguments.
+    pub(crate) layout: Layout,
+}
+
+/// How a message lays out the arguments, as its fingerprint tells the worker.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Layout {
+    /// As the handler declares them (or unknown: a message without a fingerprint).
+    Declared,
+    /// As a one-element tuple of what the handler declares: a call by name of a task of one
+    /// argument, written `(x,)`.
+    Tupled,
+}
+
+/// What a handler takes and returns: the fingerprints it accepts and, for messages, the
+/// type names (known for free: `type_name` is a constant).
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Signature {
+    fingerprint: u64,
+    /// The fingerprint of `(A,)`: the same arguments as a one-element tuple.
+    tupled: u64,
+    args: &'static str,
+    output: &'static str,
+}
+
+impl Signature {
+    fn of<A: 'static, R: 'static>(fingerprint: u64) -> Signature {
+        Signature {
+            fingerprint,
+            tupled: self::fingerprint::<(A,), R>(),
+            args: std::any::type_name::<A>(),
+            output: std::any::type_name::<R>(),
+        }
+    }
+
+    /// How a message of fingerprint `sent` lays out its arguments, or `None` if it does not
+    /// match this signature. The first comparison is the one every well-typed call passes.
+    pub(crate) fn accepts(&self, sent: u64) -> Option<Layout> {
+        if fingerprints_match(sent, self.fingerprint) {
+            Some(Layout::Declared)
+        } else if fingerprints_match(sent, self.tupled) {
+            Some(Layout::Tupled)
+        } else {
+            None
+        }
+    }
+
+    /// Why a call in this process, with arguments `args` expecting `output` (`None`: no
+    /// result wanted), does not match: both signatures spelled out.
+    pub(crate) fn mismatch_here(&self, task: &str, args: &str, output: Option<&str>) -> String {
+        let mut message = format!(
+            "task `{task}` takes {} and returns {}; this call passes {}",
+            short_type_name(self.args),
+            short_type_name(self.output),
+            short_type_name(args)
+        );
+        if let Some(output) = output {
+            message.push_str(" and expects ");
+            message.push_str(&short_type_name(output));
+        }
+        message
+    }
+
+    /// Why a message of fingerprint `sent` does not match, as the worker can tell: its own
+    /// types, which half differs, and the likely causes.
+    pub(crate) fn mismatch_there(&self, task: &str, sent: u64) -> String {
+        let half = |fp: u64, shift: u32| (fp >> shift) & 0xffff_ffff;
+        let (sent_args, sent_output) = (half(sent, 32), half(sent, 0));
+        let args_differ = sent_args != half(self.fingerprint, 32) && sent_args != half(self.tupled, 32);
+        let output_differs = sent_output != 0 && sent_output != half(self.fingerprint, 0);
+        let what = match (args_differ, output_differs) {
+            (true, true) => "other argument types and expects another result type",
+            (false, true) => "the same arguments but expects another result type",
+            _ => "other argument types",
+        };
+        format!(
+            "task `{task}` takes {} and returns {} on this worker, but the call passes {what} \
+             (signature {sent:016x}, this worker's {:016x}); likely causes: the caller calls it \
+             by name with other types, or was built from other code (another version of the task)",
+            short_type_name(self.args),
+            short_type_name(self.output),
+            self.fingerprint,
+        )
+    }
+}
+
+/// A type name without module paths: `alloc::vec::Vec<my::Order>` is `Vec<Order>`.
+pub(crate) fn short_type_name(name: &str) -> String {
+    let mut out = String::with_capacity(name.len());
+    let mut segment_start = 0;
+    let mut chars = name.chars().peekable();
+    while let Some(c) = chars.next() {
+        if c == ':' && chars.peek() == Some(&':') {
+            chars.next();
+            out.truncate(segment_start); // a path prefix: drop it
+            continue;
+        }
+        out.push(c);
+        if !(c.is_alphanumeric() || c == '_') {
+            segment_start = out.len();
+        }
+    }
+    out
 }
 
 /// A runnable task, type-erased: decodes the arguments, runs (catching panics), and hands
 /// the result on — encoded, or lent by reference so an in-process caller takes it without
 /// an allocation.
+///
+/// A handler of `A` takes arguments sent as `A` and, for calls by name of a one-argument
+/// task written `(x,)`, as `(A,)` (see [`fingerprint`]): the message's fingerprint says which,
+/// and a message without one (a raw call) is read as `A`, else as `(A,)`.
 #[derive(Clone)]
 pub struct Handler {
     name: TaskName,
-    fingerprint: u64,
+    signature: Signature,
     run: Arc<RunFn>,
 }
 
@@ -178,18 +290,8 @@ impl Handler {
             // unwind boundary, so a panic anywhere in it is the task's failure.
             let outcome = catch_unwind(AssertUnwindSafe(|| -> Result<Output<R>, TaskError> {
                 let args: A = match args {
-                    Payload::Local(value) => *value.downcast::<A>().map_err(|_| {
-                        let message = format!("the arguments are not a `{}`", std::any::type_name::<A>());
-                        TaskError::new(TaskErrorKind::SignatureMismatch, message)
-                    })?,
-                    Payload::Encoded(encoded) => invoke.codecs.decode(&encoded).map_err(|e| {
-                        let message = format!(
-                            "the arguments do not decode as `{}`: {}",
-                            std::any::type_name::<A>(),
-                            crate::error::chain(&e)
-                        );
-                        TaskError::new(TaskErrorKind::BadPayload, message)
-                    })?,
+                    Payload::Local(value) => take_local::<A>(value)?,
+                    Payload::Encoded(encoded) => decode_args::<A>(invoke, &encoded)?,
                 };
                 let value = f(ctx, args)?;
                 if invoke.local {
@@ -210,7 +312,7 @@ impl Handler {
                 Ok(Ok(Output::Encoded(encoded))) => done(Ok(Value::Encoded(encoded))),
             }
         };
-        Handler { name, fingerprint, run: Arc::new(run) }
+        Handler { name, signature: Signature::of::<A, R>(fingerprint), run: Arc::new(run) }
     }
 
     /// The task's name.
@@ -220,7 +322,11 @@ impl Handler {
 
     /// The signature fingerprint the handler checks.
     pub fn fingerprint(&self) -> u64 {
-        self.fingerprint
+        self.signature.fingerprint
+    }
+
+    pub(crate) fn signature(&self) -> &Signature {
+        &self.signature
     }
 
     pub(crate) fn run(&self, ctx: &Context<'_>, args: Payload, invoke: &Invoke<'_>, done: Done<'_>) {
@@ -228,9 +334,44 @@ impl Handler {
     }
 }
 
+/// An in-process argument value: an `A`, or the one-element tuple `(A,)` of a call by name.
+/// Type ids are exact, so trying both cannot mistake one for the other.
+fn take_local<A: 'static>(value: Box<dyn Any + Send>) -> Result<A, TaskError> {
+    match value.downcast::<A>() {
+        Ok(args) => Ok(*args),
+        Err(value) => match value.downcast::<(A,)>() {
+            Ok(tupled) => Ok(tupled.0),
+            Err(_) => Err(TaskError::new(
+                TaskErrorKind::SignatureMismatch,
+                format!("the arguments are not a `{}`", short_type_name(std::any::type_name::<A>())),
+            )),
+        },
+    }
+}
+
+/// Encoded arguments in the layout the fingerprint announced. Without one, `(A,)` is tried
+/// only after `A` failed: a well-formed `A` is never read as something else.
+fn decode_args<A: DeserializeOwned>(invoke: &Invoke<'_>, encoded: &Encoded) -> Result<A, TaskError> {
+    let bad = |e: &crate::codec::CodecError| {
+        let message = format!(
+            "the arguments do not decode as `{}`: {}",
+            short_type_name(std::any::type_name::<A>()),
+            crate::error::chain(e)
+        );
+        TaskError::new(TaskErrorKind::BadPayload, message)
+    };
+    match invoke.layout {
+        Layout::Tupled => invoke.codecs.decode::<(A,)>(encoded).map(|tupled| tupled.0).map_err(|e| bad(&e)),
+        Layout::Declared => match invoke.codecs.decode::<A>(encoded) {
+            Ok(args) => Ok(args),
+            Err(e) => invoke.codecs.decode::<(A,)>(encoded).map(|tupled| tupled.0).map_err(|_| bad(&e)),
+        },
+    }
+}
+
 impl fmt::Debug for Handler {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("Handler").field("name", &self.name).field("fingerprint", &self.fingerprint).finish()
+        f.debug_struct("Handler").field("name", &self.name).field("fingerprint", &self.signature.fingerprint).finish()
     }
 }
 
@@ -291,12 +432,13 @@ impl Registry {
     }
 
     /// Runs `f` with the settings for calling `name` (the app's defaults for a task it does
-    /// not know), without cloning them: every call goes through here.
-    pub(crate) fn with_settings<R>(&self, name: &str, f: impl FnOnce(&Settings) -> R) -> R {
+    /// not know) and the signature of its handler if this app has one, without cloning them:
+    /// every call goes through here.
+    pub(crate) fn with_settings<R>(&self, name: &str, f: impl FnOnce(&Settings, Option<&Signature>) -> R) -> R {
         let entries = self.entries.load();
         match entries.get(name) {
-            Some(entry) => f(&entry.settings.load()),
-            None => f(&self.defaults),
+            Some(entry) => f(&entry.settings.load(), entry.handler.as_ref().map(Handler::signature)),
+            None => f(&self.defaults, None),
         }
     }
 
@@ -395,7 +537,7 @@ impl<F: TaskFnItem<M>, M> TaskRef<(ByFn, M)> for F {
         linked_tasks()
             .find(|decl| (decl.fn_type_id)() == id)
             .map(|decl| TaskName::from_static(decl.name))
-            .ok_or_else(|| Error::UnknownTask { name: std::any::type_name::<F>().to_owned() })
+            .ok_or_else(|| Error::NotATask { function: std::any::type_name::<F>().to_owned() })
     }
 }
 
@@ -451,6 +593,80 @@ mod tests {
         assert!(!fingerprints_match(args_fingerprint::<(i64,)>(), full));
         assert!(!fingerprints_match(fingerprint::<(i64, i64), u8>(), full));
         assert!(fingerprints_match(0, full));
+    }
+
+    #[test]
+    fn one_argument_is_accepted_bare_and_as_a_one_element_tuple() {
+        let bare = Signature::of::<u64, u64>(fingerprint::<u64, u64>());
+        assert_eq!(bare.accepts(fingerprint::<u64, u64>()), Some(Layout::Declared));
+        assert_eq!(bare.accepts(fingerprint::<(u64,), u64>()), Some(Layout::Tupled));
+        assert_eq!(bare.accepts(args_fingerprint::<(u64,)>()), Some(Layout::Tupled), "fire-and-forget");
+        assert_eq!(bare.accepts(0), Some(Layout::Declared), "a raw call is read as declared");
+        // Other arguments, other results, and a tuple of one inside a tuple of one, do not pass.
+        assert_eq!(bare.accepts(fingerprint::<(u64, u64), u64>()), None);
+        assert_eq!(bare.accepts(fingerprint::<((u64,),), u64>()), None);
+        assert_eq!(bare.accepts(fingerprint::<i64, u64>()), None);
+        assert_eq!(bare.accepts(fingerprint::<(u64,), String>()), None);
+
+        let vec = Signature::of::<Vec<u64>, ()>(fingerprint::<Vec<u64>, ()>());
+        assert_eq!(vec.accepts(fingerprint::<(Vec<u64>,), ()>()), Some(Layout::Tupled));
+        assert_eq!(vec.accepts(fingerprint::<u64, ()>()), None);
+
+        let pair = Signature::of::<(u64, u64), u64>(fingerprint::<(u64, u64), u64>());
+        assert_eq!(pair.accepts(fingerprint::<(u64, u64), u64>()), Some(Layout::Declared));
+        assert_eq!(pair.accepts(fingerprint::<u64, u64>()), None);
+        assert_eq!(pair.accepts(fingerprint::<(u64,), u64>()), None);
+
+        // A task whose one argument is itself a one-element tuple: `(x,)` is that argument.
+        let nested = Signature::of::<(u64,), u64>(fingerprint::<(u64,), u64>());
+        assert_eq!(nested.accepts(fingerprint::<(u64,), u64>()), Some(Layout::Declared));
+        assert_eq!(nested.accepts(fingerprint::<((u64,),), u64>()), Some(Layout::Tupled));
+        assert_eq!(nested.accepts(fingerprint::<u64, u64>()), None);
+    }
+
+    #[test]
+    fn type_names_lose_their_paths() {
+        assert_eq!(short_type_name("alloc::string::String"), "String");
+        assert_eq!(short_type_name("(u64, alloc::vec::Vec<my_crate::orders::Order>)"), "(u64, Vec<Order>)");
+        assert_eq!(
+            short_type_name("core::option::Option<(i64,)>"),
+            "Option<(i64,)>",
+            "a one-element tuple keeps its comma"
+        );
+        assert_eq!(short_type_name("()"), "()");
+    }
+
+    #[test]
+    fn mismatch_messages_spell_out_the_types() {
+        let refund = Signature::of::<u64, u64>(fingerprint::<u64, u64>());
+        assert_eq!(
+            refund.mismatch_here("refund", "alloc::string::String", Some("u64")),
+            "task `refund` takes u64 and returns u64; this call passes String and expects u64"
+        );
+        assert_eq!(
+            refund.mismatch_here("refund", "(i64, i64)", None),
+            "task `refund` takes u64 and returns u64; this call passes (i64, i64)"
+        );
+        let fp = fingerprint::<u64, u64>();
+        assert_eq!(
+            refund.mismatch_there("refund", fingerprint::<String, u64>()),
+            format!(
+                "task `refund` takes u64 and returns u64 on this worker, but the call passes other argument \
+                 types (signature {:016x}, this worker's {fp:016x}); likely causes: the caller calls it by \
+                 name with other types, or was built from other code (another version of the task)",
+                fingerprint::<String, u64>()
+            )
+        );
+        assert!(
+            refund
+                .mismatch_there("refund", fingerprint::<(u64,), i8>())
+                .contains("the call passes the same arguments but expects another result type"),
+        );
+        assert!(
+            refund
+                .mismatch_there("refund", fingerprint::<i8, i8>())
+                .contains("the call passes other argument types and expects another result type"),
+        );
     }
 
     #[test]

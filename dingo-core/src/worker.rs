@@ -181,22 +181,18 @@ pub(crate) fn execute(shared: &Shared, delivery: Delivery) {
     let call = Call { shared, name: &name, id: &id, reply_to: &reply_to };
 
     let Some(handler) = shared.handlers.get(name.as_str()) else {
-        let error = TaskError::new(TaskErrorKind::UnknownTask, format!("no worker here runs task `{name}`"));
+        let error = TaskError::new(TaskErrorKind::UnknownTask, not_served(shared, &name));
         call.event(Level::Error, EventKind::UnknownTask, error.message().to_owned());
         return call.dead_letter(error, ack);
     };
-    if !crate::registry::fingerprints_match(fingerprint, handler.fingerprint()) {
+    let Some(layout) = handler.signature().accepts(fingerprint) else {
         let error = TaskError::new(
             TaskErrorKind::SignatureMismatch,
-            format!(
-                "task `{name}` was called with signature {fingerprint:016x}, the worker's is {:016x}: \
-                 caller and worker were built from different code",
-                handler.fingerprint()
-            ),
+            handler.signature().mismatch_there(name.as_str(), fingerprint),
         );
         call.event(Level::Error, EventKind::SignatureMismatch, error.message().to_owned());
         return call.dead_letter(error, ack);
-    }
+    };
 
     if options.monitor_progress && reply_to.wants_reports() {
         call.report(ReportBody::Sent);
@@ -211,6 +207,7 @@ pub(crate) fn execute(shared: &Shared, delivery: Delivery) {
         codecs: &shared.codecs,
         codec,
         local: matches!(args, Payload::Local(_)) && shared.reporter.accepts_local(),
+        layout,
     };
     let ctx = Context {
         name: &name,
@@ -260,6 +257,21 @@ pub(crate) fn execute(shared: &Shared, delivery: Delivery) {
         let error = TaskError::new(TaskErrorKind::Other, "the task produced no outcome");
         call.finish(ReportBody::Failure(error), ack.take());
     }
+}
+
+/// Why a pool cannot run a message it received. Pools receive only from the queues of the
+/// tasks they serve, so the message itself names another task than its queue's (it was not
+/// sent by a call of that name): say what this pool serves.
+#[cold]
+fn not_served(shared: &Shared, name: &TaskName) -> String {
+    const LISTED: usize = 5;
+    let mut served: Vec<&str> = shared.handlers.keys().map(TaskName::as_str).collect();
+    served.sort_unstable();
+    let mut list = served.iter().take(LISTED).map(|s| format!("`{s}`")).collect::<Vec<_>>().join(", ");
+    if served.len() > LISTED {
+        list.push_str(&format!(" and {} more", served.len() - LISTED));
+    }
+    format!("no worker here runs task `{name}` (this pool serves {list}); the message came through one of their queues")
 }
 
 struct Call<'a> {

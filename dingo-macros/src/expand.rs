@@ -75,13 +75,27 @@ impl Generated<'_> {
         quote_spanned!(self.span=> ::dingo::__private)
     }
 
-    /// The wire arguments' types as a tuple: `()`, `(T,)`, `(A, B,)`. Its parentheses are the
+    /// The wire arguments' type: the argument's own for one (`T`, as a closure registered
+    /// by name takes it), else a tuple, `()` or `(A, B,)`, whose parentheses are the
     /// function's, so an argument type that cannot travel is reported at the parameters.
     fn args_type(&self) -> TokenStream {
+        if let Some(arg) = self.task.single_wire_arg() {
+            return arg.ty.to_token_stream();
+        }
         let types = self.task.wire_args().map(|arg| arg.ty);
         let mut tuple = Group::new(Delimiter::Parenthesis, quote_spanned!(self.span=> #(#types,)*));
         tuple.set_span(self.task.params_span);
         tuple.into_token_stream()
+    }
+
+    /// The value of the wire arguments from their names, as `args_type` lays them out: `x`
+    /// for one, else `(a, b,)`.
+    fn args_value(&self) -> TokenStream {
+        if let Some(arg) = self.task.single_wire_arg() {
+            return arg.ident.to_token_stream();
+        }
+        let idents = self.task.wire_args().map(|arg| arg.ident);
+        quote_spanned!(self.span=> (#(#idents,)*))
     }
 }
 

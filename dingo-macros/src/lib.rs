@@ -57,10 +57,22 @@ use proc_macro::TokenStream;
 /// task. The stubs take the arguments in the function's order and types, so a wrong
 /// argument is an ordinary type error at the call.
 ///
+/// # Linking
+///
+/// The submission takes effect when the function is linked into the program, and Rust links
+/// a dependency only if the code refers to it: the tasks of a crate the binary never names
+/// are not registered (`allocate`, `allocate_all` and calls by name then fail, saying so).
+/// A worker binary whose tasks live in a crate of their own names it once, with
+/// `use my_tasks as _;`.
+///
 /// # Signatures
 ///
 /// - Arguments are bound by name (`x: T` or `mut x: T`) and owned: they are sent to the
-///   worker, so they must be `Serialize + DeserializeOwned + Send + 'static`.
+///   worker, so they must be `Serialize + DeserializeOwned + Send + 'static`. Without a
+///   serde dependency of its own, a program derives them through `dingo::serde` and adds
+///   `#[serde(crate = "dingo::serde")]` to each type (see the crate docs' "Defining tasks").
+/// - One argument travels as itself (the task's `Args` is its type `T`, not `(T,)`), as it
+///   does for a closure registered by name: a call by name sends the value, or `(value,)`.
 /// - One parameter may be the context, `&Context` (any path ending in `Context`, e.g.
 ///   `&dingo::Context<'_>`), anywhere in the list: the worker passes it in and the caller
 ///   does not send it.

@@ -59,6 +59,16 @@ impl<'a> TaskFn<'a> {
         })
     }
 
+    /// The one argument the caller sends, if there is exactly one: it travels as itself,
+    /// not as a one-element tuple.
+    pub(crate) fn single_wire_arg(&self) -> Option<&Arg<'a>> {
+        let mut args = self.wire_args();
+        match (args.next(), args.next()) {
+            (Some(arg), None) => Some(arg),
+            _ => None,
+        }
+    }
+
     /// The type the caller receives on success.
     pub(crate) fn output_type(&self) -> TokenStream {
         match self.output {

@@ -9,8 +9,9 @@ use std::time::{Duration, Instant};
 
 use dingo::broker::{Ack, Reporter};
 use dingo::message::{ReplyTo, ReportMessage};
+use dingo::registry::fingerprint;
 use dingo::{
-    App, AppBuilder, BrokerError, CallOptions, Encoded, Error, EventFilter, EventKind, Events, Level, Report,
+    App, AppBuilder, BrokerError, CallOptions, Encoded, Error, EventFilter, EventKind, Events, Level, Origin, Report,
     Sequential, TaskErrorKind,
 };
 
@@ -245,32 +246,139 @@ pub fn a_timed_out_wait_loses_nothing(setup: &dyn AppSetup) {
     app.close().expect("close");
 }
 
-/// A call of a task nobody registered fails with `UnknownTask` instead of hanging.
+/// A call of a task nobody registered fails with `UnknownTask` instead of hanging, and says
+/// that the crate defining it may not be linked (the likely cause for a `#[dingo::task]`).
 pub fn unknown_task_fails(setup: &dyn AppSetup) {
     let app = setup.app();
     app.allocate_all(1).expect("allocate");
-    let outcome = app.call::<_, i64>("conformance.no_such_task", (1i64,)).and_then(|mut h| h.wait_timeout(PATIENCE));
+    let task = "conformance_tasks::no_such_task";
+    let outcome = app.call::<_, i64>(task, 1i64).and_then(|mut h| h.wait_timeout(PATIENCE));
     let err = outcome.expect_err("must fail");
     assert_eq!(err.task_kind(), Some(TaskErrorKind::UnknownTask), "{err:?}");
+    let message = err.task_error().expect("a task error").message().to_owned();
+    assert!(message.starts_with("no queue serves task `conformance_tasks::no_such_task`"), "{message}");
+    assert!(
+        message.ends_with(
+            ": no app on this broker has registered it; if it is a `#[dingo::task]` of crate `conformance_tasks`, \
+             that crate may not be linked into this binary (a crate nothing refers to is left out, and its tasks \
+             with it): add `use conformance_tasks as _;` to the binary"
+        ),
+        "{message}"
+    );
     app.close().expect("close");
 }
 
-/// A task message whose signature fingerprint differs from the worker's fails with
-/// `SignatureMismatch` (and an event); the worker goes on.
+/// A call with other types than the task's fails with `SignatureMismatch` (and an event):
+/// at once, naming both signatures, when the calling app has the task itself (every app has
+/// every `#[dingo::task]`); otherwise at the worker, which names its own types. The worker
+/// goes on.
 pub fn signature_mismatch_fails(setup: &dyn AppSetup) {
-    let app = setup.app();
-    let events = app.events(EventFilter::new().level(Level::Error));
-    app.allocate(plus_one, 1).expect("allocate");
-    // Same name, other argument type: what a caller built from other code would send.
-    let err = app
-        .call::<_, i64>(plus_one::NAME, ("five".to_string(),))
-        .expect("call")
-        .wait_timeout(PATIENCE)
-        .expect_err("must fail");
+    let worker = setup.app();
+    let caller = setup.app();
+    let worker_events = worker.events(EventFilter::new().level(Level::Error));
+    let caller_events = caller.events(EventFilter::new().level(Level::Error));
+    worker.allocate(plus_one, 1).expect("allocate");
+
+    let err = caller.call::<_, i64>(plus_one::NAME, "five".to_string()).expect_err("refused before it is sent");
     assert_eq!(err.task_kind(), Some(TaskErrorKind::SignatureMismatch), "{err:?}");
-    expect_event(&events, EventKind::SignatureMismatch);
-    assert_eq!(plus_one::call(&app, 1).expect("call").wait().expect("works"), 2);
-    app.close().expect("close");
+    assert_eq!(
+        err.to_string(),
+        "signature mismatch: task `conformance.plus_one` takes i64 and returns i64; \
+         this call passes String and expects i64"
+    );
+    assert_eq!(expect_event(&caller_events, EventKind::SignatureMismatch).origin, Origin::Producer);
+    let err = caller.send(plus_one::NAME, (1u8, 2u8)).expect_err("refused before it is sent");
+    assert_eq!(
+        err.to_string(),
+        "signature mismatch: task `conformance.plus_one` takes i64 and returns i64; this call passes (u8, u8)"
+    );
+
+    // A closure only the worker has: what a caller built from other code would send.
+    worker.register("conformance.halve", |n: u64| n / 2).expect("register");
+    worker.allocate("conformance.halve", 1).expect("allocate");
+    let err = caller
+        .call::<_, u64>("conformance.halve", (8u64, 2u64))
+        .expect("sent: the caller cannot check")
+        .wait_timeout(PATIENCE)
+        .expect_err("refused by the worker");
+    assert_eq!(err.task_kind(), Some(TaskErrorKind::SignatureMismatch), "{err:?}");
+    assert_eq!(
+        err.task_error().expect("a task error").message(),
+        format!(
+            "task `conformance.halve` takes u64 and returns u64 on this worker, but the call passes other \
+             argument types (signature {:016x}, this worker's {:016x}); likely causes: the caller calls it by \
+             name with other types, or was built from other code (another version of the task)",
+            fingerprint::<(u64, u64), u64>(),
+            fingerprint::<u64, u64>()
+        )
+    );
+    let event = expect_event(&worker_events, EventKind::SignatureMismatch);
+    assert_eq!(event.origin, Origin::Worker);
+    let err = caller
+        .call::<_, String>("conformance.halve", 8u64)
+        .expect("sent")
+        .wait_timeout(PATIENCE)
+        .expect_err("refused by the worker");
+    assert!(
+        err.to_string().contains("but the call passes the same arguments but expects another result type"),
+        "{err}"
+    );
+
+    assert_eq!(plus_one::call(&caller, 1).expect("call").wait_timeout(PATIENCE).expect("works"), 2);
+    assert_eq!(
+        caller.call::<_, u64>("conformance.halve", 8u64).expect("call").wait_timeout(PATIENCE).expect("works"),
+        4
+    );
+    close_both(&caller, &worker);
+}
+
+/// A task of one argument takes it by name as the value itself or as a one-element tuple
+/// `(x,)` — a `#[dingo::task]` as a closure, from the app that runs it as from another — and
+/// reads each as what was sent: an empty list of lists sent as `(vec![],)` is that empty list,
+/// not a list holding one empty list.
+pub fn one_argument_calls_agree(setup: &dyn AppSetup) {
+    let worker = setup.app();
+    let caller = setup.app();
+    let warnings = NoWarnings::watch(&worker);
+    worker.register("conformance.halve", |n: u64| n / 2).expect("register");
+    worker.register("conformance.count", |lists: Vec<Vec<u64>>| lists.len()).expect("register");
+    worker.allocate(plus_one, 1).expect("allocate");
+    worker.allocate(record, 1).expect("allocate");
+    worker.allocate("conformance.halve", 1).expect("allocate");
+    worker.allocate("conformance.count", 1).expect("allocate");
+
+    for (who, app) in [("worker", &worker), ("caller", &caller)] {
+        let wait = |handle: Result<dingo::Handle<i64>, Error>| handle.expect("call").wait_timeout(PATIENCE);
+        assert_eq!(wait(plus_one::call(app, 1)).expect("stub"), 2, "{who}");
+        assert_eq!(wait(app.call(plus_one::NAME, 2i64)).expect("bare"), 3, "{who}");
+        assert_eq!(wait(app.call(plus_one::NAME, (3i64,))).expect("tuple"), 4, "{who}");
+
+        let wait = |handle: Result<dingo::Handle<u64>, Error>| handle.expect("call").wait_timeout(PATIENCE);
+        assert_eq!(wait(app.call("conformance.halve", 8u64)).expect("bare"), 4, "{who}");
+        assert_eq!(wait(app.call("conformance.halve", (10u64,))).expect("tuple"), 5, "{who}");
+
+        let wait = |handle: Result<dingo::Handle<usize>, Error>| handle.expect("call").wait_timeout(PATIENCE);
+        assert_eq!(wait(app.call("conformance.count", (Vec::<Vec<u64>>::new(),))).expect("tuple"), 0, "{who}");
+        assert_eq!(wait(app.call("conformance.count", vec![Vec::<u64>::new()])).expect("bare"), 1, "{who}");
+        assert_eq!(wait(app.call("conformance.count", (vec![Vec::<u64>::new()],))).expect("tuple"), 1, "{who}");
+
+        let token = crate::unique(who);
+        app.send(record::NAME, (format!("{token}.tuple"),)).expect("send a tuple");
+        app.send(record::NAME, format!("{token}.bare")).expect("send bare");
+        let deadline = Instant::now() + PATIENCE;
+        let ran = |suffix: &str| lock(&RECORDED).contains(&format!("{token}.{suffix}"));
+        while !(ran("tuple") && ran("bare")) {
+            assert!(Instant::now() < deadline, "the fire-and-forget tasks did not run");
+            std::thread::sleep(Duration::from_millis(2));
+        }
+    }
+    close_both(&caller, &worker);
+    warnings.check();
+}
+
+fn close_both(caller: &App, worker: &App) {
+    caller.close().expect("close the caller");
+    worker.close().expect("close the worker");
 }
 
 /// Arguments that do not decode give a `BadPayload` failure and an event; the worker goes

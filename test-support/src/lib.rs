@@ -105,6 +105,7 @@ macro_rules! app_suite {
             a_timed_out_wait_loses_nothing,
             unknown_task_fails,
             signature_mismatch_fails,
+            one_argument_calls_agree,
             bad_payload_fails_and_worker_goes_on,
             three_callers_three_workers,
         );

@@ -633,7 +633,11 @@ fn settle(inner: &Arc<Inner>, entry: Pending, stored: bool) {
 
 /// A task message RabbitMQ returned (no queue took it): its call fails with `UnknownTask`.
 fn task_returned(inner: &Inner, key: CallKey, reply: Option<&str>, why: &str) {
-    let message = format!("no queue serves task `{}` (RabbitMQ returned the message: {why})", key.name);
+    let message = format!(
+        "no queue serves task `{}` (RabbitMQ returned the message: {why}): no app on this broker has registered it; {}",
+        key.name,
+        dingo_core::error::not_linked_hint(key.name.as_str())
+    );
     inner.events.emit(
         Event::new(Origin::Producer, Level::Warning, EventKind::UnknownTask, message.clone()).with_task(key.clone()),
     );

@@ -17,6 +17,7 @@ pub(super) fn stub(generated: &Generated<'_>) -> TokenStream {
     let output = task.output_type();
 
     let args: Vec<_> = task.wire_args().collect();
+    let value = generated.args_value();
     let idents: Vec<_> = args.iter().map(|arg| arg.ident).collect();
     let params = args.iter().map(|arg| {
         let (ident, ty) = (arg.ident, arg.ty);
@@ -56,7 +57,7 @@ pub(super) fn stub(generated: &Generated<'_>) -> TokenStream {
             #vis fn call(#app: &#private::App, #params)
                 -> #private::Result<#private::Handle<#output>, #private::Error>
             {
-                #private::call::<#ident>(#app, (#(#idents,)*), &#private::CallOptions::new())
+                #private::call::<#ident>(#app, #value, &#private::CallOptions::new())
             }
 
             /// Calls the task with `options`; the handle gives the typed result (or the task's
@@ -69,7 +70,7 @@ pub(super) fn stub(generated: &Generated<'_>) -> TokenStream {
             #vis fn call_with(#app: &#private::App, #options: &#private::CallOptions, #params)
                 -> #private::Result<#private::Handle<#output>, #private::Error>
             {
-                #private::call::<#ident>(#app, (#(#idents,)*), #options)
+                #private::call::<#ident>(#app, #value, #options)
             }
 
             /// Sends the task without waiting for a report (fire-and-forget); returns its id.
@@ -81,7 +82,7 @@ pub(super) fn stub(generated: &Generated<'_>) -> TokenStream {
             #vis fn send(#app: &#private::App, #params)
                 -> #private::Result<#private::TaskId, #private::Error>
             {
-                #private::send::<#ident>(#app, (#(#idents,)*))
+                #private::send::<#ident>(#app, #value)
             }
         }
     }

@@ -19,9 +19,12 @@ pub(super) fn task_impl(generated: &Generated<'_>) -> TokenStream {
     // arguments are taken out of the tuple by position for the same reason.
     let local = |name: &str| Ident::new(name, Span::mixed_site().located_at(span));
     let (ctx, args) = (local("__dingo_ctx"), local("__dingo_args"));
+    let single = task.single_wire_arg().is_some();
     let mut wire_index = 0;
     let call_args = task.params.iter().map(|param| match param {
         Param::Context => quote_spanned!(span=> #ctx),
+        // One argument travels as itself (see `Generated::args_type`).
+        Param::Wire(_) if single => quote_spanned!(span=> #args),
         Param::Wire(_) => {
             let index = syn::Index { index: wire_index, span };
             wire_index += 1;
