@@ -66,7 +66,8 @@
 //! - **Reconnection.** Every connection reconnects with exponential backoff, reported as
 //!   `ConnectionLost` / `ConnectionRestored` events; work in flight is recovered by the
 //!   lease rules. A worker stopped while Redis is away does not wait for it: what it could
-//!   not store runs again after its lease.
+//!   not store runs again after its lease. At start-up, [`RedisBroker::connect`] waits
+//!   [`connect_retry`](RedisOptions::connect_retry) (30 s) for a server that is not up yet.
 //!
 //! # Batching
 //!
