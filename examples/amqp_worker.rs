@@ -19,6 +19,6 @@ mod tasks;
 #[path = "shared/programs.rs"]
 mod programs;
 
-fn main() -> Result<(), Box<dyn std::error::Error>> {
+fn main() -> Result<(), dingo::error::MainError> {
     programs::worker(dingo::App::builder().broker(tasks::amqp_broker()?))
 }

@@ -17,7 +17,7 @@ mod tasks;
 
 use tasks::{Order, add, total};
 
-fn main() -> Result<(), Box<dyn std::error::Error>> {
+fn main() -> Result<(), dingo::error::MainError> {
     // The worker side: takes tasks from RabbitMQ, stores reports in Redis (and acknowledges
     // each task to RabbitMQ only once Redis has its report).
     let worker = dingo::App::builder().tasks(tasks::amqp_broker()?).reports(tasks::redis_broker()?).build()?;

@@ -14,6 +14,6 @@ mod tasks;
 #[path = "shared/programs.rs"]
 mod programs;
 
-fn main() -> Result<(), Box<dyn std::error::Error>> {
+fn main() -> Result<(), dingo::error::MainError> {
     programs::caller(dingo::App::builder().broker(tasks::redis_broker()?))
 }

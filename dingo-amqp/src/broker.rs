@@ -25,7 +25,7 @@ use std::time::{Duration, Instant};
 use amiquip::{AmqpValue, Channel, QueueDeleteOptions};
 use crossbeam_channel::{Receiver, Sender};
 use dingo_core::broker::router::ReportRouter;
-use dingo_core::broker::support::{Lazy, check_size, reply_address};
+use dingo_core::broker::support::{Lazy, check_size, redact_url, reply_address};
 use dingo_core::broker::{Ack, ConsumeSettings, Consumer, Producer, Reporter, Store, Subscription, Users};
 use dingo_core::event::{EventSink, EventSinks};
 use dingo_core::id::UuidV7;
@@ -105,21 +105,26 @@ pub(crate) struct Inner {
 impl AmqpBroker {
     /// Connects with default options: `amqp://user:pass@host:port/vhost` (`%2f` is the
     /// default vhost `/`), or `amqps://…` with the `tls` feature. The server is reached at
-    /// once: an unreachable server or bad credentials are an error.
+    /// once: bad credentials, a virtual host the user may not use or a bad URL are an error;
+    /// a server that cannot be reached yet is tried again for
+    /// [`connect_retry`](AmqpOptions::connect_retry) (30 s), then the error says which URL
+    /// and why.
     ///
     /// The URL's query may set options: `namespace`, `durable`, `quorum`,
     /// `persistent_reports`, `prefetch`,
     /// `max_unconfirmed`, `heartbeat` (s), `connection_timeout` (ms), `result_ttl_s`,
-    /// `wait_spin_us` (`amqp://guest:guest@127.0.0.1:5672/%2f?namespace=shop&prefetch=256`);
-    /// they override the options given to [`connect_with`](AmqpBroker::connect_with).
+    /// `wait_spin_us`, `connect_retry_s`
+    /// (`amqp://guest:guest@127.0.0.1:5672/%2f?namespace=shop&prefetch=256`); they override
+    /// the options given to [`connect_with`](AmqpBroker::connect_with).
     pub fn connect(url: &str) -> Result<AmqpBroker, BrokerError> {
         AmqpBroker::connect_with(url, AmqpOptions::default())
     }
 
     /// Connects with these options.
     pub fn connect_with(url: &str, options: AmqpOptions) -> Result<AmqpBroker, BrokerError> {
-        let (url, options) =
-            options.apply_url(url).map_err(|e| BrokerError::new(BrokerErrorKind::Config, format!("AMQP URL: {e}")))?;
+        let config =
+            |e: String| BrokerError::new(BrokerErrorKind::Config, format!("AMQP URL {}: {e}", redact_url(url)));
+        let (url, options) = options.apply_url(url).map_err(config)?;
         if options.quorum && !options.durable {
             return Err(BrokerError::new(BrokerErrorKind::Config, "quorum queues are always durable"));
         }

@@ -17,6 +17,7 @@ use amiquip::{
     ConsumerMessage,
 };
 use crossbeam_channel::Receiver;
+use dingo_core::broker::support::{connect_retrying, io_reason};
 use dingo_core::event::{Event, EventKind, EventSinks, Level, Origin};
 use dingo_core::{BrokerError, BrokerErrorKind};
 
@@ -35,9 +36,12 @@ pub(crate) struct Address {
 
 impl std::fmt::Debug for Address {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        // Never the password.
+        // Never the password; the virtual host as a URL has it (`/` is `%2f`).
+        const VHOST: &percent_encoding::AsciiSet =
+            &percent_encoding::CONTROLS.add(b'/').add(b'%').add(b'?').add(b'#').add(b' ').add(b'@');
         let scheme = if self.tls { "amqps" } else { "amqp" };
-        write!(f, "{scheme}://{}@{}:{}/{}", self.user, self.host, self.port, self.vhost)
+        let vhost = percent_encoding::utf8_percent_encode(&self.vhost, VHOST);
+        write!(f, "{scheme}://{}@{}:{}/{vhost}", self.user, self.host, self.port)
     }
 }
 
@@ -73,9 +77,14 @@ impl Address {
 
     /// Opens a connection: TCP with `TCP_NODELAY` (without it a request-reply round trip
     /// takes ~44 ms of Nagle and delayed ACKs instead of ~0.3 ms), then the AMQP handshake.
+    ///
+    /// A server that is not there (yet) fails with [`BrokerErrorKind::Connection`] and a
+    /// short reason (`connection refused`); one that refuses the credentials or the virtual
+    /// host with [`BrokerErrorKind::Config`] and a message saying what to check.
     fn open(&self, options: &AmqpOptions) -> Result<Connection, BrokerError> {
         let unreachable = |e: std::io::Error| {
-            BrokerError::with_source(BrokerErrorKind::Connection, format!("cannot reach RabbitMQ at {self:?}"), e)
+            let reason = io_reason(e.kind()).map_or_else(|| e.to_string(), str::to_owned);
+            BrokerError::with_source(BrokerErrorKind::Connection, reason, e)
         };
         let addresses: Vec<SocketAddr> =
             (self.host.as_str(), self.port).to_socket_addrs().map_err(unreachable)?.collect();
@@ -107,7 +116,40 @@ impl Address {
         } else {
             Connection::insecure_open_stream(stream, connection_options, ConnectionTuning::default())
         };
-        opened.map_err(|e| amqp_error(&format!("cannot open an AMQP connection to {self:?}"), e))
+        opened.map_err(|e| self.handshake_error(e))
+    }
+
+    fn handshake_error(&self, error: amiquip::Error) -> BrokerError {
+        use amiquip::Error::*;
+        let (kind, message) = match &error {
+            InvalidCredentials => (
+                BrokerErrorKind::Config,
+                format!("RabbitMQ at {self:?} refused the credentials: check the user and password in the URL"),
+            ),
+            // ACCESS_REFUSED, NOT_ALLOWED: the virtual host is missing or not the user's.
+            ServerClosedConnection { code: 403 | 530, .. } => (
+                BrokerErrorKind::Config,
+                format!(
+                    "RabbitMQ at {self:?} refused access to virtual host `{}`: check that it exists and that user `{}` may use it",
+                    self.vhost, self.user
+                ),
+            ),
+            UnsupportedAuthMechanism { .. }
+            | TlsFeatureNotEnabled
+            | UnsupportedLocale { .. }
+            | FrameMaxTooSmall { .. } => {
+                (BrokerErrorKind::Config, format!("RabbitMQ at {self:?} refused the connection's settings"))
+            }
+            UnexpectedSocketClose => {
+                (BrokerErrorKind::Connection, "the connection was closed during the AMQP handshake".to_owned())
+            }
+            ConnectionTimeout => (BrokerErrorKind::Connection, "the AMQP handshake timed out".to_owned()),
+            IoErrorReadingSocket { source } | IoErrorWritingSocket { source } => {
+                (BrokerErrorKind::Connection, io_reason(source.kind()).map_or_else(|| error.to_string(), str::to_owned))
+            }
+            _ => (BrokerErrorKind::Connection, error.to_string()),
+        };
+        BrokerError::with_source(kind, message, error)
     }
 
     #[cfg(feature = "tls")]
@@ -165,9 +207,12 @@ pub(crate) struct Opened {
 }
 
 impl Session {
-    /// Connects at once: an unreachable server or bad credentials are an error here.
+    /// Connects now, trying again for [`connect_retry`](AmqpOptions::connect_retry) while
+    /// the server cannot be reached; bad credentials fail at once.
     pub(crate) fn connect(address: Address, options: AmqpOptions, events: EventSinks) -> Result<Session, BrokerError> {
-        let mut connection = address.open(&options)?;
+        let server = format!("RabbitMQ at {address:?}");
+        let mut connection =
+            connect_retrying(&server, options.connect_retry, options.reconnect_backoff, || address.open(&options))?;
         let blocked = blocked_notifications(&mut connection);
         Ok(Session {
             address,
@@ -224,7 +269,11 @@ impl Session {
                             Origin::Consumer,
                             Level::Warning,
                             EventKind::ConnectionLost,
-                            format!("RabbitMQ unreachable ({}); retrying", dingo_core::error::chain(&e)),
+                            format!(
+                                "RabbitMQ at {:?} unreachable ({}); retrying",
+                                self.address,
+                                dingo_core::error::chain(&e)
+                            ),
                         ));
                     }
                 }
@@ -381,5 +430,7 @@ mod tests {
     fn debug_hides_the_password() {
         let a = Address::parse("amqp://user:secret@h:5672/v").expect("valid");
         assert_eq!(format!("{a:?}"), "amqp://user@h:5672/v");
+        let a = Address::parse("amqp://guest:guest@127.0.0.1:5672/%2f").expect("valid");
+        assert_eq!(format!("{a:?}"), "amqp://guest@127.0.0.1:5672/%2F");
     }
 }

@@ -81,7 +81,8 @@
 //!   again, topology declared again, consumers started again, unconfirmed messages published
 //!   again. Heartbeats are on ([`heartbeat`](AmqpOptions::heartbeat)), and the socket has
 //!   `TCP_NODELAY` (without it each request-reply round trip waits ~40 ms for Nagle and
-//!   delayed ACKs).
+//!   delayed ACKs). At start-up, [`AmqpBroker::connect`] waits
+//!   [`connect_retry`](AmqpOptions::connect_retry) (30 s) for a server that is not up yet.
 //! - **Resource alarms.** When RabbitMQ runs low on memory or disk it blocks publishing
 //!   connections; dingo reports it (a `Warning` event, and an `Info` one when it unblocks)
 //!   and calls wait meanwhile, within [`max_unconfirmed`](AmqpOptions::max_unconfirmed) and

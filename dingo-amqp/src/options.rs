@@ -38,9 +38,16 @@ pub struct AmqpOptions {
     /// How long reports wait in a caller's reply queue, and how long an unused reply queue
     /// lives (its process gone). Default 1 day.
     pub result_ttl: Duration,
-    /// First and longest pause between reconnection attempts (doubling in between).
-    /// Default 10 ms and 2 s.
+    /// First and longest pause between reconnection attempts (doubling in between), at
+    /// start-up too. Default 10 ms and 2 s.
     pub reconnect_backoff: (Duration, Duration),
+    /// How long [`connect`](crate::AmqpBroker::connect) keeps trying while the server
+    /// cannot be reached (refused, timed out, closed during the handshake), so a process
+    /// started with its server waits for it; bad credentials, a virtual host the user may
+    /// not use or a bad URL fail at once. Zero tries once; [`Duration::MAX`] never gives up.
+    /// The wait is logged through `tracing` (target `dingo`). Default 30 s
+    /// ([`CONNECT_RETRY`](dingo_core::broker::support::CONNECT_RETRY) says why).
+    pub connect_retry: Duration,
     /// How long a stopping subscription waits for the acknowledgements of tasks its workers
     /// finished (their reports still on their way) before it closes its channel; whatever is
     /// unacknowledged then goes back to the queue. Default 5 s.
@@ -67,11 +74,27 @@ impl Default for AmqpOptions {
             max_message_size: 16 << 20,
             result_ttl: Duration::from_secs(24 * 3600),
             reconnect_backoff: (Duration::from_millis(10), Duration::from_secs(2)),
+            connect_retry: dingo_core::broker::support::CONNECT_RETRY,
             settle_grace: Duration::from_secs(5),
             wait_spin: Duration::ZERO,
         }
     }
 }
+
+/// The query keys an AMQP URL may hold.
+const URL_KEYS: [&str; 11] = [
+    "namespace",
+    "durable",
+    "quorum",
+    "persistent_reports",
+    "prefetch",
+    "max_unconfirmed",
+    "heartbeat",
+    "connection_timeout",
+    "result_ttl_s",
+    "wait_spin_us",
+    "connect_retry_s",
+];
 
 impl AmqpOptions {
     /// The defaults.
@@ -149,6 +172,12 @@ impl AmqpOptions {
         self
     }
 
+    /// Sets [`connect_retry`](AmqpOptions::connect_retry).
+    pub fn connect_retry(mut self, patience: Duration) -> AmqpOptions {
+        self.connect_retry = patience;
+        self
+    }
+
     /// Sets [`settle_grace`](AmqpOptions::settle_grace).
     pub fn settle_grace(mut self, grace: Duration) -> AmqpOptions {
         self.settle_grace = grace;
@@ -163,7 +192,8 @@ impl AmqpOptions {
 
     /// Splits dingo's settings off a URL's query string: `namespace`, `durable`, `quorum`,
     /// `persistent_reports`, `prefetch`, `max_unconfirmed`, `heartbeat` (seconds, as RabbitMQ's URI spec has it),
-    /// `connection_timeout` (milliseconds, likewise), `result_ttl_s`, `wait_spin_us`. Any
+    /// `connection_timeout` (milliseconds, likewise), `result_ttl_s`, `wait_spin_us`,
+    /// `connect_retry_s`. Any
     /// other key is an error (a misspelt option should not pass unnoticed). Returns the URL
     /// without its query, and the options.
     pub(crate) fn apply_url(mut self, url: &str) -> Result<(String, AmqpOptions), String> {
@@ -188,7 +218,8 @@ impl AmqpOptions {
                 "connection_timeout" => self = self.connect_timeout(Duration::from_millis(number()?)),
                 "result_ttl_s" => self = self.result_ttl(Duration::from_secs(number()?)),
                 "wait_spin_us" => self = self.wait_spin(Duration::from_micros(number()?)),
-                _ => return Err(format!("unknown option `{key}`")),
+                "connect_retry_s" => self = self.connect_retry(Duration::from_secs(number()?)),
+                _ => return Err(format!("unknown option `{key}` (known: {})", URL_KEYS.join(", "))),
             }
         }
         if self.quorum && !self.durable {
@@ -216,6 +247,13 @@ mod tests {
     }
 
     #[test]
+    fn url_query_sets_the_start_up_retry() {
+        assert_eq!(AmqpOptions::new().connect_retry, Duration::from_secs(30));
+        let (url, options) = AmqpOptions::new().apply_url("amqp://h/%2f?connect_retry_s=5").expect("valid");
+        assert_eq!((url.as_str(), options.connect_retry), ("amqp://h/%2f", Duration::from_secs(5)));
+    }
+
+    #[test]
     fn url_without_query_is_untouched() {
         let (url, options) = AmqpOptions::new().apply_url("amqp://127.0.0.1:5672/%2f").expect("valid");
         assert_eq!((url.as_str(), options), ("amqp://127.0.0.1:5672/%2f", AmqpOptions::default()));
@@ -226,7 +264,11 @@ mod tests {
         let error = AmqpOptions::new().apply_url("amqp://h/?prefetch=many").expect_err("invalid");
         assert!(error.contains("prefetch"), "{error}");
         let error = AmqpOptions::new().apply_url("amqp://h/?prefech=5").expect_err("misspelt");
-        assert!(error.contains("prefech"), "{error}");
+        assert_eq!(
+            error,
+            "unknown option `prefech` (known: namespace, durable, quorum, persistent_reports, prefetch, \
+             max_unconfirmed, heartbeat, connection_timeout, result_ttl_s, wait_spin_us, connect_retry_s)"
+        );
         assert!(AmqpOptions::new().apply_url("amqp://h/?quorum=true&durable=false").is_err());
         assert!(AmqpOptions::new().apply_url("amqp://h/?namespace=").is_err());
     }

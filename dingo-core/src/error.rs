@@ -22,11 +22,18 @@ pub enum Error {
     /// `wait_timeout` ran out before the final report arrived; waiting again still works.
     #[error("no result within {0:?}")]
     Timeout(Duration),
-    /// The app is closed (or closing) and accepts no more calls.
-    #[error("the app is closed")]
+    /// The app is closed (or closing), or its broker was shut down, and accepts no more
+    /// calls.
+    #[error("the app is closed (App::close, or its broker shut down): it takes no more calls or workers")]
     Shutdown,
-    /// The task queue stayed full for the whole enqueue timeout (back-pressure).
-    #[error("the queue of task `{task}` is full")]
+    /// The task queue stayed full for the whole enqueue timeout (back-pressure): the workers
+    /// do not keep up, or are not running. The limit is the broker's
+    /// ([`LocalOptions::capacity`](crate::LocalOptions::capacity), Redis's `send_buffer`,
+    /// RabbitMQ's `max_unconfirmed`); the wait is the call's
+    /// [`enqueue_timeout`](crate::CallOptions::enqueue_timeout).
+    #[error(
+        "the queue of task `{task}` is full: add workers, or raise the broker's queue limit or the call's enqueue_timeout"
+    )]
     QueueFull {
         /// The task whose queue is full.
         task: String,
@@ -75,7 +82,8 @@ pub enum Error {
     /// Arguments or results could not be encoded or decoded.
     #[error("codec failure")]
     Codec(#[from] CodecError),
-    /// The broker failed; see [`BrokerError::kind`] and [`BrokerError::is_transient`].
+    /// The broker failed; see [`BrokerError::kind`] and [`BrokerError::is_transient`]. The
+    /// broker error (the source) says what and why: print the error with [`chain`].
     #[error("broker failure")]
     Broker(#[from] BrokerError),
     /// A worker thread could not be started.
@@ -335,6 +343,11 @@ impl BrokerError {
     pub fn is_transient(&self) -> bool {
         matches!(self.kind, BrokerErrorKind::Connection | BrokerErrorKind::Full)
     }
+
+    /// The same error (kind and source) with another message.
+    pub(crate) fn reworded(self, message: String) -> BrokerError {
+        BrokerError { message: message.into(), ..self }
+    }
 }
 
 /// What to check when a task looked up by name is not there: that the crate defining it is
@@ -364,16 +377,75 @@ pub fn not_linked_hint(task: &str) -> String {
     }
 }
 
-/// `err` and its sources, joined with ": " (for messages that travel without the chain).
+/// `err` and its sources, joined with ": " — how to print an [`Error`] for a person: its
+/// `Display` says only what failed (`broker failure`), its sources say why.
+///
+/// ```
+/// use dingo_core::{BrokerError, BrokerErrorKind, Error};
+///
+/// let refused = std::io::Error::new(std::io::ErrorKind::ConnectionRefused, "connection refused");
+/// let error = Error::from(BrokerError::with_source(BrokerErrorKind::Connection, "cannot reach redis", refused));
+/// assert_eq!(error.to_string(), "broker failure");
+/// assert_eq!(dingo_core::error::chain(&error), "broker failure: cannot reach redis: connection refused");
+/// ```
+///
+/// A cause that only repeats the text of the error above it (a wrapper that prints its
+/// source) is left out.
 pub fn chain(err: &(dyn std::error::Error + 'static)) -> String {
     let mut out = err.to_string();
+    let mut last = out.clone();
     let mut source = err.source();
     while let Some(cause) = source {
-        out.push_str(": ");
-        out.push_str(&cause.to_string());
+        let text = cause.to_string();
+        if text != last {
+            out.push_str(": ");
+            out.push_str(&text);
+        }
+        last = text;
         source = cause.source();
     }
     out
+}
+
+/// An error for `main` to return, printed with its causes: when `main` fails, Rust prints
+/// the `Debug` of its error, and this one's is the error and its sources on one line
+/// ([`chain`]) — not a struct dump, and not only `broker failure`. Anything `?` accepts in
+/// a `main` returning `Box<dyn Error + Send + Sync>` converts into it.
+///
+/// ```no_run
+/// fn main() -> Result<(), dingo_core::error::MainError> {
+///     let app = dingo_core::App::connect("redis://127.0.0.1:6379")?;
+///     // A server that stays down prints, and exits with code 1:
+///     // Error: broker failure: cannot reach redis at redis://127.0.0.1:6379: connection refused (…)
+///     app.close()?;
+///     Ok(())
+/// }
+/// ```
+pub struct MainError(Box<dyn std::error::Error + Send + Sync + 'static>);
+
+impl MainError {
+    /// The error itself.
+    pub fn get_ref(&self) -> &(dyn std::error::Error + Send + Sync + 'static) {
+        &*self.0
+    }
+}
+
+impl<E: Into<Box<dyn std::error::Error + Send + Sync + 'static>>> From<E> for MainError {
+    fn from(error: E) -> MainError {
+        MainError(error.into())
+    }
+}
+
+impl fmt::Debug for MainError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&chain(&*self.0))
+    }
+}
+
+impl fmt::Display for MainError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&chain(&*self.0))
+    }
 }
 
 #[cfg(test)]
@@ -393,5 +465,53 @@ mod tests {
         codes.dedup();
         assert_eq!(codes.len(), kinds.len(), "codes are distinct");
         assert_eq!(TaskErrorKind::from_code(200), Other);
+    }
+
+    #[test]
+    fn main_error_prints_the_chain() {
+        let refused = std::io::Error::new(std::io::ErrorKind::ConnectionRefused, "connection refused");
+        let broker = BrokerError::with_source(BrokerErrorKind::Connection, "cannot reach redis at redis://h", refused);
+        let error = MainError::from(Error::from(broker));
+        assert_eq!(format!("{error:?}"), "broker failure: cannot reach redis at redis://h: connection refused");
+        assert_eq!(error.to_string(), format!("{error:?}"));
+        assert_eq!(format!("{:?}", MainError::from("--calls needs a value")), "--calls needs a value");
+        assert_eq!(format!("{:?}", MainError::from(format!("unknown flag {}", "-x"))), "unknown flag -x");
+        assert!(matches!(MainError::from(Error::Shutdown).get_ref().downcast_ref::<Error>(), Some(Error::Shutdown)));
+    }
+
+    /// The operational failures say what to do.
+    #[test]
+    fn messages_say_what_to_do() {
+        assert_eq!(
+            Error::QueueFull { task: "resize".into() }.to_string(),
+            "the queue of task `resize` is full: add workers, or raise the broker's queue limit or the call's enqueue_timeout"
+        );
+        assert_eq!(
+            Error::Shutdown.to_string(),
+            "the app is closed (App::close, or its broker shut down): it takes no more calls or workers"
+        );
+    }
+
+    /// A client error that prints its own source (as redis's does) is not printed twice.
+    #[test]
+    fn chain_leaves_out_a_cause_that_repeats_its_error() {
+        #[derive(Debug)]
+        struct Forwarding(std::io::Error);
+        impl fmt::Display for Forwarding {
+            fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                self.0.fmt(f)
+            }
+        }
+        impl std::error::Error for Forwarding {
+            fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+                Some(&self.0)
+            }
+        }
+        let io = std::io::Error::new(std::io::ErrorKind::ConnectionRefused, "Connection refused (os error 111)");
+        let broker = BrokerError::with_source(BrokerErrorKind::Connection, "connection refused", Forwarding(io));
+        assert_eq!(
+            chain(&Error::from(broker)),
+            "broker failure: connection refused: Connection refused (os error 111)"
+        );
     }
 }

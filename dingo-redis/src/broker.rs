@@ -25,7 +25,7 @@ use std::time::Duration;
 
 use arc_swap::ArcSwap;
 use dingo_core::broker::router::ReportRouter;
-use dingo_core::broker::support::{Lazy, check_size, reply_address};
+use dingo_core::broker::support::{Lazy, check_size, connect_retrying, redact_url, reply_address};
 use dingo_core::broker::{Ack, ConsumeSettings, Consumer, Producer, Reporter, Store, Subscription, Users};
 use dingo_core::event::{EventSink, EventSinks, Origin};
 use dingo_core::id::{FastMap, UuidV7};
@@ -135,25 +135,33 @@ pub(crate) struct Inner {
 
 impl RedisBroker {
     /// Connects with default options: `redis://[user][:password@]host[:port][/db]`, or
-    /// `rediss://…` with the `tls` feature. The server is checked at once (an unreachable
-    /// server or one older than Redis 7.0 is an error).
+    /// `rediss://…` with the `tls` feature. The server is checked at once: one older than
+    /// Redis 7.0, bad credentials or a bad URL are an error; a server that cannot be reached
+    /// yet is tried again for [`connect_retry`](RedisOptions::connect_retry) (30 s), then
+    /// the error says which URL and why.
     ///
     /// The URL's query may set options: `namespace`, `lease_ms`, `prefetch`, `batch`,
-    /// `result_ttl_s`, `block_timeout_ms`, `max_redeliveries`, `wait_spin_us`
-    /// (`redis://127.0.0.1:6379/0?namespace=shop&lease_ms=30000`); they override the options
-    /// given to [`connect_with`](RedisBroker::connect_with).
+    /// `result_ttl_s`, `block_timeout_ms`, `max_redeliveries`, `wait_spin_us`,
+    /// `connect_retry_s` (`redis://127.0.0.1:6379/0?namespace=shop&lease_ms=30000`); they
+    /// override the options given to [`connect_with`](RedisBroker::connect_with).
     pub fn connect(url: &str) -> Result<RedisBroker, BrokerError> {
         RedisBroker::connect_with(url, RedisOptions::default())
     }
 
     /// Connects with these options.
     pub fn connect_with(url: &str, options: RedisOptions) -> Result<RedisBroker, BrokerError> {
-        let (url, options) =
-            options.apply_url(url).map_err(|e| BrokerError::new(BrokerErrorKind::Config, format!("redis URL: {e}")))?;
-        let client = redis::Client::open(url.as_str())
-            .map_err(|e| BrokerError::with_source(BrokerErrorKind::Config, "invalid redis URL", e))?;
+        let config =
+            |e: String| BrokerError::new(BrokerErrorKind::Config, format!("redis URL {}: {e}", redact_url(url)));
+        let (url, options) = options.apply_url(url).map_err(config)?;
+        let client = redis::Client::open(url.as_str()).map_err(|e| {
+            BrokerError::with_source(BrokerErrorKind::Config, format!("invalid redis URL {}", redact_url(&url)), e)
+        })?;
+        let server = format!("redis at {}", redact_url(&url));
+        connect_retrying(&server, options.connect_retry, options.reconnect_backoff, || {
+            check_server(&client, &options, &server)
+        })?;
         let events = EventSinks::new();
-        let mut misc = Conn::new(
+        let misc = Conn::new(
             client.clone(),
             "command",
             Origin::Producer,
@@ -162,12 +170,8 @@ impl RedisBroker {
             options.reconnect_backoff,
             events.clone(),
         );
-        let info: String = misc
-            .once(&mut |c| redis::cmd("INFO").arg("server").query(c))
-            .map_err(|e| broker_error("cannot reach redis", e))?;
-        check_version(&info)?;
         let process: Arc<str> = Arc::from(UuidV7.next_id().as_str());
-        misc.rename(&client_name(&options.namespace, &process, "command"));
+        let misc = misc.named(&client_name(&options.namespace, &process, "command"));
         let router = ReportRouter::new(options.result_ttl, 1_000_000);
         let inner = Arc::new(Inner {
             client,
@@ -459,6 +463,50 @@ impl Inner {
             let _ = self.command(&mut |c| redis::cmd("UNLINK").arg(keys).query::<i64>(c));
         }
     }
+}
+
+/// One start-up attempt: a connection of its own (the broker's connections open when their
+/// threads first need them), `INFO server`, and the version check.
+fn check_server(client: &redis::Client, options: &RedisOptions, server: &str) -> Result<(), BrokerError> {
+    let info: String = client
+        .get_connection_with_timeout(options.command_timeout)
+        .and_then(|mut conn| {
+            conn.set_read_timeout(Some(options.command_timeout))?;
+            conn.set_write_timeout(Some(options.command_timeout))?;
+            redis::cmd("INFO").arg("server").query(&mut conn)
+        })
+        .map_err(|e| start_up_error(server, e))?;
+    check_version(&info)
+}
+
+/// What a failed start-up attempt means: the server is not there yet (a
+/// [`BrokerErrorKind::Connection`] with a short reason, tried again) or something waiting
+/// cannot fix (bad credentials, not a Redis server, …).
+fn start_up_error(server: &str, e: redis::RedisError) -> BrokerError {
+    use redis::{ErrorKind, RetryMethod, ServerErrorKind};
+    if e.kind() == ErrorKind::AuthenticationFailed || matches!(e.code(), Some("NOAUTH" | "WRONGPASS")) {
+        let message = format!("{server} refused the credentials: check the user and password in the URL");
+        return BrokerError::with_source(BrokerErrorKind::Config, message, e);
+    }
+    if e.is_io_error() || matches!(e.retry_method(), RetryMethod::WaitAndRetry) {
+        let reason = if e.is_connection_refusal() {
+            "connection refused".to_owned()
+        } else if e.is_timeout() {
+            "timed out".to_owned()
+        } else if e.kind() == ErrorKind::Server(ServerErrorKind::BusyLoading) {
+            "the server is still loading its data".to_owned()
+        } else if e.is_connection_dropped() {
+            "the connection was closed".to_owned()
+        } else {
+            e.to_string()
+        };
+        return BrokerError::with_source(BrokerErrorKind::Connection, reason, e);
+    }
+    if e.kind() == ErrorKind::Parse {
+        let message = format!("{server} does not answer as Redis does: is that the port of a Redis server?");
+        return BrokerError::with_source(BrokerErrorKind::Config, message, e);
+    }
+    BrokerError::with_source(BrokerErrorKind::Protocol, format!("{server} refused the start-up check (INFO)"), e)
 }
 
 fn check_version(info: &str) -> Result<(), BrokerError> {

@@ -73,7 +73,9 @@
 //!   replicas for writes (`NOREPLICAS`), a failover under way (`READONLY`, `UNBLOCKED`: the
 //!   connection is made again) — is waited for the same way: a batch it refused ran
 //!   nothing and goes again as it was once it is ready; one it refused only in part is sent
-//!   again as after a broken connection (each batch still applies once).
+//!   again as after a broken connection (each batch still applies once). At start-up,
+//!   [`RedisBroker::connect`] waits [`connect_retry`](RedisOptions::connect_retry) (30 s)
+//!   for a server that is not up yet, or not ready.
 //!
 //! # Durability
 //!

@@ -43,9 +43,16 @@ pub struct RedisOptions {
     pub max_message_size: usize,
     /// How many dead letters a queue keeps (the oldest are dropped). Default 10,000.
     pub max_dead_letters: usize,
-    /// First and longest pause between reconnection attempts (doubling in between).
-    /// Default 10 ms and 2 s.
+    /// First and longest pause between reconnection attempts (doubling in between), at
+    /// start-up too. Default 10 ms and 2 s.
     pub reconnect_backoff: (Duration, Duration),
+    /// How long [`connect`](crate::RedisBroker::connect) keeps trying while the server
+    /// cannot be reached (refused, timed out, still loading its data), so a process started
+    /// with its server waits for it; bad credentials, a bad URL or a server older than 7.0
+    /// fail at once. Zero tries once; [`Duration::MAX`] never gives up. The wait is logged
+    /// through `tracing` (target `dingo`). Default 30 s
+    /// ([`CONNECT_RETRY`](dingo_core::broker::support::CONNECT_RETRY) says why).
+    pub connect_retry: Duration,
     /// How long a caller waits hot (polls) for a result, when that call is the only one of
     /// the process in flight as the wait begins, before it sleeps. Polling keeps a core busy
     /// for up to this long and saves the wake-up, which costs tens of microseconds on virtual
@@ -73,10 +80,28 @@ impl Default for RedisOptions {
             max_message_size: 16 << 20,
             max_dead_letters: 10_000,
             reconnect_backoff: (Duration::from_millis(10), Duration::from_secs(2)),
+            connect_retry: dingo_core::broker::support::CONNECT_RETRY,
             wait_spin: Duration::from_micros(80),
         }
     }
 }
+
+/// The query keys a Redis URL may hold: dingo's, then the client library's.
+const URL_KEYS: [&str; 13] = [
+    "namespace",
+    "lease_ms",
+    "prefetch",
+    "batch",
+    "result_ttl_s",
+    "block_timeout_ms",
+    "max_redeliveries",
+    "wait_spin_us",
+    "connect_retry_s",
+    "protocol",
+    "db",
+    "user",
+    "pass",
+];
 
 impl RedisOptions {
     /// The defaults.
@@ -156,11 +181,18 @@ impl RedisOptions {
         self
     }
 
+    /// Sets [`connect_retry`](RedisOptions::connect_retry).
+    pub fn connect_retry(mut self, patience: Duration) -> RedisOptions {
+        self.connect_retry = patience;
+        self
+    }
+
     /// Splits dingo's settings off a URL's query string: `namespace`, `lease_ms`,
-    /// `prefetch`, `batch`, `result_ttl_s`, `block_timeout_ms`, `max_redeliveries` and
-    /// `wait_spin_us`
-    /// override these options; any other key stays in the URL for the client library
-    /// (e.g. `protocol`). Returns the URL left for the client and the options.
+    /// `prefetch`, `batch`, `result_ttl_s`, `block_timeout_ms`, `max_redeliveries`,
+    /// `wait_spin_us` and `connect_retry_s` override these options; the client library's
+    /// own keys (`protocol`; `db`, `user`, `pass` for `redis+unix`) stay in the URL, and
+    /// any other key is an error (a misspelt option should not pass unnoticed). Returns the
+    /// URL left for the client and the options.
     pub(crate) fn apply_url(mut self, url: &str) -> Result<(String, RedisOptions), String> {
         let (base, fragment) = match url.split_once('#') {
             Some((base, fragment)) => (base, Some(fragment)),
@@ -181,7 +213,9 @@ impl RedisOptions {
                 "block_timeout_ms" => self = self.block_timeout(Duration::from_millis(number()?)),
                 "max_redeliveries" => self = self.max_redeliveries(u32::try_from(number()?).unwrap_or(u32::MAX)),
                 "wait_spin_us" => self = self.wait_spin(Duration::from_micros(number()?)),
-                _ => kept.push(pair),
+                "connect_retry_s" => self = self.connect_retry(Duration::from_secs(number()?)),
+                "protocol" | "db" | "user" | "pass" => kept.push(pair),
+                _ => return Err(format!("unknown option `{key}` (known: {})", URL_KEYS.join(", "))),
             }
         }
         let mut rest = address.to_owned();
@@ -233,7 +267,28 @@ mod tests {
     #[test]
     fn url_query_errors_name_the_key() {
         let error = RedisOptions::new().apply_url("redis://h/?lease_ms=soon").expect_err("invalid");
-        assert!(error.contains("lease_ms"), "{error}");
+        assert_eq!(error, "`lease_ms` wants a whole number, not `soon`");
         assert!(RedisOptions::new().apply_url("redis://h/?namespace=").is_err());
+    }
+
+    #[test]
+    fn url_query_sets_the_start_up_retry() {
+        assert_eq!(RedisOptions::new().connect_retry, Duration::from_secs(30));
+        let (url, options) = RedisOptions::new().apply_url("redis://h:6379/0?connect_retry_s=90").expect("valid");
+        assert_eq!((url.as_str(), options.connect_retry), ("redis://h:6379/0", Duration::from_secs(90)));
+        let (_, options) = RedisOptions::new().apply_url("redis://h/?connect_retry_s=0").expect("valid");
+        assert_eq!(options.connect_retry, Duration::ZERO);
+    }
+
+    #[test]
+    fn a_misspelt_url_option_is_an_error_that_lists_the_known_ones() {
+        let error = RedisOptions::new().apply_url("redis://h/?namespace=a&leas_ms=100").expect_err("misspelt");
+        assert_eq!(
+            error,
+            "unknown option `leas_ms` (known: namespace, lease_ms, prefetch, batch, result_ttl_s, block_timeout_ms, \
+             max_redeliveries, wait_spin_us, connect_retry_s, protocol, db, user, pass)"
+        );
+        let (url, _) = RedisOptions::new().apply_url("redis+unix:///tmp/r.sock?db=2&pass=pw").expect("client keys");
+        assert_eq!(url, "redis+unix:///tmp/r.sock?db=2&pass=pw");
     }
 }

@@ -6,6 +6,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 use dingo::AppBuilder;
+use dingo::error::MainError;
 
 use crate::tasks::{self, Order, add, slow_echo, total};
 
@@ -13,7 +14,7 @@ use crate::tasks::{self, Order, add, slow_echo, total};
 /// or `--seconds` it serves until SIGINT (Ctrl-C) or SIGTERM; with them it also stops after
 /// that many tasks or seconds. Stopping is graceful: running tasks finish and report,
 /// tasks taken but not started go back to their queue. A second signal exits at once.
-pub(crate) fn worker(builder: AppBuilder) -> Result<(), Box<dyn std::error::Error>> {
+pub(crate) fn worker(builder: AppBuilder) -> Result<(), MainError> {
     let mut threads = 4;
     let mut stop_after_tasks = None;
     let mut stop_after = None;
@@ -56,7 +57,7 @@ pub(crate) fn worker(builder: AppBuilder) -> Result<(), Box<dyn std::error::Erro
 }
 
 /// Calls the shared tasks and prints the typed results: `[--calls N]`.
-pub(crate) fn caller(builder: AppBuilder) -> Result<(), Box<dyn std::error::Error>> {
+pub(crate) fn caller(builder: AppBuilder) -> Result<(), MainError> {
     let mut calls = 10u64;
     let mut args = std::env::args().skip(1);
     while let Some(flag) = args.next() {

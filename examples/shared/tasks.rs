@@ -53,27 +53,69 @@ pub(crate) fn slow_echo(ctx: &dingo::Context, n: u64, millis: u64) -> u64 {
 }
 
 /// The Redis broker of the examples: `DINGO_REDIS_URL` (default `redis://127.0.0.1:6379`),
-/// namespace `DINGO_NAMESPACE` (default `dingo-example`), lease `DINGO_LEASE_MS`.
+/// namespace `DINGO_NAMESPACE` (default `dingo-example`), lease `DINGO_LEASE_MS`; a server
+/// that is not up yet is waited for `DINGO_CONNECT_RETRY_S` seconds (default 30).
 #[cfg(feature = "redis")]
-pub(crate) fn redis_broker() -> Result<dingo::redis::RedisBroker, dingo::BrokerError> {
-    let url = std::env::var("DINGO_REDIS_URL").unwrap_or_else(|_| "redis://127.0.0.1:6379".to_owned());
-    let mut options = dingo::redis::RedisOptions::new().namespace(namespace());
+pub(crate) fn redis_broker() -> Result<dingo::redis::RedisBroker, Connecting> {
+    let (var, url) = ("DINGO_REDIS_URL", env_or("DINGO_REDIS_URL", "redis://127.0.0.1:6379"));
+    let mut options = dingo::redis::RedisOptions::new().namespace(namespace()).connect_retry(connect_retry());
     if let Some(ms) = std::env::var("DINGO_LEASE_MS").ok().and_then(|v| v.parse().ok()) {
         options =
             options.lease(std::time::Duration::from_millis(ms)).reap_interval(std::time::Duration::from_millis(ms / 4));
     }
-    dingo::redis::RedisBroker::connect_with(&url, options)
+    connecting(var, &url, options.connect_retry);
+    dingo::redis::RedisBroker::connect_with(&url, options).map_err(|error| Connecting { var, error })
 }
 
 /// The RabbitMQ broker of the examples: `DINGO_AMQP_URL` (default
 /// `amqp://guest:guest@127.0.0.1:5672/%2f`), namespace `DINGO_NAMESPACE` (default
-/// `dingo-example`).
+/// `dingo-example`); a server that is not up yet is waited for `DINGO_CONNECT_RETRY_S`
+/// seconds (default 30).
 #[cfg(feature = "amqp")]
-pub(crate) fn amqp_broker() -> Result<dingo::amqp::AmqpBroker, dingo::BrokerError> {
-    let url = std::env::var("DINGO_AMQP_URL").unwrap_or_else(|_| "amqp://guest:guest@127.0.0.1:5672/%2f".to_owned());
-    dingo::amqp::AmqpBroker::connect_with(&url, dingo::amqp::AmqpOptions::new().namespace(namespace()))
+pub(crate) fn amqp_broker() -> Result<dingo::amqp::AmqpBroker, Connecting> {
+    let (var, url) = ("DINGO_AMQP_URL", env_or("DINGO_AMQP_URL", "amqp://guest:guest@127.0.0.1:5672/%2f"));
+    let options = dingo::amqp::AmqpOptions::new().namespace(namespace()).connect_retry(connect_retry());
+    connecting(var, &url, options.connect_retry);
+    dingo::amqp::AmqpBroker::connect_with(&url, options).map_err(|error| Connecting { var, error })
+}
+
+/// A broker the examples could not connect to, and the variable its URL came from: the
+/// error the programs print (`connecting to the server of DINGO_REDIS_URL: cannot reach
+/// redis at …: connection refused (…)`).
+#[derive(Debug)]
+pub(crate) struct Connecting {
+    var: &'static str,
+    error: dingo::BrokerError,
+}
+
+impl std::fmt::Display for Connecting {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "connecting to the server of {}", self.var)
+    }
+}
+
+impl std::error::Error for Connecting {
+    fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+        Some(&self.error)
+    }
+}
+
+/// Says what the program waits for (the wait itself is logged through `tracing`, which these
+/// programs do not print).
+fn connecting(var: &str, url: &str, patience: std::time::Duration) {
+    let url = dingo::broker::support::redact_url(url);
+    eprintln!("connecting to {url} (from {var}; waiting up to {patience:?} for it)");
+}
+
+fn connect_retry() -> std::time::Duration {
+    let seconds = std::env::var("DINGO_CONNECT_RETRY_S").ok().and_then(|v| v.parse().ok()).unwrap_or(30);
+    std::time::Duration::from_secs(seconds)
+}
+
+fn env_or(var: &str, default: &str) -> String {
+    std::env::var(var).unwrap_or_else(|_| default.to_owned())
 }
 
 fn namespace() -> String {
-    std::env::var("DINGO_NAMESPACE").unwrap_or_else(|_| "dingo-example".to_owned())
+    env_or("DINGO_NAMESPACE", "dingo-example")
 }

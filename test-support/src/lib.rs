@@ -243,7 +243,11 @@ pub mod redis {
 
     /// The server's URL, or `None` (the test is skipped, loudly) when it does not answer.
     pub fn url() -> Option<String> {
-        crate::service_url("DINGO_REDIS_URL", "redis://127.0.0.1:6379", |url| RedisBroker::connect(url).is_ok())
+        // One attempt: an absent server skips the test at once instead of after the
+        // start-up retry.
+        crate::service_url("DINGO_REDIS_URL", "redis://127.0.0.1:6379", |url| {
+            RedisBroker::connect_with(url, RedisOptions::new().connect_retry(Duration::ZERO)).is_ok()
+        })
     }
 
     /// A fresh namespace on the test server; every broker of one setup shares it.
@@ -370,8 +374,9 @@ pub mod amqp {
 
     /// The server's URL, or `None` (the test is skipped, loudly) when it does not answer.
     pub fn url() -> Option<String> {
+        // One attempt, as for Redis.
         crate::service_url("DINGO_AMQP_URL", "amqp://guest:guest@127.0.0.1:5672/%2f", |url| {
-            AmqpBroker::connect(url).is_ok()
+            AmqpBroker::connect_with(url, AmqpOptions::new().connect_retry(std::time::Duration::ZERO)).is_ok()
         })
     }
 

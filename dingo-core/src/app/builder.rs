@@ -7,6 +7,7 @@ use std::time::Duration;
 
 use super::{App, Inner};
 use crate::broker::local::{LocalBroker, LocalOptions};
+use crate::broker::support::redact_url;
 use crate::broker::{Consumer, Producer, Reporter, Store};
 use crate::codec::{Codec, CodecId, Codecs};
 use crate::error::Error;
@@ -136,10 +137,7 @@ impl AppBuilder {
         }
         match inventory::iter::<BrokerScheme>.into_iter().find(|s| s.scheme == scheme) {
             Some(found) => (found.configure)(url, self),
-            None => Err(invalid_url(
-                url,
-                format!("no broker for scheme `{scheme}` in this build (is the `{scheme}` feature of dingo enabled?)"),
-            )),
+            None => Err(invalid_url(url, unknown_scheme(scheme))),
         }
     }
 
@@ -246,33 +244,43 @@ impl fmt::Debug for AppBuilder {
 }
 
 fn invalid_url(url: &str, reason: impl Into<std::borrow::Cow<'static, str>>) -> Error {
-    Error::InvalidUrl { url: redact(url), reason: reason.into() }
+    Error::InvalidUrl { url: redact_url(url), reason: reason.into() }
 }
 
-/// The URL without its password.
-pub(crate) fn redact(url: &str) -> String {
-    let Some((scheme, rest)) = url.split_once("://") else {
-        return url.to_owned();
+/// Why a scheme names no broker, and what to do: the schemes this build knows, and the
+/// feature of dingo that brings the broker of a scheme it knows of.
+fn unknown_scheme(scheme: &str) -> String {
+    let mut known: Vec<&str> = inventory::iter::<BrokerScheme>.into_iter().map(|s| s.scheme).collect();
+    known.sort_unstable();
+    known.insert(0, "local");
+    let known = known.join(", ");
+    let feature = match scheme {
+        "redis" | "redis+unix" => "redis",
+        "rediss" => "redis-tls",
+        "amqp" => "amqp",
+        "amqps" => "amqp-tls",
+        _ => return format!("no broker for `{scheme}://` in this build (it knows {known})"),
     };
-    let authority_end = rest.find('/').unwrap_or(rest.len());
-    match rest[..authority_end].rfind('@') {
-        Some(at) => {
-            let userinfo = &rest[..at];
-            let user = userinfo.split(':').next().unwrap_or("");
-            format!("{scheme}://{user}:***@{}", &rest[at + 1..])
-        }
-        None => url.to_owned(),
-    }
+    format!("no broker for `{scheme}://` in this build (it knows {known}): enable the `{feature}` feature of dingo")
 }
 
 #[cfg(test)]
 mod tests {
-    use super::redact;
+    use super::*;
 
+    /// dingo-core alone links no broker crate: only `local` is known.
     #[test]
-    fn redacts_passwords() {
-        assert_eq!(redact("redis://:secret@host:6379/0"), "redis://:***@host:6379/0");
-        assert_eq!(redact("amqp://guest:guest@127.0.0.1:5672/%2f"), "amqp://guest:***@127.0.0.1:5672/%2f");
-        assert_eq!(redact("redis://host:6379"), "redis://host:6379");
+    fn an_unknown_scheme_says_what_this_build_knows_and_which_feature_to_enable() {
+        let error = AppBuilder::new().url("rediss://:secret@host:6380").expect_err("no redis broker here");
+        assert_eq!(
+            error.to_string(),
+            "unsupported broker URL `rediss://:***@host:6380`: no broker for `rediss://` in this build (it knows \
+             local): enable the `redis-tls` feature of dingo"
+        );
+        let error = AppBuilder::new().url("nope://host").expect_err("no such broker");
+        assert_eq!(
+            error.to_string(),
+            "unsupported broker URL `nope://host`: no broker for `nope://` in this build (it knows local)"
+        );
     }
 }

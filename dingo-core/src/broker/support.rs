@@ -1,10 +1,12 @@
 //! Pieces that broker implementations share: components started on first use, the checks
-//! every byte-carrying broker makes on a message, and the reply address of a call.
+//! every byte-carrying broker makes on a message, the reply address of a call, and the
+//! start-up retry of `connect`.
 
 use std::fmt;
 use std::sync::{Arc, Mutex, OnceLock};
+use std::time::{Duration, Instant};
 
-use crate::error::{BrokerError, BrokerErrorKind};
+use crate::error::{BrokerError, BrokerErrorKind, chain};
 use crate::message::ReplyTo;
 
 /// A background component (a thread and its channels) started on first use; failing to
@@ -75,6 +77,123 @@ pub fn reply_address<'a>(to: &'a ReplyTo, broker: &str) -> Result<Option<&'a Arc
     }
 }
 
+/// How long a broker's `connect` keeps trying, by default, while its server cannot be
+/// reached: 30 seconds.
+///
+/// Processes are often started together with their broker (a compose file, a systemd
+/// target, a pod): the server may need a few seconds before it accepts connections, and a
+/// worker that gave up at once would need a supervisor to start it again. Waiting for ever
+/// would be as surprising: a wrong host name would hang a program without a word. So
+/// `connect` waits, with backoff, for about as long as sqlx waits for a connection and r2d2
+/// for a pooled one; longer outages are better left to a supervisor that restarts the
+/// process. Each broker's options set it (`connect_retry`, or `connect_retry_s` in the URL):
+/// zero fails at the first refusal, [`Duration::MAX`] never gives up.
+pub const CONNECT_RETRY: Duration = Duration::from_secs(30);
+
+/// How often the start-up retry warns that it is still waiting.
+const WARN_EVERY: Duration = Duration::from_secs(5);
+
+/// The start-up retry of a broker's `connect`: calls `attempt` until it succeeds, until it
+/// fails with an error other than [`BrokerErrorKind::Connection`] (bad credentials, an
+/// unknown option, a server too old: trying again cannot help, so that error is returned
+/// at once), or until `patience` has passed since the first attempt. Between attempts it
+/// sleeps `backoff.0`, doubling up to `backoff.1`.
+///
+/// `server` names what is being reached, without credentials (`redis at
+/// redis://127.0.0.1:6379`, see [`redact_url`]); `attempt` fails with a short reason as its
+/// message (`connection refused`) and the client library's error as its source. When it
+/// gives up, the error says both: `cannot reach redis at redis://127.0.0.1:6390: connection
+/// refused (tried for 30s; is the server running and the URL right?)`, with the last
+/// attempt's source.
+///
+/// No app exists yet to receive events while `connect` waits, so it says so through
+/// `tracing` (target `dingo`): a warning at the first failure and at most one every 5 s
+/// after it, and an info record once the server answers.
+///
+/// ```
+/// use std::time::Duration;
+/// use dingo_core::broker::support::connect_retrying;
+/// use dingo_core::{BrokerError, BrokerErrorKind};
+///
+/// let mut refusals = 2;
+/// let connected = connect_retrying("demo at demo://localhost", Duration::from_secs(5), (Duration::from_millis(1), Duration::from_millis(10)), || {
+///     if refusals == 0 { return Ok("connected") }
+///     refusals -= 1;
+///     Err(BrokerError::new(BrokerErrorKind::Connection, "connection refused"))
+/// });
+/// assert_eq!(connected.unwrap(), "connected");
+/// ```
+pub fn connect_retrying<T>(
+    server: &str,
+    patience: Duration,
+    backoff: (Duration, Duration),
+    mut attempt: impl FnMut() -> Result<T, BrokerError>,
+) -> Result<T, BrokerError> {
+    let started = Instant::now();
+    // `None`: no deadline (a patience too long to add to the clock).
+    let deadline = started.checked_add(patience);
+    let mut pause = backoff.0.max(Duration::from_millis(1));
+    let mut warned: Option<Instant> = None;
+    loop {
+        let error = match attempt() {
+            Ok(connected) => {
+                if warned.is_some() {
+                    tracing::info!(target: "dingo", server, "reached {server} after {:.1?}", started.elapsed());
+                }
+                return Ok(connected);
+            }
+            Err(e) if e.kind() != BrokerErrorKind::Connection => return Err(e),
+            Err(e) => e,
+        };
+        let now = Instant::now();
+        let left = deadline.map(|d| d.saturating_duration_since(now));
+        if left.is_some_and(|left| left.is_zero()) {
+            let tried = if patience.is_zero() { "not retried".to_owned() } else { format!("tried for {patience:?}") };
+            let message = format!("cannot reach {server}: {error} ({tried}; is the server running and the URL right?)");
+            return Err(error.reworded(message));
+        }
+        if warned.is_none_or(|at| now.duration_since(at) >= WARN_EVERY) {
+            warned = Some(now);
+            let until = match left {
+                Some(left) => format!("for another {:.0?}", left),
+                None => "until it answers".to_owned(),
+            };
+            tracing::warn!(target: "dingo", server, error = %chain(&error), "cannot reach {server} yet ({error}); retrying {until}");
+        }
+        std::thread::sleep(left.map_or(pause, |left| pause.min(left)));
+        pause = (pause * 2).min(backoff.1.max(pause));
+    }
+}
+
+/// A URL without its password (`redis://:***@host:6379/0`), for messages and logs.
+pub fn redact_url(url: &str) -> String {
+    let Some((scheme, rest)) = url.split_once("://") else {
+        return url.to_owned();
+    };
+    let authority_end = rest.find(['/', '?', '#']).unwrap_or(rest.len());
+    let Some(at) = rest[..authority_end].rfind('@') else {
+        return url.to_owned();
+    };
+    match rest[..at].split_once(':') {
+        Some((user, _password)) => format!("{scheme}://{user}:***@{}", &rest[at + 1..]),
+        None => url.to_owned(),
+    }
+}
+
+/// A short reason for an I/O error a connection attempt failed with (`connection refused`),
+/// or `None` for kinds without one (use the error's own text).
+pub fn io_reason(kind: std::io::ErrorKind) -> Option<&'static str> {
+    use std::io::ErrorKind::*;
+    Some(match kind {
+        ConnectionRefused => "connection refused",
+        TimedOut | WouldBlock => "timed out",
+        ConnectionReset | ConnectionAborted | BrokenPipe | UnexpectedEof => "the connection was closed",
+        NotFound => "no such socket",
+        HostUnreachable | NetworkUnreachable => "no route to the host",
+        _ => return None,
+    })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -98,5 +217,85 @@ mod tests {
         assert_eq!(reply_address(&ReplyTo::None, "x").expect("none"), None);
         let address = ReplyTo::Address(Arc::from("q"));
         assert_eq!(reply_address(&address, "x").expect("address").map(|a| &**a), Some("q"));
+    }
+
+    const FAST: (Duration, Duration) = (Duration::from_millis(5), Duration::from_millis(20));
+
+    fn refused() -> BrokerError {
+        BrokerError::with_source(
+            BrokerErrorKind::Connection,
+            "connection refused",
+            std::io::Error::from(std::io::ErrorKind::ConnectionRefused),
+        )
+    }
+
+    #[test]
+    fn connect_retries_until_the_deadline_and_then_says_where_and_why() {
+        let started = Instant::now();
+        let mut attempts = 0;
+        let error = connect_retrying("redis at redis://127.0.0.1:1", Duration::from_millis(300), FAST, || {
+            attempts += 1;
+            Err::<(), _>(refused())
+        })
+        .expect_err("never reachable");
+        let waited = started.elapsed();
+        assert!(waited >= Duration::from_millis(300) && waited < Duration::from_millis(900), "{waited:?}");
+        assert!(attempts >= 10, "retried with a backoff capped at 20 ms: {attempts} attempt(s)");
+        assert_eq!(error.kind(), BrokerErrorKind::Connection);
+        assert_eq!(
+            error.to_string(),
+            "cannot reach redis at redis://127.0.0.1:1: connection refused (tried for 300ms; is the server running and the URL right?)"
+        );
+        let source = std::error::Error::source(&error).expect("the cause is kept");
+        assert_eq!(source.to_string(), std::io::Error::from(std::io::ErrorKind::ConnectionRefused).to_string());
+    }
+
+    #[test]
+    fn connect_without_patience_tries_once() {
+        let mut attempts = 0;
+        let error = connect_retrying("x at x://h", Duration::ZERO, FAST, || {
+            attempts += 1;
+            Err::<(), _>(refused())
+        })
+        .expect_err("refused");
+        assert_eq!(attempts, 1);
+        assert_eq!(
+            error.to_string(),
+            "cannot reach x at x://h: connection refused (not retried; is the server running and the URL right?)"
+        );
+    }
+
+    #[test]
+    fn connect_fails_at_once_on_what_retrying_cannot_fix() {
+        let started = Instant::now();
+        let mut attempts = 0;
+        let error = connect_retrying("x at x://h", Duration::from_secs(10), FAST, || {
+            attempts += 1;
+            Err::<(), _>(BrokerError::new(BrokerErrorKind::Config, "x at x://h refused the credentials"))
+        })
+        .expect_err("bad credentials");
+        assert!(started.elapsed() < Duration::from_secs(1));
+        assert_eq!((attempts, error.kind()), (1, BrokerErrorKind::Config));
+        assert_eq!(error.to_string(), "x at x://h refused the credentials", "returned as it is");
+    }
+
+    #[test]
+    fn connect_succeeds_once_the_server_answers() {
+        let mut attempts = 0;
+        let connected = connect_retrying("x at x://h", Duration::MAX, FAST, || {
+            attempts += 1;
+            if attempts < 4 { Err(refused()) } else { Ok(attempts) }
+        });
+        assert_eq!(connected.expect("reached"), 4);
+    }
+
+    #[test]
+    fn urls_lose_their_password() {
+        assert_eq!(redact_url("redis://:secret@host:6379/0"), "redis://:***@host:6379/0");
+        assert_eq!(redact_url("amqp://guest:guest@127.0.0.1:5672/%2f"), "amqp://guest:***@127.0.0.1:5672/%2f");
+        assert_eq!(redact_url("amqp://guest@h/%2f"), "amqp://guest@h/%2f");
+        assert_eq!(redact_url("redis://host:6379?x=a@b"), "redis://host:6379?x=a@b");
+        assert_eq!(redact_url("redis://u:p@host"), "redis://u:***@host");
+        assert_eq!(redact_url("not a url"), "not a url");
     }
 }
