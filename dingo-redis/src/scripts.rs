@@ -84,15 +84,17 @@ return #ARGV - 2
 /// Takes up to `ARGV[1]` messages (`KEYS[1]`) for consumer `ARGV[3]`, moved to its
 /// processing list (`KEYS[5]`, newest first), where they stay until settled. The consumer
 /// holds one lease (`KEYS[4]`, deadline `ARGV[2]` ms from now) for all of them: registered
-/// when `ARGV[4]` is 1, renewed otherwise — and if it expired and was reaped meanwhile,
+/// when `ARGV[4]` is 1, renewed otherwise (when half of it is gone) — and if it expired and
+/// was reaped meanwhile,
 /// nothing is taken and the reply is `{'lost'}` (the consumer must start over under a new
 /// id). Leaves a wake token (`KEYS[3]`) while work remains in the queue or its at-most-once
 /// list (`KEYS[2]`, popped by a plain `RPOP` just before), so the next idle consumer wakes
 /// too.
 ///
 /// Returns `{'ok', n}`: the n messages taken are the head of the processing list, for an
-/// `LRANGE` right after the script to read — no message passes through Lua, which hashes
-/// every byte it is handed: into an empty processing list (the usual case: the worker's
+/// `LRANGE` right after the script to read. One message is moved with `LMOVE`; more pass
+/// through no Lua, which hashes every byte it is handed: into an empty processing list (the
+/// usual case: the worker's
 /// settlements run just before) they are copied by `SORT … BY nosort LIMIT … STORE`, a
 /// range copy in Redis's C code. Only into a list that still holds messages (or where ACL
 /// rules forbid `SORT`, a `@dangerous` command) are they popped into Lua and pushed. With `ARGV[7]` = 1 (the call was sent again after
@@ -105,16 +107,19 @@ return #ARGV - 2
 /// processing list) — else those messages would sit in the processing list unknown to
 /// their worker.
 pub(crate) static FETCH: LazyLock<Script> = LazyLock::new(|| {
-    with_seen(
+    Script::new(
         r#"
 local t = redis.call('TIME')
-local deadline = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000) + tonumber(ARGV[2])
+local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+local lease = tonumber(ARGV[2])
 if ARGV[4] == '1' then
-  redis.call('ZADD', KEYS[4], 'NX', deadline, ARGV[3])
-elseif not redis.call('ZSCORE', KEYS[4], ARGV[3]) then
-  return {'lost'}
+  redis.call('ZADD', KEYS[4], 'NX', now + lease, ARGV[3])
 else
-  redis.call('ZADD', KEYS[4], 'XX', deadline, ARGV[3])
+  local deadline = redis.call('ZSCORE', KEYS[4], ARGV[3])
+  if not deadline then return {'lost'} end
+  -- Renewed once half of it is gone (the keeper renews every third of it): a fetch after
+  -- a stall takes tasks under a lease that still stands.
+  if tonumber(deadline) - now < lease / 2 then redis.call('ZADD', KEYS[4], 'XX', now + lease, ARGV[3]) end
 end
 local function head(n)
   local msgs = {}
@@ -124,11 +129,18 @@ local function head(n)
   end
   return msgs
 end
-local applied, moved = seen(KEYS[6], ARGV[5], ARGV[6])
-if applied then return {'again', head(moved)} end
+-- Applied already (sent again after its reply was lost): `N.C`, recorded below (as `SEEN`
+-- does, with one write instead of two).
+local prior = redis.call('GET', KEYS[6])
+if prior and math.floor(tonumber(prior)) >= tonumber(ARGV[5]) then
+  redis.call('PEXPIRE', KEYS[6], ARGV[6])
+  return {'again', head(tonumber(string.match(prior, '%.(%d+)$')) or 0)}
+end
 local queued = redis.call('LLEN', KEYS[1])
 local n = math.min(tonumber(ARGV[1]), queued)
-if n > 0 then
+if n == 1 then
+  redis.call('LMOVE', KEYS[1], KEYS[5], 'RIGHT', 'LEFT')
+elseif n > 1 then
   -- The oldest n (the tail), in their order: the newest of them ends at the head. SORT is
   -- in ACL's @dangerous category: where it is not allowed, the messages go through Lua.
   local copied = redis.call('LLEN', KEYS[5]) == 0
@@ -138,10 +150,10 @@ if n > 0 then
   else
     redis.call('LPUSH', KEYS[5], unpack(redis.call('RPOP', KEYS[1], n)))
   end
-  queued = queued - n
 end
-if n > 0 then redis.call('SET', KEYS[6], ARGV[5] .. '.' .. n, 'PX', ARGV[6]) end
-if queued + redis.call('LLEN', KEYS[2]) > 0 then
+queued = queued - n
+redis.call('SET', KEYS[6], ARGV[5] .. '.' .. n, 'PX', ARGV[6])
+if queued > 0 or redis.call('LLEN', KEYS[2]) > 0 then
   if redis.call('LLEN', KEYS[3]) == 0 then redis.call('LPUSH', KEYS[3], '1') end
 else
   redis.call('DEL', KEYS[3])
