@@ -1,3 +1,5 @@
+// Vendored for dingo (DINGO.md): upstream code, not held to dingo's lints.
+#![allow(warnings)]
 //! amiquip is a RabbitMQ client written in pure Rust.
 //!
 //! amiquip supports most features of the AMQP spec and some RabbitMQ extensions (see a list of
