@@ -351,3 +351,47 @@ fn closing_during_a_partition_does_not_hang() {
     assert_eq!(waiting.wait().expect_err("no result can come").task_kind(), Some(TaskErrorKind::Shutdown));
     proxy.resume();
 }
+
+/// Sleeps, then returns its input.
+#[dingo::task(name = "amqp_faults.nap")]
+fn nap(n: u64, millis: u64) -> u64 {
+    std::thread::sleep(Duration::from_millis(millis));
+    n
+}
+
+/// A pool of one thread (no hand-backs: `hand_back_after(None)`) runs a task of a second
+/// while 20 more wait in its prefetch, and is closed: it finishes the long one and gives the
+/// 20 back unstarted. A second worker whose `max_redeliveries` is 0 (a redelivery it counted
+/// would send the task straight to the dead letters) runs them all: none arrives marked
+/// redelivered, none is dead-lettered, each call resolves to its own value.
+#[test]
+fn a_graceful_stop_gives_prefetched_tasks_back_uncounted() {
+    let Some(setup) = Amqp::setup() else { return };
+    let options = setup.options().clone();
+    let first = AmqpBroker::connect_with(setup.url(), options.clone().hand_back_after(None)).expect("connect");
+    setup.adopt(first.clone());
+    let worker = App::builder().broker(first.clone()).build().expect("worker app");
+    worker.allocate(nap::NAME, 1).expect("allocate");
+    let caller = App::builder().broker(setup.broker()).build().expect("caller app");
+    let mut long = nap::call(&caller, 0, 1000).expect("call");
+    let waiting: Vec<_> = (1..=20).map(|n| (n, nap::call(&caller, n, 1).expect("call"))).collect();
+    wait_until("the worker runs the long task with the others in its prefetch", || {
+        stat(&first.stats().fetched) == 1 && first.queue_len(nap::NAME).expect("queue length") == 0
+    });
+    worker.close().expect("close the first worker");
+    assert_eq!(long.wait_timeout(PATIENCE).expect("the long task's result"), 0);
+
+    let second = AmqpBroker::connect_with(setup.url(), options.max_redeliveries(0)).expect("connect");
+    setup.adopt(second.clone());
+    let worker = App::builder().broker(second.clone()).build().expect("worker app");
+    worker.allocate(nap::NAME, 2).expect("allocate");
+    for (n, mut handle) in waiting {
+        assert_eq!(handle.wait_timeout(PATIENCE).unwrap_or_else(|e| panic!("call {n}: {e:?}")), n);
+    }
+    assert_eq!(stat(&second.stats().fetched), 20);
+    assert_eq!(stat(&second.stats().redelivered), 0);
+    assert!(second.dead_letters(nap::NAME).expect("dead letters").is_empty());
+    assert_eq!(stat(&first.stats().requeued), 20, "the prefetched tasks were handed back");
+    worker.close().expect("close");
+    caller.close().expect("close");
+}

@@ -44,7 +44,7 @@ fn the_example_worker_and_caller_as_processes() {
     assert_eq!(
         worker.stdout().lines().collect::<Vec<_>>(),
         [
-            "worker ready: 2 thread(s) serving example.add, example.total, example.slow_echo",
+            "worker ready: 2 thread(s) serving example.add, example.total, example.slow_echo, example.crash_if",
             "worker done after 13 task(s)"
         ]
     );

@@ -6,7 +6,7 @@
 //! | the app's callers and workers ([`publisher`]) | producer, reporter | publish task messages and reports themselves, on the broker's one confirmed channel (under a lock, in order) |
 //! | `dingo-amqp-confirm` ([`publisher`]) | producer, reporter | acts on each confirm (acknowledges the task a report finishes, on its pool's channel) and on returns (unroutable messages); replaces the channel when it breaks and publishes again what was not confirmed |
 //! | the app's worker threads ([`subscription`]) | consumer | take deliveries straight from amiquip's consumer channels; settle them on the pool's channel (under its lock): acknowledge at-most-once tasks, requeue, dead-letter |
-//! | `dingo-amqp-consume` ([`subscription`]), one per worker pool | consumer | opens the pool's channel, declares and consumes the pool's queues with per-consumer prefetch; replaces the channel when a worker finds it broken; at stop waits for outstanding settlements, then closes it |
+//! | `dingo-amqp-consume` ([`subscription`]), one per worker pool | consumer | opens the pool's channel, declares and consumes the pool's queues with per-consumer prefetch; replaces the channel when a worker finds it broken; pauses the pool (cancels its consumers, hands back what waits) while its threads are all busy, resumes it when one is free; at stop cancels the consumers, hands back what they delivered, waits for outstanding settlements, then closes the channel |
 //! | `dingo-amqp-reply` ([`listener`]) | store | consumes this process's reply queue and routes reports to handles |
 //!
 //! Declarations and queue inspection use a control channel under a lock.
@@ -73,8 +73,12 @@ pub struct Stats {
     pub redelivered: AtomicU64,
     /// Deliveries acknowledged (their final report confirmed first).
     pub acked: AtomicU64,
-    /// Deliveries given back to their queue.
+    /// Deliveries given back to their queue unstarted (by a stopping pool, or one whose
+    /// threads were all busy), and redelivered ones published again with their count.
     pub requeued: AtomicU64,
+    /// Times a pool handed back its prefetched tasks and paused because every one of its
+    /// threads stayed busy ([`hand_back_after`](AmqpOptions::hand_back_after)).
+    pub pauses: AtomicU64,
     /// Messages moved to the dead letters.
     pub dead_lettered: AtomicU64,
     /// Reports RabbitMQ confirmed.
@@ -111,7 +115,7 @@ impl AmqpBroker {
     /// and why.
     ///
     /// The URL's query may set options: `namespace`, `durable`, `quorum`,
-    /// `persistent_reports`, `prefetch`,
+    /// `persistent_reports`, `prefetch`, `hand_back_after_ms` (0: off), `max_redeliveries`,
     /// `max_unconfirmed`, `heartbeat` (s), `connection_timeout` (ms), `result_ttl_s`,
     /// `wait_spin_us`, `connect_retry_s`
     /// (`amqp://guest:guest@127.0.0.1:5672/%2f?namespace=shop&prefetch=256`); they override
@@ -431,6 +435,7 @@ impl Producer for AmqpBroker {
             persistent: inner.options.durable && !message.options.at_most_once,
             correlation: None,
             reason: None,
+            redeliveries: 0,
             once: message.options.at_most_once,
             then: Then::Task { key: message.key(), reply },
         };
@@ -545,6 +550,7 @@ impl Inner {
             persistent: self.options.persistent_reports,
             correlation: Some(report.id.as_str().to_owned()),
             reason: None,
+            redeliveries: 0,
             once,
             then: Then::Report { key: report.key(), ack, final_report: report.body.is_final() },
         };

@@ -50,8 +50,9 @@
 //!   acknowledgement and a per-consumer prefetch; a task is acknowledged only after its
 //!   final report is published *and confirmed*. A worker process that dies leaves its
 //!   unacknowledged tasks to RabbitMQ, which redelivers them, marked as such
-//!   ([`Context::redelivered`](dingo_core::Context::redelivered)). A late report of a task
-//!   that was redelivered meanwhile may reach its caller twice; the caller keeps the first.
+//!   ([`Context::redelivered`](dingo_core::Context::redelivered)), and counted (see
+//!   [below](#the-redelivery-limit)). A late report of a task that was redelivered meanwhile
+//!   may reach its caller twice; the caller keeps the first.
 //! - **At most once, per task.** With `CallOptions::at_most_once` (usually a task's default)
 //!   a task message is transient, published on a second channel without confirms, and
 //!   acknowledged as it is delivered, before it runs; its final report takes that channel
@@ -88,13 +89,60 @@
 //!   and calls wait meanwhile, within [`max_unconfirmed`](AmqpOptions::max_unconfirmed) and
 //!   their enqueue timeout, then go through.
 //!
+//! # The redelivery limit
+//!
+//! A task that crashes the process running it (an abort, the kernel's OOM killer) would
+//! otherwise come back forever and take every worker down in turn. A task redelivered
+//! [`max_redeliveries`](AmqpOptions::max_redeliveries) times (default 5, as on Redis) after
+//! its worker stopped before finishing it is dead-lettered the next time, before it runs:
+//! reason `redelivered N times: every worker that took it stopped before finishing it …` in
+//! `x-dingo-reason` ([`AmqpBroker::dead_letters`]), a `DeadLettered` event, counted in
+//! [`Stats::dead_lettered`], and its caller gets a failure of kind
+//! [`WorkerLost`](dingo_core::TaskErrorKind::WorkerLost) (when reports travel through
+//! RabbitMQ too).
+//!
+//! The count is dingo's, the same on classic and quorum queues: RabbitMQ's `redelivered`
+//! flag says only that a message was delivered before, and a quorum queue's
+//! `x-delivery-count` (RabbitMQ 3.10) counts every return — a reject with requeue, a closed
+//! channel — so it cannot tell a crash from a give-back (nor is `x-delivery-limit` set: it
+//! would dead-letter without telling the caller). A worker that receives a task marked
+//! redelivered publishes it again to its queue with the count raised (header
+//! `x-dingo-redelivered`), confirmed, then acknowledges the original; the copy runs when it
+//! comes round, at the back of the queue. A crash at any point leaves the original to be
+//! counted again: the count is never lost (at worst the task is there twice). Nothing dingo
+//! gives back on purpose reaches the queue marked redelivered: a stopping pool cancels its
+//! consumers first and hands back the tasks they delivered and no thread started the same
+//! way, published again unmarked and uncounted (so does a busy pool, below). What does count
+//! is everything RabbitMQ requeues: the tasks a dying process held, started or only
+//! prefetched (RabbitMQ cannot tell them apart, nor can Redis's lease), and those of a
+//! connection that broke. The normal path costs nothing: only deliveries marked redelivered
+//! are looked at.
+//!
+//! # Prefetch and long tasks
+//!
+//! RabbitMQ hands each pool up to [`prefetch`](AmqpOptions::prefetch) (128) tasks ahead of
+//! its threads; a deep prefetch is what makes short tasks fast, as each is acknowledged
+//! only once its report is confirmed. Behind a long task, though, tasks prefetched by a pool
+//! whose every thread is busy would wait for it while other worker processes sit idle
+//! (Celery's `-Ofair` problem). So a pool whose threads all stay busy for
+//! [`hand_back_after`](AmqpOptions::hand_back_after) (200 ms) while tasks wait in its
+//! prefetch, and whose queues have other consumers, pauses: it cancels its consumers and
+//! hands back what they had delivered (to the back of the queues, uncounted), until one of
+//! its threads comes for a task again. While threads are free this costs nothing (the
+//! consumer thread looks every 50 ms whether the workers still take tasks). The trade-off:
+//! tasks handed back lose their place in the queue, and a pool whose every thread keeps
+//! running tasks longer than `hand_back_after` hands back its prefetch at each of them; for
+//! such workloads set `prefetch` to the number of threads, and nothing waits behind a long
+//! task in the first place.
+//!
 //! # Long tasks and RabbitMQ's consumer timeout
 //!
 //! RabbitMQ closes a channel whose delivery stays unacknowledged longer than its
 //! `consumer_timeout` (30 minutes by default). dingo acknowledges when the task's report is
 //! confirmed, so a task running longer than that loses its channel: RabbitMQ requeues every
 //! unacknowledged task of that channel, dingo consumes again on a new channel, and the long
-//! task runs again (its first run's late report may still reach the caller). For tasks
+//! task runs again (its first run's late report may still reach the caller) — and counts as
+//! a redelivery, so after `max_redeliveries` such rounds it is dead-lettered. For tasks
 //! longer than the timeout, raise `consumer_timeout` in `rabbitmq.conf` (or, from RabbitMQ
 //! 3.12, per queue with a policy).
 //!

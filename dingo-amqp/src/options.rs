@@ -20,8 +20,29 @@ pub struct AmqpOptions {
     /// Default `false` (classic queues).
     pub quorum: bool,
     /// How many unacknowledged tasks RabbitMQ hands each subscription ahead of its workers
-    /// (per-consumer QoS; at least the app's own prefetch). Default 128.
+    /// (per-consumer QoS; at least the app's own prefetch). Default 128: short tasks need a
+    /// deep prefetch, as a task is acknowledged only once its report is confirmed. Tasks
+    /// prefetched behind threads that are all busy with long tasks do not wait for them: see
+    /// [`hand_back_after`](AmqpOptions::hand_back_after).
     pub prefetch: u16,
+    /// How long prefetched tasks may wait while every worker thread of their pool is busy
+    /// (none took a task meanwhile) before the pool hands them back to their queues, for
+    /// the other consumers of those queues, and stops consuming until one of its threads is
+    /// free. Without it, one long task holds up to [`prefetch`](AmqpOptions::prefetch) short
+    /// ones behind it while other worker processes sit idle (Celery's `-Ofair` problem). A
+    /// task handed back goes to the back of its queue (published again, confirmed, then
+    /// acknowledged; it does not count as a redelivery); with no other consumer nothing is
+    /// handed back. The price: pools whose every thread runs tasks longer than this, beside
+    /// other workers, hand back their prefetch at each such task; for those tasks set
+    /// `prefetch` to the thread count, and nothing waits behind them. While threads are free
+    /// it costs nothing. `None` turns it off. Default 200 ms.
+    pub hand_back_after: Option<Duration>,
+    /// How many times a task may be redelivered after the worker that took it stopped before
+    /// finishing it (its process died or was killed, its connection broke) before it goes
+    /// to the dead letters instead of running again, its caller told (`WorkerLost`): a task
+    /// that crashes its worker must not take down every worker in turn. Tasks given back
+    /// unstarted by a stopping or busy pool do not count. Default 5, as on Redis.
+    pub max_redeliveries: u32,
     /// How many published messages may wait for their confirms (publisher confirms are
     /// asynchronous and batched); past it, `send` blocks (back-pressure while RabbitMQ is
     /// slow or away), at most the call's enqueue timeout. Default 4,096.
@@ -68,6 +89,8 @@ impl Default for AmqpOptions {
             persistent_reports: false,
             quorum: false,
             prefetch: 128,
+            hand_back_after: Some(Duration::from_millis(200)),
+            max_redeliveries: 5,
             max_unconfirmed: 4096,
             heartbeat: Duration::from_secs(10),
             connect_timeout: Duration::from_secs(5),
@@ -82,12 +105,14 @@ impl Default for AmqpOptions {
 }
 
 /// The query keys an AMQP URL may hold.
-const URL_KEYS: [&str; 11] = [
+const URL_KEYS: [&str; 13] = [
     "namespace",
     "durable",
     "quorum",
     "persistent_reports",
     "prefetch",
+    "hand_back_after_ms",
+    "max_redeliveries",
     "max_unconfirmed",
     "heartbeat",
     "connection_timeout",
@@ -132,6 +157,19 @@ impl AmqpOptions {
     /// Sets [`prefetch`](AmqpOptions::prefetch).
     pub fn prefetch(mut self, tasks: u16) -> AmqpOptions {
         self.prefetch = tasks.max(1);
+        self
+    }
+
+    /// Sets [`hand_back_after`](AmqpOptions::hand_back_after) (`None`: prefetched tasks wait
+    /// for their pool's threads, however long).
+    pub fn hand_back_after(mut self, wait: Option<Duration>) -> AmqpOptions {
+        self.hand_back_after = wait;
+        self
+    }
+
+    /// Sets [`max_redeliveries`](AmqpOptions::max_redeliveries).
+    pub fn max_redeliveries(mut self, count: u32) -> AmqpOptions {
+        self.max_redeliveries = count;
         self
     }
 
@@ -191,8 +229,9 @@ impl AmqpOptions {
     }
 
     /// Splits dingo's settings off a URL's query string: `namespace`, `durable`, `quorum`,
-    /// `persistent_reports`, `prefetch`, `max_unconfirmed`, `heartbeat` (seconds, as RabbitMQ's URI spec has it),
-    /// `connection_timeout` (milliseconds, likewise), `result_ttl_s`, `wait_spin_us`,
+    /// `persistent_reports`, `prefetch`, `hand_back_after_ms` (0 turns it off),
+    /// `max_redeliveries`, `max_unconfirmed`, `heartbeat` (seconds, as RabbitMQ's URI spec
+    /// has it), `connection_timeout` (milliseconds, likewise), `result_ttl_s`, `wait_spin_us`,
     /// `connect_retry_s`. Any
     /// other key is an error (a misspelt option should not pass unnoticed). Returns the URL
     /// without its query, and the options.
@@ -213,6 +252,11 @@ impl AmqpOptions {
                 "quorum" => self = self.quorum(flag()?),
                 "persistent_reports" => self = self.persistent_reports(flag()?),
                 "prefetch" => self = self.prefetch(u16::try_from(number()?).unwrap_or(u16::MAX)),
+                "hand_back_after_ms" => {
+                    let ms = number()?;
+                    self = self.hand_back_after((ms > 0).then(|| Duration::from_millis(ms)));
+                }
+                "max_redeliveries" => self = self.max_redeliveries(u32::try_from(number()?).unwrap_or(u32::MAX)),
                 "max_unconfirmed" => self = self.max_unconfirmed(usize::try_from(number()?).unwrap_or(usize::MAX)),
                 "heartbeat" => self = self.heartbeat(Duration::from_secs(number()?)),
                 "connection_timeout" => self = self.connect_timeout(Duration::from_millis(number()?)),
@@ -236,13 +280,20 @@ mod tests {
     #[test]
     fn url_query_sets_options() {
         let (url, options) = AmqpOptions::new()
-            .apply_url("amqp://u:p@host:5673/vh?namespace=shop&prefetch=64&quorum=true&heartbeat=30")
+            .apply_url(
+                "amqp://u:p@host:5673/vh?namespace=shop&prefetch=64&quorum=true&heartbeat=30&max_redeliveries=2\
+                 &hand_back_after_ms=50",
+            )
             .expect("valid");
         assert_eq!(url, "amqp://u:p@host:5673/vh");
         assert_eq!(options.namespace, "shop");
         assert_eq!(options.prefetch, 64);
         assert!(options.quorum && options.durable);
         assert_eq!(options.heartbeat, Duration::from_secs(30));
+        assert_eq!(options.max_redeliveries, 2);
+        assert_eq!(options.hand_back_after, Some(Duration::from_millis(50)));
+        let (_, options) = AmqpOptions::new().apply_url("amqp://h/?hand_back_after_ms=0").expect("valid");
+        assert_eq!(options.hand_back_after, None);
         assert_eq!(options.max_unconfirmed, AmqpOptions::default().max_unconfirmed);
     }
 

@@ -9,6 +9,11 @@ use crate::options::AmqpOptions;
 /// The header carrying why a message was dead-lettered by dingo.
 pub(crate) const REASON_HEADER: &str = "x-dingo-reason";
 
+/// The header carrying how many times a task message was redelivered after its worker
+/// stopped before finishing it (absent: never). RabbitMQ's own `redelivered` flag says only
+/// that it happened, and a quorum queue's `x-delivery-count` counts give-backs too.
+pub(crate) const REDELIVERIES_HEADER: &str = "x-dingo-redelivered";
+
 /// RabbitMQ's limit on queue and exchange names (bytes).
 const MAX_NAME: usize = 255;
 

@@ -36,7 +36,9 @@ pub(crate) fn worker(builder: AppBuilder) -> Result<(), MainError> {
     }
     let app = builder.build()?;
     app.allocate_all(threads)?;
-    println!("worker ready: {threads} thread(s) serving example.add, example.total, example.slow_echo");
+    println!(
+        "worker ready: {threads} thread(s) serving example.add, example.total, example.slow_echo, example.crash_if"
+    );
     let started = Instant::now();
     loop {
         std::thread::sleep(Duration::from_millis(20));

@@ -52,6 +52,18 @@ pub(crate) fn slow_echo(ctx: &dingo::Context, n: u64, millis: u64) -> u64 {
     n
 }
 
+/// Returns `n`, or aborts the process that runs it when `crash` is set: a task that kills its
+/// worker, as an abort or the kernel's OOM killer would (for the fault tests).
+#[dingo::task(name = "example.crash_if")]
+pub(crate) fn crash_if(n: u64, crash: bool) -> u64 {
+    if crash {
+        eprintln!("example.crash_if aborts this process");
+        std::process::abort();
+    }
+    RUN.fetch_add(1, Ordering::SeqCst);
+    n
+}
+
 /// The Redis broker of the examples: `DINGO_REDIS_URL` (default `redis://127.0.0.1:6379`),
 /// namespace `DINGO_NAMESPACE` (default `dingo-example`), lease `DINGO_LEASE_MS`; a server
 /// that is not up yet is waited for `DINGO_CONNECT_RETRY_S` seconds (default 30).

@@ -144,6 +144,16 @@ impl Proc {
         status
     }
 
+    /// Its exit status, if it has exited (without waiting); its output is then complete.
+    pub fn exited(&mut self) -> Option<ExitStatus> {
+        let status = self.child.as_mut()?.try_wait().expect("poll the child")?;
+        self.child = None;
+        for reader in self.readers.drain(..) {
+            let _ = reader.join();
+        }
+        Some(status)
+    }
+
     /// Sends the process a signal by name (`"TERM"`, `"INT"`), as `kill -NAME` does.
     pub fn signal(&self, name: &str) {
         let child = self.child.as_ref().expect("still running");

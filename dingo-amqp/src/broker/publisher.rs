@@ -36,7 +36,7 @@ use dingo_core::{BrokerError, BrokerErrorKind, CallKey, TaskError, TaskErrorKind
 use super::subscription::AmqpAck;
 use super::{Inner, Stop, Thread, lock};
 use crate::conn::Backoff;
-use crate::topology::REASON_HEADER;
+use crate::topology::{REASON_HEADER, REDELIVERIES_HEADER};
 
 /// One message to publish and what to do once RabbitMQ confirmed it.
 pub(crate) struct Outgoing {
@@ -49,6 +49,9 @@ pub(crate) struct Outgoing {
     pub(crate) correlation: Option<String>,
     /// Why a dead letter is one (a header).
     pub(crate) reason: Option<String>,
+    /// How many times the task was redelivered after its worker stopped (a header, when
+    /// not 0).
+    pub(crate) redeliveries: u32,
     /// At most once (see the module's docs): a task message is never published twice; a
     /// report takes the channel without confirms when it cannot overtake its call's
     /// progress.
@@ -65,6 +68,10 @@ pub(crate) enum Then {
     /// A copy of a message that cannot run, with its reason, for the dead-letter queue: once
     /// stored, the original is acknowledged.
     DeadLetter { original: Box<AmqpAck> },
+    /// A copy of a task message published to its own queue in the original's place (handed
+    /// back unstarted, or with its redelivery count raised): once stored, the original is
+    /// acknowledged; if not, the original goes back to its queue as it is.
+    Requeued { original: Box<AmqpAck> },
 }
 
 /// How [`Publisher::send`] sent a message.
@@ -223,6 +230,11 @@ impl Publisher {
         // Closed outside the lock.
         drop(broken);
         Ok(Sent::Confirmed)
+    }
+
+    /// Whether RabbitMQ blocks publishing on the connection (a resource alarm).
+    pub(crate) fn is_blocked(&self) -> bool {
+        self.shared.blocked.load(Ordering::Acquire)
     }
 
     /// Waits for the confirms of what was published (at most the settle grace), stops.
@@ -548,9 +560,14 @@ fn publish(channel: &Channel, entry: &Pending) -> Result<(), amiquip::Error> {
     if let Some(correlation) = &outgoing.correlation {
         properties = properties.with_correlation_id(correlation.clone());
     }
-    if let Some(reason) = &outgoing.reason {
+    if outgoing.reason.is_some() || outgoing.redeliveries > 0 {
         let mut headers = FieldTable::new();
-        headers.insert(REASON_HEADER.into(), AmqpValue::LongString(reason.clone()));
+        if let Some(reason) = &outgoing.reason {
+            headers.insert(REASON_HEADER.into(), AmqpValue::LongString(reason.clone()));
+        }
+        if outgoing.redeliveries > 0 {
+            headers.insert(REDELIVERIES_HEADER.into(), AmqpValue::LongLongInt(i64::from(outgoing.redeliveries)));
+        }
         properties = properties.with_headers(headers);
     }
     channel.basic_publish(
@@ -627,6 +644,12 @@ fn settle(inner: &Arc<Inner>, entry: Pending, stored: bool) {
                 // RabbitMQ's own dead-lettering still keeps it (without dingo's reason).
                 original.settle_rejected();
             }
+        }
+        Then::Requeued { original } => {
+            if stored && returned.is_none() {
+                original.settle_requeued();
+            }
+            // Otherwise dropping the original gives it back to its queue.
         }
     }
 }

@@ -16,23 +16,42 @@
 //! everything it had not acknowledged (marked redelivered), and settlements for the old
 //! channel are dropped. The consumer thread reconnects, declares the queues again, consumes
 //! again and hands the workers a new feed.
+//!
+//! Redeliveries are counted before they run ([`Shared::recount`]): RabbitMQ marks a message
+//! it requeued `redelivered` and nothing more (a quorum queue's `x-delivery-count` counts
+//! every return, a give-back as much as a crash), so a redelivered task is published again
+//! with its count in a header, confirmed, and the original acknowledged; past
+//! `max_redeliveries` it goes to the dead letters instead. For the count to mean "its
+//! worker stopped", nothing dingo gives back on purpose may reach the queue marked
+//! redelivered: tasks never started are handed back the same way, published again unmarked
+//! ([`Shared::hand_back`]). That happens when the pool stops (its consumers are cancelled
+//! first, so the channel's close has nothing left to requeue) and when every thread of the
+//! pool stays busy while tasks wait in its prefetch: the consumer thread, which looks every
+//! few milliseconds whether the workers still take tasks, then pauses the pool (cancels its
+//! consumers, hands back what they had delivered) until a worker comes for a task again —
+//! provided another consumer serves those queues (handed back to nobody else, the tasks
+//! would only come back here, behind newer ones). While threads are free that look is all
+//! it costs.
 
 use std::any::Any;
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use amiquip::{Channel, ConsumerMessage, ConsumerOptions};
+use amiquip::{Channel, ConsumerMessage};
 use crossbeam_channel::{Receiver, Select, Sender};
 use dingo_core::broker::{Ack, Acknowledge, ConsumeSettings, Delivery, Recv, Subscription};
 use dingo_core::event::{Event, EventKind, Level, Origin};
-use dingo_core::message::{ReportBody, ReportMessage, wire};
+use dingo_core::message::{ReplyTo, ReportBody, ReportMessage, TaskMessage, wire};
 use dingo_core::{BrokerError, CallKey, TaskError, TaskErrorKind, TaskName};
+
+mod consumer;
+
+use consumer::ConsumerThread;
 
 use super::publisher::{Outgoing, Then};
 use super::{Inner, Thread, lock};
-use crate::conn::Backoff;
-use crate::topology::{self, TaskQueues};
+use crate::topology::{REDELIVERIES_HEADER, TaskQueues};
 
 /// Messages up to this size are copied as they arrive, so that one a worker cannot run can
 /// be dead-lettered with its reason; larger ones are dead-lettered by RabbitMQ itself
@@ -78,6 +97,15 @@ impl Line {
         lock(&self.channel).is_some()
     }
 
+    /// Runs `f` on the channel (for the consumer thread): why not, if it is closed or `f`
+    /// failed.
+    fn with<T>(&self, f: impl FnOnce(&Channel) -> Result<T, amiquip::Error>) -> Result<T, String> {
+        match &*lock(&self.channel) {
+            Some(channel) => f(channel).map_err(|e| e.to_string()),
+            None => Err("the channel is closed".to_owned()),
+        }
+    }
+
     /// Closes the channel (RabbitMQ requeues what it had not acknowledged).
     fn close(&self) {
         let channel = lock(&self.channel).take();
@@ -93,12 +121,16 @@ struct Feed {
     receivers: Vec<Receiver<ConsumerMessage>>,
     /// Disconnects when this feed is replaced.
     retired: Receiver<()>,
+    /// The pool is paused (no receivers): a worker that comes for a task asks to resume.
+    paused: bool,
 }
 
 /// What the consumer thread is told.
 enum Note {
     /// A worker saw channel `channel` end (its consumers stopped, or settling failed).
     Lost { channel: u64, why: String },
+    /// A worker came for a task while the pool was paused: consume again.
+    Resume,
     /// Look at the stop flag.
     Wake,
 }
@@ -114,6 +146,11 @@ struct Shared {
     feed: Mutex<Arc<Feed>>,
     /// Where `try_recv` starts looking, turn by turn (so no queue starves the others).
     cursor: AtomicUsize,
+    /// Deliveries the workers took: while it stands still and tasks wait, every thread is
+    /// busy.
+    taken: AtomicU64,
+    /// A worker asked to resume the paused pool (once per pause).
+    resume_asked: AtomicBool,
 }
 
 impl Shared {
@@ -152,6 +189,7 @@ impl Shared {
             persistent: true,
             correlation: None,
             reason: Some(reason),
+            redeliveries: 0,
             once: false,
             then: Then::DeadLetter { original: Box::new(ack) },
         };
@@ -173,29 +211,156 @@ impl Shared {
         if let (Some(name), Some(id)) = (&malformed.name, &malformed.id) {
             let key = CallKey { name: name.clone(), id: id.clone() };
             event = event.with_task(key.clone());
-            if let (Some(caller), Ok(publisher)) = (&malformed.reply_to, inner.publisher()) {
+            if let Some(caller) = &malformed.reply_to {
                 let error =
                     TaskError::new(TaskErrorKind::BadPayload, format!("the task message is malformed: {reason}"));
-                let report = ReportMessage { name: name.clone(), id: id.clone(), body: ReportBody::Failure(error) };
-                if let Ok(body) = wire::encode_report(&report) {
-                    let _ = publisher.send(
-                        Outgoing {
-                            exchange: String::new(),
-                            routing_key: caller.to_string(),
-                            body,
-                            persistent: inner.options.persistent_reports,
-                            correlation: Some(id.as_str().to_owned()),
-                            reason: None,
-                            once: false,
-                            then: Then::Report { key, ack: None, final_report: true },
-                        },
-                        Some(inner.options.settle_grace),
-                    );
-                }
+                self.report_failure(key, caller, error);
             }
         }
         inner.events.emit(event);
     }
+
+    /// Publishes a final failure report to a caller's reply queue (no task to acknowledge
+    /// with it).
+    fn report_failure(&self, key: CallKey, caller: &str, error: TaskError) {
+        let inner = &self.inner;
+        let Ok(publisher) = inner.publisher() else { return };
+        let report = ReportMessage { name: key.name.clone(), id: key.id.clone(), body: ReportBody::Failure(error) };
+        if let Ok(body) = wire::encode_report(&report) {
+            let _ = publisher.send(
+                Outgoing {
+                    exchange: String::new(),
+                    routing_key: caller.to_owned(),
+                    body,
+                    persistent: inner.options.persistent_reports,
+                    correlation: Some(key.id.as_str().to_owned()),
+                    reason: None,
+                    redeliveries: 0,
+                    once: false,
+                    then: Then::Report { key, ack: None, final_report: true },
+                },
+                Some(inner.options.settle_grace),
+            );
+        }
+    }
+
+    /// A task RabbitMQ redelivered (its worker stopped before finishing it), counted before
+    /// it runs: within `max_redeliveries` it is published again to its queue with the count
+    /// raised and the redelivered mark (confirmed, then the original acknowledged: a crash in
+    /// between leaves the original to be counted again, never the count lost) and runs when
+    /// it comes round; past it, it goes to the dead letters and its caller is told.
+    fn recount(
+        self: &Arc<Shared>,
+        ack: AmqpAck,
+        message: &TaskMessage,
+        mut body: Vec<u8>,
+        previous: u32,
+        persistent: bool,
+    ) {
+        let inner = &self.inner;
+        let max = inner.options.max_redeliveries;
+        let count = previous.saturating_add(1);
+        let key = message.key();
+        if count > max {
+            let reason = format!(
+                "redelivered {max} times: every worker that took it stopped before finishing it (its process died or \
+                 was killed, or its connection broke)"
+            );
+            inner.events.emit(
+                Event::new(
+                    Origin::Consumer,
+                    Level::Error,
+                    EventKind::DeadLettered,
+                    format!("task `{}` {reason}; moved to the dead letters", key.name),
+                )
+                .with_task(key.clone()),
+            );
+            if let ReplyTo::Address(caller) = &message.reply_to {
+                let times = if count == 1 { "once".to_owned() } else { format!("{count} times") };
+                let error = TaskError::new(
+                    TaskErrorKind::WorkerLost,
+                    format!(
+                        "the workers that took this task stopped before finishing it {times} (max_redeliveries \
+                         is {max}): it may crash its worker process; it was moved to the dead letters"
+                    ),
+                );
+                self.report_failure(key, caller, error);
+            }
+            self.dead_letter(ack, Some(body), reason);
+            return;
+        }
+        inner.events.emit(
+            Event::new(
+                Origin::Consumer,
+                Level::Warning,
+                EventKind::Other,
+                format!(
+                    "task `{}` was redelivered after its worker stopped before finishing it ({count} of at most {max} \
+                     times); it goes to the back of its queue",
+                    key.name
+                ),
+            )
+            .with_task(key),
+        );
+        // Decoded, so its last byte is the end marker.
+        if !body.ends_with(wire::REDELIVERED_MARK) {
+            body.pop();
+            body.extend_from_slice(wire::REDELIVERED_MARK);
+        }
+        self.requeue(ack, body, count, persistent);
+    }
+
+    /// Gives back a delivery no worker started. One never redelivered is published again
+    /// (confirmed) and the original acknowledged, so that it comes back unmarked: given back
+    /// with a reject, RabbitMQ would mark it redelivered, and its next worker could not tell
+    /// it from one whose worker died. The others go back with a reject: a redelivered one
+    /// keeps the mark it will be counted by, an at-most-once one is never counted (it is
+    /// acknowledged before it runs), an undecodable one is dead-lettered wherever it lands.
+    fn hand_back(self: &Arc<Shared>, line: &Arc<Line>, queue: usize, mut delivery: amiquip::Delivery) {
+        let fresh = !delivery.redelivered
+            && wire::decode_task(&delivery.body).is_ok_and(|message| !message.options.at_most_once);
+        let persistent = *delivery.properties.delivery_mode() == Some(2);
+        let count = redeliveries(&delivery.properties);
+        let body = std::mem::take(&mut delivery.body);
+        let ack = AmqpAck::new(self, line, queue, delivery);
+        if fresh {
+            self.requeue(ack, body, count, persistent);
+        }
+        // (Dropped, the ack gives the delivery back.)
+    }
+
+    /// Publishes `body` to the delivery's queue in its place, with `count` redeliveries;
+    /// the original is acknowledged once that is confirmed, given back if it is refused.
+    fn requeue(&self, ack: AmqpAck, body: Vec<u8>, count: u32, persistent: bool) {
+        let inner = &self.inner;
+        let (Ok(publisher), Some(queues)) = (inner.publisher(), self.queues.get(ack.queue)) else { return };
+        let outgoing = Outgoing {
+            exchange: String::new(),
+            routing_key: queues.queue.clone(),
+            body,
+            persistent,
+            correlation: None,
+            reason: None,
+            redeliveries: count,
+            once: false,
+            then: Then::Requeued { original: Box::new(ack) },
+        };
+        // Refused, the message is dropped, and with it the ack, which gives the original back.
+        let _ = publisher.send(outgoing, Some(inner.options.settle_grace));
+    }
+}
+
+/// How many times a message was redelivered after its worker stopped, as dingo counted
+/// (its header; 0 without).
+fn redeliveries(properties: &amiquip::AmqpProperties) -> u32 {
+    let value = properties.headers().as_ref().and_then(|headers| headers.get(REDELIVERIES_HEADER));
+    let count = match value {
+        Some(amiquip::AmqpValue::LongLongInt(n)) => u32::try_from(*n).ok(),
+        Some(amiquip::AmqpValue::LongInt(n)) => u32::try_from(*n).ok(),
+        Some(amiquip::AmqpValue::LongUInt(n)) => Some(*n),
+        _ => None,
+    };
+    count.unwrap_or(0)
 }
 
 thread_local! {
@@ -254,6 +419,16 @@ impl AmqpAck {
     /// Its dead letter was stored (and counted): acknowledge the original.
     pub(crate) fn settle_acked(self) {
         self.settle(|channel, delivery| delivery.ack(channel));
+    }
+
+    /// Its copy was stored in its queue in its place: acknowledge the original.
+    pub(crate) fn settle_requeued(self) {
+        let inner = self.shared.inner.clone();
+        self.settle(|channel, delivery| {
+            delivery.ack(channel)?;
+            inner.stats.requeued.fetch_add(1, Ordering::Relaxed);
+            Ok(())
+        });
     }
 
     /// Its dead letter was refused: let RabbitMQ dead-letter the original itself.
@@ -348,8 +523,10 @@ impl AmqpSubscription {
             notes,
             stopped: AtomicBool::new(false),
             stop_signal: Mutex::new(Some(stop_signal)),
-            feed: Mutex::new(Arc::new(Feed { line: none, receivers: Vec::new(), retired })),
+            feed: Mutex::new(Arc::new(Feed { line: none, receivers: Vec::new(), retired, paused: false })),
             cursor: AtomicUsize::new(0),
+            taken: AtomicU64::new(0),
+            resume_asked: AtomicBool::new(false),
         });
         let consumer = ConsumerThread { shared: shared.clone(), prefetch, noted };
         let thread = Thread::spawn("dingo-amqp-consume", move |_| consumer.run(retire))?;
@@ -361,13 +538,15 @@ impl AmqpSubscription {
     fn take(&self, feed: &Feed, queue: usize, mut delivery: amiquip::Delivery) -> Option<Delivery> {
         let shared = &self.shared;
         let stats = &shared.inner.stats;
+        shared.taken.fetch_add(1, Ordering::Relaxed);
         stats.fetched.fetch_add(1, Ordering::Relaxed);
         let redelivered = delivery.redelivered;
         if redelivered {
             stats.redelivered.fetch_add(1, Ordering::Relaxed);
         }
         let body = std::mem::take(&mut delivery.body);
-        let copy = (body.len() <= DEAD_COPY_LIMIT).then(|| body.clone());
+        // A redelivered task is published again (counted) whatever its size.
+        let copy = (redelivered || body.len() <= DEAD_COPY_LIMIT).then(|| body.clone());
         let known = wire::Known { name: shared.tasks.get(queue), address: None };
         match wire::decode_delivery(body, &known) {
             Ok((message, marked)) if message.options.at_most_once => {
@@ -390,6 +569,19 @@ impl AmqpSubscription {
             }
             // Its channel is closed: RabbitMQ gave it back to its queue already.
             Ok(_) if !feed.line.is_open() => None,
+            // Its worker stopped before finishing it: counted first, it runs when it comes
+            // round again (or goes to the dead letters).
+            Ok((message, _)) if redelivered => {
+                let previous = redeliveries(&delivery.properties);
+                let persistent = *delivery.properties.delivery_mode() == Some(2);
+                let ack = AmqpAck::new(shared, &feed.line, queue, delivery);
+                match copy {
+                    Some(body) => shared.recount(ack, &message, body, previous, persistent),
+                    // (Unreachable: a redelivered message is always copied.)
+                    None => drop(ack),
+                }
+                None
+            }
             Ok((message, marked)) => {
                 let mut ack = AmqpAck::new(shared, &feed.line, queue, delivery);
                 ack.copy = copy;
@@ -402,6 +594,18 @@ impl AmqpSubscription {
                 shared.dead_letter(ack, Some(malformed.bytes), reason);
                 None
             }
+        }
+    }
+
+    /// Whether `feed` is still the one the workers are handed (not replaced).
+    fn is_current(&self, feed: &Arc<Feed>) -> bool {
+        Arc::ptr_eq(&lock(&self.shared.feed), feed)
+    }
+
+    /// A worker is free while the pool is paused: the consumer thread consumes again.
+    fn ask_to_resume(&self) {
+        if !self.shared.resume_asked.swap(true, Ordering::AcqRel) {
+            self.shared.tell(Note::Resume);
         }
     }
 
@@ -424,6 +628,10 @@ impl Subscription for AmqpSubscription {
             return Recv::Stopped;
         }
         let feed = lock(&self.shared.feed).clone();
+        if feed.paused {
+            self.ask_to_resume();
+            return Recv::Empty;
+        }
         let count = feed.receivers.len();
         let start = if count > 1 { self.shared.cursor.fetch_add(1, Ordering::Relaxed) % count } else { 0 };
         for queue in (start..count).chain(0..start) {
@@ -438,7 +646,10 @@ impl Subscription for AmqpSubscription {
                     Err(crossbeam_channel::TryRecvError::Disconnected) => "the consumer's channel closed".to_owned(),
                     Err(crossbeam_channel::TryRecvError::Empty) => break,
                 };
-                self.shared.tell(Note::Lost { channel: feed.line.number, why });
+                // (A replaced feed's consumers end because they were cancelled.)
+                if self.is_current(&feed) {
+                    self.shared.tell(Note::Lost { channel: feed.line.number, why });
+                }
                 break;
             }
         }
@@ -452,6 +663,9 @@ impl Subscription for AmqpSubscription {
                 return Recv::Stopped;
             }
             let feed = lock(&self.shared.feed).clone();
+            if feed.paused {
+                self.ask_to_resume();
+            }
             let mut select = Select::new();
             for receiver in &feed.receivers {
                 select.recv(receiver);
@@ -485,6 +699,10 @@ impl Subscription for AmqpSubscription {
             };
             if self.shared.stopped.load(Ordering::Acquire) {
                 return Recv::Stopped;
+            }
+            if !self.is_current(&feed) {
+                // Cancelled on purpose (a pause): the feed that replaced it is there already.
+                continue;
             }
             if !self.wait_for_new_feed(&feed, ended, deadline) {
                 return Recv::Stopped;
@@ -521,127 +739,5 @@ fn describe(message: &ConsumerMessage) -> String {
         ConsumerMessage::ServerClosedChannel(e) => format!("RabbitMQ closed the channel: {e}"),
         ConsumerMessage::ClientClosedConnection => "the connection was closed".to_owned(),
         ConsumerMessage::ServerClosedConnection(e) => format!("RabbitMQ closed the connection: {e}"),
-    }
-}
-
-struct ConsumerThread {
-    shared: Arc<Shared>,
-    prefetch: u16,
-    noted: Receiver<Note>,
-}
-
-impl ConsumerThread {
-    /// `retire` retires the current feed when dropped.
-    fn run(self, mut retire: Sender<()>) {
-        let inner = self.shared.inner.clone();
-        let mut backoff = Backoff::new(&inner.options);
-        let mut number = 0;
-        // `AmqpSubscription::stop` sets it (dropping the subscription stops it first).
-        while !self.shared.stopped.load(Ordering::Acquire) {
-            let Some(opened) = inner.session.channel("task consumer", &self.shared.stopped) else { break };
-            number += 1;
-            let since = Instant::now();
-            let generation = opened.generation;
-            match self.serve(opened.channel, number, &mut retire) {
-                None => break,
-                Some(error) => {
-                    backoff.broke(since, &self.shared.stopped);
-                    inner.events.emit(Event::new(
-                        Origin::Consumer,
-                        Level::Warning,
-                        EventKind::ReceiveFailed,
-                        format!("consuming tasks failed ({error}); unacknowledged tasks go back to their queues"),
-                    ));
-                    inner.session.channel_failed(generation, "task consumer", &error);
-                }
-            }
-        }
-        // The workers' feed ends with this thread, and so does the subscription (the broker
-        // may have shut down under it): workers waiting in `recv` learn it now.
-        self.shared.stopped.store(true, Ordering::Release);
-        drop(lock(&self.shared.stop_signal).take());
-        self.install(Feed {
-            line: Arc::new(Line::new(number + 1, None)),
-            receivers: Vec::new(),
-            retired: crossbeam_channel::never(),
-        });
-        drop(retire);
-    }
-
-    /// Hands the workers a new feed; the old one's receivers are emptied (what they held
-    /// was requeued with its channel).
-    fn install(&self, feed: Feed) {
-        let old = std::mem::replace(&mut *lock(&self.shared.feed), Arc::new(feed));
-        for receiver in &old.receivers {
-            receiver.try_iter().for_each(drop);
-        }
-    }
-
-    /// Consumes on `channel` until stopped (`None`) or the channel breaks (why).
-    fn serve(&self, channel: Channel, number: u64, retire: &mut Sender<()>) -> Option<String> {
-        let receivers = match self.consume(&channel) {
-            Ok(receivers) => receivers,
-            Err(e) => return Some(e.to_string()),
-        };
-        let line = Arc::new(Line::new(number, Some(channel)));
-        let (next_retire, retired) = crossbeam_channel::bounded(0);
-        self.install(Feed { line: line.clone(), receivers, retired });
-        // Dropping the previous feed's sender wakes the workers waiting on it.
-        drop(std::mem::replace(retire, next_retire));
-        let broken = self.watch(&line);
-        // Closing the channel requeues whatever it had not acknowledged.
-        line.close();
-        if broken.is_some() {
-            // An empty feed until the next channel (the workers wait on it, not spin on the
-            // dead one).
-            let (next_retire, retired) = crossbeam_channel::bounded(0);
-            let closed = Arc::new(Line::new(number, None));
-            self.install(Feed { line: closed, receivers: Vec::new(), retired });
-            drop(std::mem::replace(retire, next_retire));
-        }
-        broken
-    }
-
-    /// Waits until stopped and every delivery handed out is settled (or the settle grace
-    /// passed): `None`; or until a worker reports the channel broken: why.
-    fn watch(&self, line: &Line) -> Option<String> {
-        let shared = &self.shared;
-        let number = line.number;
-        let mut deadline: Option<Instant> = None;
-        loop {
-            if deadline.is_none() && shared.stopped.load(Ordering::Acquire) {
-                deadline = Some(Instant::now() + shared.inner.options.settle_grace);
-            }
-            if let Some(deadline) = deadline
-                && (line.outstanding.load(Ordering::Acquire) == 0 || Instant::now() >= deadline)
-            {
-                return None;
-            }
-            match self.noted.recv_timeout(Duration::from_millis(100)) {
-                // (When stopping, the consumers end because the channel is closing.)
-                Ok(Note::Lost { channel, why }) if channel == number && deadline.is_none() => return Some(why),
-                Ok(_) | Err(_) => {}
-            }
-        }
-    }
-
-    /// Declares the queues (again: one may have been deleted meanwhile), consumes them, and
-    /// returns the consumers' receivers. The `Consumer`s themselves are forgotten: they
-    /// borrow the channel, and dropping one would cancel it and drop its receiver (which
-    /// kills the connection in amiquip 0.4, see `conn::cancelled`); closing the channel ends
-    /// them.
-    fn consume(&self, channel: &Channel) -> Result<Vec<Receiver<ConsumerMessage>>, amiquip::Error> {
-        let inner = &self.shared.inner;
-        for queues in &self.shared.queues {
-            topology::declare_task(channel, &inner.options, queues)?;
-        }
-        channel.qos(0, self.prefetch, false)?;
-        let mut receivers = Vec::with_capacity(self.shared.queues.len());
-        for queues in &self.shared.queues {
-            let consumer = channel.basic_consume(queues.queue.clone(), ConsumerOptions::default())?;
-            receivers.push(consumer.receiver().clone());
-            std::mem::forget(consumer);
-        }
-        Ok(receivers)
     }
 }
