@@ -252,7 +252,7 @@ mod redis {
         assert_eq!(
             worker.stdout().lines().collect::<Vec<_>>(),
             [
-                "worker ready: 2 thread(s) serving example.add, example.total, example.slow_echo",
+                "worker ready: 2 thread(s) serving example.add, example.total, example.slow_echo, example.crash_if",
                 "worker done after 3 task(s)"
             ]
         );
