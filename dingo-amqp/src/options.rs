@@ -304,6 +304,20 @@ mod tests {
         assert_eq!((url.as_str(), options.connect_retry), ("amqp://h/%2f", Duration::from_secs(5)));
     }
 
+    /// Every key the error lists is one the parser takes (the list is kept by hand).
+    #[test]
+    fn every_listed_url_key_is_taken() {
+        for key in URL_KEYS {
+            let value = match key {
+                "namespace" => "shop",
+                "durable" | "quorum" | "persistent_reports" => "true",
+                _ => "1",
+            };
+            let url = format!("amqp://h/?{key}={value}");
+            assert!(AmqpOptions::new().apply_url(&url).is_ok(), "{url}");
+        }
+    }
+
     #[test]
     fn url_without_query_is_untouched() {
         let (url, options) = AmqpOptions::new().apply_url("amqp://127.0.0.1:5672/%2f").expect("valid");
@@ -318,7 +332,8 @@ mod tests {
         assert_eq!(
             error,
             "unknown option `prefech` (known: namespace, durable, quorum, persistent_reports, prefetch, \
-             max_unconfirmed, heartbeat, connection_timeout, result_ttl_s, wait_spin_us, connect_retry_s)"
+             hand_back_after_ms, max_redeliveries, max_unconfirmed, heartbeat, connection_timeout, result_ttl_s, \
+             wait_spin_us, connect_retry_s)"
         );
         assert!(AmqpOptions::new().apply_url("amqp://h/?quorum=true&durable=false").is_err());
         assert!(AmqpOptions::new().apply_url("amqp://h/?namespace=").is_err());

@@ -258,6 +258,20 @@ mod tests {
         assert_eq!(options.batch, RedisOptions::default().batch);
     }
 
+    /// Every key the error lists is one the parser takes (the list is kept by hand).
+    #[test]
+    fn every_listed_url_key_is_taken() {
+        for key in URL_KEYS {
+            let value = match key {
+                "namespace" | "user" | "pass" => "a",
+                "protocol" => "resp2",
+                _ => "1",
+            };
+            let url = format!("redis://h/?{key}={value}");
+            assert!(RedisOptions::new().apply_url(&url).is_ok(), "{url}");
+        }
+    }
+
     #[test]
     fn url_without_query_is_untouched() {
         let (url, options) = RedisOptions::new().apply_url("redis://127.0.0.1:6379/0").expect("valid");
