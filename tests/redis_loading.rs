@@ -24,7 +24,11 @@ const SLOW_LOAD: [&str; 6] =
 
 /// Fills the server with keys of its own: what makes loading take seconds.
 fn fill(server: &Server) {
-    assert_eq!(redis_cli(&server.url(), &["DEBUG", "POPULATE", "25000", "filler"]), "OK");
+    fill_with(server, 25_000);
+}
+
+fn fill_with(server: &Server, keys: u32) {
+    assert_eq!(redis_cli(&server.url(), &["DEBUG", "POPULATE", &keys.to_string(), "filler"]), "OK");
 }
 
 // Runs of each call of one test, by argument.
@@ -54,9 +58,11 @@ fn reload_echo(n: u64, millis: u64) -> u64 {
 }
 
 fn apps(server: &Server) -> (App, App) {
-    let options = RedisOptions::new()
+    let mut options = RedisOptions::new()
         .namespace(dingo_test_support::unique("dingo-test"))
-        .reconnect_backoff(Duration::from_millis(10), Duration::from_millis(200));
+        .reconnect_backoff(Duration::from_millis(10), Duration::from_millis(200))
+        .block_timeout(Duration::from_millis(500));
+    options.read_margin = Duration::from_secs(1);
     let broker = || RedisBroker::connect_with(&server.url(), options.clone()).expect("connect");
     let worker = App::builder().broker(broker()).build().expect("worker app");
     let caller = App::builder().broker(broker()).build().expect("caller app");
@@ -173,4 +179,71 @@ fn live_connections_wait_out_a_reload() {
     }
     caller.close().expect("close");
     worker.close().expect("close");
+}
+
+#[dingo::task(name = "loading.started_echo")]
+fn started_echo(n: u64) -> u64 {
+    n * 3
+}
+
+/// A server with an append-only file, killed and started again, loading it for seconds.
+fn restarted_and_loading() -> Option<Server> {
+    let mut args = vec!["--appendonly", "yes", "--appendfsync", "always", "--save", ""];
+    args.extend(SLOW_LOAD);
+    let mut server = Server::start_with(&args)?;
+    fill(&server);
+    redis_cli(&server.url(), &["BGREWRITEAOF"]);
+    wait_until("the append-only file is rewritten", || {
+        let info = redis_cli(&server.url(), &["INFO", "persistence"]);
+        info.contains("aof_rewrite_in_progress:0") && info.contains("aof_rewrite_scheduled:0")
+    });
+    server.kill();
+    server.spawn();
+    assert!(server.loading(), "the restarted server is loading its data (else the test shows nothing)");
+    Some(server)
+}
+
+/// A process that starts while its server loads its data (started with it, say) waits for
+/// it at `connect`, within the start-up retry: `INFO` is answered while loading, so a
+/// connect that trusted it would return and fail at the first declaration.
+#[test]
+fn a_process_started_while_the_server_loads_waits_for_it() {
+    let Some(server) = restarted_and_loading() else { return };
+    let options = RedisOptions::new().namespace(dingo_test_support::unique("dingo-test"));
+    let started = Instant::now();
+    let broker = RedisBroker::connect_with(&server.url(), options).expect("connect waits for the load");
+    assert!(!server.loading(), "connect returned while the server was still loading");
+    assert!(started.elapsed() > Duration::from_millis(500), "connect waited {:?}", started.elapsed());
+    let app = App::builder().broker(broker).build().expect("app");
+    app.allocate(started_echo, 1).expect("allocate");
+    assert_eq!(started_echo::call(&app, 5).expect("call").wait_timeout(PATIENCE).expect("result"), 15);
+    app.close().expect("close");
+}
+
+/// Apps that close while their server reloads its data do not wait for it: what they could
+/// not store runs again after its lease, as in an outage. (A thread blocked in a read or a
+/// connection attempt the busy server does not answer is joined when that times out.)
+#[test]
+fn apps_close_promptly_while_the_server_reloads() {
+    let mut args = vec!["--save", "", "--appendonly", "no"];
+    args.extend(SLOW_LOAD);
+    let Some(server) = Server::start_with(&args) else { return };
+    // A reload of about 14 s: closing may take a few read timeouts (1.5 s here), not that.
+    fill_with(&server, 120_000);
+    let (worker, caller) = apps(&server);
+    worker.allocate(started_echo, 4).expect("allocate");
+    assert_eq!(started_echo::call(&caller, 1).expect("call").wait_timeout(PATIENCE).expect("result"), 3);
+    let url = server.url();
+    let reload = std::thread::spawn(move || redis_cli(&url, &["DEBUG", "RELOAD"]));
+    wait_until("the server reloads", || server.loading());
+    let started = Instant::now();
+    // As two processes would: at the same time.
+    let closing = std::thread::spawn(move || caller.close());
+    let _ = worker.close();
+    closing.join().expect("the caller's close").expect("close");
+    let took = started.elapsed();
+    // Each command of the shutdown once waited up to the command timeout (5 s) for the
+    // server, in turn: closing four workers and a caller took over 20 s.
+    assert!(took < Duration::from_secs(9), "closing took {took:?}");
+    assert_eq!(reload.join().expect("the reload"), "OK");
 }

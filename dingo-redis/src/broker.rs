@@ -327,6 +327,12 @@ impl Inner {
         lock(&self.misc).retry_briefly(self.options.command_timeout, f)
     }
 
+    /// A short command on the shared command connection, not waited for: tried once, and
+    /// once more on a new connection if the open one was broken (wake-ups, clean-up).
+    pub(crate) fn command_now(&self, f: &mut dyn FnMut(&mut redis::Connection) -> redis::RedisResult<()>) {
+        let _ = lock(&self.misc).once_more(f);
+    }
+
     pub(crate) fn is_closed(&self) -> bool {
         self.closed.load(Ordering::SeqCst)
     }
@@ -409,7 +415,8 @@ impl Inner {
     /// take (its thread busy, or its process gone) must not stay forever.
     pub(crate) fn poke(&self, control: &str, token: &str) {
         let ttl = keys::CONTROL_TTL.as_millis().to_string();
-        let _ = self.command(&mut |c| {
+        // Not waited for: a server that is not ready has nobody blocked to wake.
+        self.command_now(&mut |c| {
             redis::pipe()
                 .cmd("LPUSH")
                 .arg(control)
@@ -459,8 +466,10 @@ impl Inner {
             own.extend([queue.reply_here.clone(), queue.notify_here.clone()]);
             own.extend(actor::ALL.iter().map(|role| queue.seq(&format!("{role}.{}", self.process))));
         }
+        // Best effort, not waited for (each key expires anyway): shutting down must not wait
+        // for a server that is not ready.
         for keys in own.chunks(512) {
-            let _ = self.command(&mut |c| redis::cmd("UNLINK").arg(keys).query::<i64>(c));
+            self.command_now(&mut |c| redis::cmd("UNLINK").arg(keys).query::<()>(c));
         }
     }
 }
@@ -473,7 +482,11 @@ fn check_server(client: &redis::Client, options: &RedisOptions, server: &str) ->
         .and_then(|mut conn| {
             conn.set_read_timeout(Some(options.command_timeout))?;
             conn.set_write_timeout(Some(options.command_timeout))?;
-            redis::cmd("INFO").arg("server").query(&mut conn)
+            let info = redis::cmd("INFO").arg("server").query(&mut conn)?;
+            // INFO is answered while the server loads its data; PING is not (`LOADING`): a
+            // server still loading is waited for like one not up yet.
+            redis::cmd("PING").query::<()>(&mut conn)?;
+            Ok(info)
         })
         .map_err(|e| start_up_error(server, e))?;
     check_version(&info)

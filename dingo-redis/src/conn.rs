@@ -27,10 +27,11 @@ pub(crate) struct Conn {
     /// Whether each new connection first ends, at the server, the connections this one
     /// dropped (see [`Conn::fencing`]).
     fence: bool,
-    /// The server's id for the open connection (`CLIENT ID`), when fencing.
-    client_id: Option<i64>,
-    /// Server ids of connections dropped while broken, not yet ended at the server.
-    orphans: Vec<i64>,
+    /// The server's id and this client's address for the open connection (`CLIENT INFO`),
+    /// when fencing.
+    client_id: Option<(i64, String)>,
+    /// Ids and addresses of connections dropped while broken, not yet ended at the server.
+    orphans: Vec<(i64, String)>,
     /// Whether the server lets this client end its old connections (`CLIENT KILL`), once
     /// known.
     can_fence: Option<bool>,
@@ -153,10 +154,10 @@ impl Conn {
     /// it can leave out what must not run twice.
     ///
     /// A server that is not ready (see [`is_not_ready`]) is waited for like a lost
-    /// connection: with backoff, until it serves commands again. Its refusal ran nothing (a
-    /// round trip that it refused only in part comes back as a broken connection, see
-    /// `scripts::run_after`), so the attempt it refused does not count as one that reached
-    /// the server.
+    /// connection: with backoff, until it serves commands again. What it refused did not run
+    /// (of a round trip it refused only in part, what ran is kept and not sent again, see
+    /// `scripts::run`), so the attempt it refused does not count as one that reached the
+    /// server.
     pub(crate) fn retry_tracked<T>(
         &mut self,
         stop: &AtomicBool,
@@ -194,6 +195,18 @@ impl Conn {
                 }
                 Err(e) => return Some(Err(e)),
             }
+        }
+    }
+
+    /// Runs `f` once, and once more on a new connection if the open one turned out to be
+    /// broken: for what is not worth waiting for (wake-ups, clean-up at shutdown).
+    pub(crate) fn once_more(
+        &mut self,
+        f: &mut dyn FnMut(&mut redis::Connection) -> redis::RedisResult<()>,
+    ) -> Result<(), redis::RedisError> {
+        match self.once(f) {
+            Err(e) if is_connection_error(&e) => self.once(f),
+            other => other,
         }
     }
 
@@ -256,22 +269,45 @@ impl Conn {
         Ok(conn)
     }
 
-    /// Ends the dropped connections at the server (`CLIENT KILL ID`, which finds nothing if
-    /// the server closed them already: then whatever they carried has run, or never will),
-    /// and learns this connection's id. With no orphan, probes with an id no client has
-    /// (`i64::MAX`), to learn whether the server allows it.
+    /// Ends the dropped connections at the server (`CLIENT KILL ID … ADDR …`, which finds
+    /// nothing if the server closed them already: then whatever they carried has run, or
+    /// never will), and learns this connection's id and address. With no orphan, probes with
+    /// an id no client has (`i64::MAX`), to learn whether the server allows it.
+    ///
+    /// A server that restarted numbers its clients from 1 again, and an old id may be another
+    /// client's by now: an orphan is only ended if its id is below this connection's (ids
+    /// only grow within one run of a server) and its address matches too.
     fn fence_orphans(&mut self, conn: &mut redis::Connection) -> redis::RedisResult<()> {
-        let orphans = if self.orphans.is_empty() { vec![i64::MAX] } else { self.orphans.clone() };
-        for id in orphans {
-            match redis::cmd("CLIENT").arg("KILL").arg("ID").arg(id).query::<i64>(conn) {
+        let info = match redis::cmd("CLIENT").arg("INFO").query::<String>(conn) {
+            Ok(info) => client_info(&info),
+            Err(e) if is_connection_error(&e) => return Err(e),
+            Err(_) => None,
+        };
+        let Some((id, addr)) = info else {
+            // Not allowed (ACL): the caller keeps to commands that apply once anyway.
+            self.can_fence = Some(false);
+            self.orphans.clear();
+            self.client_id = None;
+            return Ok(());
+        };
+        let orphans: Vec<(i64, String)> = match self.orphans.is_empty() {
+            true => vec![(i64::MAX, String::new())],
+            false => std::mem::take(&mut self.orphans).into_iter().filter(|(old, _)| *old < id).collect(),
+        };
+        for (old, old_addr) in orphans {
+            let mut kill = redis::cmd("CLIENT");
+            kill.arg("KILL").arg("ID").arg(old);
+            if !old_addr.is_empty() {
+                kill.arg("ADDR").arg(&old_addr);
+            }
+            match kill.query::<i64>(conn) {
                 Ok(_) => self.can_fence = Some(true),
                 Err(e) if is_connection_error(&e) => return Err(e),
-                // Not allowed (ACL): the caller keeps to commands that apply once anyway.
                 Err(_) => self.can_fence = Some(false),
             }
         }
         self.orphans.clear();
-        self.client_id = Some(redis::cmd("CLIENT").arg("ID").query(conn)?);
+        self.client_id = Some((id, addr));
         Ok(())
     }
 
@@ -299,8 +335,15 @@ pub(crate) fn is_connection_error(e: &redis::RedisError) -> bool {
         || e.is_unrecoverable_error()
 }
 
+/// The `id` and `addr` fields of a `CLIENT INFO` reply.
+fn client_info(info: &str) -> Option<(i64, String)> {
+    let field = |name: &str| info.split_whitespace().find_map(|f| f.strip_prefix(name));
+    Some((field("id=")?.parse().ok()?, field("addr=")?.to_owned()))
+}
+
 /// Whether a reply means the server cannot serve commands yet, and will: it is loading its
-/// data (`LOADING`, after a restart, or a replica's full resynchronisation), a replica lost
+/// data (`LOADING`, after a restart, or a replica's full resynchronisation), another client's
+/// script runs past its time limit (`BUSY`), a replica lost
 /// its master (`MASTERDOWN`), a cluster is reconfiguring (`TRYAGAIN`, `CLUSTERDOWN`), too few
 /// replicas to accept writes (`NOREPLICAS`), or the server turned into a replica under this
 /// client in a failover (`READONLY`, `UNBLOCKED`: the next connection may reach the new
@@ -308,7 +351,7 @@ pub(crate) fn is_connection_error(e: &redis::RedisError) -> bool {
 pub(crate) fn is_not_ready(e: &redis::RedisError) -> bool {
     matches!(
         e.code(),
-        Some("LOADING" | "MASTERDOWN" | "TRYAGAIN" | "CLUSTERDOWN" | "NOREPLICAS" | "READONLY" | "UNBLOCKED")
+        Some("LOADING" | "BUSY" | "MASTERDOWN" | "TRYAGAIN" | "CLUSTERDOWN" | "NOREPLICAS" | "READONLY" | "UNBLOCKED")
     )
 }
 

@@ -70,10 +70,12 @@
 //!   not store runs again after its lease. A server that is up but not ready — loading its
 //!   data after a restart (`LOADING`, seconds for a large data set), a replica without its
 //!   primary (`MASTERDOWN`), a cluster reconfiguring (`TRYAGAIN`, `CLUSTERDOWN`), too few
-//!   replicas for writes (`NOREPLICAS`), a failover under way (`READONLY`, `UNBLOCKED`: the
-//!   connection is made again) — is waited for the same way: a batch it refused ran
-//!   nothing and goes again as it was once it is ready; one it refused only in part is sent
-//!   again as after a broken connection (each batch still applies once). At start-up,
+//!   replicas for writes (`NOREPLICAS`), another client's script past its time limit
+//!   (`BUSY`), a failover under way (`READONLY`, `UNBLOCKED`: the connection is made again)
+//!   — is waited for the same way: a batch it refused ran nothing and goes again as it was
+//!   once it is ready; of one it refused only in part (it finished loading midway), what ran
+//!   is kept and what it refused goes again under new batch numbers (each still applies
+//!   once). Shutting down does not wait for a server that is not ready. At start-up,
 //!   [`RedisBroker::connect`] waits [`connect_retry`](RedisOptions::connect_retry) (30 s)
 //!   for a server that is not up yet, or not ready.
 //!

@@ -399,6 +399,9 @@ pub(crate) struct Call {
     /// Which of `args` becomes `1` when the call is sent again after `NOSCRIPT`: it then
     /// runs after calls that followed it, and must not count on them (see `FETCH`).
     pub(crate) resent: Option<usize>,
+    /// Its reply, once it ran in a round trip that a server not ready refused in part: it is
+    /// not sent again (see [`run`]).
+    pub(crate) done: Option<Value>,
 }
 
 /// How a transaction's `LPUSH` of at-least-once messages (`LPUSH list m…`) is sent again
@@ -423,12 +426,22 @@ impl Call {
             args: Vec::new(),
             redo: None,
             resent: None,
+            done: None,
         }
     }
 
     /// A plain command: not atomic with anything, so only for steps that need no script.
     pub(crate) fn command(name: &'static str) -> Call {
-        Call { script: None, seq: None, command: name, keys: Vec::new(), args: Vec::new(), redo: None, resent: None }
+        Call {
+            script: None,
+            seq: None,
+            command: name,
+            keys: Vec::new(),
+            args: Vec::new(),
+            redo: None,
+            resent: None,
+            done: None,
+        }
     }
 
     /// This transaction step as the numbered `PUSH` that sends its messages again (`None`:
@@ -457,6 +470,11 @@ impl Call {
         self
     }
 
+    /// Whether it is the plain command `name`.
+    pub(crate) fn is(&self, name: &str) -> bool {
+        self.script.is_none() && self.command == name
+    }
+
     /// A flag, `0` as the next argument, that is `1` when the call is sent again after
     /// `NOSCRIPT` (see [`Call::resent`]).
     pub(crate) fn resent_flag(mut self) -> Call {
@@ -480,18 +498,35 @@ pub(crate) fn run_batch(conn: &mut redis::Connection, calls: &[Call]) -> redis::
 /// runs after calls that followed it, so it takes a new number from `sequence` (in place,
 /// for any later retry): under its old one it would look applied already (`SEEN` keeps
 /// the highest number) and be skipped.
+///
+/// A server that is not ready and refused the whole round trip ran none of it: its
+/// refusal comes back, and the calls can go again as they are. One that refused only part
+/// of it (it finished loading, or began to, midway) ran the rest: those calls keep their
+/// replies ([`Call::done`]) and are not sent again, and the refused ones take new numbers,
+/// as after `NOSCRIPT`; the refusal comes back all the same, so the caller waits for the
+/// server before it runs the calls again. A refused wait is not waited again.
 pub(crate) fn run(
     conn: &mut redis::Connection,
     calls: &mut [Call],
     mut sequence: Option<&mut Sequence>,
 ) -> redis::RedisResult<Vec<Value>> {
-    let mut results: Vec<Option<Value>> = vec![None; calls.len()];
-    let mut todo: Vec<usize> = (0..calls.len()).collect();
+    let mut results: Vec<Option<Value>> = calls.iter().map(|call| call.done.clone()).collect();
+    let mut todo: Vec<usize> = (0..calls.len()).filter(|&i| calls[i].done.is_none()).collect();
     for attempt in 0..2 {
+        if todo.is_empty() {
+            break;
+        }
         let mut packed = Vec::new();
         pack_into(&mut packed, todo.iter().map(|&i| &calls[i]));
         let replies = redis::ConnectionLike::req_packed_commands(conn, &packed, 0, todo.len())?;
-        readiness(todo.iter().map(|&i| &calls[i]), &replies)?;
+        match readiness(todo.iter().map(|&i| &calls[i]), &replies) {
+            Readiness::Ready => {}
+            Readiness::Refused(e) => return Err(e),
+            Readiness::Partly(e) => {
+                keep_what_ran(calls, &todo, replies, sequence);
+                return Err(e);
+            }
+        }
         let replies = replies.into_iter().map(|value| match value {
             Value::ServerError(e) => Err(redis::RedisError::from(e)),
             value => Ok(value),
@@ -511,31 +546,100 @@ pub(crate) fn run(
             script.load(conn)?;
         }
         for &i in &missing {
-            if let (Some(at), Some(sequence)) = (calls[i].seq, sequence.as_deref_mut()) {
-                calls[i].args[at] = sequence.next_number().into_bytes();
-            }
-            if let Some(at) = calls[i].resent {
-                calls[i].args[at] = b"1".to_vec();
-            }
+            resend(calls, i, sequence.as_deref_mut());
         }
         todo = missing;
     }
-    Ok(results.into_iter().map(|r| r.unwrap_or(Value::Nil)).collect())
+    let mut values = Vec::with_capacity(results.len());
+    for result in results {
+        match result {
+            // An error reply of a call that ran in a partly refused round trip.
+            Some(Value::ServerError(e)) => return Err(e.into()),
+            result => values.push(result.unwrap_or(Value::Nil)),
+        }
+    }
+    Ok(values)
 }
 
-/// Checks the replies to one round trip for a server that was not ready (see [`conn::is_not_ready`](crate::conn::is_not_ready)). If
-/// it refused the round trip and ran none of it — every reply a refusal, or an effect-free
-/// step (`MULTI`, a `QUEUED` step, `EXECABORT`, a wait that timed out) — the refusal comes
-/// back: the round trip may go again as it is, once the server is ready. If it refused only
-/// part (it became ready, or stopped being, midway), what ran is not known to the caller:
-/// that comes back as a broken connection, so the round trip goes again the way it does
-/// after one — what applies once anyway (numbered scripts) is sent again, what must not run
-/// twice is not.
-pub(crate) fn readiness<'a>(calls: impl Iterator<Item = &'a Call>, replies: &[Value]) -> redis::RedisResult<()> {
+/// [`resend`] with a sequence.
+pub(crate) fn renumber(calls: &mut [Call], i: usize, sequence: &mut Sequence) {
+    resend(calls, i, Some(sequence));
+}
+
+/// Readies call `i` to be sent again after calls that followed it ran: a new number (and, for
+/// the `SET` that numbers a transaction's push, its redo too), and the resent flag.
+fn resend(calls: &mut [Call], i: usize, sequence: Option<&mut Sequence>) {
+    if let (Some(at), Some(sequence)) = (calls[i].seq, sequence) {
+        let number = sequence.next_number();
+        calls[i].args[at] = number.clone().into_bytes();
+        if calls[i].is("SET")
+            && let Some(redo) = calls.get_mut(i + 1).and_then(|next| next.redo.as_mut())
+        {
+            redo.seq = number;
+        }
+    }
+    if let Some(at) = calls[i].resent {
+        calls[i].args[at] = b"1".to_vec();
+    }
+}
+
+/// After a round trip a server not ready refused in part: the calls of `todo` that ran keep
+/// their replies; those it refused are readied to go again (see [`resend`]). A transaction
+/// (`MULTI` … `EXEC`) ran whole or not at all, as its `EXEC` says; a refused wait is marked
+/// done (it is not waited again: the fetch after it runs either way).
+fn keep_what_ran(calls: &mut [Call], todo: &[usize], replies: Vec<Value>, mut sequence: Option<&mut Sequence>) {
+    let mut replies: Vec<Option<Value>> = replies.into_iter().map(Some).collect();
+    let mut at = 0;
+    while at < todo.len() {
+        let i = todo[at];
+        if calls[i].is("MULTI")
+            && let Some(end) = (at..todo.len()).find(|&j| calls[todo[j]].is("EXEC"))
+        {
+            let ran = matches!(replies[end], Some(Value::Array(_)));
+            for j in at..=end {
+                if ran {
+                    calls[todo[j]].done = replies[j].take();
+                } else {
+                    resend(calls, todo[j], sequence.as_deref_mut());
+                }
+            }
+            at = end + 1;
+            continue;
+        }
+        match replies[at].take() {
+            Some(Value::ServerError(e)) if crate::conn::is_not_ready(&redis::RedisError::from(e.clone())) => {
+                if calls[i].is("BLPOP") {
+                    calls[i].done = Some(Value::Nil);
+                } else {
+                    resend(calls, i, sequence.as_deref_mut());
+                }
+            }
+            reply => calls[i].done = reply,
+        }
+        at += 1;
+    }
+}
+
+/// What the replies to a round trip say about the server's readiness (see [`readiness`]).
+#[derive(Debug)]
+pub(crate) enum Readiness {
+    /// It was ready (any error is of another kind).
+    Ready,
+    /// It refused the whole round trip as not ready: nothing ran.
+    Refused(redis::RedisError),
+    /// It refused part of it as not ready, and ran the rest.
+    Partly(redis::RedisError),
+}
+
+/// Checks the replies to one round trip for a server that was not ready (see
+/// [`conn::is_not_ready`](crate::conn::is_not_ready)): whether it refused the round trip and
+/// ran none of it — every reply a refusal, or an effect-free step (`MULTI`, a `QUEUED` step,
+/// `EXECABORT`, a wait that timed out) — or refused only part of it (it became ready, or
+/// stopped being, midway).
+pub(crate) fn readiness<'a>(calls: impl Iterator<Item = &'a Call>, replies: &[Value]) -> Readiness {
     let mut refused = None;
     let mut ran = false;
     for (call, reply) in calls.zip(replies) {
-        let plain = |command: &str| call.script.is_none() && call.command == command;
         match reply {
             Value::ServerError(e) => {
                 let e = redis::RedisError::from(e.clone());
@@ -543,19 +647,16 @@ pub(crate) fn readiness<'a>(calls: impl Iterator<Item = &'a Call>, replies: &[Va
                     refused = Some(e);
                 }
             }
-            Value::Okay if plain("MULTI") => {}
+            Value::Okay if call.is("MULTI") => {}
             Value::SimpleString(status) if status == "QUEUED" => {}
-            Value::Nil if plain("BLPOP") => {}
+            Value::Nil if call.is("BLPOP") => {}
             _ => ran = true,
         }
     }
     match refused {
-        None => Ok(()),
-        Some(e) if !ran => Err(e),
-        Some(e) => Err(redis::RedisError::from(std::io::Error::new(
-            std::io::ErrorKind::ConnectionAborted,
-            format!("redis refused part of a round trip as not ready ({e}), and ran the rest"),
-        ))),
+        None => Readiness::Ready,
+        Some(e) if !ran => Readiness::Refused(e),
+        Some(e) => Readiness::Partly(e),
     }
 }
 
@@ -708,12 +809,11 @@ mod tests {
             Call::command("EXEC"),
         ];
         let check = |replies: &[Value]| readiness(transaction.iter(), replies);
+        let refused = |r: Readiness| matches!(r, Readiness::Refused(e) if crate::conn::is_not_ready(&e));
+        let partly = |r: Readiness| matches!(r, Readiness::Partly(e) if crate::conn::is_not_ready(&e));
 
-        let refused = [reply("+OK\r\n"), loading(), loading(), reply("-EXECABORT Transaction discarded\r\n")];
-        let e = check(&refused).expect_err("refused");
-        assert!(crate::conn::is_not_ready(&e), "{e}");
-        let queued = [reply("+OK\r\n"), reply("+QUEUED\r\n"), loading(), reply("-EXECABORT discarded\r\n")];
-        assert!(crate::conn::is_not_ready(&check(&queued).expect_err("refused")));
+        assert!(refused(check(&[reply("+OK\r\n"), loading(), loading(), reply("-EXECABORT discarded\r\n")])));
+        assert!(refused(check(&[reply("+OK\r\n"), reply("+QUEUED\r\n"), loading(), reply("-EXECABORT x\r\n")])));
 
         // A settlement refused, a wait that timed out (it took nothing), a fetch refused.
         let fetch = [
@@ -721,20 +821,76 @@ mod tests {
             Call::command("BLPOP").arg("w").arg("1"),
             Call::command("LRANGE").arg("p").arg("0").arg("0"),
         ];
-        let waited = [loading(), reply("*-1\r\n"), loading()];
-        assert!(crate::conn::is_not_ready(&readiness(fetch.iter(), &waited).expect_err("refused")));
+        assert!(refused(readiness(fetch.iter(), &[loading(), reply("*-1\r\n"), loading()])));
         let woke = [loading(), reply("*2\r\n$1\r\nw\r\n$1\r\n1\r\n"), loading()];
-        let e = readiness(fetch.iter(), &woke).expect_err("partial");
-        assert!(e.is_connection_dropped() && !crate::conn::is_not_ready(&e), "the wait took a token: {e}");
+        assert!(partly(readiness(fetch.iter(), &woke)), "the wait took a token");
 
         // A plain `OK` of anything but MULTI is a step that ran.
         let plain = [Call::command("LTRIM").arg("k").arg("0").arg("0"), Call::command("LPUSH").arg("q").arg("m")];
-        assert!(readiness(plain.iter(), &[reply("+OK\r\n"), loading()]).expect_err("partial").is_connection_dropped());
+        assert!(partly(readiness(plain.iter(), &[reply("+OK\r\n"), loading()])));
 
         let applied = [reply("+OK\r\n"), reply("+QUEUED\r\n"), reply("+QUEUED\r\n"), reply("*2\r\n+OK\r\n:1\r\n")];
-        assert!(check(&applied).is_ok());
+        assert!(matches!(check(&applied), Readiness::Ready));
         let other = [reply("+OK\r\n"), reply("-WRONGTYPE no\r\n"), reply("+QUEUED\r\n"), reply("-EXECABORT x\r\n")];
-        assert!(check(&other).is_ok(), "not a readiness matter: the caller handles it");
+        assert!(matches!(check(&other), Readiness::Ready), "not a readiness matter: the caller handles it");
+    }
+
+    /// A round trip refused in part: what ran keeps its reply and is not sent again; what was
+    /// refused takes new numbers (a transaction whose `EXEC` was refused: its numbering `SET`
+    /// and the redo of its push); a refused wait is not waited again. Then `run` sends only
+    /// the refused calls, and returns every reply.
+    #[test]
+    fn a_partly_refused_round_trip_sends_again_only_what_was_refused() {
+        let reply = |resp: &str| redis::parse_redis_value(resp.as_bytes()).expect("a reply");
+        let loading = || reply("-LOADING Redis is loading the dataset in memory\r\n");
+        let mut sequence = Sequence::new("test", "partly");
+        let numbered = |n: &str| Call::command("ECHO").numbered(n.to_owned());
+        let redo = Redo { list: "q".into(), wake: "w".into(), seq_key: "s".into(), seq: "3".into() };
+        let mut push = Call::command("LPUSH").arg("q").arg("m");
+        push.redo = Some(redo);
+        let mut calls = vec![
+            numbered("1"),
+            Call::command("BLPOP").arg("w").arg("1"),
+            numbered("2"),
+            Call::command("MULTI"),
+            Call::command("SET").arg("s").numbered("3".into()),
+            push,
+            Call::command("EXEC"),
+        ];
+        for _ in 0..4 {
+            sequence.next_number(); // numbers 1 to 4 are taken
+        }
+        let replies = vec![
+            loading(),
+            loading(),
+            reply(":1\r\n"),
+            reply("+OK\r\n"),
+            loading(),
+            loading(),
+            reply("-EXECABORT Transaction discarded\r\n"),
+        ];
+        assert!(matches!(readiness(calls.iter(), &replies), Readiness::Partly(_)));
+        let todo: Vec<usize> = (0..calls.len()).collect();
+        keep_what_ran(&mut calls, &todo, replies, Some(&mut sequence));
+        assert_eq!(calls[0].args[0], b"5", "refused: a new number");
+        assert!(calls[0].done.is_none());
+        assert_eq!(calls[1].done, Some(Value::Nil), "a refused wait is not waited again");
+        assert_eq!(calls[2].done, Some(Value::Int(1)), "ran: kept");
+        assert!(calls[3..].iter().all(|call| call.done.is_none()), "the transaction did not run");
+        assert_eq!(calls[4].args[1], b"6", "its numbering SET: a new number");
+        assert_eq!(calls[5].redo.as_ref().map(|r| r.seq.as_str()), Some("6"), "its redo follows");
+
+        // Sent again: only what was refused runs (a done `LPUSH` would leave an element).
+        let Some(mut conn) = server() else { return };
+        let key = format!("dingo-test-partly-{}", std::process::id());
+        let mut done = Call::command("LPUSH").arg(key.as_bytes()).arg("twice");
+        done.done = Some(Value::Int(7));
+        let mut calls = vec![done, Call::command("LPUSH").arg(key.as_bytes()).arg("once")];
+        let results = run(&mut conn, &mut calls, None).expect("runs");
+        assert_eq!(results, [Value::Int(7), Value::Int(1)]);
+        let list: Vec<String> = redis::cmd("LRANGE").arg(&key).arg(0).arg(-1).query(&mut conn).expect("LRANGE");
+        let _: () = redis::cmd("DEL").arg(&key).query(&mut conn).expect("DEL");
+        assert_eq!(list, ["once"]);
     }
 
     /// `COMPLETE` applies its runs in order on the lists themselves: two completions with

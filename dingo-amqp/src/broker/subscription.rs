@@ -276,15 +276,7 @@ impl Shared {
                 .with_task(key.clone()),
             );
             if let ReplyTo::Address(caller) = &message.reply_to {
-                let times = if count == 1 { "once".to_owned() } else { format!("{count} times") };
-                let error = TaskError::new(
-                    TaskErrorKind::WorkerLost,
-                    format!(
-                        "the workers that took this task stopped before finishing it {times} (max_redeliveries \
-                         is {max}): it may crash its worker process; it was moved to the dead letters"
-                    ),
-                );
-                self.report_failure(key, caller, error);
+                self.report_failure(key, caller, dingo_core::broker::support::worker_lost(count, max));
             }
             self.dead_letter(ack, Some(body), reason);
             return;

@@ -165,8 +165,31 @@ pub fn connect_retrying<T>(
     }
 }
 
-/// A URL without its password (`redis://:***@host:6379/0`), for messages and logs.
+/// A URL without its password (`redis://:***@host:6379/0`, and a `pass=` or `password=` in
+/// its query, as `redis+unix` URLs carry it), for messages and logs.
 pub fn redact_url(url: &str) -> String {
+    let url = redact_authority(url);
+    let Some((base, query)) = url.split_once('?') else { return url };
+    let (query, fragment) = match query.split_once('#') {
+        Some((query, fragment)) => (query, Some(fragment)),
+        None => (query, None),
+    };
+    let pairs: Vec<String> = query
+        .split('&')
+        .map(|pair| match pair.split_once('=') {
+            Some((key @ ("pass" | "password"), _)) => format!("{key}=***"),
+            _ => pair.to_owned(),
+        })
+        .collect();
+    let mut out = format!("{base}?{}", pairs.join("&"));
+    if let Some(fragment) = fragment {
+        out.push('#');
+        out.push_str(fragment);
+    }
+    out
+}
+
+fn redact_authority(url: &str) -> String {
     let Some((scheme, rest)) = url.split_once("://") else {
         return url.to_owned();
     };
@@ -192,6 +215,33 @@ pub fn io_reason(kind: std::io::ErrorKind) -> Option<&'static str> {
         HostUnreachable | NetworkUnreachable => "no route to the host",
         _ => return None,
     })
+}
+
+/// The failure a caller gets when a broker gives up on its task after its workers stopped
+/// before finishing it `times` times (`max_redeliveries` is `max`): the same words on every
+/// broker.
+///
+/// ```
+/// use dingo_core::TaskErrorKind;
+///
+/// let error = dingo_core::broker::support::worker_lost(3, 2);
+/// assert_eq!(error.kind(), TaskErrorKind::WorkerLost);
+/// assert_eq!(
+///     error.message(),
+///     "the workers that took this task stopped before finishing it 3 times (max_redeliveries is 2): \
+///      it may crash its worker process; it was moved to the dead letters"
+/// );
+/// assert!(dingo_core::broker::support::worker_lost(1, 0).message().contains(" it once "));
+/// ```
+pub fn worker_lost(times: u32, max: u32) -> crate::error::TaskError {
+    let times = if times == 1 { "once".to_owned() } else { format!("{times} times") };
+    crate::error::TaskError::new(
+        crate::error::TaskErrorKind::WorkerLost,
+        format!(
+            "the workers that took this task stopped before finishing it {times} (max_redeliveries is {max}): it \
+             may crash its worker process; it was moved to the dead letters"
+        ),
+    )
 }
 
 #[cfg(test)]
@@ -297,5 +347,9 @@ mod tests {
         assert_eq!(redact_url("redis://host:6379?x=a@b"), "redis://host:6379?x=a@b");
         assert_eq!(redact_url("redis://u:p@host"), "redis://u:***@host");
         assert_eq!(redact_url("not a url"), "not a url");
+        assert_eq!(
+            redact_url("redis+unix:///run/redis.sock?db=1&pass=secret&user=u#x"),
+            "redis+unix:///run/redis.sock?db=1&pass=***&user=u#x"
+        );
     }
 }

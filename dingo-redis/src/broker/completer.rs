@@ -205,17 +205,26 @@ impl Plan {
     /// back at-most-once tasks, that leaves out.
     fn keep_repeatable(&mut self) -> (usize, usize) {
         let (mut reports, mut commands) = (0, 0);
-        let mut kinds = self.kinds.iter();
-        self.calls.retain(|_| {
-            let Some(&kind) = kinds.next() else { return false };
-            match kind {
-                Kind::Report { reports: n } => reports += n,
-                Kind::Fetch { at_most_once: true } | Kind::GiveBack => commands += 1,
-                _ => {}
-            }
-            kind.repeatable()
-        });
-        self.kinds.retain(|kind| kind.repeatable());
+        // A call that ran already (see `Call::done`) keeps its place: it is not sent again,
+        // and its reply counts.
+        let keep: Vec<bool> = self
+            .calls
+            .iter()
+            .zip(&self.kinds)
+            .map(|(call, &kind)| {
+                let keep = kind.repeatable() || call.done.is_some();
+                match kind {
+                    Kind::Report { reports: n } if !keep => reports += n,
+                    Kind::Fetch { at_most_once: true } | Kind::GiveBack if !keep => commands += 1,
+                    _ => {}
+                }
+                keep
+            })
+            .collect();
+        let mut flags = keep.iter();
+        self.calls.retain(|_| flags.next().copied().unwrap_or(false));
+        let mut flags = keep.iter();
+        self.kinds.retain(|_| flags.next().copied().unwrap_or(false));
         (reports, commands)
     }
 

@@ -742,7 +742,8 @@ impl Drop for RedisSubscription {
         self.stop();
         let controls = std::mem::take(&mut *lock(&self.controls));
         for control in controls {
-            let _ = self.inner.command(&mut |c| redis::cmd("DEL").arg(&control).query::<i64>(c));
+            // Not waited for (the list expires anyway).
+            self.inner.command_now(&mut |c| redis::cmd("DEL").arg(&control).query::<()>(c));
         }
     }
 }

@@ -10,7 +10,7 @@ use std::time::{Duration, Instant};
 use dingo_core::event::{Event, EventKind, Level, Origin};
 use dingo_core::message::wire::{self, Known, REDELIVERED_MARK};
 use dingo_core::message::{ReplyTo, ReportBody, ReportMessage};
-use dingo_core::{BrokerError, CallKey, TaskError, TaskErrorKind};
+use dingo_core::{BrokerError, CallKey};
 
 use super::completer::Op;
 use super::{Inner, Thread, dead_entry, lock};
@@ -185,21 +185,17 @@ fn given_up(inner: &Arc<Inner>, queue: &Arc<QueueKeys>, head: Vec<u8>) {
         Err(cut) => (cut.name, cut.id, cut.reply_to),
     };
     let max = inner.options.max_redeliveries;
-    let why = format!(
-        "every worker that took the task stopped before finishing it, {} times (its process died, was killed or          stalled past its lease): it was redelivered {max} times (max_redeliveries) and moved to the dead letters;          the task may crash its worker",
-        max + 1
-    );
+    let lost = dingo_core::broker::support::worker_lost(max.saturating_add(1), max);
     let mut event = Event::new(
         Origin::Consumer,
         Level::Error,
         EventKind::DeadLettered,
-        format!("a task of `{}`: {why}", queue.task),
+        format!("a task of `{}` given up: {}", queue.task, lost.message()),
     );
     if let (Some(name), Some(id)) = (name, id) {
         event = event.with_task(CallKey { name: name.clone(), id: id.clone() });
         if let Some(caller) = caller {
-            let report =
-                ReportMessage { name, id, body: ReportBody::Failure(TaskError::new(TaskErrorKind::WorkerLost, why)) };
+            let report = ReportMessage { name, id, body: ReportBody::Failure(lost) };
             let sent = wire::encode_report(&report).and_then(|bytes| {
                 inner.completer()?.push(Op::Report { queue: queue.clone(), caller, bytes, then: None })
             });

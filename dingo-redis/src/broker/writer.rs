@@ -20,7 +20,7 @@ use dingo_core::{BrokerError, BrokerErrorKind, CallKey, TaskError, TaskErrorKind
 use super::{Inner, Thread, actor, lock};
 use crate::conn::{Conn, is_connection_error, is_not_ready};
 use crate::keys::QueueKeys;
-use crate::scripts::{self, Call, Redo, SEQ_TTL, Sequence};
+use crate::scripts::{self, Call, Readiness, Redo, SEQ_TTL, Sequence};
 
 /// A task message on its way to Redis.
 pub(crate) struct Outgoing {
@@ -225,12 +225,15 @@ fn answer(inner: &Inner, line: &mut Line, stop: &AtomicBool) {
             }
         }
         let whole: Option<Vec<redis::Value>> = replies.iter().cloned().collect();
-        if let Some(whole) = whole.filter(|whole| whole.len() == calls.len())
-            && let Err(e) = scripts::readiness(calls.iter(), &whole)
-            && is_not_ready(&e)
-        {
-            write(inner, line, stop, Written { calls, batch, owners, generation: None }, false);
-            continue;
+        match whole.filter(|whole| whole.len() == calls.len()).map(|whole| scripts::readiness(calls.iter(), &whole)) {
+            Some(Readiness::Refused(_)) => {
+                write(inner, line, stop, Written { calls, batch, owners, generation: None }, false);
+                continue;
+            }
+            // What was refused runs after what followed it: new numbers (else it would look
+            // applied, see `scripts::SEEN`), then as below.
+            Some(Readiness::Partly(_)) => renumber_refused(&mut calls, &replies, &mut line.sequence),
+            _ => {}
         }
         // An error reply (a script cache flushed, …) leaves its call unanswered.
         let done: Vec<bool> = (0..calls.len())
@@ -259,6 +262,25 @@ fn answer(inner: &Inner, line: &mut Line, stop: &AtomicBool) {
             continue;
         }
         write(inner, line, stop, Written { calls, batch, owners, generation: None }, true);
+    }
+}
+
+/// Gives new numbers to the calls a server not ready refused (a transaction whose `EXEC` it
+/// refused: every step), before they are sent again.
+fn renumber_refused(calls: &mut [Call], replies: &[Option<redis::Value>], sequence: &mut Sequence) {
+    let refused = |reply: Option<&Option<redis::Value>>| match reply {
+        Some(Some(redis::Value::ServerError(e))) => is_not_ready(&redis::RedisError::from(e.clone())),
+        _ => false,
+    };
+    let exec_refused = calls.iter().position(|call| call.is("EXEC")).is_some_and(|at| {
+        !matches!(replies.get(at), Some(Some(redis::Value::Array(_))))
+            && (0..calls.len()).any(|i| refused(replies.get(i)))
+    });
+    let in_transaction = calls.iter().position(|call| call.is("MULTI")).unwrap_or(calls.len());
+    for i in 0..calls.len() {
+        if refused(replies.get(i)) || (exec_refused && i > in_transaction) {
+            scripts::renumber(calls, i, sequence);
+        }
     }
 }
 
@@ -319,9 +341,8 @@ fn push_calls(batch: &mut [Outgoing], max: usize, sequence: &mut Sequence, scrip
         calls.push(Call::command("MULTI"));
         for (i, (call, _)) in plain {
             if let Some(redo) = &call.redo {
-                calls.push(
-                    Call::command("SET").arg(redo.seq_key.as_bytes()).arg(redo.seq.as_bytes()).arg("PX").arg(SEQ_TTL),
-                );
+                let set = Call::command("SET").arg(redo.seq_key.as_bytes()).numbered(redo.seq.clone());
+                calls.push(set.arg("PX").arg(SEQ_TTL));
             }
             call_of[i] = calls.len();
             calls.push(call);
@@ -349,7 +370,9 @@ fn is_transaction(calls: &[Call]) -> bool {
 /// messages, whose fate is unknown and which must not be queued twice. Scripts stay as
 /// they are.
 fn unrepeatable(inner: &Inner, calls: &mut Vec<Call>, batch: &mut Vec<Outgoing>) {
-    if !is_transaction(calls) {
+    // A transaction known to have run (its `EXEC` answered in a partly refused round trip,
+    // see `Call::done`) is settled from that answer.
+    if !is_transaction(calls) || calls.iter().any(|call| call.is("EXEC") && call.done.is_some()) {
         return;
     }
     *calls = std::mem::take(calls)
