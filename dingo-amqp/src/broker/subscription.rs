@@ -308,15 +308,25 @@ impl Shared {
     /// it from one whose worker died. The others go back with a reject: a redelivered one
     /// keeps the mark it will be counted by, an at-most-once one is never counted (it is
     /// acknowledged before it runs), an undecodable one is dead-lettered wherever it lands.
-    fn hand_back(self: &Arc<Shared>, line: &Arc<Line>, queue: usize, mut delivery: amiquip::Delivery) {
+    ///
+    /// The publisher waits at most until `deadline` for room (it is full during an outage or
+    /// a resource alarm): past it, the delivery goes back with a reject.
+    fn hand_back(
+        self: &Arc<Shared>,
+        line: &Arc<Line>,
+        queue: usize,
+        mut delivery: amiquip::Delivery,
+        deadline: Instant,
+    ) {
         let fresh = !delivery.redelivered
             && wire::decode_task(&delivery.body).is_ok_and(|message| !message.options.at_most_once);
         let persistent = *delivery.properties.delivery_mode() == Some(2);
         let count = redeliveries(&delivery.properties);
         let body = std::mem::take(&mut delivery.body);
         let ack = AmqpAck::new(self, line, queue, delivery);
-        if fresh {
-            self.requeue(ack, body, count, persistent);
+        let left = deadline.saturating_duration_since(Instant::now());
+        if fresh && !left.is_zero() {
+            self.requeue_within(ack, body, count, persistent, left);
         }
         // (Dropped, the ack gives the delivery back.)
     }
@@ -324,6 +334,11 @@ impl Shared {
     /// Publishes `body` to the delivery's queue in its place, with `count` redeliveries;
     /// the original is acknowledged once that is confirmed, given back if it is refused.
     fn requeue(&self, ack: AmqpAck, body: Vec<u8>, count: u32, persistent: bool) {
+        self.requeue_within(ack, body, count, persistent, self.inner.options.settle_grace);
+    }
+
+    /// [`requeue`](Shared::requeue), waiting at most `patience` for room in the publisher.
+    fn requeue_within(&self, ack: AmqpAck, body: Vec<u8>, count: u32, persistent: bool, patience: Duration) {
         let inner = &self.inner;
         let (Ok(publisher), Some(queues)) = (inner.publisher(), self.queues.get(ack.queue)) else { return };
         let outgoing = Outgoing {
@@ -338,7 +353,7 @@ impl Shared {
             then: Then::Requeued { original: Box::new(ack) },
         };
         // Refused, the message is dropped, and with it the ack, which gives the original back.
-        let _ = publisher.send(outgoing, Some(inner.options.settle_grace));
+        let _ = publisher.send(outgoing, Some(patience));
     }
 }
 

@@ -264,6 +264,8 @@ impl ConsumerThread {
         // Deliveries on their way arrive before the cancellation is confirmed; then amiquip
         // ends each receiver (a worker may take the end, or a last delivery, itself).
         let until = Instant::now() + Duration::from_secs(1);
+        // The hand-back, all of it, waits for the publisher at most this long.
+        let publish_until = Instant::now() + self.shared.inner.options.settle_grace;
         let mut handed = 0;
         for (queue, receiver) in old.receivers.iter().enumerate() {
             loop {
@@ -272,7 +274,13 @@ impl ConsumerThread {
                     Err(_) => receiver.try_recv().ok(),
                 };
                 let Some(ConsumerMessage::Delivery(delivery)) = next else { break };
-                self.shared.hand_back(line, queue, delivery);
+                if cancelled.is_err() {
+                    // The channel is broken (or breaking): its close gives back everything it
+                    // delivered. Publishing a copy too would run the task twice.
+                    drop(delivery);
+                    continue;
+                }
+                self.shared.hand_back(line, queue, delivery, publish_until);
                 handed += 1;
             }
         }
