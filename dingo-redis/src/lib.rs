@@ -35,7 +35,13 @@
 //!   ([`Context::redelivered`](dingo_core::Context::redelivered)). A task redelivered
 //!   [`max_redeliveries`](RedisOptions::max_redeliveries) times (its workers keep dying: it
 //!   may crash them) goes to the dead letters instead, and its caller gets a failure of kind
-//!   `WorkerLost`. Long tasks are never stolen while their process renews.
+//!   `WorkerLost`. Long tasks are never stolen while their process renews. Two limits: every
+//!   task in a dead worker's processing lists counts a redelivery, so healthy tasks fetched
+//!   again and again together with one that crashes its worker can reach the limit with it
+//!   (for tasks that may crash their process, keep the fetch small: `prefetch` = worker
+//!   threads, `batch=1`); and the caller of a task given up is told once, as the reaper
+//!   moves it (if that reaper's process dies at that moment, the caller waits out its own
+//!   timeout; the dead letter is kept either way).
 //! - **Fencing.** A consumer whose lease was taken over (its process stalled longer than the
 //!   lease) cannot complete its tasks afterwards: the script checks the lease first, rejects
 //!   the late report and the broker counts it ([`Stats::rejected_reports`]); the consumer
