@@ -31,6 +31,22 @@ fn fill_with(server: &Server, keys: u32) {
     assert_eq!(redis_cli(&server.url(), &["DEBUG", "POPULATE", &keys.to_string(), "filler"]), "OK");
 }
 
+/// A server that keeps every write in its append-only file (synced), filled so that it
+/// takes seconds to load it again after a restart: the keys go to the file's base, which
+/// loads key by key.
+fn slow_to_load_on_restart() -> Option<Server> {
+    let mut args = vec!["--appendonly", "yes", "--appendfsync", "always"];
+    args.extend(SLOW_LOAD);
+    let server = Server::start_with(&args)?;
+    fill(&server);
+    redis_cli(&server.url(), &["BGREWRITEAOF"]);
+    wait_until("the append-only file is rewritten", || {
+        let info = redis_cli(&server.url(), &["INFO", "persistence"]);
+        info.contains("aof_rewrite_in_progress:0") && info.contains("aof_rewrite_scheduled:0")
+    });
+    Some(server)
+}
+
 // Runs of each call of one test, by argument.
 static RESTART_RUNS: Mutex<Option<HashMap<u64, u32>>> = Mutex::new(None);
 static RELOAD_RUNS: Mutex<Option<HashMap<u64, u32>>> = Mutex::new(None);
@@ -88,16 +104,7 @@ fn expect_each_once(handles: Vec<(u64, Handle<u64>)>, runs: &Mutex<Option<HashMa
 /// once) all complete, each once.
 #[test]
 fn calls_wait_for_a_restarted_server_to_load_its_data() {
-    let mut args = vec!["--appendonly", "yes", "--appendfsync", "always", "--save", ""];
-    args.extend(SLOW_LOAD);
-    let Some(mut server) = Server::start_with(&args) else { return };
-    fill(&server);
-    // The keys go to the append-only file's base, which loads key by key.
-    redis_cli(&server.url(), &["BGREWRITEAOF"]);
-    wait_until("the append-only file is rewritten", || {
-        let info = redis_cli(&server.url(), &["INFO", "persistence"]);
-        info.contains("aof_rewrite_in_progress:0") && info.contains("aof_rewrite_scheduled:0")
-    });
+    let Some(mut server) = slow_to_load_on_restart() else { return };
     let (worker, caller) = apps(&server);
     let mut caller_events = Seen::watch(&caller);
     worker.allocate(restart_echo, 2).expect("allocate");
@@ -141,9 +148,7 @@ fn calls_wait_for_a_restarted_server_to_load_its_data() {
 /// the reload all complete, each once.
 #[test]
 fn live_connections_wait_out_a_reload() {
-    let mut args = vec!["--save", "", "--appendonly", "no"];
-    args.extend(SLOW_LOAD);
-    let Some(server) = Server::start_with(&args) else { return };
+    let Some(server) = Server::start_with(&SLOW_LOAD) else { return };
     fill(&server);
     let (worker, caller) = apps(&server);
     let mut worker_events = Seen::watch(&worker);
@@ -188,15 +193,7 @@ fn started_echo(n: u64) -> u64 {
 
 /// A server with an append-only file, killed and started again, loading it for seconds.
 fn restarted_and_loading() -> Option<Server> {
-    let mut args = vec!["--appendonly", "yes", "--appendfsync", "always", "--save", ""];
-    args.extend(SLOW_LOAD);
-    let mut server = Server::start_with(&args)?;
-    fill(&server);
-    redis_cli(&server.url(), &["BGREWRITEAOF"]);
-    wait_until("the append-only file is rewritten", || {
-        let info = redis_cli(&server.url(), &["INFO", "persistence"]);
-        info.contains("aof_rewrite_in_progress:0") && info.contains("aof_rewrite_scheduled:0")
-    });
+    let mut server = slow_to_load_on_restart()?;
     server.kill();
     server.spawn();
     assert!(server.loading(), "the restarted server is loading its data (else the test shows nothing)");
@@ -225,9 +222,7 @@ fn a_process_started_while_the_server_loads_waits_for_it() {
 /// connection attempt the busy server does not answer is joined when that times out.)
 #[test]
 fn apps_close_promptly_while_the_server_reloads() {
-    let mut args = vec!["--save", "", "--appendonly", "no"];
-    args.extend(SLOW_LOAD);
-    let Some(server) = Server::start_with(&args) else { return };
+    let Some(server) = Server::start_with(&SLOW_LOAD) else { return };
     // A reload of about 14 s: closing may take a few read timeouts (1.5 s here), not that.
     fill_with(&server, 120_000);
     let (worker, caller) = apps(&server);

@@ -26,7 +26,6 @@ mod tasks;
 
 #[cfg(feature = "redis")]
 mod redis {
-    use std::process::{Child, Command, Stdio};
     use std::time::{Duration, Instant};
 
     use dingo::redis::{RedisBroker, RedisOptions};
@@ -35,53 +34,19 @@ mod redis {
     use dingo_test_support::faults::wait_until;
     use dingo_test_support::process::{Examples, Proc};
     use dingo_test_support::redis::Redis;
+    use dingo_test_support::redis_server::Server;
 
     use super::{about, closed_port, tasks};
 
     /// The example programs, built with this test's features.
     const EXAMPLES: Examples = dingo_test_support::examples!["redis_worker", "redis_caller"];
 
-    /// A `redis-server` of the test's own on `port`, killed on drop.
-    struct Server(Child);
-
-    impl Server {
-        /// Whether `redis-server` is installed (if not, the test is skipped loudly, or fails
-        /// under `DINGO_REQUIRE_SERVICES=1`).
-        fn installed() -> bool {
-            let installed = Command::new("redis-server").arg("--version").stdout(Stdio::null()).status();
-            if !installed.is_ok_and(|s| s.success()) {
-                assert!(!dingo_test_support::services_required(), "redis-server is not installed");
-                eprintln!("SKIPPED: redis-server is not installed");
-                return false;
-            }
-            true
-        }
-
-        /// Starts one (with `args`) and waits until it accepts connections.
-        fn start(port: u16, args: &[&str]) -> Server {
-            let child = Command::new("redis-server")
-                .args(["--port", &port.to_string(), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"])
-                .args(["--daemonize", "no", "--logfile", ""])
-                .args(args)
-                .stdin(Stdio::null())
-                .stdout(Stdio::null())
-                .stderr(Stdio::null())
-                .spawn()
-                .expect("start redis-server");
-            let server = Server(child);
-            let addr = std::net::SocketAddr::from(([127, 0, 0, 1], port));
-            wait_until("the test's redis-server listens", || {
-                std::net::TcpStream::connect_timeout(&addr, Duration::from_millis(200)).is_ok()
-            });
-            server
-        }
-    }
-
-    impl Drop for Server {
-        fn drop(&mut self) {
-            let _ = self.0.kill();
-            let _ = self.0.wait();
-        }
+    /// A private `redis-server` on `port`, started now (it answers, if only `NOAUTH`), killed
+    /// on drop.
+    fn start(port: u16, args: &[&str]) -> Server {
+        let mut server = Server::on(port, args);
+        server.spawn();
+        server
     }
 
     fn patient(patience: Duration) -> RedisOptions {
@@ -153,7 +118,7 @@ mod redis {
             return;
         }
         let port = closed_port();
-        let _server = Server::start(port, &["--requirepass", "secret"]);
+        let _server = start(port, &["--requirepass", "secret"]);
         let started = Instant::now();
         let error = RedisBroker::connect_with(&format!("redis://127.0.0.1:{port}"), patient(Duration::from_secs(20)))
             .expect_err("no password");
@@ -183,7 +148,7 @@ mod redis {
         let connecting = std::thread::spawn(move || RedisBroker::connect_with(&url, options));
         std::thread::sleep(Duration::from_secs(1));
         assert!(!connecting.is_finished(), "connect returned before the server was there");
-        let _server = Server::start(port, &[]);
+        let _server = start(port, &[]);
         let broker = connecting.join().expect("the connecting thread").expect("connected once the server came up");
         let took = started.elapsed();
         assert!(took >= Duration::from_secs(1) && took < Duration::from_secs(10), "connected after {took:?}");
@@ -237,7 +202,7 @@ mod redis {
         let mut worker = Proc::spawn(&EXAMPLES, "redis_worker", &["--tasks", "3", "--threads", "2"], &env);
         std::thread::sleep(Duration::from_secs(2));
         assert_eq!(worker.stdout(), "", "the worker is not ready without its server");
-        let _server = Server::start(port, &[]);
+        let _server = start(port, &[]);
         wait_until("the worker is ready", || worker.stdout().contains("worker ready"));
 
         let options = RedisOptions::new().namespace(namespace.as_str());

@@ -561,11 +561,6 @@ pub(crate) fn run(
     Ok(values)
 }
 
-/// [`resend`] with a sequence.
-pub(crate) fn renumber(calls: &mut [Call], i: usize, sequence: &mut Sequence) {
-    resend(calls, i, Some(sequence));
-}
-
 /// Readies call `i` to be sent again after calls that followed it ran: a new number (and, for
 /// the `SET` that numbers a transaction's push, its redo too), and the resent flag.
 fn resend(calls: &mut [Call], i: usize, sequence: Option<&mut Sequence>) {
@@ -584,10 +579,16 @@ fn resend(calls: &mut [Call], i: usize, sequence: Option<&mut Sequence>) {
 }
 
 /// After a round trip a server not ready refused in part: the calls of `todo` that ran keep
-/// their replies; those it refused are readied to go again (see [`resend`]). A transaction
-/// (`MULTI` … `EXEC`) ran whole or not at all, as its `EXEC` says; a refused wait is marked
-/// done (it is not waited again: the fetch after it runs either way).
-fn keep_what_ran(calls: &mut [Call], todo: &[usize], replies: Vec<Value>, mut sequence: Option<&mut Sequence>) {
+/// their replies; those it refused (or that met a flushed script cache) are readied to go
+/// again (see [`resend`]). A transaction (`MULTI` … `EXEC`) ran whole or not at all, as its
+/// `EXEC` says; a refused wait is marked done (it is not waited again: the fetch after it
+/// runs either way).
+pub(crate) fn keep_what_ran(
+    calls: &mut [Call],
+    todo: &[usize],
+    replies: Vec<Value>,
+    mut sequence: Option<&mut Sequence>,
+) {
     let mut replies: Vec<Option<Value>> = replies.into_iter().map(Some).collect();
     let mut at = 0;
     while at < todo.len() {
@@ -607,7 +608,9 @@ fn keep_what_ran(calls: &mut [Call], todo: &[usize], replies: Vec<Value>, mut se
             continue;
         }
         match replies[at].take() {
-            Some(Value::ServerError(e)) if crate::conn::is_not_ready(&redis::RedisError::from(e.clone())) => {
+            Some(Value::ServerError(e))
+                if e.code() == "NOSCRIPT" || crate::conn::is_not_ready(&redis::RedisError::from(e.clone())) =>
+            {
                 if calls[i].is("BLPOP") {
                     calls[i].done = Some(Value::Nil);
                 } else {

@@ -22,25 +22,42 @@ impl Server {
     /// A server on a free port keeping nothing on disk, or `None` (skipped loudly, or failed
     /// under `DINGO_REQUIRE_SERVICES=1`) when `redis-server` is not installed.
     pub fn start_fresh() -> Option<Server> {
-        Server::start_with(&["--save", "", "--appendonly", "no"])
+        Server::start_with(&[])
     }
 
     /// A server with these extra arguments (`redis-server` options, e.g. `["--appendonly",
-    /// "yes"]`), kept for every restart.
+    /// "yes"]`; by default it keeps nothing on disk), kept for every restart.
     pub fn start_with(args: &[&str]) -> Option<Server> {
+        if !Server::installed() {
+            return None;
+        }
+        let port = TcpListener::bind("127.0.0.1:0").expect("a free port").local_addr().expect("addr").port();
+        let mut server = Server::on(port, args);
+        server.start();
+        Some(server)
+    }
+
+    /// A server on `port` (one a test chose beforehand, e.g. to point a program at it before
+    /// it runs) with these extra arguments and nothing kept on disk, not started yet (see
+    /// [`spawn`](Server::spawn)). Check [`installed`](Server::installed) first.
+    pub fn on(port: u16, args: &[&str]) -> Server {
+        let dir = std::env::temp_dir().join(crate::unique("dingo-redis-server"));
+        std::fs::create_dir_all(&dir).expect("a directory for the server");
+        let mut all: Vec<String> = ["--save", "", "--appendonly", "no"].iter().map(|a| (*a).to_owned()).collect();
+        all.extend(args.iter().map(|a| (*a).to_owned()));
+        Server { child: None, port, dir, args: all }
+    }
+
+    /// Whether `redis-server` is installed; if not, the test is skipped loudly (or fails
+    /// under `DINGO_REQUIRE_SERVICES=1`).
+    pub fn installed() -> bool {
         let installed = Command::new("redis-server").arg("--version").stdout(Stdio::null()).status();
         if !installed.is_ok_and(|s| s.success()) {
             assert!(!crate::services_required(), "redis-server is not installed");
             eprintln!("SKIPPED: redis-server is not installed");
-            return None;
+            return false;
         }
-        let port = TcpListener::bind("127.0.0.1:0").expect("a free port").local_addr().expect("addr").port();
-        let dir = std::env::temp_dir().join(crate::unique("dingo-redis-server"));
-        std::fs::create_dir_all(&dir).expect("a directory for the server");
-        let args = args.iter().map(|a| (*a).to_owned()).collect();
-        let mut server = Server { child: None, port, dir, args };
-        server.start();
-        Some(server)
+        true
     }
 
     /// `redis://127.0.0.1:PORT`.

@@ -18,7 +18,7 @@ use dingo_core::message::{ReportBody, ReportMessage};
 use dingo_core::{BrokerError, BrokerErrorKind, CallKey, TaskError, TaskErrorKind};
 
 use super::{Inner, Thread, actor, lock};
-use crate::conn::{Conn, is_connection_error, is_not_ready};
+use crate::conn::{Conn, is_connection_error};
 use crate::keys::QueueKeys;
 use crate::scripts::{self, Call, Readiness, Redo, SEQ_TTL, Sequence};
 
@@ -225,15 +225,20 @@ fn answer(inner: &Inner, line: &mut Line, stop: &AtomicBool) {
             }
         }
         let whole: Option<Vec<redis::Value>> = replies.iter().cloned().collect();
-        match whole.filter(|whole| whole.len() == calls.len()).map(|whole| scripts::readiness(calls.iter(), &whole)) {
-            Some(Readiness::Refused(_)) => {
-                write(inner, line, stop, Written { calls, batch, owners, generation: None }, false);
-                continue;
+        if let Some(whole) = whole.filter(|whole| whole.len() == calls.len()) {
+            match scripts::readiness(calls.iter(), &whole) {
+                Readiness::Refused(_) => {
+                    write(inner, line, stop, Written { calls, batch, owners, generation: None }, false);
+                    continue;
+                }
+                // What was refused runs after what followed it: new numbers (else it would
+                // look applied, see `scripts::SEEN`), then as below.
+                Readiness::Partly(_) => {
+                    let all: Vec<usize> = (0..calls.len()).collect();
+                    scripts::keep_what_ran(&mut calls, &all, whole, Some(&mut line.sequence));
+                }
+                Readiness::Ready => {}
             }
-            // What was refused runs after what followed it: new numbers (else it would look
-            // applied, see `scripts::SEEN`), then as below.
-            Some(Readiness::Partly(_)) => renumber_refused(&mut calls, &replies, &mut line.sequence),
-            _ => {}
         }
         // An error reply (a script cache flushed, …) leaves its call unanswered.
         let done: Vec<bool> = (0..calls.len())
@@ -262,25 +267,6 @@ fn answer(inner: &Inner, line: &mut Line, stop: &AtomicBool) {
             continue;
         }
         write(inner, line, stop, Written { calls, batch, owners, generation: None }, true);
-    }
-}
-
-/// Gives new numbers to the calls a server not ready refused (a transaction whose `EXEC` it
-/// refused: every step), before they are sent again.
-fn renumber_refused(calls: &mut [Call], replies: &[Option<redis::Value>], sequence: &mut Sequence) {
-    let refused = |reply: Option<&Option<redis::Value>>| match reply {
-        Some(Some(redis::Value::ServerError(e))) => is_not_ready(&redis::RedisError::from(e.clone())),
-        _ => false,
-    };
-    let exec_refused = calls.iter().position(|call| call.is("EXEC")).is_some_and(|at| {
-        !matches!(replies.get(at), Some(Some(redis::Value::Array(_))))
-            && (0..calls.len()).any(|i| refused(replies.get(i)))
-    });
-    let in_transaction = calls.iter().position(|call| call.is("MULTI")).unwrap_or(calls.len());
-    for i in 0..calls.len() {
-        if refused(replies.get(i)) || (exec_refused && i > in_transaction) {
-            scripts::renumber(calls, i, sequence);
-        }
     }
 }
 
