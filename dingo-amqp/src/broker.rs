@@ -24,7 +24,7 @@ use std::time::{Duration, Instant};
 
 use amiquip::{AmqpValue, Channel, QueueDeleteOptions};
 use crossbeam_channel::{Receiver, Sender};
-use dingo_core::broker::router::ReportRouter;
+use dingo_core::broker::router::{ReportRouter, UnclaimedLimit};
 use dingo_core::broker::support::{Lazy, check_size, redact_url, reply_address};
 use dingo_core::broker::{Ack, ConsumeSettings, Consumer, Producer, Reporter, Store, Subscription, Users};
 use dingo_core::event::{EventSink, EventSinks};
@@ -138,7 +138,11 @@ impl AmqpBroker {
         let names = Names::new(&options.namespace);
         let reply_queue: Arc<str> = Arc::from(names.reply_queue(UuidV7.next_id().as_str()));
         let inner = Arc::new(Inner {
-            router: ReportRouter::new(options.result_ttl, 1_000_000),
+            router: ReportRouter::new(
+                options.result_ttl,
+                UnclaimedLimit::new(options.max_unclaimed, options.max_unclaimed_bytes),
+                events.clone(),
+            ),
             names,
             reply_queue,
             session,

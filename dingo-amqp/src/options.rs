@@ -59,6 +59,12 @@ pub struct AmqpOptions {
     /// How long reports wait in a caller's reply queue, and how long an unused reply queue
     /// lives (its process gone). Default 1 day.
     pub result_ttl: Duration,
+    /// How many reports nobody waits for (early, of dropped handles, forged) a caller keeps
+    /// at most, the oldest dropped first, with a warning event
+    /// ([`UnclaimedLimit`](dingo_core::broker::router::UnclaimedLimit)). Default 100,000.
+    pub max_unclaimed: usize,
+    /// How many bytes of such reports a caller keeps at most. Default 64 MiB.
+    pub max_unclaimed_bytes: usize,
     /// First and longest pause between reconnection attempts (doubling in between), at
     /// start-up too. Default 10 ms and 2 s.
     pub reconnect_backoff: (Duration, Duration),
@@ -96,6 +102,8 @@ impl Default for AmqpOptions {
             connect_timeout: Duration::from_secs(5),
             max_message_size: 16 << 20,
             result_ttl: Duration::from_secs(24 * 3600),
+            max_unclaimed: dingo_core::broker::router::UnclaimedLimit::default().reports,
+            max_unclaimed_bytes: dingo_core::broker::router::UnclaimedLimit::default().bytes,
             reconnect_backoff: (Duration::from_millis(10), Duration::from_secs(2)),
             connect_retry: dingo_core::broker::support::CONNECT_RETRY,
             settle_grace: Duration::from_secs(5),
@@ -105,7 +113,7 @@ impl Default for AmqpOptions {
 }
 
 /// The query keys an AMQP URL may hold.
-const URL_KEYS: [&str; 13] = [
+const URL_KEYS: [&str; 15] = [
     "namespace",
     "durable",
     "quorum",
@@ -119,6 +127,8 @@ const URL_KEYS: [&str; 13] = [
     "result_ttl_s",
     "wait_spin_us",
     "connect_retry_s",
+    "max_unclaimed",
+    "max_unclaimed_bytes",
 ];
 
 impl AmqpOptions {
@@ -216,6 +226,18 @@ impl AmqpOptions {
         self
     }
 
+    /// Sets [`max_unclaimed`](AmqpOptions::max_unclaimed).
+    pub fn max_unclaimed(mut self, reports: usize) -> AmqpOptions {
+        self.max_unclaimed = reports;
+        self
+    }
+
+    /// Sets [`max_unclaimed_bytes`](AmqpOptions::max_unclaimed_bytes).
+    pub fn max_unclaimed_bytes(mut self, bytes: usize) -> AmqpOptions {
+        self.max_unclaimed_bytes = bytes;
+        self
+    }
+
     /// Sets [`settle_grace`](AmqpOptions::settle_grace).
     pub fn settle_grace(mut self, grace: Duration) -> AmqpOptions {
         self.settle_grace = grace;
@@ -232,7 +254,7 @@ impl AmqpOptions {
     /// `persistent_reports`, `prefetch`, `hand_back_after_ms` (0 turns it off),
     /// `max_redeliveries`, `max_unconfirmed`, `heartbeat` (seconds, as RabbitMQ's URI spec
     /// has it), `connection_timeout` (milliseconds, likewise), `result_ttl_s`, `wait_spin_us`,
-    /// `connect_retry_s`. Any
+    /// `connect_retry_s`, `max_unclaimed`, `max_unclaimed_bytes`. Any
     /// other key is an error (a misspelt option should not pass unnoticed). Returns the URL
     /// without its query, and the options.
     pub(crate) fn apply_url(mut self, url: &str) -> Result<(String, AmqpOptions), String> {
@@ -263,6 +285,10 @@ impl AmqpOptions {
                 "result_ttl_s" => self = self.result_ttl(Duration::from_secs(number()?)),
                 "wait_spin_us" => self = self.wait_spin(Duration::from_micros(number()?)),
                 "connect_retry_s" => self = self.connect_retry(Duration::from_secs(number()?)),
+                "max_unclaimed" => self = self.max_unclaimed(usize::try_from(number()?).unwrap_or(usize::MAX)),
+                "max_unclaimed_bytes" => {
+                    self = self.max_unclaimed_bytes(usize::try_from(number()?).unwrap_or(usize::MAX))
+                }
                 _ => return Err(format!("unknown option `{key}` (known: {})", URL_KEYS.join(", "))),
             }
         }
@@ -333,7 +359,7 @@ mod tests {
             error,
             "unknown option `prefech` (known: namespace, durable, quorum, persistent_reports, prefetch, \
              hand_back_after_ms, max_redeliveries, max_unconfirmed, heartbeat, connection_timeout, result_ttl_s, \
-             wait_spin_us, connect_retry_s)"
+             wait_spin_us, connect_retry_s, max_unclaimed, max_unclaimed_bytes)"
         );
         assert!(AmqpOptions::new().apply_url("amqp://h/?quorum=true&durable=false").is_err());
         assert!(AmqpOptions::new().apply_url("amqp://h/?namespace=").is_err());

@@ -24,7 +24,7 @@ use std::thread::JoinHandle;
 use std::time::Duration;
 
 use arc_swap::ArcSwap;
-use dingo_core::broker::router::ReportRouter;
+use dingo_core::broker::router::{ReportRouter, UnclaimedLimit};
 use dingo_core::broker::support::{Lazy, check_size, connect_retrying, redact_url, reply_address};
 use dingo_core::broker::{Ack, ConsumeSettings, Consumer, Producer, Reporter, Store, Subscription, Users};
 use dingo_core::event::{EventSink, EventSinks, Origin};
@@ -172,7 +172,8 @@ impl RedisBroker {
         );
         let process: Arc<str> = Arc::from(UuidV7.next_id().as_str());
         let misc = misc.named(&client_name(&options.namespace, &process, "command"));
-        let router = ReportRouter::new(options.result_ttl, 1_000_000);
+        let limit = UnclaimedLimit::new(options.max_unclaimed, options.max_unclaimed_bytes);
+        let router = ReportRouter::new(options.result_ttl, limit, events.clone());
         let inner = Arc::new(Inner {
             client,
             process,

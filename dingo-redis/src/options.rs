@@ -43,6 +43,12 @@ pub struct RedisOptions {
     pub max_message_size: usize,
     /// How many dead letters a queue keeps (the oldest are dropped). Default 10,000.
     pub max_dead_letters: usize,
+    /// How many reports nobody waits for (early, of dropped handles, forged) a caller keeps
+    /// at most, the oldest dropped first, with a warning event
+    /// ([`UnclaimedLimit`](dingo_core::broker::router::UnclaimedLimit)). Default 100,000.
+    pub max_unclaimed: usize,
+    /// How many bytes of such reports a caller keeps at most. Default 64 MiB.
+    pub max_unclaimed_bytes: usize,
     /// First and longest pause between reconnection attempts (doubling in between), at
     /// start-up too. Default 10 ms and 2 s.
     pub reconnect_backoff: (Duration, Duration),
@@ -79,6 +85,8 @@ impl Default for RedisOptions {
             send_buffer: 65_536,
             max_message_size: 16 << 20,
             max_dead_letters: 10_000,
+            max_unclaimed: dingo_core::broker::router::UnclaimedLimit::default().reports,
+            max_unclaimed_bytes: dingo_core::broker::router::UnclaimedLimit::default().bytes,
             reconnect_backoff: (Duration::from_millis(10), Duration::from_secs(2)),
             connect_retry: dingo_core::broker::support::CONNECT_RETRY,
             wait_spin: Duration::from_micros(80),
@@ -87,7 +95,7 @@ impl Default for RedisOptions {
 }
 
 /// The query keys a Redis URL may hold: dingo's, then the client library's.
-const URL_KEYS: [&str; 13] = [
+const URL_KEYS: [&str; 15] = [
     "namespace",
     "lease_ms",
     "prefetch",
@@ -97,6 +105,8 @@ const URL_KEYS: [&str; 13] = [
     "max_redeliveries",
     "wait_spin_us",
     "connect_retry_s",
+    "max_unclaimed",
+    "max_unclaimed_bytes",
     "protocol",
     "db",
     "user",
@@ -175,6 +185,18 @@ impl RedisOptions {
         self
     }
 
+    /// Sets [`max_unclaimed`](RedisOptions::max_unclaimed).
+    pub fn max_unclaimed(mut self, reports: usize) -> RedisOptions {
+        self.max_unclaimed = reports;
+        self
+    }
+
+    /// Sets [`max_unclaimed_bytes`](RedisOptions::max_unclaimed_bytes).
+    pub fn max_unclaimed_bytes(mut self, bytes: usize) -> RedisOptions {
+        self.max_unclaimed_bytes = bytes;
+        self
+    }
+
     /// Sets [`reconnect_backoff`](RedisOptions::reconnect_backoff).
     pub fn reconnect_backoff(mut self, first: Duration, longest: Duration) -> RedisOptions {
         self.reconnect_backoff = (first, longest.max(first));
@@ -189,7 +211,8 @@ impl RedisOptions {
 
     /// Splits dingo's settings off a URL's query string: `namespace`, `lease_ms`,
     /// `prefetch`, `batch`, `result_ttl_s`, `block_timeout_ms`, `max_redeliveries`,
-    /// `wait_spin_us` and `connect_retry_s` override these options; the client library's
+    /// `wait_spin_us`, `connect_retry_s`, `max_unclaimed` and `max_unclaimed_bytes`
+    /// override these options; the client library's
     /// own keys (`protocol`; `db`, `user`, `pass` for `redis+unix`) stay in the URL, and
     /// any other key is an error (a misspelt option should not pass unnoticed). Returns the
     /// URL left for the client and the options.
@@ -214,6 +237,10 @@ impl RedisOptions {
                 "max_redeliveries" => self = self.max_redeliveries(u32::try_from(number()?).unwrap_or(u32::MAX)),
                 "wait_spin_us" => self = self.wait_spin(Duration::from_micros(number()?)),
                 "connect_retry_s" => self = self.connect_retry(Duration::from_secs(number()?)),
+                "max_unclaimed" => self = self.max_unclaimed(usize::try_from(number()?).unwrap_or(usize::MAX)),
+                "max_unclaimed_bytes" => {
+                    self = self.max_unclaimed_bytes(usize::try_from(number()?).unwrap_or(usize::MAX))
+                }
                 "protocol" | "db" | "user" | "pass" => kept.push(pair),
                 _ => return Err(format!("unknown option `{key}` (known: {})", URL_KEYS.join(", "))),
             }
@@ -300,7 +327,8 @@ mod tests {
         assert_eq!(
             error,
             "unknown option `leas_ms` (known: namespace, lease_ms, prefetch, batch, result_ttl_s, block_timeout_ms, \
-             max_redeliveries, wait_spin_us, connect_retry_s, protocol, db, user, pass)"
+             max_redeliveries, wait_spin_us, connect_retry_s, max_unclaimed, max_unclaimed_bytes, protocol, db, user, \
+             pass)"
         );
         let (url, _) = RedisOptions::new().apply_url("redis+unix:///tmp/r.sock?db=2&pass=pw").expect("client keys");
         assert_eq!(url, "redis+unix:///tmp/r.sock?db=2&pass=pw");

@@ -25,7 +25,7 @@ use std::time::{Duration, Instant};
 use arc_swap::ArcSwap;
 use crossbeam_channel::{Receiver, Select, SendTimeoutError, Sender, TryRecvError, TrySendError};
 
-use crate::broker::router::{ReportRouter, Routed};
+use crate::broker::router::{ReportRouter, Routed, UnclaimedLimit};
 use crate::broker::{Ack, ConsumeSettings, Consumer, Delivery, Producer, Recv, Reporter, Store, Subscription, Users};
 use crate::error::{BrokerError, BrokerErrorKind, TaskError, TaskErrorKind};
 use crate::event::{Event, EventKind, EventSink, EventSinks, Level, Origin};
@@ -46,8 +46,10 @@ pub struct LocalOptions {
     /// How long a report nobody waits for is kept (serialized mode). Default 1 hour.
     pub result_ttl: Duration,
     /// How many reports nobody waits for are kept at most, oldest dropped first
-    /// (serialized mode). Default 100,000.
+    /// (serialized mode). Default 100,000. See [`UnclaimedLimit`].
     pub max_unclaimed: usize,
+    /// How many bytes of them are kept at most (serialized mode). Default 64 MiB.
+    pub max_unclaimed_bytes: usize,
     /// How many dead letters are kept (the oldest are dropped). Default 1,000.
     pub max_dead_letters: usize,
 }
@@ -59,7 +61,8 @@ impl Default for LocalOptions {
             serialized: false,
             max_message_size: 16 << 20,
             result_ttl: Duration::from_secs(3600),
-            max_unclaimed: 100_000,
+            max_unclaimed: UnclaimedLimit::default().reports,
+            max_unclaimed_bytes: UnclaimedLimit::default().bytes,
             max_dead_letters: 1_000,
         }
     }
@@ -92,6 +95,18 @@ impl LocalOptions {
     /// Sets [`result_ttl`](LocalOptions::result_ttl).
     pub fn result_ttl(mut self, ttl: Duration) -> LocalOptions {
         self.result_ttl = ttl;
+        self
+    }
+
+    /// Sets [`max_unclaimed`](LocalOptions::max_unclaimed).
+    pub fn max_unclaimed(mut self, reports: usize) -> LocalOptions {
+        self.max_unclaimed = reports;
+        self
+    }
+
+    /// Sets [`max_unclaimed_bytes`](LocalOptions::max_unclaimed_bytes).
+    pub fn max_unclaimed_bytes(mut self, bytes: usize) -> LocalOptions {
+        self.max_unclaimed_bytes = bytes;
         self
     }
 }
@@ -155,7 +170,9 @@ impl LocalBroker {
     pub fn with_options(options: LocalOptions) -> LocalBroker {
         static NEXT: AtomicUsize = AtomicUsize::new(1);
         let (shutdown_tx, shutdown_rx) = crossbeam_channel::bounded(0);
-        let router = ReportRouter::new(options.result_ttl, options.max_unclaimed);
+        let events = EventSinks::new();
+        let limit = UnclaimedLimit::new(options.max_unclaimed, options.max_unclaimed_bytes);
+        let router = ReportRouter::new(options.result_ttl, limit, events.clone());
         LocalBroker {
             inner: Arc::new(Inner {
                 address: Arc::from(format!("local.{}", NEXT.fetch_add(1, Ordering::Relaxed))),
@@ -166,7 +183,7 @@ impl LocalBroker {
                 users: Users::default(),
                 shutdown_tx: Mutex::new(Some(shutdown_tx)),
                 shutdown_rx,
-                events: EventSinks::new(),
+                events,
                 router,
                 dead: Mutex::new(VecDeque::new()),
             }),

@@ -5,19 +5,69 @@
 
 use std::collections::VecDeque;
 use std::fmt;
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use crate::event::{Event, EventKind, EventSinks, Level, Origin};
 use crate::id::{CallKey, FastMap};
-use crate::message::{ReplySink, ReportMessage, ReportSink};
+use crate::message::{ReplySink, ReportBody, ReportMessage, ReportSink, Value};
+
+/// How much a [`ReportRouter`] keeps of the reports nobody waits for: at most `reports` of
+/// them and at most `bytes` of their contents, the oldest dropped first.
+///
+/// Reports nobody waits for are those that arrive before their handle watches (kept until
+/// it does), of calls whose handle was dropped, and forged ones: anyone who can write to a
+/// caller's reply list or queue can send it reports (see the README's trust boundary). The
+/// bounds keep a flood of them from costing the caller more than `bytes` of memory.
+///
+/// ```
+/// use dingo_core::broker::router::UnclaimedLimit;
+///
+/// let limit = UnclaimedLimit::new(10_000, 8 << 20);
+/// assert_eq!((limit.reports, limit.bytes), (10_000, 8 << 20));
+/// assert_eq!(UnclaimedLimit::default().bytes, 64 << 20);
+/// ```
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct UnclaimedLimit {
+    /// Reports kept at most. Default 100,000.
+    pub reports: usize,
+    /// Bytes of report contents (payloads, error messages, names and ids) kept at most.
+    /// Default 64 MiB.
+    pub bytes: usize,
+}
+
+impl UnclaimedLimit {
+    /// At most `reports` reports and `bytes` bytes.
+    pub fn new(reports: usize, bytes: usize) -> UnclaimedLimit {
+        UnclaimedLimit { reports, bytes }
+    }
+}
+
+impl Default for UnclaimedLimit {
+    fn default() -> UnclaimedLimit {
+        UnclaimedLimit { reports: 100_000, bytes: 64 << 20 }
+    }
+}
+
+/// How often at most the router warns that it dropped reports at its bound.
+const WARN_EVERY: Duration = Duration::from_secs(10);
 
 /// Hands reports to the handles waiting for them; keeps, for a while, those that arrive
-/// before their handle (or after it was dropped).
+/// before their handle (or after it was dropped), within an [`UnclaimedLimit`].
+///
+/// It warns (a `Warning` event of kind [`EventKind::UnclaimedReport`], from
+/// [`Origin::Store`]) when what it keeps reaches half of either bound (again after it fell
+/// below a quarter), and when it drops reports at a bound (at most once per 10 seconds,
+/// with the count since the last warning); [`ReportRouter::dropped`] counts those.
 pub struct ReportRouter {
     state: Mutex<State>,
     ttl: Duration,
-    max_unclaimed: usize,
+    limit: UnclaimedLimit,
+    events: EventSinks,
+    /// Reports dropped at the bounds (not those that expired).
+    dropped: AtomicU64,
     closed: AtomicBool,
     /// `state.watched.len()` as of its last change, for readers that must not take the lock
     /// (every wait asks it).
@@ -31,29 +81,60 @@ pub enum Routed {
     Delivered,
     /// Nobody waits for it yet: kept until a handle watches its call, or it expires.
     Kept,
-    /// The router is closed: dropped.
+    /// The router is closed, or nobody waits for it and it alone is larger than the
+    /// [`UnclaimedLimit`]'s byte bound: dropped.
     Dropped,
 }
 
 #[derive(Default)]
 struct State {
     watched: FastMap<CallKey, ReplySink>,
-    unclaimed: FastMap<CallKey, (u64, Vec<ReportMessage<'static>>)>,
+    unclaimed: FastMap<CallKey, Unclaimed>,
     /// Keys in the order they became unclaimed, with their generation: an entry whose
     /// generation no longer matches was claimed since and is skipped.
     order: VecDeque<(Instant, CallKey, u64)>,
+    /// Reports kept, and their weight in bytes (see `weight`).
     kept: usize,
+    bytes: usize,
     generation: u64,
+    /// Dropped at a bound since the last warning about it, and when that was.
+    dropped_unwarned: u64,
+    warned_drop: Option<Instant>,
+    /// Warned that half of a bound was reached (re-armed below a quarter).
+    warned_half: bool,
+}
+
+/// The reports kept for one call.
+struct Unclaimed {
+    generation: u64,
+    reports: Vec<ReportMessage<'static>>,
+    bytes: usize,
+}
+
+/// What keeping a report did, for the warnings given outside the lock.
+#[derive(Default)]
+struct Kept {
+    /// Dropped at a bound (the report itself, if larger than the byte bound alone, or
+    /// older ones).
+    dropped: u64,
+    /// A warning is due: the count dropped since the last one.
+    warn_dropped: Option<u64>,
+    /// Half of a bound was just reached: (reports, bytes) kept.
+    warn_half: Option<(usize, usize)>,
+    /// The report itself was dropped (larger than the byte bound alone).
+    refused: bool,
 }
 
 impl ReportRouter {
-    /// A router keeping unclaimed reports for `ttl`, at most `max_unclaimed` of them (the
-    /// oldest go first).
-    pub fn new(ttl: Duration, max_unclaimed: usize) -> ReportRouter {
+    /// A router keeping unclaimed reports for `ttl`, within `limit` (the oldest go first),
+    /// warning through `events`.
+    pub fn new(ttl: Duration, limit: UnclaimedLimit, events: EventSinks) -> ReportRouter {
         ReportRouter {
             state: Mutex::new(State::default()),
             ttl,
-            max_unclaimed,
+            limit,
+            events,
+            dropped: AtomicU64::new(0),
             closed: AtomicBool::new(false),
             watching: AtomicUsize::new(0),
         }
@@ -92,13 +173,44 @@ impl ReportRouter {
             if self.closed.load(Ordering::Acquire) {
                 return Routed::Dropped;
             }
-            state.keep(key, report, self.ttl, self.max_unclaimed);
-            return Routed::Kept;
+            let kept = state.keep(key, report, self.ttl, self.limit);
+            drop(state);
+            return self.kept(kept);
         };
         // Outside the lock: delivering may run the caller's callbacks.
         drop(state);
         sink.deliver(report.body);
         Routed::Delivered
+    }
+
+    /// Counts and warns about what keeping a report did (outside the lock).
+    fn kept(&self, kept: Kept) -> Routed {
+        let UnclaimedLimit { reports, bytes } = self.limit;
+        if let Some((count, size)) = kept.warn_half {
+            let message = format!(
+                "{count} reports ({size} bytes) are kept for calls nobody waits for, half of the bound ({reports} \
+                 reports, {bytes} bytes): reports arrive for calls no handle watches (dropped handles, or forged reports)"
+            );
+            self.events.emit(Event::new(Origin::Store, Level::Warning, EventKind::UnclaimedReport, message));
+        }
+        if kept.dropped > 0 {
+            self.dropped.fetch_add(kept.dropped, Ordering::Relaxed);
+        }
+        if let Some(count) = kept.warn_dropped {
+            let message = format!(
+                "{count} reports nobody waits for were dropped at the bound of {reports} reports and {bytes} bytes \
+                 (the oldest go first; {} in all)",
+                self.dropped()
+            );
+            self.events.emit(Event::new(Origin::Store, Level::Warning, EventKind::UnclaimedReport, message));
+        }
+        if kept.refused { Routed::Dropped } else { Routed::Kept }
+    }
+
+    /// How many reports nobody waited for were dropped at the [`UnclaimedLimit`] (those
+    /// that expired are not counted).
+    pub fn dropped(&self) -> u64 {
+        self.dropped.load(Ordering::Relaxed)
     }
 
     /// Stops watching `key` (its handle is gone).
@@ -171,36 +283,85 @@ impl fmt::Debug for ReportRouter {
     }
 }
 
+/// What a kept report costs, in bytes: its contents (names, id, payload, error message)
+/// and a fixed share for the bookkeeping around it.
+fn weight(report: &ReportMessage<'_>) -> usize {
+    let contents = match &report.body {
+        ReportBody::Sent | ReportBody::Progress(None) => 0,
+        ReportBody::Progress(Some(encoded)) | ReportBody::Success(Value::Encoded(encoded)) => encoded.bytes.len(),
+        ReportBody::Success(Value::Local(_)) => 0,
+        ReportBody::Failure(error) => error.message().len() + error.raw_payload().map_or(0, |p| p.bytes.len()),
+    };
+    64 + report.name.as_str().len() + report.id.as_str().len() + contents
+}
+
 impl State {
-    fn keep(&mut self, key: CallKey, report: ReportMessage<'static>, ttl: Duration, max: usize) {
-        let now = Instant::now();
-        while let Some((at, _, _)) = self.order.front() {
-            let expired = now.duration_since(*at) > ttl;
-            if !expired && self.kept < max && self.order.len() < 2 * max.max(1) {
-                break;
+    /// Keeps `report`, dropping what expired and, oldest first, what is over `limit`.
+    fn keep(&mut self, key: CallKey, report: ReportMessage<'static>, ttl: Duration, limit: UnclaimedLimit) -> Kept {
+        let mut kept = Kept::default();
+        let size = weight(&report);
+        if size > limit.bytes || limit.reports == 0 {
+            kept.dropped = 1;
+            kept.refused = true;
+        } else {
+            let now = Instant::now();
+            while let Some((at, _, _)) = self.order.front() {
+                let expired = now.duration_since(*at) > ttl;
+                let over = self.kept >= limit.reports || self.bytes + size > limit.bytes;
+                if !expired && !over && self.order.len() < 2 * limit.reports {
+                    break;
+                }
+                if let Some((_, old, generation)) = self.order.pop_front()
+                    && self.unclaimed.get(&old).is_some_and(|u| u.generation == generation)
+                    && let Some(old) = self.unclaimed.remove(&old)
+                {
+                    self.kept -= old.reports.len();
+                    self.bytes -= old.bytes;
+                    if !expired {
+                        kept.dropped += old.reports.len() as u64;
+                    }
+                }
             }
-            if let Some((_, old, generation)) = self.order.pop_front()
-                && self.unclaimed.get(&old).is_some_and(|(g, _)| *g == generation)
-                && let Some((_, reports)) = self.unclaimed.remove(&old)
-            {
-                self.kept -= reports.len();
+            let generation = self.generation;
+            let entry = self.unclaimed.entry(key.clone()).or_insert_with(|| Unclaimed {
+                generation,
+                reports: Vec::new(),
+                bytes: 0,
+            });
+            if entry.generation == generation {
+                self.generation += 1;
+                self.order.push_back((now, key, generation));
+            }
+            entry.reports.push(report);
+            entry.bytes += size;
+            self.kept += 1;
+            self.bytes += size;
+        }
+        if self.kept * 4 < limit.reports && self.bytes * 4 < limit.bytes {
+            self.warned_half = false;
+        }
+        let half = self.kept * 2 >= limit.reports.max(1) || self.bytes * 2 >= limit.bytes.max(1);
+        if half && !self.warned_half {
+            self.warned_half = true;
+            kept.warn_half = Some((self.kept, self.bytes));
+        }
+        if kept.dropped > 0 {
+            self.dropped_unwarned += kept.dropped;
+            let now = Instant::now();
+            if self.warned_drop.is_none_or(|at| now.duration_since(at) >= WARN_EVERY) {
+                self.warned_drop = Some(now);
+                kept.warn_dropped = Some(std::mem::take(&mut self.dropped_unwarned));
             }
         }
-        let generation = self.generation;
-        let (entry_generation, reports) = self.unclaimed.entry(key.clone()).or_insert_with(|| (generation, Vec::new()));
-        if *entry_generation == generation {
-            self.generation += 1;
-            self.order.push_back((now, key, generation));
-        }
-        reports.push(report);
-        self.kept += 1;
+        kept
     }
 
     fn claim(&mut self, key: &CallKey) -> Vec<ReportMessage<'static>> {
         match self.unclaimed.remove(key) {
-            Some((_, reports)) => {
-                self.kept -= reports.len();
-                reports
+            Some(claimed) => {
+                self.kept -= claimed.reports.len();
+                self.bytes -= claimed.bytes;
+                claimed.reports
             }
             None => Vec::new(),
         }
@@ -232,7 +393,7 @@ mod tests {
 
     #[test]
     fn early_reports_wait_and_expire_in_order() {
-        let router = ReportRouter::new(Duration::from_secs(60), 2);
+        let router = ReportRouter::new(Duration::from_secs(60), UnclaimedLimit::new(2, 1 << 20), EventSinks::new());
         assert_eq!(router.route(report("1", ReportBody::Sent)), Routed::Kept);
         assert_eq!(router.route(report("2", ReportBody::Sent)), Routed::Kept);
         // A third report pushes the oldest out.
@@ -250,7 +411,7 @@ mod tests {
 
     #[test]
     fn the_count_of_watched_handles_follows_watches_routes_and_forgets() {
-        let router = ReportRouter::new(Duration::from_secs(60), 10);
+        let router = ReportRouter::new(Duration::from_secs(60), UnclaimedLimit::new(10, 1 << 20), EventSinks::new());
         let seen = Arc::new(Seen::default());
         router.watch(&CallKey::new("t", "1"), ReplySink::new(seen.clone()));
         router.watch(&CallKey::new("t", "2"), ReplySink::new(seen.clone()));
@@ -269,11 +430,71 @@ mod tests {
 
     #[test]
     fn close_fails_waiting_handles() {
-        let router = ReportRouter::new(Duration::from_secs(60), 10);
+        let router = ReportRouter::new(Duration::from_secs(60), UnclaimedLimit::new(10, 1 << 20), EventSinks::new());
         let seen = Arc::new(Seen::default());
         router.watch(&CallKey::new("t", "1"), ReplySink::new(seen.clone()));
         router.close();
         assert_eq!(*seen.0.lock().unwrap(), ["disconnected"]);
         assert_eq!(router.route(report("1", ReportBody::Sent)), Routed::Dropped);
+    }
+
+    fn success(id: &str, payload: usize) -> ReportMessage<'static> {
+        report(id, ReportBody::Success(Value::Encoded(Encoded::new(1, vec![7; payload]))))
+    }
+
+    fn claimed(router: &ReportRouter, id: &str) -> usize {
+        let seen = Arc::new(Seen::default());
+        router.watch(&CallKey::new("t", id), ReplySink::new(seen.clone()));
+        router.forget(&CallKey::new("t", id));
+        seen.0.lock().unwrap().iter().filter(|s| s.starts_with("Success")).count()
+    }
+
+    #[test]
+    fn unclaimed_reports_are_bounded_by_bytes_oldest_dropped_first() {
+        // Each report weighs 64 + 1 ("t") + 2 (id) + 1,000 = 1,067 bytes: 10 fit in 10,700.
+        let router = ReportRouter::new(Duration::from_secs(60), UnclaimedLimit::new(1_000, 10_700), EventSinks::new());
+        for i in 10..30 {
+            assert_eq!(router.route(success(&i.to_string(), 1_000)), Routed::Kept);
+        }
+        assert_eq!(router.dropped(), 10);
+        let kept: Vec<usize> = (10..30).map(|i| claimed(&router, &i.to_string())).collect();
+        assert_eq!(kept, [[0; 10], [1; 10]].concat(), "the newest ten are kept");
+        // Alone larger than the bound: refused, the others stay.
+        assert_eq!(router.route(success("99", 20_000)), Routed::Dropped);
+        assert_eq!(router.dropped(), 11);
+    }
+
+    #[test]
+    fn claiming_frees_the_bytes_of_what_was_kept() {
+        let router = ReportRouter::new(Duration::from_secs(60), UnclaimedLimit::new(1_000, 10_700), EventSinks::new());
+        for i in 10..20 {
+            router.route(success(&i.to_string(), 1_000));
+        }
+        assert_eq!(claimed(&router, "10"), 1);
+        router.route(success("20", 1_000));
+        assert_eq!(router.dropped(), 0, "room was made by the claim");
+        assert_eq!(claimed(&router, "11"), 1);
+    }
+
+    #[test]
+    fn the_router_warns_at_half_of_a_bound_and_when_it_drops() {
+        let sink = crate::event::EventSink::new();
+        let events = sink.subscribe(crate::event::EventFilter::new());
+        let sinks = EventSinks::new();
+        sinks.add(&sink);
+        let router = ReportRouter::new(Duration::from_secs(60), UnclaimedLimit::new(4, 1 << 20), sinks);
+        router.route(report("1", ReportBody::Sent));
+        assert!(events.try_recv().is_none(), "below half: quiet");
+        router.route(report("2", ReportBody::Sent));
+        let half = events.try_recv().expect("half of the bound");
+        assert_eq!((half.level, half.kind), (Level::Warning, EventKind::UnclaimedReport));
+        assert!(half.message.starts_with("2 reports ("), "{}", half.message);
+        for i in 3..=8 {
+            router.route(report(&i.to_string(), ReportBody::Sent));
+        }
+        let dropped = events.try_recv().expect("a drop warning");
+        assert!(dropped.message.starts_with("1 reports nobody waits for were dropped"), "{}", dropped.message);
+        assert!(events.try_recv().is_none(), "one warning per 10 s, and half once");
+        assert_eq!(router.dropped(), 4);
     }
 }
