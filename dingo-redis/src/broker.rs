@@ -475,21 +475,57 @@ impl Inner {
 }
 
 /// One start-up attempt: a connection of its own (the broker's connections open when their
-/// threads first need them), `INFO server`, and the version check.
+/// threads first need them), the server's version, and whether the user may run what dingo
+/// needs (see [`access`](crate::access)).
 fn check_server(client: &redis::Client, options: &RedisOptions, server: &str) -> Result<(), BrokerError> {
-    let info: String = client
+    let (mut conn, version) = client
         .get_connection_with_timeout(options.command_timeout)
         .and_then(|mut conn| {
             conn.set_read_timeout(Some(options.command_timeout))?;
             conn.set_write_timeout(Some(options.command_timeout))?;
-            let info = redis::cmd("INFO").arg("server").query(&mut conn)?;
-            // INFO is answered while the server loads its data; PING is not (`LOADING`): a
-            // server still loading is waited for like one not up yet.
+            let version = server_version(&mut conn)?;
+            // HELLO and INFO are answered while the server loads its data; PING is not
+            // (`LOADING`): a server still loading is waited for like one not up yet.
             redis::cmd("PING").query::<()>(&mut conn)?;
-            Ok(info)
+            Ok((conn, version))
         })
         .map_err(|e| start_up_error(server, e))?;
-    check_version(&info)
+    check_version(version.as_deref())?;
+    crate::access::check(&mut conn, &options.namespace, server)
+}
+
+/// The server's version: from `HELLO` (in `@connection`), or `INFO server` where the user
+/// may not run `HELLO` (or the server is older than 6.0 and does not know it); `None` when
+/// neither is allowed.
+fn server_version(conn: &mut redis::Connection) -> redis::RedisResult<Option<String>> {
+    let refused = |e: &redis::RedisError| e.code().is_some() && !crate::conn::is_not_ready(e);
+    match redis::cmd("HELLO").query::<redis::Value>(conn) {
+        Ok(hello) => return Ok(hello_version(hello)),
+        Err(e) if refused(&e) => {}
+        Err(e) => return Err(e),
+    }
+    match redis::cmd("INFO").arg("server").query::<String>(conn) {
+        Ok(info) => Ok(info.lines().find_map(|line| line.strip_prefix("redis_version:")).map(|v| v.trim().to_owned())),
+        Err(e) if refused(&e) => Ok(None),
+        Err(e) => Err(e),
+    }
+}
+
+/// The `version` field of a `HELLO` reply (pairs in a RESP2 array, or a RESP3 map).
+fn hello_version(hello: redis::Value) -> Option<String> {
+    use redis::Value;
+    let pairs: Vec<(Value, Value)> = match hello {
+        Value::Map(pairs) => pairs,
+        Value::Array(items) => {
+            let mut items = items.into_iter();
+            std::iter::from_fn(|| Some((items.next()?, items.next()?))).collect()
+        }
+        _ => return None,
+    };
+    pairs.into_iter().find_map(|(key, value)| {
+        let key: String = redis::from_redis_value(key).ok()?;
+        if key == "version" { redis::from_redis_value(value).ok() } else { None }
+    })
 }
 
 /// What a failed start-up attempt means: the server is not there yet (a
@@ -519,11 +555,16 @@ fn start_up_error(server: &str, e: redis::RedisError) -> BrokerError {
         let message = format!("{server} does not answer as Redis does: is that the port of a Redis server?");
         return BrokerError::with_source(BrokerErrorKind::Config, message, e);
     }
-    BrokerError::with_source(BrokerErrorKind::Protocol, format!("{server} refused the start-up check (INFO)"), e)
+    BrokerError::with_source(BrokerErrorKind::Protocol, format!("{server} refused the start-up check (HELLO, PING)"), e)
 }
 
-fn check_version(info: &str) -> Result<(), BrokerError> {
-    let version = info.lines().find_map(|line| line.strip_prefix("redis_version:")).unwrap_or("").trim();
+fn check_version(version: Option<&str>) -> Result<(), BrokerError> {
+    let Some(version) = version else {
+        return Err(BrokerError::new(
+            BrokerErrorKind::Config,
+            "cannot learn the redis server's version: the user may run neither HELLO nor INFO (grant `+hello`)",
+        ));
+    };
     let major: u32 = version.split('.').next().and_then(|m| m.parse().ok()).unwrap_or(0);
     if major < 7 {
         return Err(BrokerError::new(

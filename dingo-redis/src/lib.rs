@@ -150,12 +150,14 @@
 #![deny(missing_docs)]
 #![cfg_attr(not(test), warn(clippy::unwrap_used, clippy::expect_used, clippy::panic))]
 
+mod access;
 mod broker;
 mod conn;
 mod keys;
 mod options;
 mod scripts;
 
+pub use access::acl_rules;
 pub use broker::{RedisBroker, Stats};
 /// What [`RedisBroker::dead_letters`] returns: the project's one dead-letter type.
 pub use dingo_core::DeadLetter;
