@@ -494,9 +494,9 @@ fn check_server(client: &redis::Client, options: &RedisOptions, server: &str) ->
     crate::access::check(&mut conn, &options.namespace, server)
 }
 
-/// The server's version: from `HELLO` (in `@connection`), or `INFO server` where the user
-/// may not run `HELLO` (or the server is older than 6.0 and does not know it); `None` when
-/// neither is allowed.
+/// The server's version: from `HELLO` (in `@connection`, and allowed to every user), or
+/// `INFO server` (in `@dangerous`) where the server does not answer `HELLO` (older than 6.0,
+/// or the command is renamed away); `None` when the user may not run `INFO` either.
 fn server_version(conn: &mut redis::Connection) -> redis::RedisResult<Option<String>> {
     let refused = |e: &redis::RedisError| e.code().is_some() && !crate::conn::is_not_ready(e);
     match redis::cmd("HELLO").query::<redis::Value>(conn) {
@@ -562,7 +562,8 @@ fn check_version(version: Option<&str>) -> Result<(), BrokerError> {
     let Some(version) = version else {
         return Err(BrokerError::new(
             BrokerErrorKind::Config,
-            "cannot learn the redis server's version: the user may run neither HELLO nor INFO (grant `+hello`)",
+            "cannot learn the redis server's version: it does not answer HELLO, and the user may not run INFO \
+             (grant `+info`)",
         ));
     };
     let major: u32 = version.split('.').next().and_then(|m| m.parse().ok()).unwrap_or(0);
