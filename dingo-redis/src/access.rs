@@ -235,6 +235,12 @@ mod tests {
     }
 
     #[test]
+    fn the_crate_docs_show_the_rules() {
+        let line = format!("//! user shop-app on >PASSWORD {}\n", acl_rules("shop"));
+        assert!(include_str!("lib.rs").contains(&line), "the crate docs should show {line}");
+    }
+
+    #[test]
     fn rules_escape_the_namespace_globs() {
         let rules = acl_rules(r"a*b?[c]\d");
         assert!(rules.starts_with(r"resetkeys ~a\*b\?\[c\]\\d:* resetchannels -@all +ping "), "{rules}");

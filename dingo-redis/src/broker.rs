@@ -136,7 +136,8 @@ pub(crate) struct Inner {
 impl RedisBroker {
     /// Connects with default options: `redis://[user][:password@]host[:port][/db]`, or
     /// `rediss://…` with the `tls` feature. The server is checked at once: one older than
-    /// Redis 7.0, bad credentials or a bad URL are an error; a server that cannot be reached
+    /// Redis 7.0, bad credentials, a user denied a command dingo needs (see
+    /// [`acl_rules`](crate::acl_rules)) or a bad URL are an error; a server that cannot be reached
     /// yet is tried again for [`connect_retry`](RedisOptions::connect_retry) (30 s), then
     /// the error says which URL and why.
     ///
