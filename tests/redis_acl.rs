@@ -121,3 +121,10 @@ fn the_version_comes_from_info_where_the_server_does_not_answer_hello() {
     app.close().expect("close");
     refused(&server, "no-info", "it does not answer HELLO, and the user may not run INFO (grant `+info`)");
 }
+
+/// The README shows the least-privilege line as `acl_rules` makes it.
+#[test]
+fn the_readme_shows_the_rules() {
+    let line = format!("  user shop-app on >PASSWORD {}\n", acl_rules("shop"));
+    assert!(include_str!("../README.md").contains(&line), "the README should show {line}");
+}
