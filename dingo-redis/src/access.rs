@@ -141,7 +141,7 @@ pub(crate) fn check(conn: &mut redis::Connection, namespace: &str, server: &str)
         BrokerErrorKind::Config,
         format!(
             "{server}: the user may not run {} on the keys of namespace `{namespace}`, which dingo needs: grant {} \
-             (see `dingo_redis::acl_rules`)",
+             (see `dingo::redis::acl_rules`)",
             names.join(", "),
             if names.len() == 1 { "it" } else { "them" },
         ),
@@ -160,13 +160,13 @@ fn refusal(server: &str, namespace: &str, e: redis::RedisError) -> BrokerError {
     let message = match detail.split('\'').nth(1) {
         Some(command) if detail.contains("to run") => {
             format!(
-                "{server}: the user may not run {}, which dingo needs: grant it (see `dingo_redis::acl_rules`)",
+                "{server}: the user may not run {}, which dingo needs: grant it (see `dingo::redis::acl_rules`)",
                 display(command)
             )
         }
         _ => format!(
             "{server}: the user may not use the keys of namespace `{namespace}` ({detail}): grant `~{namespace}:*` \
-             (see `dingo_redis::acl_rules`)"
+             (see `dingo::redis::acl_rules`)"
         ),
     };
     BrokerError::with_source(BrokerErrorKind::Config, message, e)
