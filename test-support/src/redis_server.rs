@@ -31,8 +31,7 @@ impl Server {
         if !Server::installed() {
             return None;
         }
-        let port = TcpListener::bind("127.0.0.1:0").expect("a free port").local_addr().expect("addr").port();
-        let mut server = Server::on(port, args);
+        let mut server = Server::on(free_port(), args);
         server.start();
         Some(server)
     }
@@ -45,8 +44,7 @@ impl Server {
         if !Server::installed() {
             return None;
         }
-        let port = TcpListener::bind("127.0.0.1:0").expect("a free port").local_addr().expect("addr").port();
-        let mut server = Server::on(port, args);
+        let mut server = Server::on(free_port(), args);
         let file = server.dir.join("users.acl");
         std::fs::write(&file, acl).expect("write the ACL file");
         server.args.extend(["--aclfile".to_owned(), file.to_string_lossy().into_owned()]);
@@ -150,6 +148,10 @@ impl Server {
             let _ = child.wait();
         }
     }
+}
+
+fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0").expect("a free port").local_addr().expect("addr").port()
 }
 
 impl Drop for Server {
