@@ -138,7 +138,9 @@
 //! namespace's keys (one script that changes nothing and asks `redis.acl_check_cmd`): a user
 //! denied one gets a [`Config`](dingo_core::BrokerErrorKind::Config) error at once, naming
 //! the commands (`… the user may not run EVALSHA, which dingo needs …`), before any of its
-//! workers could take a task it would then fail to settle.
+//! workers could take a task it would then fail to settle. The check uses a key of the
+//! namespace that no task has (`NS:{dingo.access}:probe`): key patterns narrower than the
+//! namespace (some of its tasks only) are refused too.
 //!
 //! [`acl_rules`] gives the rules of a least-privilege user: the namespace's keys only, no
 //! pub/sub channels, only the commands dingo runs, nothing in `@dangerous`. For namespace
