@@ -1,5 +1,6 @@
 //! The conformance suite on Redis: as task transport, as report transport, and both; and
-//! the App-level suite with Redis in one role and the serialized local broker in the other.
+//! the App-level suite with Redis in one role and the serialized local broker in the other;
+//! all of it again as a least-privilege user.
 #![cfg(feature = "redis")]
 
 mod both {
@@ -8,6 +9,28 @@ mod both {
     dingo_test_support::transport_suite!(Redis::setup());
     dingo_test_support::reports_suite!(Redis::setup());
     dingo_test_support::app_suite!(Redis::setup());
+}
+
+/// The same suites as a least-privilege Redis user (`dingo::redis::acl_rules`: no
+/// `@dangerous` command, no key outside the namespace) on a private server per test.
+mod restricted {
+    use dingo_test_support::redis::Redis;
+
+    dingo_test_support::transport_suite!(Redis::restricted());
+    dingo_test_support::reports_suite!(Redis::restricted());
+    dingo_test_support::app_suite!(Redis::restricted());
+}
+
+mod restricted_redis_tasks_local_reports {
+    use dingo_test_support::redis::{Mixed, Role};
+
+    dingo_test_support::app_suite!(Mixed::restricted(Role::Tasks));
+}
+
+mod local_tasks_restricted_redis_reports {
+    use dingo_test_support::redis::{Mixed, Role};
+
+    dingo_test_support::app_suite!(Mixed::restricted(Role::Reports));
 }
 
 mod redis_tasks_local_reports {

@@ -322,7 +322,10 @@ struct SendFault {
 
 impl SendFault {
     fn start(task: &'static str) -> Option<SendFault> {
-        let setup = Redis::setup()?;
+        Some(SendFault::start_on(Redis::setup()?, task))
+    }
+
+    fn start_on(setup: Redis, task: &'static str) -> SendFault {
         let proxy = Proxy::start(server_addr(setup.url())).expect("start the proxy");
         let options = setup.options().clone().command_timeout(Duration::from_secs(1));
         let sender = RedisBroker::connect_with(&via(&proxy, setup.url()), options).expect("connect via the proxy");
@@ -340,7 +343,7 @@ impl SendFault {
         let fault = SendFault { setup, proxy, sender, caller, worker, task, runs };
         assert_eq!(fault.call(0).wait_timeout(PATIENCE).expect("the first call"), 0);
         wait_until("the first send is acknowledged", || fault.sent() == 1);
-        Some(fault)
+        fault
     }
 
     fn call(&self, n: u64) -> dingo::Handle<u64> {
@@ -352,17 +355,18 @@ impl SendFault {
     }
 
     /// Waits until the queue is empty and nothing is held, then checks that each of the
-    /// arguments `0..=last` ran once, and closes the apps.
-    fn ran_once(self, last: u64) {
+    /// arguments `0..=last` ran once, and closes the apps; the setup stays for a look.
+    fn ran_once(self, last: u64) -> Redis {
         let namespace = &self.setup.options().namespace;
         wait_until("the queue is drained", || {
             self.setup.broker().queue_len(self.task).expect("queue length") == 0
-                && held(self.setup.url(), namespace, self.task) == 0
+                && held(self.setup.admin_url(), namespace, self.task) == 0
         });
         let expected: BTreeMap<u64, u32> = (0..=last).map(|n| (n, 1)).collect();
         assert_eq!(*lock(&self.runs), expected, "each call ran once");
         self.caller.close().expect("close");
         self.worker.close().expect("close");
+        self.setup
     }
 }
 
@@ -405,29 +409,65 @@ fn a_send_lost_on_its_way_is_sent_again_and_runs_once() {
 #[test]
 fn a_late_copy_of_a_send_does_not_queue_it_twice() {
     let Some(fault) = SendFault::start("faults.late") else { return };
+    late_copy_runs_once(fault);
+}
+
+fn late_copy_runs_once(fault: SendFault) -> Redis {
     fault.proxy.hold();
     assert_eq!(fault.call(1).wait_timeout(PATIENCE).expect("the call ran, sent again"), 1);
     fault.proxy.release(); // the first copy arrives now
     std::thread::sleep(Duration::from_millis(500)); // time for it to run, if it could
-    fault.ran_once(1);
+    fault.ran_once(1)
 }
 
-/// A Redis user that may neither end other connections (`CLIENT KILL`) nor run `SORT`
-/// (both in ACL's `@dangerous` category, which hardened setups often deny) still runs
-/// tasks, at least once and at most once: sends go as scripts from the start and fetches
-/// move tasks through Lua.
+/// The same, as a user who may not end other connections (`CLIENT KILL`, in `@dangerous`):
+/// the sender cannot fence its old connection, so it sends numbered scripts from the start
+/// (never a plain transaction, which a late copy would queue twice) — and the server saw
+/// its `CLIENT KILL` refused and no `MULTI` at all.
+#[test]
+fn a_late_copy_of_a_send_does_not_queue_it_twice_without_client_kill() {
+    let Some(setup) = Redis::restricted() else { return };
+    let setup = late_copy_runs_once(SendFault::start_on(setup, "faults.late_restricted"));
+    let stats = command_stats(setup.admin_url());
+    let kill = stats.get("client|kill").expect("the sender asked to end connections");
+    assert_eq!(kill.calls, 0, "{kill:?}");
+    assert!(kill.rejected >= 1, "{kill:?}");
+    assert_eq!(stats.get("multi"), None, "no plain transaction was sent");
+    assert!(stats.get("evalsha").is_some_and(|evalsha| evalsha.calls >= 2), "the sends were scripts: {stats:?}");
+}
+
+/// A command's counts in `INFO commandstats`.
+#[derive(Debug, PartialEq)]
+struct CommandStat {
+    calls: u64,
+    rejected: u64,
+}
+
+/// `INFO commandstats` of the server at `url`, by command (`client|kill`, …).
+fn command_stats(url: &str) -> BTreeMap<String, CommandStat> {
+    let info = redis_cli(url, &["INFO", "commandstats"]);
+    let mut stats = BTreeMap::new();
+    for line in info.lines() {
+        let Some((command, fields)) = line.strip_prefix("cmdstat_").and_then(|line| line.split_once(':')) else {
+            continue;
+        };
+        let field = |name: &str| {
+            fields.split(',').find_map(|f| f.strip_prefix(name)?.strip_prefix('=')?.trim().parse::<u64>().ok())
+        };
+        let stat = CommandStat { calls: field("calls").unwrap_or(0), rejected: field("rejected_calls").unwrap_or(0) };
+        stats.insert(command.to_owned(), stat);
+    }
+    stats
+}
+
+/// A least-privilege Redis user (`dingo::redis::acl_rules`: no `@dangerous` command, so
+/// neither `CLIENT KILL` nor `SORT`, and no key outside the namespace) still runs tasks, at
+/// least once and at most once: sends go as scripts from the start and fetches move tasks
+/// through Lua.
 #[test]
 fn a_user_without_dangerous_commands_still_runs_tasks() {
-    let Some(setup) = Redis::setup() else { return };
-    let user = format!("dingo-test-acl-{}", std::process::id());
-    let created = redis_cli(
-        setup.url(),
-        &["ACL", "SETUSER", &user, "reset", "on", ">secret", "~*", "&*", "+@all", "-client|kill", "-sort"],
-    );
-    assert_eq!(created, "OK");
-    let url = format!("redis://{user}:secret@{}", server_addr(setup.url()));
-    let broker = RedisBroker::connect_with(&url, setup.options().clone()).expect("connect as the restricted user");
-    let app = App::builder().broker(broker).build().expect("app");
+    let Some(setup) = Redis::restricted() else { return };
+    let app = App::builder().broker(setup.broker()).build().expect("app");
     app.register("faults.restricted", |(n,): (u64,)| n * 2).expect("register");
     app.allocate("faults.restricted", 2).expect("allocate");
     let at_most_once = dingo::CallOptions::new().at_most_once(true);
@@ -441,7 +481,9 @@ fn a_user_without_dangerous_commands_still_runs_tasks() {
         assert_eq!(handle.wait_timeout(PATIENCE).expect("the call ran"), n * 2);
     }
     app.close().expect("close");
-    redis_cli(setup.url(), &["ACL", "DELUSER", &user]);
+    let sort = command_stats(setup.admin_url()).remove("sort").expect("fetches tried SORT");
+    assert_eq!(sort.calls, 0, "{sort:?}");
+    assert!(sort.rejected >= 1, "SORT was refused: {sort:?}");
 }
 
 /// The reply to an at-most-once message is lost on its way back (the message was queued):
@@ -717,8 +759,22 @@ const FENCED: &str = "faults.fenced";
 /// and finishes, its late report is rejected and counted, never stored.
 #[test]
 fn a_stalled_worker_is_fenced_out() {
-    let options = RedisOptions::new().lease(Duration::from_secs(1)).reap_interval(Duration::from_millis(100));
-    let Some(setup) = Redis::with_options(options) else { return };
+    let Some(setup) = Redis::with_options(fencing_options()) else { return };
+    stalled_worker_is_fenced_out(setup);
+}
+
+/// The same as a least-privilege user (`dingo::redis::acl_rules`: nothing in `@dangerous`).
+#[test]
+fn a_stalled_worker_is_fenced_out_as_a_least_privilege_user() {
+    let Some(setup) = Redis::restricted_with_options(fencing_options()) else { return };
+    stalled_worker_is_fenced_out(setup);
+}
+
+fn fencing_options() -> RedisOptions {
+    RedisOptions::new().lease(Duration::from_secs(1)).reap_interval(Duration::from_millis(100))
+}
+
+fn stalled_worker_is_fenced_out(setup: Redis) {
     let proxy = Proxy::start(server_addr(setup.url())).expect("start the proxy");
     let a_broker =
         RedisBroker::connect_with(&via(&proxy, setup.url()), setup.options().clone()).expect("connect A via proxy");
@@ -759,7 +815,8 @@ fn a_stalled_worker_is_fenced_out() {
 
     assert_eq!(handle.wait_timeout(PATIENCE).expect("B's result"), "B:7");
     assert_eq!(*lock(&b_runs), [true], "B ran the task once, marked redelivered");
-    assert!(stat(&b_broker.stats().requeued_expired) >= 1, "B's keeper requeued A's expired lease");
+    // Counted once the keeper read its reply, which may come after the result.
+    wait_until("B's keeper requeued A's expired lease", || stat(&b_broker.stats().requeued_expired) >= 1);
     wait_until("B's result is counted", || stat(&b_broker.stats().completed) == 1);
 
     // A comes back and finishes: too late.
@@ -771,7 +828,7 @@ fn a_stalled_worker_is_fenced_out() {
     assert_eq!(a_runs.load(Ordering::SeqCst), 1);
     assert_eq!(lock(&b_runs).len(), 1);
     assert_eq!(b_broker.queue_len(FENCED).expect("queue length"), 0);
-    assert_eq!(held(setup.url(), &setup.options().namespace, FENCED), 0);
+    assert_eq!(held(setup.admin_url(), &setup.options().namespace, FENCED), 0);
     worker_a.close().expect("close A");
     worker_b.close().expect("close B");
     caller.close().expect("close the caller");

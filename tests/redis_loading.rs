@@ -201,7 +201,7 @@ fn restarted_and_loading() -> Option<Server> {
 }
 
 /// A process that starts while its server loads its data (started with it, say) waits for
-/// it at `connect`, within the start-up retry: `INFO` is answered while loading, so a
+/// it at `connect`, within the start-up retry: `HELLO` is answered while loading, so a
 /// connect that trusted it would return and fail at the first declaration.
 #[test]
 fn a_process_started_while_the_server_loads_waits_for_it() {

@@ -136,7 +136,8 @@ pub(crate) struct Inner {
 impl RedisBroker {
     /// Connects with default options: `redis://[user][:password@]host[:port][/db]`, or
     /// `rediss://…` with the `tls` feature. The server is checked at once: one older than
-    /// Redis 7.0, bad credentials or a bad URL are an error; a server that cannot be reached
+    /// Redis 7.0, bad credentials, a user denied a command dingo needs (see
+    /// [`acl_rules`](crate::acl_rules)) or a bad URL are an error; a server that cannot be reached
     /// yet is tried again for [`connect_retry`](RedisOptions::connect_retry) (30 s), then
     /// the error says which URL and why.
     ///
@@ -476,21 +477,57 @@ impl Inner {
 }
 
 /// One start-up attempt: a connection of its own (the broker's connections open when their
-/// threads first need them), `INFO server`, and the version check.
+/// threads first need them), the server's version, and whether the user may run what dingo
+/// needs (see [`access`](crate::access)).
 fn check_server(client: &redis::Client, options: &RedisOptions, server: &str) -> Result<(), BrokerError> {
-    let info: String = client
+    let (mut conn, version) = client
         .get_connection_with_timeout(options.command_timeout)
         .and_then(|mut conn| {
             conn.set_read_timeout(Some(options.command_timeout))?;
             conn.set_write_timeout(Some(options.command_timeout))?;
-            let info = redis::cmd("INFO").arg("server").query(&mut conn)?;
-            // INFO is answered while the server loads its data; PING is not (`LOADING`): a
-            // server still loading is waited for like one not up yet.
+            let version = server_version(&mut conn)?;
+            // HELLO and INFO are answered while the server loads its data; PING is not
+            // (`LOADING`): a server still loading is waited for like one not up yet.
             redis::cmd("PING").query::<()>(&mut conn)?;
-            Ok(info)
+            Ok((conn, version))
         })
         .map_err(|e| start_up_error(server, e))?;
-    check_version(&info)
+    check_version(version.as_deref())?;
+    crate::access::check(&mut conn, &options.namespace, server)
+}
+
+/// The server's version: from `HELLO` (in `@connection`, and allowed to every user), or
+/// `INFO server` (in `@dangerous`) where the server does not answer `HELLO` (older than 6.0,
+/// or the command is renamed away); `None` when the user may not run `INFO` either.
+fn server_version(conn: &mut redis::Connection) -> redis::RedisResult<Option<String>> {
+    let refused = |e: &redis::RedisError| e.code().is_some() && !crate::conn::is_not_ready(e);
+    match redis::cmd("HELLO").query::<redis::Value>(conn) {
+        Ok(hello) => return Ok(hello_version(hello)),
+        Err(e) if refused(&e) => {}
+        Err(e) => return Err(e),
+    }
+    match redis::cmd("INFO").arg("server").query::<String>(conn) {
+        Ok(info) => Ok(info.lines().find_map(|line| line.strip_prefix("redis_version:")).map(|v| v.trim().to_owned())),
+        Err(e) if refused(&e) => Ok(None),
+        Err(e) => Err(e),
+    }
+}
+
+/// The `version` field of a `HELLO` reply (pairs in a RESP2 array, or a RESP3 map).
+fn hello_version(hello: redis::Value) -> Option<String> {
+    use redis::Value;
+    let pairs: Vec<(Value, Value)> = match hello {
+        Value::Map(pairs) => pairs,
+        Value::Array(items) => {
+            let mut items = items.into_iter();
+            std::iter::from_fn(|| Some((items.next()?, items.next()?))).collect()
+        }
+        _ => return None,
+    };
+    pairs.into_iter().find_map(|(key, value)| {
+        let key: String = redis::from_redis_value(key).ok()?;
+        if key == "version" { redis::from_redis_value(value).ok() } else { None }
+    })
 }
 
 /// What a failed start-up attempt means: the server is not there yet (a
@@ -520,11 +557,17 @@ fn start_up_error(server: &str, e: redis::RedisError) -> BrokerError {
         let message = format!("{server} does not answer as Redis does: is that the port of a Redis server?");
         return BrokerError::with_source(BrokerErrorKind::Config, message, e);
     }
-    BrokerError::with_source(BrokerErrorKind::Protocol, format!("{server} refused the start-up check (INFO)"), e)
+    BrokerError::with_source(BrokerErrorKind::Protocol, format!("{server} refused the start-up check (HELLO, PING)"), e)
 }
 
-fn check_version(info: &str) -> Result<(), BrokerError> {
-    let version = info.lines().find_map(|line| line.strip_prefix("redis_version:")).unwrap_or("").trim();
+fn check_version(version: Option<&str>) -> Result<(), BrokerError> {
+    let Some(version) = version else {
+        return Err(BrokerError::new(
+            BrokerErrorKind::Config,
+            "cannot learn the redis server's version: it does not answer HELLO, and the user may not run INFO \
+             (grant `+info`)",
+        ));
+    };
     let major: u32 = version.split('.').next().and_then(|m| m.parse().ok()).unwrap_or(0);
     if major < 7 {
         return Err(BrokerError::new(

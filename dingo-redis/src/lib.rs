@@ -134,12 +134,38 @@
 //!
 //! # Permissions
 //!
-//! Two fast paths use commands in ACL's `@dangerous` category: `CLIENT KILL` (sends as
-//! plain transactions, above) and `SORT … BY nosort … STORE` (a fetch copies tasks into the
-//! processing list without passing them through Lua). A user denied them (`-@dangerous`)
-//! loses nothing: sends go as numbered scripts and fetches pop through Lua, at some cost in
-//! Redis CPU. Everything else needs the ordinary list, string, sorted set, transaction and
-//! scripting commands on the namespace's keys, `CLIENT ID`, and `SCRIPT LOAD`.
+//! Connecting checks that the URL's user may run every command dingo needs on the
+//! namespace's keys (one script that changes nothing and asks `redis.acl_check_cmd`): a user
+//! denied one gets a [`Config`](dingo_core::BrokerErrorKind::Config) error at once, naming
+//! the commands (`… the user may not run EVALSHA, which dingo needs …`), before any of its
+//! workers could take a task it would then fail to settle. The check uses a key of the
+//! namespace that no task has (`NS:{dingo.access}:probe`): key patterns narrower than the
+//! namespace (some of its tasks only) are refused too.
+//!
+//! [`acl_rules`] gives the rules of a least-privilege user: the namespace's keys only, no
+//! pub/sub channels, only the commands dingo runs, nothing in `@dangerous`. For namespace
+//! `shop`, the line of a Redis ACL file (`aclfile` in `redis.conf`) is:
+//!
+//! ```text
+//! user shop-app on >PASSWORD resetkeys ~shop:* resetchannels -@all +ping +echo +script|load +evalsha +multi +exec +time +blpop +blmpop +lpush +rpush +lpop +rpop +lmove +llen +lrange +ltrim +lrem +get +set +del +unlink +pexpire +zadd +zrem +zscore +zrangebyscore +sadd +sismember +hello +client|setname +client|info -@dangerous
+//! ```
+//!
+//! (or `ACL SETUSER shop-app on >PASSWORD` followed by the same rules), and the URL
+//! `redis://shop-app:PASSWORD@host:6379/?namespace=shop`. The tests run the whole
+//! conformance suite as such a user. A URL with a database other than 0 also needs
+//! `+select`; [`RedisBroker::purge_namespace`] (a tool) needs `+scan`.
+//!
+//! Two fast paths use commands in `@dangerous`, where the user may run them: `CLIENT KILL`
+//! (sends as plain transactions, above: a new connection first ends the ones it replaced,
+//! so nothing they still carried can run after it) and `SORT … BY nosort … STORE` (a fetch
+//! copies tasks into the processing list without passing them through Lua). A user denied
+//! them loses no guarantee: sends go as numbered scripts from the start (a late copy of one
+//! applies once) and fetches pop through Lua, at some cost in Redis CPU. The server's
+//! version comes from `HELLO`, or `INFO` where the server does not answer `HELLO`.
+//!
+//! Permissions are not a boundary between apps that share a namespace: anyone who may
+//! write its keys can queue tasks and forge reports. Give separate apps separate namespaces
+//! and users.
 //!
 //! # Options
 //!
@@ -150,12 +176,14 @@
 #![deny(missing_docs)]
 #![cfg_attr(not(test), warn(clippy::unwrap_used, clippy::expect_used, clippy::panic))]
 
+mod access;
 mod broker;
 mod conn;
 mod keys;
 mod options;
 mod scripts;
 
+pub use access::acl_rules;
 pub use broker::{RedisBroker, Stats};
 /// What [`RedisBroker::dead_letters`] returns: the project's one dead-letter type.
 pub use dingo_core::DeadLetter;

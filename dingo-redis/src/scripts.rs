@@ -377,6 +377,30 @@ return 1
     )
 });
 
+/// Which of the commands in ARGV the user may run, as it gives them (see `access`): ARGV
+/// holds, per command, its name, its argument count and its arguments; returns the
+/// positions (from 1) of those denied. Changes nothing; `KEYS[1]` is a key of the namespace, so that `EVALSHA`
+/// itself is checked against the user's key patterns. Where the server lacks
+/// `redis.acl_check_cmd` (Redis has it from 7.0; some compatible servers do not), nothing is
+/// checked. Not among [`all`]: it runs once per broker, when it connects.
+pub(crate) static PROBE: LazyLock<Script> = LazyLock::new(|| {
+    Script::new(
+        r#"
+-- A server without it (a Redis-compatible one) cannot be asked: nothing is checked.
+if not redis.acl_check_cmd then return {} end
+local denied = {}
+local i, k = 1, 0
+while i <= #ARGV do
+  local n = tonumber(ARGV[i + 1])
+  k = k + 1
+  if not redis.acl_check_cmd(ARGV[i], unpack(ARGV, i + 2, i + 1 + n)) then denied[#denied + 1] = k end
+  i = i + 2 + n
+end
+return denied
+"#,
+    )
+});
+
 /// All scripts, to load into a fresh connection's server.
 pub(crate) fn all() -> [&'static Script; 9] {
     [&PUSH, &FETCH, &COMPLETE, &DEAD, &GIVE_BACK, &RETIRE, &RENEW, &REAP, &TRIM]

@@ -250,11 +250,19 @@ pub mod redis {
         })
     }
 
-    /// A fresh namespace on the test server; every broker of one setup shares it.
+    /// A fresh namespace on the test server; every broker of one setup shares it. Or, from
+    /// [`Redis::restricted`], a private server whose brokers connect as a least-privilege user.
     pub struct Redis {
         url: String,
         options: RedisOptions,
+        /// The URL of a user who may do anything (for looking behind the brokers' back).
+        admin: String,
+        /// The setup's own server, if it has one (it goes with the setup).
+        server: Option<crate::redis_server::Server>,
     }
+
+    /// The password of [`Redis::restricted`]'s user, `dingo`.
+    pub const RESTRICTED_PASSWORD: &str = "dingo-test-secret";
 
     impl Redis {
         /// A setup with test-friendly options (a short lease), or `None` to skip.
@@ -265,7 +273,38 @@ pub mod redis {
         /// A setup with these options (the namespace is replaced by a unique one).
         pub fn with_options(options: RedisOptions) -> Option<Redis> {
             let url = url()?;
-            Some(Redis { url, options: options.namespace(crate::unique("dingo-test")) })
+            Some(Redis {
+                admin: url.clone(),
+                url,
+                options: options.namespace(crate::unique("dingo-test")),
+                server: None,
+            })
+        }
+
+        /// A setup on a private `redis-server` of its own (see [`Server::start_with_users`]),
+        /// where brokers connect as user `dingo` with [`dingo::redis::acl_rules`] for the
+        /// setup's namespace: nothing in `@dangerous`, no key outside the namespace. Test-
+        /// friendly options (a short lease); `None` to skip.
+        ///
+        /// [`Server::start_with_users`]: crate::redis_server::Server::start_with_users
+        pub fn restricted() -> Option<Redis> {
+            Redis::restricted_with_options(RedisOptions::new().lease(Duration::from_secs(2)))
+        }
+
+        /// [`restricted`](Redis::restricted) with these options (the namespace is replaced).
+        pub fn restricted_with_options(options: RedisOptions) -> Option<Redis> {
+            let namespace = crate::unique("dingo-acl");
+            let users = format!(
+                "user default on nopass ~* &* +@all\nuser dingo on >{RESTRICTED_PASSWORD} {}\n",
+                dingo::redis::acl_rules(&namespace)
+            );
+            let server = crate::redis_server::Server::start_with_users(&users, &[])?;
+            Some(Redis {
+                url: format!("redis://dingo:{RESTRICTED_PASSWORD}@127.0.0.1:{}", server.port()),
+                admin: server.url(),
+                options: options.namespace(namespace),
+                server: Some(server),
+            })
         }
 
         /// A new broker (its own connections) on this setup's namespace.
@@ -273,9 +312,16 @@ pub mod redis {
             RedisBroker::connect_with(&self.url, self.options.clone()).expect("connect to redis")
         }
 
-        /// The server URL.
+        /// The server URL, with the user brokers connect as.
         pub fn url(&self) -> &str {
             &self.url
+        }
+
+        /// The server URL of a user who may do anything (the same as [`url`](Redis::url)
+        /// but for [`restricted`](Redis::restricted) setups): for `redis-cli` behind the
+        /// brokers' back.
+        pub fn admin_url(&self) -> &str {
+            &self.admin
         }
 
         /// The options (with the namespace) brokers of this setup use.
@@ -286,6 +332,10 @@ pub mod redis {
 
     impl Drop for Redis {
         fn drop(&mut self) {
+            // A server of its own goes with the setup.
+            if self.server.is_some() {
+                return;
+            }
             if let Ok(broker) = RedisBroker::connect_with(&self.url, self.options.clone()) {
                 let _ = broker.purge_namespace();
                 broker.shutdown();
@@ -336,6 +386,11 @@ pub mod redis {
         /// Redis in `role`, a fresh serialized local broker in the other; `None` to skip.
         pub fn setup(role: Role) -> Option<Mixed> {
             Some(Mixed { redis: Redis::setup()?, local: dingo::LocalBroker::serialized(), role })
+        }
+
+        /// Like [`setup`](Mixed::setup), Redis [`restricted`](Redis::restricted).
+        pub fn restricted(role: Role) -> Option<Mixed> {
+            Some(Mixed { redis: Redis::restricted()?, local: dingo::LocalBroker::serialized(), role })
         }
     }
 

@@ -31,8 +31,23 @@ impl Server {
         if !Server::installed() {
             return None;
         }
-        let port = TcpListener::bind("127.0.0.1:0").expect("a free port").local_addr().expect("addr").port();
-        let mut server = Server::on(port, args);
+        let mut server = Server::on(free_port(), args);
+        server.start();
+        Some(server)
+    }
+
+    /// A server whose users are defined by `acl`, the lines of an ACL file (`user NAME on
+    /// >PASSWORD RULES`, kept in the server's directory and passed as `--aclfile`), with these
+    /// extra arguments. The file must keep `default` able to run `PING` without a password
+    /// (`user default on nopass …`): that is how the start is waited for.
+    pub fn start_with_users(acl: &str, args: &[&str]) -> Option<Server> {
+        if !Server::installed() {
+            return None;
+        }
+        let mut server = Server::on(free_port(), args);
+        let file = server.dir.join("users.acl");
+        std::fs::write(&file, acl).expect("write the ACL file");
+        server.args.extend(["--aclfile".to_owned(), file.to_string_lossy().into_owned()]);
         server.start();
         Some(server)
     }
@@ -133,6 +148,10 @@ impl Server {
             let _ = child.wait();
         }
     }
+}
+
+fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0").expect("a free port").local_addr().expect("addr").port()
 }
 
 impl Drop for Server {
