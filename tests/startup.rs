@@ -163,6 +163,44 @@ mod redis {
         app.close().expect("close");
     }
 
+    /// A replica refuses every write (`READONLY`): `connect` waits for it to become the
+    /// primary (a failover), as for a server not up yet, then says what is wrong; promoted
+    /// meanwhile, it is used.
+    #[test]
+    fn a_replica_is_waited_for_then_refused_and_used_once_promoted() {
+        let Some(primary) = Server::start_fresh() else { return };
+        let port = primary.port().to_string();
+        let Some(replica) = Server::start_with(&["--replicaof", "127.0.0.1", &port]) else { return };
+        let started = Instant::now();
+        let error = RedisBroker::connect_with(&replica.url(), patient(Duration::from_millis(600)))
+            .err()
+            .expect("a replica is refused");
+        about(started.elapsed(), Duration::from_millis(600));
+        assert_eq!(error.kind(), BrokerErrorKind::Connection);
+        assert!(
+            error
+                .to_string()
+                .contains(": the server is a replica, which refuses writes: dingo needs the primary (tried"),
+            "{error}"
+        );
+
+        let promote = {
+            let url = replica.url();
+            std::thread::spawn(move || {
+                std::thread::sleep(Duration::from_millis(500));
+                dingo_test_support::redis::redis_cli(&url, &["REPLICAOF", "NO", "ONE"])
+            })
+        };
+        let broker = RedisBroker::connect_with(&replica.url(), patient(PATIENCE)).expect("promoted meanwhile");
+        assert_eq!(promote.join().expect("promote"), "OK");
+        let app = App::builder().broker(broker).build().expect("app");
+        app.register("startup.double", |(n,): (u64,)| n * 2).expect("register");
+        app.allocate("startup.double", 1).expect("allocate");
+        let doubled = app.call::<_, u64>("startup.double", (21u64,)).expect("call").wait_timeout(PATIENCE);
+        assert_eq!(doubled.expect("result"), 42);
+        app.close().expect("close");
+    }
+
     /// The example caller with nothing at its URL: prints where it connects, then the
     /// error with its chain (the variable, the URL, the reason), and exits with code 1.
     #[test]

@@ -480,41 +480,64 @@ impl Inner {
 /// threads first need them), the server's version, and whether the user may run what dingo
 /// needs (see [`access`](crate::access)).
 fn check_server(client: &redis::Client, options: &RedisOptions, server: &str) -> Result<(), BrokerError> {
-    let (mut conn, version) = client
+    let (mut conn, identity) = client
         .get_connection_with_timeout(options.command_timeout)
         .and_then(|mut conn| {
             conn.set_read_timeout(Some(options.command_timeout))?;
             conn.set_write_timeout(Some(options.command_timeout))?;
-            let version = server_version(&mut conn)?;
+            let identity = server_identity(&mut conn)?;
             // HELLO and INFO are answered while the server loads its data; PING is not
             // (`LOADING`): a server still loading is waited for like one not up yet.
             redis::cmd("PING").query::<()>(&mut conn)?;
-            Ok((conn, version))
+            Ok((conn, identity))
         })
         .map_err(|e| start_up_error(server, e))?;
+    let Identity { version, role } = identity;
+    if role.as_deref() == Some("replica") {
+        // Every write would be refused (`READONLY`). Waited for like a server not up yet: a
+        // replica being promoted (a failover) becomes the primary within the wait.
+        let message = "the server is a replica, which refuses writes: dingo needs the primary";
+        return Err(BrokerError::new(BrokerErrorKind::Connection, message));
+    }
     check_version(version.as_deref())?;
     crate::access::check(&mut conn, &options.namespace, server)
 }
 
-/// The server's version: from `HELLO` (in `@connection`, and allowed to every user), or
-/// `INFO server` (in `@dangerous`) where the server does not answer `HELLO` (older than 6.0,
-/// or the command is renamed away); `None` when the user may not run `INFO` either.
-fn server_version(conn: &mut redis::Connection) -> redis::RedisResult<Option<String>> {
+/// What the start-up check learns of the server.
+struct Identity {
+    /// Its version (`None`: the user may not ask).
+    version: Option<String>,
+    /// `master` or `replica` (`None`: not said).
+    role: Option<String>,
+}
+
+/// The server's version and role: from `HELLO` (in `@connection`, and allowed to every
+/// user), or `INFO server` (in `@dangerous`) where the server does not answer `HELLO` (older
+/// than 6.0, or the command is renamed away); `None` when the user may not run `INFO` either.
+fn server_identity(conn: &mut redis::Connection) -> redis::RedisResult<Identity> {
     let refused = |e: &redis::RedisError| e.code().is_some() && !crate::conn::is_not_ready(e);
     match redis::cmd("HELLO").query::<redis::Value>(conn) {
-        Ok(hello) => return Ok(hello_version(hello)),
+        Ok(hello) => {
+            let fields = hello_fields(hello);
+            let field = |name: &str| fields.iter().find(|(key, _)| key == name).map(|(_, value)| value.clone());
+            return Ok(Identity { version: field("version"), role: field("role") });
+        }
         Err(e) if refused(&e) => {}
         Err(e) => return Err(e),
     }
     match redis::cmd("INFO").arg("server").query::<String>(conn) {
-        Ok(info) => Ok(info.lines().find_map(|line| line.strip_prefix("redis_version:")).map(|v| v.trim().to_owned())),
-        Err(e) if refused(&e) => Ok(None),
+        Ok(info) => {
+            let version =
+                info.lines().find_map(|line| line.strip_prefix("redis_version:")).map(|v| v.trim().to_owned());
+            Ok(Identity { version, role: None })
+        }
+        Err(e) if refused(&e) => Ok(Identity { version: None, role: None }),
         Err(e) => Err(e),
     }
 }
 
-/// The `version` field of a `HELLO` reply (pairs in a RESP2 array, or a RESP3 map).
-fn hello_version(hello: redis::Value) -> Option<String> {
+/// The string fields of a `HELLO` reply (pairs in a RESP2 array, or a RESP3 map).
+fn hello_fields(hello: redis::Value) -> Vec<(String, String)> {
     use redis::Value;
     let pairs: Vec<(Value, Value)> = match hello {
         Value::Map(pairs) => pairs,
@@ -522,12 +545,12 @@ fn hello_version(hello: redis::Value) -> Option<String> {
             let mut items = items.into_iter();
             std::iter::from_fn(|| Some((items.next()?, items.next()?))).collect()
         }
-        _ => return None,
+        _ => return Vec::new(),
     };
-    pairs.into_iter().find_map(|(key, value)| {
-        let key: String = redis::from_redis_value(key).ok()?;
-        if key == "version" { redis::from_redis_value(value).ok() } else { None }
-    })
+    pairs
+        .into_iter()
+        .filter_map(|(key, value)| Some((redis::from_redis_value(key).ok()?, redis::from_redis_value(value).ok()?)))
+        .collect()
 }
 
 /// What a failed start-up attempt means: the server is not there yet (a

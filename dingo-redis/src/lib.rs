@@ -83,7 +83,10 @@
 //!   is kept and what it refused goes again under new batch numbers (each still applies
 //!   once). Shutting down does not wait for a server that is not ready. At start-up,
 //!   [`RedisBroker::connect`] waits [`connect_retry`](RedisOptions::connect_retry) (30 s)
-//!   for a server that is not up yet, or not ready.
+//!   for a server that is not up yet, or not ready — or a replica (it refuses every write;
+//!   during a failover it becomes the primary within the wait): after the wait, the error
+//!   says the server is a replica. A primary demoted while dingo runs answers `READONLY`,
+//!   which is waited for as above (each connection made again until it reaches a primary).
 //!
 //! # Durability
 //!
