@@ -91,32 +91,8 @@ pub(crate) fn unverified(client: &redis::Client) -> bool {
     matches!(client.get_connection_info().addr(), ConnectionAddr::TcpTls { insecure: true, .. })
 }
 
-/// What a refused TLS handshake means, for a start-up error (waiting will not change a
-/// certificate): the server's certificate is not trusted, or the server wants a client
-/// certificate it was not given or does not trust. `None` for other errors.
+/// What a refused TLS handshake means, for a start-up error (see
+/// [`refusal`](dingo_core::broker::tls::refusal)); `None` for other errors.
 pub(crate) fn refusal(server: &str, e: &redis::RedisError) -> Option<String> {
-    let text = e.to_string();
-    // OpenSSL's reason, in its last parentheses (`self-signed certificate in certificate chain`).
-    let reason = |text: &str| {
-        text.rsplit_once('(')
-            .and_then(|(_, r)| r.strip_suffix(')'))
-            .map(str::to_owned)
-            .unwrap_or_else(|| text.to_owned())
-    };
-    if text.contains("certificate verify failed") {
-        return Some(format!(
-            "{server}: the server's TLS certificate was refused ({}): give the CA that signed it with `cacertfile` \
-             (`tls_ca_file`), and connect by a name the certificate holds",
-            reason(&text)
-        ));
-    }
-    let alerts = ["alert certificate required", "alert bad certificate", "alert unknown ca"];
-    if let Some(alert) = alerts.iter().find(|a| text.contains(*a)) {
-        return Some(format!(
-            "{server} refused the TLS connection (`{}`): it asks for a client certificate its CA signed; give it \
-             with `certfile` and `keyfile` (`tls_client_cert`)",
-            alert.trim_start_matches("alert ")
-        ));
-    }
-    None
+    dingo_core::broker::tls::refusal(server, &e.to_string())
 }

@@ -111,6 +111,62 @@ pub fn path_from_query(key: &str, value: &str) -> Result<PathBuf, String> {
     String::from_utf8(out).map(PathBuf::from).map_err(|_| format!("`{key}` is not UTF-8 once decoded: `{value}`"))
 }
 
+/// The certificates of a PEM bundle, each block on its own (TLS libraries often read one
+/// certificate per call, and would drop the rest of a bundle without a word).
+///
+/// ```
+/// let bundle = b"junk\n-----BEGIN CERTIFICATE-----\nA\n-----END CERTIFICATE-----\n-----BEGIN CERTIFICATE-----\nB\n-----END CERTIFICATE-----\n";
+/// let blocks = dingo_core::broker::tls::certificates(bundle);
+/// assert_eq!(blocks.len(), 2);
+/// assert_eq!(blocks[1], b"-----BEGIN CERTIFICATE-----\nB\n-----END CERTIFICATE-----");
+/// ```
+pub fn certificates(pem: &[u8]) -> Vec<&[u8]> {
+    const BEGIN: &[u8] = b"-----BEGIN CERTIFICATE-----";
+    const END: &[u8] = b"-----END CERTIFICATE-----";
+    let mut blocks = Vec::new();
+    let mut rest = pem;
+    while let Some(start) = find(rest, BEGIN) {
+        let Some(len) = find(&rest[start..], END) else { break };
+        let end = start + len + END.len();
+        blocks.push(&rest[start..end]);
+        rest = &rest[end..];
+    }
+    blocks
+}
+
+/// What a TLS handshake refused by either side means, from the TLS library's error text
+/// (OpenSSL's words), as a start-up error message: the server's certificate is not trusted
+/// (another CA, another host name), or the server wants a client certificate it was not
+/// given or does not trust. Waiting does not change a certificate: brokers fail at once
+/// with [`BrokerErrorKind::Config`]. `None` for other errors.
+///
+/// ```
+/// let text = "SSL Handshake error: certificate verify failed: (self-signed certificate in certificate chain)";
+/// let message = dingo_core::broker::tls::refusal("redis at rediss://h:6380", text).unwrap();
+/// assert!(message.starts_with("redis at rediss://h:6380: the server's TLS certificate was refused (self-signed"));
+/// assert_eq!(dingo_core::broker::tls::refusal("s", "connection refused"), None);
+/// ```
+pub fn refusal(server: &str, text: &str) -> Option<String> {
+    const FAILED: &str = "certificate verify failed";
+    if let Some(at) = text.find(FAILED) {
+        // OpenSSL's reason, in the parentheses that follow (`self-signed certificate in
+        // certificate chain`, `Hostname mismatch`).
+        let after = &text[at + FAILED.len()..];
+        let reason = after.split_once('(').and_then(|(_, r)| r.split_once(')')).map_or(FAILED, |(reason, _)| reason);
+        return Some(format!(
+            "{server}: the server's TLS certificate was refused ({reason}): give the CA that signed it with \
+             `{CA_FILE_KEY}` (`tls_ca_file`), and connect by a name the certificate holds"
+        ));
+    }
+    let alerts = ["alert certificate required", "alert bad certificate", "alert unknown ca"];
+    let alert = alerts.iter().find(|a| text.contains(*a))?;
+    Some(format!(
+        "{server} refused the TLS connection (`{}`): it asks for a client certificate its CA signed; give it with \
+         `{CERT_FILE_KEY}` and `{KEY_FILE_KEY}` (`tls_client_cert`)",
+        alert.trim_start_matches("alert ")
+    ))
+}
+
 #[derive(Clone, Copy)]
 enum File {
     Ca,
@@ -162,7 +218,11 @@ fn read(path: &Path, file: File) -> Result<Vec<u8>, BrokerError> {
 }
 
 fn contains(haystack: &[u8], needle: &[u8]) -> bool {
-    haystack.windows(needle.len()).any(|w| w == needle)
+    find(haystack, needle).is_some()
+}
+
+fn find(haystack: &[u8], needle: &[u8]) -> Option<usize> {
+    haystack.windows(needle.len()).position(|w| w == needle)
 }
 
 #[cfg(test)]
