@@ -118,7 +118,7 @@ fn insecure_is_warned_about() {
     let Some(server) = Server::start_tls(&certs, certs.server(), false) else { return };
     let run = |broker: RedisBroker| {
         let app = App::builder().broker(broker).build().expect("app");
-        let mut seen = Seen::watch(&app);
+        let seen = Seen::watch(&app);
         app.register("tls.double", |(n,): (u64,)| n * 2).expect("register");
         app.allocate("tls.double", 1).expect("allocate");
         let mut handle = app.call::<_, u64>("tls.double", (21u64,)).expect("call");

@@ -263,6 +263,7 @@ impl AmqpOptions {
     ///     .tls_client_cert("/etc/dingo/client.pem", "/etc/dingo/client.key");
     /// assert_eq!(options.tls_key_file.as_deref(), Some("/etc/dingo/client.key".as_ref()));
     /// ```
+    #[must_use]
     pub fn tls_ca_file(mut self, path: impl Into<PathBuf>) -> AmqpOptions {
         self.tls_ca_file = Some(path.into());
         self
@@ -271,6 +272,7 @@ impl AmqpOptions {
     /// Sets [`tls_cert_file`](AmqpOptions::tls_cert_file) and
     /// [`tls_key_file`](AmqpOptions::tls_key_file): the client certificate and its key
     /// (PEM), for servers that authenticate clients by certificate (mutual TLS).
+    #[must_use]
     pub fn tls_client_cert(mut self, cert: impl Into<PathBuf>, key: impl Into<PathBuf>) -> AmqpOptions {
         self.tls_cert_file = Some(cert.into());
         self.tls_key_file = Some(key.into());

@@ -221,6 +221,7 @@ impl RedisOptions {
     ///     .tls_client_cert("/etc/dingo/client.pem", "/etc/dingo/client.key");
     /// assert_eq!(options.tls_ca_file.as_deref(), Some("/etc/dingo/ca.pem".as_ref()));
     /// ```
+    #[must_use]
     pub fn tls_ca_file(mut self, path: impl Into<PathBuf>) -> RedisOptions {
         self.tls_ca_file = Some(path.into());
         self
@@ -229,6 +230,7 @@ impl RedisOptions {
     /// Sets [`tls_cert_file`](RedisOptions::tls_cert_file) and
     /// [`tls_key_file`](RedisOptions::tls_key_file): the client certificate and its key
     /// (PEM), for servers that authenticate clients by certificate (mutual TLS).
+    #[must_use]
     pub fn tls_client_cert(mut self, cert: impl Into<PathBuf>, key: impl Into<PathBuf>) -> RedisOptions {
         self.tls_cert_file = Some(cert.into());
         self.tls_key_file = Some(key.into());
