@@ -1,6 +1,7 @@
 //! TLS on the RabbitMQ broker, against a RabbitMQ node of the test's own with a TLS listener
 //! only (the shared node is never touched), with a throwaway CA made at test time: a custom
-//! CA trusted and a whole call over TLS, an untrusted CA refused, mutual TLS (client
+//! CA trusted and a whole call over TLS, an untrusted CA and a certificate for another host
+//! refused, mutual TLS (client
 //! certificate) refused without the certificate and accepted with it, and bad TLS files as
 //! configuration errors that name the file and never the password.
 #![cfg(feature = "amqp-tls")]
@@ -43,9 +44,9 @@ fn assert_refused(result: Result<AmqpBroker, BrokerError>, node: &Node, expected
 }
 
 #[test]
-fn a_custom_ca_is_trusted_and_an_untrusted_one_refused() {
+fn a_custom_ca_is_trusted_and_an_untrusted_one_or_another_host_refused() {
     let Some(certs) = Certs::generate() else { return };
-    let Some(node) = Node::start_tls(&certs, false) else { return };
+    let Some(node) = Node::start_tls(&certs, certs.server(), false) else { return };
     let url = format!("{}?cacertfile={}", node.url(), certs.ca().display());
     round_trip(connect(&url, options()).expect("connect with the CA in the URL"));
     let refused = "{server}: the server's TLS certificate was refused (self-signed certificate in certificate chain): \
@@ -53,12 +54,20 @@ fn a_custom_ca_is_trusted_and_an_untrusted_one_refused() {
                    certificate holds";
     assert_refused(connect(&node.url(), options().tls_ca_file(certs.other_ca())), &node, refused);
     assert_refused(connect(&node.url(), options()), &node, refused);
+    drop(node);
+    // The right CA, a certificate for another host (the URL names 127.0.0.1).
+    let Some(elsewhere) = Node::start_tls(&certs, certs.elsewhere(), false) else { return };
+    assert_refused(
+        connect(&elsewhere.url(), options().tls_ca_file(certs.ca())),
+        &elsewhere,
+        &refused.replace("self-signed certificate in certificate chain", "IP address mismatch"),
+    );
 }
 
 #[test]
 fn mutual_tls_needs_the_client_certificate() {
     let Some(certs) = Certs::generate() else { return };
-    let Some(node) = Node::start_tls(&certs, true) else { return };
+    let Some(node) = Node::start_tls(&certs, certs.server(), true) else { return };
     // TLS 1.3 checks the client's certificate after the client's side of the handshake: the
     // refusal may be overtaken by the reset of a connection the client has written to.
     let error = connect(&node.url(), options().tls_ca_file(certs.ca())).expect_err("no client certificate");

@@ -26,12 +26,11 @@ pub struct Node {
 }
 
 impl Node {
-    /// A node listening with TLS only on a free port of 127.0.0.1, with the server
-    /// certificate of `certs` (for `127.0.0.1` and `localhost`), checking client
-    /// certificates against the CA of `certs`; with `require_client_cert`, a client without
+    /// A node listening with TLS only on a free port of 127.0.0.1, with this certificate and
+    /// key (one of `certs`), checking client certificates against the CA of `certs`; with `require_client_cert`, a client without
     /// one is refused (`fail_if_no_peer_cert`). `None` (skipped loudly, or failed under
     /// `DINGO_REQUIRE_SERVICES=1`) when RabbitMQ is not installed.
-    pub fn start_tls(certs: &Certs, require_client_cert: bool) -> Option<Node> {
+    pub fn start_tls(certs: &Certs, (cert, key): (PathBuf, PathBuf), require_client_cert: bool) -> Option<Node> {
         if !std::path::Path::new(SERVER).exists() {
             assert!(!crate::services_required(), "RabbitMQ is not installed ({SERVER})");
             eprintln!("SKIPPED: RabbitMQ is not installed ({SERVER})");
@@ -42,7 +41,6 @@ impl Node {
         let name = crate::unique("dingo-tls").replace('.', "-");
         let dir = std::env::temp_dir().join(&name);
         std::fs::create_dir_all(&dir).expect("a directory for the node");
-        let (cert, key) = certs.server();
         let config = format!(
             "listeners.tcp = none\nlisteners.ssl.default = 127.0.0.1:{port}\nssl_options.cacertfile = {}\n\
              ssl_options.certfile = {}\nssl_options.keyfile = {}\nssl_options.verify = verify_peer\n\
