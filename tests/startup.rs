@@ -106,7 +106,7 @@ mod redis {
         assert_eq!(error.kind(), BrokerErrorKind::Config);
         assert!(
             error.to_string().ends_with(": unknown option `nmespace` (known: namespace, lease_ms, prefetch, batch, \
-                 result_ttl_s, block_timeout_ms, max_redeliveries, wait_spin_us, connect_retry_s, protocol, db, user, pass)"),
+                 result_ttl_s, block_timeout_ms, max_redeliveries, wait_spin_us, connect_retry_s, cacertfile, certfile, keyfile, protocol, db, user, pass)"),
             "{error}"
         );
     }

@@ -117,7 +117,8 @@ impl AmqpBroker {
     /// The URL's query may set options: `namespace`, `durable`, `quorum`,
     /// `persistent_reports`, `prefetch`, `hand_back_after_ms` (0: off), `max_redeliveries`,
     /// `max_unconfirmed`, `heartbeat` (s), `connection_timeout` (ms), `result_ttl_s`,
-    /// `wait_spin_us`, `connect_retry_s`
+    /// `wait_spin_us`, `connect_retry_s`, and for `amqps://` the TLS files `cacertfile`,
+    /// `certfile`, `keyfile` (see [TLS](crate#tls))
     /// (`amqp://guest:guest@127.0.0.1:5672/%2f?namespace=shop&prefetch=256`); they override
     /// the options given to [`connect_with`](AmqpBroker::connect_with).
     pub fn connect(url: &str) -> Result<AmqpBroker, BrokerError> {
@@ -132,7 +133,7 @@ impl AmqpBroker {
         if options.quorum && !options.durable {
             return Err(BrokerError::new(BrokerErrorKind::Config, "quorum queues are always durable"));
         }
-        let address = Address::parse(&url)?;
+        let address = Address::parse(&url)?.with_tls(&options)?;
         let events = EventSinks::new();
         let session = Session::connect(address, options.clone(), events.clone())?;
         let names = Names::new(&options.namespace);

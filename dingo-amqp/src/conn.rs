@@ -22,6 +22,7 @@ use dingo_core::event::{Event, EventKind, EventSinks, Level, Origin};
 use dingo_core::{BrokerError, BrokerErrorKind};
 
 use crate::options::AmqpOptions;
+use crate::tls::Connector;
 
 /// Where and how to connect, parsed from an `amqp://user:pass@host:port/vhost` URL.
 #[derive(Clone)]
@@ -32,6 +33,8 @@ pub(crate) struct Address {
     password: String,
     vhost: String,
     tls: bool,
+    /// For `amqps://`: made by [`with_tls`](Address::with_tls), once.
+    connector: Option<Connector>,
 }
 
 impl std::fmt::Debug for Address {
@@ -72,7 +75,23 @@ impl Address {
         }
         let vhost = if path.is_empty() { "/".to_owned() } else { decode(path) };
         let port = parsed.port().unwrap_or(if tls { 5671 } else { 5672 });
-        Ok(Address { host, port, user, password, vhost, tls })
+        Ok(Address { host, port, user, password, vhost, tls, connector: None })
+    }
+
+    /// Builds the TLS connector of an `amqps://` address from the options' files (see
+    /// [`Connector::new`]); TLS files for an `amqp://` address are an error.
+    pub(crate) fn with_tls(mut self, options: &AmqpOptions) -> Result<Address, BrokerError> {
+        match self.tls {
+            true => self.connector = Some(Connector::new(options)?),
+            false if crate::tls::any_file(options) => {
+                return Err(BrokerError::new(
+                    BrokerErrorKind::Config,
+                    format!("{self:?}: TLS files (`cacertfile`, `certfile`, `keyfile`) need an `amqps://` URL"),
+                ));
+            }
+            false => {}
+        }
+        Ok(self)
     }
 
     /// Opens a connection: TCP with `TCP_NODELAY` (without it a request-reply round trip
@@ -121,6 +140,19 @@ impl Address {
 
     fn handshake_error(&self, error: amiquip::Error) -> BrokerError {
         use amiquip::Error::*;
+        // A refused certificate, on either side (the server's refusal of the client's comes
+        // after the handshake in TLS 1.3, as a read error): waiting will not change it.
+        if self.tls {
+            let mut text = error.to_string();
+            let mut source = std::error::Error::source(&error);
+            while let Some(cause) = source {
+                text = format!("{text}: {cause}");
+                source = cause.source();
+            }
+            if let Some(message) = dingo_core::broker::tls::refusal(&format!("RabbitMQ at {self:?}"), &text) {
+                return BrokerError::with_source(BrokerErrorKind::Config, message, error);
+            }
+        }
         let (kind, message) = match &error {
             InvalidCredentials => (
                 BrokerErrorKind::Config,
@@ -158,8 +190,11 @@ impl Address {
         stream: mio::net::TcpStream,
         options: ConnectionOptions<Auth>,
     ) -> Result<Connection, amiquip::Error> {
-        let connector = native_tls::TlsConnector::new()
-            .map_err(|e| amiquip::Error::IoErrorWritingSocket { source: std::io::Error::other(e) })?;
+        let connector = match &self.connector {
+            Some(connector) => connector.inner.clone(),
+            None => native_tls::TlsConnector::new()
+                .map_err(|e| amiquip::Error::IoErrorWritingSocket { source: std::io::Error::other(e) })?,
+        };
         Connection::open_tls_stream(connector, &self.host, stream, options, ConnectionTuning::default())
     }
 

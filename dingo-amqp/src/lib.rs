@@ -40,7 +40,53 @@
 //! for what comes next: delayed tasks and retries as per-delay TTL queues
 //! (`NS.delay.MS`) that dead-letter back to the task queues, no plugin needed.
 //!
-//! `amqps://` URLs (TLS) need the crate's `tls` feature (`amqp-tls` on `dingo`).
+//! # TLS
+//!
+//! `amqps://` URLs (port 5671 by default) need the crate's `tls` feature (`amqp-tls` on
+//! `dingo`; the system's OpenSSL through `native-tls`). The server's certificate must chain
+//! to a trusted CA and name the URL's host. Three settings, as URL query keys (those of
+//! RabbitMQ's URI spec, the same on the Redis broker) or [`AmqpOptions`] fields, cover
+//! private CAs and mutual TLS:
+//!
+//! | URL key | option | file (PEM) |
+//! | --- | --- | --- |
+//! | `cacertfile` | [`tls_ca_file`](AmqpOptions::tls_ca_file) | the CAs to trust, *instead of* the system's |
+//! | `certfile` | [`tls_cert_file`](AmqpOptions::tls_cert_file) | the client certificate, for servers with `fail_if_no_peer_cert = true` |
+//! | `keyfile` | [`tls_key_file`](AmqpOptions::tls_key_file) | its key, unencrypted PKCS#8 (`-----BEGIN PRIVATE KEY-----`) |
+//!
+//! ```no_run
+//! # fn main() -> Result<(), dingo_core::BrokerError> {
+//! use dingo_amqp::{AmqpBroker, AmqpOptions};
+//!
+//! let options = AmqpOptions::new()
+//!     .tls_ca_file("/etc/dingo/ca.pem")
+//!     .tls_client_cert("/etc/dingo/client.pem", "/etc/dingo/client.key");
+//! let broker = AmqpBroker::connect_with("amqps://dingo:secret@rabbit.internal/%2f", options)?;
+//! # Ok(())
+//! # }
+//! ```
+//!
+//! The files are read, checked and parsed once, at connect: one missing, unreadable or not
+//! what it should be (a certificate, a PKCS#8 key that is the certificate's) is a
+//! [`Config`](dingo_core::BrokerErrorKind::Config) error naming the file, as are TLS files
+//! with an `amqp://` URL. A server whose certificate is refused (untrusted CA, another host
+//! name) or that refuses the client's is a `Config` error too, not waited for (a server that
+//! wants a client certificate may also just close the connection: TLS 1.3 checks it after
+//! the client's side of the handshake, and a reset can overtake its alert). There is no way
+//! to turn verification off; to trust a self-signed server, give its certificate as
+//! `cacertfile`.
+//!
+//! A RabbitMQ configuration these settings were tested against (`tests/amqp_tls.rs` starts
+//! a private node with it, see `test-support/src/rabbitmq_node.rs`):
+//!
+//! ```text
+//! listeners.ssl.default = 5671
+//! ssl_options.cacertfile = /etc/rabbitmq/ca.pem
+//! ssl_options.certfile   = /etc/rabbitmq/server.pem
+//! ssl_options.keyfile    = /etc/rabbitmq/server.key
+//! ssl_options.verify     = verify_peer
+//! ssl_options.fail_if_no_peer_cert = true   # mutual TLS: every client shows a certificate
+//! ```
 //!
 //! # Guarantees
 //!
@@ -156,6 +202,7 @@
 mod broker;
 mod conn;
 mod options;
+mod tls;
 mod topology;
 
 pub use broker::{AmqpBroker, Stats};

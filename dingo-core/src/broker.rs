@@ -29,6 +29,7 @@
 pub mod local;
 pub mod router;
 pub mod support;
+pub mod tls;
 
 use std::any::Any;
 use std::fmt;

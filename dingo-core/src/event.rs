@@ -132,6 +132,10 @@ pub enum EventKind {
     ConnectionLost,
     /// A connection to a broker was restored.
     ConnectionRestored,
+    /// A TLS connection to a broker was opened without verifying the server's certificate
+    /// and host name (a Redis URL's `#insecure`): anyone on the path can read and change
+    /// what it carries. A warning, on every such connection.
+    TlsUnverified,
     /// Workers or the app started.
     Started,
     /// Workers or the app stopped.

@@ -143,8 +143,10 @@ impl RedisBroker {
     ///
     /// The URL's query may set options: `namespace`, `lease_ms`, `prefetch`, `batch`,
     /// `result_ttl_s`, `block_timeout_ms`, `max_redeliveries`, `wait_spin_us`,
-    /// `connect_retry_s` (`redis://127.0.0.1:6379/0?namespace=shop&lease_ms=30000`); they
-    /// override the options given to [`connect_with`](RedisBroker::connect_with).
+    /// `connect_retry_s`, and for `rediss://` the TLS files `cacertfile`, `certfile`,
+    /// `keyfile` (see [TLS](crate#tls))
+    /// (`redis://127.0.0.1:6379/0?namespace=shop&lease_ms=30000`); they override the options
+    /// given to [`connect_with`](RedisBroker::connect_with).
     pub fn connect(url: &str) -> Result<RedisBroker, BrokerError> {
         RedisBroker::connect_with(url, RedisOptions::default())
     }
@@ -154,10 +156,13 @@ impl RedisBroker {
         let config =
             |e: String| BrokerError::new(BrokerErrorKind::Config, format!("redis URL {}: {e}", redact_url(url)));
         let (url, options) = options.apply_url(url).map_err(config)?;
-        let client = redis::Client::open(url.as_str()).map_err(|e| {
-            BrokerError::with_source(BrokerErrorKind::Config, format!("invalid redis URL {}", redact_url(&url)), e)
-        })?;
+        let client = crate::tls::client(&url, &options)?;
         let server = format!("redis at {}", redact_url(&url));
+        if crate::tls::unverified(&client) {
+            // No app is attached yet: this goes to `tracing`; each connection opened later
+            // warns the apps' subscribers too (`conn.rs`).
+            tracing::warn!(target: "dingo", "{server}: `#insecure` turns TLS certificate and host name checks off");
+        }
         connect_retrying(&server, options.connect_retry, options.reconnect_backoff, || {
             check_server(&client, &options, &server)
         })?;
@@ -555,11 +560,14 @@ fn hello_fields(hello: redis::Value) -> Vec<(String, String)> {
 
 /// What a failed start-up attempt means: the server is not there yet (a
 /// [`BrokerErrorKind::Connection`] with a short reason, tried again) or something waiting
-/// cannot fix (bad credentials, not a Redis server, …).
+/// cannot fix (bad credentials, a TLS certificate refused, not a Redis server, …).
 fn start_up_error(server: &str, e: redis::RedisError) -> BrokerError {
     use redis::{ErrorKind, RetryMethod, ServerErrorKind};
     if e.kind() == ErrorKind::AuthenticationFailed || matches!(e.code(), Some("NOAUTH" | "WRONGPASS")) {
         let message = format!("{server} refused the credentials: check the user and password in the URL");
+        return BrokerError::with_source(BrokerErrorKind::Config, message, e);
+    }
+    if let Some(message) = crate::tls::refusal(server, &e) {
         return BrokerError::with_source(BrokerErrorKind::Config, message, e);
     }
     if e.is_io_error() || matches!(e.retry_method(), RetryMethod::WaitAndRetry) {

@@ -37,6 +37,8 @@ pub(crate) struct Conn {
     can_fence: Option<bool>,
     /// The name every new connection gives itself (`CLIENT SETNAME`), if any.
     name: Option<String>,
+    /// Whether connections skip TLS verification (`#insecure`): each one opened is a warning.
+    unverified: bool,
 }
 
 impl Conn {
@@ -50,6 +52,7 @@ impl Conn {
         events: EventSinks,
     ) -> Conn {
         Conn {
+            unverified: crate::tls::unverified(&client),
             client,
             conn: None,
             role,
@@ -253,6 +256,19 @@ impl Conn {
     /// handshake but refuses the scripts: that is an error (not ready) like any other here.
     fn connect_once(&mut self) -> redis::RedisResult<redis::Connection> {
         let mut conn = self.client.get_connection_with_timeout(self.connect_timeout)?;
+        if self.unverified {
+            self.events.emit(Event::new(
+                self.origin,
+                Level::Warning,
+                EventKind::TlsUnverified,
+                format!(
+                    "redis {} connection to {} opened without TLS verification: the URL's `#insecure` turns the \
+                     certificate and host name checks off",
+                    self.role,
+                    self.client.get_connection_info().addr()
+                ),
+            ));
+        }
         conn.set_read_timeout(Some(self.read_timeout))?;
         conn.set_write_timeout(Some(self.connect_timeout))?;
         if self.fence {

@@ -133,7 +133,51 @@
 //! most `worker threads + 6`. Each connection names itself at the server (`CLIENT
 //! SETNAME`), so `CLIENT LIST` shows `dingo:NAMESPACE:PROCESS:ROLE`.
 //!
-//! `rediss://` URLs (TLS) need the crate's `tls` feature (`redis-tls` on `dingo`).
+//! # TLS
+//!
+//! `rediss://` URLs need the crate's `tls` feature (`redis-tls` on `dingo`; the system's
+//! OpenSSL through `native-tls`). The server's certificate must chain to a trusted CA and
+//! name the URL's host. Three settings, as URL query keys (RabbitMQ's names, the same on
+//! both brokers) or [`RedisOptions`] fields, cover private CAs and mutual TLS:
+//!
+//! | URL key | option | file (PEM) |
+//! | --- | --- | --- |
+//! | `cacertfile` | [`tls_ca_file`](RedisOptions::tls_ca_file) | the CAs to trust, *instead of* the system's |
+//! | `certfile` | [`tls_cert_file`](RedisOptions::tls_cert_file) | the client certificate, for servers with `tls-auth-clients yes` |
+//! | `keyfile` | [`tls_key_file`](RedisOptions::tls_key_file) | its key, unencrypted PKCS#8 (`-----BEGIN PRIVATE KEY-----`) |
+//!
+//! ```no_run
+//! # fn main() -> Result<(), dingo_core::BrokerError> {
+//! use dingo_redis::{RedisBroker, RedisOptions};
+//!
+//! let broker = RedisBroker::connect(
+//!     "rediss://redis.internal:6380/0?cacertfile=/etc/dingo/ca.pem&certfile=/etc/dingo/client.pem&keyfile=/etc/dingo/client.key",
+//! )?;
+//! // The same with options:
+//! let options = RedisOptions::new()
+//!     .tls_ca_file("/etc/dingo/ca.pem")
+//!     .tls_client_cert("/etc/dingo/client.pem", "/etc/dingo/client.key");
+//! let broker = RedisBroker::connect_with("rediss://redis.internal:6380/0", options)?;
+//! # Ok(())
+//! # }
+//! ```
+//!
+//! The files are read and checked at connect: one missing, unreadable or not what it should
+//! be (a certificate, a PKCS#8 key that is the certificate's) is a
+//! [`Config`](dingo_core::BrokerErrorKind::Config) error naming the file, as are TLS files
+//! with a `redis://` URL. A server whose certificate is refused (untrusted CA, another host
+//! name) or that refuses the client's is a `Config` error too, not waited for. A server that
+//! wants a client certificate may also just close a connection without one (TLS 1.3 checks
+//! it after the client's side of the handshake, and a reset can overtake its alert): then
+//! the error says the connection was closed.
+//!
+//! **`#insecure`** (the client library's URL fragment, `rediss://host:6380/#insecure`) turns
+//! the certificate and host name checks off: anyone on the path can then read and change
+//! what the connection carries, passwords included. dingo keeps it working (for a test
+//! server), logs a warning at connect and emits an
+//! [`EventKind::TlsUnverified`](dingo_core::event::EventKind::TlsUnverified) warning for
+//! every connection it opens that way; with TLS files it is an error (they would be ignored).
+//! To trust a self-signed server, give its certificate as `cacertfile` instead.
 //!
 //! # Permissions
 //!
@@ -185,6 +229,7 @@ mod conn;
 mod keys;
 mod options;
 mod scripts;
+mod tls;
 
 pub use access::acl_rules;
 pub use broker::{RedisBroker, Stats};

@@ -1,6 +1,9 @@
 //! [`RedisOptions`]: every knob of the Redis broker, with the defaults documented.
 
+use std::path::PathBuf;
 use std::time::Duration;
+
+use dingo_core::broker::tls::{CA_FILE_KEY, CERT_FILE_KEY, KEY_FILE_KEY, path_from_query};
 
 /// Settings of a [`RedisBroker`](crate::RedisBroker).
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -67,6 +70,20 @@ pub struct RedisOptions {
     /// they share the machine (on 2 cores, 500 µs doubled the p99 of 80 µs). Waits that
     /// begin while other calls are in flight sleep at once. Zero turns it off. Default 80 µs.
     pub wait_spin: Duration,
+    /// PEM file of the certificate authorities a `rediss://` server's certificate must chain
+    /// to, instead of the system's trust store (which it replaces, it does not add to):
+    /// for servers whose certificates a private CA signed. URL key `cacertfile`. Default
+    /// none (the system's roots).
+    pub tls_ca_file: Option<PathBuf>,
+    /// PEM file of the client certificate presented to a `rediss://` server that asks for
+    /// one (mutual TLS, `tls-auth-clients yes`), with the chain up to its CA after it if
+    /// there is one; given with [`tls_key_file`](RedisOptions::tls_key_file). URL key
+    /// `certfile`. Default none.
+    pub tls_cert_file: Option<PathBuf>,
+    /// PEM file of the client certificate's private key, unencrypted PKCS#8 (`-----BEGIN
+    /// PRIVATE KEY-----`; `openssl pkcs8 -topk8 -nocrypt` converts other forms). URL key
+    /// `keyfile`. Default none.
+    pub tls_key_file: Option<PathBuf>,
 }
 
 impl Default for RedisOptions {
@@ -90,12 +107,15 @@ impl Default for RedisOptions {
             reconnect_backoff: (Duration::from_millis(10), Duration::from_secs(2)),
             connect_retry: dingo_core::broker::support::CONNECT_RETRY,
             wait_spin: Duration::from_micros(80),
+            tls_ca_file: None,
+            tls_cert_file: None,
+            tls_key_file: None,
         }
     }
 }
 
 /// The query keys a Redis URL may hold: dingo's, then the client library's.
-const URL_KEYS: [&str; 15] = [
+const URL_KEYS: [&str; 18] = [
     "namespace",
     "lease_ms",
     "prefetch",
@@ -107,6 +127,9 @@ const URL_KEYS: [&str; 15] = [
     "connect_retry_s",
     "max_unclaimed",
     "max_unclaimed_bytes",
+    CA_FILE_KEY,
+    CERT_FILE_KEY,
+    KEY_FILE_KEY,
     "protocol",
     "db",
     "user",
@@ -209,10 +232,38 @@ impl RedisOptions {
         self
     }
 
+    /// Sets [`tls_ca_file`](RedisOptions::tls_ca_file): the certificate authorities (PEM)
+    /// trusted instead of the system's.
+    ///
+    /// ```
+    /// use dingo_redis::RedisOptions;
+    ///
+    /// let options = RedisOptions::new()
+    ///     .tls_ca_file("/etc/dingo/ca.pem")
+    ///     .tls_client_cert("/etc/dingo/client.pem", "/etc/dingo/client.key");
+    /// assert_eq!(options.tls_ca_file.as_deref(), Some("/etc/dingo/ca.pem".as_ref()));
+    /// ```
+    #[must_use]
+    pub fn tls_ca_file(mut self, path: impl Into<PathBuf>) -> RedisOptions {
+        self.tls_ca_file = Some(path.into());
+        self
+    }
+
+    /// Sets [`tls_cert_file`](RedisOptions::tls_cert_file) and
+    /// [`tls_key_file`](RedisOptions::tls_key_file): the client certificate and its key
+    /// (PEM), for servers that authenticate clients by certificate (mutual TLS).
+    #[must_use]
+    pub fn tls_client_cert(mut self, cert: impl Into<PathBuf>, key: impl Into<PathBuf>) -> RedisOptions {
+        self.tls_cert_file = Some(cert.into());
+        self.tls_key_file = Some(key.into());
+        self
+    }
+
     /// Splits dingo's settings off a URL's query string: `namespace`, `lease_ms`,
     /// `prefetch`, `batch`, `result_ttl_s`, `block_timeout_ms`, `max_redeliveries`,
-    /// `wait_spin_us`, `connect_retry_s`, `max_unclaimed` and `max_unclaimed_bytes`
-    /// override these options; the client library's
+    /// `wait_spin_us`, `connect_retry_s`, `max_unclaimed`, `max_unclaimed_bytes`, and the
+    /// TLS files `cacertfile`, `certfile` and `keyfile` (paths, percent-encoded where
+    /// needed) override these options; the client library's
     /// own keys (`protocol`; `db`, `user`, `pass` for `redis+unix`) stay in the URL, and
     /// any other key is an error (a misspelt option should not pass unnoticed). Returns the
     /// URL left for the client and the options.
@@ -241,6 +292,9 @@ impl RedisOptions {
                 "max_unclaimed_bytes" => {
                     self = self.max_unclaimed_bytes(usize::try_from(number()?).unwrap_or(usize::MAX))
                 }
+                CA_FILE_KEY => self.tls_ca_file = Some(path_from_query(key, value)?),
+                CERT_FILE_KEY => self.tls_cert_file = Some(path_from_query(key, value)?),
+                KEY_FILE_KEY => self.tls_key_file = Some(path_from_query(key, value)?),
                 "protocol" | "db" | "user" | "pass" => kept.push(pair),
                 _ => return Err(format!("unknown option `{key}` (known: {})", URL_KEYS.join(", "))),
             }
@@ -300,6 +354,22 @@ mod tests {
     }
 
     #[test]
+    fn url_query_sets_the_tls_files() {
+        let (url, options) = RedisOptions::new()
+            .apply_url(
+                "rediss://h:6380/0?cacertfile=/etc/ca.pem&certfile=/etc/my%20client.pem&keyfile=k.pem&protocol=resp3",
+            )
+            .expect("valid");
+        assert_eq!(url, "rediss://h:6380/0?protocol=resp3");
+        assert_eq!(options.tls_ca_file.as_deref(), Some("/etc/ca.pem".as_ref()));
+        assert_eq!(options.tls_cert_file.as_deref(), Some("/etc/my client.pem".as_ref()));
+        assert_eq!(options.tls_key_file.as_deref(), Some("k.pem".as_ref()));
+        let error = RedisOptions::new().apply_url("rediss://h/?cacertfile=").expect_err("empty");
+        assert_eq!(error, "`cacertfile` wants a file path");
+        assert_eq!(RedisOptions::default().tls_ca_file, None);
+    }
+
+    #[test]
     fn url_without_query_is_untouched() {
         let (url, options) = RedisOptions::new().apply_url("redis://127.0.0.1:6379/0").expect("valid");
         assert_eq!((url.as_str(), options), ("redis://127.0.0.1:6379/0", RedisOptions::default()));
@@ -327,8 +397,8 @@ mod tests {
         assert_eq!(
             error,
             "unknown option `leas_ms` (known: namespace, lease_ms, prefetch, batch, result_ttl_s, block_timeout_ms, \
-             max_redeliveries, wait_spin_us, connect_retry_s, max_unclaimed, max_unclaimed_bytes, protocol, db, user, \
-             pass)"
+             max_redeliveries, wait_spin_us, connect_retry_s, max_unclaimed, max_unclaimed_bytes, cacertfile, \
+             certfile, keyfile, protocol, db, user, pass)"
         );
         let (url, _) = RedisOptions::new().apply_url("redis+unix:///tmp/r.sock?db=2&pass=pw").expect("client keys");
         assert_eq!(url, "redis+unix:///tmp/r.sock?db=2&pass=pw");

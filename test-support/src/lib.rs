@@ -10,7 +10,9 @@
 //!   fire-and-forget, shutdown, unknown tasks, signature mismatches, bad payloads, several
 //!   caller and worker apps on one broker).
 //! - helpers for fault tests: [`faults`], a TCP [`proxy`] that cuts connections, example
-//!   programs as child [`process`]es, a private [`redis_server`] to kill and restart.
+//!   programs as child [`process`]es, a private [`redis_server`] to kill and restart (or
+//!   serving TLS only, with a throwaway CA from [`certs`]), a private [`rabbitmq_node`]
+//!   with a TLS listener.
 //!
 //! Instantiate with the macros: `dingo_test_support::transport_suite!(setup)` and friends
 //! expand to one `#[test]` per rule, each with a fresh `setup` (evaluated per test, so each
@@ -21,9 +23,11 @@
 #![allow(missing_debug_implementations)]
 
 pub mod app;
+pub mod certs;
 pub mod faults;
 pub mod process;
 pub mod proxy;
+pub mod rabbitmq_node;
 pub mod redis_server;
 pub mod reports;
 pub mod transport;

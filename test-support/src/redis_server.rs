@@ -1,6 +1,6 @@
 //! A `redis-server` of the test's own, on a free port, for faults the shared server must never
 //! see: killed (SIGKILL, like a crash) and started again on the same port and directory,
-//! with whatever configuration the test gives it (persistence, ACL files, a slow load).
+//! with whatever configuration the test gives it (persistence, ACL files, a slow load, TLS).
 
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream};
@@ -16,6 +16,8 @@ pub struct Server {
     port: u16,
     dir: PathBuf,
     args: Vec<String>,
+    /// Serves TLS only (`--tls-port`, no plain port).
+    tls: bool,
 }
 
 impl Server {
@@ -60,7 +62,30 @@ impl Server {
         std::fs::create_dir_all(&dir).expect("a directory for the server");
         let mut all: Vec<String> = ["--save", "", "--appendonly", "no"].iter().map(|a| (*a).to_owned()).collect();
         all.extend(args.iter().map(|a| (*a).to_owned()));
-        Server { child: None, port, dir, args: all }
+        Server { child: None, port, dir, args: all, tls: false }
+    }
+
+    /// A server on a free port that speaks TLS only (no plain port), with this certificate
+    /// and key (one of `certs`), trusting the CA of `certs` for client certificates; with `auth_clients`
+    /// every client must present one (mutual TLS, `--tls-auth-clients yes`), without, none
+    /// is asked for. `None` as [`start_with`](Server::start_with).
+    pub fn start_tls(
+        certs: &crate::certs::Certs,
+        (cert, key): (PathBuf, PathBuf),
+        auth_clients: bool,
+    ) -> Option<Server> {
+        if !Server::installed() {
+            return None;
+        }
+        let port = TcpListener::bind("127.0.0.1:0").expect("a free port").local_addr().expect("addr").port();
+        let (cert, key, ca) = (cert.display().to_string(), key.display().to_string(), certs.ca().display().to_string());
+        let auth = if auth_clients { "yes" } else { "no" };
+        let args =
+            ["--tls-cert-file", &cert, "--tls-key-file", &key, "--tls-ca-cert-file", &ca, "--tls-auth-clients", auth];
+        let mut server = Server::on(port, &args);
+        server.tls = true;
+        server.start();
+        Some(server)
     }
 
     /// Whether `redis-server` is installed; if not, the test is skipped loudly (or fails
@@ -75,9 +100,10 @@ impl Server {
         true
     }
 
-    /// `redis://127.0.0.1:PORT`.
+    /// `redis://127.0.0.1:PORT` (`rediss://` for a [TLS](Server::start_tls) server).
     pub fn url(&self) -> String {
-        format!("redis://127.0.0.1:{}", self.port)
+        let scheme = if self.tls { "rediss" } else { "redis" };
+        format!("{scheme}://127.0.0.1:{}", self.port)
     }
 
     /// The server's port.
@@ -94,6 +120,10 @@ impl Server {
     /// data answers `LOADING` instead: see [`spawn`](Server::spawn)).
     pub fn start(&mut self) {
         self.spawn();
+        if self.tls {
+            // PING would need a TLS client; a fresh server has nothing to load.
+            return;
+        }
         let port = self.port;
         let child = self.child.as_mut().expect("just spawned");
         wait_until("the test's redis-server answers PING", || {
@@ -108,8 +138,14 @@ impl Server {
     /// load its data.
     pub fn spawn(&mut self) {
         assert!(self.child.is_none(), "already running");
+        let port = self.port.to_string();
+        let ports: &[&str] = match self.tls {
+            true => &["--port", "0", "--tls-port", &port],
+            false => &["--port", &port],
+        };
         let child = Command::new("redis-server")
-            .args(["--port", &self.port.to_string(), "--bind", "127.0.0.1"])
+            .args(ports)
+            .args(["--bind", "127.0.0.1"])
             .args(["--daemonize", "no", "--logfile", ""])
             .args(&self.args)
             .arg("--dir")
@@ -121,7 +157,13 @@ impl Server {
             .expect("start redis-server");
         self.child = Some(child);
         let port = self.port;
-        wait_until("the test's redis-server accepts connections", || Server::ping(port).is_some());
+        let tls = self.tls;
+        let accepts = move || match tls {
+            true => TcpStream::connect_timeout(&SocketAddr::from(([127, 0, 0, 1], port)), Duration::from_millis(200))
+                .is_ok(),
+            false => Server::ping(port).is_some(),
+        };
+        wait_until("the test's redis-server accepts connections", accepts);
     }
 
     /// The first bytes of the server's answer to PING (`+PONG\r\n`, or `-LOADING` while it
