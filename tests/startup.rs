@@ -172,9 +172,9 @@ mod redis {
         let port = primary.port().to_string();
         let Some(replica) = Server::start_with(&["--replicaof", "127.0.0.1", &port]) else { return };
         let started = Instant::now();
-        let error = RedisBroker::connect_with(&replica.url(), patient(Duration::from_millis(600)))
-            .err()
-            .expect("a replica is refused");
+        let Err(error) = RedisBroker::connect_with(&replica.url(), patient(Duration::from_millis(600))) else {
+            panic!("a replica is refused")
+        };
         about(started.elapsed(), Duration::from_millis(600));
         assert_eq!(error.kind(), BrokerErrorKind::Connection);
         assert!(
