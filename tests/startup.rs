@@ -105,8 +105,11 @@ mod redis {
         let Error::Broker(error) = error else { panic!("not a broker error: {error:?}") };
         assert_eq!(error.kind(), BrokerErrorKind::Config);
         assert!(
-            error.to_string().ends_with(": unknown option `nmespace` (known: namespace, lease_ms, prefetch, batch, \
-                 result_ttl_s, block_timeout_ms, max_redeliveries, wait_spin_us, connect_retry_s, cacertfile, certfile, keyfile, protocol, db, user, pass)"),
+            error.to_string().ends_with(
+                ": unknown option `nmespace` (known: namespace, lease_ms, prefetch, batch, \
+                 result_ttl_s, block_timeout_ms, max_redeliveries, wait_spin_us, connect_retry_s, max_unclaimed, \
+                 max_unclaimed_bytes, cacertfile, certfile, keyfile, protocol, db, user, pass)"
+            ),
             "{error}"
         );
     }
