@@ -86,6 +86,9 @@ pub struct Stats {
     /// Messages published again on a new channel because the one they went out on broke
     /// before RabbitMQ confirmed them (at least once: RabbitMQ may have stored some twice).
     pub republished: AtomicU64,
+    /// Received messages over `max_message_size`, not decoded: task messages dead-lettered
+    /// (a copy of their first 4 KiB), reports dropped.
+    pub oversize: AtomicU64,
 }
 
 pub(crate) struct Inner {
@@ -199,7 +202,14 @@ impl AmqpBroker {
     /// Publishes raw bytes into a task's queue, as a foreign or broken producer would (for
     /// tests and repair tools). Waits for the confirm.
     pub fn publish_raw(&self, task: &str, bytes: Vec<u8>) -> Result<(), BrokerError> {
-        let queue = self.inner.names.task_queue(task)?;
+        self.publish_raw_to(&self.inner.names.task_queue(task)?, bytes)
+    }
+
+    /// Publishes raw bytes into the queue named `queue` (a task's, a dead-letter queue, a
+    /// caller's reply queue), as anyone allowed to write there could: for tests (forged
+    /// reports) and repair tools. Waits for the confirm.
+    pub fn publish_raw_to(&self, queue: &str, bytes: Vec<u8>) -> Result<(), BrokerError> {
+        let queue = queue.to_owned();
         let mut published = false;
         self.inner.with_control("publishing raw bytes", |channel| {
             if published {

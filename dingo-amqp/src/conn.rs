@@ -179,7 +179,18 @@ pub(crate) fn amqp_error(what: &str, error: amiquip::Error) -> BrokerError {
         amiquip::Error::ServerClosedChannel { .. } => BrokerErrorKind::Protocol,
         _ => BrokerErrorKind::Connection,
     };
-    BrokerError::with_source(kind, what.to_owned(), error)
+    match &error {
+        // RabbitMQ refuses to declare a queue again with other arguments.
+        amiquip::Error::ServerClosedChannel { code: 406, message, .. } if message.contains("arg 'x-max-length") => {
+            let message = format!(
+                "{what}: a dead-letter queue exists with other bounds than max_dead_letters and max_dead_letter_bytes \
+                 (declared by an older dingo, without bounds, or with other options); see \
+                 AmqpOptions::max_dead_letters for the way out"
+            );
+            BrokerError::with_source(BrokerErrorKind::Config, message, error)
+        }
+        _ => BrokerError::with_source(kind, what.to_owned(), error),
+    }
 }
 
 /// The shared connection and its generation (how many connections were made).

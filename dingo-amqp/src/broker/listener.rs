@@ -8,6 +8,7 @@ use std::time::Instant;
 
 use amiquip::{Channel, ConsumerMessage, ConsumerOptions};
 use crossbeam_channel::Sender;
+use dingo_core::broker::support;
 use dingo_core::event::{Event, EventKind, Level, Origin};
 use dingo_core::message::wire;
 use dingo_core::{BrokerError, BrokerErrorKind};
@@ -117,6 +118,16 @@ fn listen(inner: &Inner, channel: &Channel, stop: &Stop) -> Result<(), String> {
 }
 
 fn route(inner: &Inner, body: Vec<u8>) {
+    let limit = inner.options.max_message_size;
+    if body.len() > limit {
+        inner.stats.oversize.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let oversize = support::oversize_report(&body, body.len(), limit, &inner.reply_queue);
+        inner.events.emit(Event::new(Origin::Store, Level::Error, EventKind::TooLarge, oversize.message));
+        if let Some(failure) = oversize.failure {
+            inner.router.route(failure);
+        }
+        return;
+    }
     match wire::decode_report_from(body, &wire::Known { name: None, address: None }) {
         Ok(report) => {
             inner.router.route(report);

@@ -40,6 +40,7 @@ use std::time::{Duration, Instant};
 
 use amiquip::{Channel, ConsumerMessage};
 use crossbeam_channel::{Receiver, Select, Sender};
+use dingo_core::broker::support;
 use dingo_core::broker::{Ack, Acknowledge, ConsumeSettings, Delivery, Recv, Subscription};
 use dingo_core::event::{Event, EventKind, Level, Origin};
 use dingo_core::message::{ReplyTo, ReportBody, ReportMessage, TaskMessage, wire};
@@ -196,6 +197,31 @@ impl Shared {
         // A refusal (the publisher closed, or full for the whole grace) drops the message
         // and with it the original's ack, which rejects the delivery.
         let _ = publisher.send(outgoing, Some(inner.options.settle_grace));
+    }
+
+    /// A task message over `max_message_size`, not decoded: a copy of its first bytes goes
+    /// to the dead letters with the reason (the original acknowledged once that copy is
+    /// confirmed), with an event and a failure to its caller if those bytes name it.
+    fn oversize(self: &Arc<Shared>, ack: AmqpAck, mut body: Vec<u8>) {
+        let inner = &self.inner;
+        inner.stats.oversize.fetch_add(1, Ordering::Relaxed);
+        let oversize = support::oversize_task(&body, body.len(), inner.options.max_message_size);
+        body.truncate(oversize.kept);
+        body.shrink_to_fit();
+        let mut event = Event::new(
+            Origin::Consumer,
+            Level::Error,
+            EventKind::TooLarge,
+            format!("{}; moved to the dead letters", oversize.reason),
+        );
+        if let Some(key) = &oversize.call {
+            event = event.with_task(key.clone());
+            if let Some(caller) = &oversize.reply_to {
+                self.report_failure(key.clone(), caller, oversize.failure());
+            }
+        }
+        inner.events.emit(event);
+        self.dead_letter(ack, Some(body), oversize.reason);
     }
 
     /// An undecodable message: an event, and a failure report to its caller if the message
@@ -552,6 +578,11 @@ impl AmqpSubscription {
             stats.redelivered.fetch_add(1, Ordering::Relaxed);
         }
         let body = std::mem::take(&mut delivery.body);
+        if body.len() > shared.inner.options.max_message_size {
+            let ack = AmqpAck::new(shared, &feed.line, queue, delivery);
+            shared.oversize(ack, body);
+            return None;
+        }
         // A redelivered task is published again (counted) whatever its size.
         let copy = (redelivered || body.len() <= DEAD_COPY_LIMIT).then(|| body.clone());
         let known = wire::Known { name: shared.tasks.get(queue), address: None };
