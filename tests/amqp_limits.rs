@@ -132,7 +132,10 @@ fn an_oversize_report_is_dropped_and_fails_its_call() {
     assert_eq!(kind, TaskErrorKind::Encode);
     assert_eq!(
         text,
-        format!("the result of {} bytes exceeds this caller's limit of {limit} bytes (max_message_size)", big_result.len())
+        format!(
+            "the result of {} bytes exceeds this caller's limit of {limit} bytes (max_message_size)",
+            big_result.len()
+        )
     );
     wait_until("the small progress report arrives", || progress_inbox.other.load(Ordering::SeqCst) == 1);
     wait_until("two oversize reports", || stat(&caller_broker.stats().oversize) == 2);
@@ -149,10 +152,9 @@ fn an_oversize_report_is_dropped_and_fails_its_call() {
 fn dead_letters_are_bounded_by_count_and_by_bytes() {
     let garbage = |n: usize| format!("\u{ff} not a task message {n:02}").into_bytes();
     let len = garbage(0).len() as u64;
-    for (options, kept) in [
-        (AmqpOptions::new().max_dead_letters(3), 3),
-        (AmqpOptions::new().max_dead_letter_bytes(2 * len + 1), 2),
-    ] {
+    for (options, kept) in
+        [(AmqpOptions::new().max_dead_letters(3), 3), (AmqpOptions::new().max_dead_letter_bytes(2 * len + 1), 2)]
+    {
         let Some(setup) = Amqp::with_options(options.durable(false)) else { return };
         let broker = setup.broker();
         let worker = App::builder().broker(broker.clone()).build().expect("worker app");
@@ -184,7 +186,7 @@ fn a_dead_letter_queue_declared_without_bounds_is_refused_until_told() {
     let bounded = dingo::amqp::AmqpBroker::connect_with(setup.url(), setup.options().clone().max_dead_letters(10))
         .expect("connect");
     setup.adopt(bounded.clone());
-    let error = App::builder().broker(bounded).build().err().expect("the declaration is refused");
+    let error = App::builder().broker(bounded).build().expect_err("the declaration is refused");
     let text = dingo::error::chain(&error);
     assert!(text.contains("a dead-letter queue exists with other bounds"), "{text}");
     assert!(text.contains("PRECONDITION_FAILED - inequivalent arg 'x-max-length"), "{text}");

@@ -145,7 +145,10 @@ fn an_oversize_report_is_dropped_and_fails_its_call() {
     assert_eq!(kind, TaskErrorKind::Encode);
     assert_eq!(
         text,
-        format!("the result of {} bytes exceeds this caller's limit of {limit} bytes (max_message_size)", big_result.len())
+        format!(
+            "the result of {} bytes exceeds this caller's limit of {limit} bytes (max_message_size)",
+            big_result.len()
+        )
     );
     wait_until("the small progress report arrives", || progress_inbox.other.load(Ordering::SeqCst) == 1);
     wait_until("two oversize reports", || stat(&caller_broker.stats().oversize) == 2);
@@ -197,7 +200,7 @@ fn dead_letters_are_bounded_by_count_and_by_bytes() {
 fn entry_len(garbage: &[u8]) -> usize {
     let reason = format!(
         "undecodable message: {}",
-        dingo::error::chain(&wire::decode_task(garbage).err().expect("garbage").error)
+        dingo::error::chain(&wire::decode_task(garbage).expect_err("garbage").error)
     );
     4 + reason.len() + garbage.len()
 }

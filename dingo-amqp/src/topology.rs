@@ -92,7 +92,11 @@ pub(crate) fn declare_task(channel: &Channel, options: &AmqpOptions, task: &Task
     )?;
     channel.queue_declare(
         dead.clone(),
-        QueueDeclareOptions { durable: options.durable, arguments: dead_arguments(options), ..QueueDeclareOptions::default() },
+        QueueDeclareOptions {
+            durable: options.durable,
+            arguments: dead_arguments(options),
+            ..QueueDeclareOptions::default()
+        },
     )?;
     channel.queue_bind(dead.clone(), exchange.clone(), queue.clone(), FieldTable::new())?;
     let mut arguments = kind(options);

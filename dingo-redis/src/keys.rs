@@ -105,7 +105,9 @@ mod tests {
     #[test]
     fn all_keys_of_a_queue_share_one_hash_tag() {
         let keys = QueueKeys::new("ns", "math.add", "p1");
-        for key in [&keys.pending, &keys.amo, &keys.wake, &keys.consumers, &keys.processing, &keys.dead, &keys.dead_bytes] {
+        for key in
+            [&keys.pending, &keys.amo, &keys.wake, &keys.consumers, &keys.processing, &keys.dead, &keys.dead_bytes]
+        {
             assert!(key.starts_with("ns:{math.add}:"), "{key}");
         }
         assert_eq!(keys.reply("c1"), "ns:{math.add}:reply:c1");

@@ -344,7 +344,10 @@ impl Shared {
         mut delivery: amiquip::Delivery,
         deadline: Instant,
     ) {
+        // One over the size limit is not decoded: given back with a reject, it is
+        // dead-lettered by the worker that takes it next.
         let fresh = !delivery.redelivered
+            && delivery.body.len() <= self.inner.options.max_message_size
             && wire::decode_task(&delivery.body).is_ok_and(|message| !message.options.at_most_once);
         let persistent = *delivery.properties.delivery_mode() == Some(2);
         let count = redeliveries(&delivery.properties);

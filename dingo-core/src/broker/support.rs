@@ -169,7 +169,11 @@ pub fn oversize_report(head: &[u8], len: usize, limit: usize, place: &str) -> Ov
     let over = format!("a report of {len} bytes in `{place}` exceeds the limit of {limit} bytes (max_message_size)");
     let call = head.name.zip(head.id).map(|(name, id)| CallKey { name, id });
     let Some(key) = call.clone() else {
-        return OversizeReport { message: format!("{over}: dropped unread (its call is not known)"), call, failure: None };
+        return OversizeReport {
+            message: format!("{over}: dropped unread (its call is not known)"),
+            call,
+            failure: None,
+        };
     };
     if head.final_report != Some(true) {
         let message = format!("{over}: dropped unread (a progress report of `{}` {})", key.name, key.id);

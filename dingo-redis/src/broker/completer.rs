@@ -164,26 +164,15 @@ pub(crate) struct Plan {
 pub(crate) enum Kind {
     /// A `COMPLETE` with this many final reports (its result: how many were rejected) and
     /// dead letters (and, with some, the prefix of their queue).
-    Complete {
-        finals: usize,
-        dead: usize,
-        queue: Option<Arc<str>>,
-    },
+    Complete { finals: usize, dead: usize, queue: Option<Arc<str>> },
     /// A `DEAD` of `count` messages of queue (prefix) `queue`.
-    Dead {
-        queue: Arc<str>,
-        count: usize,
-    },
+    Dead { queue: Arc<str>, count: usize },
     /// A plain command of storing reports that settle nothing (progress, at-most-once
     /// tasks); `reports` is how many it stores. Not repeated (see [`Kind::repeatable`]).
-    Report {
-        reports: usize,
-    },
+    Report { reports: usize },
     /// A worker's fetch: the `FETCH` script, or (`at_most_once`) a plain pop of the
     /// at-most-once list, not repeated.
-    Fetch {
-        at_most_once: bool,
-    },
+    Fetch { at_most_once: bool },
     /// At-most-once tasks given back unstarted (`GIVE_BACK`), not repeated.
     GiveBack,
     /// The read of the head of a processing list after its `FETCH` (what it took).

@@ -570,10 +570,18 @@ impl RedisSubscription {
         if let Some(key) = &oversize.call {
             event = event.with_task(key.clone());
             if let (Some(caller), Ok(completer)) = (&oversize.reply_to, inner.completer()) {
-                let report =
-                    ReportMessage { name: key.name.clone(), id: key.id.clone(), body: ReportBody::Failure(oversize.failure()) };
+                let report = ReportMessage {
+                    name: key.name.clone(),
+                    id: key.id.clone(),
+                    body: ReportBody::Failure(oversize.failure()),
+                };
                 if let Ok(report) = wire::encode_report(&report) {
-                    let _ = completer.push(Op::Report { queue: queue.clone(), caller: caller.clone(), bytes: report, then: None });
+                    let _ = completer.push(Op::Report {
+                        queue: queue.clone(),
+                        caller: caller.clone(),
+                        bytes: report,
+                        then: None,
+                    });
                 }
             }
         }

@@ -241,7 +241,11 @@ impl Listen {
                     Err(e) => self.event(
                         Level::Error,
                         EventKind::MalformedMessage,
-                        format!("an undecodable report in `{}` was dropped: {}", reply.list, dingo_core::error::chain(&e)),
+                        format!(
+                            "an undecodable report in `{}` was dropped: {}",
+                            reply.list,
+                            dingo_core::error::chain(&e)
+                        ),
                     ),
                 }
             }
