@@ -204,3 +204,27 @@ fn entry_len(garbage: &[u8]) -> usize {
     );
     4 + reason.len() + garbage.len()
 }
+
+/// The probe's case at the default limit (16 MiB): a 50 MB task message pushed straight
+/// into a queue is refused unread, its dead letter 4 KiB, its caller told.
+#[test]
+fn a_50_mb_task_at_the_default_limit_is_refused_unread() {
+    let Some(setup) = Redis::setup() else { return };
+    assert_eq!(setup.options().max_message_size, 16 << 20);
+    let worker_broker = setup.broker();
+    let caller_broker = setup.broker();
+    let worker = App::builder().broker(worker_broker.clone()).build().expect("worker app");
+    worker.allocate(plus, 1).expect("allocate");
+    let (reply_to, inbox) = watch(&caller_broker, plus::NAME, "huge-1");
+    let huge = message("huge-1", reply_to, 50 << 20, false);
+    let len = huge.len();
+    worker_broker.push_raw(plus::NAME, huge).expect("push");
+    let (kind, text) = failure(&inbox);
+    assert_eq!(kind, TaskErrorKind::BadPayload);
+    assert!(text.contains(&format!("task message of {len} bytes exceeds the limit of 16777216 bytes")), "{text}");
+    wait_until("one dead letter", || stat(&worker_broker.stats().dead_lettered) == 1);
+    let dead = worker_broker.dead_letters(plus::NAME).expect("dead letters");
+    assert_eq!(dead.iter().map(|d| d.bytes.len()).collect::<Vec<_>>(), [4096]);
+    assert_eq!(worker_broker.queue_len(plus::NAME).expect("queue length"), 0);
+    worker.close().expect("close");
+}
