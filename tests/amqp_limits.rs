@@ -200,3 +200,22 @@ fn a_dead_letter_queue_declared_without_bounds_is_refused_until_told() {
         app.close().expect("close");
     }
 }
+
+/// The connection keeps only the first 4 KiB of a body over `max_message_size` as it
+/// arrives (amiquip, as vendored, reads the rest and drops it): a 1 MB message read from a
+/// queue by a broker whose limit is 100 kB comes with its first 4,096 bytes, never whole.
+#[test]
+fn a_body_over_the_limit_is_kept_to_its_first_bytes_as_it_arrives() {
+    let Some(setup) = Amqp::with_options(AmqpOptions::new().durable(false).max_message_size(100_000)) else { return };
+    let broker = setup.broker();
+    let app = App::builder().broker(broker.clone()).build().expect("app: declares the queues");
+    let dead_queue = format!("{}.dead.{}", setup.options().namespace, plus::NAME);
+    let big: Vec<u8> = (0..1_000_000u32).map(|i| i as u8).collect();
+    broker.publish_raw_to(&dead_queue, big.clone()).expect("publish");
+    broker.publish_raw_to(&dead_queue, big[..100_000].to_vec()).expect("publish");
+    let dead = broker.dead_letters(plus::NAME).expect("dead letters");
+    let lengths: Vec<usize> = dead.iter().map(|d| d.bytes.len()).collect();
+    assert_eq!(lengths, [4096, 100_000], "over the limit: its first 4 KiB; at the limit: whole");
+    assert_eq!(dead[0].bytes, big[..4096]);
+    app.close().expect("close");
+}

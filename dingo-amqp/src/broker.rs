@@ -183,7 +183,11 @@ impl AmqpBroker {
     }
 
     /// The dead letters of a task, oldest first: each with the reason dingo gave (or
-    /// RabbitMQ's, for messages it dead-lettered itself). They stay in the dead-letter queue.
+    /// RabbitMQ's, for messages it dead-lettered itself). They stay in the dead-letter queue,
+    /// which keeps at most [`max_dead_letters`](AmqpOptions::max_dead_letters) of them in
+    /// [`max_dead_letter_bytes`](AmqpOptions::max_dead_letter_bytes) (RabbitMQ drops the
+    /// oldest). One over [`max_message_size`](AmqpOptions::max_message_size) is listed with
+    /// its first 4 KiB only.
     pub fn dead_letters(&self, task: &str) -> Result<Vec<DeadLetter>, BrokerError> {
         let queue = self.inner.names.dead_queue(task)?;
         let name = TaskName::from(task);

@@ -17,7 +17,7 @@ use amiquip::{
     ConsumerMessage,
 };
 use crossbeam_channel::Receiver;
-use dingo_core::broker::support::{connect_retrying, io_reason};
+use dingo_core::broker::support::{OVERSIZE_KEPT, connect_retrying, io_reason};
 use dingo_core::event::{Event, EventKind, EventSinks, Level, Origin};
 use dingo_core::{BrokerError, BrokerErrorKind};
 
@@ -111,10 +111,13 @@ impl Address {
             // Tells operators (and `rabbitmqctl list_connections client_properties`) whose
             // connection this is.
             .information(Some(format!("dingo, namespace {}", options.namespace)));
+        // A message body over the size limit is kept to its first bytes as it arrives: it is
+        // not decoded anyway (see `AmqpOptions::max_message_size`).
+        let tuning = ConnectionTuning::default().truncate_bodies_over(options.max_message_size, OVERSIZE_KEPT);
         let opened = if self.tls {
-            self.open_tls(stream, connection_options)
+            self.open_tls(stream, connection_options, tuning)
         } else {
-            Connection::insecure_open_stream(stream, connection_options, ConnectionTuning::default())
+            Connection::insecure_open_stream(stream, connection_options, tuning)
         };
         opened.map_err(|e| self.handshake_error(e))
     }
@@ -157,14 +160,20 @@ impl Address {
         &self,
         stream: mio::net::TcpStream,
         options: ConnectionOptions<Auth>,
+        tuning: ConnectionTuning,
     ) -> Result<Connection, amiquip::Error> {
         let connector = native_tls::TlsConnector::new()
             .map_err(|e| amiquip::Error::IoErrorWritingSocket { source: std::io::Error::other(e) })?;
-        Connection::open_tls_stream(connector, &self.host, stream, options, ConnectionTuning::default())
+        Connection::open_tls_stream(connector, &self.host, stream, options, tuning)
     }
 
     #[cfg(not(feature = "tls"))]
-    fn open_tls(&self, _: mio::net::TcpStream, _: ConnectionOptions<Auth>) -> Result<Connection, amiquip::Error> {
+    fn open_tls(
+        &self,
+        _: mio::net::TcpStream,
+        _: ConnectionOptions<Auth>,
+        _: ConnectionTuning,
+    ) -> Result<Connection, amiquip::Error> {
         Err(amiquip::Error::TlsFeatureNotEnabled)
     }
 }

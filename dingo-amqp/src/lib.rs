@@ -82,7 +82,9 @@
 //!   goes to the dead letters with the reason (its length), the original is acknowledged,
 //!   and its caller is told if those bytes name it. A report over it is dropped, or, when it
 //!   is a result whose call its first bytes name, replaced by an `Encode` failure of that
-//!   call. Both raise a `TooLarge` event and count in [`Stats::oversize`].
+//!   call. Both raise a `TooLarge` event and count in [`Stats::oversize`]. The connection
+//!   keeps only the first 4 KiB of such a message as it arrives (the rest is read and
+//!   dropped), so it costs no memory beyond them.
 //! - **Reconnection.** amiquip does not reconnect; dingo does, with exponential backoff,
 //!   reported as `ConnectionLost` / `ConnectionRestored` events: the connection is dialled
 //!   again, topology declared again, consumers started again, unconfirmed messages published

@@ -63,9 +63,14 @@ pub struct AmqpOptions {
     /// dropped with a `TooLarge` event; a final one whose call its first bytes name fails
     /// that call (`Encode`).
     ///
-    /// amiquip reads a whole message into memory before handing it over, and has no
-    /// option to refuse a large one (the frame size, `frame_max`, only splits it), so the
-    /// bytes of an oversize message are read once and dropped. RabbitMQ's own bound is the
+    /// amiquip, as published, reads a whole message into memory before handing it over (it
+    /// allocates the announced length at once) and has no option to refuse a large one (the
+    /// frame size, `frame_max`, only splits it); the vendored copy dingo uses keeps only the
+    /// first 4 KiB of a body over this limit as its frames arrive, reading the rest from
+    /// the socket and dropping it (`vendor/amiquip/DINGO.md`), so an oversize message costs
+    /// a worker or a caller 4 KiB and a frame, not its size. The same holds for
+    /// [`AmqpBroker::dead_letters`](crate::AmqpBroker::dead_letters): a dead letter over
+    /// the limit is listed with its first 4 KiB. RabbitMQ's own bound is the
     /// node's `max_message_size` in `rabbitmq.conf` (per node, not per queue or virtual
     /// host; 128 MiB by default since RabbitMQ 3.8, never above 512 MiB): set it near this value on a node that
     /// serves dingo alone, and publishers are refused larger messages at the server.

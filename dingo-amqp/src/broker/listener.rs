@@ -98,7 +98,7 @@ fn listen(inner: &Inner, channel: &Channel, stop: &Stop) -> Result<(), String> {
         while let Some(message) = next {
             match message {
                 ConsumerMessage::Delivery(mut delivery) => {
-                    route(inner, std::mem::take(&mut delivery.body));
+                    route(inner, std::mem::take(&mut delivery.body), delivery.body_size);
                     last = Some(delivery);
                 }
                 ConsumerMessage::ServerClosedChannel(e) | ConsumerMessage::ServerClosedConnection(e) => {
@@ -117,11 +117,14 @@ fn listen(inner: &Inner, channel: &Channel, stop: &Stop) -> Result<(), String> {
     Ok(())
 }
 
-fn route(inner: &Inner, body: Vec<u8>) {
+/// Routes one report; `body` holds only its first bytes when its announced `size` is over
+/// the limit (see `conn`).
+fn route(inner: &Inner, body: Vec<u8>, size: u64) {
     let limit = inner.options.max_message_size;
-    if body.len() > limit {
+    if size > limit as u64 {
         inner.stats.oversize.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-        let oversize = support::oversize_report(&body, body.len(), limit, &inner.reply_queue);
+        let len = usize::try_from(size).unwrap_or(usize::MAX);
+        let oversize = support::oversize_report(&body, len, limit, &inner.reply_queue);
         inner.events.emit(Event::new(Origin::Store, Level::Error, EventKind::TooLarge, oversize.message));
         if let Some(failure) = oversize.failure {
             inner.router.route(failure);

@@ -199,13 +199,14 @@ impl Shared {
         let _ = publisher.send(outgoing, Some(inner.options.settle_grace));
     }
 
-    /// A task message over `max_message_size`, not decoded: a copy of its first bytes goes
+    /// A task message of `len` bytes, over `max_message_size`, not decoded (`body`: its
+    /// first bytes, all the connection kept): a copy of its first bytes goes
     /// to the dead letters with the reason (the original acknowledged once that copy is
     /// confirmed), with an event and a failure to its caller if those bytes name it.
-    fn oversize(self: &Arc<Shared>, ack: AmqpAck, mut body: Vec<u8>) {
+    fn oversize(self: &Arc<Shared>, ack: AmqpAck, mut body: Vec<u8>, len: usize) {
         let inner = &self.inner;
         inner.stats.oversize.fetch_add(1, Ordering::Relaxed);
-        let oversize = support::oversize_task(&body, body.len(), inner.options.max_message_size);
+        let oversize = support::oversize_task(&body, len, inner.options.max_message_size);
         body.truncate(oversize.kept);
         body.shrink_to_fit();
         let mut event = Event::new(
@@ -347,7 +348,7 @@ impl Shared {
         // One over the size limit is not decoded: given back with a reject, it is
         // dead-lettered by the worker that takes it next.
         let fresh = !delivery.redelivered
-            && delivery.body.len() <= self.inner.options.max_message_size
+            && delivery.body_size <= self.inner.options.max_message_size as u64
             && wire::decode_task(&delivery.body).is_ok_and(|message| !message.options.at_most_once);
         let persistent = *delivery.properties.delivery_mode() == Some(2);
         let count = redeliveries(&delivery.properties);
@@ -581,9 +582,12 @@ impl AmqpSubscription {
             stats.redelivered.fetch_add(1, Ordering::Relaxed);
         }
         let body = std::mem::take(&mut delivery.body);
-        if body.len() > shared.inner.options.max_message_size {
+        // Over the limit, only its first bytes were kept (see `conn`): the announced size
+        // tells.
+        if delivery.body_size > shared.inner.options.max_message_size as u64 {
+            let len = usize::try_from(delivery.body_size).unwrap_or(usize::MAX);
             let ack = AmqpAck::new(shared, &feed.line, queue, delivery);
-            shared.oversize(ack, body);
+            shared.oversize(ack, body, len);
             return None;
         }
         // A redelivered task is published again (counted) whatever its size.
