@@ -108,7 +108,8 @@ mod redis {
             error.to_string().ends_with(
                 ": unknown option `nmespace` (known: namespace, lease_ms, prefetch, batch, \
                  result_ttl_s, block_timeout_ms, max_redeliveries, wait_spin_us, connect_retry_s, max_unclaimed, \
-                 max_unclaimed_bytes, cacertfile, certfile, keyfile, protocol, db, user, pass)"
+                 max_unclaimed_bytes, cacertfile, certfile, keyfile, max_message_size, max_dead_letters, \
+                 max_dead_letter_bytes, protocol, db, user, pass)"
             ),
             "{error}"
         );

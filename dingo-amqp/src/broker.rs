@@ -86,6 +86,9 @@ pub struct Stats {
     /// Messages published again on a new channel because the one they went out on broke
     /// before RabbitMQ confirmed them (at least once: RabbitMQ may have stored some twice).
     pub republished: AtomicU64,
+    /// Received messages over `max_message_size`, not decoded: task messages dead-lettered
+    /// (a copy of their first 4 KiB), reports dropped.
+    pub oversize: AtomicU64,
 }
 
 pub(crate) struct Inner {
@@ -185,7 +188,11 @@ impl AmqpBroker {
     }
 
     /// The dead letters of a task, oldest first: each with the reason dingo gave (or
-    /// RabbitMQ's, for messages it dead-lettered itself). They stay in the dead-letter queue.
+    /// RabbitMQ's, for messages it dead-lettered itself). They stay in the dead-letter queue,
+    /// which keeps at most [`max_dead_letters`](AmqpOptions::max_dead_letters) of them in
+    /// [`max_dead_letter_bytes`](AmqpOptions::max_dead_letter_bytes) (RabbitMQ drops the
+    /// oldest). One over [`max_message_size`](AmqpOptions::max_message_size) is listed with
+    /// its first 4 KiB only.
     pub fn dead_letters(&self, task: &str) -> Result<Vec<DeadLetter>, BrokerError> {
         let queue = self.inner.names.dead_queue(task)?;
         let name = TaskName::from(task);
@@ -204,7 +211,14 @@ impl AmqpBroker {
     /// Publishes raw bytes into a task's queue, as a foreign or broken producer would (for
     /// tests and repair tools). Waits for the confirm.
     pub fn publish_raw(&self, task: &str, bytes: Vec<u8>) -> Result<(), BrokerError> {
-        let queue = self.inner.names.task_queue(task)?;
+        self.publish_raw_to(&self.inner.names.task_queue(task)?, bytes)
+    }
+
+    /// Publishes raw bytes into the queue named `queue` (a task's, a dead-letter queue, a
+    /// caller's reply queue), as anyone allowed to write there could: for tests (forged
+    /// reports) and repair tools. Waits for the confirm.
+    pub fn publish_raw_to(&self, queue: &str, bytes: Vec<u8>) -> Result<(), BrokerError> {
+        let queue = queue.to_owned();
         let mut published = false;
         self.inner.with_control("publishing raw bytes", |channel| {
             if published {

@@ -17,7 +17,7 @@ use amiquip::{
     ConsumerMessage,
 };
 use crossbeam_channel::Receiver;
-use dingo_core::broker::support::{connect_retrying, io_reason};
+use dingo_core::broker::support::{OVERSIZE_KEPT, connect_retrying, io_reason};
 use dingo_core::event::{Event, EventKind, EventSinks, Level, Origin};
 use dingo_core::{BrokerError, BrokerErrorKind};
 
@@ -130,10 +130,13 @@ impl Address {
             // Tells operators (and `rabbitmqctl list_connections client_properties`) whose
             // connection this is.
             .information(Some(format!("dingo, namespace {}", options.namespace)));
+        // A message body over the size limit is kept to its first bytes as it arrives: it is
+        // not decoded anyway (see `AmqpOptions::max_message_size`).
+        let tuning = ConnectionTuning::default().truncate_bodies_over(options.max_message_size, OVERSIZE_KEPT);
         let opened = if self.tls {
-            self.open_tls(stream, connection_options)
+            self.open_tls(stream, connection_options, tuning)
         } else {
-            Connection::insecure_open_stream(stream, connection_options, ConnectionTuning::default())
+            Connection::insecure_open_stream(stream, connection_options, tuning)
         };
         opened.map_err(|e| self.handshake_error(e))
     }
@@ -189,17 +192,23 @@ impl Address {
         &self,
         stream: mio::net::TcpStream,
         options: ConnectionOptions<Auth>,
+        tuning: ConnectionTuning,
     ) -> Result<Connection, amiquip::Error> {
         let connector = match &self.connector {
             Some(connector) => connector.inner.clone(),
             None => native_tls::TlsConnector::new()
                 .map_err(|e| amiquip::Error::IoErrorWritingSocket { source: std::io::Error::other(e) })?,
         };
-        Connection::open_tls_stream(connector, &self.host, stream, options, ConnectionTuning::default())
+        Connection::open_tls_stream(connector, &self.host, stream, options, tuning)
     }
 
     #[cfg(not(feature = "tls"))]
-    fn open_tls(&self, _: mio::net::TcpStream, _: ConnectionOptions<Auth>) -> Result<Connection, amiquip::Error> {
+    fn open_tls(
+        &self,
+        _: mio::net::TcpStream,
+        _: ConnectionOptions<Auth>,
+        _: ConnectionTuning,
+    ) -> Result<Connection, amiquip::Error> {
         Err(amiquip::Error::TlsFeatureNotEnabled)
     }
 }
@@ -214,7 +223,18 @@ pub(crate) fn amqp_error(what: &str, error: amiquip::Error) -> BrokerError {
         amiquip::Error::ServerClosedChannel { .. } => BrokerErrorKind::Protocol,
         _ => BrokerErrorKind::Connection,
     };
-    BrokerError::with_source(kind, what.to_owned(), error)
+    match &error {
+        // RabbitMQ refuses to declare a queue again with other arguments.
+        amiquip::Error::ServerClosedChannel { code: 406, message, .. } if message.contains("arg 'x-max-length") => {
+            let message = format!(
+                "{what}: a dead-letter queue exists with other bounds than max_dead_letters and max_dead_letter_bytes \
+                 (declared by an older dingo, without bounds, or with other options); see \
+                 AmqpOptions::max_dead_letters for the way out"
+            );
+            BrokerError::with_source(BrokerErrorKind::Config, message, error)
+        }
+        _ => BrokerError::with_source(kind, what.to_owned(), error),
+    }
 }
 
 /// The shared connection and its generation (how many connections were made).

@@ -31,7 +31,7 @@
 //! | --- | --- | --- |
 //! | `NS.task.NAME` | queue (durable, or quorum) | the task's messages; dead-letters to `NS.dead` |
 //! | `NS.dead` | direct exchange | dead letters, routed by the task queue's name |
-//! | `NS.dead.NAME` | queue | the task's dead letters ([`AmqpBroker::dead_letters`]) |
+//! | `NS.dead.NAME` | queue, `x-max-length` 10,000 and `x-max-length-bytes` 64 MiB (RabbitMQ drops the oldest past either: [`max_dead_letters`](AmqpOptions::max_dead_letters)) | the task's dead letters ([`AmqpBroker::dead_letters`]) |
 //! | `NS.reply.ID` | queue, expires unused after the result TTL | reports for one caller process |
 //!
 //! `NS` is the [`namespace`](AmqpOptions::namespace). Task messages go through the default
@@ -123,6 +123,14 @@
 //!   too, gets a failure report (the worker's own checks — unknown task, other signature —
 //!   report through whatever report transport the app uses), and the worker goes on.
 //!   Messages RabbitMQ dead-letters itself land in the same queue.
+//! - **Size limits on receipt.** [`max_message_size`](AmqpOptions::max_message_size) holds
+//!   for deliveries too: a task message over it is not decoded; a copy of its first 4 KiB
+//!   goes to the dead letters with the reason (its length), the original is acknowledged,
+//!   and its caller is told if those bytes name it. A report over it is dropped, or, when it
+//!   is a result whose call its first bytes name, replaced by an `Encode` failure of that
+//!   call. Both raise a `TooLarge` event and count in [`Stats::oversize`]. The connection
+//!   keeps only the first 4 KiB of such a message as it arrives (the rest is read and
+//!   dropped), so it costs no memory beyond them.
 //! - **Reconnection.** amiquip does not reconnect; dingo does, with exponential backoff,
 //!   reported as `ConnectionLost` / `ConnectionRestored` events: the connection is dialled
 //!   again, topology declared again, consumers started again, unconfirmed messages published

@@ -55,10 +55,52 @@ pub struct AmqpOptions {
     pub heartbeat: Duration,
     /// Timeout for connecting (TCP and the AMQP handshake). Default 5 s.
     pub connect_timeout: Duration,
-    /// Largest encoded message accepted. A larger task fails its call (`TooLarge`); a
-    /// larger result reaches its caller as an `Encode` failure instead; a larger progress
-    /// report is dropped, with an event. Default 16 MiB.
+    /// Largest encoded message accepted, checked when sending and when receiving (before
+    /// decoding). A larger task fails its call (`TooLarge`); a larger result reaches its
+    /// caller as an `Encode` failure instead; a larger progress report is dropped, with an
+    /// event. A task message that arrives over it anyway (published by another client) is
+    /// not decoded: a copy of its first 4 KiB
+    /// ([`OVERSIZE_KEPT`](dingo_core::broker::support::OVERSIZE_KEPT)) goes to the dead
+    /// letters, its reason giving its length, the original is acknowledged, and its caller,
+    /// if those 4 KiB name it, gets a `BadPayload` failure. A report that arrives over it is
+    /// dropped with a `TooLarge` event; a final one whose call its first bytes name fails
+    /// that call (`Encode`).
+    ///
+    /// amiquip, as published, reads a whole message into memory before handing it over (it
+    /// allocates the announced length at once) and has no option to refuse a large one (the
+    /// frame size, `frame_max`, only splits it); the vendored copy dingo uses keeps only the
+    /// first 4 KiB of a body over this limit as its frames arrive, reading the rest from
+    /// the socket and dropping it (`vendor/amiquip/DINGO.md`), so an oversize message costs
+    /// a worker or a caller 4 KiB and a frame, not its size. The same holds for
+    /// [`AmqpBroker::dead_letters`](crate::AmqpBroker::dead_letters): a dead letter over
+    /// the limit is listed with its first 4 KiB. RabbitMQ's own bound is the
+    /// node's `max_message_size` in `rabbitmq.conf` (per node, not per queue or virtual
+    /// host; 128 MiB by default since RabbitMQ 3.8, never above 512 MiB): set it near this value on a node that
+    /// serves dingo alone, and publishers are refused larger messages at the server.
+    /// Default 16 MiB.
     pub max_message_size: usize,
+    /// How many messages a task's dead-letter queue keeps (its `x-max-length`). Past it,
+    /// RabbitMQ drops the oldest (its default overflow, `drop-head`), silently: dingo does
+    /// not see those drops, so they are not counted (RabbitMQ's management statistics show
+    /// the queue's length). 0 leaves the argument out (no bound by count). Default 10,000,
+    /// as on Redis.
+    ///
+    /// The bounds are arguments of the queue's declaration, and RabbitMQ refuses a
+    /// declaration whose arguments differ from the queue's (`PRECONDITION_FAILED -
+    /// inequivalent arg 'x-max-length'`, which closes the channel). A dead-letter queue
+    /// declared by an older dingo (without bounds) or with other bounds therefore makes
+    /// declaring its task fail until one of these is done: delete the dead-letter queue
+    /// (`NS.dead.TASK`; its messages go with it, so move them first, e.g. with a shovel), or
+    /// set both bounds to what it was declared with (0 and 0 for an older dingo's) and bound
+    /// it with a RabbitMQ policy instead (`rabbitmqctl set_policy dingo-dead '^NS\.dead\.'
+    /// '{"max-length":10000,"max-length-bytes":67108864}' --apply-to queues`), which applies
+    /// to existing queues without declaring them again.
+    pub max_dead_letters: u32,
+    /// How many bytes of message bodies a task's dead-letter queue keeps (its
+    /// `x-max-length-bytes`); past it, the oldest are dropped as past
+    /// [`max_dead_letters`](AmqpOptions::max_dead_letters). 0 leaves the argument out.
+    /// Default 64 MiB, as on Redis.
+    pub max_dead_letter_bytes: u64,
     /// How long reports wait in a caller's reply queue, and how long an unused reply queue
     /// lives (its process gone). Default 1 day.
     pub result_ttl: Duration,
@@ -119,6 +161,8 @@ impl Default for AmqpOptions {
             heartbeat: Duration::from_secs(10),
             connect_timeout: Duration::from_secs(5),
             max_message_size: 16 << 20,
+            max_dead_letters: 10_000,
+            max_dead_letter_bytes: 64 << 20,
             result_ttl: Duration::from_secs(24 * 3600),
             max_unclaimed: dingo_core::broker::router::UnclaimedLimit::default().reports,
             max_unclaimed_bytes: dingo_core::broker::router::UnclaimedLimit::default().bytes,
@@ -134,7 +178,7 @@ impl Default for AmqpOptions {
 }
 
 /// The query keys an AMQP URL may hold.
-const URL_KEYS: [&str; 18] = [
+const URL_KEYS: [&str; 21] = [
     "namespace",
     "durable",
     "quorum",
@@ -153,6 +197,9 @@ const URL_KEYS: [&str; 18] = [
     CA_FILE_KEY,
     CERT_FILE_KEY,
     KEY_FILE_KEY,
+    "max_message_size",
+    "max_dead_letters",
+    "max_dead_letter_bytes",
 ];
 
 impl AmqpOptions {
@@ -231,6 +278,19 @@ impl AmqpOptions {
         self
     }
 
+    /// Sets [`max_dead_letters`](AmqpOptions::max_dead_letters) (0: no bound by count).
+    pub fn max_dead_letters(mut self, count: u32) -> AmqpOptions {
+        self.max_dead_letters = count;
+        self
+    }
+
+    /// Sets [`max_dead_letter_bytes`](AmqpOptions::max_dead_letter_bytes) (0: no bound by
+    /// bytes).
+    pub fn max_dead_letter_bytes(mut self, bytes: u64) -> AmqpOptions {
+        self.max_dead_letter_bytes = bytes;
+        self
+    }
+
     /// Sets [`result_ttl`](AmqpOptions::result_ttl) (whole milliseconds, at least 1 s:
     /// RabbitMQ's queue expiry).
     pub fn result_ttl(mut self, ttl: Duration) -> AmqpOptions {
@@ -305,10 +365,11 @@ impl AmqpOptions {
     /// `persistent_reports`, `prefetch`, `hand_back_after_ms` (0 turns it off),
     /// `max_redeliveries`, `max_unconfirmed`, `heartbeat` (seconds, as RabbitMQ's URI spec
     /// has it), `connection_timeout` (milliseconds, likewise), `result_ttl_s`, `wait_spin_us`,
-    /// `connect_retry_s`, `max_unclaimed`, `max_unclaimed_bytes`, and the TLS files
-    /// `cacertfile`, `certfile`, `keyfile` (paths, percent-encoded where needed; RabbitMQ's
-    /// names). Any other key is an error (a misspelt option should not pass unnoticed).
-    /// Returns the URL without its query, and the options.
+    /// `connect_retry_s`, `max_unclaimed`, `max_unclaimed_bytes`, `max_message_size`,
+    /// `max_dead_letters`, `max_dead_letter_bytes` (bytes), and the TLS files `cacertfile`,
+    /// `certfile`, `keyfile` (paths, percent-encoded where needed; RabbitMQ's names). Any
+    /// other key is an error (a misspelt option should not pass unnoticed). Returns the URL
+    /// without its query, and the options.
     pub(crate) fn apply_url(mut self, url: &str) -> Result<(String, AmqpOptions), String> {
         let Some((address, query)) = url.split_once('?') else { return Ok((url.to_owned(), self)) };
         for pair in query.split('&').filter(|p| !p.is_empty()) {
@@ -344,6 +405,9 @@ impl AmqpOptions {
                 CA_FILE_KEY => self.tls_ca_file = Some(path_from_query(key, value)?),
                 CERT_FILE_KEY => self.tls_cert_file = Some(path_from_query(key, value)?),
                 KEY_FILE_KEY => self.tls_key_file = Some(path_from_query(key, value)?),
+                "max_message_size" => self = self.max_message_size(usize::try_from(number()?).unwrap_or(usize::MAX)),
+                "max_dead_letters" => self = self.max_dead_letters(u32::try_from(number()?).unwrap_or(u32::MAX)),
+                "max_dead_letter_bytes" => self = self.max_dead_letter_bytes(number()?),
                 _ => return Err(format!("unknown option `{key}` (known: {})", URL_KEYS.join(", "))),
             }
         }
@@ -376,6 +440,19 @@ mod tests {
         let (_, options) = AmqpOptions::new().apply_url("amqp://h/?hand_back_after_ms=0").expect("valid");
         assert_eq!(options.hand_back_after, None);
         assert_eq!(options.max_unconfirmed, AmqpOptions::default().max_unconfirmed);
+    }
+
+    #[test]
+    fn url_query_sets_the_limits() {
+        let defaults = AmqpOptions::new();
+        assert_eq!(
+            (defaults.max_message_size, defaults.max_dead_letters, defaults.max_dead_letter_bytes),
+            (16 << 20, 10_000, 64 << 20)
+        );
+        let url = "amqp://h/%2f?max_message_size=1000&max_dead_letters=3&max_dead_letter_bytes=0";
+        let (url, options) = AmqpOptions::new().apply_url(url).expect("valid");
+        assert_eq!(url, "amqp://h/%2f");
+        assert_eq!((options.max_message_size, options.max_dead_letters, options.max_dead_letter_bytes), (1000, 3, 0));
     }
 
     #[test]
@@ -429,7 +506,8 @@ mod tests {
             error,
             "unknown option `prefech` (known: namespace, durable, quorum, persistent_reports, prefetch, \
              hand_back_after_ms, max_redeliveries, max_unconfirmed, heartbeat, connection_timeout, result_ttl_s, \
-             wait_spin_us, connect_retry_s, max_unclaimed, max_unclaimed_bytes, cacertfile, certfile, keyfile)"
+             wait_spin_us, connect_retry_s, max_unclaimed, max_unclaimed_bytes, cacertfile, certfile, keyfile, \
+             max_message_size, max_dead_letters, max_dead_letter_bytes)"
         );
         assert!(AmqpOptions::new().apply_url("amqp://h/?quorum=true&durable=false").is_err());
         assert!(AmqpOptions::new().apply_url("amqp://h/?namespace=").is_err());

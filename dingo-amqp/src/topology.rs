@@ -80,7 +80,9 @@ impl TaskQueues {
 /// Declares a task's queue and its dead letters: the namespace's dead-letter exchange, the
 /// task's dead-letter queue bound to it, and the task queue, which dead-letters there
 /// (messages rejected without requeue, expired ones, those over a quorum queue's delivery
-/// limit).
+/// limit). The dead-letter queue is bounded by `max_dead_letters` and
+/// `max_dead_letter_bytes` (`x-max-length`, `x-max-length-bytes`; RabbitMQ drops the oldest
+/// past either).
 pub(crate) fn declare_task(channel: &Channel, options: &AmqpOptions, task: &TaskQueues) -> Result<(), amiquip::Error> {
     let TaskQueues { queue, dead, exchange } = task;
     channel.exchange_declare(
@@ -90,7 +92,11 @@ pub(crate) fn declare_task(channel: &Channel, options: &AmqpOptions, task: &Task
     )?;
     channel.queue_declare(
         dead.clone(),
-        QueueDeclareOptions { durable: options.durable, arguments: kind(options), ..QueueDeclareOptions::default() },
+        QueueDeclareOptions {
+            durable: options.durable,
+            arguments: dead_arguments(options),
+            ..QueueDeclareOptions::default()
+        },
     )?;
     channel.queue_bind(dead.clone(), exchange.clone(), queue.clone(), FieldTable::new())?;
     let mut arguments = kind(options);
@@ -100,6 +106,20 @@ pub(crate) fn declare_task(channel: &Channel, options: &AmqpOptions, task: &Task
         QueueDeclareOptions { durable: options.durable, arguments, ..QueueDeclareOptions::default() },
     )?;
     Ok(())
+}
+
+/// A dead-letter queue's arguments: its type, and its bounds (left out when 0).
+pub(crate) fn dead_arguments(options: &AmqpOptions) -> FieldTable {
+    let mut arguments = kind(options);
+    if options.max_dead_letters > 0 {
+        let count = i64::from(options.max_dead_letters);
+        arguments.insert("x-max-length".into(), AmqpValue::LongLongInt(count));
+    }
+    if options.max_dead_letter_bytes > 0 {
+        let bytes = i64::try_from(options.max_dead_letter_bytes).unwrap_or(i64::MAX);
+        arguments.insert("x-max-length-bytes".into(), AmqpValue::LongLongInt(bytes));
+    }
+    arguments
 }
 
 /// The queue type's argument (none for classic queues).

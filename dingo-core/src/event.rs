@@ -118,6 +118,12 @@ pub enum EventKind {
     MalformedMessage,
     /// A message was moved to a dead-letter queue.
     DeadLettered,
+    /// Dead letters were dropped, oldest first, to keep a dead-letter queue within its
+    /// bounds (count and bytes).
+    DeadLettersDropped,
+    /// A received message was over the size limit (`max_message_size`): not decoded; a task
+    /// message is dead-lettered, a report dropped.
+    TooLarge,
     /// A task's result could not be encoded.
     EncodeFailed,
     /// A report could not be published.

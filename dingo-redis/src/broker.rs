@@ -90,6 +90,12 @@ pub struct Stats {
     pub requeued_expired: AtomicU64,
     /// Messages moved to the dead letters.
     pub dead_lettered: AtomicU64,
+    /// Dead letters dropped, oldest first, to keep a dead-letter list within
+    /// `max_dead_letters` and `max_dead_letter_bytes` (by this process's scripts).
+    pub dead_letters_dropped: AtomicU64,
+    /// Received messages over `max_message_size`, not decoded: task messages dead-lettered
+    /// (their first 4 KiB kept), reports dropped.
+    pub oversize: AtomicU64,
 }
 
 /// The actors a broker has one of (see `scripts::Sequence`), by role: their sequence keys
@@ -143,8 +149,9 @@ impl RedisBroker {
     ///
     /// The URL's query may set options: `namespace`, `lease_ms`, `prefetch`, `batch`,
     /// `result_ttl_s`, `block_timeout_ms`, `max_redeliveries`, `wait_spin_us`,
-    /// `connect_retry_s`, and for `rediss://` the TLS files `cacertfile`, `certfile`,
-    /// `keyfile` (see [TLS](crate#tls))
+    /// `connect_retry_s`, `max_unclaimed`, `max_unclaimed_bytes`, `max_message_size`,
+    /// `max_dead_letters`, `max_dead_letter_bytes`, and for `rediss://` the TLS files
+    /// `cacertfile`, `certfile`, `keyfile` (see [TLS](crate#tls))
     /// (`redis://127.0.0.1:6379/0?namespace=shop&lease_ms=30000`); they override the options
     /// given to [`connect_with`](RedisBroker::connect_with).
     pub fn connect(url: &str) -> Result<RedisBroker, BrokerError> {
@@ -213,7 +220,12 @@ impl RedisBroker {
         &self.inner.stats
     }
 
-    /// The dead letters of a task's queue, newest first.
+    /// The dead letters of a task's queue, newest first: at most
+    /// [`max_dead_letters`](RedisOptions::max_dead_letters) of them, in at most
+    /// [`max_dead_letter_bytes`](RedisOptions::max_dead_letter_bytes) (the oldest are dropped
+    /// past either). The dead letter of a message over
+    /// [`max_message_size`](RedisOptions::max_message_size) holds its first 4 KiB only; its
+    /// reason gives its length.
     pub fn dead_letters(&self, task: &str) -> Result<Vec<DeadLetter>, BrokerError> {
         let keys = self.inner.queue_keys(task);
         let entries: Vec<Vec<u8>> = self

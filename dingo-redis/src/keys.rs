@@ -18,6 +18,8 @@ pub(crate) struct QueueKeys {
     /// The prefix of the consumers' processing lists (+ consumer id).
     pub(crate) processing: String,
     pub(crate) dead: String,
+    /// How many bytes the dead-letter list holds (kept by the scripts that write it).
+    pub(crate) dead_bytes: String,
     /// The reply list of the process these keys were made for, and its notify list.
     pub(crate) reply_here: String,
     pub(crate) notify_here: String,
@@ -37,6 +39,7 @@ impl QueueKeys {
             consumers: key("consumers"),
             processing: key("processing:"),
             dead: key("dead"),
+            dead_bytes: key("dead:bytes"),
             reply_here: key(&format!("reply:{process}")),
             notify_here: key(&format!("notify:{process}")),
             listened: std::sync::atomic::AtomicBool::new(false),
@@ -102,7 +105,9 @@ mod tests {
     #[test]
     fn all_keys_of_a_queue_share_one_hash_tag() {
         let keys = QueueKeys::new("ns", "math.add", "p1");
-        for key in [&keys.pending, &keys.amo, &keys.wake, &keys.consumers, &keys.processing, &keys.dead] {
+        for key in
+            [&keys.pending, &keys.amo, &keys.wake, &keys.consumers, &keys.processing, &keys.dead, &keys.dead_bytes]
+        {
             assert!(key.starts_with("ns:{math.add}:"), "{key}");
         }
         assert_eq!(keys.reply("c1"), "ns:{math.add}:reply:c1");

@@ -69,7 +69,18 @@
 //! - **Dead letters.** A message that cannot run — it does not decode, names a task the
 //!   worker does not have, or has another signature — is moved to its queue's dead-letter
 //!   list with the reason ([`RedisBroker::dead_letters`]); its caller, when it can be
-//!   identified, gets a failure report, and the worker goes on.
+//!   identified, gets a failure report, and the worker goes on. The list keeps at most
+//!   [`max_dead_letters`](RedisOptions::max_dead_letters) entries (10,000) in at most
+//!   [`max_dead_letter_bytes`](RedisOptions::max_dead_letter_bytes) (64 MiB, counted by the
+//!   scripts in `NS:{T}:dead:bytes`); past either, the oldest are dropped, counted in
+//!   [`Stats::dead_letters_dropped`] with a `DeadLettersDropped` event.
+//! - **Size limits on receipt.** [`max_message_size`](RedisOptions::max_message_size) holds
+//!   for what is fetched too, not only for what is sent: a task message over it (pushed by
+//!   another producer) is not decoded but dead-lettered with its first 4 KiB only (the
+//!   reason gives its length), its caller told if those bytes name it; a report over it is
+//!   dropped unread, or, when it is a result whose call its first bytes name, replaced by an
+//!   `Encode` failure of that call. Both raise a `TooLarge` event and count in
+//!   [`Stats::oversize`]. Redis cannot read part of a value, so such a message is read once.
 //! - **Reconnection.** Every connection reconnects with exponential backoff, reported as
 //!   `ConnectionLost` / `ConnectionRestored` events; work in flight is recovered by the
 //!   lease rules. A worker stopped while Redis is away does not wait for it: what it could

@@ -42,9 +42,21 @@ pub struct RedisOptions {
     /// Messages a producer may hold before `send` blocks (back-pressure while Redis is slow or
     /// away). Default 65,536.
     pub send_buffer: usize,
-    /// Largest encoded task message accepted. Default 16 MiB.
+    /// Largest encoded message accepted, checked when sending and when receiving (before
+    /// decoding). A larger task fails its call (`TooLarge`); one that arrives anyway (pushed
+    /// by another producer) is not decoded: it goes to the dead letters with its first 4 KiB
+    /// only ([`OVERSIZE_KEPT`](dingo_core::broker::support::OVERSIZE_KEPT)), the reason
+    /// giving its length, and its caller, if those 4 KiB name it, gets a `BadPayload`
+    /// failure. A larger report is dropped unread, with a `TooLarge` event; a final one
+    /// whose call its first bytes name fails that call (`Encode`). Redis cannot read part
+    /// of a list element, nor tell its length without reading it, so an oversize message is
+    /// read once (Redis bounds a value at `proto-max-bulk-len`, 512 MB by default) and
+    /// dropped before it is decoded; a limit on what is read would need every fetch to pass
+    /// its messages through Lua. Default 16 MiB.
     pub max_message_size: usize,
-    /// How many dead letters a queue keeps (the oldest are dropped). Default 10,000.
+    /// How many dead letters a queue keeps; past it the oldest are dropped (counted in
+    /// [`Stats::dead_letters_dropped`](crate::Stats::dead_letters_dropped), with a
+    /// `DeadLettersDropped` event). 0: no bound by count. Default 10,000.
     pub max_dead_letters: usize,
     /// How many reports nobody waits for (early, of dropped handles, forged) a caller keeps
     /// at most, the oldest dropped first, with a warning event
@@ -52,6 +64,12 @@ pub struct RedisOptions {
     pub max_unclaimed: usize,
     /// How many bytes of such reports a caller keeps at most. Default 64 MiB.
     pub max_unclaimed_bytes: usize,
+    /// How many bytes of dead letters (reason and message) a queue keeps; past it the oldest
+    /// are dropped, as past [`max_dead_letters`](RedisOptions::max_dead_letters). A dead
+    /// letter larger than this alone is dropped itself: keep it above
+    /// [`max_message_size`](RedisOptions::max_message_size). 0: no bound by bytes. Default
+    /// 64 MiB.
+    pub max_dead_letter_bytes: usize,
     /// First and longest pause between reconnection attempts (doubling in between), at
     /// start-up too. Default 10 ms and 2 s.
     pub reconnect_backoff: (Duration, Duration),
@@ -104,6 +122,7 @@ impl Default for RedisOptions {
             max_dead_letters: 10_000,
             max_unclaimed: dingo_core::broker::router::UnclaimedLimit::default().reports,
             max_unclaimed_bytes: dingo_core::broker::router::UnclaimedLimit::default().bytes,
+            max_dead_letter_bytes: 64 << 20,
             reconnect_backoff: (Duration::from_millis(10), Duration::from_secs(2)),
             connect_retry: dingo_core::broker::support::CONNECT_RETRY,
             wait_spin: Duration::from_micros(80),
@@ -115,7 +134,7 @@ impl Default for RedisOptions {
 }
 
 /// The query keys a Redis URL may hold: dingo's, then the client library's.
-const URL_KEYS: [&str; 18] = [
+const URL_KEYS: [&str; 21] = [
     "namespace",
     "lease_ms",
     "prefetch",
@@ -130,6 +149,9 @@ const URL_KEYS: [&str; 18] = [
     CA_FILE_KEY,
     CERT_FILE_KEY,
     KEY_FILE_KEY,
+    "max_message_size",
+    "max_dead_letters",
+    "max_dead_letter_bytes",
     "protocol",
     "db",
     "user",
@@ -220,6 +242,19 @@ impl RedisOptions {
         self
     }
 
+    /// Sets [`max_dead_letters`](RedisOptions::max_dead_letters) (0: no bound by count).
+    pub fn max_dead_letters(mut self, count: usize) -> RedisOptions {
+        self.max_dead_letters = count;
+        self
+    }
+
+    /// Sets [`max_dead_letter_bytes`](RedisOptions::max_dead_letter_bytes) (0: no bound by
+    /// bytes).
+    pub fn max_dead_letter_bytes(mut self, bytes: usize) -> RedisOptions {
+        self.max_dead_letter_bytes = bytes;
+        self
+    }
+
     /// Sets [`reconnect_backoff`](RedisOptions::reconnect_backoff).
     pub fn reconnect_backoff(mut self, first: Duration, longest: Duration) -> RedisOptions {
         self.reconnect_backoff = (first, longest.max(first));
@@ -261,9 +296,10 @@ impl RedisOptions {
 
     /// Splits dingo's settings off a URL's query string: `namespace`, `lease_ms`,
     /// `prefetch`, `batch`, `result_ttl_s`, `block_timeout_ms`, `max_redeliveries`,
-    /// `wait_spin_us`, `connect_retry_s`, `max_unclaimed`, `max_unclaimed_bytes`, and the
-    /// TLS files `cacertfile`, `certfile` and `keyfile` (paths, percent-encoded where
-    /// needed) override these options; the client library's
+    /// `wait_spin_us`, `connect_retry_s`, `max_unclaimed`, `max_unclaimed_bytes`,
+    /// `max_message_size`, `max_dead_letters`, `max_dead_letter_bytes` (bytes), and the TLS
+    /// files `cacertfile`, `certfile` and `keyfile` (paths, percent-encoded where needed)
+    /// override these options; the client library's
     /// own keys (`protocol`; `db`, `user`, `pass` for `redis+unix`) stay in the URL, and
     /// any other key is an error (a misspelt option should not pass unnoticed). Returns the
     /// URL left for the client and the options.
@@ -295,6 +331,11 @@ impl RedisOptions {
                 CA_FILE_KEY => self.tls_ca_file = Some(path_from_query(key, value)?),
                 CERT_FILE_KEY => self.tls_cert_file = Some(path_from_query(key, value)?),
                 KEY_FILE_KEY => self.tls_key_file = Some(path_from_query(key, value)?),
+                "max_message_size" => self = self.max_message_size(usize::try_from(number()?).unwrap_or(usize::MAX)),
+                "max_dead_letters" => self = self.max_dead_letters(usize::try_from(number()?).unwrap_or(usize::MAX)),
+                "max_dead_letter_bytes" => {
+                    self = self.max_dead_letter_bytes(usize::try_from(number()?).unwrap_or(usize::MAX))
+                }
                 "protocol" | "db" | "user" | "pass" => kept.push(pair),
                 _ => return Err(format!("unknown option `{key}` (known: {})", URL_KEYS.join(", "))),
             }
@@ -383,6 +424,19 @@ mod tests {
     }
 
     #[test]
+    fn url_query_sets_the_limits() {
+        let defaults = RedisOptions::new();
+        assert_eq!(
+            (defaults.max_message_size, defaults.max_dead_letters, defaults.max_dead_letter_bytes),
+            (16 << 20, 10_000, 64 << 20)
+        );
+        let url = "redis://h/?max_message_size=1000&max_dead_letters=3&max_dead_letter_bytes=0";
+        let (url, options) = RedisOptions::new().apply_url(url).expect("valid");
+        assert_eq!(url, "redis://h/");
+        assert_eq!((options.max_message_size, options.max_dead_letters, options.max_dead_letter_bytes), (1000, 3, 0));
+    }
+
+    #[test]
     fn url_query_sets_the_start_up_retry() {
         assert_eq!(RedisOptions::new().connect_retry, Duration::from_secs(30));
         let (url, options) = RedisOptions::new().apply_url("redis://h:6379/0?connect_retry_s=90").expect("valid");
@@ -398,7 +452,7 @@ mod tests {
             error,
             "unknown option `leas_ms` (known: namespace, lease_ms, prefetch, batch, result_ttl_s, block_timeout_ms, \
              max_redeliveries, wait_spin_us, connect_retry_s, max_unclaimed, max_unclaimed_bytes, cacertfile, \
-             certfile, keyfile, protocol, db, user, pass)"
+             certfile, keyfile, max_message_size, max_dead_letters, max_dead_letter_bytes, protocol, db, user, pass)"
         );
         let (url, _) = RedisOptions::new().apply_url("redis+unix:///tmp/r.sock?db=2&pass=pw").expect("client keys");
         assert_eq!(url, "redis+unix:///tmp/r.sock?db=2&pass=pw");

@@ -28,6 +28,36 @@ local function seen(key, n, ttl)
 end
 "#;
 
+/// Dead letters bounded by count and bytes: `bury(list, size, entry, max, max_bytes)`
+/// pushes `entry` at the head of the dead-letter list `list` and drops its oldest entries
+/// (the tail) while it holds more than `max` entries or more than `max_bytes` bytes (0: no
+/// bound of that kind); an entry larger than `max_bytes` alone is dropped itself. The byte
+/// count lives in `size` (a string beside the list): read, not recounted, in the usual case;
+/// recounted once where it is missing (a list written before it existed) and taken as zero
+/// while the list is empty (the list was removed without it). Returns how many entries were
+/// dropped. Only dead-letter paths call it: a completion pays nothing for it.
+const BURY: &str = r#"
+local function bury(list, size, entry, max, max_bytes)
+  max, max_bytes = tonumber(max), tonumber(max_bytes)
+  local n = redis.call('LPUSH', list, entry)
+  local bytes = n > 1 and redis.call('GET', size)
+  if bytes then
+    bytes = tonumber(bytes) + #entry
+  else
+    bytes = 0
+    for _, e in ipairs(redis.call('LRANGE', list, 0, -1)) do bytes = bytes + #e end
+  end
+  local dropped = 0
+  while n > 0 and ((max > 0 and n > max) or (max_bytes > 0 and bytes > max_bytes)) do
+    bytes = bytes - #redis.call('RPOP', list)
+    n = n - 1
+    dropped = dropped + 1
+  end
+  if n > 0 then redis.call('SET', size, bytes) else redis.call('DEL', size) end
+  return dropped
+end
+"#;
+
 /// Numbers the batches of one actor (a sender, a worker thread, a listener): see `SEEN`.
 pub(crate) struct Sequence {
     actor: String,
@@ -63,6 +93,11 @@ impl Sequence {
 /// A script whose body may call `seen`.
 fn with_seen(body: &str) -> Script {
     Script::new(&format!("{SEEN}{body}"))
+}
+
+/// A script whose body may call `bury`.
+fn with_bury(body: &str) -> Script {
+    Script::new(&format!("{BURY}{body}"))
 }
 
 /// Pushes messages onto a queue list (`KEYS[1]`) and leaves a wake token (`KEYS[2]`), once:
@@ -166,18 +201,20 @@ return {'ok', n}
 
 /// Settles, in order, what one consumer (`ARGV[3]`) did with its messages — once: batch
 /// number `ARGV[1]` of the actor whose sequence key is `KEYS[3]` (kept `ARGV[5]` ms), so a
-/// batch sent again after its reply was lost changes nothing. From ARGV[6], runs of one
+/// batch sent again after its reply was lost changes nothing. From ARGV[7], runs of one
 /// operation: (op, reply index k, count n), then the run's data: one item for `r` and for
 /// `c` with k > 0 (the run's reports back to back, stored as one list element: one Lua
 /// string and one element per run, not per report), n items for `d` and `x`, none else:
 /// - `r`: store the n reports `data` (no lease involved: progress, at-most-once tasks);
 /// - `c`: settle the n oldest messages of the processing list (`KEYS[2]`) and store their
 ///   final reports `data` (k 0: none, fire-and-forget calls; empty `data`: none either);
-/// - `d`: settle the oldest message to the dead letters (`KEYS[4]`, kept to `ARGV[4]`) with
-///   the reason prefix `data`, n times;
+/// - `d`: settle the oldest message to the dead letters (`KEYS[4]`, its byte count
+///   `KEYS[7]`, bounded by `ARGV[4]` entries and `ARGV[6]` bytes, see `BURY`) with the
+///   reason prefix `data`, n times; k > 0 keeps only the message's first k bytes (it was
+///   over the size limit);
 /// - `q`: give the newest message back to the front of its queue (`KEYS[5]`, wake `KEYS[6]`),
 ///   n times;
-/// - `x`: settle the newest message to the dead letters, with the reason prefix `data`.
+/// - `x`: settle the newest message to the dead letters, as `d`.
 ///
 /// Runs keep the work in Redis's C code: a run of completions is one `LTRIM` and one `RPUSH`
 /// of one element, with no Lua loop over its tasks (each Lua step per task costs more than
@@ -185,19 +222,21 @@ return {'ok', n}
 ///
 /// The consumer's lease (`KEYS[1]`) must still stand: if it expired and was reaped, its
 /// messages went back to the queue for others, and nothing of `c`, `d`, `q` is applied
-/// (fencing). Reply index k is the list `KEYS[5 + 2k]` with its notify list `KEYS[6 + 2k]`;
+/// (fencing). Reply index k is the list `KEYS[6 + 2k]` with its notify list `KEYS[7 + 2k]`;
 /// each gets its reports in order, and both expire `ARGV[2]` ms later. Returns {1 if the
-/// lease stood else 0, how many final reports were rejected}.
+/// lease stood else 0, how many final reports were rejected, how many dead letters were
+/// dropped to keep the bounds}.
 pub(crate) static COMPLETE: LazyLock<Script> = LazyLock::new(|| {
-    with_seen(
+    Script::new(&format!(
+        "{SEEN}{BURY}{}",
         r#"
-if seen(KEYS[3], ARGV[1], ARGV[5]) then return {1, 0} end
+if seen(KEYS[3], ARGV[1], ARGV[5]) then return {1, 0, 0} end
 local owned = redis.call('ZSCORE', KEYS[1], ARGV[3]) ~= false
-local rejected = 0
+local rejected, dropped = 0, 0
 local touched = {}
 local function report(k, data)
   if data == '' then return end
-  redis.call('RPUSH', KEYS[5 + 2 * k], data)
+  redis.call('RPUSH', KEYS[6 + 2 * k], data)
   touched[k] = true
 end
 -- Consecutive completions remove their messages with one LTRIM (an RPOP would copy each
@@ -206,7 +245,7 @@ local settled = 0
 local function flush()
   if settled > 0 then redis.call('LTRIM', KEYS[2], 0, -settled - 1); settled = 0 end
 end
-local i = 6
+local i = 7
 while i <= #ARGV do
   local op, k, n = ARGV[i], tonumber(ARGV[i + 1]), tonumber(ARGV[i + 2])
   local first = i + 3
@@ -228,8 +267,8 @@ while i <= #ARGV do
     for j = first, last do
       local m = redis.call(pop, KEYS[2])
       if m then
-        redis.call('LPUSH', KEYS[4], ARGV[j] .. m)
-        redis.call('LTRIM', KEYS[4], 0, tonumber(ARGV[4]) - 1)
+        if k > 0 then m = string.sub(m, 1, k) end
+        dropped = dropped + bury(KEYS[4], KEYS[7], ARGV[j] .. m, ARGV[4], ARGV[6])
       end
     end
   elseif op == 'q' then
@@ -244,29 +283,30 @@ while i <= #ARGV do
 end
 flush()
 for k in pairs(touched) do
-  local reply, notify = KEYS[5 + 2 * k], KEYS[6 + 2 * k]
+  local reply, notify = KEYS[6 + 2 * k], KEYS[7 + 2 * k]
   redis.call('PEXPIRE', reply, ARGV[2])
   if redis.call('LLEN', notify) == 0 then redis.call('LPUSH', notify, '1') end
   redis.call('PEXPIRE', notify, ARGV[2])
 end
-return {owned and 1 or 0, rejected}
-"#,
-    )
+return {owned and 1 or 0, rejected, dropped}
+"#
+    ))
 });
 
 /// Moves messages that never had a lease (at-most-once or undecodable ones) to the dead
-/// letters (`KEYS[1]`, kept to `ARGV[1]` entries): pairs (reason prefix, message) in
-/// ARGV[2..].
+/// letters (`KEYS[1]`, its byte count `KEYS[2]`, bounded by `ARGV[1]` entries and `ARGV[2]`
+/// bytes: see `BURY`): pairs (reason prefix, message) in ARGV[3..]. Returns how many dead
+/// letters were dropped to keep the bounds.
 pub(crate) static DEAD: LazyLock<Script> = LazyLock::new(|| {
-    Script::new(
+    with_bury(
         r#"
-local i = 2
+local dropped = 0
+local i = 3
 while i <= #ARGV do
-  redis.call('LPUSH', KEYS[1], ARGV[i] .. ARGV[i + 1])
+  dropped = dropped + bury(KEYS[1], KEYS[2], ARGV[i] .. ARGV[i + 1], ARGV[1], ARGV[2])
   i = i + 2
 end
-redis.call('LTRIM', KEYS[1], 0, tonumber(ARGV[1]) - 1)
-return 0
+return dropped
 "#,
     )
 });
@@ -322,11 +362,13 @@ return lost
 /// processing lists (`ARGV[6]` + consumer id, in the queue's slot) go back to the front of
 /// the queue (`KEYS[2]`, wake `KEYS[3]`) in their order, each message marked redelivered
 /// (`ARGV[2]` replaces its last byte); a message redelivered `ARGV[3]` times already goes to
-/// the dead letters (`KEYS[4]`, kept to `ARGV[4]`) with `ARGV[5]` as the reason prefix.
-/// Returns {requeued, dead, heads}: heads holds the first `ARGV[7]` bytes of each message
-/// dead-lettered (where its name, id and caller are), so its caller can be told.
+/// the dead letters (`KEYS[4]`, its byte count `KEYS[5]`, bounded by `ARGV[4]` entries and
+/// `ARGV[8]` bytes: see `BURY`) with `ARGV[5]` as the reason prefix. Returns {requeued,
+/// dead, heads, dropped}: heads holds the first `ARGV[7]` bytes of each message
+/// dead-lettered (where its name, id and caller are), so its caller can be told; dropped
+/// counts the dead letters dropped to keep the bounds.
 pub(crate) static REAP: LazyLock<Script> = LazyLock::new(|| {
-    Script::new(
+    with_bury(
         r#"
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
@@ -334,7 +376,7 @@ local expired = redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', now, 'LIMIT', 0, to
 local mark = ARGV[2]
 local body = string.sub(mark, 1, #mark - 1)
 local max = tonumber(ARGV[3])
-local requeued, dead, heads = 0, 0, {}
+local requeued, dead, heads, dropped = 0, 0, {}, 0
 for _, consumer in ipairs(expired) do
   local list = ARGV[6] .. consumer
   while true do
@@ -346,8 +388,7 @@ for _, consumer in ipairs(expired) do
       stop = stop - #body
     end
     if count >= max then
-      redis.call('LPUSH', KEYS[4], ARGV[5] .. m)
-      redis.call('LTRIM', KEYS[4], 0, tonumber(ARGV[4]) - 1)
+      dropped = dropped + bury(KEYS[4], KEYS[5], ARGV[5] .. m, ARGV[4], ARGV[8])
       dead = dead + 1
       heads[dead] = string.sub(m, 1, tonumber(ARGV[7]))
     else
@@ -359,7 +400,7 @@ for _, consumer in ipairs(expired) do
   redis.call('ZREM', KEYS[1], consumer)
 end
 if requeued > 0 and redis.call('LLEN', KEYS[3]) == 0 then redis.call('LPUSH', KEYS[3], '1') end
-return {requeued, dead, heads}
+return {requeued, dead, heads, dropped}
 "#,
     )
 });
@@ -931,7 +972,7 @@ mod tests {
         let Some(mut conn) = server() else { return };
         let prefix = format!("dingo-test-complete-{}", std::process::id());
         let key = |name: &str| format!("{prefix}:{{q}}:{name}");
-        let names = ["consumers", "processing", "seq", "dead", "pending", "wake", "reply", "notify"];
+        let names = ["consumers", "processing", "seq", "dead", "pending", "wake", "dead:bytes", "reply", "notify"];
         let keys: Vec<String> = names.iter().map(|n| key(n)).collect();
         let _: () = redis::cmd("DEL").arg(&keys).query(&mut conn).expect("DEL");
         // The processing list holds m1 (oldest) … m6 (newest, at its head).
@@ -941,7 +982,7 @@ mod tests {
         let call = |seq: &str, runs: &[&str]| {
             let mut call = Call::new(&COMPLETE);
             call.keys = keys.clone();
-            call = call.numbered(seq.to_owned()).arg("60000").arg("c1").arg("100").arg(SEQ_TTL);
+            call = call.numbered(seq.to_owned()).arg("60000").arg("c1").arg("100").arg(SEQ_TTL).arg("0");
             for arg in runs {
                 call = call.arg(*arg);
             }
@@ -956,22 +997,68 @@ mod tests {
         };
         for attempt in ["first", "sent again"] {
             let result = run_batch(&mut conn, &[call("1", &runs)]).expect("COMPLETE runs");
-            let (owned, rejected): (i64, i64) = redis::from_redis_value(result[0].clone()).expect("a pair");
-            assert_eq!((owned, rejected), (1, 0), "{attempt}");
-            assert_eq!(list(&mut conn, 6), ["r1r2", "p3"], "the reports, in order, a run per element ({attempt})");
+            let (owned, rejected, dropped): (i64, i64, i64) = redis::from_redis_value(result[0].clone()).expect("3");
+            assert_eq!((owned, rejected, dropped), (1, 0, 0), "{attempt}");
+            assert_eq!(list(&mut conn, 7), ["r1r2", "p3"], "the reports, in order, a run per element ({attempt})");
             assert!(list(&mut conn, 1).is_empty(), "every message settled ({attempt})");
             assert_eq!(list(&mut conn, 3), ["new:m6", "why:m4"], "m4, then m6, dead-lettered ({attempt})");
             assert_eq!(list(&mut conn, 4), ["m5"], "m5 back in its queue ({attempt})");
-            assert_eq!(list(&mut conn, 7), ["1"], "one wake token for the caller ({attempt})");
+            let size: usize = redis::cmd("GET").arg(&keys[6]).query(&mut conn).expect("GET");
+            assert_eq!(size, "new:m6why:m4".len(), "the dead letters' bytes are counted ({attempt})");
+            assert_eq!(list(&mut conn, 8), ["1"], "one wake token for the caller ({attempt})");
         }
         let _: () = redis::cmd("LPUSH").arg(&keys[1]).arg("m6").query(&mut conn).expect("LPUSH");
         let _: () = redis::cmd("ZREM").arg(&keys[0]).arg("c1").query(&mut conn).expect("ZREM");
         let result = run_batch(&mut conn, &[call("2", &["c", "1", "1", "r3"])]).expect("COMPLETE runs");
-        let (owned, rejected): (i64, i64) = redis::from_redis_value(result[0].clone()).expect("a pair");
-        assert_eq!((owned, rejected), (0, 1), "fenced out: the completion is rejected");
-        assert_eq!(list(&mut conn, 6), ["r1r2", "p3"], "its report is not stored");
+        let (owned, rejected, dropped): (i64, i64, i64) = redis::from_redis_value(result[0].clone()).expect("3");
+        assert_eq!((owned, rejected, dropped), (0, 1, 0), "fenced out: the completion is rejected");
+        assert_eq!(list(&mut conn, 7), ["r1r2", "p3"], "its report is not stored");
         assert_eq!(list(&mut conn, 1), ["m6"], "its message stays for the reaper");
         let _: () = redis::cmd("DEL").arg(&keys).query(&mut conn).expect("DEL");
+    }
+
+    /// Dead letters stay within both bounds, the oldest dropped first, and the script says
+    /// how many it dropped; the byte count is kept beside the list, recounted when missing
+    /// (a list written before it existed) and started over when the list was removed; an
+    /// entry larger than the byte bound alone is dropped itself; 0 is no bound.
+    #[test]
+    fn dead_letters_keep_their_bounds_oldest_dropped_first() {
+        let Some(mut conn) = server() else { return };
+        let prefix = format!("dingo-test-bury-{}", std::process::id());
+        let (list, size) = (format!("{prefix}:{{q}}:dead"), format!("{prefix}:{{q}}:dead:bytes"));
+        let _: () = redis::cmd("DEL").arg(&list).arg(&size).query(&mut conn).expect("DEL");
+        let dead = |conn: &mut redis::Connection, max: &str, max_bytes: &str, entries: &[&str]| -> i64 {
+            let mut call = Call::new(&DEAD).key(list.clone()).key(size.clone()).arg(max).arg(max_bytes);
+            for entry in entries {
+                call = call.arg("r:").arg(*entry);
+            }
+            let result = run_batch(conn, &[call]).expect("DEAD");
+            redis::from_redis_value(result[0].clone()).expect("a count")
+        };
+        let state = |conn: &mut redis::Connection| -> (Vec<String>, Option<usize>) {
+            let entries = redis::cmd("LRANGE").arg(&list).arg(0).arg(-1).query(conn).expect("LRANGE");
+            (entries, redis::cmd("GET").arg(&size).query(conn).expect("GET"))
+        };
+        let strings = |v: &[&str]| v.iter().map(|s| s.to_string()).collect::<Vec<_>>();
+
+        // By count: 3 kept of 5, the two oldest dropped.
+        assert_eq!(dead(&mut conn, "3", "0", &["a1", "a2", "a3", "a4", "a5"]), 2);
+        assert_eq!(state(&mut conn), (strings(&["r:a5", "r:a4", "r:a3"]), Some(12)));
+        // By bytes: 10 bytes hold two 4-byte entries, not three.
+        assert_eq!(dead(&mut conn, "100", "10", &["b1"]), 2);
+        assert_eq!(state(&mut conn), (strings(&["r:b1", "r:a5"]), Some(8)));
+        // An entry over the byte bound alone goes itself, and the list with it.
+        assert_eq!(dead(&mut conn, "100", "10", &["too-long-entry"]), 3);
+        assert_eq!(state(&mut conn), (Vec::new(), None));
+        // Written before the count existed: recounted once.
+        let _: () = redis::cmd("LPUSH").arg(&list).arg("r:o1").arg("r:o2").query(&mut conn).expect("LPUSH");
+        assert_eq!(dead(&mut conn, "0", "0", &["c1"]), 0, "0: no bound");
+        assert_eq!(state(&mut conn), (strings(&["r:c1", "r:o2", "r:o1"]), Some(12)));
+        // The list removed without its count: the count starts over.
+        let _: () = redis::cmd("DEL").arg(&list).query(&mut conn).expect("DEL");
+        assert_eq!(dead(&mut conn, "10", "100", &["d1"]), 0);
+        assert_eq!(state(&mut conn), (strings(&["r:d1"]), Some(4)));
+        let _: () = redis::cmd("DEL").arg(&list).arg(&size).query(&mut conn).expect("DEL");
     }
 
     /// `FETCH` takes the oldest messages, newest of them at the head of the processing list,

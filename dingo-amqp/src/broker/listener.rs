@@ -8,6 +8,7 @@ use std::time::Instant;
 
 use amiquip::{Channel, ConsumerMessage, ConsumerOptions};
 use crossbeam_channel::Sender;
+use dingo_core::broker::support;
 use dingo_core::event::{Event, EventKind, Level, Origin};
 use dingo_core::message::wire;
 use dingo_core::{BrokerError, BrokerErrorKind};
@@ -97,7 +98,7 @@ fn listen(inner: &Inner, channel: &Channel, stop: &Stop) -> Result<(), String> {
         while let Some(message) = next {
             match message {
                 ConsumerMessage::Delivery(mut delivery) => {
-                    route(inner, std::mem::take(&mut delivery.body));
+                    route(inner, std::mem::take(&mut delivery.body), delivery.body_size);
                     last = Some(delivery);
                 }
                 ConsumerMessage::ServerClosedChannel(e) | ConsumerMessage::ServerClosedConnection(e) => {
@@ -116,7 +117,20 @@ fn listen(inner: &Inner, channel: &Channel, stop: &Stop) -> Result<(), String> {
     Ok(())
 }
 
-fn route(inner: &Inner, body: Vec<u8>) {
+/// Routes one report; `body` holds only its first bytes when its announced `size` is over
+/// the limit (see `conn`).
+fn route(inner: &Inner, body: Vec<u8>, size: u64) {
+    let limit = inner.options.max_message_size;
+    if size > limit as u64 {
+        inner.stats.oversize.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let len = usize::try_from(size).unwrap_or(usize::MAX);
+        let oversize = support::oversize_report(&body, len, limit, &inner.reply_queue);
+        inner.events.emit(Event::new(Origin::Store, Level::Error, EventKind::TooLarge, oversize.message));
+        if let Some(failure) = oversize.failure {
+            inner.router.route(failure);
+        }
+        return;
+    }
     match wire::decode_report_from(body, &wire::Known { name: None, address: None }) {
         Ok(report) => {
             inner.router.route(report);

@@ -40,6 +40,7 @@ use std::time::{Duration, Instant};
 
 use amiquip::{Channel, ConsumerMessage};
 use crossbeam_channel::{Receiver, Select, Sender};
+use dingo_core::broker::support;
 use dingo_core::broker::{Ack, Acknowledge, ConsumeSettings, Delivery, Recv, Subscription};
 use dingo_core::event::{Event, EventKind, Level, Origin};
 use dingo_core::message::{ReplyTo, ReportBody, ReportMessage, TaskMessage, wire};
@@ -198,6 +199,32 @@ impl Shared {
         let _ = publisher.send(outgoing, Some(inner.options.settle_grace));
     }
 
+    /// A task message of `len` bytes, over `max_message_size`, not decoded (`body`: its
+    /// first bytes, all the connection kept): a copy of its first bytes goes
+    /// to the dead letters with the reason (the original acknowledged once that copy is
+    /// confirmed), with an event and a failure to its caller if those bytes name it.
+    fn oversize(self: &Arc<Shared>, ack: AmqpAck, mut body: Vec<u8>, len: usize) {
+        let inner = &self.inner;
+        inner.stats.oversize.fetch_add(1, Ordering::Relaxed);
+        let oversize = support::oversize_task(&body, len, inner.options.max_message_size);
+        body.truncate(oversize.kept);
+        body.shrink_to_fit();
+        let mut event = Event::new(
+            Origin::Consumer,
+            Level::Error,
+            EventKind::TooLarge,
+            format!("{}; moved to the dead letters", oversize.reason),
+        );
+        if let Some(key) = &oversize.call {
+            event = event.with_task(key.clone());
+            if let Some(caller) = &oversize.reply_to {
+                self.report_failure(key.clone(), caller, oversize.failure());
+            }
+        }
+        inner.events.emit(event);
+        self.dead_letter(ack, Some(body), oversize.reason);
+    }
+
     /// An undecodable message: an event, and a failure report to its caller if the message
     /// says who that is.
     fn tell_caller(&self, malformed: &wire::MalformedTask, reason: &str) {
@@ -318,7 +345,10 @@ impl Shared {
         mut delivery: amiquip::Delivery,
         deadline: Instant,
     ) {
+        // One over the size limit is not decoded: given back with a reject, it is
+        // dead-lettered by the worker that takes it next.
         let fresh = !delivery.redelivered
+            && delivery.body_size <= self.inner.options.max_message_size as u64
             && wire::decode_task(&delivery.body).is_ok_and(|message| !message.options.at_most_once);
         let persistent = *delivery.properties.delivery_mode() == Some(2);
         let count = redeliveries(&delivery.properties);
@@ -552,6 +582,14 @@ impl AmqpSubscription {
             stats.redelivered.fetch_add(1, Ordering::Relaxed);
         }
         let body = std::mem::take(&mut delivery.body);
+        // Over the limit, only its first bytes were kept (see `conn`): the announced size
+        // tells.
+        if delivery.body_size > shared.inner.options.max_message_size as u64 {
+            let len = usize::try_from(delivery.body_size).unwrap_or(usize::MAX);
+            let ack = AmqpAck::new(shared, &feed.line, queue, delivery);
+            shared.oversize(ack, body, len);
+            return None;
+        }
         // A redelivered task is published again (counted) whatever its size.
         let copy = (redelivered || body.len() <= DEAD_COPY_LIMIT).then(|| body.clone());
         let known = wire::Known { name: shared.tasks.get(queue), address: None };

@@ -6,8 +6,9 @@ use std::fmt;
 use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
-use crate::error::{BrokerError, BrokerErrorKind, chain};
-use crate::message::ReplyTo;
+use crate::error::{BrokerError, BrokerErrorKind, TaskError, TaskErrorKind, chain};
+use crate::id::CallKey;
+use crate::message::{ReplyTo, ReportBody, ReportMessage, wire};
 
 /// A background component (a thread and its channels) started on first use; failing to
 /// start is an error, not a panic, and two threads asking at once start it once.
@@ -63,6 +64,130 @@ pub fn check_size(what: &str, len: usize, limit: usize) -> Result<(), BrokerErro
         ));
     }
     Ok(())
+}
+
+/// How many bytes of a task message over the size limit its dead letter keeps: the first
+/// 4 KiB, where its name, id and reply address are (the rest, its arguments, is dropped
+/// unread). The reason says how long the message was.
+pub const OVERSIZE_KEPT: usize = 4096;
+
+/// A received task message over the size limit, as its first bytes tell it: what a broker
+/// needs to dead-letter it (with a bounded prefix) and to tell its caller, without decoding
+/// it. Made by [`oversize_task`].
+#[derive(Debug, Clone)]
+#[non_exhaustive]
+pub struct OversizeTask {
+    /// The dead-letter reason: the message's size, the limit, and how much is kept.
+    pub reason: String,
+    /// How many of its first bytes the dead letter keeps (at most [`OVERSIZE_KEPT`]).
+    pub kept: usize,
+    /// The call, if its first bytes name it.
+    pub call: Option<CallKey>,
+    /// Where its caller waits for reports, if its first bytes say.
+    pub reply_to: Option<Arc<str>>,
+}
+
+impl OversizeTask {
+    /// The failure its caller gets (`BadPayload`, with the reason).
+    pub fn failure(&self) -> TaskError {
+        TaskError::new(TaskErrorKind::BadPayload, format!("the worker refused the task message: {}", self.reason))
+    }
+}
+
+/// What a broker knows of a received task message of `len` bytes over `limit`
+/// (`max_message_size`) from its first bytes `head` (up to [`OVERSIZE_KEPT`] of them).
+///
+/// ```
+/// use dingo_core::broker::support::oversize_task;
+///
+/// let oversize = oversize_task(b"\x01\x01", 50 << 20, 16 << 20);
+/// assert_eq!(
+///     oversize.reason,
+///     "task message of 52428800 bytes exceeds the limit of 16777216 bytes (max_message_size); its dead letter \
+///      keeps its first 4096 bytes only"
+/// );
+/// assert_eq!((oversize.kept, oversize.call.is_none()), (4096, true));
+/// ```
+pub fn oversize_task(head: &[u8], len: usize, limit: usize) -> OversizeTask {
+    let kept = len.min(OVERSIZE_KEPT);
+    let head = &head[..head.len().min(kept)];
+    let (name, id, reply_to) = match wire::decode_delivery(head.to_vec(), &wire::Known::default()) {
+        Ok((message, _)) => {
+            let reply_to = match message.reply_to {
+                ReplyTo::Address(caller) => Some(caller),
+                _ => None,
+            };
+            (Some(message.name), Some(message.id), reply_to)
+        }
+        // Cut off after its first bytes: what they hold.
+        Err(cut) => (cut.name, cut.id, cut.reply_to),
+    };
+    let call = name.zip(id).map(|(name, id)| CallKey { name, id });
+    OversizeTask {
+        reason: format!(
+            "task message of {len} bytes exceeds the limit of {limit} bytes (max_message_size); its dead letter \
+             keeps its first {kept} bytes only"
+        ),
+        kept,
+        call,
+        reply_to,
+    }
+}
+
+/// A received report over the size limit, as its first bytes tell it. Made by
+/// [`oversize_report`].
+#[derive(Debug)]
+#[non_exhaustive]
+pub struct OversizeReport {
+    /// What happened, for an event.
+    pub message: String,
+    /// The call it was for, if its first bytes name it.
+    pub call: Option<CallKey>,
+    /// For a final report whose call is known: the failure (`Encode`) to route in its
+    /// place, so its caller learns why instead of waiting in vain. A progress report, or
+    /// one whose call is not known, is dropped with nothing in its place.
+    pub failure: Option<ReportMessage<'static>>,
+}
+
+/// What a caller's broker does with a received report of `len` bytes over `limit`
+/// (`max_message_size`), from its first bytes `head`; `place` names where it was read (a
+/// reply list or queue), for the event.
+///
+/// ```
+/// use dingo_core::broker::support::oversize_report;
+///
+/// let dropped = oversize_report(b"", 20 << 20, 16 << 20, "reply.1");
+/// assert!(dropped.failure.is_none());
+/// assert_eq!(
+///     dropped.message,
+///     "a report of 20971520 bytes in `reply.1` exceeds the limit of 16777216 bytes (max_message_size): dropped \
+///      unread (its call is not known)"
+/// );
+/// ```
+pub fn oversize_report(head: &[u8], len: usize, limit: usize, place: &str) -> OversizeReport {
+    let head = wire::report_head(&head[..head.len().min(OVERSIZE_KEPT)]);
+    let over = format!("a report of {len} bytes in `{place}` exceeds the limit of {limit} bytes (max_message_size)");
+    let call = head.name.zip(head.id).map(|(name, id)| CallKey { name, id });
+    let Some(key) = call.clone() else {
+        return OversizeReport {
+            message: format!("{over}: dropped unread (its call is not known)"),
+            call,
+            failure: None,
+        };
+    };
+    if head.final_report != Some(true) {
+        let message = format!("{over}: dropped unread (a progress report of `{}` {})", key.name, key.id);
+        return OversizeReport { message, call, failure: None };
+    }
+    let error = TaskError::new(
+        TaskErrorKind::Encode,
+        format!("the result of {len} bytes exceeds this caller's limit of {limit} bytes (max_message_size)"),
+    );
+    OversizeReport {
+        message: format!("{over}: dropped unread; its call `{}` {} fails (Encode)", key.name, key.id),
+        call,
+        failure: Some(ReportMessage { name: key.name, id: key.id, body: ReportBody::Failure(error) }),
+    }
 }
 
 /// Where the reports of a call go on a broker that carries bytes (`broker` names it in the
@@ -267,6 +392,62 @@ mod tests {
         assert_eq!(reply_address(&ReplyTo::None, "x").expect("none"), None);
         let address = ReplyTo::Address(Arc::from("q"));
         assert_eq!(reply_address(&address, "x").expect("address").map(|a| &**a), Some("q"));
+    }
+
+    /// A task over the limit is known by its first bytes: its call and caller, the reason
+    /// with both sizes; a report likewise, a final one replaced by an `Encode` failure.
+    #[test]
+    fn oversize_messages_are_known_by_their_first_bytes() {
+        use crate::codec::Encoded;
+        use crate::id::{TaskId, TaskName};
+        use crate::message::{Payload, TaskMessage, Value};
+        let task = TaskMessage {
+            name: TaskName::from("t.big"),
+            id: TaskId::new("id-1"),
+            fingerprint: 0,
+            options: Default::default(),
+            reply_to: ReplyTo::Address(Arc::from("reply.9")),
+            args: Payload::Encoded(Encoded::new(1, vec![7; 10_000])),
+        };
+        let bytes = wire::encode_task(&task).expect("encodes");
+        let oversize = oversize_task(&bytes, bytes.len(), 5_000);
+        assert_eq!(oversize.kept, OVERSIZE_KEPT);
+        assert_eq!(oversize.call.as_ref().map(|k| (k.name.as_str(), k.id.as_str())), Some(("t.big", "id-1")));
+        assert_eq!(oversize.reply_to.as_deref(), Some("reply.9"));
+        assert_eq!(
+            oversize.reason,
+            format!(
+                "task message of {} bytes exceeds the limit of 5000 bytes (max_message_size); its dead letter keeps \
+                 its first 4096 bytes only",
+                bytes.len()
+            )
+        );
+        assert_eq!(oversize.failure().kind(), TaskErrorKind::BadPayload);
+        // Under 4 KiB, the whole message is the prefix.
+        let small = oversize_task(&bytes[..300], 300, 200);
+        assert_eq!(small.kept, 300);
+
+        let result = ReportMessage {
+            name: TaskName::from("t.big"),
+            id: TaskId::new("id-1"),
+            body: ReportBody::Success(Value::Encoded(Encoded::new(1, vec![1; 9_000]))),
+        };
+        let bytes = wire::encode_report(&result).expect("encodes");
+        assert_eq!(wire::report_len(&bytes).expect("a report"), bytes.len());
+        let over = oversize_report(&bytes[..OVERSIZE_KEPT], bytes.len(), 4_000, "reply.9");
+        let Some(ReportMessage { body: ReportBody::Failure(error), name, .. }) = over.failure else {
+            panic!("a final report is replaced by a failure")
+        };
+        assert_eq!((name.as_str(), error.kind()), ("t.big", TaskErrorKind::Encode));
+        assert_eq!(
+            error.message(),
+            format!("the result of {} bytes exceeds this caller's limit of 4000 bytes (max_message_size)", bytes.len())
+        );
+        let progress = ReportMessage { body: ReportBody::Progress(Some(Encoded::new(1, vec![1; 9_000]))), ..result };
+        let bytes = wire::encode_report(&progress).expect("encodes");
+        let over = oversize_report(&bytes, bytes.len(), 4_000, "reply.9");
+        assert!(over.failure.is_none() && over.call.is_some());
+        assert!(over.message.ends_with("dropped unread (a progress report of `t.big` id-1)"), "{}", over.message);
     }
 
     const FAST: (Duration, Duration) = (Duration::from_millis(5), Duration::from_millis(20));

@@ -311,6 +311,40 @@ pub fn decode_report_from(bytes: Vec<u8>, known: &Known<'_>) -> Result<ReportMes
     })
 }
 
+/// How long the report at the start of `bytes` is, through its end marker (without
+/// decoding it): where the next report of a batch stored as one value starts.
+pub fn report_len(bytes: &[u8]) -> Result<usize, BrokerError> {
+    Reader::new(bytes, TYPE_REPORT)?.message_len()
+}
+
+/// What the first bytes of a report say, as far as they go: its call, and whether it is a
+/// final report (success or failure). A broker reads it from a report too large to decode.
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct ReportHead {
+    /// The task name, if the bytes hold it whole.
+    pub name: Option<TaskName>,
+    /// The call id, if the bytes hold it whole.
+    pub id: Option<TaskId>,
+    /// Whether it is a final report, if the bytes hold its status.
+    pub final_report: Option<bool>,
+}
+
+/// Reads the [`ReportHead`] of a report from its first bytes (a prefix of any length).
+pub fn report_head(prefix: &[u8]) -> ReportHead {
+    let mut head = ReportHead::default();
+    let Ok(mut reader) = Reader::new(prefix, TYPE_REPORT) else { return head };
+    while let Ok(Some((tag, value))) = reader.field_or_end() {
+        match tag {
+            NAME => head.name = std::str::from_utf8(value).ok().map(TaskName::from),
+            ID => head.id = std::str::from_utf8(value).ok().map(TaskId::new),
+            STATUS => head.final_report = value.first().map(|s| matches!(*s, STATUS_SUCCESS | STATUS_FAILURE)),
+            _ => {}
+        }
+    }
+    head
+}
+
 /// Decodes reports written back to back in one value (a broker may store a batch of reports
 /// as one), handing each to `each` in order: the report, or why it could not be read. A
 /// single report decodes without a copy. One that cannot be read is skipped when its length

@@ -36,12 +36,13 @@ pub(crate) enum Settle {
     /// The final report of an at-most-once task this worker thread ran: stored with plain
     /// commands, not sent again after a broken connection (at most once).
     Report { caller: Arc<str>, bytes: Vec<u8> },
-    /// The oldest message cannot run: to the dead letters.
-    Dead { reason: String },
+    /// The oldest message cannot run: to the dead letters, whole, or (`keep` > 0) only its
+    /// first `keep` bytes (it is over the size limit).
+    Dead { reason: String, keep: usize },
     /// The newest message was never started: back to the front of its queue.
     Requeue,
-    /// The newest message cannot run: to the dead letters.
-    DeadNewest { reason: String },
+    /// The newest message cannot run: to the dead letters, as [`Settle::Dead`].
+    DeadNewest { reason: String, keep: usize },
 }
 
 impl Settle {
@@ -159,27 +160,19 @@ pub(crate) struct Plan {
     open_report: Option<String>,
 }
 
-#[derive(Clone, Copy, PartialEq, Eq)]
+#[derive(Clone, PartialEq, Eq)]
 pub(crate) enum Kind {
     /// A `COMPLETE` with this many final reports (its result: how many were rejected) and
-    /// dead letters.
-    Complete {
-        finals: usize,
-        dead: usize,
-    },
-    Dead {
-        count: usize,
-    },
+    /// dead letters (and, with some, the prefix of their queue).
+    Complete { finals: usize, dead: usize, queue: Option<Arc<str>> },
+    /// A `DEAD` of `count` messages of queue (prefix) `queue`.
+    Dead { queue: Arc<str>, count: usize },
     /// A plain command of storing reports that settle nothing (progress, at-most-once
     /// tasks); `reports` is how many it stores. Not repeated (see [`Kind::repeatable`]).
-    Report {
-        reports: usize,
-    },
+    Report { reports: usize },
     /// A worker's fetch: the `FETCH` script, or (`at_most_once`) a plain pop of the
     /// at-most-once list, not repeated.
-    Fetch {
-        at_most_once: bool,
-    },
+    Fetch { at_most_once: bool },
     /// At-most-once tasks given back unstarted (`GIVE_BACK`), not repeated.
     GiveBack,
     /// The read of the head of a processing list after its `FETCH` (what it took).
@@ -194,7 +187,7 @@ impl Kind {
     /// Whether the call may be sent again after the connection broke with it on its way.
     /// Scripts apply once (numbered batches); the plain commands of the at-most-once path
     /// are left out of the retry — what they carried may be lost, never doubled.
-    pub(crate) fn repeatable(self) -> bool {
+    pub(crate) fn repeatable(&self) -> bool {
         !matches!(self, Kind::Report { .. } | Kind::Fetch { at_most_once: true } | Kind::GiveBack | Kind::Wait)
     }
 }
@@ -211,9 +204,9 @@ impl Plan {
             .calls
             .iter()
             .zip(&self.kinds)
-            .map(|(call, &kind)| {
+            .map(|(call, kind)| {
                 let keep = kind.repeatable() || call.done.is_some();
-                match kind {
+                match *kind {
                     Kind::Report { reports: n } if !keep => reports += n,
                     Kind::Fetch { at_most_once: true } | Kind::GiveBack if !keep => commands += 1,
                     _ => {}
@@ -254,12 +247,12 @@ impl Plan {
         let reply = queue.reply(caller);
         let ttl = inner.options.result_ttl.as_millis().to_string();
         let notify = queue.notify(caller);
-        let none = Kind::Report { reports: 0 };
+        let none = || Kind::Report { reports: 0 };
         self.push(Call::command("RPUSH").arg(reply.as_bytes()).arg(bytes), Kind::Report { reports: 1 });
-        self.push(Call::command("PEXPIRE").arg(reply.as_bytes()).arg(ttl.as_bytes()), none);
-        self.push(Call::command("LPUSH").arg(notify.as_bytes()).arg("1"), none);
-        self.push(Call::command("LTRIM").arg(notify.as_bytes()).arg("0").arg("0"), none);
-        self.push(Call::command("PEXPIRE").arg(notify.as_bytes()).arg(ttl), none);
+        self.push(Call::command("PEXPIRE").arg(reply.as_bytes()).arg(ttl.as_bytes()), none());
+        self.push(Call::command("LPUSH").arg(notify.as_bytes()).arg("1"), none());
+        self.push(Call::command("LTRIM").arg(notify.as_bytes()).arg("0").arg("0"), none());
+        self.push(Call::command("PEXPIRE").arg(notify.as_bytes()).arg(ttl), none());
         self.open_report = Some(reply);
     }
 
@@ -346,10 +339,12 @@ pub(crate) fn plan(inner: &Inner, ops: Vec<Op>, sequence: &mut Sequence) -> Plan
             Op::Dead { queue, reason, bytes } => {
                 let call = Call::new(&scripts::DEAD)
                     .key(queue.dead.clone())
+                    .key(queue.dead_bytes.clone())
                     .arg(inner.options.max_dead_letters.to_string())
+                    .arg(inner.options.max_dead_letter_bytes.to_string())
                     .arg(dead_entry::prefix(&reason))
                     .arg(bytes);
-                plan.push(call, Kind::Dead { count: 1 });
+                plan.push(call, Kind::Dead { queue: Arc::from(queue.prefix.as_str()), count: 1 });
             }
             Op::GiveBack { queue, messages } => {
                 let mut call = Call::new(&scripts::GIVE_BACK).key(queue.amo.clone()).key(queue.wake.clone());
@@ -377,11 +372,13 @@ fn complete(
         .key(queue.dead.clone())
         .key(queue.pending.clone())
         .key(queue.wake.clone())
+        .key(queue.dead_bytes.clone())
         .numbered(seq)
         .arg(inner.options.result_ttl.as_millis().to_string())
         .arg(consumer)
         .arg(inner.options.max_dead_letters.to_string())
-        .arg(SEQ_TTL);
+        .arg(SEQ_TTL)
+        .arg(inner.options.max_dead_letter_bytes.to_string());
     let mut callers: Vec<Arc<str>> = Vec::new();
     let (mut finals, mut dead) = (0, 0);
     let mut runs = Runs::default();
@@ -402,19 +399,21 @@ fn complete(
                 let k = reply_index(&mut callers, &mut call, queue, caller);
                 runs.add(&mut call, "r", k, Some(bytes));
             }
-            Settle::Dead { reason } => {
+            // k: how many of the message's first bytes to keep (0: all of them).
+            Settle::Dead { reason, keep } => {
                 dead += 1;
-                runs.add(&mut call, "d", 0, Some(dead_entry::prefix(&reason)));
+                runs.add(&mut call, "d", keep, Some(dead_entry::prefix(&reason)));
             }
-            Settle::DeadNewest { reason } => {
+            Settle::DeadNewest { reason, keep } => {
                 dead += 1;
-                runs.add(&mut call, "x", 0, Some(dead_entry::prefix(&reason)));
+                runs.add(&mut call, "x", keep, Some(dead_entry::prefix(&reason)));
             }
             Settle::Requeue => runs.add(&mut call, "q", 0, None),
         }
     }
     runs.close(&mut call);
-    (call, Kind::Complete { finals, dead })
+    let queue = (dead > 0).then(|| Arc::from(queue.prefix.as_str()));
+    (call, Kind::Complete { finals, dead, queue })
 }
 
 /// Groups a `COMPLETE`'s settlements into runs of one operation and reply list: a header
@@ -459,8 +458,8 @@ impl Runs {
     }
 }
 
-/// The 1-based index of `caller`'s reply list among a `COMPLETE`'s (`KEYS[5 + 2k]`, its
-/// notify list `KEYS[6 + 2k]`), added if new.
+/// The 1-based index of `caller`'s reply list among a `COMPLETE`'s (`KEYS[6 + 2k]`, its
+/// notify list `KEYS[7 + 2k]`), added if new.
 fn reply_index(callers: &mut Vec<Arc<str>>, call: &mut Call, queue: &QueueKeys, caller: Arc<str>) -> usize {
     if let Some(i) = callers.iter().position(|c| *c == caller) {
         return i + 1;
@@ -475,11 +474,15 @@ fn reply_index(callers: &mut Vec<Arc<str>>, call: &mut Call, queue: &QueueKeys, 
 pub(crate) fn account(inner: &Inner, results: &[(Kind, Value)]) {
     for (kind, result) in results {
         match kind {
-            Kind::Complete { finals, dead } => {
-                let (owned, rejected): (i64, usize) = redis::from_redis_value(result.clone()).unwrap_or((1, 0));
+            Kind::Complete { finals, dead, queue } => {
+                let (owned, rejected, dropped): (i64, usize, u64) =
+                    redis::from_redis_value(result.clone()).unwrap_or((1, 0, 0));
                 inner.stats.completed.fetch_add((finals - rejected.min(*finals)) as u64, Ordering::Relaxed);
                 if owned == 1 {
                     inner.stats.dead_lettered.fetch_add(*dead as u64, Ordering::Relaxed);
+                }
+                if let Some(queue) = queue {
+                    dropped_dead_letters(inner, queue, dropped);
                 }
                 if rejected > 0 {
                     inner.stats.rejected_reports.fetch_add(rejected as u64, Ordering::Relaxed);
@@ -494,12 +497,34 @@ pub(crate) fn account(inner: &Inner, results: &[(Kind, Value)]) {
                     ));
                 }
             }
-            Kind::Dead { count } => {
+            Kind::Dead { queue, count } => {
                 inner.stats.dead_lettered.fetch_add(*count as u64, Ordering::Relaxed);
+                let dropped: u64 = redis::from_redis_value(result.clone()).unwrap_or(0);
+                dropped_dead_letters(inner, queue, dropped);
             }
             Kind::Report { .. } | Kind::Fetch { .. } | Kind::GiveBack | Kind::Head | Kind::Wait => {}
         }
     }
+}
+
+/// Counts dead letters a script dropped (`dropped`, oldest first) to keep the dead-letter
+/// list of queue `prefix` within its bounds, with an event.
+pub(crate) fn dropped_dead_letters(inner: &Inner, prefix: &str, dropped: u64) {
+    if dropped == 0 {
+        return;
+    }
+    inner.stats.dead_letters_dropped.fetch_add(dropped, Ordering::Relaxed);
+    let options = &inner.options;
+    inner.events.emit(Event::new(
+        Origin::Consumer,
+        Level::Warning,
+        EventKind::DeadLettersDropped,
+        format!(
+            "{dropped} dead letter(s) of `{prefix}` dropped, oldest first: a queue keeps at most {} dead letters \
+             (max_dead_letters) in {} bytes (max_dead_letter_bytes; 0: no bound)",
+            options.max_dead_letters, options.max_dead_letter_bytes
+        ),
+    ));
 }
 
 fn error(inner: &Inner, message: String) {

@@ -19,6 +19,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use dingo_core::broker::support;
 use dingo_core::broker::{Ack, Acknowledge, ConsumeSettings, Delivery, Recv, Subscription};
 use dingo_core::event::{Event, EventKind, Level, Origin};
 use dingo_core::id::{FastMap, IdMaker, UuidV7};
@@ -73,7 +74,7 @@ impl Acknowledge for RedisAck {
     }
 
     fn reject(self: Box<Self>, requeue: bool, reason: &str) -> Result<(), BrokerError> {
-        let settle = if requeue { Settle::Requeue } else { Settle::Dead { reason: reason.to_owned() } };
+        let settle = if requeue { Settle::Requeue } else { Settle::Dead { reason: reason.to_owned(), keep: 0 } };
         (*self).settle(settle)
     }
 
@@ -107,11 +108,13 @@ thread_local! {
 /// What a worker thread took, in the order it took it.
 enum Entry {
     Task(Delivery),
-    /// A message that does not decode: settled to the dead letters in its turn.
+    /// A message that does not decode, or is over the size limit: settled to the dead
+    /// letters in its turn (with only its first `keep` bytes, if `keep` > 0).
     Malformed {
         queue: Arc<QueueKeys>,
         consumer: Arc<str>,
         reason: String,
+        keep: usize,
     },
 }
 
@@ -246,8 +249,8 @@ impl RedisSubscription {
                     local.handed_at = Some(now);
                     return Some(delivery);
                 }
-                Entry::Malformed { queue, consumer, reason } => {
-                    local.done.push(Pending { queue, consumer, settle: Settle::Dead { reason } });
+                Entry::Malformed { queue, consumer, reason, keep } => {
+                    local.done.push(Pending { queue, consumer, settle: Settle::Dead { reason, keep } });
                 }
             }
         }
@@ -507,6 +510,9 @@ impl RedisSubscription {
     ) {
         self.inner.stats.fetched.fetch_add(1, Ordering::Relaxed);
         let Value::BulkString(bytes) = item else { return };
+        if bytes.len() > self.inner.options.max_message_size {
+            return self.oversize(local, queue, leased, bytes);
+        }
         // Most tasks of a fetch come from the caller of the one before: its address is
         // shared, not allocated again.
         let known = Known { name: Some(name), address: local.last_caller.as_ref() };
@@ -534,12 +540,62 @@ impl RedisSubscription {
                         queue: queue.clone(),
                         consumer: consumer.clone(),
                         reason,
+                        keep: 0,
                     }),
                     None => {
                         if let Ok(completer) = self.inner.completer() {
                             let _ = completer.push(Op::Dead { queue: queue.clone(), reason, bytes: malformed.bytes });
                         }
                     }
+                }
+            }
+        }
+    }
+
+    /// A fetched message over `max_message_size`, not decoded: to the dead letters with its
+    /// first bytes only (cut on the server for a leased one, here for an at-most-once one),
+    /// an event, and a failure to its caller if those bytes name it.
+    fn oversize(&self, local: &mut Local, queue: &Arc<QueueKeys>, leased: Option<&Arc<str>>, mut bytes: Vec<u8>) {
+        let inner = &self.inner;
+        inner.stats.oversize.fetch_add(1, Ordering::Relaxed);
+        let oversize = support::oversize_task(&bytes, bytes.len(), inner.options.max_message_size);
+        bytes.truncate(oversize.kept);
+        bytes.shrink_to_fit();
+        let mut event = Event::new(
+            Origin::Consumer,
+            Level::Error,
+            EventKind::TooLarge,
+            format!("{}; moved to the dead letters of `{}`", oversize.reason, queue.prefix),
+        );
+        if let Some(key) = &oversize.call {
+            event = event.with_task(key.clone());
+            if let (Some(caller), Ok(completer)) = (&oversize.reply_to, inner.completer()) {
+                let report = ReportMessage {
+                    name: key.name.clone(),
+                    id: key.id.clone(),
+                    body: ReportBody::Failure(oversize.failure()),
+                };
+                if let Ok(report) = wire::encode_report(&report) {
+                    let _ = completer.push(Op::Report {
+                        queue: queue.clone(),
+                        caller: caller.clone(),
+                        bytes: report,
+                        then: None,
+                    });
+                }
+            }
+        }
+        inner.events.emit(event);
+        match leased {
+            Some(consumer) => local.buffer.push_back(Entry::Malformed {
+                queue: queue.clone(),
+                consumer: consumer.clone(),
+                reason: oversize.reason,
+                keep: oversize.kept,
+            }),
+            None => {
+                if let Ok(completer) = inner.completer() {
+                    let _ = completer.push(Op::Dead { queue: queue.clone(), reason: oversize.reason, bytes });
                 }
             }
         }
@@ -598,8 +654,8 @@ impl RedisSubscription {
                         }
                     }
                 },
-                Entry::Malformed { queue, consumer, reason } => {
-                    local.done.push(Pending { queue, consumer, settle: Settle::DeadNewest { reason } });
+                Entry::Malformed { queue, consumer, reason, keep } => {
+                    local.done.push(Pending { queue, consumer, settle: Settle::DeadNewest { reason, keep } });
                 }
             }
         }

@@ -134,6 +134,7 @@ fn reap(inner: &Arc<Inner>, conn: &mut crate::conn::Conn, stop: &AtomicBool) {
                 .key(q.pending.clone())
                 .key(q.wake.clone())
                 .key(q.dead.clone())
+                .key(q.dead_bytes.clone())
                 .arg("100")
                 .arg(REDELIVERED_MARK.to_vec())
                 .arg(inner.options.max_redeliveries.to_string())
@@ -141,14 +142,16 @@ fn reap(inner: &Arc<Inner>, conn: &mut crate::conn::Conn, stop: &AtomicBool) {
                 .arg(reason.clone())
                 .arg(q.processing.clone())
                 .arg(HEAD.to_string())
+                .arg(inner.options.max_dead_letter_bytes.to_string())
         })
         .collect();
     let Some(Ok(results)) = conn.retry(stop, &mut |c| scripts::run_batch(c, &calls)) else {
         return;
     };
     for (queue, result) in queues.iter().zip(results) {
-        let (requeued, dead, heads): (u64, u64, Vec<Vec<u8>>) =
-            redis::from_redis_value(result).unwrap_or((0, 0, Vec::new()));
+        let (requeued, dead, heads, dropped): (u64, u64, Vec<Vec<u8>>, u64) =
+            redis::from_redis_value(result).unwrap_or((0, 0, Vec::new(), 0));
+        super::completer::dropped_dead_letters(inner, &queue.prefix, dropped);
         if requeued > 0 {
             inner.stats.requeued_expired.fetch_add(requeued, Ordering::Relaxed);
             inner.events.emit(Event::new(

@@ -9,6 +9,7 @@
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 
+use dingo_core::broker::support;
 use dingo_core::event::{Event, EventKind, Level, Origin};
 use dingo_core::message::wire::{self, Known};
 use dingo_core::{BrokerError, TaskName};
@@ -188,6 +189,11 @@ impl Listen {
     /// Routes the reports of one list element (a batch of them, back to back).
     fn route(&self, reply: &Reply, bytes: Vec<u8>) {
         let known = Known { name: Some(&reply.task), address: None };
+        if bytes.len() > self.inner.options.max_message_size {
+            // One element holds a run of reports, each within the limit when written: only
+            // an element over it needs each report's length checked before it is decoded.
+            return self.route_checked(reply, &bytes, &known);
+        }
         wire::decode_reports_from(bytes, &known, |report| match report {
             Ok(report) => {
                 self.inner.router.route(report);
@@ -198,6 +204,53 @@ impl Listen {
                 format!("an undecodable report in `{}` was dropped: {}", reply.list, dingo_core::error::chain(&e)),
             ),
         });
+    }
+
+    /// Routes the reports of an element over the size limit one by one, each checked
+    /// before it is decoded: one over the limit is dropped unread (a final one whose call
+    /// its first bytes name becomes an `Encode` failure of that call).
+    fn route_checked(&self, reply: &Reply, bytes: &[u8], known: &Known<'_>) {
+        let limit = self.inner.options.max_message_size;
+        let mut at = 0;
+        while at < bytes.len() {
+            let rest = &bytes[at..];
+            let len = match wire::report_len(rest) {
+                Ok(len) => len,
+                // Where the next report starts is unknown: the element ends here.
+                Err(e) => {
+                    let message = format!(
+                        "an undecodable report in `{}` was dropped: {}",
+                        reply.list,
+                        dingo_core::error::chain(&e)
+                    );
+                    return self.event(Level::Error, EventKind::MalformedMessage, message);
+                }
+            };
+            if len > limit {
+                self.inner.stats.oversize.fetch_add(1, Ordering::Relaxed);
+                let oversize = support::oversize_report(rest, len, limit, &reply.list);
+                self.event(Level::Error, EventKind::TooLarge, oversize.message);
+                if let Some(failure) = oversize.failure {
+                    self.inner.router.route(failure);
+                }
+            } else {
+                match wire::decode_report_from(rest[..len].to_vec(), known) {
+                    Ok(report) => {
+                        self.inner.router.route(report);
+                    }
+                    Err(e) => self.event(
+                        Level::Error,
+                        EventKind::MalformedMessage,
+                        format!(
+                            "an undecodable report in `{}` was dropped: {}",
+                            reply.list,
+                            dingo_core::error::chain(&e)
+                        ),
+                    ),
+                }
+            }
+            at += len;
+        }
     }
 
     fn event(&self, level: Level, kind: EventKind, message: String) {

@@ -54,6 +54,11 @@ pub struct ConnectionTuning {
     /// See the discussion on [connection tuning](struct.Connection.html#tuning) for more
     /// information.
     pub buffered_writes_low_water: usize,
+
+    /// (dingo) Message bodies longer than the first value are kept to their first bytes (the
+    /// second value) as they arrive, the rest read and dropped; `None` keeps every body whole.
+    /// Set with [`truncate_bodies_over`](#method.truncate_bodies_over).
+    pub(crate) truncate_bodies: Option<(usize, usize)>,
 }
 
 impl Default for ConnectionTuning {
@@ -63,11 +68,24 @@ impl Default for ConnectionTuning {
             mem_channel_bound: 16,
             buffered_writes_high_water: 16 << 20,
             buffered_writes_low_water: 0,
+            truncate_bodies: None,
         }
     }
 }
 
 impl ConnectionTuning {
+    /// (dingo) Keep only the first `kept` bytes of a message body (of a delivery, a `get` or
+    /// a return) longer than `limit` bytes: the I/O thread reads the rest from the socket
+    /// and drops it, so an oversized message costs no more memory than `kept` bytes and a
+    /// frame. [`Delivery::body_size`](struct.Delivery.html#structfield.body_size) keeps the
+    /// length the server announced.
+    pub fn truncate_bodies_over(self, limit: usize, kept: usize) -> Self {
+        ConnectionTuning {
+            truncate_bodies: Some((limit, kept.min(limit))),
+            ..self
+        }
+    }
+
     /// Set the [channel memory bound](#structfield.mem_channel_bound).
     pub fn mem_channel_bound(self, mem_channel_bound: usize) -> Self {
         ConnectionTuning {

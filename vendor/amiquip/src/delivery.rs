@@ -20,6 +20,11 @@ pub struct Delivery {
     /// The content body containing the message.
     pub body: Vec<u8>,
 
+    /// (dingo) The body's length as the server announced it: longer than `body` when the
+    /// connection keeps only the first bytes of large bodies
+    /// ([`ConnectionTuning::truncate_bodies_over`](struct.ConnectionTuning.html#method.truncate_bodies_over)).
+    pub body_size: u64,
+
     /// Properties associated with the message.
     pub properties: AmqpProperties,
 }
@@ -29,6 +34,7 @@ impl Delivery {
         channel_id: u16,
         deliver: Deliver,
         body: Vec<u8>,
+        body_size: u64,
         properties: AmqpProperties,
     ) -> (String, Delivery) {
         (
@@ -40,6 +46,7 @@ impl Delivery {
                 exchange: deliver.exchange,
                 routing_key: deliver.routing_key,
                 body,
+                body_size,
                 properties,
             },
         )
@@ -49,6 +56,7 @@ impl Delivery {
         channel_id: u16,
         get_ok: GetOk,
         body: Vec<u8>,
+        body_size: u64,
         properties: AmqpProperties,
     ) -> Delivery {
         Delivery {
@@ -58,6 +66,7 @@ impl Delivery {
             exchange: get_ok.exchange,
             routing_key: get_ok.routing_key,
             body,
+            body_size,
             properties,
         }
     }

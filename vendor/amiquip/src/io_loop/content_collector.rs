@@ -9,6 +9,8 @@ use std::cmp::Ordering;
 pub(super) struct ContentCollector {
     channel_id: u16,
     kind: Option<Kind>,
+    // (dingo) Bodies longer than `.0` keep their first `.1` bytes.
+    truncate_bodies: Option<(usize, usize)>,
 }
 
 pub(super) enum CollectorResult {
@@ -18,10 +20,11 @@ pub(super) enum CollectorResult {
 }
 
 impl ContentCollector {
-    pub(super) fn new(channel_id: u16) -> ContentCollector {
+    pub(super) fn new(channel_id: u16, truncate_bodies: Option<(usize, usize)>) -> ContentCollector {
         ContentCollector {
             channel_id,
             kind: None,
+            truncate_bodies,
         }
     }
 
@@ -60,7 +63,7 @@ impl ContentCollector {
         header: AMQPContentHeader,
     ) -> Result<Option<CollectorResult>> {
         match self.kind.take() {
-            Some(Kind::Delivery(state)) => match state.collect_header(self.channel_id, header)? {
+            Some(Kind::Delivery(state)) => match state.collect_header(self.channel_id, header, self.truncate_bodies)? {
                 Content::Done((tag, delivery)) => {
                     self.kind = None;
                     Ok(Some(CollectorResult::Delivery((tag, delivery))))
@@ -70,7 +73,7 @@ impl ContentCollector {
                     Ok(None)
                 }
             },
-            Some(Kind::Return(state)) => match state.collect_header(self.channel_id, header)? {
+            Some(Kind::Return(state)) => match state.collect_header(self.channel_id, header, self.truncate_bodies)? {
                 Content::Done(return_) => {
                     self.kind = None;
                     Ok(Some(CollectorResult::Return(return_)))
@@ -80,7 +83,7 @@ impl ContentCollector {
                     Ok(None)
                 }
             },
-            Some(Kind::Get(state)) => match state.collect_header(self.channel_id, header)? {
+            Some(Kind::Get(state)) => match state.collect_header(self.channel_id, header, self.truncate_bodies)? {
                 Content::Done(get) => {
                     self.kind = None;
                     Ok(Some(CollectorResult::Get(get)))
@@ -145,6 +148,7 @@ trait ContentType {
         channel_id: u16,
         start: Self::Start,
         buf: Vec<u8>,
+        body_size: u64,
         properties: AmqpProperties,
     ) -> Self::Finish;
 }
@@ -157,9 +161,10 @@ impl ContentType for Delivery {
         channel_id: u16,
         start: Self::Start,
         buf: Vec<u8>,
+        body_size: u64,
         properties: AmqpProperties,
     ) -> Self::Finish {
-        Delivery::new(channel_id, start, buf, properties)
+        Delivery::new(channel_id, start, buf, body_size, properties)
     }
 }
 
@@ -171,6 +176,7 @@ impl ContentType for Return {
         _channel_id: u16,
         start: Self::Start,
         buf: Vec<u8>,
+        _body_size: u64,
         properties: AmqpProperties,
     ) -> Self::Finish {
         Return::new(start, buf, properties)
@@ -185,10 +191,11 @@ impl ContentType for Get {
         channel_id: u16,
         get_ok: AmqpGetOk,
         buf: Vec<u8>,
+        body_size: u64,
         properties: AmqpProperties,
     ) -> Self::Finish {
         let message_count = get_ok.message_count;
-        let delivery = Delivery::new_get_ok(channel_id, get_ok, buf, properties);
+        let delivery = Delivery::new_get_ok(channel_id, get_ok, buf, body_size, properties);
         Get {
             delivery,
             message_count,
@@ -206,11 +213,23 @@ enum Content<T: ContentType> {
 #[allow(clippy::large_enum_variant)]
 enum State<T: ContentType> {
     Start(T::Start),
-    Body(T::Start, AMQPContentHeader, Vec<u8>),
+    // (dingo) The body so far (at most `keep` bytes of it) and how many bytes came.
+    Body {
+        start: T::Start,
+        header: AMQPContentHeader,
+        buf: Vec<u8>,
+        received: u64,
+        keep: usize,
+    },
 }
 
 impl<T: ContentType> State<T> {
-    fn collect_header(self, channel_id: u16, header: AMQPContentHeader) -> Result<Content<T>> {
+    fn collect_header(
+        self,
+        channel_id: u16,
+        header: AMQPContentHeader,
+        truncate_bodies: Option<(usize, usize)>,
+    ) -> Result<Content<T>> {
         match self {
             State::Start(start) => {
                 if header.body_size == 0 {
@@ -218,37 +237,60 @@ impl<T: ContentType> State<T> {
                         channel_id,
                         start,
                         Vec::new(),
+                        0,
                         header.properties,
                     )))
                 } else {
-                    let buf = Vec::with_capacity(header.body_size as usize);
-                    Ok(Content::NeedMore(State::Body(start, header, buf)))
+                    let keep = match truncate_bodies {
+                        Some((limit, kept)) if header.body_size > limit as u64 => kept,
+                        _ => usize::MAX,
+                    };
+                    let capacity = header.body_size.min(keep as u64) as usize;
+                    let buf = Vec::with_capacity(capacity);
+                    Ok(Content::NeedMore(State::Body {
+                        start,
+                        header,
+                        buf,
+                        received: 0,
+                        keep,
+                    }))
                 }
             }
-            State::Body(_, _, _) => FrameUnexpectedSnafu.fail(),
+            State::Body { .. } => FrameUnexpectedSnafu.fail(),
         }
     }
 
     fn collect_body(self, channel_id: u16, mut body: Vec<u8>) -> Result<Content<T>> {
         match self {
-            State::Body(start, header, mut buf) => {
-                let body_size = header.body_size as usize;
+            State::Body {
+                start,
+                header,
+                mut buf,
+                received,
+                keep,
+            } => {
+                let received = received + body.len() as u64;
+                let room = keep.saturating_sub(buf.len());
+                if body.len() > room {
+                    body.truncate(room);
+                }
                 buf.append(&mut body);
-                match buf.len().cmp(&body_size) {
-                    Ordering::Equal => {
-                        Ok(Content::Done(T::new(
-                            channel_id,
-                            start,
-                            buf,
-                            header.properties,
-                        )))
-                    },
-                    Ordering::Less => {
-                        Ok(Content::NeedMore(State::Body(start, header, buf)))
-                    }
-                    _ => {
-                        FrameUnexpectedSnafu.fail()
-                    }
+                match received.cmp(&header.body_size) {
+                    Ordering::Equal => Ok(Content::Done(T::new(
+                        channel_id,
+                        start,
+                        buf,
+                        header.body_size,
+                        header.properties,
+                    ))),
+                    Ordering::Less => Ok(Content::NeedMore(State::Body {
+                        start,
+                        header,
+                        buf,
+                        received,
+                        keep,
+                    })),
+                    _ => FrameUnexpectedSnafu.fail(),
                 }
             }
             State::Start(_) => FrameUnexpectedSnafu.fail(),

@@ -70,7 +70,11 @@ struct ChannelSlot {
 }
 
 impl ChannelSlot {
-    fn new(mio_channel_bound: usize, channel_id: u16) -> (ChannelSlot, IoLoopHandle) {
+    fn new(
+        mio_channel_bound: usize,
+        channel_id: u16,
+        truncate_bodies: Option<(usize, usize)>,
+    ) -> (ChannelSlot, IoLoopHandle) {
         let (mio_tx, mio_rx) = mio_sync_channel(mio_channel_bound);
 
         // Bound of 2 is intentional here. The normal case for this channel is that it
@@ -87,7 +91,7 @@ impl ChannelSlot {
         let channel_slot = ChannelSlot {
             rx: mio_rx,
             tx,
-            collector: ContentCollector::new(channel_id),
+            collector: ContentCollector::new(channel_id, truncate_bodies),
             consumers: HashMap::new(),
             return_handler: None,
             pub_confirm_handler: None,
@@ -109,7 +113,8 @@ struct Channel0Slot {
 
 impl Channel0Slot {
     fn new(mio_channel_bound: usize) -> (Channel0Slot, IoLoopHandle0) {
-        let (common_slot, common_handle) = ChannelSlot::new(mio_channel_bound, 0);
+        // Channel 0 carries no content.
+        let (common_slot, common_handle) = ChannelSlot::new(mio_channel_bound, 0, None);
         let (alloc_chan_req_tx, alloc_chan_req_rx) = mio_sync_channel(1);
         let (set_blocked_tx, set_blocked_rx) = mio_sync_channel(1);
         let (alloc_chan_rep_tx, alloc_chan_rep_rx) = crossbeam_channel::bounded(1);
@@ -160,7 +165,7 @@ impl IoLoop {
         Ok(IoLoop {
             poll,
             frame_buffer: FrameBuffer::new(),
-            inner: Inner::new(heartbeats, tuning.mem_channel_bound),
+            inner: Inner::new(heartbeats, tuning.mem_channel_bound, tuning.truncate_bodies),
             buffered_writes_high_water: tuning.buffered_writes_high_water,
             buffered_writes_low_water: tuning.buffered_writes_low_water,
             connection_timeout: None,
@@ -632,17 +637,25 @@ struct Inner {
     // the I/O thread are unbounded to prevent blocking the I/O thread on slow receviers.)
     mio_channel_bound: usize,
 
+    // (dingo) See `ConnectionTuning::truncate_bodies_over`.
+    truncate_bodies: Option<(usize, usize)>,
+
     // If true, non-0 channels are registered with mio. (Channel 0 is always registered.)
     channels_are_registered: bool,
 }
 
 impl Inner {
-    fn new(heartbeats: HeartbeatTimers, mio_channel_bound: usize) -> Self {
+    fn new(
+        heartbeats: HeartbeatTimers,
+        mio_channel_bound: usize,
+        truncate_bodies: Option<(usize, usize)>,
+    ) -> Self {
         Inner {
             outbuf: SealableOutputBuffer::new(OutputBuffer::with_protocol_header()),
             heartbeats,
             chan_slots: ChannelSlots::new(),
             mio_channel_bound,
+            truncate_bodies,
             channels_are_registered: true,
         }
     }
@@ -801,9 +814,11 @@ impl Inner {
             };
 
             let mio_channel_bound = self.mio_channel_bound;
+            let truncate_bodies = self.truncate_bodies;
             let channels_are_registered = self.channels_are_registered;
             let result = self.chan_slots.insert(new_channel_id, |new_channel_id| {
-                let (slot, handle) = ChannelSlot::new(mio_channel_bound, new_channel_id);
+                let (slot, handle) =
+                    ChannelSlot::new(mio_channel_bound, new_channel_id, truncate_bodies);
                 poll.register(
                     &slot.rx,
                     Token(new_channel_id as usize),
