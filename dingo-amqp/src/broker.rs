@@ -18,15 +18,15 @@ mod subscription;
 use std::collections::HashSet;
 use std::fmt;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard};
-use std::thread::JoinHandle;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use amiquip::{AmqpValue, Channel, QueueDeleteOptions};
-use crossbeam_channel::{Receiver, Sender};
+use dingo_core::broker::kit::{Lazy, Lifecycle, Shutdown, ShutdownOnDrop};
+pub(crate) use dingo_core::broker::kit::{Stop, Thread, lock};
 use dingo_core::broker::router::{ReportRouter, UnclaimedLimit};
-use dingo_core::broker::support::{Lazy, check_size, redact_url, reply_address};
-use dingo_core::broker::{Ack, ConsumeSettings, Consumer, Producer, Reporter, Store, Subscription, Users};
+use dingo_core::broker::support::{check_size, redact_url, reply_address};
+use dingo_core::broker::{Ack, ConsumeSettings, Consumer, Producer, Reporter, Store, Subscription};
 use dingo_core::event::{EventSink, EventSinks};
 use dingo_core::id::UuidV7;
 use dingo_core::message::{ReplySink, ReplyTo, ReportBody, ReportMessage, TaskMessage, wire};
@@ -39,6 +39,9 @@ use crate::topology::{self, Names};
 use listener::Listener;
 use publisher::{Outgoing, Publisher, Sent, Then};
 
+/// What errors call the broker.
+pub(crate) const NAME: &str = "the RabbitMQ broker";
+
 /// The RabbitMQ broker: task transport and report transport, usable for either role alone.
 ///
 /// Cheap to clone; clones share the connection and threads. Apps that use it release it on
@@ -49,15 +52,7 @@ pub struct AmqpBroker {
     pub(crate) inner: Arc<Inner>,
     /// Shared by the clones: when the last goes, the broker shuts down (its threads hold
     /// `inner`, not this).
-    _last: Arc<ShutdownOnDrop>,
-}
-
-struct ShutdownOnDrop(Arc<Inner>);
-
-impl Drop for ShutdownOnDrop {
-    fn drop(&mut self) {
-        self.0.shutdown();
-    }
+    _last: Arc<ShutdownOnDrop<Inner>>,
 }
 
 /// Counters of what happened, for monitoring and tests.
@@ -103,8 +98,7 @@ pub(crate) struct Inner {
     /// Tasks whose queues are known to exist.
     known: Mutex<HashSet<String>>,
     control: Mutex<Option<Opened>>,
-    closed: AtomicBool,
-    users: Users,
+    life: Lifecycle,
     publisher: Lazy<Publisher>,
     listener: Lazy<Listener>,
 }
@@ -154,13 +148,12 @@ impl AmqpBroker {
             stats: Stats::default(),
             known: Mutex::new(HashSet::new()),
             control: Mutex::new(None),
-            closed: AtomicBool::new(false),
-            users: Users::default(),
+            life: Lifecycle::new(NAME),
             publisher: Lazy::new(),
             listener: Lazy::new(),
             options,
         });
-        Ok(AmqpBroker { _last: Arc::new(ShutdownOnDrop(inner.clone())), inner })
+        Ok(AmqpBroker { _last: ShutdownOnDrop::new(inner.clone()), inner })
     }
 
     /// The options in use.
@@ -200,7 +193,7 @@ impl AmqpBroker {
             let mut letters = Vec::new();
             while let Some(get) = channel.basic_get(queue.clone(), false)? {
                 let reason = dead_letter_reason(&get.delivery.properties);
-                letters.push(DeadLetter { queue: name.clone(), reason, bytes: get.delivery.body });
+                letters.push(DeadLetter::new(name.clone(), reason, get.delivery.body));
             }
             // Unacknowledged: they go back when the channel recovers them.
             channel.recover(true)?;
@@ -277,12 +270,12 @@ impl AmqpBroker {
     }
 
     fn attach_events(&self, events: &EventSink) {
-        self.inner.users.attach();
+        self.inner.life.attach();
         self.inner.events.add(events);
     }
 
     fn detach(&self) {
-        if self.inner.users.detach() {
+        if self.inner.life.detach() {
             self.inner.shutdown();
         }
     }
@@ -293,7 +286,7 @@ impl fmt::Debug for AmqpBroker {
         f.debug_struct("AmqpBroker")
             .field("namespace", &self.inner.options.namespace)
             .field("reply_queue", &self.inner.reply_queue)
-            .field("closed", &self.inner.closed.load(Ordering::Relaxed))
+            .field("closed", &self.inner.life.is_closed())
             .finish_non_exhaustive()
     }
 }
@@ -319,10 +312,6 @@ fn dead_letter_reason(properties: &amiquip::AmqpProperties) -> String {
 }
 
 impl Inner {
-    pub(crate) fn is_closed(&self) -> bool {
-        self.closed.load(Ordering::SeqCst)
-    }
-
     /// Runs `f` on the control channel; a channel the server closed (say, a passive
     /// declaration of a missing queue) is replaced, and a broken connection is reconnected
     /// and `f` tried once more.
@@ -403,9 +392,11 @@ impl Inner {
     pub(crate) fn publisher(self: &Arc<Inner>) -> Result<&Publisher, BrokerError> {
         self.publisher.get_or_start(|| Publisher::start(self.clone()))
     }
+}
 
+impl Shutdown for Inner {
     fn shutdown(&self) {
-        if self.closed.swap(true, Ordering::SeqCst) {
+        if !self.life.close() {
             return;
         }
         // Queued messages are published and confirmed before the threads stop.
@@ -432,9 +423,7 @@ impl Producer for AmqpBroker {
 
     fn send(&self, message: TaskMessage, timeout: Option<Duration>) -> Result<(), BrokerError> {
         let inner = &self.inner;
-        if inner.is_closed() {
-            return Err(closed());
-        }
+        inner.life.check_open()?;
         if !inner.is_declared(message.name.as_str())? {
             return Err(BrokerError::new(
                 BrokerErrorKind::Unroutable,
@@ -479,9 +468,7 @@ impl Consumer for AmqpBroker {
     }
 
     fn consume(&self, tasks: &[TaskName], settings: &ConsumeSettings) -> Result<Box<dyn Subscription>, BrokerError> {
-        if self.inner.is_closed() {
-            return Err(closed());
-        }
+        self.inner.life.check_open()?;
         if tasks.is_empty() {
             return Err(BrokerError::new(BrokerErrorKind::Config, "a subscription needs at least one task"));
         }
@@ -535,9 +522,7 @@ impl Inner {
         ack: Option<Ack>,
         once: bool,
     ) -> Result<(), BrokerError> {
-        if self.is_closed() {
-            return Err(closed());
-        }
+        self.life.check_open()?;
         // AMQP short strings (routing key, correlation id) hold 255 bytes; a longer one would
         // corrupt the frame and cost the whole connection.
         for (what, text) in [("reply queue", &**queue), ("task id", report.id.as_str())] {
@@ -587,9 +572,7 @@ impl Store for AmqpBroker {
 
     fn watch(&self, key: &CallKey, sink: ReplySink) -> Result<ReplyTo, BrokerError> {
         let inner = &self.inner;
-        if inner.is_closed() {
-            return Err(closed());
-        }
+        inner.life.check_open()?;
         inner.listener.get_or_start(|| Listener::start(inner.clone()))?;
         inner.router.watch(key, sink);
         Ok(ReplyTo::Address(inner.reply_queue.clone()))
@@ -613,57 +596,4 @@ impl Store for AmqpBroker {
 fn is_not_found(error: &BrokerError) -> bool {
     let source = std::error::Error::source(error).and_then(|s| s.downcast_ref::<amiquip::Error>());
     matches!(source, Some(amiquip::Error::ServerClosedChannel { code: 404, .. }))
-}
-
-pub(crate) fn closed() -> BrokerError {
-    BrokerError::new(BrokerErrorKind::Closed, "the RabbitMQ broker is shut down")
-}
-
-/// A thread with a way to be told to stop and an owner that joins it.
-pub(crate) struct Thread {
-    stop: Arc<AtomicBool>,
-    /// Dropped on stop: wakes the thread where it selects on [`Stop::signal`].
-    signal: Mutex<Option<Sender<()>>>,
-    handle: Mutex<Option<JoinHandle<()>>>,
-}
-
-/// What a [`Thread`] is told to stop by: a flag, and a channel that disconnects.
-pub(crate) struct Stop {
-    pub(crate) flag: Arc<AtomicBool>,
-    pub(crate) signal: Receiver<()>,
-}
-
-impl Stop {
-    pub(crate) fn is_set(&self) -> bool {
-        self.flag.load(Ordering::Acquire)
-    }
-}
-
-impl Thread {
-    pub(crate) fn spawn(name: &str, run: impl FnOnce(Stop) + Send + 'static) -> Result<Thread, BrokerError> {
-        let flag = Arc::new(AtomicBool::new(false));
-        let (signal, receiver) = crossbeam_channel::bounded(0);
-        let stop = Stop { flag: flag.clone(), signal: receiver };
-        let handle = std::thread::Builder::new()
-            .name(name.to_owned())
-            .spawn(move || run(stop))
-            .map_err(|e| BrokerError::with_source(BrokerErrorKind::Other, "cannot start an AMQP thread", e))?;
-        Ok(Thread { stop: flag, signal: Mutex::new(Some(signal)), handle: Mutex::new(Some(handle)) })
-    }
-
-    /// Tells the thread to stop and waits for it (never for the calling thread itself).
-    pub(crate) fn stop_and_join(&self) {
-        self.stop.store(true, Ordering::SeqCst);
-        drop(lock(&self.signal).take());
-        if let Some(handle) = lock(&self.handle).take()
-            && handle.thread().id() != std::thread::current().id()
-        {
-            let _ = handle.join();
-        }
-    }
-}
-
-// The guarded data stays consistent if a holder panics (single inserts and removals).
-pub(crate) fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
-    mutex.lock().unwrap_or_else(|e| e.into_inner())
 }

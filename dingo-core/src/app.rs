@@ -12,6 +12,7 @@ use std::time::Duration;
 use serde::Serialize;
 use serde::de::DeserializeOwned;
 
+use crate::broker::kit::lock;
 use crate::broker::{ConsumeSettings, Consumer, Producer, Reporter, Store};
 use crate::codec::{CodecId, Codecs, Encoded};
 use crate::context::Context;
@@ -517,9 +518,4 @@ fn static_name(name: String) -> TaskName {
 fn short_label(name: &str) -> String {
     let short = name.rsplit("::").next().unwrap_or(name);
     short.chars().take(24).collect()
-}
-
-// A panicking holder cannot leave the pool list inconsistent (push / take only).
-fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    mutex.lock().unwrap_or_else(|e| e.into_inner())
 }

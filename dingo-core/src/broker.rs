@@ -26,6 +26,7 @@
 //!
 //! The built-in [`local`] broker plays all four roles in process.
 
+pub mod kit;
 pub mod local;
 pub mod router;
 pub mod support;
@@ -33,7 +34,6 @@ pub mod tls;
 
 use std::any::Any;
 use std::fmt;
-use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
 use crate::error::BrokerError;
@@ -269,23 +269,28 @@ pub trait Store: Send + Sync + 'static {
     fn close(&self) {}
 }
 
-/// How many apps use a broker, for broker implementations: a broker that several apps share
-/// shuts down when the last of them closes (see [`Store::close`]).
-#[derive(Debug, Default)]
-pub struct Users {
-    count: AtomicUsize,
+/// A message a broker could not deliver, kept for inspection in its dead letters.
+///
+/// ```
+/// use dingo_core::{DeadLetter, TaskName};
+///
+/// let letter = DeadLetter::new(TaskName::from("add"), "undecodable message", vec![0xc1]);
+/// assert_eq!(letter.queue.as_str(), "add");
+/// ```
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct DeadLetter {
+    /// The queue it was taken from (its task's name).
+    pub queue: TaskName,
+    /// Why it was dead-lettered.
+    pub reason: String,
+    /// The message as it was queued (its first bytes only, for one over the size limit).
+    pub bytes: Vec<u8>,
 }
 
-impl Users {
-    /// An app attached the broker.
-    pub fn attach(&self) {
-        self.count.fetch_add(1, Ordering::AcqRel);
-    }
-
-    /// An app let the broker go; `true` when it was the last one (time to shut down).
-    pub fn detach(&self) -> bool {
-        let previous =
-            self.count.fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| Some(n.saturating_sub(1))).unwrap_or(0);
-        previous <= 1
+impl DeadLetter {
+    /// A dead letter of `queue`.
+    pub fn new(queue: TaskName, reason: impl Into<String>, bytes: Vec<u8>) -> DeadLetter {
+        DeadLetter { queue, reason: reason.into(), bytes }
     }
 }

@@ -40,7 +40,8 @@ mod worker;
 pub mod __private;
 
 pub use app::{App, AppBuilder};
-pub use broker::local::{DeadLetter, LocalBroker, LocalOptions};
+pub use broker::DeadLetter;
+pub use broker::local::{LocalBroker, LocalOptions};
 pub use codec::{Codec, CodecError, Encoded};
 pub use context::Context;
 pub use error::{BrokerError, BrokerErrorKind, Error, Role, TaskError, TaskErrorKind};

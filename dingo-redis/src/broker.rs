@@ -18,15 +18,16 @@ mod writer;
 
 use std::collections::{HashMap, HashSet};
 use std::fmt;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard};
-use std::thread::JoinHandle;
+use std::sync::atomic::AtomicU64;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use arc_swap::ArcSwap;
+use dingo_core::broker::kit::{Lazy, Lifecycle, Shutdown, ShutdownOnDrop};
+pub(crate) use dingo_core::broker::kit::{Thread, lock};
 use dingo_core::broker::router::{ReportRouter, UnclaimedLimit};
-use dingo_core::broker::support::{Lazy, check_size, connect_retrying, redact_url, reply_address};
-use dingo_core::broker::{Ack, ConsumeSettings, Consumer, Producer, Reporter, Store, Subscription, Users};
+use dingo_core::broker::support::{check_size, connect_retrying, redact_url, reply_address};
+use dingo_core::broker::{Ack, ConsumeSettings, Consumer, Producer, Reporter, Store, Subscription};
 use dingo_core::event::{EventSink, EventSinks, Origin};
 use dingo_core::id::{FastMap, UuidV7};
 use dingo_core::message::{ReplySink, ReplyTo, ReportMessage, TaskMessage, wire};
@@ -55,15 +56,7 @@ pub struct RedisBroker {
     pub(crate) inner: Arc<Inner>,
     /// Shared by the clones: when the last goes, the broker shuts down (its threads hold
     /// `inner`, not this).
-    _last: Arc<ShutdownOnDrop>,
-}
-
-struct ShutdownOnDrop(Arc<Inner>);
-
-impl Drop for ShutdownOnDrop {
-    fn drop(&mut self) {
-        self.0.shutdown();
-    }
+    _last: Arc<ShutdownOnDrop<Inner>>,
 }
 
 /// Counters of what happened, for monitoring and tests.
@@ -124,8 +117,7 @@ pub(crate) struct Inner {
     queues: ArcSwap<FastMap<TaskName, Arc<QueueKeys>>>,
     known: Mutex<HashSet<String>>,
     misc: Mutex<Conn>,
-    closed: AtomicBool,
-    users: Users,
+    life: Lifecycle,
     writer: Lazy<Writer>,
     completer: Lazy<Completer>,
     flusher: Lazy<Flusher>,
@@ -196,8 +188,7 @@ impl RedisBroker {
             queues: ArcSwap::default(),
             known: Mutex::new(HashSet::new()),
             misc: Mutex::new(misc),
-            closed: AtomicBool::new(false),
-            users: Users::default(),
+            life: Lifecycle::new("the redis broker"),
             writer: Lazy::new(),
             completer: Lazy::new(),
             flusher: Lazy::new(),
@@ -207,7 +198,7 @@ impl RedisBroker {
             consumed: Mutex::new(HashMap::new()),
             options,
         });
-        Ok(RedisBroker { _last: Arc::new(ShutdownOnDrop(inner.clone())), inner })
+        Ok(RedisBroker { _last: ShutdownOnDrop::new(inner.clone()), inner })
     }
 
     /// The options in use.
@@ -300,12 +291,12 @@ impl RedisBroker {
     }
 
     fn attach_events(&self, events: &EventSink) {
-        self.inner.users.attach();
+        self.inner.life.attach();
         self.inner.events.add(events);
     }
 
     fn detach(&self) {
-        if self.inner.users.detach() {
+        if self.inner.life.detach() {
             self.inner.shutdown();
         }
     }
@@ -316,7 +307,7 @@ impl fmt::Debug for RedisBroker {
         f.debug_struct("RedisBroker")
             .field("namespace", &self.inner.options.namespace)
             .field("process", &self.inner.process)
-            .field("closed", &self.inner.closed.load(Ordering::Relaxed))
+            .field("closed", &self.inner.life.is_closed())
             .finish_non_exhaustive()
     }
 }
@@ -350,10 +341,6 @@ impl Inner {
     /// once more on a new connection if the open one was broken (wake-ups, clean-up).
     pub(crate) fn command_now(&self, f: &mut dyn FnMut(&mut redis::Connection) -> redis::RedisResult<()>) {
         let _ = lock(&self.misc).once_more(f);
-    }
-
-    pub(crate) fn is_closed(&self) -> bool {
-        self.closed.load(Ordering::SeqCst)
     }
 
     pub(crate) fn conn(&self, role: &'static str, origin: Origin, blocking: bool) -> Conn {
@@ -402,9 +389,7 @@ impl Inner {
 
     pub(crate) fn flusher(self: &Arc<Inner>) -> Result<&Flusher, BrokerError> {
         // Not started anew by a worker of a broker that shut down (nobody would stop it).
-        if self.is_closed() {
-            return Err(closed());
-        }
+        self.life.check_open()?;
         self.flusher.get_or_start(|| Flusher::start(self.clone()))
     }
 
@@ -446,30 +431,6 @@ impl Inner {
                 .arg(&ttl)
                 .query::<()>(c)
         });
-    }
-
-    fn shutdown(&self) {
-        if self.closed.swap(true, Ordering::SeqCst) {
-            return;
-        }
-        // Queued work is written before the threads stop.
-        if let Some(writer) = self.writer.get() {
-            writer.stop();
-        }
-        if let Some(completer) = self.completer.get() {
-            completer.stop();
-        }
-        if let Some(flusher) = self.flusher.get() {
-            flusher.stop();
-        }
-        if let Some(keeper) = self.keeper.get() {
-            keeper.stop();
-        }
-        if let Some(listener) = self.listener.get() {
-            listener.stop();
-        }
-        self.router.close();
-        self.remove_own_keys();
     }
 
     /// Removes the keys that belong to this broker instance alone, now that none of its
@@ -621,6 +582,32 @@ fn check_version(version: Option<&str>) -> Result<(), BrokerError> {
     Ok(())
 }
 
+impl Shutdown for Inner {
+    fn shutdown(&self) {
+        if !self.life.close() {
+            return;
+        }
+        // Queued work is written before the threads stop.
+        if let Some(writer) = self.writer.get() {
+            writer.stop();
+        }
+        if let Some(completer) = self.completer.get() {
+            completer.stop();
+        }
+        if let Some(flusher) = self.flusher.get() {
+            flusher.stop();
+        }
+        if let Some(keeper) = self.keeper.get() {
+            keeper.stop();
+        }
+        if let Some(listener) = self.listener.get() {
+            listener.stop();
+        }
+        self.router.close();
+        self.remove_own_keys();
+    }
+}
+
 impl Producer for RedisBroker {
     fn attach(&self, events: &EventSink) {
         self.attach_events(events);
@@ -632,9 +619,7 @@ impl Producer for RedisBroker {
 
     fn send(&self, message: TaskMessage, timeout: Option<Duration>) -> Result<(), BrokerError> {
         let inner = &self.inner;
-        if inner.is_closed() {
-            return Err(closed());
-        }
+        inner.life.check_open()?;
         if !inner.is_declared(message.name.as_str())? {
             return Err(BrokerError::new(
                 BrokerErrorKind::Unroutable,
@@ -668,9 +653,7 @@ impl Consumer for RedisBroker {
     }
 
     fn consume(&self, tasks: &[TaskName], settings: &ConsumeSettings) -> Result<Box<dyn Subscription>, BrokerError> {
-        if self.inner.is_closed() {
-            return Err(closed());
-        }
+        self.inner.life.check_open()?;
         if tasks.is_empty() {
             return Err(BrokerError::new(BrokerErrorKind::Config, "a subscription needs at least one task"));
         }
@@ -761,9 +744,7 @@ impl Store for RedisBroker {
 
     fn watch(&self, key: &CallKey, sink: ReplySink) -> Result<ReplyTo, BrokerError> {
         let inner = &self.inner;
-        if inner.is_closed() {
-            return Err(closed());
-        }
+        inner.life.check_open()?;
         let listener = inner.listener.get_or_start(|| Listener::start(inner.clone()))?;
         match inner.queues.load().get(key.name.as_str()) {
             // Borrowed: cloning the shared `Arc` on every call costs a contended counter.
@@ -806,50 +787,6 @@ pub(crate) mod dead_entry {
         let len = u32::from_le_bytes(entry.get(..4)?.try_into().ok()?) as usize;
         let reason = std::str::from_utf8(entry.get(4..4 + len)?).ok()?.to_owned();
         entry.drain(..4 + len);
-        Some(DeadLetter { queue: queue.clone(), reason, bytes: entry })
+        Some(DeadLetter::new(queue.clone(), reason, entry))
     }
-}
-
-fn closed() -> BrokerError {
-    BrokerError::new(BrokerErrorKind::Closed, "the redis broker is shut down")
-}
-
-/// A thread with a stop flag and an owner that joins it.
-pub(crate) struct Thread {
-    stop: Arc<AtomicBool>,
-    handle: Mutex<Option<JoinHandle<()>>>,
-}
-
-impl Thread {
-    pub(crate) fn spawn(name: &str, run: impl FnOnce(Arc<AtomicBool>) + Send + 'static) -> Result<Thread, BrokerError> {
-        let stop = Arc::new(AtomicBool::new(false));
-        let flag = stop.clone();
-        let handle = std::thread::Builder::new()
-            .name(name.to_owned())
-            .spawn(move || run(flag))
-            .map_err(|e| BrokerError::with_source(BrokerErrorKind::Other, "cannot start a redis thread", e))?;
-        Ok(Thread { stop, handle: Mutex::new(Some(handle)) })
-    }
-
-    /// Tells the thread to stop and waits for it (never for the calling thread itself).
-    pub(crate) fn stop_and_join(&self) {
-        self.stop_and_join_with(|| {});
-    }
-
-    /// Like [`stop_and_join`](Thread::stop_and_join), calling `wake` once the flag is set
-    /// (to interrupt a blocking wait).
-    pub(crate) fn stop_and_join_with(&self, wake: impl FnOnce()) {
-        self.stop.store(true, Ordering::SeqCst);
-        wake();
-        if let Some(handle) = lock(&self.handle).take()
-            && handle.thread().id() != std::thread::current().id()
-        {
-            let _ = handle.join();
-        }
-    }
-}
-
-// The guarded data stays consistent if a holder panics (single inserts and removals).
-pub(crate) fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
-    mutex.lock().unwrap_or_else(|e| e.into_inner())
 }

@@ -192,7 +192,7 @@ impl Publisher {
             };
         }
         if state.closed {
-            return Err(super::closed());
+            return Err(dingo_core::broker::kit::closed(super::NAME));
         }
         state.numbers += 1;
         let mut entry = Pending { outgoing, number: state.numbers, returned: None, sent: false, attempts: 0 };

@@ -25,8 +25,11 @@ use std::time::{Duration, Instant};
 use arc_swap::ArcSwap;
 use crossbeam_channel::{Receiver, Select, SendTimeoutError, Sender, TryRecvError, TrySendError};
 
+use crate::broker::kit::{Lifecycle, lock};
 use crate::broker::router::{ReportRouter, Routed, UnclaimedLimit};
-use crate::broker::{Ack, ConsumeSettings, Consumer, Delivery, Producer, Recv, Reporter, Store, Subscription, Users};
+use crate::broker::{
+    Ack, ConsumeSettings, Consumer, DeadLetter, Delivery, Producer, Recv, Reporter, Store, Subscription,
+};
 use crate::error::{BrokerError, BrokerErrorKind, TaskError, TaskErrorKind};
 use crate::event::{Event, EventKind, EventSink, EventSinks, Level, Origin};
 use crate::id::{CallKey, FastMap, TaskName};
@@ -111,17 +114,6 @@ impl LocalOptions {
     }
 }
 
-/// A message that could not be delivered, kept for inspection.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct DeadLetter {
-    /// The queue it was taken from.
-    pub queue: TaskName,
-    /// Why it was dead-lettered.
-    pub reason: String,
-    /// The message as it was queued.
-    pub bytes: Vec<u8>,
-}
-
 /// The embedded in-process broker (see the [module docs](self)).
 #[derive(Clone)]
 pub struct LocalBroker {
@@ -144,8 +136,7 @@ struct Inner {
     address: Arc<str>,
     queues: ArcSwap<FastMap<TaskName, Queue>>,
     declare_lock: Mutex<()>,
-    closed: AtomicBool,
-    users: Users,
+    life: Lifecycle,
     /// Dropped on shutdown, which wakes every subscription.
     shutdown_tx: Mutex<Option<Sender<()>>>,
     shutdown_rx: Receiver<()>,
@@ -179,8 +170,7 @@ impl LocalBroker {
                 options,
                 queues: ArcSwap::from_pointee(FastMap::default()),
                 declare_lock: Mutex::new(()),
-                closed: AtomicBool::new(false),
-                users: Users::default(),
+                life: Lifecycle::new("the local broker"),
                 shutdown_tx: Mutex::new(Some(shutdown_tx)),
                 shutdown_rx,
                 events,
@@ -207,7 +197,7 @@ impl LocalBroker {
             return Err(BrokerError::new(BrokerErrorKind::Config, "push_raw needs a serialized local broker"));
         }
         let queue = self.inner.queue(task)?;
-        queue.tx.send(Item::Bytes(bytes)).map_err(|_| closed())
+        queue.tx.send(Item::Bytes(bytes)).map_err(|_| self.inner.life.closed_error())
     }
 
     /// Takes the oldest message out of the queue of `task`, as bytes (serialized mode only;
@@ -237,12 +227,12 @@ impl LocalBroker {
     }
 
     fn attach_events(&self, events: &EventSink) {
-        self.inner.users.attach();
+        self.inner.life.attach();
         self.inner.events.add(events);
     }
 
     fn detach(&self) {
-        if self.inner.users.detach() {
+        if self.inner.life.detach() {
             self.inner.shutdown();
         }
     }
@@ -260,25 +250,21 @@ impl fmt::Debug for LocalBroker {
             .field("address", &self.inner.address)
             .field("serialized", &self.inner.options.serialized)
             .field("queues", &self.inner.queues.load().len())
-            .field("closed", &self.inner.closed.load(Ordering::Relaxed))
+            .field("closed", &self.inner.life.is_closed())
             .finish()
     }
 }
 
 impl Inner {
     fn queue(&self, task: &str) -> Result<Queue, BrokerError> {
-        if self.closed.load(Ordering::Acquire) {
-            return Err(closed());
-        }
+        self.life.check_open()?;
         self.queues.load().get(task).cloned().ok_or_else(|| {
             BrokerError::new(BrokerErrorKind::Unroutable, format!("no queue is declared for task `{task}`"))
         })
     }
 
     fn declare(&self, task: &TaskName) -> Result<(), BrokerError> {
-        if self.closed.load(Ordering::Acquire) {
-            return Err(closed());
-        }
+        self.life.check_open()?;
         if self.queues.load().contains_key(task.as_str()) {
             return Ok(());
         }
@@ -296,7 +282,7 @@ impl Inner {
     fn shutdown(&self) {
         // SeqCst pairs with the load after enqueueing in `send`: either the sender sees the
         // flag and drains, or this drain sees the message.
-        if self.closed.swap(true, Ordering::SeqCst) {
+        if !self.life.close() {
             return;
         }
         lock(&self.shutdown_tx).take();
@@ -415,10 +401,6 @@ impl Inner {
     }
 }
 
-fn closed() -> BrokerError {
-    BrokerError::new(BrokerErrorKind::Closed, "the local broker is shut down")
-}
-
 impl Producer for LocalBroker {
     fn attach(&self, events: &EventSink) {
         self.attach_events(events);
@@ -430,9 +412,7 @@ impl Producer for LocalBroker {
 
     fn send(&self, message: TaskMessage, timeout: Option<Duration>) -> Result<(), BrokerError> {
         let inner = &*self.inner;
-        if inner.closed.load(Ordering::Acquire) {
-            return Err(closed());
-        }
+        inner.life.check_open()?;
         let task = message.name.clone();
         let item = if inner.options.serialized {
             let bytes = wire::encode_task(&message)?;
@@ -460,23 +440,23 @@ impl Producer for LocalBroker {
             }
             Some(queue) => match queue.tx.try_send(item) {
                 Ok(()) => Ok(()),
-                Err(TrySendError::Disconnected(_)) => Err(closed()),
+                Err(TrySendError::Disconnected(_)) => Err(inner.life.closed_error()),
                 Err(TrySendError::Full(item)) => {
                     let tx = queue.tx.clone();
                     drop(queues);
                     match timeout {
                         Some(timeout) => tx.send_timeout(item, timeout).map_err(|e| match e {
                             SendTimeoutError::Timeout(_) => full(),
-                            SendTimeoutError::Disconnected(_) => closed(),
+                            SendTimeoutError::Disconnected(_) => inner.life.closed_error(),
                         }),
-                        None => tx.send(item).map_err(|_| closed()),
+                        None => tx.send(item).map_err(|_| inner.life.closed_error()),
                     }
                 }
             },
         };
         // A send that raced with shutdown must not leave its task stranded (SeqCst: see
         // `shutdown`).
-        if inner.closed.load(Ordering::SeqCst) {
+        if inner.life.is_closed() {
             inner.drain_queues();
         }
         sent
@@ -557,9 +537,7 @@ impl Store for LocalBroker {
     }
 
     fn watch(&self, key: &CallKey, sink: ReplySink) -> Result<ReplyTo, BrokerError> {
-        if self.inner.closed.load(Ordering::Acquire) {
-            return Err(closed());
-        }
+        self.inner.life.check_open()?;
         if !self.inner.options.serialized {
             return Ok(ReplyTo::Local(sink));
         }
@@ -595,7 +573,7 @@ struct LocalSubscription {
 
 impl LocalSubscription {
     fn stopped(&self) -> bool {
-        self.stopped.load(Ordering::Acquire) || self.broker.closed.load(Ordering::Acquire)
+        self.stopped.load(Ordering::Acquire) || self.broker.life.is_closed()
     }
 }
 
@@ -619,7 +597,7 @@ impl Subscription for LocalSubscription {
                 }
             }
         }
-        if self.broker.closed.load(Ordering::Acquire) { Recv::Stopped } else { Recv::Empty }
+        if self.broker.life.is_closed() { Recv::Stopped } else { Recv::Empty }
     }
 
     fn recv(&self, timeout: Option<Duration>) -> Recv {
@@ -669,10 +647,4 @@ impl Subscription for LocalSubscription {
     fn prefers_polling(&self) -> bool {
         true
     }
-}
-
-// The guarded data stays consistent if a holder panics (single inserts and removals), so a
-// poisoned lock is still used.
-fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    mutex.lock().unwrap_or_else(|e| e.into_inner())
 }

@@ -1,58 +1,14 @@
-//! Pieces that broker implementations share: components started on first use, the checks
-//! every byte-carrying broker makes on a message, the reply address of a call, and the
-//! start-up retry of `connect`.
+//! Rules that broker implementations share: the checks every byte-carrying broker makes on
+//! a message, the reply address of a call, the failures and events they send for the same
+//! facts, and the start-up retry of `connect`. (Their machinery — threads, life, locks — is in
+//! [`kit`](super::kit).)
 
-use std::fmt;
-use std::sync::{Arc, Mutex, OnceLock};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use crate::error::{BrokerError, BrokerErrorKind, TaskError, TaskErrorKind, chain};
 use crate::id::CallKey;
 use crate::message::{ReplyTo, ReportBody, ReportMessage, wire};
-
-/// A background component (a thread and its channels) started on first use; failing to
-/// start is an error, not a panic, and two threads asking at once start it once.
-pub struct Lazy<T> {
-    cell: OnceLock<T>,
-    starting: Mutex<()>,
-}
-
-impl<T> Lazy<T> {
-    /// Not started yet.
-    pub const fn new() -> Lazy<T> {
-        Lazy { cell: OnceLock::new(), starting: Mutex::new(()) }
-    }
-
-    /// The component, started by `start` if it is not running yet.
-    pub fn get_or_start(&self, start: impl FnOnce() -> Result<T, BrokerError>) -> Result<&T, BrokerError> {
-        if let Some(started) = self.cell.get() {
-            return Ok(started);
-        }
-        // Held only while starting; a panic in `start` leaves nothing half-set.
-        let _starting = self.starting.lock().unwrap_or_else(|e| e.into_inner());
-        if self.cell.get().is_none() {
-            let _ = self.cell.set(start()?);
-        }
-        self.cell.get().ok_or_else(|| BrokerError::new(BrokerErrorKind::Other, "a broker component did not start"))
-    }
-
-    /// The component, if it was started.
-    pub fn get(&self) -> Option<&T> {
-        self.cell.get()
-    }
-}
-
-impl<T> Default for Lazy<T> {
-    fn default() -> Lazy<T> {
-        Lazy::new()
-    }
-}
-
-impl<T> fmt::Debug for Lazy<T> {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(if self.cell.get().is_some() { "Lazy(started)" } else { "Lazy(not started)" })
-    }
-}
 
 /// Refuses an encoded message (`what`: "task message", "report") longer than `limit` bytes
 /// with [`BrokerErrorKind::TooLarge`].
@@ -372,16 +328,6 @@ pub fn worker_lost(times: u32, max: u32) -> crate::error::TaskError {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn lazy_starts_once_and_reports_failure() {
-        let lazy: Lazy<u32> = Lazy::new();
-        assert!(lazy.get().is_none());
-        let failed = lazy.get_or_start(|| Err(BrokerError::new(BrokerErrorKind::Connection, "down")));
-        assert_eq!(failed.expect_err("failed").kind(), BrokerErrorKind::Connection);
-        assert_eq!(*lazy.get_or_start(|| Ok(7)).expect("started"), 7);
-        assert_eq!(*lazy.get_or_start(|| Ok(8)).expect("already started"), 7);
-    }
 
     #[test]
     fn size_and_reply_checks() {

@@ -75,7 +75,7 @@ pub(crate) struct Completer {
 impl Completer {
     pub(crate) fn start(inner: Arc<Inner>) -> Result<Completer, BrokerError> {
         let (tx, rx) = crossbeam_channel::bounded(inner.options.send_buffer);
-        let thread = Thread::spawn("dingo-redis-done", move |stop| complete_loop(&inner, &rx, &stop))?;
+        let thread = Thread::spawn("dingo-redis-done", move |stop| complete_loop(&inner, &rx, &stop.flag))?;
         Ok(Completer { tx, thread })
     }
 

@@ -104,7 +104,7 @@ pub(crate) struct Flusher {
 impl Flusher {
     pub(crate) fn start(inner: Arc<Inner>) -> Result<Flusher, BrokerError> {
         let (tx, rx) = crossbeam_channel::unbounded();
-        let thread = Thread::spawn("dingo-redis-flush", move |stop| flush_loop(&inner, &rx, &stop))?;
+        let thread = Thread::spawn("dingo-redis-flush", move |stop| flush_loop(&inner, &rx, &stop.flag))?;
         Ok(Flusher { tx, thread })
     }
 

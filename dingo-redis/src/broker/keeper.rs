@@ -23,7 +23,7 @@ pub(crate) struct Keeper {
 
 impl Keeper {
     pub(crate) fn start(inner: Arc<Inner>) -> Result<Keeper, BrokerError> {
-        let thread = Thread::spawn("dingo-redis-leases", move |stop| keep(&inner, &stop))?;
+        let thread = Thread::spawn("dingo-redis-leases", move |stop| keep(&inner, &stop.flag))?;
         Ok(Keeper { thread })
     }
 

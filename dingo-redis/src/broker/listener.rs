@@ -41,7 +41,7 @@ impl Listener {
         let replies: Arc<Mutex<Vec<Reply>>> = Arc::default();
         let control = keys::control(&inner.options.namespace, &format!("{}:reply", inner.process));
         let listen = Listen { inner: inner.clone(), replies: replies.clone(), control: control.clone() };
-        let thread = Thread::spawn("dingo-redis-reply", move |stop| listen.run(&stop))?;
+        let thread = Thread::spawn("dingo-redis-reply", move |stop| listen.run(&stop.flag))?;
         Ok(Listener { inner, replies, control, thread })
     }
 

@@ -78,7 +78,7 @@ impl Writer {
         }));
         let thread = {
             let (inner, line) = (inner.clone(), line.clone());
-            Thread::spawn("dingo-redis-send", move |stop| write_loop(&inner, &rx, &line, &stop))?
+            Thread::spawn("dingo-redis-send", move |stop| write_loop(&inner, &rx, &line, &stop.flag))?
         };
         Ok(Writer { inner, tx, line, thread })
     }

@@ -1,0 +1,343 @@
+//! The machinery every broker is built from: its life (the apps that use it, its shutdown),
+//! the threads it owns, the components it starts on first use, its counters, and a lock that
+//! survives a panicking holder.
+//!
+//! A broker shares one `Inner` between its clones and its threads. The pattern the brokers
+//! of this workspace follow:
+//!
+//! ```
+//! use std::sync::Arc;
+//! use dingo_core::broker::kit::{Lifecycle, Shutdown, ShutdownOnDrop};
+//!
+//! struct Inner {
+//!     life: Lifecycle,
+//! }
+//!
+//! impl Shutdown for Inner {
+//!     fn shutdown(&self) {
+//!         if !self.life.close() {
+//!             return; // someone else is shutting it down
+//!         }
+//!         // stop the threads, fail what waits …
+//!     }
+//! }
+//!
+//! #[derive(Clone)]
+//! struct MyBroker {
+//!     inner: Arc<Inner>,
+//!     // The last clone to go shuts the broker down; its threads hold `inner`, not this.
+//!     _last: Arc<ShutdownOnDrop<Inner>>,
+//! }
+//!
+//! let inner = Arc::new(Inner { life: Lifecycle::new("my broker") });
+//! let broker = MyBroker { _last: ShutdownOnDrop::new(inner.clone()), inner };
+//! broker.inner.life.attach(); // an app uses it
+//! assert!(broker.inner.life.check_open().is_ok());
+//! if broker.inner.life.detach() {
+//!     broker.inner.shutdown(); // that was the last app
+//! }
+//! let error = broker.inner.life.check_open().unwrap_err();
+//! assert_eq!(error.to_string(), "my broker is shut down");
+//! ```
+
+use std::fmt;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard, OnceLock};
+use std::thread::JoinHandle;
+
+use crossbeam_channel::{Receiver, Sender};
+
+use crate::error::{BrokerError, BrokerErrorKind};
+
+/// Locks `mutex`, using the data even if a holder panicked.
+///
+/// For data that stays consistent across a panic (single inserts, removals, swaps): a
+/// poisoned lock would otherwise take every later caller down with the first.
+pub fn lock<T: ?Sized>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
+    mutex.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+/// A broker's life: how many apps use it, and whether it has shut down.
+///
+/// A broker that several apps share shuts down when the last of them closes (see
+/// [`Store::close`](crate::broker::Store::close)), or when its owner shuts it down.
+#[derive(Debug)]
+pub struct Lifecycle {
+    /// What the broker is called in errors ("the redis broker").
+    name: &'static str,
+    users: AtomicUsize,
+    closed: AtomicBool,
+}
+
+impl Lifecycle {
+    /// A broker in use by no app yet, open; `name` is how errors call it ("the redis broker").
+    pub const fn new(name: &'static str) -> Lifecycle {
+        Lifecycle { name, users: AtomicUsize::new(0), closed: AtomicBool::new(false) }
+    }
+
+    /// An app attached the broker.
+    pub fn attach(&self) {
+        self.users.fetch_add(1, Ordering::AcqRel);
+    }
+
+    /// An app let the broker go; `true` when it was the last one (time to shut down).
+    pub fn detach(&self) -> bool {
+        let previous =
+            self.users.fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| Some(n.saturating_sub(1))).unwrap_or(0);
+        previous <= 1
+    }
+
+    /// Marks the broker shut down; `true` for the one caller that did it (and now stops its
+    /// threads), `false` if it already was.
+    pub fn close(&self) -> bool {
+        !self.closed.swap(true, Ordering::SeqCst)
+    }
+
+    /// Whether the broker has shut down.
+    pub fn is_closed(&self) -> bool {
+        self.closed.load(Ordering::SeqCst)
+    }
+
+    /// `Ok` while the broker is open, else the [`closed_error`](Lifecycle::closed_error).
+    pub fn check_open(&self) -> Result<(), BrokerError> {
+        if self.is_closed() { Err(self.closed_error()) } else { Ok(()) }
+    }
+
+    /// The error of an operation on a broker that has shut down
+    /// ([`BrokerErrorKind::Closed`]).
+    pub fn closed_error(&self) -> BrokerError {
+        closed(self.name)
+    }
+}
+
+/// The error of an operation on `broker` ("the redis broker") after it shut down
+/// ([`BrokerErrorKind::Closed`]), for parts of a broker that do not hold its [`Lifecycle`].
+pub fn closed(broker: &str) -> BrokerError {
+    BrokerError::new(BrokerErrorKind::Closed, format!("{broker} is shut down"))
+}
+
+/// What a broker does when its last handle goes (see [`ShutdownOnDrop`]).
+pub trait Shutdown: Send + Sync + 'static {
+    /// Finishes queued work, stops the broker's threads and fails what still waits. Called
+    /// more than once, it does that once.
+    fn shutdown(&self);
+}
+
+/// Shuts `T` down when dropped: a broker's clones share one in an `Arc`, so the last clone
+/// to go shuts the broker down (its threads hold the `Arc<T>` itself, which a cycle would
+/// keep alive forever).
+pub struct ShutdownOnDrop<T: Shutdown>(Arc<T>);
+
+impl<T: Shutdown> ShutdownOnDrop<T> {
+    /// The guard of `inner`, to share between a broker's clones.
+    pub fn new(inner: Arc<T>) -> Arc<ShutdownOnDrop<T>> {
+        Arc::new(ShutdownOnDrop(inner))
+    }
+}
+
+impl<T: Shutdown> Drop for ShutdownOnDrop<T> {
+    fn drop(&mut self) {
+        self.0.shutdown();
+    }
+}
+
+impl<T: Shutdown> fmt::Debug for ShutdownOnDrop<T> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("ShutdownOnDrop")
+    }
+}
+
+/// A named thread with a way to be told to stop, and an owner that joins it.
+///
+/// ```
+/// use std::time::Duration;
+/// use dingo_core::broker::kit::Thread;
+///
+/// let thread = Thread::spawn("my-broker-poll", |stop| {
+///     while !stop.is_set() {
+///         // Sleeps until the next round, or until told to stop.
+///         let _ = stop.signal.recv_timeout(Duration::from_secs(60));
+///     }
+/// })
+/// .unwrap();
+/// thread.stop_and_join(); // at once: the signal wakes it
+/// ```
+pub struct Thread {
+    flag: Arc<AtomicBool>,
+    /// Dropped on stop: wakes the thread where it selects on [`Stop::signal`].
+    signal: Mutex<Option<Sender<()>>>,
+    handle: Mutex<Option<JoinHandle<()>>>,
+}
+
+/// What a [`Thread`] is told to stop by: a flag, and a channel that disconnects.
+#[derive(Debug)]
+pub struct Stop {
+    /// Set when the thread is to stop (shared with loops and retries that take a flag).
+    pub flag: Arc<AtomicBool>,
+    /// Never sends; disconnects when the thread is to stop, so a `select!` or
+    /// `recv_timeout` on it wakes at once.
+    pub signal: Receiver<()>,
+}
+
+impl Stop {
+    /// Whether the thread is to stop.
+    pub fn is_set(&self) -> bool {
+        self.flag.load(Ordering::SeqCst)
+    }
+}
+
+impl Thread {
+    /// Starts `run` on a thread called `name`; failing to start one is an error.
+    pub fn spawn(name: &str, run: impl FnOnce(Stop) + Send + 'static) -> Result<Thread, BrokerError> {
+        let flag = Arc::new(AtomicBool::new(false));
+        let (signal, receiver) = crossbeam_channel::bounded(0);
+        let stop = Stop { flag: flag.clone(), signal: receiver };
+        let handle = std::thread::Builder::new()
+            .name(name.to_owned())
+            .spawn(move || run(stop))
+            .map_err(|e| BrokerError::with_source(BrokerErrorKind::Other, format!("cannot start thread {name}"), e))?;
+        Ok(Thread { flag, signal: Mutex::new(Some(signal)), handle: Mutex::new(Some(handle)) })
+    }
+
+    /// Tells the thread to stop and waits for it (never for the calling thread itself).
+    pub fn stop_and_join(&self) {
+        self.stop_and_join_with(|| {});
+    }
+
+    /// Like [`stop_and_join`](Thread::stop_and_join), calling `wake` once told (to interrupt
+    /// a blocking wait the stop signal cannot reach, such as a blocking read on a socket).
+    pub fn stop_and_join_with(&self, wake: impl FnOnce()) {
+        self.flag.store(true, Ordering::SeqCst);
+        drop(lock(&self.signal).take());
+        wake();
+        if let Some(handle) = lock(&self.handle).take()
+            && handle.thread().id() != std::thread::current().id()
+        {
+            let _ = handle.join();
+        }
+    }
+}
+
+impl fmt::Debug for Thread {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let name = lock(&self.handle).as_ref().and_then(|h| h.thread().name().map(str::to_owned));
+        f.debug_struct("Thread").field("name", &name).field("stopping", &self.flag.load(Ordering::Relaxed)).finish()
+    }
+}
+
+/// A background component (a thread and its channels) started on first use; failing to
+/// start is an error, not a panic, and two threads asking at once start it once.
+pub struct Lazy<T> {
+    cell: OnceLock<T>,
+    starting: Mutex<()>,
+}
+
+impl<T> Lazy<T> {
+    /// Not started yet.
+    pub const fn new() -> Lazy<T> {
+        Lazy { cell: OnceLock::new(), starting: Mutex::new(()) }
+    }
+
+    /// The component, started by `start` if it is not running yet.
+    pub fn get_or_start(&self, start: impl FnOnce() -> Result<T, BrokerError>) -> Result<&T, BrokerError> {
+        if let Some(started) = self.cell.get() {
+            return Ok(started);
+        }
+        // Held only while starting; a panic in `start` leaves nothing half-set.
+        let _starting = lock(&self.starting);
+        if self.cell.get().is_none() {
+            let _ = self.cell.set(start()?);
+        }
+        self.cell.get().ok_or_else(|| BrokerError::new(BrokerErrorKind::Other, "a broker component did not start"))
+    }
+
+    /// The component, if it was started.
+    pub fn get(&self) -> Option<&T> {
+        self.cell.get()
+    }
+}
+
+impl<T> Default for Lazy<T> {
+    fn default() -> Lazy<T> {
+        Lazy::new()
+    }
+}
+
+impl<T> fmt::Debug for Lazy<T> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(if self.cell.get().is_some() { "Lazy(started)" } else { "Lazy(not started)" })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn lazy_starts_once_and_reports_failure() {
+        let lazy: Lazy<u32> = Lazy::new();
+        assert!(lazy.get().is_none());
+        let failed = lazy.get_or_start(|| Err(BrokerError::new(BrokerErrorKind::Connection, "down")));
+        assert_eq!(failed.expect_err("failed").kind(), BrokerErrorKind::Connection);
+        assert_eq!(*lazy.get_or_start(|| Ok(7)).expect("started"), 7);
+        assert_eq!(*lazy.get_or_start(|| Ok(8)).expect("already started"), 7);
+    }
+
+    #[test]
+    fn the_last_of_several_users_is_told_so() {
+        let life = Lifecycle::new("the test broker");
+        life.attach();
+        life.attach();
+        assert!(!life.detach());
+        assert!(life.detach());
+        // More detaches than attaches (an app closing twice) still say "last".
+        assert!(life.detach());
+    }
+
+    #[test]
+    fn closing_happens_once_and_refuses_afterwards() {
+        let life = Lifecycle::new("the test broker");
+        assert!(life.check_open().is_ok());
+        assert!(life.close());
+        assert!(!life.close());
+        let error = life.check_open().unwrap_err();
+        assert_eq!(error.kind(), BrokerErrorKind::Closed);
+        assert_eq!(error.to_string(), "the test broker is shut down");
+    }
+
+    #[test]
+    fn a_stopped_thread_is_woken_and_joined() {
+        let (tx, rx) = crossbeam_channel::unbounded();
+        let thread = Thread::spawn("kit-test", move |stop| {
+            let _ = stop.signal.recv();
+            tx.send(stop.is_set()).unwrap();
+        })
+        .unwrap();
+        thread.stop_and_join();
+        assert_eq!(rx.try_recv(), Ok(true), "the thread saw the flag set and had finished when joined");
+        thread.stop_and_join(); // twice is harmless
+    }
+
+    #[test]
+    fn a_thread_stopping_itself_does_not_join_itself() {
+        let slot: Arc<Mutex<Option<Arc<Thread>>>> = Arc::default();
+        let (tx, rx) = crossbeam_channel::unbounded();
+        let inside = slot.clone();
+        let thread = Arc::new(
+            Thread::spawn("kit-self-stop", move |_| {
+                let me = loop {
+                    if let Some(me) = lock(&inside).clone() {
+                        break me;
+                    }
+                    std::thread::yield_now();
+                };
+                me.stop_and_join();
+                tx.send(()).unwrap();
+            })
+            .unwrap(),
+        );
+        *lock(&slot) = Some(thread.clone());
+        rx.recv_timeout(std::time::Duration::from_secs(10)).expect("the thread went on after stopping itself");
+        thread.stop_and_join();
+    }
+}
