@@ -117,7 +117,13 @@ pub enum EventKind {
     SignatureMismatch,
     /// A message could not be decoded at all.
     MalformedMessage,
-    /// A message was moved to a dead-letter queue.
+    /// A message was moved to the dead letters: every broker emits one per dead letter,
+    /// whatever the cause (a cause with a kind of its own — [`MalformedMessage`],
+    /// [`TooLarge`], [`BadPayload`] — has that event too).
+    ///
+    /// [`MalformedMessage`]: EventKind::MalformedMessage
+    /// [`TooLarge`]: EventKind::TooLarge
+    /// [`BadPayload`]: EventKind::BadPayload
     DeadLettered,
     /// Dead letters were dropped, oldest first, to keep a dead-letter queue within its
     /// bounds (count and bytes).
@@ -143,6 +149,34 @@ pub enum EventKind {
     /// and host name (a Redis URL's `#insecure`): anyone on the path can read and change
     /// what it carries. A warning, on every such connection.
     TlsUnverified,
+    /// A worker thread caught a panic outside any task (in reporting or acknowledging) and
+    /// went on.
+    WorkerRecovered,
+    /// A worker's lease on its tasks expired before it was renewed (its process stalled
+    /// longer than the lease): its tasks went to other workers, and its late reports are
+    /// rejected.
+    LeaseLost,
+    /// Tasks taken by a worker that died, stalled or stopped before finishing them went back
+    /// to their queue, to run again.
+    Redelivered,
+    /// A worker's settlements (final reports, acknowledgements) could not be stored: its
+    /// tasks run again once its lease expires.
+    SettlementsLost,
+    /// At-most-once messages were on their way when a connection broke: they may or may not
+    /// have arrived, and are not sent twice.
+    InDoubt,
+    /// Task messages could not be sent (their callers got a failure).
+    SendFailed,
+    /// Messages were still unconfirmed by the broker when it shut down (their callers got a
+    /// failure).
+    UnconfirmedAtShutdown,
+    /// The broker blocks publishing on a connection (a resource alarm): messages wait.
+    ConnectionBlocked,
+    /// The broker publishes on a blocked connection again.
+    ConnectionUnblocked,
+    /// A worker pool whose threads all stayed busy handed its prefetched tasks back to their
+    /// queues for other workers, and takes more once a thread is free.
+    PoolPaused,
     /// Workers or the app started.
     Started,
     /// Workers or the app stopped.
@@ -150,6 +184,15 @@ pub enum EventKind {
     /// Anything else.
     Other,
 }
+
+impl EventKind {
+    fn bit(self) -> u64 {
+        1 << (self as u32)
+    }
+}
+
+// Every kind has a bit of `EventFilter::kinds`.
+const _: () = assert!((EventKind::Other as u32) < u64::BITS);
 
 /// One thing that happened.
 #[derive(Debug, Clone)]
@@ -182,17 +225,29 @@ impl Event {
 }
 
 /// Which events a subscriber gets, and how many may queue up.
+///
+/// ```
+/// use dingo_core::{EventFilter, EventKind, Level, Origin};
+///
+/// // Every dead letter and every failed send, whatever their level.
+/// let losses = EventFilter::new().level(Level::Debug).kinds([EventKind::DeadLettered, EventKind::SendFailed]);
+/// // Warnings and errors of the worker side.
+/// let workers = EventFilter::new().origins(Origin::Worker | Origin::Consumer).level(Level::Warning);
+/// # let _ = (losses, workers);
+/// ```
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct EventFilter {
     origins: Origins,
     level: Level,
+    /// A bit per [`EventKind`].
+    kinds: u64,
     capacity: usize,
 }
 
 impl EventFilter {
     /// Every origin, level [`Level::Info`] and above, 1024 queued events.
     pub fn new() -> EventFilter {
-        EventFilter { origins: Origins::ALL, level: Level::Info, capacity: 1024 }
+        EventFilter { origins: Origins::ALL, level: Level::Info, kinds: u64::MAX, capacity: 1024 }
     }
 
     /// Only events from these origins.
@@ -207,6 +262,12 @@ impl EventFilter {
         self
     }
 
+    /// Only events of these kinds (default: every kind).
+    pub fn kinds(mut self, kinds: impl IntoIterator<Item = EventKind>) -> EventFilter {
+        self.kinds = kinds.into_iter().fold(0, |bits, kind| bits | kind.bit());
+        self
+    }
+
     /// How many events may wait in the subscriber's queue (at least 1).
     pub fn capacity(mut self, capacity: usize) -> EventFilter {
         self.capacity = capacity.max(1);
@@ -214,7 +275,7 @@ impl EventFilter {
     }
 
     fn accepts(&self, event: &Event) -> bool {
-        event.level >= self.level && self.origins.contains(event.origin)
+        event.level >= self.level && self.origins.contains(event.origin) && self.kinds & event.kind.bit() != 0
     }
 }
 
@@ -427,6 +488,20 @@ mod tests {
         let got: Vec<String> = std::iter::from_fn(|| workers.try_recv()).map(|e| e.message).collect();
         assert_eq!(got, ["Worker Error", "Store Warning"]);
         assert_eq!(std::iter::from_fn(|| everything.try_recv()).count(), 4);
+    }
+
+    #[test]
+    fn filters_by_kind_without_matching_text() {
+        let sink = EventSink::new();
+        let losses = sink
+            .subscribe(EventFilter::new().level(Level::Debug).kinds([EventKind::DeadLettered, EventKind::SendFailed]));
+        let none = sink.subscribe(EventFilter::new().kinds([]));
+        for kind in [EventKind::SendFailed, EventKind::Other, EventKind::DeadLettered, EventKind::LeaseLost] {
+            sink.emit(Event::new(Origin::Consumer, Level::Warning, kind, "x"));
+        }
+        let got: Vec<EventKind> = std::iter::from_fn(|| losses.try_recv()).map(|e| e.kind).collect();
+        assert_eq!(got, [EventKind::SendFailed, EventKind::DeadLettered]);
+        assert!(none.try_recv().is_none());
     }
 
     #[test]

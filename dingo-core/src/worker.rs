@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 
 use crossbeam_channel::{Receiver, Sender};
 
-use crate::broker::{Ack, Delivery, Recv, Reporter, Subscription};
+use crate::broker::{Ack, Delivery, Recv, Reporter, Subscription, support};
 use crate::codec::Codecs;
 use crate::context::Context;
 use crate::error::{Error, TaskError, TaskErrorKind};
@@ -148,7 +148,7 @@ impl Worker {
                         self.shared.events.emit(Event::new(
                             Origin::Worker,
                             Level::Error,
-                            EventKind::Other,
+                            EventKind::WorkerRecovered,
                             "a worker recovered from a panic outside the task (in reporting or acknowledging)",
                         ));
                     }
@@ -307,14 +307,19 @@ impl Call<'_> {
         if self.reply_to.wants_reports() {
             self.report(ReportBody::Failure(error));
         }
-        if let Some(ack) = ack
-            && let Err(e) = ack.reject(false, &reason)
-        {
-            self.event(
+        let Some(ack) = ack else { return };
+        match ack.reject(false, &reason) {
+            Ok(()) => self.shared.events.emit(support::dead_lettered(
+                Origin::Worker,
+                self.name.as_str(),
+                &reason,
+                Some(self.key()),
+            )),
+            Err(e) => self.event(
                 Level::Error,
                 EventKind::AckFailed,
                 format!("dead-lettering failed: {}", crate::error::chain(&e)),
-            );
+            ),
         }
     }
 

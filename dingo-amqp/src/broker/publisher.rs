@@ -285,7 +285,7 @@ fn run(inner: &Arc<Inner>, shared: &Shared, failures: &Receiver<()>, stop: &Stop
         inner.events.emit(Event::new(
             Origin::Producer,
             Level::Error,
-            EventKind::Other,
+            EventKind::UnconfirmedAtShutdown,
             format!("{} message(s) were not confirmed by RabbitMQ before shutdown", left.len()),
         ));
         for entry in left {
@@ -397,7 +397,7 @@ fn confirm(
                     inner.events.emit(Event::new(
                         Origin::Producer,
                         Level::Warning,
-                        EventKind::Other,
+                        EventKind::ConnectionBlocked,
                         format!(
                             "RabbitMQ blocks publishing on this connection ({reason}): messages wait until it unblocks"
                         ),
@@ -408,7 +408,7 @@ fn confirm(
                     inner.events.emit(Event::new(
                         Origin::Producer,
                         Level::Info,
-                        EventKind::Other,
+                        EventKind::ConnectionUnblocked,
                         "RabbitMQ unblocked publishing on this connection",
                     ))
                 }
@@ -453,7 +453,7 @@ fn lost_on_the_way(inner: &Arc<Inner>, entries: Vec<Pending>) {
     inner.events.emit(Event::new(
         Origin::Producer,
         Level::Warning,
-        EventKind::Other,
+        EventKind::InDoubt,
         format!(
             "{} at-most-once message(s) were on their way when the channel broke: they may or may not have \
              been stored, and are not published twice",
@@ -530,7 +530,7 @@ fn give_up(inner: &Arc<Inner>, entries: Vec<Pending>) {
     inner.events.emit(Event::new(
         Origin::Producer,
         Level::Error,
-        EventKind::Other,
+        EventKind::SendFailed,
         format!(
             "{} message(s) given up: each went out on {MAX_ATTEMPTS} channels that broke before RabbitMQ \
              confirmed it (does the server refuse it?)",
@@ -598,7 +598,7 @@ fn settle(inner: &Arc<Inner>, entry: Pending, stored: bool) {
             (false, _) => {
                 let message = "RabbitMQ refused to store the task message".to_owned();
                 inner.events.emit(
-                    Event::new(Origin::Producer, Level::Error, EventKind::Other, message.clone())
+                    Event::new(Origin::Producer, Level::Error, EventKind::SendFailed, message.clone())
                         .with_task(key.clone()),
                 );
                 fail_call(inner, key, reply.as_deref(), TaskErrorKind::Other, &message);

@@ -222,6 +222,8 @@ impl Shared {
             }
         }
         inner.events.emit(event);
+        let queue = self.queues.get(ack.queue).map_or("", |q| q.queue.as_str());
+        inner.events.emit(support::dead_lettered(Origin::Consumer, queue, &oversize.reason, oversize.call.clone()));
         self.dead_letter(ack, Some(body), oversize.reason);
     }
 
@@ -312,7 +314,7 @@ impl Shared {
             Event::new(
                 Origin::Consumer,
                 Level::Warning,
-                EventKind::Other,
+                EventKind::Redelivered,
                 format!(
                     "task `{}` was redelivered after its worker stopped before finishing it ({count} of at most {max} \
                      times); it goes to the back of its queue",
@@ -635,6 +637,9 @@ impl AmqpSubscription {
             Err(malformed) => {
                 let reason = format!("undecodable message: {}", dingo_core::error::chain(&malformed.error));
                 shared.tell_caller(&malformed, &reason);
+                let call = malformed.name.clone().zip(malformed.id.clone()).map(|(name, id)| CallKey { name, id });
+                let name = shared.queues.get(queue).map_or("", |q| q.queue.as_str());
+                shared.inner.events.emit(support::dead_lettered(Origin::Consumer, name, &reason, call));
                 let ack = AmqpAck::new(shared, &feed.line, queue, delivery);
                 shared.dead_letter(ack, Some(malformed.bytes), reason);
                 None

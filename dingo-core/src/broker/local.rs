@@ -26,6 +26,7 @@ use arc_swap::ArcSwap;
 use crossbeam_channel::{Receiver, Select, SendTimeoutError, Sender, TryRecvError, TrySendError};
 
 use crate::broker::kit::{Lifecycle, lock};
+use crate::broker::support;
 use crate::broker::router::{ReportRouter, Routed, UnclaimedLimit};
 use crate::broker::{
     Ack, ConsumeSettings, Consumer, DeadLetter, Delivery, Producer, Recv, Reporter, Store, Subscription,
@@ -338,7 +339,7 @@ impl Inner {
             if dead.len() >= self.options.max_dead_letters {
                 dead.pop_front();
             }
-            dead.push_back(DeadLetter { queue: queue.clone(), reason: reason.clone(), bytes });
+            dead.push_back(DeadLetter::new(queue.clone(), reason.clone(), bytes));
         }
         let mut event = Event::new(
             Origin::Consumer,
@@ -346,9 +347,11 @@ impl Inner {
             EventKind::MalformedMessage,
             format!("undecodable message in queue `{queue}` dead-lettered: {reason}"),
         );
+        let mut call = None;
         if let (Some(name), Some(id)) = (name, id) {
             let key = CallKey { name, id };
             event = event.with_task(key.clone());
+            call = Some(key.clone());
             if let Some(address) = reply_to {
                 let error =
                     TaskError::new(TaskErrorKind::BadPayload, format!("the task message is malformed: {reason}"));
@@ -356,6 +359,7 @@ impl Inner {
             }
         }
         self.events.emit(event);
+        self.events.emit(support::dead_lettered(Origin::Consumer, queue.as_str(), &reason, call));
     }
 
     fn fail(&self, to: &ReplyTo, key: CallKey, error: TaskError) {

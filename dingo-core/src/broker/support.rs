@@ -7,6 +7,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use crate::error::{BrokerError, BrokerErrorKind, TaskError, TaskErrorKind, chain};
+use crate::event::{Event, EventKind, Level, Origin};
 use crate::id::CallKey;
 use crate::message::{ReplyTo, ReportBody, ReportMessage, wire};
 
@@ -323,6 +324,23 @@ pub fn worker_lost(times: u32, max: u32) -> crate::error::TaskError {
              may crash its worker process; it was moved to the dead letters"
         ),
     )
+}
+
+/// The [`DeadLettered`](EventKind::DeadLettered) event of a message moved to the dead
+/// letters of `queue`, for `reason`: every broker emits one per dead letter, whatever the
+/// cause (a cause with an event of its own — a malformed message, one too large — has that
+/// event too).
+pub fn dead_lettered(origin: Origin, queue: &str, reason: &str, call: Option<CallKey>) -> Event {
+    let event = Event::new(
+        origin,
+        Level::Warning,
+        EventKind::DeadLettered,
+        format!("a message of `{queue}` moved to the dead letters: {reason}"),
+    );
+    match call {
+        Some(key) => event.with_task(key),
+        None => event,
+    }
 }
 
 #[cfg(test)]

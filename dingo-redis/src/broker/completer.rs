@@ -293,7 +293,7 @@ impl Plan {
             inner.events.emit(Event::new(
                 Origin::Consumer,
                 Level::Info,
-                EventKind::Other,
+                EventKind::InDoubt,
                 format!(
                     "the connection broke while {tasks} command(s) taking or giving back at-most-once tasks were on \
                      their way: they are not sent twice, and the tasks they carried, if any, are lost"

@@ -298,7 +298,7 @@ impl RedisSubscription {
             }
             self.event(
                 Level::Warning,
-                EventKind::Other,
+                EventKind::SettlementsLost,
                 format!(
                     "settlements on `{}` could not be stored: this worker's tasks there run again once its lease \
                      expires",
@@ -480,7 +480,7 @@ impl RedisSubscription {
             self.inner.forget_consumer(queue, &consumer);
             self.event(
                 Level::Warning,
-                EventKind::Other,
+                EventKind::LeaseLost,
                 format!("this worker's lease on `{}` expired (it was stalled): it starts over", queue.prefix),
             );
             return count;
@@ -586,6 +586,12 @@ impl RedisSubscription {
             }
         }
         inner.events.emit(event);
+        inner.events.emit(support::dead_lettered(
+            Origin::Consumer,
+            &queue.task,
+            &oversize.reason,
+            oversize.call.clone(),
+        ));
         match leased {
             Some(consumer) => local.buffer.push_back(Entry::Malformed {
                 queue: queue.clone(),
@@ -611,8 +617,10 @@ impl RedisSubscription {
             EventKind::MalformedMessage,
             format!("{reason}; moved to the dead letters of `{}`", queue.prefix),
         );
+        let mut call = None;
         if let (Some(name), Some(id)) = (&malformed.name, &malformed.id) {
             event = event.with_task(CallKey { name: name.clone(), id: id.clone() });
+            call = Some(CallKey { name: name.clone(), id: id.clone() });
             if let (Some(caller), Ok(completer)) = (&malformed.reply_to, self.inner.completer()) {
                 let error =
                     TaskError::new(TaskErrorKind::BadPayload, format!("the task message is malformed: {reason}"));
@@ -624,6 +632,7 @@ impl RedisSubscription {
             }
         }
         self.inner.events.emit(event);
+        self.inner.events.emit(support::dead_lettered(Origin::Consumer, &queue.task, &reason, call));
         reason
     }
 

@@ -95,7 +95,7 @@ fn renew(inner: &Inner, conn: &mut crate::conn::Conn, stop: &AtomicBool) {
         inner.events.emit(Event::new(
             Origin::Consumer,
             Level::Warning,
-            EventKind::Other,
+            EventKind::LeaseLost,
             format!(
                 "{lost_total} worker lease(s) expired before renewal (this process was stalled longer than the lease): \
                  their tasks were handed to other workers and their reports from here will be rejected"
@@ -157,7 +157,7 @@ fn reap(inner: &Arc<Inner>, conn: &mut crate::conn::Conn, stop: &AtomicBool) {
             inner.events.emit(Event::new(
                 Origin::Consumer,
                 Level::Warning,
-                EventKind::Other,
+                EventKind::Redelivered,
                 format!(
                     "{requeued} task(s) of `{}` held by worker(s) whose lease expired went back to the queue",
                     queue.prefix

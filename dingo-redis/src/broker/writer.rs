@@ -428,7 +428,7 @@ fn fail(inner: &Inner, batch: Vec<Outgoing>, why: &str) {
     inner.events.emit(Event::new(
         Origin::Producer,
         Level::Error,
-        EventKind::Other,
+        EventKind::SendFailed,
         format!("{} task message(s) could not be sent: {why}", batch.len()),
     ));
     for outgoing in batch {

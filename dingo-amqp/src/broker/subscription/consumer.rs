@@ -176,7 +176,7 @@ impl ConsumerThread {
                         shared.inner.events.emit(Event::new(
                             Origin::Consumer,
                             Level::Info,
-                            EventKind::Other,
+                            EventKind::PoolPaused,
                             format!(
                                 "every worker thread of the pool stayed busy for {wait:?} while tasks waited: {handed} \
                                  task(s) handed back to their queues for other workers; consuming again once a thread \
