@@ -12,9 +12,7 @@ use dingo::amqp::AmqpBroker;
 use dingo::{App, EventKind, Level, TaskErrorKind};
 use dingo_test_support::PATIENCE;
 use dingo_test_support::amqp::Amqp;
-use dingo_test_support::faults::{
-    Seen, close_promptly, crafted, failure, lock, server_addr, stat, via, wait_until, watch,
-};
+use dingo_test_support::faults::{Seen, close_promptly, crafted, failure, lock, server_addr, via, wait_until, watch};
 use dingo_test_support::proxy::Proxy;
 
 /// A broker of `setup` whose connection goes through `proxy` (its queues deleted with the
@@ -95,8 +93,7 @@ fn connection_cuts_and_an_outage_lose_nothing() {
     let runs = lock(&CUT_RUNS).clone();
     assert_eq!(runs.keys().copied().collect::<Vec<_>>(), (0..300).collect::<Vec<_>>(), "every task ran");
     let twice: Vec<u64> = runs.iter().filter(|(_, r)| **r > 1).map(|(n, _)| *n).collect();
-    let (redelivered, republished) =
-        (stat(&worker_broker.stats().redelivered), stat(&caller_broker.stats().republished));
+    let (redelivered, republished) = (worker_broker.stats().redelivered, caller_broker.stats().republished);
     eprintln!(
         "cuts: {} task(s) ran more than once {twice:?}; {redelivered} redelivered; {republished} task message(s) \
          published again; the worker's proxy accepted {} and refused {} connection(s), the caller's {} and {}",
@@ -238,7 +235,7 @@ fn garbage_in_a_queue_is_dead_lettered_and_the_worker_goes_on() {
         assert_eq!(plus::call(&caller, n).expect("call").wait_timeout(PATIENCE).expect("works"), n + 1);
     }
 
-    wait_until("four dead letters", || stat(&worker_broker.stats().dead_lettered) == 4);
+    wait_until("four dead letters", || worker_broker.stats().dead_lettered == 4);
     let dead = worker_broker.dead_letters(plus::NAME).expect("dead letters");
     let reasons: Vec<&str> = dead.iter().map(|d| d.reason.as_str()).collect();
     assert_eq!(dead.len(), 4, "{reasons:#?}");
@@ -250,6 +247,11 @@ fn garbage_in_a_queue_is_dead_lettered_and_the_worker_goes_on() {
     let bytes: Vec<&[u8]> = dead.iter().map(|d| d.bytes.as_slice()).collect();
     assert_eq!(bytes, [&garbage[..], &cut_short[..], &wrong_signature[..], &ghost[..]]);
     assert_eq!(events.count(EventKind::MalformedMessage), 2);
+    // One `DeadLettered` per dead letter, whatever the cause, in order, naming the calls known.
+    wait_until("a DeadLettered event per dead letter", || events.count(EventKind::DeadLettered) == 4);
+    let dead_events = events.of_kind(EventKind::DeadLettered);
+    let calls: Vec<Option<&str>> = dead_events.iter().map(|e| e.task.as_ref().map(|k| k.id.as_str())).collect();
+    assert_eq!(calls, [None, Some("cut-1"), Some("sig-1"), Some("ghost-1")], "{dead_events:#?}");
     for inbox in [&cut_inbox, &sig_inbox, &ghost_inbox] {
         assert_eq!(inbox.other.load(std::sync::atomic::Ordering::SeqCst), 0, "only the failure report");
     }
@@ -283,7 +285,7 @@ fn a_task_whose_queue_is_gone_fails_its_call() {
         })
         .collect();
     assert!(failures.iter().all(|kind| *kind == TaskErrorKind::UnknownTask), "{failures:?}");
-    assert_eq!(stat(&caller_broker.stats().returned), 20);
+    assert_eq!(caller_broker.stats().returned, 20);
     // At most once, published without confirms: the return alone fails the call.
     let at_most_once = dingo::CallOptions::new().at_most_once(true);
     let failures: Vec<TaskErrorKind> = (0..5u64)
@@ -293,7 +295,7 @@ fn a_task_whose_queue_is_gone_fails_its_call() {
         })
         .collect();
     assert_eq!(failures, [TaskErrorKind::UnknownTask; 5]);
-    assert_eq!(stat(&caller_broker.stats().returned), 25);
+    assert_eq!(caller_broker.stats().returned, 25);
     let worker = App::builder().broker(setup.broker()).build().expect("a new worker app");
     worker.allocate(triple, 1).expect("allocate declares the queue again");
     assert_eq!(triple::call(&caller, 5).expect("call").wait_timeout(PATIENCE).expect("works again"), 15);
@@ -376,7 +378,7 @@ fn a_graceful_stop_gives_prefetched_tasks_back_uncounted() {
     let mut long = nap::call(&caller, 0, 1000).expect("call");
     let waiting: Vec<_> = (1..=20).map(|n| (n, nap::call(&caller, n, 1).expect("call"))).collect();
     wait_until("the worker runs the long task with the others in its prefetch", || {
-        stat(&first.stats().fetched) == 1 && first.queue_len(nap::NAME).expect("queue length") == 0
+        first.stats().fetched == 1 && first.queue_len(nap::NAME).expect("queue length") == 0
     });
     worker.close().expect("close the first worker");
     assert_eq!(long.wait_timeout(PATIENCE).expect("the long task's result"), 0);
@@ -388,14 +390,14 @@ fn a_graceful_stop_gives_prefetched_tasks_back_uncounted() {
     for (n, mut handle) in waiting {
         assert_eq!(handle.wait_timeout(PATIENCE).unwrap_or_else(|e| panic!("call {n}: {e:?}")), n);
     }
-    assert_eq!(stat(&second.stats().fetched), 20);
-    assert_eq!(stat(&second.stats().redelivered), 0);
+    assert_eq!(second.stats().fetched, 20);
+    assert_eq!(second.stats().redelivered, 0);
     assert!(second.dead_letters(nap::NAME).expect("dead letters").is_empty());
     // (Each hand-back is counted once its copy is confirmed and the original acknowledged;
     // in about one run in ten under load a few are not counted although every assertion
     // above holds — not investigated yet, see the closing note of 2026-12-02.)
-    assert!(stat(&first.stats().requeued) > 0, "the prefetched tasks were handed back");
-    assert_eq!(stat(&first.stats().dead_lettered), 0);
+    assert!(first.stats().requeued > 0, "the prefetched tasks were handed back");
+    assert_eq!(first.stats().dead_lettered, 0);
     worker.close().expect("close");
     caller.close().expect("close");
 }

@@ -14,7 +14,7 @@ use dingo::message::{Payload, ReplyTo, ReportBody, ReportMessage, TaskMessage, V
 use dingo::{App, EventKind, Level, TaskErrorKind, TaskId, TaskName, TaskOptions};
 use dingo_test_support::PATIENCE;
 use dingo_test_support::amqp::Amqp;
-use dingo_test_support::faults::{Seen, failure, lock, stat, wait_until, watch};
+use dingo_test_support::faults::{Seen, failure, lock, wait_until, watch};
 
 #[dingo::task(name = "amqp_limits.plus")]
 fn plus(n: i64) -> i64 {
@@ -80,12 +80,12 @@ fn an_oversize_task_is_dead_lettered_with_its_first_bytes_and_the_worker_goes_on
     assert_eq!(event.task.as_ref().map(|k| k.id.as_str()), Some("big-1"));
 
     assert_eq!(plus::call(&caller, 41).expect("call").wait_timeout(PATIENCE).expect("the worker goes on"), 42);
-    wait_until("one dead letter", || stat(&worker_broker.stats().dead_lettered) == 1);
+    wait_until("one dead letter", || worker_broker.stats().dead_lettered == 1);
     let dead = worker_broker.dead_letters(plus::NAME).expect("dead letters");
     assert_eq!(dead.len(), 1);
     assert_eq!(dead[0].reason, reason);
     assert_eq!(dead[0].bytes, oversize[..4096], "the first 4 KiB, as published");
-    assert_eq!(stat(&worker_broker.stats().oversize), 1);
+    assert_eq!(worker_broker.stats().oversize, 1);
     assert_eq!(inbox.other.load(Ordering::SeqCst), 0, "only the failure report");
     assert_eq!(worker_broker.queue_len(plus::NAME).expect("queue length"), 0, "the original was acknowledged");
     caller.close().expect("close");
@@ -138,7 +138,7 @@ fn an_oversize_report_is_dropped_and_fails_its_call() {
         )
     );
     wait_until("the small progress report arrives", || progress_inbox.other.load(Ordering::SeqCst) == 1);
-    wait_until("two oversize reports", || stat(&caller_broker.stats().oversize) == 2);
+    wait_until("two oversize reports", || caller_broker.stats().oversize == 2);
     assert_eq!(events.count(EventKind::TooLarge), 2);
     assert!(lock(&progress_inbox.failures).is_empty(), "the oversize progress report is dropped, nothing in its place");
     assert_eq!(plus::call(&caller, 7).expect("call").wait_timeout(PATIENCE).expect("calls go on"), 8);
@@ -162,7 +162,7 @@ fn dead_letters_are_bounded_by_count_and_by_bytes() {
         for n in 1..=5 {
             broker.publish_raw(plus::NAME, garbage(n)).expect("publish garbage");
         }
-        wait_until("five dead-lettered", || stat(&broker.stats().dead_lettered) == 5);
+        wait_until("five dead-lettered", || broker.stats().dead_lettered == 5);
         let dead = broker.dead_letters(plus::NAME).expect("dead letters");
         let bytes: Vec<Vec<u8>> = dead.iter().map(|d| d.bytes.clone()).collect();
         let newest: Vec<Vec<u8>> = (5 - kept + 1..=5).map(garbage).collect();

@@ -84,8 +84,7 @@ fn an_at_most_once_task_is_acknowledged_when_delivered() {
     let options = CallOptions::new().at_most_once(true);
     let mut handle = caller.call_with::<_, u64>("amo.gated", &options, 7u64).expect("call");
     running.recv_timeout(PATIENCE).expect("the task started");
-    let stats = worker_broker.stats();
-    let acked = || stats.acked.load(std::sync::atomic::Ordering::SeqCst);
+    let acked = || worker_broker.stats().acked;
     dingo_test_support::faults::wait_until("the delivery is acknowledged", || acked() == 1);
     release.send(()).expect("release");
     assert_eq!(handle.wait_timeout(PATIENCE).expect("result"), 8);
@@ -138,7 +137,7 @@ fn quorum_queues_work() {
     use dingo::amqp::AmqpOptions;
     use dingo_test_support::PATIENCE;
     use dingo_test_support::amqp::Amqp;
-    use dingo_test_support::faults::{stat, wait_until};
+    use dingo_test_support::faults::wait_until;
 
     let Some(setup) = Amqp::with_options(AmqpOptions::new().quorum(true)) else { return };
     let worker_broker = setup.broker();
@@ -151,7 +150,7 @@ fn quorum_queues_work() {
         assert_eq!(handle.wait_timeout(PATIENCE).expect("result"), n * n);
     }
     worker_broker.publish_raw("quorum.square", b"not a task".to_vec()).expect("publish garbage");
-    wait_until("the garbage is dead-lettered", || stat(&worker_broker.stats().dead_lettered) == 1);
+    wait_until("the garbage is dead-lettered", || worker_broker.stats().dead_lettered == 1);
     let dead = worker_broker.dead_letters("quorum.square").expect("dead letters");
     assert_eq!(dead.len(), 1, "{dead:?}");
     assert_eq!(dead[0].bytes, b"not a task");

@@ -79,8 +79,6 @@ fn app_connects_by_url() {
 /// they run).
 #[test]
 fn a_busy_worker_fetches_each_task_once() {
-    use std::sync::atomic::Ordering;
-
     use dingo::App;
     use dingo_test_support::PATIENCE;
     use dingo_test_support::redis::Redis;
@@ -97,10 +95,9 @@ fn a_busy_worker_fetches_each_task_once() {
     }
     caller.close().expect("close");
     worker.close().expect("close");
-    let stats = worker_broker.stats();
-    assert_eq!(stats.fetched.load(Ordering::Relaxed), 2_000, "each task fetched once");
-    assert_eq!(stats.completed.load(Ordering::Relaxed), 2_000, "each task settled once");
-    assert_eq!(stats.fetches_replayed.load(Ordering::Relaxed), 0, "no fetch was answered as a retry");
+    assert_eq!(worker_broker.stats().fetched, 2_000, "each task fetched once");
+    assert_eq!(worker_broker.stats().completed, 2_000, "each task settled once");
+    assert_eq!(worker_broker.stats().fetches_replayed, 0, "no fetch was answered as a retry");
 }
 
 /// A quick task's result does not wait for the slow task fetched after it: one worker
@@ -109,7 +106,6 @@ fn a_busy_worker_fetches_each_task_once() {
 /// slow task still runs — the flusher stores parked settlements; and both settle once.
 #[test]
 fn a_quick_result_does_not_wait_for_the_slow_task_after_it() {
-    use std::sync::atomic::Ordering;
     use std::time::{Duration, Instant};
 
     use dingo::App;
@@ -138,9 +134,8 @@ fn a_quick_result_does_not_wait_for_the_slow_task_after_it() {
     assert!(start.elapsed() >= Duration::from_millis(3_000));
     caller.close().expect("close");
     worker.close().expect("close");
-    let stats = worker_broker.stats();
-    assert_eq!(stats.fetched.load(Ordering::Relaxed), 2, "one fetch took both");
-    assert_eq!(stats.completed.load(Ordering::Relaxed), 2, "each task settled once");
+    assert_eq!(worker_broker.stats().fetched, 2, "one fetch took both");
+    assert_eq!(worker_broker.stats().completed, 2, "each task settled once");
 }
 
 /// A task message over `max_message_size` is refused at the call with `TooLarge`, and

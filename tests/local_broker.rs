@@ -24,6 +24,7 @@ fn garbage_in_a_queue_is_dead_lettered_and_the_worker_goes_on() {
     let broker = LocalBroker::serialized();
     let app = worker(&broker);
     let events = app.events(EventFilter::new().origins(Origin::Consumer).level(Level::Error));
+    let dead_events = app.events(EventFilter::new().kinds([EventKind::DeadLettered]));
     app.allocate("double", 1).unwrap();
     for garbage in [&b"not a message"[..], b"", b"\x01\x01\x05\xff"] {
         broker.push_raw("double", garbage.to_vec()).unwrap();
@@ -34,6 +35,9 @@ fn garbage_in_a_queue_is_dead_lettered_and_the_worker_goes_on() {
     assert_eq!(app.call::<_, i64>("double", 21i64).unwrap().wait().unwrap(), 42);
     let dead = broker.dead_letters();
     assert_eq!(dead.len(), 3);
+    // One `DeadLettered` per dead letter (a warning), after each one's `MalformedMessage`.
+    let kinds: Vec<EventKind> = std::iter::from_fn(|| dead_events.try_recv()).map(|e| e.kind).collect();
+    assert_eq!(kinds, [EventKind::DeadLettered; 3]);
     assert_eq!(dead[0].bytes, b"not a message");
     assert_eq!(dead[0].queue, "double");
     assert!(dead[0].reason.contains("version"), "{}", dead[0].reason);

@@ -4,7 +4,6 @@
 //! `conformance_redis.rs`, and the fencing faults, in `redis_faults.rs`.)
 #![cfg(feature = "redis")]
 
-use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
 use dingo::redis::{RedisBroker, RedisOptions, acl_rules};
@@ -84,7 +83,7 @@ fn a_user_denied_what_dingo_needs_cannot_connect_and_takes_nothing() {
     let mut at_most_once =
         caller.call_with::<_, u64>(TASK, &CallOptions::new().at_most_once(true), 1u64).expect("call");
     let mut at_least_once = caller.call::<_, u64>(TASK, 2u64).expect("call");
-    wait_until("both calls are queued", || admin.stats().sent.load(Ordering::SeqCst) == 2);
+    wait_until("both calls are queued", || admin.stats().sent == 2);
     assert_eq!(admin.queue_len(TASK).expect("queue length"), 2);
 
     refused(&server, "no-evalsha", "may not run EVALSHA, which dingo needs");

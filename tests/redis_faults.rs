@@ -18,9 +18,7 @@ use dingo::message::ReplyTo;
 use dingo::redis::{RedisBroker, RedisOptions};
 use dingo::{App, Event, EventFilter, EventKind, Level, TaskErrorKind};
 use dingo_test_support::PATIENCE;
-use dingo_test_support::faults::{
-    Seen, close_promptly, crafted, failure, lock, server_addr, stat, via, wait_until, watch,
-};
+use dingo_test_support::faults::{Seen, close_promptly, crafted, failure, lock, server_addr, via, wait_until, watch};
 use dingo_test_support::proxy::Proxy;
 use dingo_test_support::redis::{Redis, held, redis_cli};
 use dingo_test_support::redis_server::Server;
@@ -92,7 +90,7 @@ fn connection_cuts_and_an_outage_lose_nothing() {
     // is written, then the caller goes too.
     worker_proxy.pause();
     let handles = call(200..300);
-    wait_until("wave 3 is written", || stat(&caller_broker.stats().sent) == 300);
+    wait_until("wave 3 is written", || caller_broker.stats().sent == 300);
     assert!(caller_proxy.cut() >= 2, "the caller's connections go through its proxy");
     caller_proxy.pause();
     std::thread::sleep(Duration::from_secs(1)); // the outage's length, not an assertion
@@ -106,13 +104,12 @@ fn connection_cuts_and_an_outage_lose_nothing() {
     assert_eq!(runs.keys().copied().collect::<Vec<_>>(), (0..300).collect::<Vec<_>>(), "every task ran");
     let executions: u64 = runs.values().map(|&r| u64::from(r)).sum();
     let twice: Vec<u64> = runs.iter().filter(|(_, r)| **r > 1).map(|(n, _)| *n).collect();
-    let stats = worker_broker.stats();
     eprintln!(
         "cuts: {} task(s) ran more than once {twice:?}; {} lease(s) expired and were requeued; {} report(s) \
          rejected; the worker's proxy accepted {} and refused {} connection(s), the caller's {} and {}",
         twice.len(),
-        stat(&stats.requeued_expired),
-        stat(&stats.rejected_reports),
+        worker_broker.stats().requeued_expired,
+        worker_broker.stats().rejected_reports,
         worker_proxy.accepted(),
         worker_proxy.refused(),
         caller_proxy.accepted(),
@@ -120,17 +117,21 @@ fn connection_cuts_and_an_outage_lose_nothing() {
     );
     // At least once: a task runs again only after its lease expired and it was requeued.
     assert!(
-        twice.len() as u64 <= stat(&stats.requeued_expired),
+        twice.len() as u64 <= worker_broker.stats().requeued_expired,
         "{} task(s) ran twice but only {} lease(s) expired: {twice:?}",
         twice.len(),
-        stat(&stats.requeued_expired)
+        worker_broker.stats().requeued_expired
     );
     // Every run's final report was stored or rejected (fencing, or a retried batch), none
     // lost in between, and at most one stored per call.
     wait_until("every run's report is stored or rejected", || {
-        stat(&stats.completed) + stat(&stats.rejected_reports) == executions
+        worker_broker.stats().completed + worker_broker.stats().rejected_reports == executions
     });
-    assert!(stat(&stats.completed) <= 300, "at most one stored result per call: {}", stat(&stats.completed));
+    assert!(
+        worker_broker.stats().completed <= 300,
+        "at most one stored result per call: {}",
+        worker_broker.stats().completed
+    );
     // On a fresh connection: see `broker_commands_work_after_a_connection_cut` for the
     // broker's own command connection after a cut.
     assert_eq!(setup.broker().queue_len(cut_echo::NAME).expect("queue length"), 0);
@@ -203,7 +204,7 @@ fn a_report_in_flight_survives_a_partition() {
     gate.release.send(()).expect("release the task");
     let namespace = &setup.options().namespace;
     wait_until("the report is stored and the listener's wait ended with it", || {
-        stat(&worker_broker.stats().completed) == 1 && notify_lists(setup.url(), namespace).is_empty()
+        worker_broker.stats().completed == 1 && notify_lists(setup.url(), namespace).is_empty()
     });
     proxy.resume();
     assert_eq!(handle.wait_timeout(PATIENCE).expect("the report after the partition"), 6);
@@ -351,7 +352,7 @@ impl SendFault {
     }
 
     fn sent(&self) -> u64 {
-        stat(&self.sender.stats().sent)
+        self.sender.stats().sent
     }
 
     /// Waits until the queue is empty and nothing is held, then checks that each of the
@@ -511,7 +512,7 @@ fn a_lost_reply_to_an_at_most_once_send_is_not_sent_again() {
     // The sender's connection is up, and its first batch acknowledged, before the replies
     // go missing; no worker runs yet, so nothing answers the calls but the sender.
     let _first = caller.call_with::<_, u64>("faults.amo_once", &at_most_once, (0u64,)).expect("call");
-    wait_until("the first send is acknowledged", || stat(&sender.stats().sent) == 1);
+    wait_until("the first send is acknowledged", || sender.stats().sent == 1);
 
     proxy.mute();
     let mut handle = caller.call_with::<_, u64>("faults.amo_once", &at_most_once, (1u64,)).expect("call");
@@ -590,12 +591,12 @@ fn a_lost_reply_to_a_fetch_still_delivers_the_task() {
     proxy.mute();
     let mut handle = caller.call::<_, u64>("faults.fetched", (2u64,)).expect("call");
     wait_until("the fetch took the task", || held(setup.url(), namespace, "faults.fetched") == 1);
-    assert_eq!(stat(&worker_broker.stats().fetched), 1, "the worker has not seen the second task");
+    assert_eq!(worker_broker.stats().fetched, 1, "the worker has not seen the second task");
     proxy.resume();
     assert_eq!(handle.wait_timeout(PATIENCE).expect("the retried fetch delivered the task"), 4);
     wait_until("the task is settled", || held(setup.url(), namespace, "faults.fetched") == 0);
     assert_eq!(*lock(&runs), BTreeMap::from([(1, 1), (2, 1)]), "each call ran once");
-    assert_eq!(stat(&worker_broker.stats().fetches_replayed), 1, "the lost fetch was answered again");
+    assert_eq!(worker_broker.stats().fetches_replayed, 1, "the lost fetch was answered again");
     assert_eq!(setup.broker().queue_len("faults.fetched").expect("queue length"), 0);
     caller.close().expect("close");
     worker.close().expect("close");
@@ -627,9 +628,10 @@ fn a_lost_reply_to_a_completion_is_not_a_rejected_report() {
     gate.release.send(()).expect("release");
     assert_eq!(handle.wait_timeout(PATIENCE).expect("the report was stored"), 3);
     proxy.resume();
-    let stats = worker_broker.stats();
-    wait_until("the completion is settled", || stat(&stats.completed) + stat(&stats.rejected_reports) >= 2);
-    assert_eq!((stat(&stats.completed), stat(&stats.rejected_reports)), (2, 0));
+    wait_until("the completion is settled", || {
+        worker_broker.stats().completed + worker_broker.stats().rejected_reports >= 2
+    });
+    assert_eq!((worker_broker.stats().completed, worker_broker.stats().rejected_reports), (2, 0));
     let rejected: Vec<Event> =
         std::iter::from_fn(|| warnings.try_recv()).filter(|e| e.kind == EventKind::ReportFailed).collect();
     assert!(rejected.is_empty(), "{rejected:#?}");
@@ -732,13 +734,13 @@ fn a_task_longer_than_its_lease_is_not_stolen() {
     assert_eq!(handle.wait_timeout(PATIENCE).expect("the long task's result"), (3500, false));
     assert_eq!(LONG_RUNS.load(Ordering::SeqCst), 1, "the task ran exactly once");
 
-    let sum = |f: fn(&dingo::redis::Stats) -> u64| brokers.iter().map(|b| f(b.stats())).sum::<u64>();
-    wait_until("the result is counted as completed", || sum(|s| stat(&s.completed)) == 1);
-    assert_eq!(sum(|s| stat(&s.requeued_expired)), 0, "no lease expired");
-    assert_eq!(sum(|s| stat(&s.rejected_reports)), 0, "no report was rejected");
-    assert_eq!(sum(|s| stat(&s.dead_lettered)), 0);
+    let sum = |f: fn(&dingo::redis::Stats) -> u64| brokers.iter().map(|b| f(&b.stats())).sum::<u64>();
+    wait_until("the result is counted as completed", || sum(|s| s.completed) == 1);
+    assert_eq!(sum(|s| s.requeued_expired), 0, "no lease expired");
+    assert_eq!(sum(|s| s.rejected_reports), 0, "no report was rejected");
+    assert_eq!(sum(|s| s.dead_lettered), 0);
     // Renewed every third of the lease for 3.5 s: about 10 times.
-    let renewed = sum(|s| stat(&s.renewed));
+    let renewed = sum(|s| s.renewed);
     assert!(renewed >= 5, "the lease was renewed only {renewed} time(s)");
     assert_eq!(held(setup.url(), &setup.options().namespace, long::NAME), 0);
     caller.close().expect("close");
@@ -816,15 +818,15 @@ fn stalled_worker_is_fenced_out(setup: Redis) {
     assert_eq!(handle.wait_timeout(PATIENCE).expect("B's result"), "B:7");
     assert_eq!(*lock(&b_runs), [true], "B ran the task once, marked redelivered");
     // Counted once the keeper read its reply, which may come after the result.
-    wait_until("B's keeper requeued A's expired lease", || stat(&b_broker.stats().requeued_expired) >= 1);
-    wait_until("B's result is counted", || stat(&b_broker.stats().completed) == 1);
+    wait_until("B's keeper requeued A's expired lease", || b_broker.stats().requeued_expired >= 1);
+    wait_until("B's result is counted", || b_broker.stats().completed == 1);
 
     // A comes back and finishes: too late.
     proxy.resume();
     release_tx.send(()).expect("release A");
-    wait_until("A's late report is rejected", || stat(&a_broker.stats().rejected_reports) >= 1);
-    assert_eq!(stat(&a_broker.stats().rejected_reports), 1);
-    assert_eq!(stat(&a_broker.stats().completed), 0, "A's report was not stored");
+    wait_until("A's late report is rejected", || a_broker.stats().rejected_reports >= 1);
+    assert_eq!(a_broker.stats().rejected_reports, 1);
+    assert_eq!(a_broker.stats().completed, 0, "A's report was not stored");
     assert_eq!(a_runs.load(Ordering::SeqCst), 1);
     assert_eq!(lock(&b_runs).len(), 1);
     assert_eq!(b_broker.queue_len(FENCED).expect("queue length"), 0);
@@ -905,6 +907,11 @@ fn garbage_in_a_queue_is_dead_lettered_and_the_worker_goes_on() {
     assert!(reasons[2].starts_with("undecodable message"), "{reasons:#?}");
     assert!(reasons[3].starts_with("undecodable message"), "{reasons:#?}");
     assert_eq!(events.count(EventKind::MalformedMessage), 2);
+    // One `DeadLettered` per dead letter, whatever the cause, in order, naming the calls known.
+    wait_until("a DeadLettered event per dead letter", || events.count(EventKind::DeadLettered) == 4);
+    let dead_events = events.of_kind(EventKind::DeadLettered);
+    let calls: Vec<Option<&str>> = dead_events.iter().map(|e| e.task.as_ref().map(|k| k.id.as_str())).collect();
+    assert_eq!(calls, [None, Some("cut-1"), Some("sig-1"), Some("ghost-1")], "{dead_events:#?}");
     for inbox in [&cut_inbox, &sig_inbox, &ghost_inbox] {
         assert_eq!(inbox.other.load(Ordering::SeqCst), 0, "only the failure report");
     }
@@ -935,7 +942,7 @@ fn dead_letters_keep_the_message_bytes() {
     assert!(dead[1].reason.starts_with("undecodable message"), "{dead:#?}");
     assert_eq!(dead[1].bytes, garbage, "the garbage, as queued");
     assert!(dead.iter().all(|d| d.queue.as_str() == plus::NAME), "each names its queue: {dead:#?}");
-    wait_until("the dead letters are counted", || stat(&worker_broker.stats().dead_lettered) == 2);
+    wait_until("the dead letters are counted", || worker_broker.stats().dead_lettered == 2);
     let failed: Vec<Event> =
         std::iter::from_fn(|| errors.try_recv()).filter(|e| e.kind == EventKind::ReportFailed).collect();
     assert!(failed.is_empty(), "dead-lettering failed: {failed:#?}");
@@ -986,7 +993,7 @@ fn apps_survive_a_redis_restart() {
     }
     // Queued for a task nobody serves yet: these die with the server.
     let orphans: Vec<_> = (0..3).map(|n| restart_orphan::call(&caller, n).expect("call")).collect();
-    wait_until("the orphan calls are queued", || stat(&caller_broker.stats().sent) == 13);
+    wait_until("the orphan calls are queued", || caller_broker.stats().sent == 13);
 
     server.kill();
     worker_events.wait_for(EventKind::ConnectionLost);

@@ -12,7 +12,7 @@ use dingo::message::{Payload, ReplyTo, ReportBody, ReportMessage, TaskMessage, V
 use dingo::redis::{RedisBroker, RedisOptions};
 use dingo::{App, EventKind, Level, TaskErrorKind, TaskId, TaskName, TaskOptions};
 use dingo_test_support::PATIENCE;
-use dingo_test_support::faults::{Seen, failure, stat, wait_until, watch};
+use dingo_test_support::faults::{Seen, failure, wait_until, watch};
 use dingo_test_support::redis::{Redis, held, redis_cli, redis_cli_with};
 
 #[dingo::task(name = "limits.plus")]
@@ -92,8 +92,8 @@ fn an_oversize_task_is_dead_lettered_with_its_first_bytes_and_the_worker_goes_on
     let mut expected = [&leased[..4096], &at_most_once[..4096]];
     expected.sort();
     assert_eq!(kept, expected, "the first 4 KiB of each, as queued");
-    assert_eq!(stat(&worker_broker.stats().oversize), 2);
-    assert_eq!(stat(&worker_broker.stats().dead_lettered), 2);
+    assert_eq!(worker_broker.stats().oversize, 2);
+    assert_eq!(worker_broker.stats().dead_lettered, 2);
     assert_eq!(events.count(EventKind::TooLarge), 2);
     for inbox in [&leased_inbox, &amo_inbox] {
         assert_eq!(inbox.other.load(Ordering::SeqCst), 0, "only the failure report");
@@ -151,7 +151,7 @@ fn an_oversize_report_is_dropped_and_fails_its_call() {
         )
     );
     wait_until("the small progress report arrives", || progress_inbox.other.load(Ordering::SeqCst) == 1);
-    wait_until("two oversize reports", || stat(&caller_broker.stats().oversize) == 2);
+    wait_until("two oversize reports", || caller_broker.stats().oversize == 2);
     assert_eq!(events.count(EventKind::TooLarge), 2);
     assert!(lock_failures_empty(&progress_inbox), "the oversize progress report is dropped, nothing in its place");
     assert_eq!(plus::call(&caller, 7).expect("call").wait_timeout(PATIENCE).expect("calls go on"), 8);
@@ -181,12 +181,12 @@ fn dead_letters_are_bounded_by_count_and_by_bytes() {
         for n in 1..=5 {
             broker.push_raw(plus::NAME, garbage(n)).expect("push garbage");
         }
-        wait_until("five dead-lettered", || stat(&broker.stats().dead_lettered) == 5);
+        wait_until("five dead-lettered", || broker.stats().dead_lettered == 5);
         let dead = broker.dead_letters(plus::NAME).expect("dead letters");
         let kept_bytes: Vec<Vec<u8>> = dead.iter().map(|d| d.bytes.clone()).collect();
         let newest: Vec<Vec<u8>> = (5 - kept + 1..=5).rev().map(garbage).collect();
         assert_eq!(kept_bytes, newest, "the newest {kept}, newest first");
-        assert_eq!(stat(&broker.stats().dead_letters_dropped), 5 - kept as u64);
+        assert_eq!(broker.stats().dead_letters_dropped, 5 - kept as u64);
         let event = events.wait_for(EventKind::DeadLettersDropped);
         assert_eq!(event.level, Level::Warning);
         assert!(event.message.contains("dropped, oldest first"), "{}", event.message);
@@ -222,7 +222,7 @@ fn a_50_mb_task_at_the_default_limit_is_refused_unread() {
     let (kind, text) = failure(&inbox);
     assert_eq!(kind, TaskErrorKind::BadPayload);
     assert!(text.contains(&format!("task message of {len} bytes exceeds the limit of 16777216 bytes")), "{text}");
-    wait_until("one dead letter", || stat(&worker_broker.stats().dead_lettered) == 1);
+    wait_until("one dead letter", || worker_broker.stats().dead_lettered == 1);
     let dead = worker_broker.dead_letters(plus::NAME).expect("dead letters");
     assert_eq!(dead.iter().map(|d| d.bytes.len()).collect::<Vec<_>>(), [4096]);
     assert_eq!(worker_broker.queue_len(plus::NAME).expect("queue length"), 0);

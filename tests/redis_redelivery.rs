@@ -13,7 +13,7 @@ use std::time::Duration;
 use dingo::message::wire::REDELIVERED_MARK;
 use dingo::redis::{RedisBroker, RedisOptions};
 use dingo::{App, EventKind, TaskErrorKind};
-use dingo_test_support::faults::{Seen, crafted, failure, lock, stat, wait_until, watch};
+use dingo_test_support::faults::{Seen, crafted, failure, lock, wait_until, watch};
 use dingo_test_support::redis::{redis_cli, redis_cli_with};
 
 static RUNS: AtomicUsize = AtomicUsize::new(0);
@@ -78,7 +78,7 @@ fn a_task_whose_workers_keep_dying_fails_its_call_with_worker_lost() {
     wait_until("the survivor ran", || survivor.other.load(Ordering::SeqCst) == 1);
     assert!(lock(&survivor.failures).is_empty(), "{:?}", lock(&survivor.failures));
     assert_eq!(RUNS.load(Ordering::SeqCst), 1, "the doomed task never ran again");
-    assert_eq!(stat(&worker_broker.stats().dead_lettered), 1);
+    assert_eq!(worker_broker.stats().dead_lettered, 1);
     let dead = worker_broker.dead_letters(doubled::NAME).expect("dead letters");
     assert_eq!(dead.len(), 1);
     assert!(dead[0].reason.starts_with("redelivered 2 times"), "{}", dead[0].reason);

@@ -17,7 +17,7 @@ mod subscription;
 
 use std::collections::HashSet;
 use std::fmt;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -55,35 +55,36 @@ pub struct AmqpBroker {
     _last: Arc<ShutdownOnDrop<Inner>>,
 }
 
-/// Counters of what happened, for monitoring and tests.
-#[derive(Debug, Default)]
-pub struct Stats {
-    /// Task messages RabbitMQ confirmed.
-    pub sent: AtomicU64,
-    /// Messages RabbitMQ returned as unroutable (their queue is gone).
-    pub returned: AtomicU64,
-    /// Task messages delivered to this process's subscriptions.
-    pub fetched: AtomicU64,
-    /// Deliveries that RabbitMQ had delivered before (a consumer died or gave them back).
-    pub redelivered: AtomicU64,
-    /// Deliveries acknowledged (their final report confirmed first).
-    pub acked: AtomicU64,
-    /// Deliveries given back to their queue unstarted (by a stopping pool, or one whose
-    /// threads were all busy), and redelivered ones published again with their count.
-    pub requeued: AtomicU64,
-    /// Times a pool handed back its prefetched tasks and paused because every one of its
-    /// threads stayed busy ([`hand_back_after`](AmqpOptions::hand_back_after)).
-    pub pauses: AtomicU64,
-    /// Messages moved to the dead letters.
-    pub dead_lettered: AtomicU64,
-    /// Reports RabbitMQ confirmed.
-    pub reports: AtomicU64,
-    /// Messages published again on a new channel because the one they went out on broke
-    /// before RabbitMQ confirmed them (at least once: RabbitMQ may have stored some twice).
-    pub republished: AtomicU64,
-    /// Received messages over `max_message_size`, not decoded: task messages dead-lettered
-    /// (a copy of their first 4 KiB), reports dropped.
-    pub oversize: AtomicU64,
+dingo_core::counters! {
+    /// Counters of what happened, for monitoring and tests.
+    pub struct Stats / Counters {
+        /// Task messages RabbitMQ confirmed.
+        sent,
+        /// Messages RabbitMQ returned as unroutable (their queue is gone).
+        returned,
+        /// Task messages delivered to this process's subscriptions.
+        fetched,
+        /// Deliveries that RabbitMQ had delivered before (a consumer died or gave them back).
+        redelivered,
+        /// Deliveries acknowledged (their final report confirmed first).
+        acked,
+        /// Deliveries given back to their queue unstarted (by a stopping pool, or one whose
+        /// threads were all busy), and redelivered ones published again with their count.
+        requeued,
+        /// Times a pool handed back its prefetched tasks and paused because every one of its
+        /// threads stayed busy ([`hand_back_after`](AmqpOptions::hand_back_after)).
+        pauses,
+        /// Messages moved to the dead letters.
+        dead_lettered,
+        /// Reports RabbitMQ confirmed.
+        reports,
+        /// Messages published again on a new channel because the one they went out on broke
+        /// before RabbitMQ confirmed them (at least once: RabbitMQ may have stored some twice).
+        republished,
+        /// Received messages over `max_message_size`, not decoded: task messages dead-lettered
+        /// (a copy of their first 4 KiB), reports dropped.
+        oversize,
+    }
 }
 
 pub(crate) struct Inner {
@@ -93,7 +94,7 @@ pub(crate) struct Inner {
     pub(crate) reply_queue: Arc<str>,
     pub(crate) session: Session,
     pub(crate) events: EventSinks,
-    pub(crate) stats: Stats,
+    pub(crate) stats: Counters,
     pub(crate) router: ReportRouter,
     /// Tasks whose queues are known to exist.
     known: Mutex<HashSet<String>>,
@@ -145,7 +146,7 @@ impl AmqpBroker {
             reply_queue,
             session,
             events,
-            stats: Stats::default(),
+            stats: Counters::default(),
             known: Mutex::new(HashSet::new()),
             control: Mutex::new(None),
             life: Lifecycle::new(NAME),
@@ -161,9 +162,9 @@ impl AmqpBroker {
         &self.inner.options
     }
 
-    /// What happened so far.
-    pub fn stats(&self) -> &Stats {
-        &self.inner.stats
+    /// What happened so far: a snapshot of the counters.
+    pub fn stats(&self) -> Stats {
+        self.inner.stats.snapshot()
     }
 
     /// The queue a task's messages wait in (`NAMESPACE.task.NAME`).
@@ -583,8 +584,7 @@ impl Store for AmqpBroker {
     }
 
     fn wait_spin(&self) -> Duration {
-        // Only a lone call: a caller with many in flight would burn a core the workers need.
-        if self.inner.router.watched() <= 1 { self.inner.options.wait_spin } else { Duration::ZERO }
+        self.inner.router.wait_spin(self.inner.options.wait_spin)
     }
 
     fn close(&self) {

@@ -18,7 +18,6 @@ mod writer;
 
 use std::collections::{HashMap, HashSet};
 use std::fmt;
-use std::sync::atomic::AtomicU64;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -59,36 +58,37 @@ pub struct RedisBroker {
     _last: Arc<ShutdownOnDrop<Inner>>,
 }
 
-/// Counters of what happened, for monitoring and tests.
-#[derive(Debug, Default)]
-pub struct Stats {
-    /// Task messages written to Redis.
-    pub sent: AtomicU64,
-    /// Task messages taken by this process's consumers.
-    pub fetched: AtomicU64,
-    /// Fetches sent again after their reply was lost, answered with the tasks they had
-    /// taken (0 unless connections broke).
-    pub fetches_replayed: AtomicU64,
-    /// Final reports stored (with their leases released).
-    pub completed: AtomicU64,
-    /// Settlements stored by the flusher thread because the task after theirs ran long (a
-    /// part of `completed`, `dead_lettered`, …; the others ride with their worker's next
-    /// fetch).
-    pub flushed: AtomicU64,
-    /// Late reports rejected because the lease had been taken over (fencing).
-    pub rejected_reports: AtomicU64,
-    /// Leases this process renewed.
-    pub renewed: AtomicU64,
-    /// Expired leases this process returned to their queue.
-    pub requeued_expired: AtomicU64,
-    /// Messages moved to the dead letters.
-    pub dead_lettered: AtomicU64,
-    /// Dead letters dropped, oldest first, to keep a dead-letter list within
-    /// `max_dead_letters` and `max_dead_letter_bytes` (by this process's scripts).
-    pub dead_letters_dropped: AtomicU64,
-    /// Received messages over `max_message_size`, not decoded: task messages dead-lettered
-    /// (their first 4 KiB kept), reports dropped.
-    pub oversize: AtomicU64,
+dingo_core::counters! {
+    /// Counters of what happened, for monitoring and tests.
+    pub struct Stats / Counters {
+        /// Task messages written to Redis.
+        sent,
+        /// Task messages taken by this process's consumers.
+        fetched,
+        /// Fetches sent again after their reply was lost, answered with the tasks they had
+        /// taken (0 unless connections broke).
+        fetches_replayed,
+        /// Final reports stored (with their leases released).
+        completed,
+        /// Settlements stored by the flusher thread because the task after theirs ran long (a
+        /// part of `completed`, `dead_lettered`, …; the others ride with their worker's next
+        /// fetch).
+        flushed,
+        /// Late reports rejected because the lease had been taken over (fencing).
+        rejected_reports,
+        /// Leases this process renewed.
+        renewed,
+        /// Expired leases this process returned to their queue.
+        requeued_expired,
+        /// Messages moved to the dead letters.
+        dead_lettered,
+        /// Dead letters dropped, oldest first, to keep a dead-letter list within
+        /// `max_dead_letters` and `max_dead_letter_bytes` (by this process's scripts).
+        dead_letters_dropped,
+        /// Received messages over `max_message_size`, not decoded: task messages dead-lettered
+        /// (their first 4 KiB kept), reports dropped.
+        oversize,
+    }
 }
 
 /// The actors a broker has one of (see `scripts::Sequence`), by role: their sequence keys
@@ -111,7 +111,7 @@ pub(crate) struct Inner {
     /// the sequence keys of its one-per-broker actors.
     pub(crate) process: Arc<str>,
     pub(crate) events: EventSinks,
-    pub(crate) stats: Stats,
+    pub(crate) stats: Counters,
     pub(crate) router: ReportRouter,
     /// Keys per task, read on every call (without a lock), written once per task.
     queues: ArcSwap<FastMap<TaskName, Arc<QueueKeys>>>,
@@ -183,7 +183,7 @@ impl RedisBroker {
             client,
             process,
             events,
-            stats: Stats::default(),
+            stats: Counters::default(),
             router,
             queues: ArcSwap::default(),
             known: Mutex::new(HashSet::new()),
@@ -206,9 +206,9 @@ impl RedisBroker {
         &self.inner.options
     }
 
-    /// What happened so far.
-    pub fn stats(&self) -> &Stats {
-        &self.inner.stats
+    /// What happened so far: a snapshot of the counters.
+    pub fn stats(&self) -> Stats {
+        self.inner.stats.snapshot()
     }
 
     /// The dead letters of a task's queue, newest first: at most
@@ -760,8 +760,7 @@ impl Store for RedisBroker {
     }
 
     fn wait_spin(&self) -> Duration {
-        // Only a lone call: a caller with many in flight would burn a core the workers need.
-        if self.inner.router.watched() <= 1 { self.inner.options.wait_spin } else { Duration::ZERO }
+        self.inner.router.wait_spin(self.inner.options.wait_spin)
     }
 
     fn close(&self) {

@@ -96,6 +96,12 @@ impl Seen {
         self.seen.iter().filter(|e| e.kind == kind).count()
     }
 
+    /// The events of `kind` seen so far, in order.
+    pub fn of_kind(&mut self, kind: EventKind) -> Vec<Event> {
+        self.drain();
+        self.seen.iter().filter(|e| e.kind == kind).cloned().collect()
+    }
+
     /// The first event of `kind`, waited for (fails after [`PATIENCE`]).
     pub fn wait_for(&mut self, kind: EventKind) -> Event {
         let deadline = Instant::now() + PATIENCE;
@@ -111,11 +117,6 @@ impl Seen {
             }
         }
     }
-}
-
-/// A counter's value.
-pub fn stat(counter: &std::sync::atomic::AtomicU64) -> u64 {
-    counter.load(Ordering::SeqCst)
 }
 
 /// Collects the failure reports of calls watched by hand.

@@ -269,6 +269,62 @@ impl<T> fmt::Debug for Lazy<T> {
     }
 }
 
+/// Declares a broker's counters twice from one list: `$stats`, the public snapshot (plain
+/// `u64` fields, `#[non_exhaustive]`, so a broker can count more without breaking anyone),
+/// and `$counters`, the crate's atomics the broker's threads add to, with
+/// `snapshot()`.
+///
+/// ```
+/// use std::sync::atomic::Ordering;
+///
+/// dingo_core::counters! {
+///     /// What my broker did.
+///     pub struct Stats / Counters {
+///         /// Messages sent.
+///         sent,
+///         /// Messages received.
+///         received,
+///     }
+/// }
+///
+/// let counters = Counters::default();
+/// counters.sent.fetch_add(2, Ordering::Relaxed);
+/// let stats: Stats = counters.snapshot();
+/// assert_eq!((stats.sent, stats.received), (2, 0));
+/// ```
+#[macro_export]
+macro_rules! counters {
+    (
+        $(#[$meta:meta])*
+        $vis:vis struct $stats:ident / $counters:ident {
+            $( $(#[$field_meta:meta])* $field:ident ),* $(,)?
+        }
+    ) => {
+        $(#[$meta])*
+        ///
+        /// A snapshot: each counter read once, with no lock (counters read at slightly
+        /// different moments).
+        #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash)]
+        #[non_exhaustive]
+        $vis struct $stats {
+            $( $(#[$field_meta])* pub $field: u64, )*
+        }
+
+        /// The atomic counters behind the snapshot, added to by the broker's threads.
+        #[derive(Debug, Default)]
+        pub(crate) struct $counters {
+            $( pub(crate) $field: ::std::sync::atomic::AtomicU64, )*
+        }
+
+        impl $counters {
+            /// What the counters say now.
+            pub(crate) fn snapshot(&self) -> $stats {
+                $stats { $( $field: self.$field.load(::std::sync::atomic::Ordering::Relaxed), )* }
+            }
+        }
+    };
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

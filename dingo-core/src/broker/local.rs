@@ -26,8 +26,8 @@ use arc_swap::ArcSwap;
 use crossbeam_channel::{Receiver, Select, SendTimeoutError, Sender, TryRecvError, TrySendError};
 
 use crate::broker::kit::{Lifecycle, lock};
-use crate::broker::support;
 use crate::broker::router::{ReportRouter, Routed, UnclaimedLimit};
+use crate::broker::support;
 use crate::broker::{
     Ack, ConsumeSettings, Consumer, DeadLetter, Delivery, Producer, Recv, Reporter, Store, Subscription,
 };

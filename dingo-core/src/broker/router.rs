@@ -232,6 +232,13 @@ impl ReportRouter {
         self.watching.load(Ordering::Relaxed)
     }
 
+    /// How long a caller about to wait polls ([`Store::wait_spin`](crate::broker::Store::wait_spin)),
+    /// for a store whose reports come over the network: `spin` for a lone call, nothing
+    /// while more are in flight (a caller with many would burn a core the workers need).
+    pub fn wait_spin(&self, spin: Duration) -> Duration {
+        if self.watched() <= 1 { spin } else { Duration::ZERO }
+    }
+
     /// Closes the router: every waiting handle learns that no report will come (a
     /// `Shutdown` failure), kept reports are dropped, later ones too.
     pub fn close(&self) {
