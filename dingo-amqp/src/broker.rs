@@ -145,11 +145,11 @@ impl AmqpBroker {
             names,
             reply_queue,
             session,
-            events,
+            events: events.clone(),
             stats: Counters::default(),
             known: Mutex::new(HashSet::new()),
             control: Mutex::new(None),
-            life: Lifecycle::new(NAME),
+            life: Lifecycle::new(NAME, events),
             publisher: Lazy::new(),
             listener: Lazy::new(),
             options,
@@ -268,17 +268,6 @@ impl AmqpBroker {
     /// confirmed first, then the threads stop; pending calls get a `Shutdown` failure.
     pub fn shutdown(&self) {
         self.inner.shutdown();
-    }
-
-    fn attach_events(&self, events: &EventSink) {
-        self.inner.life.attach();
-        self.inner.events.add(events);
-    }
-
-    fn detach(&self) {
-        if self.inner.life.detach() {
-            self.inner.shutdown();
-        }
     }
 }
 
@@ -415,7 +404,7 @@ impl Shutdown for Inner {
 
 impl Producer for AmqpBroker {
     fn attach(&self, events: &EventSink) {
-        self.attach_events(events);
+        self.inner.life.attach(events);
     }
 
     fn declare(&self, task: &TaskName) -> Result<(), BrokerError> {
@@ -455,13 +444,13 @@ impl Producer for AmqpBroker {
     }
 
     fn close(&self) {
-        self.detach();
+        self.inner.life.release(&*self.inner);
     }
 }
 
 impl Consumer for AmqpBroker {
     fn attach(&self, events: &EventSink) {
-        self.attach_events(events);
+        self.inner.life.attach(events);
     }
 
     fn declare(&self, task: &TaskName) -> Result<(), BrokerError> {
@@ -481,13 +470,13 @@ impl Consumer for AmqpBroker {
     }
 
     fn close(&self) {
-        self.detach();
+        self.inner.life.release(&*self.inner);
     }
 }
 
 impl Reporter for AmqpBroker {
     fn attach(&self, events: &EventSink) {
-        self.attach_events(events);
+        self.inner.life.attach(events);
     }
 
     fn report(&self, to: &ReplyTo, report: ReportMessage<'_>) -> Result<(), BrokerError> {
@@ -511,7 +500,7 @@ impl Reporter for AmqpBroker {
     }
 
     fn close(&self) {
-        self.detach();
+        self.inner.life.release(&*self.inner);
     }
 }
 
@@ -568,7 +557,7 @@ impl Inner {
 
 impl Store for AmqpBroker {
     fn attach(&self, events: &EventSink) {
-        self.attach_events(events);
+        self.inner.life.attach(events);
     }
 
     fn watch(&self, key: &CallKey, sink: ReplySink) -> Result<ReplyTo, BrokerError> {
@@ -588,7 +577,7 @@ impl Store for AmqpBroker {
     }
 
     fn close(&self) {
-        self.detach();
+        self.inner.life.release(&*self.inner);
     }
 }
 

@@ -182,13 +182,13 @@ impl RedisBroker {
         let inner = Arc::new(Inner {
             client,
             process,
-            events,
+            events: events.clone(),
             stats: Counters::default(),
             router,
             queues: ArcSwap::default(),
             known: Mutex::new(HashSet::new()),
             misc: Mutex::new(misc),
-            life: Lifecycle::new("the redis broker"),
+            life: Lifecycle::new("the redis broker", events),
             writer: Lazy::new(),
             completer: Lazy::new(),
             flusher: Lazy::new(),
@@ -288,17 +288,6 @@ impl RedisBroker {
     /// written first, then the threads stop; pending calls get a `Shutdown` failure.
     pub fn shutdown(&self) {
         self.inner.shutdown();
-    }
-
-    fn attach_events(&self, events: &EventSink) {
-        self.inner.life.attach();
-        self.inner.events.add(events);
-    }
-
-    fn detach(&self) {
-        if self.inner.life.detach() {
-            self.inner.shutdown();
-        }
     }
 }
 
@@ -610,7 +599,7 @@ impl Shutdown for Inner {
 
 impl Producer for RedisBroker {
     fn attach(&self, events: &EventSink) {
-        self.attach_events(events);
+        self.inner.life.attach(events);
     }
 
     fn declare(&self, task: &TaskName) -> Result<(), BrokerError> {
@@ -639,13 +628,13 @@ impl Producer for RedisBroker {
     }
 
     fn close(&self) {
-        self.detach();
+        self.inner.life.release(&*self.inner);
     }
 }
 
 impl Consumer for RedisBroker {
     fn attach(&self, events: &EventSink) {
-        self.attach_events(events);
+        self.inner.life.attach(events);
     }
 
     fn declare(&self, task: &TaskName) -> Result<(), BrokerError> {
@@ -663,13 +652,13 @@ impl Consumer for RedisBroker {
     }
 
     fn close(&self) {
-        self.detach();
+        self.inner.life.release(&*self.inner);
     }
 }
 
 impl Reporter for RedisBroker {
     fn attach(&self, events: &EventSink) {
-        self.attach_events(events);
+        self.inner.life.attach(events);
     }
 
     fn report(&self, to: &ReplyTo, report: ReportMessage<'_>) -> Result<(), BrokerError> {
@@ -722,7 +711,7 @@ impl Reporter for RedisBroker {
     }
 
     fn close(&self) {
-        self.detach();
+        self.inner.life.release(&*self.inner);
     }
 }
 
@@ -739,7 +728,7 @@ fn caller(to: &ReplyTo) -> Result<Option<Arc<str>>, BrokerError> {
 
 impl Store for RedisBroker {
     fn attach(&self, events: &EventSink) {
-        self.attach_events(events);
+        self.inner.life.attach(events);
     }
 
     fn watch(&self, key: &CallKey, sink: ReplySink) -> Result<ReplyTo, BrokerError> {
@@ -764,7 +753,7 @@ impl Store for RedisBroker {
     }
 
     fn close(&self) {
-        self.detach();
+        self.inner.life.release(&*self.inner);
     }
 }
 

@@ -8,9 +8,11 @@
 //! ```
 //! use std::sync::Arc;
 //! use dingo_core::broker::kit::{Lifecycle, Shutdown, ShutdownOnDrop};
+//! use dingo_core::event::{EventSink, EventSinks};
 //!
 //! struct Inner {
 //!     life: Lifecycle,
+//!     // … connections, threads (each a `Thread`, or a `Lazy` one started on first use)
 //! }
 //!
 //! impl Shutdown for Inner {
@@ -29,13 +31,14 @@
 //!     _last: Arc<ShutdownOnDrop<Inner>>,
 //! }
 //!
-//! let inner = Arc::new(Inner { life: Lifecycle::new("my broker") });
+//! let events = EventSinks::new();
+//! let inner = Arc::new(Inner { life: Lifecycle::new("my broker", events) });
 //! let broker = MyBroker { _last: ShutdownOnDrop::new(inner.clone()), inner };
-//! broker.inner.life.attach(); // an app uses it
+//! // What a role trait's `attach` and `close` do (`Producer::attach`, `Producer::close`, …):
+//! let app_events = EventSink::new();
+//! broker.inner.life.attach(&app_events);
 //! assert!(broker.inner.life.check_open().is_ok());
-//! if broker.inner.life.detach() {
-//!     broker.inner.shutdown(); // that was the last app
-//! }
+//! broker.inner.life.release(&*broker.inner); // the last app: shuts it down
 //! let error = broker.inner.life.check_open().unwrap_err();
 //! assert_eq!(error.to_string(), "my broker is shut down");
 //! ```
@@ -48,6 +51,7 @@ use std::thread::JoinHandle;
 use crossbeam_channel::{Receiver, Sender};
 
 use crate::error::{BrokerError, BrokerErrorKind};
+use crate::event::{EventSink, EventSinks};
 
 /// Locks `mutex`, using the data even if a holder panicked.
 ///
@@ -57,34 +61,49 @@ pub fn lock<T: ?Sized>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
     mutex.lock().unwrap_or_else(|e| e.into_inner())
 }
 
-/// A broker's life: how many apps use it, and whether it has shut down.
+/// A broker's life: the apps that use it (and get its events), and whether it has shut down.
 ///
 /// A broker that several apps share shuts down when the last of them closes (see
-/// [`Store::close`](crate::broker::Store::close)), or when its owner shuts it down.
+/// [`Store::close`](crate::broker::Store::close)), or when its owner shuts it down. Each
+/// role a broker plays for an app attaches and releases it once: the role traits' `attach`
+/// call [`attach`](Lifecycle::attach), their `close` call [`release`](Lifecycle::release).
 #[derive(Debug)]
 pub struct Lifecycle {
     /// What the broker is called in errors ("the redis broker").
     name: &'static str,
+    /// Where the broker's events go: the sinks of the apps that attached it.
+    events: EventSinks,
     users: AtomicUsize,
     closed: AtomicBool,
 }
 
 impl Lifecycle {
-    /// A broker in use by no app yet, open; `name` is how errors call it ("the redis broker").
-    pub const fn new(name: &'static str) -> Lifecycle {
-        Lifecycle { name, users: AtomicUsize::new(0), closed: AtomicBool::new(false) }
+    /// A broker in use by no app yet, open; `name` is how errors call it ("the redis
+    /// broker"); `events` are the broker's sinks, which every app that attaches joins.
+    pub fn new(name: &'static str, events: EventSinks) -> Lifecycle {
+        Lifecycle { name, events, users: AtomicUsize::new(0), closed: AtomicBool::new(false) }
     }
 
-    /// An app attached the broker.
-    pub fn attach(&self) {
+    /// An app attached the broker, in one of its roles: counted, and its sink gets the
+    /// broker's events.
+    pub fn attach(&self, app_events: &EventSink) {
         self.users.fetch_add(1, Ordering::AcqRel);
+        self.events.add(app_events);
     }
 
-    /// An app let the broker go; `true` when it was the last one (time to shut down).
+    /// An app let the broker go, in one of its roles; `true` when that was the last use (time
+    /// to shut down).
     pub fn detach(&self) -> bool {
         let previous =
             self.users.fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| Some(n.saturating_sub(1))).unwrap_or(0);
         previous <= 1
+    }
+
+    /// [`detach`](Lifecycle::detach)es, and shuts `broker` down if that was the last use.
+    pub fn release(&self, broker: &impl Shutdown) {
+        if self.detach() {
+            broker.shutdown();
+        }
     }
 
     /// Marks the broker shut down; `true` for the one caller that did it (and now stops its
@@ -341,9 +360,10 @@ mod tests {
 
     #[test]
     fn the_last_of_several_users_is_told_so() {
-        let life = Lifecycle::new("the test broker");
-        life.attach();
-        life.attach();
+        let life = Lifecycle::new("the test broker", EventSinks::new());
+        let app = EventSink::new();
+        life.attach(&app);
+        life.attach(&app);
         assert!(!life.detach());
         assert!(life.detach());
         // More detaches than attaches (an app closing twice) still say "last".
@@ -352,7 +372,7 @@ mod tests {
 
     #[test]
     fn closing_happens_once_and_refuses_afterwards() {
-        let life = Lifecycle::new("the test broker");
+        let life = Lifecycle::new("the test broker", EventSinks::new());
         assert!(life.check_open().is_ok());
         assert!(life.close());
         assert!(!life.close());

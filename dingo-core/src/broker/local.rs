@@ -25,7 +25,7 @@ use std::time::{Duration, Instant};
 use arc_swap::ArcSwap;
 use crossbeam_channel::{Receiver, Select, SendTimeoutError, Sender, TryRecvError, TrySendError};
 
-use crate::broker::kit::{Lifecycle, lock};
+use crate::broker::kit::{Lifecycle, Shutdown, lock};
 use crate::broker::router::{ReportRouter, Routed, UnclaimedLimit};
 use crate::broker::support;
 use crate::broker::{
@@ -171,7 +171,7 @@ impl LocalBroker {
                 options,
                 queues: ArcSwap::from_pointee(FastMap::default()),
                 declare_lock: Mutex::new(()),
-                life: Lifecycle::new("the local broker"),
+                life: Lifecycle::new("the local broker", events.clone()),
                 shutdown_tx: Mutex::new(Some(shutdown_tx)),
                 shutdown_rx,
                 events,
@@ -226,17 +226,6 @@ impl LocalBroker {
     pub fn shutdown(&self) {
         self.inner.shutdown();
     }
-
-    fn attach_events(&self, events: &EventSink) {
-        self.inner.life.attach();
-        self.inner.events.add(events);
-    }
-
-    fn detach(&self) {
-        if self.inner.life.detach() {
-            self.inner.shutdown();
-        }
-    }
 }
 
 impl Default for LocalBroker {
@@ -278,18 +267,6 @@ impl Inner {
             self.queues.store(Arc::new(next));
         }
         Ok(())
-    }
-
-    fn shutdown(&self) {
-        // SeqCst pairs with the load after enqueueing in `send`: either the sender sees the
-        // flag and drains, or this drain sees the message.
-        if !self.life.close() {
-            return;
-        }
-        lock(&self.shutdown_tx).take();
-        self.drain_queues();
-        // Pending handles of the serialized store learn that no report will come.
-        self.router.close();
     }
 
     /// Fails every queued task with `Shutdown`.
@@ -405,9 +382,23 @@ impl Inner {
     }
 }
 
+impl Shutdown for Inner {
+    fn shutdown(&self) {
+        // SeqCst pairs with the load after enqueueing in `send`: either the sender sees the
+        // flag and drains, or this drain sees the message.
+        if !self.life.close() {
+            return;
+        }
+        lock(&self.shutdown_tx).take();
+        self.drain_queues();
+        // Pending handles of the serialized store learn that no report will come.
+        self.router.close();
+    }
+}
+
 impl Producer for LocalBroker {
     fn attach(&self, events: &EventSink) {
-        self.attach_events(events);
+        self.inner.life.attach(events);
     }
 
     fn declare(&self, task: &TaskName) -> Result<(), BrokerError> {
@@ -471,13 +462,13 @@ impl Producer for LocalBroker {
     }
 
     fn close(&self) {
-        self.detach();
+        self.inner.life.release(&*self.inner);
     }
 }
 
 impl Consumer for LocalBroker {
     fn attach(&self, events: &EventSink) {
-        self.attach_events(events);
+        self.inner.life.attach(events);
     }
 
     fn declare(&self, task: &TaskName) -> Result<(), BrokerError> {
@@ -505,13 +496,13 @@ impl Consumer for LocalBroker {
     }
 
     fn close(&self) {
-        self.detach();
+        self.inner.life.release(&*self.inner);
     }
 }
 
 impl Reporter for LocalBroker {
     fn attach(&self, events: &EventSink) {
-        self.attach_events(events);
+        self.inner.life.attach(events);
     }
 
     fn report(&self, to: &ReplyTo, report: ReportMessage<'_>) -> Result<(), BrokerError> {
@@ -531,13 +522,13 @@ impl Reporter for LocalBroker {
     }
 
     fn close(&self) {
-        self.detach();
+        self.inner.life.release(&*self.inner);
     }
 }
 
 impl Store for LocalBroker {
     fn attach(&self, events: &EventSink) {
-        self.attach_events(events);
+        self.inner.life.attach(events);
     }
 
     fn watch(&self, key: &CallKey, sink: ReplySink) -> Result<ReplyTo, BrokerError> {
@@ -561,7 +552,7 @@ impl Store for LocalBroker {
     }
 
     fn close(&self) {
-        self.detach();
+        self.inner.life.release(&*self.inner);
     }
 }
 
