@@ -17,7 +17,9 @@
 //! Instantiate with the macros: `dingo_test_support::transport_suite!(setup)` and friends
 //! expand to one `#[test]` per rule, each with a fresh `setup` (evaluated per test, so each
 //! test gets its own broker or namespace). `setup` is an `Option`: `None` skips the test (a
-//! server that is not there, see [`service_url`]).
+//! server that is not there, see [`service_url`]). A rule is a `pub fn` taking the suite's
+//! setup, and each must be listed in its macro: a unit test of this crate fails on one that
+//! is not.
 
 // Test helpers are not printed; Debug on every helper type would be noise.
 #![allow(missing_debug_implementations)]
@@ -31,6 +33,9 @@ pub mod rabbitmq_node;
 pub mod redis_server;
 pub mod reports;
 pub mod transport;
+
+#[cfg(test)]
+mod suite_lists;
 
 use std::time::Duration;
 
