@@ -95,6 +95,31 @@ mod hygienic {
     }
 }
 
+/// `crate = path`, for a program that names dingo otherwise: generated code goes through
+/// the path given (a unit test of dingo-macros checks that no path bypasses it).
+mod renamed {
+    #![no_implicit_prelude]
+
+    use ::dingo as renamed;
+    use ::std::convert::From;
+    use ::std::string::String;
+
+    /// Only `__private`, as a re-export of dingo's facade would have it.
+    pub(crate) mod reexport {
+        pub(crate) use ::dingo::__private;
+    }
+
+    #[renamed::task(crate = renamed)]
+    pub(crate) fn triple(x: i64) -> i64 {
+        x * 3
+    }
+
+    #[renamed::task(crate = self::reexport, name = "renamed.whoami")]
+    pub(crate) fn whoami(ctx: &renamed::Context<'_>) -> String {
+        String::from(ctx.name().as_str())
+    }
+}
+
 fn app() -> App {
     let app = App::local().unwrap();
     app.allocate_all(2).unwrap();
@@ -186,5 +211,14 @@ fn unit_tasks_run_and_send_returns_an_id() {
         assert!(Instant::now() < deadline, "the sent task did not run");
         std::thread::sleep(Duration::from_millis(5));
     }
+    app.close().unwrap();
+}
+
+#[test]
+fn a_renamed_crate_path_generates_working_tasks() {
+    let app = app();
+    assert!(renamed::triple::NAME.ends_with("hygiene::renamed::triple"), "{}", renamed::triple::NAME);
+    assert_eq!(renamed::triple::call(&app, 4).unwrap().wait().unwrap(), 12);
+    assert_eq!(renamed::whoami::call(&app).unwrap().wait().unwrap(), "renamed.whoami");
     app.close().unwrap();
 }

@@ -1,7 +1,7 @@
 //! Redis users denied what dingo needs, on a private server with an ACL file: connecting
 //! fails at once with an error that names what is missing, and takes nothing from the
 //! queues. (A least-privilege user that has everything runs the whole conformance suite, in
-//! `conformance_redis.rs`, and the fencing faults, in `redis_faults.rs`.)
+//! `conformance_redis.rs`, and the fencing faults, in `redis_leases.rs`.)
 #![cfg(feature = "redis")]
 
 use std::time::{Duration, Instant};

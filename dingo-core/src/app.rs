@@ -292,8 +292,8 @@ impl App {
         self.submit::<(), RawOutput>(name, 0, Args::Encoded(args), options, result::decode_raw)
     }
 
-    #[doc(hidden)]
-    pub fn __call_task<K: Task>(&self, args: K::Args, options: &CallOptions) -> Result<Handle<K::Output>, Error> {
+    /// Calls a macro-generated task; its stubs reach this through `__private::call`.
+    pub(crate) fn call_task<K: Task>(&self, args: K::Args, options: &CallOptions) -> Result<Handle<K::Output>, Error> {
         let name = TaskName::from_static(K::NAME);
         self.submit(name, K::fingerprint(), Args::Typed(args), options, result::decode_value::<K::Output>)
     }

@@ -22,12 +22,12 @@ pub use crate::result::Handle;
 
 /// Calls a macro-generated task.
 pub fn call<K: Task>(app: &App, args: K::Args, options: &CallOptions) -> Result<Handle<K::Output>, Error> {
-    app.__call_task::<K>(args, options)
+    app.call_task::<K>(args, options)
 }
 
 /// Sends a macro-generated task without a report.
 pub fn send<K: Task>(app: &App, args: K::Args) -> Result<TaskId, Error> {
-    let handle = app.__call_task::<K>(args, &CallOptions::new().ignore_report(true))?;
+    let handle = app.call_task::<K>(args, &CallOptions::new().ignore_report(true))?;
     Ok(handle.id().clone())
 }
 

@@ -6,7 +6,7 @@
 use proc_macro2::TokenStream;
 use syn::meta::ParseNestedMeta;
 use syn::parse::Parser;
-use syn::{Expr, ExprLit, Lit, LitStr};
+use syn::{Expr, ExprLit, ExprPath, Lit, LitStr, Path};
 
 use crate::errors::Errors;
 
@@ -15,6 +15,9 @@ use crate::errors::Errors;
 pub(crate) struct TaskAttrs {
     /// `name = "…"`; `None` means the module-qualified function name.
     pub(crate) name: Option<LitStr>,
+    /// `crate = path`: where the dingo crate is, for programs that rename the dependency;
+    /// `None` means `::dingo`.
+    pub(crate) krate: Option<Path>,
 }
 
 /// Parses one key's value into [`TaskAttrs`]. Problems with the value go to `Errors` (so the
@@ -22,7 +25,7 @@ pub(crate) struct TaskAttrs {
 type ParseKey = fn(&ParseNestedMeta<'_>, &mut TaskAttrs, &mut Errors) -> syn::Result<()>;
 
 /// Every key the attribute accepts.
-const KEYS: &[(&str, ParseKey)] = &[("name", parse_name)];
+const KEYS: &[(&str, ParseKey)] = &[("name", parse_name), ("crate", parse_crate)];
 
 /// Reads the attribute's tokens (`name = "…", …`).
 pub(crate) fn parse(tokens: TokenStream, errors: &mut Errors) -> TaskAttrs {
@@ -73,6 +76,16 @@ fn parse_name(meta: &ParseNestedMeta<'_>, attrs: &mut TaskAttrs, errors: &mut Er
     Ok(())
 }
 
+/// `crate = my_dingo`: the path generated code reaches dingo through.
+fn parse_crate(meta: &ParseNestedMeta<'_>, attrs: &mut TaskAttrs, errors: &mut Errors) -> syn::Result<()> {
+    let value: Expr = meta.value()?.parse()?;
+    match value {
+        Expr::Path(ExprPath { attrs: outer, qself: None, path }) if outer.is_empty() => attrs.krate = Some(path),
+        other => errors.at(other, "`crate` takes a path, e.g. `crate = my_dingo` or `crate = ::dingo`"),
+    }
+    Ok(())
+}
+
 /// Moves past an unknown key's value (`= expr`, `(…)` or nothing) to reach the next key.
 fn skip_value(meta: &ParseNestedMeta<'_>) -> syn::Result<()> {
     if meta.input.peek(syn::Token![=]) {
@@ -116,15 +129,34 @@ mod tests {
     }
 
     #[test]
+    fn crate_path() {
+        let path = |attrs: TaskAttrs| attrs.krate.map(|path| quote!(#path).to_string());
+        assert!(parse_ok(quote!(name = "a")).krate.is_none());
+        assert_eq!(path(parse_ok(quote!(crate = my_dingo))).as_deref(), Some("my_dingo"));
+        assert_eq!(path(parse_ok(quote!(name = "a", crate = ::dingo))).as_deref(), Some(":: dingo"));
+        assert_eq!(
+            path(parse_ok(quote!(crate = crate::reexports::dingo))).as_deref(),
+            Some("crate :: reexports :: dingo")
+        );
+        assert_eq!(
+            messages(quote!(crate = "dingo", crate = ::dingo)),
+            [
+                "`crate` takes a path, e.g. `crate = my_dingo` or `crate = ::dingo`",
+                "duplicate key `crate`: it may appear once",
+            ]
+        );
+    }
+
+    #[test]
     fn reports_every_bad_key_in_one_pass() {
         let found = messages(quote!(nmae = "a", name = "b", name = 3, retries(5), name = ""));
         assert_eq!(
             found,
             [
-                "unknown key `nmae`; `#[dingo::task]` accepts `name`",
+                "unknown key `nmae`; `#[dingo::task]` accepts `name`, `crate`",
                 "duplicate key `name`: it may appear once",
                 "`name` takes a string literal, e.g. `name = \"billing.charge\"`",
-                "unknown key `retries`; `#[dingo::task]` accepts `name`",
+                "unknown key `retries`; `#[dingo::task]` accepts `name`, `crate`",
                 "duplicate key `name`: it may appear once",
                 "the task name must not be empty",
             ]

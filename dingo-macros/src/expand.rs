@@ -3,7 +3,7 @@
 //!
 //! Generated code names only `::dingo::__private::…` (never `::std`, `::serde` or the
 //! prelude), so it compiles under `#![no_implicit_prelude]` and in crates that depend on
-//! neither serde nor inventory.
+//! neither serde nor inventory; with `crate = path`, `path::__private::…` instead.
 
 mod stub;
 mod submit;
@@ -11,21 +11,22 @@ mod task_impl;
 
 use proc_macro2::{Delimiter, Group, Span, TokenStream};
 use quote::{ToTokens, quote, quote_spanned};
+use syn::Attribute;
 use syn::ext::IdentExt;
-use syn::{Attribute, ItemFn};
 
 use crate::attr::{self, TaskAttrs};
 use crate::errors::Errors;
+use crate::item;
 use crate::signature::{self, TaskFn};
 
 /// The expansion of `#[dingo::task(attr)] item`.
 pub(crate) fn task(attr: TokenStream, item: TokenStream) -> TokenStream {
     let mut errors = Errors::default();
     let attrs = attr::parse(attr, &mut errors);
-    let func = match syn::parse2::<ItemFn>(item.clone()) {
+    let func = match item::parse(item.clone()) {
         Ok(func) => func,
-        Err(_) => {
-            errors.push(syn::Error::new(Span::call_site(), "`#[dingo::task]` goes on a free function (`fn`)"));
+        Err(error) => {
+            errors.push(error);
             return unchanged(item, errors);
         }
     };
@@ -34,11 +35,17 @@ pub(crate) fn task(attr: TokenStream, item: TokenStream) -> TokenStream {
         return unchanged(item, errors);
     }
 
+    let span = task.ident.span();
+    let private = match &attrs.krate {
+        Some(krate) => quote_spanned!(span=> #krate::__private),
+        None => quote_spanned!(span=> ::dingo::__private),
+    };
     let generated = Generated {
         task: &task,
-        name: name_expr(&attrs, &task),
+        name: name_expr(&attrs, &task, &private),
         cfgs: func.attrs.iter().filter(|attr| attr.path().is_ident("cfg")).collect(),
-        span: task.ident.span(),
+        private,
+        span,
     };
     let stub = stub::stub(&generated);
     let task_impl = task_impl::task_impl(&generated);
@@ -65,14 +72,17 @@ struct Generated<'a> {
     name: TokenStream,
     /// The function's `#[cfg]`s: what exists only with the function is generated only with it.
     cfgs: Vec<&'a Attribute>,
+    /// `::dingo::__private` (or `<crate>::__private` with `crate = …`), the only path
+    /// generated code names.
+    private: TokenStream,
     /// The function's name: generated items point there in diagnostics.
     span: Span,
 }
 
 impl Generated<'_> {
-    /// `::dingo::__private`, the only path generated code names.
+    /// The `__private` module of the dingo crate, the only path generated code names.
     fn private(&self) -> TokenStream {
-        quote_spanned!(self.span=> ::dingo::__private)
+        self.private.clone()
     }
 
     /// The wire arguments' type: the argument's own for one (`T`, as a closure registered
@@ -100,14 +110,37 @@ impl Generated<'_> {
 }
 
 /// `name = "…"`, else the module-qualified function name.
-fn name_expr(attrs: &TaskAttrs, task: &TaskFn<'_>) -> TokenStream {
+fn name_expr(attrs: &TaskAttrs, task: &TaskFn<'_>, private: &TokenStream) -> TokenStream {
     match &attrs.name {
         Some(name) => quote!(#name),
         None => {
             let span = task.ident.span();
             let ident = task.ident.unraw().to_string();
             // Qualified, so a user's own `concat!` or `module_path!` macro cannot interfere.
-            quote_spanned!(span=> ::dingo::__private::concat!(::dingo::__private::module_path!(), "::", #ident))
+            quote_spanned!(span=> #private::concat!(#private::module_path!(), "::", #ident))
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use quote::quote;
+
+    use super::*;
+
+    #[test]
+    fn every_generated_path_goes_through_the_crate_key() {
+        let item = quote!(
+            fn add(ctx: &Context, a: i64, b: i64) -> Result<i64, String> {
+                Ok(a + b)
+            }
+        );
+        let renamed = task(quote!(crate = renamed), item.clone()).to_string();
+        assert!(renamed.contains("renamed :: __private"), "{renamed}");
+        assert!(!renamed.contains("dingo ::"), "a path not through `crate`: {renamed}");
+
+        let default = task(TokenStream::new(), item).to_string();
+        assert!(default.contains(":: dingo :: __private"), "{default}");
+        assert!(!default.contains("renamed"), "{default}");
     }
 }

@@ -1,13 +1,15 @@
 //! The `#[dingo::task]` attribute macro; use it through the `dingo` crate, whose
 //! `dingo::__private` module is all the generated code refers to.
 //!
-//! The expansion runs in three steps: `attr` reads the attribute's keys, `signature`
-//! reads and checks the function, and the generators in `expand` write one item each.
+//! The expansion runs in three steps: `attr` reads the attribute's keys, `item` and
+//! `signature` read and check the function (its body stays tokens), and the generators in
+//! `expand` write one item each.
 #![deny(missing_docs)]
 
 mod attr;
 mod errors;
 mod expand;
+mod item;
 mod signature;
 
 use proc_macro::TokenStream;
@@ -36,8 +38,22 @@ use proc_macro::TokenStream;
 /// | key | default | meaning |
 /// | --- | --- | --- |
 /// | `name = "…"` | `module_path!()::function` | the task's name on the wire (a non-empty string literal) |
+/// | `crate = path` | `::dingo` | where generated code finds the `dingo` crate, for a program that renames the dependency (`crate = my_dingo`) or re-exports it |
 ///
 /// Unknown and repeated keys are errors.
+///
+/// ```
+/// // A program that names dingo otherwise (`my_dingo = { package = "dingo", … }` in its
+/// // Cargo.toml, or a re-export) says where it is.
+/// use dingo as my_dingo;
+///
+/// #[my_dingo::task(crate = my_dingo, name = "ping")]
+/// fn ping() -> String {
+///     "pong".to_string()
+/// }
+///
+/// assert_eq!(ping::NAME, "ping");
+/// ```
 ///
 /// # Generated items
 ///
@@ -99,7 +115,9 @@ use proc_macro::TokenStream;
 /// (types, lifetimes, consts), `impl Trait` arguments and returns, `where` clauses, `self`,
 /// `async fn`, `const fn`, `unsafe fn`, `extern` ABIs, variadics, patterns other than a
 /// name, borrowed argument or return types, `&mut Context`, a second context, unknown or
-/// repeated keys, a `name` that is not a non-empty string literal.
+/// repeated keys, a `name` that is not a non-empty string literal, a `crate` that is not a
+/// path. A syntax error in the function's body is rustc's own, at its place: the body is
+/// emitted as written, never parsed by the macro.
 #[proc_macro_attribute]
 pub fn task(attr: TokenStream, item: TokenStream) -> TokenStream {
     expand::task(attr.into(), item.into()).into()

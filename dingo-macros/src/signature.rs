@@ -9,11 +9,11 @@
 use proc_macro2::{Span, TokenStream};
 use quote::quote;
 use syn::{
-    FnArg, GenericArgument, Ident, ItemFn, Pat, PathArguments, ReturnType, Safety, Signature, Type, TypeReference,
-    Visibility,
+    FnArg, GenericArgument, Ident, Pat, PathArguments, ReturnType, Safety, Signature, Type, TypeReference, Visibility,
 };
 
 use crate::errors::Errors;
+use crate::item::TaskItem;
 
 /// A function that can be a task.
 pub(crate) struct TaskFn<'a> {
@@ -79,7 +79,7 @@ impl<'a> TaskFn<'a> {
 }
 
 /// Reads `func` as a task; every reason it cannot be one goes to `errors`.
-pub(crate) fn analyze<'a>(func: &'a ItemFn, errors: &mut Errors) -> TaskFn<'a> {
+pub(crate) fn analyze<'a>(func: &'a TaskItem, errors: &mut Errors) -> TaskFn<'a> {
     let sig = &func.sig;
     check_qualifiers(sig, errors);
     check_generics(sig, errors);
@@ -312,7 +312,7 @@ mod tests {
     use super::*;
 
     /// The analysis of `func`, or the error messages.
-    fn analyze_ok(func: &ItemFn) -> Result<TaskFn<'_>, Vec<String>> {
+    fn analyze_ok(func: &TaskItem) -> Result<TaskFn<'_>, Vec<String>> {
         let mut errors = Errors::default();
         let task = analyze(func, &mut errors);
         match errors.finish() {
@@ -323,7 +323,7 @@ mod tests {
 
     fn output_of(ret: Type) -> String {
         // The body is never looked at: only the signature is analysed.
-        let func: ItemFn = parse_quote!(fn f() -> #ret { f() });
+        let func: TaskItem = parse_quote!(fn f() -> #ret { f() });
         match analyze_ok(&func).map(|task| task.output) {
             Ok(Output::Unit) => "unit".to_owned(),
             Ok(Output::Value(ty)) => format!("value {}", quote!(#ty)),
@@ -345,7 +345,7 @@ mod tests {
 
     #[test]
     fn detects_unit_and_values() {
-        let func: ItemFn = parse_quote!(
+        let func: TaskItem = parse_quote!(
             fn f() {}
         );
         assert!(matches!(analyze_ok(&func).map(|t| t.output), Ok(Output::Unit)));
@@ -355,7 +355,7 @@ mod tests {
     }
 
     /// The parameters as `ctx` or `name: type`.
-    fn params_of(func: ItemFn) -> Result<Vec<String>, Vec<String>> {
+    fn params_of(func: TaskItem) -> Result<Vec<String>, Vec<String>> {
         analyze_ok(&func).map(|task| {
             task.params
                 .iter()

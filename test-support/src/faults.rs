@@ -1,6 +1,6 @@
 //! Helpers of the fault tests, shared by every broker's: waiting for conditions, URLs
-//! through a [`Proxy`], the events an app emitted, calls watched by hand and task messages
-//! crafted by hand.
+//! through a [`Proxy`], the events an app emitted, calls watched by hand, task messages
+//! crafted by hand and a task that waits for the test ([`Gate`]).
 
 use std::net::{SocketAddr, ToSocketAddrs};
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -170,4 +170,28 @@ pub fn failure(inbox: &Inbox) -> (TaskErrorKind, String) {
     let failures = lock(&inbox.failures);
     assert_eq!(failures.len(), 1, "{failures:?}");
     failures[0].clone()
+}
+
+/// A task that waits for the test to let it finish; returns `n + 1`.
+pub struct Gate {
+    /// The argument of each run, as it starts.
+    pub started: std::sync::mpsc::Receiver<u64>,
+    /// One message lets one run finish.
+    pub release: std::sync::mpsc::SyncSender<()>,
+}
+
+impl Gate {
+    /// Registers `name` on `app` as a gated task.
+    pub fn register(app: &App, name: &str) -> Gate {
+        let (started_tx, started) = std::sync::mpsc::sync_channel::<u64>(16);
+        let (release, release_rx) = std::sync::mpsc::sync_channel::<()>(16);
+        let (started_tx, release_rx) = (Mutex::new(started_tx), Mutex::new(release_rx));
+        app.register(name, move |(n,): (u64,)| {
+            let _ = lock(&started_tx).send(n);
+            let _ = lock(&release_rx).recv_timeout(PATIENCE);
+            n + 1
+        })
+        .expect("register the gated task");
+        Gate { started, release }
+    }
 }

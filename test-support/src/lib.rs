@@ -17,7 +17,9 @@
 //! Instantiate with the macros: `dingo_test_support::transport_suite!(setup)` and friends
 //! expand to one `#[test]` per rule, each with a fresh `setup` (evaluated per test, so each
 //! test gets its own broker or namespace). `setup` is an `Option`: `None` skips the test (a
-//! server that is not there, see [`service_url`]).
+//! server that is not there, see [`service_url`]). A rule is a `pub fn` taking the suite's
+//! setup, and each must be listed in its macro: a unit test of this crate fails on one that
+//! is not.
 
 // Test helpers are not printed; Debug on every helper type would be noise.
 #![allow(missing_debug_implementations)]
@@ -31,6 +33,9 @@ pub mod rabbitmq_node;
 pub mod redis_server;
 pub mod reports;
 pub mod transport;
+
+#[cfg(test)]
+mod suite_lists;
 
 use std::time::Duration;
 
@@ -189,6 +194,7 @@ pub mod redis {
     //! Setups for the Redis broker: a unique namespace per test on the server of
     //! `DINGO_REDIS_URL` (default `redis://127.0.0.1:6379`), deleted afterwards.
 
+    use std::collections::BTreeMap;
     use std::sync::Arc;
     use std::time::Duration;
 
@@ -243,6 +249,33 @@ pub mod redis {
             .filter(|key| !key.is_empty())
             .map(|key| redis_cli(url, &["LLEN", key]).parse::<u64>().expect("LLEN"))
             .sum()
+    }
+
+    /// A command's counts in `INFO commandstats`.
+    #[derive(Debug, PartialEq)]
+    pub struct CommandStat {
+        /// Calls run.
+        pub calls: u64,
+        /// Calls refused (`rejected_calls`: ACL, arity, …).
+        pub rejected: u64,
+    }
+
+    /// `INFO commandstats` of the server at `url`, by command (`client|kill`, …).
+    pub fn command_stats(url: &str) -> BTreeMap<String, CommandStat> {
+        let info = redis_cli(url, &["INFO", "commandstats"]);
+        let mut stats = BTreeMap::new();
+        for line in info.lines() {
+            let Some((command, fields)) = line.strip_prefix("cmdstat_").and_then(|line| line.split_once(':')) else {
+                continue;
+            };
+            let field = |name: &str| {
+                fields.split(',').find_map(|f| f.strip_prefix(name)?.strip_prefix('=')?.trim().parse::<u64>().ok())
+            };
+            let stat =
+                CommandStat { calls: field("calls").unwrap_or(0), rejected: field("rejected_calls").unwrap_or(0) };
+            stats.insert(command.to_owned(), stat);
+        }
+        stats
     }
 
     /// The server's URL, or `None` (the test is skipped, loudly) when it does not answer.
