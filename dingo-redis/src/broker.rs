@@ -11,6 +11,10 @@
 //!
 //! The threads that settle (the worker threads, the [`flusher`], the report writer) share one
 //! vocabulary and planner, [`settle`], and none of them imports another.
+//!
+//! A connection that blocks (an idle worker's, the listener's) has a socket read timeout
+//! above the server-side block timeout, and its wait is pipelined behind the last
+//! non-blocking command, so an idle worker costs no extra round trip.
 
 mod completer;
 mod fetcher;
