@@ -11,6 +11,7 @@
 //!
 //! Declarations and queue inspection use a control channel under a lock.
 
+mod ack;
 mod listener;
 mod publisher;
 mod subscription;

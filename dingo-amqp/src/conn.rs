@@ -23,6 +23,7 @@ use dingo_core::{BrokerError, BrokerErrorKind};
 
 use crate::options::AmqpOptions;
 use crate::tls::Connector;
+use dingo_core::broker::kit::lock;
 
 /// Where and how to connect, parsed from an `amqp://user:pass@host:port/vhost` URL.
 #[derive(Clone)]
@@ -389,7 +390,7 @@ impl Session {
 
     fn lock(&self) -> MutexGuard<'_, State> {
         // The state stays consistent if a holder panicked (single assignments).
-        self.state.lock().unwrap_or_else(|e| e.into_inner())
+        lock(&self.state)
     }
 }
 

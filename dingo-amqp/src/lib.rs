@@ -36,9 +36,7 @@
 //!
 //! `NS` is the [`namespace`](AmqpOptions::namespace). Task messages go through the default
 //! exchange straight to their queue, published `mandatory`: a message that reaches no queue
-//! comes back and fails its call (`UnknownTask`); it is never dropped silently. Room is left
-//! for what comes next: delayed tasks and retries as per-delay TTL queues
-//! (`NS.delay.MS`) that dead-letter back to the task queues, no plugin needed.
+//! comes back and fails its call (`UnknownTask`); it is never dropped silently.
 //!
 //! # TLS
 //!

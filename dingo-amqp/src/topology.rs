@@ -1,5 +1,8 @@
 //! Queue and exchange names, and their declarations (idempotent: declaring what exists with
 //! the same arguments changes nothing).
+//!
+//! Room is left for what comes next: delayed tasks and retries as per-delay TTL queues
+//! (`NS.delay.MS`) that dead-letter back to the task queues, no plugin needed.
 
 use amiquip::{AmqpValue, Channel, ExchangeDeclareOptions, ExchangeType, FieldTable, QueueDeclareOptions};
 use dingo_core::{BrokerError, BrokerErrorKind};

@@ -8,6 +8,7 @@ use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
 use crate::broker::Store;
+use crate::broker::kit::lock;
 use crate::codec::{Codecs, Encoded};
 use crate::error::{Error, TaskError, TaskErrorKind};
 use crate::id::{CallKey, TaskId, TaskName};
@@ -270,7 +271,7 @@ impl<T> Slot<T> {
         if self.finished.load(Ordering::Acquire) {
             return false;
         }
-        let state = self.state.lock().unwrap_or_else(|e| e.into_inner());
+        let state = lock(&self.state);
         state.on_ok.is_some() || state.on_err.is_some()
     }
 }
@@ -294,7 +295,7 @@ impl<T: Send + 'static> Slot<T> {
 
     // A panicking callback can poison the lock; the state itself is still consistent.
     fn lock(&self) -> MutexGuard<'_, State<T>> {
-        self.state.lock().unwrap_or_else(|e| e.into_inner())
+        lock(&self.state)
     }
 
     /// Polls for the final report for up to `budget` (what the store advises).

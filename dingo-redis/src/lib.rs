@@ -60,12 +60,9 @@
 //!   so rather than waiting for a result that may never come.
 //! - **Reports** go to one reply list per caller process and task, which expires after the
 //!   [`result_ttl`](RedisOptions::result_ttl). One listener thread per process waits on all of
-//!   them and routes each report to its call's handle by (task name, id). A batch of
-//!   reports stored in one step is one list element, the reports back to back (each is
-//!   self-delimiting), so Redis stores and the listener reads one value per batch, not per
-//!   report. Reports that arrive
-//!   before the handle waits are kept, a wait that times out loses nothing, and many waiting
-//!   calls cost no connection each.
+//!   them and routes each report to its call's handle by (task name, id). Reports that
+//!   arrive before the handle waits are kept, a wait that times out loses nothing, and many
+//!   waiting calls cost no connection each.
 //! - **Dead letters.** A message that cannot run — it does not decode, names a task the
 //!   worker does not have, or has another signature — is moved to its queue's dead-letter
 //!   list with the reason ([`RedisBroker::dead_letters`]); its caller, when it can be
@@ -114,21 +111,13 @@
 //! # Batching
 //!
 //! Nothing is one round trip per message. Callers queue task messages and go on; a writer
-//! thread pushes whatever has accumulated as one transaction of plain `LPUSH`es (no Lua:
-//! Redis's Lua hashes every byte it is handed; the sender's batch number rides along as a
-//! plain `SET`, and a transaction whose outcome a broken connection left unknown is sent
-//! again as numbered scripts, which apply once — after the sender has ended its old
-//! connection at the server with `CLIENT KILL`, so a late copy of the transaction still on
-//! its way can never run after them). A lone call, finding nothing queued, is written by
-//! its caller at once, and the writer thread reads the reply. A worker thread takes up to
-//! [`batch`](RedisOptions::batch) tasks per script on its own connection, and the
-//! completions of the tasks it ran ride with its next fetch (one script settles them and
-//! takes more) — unless the task it runs meanwhile takes longer than 200 µs: then a flusher
-//! thread stores them, so a quick task's result never waits for a slow one fetched after
-//! it ([`Stats::flushed`]). Blocking waits (idle consumers, the report listener) use their own
-//! connections, with a socket read timeout above the server-side block timeout, and are
-//! pipelined behind the last non-blocking command so an idle worker costs no extra round
-//! trip.
+//! thread sends whatever has accumulated in one round trip, and a lone call, finding nothing
+//! queued, is written by its caller at once. A worker thread takes up to
+//! [`batch`](RedisOptions::batch) tasks at a time on its own connection, and the
+//! completions of the tasks it ran ride with its next fetch — unless the task it runs
+//! meanwhile takes longer than 200 µs: then they are stored at once, so a quick task's
+//! result never waits for a slow one fetched after it ([`Stats::flushed`]). An idle worker
+//! waits for work at the server, and costs no extra round trip when work comes.
 //!
 //! A caller waiting for its only call in flight polls for the result for up to
 //! [`wait_spin`](RedisOptions::wait_spin) before it sleeps, which saves a thread wake-up on

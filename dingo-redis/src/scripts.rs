@@ -1,103 +1,47 @@
-//! The Lua scripts that make each step atomic. Every script touches the keys of one queue
-//! only (one hash tag), and works on a batch: one script call per batch, never one per
-//! message.
+//! The Lua scripts that make each step atomic, and the pipeline that runs them. Every
+//! script touches the keys of one queue only (one hash tag), and works on a batch: one
+//! script call per batch, never one per message.
+//!
+//! Each script is a file, `lua/NAME.lua`, put together at compile time with the shared
+//! pieces it calls, `lua/includes/NAME.lua` (see `lua!`):
+//!
+//! - **`SEEN`** (`includes/seen.lua`): exactly once for retried batches. Every actor (a
+//!   sender, a worker thread, a listener) numbers its batches ([`Sequence`]), and a script
+//!   records the number of the batch it applies in the actor's sequence key of the queue
+//!   (`NS:{T}:seq:ACTOR`; `N.C` after a fetch that took C tasks). `seen(key, n, ttl)`
+//!   records batch `n` and tells whether it was applied already (a retry after its reply
+//!   was lost) — then the record stays as it was, and the count of tasks that fetch took
+//!   comes back too. One `SET … GET` in the usual case; one key per actor and queue, never
+//!   one per batch.
+//! - **`BURY`** (`includes/bury.lua`): dead letters bounded by count and bytes.
+//!   `bury(list, size, entry, max, max_bytes)` pushes `entry` at the head of the
+//!   dead-letter list `list` and drops its oldest entries (the tail) while it holds more
+//!   than `max` entries or more than `max_bytes` bytes (0: no bound of that kind); an entry
+//!   larger than `max_bytes` alone is dropped itself. The byte count lives in `size` (a
+//!   string beside the list): read, not recounted, in the usual case; recounted once where
+//!   it is missing (a list written before it existed) and taken as zero while the list is
+//!   empty (the list was removed without it). Returns how many entries were dropped. Only
+//!   dead-letter paths call it: a completion pays nothing for it.
+//!
+//! Calls go out as RESP written by [`resp`], numbered by [`sequence`].
+
+mod resp;
+mod sequence;
 
 use std::sync::LazyLock;
 
 use redis::{Script, Value};
 
-/// How long a sequence key lives after its actor's last batch: a day. A batch retried
-/// after a longer outage could apply twice.
-pub(crate) const SEQ_TTL: &str = "86400000";
+pub(crate) use resp::pack;
+use resp::pack_into;
+pub(crate) use sequence::{SEQ_TTL, Sequence};
 
-/// Exactly once for retried batches: every actor (a sender, a worker thread, a listener)
-/// numbers its batches, and a script records the number of the batch it applies in the
-/// actor's sequence key of the queue (`NS:{T}:seq:ACTOR`; `N.C` after a fetch that took C
-/// tasks). `seen(key, n, ttl)` records batch `n` and tells whether it was applied already
-/// (a retry after its reply was lost) — then the record stays as it was, and the count of
-/// tasks that fetch took comes back too. One `SET … GET` in the usual case; one key per
-/// actor and queue, never one per batch.
-const SEEN: &str = r#"
-local function seen(key, n, ttl)
-  local prior = redis.call('SET', key, n, 'PX', ttl, 'GET')
-  if prior and math.floor(tonumber(prior)) >= tonumber(n) then
-    redis.call('SET', key, prior, 'PX', ttl)
-    return true, tonumber(string.match(prior, '%.(%d+)$')) or 0
-  end
-  return false, 0
-end
-"#;
-
-/// Dead letters bounded by count and bytes: `bury(list, size, entry, max, max_bytes)`
-/// pushes `entry` at the head of the dead-letter list `list` and drops its oldest entries
-/// (the tail) while it holds more than `max` entries or more than `max_bytes` bytes (0: no
-/// bound of that kind); an entry larger than `max_bytes` alone is dropped itself. The byte
-/// count lives in `size` (a string beside the list): read, not recounted, in the usual case;
-/// recounted once where it is missing (a list written before it existed) and taken as zero
-/// while the list is empty (the list was removed without it). Returns how many entries were
-/// dropped. Only dead-letter paths call it: a completion pays nothing for it.
-const BURY: &str = r#"
-local function bury(list, size, entry, max, max_bytes)
-  max, max_bytes = tonumber(max), tonumber(max_bytes)
-  local n = redis.call('LPUSH', list, entry)
-  local bytes = n > 1 and redis.call('GET', size)
-  if bytes then
-    bytes = tonumber(bytes) + #entry
-  else
-    bytes = 0
-    for _, e in ipairs(redis.call('LRANGE', list, 0, -1)) do bytes = bytes + #e end
-  end
-  local dropped = 0
-  while n > 0 and ((max > 0 and n > max) or (max_bytes > 0 and bytes > max_bytes)) do
-    bytes = bytes - #redis.call('RPOP', list)
-    n = n - 1
-    dropped = dropped + 1
-  end
-  if n > 0 then redis.call('SET', size, bytes) else redis.call('DEL', size) end
-  return dropped
-end
-"#;
-
-/// Numbers the batches of one actor (a sender, a worker thread, a listener): see `SEEN`.
-pub(crate) struct Sequence {
-    actor: String,
-    next: u64,
-}
-
-impl Sequence {
-    /// A new actor (`role` and a unique id: the numbers start over with it).
-    pub(crate) fn new(role: &str, id: &str) -> Sequence {
-        Sequence { actor: format!("{role}.{id}"), next: 1 }
-    }
-
-    /// The next batch's sequence key on `queue` and its number.
-    pub(crate) fn next(&mut self, queue: &crate::keys::QueueKeys) -> (String, String) {
-        let n = self.next;
-        self.next += 1;
-        (queue.seq(&self.actor), n.to_string())
-    }
-
-    /// The next batch's number alone (the caller knows the key).
-    pub(crate) fn next_number(&mut self) -> String {
-        let n = self.next;
-        self.next += 1;
-        n.to_string()
-    }
-
-    /// This actor's sequence key on `queue`.
-    pub(crate) fn key(&self, queue: &crate::keys::QueueKeys) -> String {
-        queue.seq(&self.actor)
-    }
-}
-
-/// A script whose body may call `seen`.
-fn with_seen(body: &str) -> Script {
-    Script::new(&format!("{SEEN}{body}"))
-}
-
-/// A script whose body may call `bury`.
-fn with_bury(body: &str) -> Script {
-    Script::new(&format!("{BURY}{body}"))
+/// A script's text, put together at compile time from files of `lua/` (its includes, then
+/// its body), each starting on a line of its own.
+macro_rules! lua {
+    ($($file:literal),+) => {
+        concat!($("\n", include_str!(concat!("lua/", $file))),+)
+    };
 }
 
 /// Pushes messages onto a queue list (`KEYS[1]`) and leaves a wake token (`KEYS[2]`), once:
@@ -105,16 +49,7 @@ fn with_bury(body: &str) -> Script {
 /// ms), so a batch sent again after its reply was lost is not queued twice. ARGV[3..]:
 /// the messages. Only for sends again (see [`Redo`]) and one-off pushes: the writer's
 /// first attempt is a transaction of plain commands, which costs Redis less.
-pub(crate) static PUSH: LazyLock<Script> = LazyLock::new(|| {
-    with_seen(
-        r#"
-if seen(KEYS[3], ARGV[1], ARGV[2]) then return 0 end
-redis.call('LPUSH', KEYS[1], unpack(ARGV, 3))
-if redis.call('LLEN', KEYS[2]) == 0 then redis.call('LPUSH', KEYS[2], '1') end
-return #ARGV - 2
-"#,
-    )
-});
+pub(crate) static PUSH: LazyLock<Script> = LazyLock::new(|| Script::new(lua!("includes/seen.lua", "push.lua")));
 
 /// Takes up to `ARGV[1]` messages (`KEYS[1]`) for consumer `ARGV[3]`, moved to its
 /// processing list (`KEYS[5]`, newest first), where they stay until settled. The consumer
@@ -141,67 +76,11 @@ return #ARGV - 2
 /// returns `{'again', {messages…}}`: what it moved the first time (the head of the
 /// processing list) — else those messages would sit in the processing list unknown to
 /// their worker.
-pub(crate) static FETCH: LazyLock<Script> = LazyLock::new(|| {
-    Script::new(
-        r#"
-local t = redis.call('TIME')
-local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
-local lease = tonumber(ARGV[2])
-if ARGV[4] == '1' then
-  redis.call('ZADD', KEYS[4], 'NX', now + lease, ARGV[3])
-else
-  local deadline = redis.call('ZSCORE', KEYS[4], ARGV[3])
-  if not deadline then return {'lost'} end
-  -- Renewed once half of it is gone (the keeper renews every third of it): a fetch after
-  -- a stall takes tasks under a lease that still stands.
-  if tonumber(deadline) - now < lease / 2 then redis.call('ZADD', KEYS[4], 'XX', now + lease, ARGV[3]) end
-end
-local function head(n)
-  local msgs = {}
-  if n > 0 then
-    local newest_first = redis.call('LRANGE', KEYS[5], 0, n - 1)
-    for i = #newest_first, 1, -1 do msgs[#msgs + 1] = newest_first[i] end
-  end
-  return msgs
-end
--- Applied already (sent again after its reply was lost): `N.C`, recorded below (as `SEEN`
--- does, with one write instead of two).
-local prior = redis.call('GET', KEYS[6])
-if prior and math.floor(tonumber(prior)) >= tonumber(ARGV[5]) then
-  redis.call('PEXPIRE', KEYS[6], ARGV[6])
-  return {'again', head(tonumber(string.match(prior, '%.(%d+)$')) or 0)}
-end
-local queued = redis.call('LLEN', KEYS[1])
-local n = math.min(tonumber(ARGV[1]), queued)
-if n == 1 then
-  redis.call('LMOVE', KEYS[1], KEYS[5], 'RIGHT', 'LEFT')
-elseif n > 1 then
-  -- The oldest n (the tail), in their order: the newest of them ends at the head. SORT is
-  -- in ACL's @dangerous category: where it is not allowed, the messages go through Lua.
-  local copied = redis.call('LLEN', KEYS[5]) == 0
-    and type(redis.pcall('SORT', KEYS[1], 'BY', 'nosort', 'LIMIT', queued - n, n, 'STORE', KEYS[5])) == 'number'
-  if copied then
-    if n == queued then redis.call('DEL', KEYS[1]) else redis.call('LTRIM', KEYS[1], 0, queued - n - 1) end
-  else
-    redis.call('LPUSH', KEYS[5], unpack(redis.call('RPOP', KEYS[1], n)))
-  end
-end
-queued = queued - n
-redis.call('SET', KEYS[6], ARGV[5] .. '.' .. n, 'PX', ARGV[6])
-if queued > 0 or redis.call('LLEN', KEYS[2]) > 0 then
-  if redis.call('LLEN', KEYS[3]) == 0 then redis.call('LPUSH', KEYS[3], '1') end
-else
-  redis.call('DEL', KEYS[3])
-end
-if ARGV[7] == '1' then return {'ok', head(n)} end
-return {'ok', n}
-"#,
-    )
-});
+pub(crate) static FETCH: LazyLock<Script> = LazyLock::new(|| Script::new(lua!("fetch.lua")));
 
 /// Settles, in order, what one consumer (`ARGV[3]`) did with its messages — once: batch
 /// number `ARGV[1]` of the actor whose sequence key is `KEYS[3]` (kept `ARGV[5]` ms), so a
-/// batch sent again after its reply was lost changes nothing. From ARGV[7], runs of one
+/// batch sent again after its reply was lost changes nothing. From `ARGV[7]`, runs of one
 /// operation: (op, reply index k, count n), then the run's data: one item for `r` and for
 /// `c` with k > 0 (the run's reports back to back, stored as one list element: one Lua
 /// string and one element per run, not per report), n items for `d` and `x`, none else:
@@ -226,137 +105,27 @@ return {'ok', n}
 /// each gets its reports in order, and both expire `ARGV[2]` ms later. Returns {1 if the
 /// lease stood else 0, how many final reports were rejected, how many dead letters were
 /// dropped to keep the bounds}.
-pub(crate) static COMPLETE: LazyLock<Script> = LazyLock::new(|| {
-    Script::new(&format!(
-        "{SEEN}{BURY}{}",
-        r#"
-if seen(KEYS[3], ARGV[1], ARGV[5]) then return {1, 0, 0} end
-local owned = redis.call('ZSCORE', KEYS[1], ARGV[3]) ~= false
-local rejected, dropped = 0, 0
-local touched = {}
-local function report(k, data)
-  if data == '' then return end
-  redis.call('RPUSH', KEYS[6 + 2 * k], data)
-  touched[k] = true
-end
--- Consecutive completions remove their messages with one LTRIM (an RPOP would copy each
--- message into Lua only to drop it).
-local settled = 0
-local function flush()
-  if settled > 0 then redis.call('LTRIM', KEYS[2], 0, -settled - 1); settled = 0 end
-end
-local i = 7
-while i <= #ARGV do
-  local op, k, n = ARGV[i], tonumber(ARGV[i + 1]), tonumber(ARGV[i + 2])
-  local first = i + 3
-  local last = first - 1
-  if op == 'd' or op == 'x' then last = first + n - 1
-  elseif op == 'r' or (op == 'c' and k > 0) then last = first end
-  i = last + 1
-  if op ~= 'c' then flush() end
-  if op == 'r' then
-    report(k, ARGV[first])
-  elseif not owned then
-    if op == 'c' then rejected = rejected + n end
-  elseif op == 'c' then
-    settled = settled + n
-    if k > 0 then report(k, ARGV[first]) end
-  elseif op == 'd' or op == 'x' then
-    -- 'd' the oldest message, 'x' the newest.
-    local pop = op == 'd' and 'RPOP' or 'LPOP'
-    for j = first, last do
-      local m = redis.call(pop, KEYS[2])
-      if m then
-        if k > 0 then m = string.sub(m, 1, k) end
-        dropped = dropped + bury(KEYS[4], KEYS[7], ARGV[j] .. m, ARGV[4], ARGV[6])
-      end
-    end
-  elseif op == 'q' then
-    for _ = 1, n do
-      local m = redis.call('LPOP', KEYS[2])
-      if m then
-        redis.call('RPUSH', KEYS[5], m)
-        if redis.call('LLEN', KEYS[6]) == 0 then redis.call('LPUSH', KEYS[6], '1') end
-      end
-    end
-  end
-end
-flush()
-for k in pairs(touched) do
-  local reply, notify = KEYS[6 + 2 * k], KEYS[7 + 2 * k]
-  redis.call('PEXPIRE', reply, ARGV[2])
-  if redis.call('LLEN', notify) == 0 then redis.call('LPUSH', notify, '1') end
-  redis.call('PEXPIRE', notify, ARGV[2])
-end
-return {owned and 1 or 0, rejected, dropped}
-"#
-    ))
-});
+pub(crate) static COMPLETE: LazyLock<Script> =
+    LazyLock::new(|| Script::new(lua!("includes/seen.lua", "includes/bury.lua", "complete.lua")));
 
 /// Moves messages that never had a lease (at-most-once or undecodable ones) to the dead
 /// letters (`KEYS[1]`, its byte count `KEYS[2]`, bounded by `ARGV[1]` entries and `ARGV[2]`
 /// bytes: see `BURY`): pairs (reason prefix, message) in ARGV[3..]. Returns how many dead
 /// letters were dropped to keep the bounds.
-pub(crate) static DEAD: LazyLock<Script> = LazyLock::new(|| {
-    with_bury(
-        r#"
-local dropped = 0
-local i = 3
-while i <= #ARGV do
-  dropped = dropped + bury(KEYS[1], KEYS[2], ARGV[i] .. ARGV[i + 1], ARGV[1], ARGV[2])
-  i = i + 2
-end
-return dropped
-"#,
-    )
-});
+pub(crate) static DEAD: LazyLock<Script> = LazyLock::new(|| Script::new(lua!("includes/bury.lua", "dead.lua")));
 
 /// Gives at-most-once messages (ARGV) taken but never started back to the front of their
 /// list (`KEYS[1]`), leaving a wake token (`KEYS[2]`).
-pub(crate) static GIVE_BACK: LazyLock<Script> = LazyLock::new(|| {
-    Script::new(
-        r#"
-for i = 1, #ARGV do redis.call('RPUSH', KEYS[1], ARGV[i]) end
-if redis.call('LLEN', KEYS[2]) == 0 then redis.call('LPUSH', KEYS[2], '1') end
-return 0
-"#,
-    )
-});
+pub(crate) static GIVE_BACK: LazyLock<Script> = LazyLock::new(|| Script::new(lua!("give_back.lua")));
 
 /// Retires consumer `ARGV[1]` (a worker thread that stopped): its worker's sequence key
 /// (`KEYS[3]`) goes, its lease (`KEYS[1]`) ends, and its processing list (`KEYS[2]`) goes
 /// if empty. Anything still in it stays there for the reaper, to run again elsewhere.
-pub(crate) static RETIRE: LazyLock<Script> = LazyLock::new(|| {
-    Script::new(
-        r#"
-redis.call('DEL', KEYS[3])
-if redis.call('LLEN', KEYS[2]) > 0 then return 0 end
-redis.call('DEL', KEYS[2])
-redis.call('ZREM', KEYS[1], ARGV[1])
-return 1
-"#,
-    )
-});
+pub(crate) static RETIRE: LazyLock<Script> = LazyLock::new(|| Script::new(lua!("retire.lua")));
 
 /// Renews the leases (`KEYS[1]`) of the consumers in ARGV[2..] by `ARGV[1]` ms from now.
 /// Returns the consumers whose lease is gone (reaped: their messages went to others).
-pub(crate) static RENEW: LazyLock<Script> = LazyLock::new(|| {
-    Script::new(
-        r#"
-local t = redis.call('TIME')
-local deadline = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000) + tonumber(ARGV[1])
-local lost = {}
-for i = 2, #ARGV do
-  if redis.call('ZSCORE', KEYS[1], ARGV[i]) then
-    redis.call('ZADD', KEYS[1], 'XX', deadline, ARGV[i])
-  else
-    lost[#lost + 1] = ARGV[i]
-  end
-end
-return lost
-"#,
-    )
-});
+pub(crate) static RENEW: LazyLock<Script> = LazyLock::new(|| Script::new(lua!("renew.lua")));
 
 /// Reaps consumers whose lease expired (`KEYS[1]`, at most `ARGV[1]` per call): their
 /// processing lists (`ARGV[6]` + consumer id, in the queue's slot) go back to the front of
@@ -367,56 +136,12 @@ return lost
 /// dead, heads, dropped}: heads holds the first `ARGV[7]` bytes of each message
 /// dead-lettered (where its name, id and caller are), so its caller can be told; dropped
 /// counts the dead letters dropped to keep the bounds.
-pub(crate) static REAP: LazyLock<Script> = LazyLock::new(|| {
-    with_bury(
-        r#"
-local t = redis.call('TIME')
-local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
-local expired = redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', now, 'LIMIT', 0, tonumber(ARGV[1]))
-local mark = ARGV[2]
-local body = string.sub(mark, 1, #mark - 1)
-local max = tonumber(ARGV[3])
-local requeued, dead, heads, dropped = 0, 0, {}, 0
-for _, consumer in ipairs(expired) do
-  local list = ARGV[6] .. consumer
-  while true do
-    local m = redis.call('LPOP', list)
-    if not m then break end
-    local count, stop = 0, #m - 1
-    while stop >= #body and string.sub(m, stop - #body + 1, stop) == body do
-      count = count + 1
-      stop = stop - #body
-    end
-    if count >= max then
-      dropped = dropped + bury(KEYS[4], KEYS[5], ARGV[5] .. m, ARGV[4], ARGV[8])
-      dead = dead + 1
-      heads[dead] = string.sub(m, 1, tonumber(ARGV[7]))
-    else
-      redis.call('RPUSH', KEYS[2], string.sub(m, 1, -2) .. mark)
-      requeued = requeued + 1
-    end
-  end
-  redis.call('DEL', list)
-  redis.call('ZREM', KEYS[1], consumer)
-end
-if requeued > 0 and redis.call('LLEN', KEYS[3]) == 0 then redis.call('LPUSH', KEYS[3], '1') end
-return {requeued, dead, heads, dropped}
-"#,
-    )
-});
+pub(crate) static REAP: LazyLock<Script> = LazyLock::new(|| Script::new(lua!("includes/bury.lua", "reap.lua")));
 
 /// Removes the first `ARGV[1]` reports of a reply list (`KEYS[1]`) — the ones its listener
 /// routed — once: batch number `ARGV[2]` of the listener whose sequence key is `KEYS[2]`
 /// (kept `ARGV[3]` ms), so a trim sent again after its reply was lost removes nothing more.
-pub(crate) static TRIM: LazyLock<Script> = LazyLock::new(|| {
-    with_seen(
-        r#"
-if seen(KEYS[2], ARGV[2], ARGV[3]) then return 0 end
-redis.call('LTRIM', KEYS[1], tonumber(ARGV[1]), -1)
-return 1
-"#,
-    )
-});
+pub(crate) static TRIM: LazyLock<Script> = LazyLock::new(|| Script::new(lua!("includes/seen.lua", "trim.lua")));
 
 /// Which of the commands in ARGV the user may run, as it gives them (see `access`): ARGV
 /// holds, per command, its name, its argument count and its arguments; returns the
@@ -424,23 +149,7 @@ return 1
 /// itself is checked against the user's key patterns. Where the server lacks
 /// `redis.acl_check_cmd` (Redis has it from 7.0; some compatible servers do not), nothing is
 /// checked. Not among [`all`]: it runs once per broker, when it connects.
-pub(crate) static PROBE: LazyLock<Script> = LazyLock::new(|| {
-    Script::new(
-        r#"
--- A server without it (a Redis-compatible one) cannot be asked: nothing is checked.
-if not redis.acl_check_cmd then return {} end
-local denied = {}
-local i, k = 1, 0
-while i <= #ARGV do
-  local n = tonumber(ARGV[i + 1])
-  k = k + 1
-  if not redis.acl_check_cmd(ARGV[i], unpack(ARGV, i + 2, i + 1 + n)) then denied[#denied + 1] = k end
-  i = i + 2 + n
-end
-return denied
-"#,
-    )
-});
+pub(crate) static PROBE: LazyLock<Script> = LazyLock::new(|| Script::new(lua!("probe.lua")));
 
 /// All scripts, to load into a fresh connection's server.
 pub(crate) fn all() -> [&'static Script; 9] {
@@ -728,94 +437,6 @@ pub(crate) fn readiness<'a>(calls: impl Iterator<Item = &'a Call>, replies: &[Va
     }
 }
 
-/// `calls` as RESP commands written back to back into `buf`, sized once: the bytes go
-/// straight from the calls to the socket, without building a `redis::Cmd` per call and
-/// copying every argument twice.
-fn pack_into<'a>(buf: &mut Vec<u8>, calls: impl Iterator<Item = &'a Call> + Clone) {
-    buf.reserve_exact(calls.clone().map(Call::packed_len).sum());
-    for call in calls {
-        call.pack_into(buf);
-    }
-}
-
-/// `calls` as the bytes of one pipelined write (their replies to be read one per call).
-pub(crate) fn pack(calls: &[Call]) -> Vec<u8> {
-    let mut buf = Vec::new();
-    pack_into(&mut buf, calls.iter());
-    buf
-}
-
-impl Call {
-    /// Hands each word of this command to `f`: `EVALSHA sha numkeys keys… args…` or
-    /// `COMMAND keys… args…`.
-    fn each_word(&self, mut f: impl FnMut(&[u8])) {
-        match self.script {
-            Some(script) => {
-                f(b"EVALSHA");
-                f(script.get_hash().as_bytes());
-                f(decimal(self.keys.len(), &mut [0; 20]));
-            }
-            None => f(self.command.as_bytes()),
-        }
-        self.keys.iter().for_each(|key| f(key.as_bytes()));
-        self.args.iter().for_each(|arg| f(arg));
-    }
-
-    fn words(&self) -> usize {
-        let head = if self.script.is_some() { 3 } else { 1 };
-        head + self.keys.len() + self.args.len()
-    }
-
-    /// Its length in RESP.
-    fn packed_len(&self) -> usize {
-        let mut len = 1 + decimal_len(self.words()) + 2;
-        self.each_word(|word| len += 1 + decimal_len(word.len()) + 2 + word.len() + 2);
-        len
-    }
-
-    /// Writes it in RESP: an array of bulk strings.
-    fn pack_into(&self, buf: &mut Vec<u8>) {
-        buf.push(b'*');
-        push_decimal(buf, self.words());
-        buf.extend_from_slice(b"\r\n");
-        self.each_word(|word| push_bulk(buf, word));
-    }
-}
-
-fn push_bulk(buf: &mut Vec<u8>, word: &[u8]) {
-    buf.push(b'$');
-    push_decimal(buf, word.len());
-    buf.extend_from_slice(b"\r\n");
-    buf.extend_from_slice(word);
-    buf.extend_from_slice(b"\r\n");
-}
-
-fn decimal_len(mut n: usize) -> usize {
-    let mut len = 1;
-    while n >= 10 {
-        n /= 10;
-        len += 1;
-    }
-    len
-}
-
-fn push_decimal(buf: &mut Vec<u8>, n: usize) {
-    buf.extend_from_slice(decimal(n, &mut [0; 20]));
-}
-
-/// `n` in decimal, written at the end of `digits`.
-fn decimal(mut n: usize, digits: &mut [u8; 20]) -> &[u8] {
-    let mut at = digits.len();
-    loop {
-        at -= 1;
-        digits[at] = b'0' + (n % 10) as u8;
-        n /= 10;
-        if n == 0 {
-            return &digits[at..];
-        }
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -832,35 +453,6 @@ mod tests {
             }
             Err(_) => None,
         }
-    }
-
-    /// The packing is byte for byte what redis-rs writes for the same commands.
-    #[test]
-    fn packed_calls_are_what_redis_rs_writes() {
-        let mut numbered = Call::new(&PUSH).key("q").key("w").key("s").numbered("12".into()).arg(SEQ_TTL);
-        numbered.args.extend([vec![], vec![7; 300], b"\r\n".to_vec()]);
-        let calls = [numbered, Call::command("LTRIM").arg("k").arg("0").arg("0"), Call::command("EXEC")];
-        let mut expected = Vec::new();
-        for call in &calls {
-            let mut cmd = match call.script {
-                Some(script) => {
-                    let mut cmd = redis::cmd("EVALSHA");
-                    cmd.arg(script.get_hash()).arg(call.keys.len());
-                    cmd
-                }
-                None => redis::cmd(call.command),
-            };
-            for key in &call.keys {
-                cmd.arg(key);
-            }
-            for arg in &call.args {
-                cmd.arg(arg.as_slice());
-            }
-            cmd.write_packed_command(&mut expected);
-        }
-        let packed = pack(&calls);
-        assert_eq!(String::from_utf8_lossy(&packed), String::from_utf8_lossy(&expected));
-        assert_eq!(packed.capacity(), packed.len(), "sized once");
     }
 
     /// A round trip refused whole by a server that is not ready ran nothing and may go again
@@ -1125,7 +717,8 @@ mod tests {
         // A script the server has not seen (unique body), loaded by the pipeline itself
         // between its two calls, as a script cache flushed and refilled would be.
         let body = format!(
-            "{SEEN}\n-- {}\nif seen(KEYS[2], ARGV[1], 60000) then return 0 end\nreturn redis.call('LPUSH', KEYS[1], ARGV[2])",
+            "\n{}\n-- {}\nif seen(KEYS[2], ARGV[1], 60000) then return 0 end\nreturn redis.call('LPUSH', KEYS[1], ARGV[2])",
+            include_str!("lua/includes/seen.lua"),
             std::process::id()
         );
         let script: &'static Script = Box::leak(Box::new(Script::new(&body)));

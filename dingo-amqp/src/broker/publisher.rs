@@ -33,7 +33,7 @@ use dingo_core::event::{Event, EventKind, Level, Origin};
 use dingo_core::message::{ReportBody, ReportMessage};
 use dingo_core::{BrokerError, BrokerErrorKind, CallKey, TaskError, TaskErrorKind};
 
-use super::subscription::AmqpAck;
+use super::ack::AmqpAck;
 use super::{Inner, Stop, Thread, lock};
 use crate::conn::Backoff;
 use crate::topology::{REASON_HEADER, REDELIVERIES_HEADER};

@@ -33,7 +33,6 @@
 //! would only come back here, behind newer ones). While threads are free that look is all
 //! it costs.
 
-use std::any::Any;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -41,7 +40,7 @@ use std::time::{Duration, Instant};
 use amiquip::{Channel, ConsumerMessage};
 use crossbeam_channel::{Receiver, Select, Sender};
 use dingo_core::broker::support;
-use dingo_core::broker::{Ack, Acknowledge, ConsumeSettings, Delivery, Recv, Subscription};
+use dingo_core::broker::{Ack, ConsumeSettings, Delivery, Recv, Subscription};
 use dingo_core::event::{Event, EventKind, Level, Origin};
 use dingo_core::message::{ReplyTo, ReportBody, ReportMessage, TaskMessage, wire};
 use dingo_core::{BrokerError, CallKey, TaskError, TaskErrorKind, TaskName};
@@ -50,6 +49,7 @@ mod consumer;
 
 use consumer::ConsumerThread;
 
+use super::ack::{AmqpAck, OnDrop};
 use super::publisher::{Outgoing, Then};
 use super::{Inner, Thread, lock};
 use crate::topology::{REDELIVERIES_HEADER, TaskQueues};
@@ -60,13 +60,13 @@ use crate::topology::{REDELIVERIES_HEADER, TaskQueues};
 const DEAD_COPY_LIMIT: usize = 64 << 10;
 
 /// The pool's channel, shared by the workers, the confirm thread and the consumer thread.
-struct Line {
+pub(super) struct Line {
     /// Which channel of the subscription this is (counted from 1).
     number: u64,
     /// `None` once closed (its deliveries went back to their queues).
     channel: Mutex<Option<Channel>>,
     /// Deliveries of this channel handed to workers (at least once) and not settled yet.
-    outstanding: AtomicUsize,
+    pub(super) outstanding: AtomicUsize,
 }
 
 /// What settling a delivery on a [`Line`] came to.
@@ -136,8 +136,8 @@ enum Note {
     Wake,
 }
 
-struct Shared {
-    inner: Arc<Inner>,
+pub(super) struct Shared {
+    pub(super) inner: Arc<Inner>,
     tasks: Vec<TaskName>,
     queues: Vec<TaskQueues>,
     notes: Sender<Note>,
@@ -162,7 +162,7 @@ impl Shared {
 
     /// Settles one outstanding delivery on `line`: a failure means the channel broke
     /// (RabbitMQ requeues the delivery), which the consumer thread is told.
-    fn settle(&self, line: &Line, settle: impl FnOnce(&Channel) -> Result<(), amiquip::Error>) {
+    pub(super) fn settle(&self, line: &Line, settle: impl FnOnce(&Channel) -> Result<(), amiquip::Error>) {
         if let Settled::Failed(e) = line.settle(settle) {
             self.tell(Note::Lost { channel: line.number, why: format!("settling a delivery failed: {e}") });
         }
@@ -172,7 +172,7 @@ impl Shared {
     /// Dead-letters a delivery: a copy with the reason to the dead letters, the original
     /// acknowledged once that is confirmed. Without a copy (too large), or if the publisher
     /// will not take it, RabbitMQ dead-letters it itself (without dingo's reason).
-    fn dead_letter(self: &Arc<Shared>, mut ack: AmqpAck, copy: Option<Vec<u8>>, reason: String) {
+    pub(super) fn dead_letter(self: &Arc<Shared>, mut ack: AmqpAck, copy: Option<Vec<u8>>, reason: String) {
         let inner = &self.inner;
         // If the copy is refused or lost, RabbitMQ dead-letters the original itself: given
         // back, it would come straight back here.
@@ -412,126 +412,6 @@ thread_local! {
 /// task — from another transport, or one this thread did not take — keeps the confirmed path.
 pub(crate) fn took_at_most_once(key: &CallKey) -> bool {
     AT_MOST_ONCE.with(|taken| taken.borrow().as_ref() == Some(key))
-}
-
-/// Acknowledges one delivery on the channel it came on. Dropped unused, it gives the
-/// delivery back.
-pub(crate) struct AmqpAck {
-    shared: Arc<Shared>,
-    line: Arc<Line>,
-    /// The index of the delivery's queue in the subscription.
-    queue: usize,
-    delivery: Option<amiquip::Delivery>,
-    /// A copy of the message, for dead-lettering it with a reason.
-    copy: Option<Vec<u8>>,
-    on_drop: OnDrop,
-}
-
-/// What an [`AmqpAck`] dropped unused does with its delivery.
-#[derive(Clone, Copy)]
-enum OnDrop {
-    /// Gives it back to its queue (a worker that never ran it).
-    Requeue,
-    /// Lets RabbitMQ dead-letter it (its dead letter copy was not stored).
-    Reject,
-}
-
-impl AmqpAck {
-    fn new(shared: &Arc<Shared>, line: &Arc<Line>, queue: usize, delivery: amiquip::Delivery) -> AmqpAck {
-        line.outstanding.fetch_add(1, Ordering::AcqRel);
-        AmqpAck {
-            shared: shared.clone(),
-            line: line.clone(),
-            queue,
-            delivery: Some(delivery),
-            copy: None,
-            on_drop: OnDrop::Requeue,
-        }
-    }
-
-    fn settle(mut self, settle: impl FnOnce(&Channel, amiquip::Delivery) -> Result<(), amiquip::Error>) {
-        if let Some(delivery) = self.delivery.take() {
-            self.shared.settle(&self.line, |channel| settle(channel, delivery));
-        }
-    }
-
-    /// Its dead letter was stored (and counted): acknowledge the original.
-    pub(crate) fn settle_acked(self) {
-        self.settle(|channel, delivery| delivery.ack(channel));
-    }
-
-    /// Its copy was stored in its queue in its place: acknowledge the original.
-    pub(crate) fn settle_requeued(self) {
-        let inner = self.shared.inner.clone();
-        self.settle(|channel, delivery| {
-            delivery.ack(channel)?;
-            inner.stats.requeued.fetch_add(1, Ordering::Relaxed);
-            Ok(())
-        });
-    }
-
-    /// Its dead letter was refused: let RabbitMQ dead-letter the original itself.
-    pub(crate) fn settle_rejected(self) {
-        let inner = self.shared.inner.clone();
-        self.settle(|channel, delivery| {
-            delivery.reject(channel, false)?;
-            inner.stats.dead_lettered.fetch_add(1, Ordering::Relaxed);
-            Ok(())
-        });
-    }
-}
-
-impl Drop for AmqpAck {
-    fn drop(&mut self) {
-        if let Some(delivery) = self.delivery.take() {
-            let inner = self.shared.inner.clone();
-            let on_drop = self.on_drop;
-            self.shared.settle(&self.line, |channel| {
-                match on_drop {
-                    OnDrop::Requeue => {
-                        delivery.reject(channel, true)?;
-                        inner.stats.requeued.fetch_add(1, Ordering::Relaxed);
-                    }
-                    OnDrop::Reject => {
-                        delivery.reject(channel, false)?;
-                        inner.stats.dead_lettered.fetch_add(1, Ordering::Relaxed);
-                    }
-                }
-                Ok(())
-            });
-        }
-    }
-}
-
-impl Acknowledge for AmqpAck {
-    fn ack(self: Box<Self>) -> Result<(), BrokerError> {
-        let inner = self.shared.inner.clone();
-        self.settle(|channel, delivery| {
-            delivery.ack(channel)?;
-            inner.stats.acked.fetch_add(1, Ordering::Relaxed);
-            Ok(())
-        });
-        Ok(())
-    }
-
-    fn reject(mut self: Box<Self>, requeue: bool, reason: &str) -> Result<(), BrokerError> {
-        if requeue {
-            // Dropping it gives it back.
-            return Ok(());
-        }
-        let copy = self.copy.take();
-        let shared = self.shared.clone();
-        shared.dead_letter(*self, copy, reason.to_owned());
-        Ok(())
-    }
-
-    fn as_any(&self) -> &dyn Any {
-        self
-    }
-
-    fn into_any(self: Box<Self>) -> Box<dyn Any + Send> {
-        self
-    }
 }
 
 pub(crate) struct AmqpSubscription {

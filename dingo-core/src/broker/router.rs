@@ -9,6 +9,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use crate::broker::kit::lock;
 use crate::event::{Event, EventKind, EventSinks, Level, Origin};
 use crate::id::{CallKey, FastMap};
 use crate::message::{ReplySink, ReportBody, ReportMessage, ReportSink, Value};
@@ -259,7 +260,7 @@ impl ReportRouter {
 
     // The state stays consistent if a holder panics (single inserts and removals).
     fn lock(&self) -> std::sync::MutexGuard<'_, State> {
-        self.state.lock().unwrap_or_else(|e| e.into_inner())
+        lock(&self.state)
     }
 }
 

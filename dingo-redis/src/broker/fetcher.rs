@@ -28,8 +28,7 @@ use dingo_core::message::{ReplyTo, ReportBody, ReportMessage};
 use dingo_core::{BrokerError, CallKey, TaskError, TaskErrorKind, TaskName};
 use redis::Value;
 
-use super::completer::{self, Kind, Op, Plan, Settle};
-use super::flusher::{Consumer, FLUSH_AFTER, Parked, settled_by};
+use super::settle::{self, FLUSH_AFTER, Kind, Op, Parked, Pending, Plan, QueueConsumer, Settle, settled_by};
 use super::{Inner, lock};
 use crate::conn::Conn;
 use crate::keys::{self, QueueKeys};
@@ -84,19 +83,6 @@ impl Acknowledge for RedisAck {
 
     fn into_any(self: Box<Self>) -> Box<dyn Any + Send> {
         self
-    }
-}
-
-/// A settlement waiting for the worker's next round trip.
-pub(crate) struct Pending {
-    pub(crate) queue: Arc<QueueKeys>,
-    pub(crate) consumer: Arc<str>,
-    pub(crate) settle: Settle,
-}
-
-impl Pending {
-    pub(crate) fn into_op(self) -> Op {
-        Op::Settle { queue: self.queue, consumer: self.consumer, settles: vec![self.settle] }
     }
 }
 
@@ -260,11 +246,11 @@ impl RedisSubscription {
     /// ones first, if the flusher did not store them — and the consumers whose processing
     /// lists it settles (to abandon if it fails, see [`abandon`](Self::abandon)). Calls added
     /// to the plan afterwards are numbered after it, in the order they run.
-    fn settle_plan(&self, local: &mut Local) -> (Plan, Vec<Consumer>) {
+    fn settle_plan(&self, local: &mut Local) -> (Plan, Vec<QueueConsumer>) {
         self.take_back(local);
         let done = std::mem::take(&mut local.done);
         let settled = settled_by(&done);
-        (completer::settle_calls(&self.inner, done, &mut local.sequence), settled)
+        (settle::settle_calls(&self.inner, done, &mut local.sequence), settled)
     }
 
     /// Takes back what this thread parked (after the flusher stored it, if it is doing so),
@@ -287,7 +273,7 @@ impl RedisSubscription {
     /// under these ids; their leases are no longer renewed, and once they expire the reaper
     /// puts every task of their processing lists back in the queue (at least once: those
     /// that ran run again). This thread fetches under new ids.
-    fn abandon(&self, local: &mut Local, consumers: Vec<Consumer>) {
+    fn abandon(&self, local: &mut Local, consumers: Vec<QueueConsumer>) {
         for (queue, consumer) in consumers {
             if local.consumers.get(&queue.prefix).is_some_and(|(current, _)| *current == consumer) {
                 local.consumers.remove(&queue.prefix);
@@ -339,7 +325,7 @@ impl RedisSubscription {
     fn round_trip(&self, local: &mut Local, plan: &mut Plan) -> Option<Vec<(Kind, Value)>> {
         match plan.run(&self.inner, &mut local.conn, &self.stopped, &mut local.sequence)? {
             Ok(results) => {
-                completer::account(&self.inner, &results);
+                settle::account(&self.inner, &results);
                 Some(results)
             }
             Err(e) => {
@@ -709,7 +695,7 @@ pub(crate) fn report_here(inner: &Inner, report: Op) -> Result<Option<Op>, Broke
         };
         // A report alone: it removes nothing from a processing list, so it needs no order
         // with the settlements parked or waiting, and losing it loses no task.
-        let mut plan = completer::plan(inner, vec![report], &mut state.sequence);
+        let mut plan = settle::plan(inner, vec![report], &mut state.sequence);
         let sequence = &mut state.sequence;
         // Numbered: a retry applies once.
         let patience = inner.options.command_timeout;

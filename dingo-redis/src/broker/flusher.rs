@@ -12,89 +12,17 @@
 //! round trip must come after the flusher's. Taking a parked plan back waits while the
 //! flusher is storing it.
 
+use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
 use crossbeam_channel::{Receiver, RecvTimeoutError, Sender};
 use dingo_core::BrokerError;
 use dingo_core::event::{Event, EventKind, Level, Origin};
 
-use super::completer;
-use super::fetcher::Pending;
+use super::settle::{FLUSH_AFTER, Parked, Pending, account, settle_calls, settled_by};
 use super::{Inner, Thread, actor};
-use crate::keys::QueueKeys;
 use crate::scripts::Sequence;
-
-/// How long a finished task's settlement may wait to ride along with its worker's next
-/// round trip.
-pub(crate) const FLUSH_AFTER: Duration = Duration::from_micros(200);
-
-/// One worker thread's parked settlements.
-pub(crate) struct Parked {
-    state: Mutex<ParkedState>,
-    stored: Condvar,
-    /// Its subscription stopped: storing gives up on an unreachable Redis (the tasks run
-    /// again after their lease) instead of holding the worker's stop up.
-    stop: Arc<AtomicBool>,
-}
-
-#[derive(Default)]
-struct ParkedState {
-    /// Oldest first.
-    done: Vec<Pending>,
-    /// Consumers whose parked settlements the flusher could not store, for the worker to
-    /// abandon.
-    failed: Vec<Consumer>,
-    /// When the oldest was parked.
-    since: Option<Instant>,
-    /// The flusher is storing what was parked.
-    storing: bool,
-    /// The flusher watches this worker.
-    watched: bool,
-}
-
-impl Parked {
-    pub(crate) fn new(stop: Arc<AtomicBool>) -> Parked {
-        Parked { state: Mutex::default(), stored: Condvar::new(), stop }
-    }
-
-    fn lock(&self) -> MutexGuard<'_, ParkedState> {
-        self.state.lock().unwrap_or_else(|e| e.into_inner())
-    }
-
-    /// Parks `done` at `now` (the worker took back what it parked before, see
-    /// [`reclaim`](Parked::reclaim)); `true` when the flusher must be told to watch this
-    /// worker.
-    pub(crate) fn park(&self, done: &mut Vec<Pending>, now: Instant) -> bool {
-        let mut state = self.lock();
-        debug_assert!(state.done.is_empty(), "parked settlements are taken back before the next park");
-        // Swapped, not moved: the worker's and the parked vectors keep their capacity.
-        std::mem::swap(&mut state.done, done);
-        state.since = Some(now);
-        !std::mem::replace(&mut state.watched, true)
-    }
-
-    /// Takes the parked settlements back, to go before `done` — after the flusher stored
-    /// them, if it is doing so (then there is nothing left to take). Returns the consumers
-    /// whose settlements the flusher could not store. The worker calls this before every
-    /// round trip and every park.
-    pub(crate) fn reclaim(&self, done: &mut Vec<Pending>) -> Vec<Consumer> {
-        let mut state = self.lock();
-        while state.storing {
-            state = self.stored.wait(state).unwrap_or_else(|e| e.into_inner());
-        }
-        state.since = None;
-        if !state.done.is_empty() {
-            state.done.append(done);
-            std::mem::swap(done, &mut state.done);
-        }
-        std::mem::take(&mut state.failed)
-    }
-}
-
-/// A consumer (queue, id) of a worker thread.
-pub(crate) type Consumer = (Arc<QueueKeys>, Arc<str>);
 
 pub(crate) struct Flusher {
     tx: Sender<Arc<Parked>>,
@@ -191,17 +119,6 @@ fn next_due(watched: &mut Vec<Arc<Parked>>, wait: &mut Duration) -> Option<Arc<P
     due
 }
 
-/// The consumers whose processing lists `done` settles (see `Settle::is_positional`).
-pub(crate) fn settled_by(done: &[Pending]) -> Vec<Consumer> {
-    let mut consumers: Vec<Consumer> = Vec::new();
-    for pending in done {
-        if pending.settle.is_positional() && !consumers.iter().any(|(_, c)| *c == pending.consumer) {
-            consumers.push((pending.queue.clone(), pending.consumer.clone()));
-        }
-    }
-    consumers
-}
-
 /// Stores a worker's settlements as the worker itself would have; `false` when they were
 /// not stored (the worker abandons their consumers).
 fn store(
@@ -212,10 +129,10 @@ fn store(
     done: Vec<Pending>,
 ) -> bool {
     let count = done.len() as u64;
-    let mut plan = completer::settle_calls(inner, done, sequence);
+    let mut plan = settle_calls(inner, done, sequence);
     let why = match plan.run(inner, conn, stop, sequence) {
         Some(Ok(results)) => {
-            completer::account(inner, &results);
+            account(inner, &results);
             inner.stats.flushed.fetch_add(count, Ordering::Relaxed);
             return true;
         }

@@ -12,7 +12,7 @@ use dingo_core::message::wire::{self, Known, REDELIVERED_MARK};
 use dingo_core::message::{ReplyTo, ReportBody, ReportMessage};
 use dingo_core::{BrokerError, CallKey};
 
-use super::completer::Op;
+use super::settle::Op;
 use super::{Inner, Thread, dead_entry, lock};
 use crate::keys::QueueKeys;
 use crate::scripts::{self, Call};
@@ -151,7 +151,7 @@ fn reap(inner: &Arc<Inner>, conn: &mut crate::conn::Conn, stop: &AtomicBool) {
     for (queue, result) in queues.iter().zip(results) {
         let (requeued, dead, heads, dropped): (u64, u64, Vec<Vec<u8>>, u64) =
             redis::from_redis_value(result).unwrap_or((0, 0, Vec::new(), 0));
-        super::completer::dropped_dead_letters(inner, &queue.prefix, dropped);
+        super::settle::dropped_dead_letters(inner, &queue.prefix, dropped);
         if requeued > 0 {
             inner.stats.requeued_expired.fetch_add(requeued, Ordering::Relaxed);
             inner.events.emit(Event::new(

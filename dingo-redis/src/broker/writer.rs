@@ -6,6 +6,13 @@
 //! and goes on; the writer thread reads the reply later (or sends the batch again if the
 //! connection broke: batches are numbered, so they apply once). Waking the writer thread
 //! to write would cost a thread wake-up — about 100 µs on a small VM — on every lone call.
+//!
+//! The transaction holds no Lua: Redis's Lua hashes every byte it is handed. The sender's
+//! batch number rides along as a plain `SET` of its sequence key, and a transaction whose
+//! outcome a broken connection left unknown is sent again as numbered scripts
+//! ([`PUSH`](crate::scripts::PUSH), [`Redo`]), which apply once — after the sender has ended
+//! its old connection at the server with `CLIENT KILL`, so a late copy of the transaction
+//! still on its way can never run after them.
 
 use std::collections::VecDeque;
 use std::sync::atomic::{AtomicBool, Ordering};
