@@ -150,8 +150,9 @@ pub enum EventKind {
     Other,
 }
 
-/// One thing that happened.
+/// One thing that happened (made with [`Event::new`]; fields may be added).
 #[derive(Debug, Clone)]
+#[non_exhaustive]
 pub struct Event {
     /// Where it happened.
     pub origin: Origin,

@@ -531,7 +531,7 @@ impl RedisSubscription {
                         subscription: self.id,
                     })
                 });
-                local.buffer.push_back(Entry::Task(Delivery { message, ack, redelivered }));
+                local.buffer.push_back(Entry::Task(Delivery::new(message).with_ack(ack).with_redelivered(redelivered)));
             }
             Err(malformed) => {
                 let reason = self.malformed(queue, &malformed);
