@@ -72,6 +72,7 @@ pub trait Producer: Send + Sync + 'static {
 /// How a consumer should deliver.
 #[derive(Debug, Clone, PartialEq, Eq)]
 #[non_exhaustive]
+#[must_use]
 pub struct ConsumeSettings {
     /// How many messages may be fetched ahead of the workers (at least 1).
     pub prefetch: usize,

@@ -175,6 +175,7 @@ impl Event {
     }
 
     /// The same event about one call.
+    #[must_use]
     pub fn with_task(mut self, task: CallKey) -> Event {
         self.task = Some(task);
         self
@@ -183,6 +184,7 @@ impl Event {
 
 /// Which events a subscriber gets, and how many may queue up.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[must_use = "an event filter does nothing until it is passed to `App::events`"]
 pub struct EventFilter {
     origins: Origins,
     level: Level,

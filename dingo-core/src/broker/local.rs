@@ -36,6 +36,7 @@ use crate::message::{ReplySink, ReplyTo, ReportBody, ReportMessage, TaskMessage}
 /// Settings of a [`LocalBroker`].
 #[derive(Debug, Clone, PartialEq, Eq)]
 #[non_exhaustive]
+#[must_use = "builder methods return the changed value; they do not change it in place"]
 pub struct LocalOptions {
     /// Messages each task queue holds before `send` blocks. Default 4096.
     pub capacity: usize,

@@ -30,6 +30,7 @@ use crate::message::{ReplySink, ReportBody, ReportMessage, ReportSink, Value};
 /// ```
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 #[non_exhaustive]
+#[must_use]
 pub struct UnclaimedLimit {
     /// Reports kept at most. Default 100,000.
     pub reports: usize,
