@@ -29,7 +29,8 @@ use crate::broker::router::{ReportRouter, Routed, UnclaimedLimit};
 use crate::broker::{Ack, ConsumeSettings, Consumer, Delivery, Producer, Recv, Reporter, Store, Subscription, Users};
 use crate::error::{BrokerError, BrokerErrorKind, TaskError, TaskErrorKind};
 use crate::event::{Event, EventKind, EventSink, EventSinks, Level, Origin};
-use crate::id::{CallKey, FastMap, TaskName};
+use crate::hash::FastMap;
+use crate::id::{CallKey, TaskName};
 use crate::message::wire::{self, Known, MalformedTask};
 use crate::message::{ReplySink, ReplyTo, ReportBody, ReportMessage, TaskMessage};
 

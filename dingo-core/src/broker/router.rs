@@ -10,7 +10,8 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use crate::event::{Event, EventKind, EventSinks, Level, Origin};
-use crate::id::{CallKey, FastMap};
+use crate::hash::FastMap;
+use crate::id::CallKey;
 use crate::message::{ReplySink, ReportBody, ReportMessage, ReportSink, Value};
 
 /// How much a [`ReportRouter`] keeps of the reports nobody waits for: at most `reports` of
