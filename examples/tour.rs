@@ -93,6 +93,7 @@ fn main() -> Result<(), dingo::Error> {
             Report::Progress(p) => println!("crunch: {}", p.value::<String>().and_then(Result::ok).unwrap_or_default()),
             Report::Success(steps) => println!("crunch: done after {steps} steps"),
             Report::Failure(e) => println!("crunch: failed: {e}"),
+            other => println!("crunch: {other:?}"), // kinds added in later versions
         }
     }
 

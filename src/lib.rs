@@ -114,6 +114,7 @@
 //! | `amqp` | no | the RabbitMQ broker (`dingo::amqp`, `amqp://` URLs) |
 //! | `amqp-tls` | no | `amqps://` URLs (TLS through the system's OpenSSL) |
 #![deny(missing_docs)]
+#![cfg_attr(docsrs, feature(doc_cfg))]
 
 pub use dingo_core::{
     App, AppBuilder, BrokerError, BrokerErrorKind, CallKey, CallOptions, Codec, CodecError, Context, DeadLetter,
@@ -129,10 +130,12 @@ pub use dingo_macros::task;
 
 /// The Redis broker (feature `redis`).
 #[cfg(feature = "redis")]
+#[cfg_attr(docsrs, doc(cfg(feature = "redis")))]
 pub use dingo_redis as redis;
 
 /// The RabbitMQ broker (feature `amqp`).
 #[cfg(feature = "amqp")]
+#[cfg_attr(docsrs, doc(cfg(feature = "amqp")))]
 pub use dingo_amqp as amqp;
 
 #[doc(hidden)]

@@ -26,14 +26,14 @@ fn plus(n: i64) -> i64 {
 fn message_of_len(id: &str, reply_to: ReplyTo, len: usize) -> Vec<u8> {
     let ReplyTo::Address(address) = reply_to else { panic!("a reply address") };
     let build = |args: usize| {
-        let message = TaskMessage {
-            name: TaskName::from(plus::NAME),
-            id: TaskId::from(id),
-            fingerprint: <plus as dingo::Task>::fingerprint(),
-            options: TaskOptions::new(),
-            reply_to: ReplyTo::Address(address.clone()),
-            args: Payload::Encoded(Encoded::new(dingo::codec::MSGPACK, vec![0xc0; args])),
-        };
+        let message = TaskMessage::new(
+            TaskName::from(plus::NAME),
+            TaskId::from(id),
+            <plus as dingo::Task>::fingerprint(),
+            Payload::Encoded(Encoded::new(dingo::codec::MSGPACK, vec![0xc0; args])),
+        )
+        .with_options(TaskOptions::new())
+        .with_reply_to(ReplyTo::Address(address.clone()));
         wire::encode_task(&message).expect("encode the message")
     };
     // The arguments' length field grows by a byte at most once on the way.

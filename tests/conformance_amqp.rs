@@ -180,14 +180,14 @@ fn try_recv_takes_turns_between_queues() {
         Consumer::declare(&broker, name).expect("declare");
     }
     let send = |name: &TaskName, i: usize| {
-        let message = TaskMessage {
-            name: name.clone(),
-            id: TaskId::new(&format!("{name}-{i}")),
-            fingerprint: 0,
-            options: TaskOptions::new(),
-            reply_to: ReplyTo::Address(Arc::from("nobody")),
-            args: Payload::Encoded(Encoded::new(1, vec![i as u8])),
-        };
+        let message = TaskMessage::new(
+            name.clone(),
+            TaskId::new(&format!("{name}-{i}")),
+            0,
+            Payload::Encoded(Encoded::new(1, vec![i as u8])),
+        )
+        .with_options(TaskOptions::new())
+        .with_reply_to(ReplyTo::Address(Arc::from("nobody")));
         broker.send(message, Some(PATIENCE)).expect("send");
     };
     for i in 0..20 {
@@ -216,6 +216,7 @@ fn try_recv_takes_turns_between_queues() {
             }
             Recv::Empty => std::thread::sleep(Duration::from_millis(1)),
             Recv::Stopped => panic!("the subscription stopped"),
+            other => panic!("an unexpected {other:?}"),
         }
     }
     let first_other = names.iter().position(|name| *name == other);

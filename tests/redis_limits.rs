@@ -25,14 +25,14 @@ fn plus(n: i64) -> i64 {
 fn message(id: &str, reply_to: ReplyTo, args: usize, at_most_once: bool) -> Vec<u8> {
     let mut options = TaskOptions::new();
     options.at_most_once = at_most_once;
-    let message = TaskMessage {
-        name: TaskName::from(plus::NAME),
-        id: TaskId::from(id),
-        fingerprint: <plus as dingo::Task>::fingerprint(),
-        options,
-        reply_to,
-        args: Payload::Encoded(Encoded::new(dingo::codec::MSGPACK, vec![0xc0; args])),
-    };
+    let message = TaskMessage::new(
+        TaskName::from(plus::NAME),
+        TaskId::from(id),
+        <plus as dingo::Task>::fingerprint(),
+        Payload::Encoded(Encoded::new(dingo::codec::MSGPACK, vec![0xc0; args])),
+    )
+    .with_options(options)
+    .with_reply_to(reply_to);
     wire::encode_task(&message).expect("encode the message")
 }
 

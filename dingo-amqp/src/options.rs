@@ -8,6 +8,7 @@ use dingo_core::broker::tls::{CA_FILE_KEY, CERT_FILE_KEY, KEY_FILE_KEY, path_fro
 /// Settings of an [`AmqpBroker`](crate::AmqpBroker).
 #[derive(Debug, Clone, PartialEq, Eq)]
 #[non_exhaustive]
+#[must_use = "builder methods return the changed value; they do not change it in place"]
 pub struct AmqpOptions {
     /// Prefix of every queue and exchange name, so several apps can share one virtual host.
     /// Default `dingo`.
@@ -345,7 +346,6 @@ impl AmqpOptions {
     ///     .tls_client_cert("/etc/dingo/client.pem", "/etc/dingo/client.key");
     /// assert_eq!(options.tls_key_file.as_deref(), Some("/etc/dingo/client.key".as_ref()));
     /// ```
-    #[must_use]
     pub fn tls_ca_file(mut self, path: impl Into<PathBuf>) -> AmqpOptions {
         self.tls_ca_file = Some(path.into());
         self
@@ -354,7 +354,6 @@ impl AmqpOptions {
     /// Sets [`tls_cert_file`](AmqpOptions::tls_cert_file) and
     /// [`tls_key_file`](AmqpOptions::tls_key_file): the client certificate and its key
     /// (PEM), for servers that authenticate clients by certificate (mutual TLS).
-    #[must_use]
     pub fn tls_client_cert(mut self, cert: impl Into<PathBuf>, key: impl Into<PathBuf>) -> AmqpOptions {
         self.tls_cert_file = Some(cert.into());
         self.tls_key_file = Some(key.into());

@@ -347,14 +347,9 @@ impl App {
             (Handle::new(key.clone(), slot, store.clone(), keeps_state), reply_to)
         };
 
-        let message = TaskMessage {
-            name: key.name.clone(),
-            id: key.id.clone(),
-            fingerprint,
-            options: options.task_options(),
-            reply_to,
-            args,
-        };
+        let message = TaskMessage::new(key.name.clone(), key.id.clone(), fingerprint, args)
+            .with_options(options.task_options())
+            .with_reply_to(reply_to);
         match producer.send(message, options.get_enqueue_timeout()) {
             Ok(()) => Ok(handle),
             Err(e) => Err(self.send_failed(&key, e)),

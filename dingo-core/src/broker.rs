@@ -72,6 +72,7 @@ pub trait Producer: Send + Sync + 'static {
 /// How a consumer should deliver.
 #[derive(Debug, Clone, PartialEq, Eq)]
 #[non_exhaustive]
+#[must_use]
 pub struct ConsumeSettings {
     /// How many messages may be fetched ahead of the workers (at least 1).
     pub prefetch: usize,
@@ -104,8 +105,9 @@ pub trait Consumer: Send + Sync + 'static {
     fn close(&self) {}
 }
 
-/// What [`Subscription::recv`] got.
+/// What [`Subscription::recv`] got (more outcomes may be added: a `match` needs a `_` arm).
 #[derive(Debug)]
+#[non_exhaustive]
 pub enum Recv {
     /// A task to run.
     Delivery(Delivery),
@@ -140,8 +142,10 @@ pub trait Subscription: Send + Sync + 'static {
     fn detach_worker(&self) {}
 }
 
-/// A task message handed to a worker, with what acknowledges it.
+/// A task message handed to a worker, with what acknowledges it (made with
+/// [`Delivery::new`]; fields may be added).
 #[derive(Debug)]
+#[non_exhaustive]
 pub struct Delivery {
     /// The message.
     pub message: TaskMessage,
@@ -153,8 +157,25 @@ pub struct Delivery {
 
 impl Delivery {
     /// A delivery that needs no acknowledgement.
+    #[inline]
     pub fn new(message: TaskMessage) -> Delivery {
         Delivery { message, ack: None, redelivered: false }
+    }
+
+    /// Sets [`ack`](Delivery::ack).
+    #[inline]
+    #[must_use]
+    pub fn with_ack(mut self, ack: Option<Ack>) -> Delivery {
+        self.ack = ack;
+        self
+    }
+
+    /// Sets [`redelivered`](Delivery::redelivered).
+    #[inline]
+    #[must_use]
+    pub fn with_redelivered(mut self, redelivered: bool) -> Delivery {
+        self.redelivered = redelivered;
+        self
     }
 }
 

@@ -194,8 +194,9 @@ impl EventKind {
 // Every kind has a bit of `EventFilter::kinds`.
 const _: () = assert!((EventKind::Other as u32) < u64::BITS);
 
-/// One thing that happened.
+/// One thing that happened (made with [`Event::new`]; fields may be added).
 #[derive(Debug, Clone)]
+#[non_exhaustive]
 pub struct Event {
     /// Where it happened.
     pub origin: Origin,
@@ -218,6 +219,7 @@ impl Event {
     }
 
     /// The same event about one call.
+    #[must_use]
     pub fn with_task(mut self, task: CallKey) -> Event {
         self.task = Some(task);
         self
@@ -236,6 +238,7 @@ impl Event {
 /// # let _ = (losses, workers);
 /// ```
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[must_use = "an event filter does nothing until it is passed to `App::events`"]
 pub struct EventFilter {
     origins: Origins,
     level: Level,

@@ -26,6 +26,7 @@ pub mod codec;
 mod context;
 pub mod error;
 pub mod event;
+mod hash;
 pub mod id;
 pub mod message;
 mod options;
@@ -38,6 +39,14 @@ mod worker;
 #[doc(hidden)]
 #[path = "private.rs"]
 pub mod __private;
+
+/// What the workspace's broker crates share with the runtime beyond the broker kit (the
+/// fast hash map). Not a public API: it may change in any release, and the `dingo` facade
+/// does not re-export it.
+#[doc(hidden)]
+pub mod __internal {
+    pub use crate::hash::{FastMap, FxHasher};
+}
 
 pub use app::{App, AppBuilder};
 pub use broker::DeadLetter;

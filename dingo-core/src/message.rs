@@ -97,7 +97,24 @@ impl fmt::Debug for ReplyTo {
 }
 
 /// One task to run: what a producer sends and a consumer delivers.
+///
+/// Made with [`TaskMessage::new`] and the `with_` setters: fields will be added.
+///
+/// ```
+/// use std::sync::Arc;
+/// use dingo_core::codec::{Encoded, MSGPACK};
+/// use dingo_core::message::{Payload, ReplyTo, TaskMessage};
+/// use dingo_core::{TaskId, TaskName, TaskOptions};
+///
+/// let args = Payload::Encoded(Encoded::new(MSGPACK, vec![0x92, 0x02, 0x03]));
+/// let message = TaskMessage::new(TaskName::from("tasks.add"), TaskId::new("1"), 0, args)
+///     .with_options(TaskOptions::new())
+///     .with_reply_to(ReplyTo::Address(Arc::from("reply.1")));
+/// assert_eq!(message.name, "tasks.add");
+/// assert!(message.reply_to.wants_reports());
+/// ```
 #[derive(Debug)]
+#[non_exhaustive]
 pub struct TaskMessage {
     /// The task to run.
     pub name: TaskName,
@@ -115,6 +132,29 @@ pub struct TaskMessage {
 }
 
 impl TaskMessage {
+    /// A message for one call of `name`: default [`options`](TaskMessage::options), no
+    /// reports ([`ReplyTo::None`]).
+    #[inline]
+    pub fn new(name: TaskName, id: TaskId, fingerprint: u64, args: Payload) -> TaskMessage {
+        TaskMessage { name, id, fingerprint, options: TaskOptions::new(), reply_to: ReplyTo::None, args }
+    }
+
+    /// Sets [`options`](TaskMessage::options).
+    #[inline]
+    #[must_use]
+    pub fn with_options(mut self, options: TaskOptions) -> TaskMessage {
+        self.options = options;
+        self
+    }
+
+    /// Sets [`reply_to`](TaskMessage::reply_to).
+    #[inline]
+    #[must_use]
+    pub fn with_reply_to(mut self, reply_to: ReplyTo) -> TaskMessage {
+        self.reply_to = reply_to;
+        self
+    }
+
     /// The identity of the call.
     pub fn key(&self) -> CallKey {
         CallKey { name: self.name.clone(), id: self.id.clone() }

@@ -19,6 +19,7 @@ use crate::id::TaskId;
 /// assert_eq!(opts.is_ignore_report(), false);
 /// ```
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
+#[must_use = "builder methods return the changed value; they do not change it in place"]
 pub struct CallOptions {
     ignore_report: Option<bool>,
     monitor_progress: Option<bool>,
@@ -116,6 +117,7 @@ impl CallOptions {
 /// The options that travel inside a task message.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash)]
 #[non_exhaustive]
+#[must_use]
 pub struct TaskOptions {
     /// No report is produced.
     pub ignore_report: bool,

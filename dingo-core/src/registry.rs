@@ -16,7 +16,8 @@ use serde::de::DeserializeOwned;
 use crate::codec::{CodecId, Codecs, Encoded};
 use crate::context::Context;
 use crate::error::{Error, TaskError, TaskErrorKind};
-use crate::id::{FastMap, IdMaker, TaskName};
+use crate::hash::FastMap;
+use crate::id::{IdMaker, TaskName};
 use crate::message::{Payload, Value};
 use crate::options::CallOptions;
 

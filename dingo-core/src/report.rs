@@ -10,7 +10,10 @@ use crate::error::TaskError;
 /// One report about a call, in the order they happen: [`Report::Sent`] and
 /// [`Report::Progress`] (only with `monitor_progress`), then exactly one of
 /// [`Report::Success`] and [`Report::Failure`].
+///
+/// New kinds of report may be added (a retry is coming): a `match` on it needs a `_` arm.
 #[derive(Debug)]
+#[non_exhaustive]
 pub enum Report<T> {
     /// A worker received the task.
     Sent,

@@ -14,7 +14,8 @@ use crate::codec::Codecs;
 use crate::context::Context;
 use crate::error::{Error, TaskError, TaskErrorKind};
 use crate::event::{Event, EventKind, EventSink, Level, Origin};
-use crate::id::{CallKey, FastMap, TaskId, TaskName};
+use crate::hash::FastMap;
+use crate::id::{CallKey, TaskId, TaskName};
 use crate::message::{Payload, ReplyTo, ReportBody, ReportMessage, TaskMessage};
 use crate::registry::{Handler, Invoke};
 

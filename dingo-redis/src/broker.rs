@@ -30,13 +30,14 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use arc_swap::ArcSwap;
+use dingo_core::__internal::FastMap;
 use dingo_core::broker::kit::{Lazy, Lifecycle, Shutdown, ShutdownOnDrop};
 pub(crate) use dingo_core::broker::kit::{Thread, lock};
 use dingo_core::broker::router::{ReportRouter, UnclaimedLimit};
 use dingo_core::broker::support::{check_size, connect_retrying, redact_url, reply_address};
 use dingo_core::broker::{Ack, ConsumeSettings, Consumer, Producer, Reporter, Store, Subscription};
 use dingo_core::event::{EventSink, EventSinks, Origin};
-use dingo_core::id::{FastMap, UuidV7};
+use dingo_core::id::UuidV7;
 use dingo_core::message::{ReplySink, ReplyTo, ReportMessage, TaskMessage, wire};
 use dingo_core::{BrokerError, BrokerErrorKind, CallKey, DeadLetter, IdMaker, TaskName};
 

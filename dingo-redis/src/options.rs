@@ -8,6 +8,7 @@ use dingo_core::broker::tls::{CA_FILE_KEY, CERT_FILE_KEY, KEY_FILE_KEY, path_fro
 /// Settings of a [`RedisBroker`](crate::RedisBroker).
 #[derive(Debug, Clone, PartialEq, Eq)]
 #[non_exhaustive]
+#[must_use = "builder methods return the changed value; they do not change it in place"]
 pub struct RedisOptions {
     /// Prefix of every key, so several apps can share one server. Default `dingo`.
     pub namespace: String,
@@ -278,7 +279,6 @@ impl RedisOptions {
     ///     .tls_client_cert("/etc/dingo/client.pem", "/etc/dingo/client.key");
     /// assert_eq!(options.tls_ca_file.as_deref(), Some("/etc/dingo/ca.pem".as_ref()));
     /// ```
-    #[must_use]
     pub fn tls_ca_file(mut self, path: impl Into<PathBuf>) -> RedisOptions {
         self.tls_ca_file = Some(path.into());
         self
@@ -287,7 +287,6 @@ impl RedisOptions {
     /// Sets [`tls_cert_file`](RedisOptions::tls_cert_file) and
     /// [`tls_key_file`](RedisOptions::tls_key_file): the client certificate and its key
     /// (PEM), for servers that authenticate clients by certificate (mutual TLS).
-    #[must_use]
     pub fn tls_client_cert(mut self, cert: impl Into<PathBuf>, key: impl Into<PathBuf>) -> RedisOptions {
         self.tls_cert_file = Some(cert.into());
         self.tls_key_file = Some(key.into());

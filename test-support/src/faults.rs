@@ -153,14 +153,9 @@ pub fn watch(store: &dyn Store, task: &str, id: &str) -> (ReplyTo, Arc<Inbox>) {
 /// A task message built by hand, as a caller from other code would send it.
 pub fn crafted(app: &App, task: &str, id: &str, fingerprint: u64, reply_to: ReplyTo) -> Vec<u8> {
     let args = app.codecs().encode(dingo::codec::MSGPACK, &5i64).expect("encode the arguments");
-    let message = TaskMessage {
-        name: TaskName::from(task),
-        id: TaskId::from(id),
-        fingerprint,
-        options: dingo::TaskOptions::new(),
-        reply_to,
-        args: Payload::Encoded(args),
-    };
+    let message = TaskMessage::new(TaskName::from(task), TaskId::from(id), fingerprint, Payload::Encoded(args))
+        .with_options(dingo::TaskOptions::new())
+        .with_reply_to(reply_to);
     wire::encode_task(&message).expect("encode the message")
 }
 

@@ -189,7 +189,6 @@ pub mod local {
     }
 }
 
-#[cfg(feature = "redis")]
 pub mod redis {
     //! Setups for the Redis broker: a unique namespace per test on the server of
     //! `DINGO_REDIS_URL` (default `redis://127.0.0.1:6379`), deleted afterwards.
@@ -199,8 +198,8 @@ pub mod redis {
     use std::time::Duration;
 
     use dingo::broker::Reporter;
-    use dingo::redis::{RedisBroker, RedisOptions};
     use dingo::{App, AppBuilder};
+    use dingo_redis::{RedisBroker, RedisOptions};
 
     use crate::app::AppSetup;
     use crate::reports::{ReportSetup, ReportTransport};
@@ -319,7 +318,7 @@ pub mod redis {
         }
 
         /// A setup on a private `redis-server` of its own (see [`Server::start_with_users`]),
-        /// where brokers connect as user `dingo` with [`dingo::redis::acl_rules`] for the
+        /// where brokers connect as user `dingo` with [`dingo_redis::acl_rules`] for the
         /// setup's namespace: nothing in `@dangerous`, no key outside the namespace. Test-
         /// friendly options (a short lease); `None` to skip.
         ///
@@ -333,7 +332,7 @@ pub mod redis {
             let namespace = crate::unique("dingo-acl");
             let users = format!(
                 "user default on nopass ~* &* +@all\nuser dingo on >{RESTRICTED_PASSWORD} {}\n",
-                dingo::redis::acl_rules(&namespace)
+                dingo_redis::acl_rules(&namespace)
             );
             let server = crate::redis_server::Server::start_with_users(&users, &[])?;
             Some(Redis {
@@ -448,7 +447,6 @@ pub mod redis {
     }
 }
 
-#[cfg(feature = "amqp")]
 pub mod amqp {
     //! Setups for the RabbitMQ broker: a unique namespace per test on the server of
     //! `DINGO_AMQP_URL` (default `amqp://guest:guest@127.0.0.1:5672/%2f`); the queues its
@@ -456,9 +454,9 @@ pub mod amqp {
 
     use std::sync::{Arc, Mutex};
 
-    use dingo::amqp::{AmqpBroker, AmqpOptions};
     use dingo::broker::Reporter;
     use dingo::{App, AppBuilder};
+    use dingo_amqp::{AmqpBroker, AmqpOptions};
 
     use crate::app::AppSetup;
     use crate::reports::{ReportSetup, ReportTransport};
@@ -557,13 +555,11 @@ pub mod amqp {
 
     /// Tasks through RabbitMQ, reports through Redis: the pairing the two transports are
     /// split for.
-    #[cfg(feature = "redis")]
     pub struct WithRedisReports {
         amqp: Amqp,
         redis: crate::redis::Redis,
     }
 
-    #[cfg(feature = "redis")]
     impl WithRedisReports {
         /// `None` to skip (either server absent).
         pub fn setup() -> Option<WithRedisReports> {
@@ -571,7 +567,6 @@ pub mod amqp {
         }
     }
 
-    #[cfg(feature = "redis")]
     impl AppSetup for WithRedisReports {
         fn builder(&self) -> AppBuilder {
             App::builder().tasks(self.amqp.broker()).reports(self.redis.broker())

@@ -47,14 +47,9 @@ pub fn test_id(i: usize) -> TaskId {
 }
 
 fn message(name: &str, id: TaskId, bytes: &[u8]) -> TaskMessage {
-    TaskMessage {
-        name: TaskName::from(name),
-        id,
-        fingerprint: 0x0123_4567_89ab_cdef,
-        options: TaskOptions::new(),
-        reply_to: ReplyTo::Address(Arc::from("reply.address")),
-        args: Payload::Encoded(Encoded::new(1, bytes.to_vec())),
-    }
+    TaskMessage::new(TaskName::from(name), id, 0x0123_4567_89ab_cdef, Payload::Encoded(Encoded::new(1, bytes.to_vec())))
+        .with_options(TaskOptions::new())
+        .with_reply_to(ReplyTo::Address(Arc::from("reply.address")))
 }
 
 /// Receives one delivery or fails the test after [`PATIENCE`].
@@ -63,6 +58,7 @@ pub fn recv(subscription: &dyn Subscription) -> Delivery {
         Recv::Delivery(d) => d,
         Recv::Empty => panic!("no delivery within {PATIENCE:?}"),
         Recv::Stopped => panic!("the subscription stopped"),
+        other => panic!("an unexpected {other:?}"),
     }
 }
 
@@ -191,6 +187,7 @@ pub fn competing_consumers_exactly_once(setup: &dyn TransportSetup) {
                         }
                         Recv::Empty => {}
                         Recv::Stopped => break,
+                        other => panic!("an unexpected {other:?}"),
                     }
                 }
             });

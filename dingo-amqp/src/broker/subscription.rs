@@ -484,7 +484,7 @@ impl AmqpSubscription {
                         stats.acked.fetch_add(1, Ordering::Relaxed);
                         let key = message.key();
                         AT_MOST_ONCE.with(|taken| *taken.borrow_mut() = Some(key));
-                        Some(Delivery { message, ack: None, redelivered: redelivered || marked })
+                        Some(Delivery::new(message).with_redelivered(redelivered || marked))
                     }
                     Settled::Closed => None,
                     Settled::Failed(e) => {
@@ -512,7 +512,7 @@ impl AmqpSubscription {
             Ok((message, marked)) => {
                 let mut ack = AmqpAck::new(shared, &feed.line, queue, delivery);
                 ack.copy = copy;
-                Some(Delivery { message, ack: Some(Ack::new(ack)), redelivered: redelivered || marked })
+                Some(Delivery::new(message).with_ack(Some(Ack::new(ack))).with_redelivered(redelivered || marked))
             }
             Err(malformed) => {
                 let reason = format!("undecodable message: {}", dingo_core::error::chain(&malformed.error));

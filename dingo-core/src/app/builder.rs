@@ -46,6 +46,7 @@ inventory::collect!(BrokerScheme);
 /// # app.close()
 /// # }
 /// ```
+#[must_use = "an app builder does nothing until `build` is called"]
 pub struct AppBuilder {
     producer: Option<Arc<dyn Producer>>,
     consumer: Option<Arc<dyn Consumer>>,

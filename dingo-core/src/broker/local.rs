@@ -33,13 +33,15 @@ use crate::broker::{
 };
 use crate::error::{BrokerError, BrokerErrorKind, TaskError, TaskErrorKind};
 use crate::event::{Event, EventKind, EventSink, EventSinks, Level, Origin};
-use crate::id::{CallKey, FastMap, TaskName};
+use crate::hash::FastMap;
+use crate::id::{CallKey, TaskName};
 use crate::message::wire::{self, Known, MalformedTask};
 use crate::message::{ReplySink, ReplyTo, ReportBody, ReportMessage, TaskMessage};
 
 /// Settings of a [`LocalBroker`].
 #[derive(Debug, Clone, PartialEq, Eq)]
 #[non_exhaustive]
+#[must_use = "builder methods return the changed value; they do not change it in place"]
 pub struct LocalOptions {
     /// Messages each task queue holds before `send` blocks. Default 4096.
     pub capacity: usize,

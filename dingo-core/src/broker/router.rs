@@ -11,7 +11,8 @@ use std::time::{Duration, Instant};
 
 use crate::broker::kit::lock;
 use crate::event::{Event, EventKind, EventSinks, Level, Origin};
-use crate::id::{CallKey, FastMap};
+use crate::hash::FastMap;
+use crate::id::CallKey;
 use crate::message::{ReplySink, ReportBody, ReportMessage, ReportSink, Value};
 
 /// How much a [`ReportRouter`] keeps of the reports nobody waits for: at most `reports` of
@@ -31,6 +32,7 @@ use crate::message::{ReplySink, ReportBody, ReportMessage, ReportSink, Value};
 /// ```
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 #[non_exhaustive]
+#[must_use]
 pub struct UnclaimedLimit {
     /// Reports kept at most. Default 100,000.
     pub reports: usize,

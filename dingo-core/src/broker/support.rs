@@ -365,14 +365,13 @@ mod tests {
         use crate::codec::Encoded;
         use crate::id::{TaskId, TaskName};
         use crate::message::{Payload, TaskMessage, Value};
-        let task = TaskMessage {
-            name: TaskName::from("t.big"),
-            id: TaskId::new("id-1"),
-            fingerprint: 0,
-            options: Default::default(),
-            reply_to: ReplyTo::Address(Arc::from("reply.9")),
-            args: Payload::Encoded(Encoded::new(1, vec![7; 10_000])),
-        };
+        let task = TaskMessage::new(
+            TaskName::from("t.big"),
+            TaskId::new("id-1"),
+            0,
+            Payload::Encoded(Encoded::new(1, vec![7; 10_000])),
+        )
+        .with_reply_to(ReplyTo::Address(Arc::from("reply.9")));
         let bytes = wire::encode_task(&task).expect("encodes");
         let oversize = oversize_task(&bytes, bytes.len(), 5_000);
         assert_eq!(oversize.kept, OVERSIZE_KEPT);

@@ -193,14 +193,14 @@ pub fn decode_delivery(bytes: Vec<u8>, known: &Known<'_>) -> Result<(TaskMessage
     });
     match checked {
         Ok((name, id, codec, range)) => Ok((
-            TaskMessage {
+            TaskMessage::new(
                 name,
                 id,
-                fingerprint: fingerprint.unwrap_or(0),
-                options,
-                reply_to: reply_to.map(ReplyTo::Address).unwrap_or(ReplyTo::None),
-                args: Payload::Encoded(Encoded::new(codec, take_range(bytes, range))),
-            },
+                fingerprint.unwrap_or(0),
+                Payload::Encoded(Encoded::new(codec, take_range(bytes, range))),
+            )
+            .with_options(options)
+            .with_reply_to(reply_to.map(ReplyTo::Address).unwrap_or(ReplyTo::None)),
             redelivered,
         )),
         Err(error) => Err(Box::new(MalformedTask { error, name, id, reply_to, bytes })),
@@ -476,14 +476,14 @@ mod tests {
     use super::*;
 
     fn task() -> TaskMessage {
-        TaskMessage {
-            name: TaskName::from("tasks.add"),
-            id: TaskId::new("0190a5b2-0000-7000-8000-000000000001"),
-            fingerprint: 0xdead_beef_0102_0304,
-            options: TaskOptions { ignore_report: false, monitor_progress: true, at_most_once: true },
-            reply_to: ReplyTo::Address(Arc::from("reply.1")),
-            args: Payload::Encoded(Encoded::new(1, vec![0x92, 0x02, 0x03])),
-        }
+        TaskMessage::new(
+            TaskName::from("tasks.add"),
+            TaskId::new("0190a5b2-0000-7000-8000-000000000001"),
+            0xdead_beef_0102_0304,
+            Payload::Encoded(Encoded::new(1, vec![0x92, 0x02, 0x03])),
+        )
+        .with_options(TaskOptions { ignore_report: false, monitor_progress: true, at_most_once: true })
+        .with_reply_to(ReplyTo::Address(Arc::from("reply.1")))
     }
 
     #[test]

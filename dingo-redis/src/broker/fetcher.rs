@@ -19,10 +19,11 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use dingo_core::__internal::FastMap;
 use dingo_core::broker::support;
 use dingo_core::broker::{Ack, Acknowledge, ConsumeSettings, Delivery, Recv, Subscription};
 use dingo_core::event::{Event, EventKind, Level, Origin};
-use dingo_core::id::{FastMap, IdMaker, UuidV7};
+use dingo_core::id::{IdMaker, UuidV7};
 use dingo_core::message::wire::{self, Known};
 use dingo_core::message::{ReplyTo, ReportBody, ReportMessage};
 use dingo_core::{BrokerError, CallKey, TaskError, TaskErrorKind, TaskName};
@@ -517,7 +518,7 @@ impl RedisSubscription {
                         subscription: self.id,
                     })
                 });
-                local.buffer.push_back(Entry::Task(Delivery { message, ack, redelivered }));
+                local.buffer.push_back(Entry::Task(Delivery::new(message).with_ack(ack).with_redelivered(redelivered)));
             }
             Err(malformed) => {
                 let reason = self.malformed(queue, &malformed);
