@@ -74,7 +74,7 @@
 //! to turn verification off; to trust a self-signed server, give its certificate as
 //! `cacertfile`.
 //!
-//! A RabbitMQ configuration these settings were tested against (`tests/amqp_tls.rs` starts
+//! A RabbitMQ configuration these settings were tested against (`integration/tests/amqp_tls.rs` starts
 //! a private node with it, see `test-support/src/rabbitmq_node.rs`):
 //!
 //! ```text

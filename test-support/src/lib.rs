@@ -189,6 +189,7 @@ pub mod local {
     }
 }
 
+#[cfg(feature = "redis")]
 pub mod redis {
     //! Setups for the Redis broker: a unique namespace per test on the server of
     //! `DINGO_REDIS_URL` (default `redis://127.0.0.1:6379`), deleted afterwards.
@@ -198,8 +199,8 @@ pub mod redis {
     use std::time::Duration;
 
     use dingo::broker::Reporter;
+    use dingo::redis::{RedisBroker, RedisOptions};
     use dingo::{App, AppBuilder};
-    use dingo_redis::{RedisBroker, RedisOptions};
 
     use crate::app::AppSetup;
     use crate::reports::{ReportSetup, ReportTransport};
@@ -318,7 +319,7 @@ pub mod redis {
         }
 
         /// A setup on a private `redis-server` of its own (see [`Server::start_with_users`]),
-        /// where brokers connect as user `dingo` with [`dingo_redis::acl_rules`] for the
+        /// where brokers connect as user `dingo` with [`dingo::redis::acl_rules`] for the
         /// setup's namespace: nothing in `@dangerous`, no key outside the namespace. Test-
         /// friendly options (a short lease); `None` to skip.
         ///
@@ -332,7 +333,7 @@ pub mod redis {
             let namespace = crate::unique("dingo-acl");
             let users = format!(
                 "user default on nopass ~* &* +@all\nuser dingo on >{RESTRICTED_PASSWORD} {}\n",
-                dingo_redis::acl_rules(&namespace)
+                dingo::redis::acl_rules(&namespace)
             );
             let server = crate::redis_server::Server::start_with_users(&users, &[])?;
             Some(Redis {
@@ -447,6 +448,7 @@ pub mod redis {
     }
 }
 
+#[cfg(feature = "amqp")]
 pub mod amqp {
     //! Setups for the RabbitMQ broker: a unique namespace per test on the server of
     //! `DINGO_AMQP_URL` (default `amqp://guest:guest@127.0.0.1:5672/%2f`); the queues its
@@ -454,9 +456,9 @@ pub mod amqp {
 
     use std::sync::{Arc, Mutex};
 
+    use dingo::amqp::{AmqpBroker, AmqpOptions};
     use dingo::broker::Reporter;
     use dingo::{App, AppBuilder};
-    use dingo_amqp::{AmqpBroker, AmqpOptions};
 
     use crate::app::AppSetup;
     use crate::reports::{ReportSetup, ReportTransport};
@@ -555,11 +557,13 @@ pub mod amqp {
 
     /// Tasks through RabbitMQ, reports through Redis: the pairing the two transports are
     /// split for.
+    #[cfg(feature = "redis")]
     pub struct WithRedisReports {
         amqp: Amqp,
         redis: crate::redis::Redis,
     }
 
+    #[cfg(feature = "redis")]
     impl WithRedisReports {
         /// `None` to skip (either server absent).
         pub fn setup() -> Option<WithRedisReports> {
@@ -567,6 +571,7 @@ pub mod amqp {
         }
     }
 
+    #[cfg(feature = "redis")]
     impl AppSetup for WithRedisReports {
         fn builder(&self) -> AppBuilder {
             App::builder().tasks(self.amqp.broker()).reports(self.redis.broker())

@@ -19,7 +19,7 @@ const EXAMPLES: Examples = dingo_test_support::examples!["redis_worker", "redis_
 // The tasks the example programs share: the same names and signatures, so the test process
 // can call what the worker processes run.
 #[allow(dead_code)]
-#[path = "../examples/shared/tasks.rs"]
+#[path = "../../examples/shared/tasks.rs"]
 mod tasks;
 
 /// The worker example serving 13 tasks on 2 threads and the caller example making its 10

@@ -125,5 +125,5 @@ fn the_version_comes_from_info_where_the_server_does_not_answer_hello() {
 #[test]
 fn the_readme_shows_the_rules() {
     let line = format!("  user shop-app on >PASSWORD {}\n", acl_rules("shop"));
-    assert!(include_str!("../README.md").contains(&line), "the README should show {line}");
+    assert!(include_str!("../../README.md").contains(&line), "the README should show {line}");
 }

@@ -21,7 +21,7 @@ fn about(took: Duration, patience: Duration) {
 // The tasks of the example programs, to call what the worker process runs.
 #[cfg(feature = "redis")]
 #[allow(dead_code)]
-#[path = "../examples/shared/tasks.rs"]
+#[path = "../../examples/shared/tasks.rs"]
 mod tasks;
 
 #[cfg(feature = "redis")]

@@ -17,7 +17,7 @@ use dingo_test_support::process::{Examples, Proc, example};
 // The tasks the example programs share: the same names and signatures, so the test process
 // can call what the worker processes run.
 #[allow(dead_code)]
-#[path = "../examples/shared/tasks.rs"]
+#[path = "../../examples/shared/tasks.rs"]
 mod tasks;
 
 /// The example programs, built with this test's features.

@@ -14,7 +14,7 @@ use dingo_test_support::redis::{Redis, redis_cli};
 const EXAMPLES: Examples = dingo_test_support::examples!["redis_worker", "redis_caller"];
 
 #[allow(dead_code)]
-#[path = "../examples/shared/tasks.rs"]
+#[path = "../../examples/shared/tasks.rs"]
 mod tasks;
 
 #[dingo::task(name = "keys.first")]
