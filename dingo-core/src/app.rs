@@ -347,9 +347,15 @@ impl App {
             (Handle::new(key.clone(), slot, store.clone(), keeps_state), reply_to)
         };
 
-        let message = TaskMessage::new(key.name.clone(), key.id.clone(), fingerprint, args)
-            .with_options(options.task_options())
-            .with_reply_to(reply_to);
+        // Built in place (the builder's moves cost a copy of the message per call here).
+        let message = TaskMessage {
+            name: key.name.clone(),
+            id: key.id.clone(),
+            fingerprint,
+            options: options.task_options(),
+            reply_to,
+            args,
+        };
         match producer.send(message, options.get_enqueue_timeout()) {
             Ok(()) => Ok(handle),
             Err(e) => Err(self.send_failed(&key, e)),

@@ -57,6 +57,7 @@ use crate::event::{EventSink, EventSinks};
 ///
 /// For data that stays consistent across a panic (single inserts, removals, swaps): a
 /// poisoned lock would otherwise take every later caller down with the first.
+#[inline]
 pub fn lock<T: ?Sized>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
     mutex.lock().unwrap_or_else(|e| e.into_inner())
 }
@@ -113,17 +114,20 @@ impl Lifecycle {
     }
 
     /// Whether the broker has shut down.
+    #[inline]
     pub fn is_closed(&self) -> bool {
         self.closed.load(Ordering::SeqCst)
     }
 
     /// `Ok` while the broker is open, else the [`closed_error`](Lifecycle::closed_error).
+    #[inline]
     pub fn check_open(&self) -> Result<(), BrokerError> {
         if self.is_closed() { Err(self.closed_error()) } else { Ok(()) }
     }
 
     /// The error of an operation on a broker that has shut down
     /// ([`BrokerErrorKind::Closed`]).
+    #[cold]
     pub fn closed_error(&self) -> BrokerError {
         closed(self.name)
     }
@@ -200,6 +204,7 @@ pub struct Stop {
 
 impl Stop {
     /// Whether the thread is to stop.
+    #[inline]
     pub fn is_set(&self) -> bool {
         self.flag.load(Ordering::SeqCst)
     }

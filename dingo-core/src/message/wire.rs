@@ -193,14 +193,15 @@ pub fn decode_delivery(bytes: Vec<u8>, known: &Known<'_>) -> Result<(TaskMessage
     });
     match checked {
         Ok((name, id, codec, range)) => Ok((
-            TaskMessage::new(
+            // Built in place, as in `App::call_task`: the builder's moves copy the message.
+            TaskMessage {
                 name,
                 id,
-                fingerprint.unwrap_or(0),
-                Payload::Encoded(Encoded::new(codec, take_range(bytes, range))),
-            )
-            .with_options(options)
-            .with_reply_to(reply_to.map(ReplyTo::Address).unwrap_or(ReplyTo::None)),
+                fingerprint: fingerprint.unwrap_or(0),
+                options,
+                reply_to: reply_to.map(ReplyTo::Address).unwrap_or(ReplyTo::None),
+                args: Payload::Encoded(Encoded::new(codec, take_range(bytes, range))),
+            },
             redelivered,
         )),
         Err(error) => Err(Box::new(MalformedTask { error, name, id, reply_to, bytes })),
