@@ -16,6 +16,7 @@ use dingo::{
 };
 
 use crate::PATIENCE;
+use dingo::broker::kit::lock;
 
 /// Builds apps on one fresh broker (or namespace) per test.
 pub trait AppSetup {
@@ -434,8 +435,4 @@ pub fn three_callers_three_workers(setup: &dyn AppSetup) {
     for q in quiet {
         q.check();
     }
-}
-
-fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(|e| e.into_inner())
 }

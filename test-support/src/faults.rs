@@ -4,7 +4,7 @@
 
 use std::net::{SocketAddr, ToSocketAddrs};
 use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use dingo::broker::Store;
@@ -14,10 +14,8 @@ use dingo::{App, CallKey, Event, EventFilter, EventKind, Events, Level, TaskErro
 use crate::PATIENCE;
 use crate::proxy::Proxy;
 
-/// Locks, whether or not a holder panicked (test state stays readable).
-pub fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
-    mutex.lock().unwrap_or_else(|e| e.into_inner())
-}
+/// Locks, whether or not a holder panicked (test state stays readable): the brokers' own.
+pub use dingo::broker::kit::lock;
 
 /// Waits until `done` holds, or fails after [`PATIENCE`] naming `what`.
 pub fn wait_until(what: &str, mut done: impl FnMut() -> bool) {

@@ -21,10 +21,11 @@
 //! direction); bytes in flight when a connection is dropped are lost, as on a real network.
 //! Every thread is named and joined: by [`cut`](Proxy::cut) for the pumps, by `Drop` for all.
 
+use dingo::broker::kit::lock;
 use std::io::{self, Read, Write};
 use std::net::{Shutdown, SocketAddr, TcpListener, TcpStream};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 use std::time::Duration;
 
@@ -341,11 +342,6 @@ impl Pump {
     fn drops(&self) -> bool {
         self.shared.partitioned.load(Ordering::SeqCst) || (self.downstream && self.shared.muted.load(Ordering::SeqCst))
     }
-}
-
-// Plain counters and a list: consistent even if a holder panicked.
-fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
-    mutex.lock().unwrap_or_else(|e| e.into_inner())
 }
 
 #[cfg(test)]

@@ -11,6 +11,7 @@ use dingo::message::{Payload, ReplyTo, TaskMessage};
 use dingo::{Encoded, TaskId, TaskName, TaskOptions};
 
 use crate::PATIENCE;
+use dingo::broker::kit::lock;
 
 /// One connection to the task transport under test.
 #[derive(Clone)]
@@ -209,8 +210,4 @@ pub fn competing_consumers_exactly_once(setup: &dyn TransportSetup) {
     let counts = lock(&counts);
     let wrong: Vec<_> = counts.iter().filter(|(_, n)| **n != 1).collect();
     assert!(wrong.is_empty(), "tasks not delivered exactly once: {wrong:?}");
-}
-
-fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(|e| e.into_inner())
 }
