@@ -12,6 +12,7 @@ use amiquip::Channel;
 use dingo_core::BrokerError;
 use dingo_core::broker::Acknowledge;
 
+use super::publisher::Original;
 use super::subscription::{Line, Shared};
 
 /// Acknowledges one delivery on the channel it came on. Dropped unused, it gives the
@@ -78,6 +79,20 @@ impl AmqpAck {
             inner.stats.dead_lettered.fetch_add(1, Ordering::Relaxed);
             Ok(())
         });
+    }
+}
+
+impl Original for AmqpAck {
+    fn acked(self: Box<Self>) {
+        (*self).settle_acked();
+    }
+
+    fn requeued(self: Box<Self>) {
+        (*self).settle_requeued();
+    }
+
+    fn rejected(self: Box<Self>) {
+        (*self).settle_rejected();
     }
 }
 

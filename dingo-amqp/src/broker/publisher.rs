@@ -33,7 +33,6 @@ use dingo_core::event::{Event, EventKind, Level, Origin};
 use dingo_core::message::{ReportBody, ReportMessage};
 use dingo_core::{BrokerError, BrokerErrorKind, CallKey, TaskError, TaskErrorKind};
 
-use super::ack::AmqpAck;
 use super::{Inner, Stop, Thread, lock};
 use crate::conn::Backoff;
 use crate::topology::{REASON_HEADER, REDELIVERIES_HEADER};
@@ -67,11 +66,24 @@ pub(crate) enum Then {
     Report { key: CallKey, ack: Option<Ack>, final_report: bool },
     /// A copy of a message that cannot run, with its reason, for the dead-letter queue: once
     /// stored, the original is acknowledged.
-    DeadLetter { original: Box<AmqpAck> },
+    DeadLetter { original: Box<dyn Original> },
     /// A copy of a task message published to its own queue in the original's place (handed
     /// back unstarted, or with its redelivery count raised): once stored, the original is
     /// acknowledged; if not, the original goes back to its queue as it is.
-    Requeued { original: Box<AmqpAck> },
+    Requeued { original: Box<dyn Original> },
+}
+
+/// The delivery a republished copy stands for (a dead letter's or a requeued task's), settled
+/// once the copy's confirm says whether it was stored. A trait, so that the publisher needs
+/// nothing of the subscriptions that deliver (an `AmqpAck` is one).
+pub(crate) trait Original: Send {
+    /// The copy was stored: acknowledge the original (a dead letter, counted).
+    fn acked(self: Box<Self>);
+    /// The copy in the original's queue was stored: acknowledge the original (counted as
+    /// requeued).
+    fn requeued(self: Box<Self>);
+    /// The dead letter was refused: RabbitMQ dead-letters the original itself.
+    fn rejected(self: Box<Self>);
 }
 
 /// How [`Publisher::send`] sent a message.
@@ -639,15 +651,15 @@ fn settle(inner: &Arc<Inner>, entry: Pending, stored: bool) {
             // not stored either.
             if stored && returned.is_none() {
                 stats.dead_lettered.fetch_add(1, Ordering::Relaxed);
-                original.settle_acked();
+                original.acked();
             } else {
                 // RabbitMQ's own dead-lettering still keeps it (without dingo's reason).
-                original.settle_rejected();
+                original.rejected();
             }
         }
         Then::Requeued { original } => {
             if stored && returned.is_none() {
-                original.settle_requeued();
+                original.requeued();
             }
             // Otherwise dropping the original gives it back to its queue.
         }
