@@ -13,6 +13,7 @@ use arc_swap::ArcSwap;
 use serde::Serialize;
 use serde::de::DeserializeOwned;
 
+use crate::broker::kit::lock;
 use crate::codec::{CodecId, Codecs, Encoded};
 use crate::context::Context;
 use crate::error::{Error, TaskError, TaskErrorKind};
@@ -449,7 +450,7 @@ impl Registry {
 
     /// Adds a runnable task; a second task of the same name is an error.
     pub(crate) fn add(&self, handler: Handler) -> Result<TaskName, Error> {
-        let _guard = self.write.lock().unwrap_or_else(|e| e.into_inner());
+        let _guard = lock(&self.write);
         let current = self.entries.load();
         let name = handler.name().clone();
         let settings = match current.get(name.as_str()) {
@@ -468,7 +469,7 @@ impl Registry {
 
     /// Changes the settings of `name` (a task this app only calls gets an entry too).
     pub(crate) fn update(&self, name: &TaskName, change: impl FnOnce(&mut Settings)) {
-        let _guard = self.write.lock().unwrap_or_else(|e| e.into_inner());
+        let _guard = lock(&self.write);
         let current = self.entries.load();
         match current.get(name.as_str()) {
             Some(entry) => {

@@ -55,6 +55,9 @@ use writer::{Outgoing, Writer};
 
 pub(crate) use fetcher::RedisAck;
 
+/// What errors call the broker.
+pub(crate) const NAME: &str = "the redis broker";
+
 /// The Redis broker: task transport and report transport, usable for either role alone.
 ///
 /// Cheap to clone; clones share connections and threads. Apps that use it release it on
@@ -198,7 +201,7 @@ impl RedisBroker {
             queues: ArcSwap::default(),
             known: Mutex::new(HashSet::new()),
             misc: Mutex::new(misc),
-            life: Lifecycle::new("the redis broker", events),
+            life: Lifecycle::new(NAME, events),
             writer: Lazy::new(),
             completer: Lazy::new(),
             flusher: Lazy::new(),

@@ -203,7 +203,7 @@
 //! `+select`; [`RedisBroker::purge_namespace`] (a tool) needs `+scan`.
 //!
 //! Two fast paths use commands in `@dangerous`, where the user may run them: `CLIENT KILL`
-//! (sends as plain transactions, above: a new connection first ends the ones it replaced,
+//! (sends go as plain transactions, and a new connection first ends the ones it replaced,
 //! so nothing they still carried can run after it) and `SORT … BY nosort … STORE` (a fetch
 //! copies tasks into the processing list without passing them through Lua). A user denied
 //! them loses no guarantee: sends go as numbered scripts from the start (a late copy of one

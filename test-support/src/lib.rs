@@ -518,7 +518,7 @@ pub mod amqp {
 
     impl Drop for Amqp {
         fn drop(&mut self) {
-            let brokers = std::mem::take(&mut *self.brokers.lock().unwrap_or_else(|e| e.into_inner()));
+            let brokers = std::mem::take(&mut *dingo::broker::kit::lock(&self.brokers));
             let mut tasks: Vec<String> = brokers.iter().flat_map(AmqpBroker::known_tasks).collect();
             tasks.sort();
             tasks.dedup();

@@ -1,6 +1,7 @@
 //! Example programs as child processes, for the distributed tests: built once per test
 //! run, spawned with their output collected, killed with SIGKILL on drop.
 
+use dingo::broker::kit::lock;
 use std::io::Read;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Stdio};
@@ -178,12 +179,12 @@ impl Proc {
 
     /// What it printed so far.
     pub fn stdout(&self) -> String {
-        self.stdout.lock().unwrap_or_else(|e| e.into_inner()).clone()
+        lock(&self.stdout).clone()
     }
 
     /// What it printed to stderr so far.
     pub fn stderr(&self) -> String {
-        self.stderr.lock().unwrap_or_else(|e| e.into_inner()).clone()
+        lock(&self.stderr).clone()
     }
 }
 
@@ -200,7 +201,7 @@ fn collect(name: String, mut pipe: impl Read + Send + 'static, into: Arc<Mutex<S
         .spawn(move || {
             let mut buffer = [0u8; 4096];
             while let Ok(n @ 1..) = pipe.read(&mut buffer) {
-                into.lock().unwrap_or_else(|e| e.into_inner()).push_str(&String::from_utf8_lossy(&buffer[..n]));
+                lock(&into).push_str(&String::from_utf8_lossy(&buffer[..n]));
             }
         })
         .expect("spawn a pipe reader")

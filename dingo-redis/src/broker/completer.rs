@@ -8,13 +8,14 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use crossbeam_channel::{Receiver, RecvTimeoutError, Sender};
+use dingo_core::BrokerError;
 use dingo_core::broker::Ack;
 use dingo_core::event::{Event, EventKind, Level, Origin};
-use dingo_core::{BrokerError, BrokerErrorKind};
 
 use super::settle::{Op, account, plan};
-use super::{Inner, Thread, actor};
+use super::{Inner, NAME, Thread, actor};
 use crate::scripts::Sequence;
+use dingo_core::broker::kit::closed;
 
 pub(crate) struct Completer {
     tx: Sender<Op>,
@@ -29,7 +30,7 @@ impl Completer {
     }
 
     pub(crate) fn push(&self, op: Op) -> Result<(), BrokerError> {
-        self.tx.send(op).map_err(|_| BrokerError::new(BrokerErrorKind::Closed, "the redis broker is shut down"))
+        self.tx.send(op).map_err(|_| closed(NAME))
     }
 
     /// Stores what is queued, then stops.

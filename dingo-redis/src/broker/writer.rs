@@ -24,10 +24,11 @@ use dingo_core::event::{Event, EventKind, Level, Origin};
 use dingo_core::message::{ReportBody, ReportMessage};
 use dingo_core::{BrokerError, BrokerErrorKind, CallKey, TaskError, TaskErrorKind};
 
-use super::{Inner, Thread, actor, lock};
+use super::{Inner, NAME, Thread, actor, lock};
 use crate::conn::{Conn, is_connection_error};
 use crate::keys::QueueKeys;
 use crate::scripts::{self, Call, Readiness, Redo, SEQ_TTL, Sequence};
+use dingo_core::broker::kit::closed;
 
 /// A task message on its way to Redis.
 pub(crate) struct Outgoing {
@@ -93,7 +94,7 @@ impl Writer {
     pub(crate) fn send(&self, outgoing: Outgoing, timeout: Option<Duration>) -> Result<(), BrokerError> {
         let Some(outgoing) = self.write_here(outgoing) else { return Ok(()) };
         let full = || BrokerError::new(BrokerErrorKind::Full, "the redis send buffer is full");
-        let gone = || BrokerError::new(BrokerErrorKind::Closed, "the redis broker is shut down");
+        let gone = || closed(NAME);
         match self.tx.try_send(Msg::Send(outgoing)) {
             Ok(()) => Ok(()),
             Err(TrySendError::Disconnected(_)) => Err(gone()),
