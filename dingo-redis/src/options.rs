@@ -67,7 +67,7 @@ pub struct RedisOptions {
     pub max_unclaimed_bytes: usize,
     /// How many bytes of dead letters (reason and message) a queue keeps; past it the oldest
     /// are dropped, as past [`max_dead_letters`](RedisOptions::max_dead_letters). A dead
-    /// letter larger than this alone is dropped itself: keep it above
+    /// letter larger than this alone is dropped itself (the older ones stay): keep it above
     /// [`max_message_size`](RedisOptions::max_message_size). 0: no bound by bytes. Default
     /// 64 MiB.
     pub max_dead_letter_bytes: usize,

@@ -17,7 +17,8 @@
 //!   `bury(list, size, entry, max, max_bytes)` pushes `entry` at the head of the
 //!   dead-letter list `list` and drops its oldest entries (the tail) while it holds more
 //!   than `max` entries or more than `max_bytes` bytes (0: no bound of that kind); an entry
-//!   larger than `max_bytes` alone is dropped itself. The byte count lives in `size` (a
+//!   larger than `max_bytes` alone is dropped itself, before it is pushed (the older
+//!   entries stay). The byte count lives in `size` (a
 //!   string beside the list): read, not recounted, in the usual case; recounted once where
 //!   it is missing (a list written before it existed) and taken as zero while the list is
 //!   empty (the list was removed without it). Returns how many entries were dropped. Only
@@ -639,10 +640,11 @@ mod tests {
         // By bytes: 10 bytes hold two 4-byte entries, not three.
         assert_eq!(dead(&mut conn, "100", "10", &["b1"]), 2);
         assert_eq!(state(&mut conn), (strings(&["r:b1", "r:a5"]), Some(8)));
-        // An entry over the byte bound alone goes itself, and the list with it.
-        assert_eq!(dead(&mut conn, "100", "10", &["too-long-entry"]), 3);
-        assert_eq!(state(&mut conn), (Vec::new(), None));
+        // An entry over the byte bound alone is dropped itself; the older letters stay.
+        assert_eq!(dead(&mut conn, "100", "10", &["too-long-entry"]), 1);
+        assert_eq!(state(&mut conn), (strings(&["r:b1", "r:a5"]), Some(8)));
         // Written before the count existed: recounted once.
+        let _: () = redis::cmd("DEL").arg(&list).arg(&size).query(&mut conn).expect("DEL");
         let _: () = redis::cmd("LPUSH").arg(&list).arg("r:o1").arg("r:o2").query(&mut conn).expect("LPUSH");
         assert_eq!(dead(&mut conn, "0", "0", &["c1"]), 0, "0: no bound");
         assert_eq!(state(&mut conn), (strings(&["r:c1", "r:o2", "r:o1"]), Some(12)));

@@ -1,5 +1,7 @@
 local function bury(list, size, entry, max, max_bytes)
   max, max_bytes = tonumber(max), tonumber(max_bytes)
+  -- One that alone exceeds the byte bound is dropped, and the older letters stay.
+  if max_bytes > 0 and #entry > max_bytes then return 1 end
   local n = redis.call('LPUSH', list, entry)
   local bytes = n > 1 and redis.call('GET', size)
   if bytes then
