@@ -144,6 +144,19 @@ pub trait Subscription: Send + Sync + 'static {
 
 /// A task message handed to a worker, with what acknowledges it (made with
 /// [`Delivery::new`]; fields may be added).
+///
+/// ```
+/// use dingo_core::broker::Delivery;
+/// use dingo_core::codec::{Encoded, MSGPACK};
+/// use dingo_core::message::{Payload, TaskMessage};
+/// use dingo_core::{TaskId, TaskName};
+///
+/// let args = Payload::Encoded(Encoded::new(MSGPACK, vec![0x92, 0x02, 0x03]));
+/// let message = TaskMessage::new(TaskName::from("tasks.add"), TaskId::new("1"), 0, args);
+/// // A broker that acknowledges passes its `Ack` (`Some(Ack::new(…))`).
+/// let delivery = Delivery::new(message).with_ack(None).with_redelivered(true);
+/// assert!(delivery.redelivered && delivery.ack.is_none());
+/// ```
 #[derive(Debug)]
 #[non_exhaustive]
 pub struct Delivery {

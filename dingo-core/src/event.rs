@@ -14,7 +14,7 @@ use std::time::{Duration, SystemTime};
 
 use crossbeam_channel::{Receiver, Sender, TrySendError};
 
-use crate::broker::kit::lock;
+use crate::broker::kit::{lock, read, write};
 use crate::id::CallKey;
 
 /// How serious an event is.
@@ -191,7 +191,7 @@ impl EventKind {
     }
 }
 
-// Every kind has a bit of `EventFilter::kinds`.
+// Every kind has a bit of `EventFilter::kinds` (`Other` stays the last variant).
 const _: () = assert!((EventKind::Other as u32) < u64::BITS);
 
 /// One thing that happened (made with [`Event::new`]; fields may be added).
@@ -459,16 +459,6 @@ fn trace(event: &Event) {
         Level::Warning => record!(tracing::Level::WARN),
         Level::Error => record!(tracing::Level::ERROR),
     }
-}
-
-// A panic while holding these locks cannot leave the data inconsistent (pushes and
-// retains only), so poisoning is ignored.
-fn read<T>(lock: &RwLock<T>) -> std::sync::RwLockReadGuard<'_, T> {
-    lock.read().unwrap_or_else(|e| e.into_inner())
-}
-
-fn write<T>(lock: &RwLock<T>) -> std::sync::RwLockWriteGuard<'_, T> {
-    lock.write().unwrap_or_else(|e| e.into_inner())
 }
 
 #[cfg(test)]

@@ -8,7 +8,7 @@ use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
 use crate::broker::Store;
-use crate::broker::kit::lock;
+use crate::broker::kit::{lock, wait, wait_timeout};
 use crate::codec::{Codecs, Encoded};
 use crate::error::{Error, TaskError, TaskErrorKind};
 use crate::id::{CallKey, TaskId, TaskName};
@@ -311,14 +311,14 @@ impl<T: Send + 'static> Slot<T> {
     ) -> Result<MutexGuard<'a, State<T>>, ()> {
         state.waiting = true;
         let mut state = match deadline {
-            None => self.wake.wait(state).unwrap_or_else(|e| e.into_inner()),
+            None => wait(&self.wake, state),
             Some(deadline) => {
                 let left = deadline.saturating_duration_since(Instant::now());
                 if left.is_zero() {
                     state.waiting = false;
                     return Err(());
                 }
-                self.wake.wait_timeout(state, left).unwrap_or_else(|e| e.into_inner()).0
+                wait_timeout(&self.wake, state, left)
             }
         };
         state.waiting = false;

@@ -36,6 +36,7 @@ use dingo_core::{BrokerError, BrokerErrorKind, CallKey, TaskError, TaskErrorKind
 use super::{Inner, Stop, Thread, lock};
 use crate::conn::Backoff;
 use crate::topology::{REASON_HEADER, REDELIVERIES_HEADER};
+use dingo_core::broker::kit::{wait, wait_timeout};
 
 /// One message to publish and what to do once RabbitMQ confirmed it.
 pub(crate) struct Outgoing {
@@ -190,7 +191,7 @@ impl Publisher {
         let mut state = lock(&shared.state);
         while state.pending.len() >= shared.limit && !state.closed {
             state = match deadline {
-                None => shared.room.wait(state).unwrap_or_else(|e| e.into_inner()),
+                None => wait(&shared.room, state),
                 Some(deadline) => {
                     let left = deadline.saturating_duration_since(Instant::now());
                     if left.is_zero() {
@@ -199,7 +200,7 @@ impl Publisher {
                             "too many messages wait for RabbitMQ's confirms",
                         ));
                     }
-                    shared.room.wait_timeout(state, left).unwrap_or_else(|e| e.into_inner()).0
+                    wait_timeout(&shared.room, state, left)
                 }
             };
         }

@@ -45,8 +45,9 @@
 
 use std::fmt;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard, OnceLock};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard, OnceLock, RwLock, RwLockReadGuard, RwLockWriteGuard};
 use std::thread::JoinHandle;
+use std::time::Duration;
 
 use crossbeam_channel::{Receiver, Sender};
 
@@ -60,6 +61,30 @@ use crate::event::{EventSink, EventSinks};
 #[inline]
 pub fn lock<T: ?Sized>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
     mutex.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+/// Reads `lock`, even if a writer panicked (see [`lock`]).
+#[inline]
+pub fn read<T: ?Sized>(lock: &RwLock<T>) -> RwLockReadGuard<'_, T> {
+    lock.read().unwrap_or_else(|e| e.into_inner())
+}
+
+/// Writes `lock`, even if a writer panicked (see [`lock`]).
+#[inline]
+pub fn write<T: ?Sized>(lock: &RwLock<T>) -> RwLockWriteGuard<'_, T> {
+    lock.write().unwrap_or_else(|e| e.into_inner())
+}
+
+/// Waits on `condvar` with `guard` (see [`lock`]: a panicked holder does not matter).
+#[inline]
+pub fn wait<'a, T>(condvar: &Condvar, guard: MutexGuard<'a, T>) -> MutexGuard<'a, T> {
+    condvar.wait(guard).unwrap_or_else(|e| e.into_inner())
+}
+
+/// Waits on `condvar` with `guard` for at most `timeout` (see [`wait`]).
+#[inline]
+pub fn wait_timeout<'a, T>(condvar: &Condvar, guard: MutexGuard<'a, T>, timeout: Duration) -> MutexGuard<'a, T> {
+    condvar.wait_timeout(guard, timeout).unwrap_or_else(|e| e.into_inner()).0
 }
 
 /// A broker's life: the apps that use it (and get its events), and whether it has shut down.
@@ -135,6 +160,13 @@ impl Lifecycle {
 
 /// The error of an operation on `broker` ("the redis broker") after it shut down
 /// ([`BrokerErrorKind::Closed`]), for parts of a broker that do not hold its [`Lifecycle`].
+///
+/// ```
+/// use dingo_core::BrokerErrorKind;
+///
+/// let error = dingo_core::broker::kit::closed("my broker");
+/// assert_eq!((error.kind(), error.to_string().as_str()), (BrokerErrorKind::Closed, "my broker is shut down"));
+/// ```
 pub fn closed(broker: &str) -> BrokerError {
     BrokerError::new(BrokerErrorKind::Closed, format!("{broker} is shut down"))
 }

@@ -238,6 +238,16 @@ impl ReportRouter {
     /// How long a caller about to wait polls ([`Store::wait_spin`](crate::broker::Store::wait_spin)),
     /// for a store whose reports come over the network: `spin` for a lone call, nothing
     /// while more are in flight (a caller with many would burn a core the workers need).
+    ///
+    /// ```
+    /// use std::time::Duration;
+    /// use dingo_core::broker::router::{ReportRouter, UnclaimedLimit};
+    /// use dingo_core::event::EventSinks;
+    ///
+    /// let router = ReportRouter::new(Duration::from_secs(60), UnclaimedLimit::default(), EventSinks::new());
+    /// let spin = Duration::from_micros(50);
+    /// assert_eq!(router.wait_spin(spin), spin, "no call in flight: the next one is alone");
+    /// ```
     pub fn wait_spin(&self, spin: Duration) -> Duration {
         if self.watched() <= 1 { spin } else { Duration::ZERO }
     }

@@ -330,6 +330,15 @@ pub fn worker_lost(times: u32, max: u32) -> crate::error::TaskError {
 /// letters of `queue`, for `reason`: every broker emits one per dead letter, whatever the
 /// cause (a cause with an event of its own — a malformed message, one too large — has that
 /// event too).
+///
+/// ```
+/// use dingo_core::broker::support::dead_lettered;
+/// use dingo_core::{EventKind, Level, Origin};
+///
+/// let event = dead_lettered(Origin::Consumer, "tasks.add", "undecodable message: …", None);
+/// assert_eq!((event.kind, event.level), (EventKind::DeadLettered, Level::Warning));
+/// assert_eq!(event.message, "a message of `tasks.add` moved to the dead letters: undecodable message: …");
+/// ```
 pub fn dead_lettered(origin: Origin, queue: &str, reason: &str, call: Option<CallKey>) -> Event {
     let event = Event::new(
         origin,

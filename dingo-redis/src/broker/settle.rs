@@ -33,7 +33,7 @@ use super::{Inner, dead_entry};
 use crate::conn::Conn;
 use crate::keys::QueueKeys;
 use crate::scripts::{self, Call, SEQ_TTL, Sequence};
-use dingo_core::broker::kit::lock;
+use dingo_core::broker::kit::{lock, wait};
 
 /// The most bytes of reports joined into one list element (a report larger than this is
 /// an element of its own): far below Redis's 512 MB limit on a value, and small enough that
@@ -163,7 +163,7 @@ impl Parked {
     pub(crate) fn reclaim(&self, done: &mut Vec<Pending>) -> Vec<QueueConsumer> {
         let mut state = self.lock();
         while state.storing {
-            state = self.stored.wait(state).unwrap_or_else(|e| e.into_inner());
+            state = wait(&self.stored, state);
         }
         state.since = None;
         if !state.done.is_empty() {
