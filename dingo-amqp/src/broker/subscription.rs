@@ -39,6 +39,7 @@ use std::time::{Duration, Instant};
 
 use amiquip::{Channel, ConsumerMessage};
 use crossbeam_channel::{Receiver, Select, Sender};
+use dingo_core::broker::kit::Signal;
 use dingo_core::broker::support;
 use dingo_core::broker::{Ack, ConsumeSettings, Delivery, Recv, Subscription};
 use dingo_core::event::{Event, EventKind, Level, Origin};
@@ -141,9 +142,8 @@ pub(super) struct Shared {
     tasks: Vec<TaskName>,
     queues: Vec<TaskQueues>,
     notes: Sender<Note>,
-    stopped: AtomicBool,
-    /// Dropped on stop: wakes every worker blocked in `recv`.
-    stop_signal: Mutex<Option<Sender<()>>>,
+    /// Raised on stop: wakes every worker blocked in `recv`.
+    pub(super) stop: Signal,
     feed: Mutex<Arc<Feed>>,
     /// Where `try_recv` starts looking, turn by turn (so no queue starves the others).
     cursor: AtomicUsize,
@@ -416,7 +416,6 @@ pub(crate) fn took_at_most_once(key: &CallKey) -> bool {
 
 pub(crate) struct AmqpSubscription {
     shared: Arc<Shared>,
-    stop_seen: Receiver<()>,
     thread: Thread,
 }
 
@@ -432,7 +431,6 @@ impl AmqpSubscription {
             .collect::<Result<Vec<_>, BrokerError>>()?;
         let prefetch = inner.options.prefetch.max(u16::try_from(settings.prefetch).unwrap_or(u16::MAX));
         let (notes, noted) = crossbeam_channel::unbounded();
-        let (stop_signal, stop_seen) = crossbeam_channel::bounded(0);
         let (retire, retired) = crossbeam_channel::bounded(0);
         let none = Arc::new(Line::new(0, None));
         let shared = Arc::new(Shared {
@@ -440,8 +438,7 @@ impl AmqpSubscription {
             tasks: tasks.to_vec(),
             queues,
             notes,
-            stopped: AtomicBool::new(false),
-            stop_signal: Mutex::new(Some(stop_signal)),
+            stop: Signal::new(),
             feed: Mutex::new(Arc::new(Feed { line: none, receivers: Vec::new(), retired, paused: false })),
             cursor: AtomicUsize::new(0),
             taken: AtomicU64::new(0),
@@ -449,7 +446,7 @@ impl AmqpSubscription {
         });
         let consumer = ConsumerThread { shared: shared.clone(), prefetch, noted };
         let thread = Thread::spawn("dingo-amqp-consume", move |_| consumer.run(retire))?;
-        Ok(AmqpSubscription { shared, stop_seen, thread })
+        Ok(AmqpSubscription { shared, thread })
     }
 
     /// A delivery for a worker, or `None` when there is nothing to run (an undecodable
@@ -546,7 +543,7 @@ impl AmqpSubscription {
         self.shared.tell(Note::Lost { channel: feed.line.number, why });
         crossbeam_channel::select! {
             recv(feed.retired) -> _ => true,
-            recv(self.stop_seen) -> _ => false,
+            recv(self.shared.stop.receiver()) -> _ => false,
             default(deadline.map_or(Duration::from_secs(1), |d| d.saturating_duration_since(Instant::now()))) => true,
         }
     }
@@ -554,7 +551,7 @@ impl AmqpSubscription {
 
 impl Subscription for AmqpSubscription {
     fn try_recv(&self) -> Recv {
-        if self.shared.stopped.load(Ordering::Acquire) {
+        if self.shared.stop.is_raised() {
             return Recv::Stopped;
         }
         let feed = lock(&self.shared.feed).clone();
@@ -589,7 +586,7 @@ impl Subscription for AmqpSubscription {
     fn recv(&self, timeout: Option<Duration>) -> Recv {
         let deadline = timeout.map(|t| Instant::now() + t);
         loop {
-            if self.shared.stopped.load(Ordering::Acquire) {
+            if self.shared.stop.is_raised() {
                 return Recv::Stopped;
             }
             let feed = lock(&self.shared.feed).clone();
@@ -601,7 +598,7 @@ impl Subscription for AmqpSubscription {
                 select.recv(receiver);
             }
             let on_retired = select.recv(&feed.retired);
-            let on_stop = select.recv(&self.stop_seen);
+            let on_stop = select.recv(self.shared.stop.receiver());
             let ready = match deadline {
                 None => select.select(),
                 Some(deadline) => match select.select_deadline(deadline) {
@@ -612,7 +609,7 @@ impl Subscription for AmqpSubscription {
             // A selected operation must be completed, whichever it is.
             let index = ready.index();
             if index == on_stop {
-                let _ = ready.recv(&self.stop_seen);
+                let _ = ready.recv(self.shared.stop.receiver());
                 return Recv::Stopped;
             }
             if index == on_retired {
@@ -627,7 +624,7 @@ impl Subscription for AmqpSubscription {
                 Ok(other) => describe(&other),
                 Err(_) => "the consumer's channel closed".to_owned(),
             };
-            if self.shared.stopped.load(Ordering::Acquire) {
+            if self.shared.stop.is_raised() {
                 return Recv::Stopped;
             }
             if !self.is_current(&feed) {
@@ -646,8 +643,7 @@ impl Subscription for AmqpSubscription {
     }
 
     fn stop(&self) {
-        self.shared.stopped.store(true, Ordering::Release);
-        drop(lock(&self.shared.stop_signal).take());
+        self.shared.stop.raise();
         self.shared.tell(Note::Wake);
     }
 }

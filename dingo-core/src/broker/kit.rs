@@ -218,13 +218,79 @@ impl<T: Shutdown> fmt::Debug for ShutdownOnDrop<T> {
 /// thread.stop_and_join(); // at once: the signal wakes it
 /// ```
 pub struct Thread {
-    flag: Arc<AtomicBool>,
-    /// Dropped on stop: wakes the thread where it selects on [`Stop::signal`].
-    signal: Mutex<Option<Sender<()>>>,
+    signal: Signal,
     handle: Mutex<Option<JoinHandle<()>>>,
 }
 
-/// What a [`Thread`] is told to stop by: a flag, and a channel that disconnects.
+/// A stop many can wait on: a flag, and a channel that disconnects when it is raised (so a
+/// `select!` or a `recv_timeout` on [`receiver`](Signal::receiver) wakes at once). A
+/// [`Thread`]'s stop, a subscription's (every worker blocked in `recv` wakes), a broker's
+/// shutdown.
+///
+/// ```
+/// use dingo_core::broker::kit::Signal;
+///
+/// let stop = Signal::new();
+/// assert!(!stop.is_raised());
+/// stop.raise();
+/// assert!(stop.is_raised() && stop.receiver().recv().is_err(), "raised: waits end at once");
+/// ```
+pub struct Signal {
+    flag: Arc<AtomicBool>,
+    /// Dropped when raised: disconnects `waits`.
+    raise: Mutex<Option<Sender<()>>>,
+    waits: Receiver<()>,
+}
+
+impl Signal {
+    /// A signal not raised yet.
+    pub fn new() -> Signal {
+        let (raise, waits) = crossbeam_channel::bounded(0);
+        Signal { flag: Arc::new(AtomicBool::new(false)), raise: Mutex::new(Some(raise)), waits }
+    }
+
+    /// Raises it (for good): the flag is set, then every wait on the receiver ends.
+    pub fn raise(&self) {
+        self.flag.store(true, Ordering::SeqCst);
+        drop(lock(&self.raise).take());
+    }
+
+    /// Whether it was raised.
+    #[inline]
+    pub fn is_raised(&self) -> bool {
+        self.flag.load(Ordering::Acquire)
+    }
+
+    /// The flag, for loops and retries that take one.
+    pub fn flag(&self) -> &AtomicBool {
+        &self.flag
+    }
+
+    /// Never receives; disconnects when the signal is raised.
+    pub fn receiver(&self) -> &Receiver<()> {
+        &self.waits
+    }
+
+    /// A [`Stop`] that follows this signal, to hand to a thread.
+    pub fn stop(&self) -> Stop {
+        Stop { flag: self.flag.clone(), signal: self.waits.clone() }
+    }
+}
+
+impl Default for Signal {
+    fn default() -> Signal {
+        Signal::new()
+    }
+}
+
+impl fmt::Debug for Signal {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Signal").field("raised", &self.is_raised()).finish()
+    }
+}
+
+/// What a [`Thread`] is told to stop by: a flag, and a channel that disconnects (its
+/// [`Signal`]'s, shared).
 #[derive(Debug)]
 pub struct Stop {
     /// Set when the thread is to stop (shared with loops and retries that take a flag).
@@ -245,14 +311,13 @@ impl Stop {
 impl Thread {
     /// Starts `run` on a thread called `name`; failing to start one is an error.
     pub fn spawn(name: &str, run: impl FnOnce(Stop) + Send + 'static) -> Result<Thread, BrokerError> {
-        let flag = Arc::new(AtomicBool::new(false));
-        let (signal, receiver) = crossbeam_channel::bounded(0);
-        let stop = Stop { flag: flag.clone(), signal: receiver };
+        let signal = Signal::new();
+        let stop = signal.stop();
         let handle = std::thread::Builder::new()
             .name(name.to_owned())
             .spawn(move || run(stop))
             .map_err(|e| BrokerError::with_source(BrokerErrorKind::Other, format!("cannot start thread {name}"), e))?;
-        Ok(Thread { flag, signal: Mutex::new(Some(signal)), handle: Mutex::new(Some(handle)) })
+        Ok(Thread { signal, handle: Mutex::new(Some(handle)) })
     }
 
     /// Tells the thread to stop and waits for it (never for the calling thread itself).
@@ -263,8 +328,7 @@ impl Thread {
     /// Like [`stop_and_join`](Thread::stop_and_join), calling `wake` once told (to interrupt
     /// a blocking wait the stop signal cannot reach, such as a blocking read on a socket).
     pub fn stop_and_join_with(&self, wake: impl FnOnce()) {
-        self.flag.store(true, Ordering::SeqCst);
-        drop(lock(&self.signal).take());
+        self.signal.raise();
         wake();
         if let Some(handle) = lock(&self.handle).take()
             && handle.thread().id() != std::thread::current().id()
@@ -277,7 +341,7 @@ impl Thread {
 impl fmt::Debug for Thread {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         let name = lock(&self.handle).as_ref().and_then(|h| h.thread().name().map(str::to_owned));
-        f.debug_struct("Thread").field("name", &name).field("stopping", &self.flag.load(Ordering::Relaxed)).finish()
+        f.debug_struct("Thread").field("name", &name).field("stopping", &self.signal.is_raised()).finish()
     }
 }
 

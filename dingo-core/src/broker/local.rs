@@ -18,14 +18,14 @@
 
 use std::collections::VecDeque;
 use std::fmt;
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use arc_swap::ArcSwap;
 use crossbeam_channel::{Receiver, Select, SendTimeoutError, Sender, TryRecvError, TrySendError};
 
-use crate::broker::kit::{Lifecycle, Shutdown, lock};
+use crate::broker::kit::{Lifecycle, Shutdown, Signal, lock};
 use crate::broker::router::{ReportRouter, Routed, UnclaimedLimit};
 use crate::broker::support;
 use crate::broker::{
@@ -140,9 +140,8 @@ struct Inner {
     queues: ArcSwap<FastMap<TaskName, Queue>>,
     declare_lock: Mutex<()>,
     life: Lifecycle,
-    /// Dropped on shutdown, which wakes every subscription.
-    shutdown_tx: Mutex<Option<Sender<()>>>,
-    shutdown_rx: Receiver<()>,
+    /// Raised on shutdown, which wakes every subscription.
+    shutdown: Signal,
     events: EventSinks,
     /// The serialized store: handles waiting, and reports nobody waits for yet.
     router: ReportRouter,
@@ -163,7 +162,6 @@ impl LocalBroker {
     /// A broker with these options.
     pub fn with_options(options: LocalOptions) -> LocalBroker {
         static NEXT: AtomicUsize = AtomicUsize::new(1);
-        let (shutdown_tx, shutdown_rx) = crossbeam_channel::bounded(0);
         let events = EventSinks::new();
         let limit = UnclaimedLimit::new(options.max_unclaimed, options.max_unclaimed_bytes);
         let router = ReportRouter::new(options.result_ttl, limit, events.clone());
@@ -174,8 +172,7 @@ impl LocalBroker {
                 queues: ArcSwap::from_pointee(FastMap::default()),
                 declare_lock: Mutex::new(()),
                 life: Lifecycle::new("the local broker", events.clone()),
-                shutdown_tx: Mutex::new(Some(shutdown_tx)),
-                shutdown_rx,
+                shutdown: Signal::new(),
                 events,
                 router,
                 dead: Mutex::new(VecDeque::new()),
@@ -391,7 +388,7 @@ impl Shutdown for Inner {
         if !self.life.close() {
             return;
         }
-        lock(&self.shutdown_tx).take();
+        self.shutdown.raise();
         self.drain_queues();
         // Pending handles of the serialized store learn that no report will come.
         self.router.close();
@@ -486,14 +483,11 @@ impl Consumer for LocalBroker {
         if queues.is_empty() {
             return Err(BrokerError::new(BrokerErrorKind::Config, "a subscription needs at least one task"));
         }
-        let (stop_tx, stop_rx) = crossbeam_channel::bounded(0);
         Ok(Box::new(LocalSubscription {
             broker: self.inner.clone(),
             queues,
             next: AtomicUsize::new(0),
-            stopped: AtomicBool::new(false),
-            stop_tx: Mutex::new(Some(stop_tx)),
-            stop_rx,
+            stop: Signal::new(),
         }))
     }
 
@@ -562,21 +556,19 @@ struct LocalSubscription {
     broker: Arc<Inner>,
     queues: Vec<(TaskName, Receiver<Item>)>,
     next: AtomicUsize,
-    stopped: AtomicBool,
-    /// Never carries a value: dropping the sender wakes every blocked `recv`.
-    stop_tx: Mutex<Option<Sender<()>>>,
-    stop_rx: Receiver<()>,
+    /// Raised by `stop`: wakes every blocked `recv`.
+    stop: Signal,
 }
 
 impl LocalSubscription {
     fn stopped(&self) -> bool {
-        self.stopped.load(Ordering::Acquire) || self.broker.life.is_closed()
+        self.stop.is_raised() || self.broker.life.is_closed()
     }
 }
 
 impl Subscription for LocalSubscription {
     fn try_recv(&self) -> Recv {
-        if self.stopped.load(Ordering::Acquire) {
+        if self.stop.is_raised() {
             return Recv::Stopped;
         }
         let n = self.queues.len();
@@ -610,8 +602,8 @@ impl Subscription for LocalSubscription {
             for (_, rx) in &self.queues {
                 select.recv(rx);
             }
-            let stop = select.recv(&self.stop_rx);
-            let shutdown = select.recv(&self.broker.shutdown_rx);
+            let stop = select.recv(self.stop.receiver());
+            let shutdown = select.recv(self.broker.shutdown.receiver());
             let ready = match deadline {
                 Some(deadline) => match select.ready_deadline(deadline) {
                     Ok(index) => index,
@@ -637,8 +629,7 @@ impl Subscription for LocalSubscription {
     }
 
     fn stop(&self) {
-        self.stopped.store(true, Ordering::Release);
-        lock(&self.stop_tx).take();
+        self.stop.raise();
     }
 
     fn prefers_polling(&self) -> bool {

@@ -38,15 +38,15 @@ impl ConsumerThread {
         let mut backoff = Backoff::new(&inner.options);
         let mut number = 0;
         // `AmqpSubscription::stop` sets it (dropping the subscription stops it first).
-        while !self.shared.stopped.load(Ordering::Acquire) {
-            let Some(opened) = inner.session.channel("task consumer", &self.shared.stopped) else { break };
+        while !self.shared.stop.is_raised() {
+            let Some(opened) = inner.session.channel("task consumer", self.shared.stop.flag()) else { break };
             number += 1;
             let since = Instant::now();
             let generation = opened.generation;
             match self.serve(opened.channel, number, &mut retire) {
                 None => break,
                 Some(error) => {
-                    backoff.broke(since, &self.shared.stopped);
+                    backoff.broke(since, self.shared.stop.flag());
                     inner.events.emit(Event::new(
                         Origin::Consumer,
                         Level::Warning,
@@ -59,8 +59,7 @@ impl ConsumerThread {
         }
         // The workers' feed ends with this thread, and so does the subscription (the broker
         // may have shut down under it): workers waiting in `recv` learn it now.
-        self.shared.stopped.store(true, Ordering::Release);
-        drop(lock(&self.shared.stop_signal).take());
+        self.shared.stop.raise();
         let (_, retired) = crossbeam_channel::bounded(0);
         drop(self.install(Feed {
             line: Arc::new(Line::new(number + 1, None)),
@@ -130,7 +129,7 @@ impl ConsumerThread {
             (wait / 4).clamp(Duration::from_millis(5), Duration::from_millis(100))
         });
         loop {
-            if deadline.is_none() && shared.stopped.load(Ordering::Acquire) {
+            if deadline.is_none() && shared.stop.is_raised() {
                 // Consumers first: what they delivered and no worker started goes back
                 // unmarked, not requeued by the channel's close as redelivered (which would
                 // count against its redeliveries). A broken channel requeues it anyway.
