@@ -100,14 +100,15 @@ pub struct Lifecycle {
     /// Where the broker's events go: the sinks of the apps that attached it.
     events: EventSinks,
     users: AtomicUsize,
-    closed: AtomicBool,
+    /// Raised when the broker shuts down.
+    closed: Signal,
 }
 
 impl Lifecycle {
     /// A broker in use by no app yet, open; `name` is how errors call it ("the redis
     /// broker"); `events` are the broker's sinks, which every app that attaches joins.
     pub fn new(name: &'static str, events: EventSinks) -> Lifecycle {
-        Lifecycle { name, events, users: AtomicUsize::new(0), closed: AtomicBool::new(false) }
+        Lifecycle { name, events, users: AtomicUsize::new(0), closed: Signal::new() }
     }
 
     /// An app attached the broker, in one of its roles: counted, and its sink gets the
@@ -135,13 +136,20 @@ impl Lifecycle {
     /// Marks the broker shut down; `true` for the one caller that did it (and now stops its
     /// threads), `false` if it already was.
     pub fn close(&self) -> bool {
-        !self.closed.swap(true, Ordering::SeqCst)
+        self.closed.raise()
     }
 
-    /// Whether the broker has shut down.
+    /// Whether the broker has shut down (a `SeqCst` read: a sender that checks after
+    /// enqueueing and a shutdown that drains after closing cannot both miss each other).
     #[inline]
     pub fn is_closed(&self) -> bool {
-        self.closed.load(Ordering::SeqCst)
+        self.closed.flag().load(Ordering::SeqCst)
+    }
+
+    /// Never receives; disconnects when the broker shuts down (to wake whoever waits in a
+    /// `select!`).
+    pub fn closing(&self) -> &Receiver<()> {
+        self.closed.receiver()
     }
 
     /// `Ok` while the broker is open, else the [`closed_error`](Lifecycle::closed_error).
@@ -249,10 +257,12 @@ impl Signal {
         Signal { flag: Arc::new(AtomicBool::new(false)), raise: Mutex::new(Some(raise)), waits }
     }
 
-    /// Raises it (for good): the flag is set, then every wait on the receiver ends.
-    pub fn raise(&self) {
-        self.flag.store(true, Ordering::SeqCst);
+    /// Raises it (for good): the flag is set, then every wait on the receiver ends. `true`
+    /// for the call that raised it, `false` if it already was.
+    pub fn raise(&self) -> bool {
+        let first = !self.flag.swap(true, Ordering::SeqCst);
         drop(lock(&self.raise).take());
+        first
     }
 
     /// Whether it was raised.

@@ -139,9 +139,8 @@ struct Inner {
     address: Arc<str>,
     queues: ArcSwap<FastMap<TaskName, Queue>>,
     declare_lock: Mutex<()>,
+    /// Its shutdown wakes every subscription too (`closing`).
     life: Lifecycle,
-    /// Raised on shutdown, which wakes every subscription.
-    shutdown: Signal,
     events: EventSinks,
     /// The serialized store: handles waiting, and reports nobody waits for yet.
     router: ReportRouter,
@@ -172,7 +171,6 @@ impl LocalBroker {
                 queues: ArcSwap::from_pointee(FastMap::default()),
                 declare_lock: Mutex::new(()),
                 life: Lifecycle::new("the local broker", events.clone()),
-                shutdown: Signal::new(),
                 events,
                 router,
                 dead: Mutex::new(VecDeque::new()),
@@ -388,7 +386,6 @@ impl Shutdown for Inner {
         if !self.life.close() {
             return;
         }
-        self.shutdown.raise();
         self.drain_queues();
         // Pending handles of the serialized store learn that no report will come.
         self.router.close();
@@ -603,7 +600,7 @@ impl Subscription for LocalSubscription {
                 select.recv(rx);
             }
             let stop = select.recv(self.stop.receiver());
-            let shutdown = select.recv(self.broker.shutdown.receiver());
+            let shutdown = select.recv(self.broker.life.closing());
             let ready = match deadline {
                 Some(deadline) => match select.ready_deadline(deadline) {
                     Ok(index) => index,
