@@ -81,6 +81,7 @@ impl<T> Wheel<T> {
         Wheel { base, slots: (0..SLOTS).map(|_| Vec::new()).collect(), near: 0, far: BinaryHeap::new() }
     }
 
+    #[cfg(test)]
     fn len(&self) -> usize {
         self.near + self.far.len()
     }
