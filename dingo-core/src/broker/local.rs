@@ -574,13 +574,41 @@ impl Producer for LocalBroker {
     }
 
     fn send(&self, message: TaskMessage, timeout: Option<Duration>) -> Result<(), BrokerError> {
-        let inner = &*self.inner;
-        inner.life.check_open()?;
-        let task = message.name.clone();
         let due = match message.due {
             Some(due) if message.wait_at(SystemTime::now()).is_some() => Some(due),
             _ => None,
         };
+        self.enqueue(message, due, timeout)
+    }
+
+    /// A retry always goes through the delays, even when due at once: a worker sending into
+    /// its own full queue would wait for itself.
+    fn retry(&self, message: TaskMessage, ack: Option<Ack>) -> Result<(), BrokerError> {
+        let due = message.due.unwrap_or_else(SystemTime::now);
+        self.enqueue(message, Some(due), None)?;
+        ack.map_or(Ok(()), Ack::ack)
+    }
+
+    fn accepts_local(&self) -> bool {
+        !self.inner.options.serialized
+    }
+
+    fn close(&self) {
+        self.inner.life.release(&*self.inner);
+    }
+}
+
+impl LocalBroker {
+    /// Puts a message into its queue, or into the delays when `due` is set.
+    fn enqueue(
+        &self,
+        message: TaskMessage,
+        due: Option<SystemTime>,
+        timeout: Option<Duration>,
+    ) -> Result<(), BrokerError> {
+        let inner = &*self.inner;
+        inner.life.check_open()?;
+        let task = message.name.clone();
         let item = if inner.options.serialized {
             let bytes = wire::encode_task(&message)?;
             if bytes.len() > inner.options.max_message_size {
@@ -630,14 +658,6 @@ impl Producer for LocalBroker {
             inner.drain_queues();
         }
         sent
-    }
-
-    fn accepts_local(&self) -> bool {
-        !self.inner.options.serialized
-    }
-
-    fn close(&self) {
-        self.inner.life.release(&*self.inner);
     }
 }
 
