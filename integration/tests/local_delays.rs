@@ -95,9 +95,12 @@ fn the_last_failed_attempt_is_kept_in_the_dead_letters() {
 fn a_retry_into_a_full_queue_does_not_wait_for_its_own_worker() {
     let broker = LocalBroker::with_options(LocalOptions::new().capacity(2));
     let app = App::builder().broker(broker.clone()).build().unwrap();
-    app.register_with_context("once", |ctx: &Context<'_>, n: i64| {
-        if ctx.attempt() == 1 { Err(format!("first attempt of {n}")) } else { Ok(n) }
-    })
+    app.register_with_context(
+        "once",
+        |ctx: &Context<'_>, n: i64| {
+            if ctx.attempt() == 1 { Err(format!("first attempt of {n}")) } else { Ok(n) }
+        },
+    )
     .unwrap();
     app.allocate("once", 1).unwrap();
     let now = CallOptions::new().retries(1).backoff(Backoff::fixed(Duration::ZERO));
