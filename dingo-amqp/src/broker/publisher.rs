@@ -35,7 +35,7 @@ use dingo_core::{BrokerError, BrokerErrorKind, CallKey, TaskError, TaskErrorKind
 
 use super::{Inner, Stop, Thread, lock};
 use crate::conn::Backoff;
-use crate::topology::{REASON_HEADER, REDELIVERIES_HEADER};
+use crate::topology::{DESTINATION_HEADER, REASON_HEADER, REDELIVERIES_HEADER};
 use dingo_core::broker::kit::{wait, wait_timeout};
 
 /// One message to publish and what to do once RabbitMQ confirmed it.
@@ -43,6 +43,9 @@ pub(crate) struct Outgoing {
     /// `""`: the default exchange, routing straight to the queue named by `routing_key`.
     pub(crate) exchange: String,
     pub(crate) routing_key: String,
+    /// A delayed task message's queue (a header matched at the delay chain's exit; its
+    /// routing key spells the delay).
+    pub(crate) destination: Option<String>,
     pub(crate) body: Vec<u8>,
     pub(crate) persistent: bool,
     /// The correlation id (reports carry their task id).
@@ -61,8 +64,10 @@ pub(crate) struct Outgoing {
 
 /// What a confirm (or a return, or a refusal) means for a message.
 pub(crate) enum Then {
-    /// A task message: one that reaches no queue fails its call.
-    Task { key: CallKey, reply: Option<Arc<str>> },
+    /// A task message: one that reaches no queue fails its call. With `ack` (a retry's next
+    /// attempt, or a message sent round the delay chain again), the delivery it replaces:
+    /// acknowledged once the message is stored, given back if it is not (the call goes on).
+    Task { key: CallKey, reply: Option<Arc<str>>, ack: Option<Ack> },
     /// A report: once stored, the task it finishes (if any) is acknowledged.
     Report { key: CallKey, ack: Option<Ack>, final_report: bool },
     /// A copy of a message that cannot run, with its reason, for the dead-letter queue: once
@@ -302,10 +307,10 @@ fn run(inner: &Arc<Inner>, shared: &Shared, failures: &Receiver<()>, stop: &Stop
             format!("{} message(s) were not confirmed by RabbitMQ before shutdown", left.len()),
         ));
         for entry in left {
-            if let Then::Task { key, reply } = entry.outgoing.then {
+            if let Then::Task { key, reply, ack: None } = entry.outgoing.then {
                 fail_call(inner, key, reply.as_deref(), TaskErrorKind::Shutdown, "the task message was not sent");
             }
-            // Reports: their deliveries stay unacknowledged and are redelivered.
+            // Reports and retries: their deliveries stay unacknowledged and are redelivered.
         }
     }
 }
@@ -474,7 +479,7 @@ fn lost_on_the_way(inner: &Arc<Inner>, entries: Vec<Pending>) {
         ),
     ));
     for entry in entries {
-        if let Then::Task { key, reply } = entry.outgoing.then {
+        if let Then::Task { key, reply, .. } = entry.outgoing.then {
             fail_call(
                 inner,
                 key,
@@ -573,8 +578,11 @@ fn publish(channel: &Channel, entry: &Pending) -> Result<(), amiquip::Error> {
     if let Some(correlation) = &outgoing.correlation {
         properties = properties.with_correlation_id(correlation.clone());
     }
-    if outgoing.reason.is_some() || outgoing.redeliveries > 0 {
+    if outgoing.reason.is_some() || outgoing.redeliveries > 0 || outgoing.destination.is_some() {
         let mut headers = FieldTable::new();
+        if let Some(destination) = &outgoing.destination {
+            headers.insert(DESTINATION_HEADER.into(), AmqpValue::LongString(destination.clone()));
+        }
         if let Some(reason) = &outgoing.reason {
             headers.insert(REASON_HEADER.into(), AmqpValue::LongString(reason.clone()));
         }
@@ -599,22 +607,40 @@ fn publish(channel: &Channel, entry: &Pending) -> Result<(), amiquip::Error> {
 fn settle(inner: &Arc<Inner>, entry: Pending, stored: bool) {
     let Pending { outgoing, returned, .. } = entry;
     let stats = &inner.stats;
+    let delayed = outgoing.destination.is_some();
     match outgoing.then {
-        Then::Task { key, reply } => match (stored, returned) {
+        Then::Task { key, reply, ack } => match (stored, returned) {
             (true, None) => {
                 stats.sent.fetch_add(1, Ordering::Relaxed);
+                if delayed {
+                    stats.delayed.fetch_add(1, Ordering::Relaxed);
+                }
+                if let Some(ack) = ack
+                    && let Err(e) = ack.ack()
+                {
+                    ack_failed(inner, &e);
+                }
             }
             (true, Some(why)) => {
                 stats.returned.fetch_add(1, Ordering::Relaxed);
+                // (A retry's delivery, dropped with `ack`, goes back to its queue.)
                 task_returned(inner, key, reply.as_deref(), &why);
             }
             (false, _) => {
-                let message = "RabbitMQ refused to store the task message".to_owned();
+                let retry = ack.is_some();
+                let message = if retry {
+                    "RabbitMQ refused to store the task message; the delivery it follows goes back to its queue"
+                } else {
+                    "RabbitMQ refused to store the task message"
+                };
                 inner.events.emit(
-                    Event::new(Origin::Producer, Level::Error, EventKind::SendFailed, message.clone())
-                        .with_task(key.clone()),
+                    Event::new(Origin::Producer, Level::Error, EventKind::SendFailed, message).with_task(key.clone()),
                 );
-                fail_call(inner, key, reply.as_deref(), TaskErrorKind::Other, &message);
+                // A retry's delivery comes back (dropped, its ack gives it back): the call
+                // goes on.
+                if !retry {
+                    fail_call(inner, key, reply.as_deref(), TaskErrorKind::Other, message);
+                }
             }
         },
         Then::Report { key, ack, final_report } => {
@@ -700,7 +726,10 @@ fn ack_failed(inner: &Inner, error: &BrokerError) {
         Origin::Reporter,
         Level::Error,
         EventKind::AckFailed,
-        format!("a delivery whose report was stored could not be acknowledged: {}", dingo_core::error::chain(error)),
+        format!(
+            "a delivery whose report (or next message) was stored could not be acknowledged: {}",
+            dingo_core::error::chain(error)
+        ),
     ));
 }
 
