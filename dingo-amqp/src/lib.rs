@@ -186,6 +186,11 @@
 //!   are not read), so the hops count neither towards
 //!   [`max_redeliveries`](AmqpOptions::max_redeliveries) nor in
 //!   [`Context::redelivered`](dingo_core::Context::redelivered).
+//! - **Dead letters.** A message that arrived through the chain keeps the chain's routing
+//!   key, by which RabbitMQ's own dead-lettering would route it (to no dead-letter queue):
+//!   so dingo copies every such delivery, whatever its size, and dead-letters it itself,
+//!   with its reason; one whose copy cannot be published is given back instead of rejected
+//!   (it comes back counted as a redelivery, published again under its queue's name).
 //! - A delayed message whose task queue was deleted while it waited is dropped at the exit
 //!   (classic queues) or kept in level 0 and offered again every few minutes (quorum
 //!   queues, at least once), as RabbitMQ dead-letters with no route.

@@ -57,7 +57,9 @@ use crate::topology::{REDELIVERIES_HEADER, TaskQueues};
 
 /// Messages up to this size are copied as they arrive, so that one a worker cannot run can
 /// be dead-lettered with its reason; larger ones are dead-lettered by RabbitMQ itself
-/// (reason `rejected`, dingo's reason in the event only).
+/// (reason `rejected`, dingo's reason in the event only), except those that came through the
+/// delay queues (always copied: RabbitMQ would route them by the delay's routing key, to no
+/// dead-letter queue).
 const DEAD_COPY_LIMIT: usize = 64 << 10;
 
 /// The pool's channel, shared by the workers, the confirm thread and the consumer thread.
@@ -158,6 +160,12 @@ impl Shared {
     fn tell(&self, note: Note) {
         // A consumer thread that is gone took its channel with it.
         let _ = self.notes.send(note);
+    }
+
+    /// Whether a delivery from queue `queue` (its index) with this routing key came some other
+    /// way than straight to the queue by its name (through the delay queues).
+    pub(super) fn rerouted(&self, queue: usize, routing_key: &str) -> bool {
+        self.queues.get(queue).is_some_and(|queues| queues.queue != routing_key)
     }
 
     /// Settles one outstanding delivery on `line`: a failure means the channel broke
@@ -495,8 +503,11 @@ impl AmqpSubscription {
             shared.oversize(ack, body, len);
             return None;
         }
-        // A redelivered task is published again (counted) whatever its size.
-        let copy = (redelivered || body.len() <= DEAD_COPY_LIMIT).then(|| body.clone());
+        // A redelivered task is published again (counted) whatever its size, and one that came
+        // through the delay queues is dead-lettered by dingo whatever its size (RabbitMQ would
+        // route it by the delay's routing key, to no dead-letter queue).
+        let rerouted = shared.rerouted(queue, &delivery.routing_key);
+        let copy = (redelivered || rerouted || body.len() <= DEAD_COPY_LIMIT).then(|| body.clone());
         let known = wire::Known { name: shared.tasks.get(queue), address: None };
         match wire::decode_delivery(body, &known) {
             Ok((message, marked)) if message.options.at_most_once => {
