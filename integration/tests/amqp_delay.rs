@@ -74,7 +74,8 @@ fn percentile(sorted: &[Duration], p: f64) -> Duration {
 fn a_thousand_random_delays_run_once_and_never_early() {
     const CALLS: u64 = 1000;
     let Some(setup) = Amqp::setup() else { return };
-    let worker = App::builder().broker(setup.broker()).build().expect("worker app");
+    let worker_broker = setup.broker();
+    let worker = App::builder().broker(worker_broker.clone()).build().expect("worker app");
     let caller_broker = setup.broker();
     let caller = App::builder().broker(caller_broker.clone()).build().expect("caller app");
     worker.allocate(stamp, 4).expect("allocate");
@@ -102,6 +103,48 @@ fn a_thousand_random_delays_run_once_and_never_early() {
     assert!(stats.delayed >= CALLS * 9 / 10, "most calls went through the delay queues: {stats:?}");
     assert_eq!(caller_broker.delayed_len().expect("delayed length"), 0);
     assert_eq!(caller_broker.queue_len(stamp::NAME).expect("queue length"), 0);
+    // The hops through the delay queues are not redeliveries.
+    let stats = worker_broker.stats();
+    assert_eq!((stats.fetched, stats.redelivered, stats.requeued), (CALLS, 0, 0), "{stats:?}");
+    caller.close().expect("close");
+    worker.close().expect("close");
+}
+
+/// Fails every attempt (its argument is only there to be large).
+#[dingo::task(name = "amqp_delay.fails")]
+fn fails(ctx: &dingo::Context, padding: String) -> Result<u32, String> {
+    Err(format!("attempt {} of a {}-byte call fails", ctx.attempt(), padding.len()))
+}
+
+/// A call larger than what dingo copies of every delivery for the dead letters (64 KiB;
+/// RabbitMQ dead-letters larger ones itself) fails its last attempt after a retry through
+/// the delay queues: RabbitMQ would route it to the dead letters by the delay's routing key,
+/// so to none, and dingo dead-letters it itself, whole, with its reason.
+#[test]
+fn a_large_delayed_message_reaches_the_dead_letters() {
+    let Some(setup) = Amqp::setup() else { return };
+    let worker = App::builder().broker(setup.broker()).build().expect("worker app");
+    let caller_broker = setup.broker();
+    let caller = App::builder().broker(caller_broker.clone()).build().expect("caller app");
+    worker.allocate(fails, 1).expect("allocate");
+    let options = CallOptions::new().retries(1).backoff(Backoff::fixed(Duration::from_millis(50)).jitter(false));
+    let error = fails::call_with(&caller, &options, "x".repeat(100 << 10))
+        .expect("call")
+        .wait_timeout(PATIENCE)
+        .expect_err("every attempt fails");
+    let dingo::Error::Task(error) = error else { panic!("not a task failure: {error:?}") };
+    assert_eq!(error.attempts(), 2, "{error:?}");
+    wait_until("the dead letter is there", || {
+        !caller_broker.dead_letters(fails::NAME).expect("dead letters").is_empty()
+    });
+    let letters = caller_broker.dead_letters(fails::NAME).expect("dead letters");
+    assert_eq!(letters.len(), 1);
+    assert!(
+        letters[0].reason.contains("after 2 attempt(s): attempt 2 of a 102400-byte call fails"),
+        "{:?}",
+        letters[0].reason
+    );
+    assert!(letters[0].bytes.len() > 100 << 10, "the whole message");
     caller.close().expect("close");
     worker.close().expect("close");
 }
@@ -156,6 +199,77 @@ fn delays_and_retries_on_quorum_queues() {
     assert_eq!(starts.len(), 1);
     assert!(starts[0] >= before + Duration::from_millis(400), "ran early");
     assert_eq!(retried.wait_timeout(PATIENCE).expect("the second attempt succeeds"), 2);
+    caller.close().expect("close");
+    worker.close().expect("close");
+}
+
+/// Flaky's runs in this process, by (id, attempt).
+static FLAKY_RUNS: Mutex<BTreeMap<(String, u32), u32>> = Mutex::new(BTreeMap::new());
+
+/// As `flaky`, counting its runs in this process.
+#[dingo::task(name = "amqp_delay.counted_flaky")]
+fn counted_flaky(ctx: &dingo::Context, failures: u32) -> Result<u32, String> {
+    *lock(&FLAKY_RUNS).entry((ctx.id().to_string(), ctx.attempt())).or_default() += 1;
+    if ctx.attempt() <= failures { Err(format!("attempt {} fails", ctx.attempt())) } else { Ok(ctx.attempt()) }
+}
+
+/// A RabbitMQ policy, cleared on drop (even if the test fails).
+struct Policy(String);
+
+impl Policy {
+    fn set(name: &str, pattern: &str, definition: &str) -> Policy {
+        let out = Command::new("rabbitmqctl")
+            .args(["set_policy", name, pattern, definition, "--apply-to", "queues", "--priority", "10"])
+            .output()
+            .expect("rabbitmqctl must be installed for this test");
+        assert!(out.status.success(), "set_policy failed: {}", String::from_utf8_lossy(&out.stderr));
+        Policy(name.to_owned())
+    }
+}
+
+impl Drop for Policy {
+    fn drop(&mut self) {
+        let _ = Command::new("rabbitmqctl").args(["clear_policy", &self.0]).output();
+    }
+}
+
+/// RabbitMQ refuses the next attempt of a failed call (a policy makes the delay queues
+/// full, `reject-publish`): the failed attempt's delivery is not acknowledged, it comes back
+/// and runs again as the same attempt; once the delay queues take messages again the retry
+/// goes through and the call succeeds on its second attempt.
+#[test]
+fn a_refused_retry_leaves_the_failed_attempt_to_come_back() {
+    // Each refusal brings the attempt back as a redelivery: more than the default 5 may pass
+    // before the policy is cleared.
+    let Some(setup) = Amqp::with_options(AmqpOptions::new().durable(false).max_redeliveries(10_000)) else { return };
+    let worker_broker = setup.broker();
+    let worker = App::builder().broker(worker_broker.clone()).build().expect("worker app");
+    let caller = App::builder().broker(setup.broker()).build().expect("caller app");
+    let mut seen = dingo_test_support::faults::Seen::watch(&worker);
+    worker.allocate(counted_flaky, 1).expect("allocate");
+    // The delay queues exist before the policy, as they do once any delay was sent.
+    let mut warm =
+        counted_flaky::call_with(&caller, &CallOptions::new().countdown(Duration::from_millis(10)), 0).expect("call");
+    assert_eq!(warm.wait_timeout(PATIENCE).expect("a delayed call"), 1);
+    let namespace = setup.options().namespace.replace('.', "\\.");
+    let full = Policy::set(
+        &setup.options().namespace,
+        &format!("^{namespace}\\.delay\\."),
+        r#"{"max-length":0,"overflow":"reject-publish"}"#,
+    );
+    // Policies apply asynchronously: wait until one is in force.
+    std::thread::sleep(Duration::from_millis(500));
+    let options = CallOptions::new().retries(1).backoff(Backoff::fixed(Duration::from_millis(100)).jitter(false));
+    let mut handle = counted_flaky::call_with(&caller, &options, 1).expect("call");
+    let id = handle.id().to_string();
+    wait_until("the first attempt ran again", || lock(&FLAKY_RUNS).get(&(id.clone(), 1)).is_some_and(|&n| n >= 2));
+    assert!(!lock(&FLAKY_RUNS).contains_key(&(id.clone(), 2)), "no second attempt while its message is refused");
+    drop(full);
+    assert_eq!(handle.wait_timeout(PATIENCE).expect("the retry goes through"), 2);
+    assert_eq!(lock(&FLAKY_RUNS)[&(id.clone(), 2)], 1, "the second attempt ran once");
+    let refused = seen.of_kind(dingo::EventKind::SendFailed);
+    assert!(refused.iter().any(|e| e.message.contains("goes back to its queue")), "{refused:?}");
+    assert!(worker_broker.stats().redelivered >= 1, "the refused attempt came back");
     caller.close().expect("close");
     worker.close().expect("close");
 }
