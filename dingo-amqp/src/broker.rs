@@ -466,6 +466,7 @@ impl Inner {
                 (route.exchange, route.routing_key, Some(queue))
             }
         };
+        let delayed = destination.is_some();
         let outgoing = Outgoing {
             exchange,
             routing_key,
@@ -480,6 +481,9 @@ impl Inner {
         };
         if self.publisher()?.send(outgoing, timeout)? == Sent::Unconfirmed {
             self.stats.sent.fetch_add(1, Ordering::Relaxed);
+            if delayed {
+                self.stats.delayed.fetch_add(1, Ordering::Relaxed);
+            }
         }
         Ok(())
     }

@@ -179,6 +179,34 @@ fn a_long_delay_does_not_hold_up_a_short_one() {
     worker.close().expect("close");
 }
 
+/// At-most-once calls (published without confirms) go through the delay queues too: each
+/// runs once, not before its due time.
+#[test]
+fn at_most_once_calls_can_be_delayed() {
+    let Some(setup) = Amqp::setup() else { return };
+    let worker = App::builder().broker(setup.broker()).build().expect("worker app");
+    let caller_broker = setup.broker();
+    let caller = App::builder().broker(caller_broker.clone()).build().expect("caller app");
+    worker.allocate(stamp, 2).expect("allocate");
+    let calls: Vec<_> = (0..20u64)
+        .map(|n| {
+            let wait = Duration::from_millis(100 + n * 20);
+            let options = CallOptions::new().at_most_once(true).countdown(wait);
+            let due = SystemTime::now() + wait;
+            (n, due, stamp::call_with(&caller, &options, n).expect("call"))
+        })
+        .collect();
+    for (n, due, mut handle) in calls {
+        assert_eq!(handle.wait_timeout(PATIENCE).unwrap_or_else(|e| panic!("call {n}: {e:?}")), n);
+        let starts = lock(&STARTS)[handle.id().as_str()].clone();
+        assert_eq!(starts.len(), 1, "call {n} ran once");
+        assert!(starts[0] >= due, "call {n} ran early");
+    }
+    assert_eq!(caller_broker.stats().delayed, 20);
+    caller.close().expect("close");
+    worker.close().expect("close");
+}
+
 /// Quorum queues: the delay queues are quorum queues too (RabbitMQ accepts the
 /// declarations with TTLs and at-least-once dead-lettering), and a delayed call, and a
 /// retry through the chain, each run once.
