@@ -18,7 +18,7 @@ mod subscription;
 
 use std::collections::HashSet;
 use std::fmt;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime};
 
@@ -103,8 +103,8 @@ pub(crate) struct Inner {
     pub(crate) router: ReportRouter,
     /// Tasks whose queues are known to exist.
     known: Mutex<HashSet<String>>,
-    /// This broker declared the namespace's delay chain.
-    delays_declared: AtomicBool,
+    /// How many levels of the namespace's delay chain this broker declared (from level 0).
+    delay_levels: AtomicU32,
     control: Mutex<Option<Opened>>,
     life: Lifecycle,
     publisher: Lazy<Publisher>,
@@ -155,7 +155,7 @@ impl AmqpBroker {
             events: events.clone(),
             stats: Counters::default(),
             known: Mutex::new(HashSet::new()),
-            delays_declared: AtomicBool::new(false),
+            delay_levels: AtomicU32::new(0),
             control: Mutex::new(None),
             life: Lifecycle::new(NAME, events),
             publisher: Lazy::new(),
@@ -289,7 +289,7 @@ impl AmqpBroker {
             }
             Ok(())
         })?;
-        self.inner.delays_declared.store(false, Ordering::Release);
+        self.inner.delay_levels.store(0, Ordering::Release);
         let mut known = lock(&self.inner.known);
         for task in tasks {
             known.remove(task);
@@ -416,16 +416,19 @@ impl Inner {
         self.publisher.get_or_start(|| Publisher::start(self.clone()))
     }
 
-    /// Declares the namespace's delay chain, once per broker (see [`topology`]).
-    fn declare_delays(&self) -> Result<(), BrokerError> {
-        if self.delays_declared.load(Ordering::Acquire) {
+    /// Declares the namespace's delay chain up to `levels` levels, those this broker has not
+    /// declared yet (see [`topology::declare_delays`]).
+    fn declare_delays(&self, levels: u32) -> Result<(), BrokerError> {
+        if self.delay_levels.load(Ordering::Acquire) >= levels {
             return Ok(());
         }
         self.with_control("declaring the delay queues", |channel| {
-            topology::declare_delays(channel, &self.options, &self.names)
-        })?;
-        self.delays_declared.store(true, Ordering::Release);
-        Ok(())
+            // Under the control channel's lock: read again, another thread may have been first.
+            let from = self.delay_levels.load(Ordering::Acquire);
+            topology::declare_delays(channel, &self.options, &self.names, from, levels)?;
+            self.delay_levels.fetch_max(levels, Ordering::AcqRel);
+            Ok(())
+        })
     }
 
     /// Publishes a task message (`body`: its encoding, when the caller has it): straight to
@@ -461,8 +464,8 @@ impl Inner {
         let (exchange, routing_key, destination) = match delay_of(message) {
             None => (String::new(), queue, None),
             Some(units) => {
-                self.declare_delays()?;
                 let route = topology::delay_route(&self.names, units);
+                self.declare_delays(route.levels)?;
                 (route.exchange, route.routing_key, Some(queue))
             }
         };

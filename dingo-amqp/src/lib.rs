@@ -40,8 +40,10 @@
 //! `NS` is the [`namespace`](AmqpOptions::namespace). Task messages go through the default
 //! exchange straight to their queue, published `mandatory`: a message that reaches no queue
 //! comes back and fails its call (`UnknownTask`); it is never dropped silently. The delay
-//! queues and exchanges are declared by the first delayed message a broker sends (the
-//! binding to `NS.delay.exit` with each task queue).
+//! levels are declared by the delayed messages a broker sends, as far as their delays reach
+//! (a delay uses the levels up to its highest bit: a first delay of a second declares levels
+//! 0 to 6, not all 28); `NS.delay.exit` and each task queue's binding to it are declared
+//! with the task.
 //!
 //! # TLS
 //!

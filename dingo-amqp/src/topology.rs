@@ -110,6 +110,8 @@ impl Names {
 pub(crate) struct DelayRoute {
     pub(crate) exchange: String,
     pub(crate) routing_key: String,
+    /// How many levels (from 0) the message passes: those must be declared.
+    pub(crate) levels: u32,
 }
 
 /// How many units a remaining delay takes, rounded up (never early), capped at
@@ -129,7 +131,7 @@ pub(crate) fn delay_route(names: &Names, units: u64) -> DelayRoute {
     let units = units.clamp(1, MAX_DELAY_UNITS);
     let highest = 63 - units.leading_zeros();
     let words: Vec<&str> = (0..DELAY_LEVELS).rev().map(|bit| if units >> bit & 1 == 1 { "1" } else { "0" }).collect();
-    DelayRoute { exchange: names.delay_level(highest), routing_key: words.join(".") }
+    DelayRoute { exchange: names.delay_level(highest), routing_key: words.join("."), levels: highest + 1 }
 }
 
 /// The topic pattern of level `level`'s bindings: its bit's word is `bit`.
@@ -138,34 +140,53 @@ fn level_pattern(level: u32, bit: char) -> String {
     format!("{}{bit}.#", "*.".repeat(skipped as usize))
 }
 
-/// Declares the delay chain of a namespace (see [Delays](self#delays)): the exit, then each
-/// level's exchange and queue, bound to each other and to the level below, lowest first.
-pub(crate) fn declare_delays(channel: &Channel, options: &AmqpOptions, names: &Names) -> Result<(), amiquip::Error> {
-    let durable = ExchangeDeclareOptions { durable: options.durable, ..ExchangeDeclareOptions::default() };
-    let exit = names.delay_exit();
-    channel.exchange_declare(ExchangeType::Headers, exit.clone(), durable.clone())?;
-    let mut below = exit;
-    for level in 0..DELAY_LEVELS {
-        let name = names.delay_level(level);
-        channel.exchange_declare(ExchangeType::Topic, name.clone(), durable.clone())?;
-        let mut arguments = kind(options);
-        let ttl = DELAY_UNIT.as_millis() << level;
-        arguments.insert("x-message-ttl".into(), AmqpValue::LongLongInt(i64::try_from(ttl).unwrap_or(i64::MAX)));
-        arguments.insert("x-dead-letter-exchange".into(), AmqpValue::LongString(below.clone()));
-        if options.quorum {
-            // A message leaves a level once the next one has it (quorum queues only).
-            arguments.insert("x-dead-letter-strategy".into(), AmqpValue::LongString("at-least-once".into()));
-            arguments.insert("x-overflow".into(), AmqpValue::LongString("reject-publish".into()));
-        }
-        channel.queue_declare(
-            name.clone(),
-            QueueDeclareOptions { durable: options.durable, arguments, ..QueueDeclareOptions::default() },
-        )?;
-        channel.queue_bind(name.clone(), name.clone(), level_pattern(level, '1'), FieldTable::new())?;
-        channel.exchange_bind(below.clone(), name.clone(), level_pattern(level, '0'), FieldTable::new())?;
-        below = name;
+/// Declares levels `from..to` of the delay chain of a namespace (see [Delays](self#delays)),
+/// and its exit with the first: each level's exchange and queue, bound to each other and to
+/// the level below, lowest first. A delay uses only the levels up to its highest bit, so
+/// the chain is declared as far as the delays sent need it (a first delay of a second
+/// declares 7 levels, not 28: declarations cost RabbitMQ a few milliseconds each, more on
+/// durable queues). Pipelined (`nowait`, one round trip instead of one each), then one
+/// synchronous declaration, whose answer comes after RabbitMQ processed all the others: a
+/// refusal of any closes the channel, and that one fails.
+pub(crate) fn declare_delays(
+    channel: &Channel,
+    options: &AmqpOptions,
+    names: &Names,
+    from: u32,
+    to: u32,
+) -> Result<(), amiquip::Error> {
+    let to = to.min(DELAY_LEVELS);
+    if from >= to {
+        return Ok(());
     }
-    Ok(())
+    let durable = ExchangeDeclareOptions { durable: options.durable, ..ExchangeDeclareOptions::default() };
+    let below = |level: u32| if level == 0 { names.delay_exit() } else { names.delay_level(level - 1) };
+    if from == 0 {
+        channel.exchange_declare_nowait(ExchangeType::Headers, names.delay_exit(), durable.clone())?;
+    }
+    for level in from..to {
+        let name = names.delay_level(level);
+        channel.exchange_declare_nowait(ExchangeType::Topic, name.clone(), durable.clone())?;
+        channel.queue_declare_nowait(name.clone(), delay_queue_options(options, level, &below(level)))?;
+        channel.queue_bind_nowait(name.clone(), name.clone(), level_pattern(level, '1'), FieldTable::new())?;
+        channel.exchange_bind_nowait(below(level), name.clone(), level_pattern(level, '0'), FieldTable::new())?;
+    }
+    let last = to - 1;
+    channel.queue_declare(names.delay_level(last), delay_queue_options(options, last, &below(last))).map(|_| ())
+}
+
+/// The declaration of level `level`'s queue, which dead-letters to exchange `below`.
+fn delay_queue_options(options: &AmqpOptions, level: u32, below: &str) -> QueueDeclareOptions {
+    let mut arguments = kind(options);
+    let ttl = DELAY_UNIT.as_millis() << level;
+    arguments.insert("x-message-ttl".into(), AmqpValue::LongLongInt(i64::try_from(ttl).unwrap_or(i64::MAX)));
+    arguments.insert("x-dead-letter-exchange".into(), AmqpValue::LongString(below.to_owned()));
+    if options.quorum {
+        // A message leaves a level once the next one has it (quorum queues only).
+        arguments.insert("x-dead-letter-strategy".into(), AmqpValue::LongString("at-least-once".into()));
+        arguments.insert("x-overflow".into(), AmqpValue::LongString("reject-publish".into()));
+    }
+    QueueDeclareOptions { durable: options.durable, arguments, ..QueueDeclareOptions::default() }
 }
 
 /// The delay chain's queues and exchanges (levels, then the exit), for deleting them.
