@@ -190,8 +190,7 @@ impl AmqpBroker {
     }
 
     /// How many messages wait in the namespace's delay queues, for all its tasks (see
-    /// [Delays](crate#delays)); 0 before any delayed message was sent (the queues are
-    /// declared by the first).
+    /// [Delays](crate#delays)); levels not declared yet (no delay reached them) count 0.
     pub fn delayed_len(&self) -> Result<usize, BrokerError> {
         let (queues, _) = topology::delay_names(&self.inner.names);
         let mut total = 0;

@@ -162,8 +162,8 @@
 //! message in one level's queue has that level's TTL, so the one at the head is always the
 //! first to expire: a long delay never holds up a short one behind it (RabbitMQ expires
 //! messages at the head of a queue only, so a single queue of per-message TTLs would). The
-//! route is the routing key, the delay's 28 bits as words (`0.0.….1.0.1`), matched by one
-//! topic exchange per level; the destination is a header, matched at the exit (a headers
+//! route is the routing key, the delay's bits as words, least significant first (`1.0.1`
+//! for 5 units), matched by one topic exchange per level; the destination is a header, matched at the exit (a headers
 //! exchange): a topic pattern made of a task queue's name could match other names, or hold
 //! `*` and `#`. `topology.rs` has the details.
 //!

@@ -12,9 +12,10 @@
 //! expires first: a long delay never holds up a short one (RabbitMQ expires only at the
 //! head of a queue; one queue with per-message TTLs would).
 //!
-//! The route is in the routing key, D's [`DELAY_LEVELS`] bits as words, most significant
-//! first (`0.0.….1.0.1` for 5): exchange `NS.delay.K` (topic) binds queue `NS.delay.K` to
-//! keys whose word for bit K is `1`, and the next lower exchange to those whose word is `0`
+//! The route is in the routing key, D's bits as words, least significant first and up to
+//! its highest set bit (`1.0.1` for 5; see [`delay_route`] for why that way round):
+//! exchange `NS.delay.K` (topic) binds queue `NS.delay.K` to keys whose word K is `1`
+//! (`*.*.1.#` for K = 2), and the next lower exchange to those whose word K is `0`
 //! (exchange-to-exchange bindings). The message is published to the exchange of D's highest
 //! bit. Below level 0 is the exit, `NS.delay.exit` (headers), where every task queue is
 //! bound on its own name in the header [`DESTINATION_HEADER`]: the message reaches the
@@ -126,18 +127,22 @@ pub(crate) fn delay_units(remaining: Duration) -> Option<u64> {
     Some(u64::try_from(units).unwrap_or(u64::MAX).min(MAX_DELAY_UNITS))
 }
 
-/// The route of a delay of `units` (1 to [`MAX_DELAY_UNITS`]).
+/// The route of a delay of `units` (1 to [`MAX_DELAY_UNITS`]): its bits as words, least
+/// significant first, up to the highest set one (`1.0.1` for 5). Least significant first and
+/// no longer than needed, because RabbitMQ's topic exchanges walk a routing key word by word
+/// (a trie): exchange `NS.delay.K` reads K + 1 words, and the levels a message passes most
+/// often, the low ones, read the fewest.
 pub(crate) fn delay_route(names: &Names, units: u64) -> DelayRoute {
     let units = units.clamp(1, MAX_DELAY_UNITS);
     let highest = 63 - units.leading_zeros();
-    let words: Vec<&str> = (0..DELAY_LEVELS).rev().map(|bit| if units >> bit & 1 == 1 { "1" } else { "0" }).collect();
+    let words: Vec<&str> = (0..=highest).map(|bit| if units >> bit & 1 == 1 { "1" } else { "0" }).collect();
     DelayRoute { exchange: names.delay_level(highest), routing_key: words.join("."), levels: highest + 1 }
 }
 
-/// The topic pattern of level `level`'s bindings: its bit's word is `bit`.
+/// The topic pattern of level `level`'s bindings: its bit's word (word `level`, from 0) is
+/// `bit`.
 fn level_pattern(level: u32, bit: char) -> String {
-    let skipped = DELAY_LEVELS - 1 - level;
-    format!("{}{bit}.#", "*.".repeat(skipped as usize))
+    format!("{}{bit}.#", "*.".repeat(level as usize))
 }
 
 /// Declares levels `from..to` of the delay chain of a namespace (see [Delays](self#delays)),
@@ -330,28 +335,51 @@ mod tests {
     #[test]
     fn a_route_spells_the_bits_and_starts_at_the_highest() {
         let names = Names::new("ns");
-        let route = delay_route(&names, 5);
+        let route = delay_route(&names, 0b110);
         assert_eq!(route.exchange, "ns.delay.2");
-        let words: Vec<&str> = route.routing_key.split('.').collect();
-        assert_eq!(words.len(), DELAY_LEVELS as usize);
-        assert_eq!(words[DELAY_LEVELS as usize - 3..], ["1", "0", "1"]);
-        assert!(words[..DELAY_LEVELS as usize - 3].iter().all(|w| *w == "0"));
+        assert_eq!(route.routing_key, "0.1.1");
+        assert_eq!(route.levels, 3);
+        assert_eq!(delay_route(&names, 1).routing_key, "1");
         assert_eq!(delay_route(&names, 1).exchange, "ns.delay.0");
         let longest = delay_route(&names, MAX_DELAY_UNITS);
         assert_eq!(longest.exchange, format!("ns.delay.{}", DELAY_LEVELS - 1));
+        assert_eq!(longest.levels, DELAY_LEVELS);
+        assert_eq!(longest.routing_key.split('.').count(), DELAY_LEVELS as usize);
         assert!(longest.routing_key.split('.').all(|w| w == "1"));
     }
 
+    /// Whether topic `pattern` (only `*` and a final `#`) matches `key`.
+    fn matches(pattern: &str, key: &str) -> bool {
+        let (pattern, key): (Vec<&str>, Vec<&str>) = (pattern.split('.').collect(), key.split('.').collect());
+        let fixed = &pattern[..pattern.len() - 1];
+        key.len() >= fixed.len() && fixed.iter().zip(&key).all(|(p, k)| *p == "*" || p == k)
+    }
+
+    /// Follows a delay through the levels as RabbitMQ would route it: the queues it waits in.
+    fn walk(units: u64) -> Vec<u32> {
+        let route = delay_route(&Names::new("ns"), units);
+        let mut waits = Vec::new();
+        let mut level = Some(route.levels - 1);
+        while let Some(k) = level {
+            if matches(&level_pattern(k, '1'), &route.routing_key) {
+                waits.push(k);
+            } else {
+                assert!(matches(&level_pattern(k, '0'), &route.routing_key), "level {k} routes {units} nowhere");
+            }
+            level = k.checked_sub(1);
+        }
+        waits
+    }
+
     #[test]
-    fn level_patterns_look_at_their_own_bit() {
-        let top = DELAY_LEVELS - 1;
-        assert_eq!(level_pattern(top, '1'), "1.#");
-        assert_eq!(level_pattern(0, '0'), format!("{}0.#", "*.".repeat(top as usize)));
-        // The pattern's word for the bit is the route's word for it.
-        let route = delay_route(&Names::new("ns"), 0b100);
-        let words: Vec<&str> = route.routing_key.split('.').collect();
-        let pattern = level_pattern(2, '1');
-        let at = pattern.split('.').position(|w| w == "1").expect("the bit");
-        assert_eq!(words[at], "1");
+    fn a_delay_waits_in_the_levels_of_its_bits() {
+        assert_eq!(walk(1), [0]);
+        assert_eq!(walk(5), [2, 0]);
+        assert_eq!(walk(0b1000_0000_0001), [11, 0]);
+        assert_eq!(walk(MAX_DELAY_UNITS), (0..DELAY_LEVELS).rev().collect::<Vec<_>>());
+        for units in [2, 3, 300, 12_345, 259_200_000] {
+            let total: u64 = walk(units).iter().map(|k| 1 << k).sum();
+            assert_eq!(total, units);
+        }
     }
 }
