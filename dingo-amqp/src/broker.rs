@@ -38,7 +38,7 @@ use crate::options::AmqpOptions;
 use crate::topology::{self, Names};
 
 use listener::Listener;
-use publisher::{Outgoing, Publisher, Sent, Then};
+use publisher::{Delay, Outgoing, Publisher, Sent, Then};
 
 /// What errors call the broker.
 pub(crate) const NAME: &str = "the RabbitMQ broker";
@@ -460,19 +460,19 @@ impl Inner {
             _ => None,
         };
         let queue = self.names.task_queue(message.name.as_str())?;
-        let (exchange, routing_key, destination) = match delay_of(message) {
-            None => (String::new(), queue, None),
-            Some(units) => {
+        let (exchange, routing_key, delay) = match (delay_of(message), message.due) {
+            (Some(units), Some(due)) => {
                 let route = topology::delay_route(&self.names, units);
                 self.declare_delays(route.levels)?;
-                (route.exchange, route.routing_key, Some(queue))
+                (route.exchange, route.routing_key, Some(Delay { queue, due, levels: route.levels }))
             }
+            _ => (String::new(), queue, None),
         };
-        let delayed = destination.is_some();
+        let delayed = delay.is_some();
         let outgoing = Outgoing {
             exchange,
             routing_key,
-            destination,
+            delay,
             body,
             persistent: self.options.durable && !message.options.at_most_once,
             correlation: None,
@@ -632,7 +632,7 @@ impl Inner {
         let outgoing = Outgoing {
             exchange: String::new(),
             routing_key: queue.to_string(),
-            destination: None,
+            delay: None,
             body,
             persistent: self.options.persistent_reports,
             correlation: Some(report.id.as_str().to_owned()),

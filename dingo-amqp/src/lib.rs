@@ -168,7 +168,7 @@
 //! `*` and `#`. `topology.rs` has the details.
 //!
 //! - **Persistent and confirmed** like every task message (published again if its channel
-//!   breaks before the confirm): a delayed message survives the restart of every worker
+//!   breaks before the confirm, then with what is left of its delay): a delayed message survives the restart of every worker
 //!   process and of RabbitMQ (the TTL of a message counts from when it entered its queue;
 //!   one that expired while the node was down moves on as the node starts).
 //! - **Quorum queues:** with [`quorum`](AmqpOptions::quorum) the delay queues are quorum

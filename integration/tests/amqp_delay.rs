@@ -302,6 +302,42 @@ fn a_refused_retry_leaves_the_failed_attempt_to_come_back() {
     worker.close().expect("close");
 }
 
+/// A delayed call sent while its caller's connection is partitioned (bytes dropped, no
+/// confirm) is published again after the connection is restored, its delay spelled again
+/// from its due time: it waits only what is left of its delay (here nothing), not the whole
+/// delay once more; and it runs once, not before it is due.
+#[test]
+fn a_delayed_message_published_again_waits_only_what_is_left() {
+    let Some(setup) = Amqp::setup() else { return };
+    let proxy = dingo_test_support::proxy::Proxy::start(dingo_test_support::faults::server_addr(setup.url()))
+        .expect("start a proxy");
+    let through =
+        AmqpBroker::connect_with(&dingo_test_support::faults::via(&proxy, setup.url()), setup.options().clone())
+            .expect("connect through the proxy");
+    setup.adopt(through.clone());
+    let worker = App::builder().broker(setup.broker()).build().expect("worker app");
+    let caller = App::builder().broker(through.clone()).build().expect("caller app");
+    worker.allocate(stamp, 1).expect("allocate");
+    // Declares the delay levels a second's delay passes (levels 0 to 6), before the partition.
+    let warm = CallOptions::new().countdown(Duration::from_millis(1270));
+    assert_eq!(stamp::call_with(&caller, &warm, 0).expect("call").wait_timeout(PATIENCE).expect("warm-up"), 0);
+    proxy.partition();
+    let due = SystemTime::now() + Duration::from_secs(1);
+    let mut handle = stamp::call_with(&caller, &CallOptions::new().countdown(Duration::from_secs(1)), 1).expect("call");
+    std::thread::sleep(Duration::from_millis(1500));
+    proxy.resume();
+    let restored = SystemTime::now();
+    assert_eq!(handle.wait_timeout(PATIENCE).expect("the call runs"), 1);
+    let starts = lock(&STARTS)[handle.id().as_str()].clone();
+    assert_eq!(starts.len(), 1, "ran once");
+    assert!(starts[0] >= due, "ran early");
+    let after = starts[0].duration_since(restored).unwrap_or_default();
+    assert!(after < Duration::from_millis(700), "ran {after:?} after the connection was restored");
+    assert!(through.stats().republished >= 1, "{:?}", through.stats());
+    caller.close().expect("close");
+    worker.close().expect("close");
+}
+
 // ---- worker processes ----
 
 /// What a worker process serves and where it logs, from the test that starts it.

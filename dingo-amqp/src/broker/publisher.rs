@@ -22,7 +22,7 @@
 use std::collections::VecDeque;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Condvar, Mutex};
-use std::time::{Duration, Instant};
+use std::time::{Duration, Instant, SystemTime};
 
 use amiquip::{
     AmqpProperties, AmqpValue, Channel, Confirm, ConfirmSmoother, ConnectionBlockedNotification, FieldTable, Publish,
@@ -35,7 +35,7 @@ use dingo_core::{BrokerError, BrokerErrorKind, CallKey, TaskError, TaskErrorKind
 
 use super::{Inner, Stop, Thread, lock};
 use crate::conn::Backoff;
-use crate::topology::{DESTINATION_HEADER, REASON_HEADER, REDELIVERIES_HEADER};
+use crate::topology::{self, DESTINATION_HEADER, Names, REASON_HEADER, REDELIVERIES_HEADER};
 use dingo_core::broker::kit::{wait, wait_timeout};
 
 /// One message to publish and what to do once RabbitMQ confirmed it.
@@ -43,9 +43,9 @@ pub(crate) struct Outgoing {
     /// `""`: the default exchange, routing straight to the queue named by `routing_key`.
     pub(crate) exchange: String,
     pub(crate) routing_key: String,
-    /// A delayed task message's queue (a header matched at the delay chain's exit; its
-    /// routing key spells the delay).
-    pub(crate) destination: Option<String>,
+    /// A delayed task message's queue and due time: its routing key spells the delay (see
+    /// `topology`).
+    pub(crate) delay: Option<Delay>,
     pub(crate) body: Vec<u8>,
     pub(crate) persistent: bool,
     /// The correlation id (reports carry their task id).
@@ -60,6 +60,15 @@ pub(crate) struct Outgoing {
     /// progress.
     pub(crate) once: bool,
     pub(crate) then: Then,
+}
+
+/// Where a delayed task message goes once due, and when.
+pub(crate) struct Delay {
+    /// Its task queue (a header matched at the delay chain's exit).
+    pub(crate) queue: String,
+    pub(crate) due: SystemTime,
+    /// The levels its first route passes (declared before it was published).
+    pub(crate) levels: u32,
 }
 
 /// What a confirm (or a return, or a refusal) means for a message.
@@ -103,6 +112,28 @@ pub(crate) enum Sent {
 }
 
 impl Outgoing {
+    /// A delayed message published again (its channel broke before the confirm) waits only
+    /// what is left of its delay, or none: its route is spelled again from its due time. A
+    /// shorter delay passes no level the first route did not (unless the clock went back:
+    /// then the first route stands, as the levels above it may not be declared).
+    fn reroute(&mut self, names: &Names) {
+        let Some(delay) = &self.delay else { return };
+        let left = delay.due.duration_since(SystemTime::now()).ok().and_then(topology::delay_units);
+        match left {
+            None => {
+                self.exchange = String::new();
+                self.routing_key = delay.queue.clone();
+            }
+            Some(units) => {
+                let route = topology::delay_route(names, units);
+                if route.levels <= delay.levels {
+                    self.exchange = route.exchange;
+                    self.routing_key = route.routing_key;
+                }
+            }
+        }
+    }
+
     fn is_task(&self) -> bool {
         matches!(self.then, Then::Task { .. })
     }
@@ -526,6 +557,7 @@ fn republish(inner: &Inner, channel: &Channel, pending: &mut VecDeque<Pending>) 
         if entry.sent {
             inner.stats.republished.fetch_add(1, Ordering::Relaxed);
         }
+        entry.outgoing.reroute(&inner.names);
         publish(channel, entry).map_err(|e| e.to_string())?;
         entry.sent = true;
     }
@@ -578,10 +610,10 @@ fn publish(channel: &Channel, entry: &Pending) -> Result<(), amiquip::Error> {
     if let Some(correlation) = &outgoing.correlation {
         properties = properties.with_correlation_id(correlation.clone());
     }
-    if outgoing.reason.is_some() || outgoing.redeliveries > 0 || outgoing.destination.is_some() {
+    if outgoing.reason.is_some() || outgoing.redeliveries > 0 || outgoing.delay.is_some() {
         let mut headers = FieldTable::new();
-        if let Some(destination) = &outgoing.destination {
-            headers.insert(DESTINATION_HEADER.into(), AmqpValue::LongString(destination.clone()));
+        if let Some(delay) = &outgoing.delay {
+            headers.insert(DESTINATION_HEADER.into(), AmqpValue::LongString(delay.queue.clone()));
         }
         if let Some(reason) = &outgoing.reason {
             headers.insert(REASON_HEADER.into(), AmqpValue::LongString(reason.clone()));
@@ -607,7 +639,7 @@ fn publish(channel: &Channel, entry: &Pending) -> Result<(), amiquip::Error> {
 fn settle(inner: &Arc<Inner>, entry: Pending, stored: bool) {
     let Pending { outgoing, returned, .. } = entry;
     let stats = &inner.stats;
-    let delayed = outgoing.destination.is_some();
+    let delayed = outgoing.delay.is_some();
     match outgoing.then {
         Then::Task { key, reply, ack } => match (stored, returned) {
             (true, None) => {

@@ -194,7 +194,7 @@ impl Shared {
             // Routed by the task queue's name, which binds its dead-letter queue (the
             // delivery's own routing key may be another exchange's).
             routing_key: queues.queue.clone(),
-            destination: None,
+            delay: None,
             body,
             persistent: true,
             correlation: None,
@@ -269,7 +269,7 @@ impl Shared {
                 Outgoing {
                     exchange: String::new(),
                     routing_key: caller.to_owned(),
-                    destination: None,
+                    delay: None,
                     body,
                     persistent: inner.options.persistent_reports,
                     correlation: Some(key.id.as_str().to_owned()),
@@ -409,7 +409,7 @@ impl Shared {
         let outgoing = Outgoing {
             exchange: String::new(),
             routing_key: queues.queue.clone(),
-            destination: None,
+            delay: None,
             body,
             persistent,
             correlation: None,
