@@ -163,14 +163,15 @@
 //! first to expire: a long delay never holds up a short one behind it (RabbitMQ expires
 //! messages at the head of a queue only, so a single queue of per-message TTLs would). The
 //! route is the routing key, the delay's bits as words, least significant first (`1.0.1`
-//! for 5 units), matched by one topic exchange per level; the destination is a header, matched at the exit (a headers
-//! exchange): a topic pattern made of a task queue's name could match other names, or hold
-//! `*` and `#`. `topology.rs` has the details.
+//! for 5 units), matched by one topic exchange per level; the destination is a header,
+//! matched at the exit (a headers exchange): a topic pattern made of a task queue's name
+//! could match other names, or hold `*` and `#`. `topology.rs` has the details.
 //!
 //! - **Persistent and confirmed** like every task message (published again if its channel
-//!   breaks before the confirm, then with what is left of its delay): a delayed message survives the restart of every worker
-//!   process and of RabbitMQ (the TTL of a message counts from when it entered its queue;
-//!   one that expired while the node was down moves on as the node starts).
+//!   breaks before the confirm, then with what is left of its delay): a delayed message
+//!   survives the restart of every worker process and of RabbitMQ (the TTL of a message
+//!   counts from when it entered its queue; one that expired while the node was down moves
+//!   on as the node starts).
 //! - **Quorum queues:** with [`quorum`](AmqpOptions::quorum) the delay queues are quorum
 //!   queues too, dead-lettering `at-least-once` (`x-dead-letter-strategy`, with
 //!   `x-overflow=reject-publish`): a message leaves a level only once the next has it
@@ -193,9 +194,9 @@
 //!   so dingo copies every such delivery, whatever its size, and dead-letters it itself,
 //!   with its reason; one whose copy cannot be published is given back instead of rejected
 //!   (it comes back counted as a redelivery, published again under its queue's name).
-//! - A delayed message whose task queue was deleted while it waited is dropped at the exit
-//!   (classic queues) or kept in level 0 and offered again every few minutes (quorum
-//!   queues, at least once), as RabbitMQ dead-letters with no route.
+//! - A delayed message whose task queue was deleted while it waited reaches no queue at the
+//!   exit: classic queues drop it there; quorum queues, dead-lettering at least once, keep
+//!   it in level 0 and try again until a queue takes it.
 //! - [`AmqpBroker::delayed_len`] counts what waits in the chain, [`Stats::delayed`] what was
 //!   sent into it.
 //!
