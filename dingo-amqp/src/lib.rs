@@ -196,7 +196,8 @@
 //!   (it comes back counted as a redelivery, published again under its queue's name).
 //! - A delayed message whose task queue was deleted while it waited reaches no queue at the
 //!   exit: classic queues drop it there; quorum queues, dead-lettering at least once, keep
-//!   it in level 0 and try again until a queue takes it.
+//!   it in level 0 (where [`AmqpBroker::delayed_len`] does not count it) and try again
+//!   every few minutes until a queue takes it (3 minutes, seen on RabbitMQ 3.10).
 //! - [`AmqpBroker::delayed_len`] counts what waits in the chain, [`Stats::delayed`] what was
 //!   sent into it.
 //!
