@@ -18,9 +18,9 @@ mod subscription;
 
 use std::collections::HashSet;
 use std::fmt;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
+use std::time::{Duration, Instant, SystemTime};
 
 use amiquip::{AmqpValue, Channel, QueueDeleteOptions};
 use dingo_core::broker::kit::{Lazy, Lifecycle, Shutdown, ShutdownOnDrop};
@@ -38,7 +38,7 @@ use crate::options::AmqpOptions;
 use crate::topology::{self, Names};
 
 use listener::Listener;
-use publisher::{Outgoing, Publisher, Sent, Then};
+use publisher::{Delay, Outgoing, Publisher, Sent, Then};
 
 /// What errors call the broker.
 pub(crate) const NAME: &str = "the RabbitMQ broker";
@@ -61,6 +61,10 @@ dingo_core::counters! {
     pub struct Stats / Counters {
         /// Task messages RabbitMQ confirmed.
         sent,
+        /// Of those, task messages sent into the delay queues (due later: delayed calls,
+        /// retries after a backoff, and tasks that arrived before their due time and went
+        /// round again).
+        delayed,
         /// Messages RabbitMQ returned as unroutable (their queue is gone).
         returned,
         /// Task messages delivered to this process's subscriptions.
@@ -99,6 +103,8 @@ pub(crate) struct Inner {
     pub(crate) router: ReportRouter,
     /// Tasks whose queues are known to exist.
     known: Mutex<HashSet<String>>,
+    /// How many levels of the namespace's delay chain this broker declared (from level 0).
+    delay_levels: AtomicU32,
     control: Mutex<Option<Opened>>,
     life: Lifecycle,
     publisher: Lazy<Publisher>,
@@ -149,6 +155,7 @@ impl AmqpBroker {
             events: events.clone(),
             stats: Counters::default(),
             known: Mutex::new(HashSet::new()),
+            delay_levels: AtomicU32::new(0),
             control: Mutex::new(None),
             life: Lifecycle::new(NAME, events),
             publisher: Lazy::new(),
@@ -180,6 +187,23 @@ impl AmqpBroker {
         self.inner.with_control("reading the queue length", |channel| {
             channel.queue_declare_passive(queue.clone()).map(|q| q.declared_message_count().unwrap_or(0) as usize)
         })
+    }
+
+    /// How many messages wait in the namespace's delay queues, for all its tasks (see
+    /// [Delays](crate#delays)); levels not declared yet (no delay reached them) count 0.
+    pub fn delayed_len(&self) -> Result<usize, BrokerError> {
+        let (queues, _) = topology::delay_names(&self.inner.names);
+        let mut total = 0;
+        for queue in queues {
+            total += match self.inner.with_control("reading the delay queues' lengths", |channel| {
+                channel.queue_declare_passive(queue.clone()).map(|q| q.declared_message_count().unwrap_or(0) as usize)
+            }) {
+                Ok(len) => len,
+                Err(e) if is_not_found(&e) => 0,
+                Err(e) => return Err(e),
+            };
+        }
+        Ok(total)
     }
 
     /// The dead letters of a task, oldest first: each with the reason dingo gave (or
@@ -242,22 +266,29 @@ impl AmqpBroker {
         lock(&self.inner.known).iter().cloned().collect()
     }
 
-    /// Deletes the queues of these tasks (with their dead letters), these reply queues and
-    /// the namespace's dead-letter exchange, with whatever they hold. For tests and tools;
-    /// never while apps use them.
+    /// Deletes the queues of these tasks (with their dead letters), these reply queues, the
+    /// namespace's dead-letter exchange and its delay queues and exchanges (with the delayed
+    /// messages of every task), with whatever they hold. For tests and tools; never while
+    /// apps use them.
     pub fn delete_topology(&self, tasks: &[String], reply_queues: &[String]) -> Result<(), BrokerError> {
         let mut queues = reply_queues.to_vec();
         for task in tasks {
             queues.push(self.inner.names.task_queue(task)?);
             queues.push(self.inner.names.dead_queue(task)?);
         }
-        let exchange = self.inner.names.dead_exchange();
+        let (delay_queues, mut exchanges) = topology::delay_names(&self.inner.names);
+        queues.extend(delay_queues);
+        exchanges.push(self.inner.names.dead_exchange());
         self.inner.with_control("deleting the topology", |channel| {
             for queue in &queues {
                 channel.queue_delete(queue.clone(), QueueDeleteOptions::default())?;
             }
-            channel.exchange_delete(exchange.clone(), false)
+            for exchange in &exchanges {
+                channel.exchange_delete(exchange.clone(), false)?;
+            }
+            Ok(())
         })?;
+        self.inner.delay_levels.store(0, Ordering::Release);
         let mut known = lock(&self.inner.known);
         for task in tasks {
             known.remove(task);
@@ -383,6 +414,87 @@ impl Inner {
     pub(crate) fn publisher(self: &Arc<Inner>) -> Result<&Publisher, BrokerError> {
         self.publisher.get_or_start(|| Publisher::start(self.clone()))
     }
+
+    /// Declares the namespace's delay chain up to `levels` levels, those this broker has not
+    /// declared yet (see [`topology::declare_delays`]).
+    fn declare_delays(&self, levels: u32) -> Result<(), BrokerError> {
+        if self.delay_levels.load(Ordering::Acquire) >= levels {
+            return Ok(());
+        }
+        self.with_control("declaring the delay queues", |channel| {
+            // Under the control channel's lock: read again, another thread may have been first.
+            let from = self.delay_levels.load(Ordering::Acquire);
+            topology::declare_delays(channel, &self.options, &self.names, from, levels)?;
+            self.delay_levels.fetch_max(levels, Ordering::AcqRel);
+            Ok(())
+        })
+    }
+
+    /// Publishes a task message (`body`: its encoding, when the caller has it): straight to
+    /// its queue, or, when it is due later, into the delay chain (the remaining delay
+    /// counted from now, rounded up to the unit). With `ack` (a retry, or a message sent
+    /// round the chain again), that delivery is acknowledged once RabbitMQ confirmed the
+    /// message, and given back if it refused it.
+    pub(crate) fn send_task(
+        self: &Arc<Inner>,
+        message: &TaskMessage,
+        body: Option<Vec<u8>>,
+        ack: Option<Ack>,
+        redeliveries: u32,
+        timeout: Option<Duration>,
+    ) -> Result<(), BrokerError> {
+        self.life.check_open()?;
+        if !self.is_declared(message.name.as_str())? {
+            return Err(BrokerError::new(
+                BrokerErrorKind::Unroutable,
+                format!("no app declared task `{}` in namespace `{}`", message.name, self.options.namespace),
+            ));
+        }
+        let body = match body {
+            Some(body) => body,
+            None => wire::encode_task(message)?,
+        };
+        check_size("task message", body.len(), self.options.max_message_size)?;
+        let reply = match &message.reply_to {
+            ReplyTo::Address(caller) => Some(caller.clone()),
+            _ => None,
+        };
+        let queue = self.names.task_queue(message.name.as_str())?;
+        let (exchange, routing_key, delay) = match (delay_of(message), message.due) {
+            (Some(units), Some(due)) => {
+                let route = topology::delay_route(&self.names, units);
+                self.declare_delays(route.levels)?;
+                (route.exchange, route.routing_key, Some(Delay { queue, due, levels: route.levels }))
+            }
+            _ => (String::new(), queue, None),
+        };
+        let delayed = delay.is_some();
+        let outgoing = Outgoing {
+            exchange,
+            routing_key,
+            delay,
+            body,
+            persistent: self.options.durable && !message.options.at_most_once,
+            correlation: None,
+            reason: None,
+            redeliveries,
+            once: message.options.at_most_once,
+            then: Then::Task { key: message.key(), reply, ack },
+        };
+        if self.publisher()?.send(outgoing, timeout)? == Sent::Unconfirmed {
+            self.stats.sent.fetch_add(1, Ordering::Relaxed);
+            if delayed {
+                self.stats.delayed.fetch_add(1, Ordering::Relaxed);
+            }
+        }
+        Ok(())
+    }
+}
+
+/// How many delay units a message still has to wait (rounded up), by this process's clock:
+/// `None` when it is due now.
+pub(crate) fn delay_of(message: &TaskMessage) -> Option<u64> {
+    topology::delay_units(message.wait_at(SystemTime::now())?)
 }
 
 impl Shutdown for Inner {
@@ -413,35 +525,14 @@ impl Producer for AmqpBroker {
     }
 
     fn send(&self, message: TaskMessage, timeout: Option<Duration>) -> Result<(), BrokerError> {
-        let inner = &self.inner;
-        inner.life.check_open()?;
-        if !inner.is_declared(message.name.as_str())? {
-            return Err(BrokerError::new(
-                BrokerErrorKind::Unroutable,
-                format!("no app declared task `{}` in namespace `{}`", message.name, inner.options.namespace),
-            ));
-        }
-        let body = wire::encode_task(&message)?;
-        check_size("task message", body.len(), inner.options.max_message_size)?;
-        let reply = match &message.reply_to {
-            ReplyTo::Address(caller) => Some(caller.clone()),
-            _ => None,
-        };
-        let outgoing = Outgoing {
-            exchange: String::new(),
-            routing_key: inner.names.task_queue(message.name.as_str())?,
-            body,
-            persistent: inner.options.durable && !message.options.at_most_once,
-            correlation: None,
-            reason: None,
-            redeliveries: 0,
-            once: message.options.at_most_once,
-            then: Then::Task { key: message.key(), reply },
-        };
-        if inner.publisher()?.send(outgoing, timeout)? == Sent::Unconfirmed {
-            inner.stats.sent.fetch_add(1, Ordering::Relaxed);
-        }
-        Ok(())
+        self.inner.send_task(&message, None, None, 0, timeout)
+    }
+
+    /// The next attempt is published (confirmed) first, and `ack` settled once RabbitMQ
+    /// confirmed it, whichever broker the delivery came from: a refused or lost publish
+    /// leaves the delivery unacknowledged, and it comes back (the same attempt runs again).
+    fn retry(&self, message: TaskMessage, ack: Option<Ack>) -> Result<(), BrokerError> {
+        self.inner.send_task(&message, None, ack, 0, None)
     }
 
     fn close(&self) {
@@ -541,6 +632,7 @@ impl Inner {
         let outgoing = Outgoing {
             exchange: String::new(),
             routing_key: queue.to_string(),
+            delay: None,
             body,
             persistent: self.options.persistent_reports,
             correlation: Some(report.id.as_str().to_owned()),

@@ -33,10 +33,17 @@
 //! | `NS.dead` | direct exchange | dead letters, routed by the task queue's name |
 //! | `NS.dead.NAME` | queue, `x-max-length` 10,000 and `x-max-length-bytes` 64 MiB (RabbitMQ drops the oldest past either: [`max_dead_letters`](AmqpOptions::max_dead_letters)) | the task's dead letters ([`AmqpBroker::dead_letters`]) |
 //! | `NS.reply.ID` | queue, expires unused after the result TTL | reports for one caller process |
+//! | `NS.delay.K`, K = 0 to 27 | queue (durable, or quorum), `x-message-ttl` 2^K × 10 ms, no consumers; dead-letters to exchange `NS.delay.(K-1)` (level 0: to `NS.delay.exit`) | delayed messages, level K of the chain ([below](#delays)) |
+//! | `NS.delay.K` | topic exchange | routes on bit K of the delay: `1` to queue `NS.delay.K`, `0` on to exchange `NS.delay.(K-1)` |
+//! | `NS.delay.exit` | headers exchange | every task queue is bound to it by its name (header `dingo-queue`) |
 //!
 //! `NS` is the [`namespace`](AmqpOptions::namespace). Task messages go through the default
 //! exchange straight to their queue, published `mandatory`: a message that reaches no queue
-//! comes back and fails its call (`UnknownTask`); it is never dropped silently.
+//! comes back and fails its call (`UnknownTask`); it is never dropped silently. The delay
+//! levels are declared by the delayed messages a broker sends, as far as their delays reach
+//! (a delay uses the levels up to its highest bit: a first delay of a second declares levels
+//! 0 to 6, not all 28); `NS.delay.exit` and each task queue's binding to it are declared
+//! with the task.
 //!
 //! # TLS
 //!
@@ -140,6 +147,72 @@
 //!   connections; dingo reports it (a `Warning` event, and an `Info` one when it unblocks)
 //!   and calls wait meanwhile, within [`max_unconfirmed`](AmqpOptions::max_unconfirmed) and
 //!   their enqueue timeout, then go through.
+//!
+//! # Delays
+//!
+//! A task message due later (a countdown, an ETA, a retry after its backoff) waits in
+//! RabbitMQ, never in a worker's memory, and needs no plugin (the delayed-message exchange
+//! is not replicated and missing on most servers). It goes through a chain of 28 TTL'd
+//! queues, the binary decomposition of its delay (as Celery 5.5's "native delayed
+//! delivery"): its remaining delay, counted from its `due` time when it is published and
+//! rounded up to a unit of 10 ms, is written in binary, D = Σ 2^K; level K's queue keeps
+//! every message 2^K units, then dead-letters it to the next lower level whose bit is set,
+//! and after the last to the task's own queue. So a message waits exactly D units (plus a
+//! few milliseconds per level it passes; all of them hold it at most ~31 days). Every
+//! message in one level's queue has that level's TTL, so the one at the head is always the
+//! first to expire: a long delay never holds up a short one behind it (RabbitMQ expires
+//! messages at the head of a queue only, so a single queue of per-message TTLs would). The
+//! route is the routing key, the delay's bits as words, least significant first (`1.0.1`
+//! for 5 units), matched by one topic exchange per level; the destination is a header,
+//! matched at the exit (a headers exchange): a topic pattern made of a task queue's name
+//! could match other names, or hold `*` and `#`. `topology.rs` has the details.
+//!
+//! - **Persistent and confirmed** like every task message (published again if its channel
+//!   breaks before the confirm, then with what is left of its delay): a delayed message
+//!   survives the restart of every worker process and of RabbitMQ (the TTL of a message
+//!   counts from when it entered its queue; one that expired while the node was down moves
+//!   on as the node starts).
+//! - **Quorum queues:** with [`quorum`](AmqpOptions::quorum) the delay queues are quorum
+//!   queues too, dead-lettering `at-least-once` (`x-dead-letter-strategy`, with
+//!   `x-overflow=reject-publish`): a message leaves a level only once the next has it
+//!   (RabbitMQ 3.10 or later: earlier versions refuse a TTL on a quorum queue). Classic
+//!   queues dead-letter at most once: a node that dies in the middle of a hop may lose that
+//!   message.
+//! - **Never early.** Each level's TTL counts from when the message entered it, so the
+//!   chain never delivers before the due time by the sender's clock. A worker that takes a
+//!   task not yet due by its own clock (another host's clock, or a delay longer than the
+//!   chain's ~31 days) sends it round the chain again with the rest, confirmed before the
+//!   delivery is acknowledged; so delays have no upper bound. A message whose due time has
+//!   passed when it is published goes straight to its queue.
+//! - **Not redeliveries.** A message that arrives through the chain is a fresh delivery to
+//!   its queue (RabbitMQ's `redelivered` flag is off; the `x-death` headers the hops add
+//!   are not read), so the hops count neither towards
+//!   [`max_redeliveries`](AmqpOptions::max_redeliveries) nor in
+//!   [`Context::redelivered`](dingo_core::Context::redelivered).
+//! - **Dead letters.** A message that arrived through the chain keeps the chain's routing
+//!   key, by which RabbitMQ's own dead-lettering would route it (to no dead-letter queue):
+//!   so dingo copies every such delivery, whatever its size, and dead-letters it itself,
+//!   with its reason; one whose copy cannot be published is given back instead of rejected
+//!   (it comes back counted as a redelivery, published again under its queue's name).
+//! - A delayed message whose task queue was deleted while it waited reaches no queue at the
+//!   exit: classic queues drop it there; quorum queues, dead-lettering at least once, keep
+//!   it in level 0 (where [`AmqpBroker::delayed_len`] does not count it) and try again
+//!   every few minutes until a queue takes it (3 minutes, seen on RabbitMQ 3.10).
+//! - [`AmqpBroker::delayed_len`] counts what waits in the chain, [`Stats::delayed`] what was
+//!   sent into it.
+//!
+//! # Retries
+//!
+//! The worker decides a retry; the broker publishes the next attempt (same name and id,
+//! its attempt number one higher, due after its backoff: through the delay chain) and
+//! acknowledges the delivery of the failed attempt only once RabbitMQ confirmed the next,
+//! whichever broker the delivery came from. A refused or lost publish leaves the delivery
+//! unacknowledged: it comes back (after its channel closes) and the same attempt runs again
+//! — a crash never consumes an attempt, the attempt number lives in the message. The
+//! window between the confirm and the acknowledgement is at least once: a worker killed
+//! there leaves both the next attempt (queued) and the failed one (redelivered, and run
+//! again as the same attempt), so an attempt may run twice; the caller keeps the first
+//! final report.
 //!
 //! # The redelivery limit
 //!

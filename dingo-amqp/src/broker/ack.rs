@@ -26,6 +26,10 @@ pub(crate) struct AmqpAck {
     /// A copy of the message, for dead-lettering it with a reason.
     pub(super) copy: Option<Vec<u8>>,
     pub(super) on_drop: OnDrop,
+    /// The delivery's routing key is not its queue's name (it came through the delay
+    /// queues): RabbitMQ's own dead-lettering, which routes by that key, would drop it, so
+    /// it is never rejected without requeue (see [`OnDrop::Reject`]).
+    rerouted: bool,
 }
 
 /// What an [`AmqpAck`] dropped unused does with its delivery.
@@ -33,13 +37,17 @@ pub(crate) struct AmqpAck {
 pub(super) enum OnDrop {
     /// Gives it back to its queue (a worker that never ran it).
     Requeue,
-    /// Lets RabbitMQ dead-letter it (its dead letter copy was not stored).
+    /// Lets RabbitMQ dead-letter it (its dead letter copy was not stored) — or, when its
+    /// routing key is not its queue's name, gives it back: RabbitMQ would route it by that key
+    /// to no dead-letter queue. It then comes back counted as a redelivery, is published
+    /// again under its queue's name, and runs again (at least once, not lost).
     Reject,
 }
 
 impl AmqpAck {
     pub(super) fn new(shared: &Arc<Shared>, line: &Arc<Line>, queue: usize, delivery: amiquip::Delivery) -> AmqpAck {
         line.outstanding.fetch_add(1, Ordering::AcqRel);
+        let rerouted = shared.rerouted(queue, &delivery.routing_key);
         AmqpAck {
             shared: shared.clone(),
             line: line.clone(),
@@ -47,6 +55,7 @@ impl AmqpAck {
             delivery: Some(delivery),
             copy: None,
             on_drop: OnDrop::Requeue,
+            rerouted,
         }
     }
 
@@ -71,14 +80,12 @@ impl AmqpAck {
         });
     }
 
-    /// Its dead letter was refused: let RabbitMQ dead-letter the original itself.
+    /// Its dead letter was refused: let RabbitMQ dead-letter the original itself (or give it
+    /// back, see [`OnDrop::Reject`]).
     pub(crate) fn settle_rejected(self) {
         let inner = self.shared.inner.clone();
-        self.settle(|channel, delivery| {
-            delivery.reject(channel, false)?;
-            inner.stats.dead_lettered.fetch_add(1, Ordering::Relaxed);
-            Ok(())
-        });
+        let rerouted = self.rerouted;
+        self.settle(|channel, delivery| reject(&inner, channel, delivery, rerouted));
     }
 }
 
@@ -101,21 +108,32 @@ impl Drop for AmqpAck {
         if let Some(delivery) = self.delivery.take() {
             let inner = self.shared.inner.clone();
             let on_drop = self.on_drop;
+            let rerouted = self.rerouted;
             self.shared.settle(&self.line, |channel| {
                 match on_drop {
                     OnDrop::Requeue => {
                         delivery.reject(channel, true)?;
                         inner.stats.requeued.fetch_add(1, Ordering::Relaxed);
                     }
-                    OnDrop::Reject => {
-                        delivery.reject(channel, false)?;
-                        inner.stats.dead_lettered.fetch_add(1, Ordering::Relaxed);
-                    }
+                    OnDrop::Reject => reject(&inner, channel, delivery, rerouted)?,
                 }
                 Ok(())
             });
         }
     }
+}
+
+/// Lets RabbitMQ dead-letter a delivery, unless it was `rerouted`: given back instead.
+fn reject(
+    inner: &super::Inner,
+    channel: &Channel,
+    delivery: amiquip::Delivery,
+    rerouted: bool,
+) -> Result<(), amiquip::Error> {
+    delivery.reject(channel, rerouted)?;
+    let counter = if rerouted { &inner.stats.requeued } else { &inner.stats.dead_lettered };
+    counter.fetch_add(1, Ordering::Relaxed);
+    Ok(())
 }
 
 impl Acknowledge for AmqpAck {

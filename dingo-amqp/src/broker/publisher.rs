@@ -22,7 +22,7 @@
 use std::collections::VecDeque;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Condvar, Mutex};
-use std::time::{Duration, Instant};
+use std::time::{Duration, Instant, SystemTime};
 
 use amiquip::{
     AmqpProperties, AmqpValue, Channel, Confirm, ConfirmSmoother, ConnectionBlockedNotification, FieldTable, Publish,
@@ -35,7 +35,7 @@ use dingo_core::{BrokerError, BrokerErrorKind, CallKey, TaskError, TaskErrorKind
 
 use super::{Inner, Stop, Thread, lock};
 use crate::conn::Backoff;
-use crate::topology::{REASON_HEADER, REDELIVERIES_HEADER};
+use crate::topology::{self, DESTINATION_HEADER, Names, REASON_HEADER, REDELIVERIES_HEADER};
 use dingo_core::broker::kit::{wait, wait_timeout};
 
 /// One message to publish and what to do once RabbitMQ confirmed it.
@@ -43,6 +43,9 @@ pub(crate) struct Outgoing {
     /// `""`: the default exchange, routing straight to the queue named by `routing_key`.
     pub(crate) exchange: String,
     pub(crate) routing_key: String,
+    /// A delayed task message's queue and due time: its routing key spells the delay (see
+    /// `topology`).
+    pub(crate) delay: Option<Delay>,
     pub(crate) body: Vec<u8>,
     pub(crate) persistent: bool,
     /// The correlation id (reports carry their task id).
@@ -59,10 +62,21 @@ pub(crate) struct Outgoing {
     pub(crate) then: Then,
 }
 
+/// Where a delayed task message goes once due, and when.
+pub(crate) struct Delay {
+    /// Its task queue (a header matched at the delay chain's exit).
+    pub(crate) queue: String,
+    pub(crate) due: SystemTime,
+    /// The levels its first route passes (declared before it was published).
+    pub(crate) levels: u32,
+}
+
 /// What a confirm (or a return, or a refusal) means for a message.
 pub(crate) enum Then {
-    /// A task message: one that reaches no queue fails its call.
-    Task { key: CallKey, reply: Option<Arc<str>> },
+    /// A task message: one that reaches no queue fails its call. With `ack` (a retry's next
+    /// attempt, or a message sent round the delay chain again), the delivery it replaces:
+    /// acknowledged once the message is stored, given back if it is not (the call goes on).
+    Task { key: CallKey, reply: Option<Arc<str>>, ack: Option<Ack> },
     /// A report: once stored, the task it finishes (if any) is acknowledged.
     Report { key: CallKey, ack: Option<Ack>, final_report: bool },
     /// A copy of a message that cannot run, with its reason, for the dead-letter queue: once
@@ -98,6 +112,28 @@ pub(crate) enum Sent {
 }
 
 impl Outgoing {
+    /// A delayed message published again (its channel broke before the confirm) waits only
+    /// what is left of its delay, or none: its route is spelled again from its due time. A
+    /// shorter delay passes no level the first route did not (unless the clock went back:
+    /// then the first route stands, as the levels above it may not be declared).
+    fn reroute(&mut self, names: &Names) {
+        let Some(delay) = &self.delay else { return };
+        let left = delay.due.duration_since(SystemTime::now()).ok().and_then(topology::delay_units);
+        match left {
+            None => {
+                self.exchange = String::new();
+                self.routing_key = delay.queue.clone();
+            }
+            Some(units) => {
+                let route = topology::delay_route(names, units);
+                if route.levels <= delay.levels {
+                    self.exchange = route.exchange;
+                    self.routing_key = route.routing_key;
+                }
+            }
+        }
+    }
+
     fn is_task(&self) -> bool {
         matches!(self.then, Then::Task { .. })
     }
@@ -302,10 +338,10 @@ fn run(inner: &Arc<Inner>, shared: &Shared, failures: &Receiver<()>, stop: &Stop
             format!("{} message(s) were not confirmed by RabbitMQ before shutdown", left.len()),
         ));
         for entry in left {
-            if let Then::Task { key, reply } = entry.outgoing.then {
+            if let Then::Task { key, reply, ack: None } = entry.outgoing.then {
                 fail_call(inner, key, reply.as_deref(), TaskErrorKind::Shutdown, "the task message was not sent");
             }
-            // Reports: their deliveries stay unacknowledged and are redelivered.
+            // Reports and retries: their deliveries stay unacknowledged and are redelivered.
         }
     }
 }
@@ -474,7 +510,7 @@ fn lost_on_the_way(inner: &Arc<Inner>, entries: Vec<Pending>) {
         ),
     ));
     for entry in entries {
-        if let Then::Task { key, reply } = entry.outgoing.then {
+        if let Then::Task { key, reply, .. } = entry.outgoing.then {
             fail_call(
                 inner,
                 key,
@@ -521,6 +557,7 @@ fn republish(inner: &Inner, channel: &Channel, pending: &mut VecDeque<Pending>) 
         if entry.sent {
             inner.stats.republished.fetch_add(1, Ordering::Relaxed);
         }
+        entry.outgoing.reroute(&inner.names);
         publish(channel, entry).map_err(|e| e.to_string())?;
         entry.sent = true;
     }
@@ -573,8 +610,11 @@ fn publish(channel: &Channel, entry: &Pending) -> Result<(), amiquip::Error> {
     if let Some(correlation) = &outgoing.correlation {
         properties = properties.with_correlation_id(correlation.clone());
     }
-    if outgoing.reason.is_some() || outgoing.redeliveries > 0 {
+    if outgoing.reason.is_some() || outgoing.redeliveries > 0 || outgoing.delay.is_some() {
         let mut headers = FieldTable::new();
+        if let Some(delay) = &outgoing.delay {
+            headers.insert(DESTINATION_HEADER.into(), AmqpValue::LongString(delay.queue.clone()));
+        }
         if let Some(reason) = &outgoing.reason {
             headers.insert(REASON_HEADER.into(), AmqpValue::LongString(reason.clone()));
         }
@@ -599,22 +639,40 @@ fn publish(channel: &Channel, entry: &Pending) -> Result<(), amiquip::Error> {
 fn settle(inner: &Arc<Inner>, entry: Pending, stored: bool) {
     let Pending { outgoing, returned, .. } = entry;
     let stats = &inner.stats;
+    let delayed = outgoing.delay.is_some();
     match outgoing.then {
-        Then::Task { key, reply } => match (stored, returned) {
+        Then::Task { key, reply, ack } => match (stored, returned) {
             (true, None) => {
                 stats.sent.fetch_add(1, Ordering::Relaxed);
+                if delayed {
+                    stats.delayed.fetch_add(1, Ordering::Relaxed);
+                }
+                if let Some(ack) = ack
+                    && let Err(e) = ack.ack()
+                {
+                    ack_failed(inner, &e);
+                }
             }
             (true, Some(why)) => {
                 stats.returned.fetch_add(1, Ordering::Relaxed);
+                // (A retry's delivery, dropped with `ack`, goes back to its queue.)
                 task_returned(inner, key, reply.as_deref(), &why);
             }
             (false, _) => {
-                let message = "RabbitMQ refused to store the task message".to_owned();
+                let retry = ack.is_some();
+                let message = if retry {
+                    "RabbitMQ refused to store the task message; the delivery it follows goes back to its queue"
+                } else {
+                    "RabbitMQ refused to store the task message"
+                };
                 inner.events.emit(
-                    Event::new(Origin::Producer, Level::Error, EventKind::SendFailed, message.clone())
-                        .with_task(key.clone()),
+                    Event::new(Origin::Producer, Level::Error, EventKind::SendFailed, message).with_task(key.clone()),
                 );
-                fail_call(inner, key, reply.as_deref(), TaskErrorKind::Other, &message);
+                // A retry's delivery comes back (dropped, its ack gives it back): the call
+                // goes on.
+                if !retry {
+                    fail_call(inner, key, reply.as_deref(), TaskErrorKind::Other, message);
+                }
             }
         },
         Then::Report { key, ack, final_report } => {
@@ -700,7 +758,10 @@ fn ack_failed(inner: &Inner, error: &BrokerError) {
         Origin::Reporter,
         Level::Error,
         EventKind::AckFailed,
-        format!("a delivery whose report was stored could not be acknowledged: {}", dingo_core::error::chain(error)),
+        format!(
+            "a delivery whose report (or next message) was stored could not be acknowledged: {}",
+            dingo_core::error::chain(error)
+        ),
     ));
 }
 

@@ -52,12 +52,14 @@ use consumer::ConsumerThread;
 
 use super::ack::{AmqpAck, OnDrop};
 use super::publisher::{Outgoing, Then};
-use super::{Inner, Thread, lock};
+use super::{Inner, Thread, delay_of, lock};
 use crate::topology::{REDELIVERIES_HEADER, TaskQueues};
 
 /// Messages up to this size are copied as they arrive, so that one a worker cannot run can
 /// be dead-lettered with its reason; larger ones are dead-lettered by RabbitMQ itself
-/// (reason `rejected`, dingo's reason in the event only).
+/// (reason `rejected`, dingo's reason in the event only), except those that came through the
+/// delay queues (always copied: RabbitMQ would route them by the delay's routing key, to no
+/// dead-letter queue).
 const DEAD_COPY_LIMIT: usize = 64 << 10;
 
 /// The pool's channel, shared by the workers, the confirm thread and the consumer thread.
@@ -160,6 +162,12 @@ impl Shared {
         let _ = self.notes.send(note);
     }
 
+    /// Whether a delivery from queue `queue` (its index) with this routing key came some other
+    /// way than straight to the queue by its name (through the delay queues).
+    pub(super) fn rerouted(&self, queue: usize, routing_key: &str) -> bool {
+        self.queues.get(queue).is_some_and(|queues| queues.queue != routing_key)
+    }
+
     /// Settles one outstanding delivery on `line`: a failure means the channel broke
     /// (RabbitMQ requeues the delivery), which the consumer thread is told.
     pub(super) fn settle(&self, line: &Line, settle: impl FnOnce(&Channel) -> Result<(), amiquip::Error>) {
@@ -186,6 +194,7 @@ impl Shared {
             // Routed by the task queue's name, which binds its dead-letter queue (the
             // delivery's own routing key may be another exchange's).
             routing_key: queues.queue.clone(),
+            delay: None,
             body,
             persistent: true,
             correlation: None,
@@ -260,6 +269,7 @@ impl Shared {
                 Outgoing {
                     exchange: String::new(),
                     routing_key: caller.to_owned(),
+                    delay: None,
                     body,
                     persistent: inner.options.persistent_reports,
                     correlation: Some(key.id.as_str().to_owned()),
@@ -363,6 +373,29 @@ impl Shared {
         // (Dropped, the ack gives the delivery back.)
     }
 
+    /// Sends a task that arrived before it is due into the delay chain again, with the rest
+    /// of its delay (`body`: its bytes, if copied); the delivery (`ack`) is acknowledged once
+    /// that is confirmed. Refused, the delivery goes back to its queue (and comes round
+    /// again, counted as a redelivery).
+    fn delay_again(&self, message: &TaskMessage, body: Option<Vec<u8>>, ack: Option<Ack>, count: u32) {
+        let inner = &self.inner;
+        if let Err(e) = inner.send_task(message, body, ack, count, Some(inner.options.settle_grace)) {
+            inner.events.emit(
+                Event::new(
+                    Origin::Consumer,
+                    Level::Error,
+                    EventKind::SendFailed,
+                    format!(
+                        "a task that arrived before it was due could not be delayed again ({}); it goes back to its \
+                         queue",
+                        dingo_core::error::chain(&e)
+                    ),
+                )
+                .with_task(message.key()),
+            );
+        }
+    }
+
     /// Publishes `body` to the delivery's queue in its place, with `count` redeliveries;
     /// the original is acknowledged once that is confirmed, given back if it is refused.
     fn requeue(&self, ack: AmqpAck, body: Vec<u8>, count: u32, persistent: bool) {
@@ -376,6 +409,7 @@ impl Shared {
         let outgoing = Outgoing {
             exchange: String::new(),
             routing_key: queues.queue.clone(),
+            delay: None,
             body,
             persistent,
             correlation: None,
@@ -469,8 +503,11 @@ impl AmqpSubscription {
             shared.oversize(ack, body, len);
             return None;
         }
-        // A redelivered task is published again (counted) whatever its size.
-        let copy = (redelivered || body.len() <= DEAD_COPY_LIMIT).then(|| body.clone());
+        // A redelivered task is published again (counted) whatever its size, and one that came
+        // through the delay queues is dead-lettered by dingo whatever its size (RabbitMQ would
+        // route it by the delay's routing key, to no dead-letter queue).
+        let rerouted = shared.rerouted(queue, &delivery.routing_key);
+        let copy = (redelivered || rerouted || body.len() <= DEAD_COPY_LIMIT).then(|| body.clone());
         let known = wire::Known { name: shared.tasks.get(queue), address: None };
         match wire::decode_delivery(body, &known) {
             Ok((message, marked)) if message.options.at_most_once => {
@@ -479,6 +516,11 @@ impl AmqpSubscription {
                 match feed.line.settle(|channel| delivery.ack(channel)) {
                     Settled::Done => {
                         stats.acked.fetch_add(1, Ordering::Relaxed);
+                        if delay_of(&message).is_some() {
+                            // Published once more, without a confirm, as at most once.
+                            shared.delay_again(&message, copy, None, 0);
+                            return None;
+                        }
                         let key = message.key();
                         AT_MOST_ONCE.with(|taken| *taken.borrow_mut() = Some(key));
                         Some(Delivery::new(message).with_redelivered(redelivered || marked))
@@ -504,6 +546,14 @@ impl AmqpSubscription {
                     // (Unreachable: a redelivered message is always copied.)
                     None => drop(ack),
                 }
+                None
+            }
+            // Not due yet (a delay longer than one trip through the delay chain, or another
+            // clock): round the chain again with the rest, never to a worker early.
+            Ok((message, _)) if delay_of(&message).is_some() => {
+                let count = redeliveries(&delivery.properties);
+                let ack = AmqpAck::new(shared, &feed.line, queue, delivery);
+                shared.delay_again(&message, copy, Some(Ack::new(ack)), count);
                 None
             }
             Ok((message, marked)) => {
