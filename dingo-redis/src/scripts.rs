@@ -84,7 +84,8 @@ pub(crate) static FETCH: LazyLock<Script> = LazyLock::new(|| Script::new(lua!("f
 /// batch sent again after its reply was lost changes nothing. From `ARGV[7]`, runs of one
 /// operation: (op, reply index k, count n), then the run's data: one item for `r` and for
 /// `c` with k > 0 (the run's reports back to back, stored as one list element: one Lua
-/// string and one element per run, not per report), n items for `d` and `x`, none else:
+/// string and one element per run, not per report), n items for `d` and `x`, 2n for `z`,
+/// none else:
 /// - `r`: store the n reports `data` (no lease involved: progress, at-most-once tasks);
 /// - `c`: settle the n oldest messages of the processing list (`KEYS[2]`) and store their
 ///   final reports `data` (k 0: none, fire-and-forget calls; empty `data`: none either);
@@ -94,7 +95,12 @@ pub(crate) static FETCH: LazyLock<Script> = LazyLock::new(|| Script::new(lua!("f
 ///   over the size limit);
 /// - `q`: give the newest message back to the front of its queue (`KEYS[5]`, wake `KEYS[6]`),
 ///   n times;
-/// - `x`: settle the newest message to the dead letters, as `d`.
+/// - `x`: settle the newest message to the dead letters, as `d`;
+/// - `z`: settle the n oldest messages and queue their next attempts (retries), in the same
+///   step: 2n items, a due time (ms since the Unix epoch) and the next attempt's message
+///   each. One due by the server's clock goes to the back of its queue (`KEYS[5]`, wake
+///   `KEYS[6]`), the others into the delayed set (`KEYS[8]`, see [`DELAY`]), waking a
+///   promoter (`KEYS[9]`) when one is due before every task already there.
 ///
 /// Runs keep the work in Redis's C code: a run of completions is one `LTRIM` and one `RPUSH`
 /// of one element, with no Lua loop over its tasks (each Lua step per task costs more than
@@ -102,12 +108,36 @@ pub(crate) static FETCH: LazyLock<Script> = LazyLock::new(|| Script::new(lua!("f
 ///
 /// The consumer's lease (`KEYS[1]`) must still stand: if it expired and was reaped, its
 /// messages went back to the queue for others, and nothing of `c`, `d`, `q` is applied
-/// (fencing). Reply index k is the list `KEYS[6 + 2k]` with its notify list `KEYS[7 + 2k]`;
+/// (fencing). Reply index k is the list `KEYS[8 + 2k]` with its notify list `KEYS[9 + 2k]`;
 /// each gets its reports in order, and both expire `ARGV[2]` ms later. Returns {1 if the
-/// lease stood else 0, how many final reports were rejected, how many dead letters were
-/// dropped to keep the bounds}.
+/// lease stood else 0, how many final reports and retries were rejected, how many dead
+/// letters were dropped to keep the bounds}.
 pub(crate) static COMPLETE: LazyLock<Script> =
     LazyLock::new(|| Script::new(lua!("includes/seen.lua", "includes/bury.lua", "complete.lua")));
+
+/// Adds delayed messages to a queue's delayed set (`KEYS[1]`, scored by due time: ms since the
+/// Unix epoch), once: batch number `ARGV[1]` of the sender whose sequence key is `KEYS[3]`
+/// (kept `ARGV[2]` ms), so a batch sent again after its reply was lost adds nothing a
+/// promoter may have moved meanwhile. ARGV[3..]: pairs (due time, message). Leaves a token in
+/// the promoters' wake list (`KEYS[2]`, at most one) when a message is due before every one
+/// the set held: promoters sleep until the earliest due time they know of, so only an
+/// earlier one needs to wake them. Returns how many messages it added.
+///
+/// A member is the message's bytes, unique per call and attempt (they hold the id, the
+/// attempt and the due time): the same message sent twice is one task, not two.
+pub(crate) static DELAY: LazyLock<Script> = LazyLock::new(|| Script::new(lua!("includes/seen.lua", "delay.lua")));
+
+/// Moves the due messages of a delayed set (`KEYS[1]`, score at most the server's `TIME`),
+/// oldest due first, at most `ARGV[1]` of them, where an immediate send would have put each:
+/// at-most-once messages (their options field says so) to the back of the at-most-once list
+/// (`KEYS[3]`), all others to the back of the queue (`KEYS[2]`) — a member that is no message
+/// of ours too, so a fetch dead-letters it. Leaves a wake token for idle consumers (`KEYS[4]`)
+/// as a send does. One script: two promoters running at once move each message once.
+///
+/// Returns {how many it moved, the due time of the earliest message left (`-1`: none), the
+/// server's time}: the promoter sleeps for the difference, so its own clock never matters;
+/// when it moved `ARGV[1]`, more may be due at once.
+pub(crate) static PROMOTE: LazyLock<Script> = LazyLock::new(|| Script::new(lua!("promote.lua")));
 
 /// Moves messages that never had a lease (at-most-once or undecodable ones) to the dead
 /// letters (`KEYS[1]`, its byte count `KEYS[2]`, bounded by `ARGV[1]` entries and `ARGV[2]`
@@ -153,8 +183,8 @@ pub(crate) static TRIM: LazyLock<Script> = LazyLock::new(|| Script::new(lua!("in
 pub(crate) static PROBE: LazyLock<Script> = LazyLock::new(|| Script::new(lua!("probe.lua")));
 
 /// All scripts, to load into a fresh connection's server.
-pub(crate) fn all() -> [&'static Script; 9] {
-    [&PUSH, &FETCH, &COMPLETE, &DEAD, &GIVE_BACK, &RETIRE, &RENEW, &REAP, &TRIM]
+pub(crate) fn all() -> [&'static Script; 11] {
+    [&PUSH, &FETCH, &COMPLETE, &DEAD, &GIVE_BACK, &RETIRE, &RENEW, &REAP, &TRIM, &DELAY, &PROMOTE]
 }
 
 /// One step of a pipelined batch: a script call, or a plain command (`keys` empty, the
@@ -565,7 +595,19 @@ mod tests {
         let Some(mut conn) = server() else { return };
         let prefix = format!("dingo-test-complete-{}", std::process::id());
         let key = |name: &str| format!("{prefix}:{{q}}:{name}");
-        let names = ["consumers", "processing", "seq", "dead", "pending", "wake", "dead:bytes", "reply", "notify"];
+        let names = [
+            "consumers",
+            "processing",
+            "seq",
+            "dead",
+            "pending",
+            "wake",
+            "dead:bytes",
+            "delayed",
+            "delayed:wake",
+            "reply",
+            "notify",
+        ];
         let keys: Vec<String> = names.iter().map(|n| key(n)).collect();
         let _: () = redis::cmd("DEL").arg(&keys).query(&mut conn).expect("DEL");
         // The processing list holds m1 (oldest) … m6 (newest, at its head).
@@ -592,20 +634,20 @@ mod tests {
             let result = run_batch(&mut conn, &[call("1", &runs)]).expect("COMPLETE runs");
             let (owned, rejected, dropped): (i64, i64, i64) = redis::from_redis_value(result[0].clone()).expect("3");
             assert_eq!((owned, rejected, dropped), (1, 0, 0), "{attempt}");
-            assert_eq!(list(&mut conn, 7), ["r1r2", "p3"], "the reports, in order, a run per element ({attempt})");
+            assert_eq!(list(&mut conn, 9), ["r1r2", "p3"], "the reports, in order, a run per element ({attempt})");
             assert!(list(&mut conn, 1).is_empty(), "every message settled ({attempt})");
             assert_eq!(list(&mut conn, 3), ["new:m6", "why:m4"], "m4, then m6, dead-lettered ({attempt})");
             assert_eq!(list(&mut conn, 4), ["m5"], "m5 back in its queue ({attempt})");
             let size: usize = redis::cmd("GET").arg(&keys[6]).query(&mut conn).expect("GET");
             assert_eq!(size, "new:m6why:m4".len(), "the dead letters' bytes are counted ({attempt})");
-            assert_eq!(list(&mut conn, 8), ["1"], "one wake token for the caller ({attempt})");
+            assert_eq!(list(&mut conn, 10), ["1"], "one wake token for the caller ({attempt})");
         }
         let _: () = redis::cmd("LPUSH").arg(&keys[1]).arg("m6").query(&mut conn).expect("LPUSH");
         let _: () = redis::cmd("ZREM").arg(&keys[0]).arg("c1").query(&mut conn).expect("ZREM");
         let result = run_batch(&mut conn, &[call("2", &["c", "1", "1", "r3"])]).expect("COMPLETE runs");
         let (owned, rejected, dropped): (i64, i64, i64) = redis::from_redis_value(result[0].clone()).expect("3");
         assert_eq!((owned, rejected, dropped), (0, 1, 0), "fenced out: the completion is rejected");
-        assert_eq!(list(&mut conn, 7), ["r1r2", "p3"], "its report is not stored");
+        assert_eq!(list(&mut conn, 9), ["r1r2", "p3"], "its report is not stored");
         assert_eq!(list(&mut conn, 1), ["m6"], "its message stays for the reaper");
         let _: () = redis::cmd("DEL").arg(&keys).query(&mut conn).expect("DEL");
     }
