@@ -117,12 +117,12 @@
 #![cfg_attr(docsrs, feature(doc_cfg))]
 
 pub use dingo_core::{
-    App, AppBuilder, BrokerError, BrokerErrorKind, CallKey, CallOptions, Codec, CodecError, Context, DeadLetter,
-    Encoded, Error, Event, EventFilter, EventKind, Events, Handle, IdMaker, Level, LocalBroker, LocalOptions, Origin,
-    Origins, Progress, Report, Reports, Role, Sequential, Task, TaskError, TaskErrorKind, TaskId, TaskName,
-    TaskOptions, TaskRef, UuidV7,
+    App, AppBuilder, Backoff, BrokerError, BrokerErrorKind, CallKey, CallOptions, Codec, CodecError, Context,
+    DeadLetter, Encoded, Error, Event, EventFilter, EventKind, Events, Handle, IdMaker, Level, LocalBroker,
+    LocalOptions, Origin, Origins, Progress, Report, Reports, RetryPolicy, Role, Sequential, Task, TaskError,
+    TaskErrorKind, TaskId, TaskName, TaskOptions, TaskRef, UuidV7, When,
 };
-pub use dingo_core::{broker, codec, error, event, id, message, registry};
+pub use dingo_core::{broker, codec, error, event, id, message, registry, retry};
 
 /// Turns a function into a task (attribute keys, generated items and accepted signatures
 /// are listed below).

@@ -7,7 +7,7 @@ pub use builder::{AppBuilder, BrokerScheme};
 use std::fmt;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
+use std::time::{Duration, SystemTime};
 
 use serde::Serialize;
 use serde::de::DeserializeOwned;
@@ -123,6 +123,7 @@ impl App {
         let shared = Shared {
             handlers: handlers.into_iter().map(|h| (h.name().clone(), h)).collect(),
             reporter,
+            producer: self.inner.producer.clone(),
             codecs: self.inner.codecs.clone(),
             events: self.inner.events.clone(),
             spin: self.inner.worker_spin,
@@ -331,8 +332,11 @@ impl App {
         })?;
         let key = CallKey { name, id };
 
+        let retry = options.retry_policy();
         let args = match args {
-            Args::Typed(value) if inner.local_args => Payload::Local(Box::new(value)),
+            // A call that may run again keeps its arguments as bytes: the worker sends them
+            // with the next attempt.
+            Args::Typed(value) if inner.local_args && retry.retries() == 0 => Payload::Local(Box::new(value)),
             Args::Typed(value) => Payload::Encoded(inner.codecs.encode(codec, &value)?),
             Args::Encoded(encoded) => Payload::Encoded(encoded),
         };
@@ -355,7 +359,12 @@ impl App {
             options: options.task_options(),
             reply_to,
             args,
+            attempt: 1,
+            due: None,
+            expires: None,
+            retry,
         };
+        let message = schedule(message, &options);
         match producer.send(message, options.get_enqueue_timeout()) {
             Ok(()) => Ok(handle),
             Err(e) => Err(self.send_failed(&key, e)),
@@ -519,4 +528,16 @@ fn static_name(name: String) -> TaskName {
 fn short_label(name: &str) -> String {
     let short = name.rsplit("::").next().unwrap_or(name);
     short.chars().take(24).collect()
+}
+
+/// Sets a message's due time and expiry from its call's options (read once, at the call).
+#[inline]
+fn schedule(mut message: TaskMessage, options: &CallOptions) -> TaskMessage {
+    if options.get_delay().is_none() && options.get_expiry().is_none() {
+        return message;
+    }
+    let now = SystemTime::now();
+    message.due = options.get_delay().map(|when| when.from(now)).filter(|due| *due > now);
+    message.expires = options.get_expiry().map(|when| when.from(now));
+    message
 }

@@ -17,6 +17,9 @@
 //!         run the task
 //!         Reporter::report(reply_to, Sent/Progress)            (monitor_progress only)
 //!         Reporter::finish(reply_to, Success/Failure, ack)     (acknowledge after storing)
+//!      or, on a failure with attempts left:
+//!         Reporter::report(reply_to, Retrying)                 (monitor_progress only)
+//!         Producer::retry(next attempt, due later, ack)        (schedule, then settle)
 //! caller: the Store hands every report to the sink of (task name, id), in order
 //! ```
 //!
@@ -57,7 +60,28 @@ pub trait Producer: Send + Sync + 'static {
     /// message for a task without a queue fails with
     /// [`BrokerErrorKind::Unroutable`](crate::BrokerErrorKind::Unroutable) where the broker
     /// can tell.
+    ///
+    /// A message [`due`](TaskMessage::due) in the future is kept by the broker and handed to
+    /// a worker once due ([`TaskMessage::wait_at`] says how long), never earlier and never
+    /// held in a worker's memory: a delayed task survives worker restarts like a queued one.
     fn send(&self, message: TaskMessage, timeout: Option<Duration>) -> Result<(), BrokerError>;
+
+    /// Schedules the next attempt of a call that failed (`message`: same name and id,
+    /// `attempt + 1`, due after the backoff) and settles the delivery of the failed one
+    /// (`ack`). On an error `ack` must not have been acknowledged: the failed attempt comes
+    /// back as the broker gives back unsettled deliveries, and runs again.
+    ///
+    /// The default sends, then acknowledges: a worker that dies between the two leaves the
+    /// next attempt scheduled *and* the failed one to be redelivered (at least once). A
+    /// broker that can do both in one atomic step overrides it, recognising its own
+    /// acknowledgements with [`Ack::downcast`].
+    fn retry(&self, message: TaskMessage, ack: Option<Ack>) -> Result<(), BrokerError> {
+        self.send(message, None)?;
+        match ack {
+            Some(ack) => ack.ack(),
+            None => Ok(()),
+        }
+    }
 
     /// Whether messages may carry in-process values ([`Payload::Local`](crate::message::Payload::Local)).
     /// Only brokers inside the process say yes; the app then skips serialization.

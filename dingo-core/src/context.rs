@@ -1,6 +1,8 @@
 //! [`Context`]: what a running task knows about its call.
 
 use std::fmt;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
 
 use serde::Serialize;
 
@@ -11,6 +13,7 @@ use crate::event::{Event, EventKind, EventSink, Level, Origin};
 use crate::id::{CallKey, TaskId, TaskName};
 use crate::message::{ReplyTo, ReportBody, ReportMessage};
 use crate::options::TaskOptions;
+use crate::retry::RetryPolicy;
 
 /// The running call, injected into a task that takes a `&dingo::Context` parameter (it is
 /// not sent by the caller).
@@ -42,6 +45,10 @@ pub struct Context<'a> {
     pub(crate) reporter: &'a dyn Reporter,
     pub(crate) codec: &'a dyn Codec,
     pub(crate) events: &'a EventSink,
+    pub(crate) attempt: u32,
+    pub(crate) retry: RetryPolicy,
+    /// What [`Context::retry_after`] asked for, in milliseconds; `u64::MAX`: nothing.
+    pub(crate) retry_after: AtomicU64,
 }
 
 impl Context<'_> {
@@ -69,6 +76,73 @@ impl Context<'_> {
     /// task may have run, fully or partly, already.
     pub fn redelivered(&self) -> bool {
         self.redelivered
+    }
+
+    /// Which run of the call this is: 1 for the first, `n + 1` after `n` retries. A worker
+    /// that died while running the task does not count: its attempt runs again under the
+    /// same number (with [`redelivered`](Context::redelivered) set).
+    ///
+    /// ```
+    /// # fn main() -> Result<(), dingo_core::Error> {
+    /// use std::time::Duration;
+    /// use dingo_core::{App, Backoff, CallOptions, Context};
+    ///
+    /// let app = App::local()?;
+    /// app.register_with_context("flaky", |ctx: &Context<'_>, ()| {
+    ///     if ctx.attempt() < 3 { Err(format!("attempt {} failed", ctx.attempt())) } else { Ok(ctx.attempt()) }
+    /// })?;
+    /// app.allocate("flaky", 1)?;
+    /// let opts = CallOptions::new().retries(5).backoff(Backoff::fixed(Duration::from_millis(1)));
+    /// let attempts: u32 = app.call_with("flaky", &opts, ())?.wait()?;
+    /// assert_eq!(attempts, 3);
+    /// # app.close()
+    /// # }
+    /// ```
+    pub fn attempt(&self) -> u32 {
+        self.attempt
+    }
+
+    /// The call's retry policy (how many retries it has in all, and its backoff).
+    pub fn retry_policy(&self) -> RetryPolicy {
+        self.retry
+    }
+
+    /// Asks that, if this attempt fails (the task returns `Err`), the next one start after
+    /// `wait` instead of the backoff — for a service that said when to come back (an HTTP
+    /// `Retry-After`). The retry still counts against the call's
+    /// [`retries`](crate::CallOptions::retries): without attempts left, the failure is final.
+    /// A task that returns `Ok` afterwards succeeds as usual.
+    ///
+    /// ```
+    /// # fn main() -> Result<(), dingo_core::Error> {
+    /// use std::time::Duration;
+    /// use dingo_core::{App, CallOptions, Context, Report};
+    ///
+    /// let app = App::local()?;
+    /// app.register_with_context("fetch", |ctx: &Context<'_>, ()| {
+    ///     if ctx.attempt() == 1 {
+    ///         ctx.retry_after(Duration::from_millis(20)); // "503, Retry-After: 0.02"
+    ///         return Err("service unavailable".to_string());
+    ///     }
+    ///     Ok("fetched".to_string())
+    /// })?;
+    /// app.allocate("fetch", 1)?;
+    /// let opts = CallOptions::new().retries(1).monitor_progress(true);
+    /// let reports: Vec<Report<String>> = app.call_with("fetch", &opts, ())?.reports().collect();
+    /// assert!(reports.iter().any(|r| matches!(r, Report::Retrying { after, .. } if *after == Duration::from_millis(20))));
+    /// assert_eq!(reports.last(), Some(&Report::Success("fetched".to_string())));
+    /// # app.close()
+    /// # }
+    /// ```
+    pub fn retry_after(&self, wait: Duration) {
+        let millis = u64::try_from(wait.as_millis()).unwrap_or(u64::MAX - 1).min(u64::MAX - 1);
+        self.retry_after.store(millis, Ordering::Relaxed);
+    }
+
+    /// What [`retry_after`](Context::retry_after) asked for, if anything.
+    pub(crate) fn requested_retry(&self) -> Option<Duration> {
+        let millis = self.retry_after.load(Ordering::Relaxed);
+        (millis != u64::MAX).then(|| Duration::from_millis(millis))
     }
 
     /// Sends a progress report to the caller, if it asked for them (`monitor_progress`);
@@ -103,6 +177,7 @@ impl fmt::Debug for Context<'_> {
             .field("id", self.id)
             .field("options", &self.options)
             .field("redelivered", &self.redelivered)
+            .field("attempt", &self.attempt)
             .finish()
     }
 }

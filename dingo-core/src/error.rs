@@ -162,6 +162,9 @@ pub enum TaskErrorKind {
     /// (`max_redeliveries`): the broker gave up and dead-lettered the message. Usually a task
     /// that crashes its worker process (an abort, running out of memory).
     WorkerLost,
+    /// The call was not started before its expiry
+    /// ([`CallOptions::expires_in`](crate::CallOptions::expires_in)), so it never ran.
+    Expired,
     /// A kind this build does not know (sent by a newer peer).
     Other,
 }
@@ -179,6 +182,7 @@ impl TaskErrorKind {
             TaskErrorKind::Timeout => 7,
             TaskErrorKind::Encode => 8,
             TaskErrorKind::WorkerLost => 9,
+            TaskErrorKind::Expired => 10,
         }
     }
 
@@ -193,6 +197,7 @@ impl TaskErrorKind {
             7 => TaskErrorKind::Timeout,
             8 => TaskErrorKind::Encode,
             9 => TaskErrorKind::WorkerLost,
+            10 => TaskErrorKind::Expired,
             _ => TaskErrorKind::Other,
         }
     }
@@ -210,6 +215,7 @@ impl fmt::Display for TaskErrorKind {
             TaskErrorKind::Timeout => "timeout",
             TaskErrorKind::Encode => "encode",
             TaskErrorKind::WorkerLost => "worker lost",
+            TaskErrorKind::Expired => "expired",
             TaskErrorKind::Other => "other",
         })
     }
@@ -223,6 +229,8 @@ pub struct TaskError {
     kind: TaskErrorKind,
     message: String,
     payload: Option<Encoded>,
+    /// How many times the task ran (more than 1 after retries).
+    attempts: u32,
     /// Resolved on the caller so [`TaskError::payload`] can decode.
     codecs: Option<Codecs>,
 }
@@ -230,12 +238,33 @@ pub struct TaskError {
 impl TaskError {
     /// A new error without payload.
     pub fn new(kind: TaskErrorKind, message: impl Into<String>) -> TaskError {
-        TaskError { kind, message: message.into(), payload: None, codecs: None }
+        TaskError { kind, message: message.into(), payload: None, attempts: 1, codecs: None }
     }
 
     /// A new error carrying an encoded payload (the task's own error value).
     pub fn with_payload(kind: TaskErrorKind, message: impl Into<String>, payload: Encoded) -> TaskError {
-        TaskError { kind, message: message.into(), payload: Some(payload), codecs: None }
+        TaskError { kind, message: message.into(), payload: Some(payload), attempts: 1, codecs: None }
+    }
+
+    /// This error, after the task ran `attempts` times (its retries are used up).
+    #[must_use]
+    pub fn with_attempts(mut self, attempts: u32) -> TaskError {
+        self.attempts = attempts.max(1);
+        self
+    }
+
+    /// How many times the task ran before this failure: 1 unless it was retried. The
+    /// [`message`](TaskError::message) of a failure after retries names them too.
+    ///
+    /// ```
+    /// use dingo_core::{TaskError, TaskErrorKind};
+    ///
+    /// let error = TaskError::new(TaskErrorKind::Failed, "card declined").with_attempts(3);
+    /// assert_eq!(error.attempts(), 3);
+    /// assert_eq!(TaskError::new(TaskErrorKind::Panic, "boom").attempts(), 1);
+    /// ```
+    pub fn attempts(&self) -> u32 {
+        self.attempts
     }
 
     /// Why the task failed.
@@ -262,6 +291,12 @@ impl TaskError {
         Some(codecs.decode(encoded))
     }
 
+    /// The same error with another message.
+    pub(crate) fn renamed(mut self, message: String) -> TaskError {
+        self.message = message;
+        self
+    }
+
     pub(crate) fn set_codecs(&mut self, codecs: Codecs) {
         self.codecs = Some(codecs);
     }
@@ -273,13 +308,17 @@ impl fmt::Debug for TaskError {
             .field("kind", &self.kind)
             .field("message", &self.message)
             .field("payload", &self.payload)
+            .field("attempts", &self.attempts)
             .finish()
     }
 }
 
 impl PartialEq for TaskError {
     fn eq(&self, other: &TaskError) -> bool {
-        self.kind == other.kind && self.message == other.message && self.payload == other.payload
+        self.kind == other.kind
+            && self.message == other.message
+            && self.payload == other.payload
+            && self.attempts == other.attempts
     }
 }
 

@@ -177,6 +177,14 @@ pub enum EventKind {
     /// A worker pool whose threads all stayed busy handed its prefetched tasks back to their
     /// queues for other workers, and takes more once a thread is free.
     PoolPaused,
+    /// A call was not run because its expiry passed before a worker started it (its caller
+    /// got an `Expired` failure).
+    TaskExpired,
+    /// A call failed and will run again after its backoff (a retry was scheduled).
+    TaskRetrying,
+    /// A retry could not be scheduled (the broker refused the new attempt): the delivery was
+    /// not settled, so the attempt runs again once the broker gives it back.
+    RetryFailed,
     /// Workers or the app started.
     Started,
     /// Workers or the app stopped.

@@ -33,6 +33,7 @@ mod options;
 pub mod registry;
 mod report;
 mod result;
+pub mod retry;
 mod spin;
 mod worker;
 
@@ -56,7 +57,8 @@ pub use context::Context;
 pub use error::{BrokerError, BrokerErrorKind, Error, Role, TaskError, TaskErrorKind};
 pub use event::{Event, EventFilter, EventKind, Events, Level, Origin, Origins};
 pub use id::{CallKey, IdMaker, Sequential, TaskId, TaskName, UuidV7};
-pub use options::{CallOptions, TaskOptions};
+pub use options::{CallOptions, TaskOptions, When};
 pub use registry::{Task, TaskRef};
 pub use report::{Progress, Report};
 pub use result::{Handle, Reports};
+pub use retry::{Backoff, RetryPolicy};

@@ -6,11 +6,13 @@ pub mod wire;
 use std::any::Any;
 use std::fmt;
 use std::sync::Arc;
+use std::time::{Duration, SystemTime};
 
 use crate::codec::Encoded;
 use crate::error::TaskError;
 use crate::id::{CallKey, TaskId, TaskName};
 use crate::options::TaskOptions;
+use crate::retry::RetryPolicy;
 
 /// A value in a message: encoded by a codec, or (inside one process, on the local broker) the
 /// Rust value itself, moved without serialization.
@@ -129,6 +131,16 @@ pub struct TaskMessage {
     /// The arguments: the value itself for one, a tuple for several (a call by name may send
     /// one argument as a one-element tuple; its fingerprint says so).
     pub args: Payload,
+    /// Which run of the call this is: 1 for the first, `n + 1` after `n` retries. A broker
+    /// that redelivers a message (its worker died) delivers the same attempt again.
+    pub attempt: u32,
+    /// The message must not reach a worker before this time: a broker keeps a message due in
+    /// the future (see [`Producer::send`](crate::broker::Producer::send)). `None`: now.
+    pub due: Option<SystemTime>,
+    /// A worker does not start the task after this time (it fails with `Expired`).
+    pub expires: Option<SystemTime>,
+    /// How the call retries when it fails (the worker decides, not the broker).
+    pub retry: RetryPolicy,
 }
 
 impl TaskMessage {
@@ -136,7 +148,73 @@ impl TaskMessage {
     /// reports ([`ReplyTo::None`]).
     #[inline]
     pub fn new(name: TaskName, id: TaskId, fingerprint: u64, args: Payload) -> TaskMessage {
-        TaskMessage { name, id, fingerprint, options: TaskOptions::new(), reply_to: ReplyTo::None, args }
+        TaskMessage {
+            name,
+            id,
+            fingerprint,
+            options: TaskOptions::new(),
+            reply_to: ReplyTo::None,
+            args,
+            attempt: 1,
+            due: None,
+            expires: None,
+            retry: RetryPolicy::NONE,
+        }
+    }
+
+    /// Sets [`attempt`](TaskMessage::attempt).
+    #[inline]
+    #[must_use]
+    pub fn with_attempt(mut self, attempt: u32) -> TaskMessage {
+        self.attempt = attempt;
+        self
+    }
+
+    /// Sets [`due`](TaskMessage::due).
+    #[inline]
+    #[must_use]
+    pub fn with_due(mut self, due: Option<SystemTime>) -> TaskMessage {
+        self.due = due;
+        self
+    }
+
+    /// Sets [`expires`](TaskMessage::expires).
+    #[inline]
+    #[must_use]
+    pub fn with_expires(mut self, expires: Option<SystemTime>) -> TaskMessage {
+        self.expires = expires;
+        self
+    }
+
+    /// Sets [`retry`](TaskMessage::retry).
+    #[inline]
+    #[must_use]
+    pub fn with_retry(mut self, retry: RetryPolicy) -> TaskMessage {
+        self.retry = retry;
+        self
+    }
+
+    /// How long the message must still wait at `now`: `None` when it is due (or has no due
+    /// time). What a broker asks when it is sent.
+    ///
+    /// ```
+    /// use std::time::{Duration, SystemTime};
+    /// use dingo_core::codec::{Encoded, MSGPACK};
+    /// use dingo_core::message::{Payload, TaskMessage};
+    /// use dingo_core::{TaskId, TaskName};
+    ///
+    /// let now = SystemTime::now();
+    /// let args = Payload::Encoded(Encoded::new(MSGPACK, vec![0x90]));
+    /// let message = TaskMessage::new(TaskName::from("t"), TaskId::new("1"), 0, args);
+    /// assert_eq!(message.wait_at(now), None);
+    /// let message = message.with_due(Some(now + Duration::from_millis(300)));
+    /// assert_eq!(message.wait_at(now), Some(Duration::from_millis(300)));
+    /// assert_eq!(message.wait_at(now + Duration::from_secs(1)), None);
+    /// ```
+    #[inline]
+    pub fn wait_at(&self, now: SystemTime) -> Option<Duration> {
+        let due = self.due?;
+        due.duration_since(now).ok().filter(|wait| !wait.is_zero())
     }
 
     /// Sets [`options`](TaskMessage::options).
@@ -172,6 +250,16 @@ pub enum ReportBody<'a> {
     Success(Value<'a>),
     /// The task failed or could not run.
     Failure(TaskError),
+    /// Attempt `attempt` failed with `error`; the next runs `after` this long (sent with
+    /// `monitor_progress` only, not final).
+    Retrying {
+        /// The attempt that failed (1 for the first run).
+        attempt: u32,
+        /// The wait before the next attempt.
+        after: Duration,
+        /// Why it failed.
+        error: TaskError,
+    },
 }
 
 impl ReportBody<'_> {

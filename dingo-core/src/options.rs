@@ -1,9 +1,38 @@
 //! Per-call options ([`CallOptions`]) and the part of them that travels with the task
 //! ([`TaskOptions`]): the worker obeys what the caller chose.
 
-use std::time::Duration;
+use std::time::{Duration, SystemTime};
 
 use crate::id::TaskId;
+use crate::retry::{Backoff, RetryPolicy};
+
+/// A moment given either way round: a wait from now, or a wall-clock time.
+///
+/// ```
+/// use std::time::{Duration, SystemTime};
+/// use dingo_core::When;
+///
+/// let now = SystemTime::now();
+/// assert_eq!(When::In(Duration::from_secs(5)).from(now), now + Duration::from_secs(5));
+/// assert_eq!(When::At(now).from(now + Duration::from_secs(1)), now);
+/// ```
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum When {
+    /// This long after the call.
+    In(Duration),
+    /// At this time (on the caller's clock).
+    At(SystemTime),
+}
+
+impl When {
+    /// The time this names, for a call made at `now`.
+    pub fn from(self, now: SystemTime) -> SystemTime {
+        match self {
+            When::In(wait) => now.checked_add(wait).unwrap_or(now),
+            When::At(time) => time,
+        }
+    }
+}
 
 /// Options for one call, or a task's defaults (see
 /// [`App::set_default_options`](crate::App::set_default_options)).
@@ -26,6 +55,10 @@ pub struct CallOptions {
     at_most_once: Option<bool>,
     enqueue_timeout: Option<Duration>,
     id: Option<TaskId>,
+    delay: Option<When>,
+    expires: Option<When>,
+    retries: Option<u32>,
+    backoff: Option<Backoff>,
 }
 
 impl CallOptions {
@@ -69,6 +102,64 @@ impl CallOptions {
         self
     }
 
+    /// Runs the task no earlier than `wait` from now (Celery's `countdown`). The broker keeps
+    /// the task until then, not a worker's memory: it survives worker restarts (and broker
+    /// restarts where the broker persists). Replaces an [`eta`](CallOptions::eta).
+    pub fn countdown(mut self, wait: Duration) -> CallOptions {
+        self.delay = Some(When::In(wait));
+        self
+    }
+
+    /// Runs the task no earlier than `time` (an ETA; a time in the past runs it at once).
+    /// Replaces a [`countdown`](CallOptions::countdown).
+    pub fn eta(mut self, time: SystemTime) -> CallOptions {
+        self.delay = Some(When::At(time));
+        self
+    }
+
+    /// A task not started within `wait` of the call is not run: its caller gets a failure of
+    /// kind [`Expired`](crate::TaskErrorKind::Expired). A task already running is not
+    /// interrupted. Replaces an [`expires_at`](CallOptions::expires_at).
+    pub fn expires_in(mut self, wait: Duration) -> CallOptions {
+        self.expires = Some(When::In(wait));
+        self
+    }
+
+    /// A task not started by `time` is not run (see [`expires_in`](CallOptions::expires_in)).
+    pub fn expires_at(mut self, time: SystemTime) -> CallOptions {
+        self.expires = Some(When::At(time));
+        self
+    }
+
+    /// Runs a failing task (one that returns `Err`) up to `retries` more times, waiting the
+    /// [`backoff`](CallOptions::backoff) in between (see [`crate::retry`] for what retries).
+    /// Usually a task's default: `#[dingo::task(retries = 5)]`.
+    pub fn retries(mut self, retries: u32) -> CallOptions {
+        self.retries = Some(retries);
+        self
+    }
+
+    /// The wait between attempts (default: [`Backoff::DEFAULT`]).
+    pub fn backoff(mut self, backoff: Backoff) -> CallOptions {
+        self.backoff = Some(backoff);
+        self
+    }
+
+    /// When the task may start, if a countdown or ETA is set.
+    pub fn get_delay(&self) -> Option<When> {
+        self.delay
+    }
+
+    /// When the task expires, if it does.
+    pub fn get_expiry(&self) -> Option<When> {
+        self.expires
+    }
+
+    /// The retry policy these options give.
+    pub fn retry_policy(&self) -> RetryPolicy {
+        RetryPolicy::new(self.retries.unwrap_or(0)).backoff(self.backoff.unwrap_or_default())
+    }
+
     /// Whether `ignore_report` is on.
     pub fn is_ignore_report(&self) -> bool {
         self.ignore_report.unwrap_or(false)
@@ -102,6 +193,10 @@ impl CallOptions {
             at_most_once: self.at_most_once.or(defaults.at_most_once),
             enqueue_timeout: self.enqueue_timeout.or(defaults.enqueue_timeout),
             id: self.id.clone().or_else(|| defaults.id.clone()),
+            delay: self.delay.or(defaults.delay),
+            expires: self.expires.or(defaults.expires),
+            retries: self.retries.or(defaults.retries),
+            backoff: self.backoff.or(defaults.backoff),
         }
     }
 

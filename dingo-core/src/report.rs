@@ -1,6 +1,7 @@
 //! Typed reports, as a caller sees them: `Sent`, `Progress`, then `Success` or `Failure`.
 
 use std::fmt;
+use std::time::Duration;
 
 use serde::de::DeserializeOwned;
 
@@ -9,9 +10,11 @@ use crate::error::TaskError;
 
 /// One report about a call, in the order they happen: [`Report::Sent`] and
 /// [`Report::Progress`] (only with `monitor_progress`), then exactly one of
-/// [`Report::Success`] and [`Report::Failure`].
+/// [`Report::Success`] and [`Report::Failure`]. A call that retries reports
+/// [`Report::Retrying`] after each failed attempt but the last, then `Sent` and `Progress`
+/// again for the next attempt (all with `monitor_progress` only).
 ///
-/// New kinds of report may be added (a retry is coming): a `match` on it needs a `_` arm.
+/// New kinds of report may be added: a `match` on it needs a `_` arm.
 #[derive(Debug)]
 #[non_exhaustive]
 pub enum Report<T> {
@@ -23,6 +26,16 @@ pub enum Report<T> {
     Success(T),
     /// The task failed or could not run.
     Failure(TaskError),
+    /// Attempt `attempt` failed with `error`; the next starts `after` this long.
+    Retrying {
+        /// The attempt that failed (1 for the first run).
+        attempt: u32,
+        /// The wait before the next attempt (the backoff, or what the task asked for with
+        /// [`Context::retry_after`](crate::Context::retry_after)).
+        after: Duration,
+        /// Why the attempt failed.
+        error: TaskError,
+    },
 }
 
 impl<T> Report<T> {
@@ -39,6 +52,10 @@ impl<T: PartialEq> PartialEq for Report<T> {
             (Report::Progress(a), Report::Progress(b)) => a.value == b.value,
             (Report::Success(a), Report::Success(b)) => a == b,
             (Report::Failure(a), Report::Failure(b)) => a == b,
+            (
+                Report::Retrying { attempt: a, after: after_a, error: error_a },
+                Report::Retrying { attempt: b, after: after_b, error: error_b },
+            ) => a == b && after_a == after_b && error_a == error_b,
             _ => false,
         }
     }

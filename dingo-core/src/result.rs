@@ -406,6 +406,10 @@ impl<T: Send + 'static> ReportSink for Slot<T> {
                 error.set_codecs(Codecs::clone(&self.codecs));
                 self.finish(&mut state, Outcome::Ready(Err(error)))
             }
+            ReportBody::Retrying { attempt, after, mut error } => {
+                error.set_codecs(Codecs::clone(&self.codecs));
+                state.reports.push_back(Report::Retrying { attempt, after, error })
+            }
         }
         if state.waiting && !self.finished.load(Ordering::Relaxed) {
             self.wake.notify_all();

@@ -3,14 +3,14 @@
 
 use std::panic::{AssertUnwindSafe, catch_unwind};
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::thread::{JoinHandle, ThreadId};
-use std::time::{Duration, Instant};
+use std::time::{Duration, Instant, SystemTime};
 
 use crossbeam_channel::{Receiver, Sender};
 
-use crate::broker::{Ack, Delivery, Recv, Reporter, Subscription, support};
-use crate::codec::Codecs;
+use crate::broker::{Ack, Delivery, Producer, Recv, Reporter, Subscription, support};
+use crate::codec::{Codecs, Encoded};
 use crate::context::Context;
 use crate::error::{Error, TaskError, TaskErrorKind};
 use crate::event::{Event, EventKind, EventSink, Level, Origin};
@@ -23,6 +23,8 @@ use crate::registry::{Handler, Invoke};
 pub(crate) struct Shared {
     pub(crate) handlers: FastMap<TaskName, Handler>,
     pub(crate) reporter: Arc<dyn Reporter>,
+    /// Schedules retries (`None`: the app sends no tasks, so its calls cannot retry).
+    pub(crate) producer: Option<Arc<dyn Producer>>,
     pub(crate) codecs: Codecs,
     pub(crate) events: EventSink,
     /// How long an idle worker polls before it sleeps.
@@ -175,10 +177,10 @@ impl Worker {
     }
 }
 
-/// Runs one delivery to its final report.
+/// Runs one delivery to its final report (or to its next attempt).
 pub(crate) fn execute(shared: &Shared, delivery: Delivery) {
     let Delivery { message, ack, redelivered } = delivery;
-    let TaskMessage { name, id, fingerprint, options, reply_to, args } = message;
+    let TaskMessage { name, id, fingerprint, options, reply_to, args, attempt, due: _, expires, retry } = message;
     let call = Call { shared, name: &name, id: &id, reply_to: &reply_to };
 
     let Some(handler) = shared.handlers.get(name.as_str()) else {
@@ -194,6 +196,11 @@ pub(crate) fn execute(shared: &Shared, delivery: Delivery) {
         call.event(Level::Error, EventKind::SignatureMismatch, error.message().to_owned());
         return call.dead_letter(error, ack);
     };
+    if let Some(expires) = expires
+        && let Ok(late) = SystemTime::now().duration_since(expires)
+    {
+        return call.expired(late, ack);
+    }
 
     if options.monitor_progress && reply_to.wants_reports() {
         call.report(ReportBody::Sent);
@@ -210,6 +217,11 @@ pub(crate) fn execute(shared: &Shared, delivery: Delivery) {
         local: matches!(args, Payload::Local(_)) && shared.reporter.accepts_local(),
         layout,
     };
+    // The arguments of the next attempt: only a call that may still retry pays for the copy.
+    let mut again = match &args {
+        Payload::Encoded(encoded) if retry.allows_after(attempt) => Some(encoded.clone()),
+        _ => None,
+    };
     let ctx = Context {
         name: &name,
         id: &id,
@@ -219,11 +231,15 @@ pub(crate) fn execute(shared: &Shared, delivery: Delivery) {
         reporter: &*shared.reporter,
         codec: shared.codecs.get(codec).map(|c| &**c).unwrap_or(&**shared.codecs.default_codec()),
         events: &shared.events,
+        attempt,
+        retry,
+        retry_after: AtomicU64::new(u64::MAX),
     };
-    let span = tracing::debug_span!(target: "dingo", "task", name = %name, id = %id);
+    let span = tracing::debug_span!(target: "dingo", "task", name = %name, id = %id, attempt);
     let _entered = span.enter();
     let mut ack = ack;
     let mut finished = false;
+    let mut next: Option<(Encoded, Duration, TaskError)> = None;
     handler.run(&ctx, args, &invoke, &mut |outcome| {
         finished = true;
         let body = match outcome {
@@ -238,6 +254,23 @@ pub(crate) fn execute(shared: &Shared, delivery: Delivery) {
                 call.event(Level::Error, kind, error.message().to_owned());
                 return call.dead_letter(error, ack.take());
             }
+            Err(error) if error.kind() == TaskErrorKind::Failed && retry.retries() > 0 => {
+                let wait = ctx.requested_retry().unwrap_or_else(|| retry.get_backoff().delay(attempt));
+                let starts_in_time = expires.is_none_or(|expires| SystemTime::now() + wait < expires);
+                match again.take() {
+                    Some(args) if starts_in_time => next = Some((args, wait, error)),
+                    _ => {
+                        // Out of attempts (or of time): the failure is final, and the
+                        // message goes to the dead letters, where it can be replayed.
+                        let why =
+                            if starts_in_time { "" } else { " (no retry: it would start after the call expires)" };
+                        let message = format!("after {attempt} attempt(s): {}{why}", error.message());
+                        let error = error.renamed(message).with_attempts(attempt);
+                        return call.dead_letter(error, ack.take());
+                    }
+                }
+                return;
+            }
             Err(error) => {
                 let kind = match error.kind() {
                     TaskErrorKind::Panic => Some((Level::Warning, EventKind::TaskPanicked)),
@@ -248,15 +281,46 @@ pub(crate) fn execute(shared: &Shared, delivery: Delivery) {
                     let prefix = if kind == EventKind::TaskPanicked { "task panicked: " } else { "" };
                     call.event(level, kind, format!("{prefix}{}", error.message()));
                 }
-                ReportBody::Failure(error)
+                ReportBody::Failure(error.with_attempts(attempt))
             }
         };
         call.finish(body, ack.take());
     });
+    drop(ctx);
+    if let Some((args, wait, error)) = next {
+        call.retrying(attempt, wait, error, options.monitor_progress);
+        let next = TaskMessage {
+            name: name.clone(),
+            id: id.clone(),
+            fingerprint,
+            options,
+            reply_to,
+            args: Payload::Encoded(args),
+            attempt: attempt + 1,
+            due: Some(SystemTime::now() + wait),
+            expires,
+            retry,
+        };
+        return schedule(shared, next, ack.take());
+    }
     if !finished {
         // Unreachable with the handlers dingo builds; kept so a delivery is never left open.
         let error = TaskError::new(TaskErrorKind::Other, "the task produced no outcome");
         call.finish(ReportBody::Failure(error), ack.take());
+    }
+}
+
+/// Hands the next attempt of a call to the broker, which settles the failed one.
+fn schedule(shared: &Shared, next: TaskMessage, ack: Option<Ack>) {
+    let key = next.key();
+    let failed = match &shared.producer {
+        Some(producer) => {
+            producer.retry(next, ack).err().map(|e| format!("retry not scheduled: {}", crate::error::chain(&e)))
+        }
+        None => Some("retry not scheduled: this app has no producer to send the next attempt with".to_owned()),
+    };
+    if let Some(message) = failed {
+        shared.events.emit(Event::new(Origin::Worker, Level::Error, EventKind::RetryFailed, message).with_task(key));
     }
 }
 
@@ -321,6 +385,32 @@ impl Call<'_> {
                 EventKind::AckFailed,
                 format!("dead-lettering failed: {}", crate::error::chain(&e)),
             ),
+        }
+    }
+
+    /// The call's expiry passed before it started: it fails with `Expired` and its delivery
+    /// is settled (running it later would not make it any less late).
+    fn expired(&self, late: Duration, ack: Option<Ack>) {
+        let message = format!("the call expired {} ms before a worker could start it", late.as_millis());
+        self.event(Level::Warning, EventKind::TaskExpired, message.clone());
+        self.finish(ReportBody::Failure(TaskError::new(TaskErrorKind::Expired, message)), ack);
+    }
+
+    /// Tells the caller (with `monitor_progress`) and the events that attempt `attempt`
+    /// failed and the next one runs after `wait`.
+    fn retrying(&self, attempt: u32, wait: Duration, error: TaskError, monitor_progress: bool) {
+        self.event(
+            Level::Info,
+            EventKind::TaskRetrying,
+            format!(
+                "attempt {attempt} failed ({}); attempt {} in {} ms",
+                error.message(),
+                attempt + 1,
+                wait.as_millis()
+            ),
+        );
+        if monitor_progress && self.reply_to.wants_reports() {
+            self.report(ReportBody::Retrying { attempt, after: wait, error });
         }
     }
 

@@ -65,6 +65,9 @@ impl ReportSink for Collector {
             ReportBody::Success(Value::Encoded(value)) => Got::Report(ReportBody::Success(Value::Encoded(value))),
             ReportBody::Success(Value::Local(_)) => Got::LocalValue,
             ReportBody::Failure(error) => Got::Report(ReportBody::Failure(error)),
+            ReportBody::Retrying { attempt, after, error } => {
+                Got::Report(ReportBody::Retrying { attempt, after, error })
+            }
         };
         let _ = self.tx.send(got);
     }

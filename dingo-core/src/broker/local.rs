@@ -12,31 +12,41 @@
 //! after its timeout), never grow. Sending to a task whose queue was never declared fails
 //! as unroutable — the app turns that into an `UnknownTask` failure.
 //!
+//! Delayed tasks ([`CallOptions::countdown`](crate::CallOptions::countdown), retries) wait
+//! in a heap ordered by due time, at most [`LocalOptions::max_delayed`] of them; one timer
+//! thread, started by the first delayed send, sleeps until the earliest is due and moves it
+//! to its queue (a send due earlier wakes it). Like everything of this broker they live in
+//! the process: at shutdown they fail with `Shutdown` as queued tasks do.
+//!
 //! Clones share one broker; apps that share it may live in one process as separate callers
 //! and workers. It shuts down when the last app using it closes (or on
 //! [`LocalBroker::shutdown`]): queued tasks then fail with `Shutdown`.
 
 use std::collections::VecDeque;
 use std::fmt;
+mod delays;
+
+use std::any::Any;
 use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
+use std::sync::{Arc, Mutex, Weak};
+use std::time::{Duration, Instant, SystemTime};
 
 use arc_swap::ArcSwap;
 use crossbeam_channel::{Receiver, Select, SendTimeoutError, Sender, TryRecvError, TrySendError};
 
-use crate::broker::kit::{Lifecycle, Shutdown, Signal, lock};
+use crate::broker::kit::{Lifecycle, Shutdown, Signal, closed, lock};
 use crate::broker::router::{ReportRouter, Routed, UnclaimedLimit};
 use crate::broker::support;
 use crate::broker::{
-    Ack, ConsumeSettings, Consumer, DeadLetter, Delivery, Producer, Recv, Reporter, Store, Subscription,
+    Ack, Acknowledge, ConsumeSettings, Consumer, DeadLetter, Delivery, Producer, Recv, Reporter, Store, Subscription,
 };
 use crate::error::{BrokerError, BrokerErrorKind, TaskError, TaskErrorKind};
 use crate::event::{Event, EventKind, EventSink, EventSinks, Level, Origin};
 use crate::hash::FastMap;
 use crate::id::{CallKey, TaskName};
 use crate::message::wire::{self, Known, MalformedTask};
-use crate::message::{ReplySink, ReplyTo, ReportBody, ReportMessage, TaskMessage};
+use crate::message::{Payload, ReplySink, ReplyTo, ReportBody, ReportMessage, TaskMessage};
+use delays::{Delays, Entry};
 
 /// Settings of a [`LocalBroker`].
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -58,6 +68,10 @@ pub struct LocalOptions {
     pub max_unclaimed_bytes: usize,
     /// How many dead letters are kept (the oldest are dropped). Default 1,000.
     pub max_dead_letters: usize,
+    /// How many delayed tasks (countdowns, ETAs, retries waiting out their backoff) are kept
+    /// at most, over all queues; past it a delayed send blocks like a send to a full queue.
+    /// Default 100,000.
+    pub max_delayed: usize,
 }
 
 impl Default for LocalOptions {
@@ -70,6 +84,7 @@ impl Default for LocalOptions {
             max_unclaimed: UnclaimedLimit::default().reports,
             max_unclaimed_bytes: UnclaimedLimit::default().bytes,
             max_dead_letters: 1_000,
+            max_delayed: 100_000,
         }
     }
 }
@@ -115,6 +130,12 @@ impl LocalOptions {
         self.max_unclaimed_bytes = bytes;
         self
     }
+
+    /// Sets [`max_delayed`](LocalOptions::max_delayed).
+    pub fn max_delayed(mut self, tasks: usize) -> LocalOptions {
+        self.max_delayed = tasks.max(1);
+        self
+    }
 }
 
 /// The embedded in-process broker (see the [module docs](self)).
@@ -145,6 +166,8 @@ struct Inner {
     /// The serialized store: handles waiting, and reports nobody waits for yet.
     router: ReportRouter,
     dead: Mutex<VecDeque<DeadLetter>>,
+    /// Messages due later.
+    delays: Arc<Delays<Item>>,
 }
 
 impl LocalBroker {
@@ -164,9 +187,18 @@ impl LocalBroker {
         let events = EventSinks::new();
         let limit = UnclaimedLimit::new(options.max_unclaimed, options.max_unclaimed_bytes);
         let router = ReportRouter::new(options.result_ttl, limit, events.clone());
+        let max_delayed = options.max_delayed;
         LocalBroker {
-            inner: Arc::new(Inner {
+            inner: Arc::new_cyclic(|me: &Weak<Inner>| Inner {
                 address: Arc::from(format!("local.{}", NEXT.fetch_add(1, Ordering::Relaxed))),
+                delays: Arc::new(Delays::new(max_delayed, {
+                    let me = me.clone();
+                    move |entry| {
+                        if let Some(inner) = me.upgrade() {
+                            inner.release(entry);
+                        }
+                    }
+                })),
                 options,
                 queues: ArcSwap::from_pointee(FastMap::default()),
                 declare_lock: Mutex::new(()),
@@ -183,9 +215,14 @@ impl LocalBroker {
         &self.inner.options
     }
 
-    /// How many messages wait in the queue of `task`.
+    /// How many messages wait in the queue of `task` (delayed ones not counted).
     pub fn queue_len(&self, task: &str) -> usize {
         self.inner.queues.load().get(task).map(|q| q.rx.len()).unwrap_or(0)
+    }
+
+    /// How many delayed messages wait, over all queues.
+    pub fn delayed_len(&self) -> usize {
+        self.inner.delays.len()
     }
 
     /// Puts raw bytes into the queue of `task`, as a remote peer (or a corrupted network)
@@ -270,51 +307,107 @@ impl Inner {
     fn drain_queues(&self) {
         for (name, queue) in self.queues.load().iter() {
             while let Ok(item) = queue.rx.try_recv() {
-                let failure = || TaskError::new(TaskErrorKind::Shutdown, "the broker shut down before the task ran");
-                match item {
-                    Item::Message(message) => {
-                        if let ReplyTo::Local(sink) = &message.reply_to {
-                            sink.deliver(ReportBody::Failure(failure()));
-                        }
-                    }
-                    Item::Bytes(bytes) => match wire::decode_task_from(bytes, &Known::default()) {
-                        Ok(message) => self.fail(&message.reply_to, message.key(), failure()),
-                        Err(malformed) => self.reject_malformed(name, *malformed),
-                    },
-                }
+                self.fail_unrun(name, item);
             }
         }
     }
 
+    /// Tells the caller of a task that will not run that the broker shut down.
+    fn fail_unrun(&self, queue: &TaskName, item: Item) {
+        let failure = || TaskError::new(TaskErrorKind::Shutdown, "the broker shut down before the task ran");
+        match item {
+            Item::Message(message) => {
+                if let ReplyTo::Local(sink) = &message.reply_to {
+                    sink.deliver(ReportBody::Failure(failure()));
+                }
+            }
+            Item::Bytes(bytes) => match wire::decode_task_from(bytes, &Known::default()) {
+                Ok(message) => self.fail(&message.reply_to, message.key(), failure()),
+                Err(malformed) => self.reject_malformed(queue, *malformed),
+            },
+        }
+    }
+
+    /// Moves a delayed message that is due into its queue (waiting for room there, as a
+    /// send does).
+    fn release(&self, entry: Entry<Item>) {
+        let Entry { queue: name, item, .. } = entry;
+        let Some(queue) = self.queues.load().get(name.as_str()).cloned() else {
+            return self.fail_unrun(&name, item);
+        };
+        let mut item = item;
+        loop {
+            if self.life.is_closed() {
+                return self.fail_unrun(&name, item);
+            }
+            match queue.tx.send_timeout(item, Duration::from_millis(100)) {
+                Ok(()) => break,
+                Err(SendTimeoutError::Timeout(back)) => item = back,
+                Err(SendTimeoutError::Disconnected(back)) => return self.fail_unrun(&name, back),
+            }
+        }
+        // A release that raced with shutdown must not leave its task stranded.
+        if self.life.is_closed() {
+            self.drain_queues();
+        }
+    }
+
+    /// Keeps a message until `due`.
+    fn delay(&self, task: TaskName, due: SystemTime, item: Item, timeout: Option<Duration>) -> Result<(), BrokerError> {
+        if !self.queues.load().contains_key(task.as_str()) {
+            return Err(BrokerError::new(
+                BrokerErrorKind::Unroutable,
+                format!("no queue is declared for task `{task}`"),
+            ));
+        }
+        self.delays.push(task, due, item, timeout)?;
+        // A delay that raced with shutdown must not leave its task stranded.
+        if self.life.is_closed() {
+            for entry in self.delays.stop() {
+                self.fail_unrun(&entry.queue, entry.item);
+            }
+        }
+        Ok(())
+    }
+
     /// Turns a queued item into a delivery; bytes that do not decode are dead-lettered (and
     /// their caller told, if it can be identified).
-    fn delivery(&self, queue: &TaskName, item: Item) -> Option<Delivery> {
-        match item {
-            Item::Message(message) => Some(Delivery::new(message)),
+    fn delivery(self: &Arc<Self>, queue: &TaskName, item: Item) -> Option<Delivery> {
+        let message = match item {
+            Item::Message(message) => message,
             Item::Bytes(bytes) => {
                 let known = Known { name: Some(queue), address: Some(&self.address) };
                 match wire::decode_task_from(bytes, &known) {
-                    Ok(message) => Some(Delivery::new(message)),
+                    Ok(message) => message,
                     Err(malformed) => {
                         self.reject_malformed(queue, *malformed);
-                        None
+                        return None;
                     }
                 }
             }
+        };
+        if message.retry.retries() == 0 {
+            return Some(Delivery::new(message));
         }
+        // A call that retries ends in the dead letters once out of attempts: its delivery
+        // gets an acknowledgement that can put it there.
+        let ack = LocalAck { broker: Arc::downgrade(self), queue: queue.clone(), message: letter_bytes(&message) };
+        Some(Delivery::new(message).with_ack(Some(Ack::new(ack))))
+    }
+
+    fn bury(&self, letter: DeadLetter) {
+        let mut dead = lock(&self.dead);
+        if dead.len() >= self.options.max_dead_letters {
+            dead.pop_front();
+        }
+        dead.push_back(letter);
     }
 
     fn reject_malformed(&self, queue: &TaskName, malformed: MalformedTask) {
         let reason = crate::error::chain(&malformed.error);
         let MalformedTask { name, id, reply_to, bytes, .. } = malformed;
         // Kept first: whoever learns of the failure can already find the dead letter.
-        {
-            let mut dead = lock(&self.dead);
-            if dead.len() >= self.options.max_dead_letters {
-                dead.pop_front();
-            }
-            dead.push_back(DeadLetter::new(queue.clone(), reason.clone(), bytes));
-        }
+        self.bury(DeadLetter::new(queue.clone(), reason.clone(), bytes));
         let mut event = Event::new(
             Origin::Consumer,
             Level::Error,
@@ -379,6 +472,67 @@ impl Inner {
     }
 }
 
+impl Drop for Inner {
+    fn drop(&mut self) {
+        // Ends the timer thread (a broker dropped without a shutdown).
+        self.delays.stop();
+    }
+}
+
+/// The wire form of a delivered message, kept for its dead letter (in memory mode without
+/// its reply sink, which only this process could use).
+fn letter_bytes(message: &TaskMessage) -> Vec<u8> {
+    let reply_to = match &message.reply_to {
+        ReplyTo::Address(address) => ReplyTo::Address(address.clone()),
+        _ => ReplyTo::None,
+    };
+    let Payload::Encoded(args) = &message.args else { return Vec::new() };
+    let copy = TaskMessage {
+        name: message.name.clone(),
+        id: message.id.clone(),
+        fingerprint: message.fingerprint,
+        options: message.options,
+        reply_to,
+        args: Payload::Encoded(args.clone()),
+        attempt: message.attempt,
+        due: message.due,
+        expires: message.expires,
+        retry: message.retry,
+    };
+    wire::encode_task(&copy).unwrap_or_default()
+}
+
+/// The acknowledgement of a delivery that may end in the dead letters (a call with retries).
+struct LocalAck {
+    broker: Weak<Inner>,
+    queue: TaskName,
+    message: Vec<u8>,
+}
+
+impl Acknowledge for LocalAck {
+    fn ack(self: Box<Self>) -> Result<(), BrokerError> {
+        Ok(())
+    }
+
+    fn reject(self: Box<Self>, requeue: bool, reason: &str) -> Result<(), BrokerError> {
+        let Some(broker) = self.broker.upgrade() else { return Err(closed("the local broker")) };
+        if requeue {
+            let item = Item::Bytes(self.message);
+            return broker.queue(self.queue.as_str())?.tx.send(item).map_err(|_| broker.life.closed_error());
+        }
+        broker.bury(DeadLetter::new(self.queue, reason, self.message));
+        Ok(())
+    }
+
+    fn as_any(&self) -> &dyn Any {
+        self
+    }
+
+    fn into_any(self: Box<Self>) -> Box<dyn Any + Send> {
+        self
+    }
+}
+
 impl Shutdown for Inner {
     fn shutdown(&self) {
         // SeqCst pairs with the load after enqueueing in `send`: either the sender sees the
@@ -387,6 +541,9 @@ impl Shutdown for Inner {
             return;
         }
         self.drain_queues();
+        for entry in self.delays.stop() {
+            self.fail_unrun(&entry.queue, entry.item);
+        }
         // Pending handles of the serialized store learn that no report will come.
         self.router.close();
     }
@@ -405,6 +562,10 @@ impl Producer for LocalBroker {
         let inner = &*self.inner;
         inner.life.check_open()?;
         let task = message.name.clone();
+        let due = match message.due {
+            Some(due) if message.wait_at(SystemTime::now()).is_some() => Some(due),
+            _ => None,
+        };
         let item = if inner.options.serialized {
             let bytes = wire::encode_task(&message)?;
             if bytes.len() > inner.options.max_message_size {
@@ -421,6 +582,9 @@ impl Producer for LocalBroker {
         } else {
             Item::Message(message)
         };
+        if let Some(due) = due {
+            return inner.delay(task, due, item, timeout);
+        }
         // The common case sends under the map guard, without touching the channel's
         // reference counts; only a full queue takes a sender of its own to block on.
         let queues = inner.queues.load();

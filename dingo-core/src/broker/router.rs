@@ -310,7 +310,9 @@ fn weight(report: &ReportMessage<'_>) -> usize {
         ReportBody::Sent | ReportBody::Progress(None) => 0,
         ReportBody::Progress(Some(encoded)) | ReportBody::Success(Value::Encoded(encoded)) => encoded.bytes.len(),
         ReportBody::Success(Value::Local(_)) => 0,
-        ReportBody::Failure(error) => error.message().len() + error.raw_payload().map_or(0, |p| p.bytes.len()),
+        ReportBody::Failure(error) | ReportBody::Retrying { error, .. } => {
+            error.message().len() + error.raw_payload().map_or(0, |p| p.bytes.len())
+        }
     };
     64 + report.name.as_str().len() + report.id.as_str().len() + contents
 }

@@ -7,18 +7,26 @@
 //! Task fields: 1 name, 2 id, 3 fingerprint (u64 LE), 4 option flags (1 ignore report,
 //! 2 monitor progress, 4 at most once), 5 reply address, 6 codec id, 7 argument bytes,
 //! 11 redelivered (empty; a broker appends it when it gives a task back after its lease
-//! expired: the bytes [`REDELIVERED_MARK`] replace the final end marker). Report fields: 1 name, 2 id, 8 status (1 sent, 2 progress,
-//! 3 success, 4 failure), 6 codec id, 7 payload bytes, 9 error kind, 10 error message.
+//! expired: the bytes [`REDELIVERED_MARK`] replace the final end marker), 12 attempt (u32 LE,
+//! when not 1), 13 due and 14 expires (u64 LE, milliseconds since the Unix epoch), 15 retry
+//! policy (retries u32 LE, base and cap u64 LE milliseconds, flags u8: 1 exponential,
+//! 2 jitter; when retries are set); fields 12–15 come before the options, so a message's
+//! tail stays `4, 1, flags, 0`. Report fields: 1 name, 2 id, 8 status (1 sent, 2 progress,
+//! 3 success, 4 failure, 5 retrying), 6 codec id, 7 payload bytes, 9 error kind, 10 error
+//! message, 12 attempt (of a retrying report: the attempt that failed; of a failure: how many
+//! ran, when more than 1), 16 wait before the next attempt (u64 LE milliseconds).
 //! Readers skip tags they do not know, so fields can be added without breaking older
 //! workers; a new version byte marks an incompatible change.
 
 use std::sync::Arc;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use crate::codec::Encoded;
 use crate::error::{BrokerError, BrokerErrorKind, TaskError, TaskErrorKind};
 use crate::id::{TaskId, TaskName};
 use crate::message::{Payload, ReplyTo, ReportBody, ReportMessage, TaskMessage, Value};
 use crate::options::TaskOptions;
+use crate::retry::{Backoff, RetryPolicy};
 
 /// The format version written in front of every message.
 pub const VERSION: u8 = 1;
@@ -37,6 +45,11 @@ const STATUS: u8 = 8;
 const ERROR_KIND: u8 = 9;
 const ERROR_MESSAGE: u8 = 10;
 const REDELIVERED: u8 = 11;
+const ATTEMPT: u8 = 12;
+const DUE: u8 = 13;
+const EXPIRES: u8 = 14;
+const RETRY: u8 = 15;
+const AFTER: u8 = 16;
 
 /// What a broker puts in place of a task message's last byte (its end marker) to mark it
 /// redelivered: the empty field 11, then the end marker again. Brokers that rewrite
@@ -51,6 +64,54 @@ const STATUS_SENT: u8 = 1;
 const STATUS_PROGRESS: u8 = 2;
 const STATUS_SUCCESS: u8 = 3;
 const STATUS_FAILURE: u8 = 4;
+const STATUS_RETRYING: u8 = 5;
+
+const BACKOFF_EXPONENTIAL: u8 = 1;
+const BACKOFF_JITTER: u8 = 2;
+
+/// `time` in milliseconds since the Unix epoch, as the wire carries times (0 before it).
+pub fn millis(time: SystemTime) -> u64 {
+    time.duration_since(UNIX_EPOCH).map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
+}
+
+/// The time `millis` milliseconds after the Unix epoch.
+pub fn time(millis: u64) -> SystemTime {
+    UNIX_EPOCH + Duration::from_millis(millis)
+}
+
+fn duration_millis(d: Duration) -> u64 {
+    u64::try_from(d.as_millis()).unwrap_or(u64::MAX)
+}
+
+fn retry_bytes(policy: &RetryPolicy) -> [u8; 21] {
+    let backoff = policy.get_backoff();
+    let mut out = [0u8; 21];
+    out[..4].copy_from_slice(&policy.retries().to_le_bytes());
+    out[4..12].copy_from_slice(&duration_millis(backoff.get_base()).to_le_bytes());
+    out[12..20].copy_from_slice(&duration_millis(backoff.get_cap()).to_le_bytes());
+    let mut flags = 0;
+    if backoff.is_exponential() {
+        flags |= BACKOFF_EXPONENTIAL;
+    }
+    if backoff.has_jitter() {
+        flags |= BACKOFF_JITTER;
+    }
+    out[20] = flags;
+    out
+}
+
+fn retry_policy(value: &[u8]) -> Result<RetryPolicy, BrokerError> {
+    let bytes: [u8; 21] = fixed(value, "retry policy")?;
+    let word = |range: std::ops::Range<usize>| {
+        let mut b = [0u8; 8];
+        b.copy_from_slice(&bytes[range]);
+        Duration::from_millis(u64::from_le_bytes(b))
+    };
+    let retries = u32::from_le_bytes([bytes[0], bytes[1], bytes[2], bytes[3]]);
+    let (base, cap, flags) = (word(4..12), word(12..20), bytes[20]);
+    let backoff = if flags & BACKOFF_EXPONENTIAL != 0 { Backoff::exponential(base) } else { Backoff::fixed(base) };
+    Ok(RetryPolicy::new(retries).backoff(backoff.cap(cap).jitter(flags & BACKOFF_JITTER != 0)))
+}
 
 /// Encodes a task message. Its arguments must be encoded and its reply address must not be
 /// an in-process sink.
@@ -63,7 +124,10 @@ pub fn encode_task(msg: &TaskMessage) -> Result<Vec<u8>, BrokerError> {
         _ => 0,
     };
     // Room for every field at once (and the redelivery mark a broker may add).
-    let mut out = Vec::with_capacity(48 + msg.name.as_str().len() + msg.id.as_str().len() + address + args.bytes.len());
+    let lifecycle = if msg.due.is_some() || msg.expires.is_some() || msg.retry.retries() > 0 { 56 } else { 0 };
+    let mut out = Vec::with_capacity(
+        48 + lifecycle + msg.name.as_str().len() + msg.id.as_str().len() + address + args.bytes.len(),
+    );
     out.push(VERSION);
     out.push(TYPE_TASK);
     field(&mut out, NAME, msg.name.as_str().as_bytes());
@@ -78,6 +142,18 @@ pub fn encode_task(msg: &TaskMessage) -> Result<Vec<u8>, BrokerError> {
     field(&mut out, FINGERPRINT, &msg.fingerprint.to_le_bytes());
     field(&mut out, CODEC, &[args.codec]);
     field(&mut out, PAYLOAD, &args.bytes);
+    if msg.attempt > 1 {
+        field(&mut out, ATTEMPT, &msg.attempt.to_le_bytes());
+    }
+    if let Some(due) = msg.due {
+        field(&mut out, DUE, &millis(due).to_le_bytes());
+    }
+    if let Some(expires) = msg.expires {
+        field(&mut out, EXPIRES, &millis(expires).to_le_bytes());
+    }
+    if msg.retry.retries() > 0 {
+        field(&mut out, RETRY, &retry_bytes(&msg.retry));
+    }
     let mut flags = 0;
     if msg.options.ignore_report {
         flags |= OPT_IGNORE_REPORT;
@@ -160,6 +236,7 @@ pub fn decode_delivery(bytes: Vec<u8>, known: &Known<'_>) -> Result<(TaskMessage
     let mut options = TaskOptions::default();
     let mut codec = None;
     let mut payload = None;
+    let (mut attempt, mut due, mut expires, mut retry) = (1, None, None, RetryPolicy::NONE);
     let result = (|| {
         let mut reader = Reader::new(&bytes, TYPE_TASK)?;
         while let Some((tag, value)) = reader.next_field()? {
@@ -177,6 +254,10 @@ pub fn decode_delivery(bytes: Vec<u8>, known: &Known<'_>) -> Result<(TaskMessage
                 CODEC => codec = Some(fixed::<1>(value, "codec")?[0]),
                 PAYLOAD => payload = Some(reader.range_of(value)),
                 REDELIVERED => redelivered = true,
+                ATTEMPT => attempt = u32::from_le_bytes(fixed(value, "attempt")?),
+                DUE => due = Some(time(u64::from_le_bytes(fixed(value, "due time")?))),
+                EXPIRES => expires = Some(time(u64::from_le_bytes(fixed(value, "expiry")?))),
+                RETRY => retry = retry_policy(value)?,
                 _ => {}
             }
         }
@@ -201,6 +282,10 @@ pub fn decode_delivery(bytes: Vec<u8>, known: &Known<'_>) -> Result<(TaskMessage
                 options,
                 reply_to: reply_to.map(ReplyTo::Address).unwrap_or(ReplyTo::None),
                 args: Payload::Encoded(Encoded::new(codec, take_range(bytes, range))),
+                attempt,
+                due,
+                expires,
+                retry,
             },
             redelivered,
         )),
@@ -220,7 +305,9 @@ pub fn encode_report(report: &ReportMessage<'_>) -> Result<Vec<u8>, BrokerError>
     // Room for every field at once: one allocation per report.
     let body = match &report.body {
         ReportBody::Progress(Some(value)) | ReportBody::Success(Value::Encoded(value)) => value.bytes.len(),
-        ReportBody::Failure(error) => error.message().len() + error.raw_payload().map_or(0, |p| p.bytes.len()),
+        ReportBody::Failure(error) | ReportBody::Retrying { error, .. } => {
+            error.message().len() + error.raw_payload().map_or(0, |p| p.bytes.len())
+        }
         _ => 0,
     };
     let mut out = Vec::with_capacity(48 + report.name.as_str().len() + report.id.as_str().len() + body);
@@ -249,15 +336,29 @@ pub fn encode_report(report: &ReportMessage<'_>) -> Result<Vec<u8>, BrokerError>
         }
         ReportBody::Failure(error) => {
             field(&mut out, STATUS, &[STATUS_FAILURE]);
-            field(&mut out, ERROR_KIND, &[error.kind().code()]);
-            field(&mut out, ERROR_MESSAGE, error.message().as_bytes());
-            if let Some(payload) = error.raw_payload() {
-                encoded_payload(&mut out, payload);
+            error_fields(&mut out, error);
+            if error.attempts() > 1 {
+                field(&mut out, ATTEMPT, &error.attempts().to_le_bytes());
             }
+        }
+        ReportBody::Retrying { attempt, after, error } => {
+            field(&mut out, STATUS, &[STATUS_RETRYING]);
+            error_fields(&mut out, error);
+            field(&mut out, ATTEMPT, &attempt.to_le_bytes());
+            field(&mut out, AFTER, &duration_millis(*after).to_le_bytes());
         }
     }
     out.push(END);
     Ok(out)
+}
+
+fn error_fields(out: &mut Vec<u8>, error: &TaskError) {
+    field(out, ERROR_KIND, &[error.kind().code()]);
+    field(out, ERROR_MESSAGE, error.message().as_bytes());
+    if let Some(payload) = error.raw_payload() {
+        field(out, CODEC, &[payload.codec]);
+        field(out, PAYLOAD, &payload.bytes);
+    }
 }
 
 /// Decodes a report.
@@ -271,6 +372,7 @@ pub fn decode_report_from(bytes: Vec<u8>, known: &Known<'_>) -> Result<ReportMes
     let mut reader = Reader::new(&bytes, TYPE_REPORT)?;
     let (mut name, mut id, mut status, mut codec, mut payload) = (None, None, None, None, None);
     let (mut error_kind, mut error_message) = (None, None);
+    let (mut attempt, mut after) = (None, None);
     while let Some((tag, value)) = reader.next_field()? {
         match tag {
             NAME => name = Some(known.name(value)?),
@@ -280,6 +382,8 @@ pub fn decode_report_from(bytes: Vec<u8>, known: &Known<'_>) -> Result<ReportMes
             PAYLOAD => payload = Some(reader.range_of(value)),
             ERROR_KIND => error_kind = Some(TaskErrorKind::from_code(fixed::<1>(value, "error kind")?[0])),
             ERROR_MESSAGE => error_message = Some(utf8(value, "error message")?.to_owned()),
+            ATTEMPT => attempt = Some(u32::from_le_bytes(fixed(value, "attempt")?)),
+            AFTER => after = Some(Duration::from_millis(u64::from_le_bytes(fixed(value, "retry wait")?))),
             _ => {}
         }
     }
@@ -294,13 +398,22 @@ pub fn decode_report_from(bytes: Vec<u8>, known: &Known<'_>) -> Result<ReportMes
         Some(STATUS_SUCCESS) => {
             ReportBody::Success(Value::Encoded(encoded.ok_or_else(|| malformed("success report without value"))?))
         }
-        Some(STATUS_FAILURE) => {
+        Some(status @ (STATUS_FAILURE | STATUS_RETRYING)) => {
             let kind = error_kind.unwrap_or(TaskErrorKind::Other);
             let message = error_message.unwrap_or_default();
-            ReportBody::Failure(match encoded {
+            let error = match encoded {
                 Some(payload) => TaskError::with_payload(kind, message, payload),
                 None => TaskError::new(kind, message),
-            })
+            };
+            if status == STATUS_FAILURE {
+                ReportBody::Failure(error.with_attempts(attempt.unwrap_or(1)))
+            } else {
+                ReportBody::Retrying {
+                    attempt: attempt.ok_or_else(|| malformed("retrying report without attempt"))?,
+                    after: after.ok_or_else(|| malformed("retrying report without wait"))?,
+                    error,
+                }
+            }
         }
         Some(other) => return Err(malformed(format!("unknown report status {other}"))),
         None => return Err(malformed("report without status")),
