@@ -7,8 +7,8 @@
 //! | the app's worker threads ([`fetcher`]) | consumer | each a consumer of its own: takes batches into its processing list, settles them with its next fetch; blocks on the queues' wake lists when idle |
 //! | `dingo-redis-done` ([`completer`]) | reporter | stores what does not come from a worker thread of this broker (mixed transports, dead letters, give-backs) |
 //! | `dingo-redis-leases` ([`keeper`]) | consumer | renews the consumers' leases, returns the tasks of expired ones to their queue |
-| `dingo-redis-delay` ([`promoter`]) | consumer | moves delayed tasks and retries to their queue once due, sleeping until the next is |
-| `dingo-redis-delay-wake` ([`promoter`]) | consumer | blocks on the queues' `delayed:wake` lists: a task due sooner than the others wakes the promoter |
+//! | `dingo-redis-delay` ([`promoter`]) | consumer | moves delayed tasks and retries to their queue once due, sleeping until the next is |
+//! | `dingo-redis-delay-wake` ([`promoter`]) | consumer | blocks on the queues' `delayed:wake` lists: a task due sooner than the others wakes the promoter |
 //! | `dingo-redis-reply` ([`listener`]) | store | blocks on this process's reply lists and routes reports to handles |
 //!
 //! The threads that settle (the worker threads, the [`flusher`], the report writer) share one

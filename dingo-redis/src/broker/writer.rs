@@ -123,14 +123,14 @@ impl Writer {
         if !self.tx.is_empty() {
             return Some(outgoing);
         }
-        let Ok(mut line) = self.line.try_lock() else { return Some(outgoing) };
+        let Ok(mut guard) = self.line.try_lock() else { return Some(outgoing) };
+        let line = &mut *guard;
         let generation = line.conn.generation();
         if line.closed || !self.tx.is_empty() || !line.unanswered.is_empty() || generation.is_none() {
             return Some(outgoing);
         }
         let mut batch = vec![outgoing];
         let scripted = !line.conn.fenced();
-        let line = &mut *line;
         let (calls, owners) =
             push_calls(&mut batch, self.inner.options.batch, &mut line.sequence, &line.delay_actor, scripted);
         let packed = scripts::pack(&calls);
@@ -138,7 +138,7 @@ impl Writer {
         let generation = if written.is_ok() { generation } else { None };
         // Written or not, the writer thread reads the reply, or sends the batch again.
         line.unanswered.push_back(Written { calls, batch, owners, generation });
-        drop(line);
+        drop(guard);
         // A full channel means the writer thread is awake and will see it anyway.
         let _ = self.tx.try_send(Msg::Replies);
         None
