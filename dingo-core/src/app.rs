@@ -187,14 +187,15 @@ impl App {
         Ok(())
     }
 
-    /// Sets a task's default call options (a call's own options win, option by option). An
-    /// explicit id cannot be a default (every call would share it).
+    /// Sets a task's default call options (a call's own options win, option by option; these
+    /// win over the task attribute's, such as `retries = 5`). An explicit id cannot be a
+    /// default (every call would share it).
     pub fn set_default_options<M>(&self, task: impl TaskRef<M>, options: CallOptions) -> Result<(), Error> {
         if options.get_id().is_some() {
             return Err(Error::InvalidConfig("an explicit id cannot be a default option".into()));
         }
         let name = task.task_name()?;
-        self.inner.registry.update(&name, |s| s.defaults = options);
+        self.inner.registry.update(&name, |s| s.defaults = options.or(&s.declared));
         Ok(())
     }
 

@@ -495,7 +495,8 @@ mod tests {
     #[test]
     fn every_kind_round_trips_through_its_wire_code() {
         use TaskErrorKind::*;
-        let kinds = [Panic, Failed, UnknownTask, BadPayload, SignatureMismatch, Shutdown, Timeout, Encode, WorkerLost];
+        let kinds =
+            [Panic, Failed, UnknownTask, BadPayload, SignatureMismatch, Shutdown, Timeout, Encode, WorkerLost, Expired];
         for kind in kinds {
             assert_eq!(TaskErrorKind::from_code(kind.code()), kind, "{kind}");
         }

@@ -81,3 +81,30 @@ impl<E: ?Sized> ViaTypeName for Message<'_, E> {
         format!("the task returned an error of type `{}`", std::any::type_name::<E>())
     }
 }
+
+/// The call option defaults of `#[dingo::task(retries = …, retry_backoff = …, …)]`
+/// (durations in milliseconds).
+pub fn task_defaults(
+    retries: Option<u32>,
+    backoff_ms: Option<u64>,
+    max_ms: Option<u64>,
+    jitter: Option<bool>,
+) -> CallOptions {
+    let mut options = CallOptions::new();
+    if let Some(retries) = retries {
+        options = options.retries(retries);
+    }
+    if backoff_ms.is_some() || max_ms.is_some() || jitter.is_some() {
+        let default = crate::retry::Backoff::DEFAULT;
+        let base = backoff_ms.map_or(default.get_base(), std::time::Duration::from_millis);
+        let mut backoff = crate::retry::Backoff::exponential(base);
+        if let Some(max) = max_ms {
+            backoff = backoff.cap(std::time::Duration::from_millis(max));
+        }
+        if let Some(jitter) = jitter {
+            backoff = backoff.jitter(jitter);
+        }
+        options = options.backoff(backoff);
+    }
+    options
+}

@@ -40,6 +40,11 @@ pub trait Task: 'static {
     fn fingerprint() -> u64;
     /// The `TypeId` of the function item, so `app.allocate(add, 4)` finds the task.
     fn fn_type_id() -> TypeId;
+    /// The call options the attribute sets (`#[dingo::task(retries = 5)]`); a call's own
+    /// options and [`App::set_default_options`](crate::App::set_default_options) win.
+    fn defaults() -> CallOptions {
+        CallOptions::new()
+    }
 }
 
 /// A task known at link time; submitted to `inventory` by `#[dingo::task]`.
@@ -51,12 +56,14 @@ pub struct TaskDecl {
     pub handler: fn() -> Handler,
     /// The `TypeId` of the function item.
     pub fn_type_id: fn() -> TypeId,
+    /// The call option defaults of its attribute.
+    pub defaults: fn() -> CallOptions,
 }
 
 impl TaskDecl {
     /// The declaration of a macro-generated task.
     pub const fn of<T: Task>() -> TaskDecl {
-        TaskDecl { name: T::NAME, handler: Handler::of::<T>, fn_type_id: T::fn_type_id }
+        TaskDecl { name: T::NAME, handler: Handler::of::<T>, fn_type_id: T::fn_type_id, defaults: T::defaults }
     }
 }
 
@@ -408,6 +415,8 @@ pub fn failed<E: Serialize + ?Sized>(ctx: &Context<'_>, error: &E, message: Stri
 #[derive(Clone)]
 pub(crate) struct Settings {
     pub(crate) defaults: CallOptions,
+    /// What the task's attribute sets (under `defaults`, which include it).
+    pub(crate) declared: CallOptions,
     pub(crate) id_maker: Arc<dyn IdMaker>,
     pub(crate) codec: CodecId,
 }

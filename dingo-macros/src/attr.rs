@@ -6,7 +6,7 @@
 use proc_macro2::TokenStream;
 use syn::meta::ParseNestedMeta;
 use syn::parse::Parser;
-use syn::{Expr, ExprLit, ExprPath, Lit, LitStr, Path};
+use syn::{Expr, ExprLit, ExprPath, Lit, LitBool, LitStr, Path};
 
 use crate::errors::Errors;
 
@@ -18,6 +18,24 @@ pub(crate) struct TaskAttrs {
     /// `crate = path`: where the dingo crate is, for programs that rename the dependency;
     /// `None` means `::dingo`.
     pub(crate) krate: Option<Path>,
+    /// `retries = 5`: attempts after the first for a call that returns `Err`.
+    pub(crate) retries: Option<u32>,
+    /// `retry_backoff = "2s"`: the first wait between attempts, in milliseconds.
+    pub(crate) retry_backoff: Option<u64>,
+    /// `retry_backoff_max = "10m"`: the longest wait, in milliseconds.
+    pub(crate) retry_backoff_max: Option<u64>,
+    /// `retry_jitter = false`: full jitter on the waits (on by default).
+    pub(crate) retry_jitter: Option<bool>,
+}
+
+impl TaskAttrs {
+    /// Whether any key sets a call option default.
+    pub(crate) fn sets_defaults(&self) -> bool {
+        self.retries.is_some()
+            || self.retry_backoff.is_some()
+            || self.retry_backoff_max.is_some()
+            || self.retry_jitter.is_some()
+    }
 }
 
 /// Parses one key's value into [`TaskAttrs`]. Problems with the value go to `Errors` (so the
@@ -25,7 +43,14 @@ pub(crate) struct TaskAttrs {
 type ParseKey = fn(&ParseNestedMeta<'_>, &mut TaskAttrs, &mut Errors) -> syn::Result<()>;
 
 /// Every key the attribute accepts.
-const KEYS: &[(&str, ParseKey)] = &[("name", parse_name), ("crate", parse_crate)];
+const KEYS: &[(&str, ParseKey)] = &[
+    ("name", parse_name),
+    ("crate", parse_crate),
+    ("retries", parse_retries),
+    ("retry_backoff", parse_retry_backoff),
+    ("retry_backoff_max", parse_retry_backoff_max),
+    ("retry_jitter", parse_retry_jitter),
+];
 
 /// Reads the attribute's tokens (`name = "…", …`).
 pub(crate) fn parse(tokens: TokenStream, errors: &mut Errors) -> TaskAttrs {
@@ -84,6 +109,72 @@ fn parse_crate(meta: &ParseNestedMeta<'_>, attrs: &mut TaskAttrs, errors: &mut E
         other => errors.at(other, "`crate` takes a path, e.g. `crate = my_dingo` or `crate = ::dingo`"),
     }
     Ok(())
+}
+
+/// `retries = 5`.
+fn parse_retries(meta: &ParseNestedMeta<'_>, attrs: &mut TaskAttrs, errors: &mut Errors) -> syn::Result<()> {
+    let value: Expr = meta.value()?.parse()?;
+    match &value {
+        Expr::Lit(ExprLit { lit: Lit::Int(n), .. }) => match n.base10_parse::<u32>() {
+            Ok(n) => attrs.retries = Some(n),
+            Err(_) => errors.at(n, "`retries` takes a whole number from 0 to 4294967295"),
+        },
+        other => errors.at(other, "`retries` takes a whole number, e.g. `retries = 5`"),
+    }
+    Ok(())
+}
+
+/// `retry_backoff = "2s"`.
+fn parse_retry_backoff(meta: &ParseNestedMeta<'_>, attrs: &mut TaskAttrs, errors: &mut Errors) -> syn::Result<()> {
+    attrs.retry_backoff = duration_value(meta, "retry_backoff", errors)?;
+    Ok(())
+}
+
+/// `retry_backoff_max = "10m"`.
+fn parse_retry_backoff_max(meta: &ParseNestedMeta<'_>, attrs: &mut TaskAttrs, errors: &mut Errors) -> syn::Result<()> {
+    attrs.retry_backoff_max = duration_value(meta, "retry_backoff_max", errors)?;
+    Ok(())
+}
+
+/// `retry_jitter = false`.
+fn parse_retry_jitter(meta: &ParseNestedMeta<'_>, attrs: &mut TaskAttrs, errors: &mut Errors) -> syn::Result<()> {
+    let value: Expr = meta.value()?.parse()?;
+    match value {
+        Expr::Lit(ExprLit { lit: Lit::Bool(LitBool { value, .. }), .. }) => attrs.retry_jitter = Some(value),
+        other => errors.at(other, "`retry_jitter` takes `true` or `false`"),
+    }
+    Ok(())
+}
+
+/// A duration string (`"500ms"`, `"2s"`, `"1.5s"`, `"10m"`, `"1h"`) in milliseconds.
+fn duration_value(meta: &ParseNestedMeta<'_>, key: &str, errors: &mut Errors) -> syn::Result<Option<u64>> {
+    let value: Expr = meta.value()?.parse()?;
+    let hint = format!("`{key}` takes a duration string such as \"500ms\", \"2s\", \"10m\" or \"1h\"");
+    match &value {
+        Expr::Lit(ExprLit { lit: Lit::Str(text), .. }) => match parse_millis(&text.value()) {
+            Some(ms) => return Ok(Some(ms)),
+            None => errors.at(text, hint),
+        },
+        other => errors.at(other, hint),
+    }
+    Ok(None)
+}
+
+/// `"1.5s"` → 1500. Units: ms, s, m, h; a number without a unit is not accepted.
+pub(crate) fn parse_millis(text: &str) -> Option<u64> {
+    let text = text.trim();
+    let split = text.find(|c: char| !(c.is_ascii_digit() || c == '.'))?;
+    let (number, unit) = text.split_at(split);
+    let scale = match unit.trim() {
+        "ms" => 1.0,
+        "s" => 1_000.0,
+        "m" | "min" => 60_000.0,
+        "h" => 3_600_000.0,
+        _ => return None,
+    };
+    let number: f64 = number.parse().ok()?;
+    let millis = (number * scale).round();
+    (millis.is_finite() && millis >= 0.0 && millis < u64::MAX as f64).then_some(millis as u64)
 }
 
 /// Moves past an unknown key's value (`= expr`, `(…)` or nothing) to reach the next key.
@@ -148,15 +239,41 @@ mod tests {
     }
 
     #[test]
+    fn retry_keys() {
+        let attrs =
+            parse_ok(quote!(retries = 5, retry_backoff = "1.5s", retry_backoff_max = "10m", retry_jitter = false));
+        assert_eq!(attrs.retries, Some(5));
+        assert_eq!(attrs.retry_backoff, Some(1_500));
+        assert_eq!(attrs.retry_backoff_max, Some(600_000));
+        assert_eq!(attrs.retry_jitter, Some(false));
+        assert!(attrs.sets_defaults() && !parse_ok(quote!(name = "a")).sets_defaults());
+        assert_eq!(parse_millis("250ms"), Some(250));
+        assert_eq!(parse_millis("2 s"), Some(2_000));
+        assert_eq!(parse_millis("1h"), Some(3_600_000));
+        assert_eq!(parse_millis("10"), None);
+        assert_eq!(parse_millis("5 days"), None);
+        assert_eq!(
+            messages(quote!(retries = "5", retry_backoff = 2, retry_jitter = "no")),
+            [
+                "`retries` takes a whole number, e.g. `retries = 5`",
+                "`retry_backoff` takes a duration string such as \"500ms\", \"2s\", \"10m\" or \"1h\"",
+                "`retry_jitter` takes `true` or `false`",
+            ]
+        );
+    }
+
+    #[test]
     fn reports_every_bad_key_in_one_pass() {
-        let found = messages(quote!(nmae = "a", name = "b", name = 3, retries(5), name = ""));
+        let found = messages(quote!(nmae = "a", name = "b", name = 3, retry(5), name = ""));
         assert_eq!(
             found,
             [
-                "unknown key `nmae`; `#[dingo::task]` accepts `name`, `crate`",
+                "unknown key `nmae`; `#[dingo::task]` accepts `name`, `crate`, `retries`, `retry_backoff`, \
+                 `retry_backoff_max`, `retry_jitter`",
                 "duplicate key `name`: it may appear once",
                 "`name` takes a string literal, e.g. `name = \"billing.charge\"`",
-                "unknown key `retries`; `#[dingo::task]` accepts `name`, `crate`",
+                "unknown key `retry`; `#[dingo::task]` accepts `name`, `crate`, `retries`, `retry_backoff`, \
+                 `retry_backoff_max`, `retry_jitter`",
                 "duplicate key `name`: it may appear once",
                 "the task name must not be empty",
             ]

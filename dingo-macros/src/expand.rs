@@ -43,6 +43,7 @@ pub(crate) fn task(attr: TokenStream, item: TokenStream) -> TokenStream {
     let generated = Generated {
         task: &task,
         name: name_expr(&attrs, &task, &private),
+        defaults: defaults_expr(&attrs, &private, span),
         cfgs: func.attrs.iter().filter(|attr| attr.path().is_ident("cfg")).collect(),
         private,
         span,
@@ -77,6 +78,9 @@ struct Generated<'a> {
     private: TokenStream,
     /// The function's name: generated items point there in diagnostics.
     span: Span,
+    /// The call option defaults the attribute sets (`retries = …`), as a `CallOptions`
+    /// expression; `None` when it sets none.
+    defaults: Option<TokenStream>,
 }
 
 impl Generated<'_> {
@@ -110,6 +114,21 @@ impl Generated<'_> {
 }
 
 /// `name = "…"`, else the module-qualified function name.
+fn defaults_expr(attrs: &TaskAttrs, private: &TokenStream, span: Span) -> Option<TokenStream> {
+    if !attrs.sets_defaults() {
+        return None;
+    }
+    let option = |value: Option<TokenStream>| match value {
+        Some(value) => quote_spanned!(span=> #private::Some(#value)),
+        None => quote_spanned!(span=> #private::None),
+    };
+    let retries = option(attrs.retries.map(|n| quote!(#n)));
+    let backoff = option(attrs.retry_backoff.map(|ms| quote!(#ms)));
+    let max = option(attrs.retry_backoff_max.map(|ms| quote!(#ms)));
+    let jitter = option(attrs.retry_jitter.map(|on| quote!(#on)));
+    Some(quote_spanned!(span=> #private::task_defaults(#retries, #backoff, #max, #jitter)))
+}
+
 fn name_expr(attrs: &TaskAttrs, task: &TaskFn<'_>, private: &TokenStream) -> TokenStream {
     match &attrs.name {
         Some(name) => quote!(#name),

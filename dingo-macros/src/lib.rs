@@ -39,8 +39,37 @@ use proc_macro::TokenStream;
 /// | --- | --- | --- |
 /// | `name = "…"` | `module_path!()::function` | the task's name on the wire (a non-empty string literal) |
 /// | `crate = path` | `::dingo` | where generated code finds the `dingo` crate, for a program that renames the dependency (`crate = my_dingo`) or re-exports it |
+/// | `retries = n` | `0` | a call that returns `Err` runs up to `n` more times (see `dingo::retry`) |
+/// | `retry_backoff = "1s"` | `"1s"` | the first wait between attempts; it doubles each time |
+/// | `retry_backoff_max = "10m"` | `"10m"` | the longest wait |
+/// | `retry_jitter = bool` | `true` | full jitter: each wait is random between zero and the above |
 ///
-/// Unknown and repeated keys are errors.
+/// Durations are strings of a number and a unit: `ms`, `s`, `m`, `h` (`"1.5s"`). The retry
+/// keys are defaults: a call's `CallOptions` and `App::set_default_options` win. Unknown and
+/// repeated keys are errors.
+///
+/// ```
+/// use std::sync::atomic::{AtomicU32, Ordering};
+///
+/// static RUNS: AtomicU32 = AtomicU32::new(0);
+///
+/// /// Fails twice, then charges.
+/// #[dingo::task(retries = 3, retry_backoff = "5ms", retry_jitter = false)]
+/// fn charge(cents: u64) -> Result<String, String> {
+///     match RUNS.fetch_add(1, Ordering::SeqCst) {
+///         0 | 1 => Err("gateway timeout".to_string()),
+///         _ => Ok(format!("charged {cents}")),
+///     }
+/// }
+///
+/// # fn main() -> Result<(), dingo::Error> {
+/// let app = dingo::App::local()?;
+/// app.allocate(charge, 1)?;
+/// assert_eq!(charge::call(&app, 250)?.wait()?, "charged 250");
+/// assert_eq!(RUNS.load(Ordering::SeqCst), 3);
+/// # app.close()
+/// # }
+/// ```
 ///
 /// ```
 /// // A program that names dingo otherwise (`my_dingo = { package = "dingo", … }` in its

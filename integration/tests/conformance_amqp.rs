@@ -8,6 +8,7 @@ mod both {
     dingo_test_support::transport_suite!(Amqp::setup());
     dingo_test_support::reports_suite!(Amqp::setup());
     dingo_test_support::app_suite!(Amqp::setup());
+    dingo_test_support::lifecycle_suite!(Amqp::setup());
 }
 
 #[cfg(feature = "redis")]
@@ -15,12 +16,14 @@ mod amqp_tasks_redis_reports {
     use dingo_test_support::amqp::WithRedisReports;
 
     dingo_test_support::app_suite!(WithRedisReports::setup());
+    dingo_test_support::lifecycle_suite!(WithRedisReports::setup());
 }
 
 mod durable_queues {
     use dingo_test_support::amqp::Amqp;
 
     dingo_test_support::app_suite!(Amqp::with_options(dingo::amqp::AmqpOptions::new()));
+    dingo_test_support::lifecycle_suite!(Amqp::with_options(dingo::amqp::AmqpOptions::new()));
 }
 
 /// `App::connect` with an `amqp://` URL (the facade's `amqp` feature registers the scheme),

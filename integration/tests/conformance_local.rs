@@ -6,6 +6,7 @@ mod memory {
     dingo_test_support::transport_suite!(Some(Local::memory()));
     dingo_test_support::reports_suite!(Some(Local::memory()));
     dingo_test_support::app_suite!(Some(Local::memory()));
+    dingo_test_support::lifecycle_suite!(Some(Local::memory()));
 }
 
 mod serialized {
@@ -14,4 +15,5 @@ mod serialized {
     dingo_test_support::transport_suite!(Some(Local::serialized()));
     dingo_test_support::reports_suite!(Some(Local::serialized()));
     dingo_test_support::app_suite!(Some(Local::serialized()));
+    dingo_test_support::lifecycle_suite!(Some(Local::serialized()));
 }

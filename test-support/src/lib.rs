@@ -27,6 +27,7 @@
 pub mod app;
 pub mod certs;
 pub mod faults;
+pub mod lifecycle;
 pub mod process;
 pub mod proxy;
 pub mod rabbitmq_node;
@@ -121,6 +122,30 @@ macro_rules! app_suite {
     };
 }
 
+/// Instantiates the [`lifecycle`] suite (delays, expiry, retries) for apps on one shared
+/// broker (see [`transport_suite`]).
+#[macro_export]
+macro_rules! lifecycle_suite {
+    ($setup:expr) => {
+        $crate::__suite!(
+            $setup,
+            $crate::lifecycle,
+            countdown_runs_after_its_delay,
+            eta_waits_and_a_past_eta_runs_at_once,
+            random_delays_run_once_in_due_order,
+            an_expired_task_is_not_run,
+            a_started_task_outlives_its_expiry,
+            a_failing_task_retries_then_succeeds,
+            retries_run_out_into_the_dead_letters,
+            backoff_grows_and_stays_under_its_cap,
+            a_task_can_ask_for_its_retry_wait,
+            a_panic_is_not_retried,
+            a_timed_out_wait_on_a_delayed_call_loses_nothing,
+        );
+    };
+}
+
+/// Instantiates the rules of one suite module.
 #[doc(hidden)]
 #[macro_export]
 macro_rules! __suite {

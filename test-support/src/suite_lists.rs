@@ -9,6 +9,7 @@ const SUITES: &[(&str, &str, &str)] = &[
     ("transport_suite", "transport", include_str!("transport.rs")),
     ("reports_suite", "reports", include_str!("reports.rs")),
     ("app_suite", "app", include_str!("app.rs")),
+    ("lifecycle_suite", "lifecycle", include_str!("lifecycle.rs")),
 ];
 
 /// The names of the rules in a module's source.

@@ -12,7 +12,7 @@ use crate::broker::{Consumer, Producer, Reporter, Store};
 use crate::codec::{Codec, CodecId, Codecs};
 use crate::error::Error;
 use crate::event::{Event, EventKind, EventSink, Level, Origin};
-use crate::id::{IdMaker, UuidV7};
+use crate::id::{IdMaker, TaskName, UuidV7};
 use crate::options::CallOptions;
 use crate::registry::{self, Registry, Settings};
 
@@ -203,6 +203,7 @@ impl AppBuilder {
         }
         let defaults = Settings {
             defaults: CallOptions::new(),
+            declared: CallOptions::new(),
             id_maker: this.id_maker.clone(),
             codec: this.codecs.default_codec().id(),
         };
@@ -225,6 +226,14 @@ impl AppBuilder {
         };
         for decl in registry::linked_tasks() {
             app.add_handler((decl.handler)())?;
+            let declared = (decl.defaults)();
+            if declared != CallOptions::new() {
+                let name = TaskName::from_static(decl.name);
+                app.inner.registry.update(&name, |s| {
+                    s.defaults = declared.or(&s.defaults);
+                    s.declared = declared;
+                });
+            }
         }
         app.inner.events.emit(Event::new(Origin::App, Level::Debug, EventKind::Started, "app started"));
         Ok(app)

@@ -613,6 +613,60 @@ mod tests {
     }
 
     #[test]
+    fn lifecycle_fields_round_trip_and_keep_the_tail() {
+        let due = time(1_800_000_000_123);
+        let policy = RetryPolicy::new(4)
+            .backoff(Backoff::exponential(Duration::from_millis(250)).cap(Duration::from_secs(90)).jitter(false));
+        let message =
+            task().with_attempt(3).with_due(Some(due)).with_expires(Some(time(1_800_000_060_000))).with_retry(policy);
+        let bytes = encode_task(&message).unwrap();
+        assert_eq!(&bytes[bytes.len() - 4..], &[OPTIONS, 1, OPT_MONITOR_PROGRESS | OPT_AT_MOST_ONCE, END]);
+        let back = decode_task(&bytes).unwrap();
+        assert_eq!((back.attempt, back.due, back.retry), (3, Some(due), policy));
+        assert_eq!(back.expires.map(millis), Some(1_800_000_060_000));
+        assert_eq!(back.retry.get_backoff().get_cap(), Duration::from_secs(90));
+        // A plain message carries none of them (and costs nothing for them).
+        let plain = encode_task(&task()).unwrap();
+        let back = decode_task(&plain).unwrap();
+        assert_eq!((back.attempt, back.due, back.expires, back.retry), (1, None, None, RetryPolicy::NONE));
+        assert!(plain.len() < bytes.len() - 40);
+        for fixed_policy in [RetryPolicy::new(1).backoff(Backoff::fixed(Duration::from_secs(2))), RetryPolicy::new(9)] {
+            let bytes = encode_task(&task().with_retry(fixed_policy)).unwrap();
+            assert_eq!(decode_task(&bytes).unwrap().retry, fixed_policy);
+        }
+    }
+
+    #[test]
+    fn retrying_and_repeated_failures_round_trip() {
+        let error =
+            TaskError::with_payload(TaskErrorKind::Failed, "busy", Encoded::new(1, vec![0xa4, b'b', b'u', b's', b'y']));
+        let retrying = ReportMessage {
+            name: TaskName::from("t"),
+            id: TaskId::new("1"),
+            body: ReportBody::Retrying { attempt: 2, after: Duration::from_millis(1_500), error: error.clone() },
+        };
+        let bytes = encode_report(&retrying).unwrap();
+        assert_eq!(report_head(&bytes).final_report, Some(false), "a retry is not the end");
+        match decode_report(&bytes).unwrap().body {
+            ReportBody::Retrying { attempt, after, error: back } => {
+                assert_eq!((attempt, after), (2, Duration::from_millis(1_500)));
+                assert_eq!(back, error);
+            }
+            other => panic!("{other:?}"),
+        }
+        let last = ReportMessage {
+            name: TaskName::from("t"),
+            id: TaskId::new("1"),
+            body: ReportBody::Failure(error.clone().with_attempts(3)),
+        };
+        match decode_report(&encode_report(&last).unwrap()).unwrap().body {
+            ReportBody::Failure(back) => assert_eq!((back.attempts(), back.message()), (3, "busy")),
+            other => panic!("{other:?}"),
+        }
+        assert_eq!(TaskErrorKind::from_code(TaskErrorKind::Expired.code()), TaskErrorKind::Expired);
+    }
+
+    #[test]
     fn truncated_task_keeps_identity() {
         let bytes = encode_task(&task()).unwrap();
         for cut in 0..bytes.len() {

@@ -56,6 +56,14 @@ pub(super) fn task_impl(generated: &Generated<'_>) -> TokenStream {
         }
     };
 
+    let defaults = generated.defaults.as_ref().map(|defaults| {
+        quote_spanned! {span=>
+            fn defaults() -> #private::CallOptions {
+                #defaults
+            }
+        }
+    });
+
     quote_spanned! {span=>
         #(#cfgs)*
         // Calling a `#[deprecated]` task function is the macro's doing, not the user's.
@@ -79,6 +87,8 @@ pub(super) fn task_impl(generated: &Generated<'_>) -> TokenStream {
             fn fn_type_id() -> #private::__TypeId {
                 #private::type_id_of(&#ident)
             }
+
+            #defaults
         }
     }
 }

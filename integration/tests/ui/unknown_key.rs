@@ -1,4 +1,4 @@
-#[dingo::task(name = "math.add", retries = 3)]
+#[dingo::task(name = "math.add", priority = 3)]
 fn add(a: i64, b: i64) -> i64 {
     a + b
 }
