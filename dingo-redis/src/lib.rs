@@ -63,7 +63,7 @@
 //!   never in a worker's memory: it survives the restart of every worker process, and of
 //!   Redis as far as Redis keeps its data (see [Durability](#durability)). Every process
 //!   that consumes the queue promotes: one script moves the due tasks, oldest due first and
-//!   up to 500 at a time, to where an immediate send would have put them (at-most-once ones
+//!   up to 1,000 at a time, to where an immediate send would have put them (at-most-once ones
 //!   to their own list) and wakes idle workers — so two processes promoting at once move
 //!   each task once, and there is no scheduler process to keep alive. Promoters do not poll
 //!   on a tick: each sleeps until the earliest due time, which the script gives by the
@@ -71,8 +71,9 @@
 //!   everything waiting wakes one of them (a token in `delayed:wake`); should the process
 //!   that took the token die before it promotes, the others still look every second
 //!   ([`Stats::promoted`]). A due time is the caller's wall clock (a countdown: its now plus
-//!   the countdown), in milliseconds: a caller whose clock is off delays by as much more or
-//!   less (keep clocks in sync). A delayed send is numbered like the others (a retried batch
+//!   the countdown), kept to the millisecond and never early (a task is promoted once its
+//!   millisecond is over): a caller whose clock is off delays by as much more or less (keep
+//!   clocks in sync). A delayed send is numbered like the others (a retried batch
 //!   adds nothing a promoter may have moved meanwhile), and the same message sent twice —
 //!   same call, attempt and due time — is one task.
 //! - **Retries, in one step.** The next attempt of a failed task goes into the delayed set

@@ -127,7 +127,9 @@ pub(crate) static COMPLETE: LazyLock<Script> =
 /// attempt and the due time): the same message sent twice is one task, not two.
 pub(crate) static DELAY: LazyLock<Script> = LazyLock::new(|| Script::new(lua!("includes/seen.lua", "delay.lua")));
 
-/// Moves the due messages of a delayed set (`KEYS[1]`, score at most the server's `TIME`),
+/// Moves the due messages of a delayed set (`KEYS[1]`: a score below the server's `TIME` in
+/// ms — a due time is rounded down to the millisecond, so one in the current millisecond
+/// waits for the next, never early),
 /// oldest due first, at most `ARGV[1]` of them, where an immediate send would have put each:
 /// at-most-once messages (their options field says so) to the back of the at-most-once list
 /// (`KEYS[3]`), all others to the back of the queue (`KEYS[2]`) — a member that is no message

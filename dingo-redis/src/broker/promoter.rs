@@ -31,7 +31,7 @@ use crate::scripts::{self, Call};
 pub(crate) const MAX_SLEEP: Duration = Duration::from_secs(1);
 
 /// The most messages one script moves (it runs again at once while it finds that many).
-const BATCH: usize = 500;
+const BATCH: usize = 1000;
 
 pub(crate) struct Promoter {
     inner: Arc<Inner>,

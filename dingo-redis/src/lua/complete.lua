@@ -25,7 +25,7 @@ local function retry(first, last)
   end
   for j = first, last, 2 do
     local score = tonumber(ARGV[j])
-    if score <= now then
+    if score < now then
       redis.call('LPUSH', KEYS[5], ARGV[j + 1])
       woke = true
     else
