@@ -1,7 +1,7 @@
 //! Delayed tasks and retries on Redis under faults: every worker process killed with SIGKILL
-//! while tasks wait in the delayed set, a worker killed during a retry's backoff, and the
-//! server itself killed and started again (append-only file, `fsync` on every write) while
-//! tasks wait. Each task runs exactly as often as it should.
+//! while tasks wait in the delayed set, a worker killed during a retry's backoff or while it
+//! runs an attempt, and the server itself killed and started again (append-only file,
+//! `fsync` on every write) while tasks wait. Each task runs exactly as often as it should.
 //!
 //! The worker processes are this test binary, started again to run [`child_worker`] alone:
 //! it serves the tasks below, logging every run (call and attempt) to a file, so the test
@@ -26,8 +26,9 @@ use dingo_test_support::redis_server::Server;
 /// Set (to the server's URL) in a worker process.
 const CHILD_URL: &str = "DINGO_DELAY_CHILD_URL";
 
-/// A worker process's part: serves `delay.record` (logs the run, returns its number) and
-/// `delay.flaky` (logs the run, fails until the given attempt) on the namespace, lease and
+/// A worker process's part: serves `delay.record` (logs the run, returns its number),
+/// `delay.flaky` (logs the run, fails until the given attempt) and `delay.slow_flaky` (logs
+/// the run; its first attempt naps, then fails) on the namespace, lease and
 /// log file it is given, until killed (or two minutes, should its test die first). In the
 /// test process itself it does nothing.
 #[test]
@@ -50,8 +51,19 @@ fn child_worker() {
         if ctx.attempt() < succeed_at { Err(format!("attempt {} of call {n} fails", ctx.attempt())) } else { Ok(n) }
     })
     .expect("register");
+    let slow = PathBuf::from(var("DINGO_DELAY_LOG"));
+    app.register_with_context("delay.slow_flaky", move |ctx: &Context<'_>, (n, nap_ms): (u64, u64)| {
+        append(&slow, n, ctx.attempt());
+        if ctx.attempt() == 1 {
+            std::thread::sleep(Duration::from_millis(nap_ms));
+            return Err(format!("attempt 1 of call {n} fails"));
+        }
+        Ok(n)
+    })
+    .expect("register");
     app.allocate("delay.record", 2).expect("allocate");
     app.allocate("delay.flaky", 1).expect("allocate");
+    app.allocate("delay.slow_flaky", 1).expect("allocate");
     println!("worker ready");
     std::thread::sleep(Duration::from_secs(120));
 }
@@ -228,6 +240,29 @@ fn a_worker_killed_during_the_last_backoff_still_ends_in_one_dead_letter() {
     wait_until("one dead letter", || broker.dead_letters("delay.flaky").expect("dead letters").len() == 1);
     let runs = runs(&log);
     assert_eq!((runs.get(&(1, 1)), runs.get(&(1, 2)), runs.len()), (Some(&1), Some(&1), 2), "{runs:?}");
+    caller.close().expect("close");
+    let _ = std::fs::remove_file(&log);
+}
+
+/// A worker killed while it runs an attempt does not use the attempt up: `retries = 1`, the
+/// first attempt is cut off by a SIGKILL, comes back once the dead worker's lease expires
+/// (redelivered, still attempt 1), fails, and its one retry succeeds — attempt 1 twice,
+/// attempt 2 once.
+#[test]
+fn a_worker_killed_during_an_attempt_does_not_use_it_up() {
+    let Some(setup) = Redis::setup() else { return };
+    let namespace = setup.options().namespace.clone();
+    let log = log_file();
+    let mut first = Worker::spawn(setup.url(), &namespace, &log);
+    let caller = App::builder().broker(setup.broker()).build().expect("caller app");
+    let options = CallOptions::new().retries(1).backoff(Backoff::fixed(Duration::from_millis(100)));
+    let mut handle = caller.call_with::<_, u64>("delay.slow_flaky", &options, (4u64, 1_000u64)).expect("call");
+    wait_until("the first attempt runs", || runs(&log).contains_key(&(4, 1)));
+    first.kill();
+    let _second = Worker::spawn(setup.url(), &namespace, &log);
+    assert_eq!(handle.wait_timeout(PATIENCE).expect("the retry succeeds"), 4);
+    let runs = runs(&log);
+    assert_eq!((runs.get(&(4, 1)), runs.get(&(4, 2)), runs.len()), (Some(&2), Some(&1), 2), "{runs:?}");
     caller.close().expect("close");
     let _ = std::fs::remove_file(&log);
 }
