@@ -76,7 +76,10 @@ fn several_promoters_move_each_due_task_once() {
         lateness.push(runs[0] - due);
     }
     assert_eq!(lock(&starts).len(), CALLS as usize);
-    let promoted: Vec<u64> = workers.iter().map(|(_, broker)| broker.stats().promoted).collect();
+    // Counted as each promoter reads its script's reply, which may come after the results.
+    let promoted = || workers.iter().map(|(_, broker)| broker.stats().promoted).collect::<Vec<u64>>();
+    wait_until("the promoters counted what they moved", || promoted().iter().sum::<u64>() >= CALLS);
+    let promoted = promoted();
     assert_eq!(promoted.iter().sum::<u64>(), CALLS, "each promoted once: {promoted:?}");
     let (p50, p99) = (quantile(&mut lateness, 0.5), quantile(&mut lateness, 0.99));
     eprintln!("lateness over {CALLS} tasks: p50 {p50} ms, p99 {p99} ms; promoted per process {promoted:?}");
@@ -118,6 +121,7 @@ fn a_delayed_call_starts_when_due() {
         caller.call_with::<_, u64>("delay.stamp", &CallOptions::new().eta(past), (99u64, 0u64)).expect("call");
     assert_eq!(handle.wait_timeout(PATIENCE).expect("a result"), 99);
     assert!(started.elapsed().expect("clock") < Duration::from_millis(500), "an ETA in the past runs at once");
+    wait_until("the sender counted its sends", || caller_broker.stats().sent >= 7);
     let stats = caller_broker.stats();
     assert_eq!((stats.sent, stats.delayed), (7, 6), "the call due in the past was sent as an immediate one");
     caller.close().expect("close");
@@ -142,6 +146,8 @@ fn delayed_at_most_once_calls_keep_their_delivery_mode() {
         assert_eq!(handle.wait_timeout(PATIENCE).expect("a result"), n);
         assert!(lock(&starts)[&n][0] >= millis(due));
     }
+    // Counted as the promoter reads its script's reply, which may come after the results.
+    wait_until("the promoter counted them", || broker.stats().promoted >= 20);
     assert_eq!(broker.stats().promoted, 20);
     assert_eq!(broker.stats().completed, 0, "no lease was settled: they ran at most once");
     caller.close().expect("close");
@@ -206,6 +212,7 @@ fn retries_settle_and_queue_the_next_attempt_in_one_step() {
     wait_until("the message is dead-lettered", || {
         worker_broker.dead_letters("delay.fail").expect("dead letters").len() == 1
     });
+    wait_until("the promoter counted the retries", || worker_broker.stats().promoted >= 2);
     let stats = worker_broker.stats();
     assert_eq!((stats.retried, stats.promoted), (2, 2), "{stats:?}");
     assert_eq!(worker_broker.delayed_len("delay.fail").expect("ZCARD"), 0);
