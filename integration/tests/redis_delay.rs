@@ -219,3 +219,36 @@ fn retries_settle_and_queue_the_next_attempt_in_one_step() {
     caller.close().expect("close");
     worker.close().expect("close");
 }
+
+/// Processes that delayed calls and retried them leave nothing of their own once they shut
+/// down — not the sender's sequence key of its delayed sends, nor the control list of the
+/// worker's delay listener; what stays is the queue's, and of the documented kinds.
+#[test]
+fn delays_leave_no_keys_of_a_process_behind() {
+    let Some(setup) = Redis::setup() else { return };
+    let namespace = setup.options().namespace.clone();
+    let starts: Starts = Arc::default();
+    let (worker, _broker) = stamping_worker(&setup, &starts, 1);
+    worker
+        .register_with_context("delay.twice", |ctx: &Context<'_>, n: u64| -> Result<u64, String> {
+            if ctx.attempt() == 1 { Err("once more".to_owned()) } else { Ok(n) }
+        })
+        .expect("register");
+    worker.allocate("delay.twice", 1).expect("allocate");
+    let caller = App::builder().broker(setup.broker()).build().expect("caller app");
+    let options = CallOptions::new().countdown(Duration::from_millis(100));
+    let mut stamped = caller.call_with::<_, u64>("delay.stamp", &options, (1u64, 0u64)).expect("call");
+    let options = options.retries(1).backoff(Backoff::fixed(Duration::from_millis(50)));
+    let mut retried = caller.call_with::<_, u64>("delay.twice", &options, 2u64).expect("call");
+    assert_eq!(stamped.wait_timeout(PATIENCE).expect("a result"), 1);
+    assert_eq!(retried.wait_timeout(PATIENCE).expect("a result"), 2);
+    caller.close().expect("close");
+    worker.close().expect("close");
+    let keys =
+        dingo_test_support::redis::redis_cli(setup.admin_url(), &["--scan", "--pattern", &format!("{namespace}:*")]);
+    let queue_wide = [":pending", ":amo", ":wake", ":delayed", ":delayed:wake", ":consumers", ":dead", ":dead:bytes"];
+    for key in keys.lines().filter(|key| !key.is_empty()) {
+        let documented = key == format!("{namespace}:tasks") || queue_wide.iter().any(|kind| key.ends_with(kind));
+        assert!(documented, "{key} is left behind");
+    }
+}
