@@ -100,7 +100,7 @@ fn promote(inner: &Inner, conn: &mut crate::conn::Conn, stop: &AtomicBool) -> Du
     let mut queues = queues(inner);
     let mut sleep = MAX_SLEEP;
     let batch = BATCH.to_string();
-    while !queues.is_empty() {
+    while !queues.is_empty() && !stop.load(Ordering::Acquire) {
         let calls: Vec<Call> = queues
             .iter()
             .map(|q| {
