@@ -98,6 +98,47 @@
 //! `allocate_all` and calls by name fail with an error that says so. Name the crate once in
 //! the binary — `use my_tasks as _;` in its `main.rs` — and its tasks are registered.
 //!
+//! # Delays, expiry and retries
+//!
+//! A call can wait ([`CallOptions::countdown`], [`CallOptions::eta`]: the broker keeps the
+//! task until then), expire ([`CallOptions::expires_in`]: not started by then, it fails with
+//! [`TaskErrorKind::Expired`]) and retry ([`CallOptions::retries`] and
+//! [`CallOptions::backoff`], or the task attribute `retries = n`): a task that returns `Err`
+//! runs again under the same id after a backoff, exponential with full jitter by default
+//! (see [`retry`] for what retries and what never does).
+//!
+//! ```
+//! use std::time::Duration;
+//! use dingo::{Backoff, CallOptions, Report};
+//!
+//! #[dingo::task(retries = 2, retry_backoff = "10ms", retry_jitter = false)]
+//! fn flaky(ctx: &dingo::Context, n: u32) -> Result<u32, String> {
+//!     if ctx.attempt() < 3 { Err(format!("attempt {} failed", ctx.attempt())) } else { Ok(n) }
+//! }
+//!
+//! fn main() -> Result<(), dingo::Error> {
+//!     let app = dingo::App::local()?;
+//!     app.allocate(flaky, 1)?;
+//!     let options = CallOptions::new().countdown(Duration::from_millis(20)).monitor_progress(true);
+//!     let reports: Vec<Report<u32>> = flaky::call_with(&app, &options, 7)?.reports().collect();
+//!     let waits: Vec<Duration> = reports
+//!         .iter()
+//!         .filter_map(|r| match r {
+//!             Report::Retrying { after, .. } => Some(*after),
+//!             _ => None,
+//!         })
+//!         .collect();
+//!     assert_eq!(waits, [Duration::from_millis(10), Duration::from_millis(20)]);
+//!     assert_eq!(reports.last(), Some(&Report::Success(7)));
+//!
+//!     // One more retry than the attribute allows, for this call only, with its own backoff.
+//!     let more = CallOptions::new().retries(1).backoff(Backoff::fixed(Duration::from_millis(5)));
+//!     let error = flaky::call_with(&app, &more, 7)?.wait().unwrap_err();
+//!     assert_eq!(error.task_error().map(|e| e.attempts()), Some(2));
+//!     app.close()
+//! }
+//! ```
+//!
 //! # Where to go next
 //! - [`task`]: the macro, its attribute keys and what it generates.
 //! - [`App`]: allocating workers, registering closures, calling by name, shutting down.

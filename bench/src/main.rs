@@ -17,6 +17,13 @@
 //! - `inflight-serialized`: `inflight` through the serialized local broker (MessagePack and
 //!   the wire format on every message), so the codec's cost shows;
 //! - `payload-1k-serialized`: a 1 KiB string echoed through the serialized broker.
+//! - `delayed`: `--calls`/2 calls sent at once with random countdowns spread over 1 s,
+//!   call→result rate from the first send to the last result (the broker's delay structure
+//!   under load: the rate cannot beat `calls / 1 s`);
+//! - `lateness`: 2,000 calls delayed 50–500 ms; p50 / p99 of the time from each one's due
+//!   time to its worker starting it (the rate column is calls/s over the run);
+//! - `retry`: `inflight` with a task that fails its first attempt and retries once after
+//!   1 ms (through the broker's delay), call→result rate.
 //!
 //! Scenarios on Redis (a caller app and a worker app, each with its own connections, in
 //! this process; a fresh namespace per run, deleted afterwards):
@@ -28,8 +35,12 @@
 //!   request-reply at a time with four plain commands (`LPUSH`, `BRPOP` on each side), the
 //!   floor under `redis-sequential`.
 //!
-//! Scenarios on RabbitMQ: the same four (`amqp-inflight`, `amqp-inflight-at-most-once`,
-//! `amqp-fire-and-forget`, `amqp-sequential`), with durable queues, persistent messages and
+//! - `redis-delayed`, `redis-lateness`, `redis-retry`: the three lifecycle scenarios above
+//!   (`redis-delayed` with `--calls` calls).
+//!
+//! Scenarios on RabbitMQ: the same seven (`amqp-inflight`, `amqp-inflight-at-most-once`,
+//! `amqp-fire-and-forget`, `amqp-sequential`, `amqp-delayed` with `--calls`/2 calls,
+//! `amqp-lateness`, `amqp-retry`), with durable queues, persistent messages and
 //! publisher confirms (the broker's defaults); a fresh namespace per run, its queues deleted
 //! afterwards. And four baselines without dingo, amiquip alone on the same server:
 //! `amqp-raw-inflight` (calls as dingo makes them — persistent confirmed requests, a
@@ -47,11 +58,11 @@ mod raw_redis;
 
 use std::collections::VecDeque;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::time::{Duration, Instant};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use dingo::amqp::{AmqpBroker, AmqpOptions};
 use dingo::redis::{RedisBroker, RedisOptions};
-use dingo::{App, CallOptions, LocalBroker};
+use dingo::{App, Backoff, CallOptions, Context, LocalBroker};
 
 #[cfg(feature = "mimalloc")]
 #[global_allocator]
@@ -73,6 +84,23 @@ fn count(a: i64, b: i64) {
 #[dingo::task(name = "bench.echo")]
 fn echo(payload: String) -> String {
     payload
+}
+
+/// Microseconds since the Unix epoch (the lateness scenario compares wall-clock times).
+fn now_us() -> u64 {
+    SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_micros() as u64)
+}
+
+/// How late it started: the time from `due_us` to now, in microseconds.
+#[dingo::task(name = "bench.late")]
+fn late(due_us: u64) -> u64 {
+    now_us().saturating_sub(due_us)
+}
+
+/// Fails its first attempt.
+#[dingo::task(name = "bench.flaky")]
+fn flaky(ctx: &Context, a: i64) -> Result<i64, String> {
+    if ctx.attempt() == 1 { Err("first attempts fail".to_owned()) } else { Ok(a) }
 }
 
 struct Config {
@@ -178,6 +206,9 @@ fn local(config: &Config) {
         ("sequential", Box::new(move || sequential(&memory()?, &memory_same(), config, (calls / 10).max(1)))),
         ("inflight-serialized", Box::new(move || inflight(&serialized()?, &memory_same(), config, (calls / 4).max(1)))),
         ("payload-1k-serialized", Box::new(move || payload(serialized()?, config, (calls / 10).max(1)))),
+        ("delayed", Box::new(move || delayed(&memory()?, &memory_same(), config, (calls / 2).max(1)))),
+        ("lateness", Box::new(move || lateness(&memory()?, &memory_same(), config, 2_000))),
+        ("retry", Box::new(move || retry(&memory()?, &memory_same(), config, (calls / 4).max(1)))),
     ];
     run(config, scenarios);
 }
@@ -200,7 +231,7 @@ fn redis(config: &Config) {
         let worker = App::builder().broker(namespace.broker()?).build()?;
         Ok((caller, worker, Box::new(namespace)))
     };
-    let mut scenarios = remote("redis", config, calls, &pair);
+    let mut scenarios = remote("redis", config, calls, calls, &pair);
     scenarios.push(("redis-raw-request-reply", Box::new(move || raw_redis::request_reply(url, (calls / 20).max(1)))));
     run(config, scenarios);
 }
@@ -215,7 +246,7 @@ fn amqp(config: &Config) {
         let worker = App::builder().broker(topology.broker()?).build()?;
         Ok((caller, worker, Box::new(topology)))
     };
-    let mut scenarios = remote("amqp", config, calls, &pair);
+    let mut scenarios = remote("amqp", config, calls, (calls / 2).max(1), &pair);
     scenarios.push(("amqp-raw-inflight", Box::new(move || raw_amqp::inflight(url, calls, config.window))));
     scenarios.push((
         "amqp-raw-inflight-at-most-once",
@@ -231,6 +262,7 @@ fn remote<'a>(
     broker: &str,
     config: &'a Config,
     calls: u64,
+    delayed_calls: u64,
     pair: &'a (dyn Fn() -> Result<Pair, dingo::Error> + 'a),
 ) -> Vec<Scenario<'a>> {
     let at_most_once = |app: &App| app.set_default_options(add, CallOptions::new().at_most_once(true));
@@ -263,6 +295,27 @@ fn remote<'a>(
             Box::new(move || {
                 let (caller, worker, _cleanup) = pair()?;
                 sequential(&caller, &Some(worker), config, (calls / 20).max(1))
+            }),
+        ),
+        (
+            name("delayed"),
+            Box::new(move || {
+                let (caller, worker, _cleanup) = pair()?;
+                delayed(&caller, &Some(worker), config, delayed_calls)
+            }),
+        ),
+        (
+            name("lateness"),
+            Box::new(move || {
+                let (caller, worker, _cleanup) = pair()?;
+                lateness(&caller, &Some(worker), config, 2_000)
+            }),
+        ),
+        (
+            name("retry"),
+            Box::new(move || {
+                let (caller, worker, _cleanup) = pair()?;
+                retry(&caller, &Some(worker), config, (calls / 4).max(1))
             }),
         ),
     ]
@@ -451,6 +504,78 @@ fn payload(app: App, config: &Config, calls: u64) -> Outcome {
     }
     let rate = calls as f64 / start.elapsed().as_secs_f64();
     app.close()?;
+    Ok(Measure::Rate(rate))
+}
+
+/// A small random number generator (xorshift), for spreading delays.
+struct Spread(u64);
+
+impl Spread {
+    fn next(&mut self, below: u64) -> u64 {
+        self.0 ^= self.0 << 13;
+        self.0 ^= self.0 >> 7;
+        self.0 ^= self.0 << 17;
+        self.0 % below.max(1)
+    }
+}
+
+fn delayed(app: &App, worker: &Option<App>, config: &Config, calls: u64) -> Outcome {
+    workers(app, worker).allocate(add, config.workers)?;
+    warm_up(app)?;
+    let mut spread = Spread(0x2545_f491_4f6c_dd1d);
+    let mut handles = Vec::with_capacity(calls as usize);
+    let start = Instant::now();
+    for i in 0..calls as i64 {
+        let countdown = Duration::from_micros(spread.next(1_000_000));
+        handles.push(add::call_with(app, &CallOptions::new().countdown(countdown), i, 1)?);
+    }
+    for handle in handles {
+        handle.wait()?;
+    }
+    let rate = calls as f64 / start.elapsed().as_secs_f64();
+    close(app, worker)?;
+    Ok(Measure::Rate(rate))
+}
+
+fn lateness(app: &App, worker: &Option<App>, config: &Config, calls: u64) -> Outcome {
+    workers(app, worker).allocate(late, config.workers)?;
+    let mut spread = Spread(0x9e37_79b9_7f4a_7c15);
+    let mut handles = Vec::with_capacity(calls as usize);
+    let start = Instant::now();
+    for _ in 0..calls {
+        let countdown = Duration::from_millis(50 + spread.next(451));
+        let due = now_us() + countdown.as_micros() as u64;
+        handles.push(late::call_with(app, &CallOptions::new().countdown(countdown), due)?);
+    }
+    let mut latencies = Vec::with_capacity(calls as usize);
+    for handle in handles {
+        latencies.push(Duration::from_micros(handle.wait()?));
+    }
+    let rate = calls as f64 / start.elapsed().as_secs_f64();
+    latencies.sort();
+    let at = |q: f64| latencies[((latencies.len() as f64 * q) as usize).min(latencies.len() - 1)];
+    let measure = Measure::Latency { p50: at(0.50), p99: at(0.99), rate };
+    close(app, worker)?;
+    Ok(measure)
+}
+
+fn retry(app: &App, worker: &Option<App>, config: &Config, calls: u64) -> Outcome {
+    workers(app, worker).allocate(flaky, config.workers)?;
+    let options = CallOptions::new().retries(1).backoff(Backoff::fixed(Duration::from_millis(1)));
+    let mut pending = VecDeque::with_capacity(config.window);
+    let start = Instant::now();
+    for i in 0..calls as i64 {
+        pending.push_back(flaky::call_with(app, &options, i)?);
+        if pending.len() >= config.window {
+            let handle = pending.pop_front().ok_or(dingo::Error::NoReport)?;
+            handle.wait()?;
+        }
+    }
+    for handle in pending {
+        handle.wait()?;
+    }
+    let rate = calls as f64 / start.elapsed().as_secs_f64();
+    close(app, worker)?;
     Ok(Measure::Rate(rate))
 }
 

@@ -132,6 +132,8 @@ pub trait Consumer: Send + Sync + 'static {
 /// What [`Subscription::recv`] got (more outcomes may be added: a `match` needs a `_` arm).
 #[derive(Debug)]
 #[non_exhaustive]
+// A delivery is moved once per task; boxing it would cost an allocation per task instead.
+#[allow(clippy::large_enum_variant)]
 pub enum Recv {
     /// A task to run.
     Delivery(Delivery),

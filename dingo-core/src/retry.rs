@@ -93,10 +93,17 @@ impl RetryPolicy {
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 #[must_use]
 pub struct Backoff {
-    base: Duration,
-    cap: Duration,
+    /// Milliseconds (a message carries them so; compact, as every message holds a policy).
+    base_ms: u32,
+    cap_ms: u32,
     exponential: bool,
     jitter: bool,
+}
+
+/// `d` in whole milliseconds, at most `u32::MAX` (49 days).
+const fn ms(d: Duration) -> u32 {
+    let ms = d.as_millis();
+    if ms > u32::MAX as u128 { u32::MAX } else { ms as u32 }
 }
 
 impl Default for Backoff {
@@ -107,22 +114,22 @@ impl Default for Backoff {
 
 impl Backoff {
     /// Exponential from 1 s, capped at 10 min, full jitter.
-    pub const DEFAULT: Backoff =
-        Backoff { base: Duration::from_secs(1), cap: Duration::from_secs(600), exponential: true, jitter: true };
+    pub const DEFAULT: Backoff = Backoff { base_ms: 1_000, cap_ms: 600_000, exponential: true, jitter: true };
 
-    /// Exponential from `base` (cap 10 min, full jitter).
+    /// Exponential from `base` (cap 10 min, full jitter). Waits count in whole milliseconds
+    /// (as messages carry them), up to 49 days.
     pub const fn exponential(base: Duration) -> Backoff {
-        Backoff { base, ..Backoff::DEFAULT }
+        Backoff { base_ms: ms(base), ..Backoff::DEFAULT }
     }
 
     /// The same wait every time, no jitter.
     pub const fn fixed(delay: Duration) -> Backoff {
-        Backoff { base: delay, cap: delay, exponential: false, jitter: false }
+        Backoff { base_ms: ms(delay), cap_ms: ms(delay), exponential: false, jitter: false }
     }
 
     /// Sets the longest wait.
     pub const fn cap(mut self, cap: Duration) -> Backoff {
-        self.cap = cap;
+        self.cap_ms = ms(cap);
         self
     }
 
@@ -134,12 +141,12 @@ impl Backoff {
 
     /// The first wait.
     pub const fn get_base(&self) -> Duration {
-        self.base
+        Duration::from_millis(self.base_ms as u64)
     }
 
     /// The longest wait.
     pub const fn get_cap(&self) -> Duration {
-        self.cap
+        Duration::from_millis(self.cap_ms as u64)
     }
 
     /// Whether the wait doubles with every attempt.
@@ -155,13 +162,14 @@ impl Backoff {
     /// The wait after `attempt` (1 for the first run) failed: at most
     /// `min(cap, base × 2^(attempt − 1))`, exactly that without jitter.
     pub fn delay(&self, attempt: u32) -> Duration {
+        let (base, cap) = (self.get_base(), self.get_cap());
         let ceiling = if self.exponential {
-            let doublings = attempt.saturating_sub(1).min(63);
-            self.base.checked_mul(1u32.checked_shl(doublings.min(31)).unwrap_or(u32::MAX)).unwrap_or(self.cap)
+            let doublings = attempt.saturating_sub(1).min(31);
+            base.checked_mul(1u32 << doublings).unwrap_or(cap)
         } else {
-            self.base
+            base
         }
-        .min(self.cap);
+        .min(cap);
         if !self.jitter || ceiling.is_zero() {
             return ceiling;
         }

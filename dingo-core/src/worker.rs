@@ -286,7 +286,6 @@ pub(crate) fn execute(shared: &Shared, delivery: Delivery) {
         };
         call.finish(body, ack.take());
     });
-    drop(ctx);
     if let Some((args, wait, error)) = next {
         call.retrying(attempt, wait, error, options.monitor_progress);
         let next = TaskMessage {

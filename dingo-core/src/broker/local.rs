@@ -70,7 +70,7 @@ pub struct LocalOptions {
     pub max_dead_letters: usize,
     /// How many delayed tasks (countdowns, ETAs, retries waiting out their backoff) are kept
     /// at most, over all queues; past it a delayed send blocks like a send to a full queue.
-    /// Default 100,000.
+    /// Default 1,000,000 (a few hundred bytes each).
     pub max_delayed: usize,
 }
 
@@ -84,7 +84,7 @@ impl Default for LocalOptions {
             max_unclaimed: UnclaimedLimit::default().reports,
             max_unclaimed_bytes: UnclaimedLimit::default().bytes,
             max_dead_letters: 1_000,
-            max_delayed: 100_000,
+            max_delayed: 1_000_000,
         }
     }
 }
@@ -193,9 +193,9 @@ impl LocalBroker {
                 address: Arc::from(format!("local.{}", NEXT.fetch_add(1, Ordering::Relaxed))),
                 delays: Arc::new(Delays::new(max_delayed, {
                     let me = me.clone();
-                    move |entry| {
+                    move |due| {
                         if let Some(inner) = me.upgrade() {
-                            inner.release(entry);
+                            inner.release(due);
                         }
                     }
                 })),
@@ -328,27 +328,40 @@ impl Inner {
         }
     }
 
-    /// Moves a delayed message that is due into its queue (waiting for room there, as a
+    /// Moves delayed messages that are due into their queues (waiting for room there, as a
     /// send does).
-    fn release(&self, entry: Entry<Item>) {
-        let Entry { queue: name, item, .. } = entry;
-        let Some(queue) = self.queues.load().get(name.as_str()).cloned() else {
-            return self.fail_unrun(&name, item);
-        };
-        let mut item = item;
-        loop {
-            if self.life.is_closed() {
-                return self.fail_unrun(&name, item);
-            }
-            match queue.tx.send_timeout(item, Duration::from_millis(100)) {
-                Ok(()) => break,
-                Err(SendTimeoutError::Timeout(back)) => item = back,
-                Err(SendTimeoutError::Disconnected(back)) => return self.fail_unrun(&name, back),
+    fn release(&self, due: Vec<Entry<Item>>) {
+        let queues = self.queues.load();
+        for entry in due {
+            let (name, item) = entry.into_parts();
+            let Some(queue) = queues.get(name.as_str()) else {
+                self.fail_unrun(&name, item);
+                continue;
+            };
+            match queue.tx.try_send(item) {
+                Ok(()) => {}
+                Err(TrySendError::Full(item)) => self.release_blocking(&name, queue, item),
+                Err(TrySendError::Disconnected(item)) => self.fail_unrun(&name, item),
             }
         }
         // A release that raced with shutdown must not leave its task stranded.
         if self.life.is_closed() {
             self.drain_queues();
+        }
+    }
+
+    /// Waits for room in a full queue, giving up when the broker shuts down.
+    fn release_blocking(&self, name: &TaskName, queue: &Queue, item: Item) {
+        let mut item = item;
+        loop {
+            if self.life.is_closed() {
+                return self.fail_unrun(name, item);
+            }
+            match queue.tx.send_timeout(item, Duration::from_millis(100)) {
+                Ok(()) => return,
+                Err(SendTimeoutError::Timeout(back)) => item = back,
+                Err(SendTimeoutError::Disconnected(back)) => return self.fail_unrun(name, back),
+            }
         }
     }
 
@@ -364,7 +377,8 @@ impl Inner {
         // A delay that raced with shutdown must not leave its task stranded.
         if self.life.is_closed() {
             for entry in self.delays.stop() {
-                self.fail_unrun(&entry.queue, entry.item);
+                let (queue, item) = entry.into_parts();
+                self.fail_unrun(&queue, item);
             }
         }
         Ok(())
@@ -542,7 +556,8 @@ impl Shutdown for Inner {
         }
         self.drain_queues();
         for entry in self.delays.stop() {
-            self.fail_unrun(&entry.queue, entry.item);
+            let (queue, item) = entry.into_parts();
+            self.fail_unrun(&queue, item);
         }
         // Pending handles of the serialized store learn that no report will come.
         self.router.close();
@@ -559,13 +574,41 @@ impl Producer for LocalBroker {
     }
 
     fn send(&self, message: TaskMessage, timeout: Option<Duration>) -> Result<(), BrokerError> {
-        let inner = &*self.inner;
-        inner.life.check_open()?;
-        let task = message.name.clone();
         let due = match message.due {
             Some(due) if message.wait_at(SystemTime::now()).is_some() => Some(due),
             _ => None,
         };
+        self.enqueue(message, due, timeout)
+    }
+
+    /// A retry always goes through the delays, even when due at once: a worker sending into
+    /// its own full queue would wait for itself.
+    fn retry(&self, message: TaskMessage, ack: Option<Ack>) -> Result<(), BrokerError> {
+        let due = message.due.unwrap_or_else(SystemTime::now);
+        self.enqueue(message, Some(due), None)?;
+        ack.map_or(Ok(()), Ack::ack)
+    }
+
+    fn accepts_local(&self) -> bool {
+        !self.inner.options.serialized
+    }
+
+    fn close(&self) {
+        self.inner.life.release(&*self.inner);
+    }
+}
+
+impl LocalBroker {
+    /// Puts a message into its queue, or into the delays when `due` is set.
+    fn enqueue(
+        &self,
+        message: TaskMessage,
+        due: Option<SystemTime>,
+        timeout: Option<Duration>,
+    ) -> Result<(), BrokerError> {
+        let inner = &*self.inner;
+        inner.life.check_open()?;
+        let task = message.name.clone();
         let item = if inner.options.serialized {
             let bytes = wire::encode_task(&message)?;
             if bytes.len() > inner.options.max_message_size {
@@ -615,14 +658,6 @@ impl Producer for LocalBroker {
             inner.drain_queues();
         }
         sent
-    }
-
-    fn accepts_local(&self) -> bool {
-        !self.inner.options.serialized
-    }
-
-    fn close(&self) {
-        self.inner.life.release(&*self.inner);
     }
 }
 
