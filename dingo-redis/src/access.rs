@@ -31,8 +31,9 @@ use Arg::{Control, Lit, Queue, Tasks};
 /// them, with arguments of the shape dingo uses. Not listed, because dingo does without
 /// them (they are used when allowed): `HELLO` and `INFO` (the server's version: either
 /// will do), `CLIENT SETNAME` (connections stay unnamed), `CLIENT INFO` and `CLIENT KILL`
-/// (sends go as numbered scripts), `SORT` (fetches move tasks through Lua), and `SCAN`
-/// ([`purge_namespace`](crate::RedisBroker::purge_namespace), a tool, alone uses it).
+/// (sends go as numbered scripts), `SORT` (fetches move tasks through Lua), `SCAN`
+/// ([`purge_namespace`](crate::RedisBroker::purge_namespace), a tool, alone uses it) and
+/// `ZCARD` ([`delayed_len`](crate::RedisBroker::delayed_len), for inspection).
 const NEEDED: &[(&str, &[Arg])] = &[
     ("ping", &[]),
     ("echo", &[Lit("x")]),
@@ -79,7 +80,8 @@ const OPTIONAL: &[&str] = &["hello", "client|setname", "client|info"];
 /// `ACL SETUSER NAME on >PASSWORD RULES`. A namespace's glob characters (`*?[]\`) are
 /// escaped; it must not hold whitespace (an ACL file could not hold the pattern). A URL
 /// with a database other than 0 needs `+select` as well;
-/// [`purge_namespace`](crate::RedisBroker::purge_namespace) needs `+scan`.
+/// [`purge_namespace`](crate::RedisBroker::purge_namespace) needs `+scan`, and
+/// [`delayed_len`](crate::RedisBroker::delayed_len) `+zcard`.
 ///
 /// ```
 /// assert_eq!(
@@ -193,9 +195,11 @@ mod tests {
             include_str!("lua/includes/seen.lua"),
             include_str!("lua/complete.lua"),
             include_str!("lua/dead.lua"),
+            include_str!("lua/delay.lua"),
             include_str!("lua/fetch.lua"),
             include_str!("lua/give_back.lua"),
             include_str!("lua/probe.lua"),
+            include_str!("lua/promote.lua"),
             include_str!("lua/push.lua"),
             include_str!("lua/reap.lua"),
             include_str!("lua/renew.lua"),
@@ -206,6 +210,7 @@ mod tests {
             include_str!("broker/flusher.rs"),
             include_str!("broker/keeper.rs"),
             include_str!("broker/listener.rs"),
+            include_str!("broker/promoter.rs"),
             include_str!("broker/settle.rs"),
             include_str!("broker/writer.rs"),
         ];
@@ -240,7 +245,7 @@ mod tests {
         let used = used();
         assert!(used.len() > 20, "the scan found the commands: {used:?}");
         // Used where allowed, done without otherwise (see `NEEDED`).
-        let without = ["hello", "info", "client|setname", "client|info", "client", "sort", "scan"];
+        let without = ["hello", "info", "client|setname", "client|info", "client", "sort", "scan", "zcard"];
         for command in &used {
             let checked = NEEDED.iter().any(|(needed, _)| needed == command);
             assert!(checked || without.contains(&command.as_str()), "`{command}` is used but not checked");

@@ -7,6 +7,8 @@
 //! | the app's worker threads ([`fetcher`]) | consumer | each a consumer of its own: takes batches into its processing list, settles them with its next fetch; blocks on the queues' wake lists when idle |
 //! | `dingo-redis-done` ([`completer`]) | reporter | stores what does not come from a worker thread of this broker (mixed transports, dead letters, give-backs) |
 //! | `dingo-redis-leases` ([`keeper`]) | consumer | renews the consumers' leases, returns the tasks of expired ones to their queue |
+//! | `dingo-redis-delay` ([`promoter`]) | consumer | moves delayed tasks and retries to their queue once due, sleeping until the next is |
+//! | `dingo-redis-delay-wake` ([`promoter`]) | consumer | blocks on the queues' `delayed:wake` lists: a task due sooner than the others wakes the promoter |
 //! | `dingo-redis-reply` ([`listener`]) | store | blocks on this process's reply lists and routes reports to handles |
 //!
 //! The threads that settle (the worker threads, the [`flusher`], the report writer) share one
@@ -21,13 +23,14 @@ mod fetcher;
 mod flusher;
 mod keeper;
 mod listener;
+mod promoter;
 mod settle;
 mod writer;
 
 use std::collections::{HashMap, HashSet};
 use std::fmt;
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
+use std::time::{Duration, SystemTime};
 
 use arc_swap::ArcSwap;
 use dingo_core::__internal::FastMap;
@@ -50,6 +53,7 @@ use completer::Completer;
 use flusher::Flusher;
 use keeper::Keeper;
 use listener::Listener;
+use promoter::Promoter;
 use settle::{Op, Settle};
 use writer::{Outgoing, Writer};
 
@@ -87,8 +91,18 @@ dingo_core::counters! {
         /// part of `completed`, `dead_lettered`, …; the others ride with their worker's next
         /// fetch).
         flushed,
-        /// Late reports rejected because the lease had been taken over (fencing).
+        /// Late reports (and retries) rejected because the lease had been taken over
+        /// (fencing).
         rejected_reports,
+        /// Task messages sent with a due time in the future: kept in their queue's delayed set
+        /// until due (a part of `sent`).
+        delayed,
+        /// Delayed messages (sent delayed, or retries) this process's promoter moved to their
+        /// queue once due.
+        promoted,
+        /// Retries queued in the same step that settled the failed attempt (the next
+        /// attempt's message, due after its backoff).
+        retried,
         /// Leases this process renewed.
         renewed,
         /// Expired leases this process returned to their queue.
@@ -111,7 +125,9 @@ pub(crate) mod actor {
     pub(crate) const DONE: &str = "done";
     pub(crate) const FLUSH: &str = "flush";
     pub(crate) const RECV: &str = "recv";
-    pub(crate) const ALL: [&str; 4] = [SEND, DONE, FLUSH, RECV];
+    /// The sender's delayed sends (numbered by the sender, under a key of their own).
+    pub(crate) const DELAY: &str = "delay";
+    pub(crate) const ALL: [&str; 5] = [SEND, DONE, FLUSH, RECV, DELAY];
 }
 
 /// A queue and the consumers of this process holding a lease on it.
@@ -136,6 +152,7 @@ pub(crate) struct Inner {
     flusher: Lazy<Flusher>,
     listener: Lazy<Listener>,
     keeper: Lazy<Keeper>,
+    promoter: Lazy<Promoter>,
     /// The consumers (worker threads) of this process, by queue prefix: whose leases the
     /// keeper renews.
     pub(crate) leases: Mutex<HashMap<String, Leases>>,
@@ -207,6 +224,7 @@ impl RedisBroker {
             flusher: Lazy::new(),
             listener: Lazy::new(),
             keeper: Lazy::new(),
+            promoter: Lazy::new(),
             leases: Mutex::new(HashMap::new()),
             consumed: Mutex::new(HashMap::new()),
             options,
@@ -248,6 +266,15 @@ impl RedisBroker {
             .command(&mut |c| redis::pipe().cmd("LLEN").arg(&keys.pending).cmd("LLEN").arg(&keys.amo).query(c))
             .map_err(|e| broker_error("reading the queue length failed", e))?;
         Ok(a + b)
+    }
+
+    /// How many messages wait in a task's delayed set: sent with a due time not reached yet,
+    /// and retries waiting out their backoff (see [Delays](crate#guarantees)).
+    pub fn delayed_len(&self, task: &str) -> Result<usize, BrokerError> {
+        let keys = self.inner.queue_keys(task);
+        self.inner
+            .command(&mut |c| redis::cmd("ZCARD").arg(&keys.delayed).query(c))
+            .map_err(|e| broker_error("reading the delayed set's length failed", e))
     }
 
     /// Pushes raw bytes into a task's queue, as a foreign or broken producer would (for tests
@@ -399,6 +426,10 @@ impl Inner {
         self.keeper.get_or_start(|| Keeper::start(self.clone()))
     }
 
+    pub(crate) fn promoter(self: &Arc<Inner>) -> Result<&Promoter, BrokerError> {
+        self.promoter.get_or_start(|| Promoter::start(self.clone()))
+    }
+
     /// A consumer of this process registered a lease on `queue`: keep renewing it.
     pub(crate) fn remember_consumer(&self, queue: &Arc<QueueKeys>, consumer: &Arc<str>) {
         let mut leases = lock(&self.leases);
@@ -443,7 +474,10 @@ impl Inner {
     /// numbers batches that will never come again. Worker threads remove their own when they
     /// retire.
     fn remove_own_keys(&self) {
-        let mut own = vec![keys::control(&self.options.namespace, &format!("{}:reply", self.process))];
+        let mut own = vec![
+            keys::control(&self.options.namespace, &format!("{}:reply", self.process)),
+            keys::control(&self.options.namespace, &format!("{}:delay", self.process)),
+        ];
         for queue in self.queues.load().values() {
             own.extend([queue.reply_here.clone(), queue.notify_here.clone()]);
             own.extend(actor::ALL.iter().map(|role| queue.seq(&format!("{role}.{}", self.process))));
@@ -602,6 +636,9 @@ impl Shutdown for Inner {
         if let Some(keeper) = self.keeper.get() {
             keeper.stop();
         }
+        if let Some(promoter) = self.promoter.get() {
+            promoter.stop();
+        }
         if let Some(listener) = self.listener.get() {
             listener.stop();
         }
@@ -635,9 +672,45 @@ impl Producer for RedisBroker {
             ReplyTo::Address(caller) => Some(caller.clone()),
             _ => None,
         };
-        let outgoing = Outgoing { queue, at_most_once: message.options.at_most_once, bytes, key: message.key(), reply };
+        let due = message.due.filter(|due| *due > SystemTime::now()).map(wire::millis);
+        let at_most_once = message.options.at_most_once;
+        let outgoing = Outgoing { queue, at_most_once, bytes, due, key: message.key(), reply };
         let writer = inner.writer.get_or_start(|| Writer::start(inner.clone()))?;
         writer.send(outgoing, timeout)
+    }
+
+    fn retry(&self, message: TaskMessage, ack: Option<Ack>) -> Result<(), BrokerError> {
+        let (ours, other) = match ack.map(|ack| ack.downcast::<RedisAck>()) {
+            Some(Ok(ours)) if ours.is_from(&self.inner) && ours.queue.task == message.name.as_str() => {
+                (Some(ours), None)
+            }
+            Some(Ok(foreign)) => (None, Some(Ack::new(*foreign))),
+            Some(Err(ack)) => (None, Some(ack)),
+            None => (None, None),
+        };
+        let Some(ours) = ours else {
+            // Another broker's delivery, or one without a lease: sent, then settled.
+            self.send(message, None)?;
+            return other.map_or(Ok(()), Ack::ack);
+        };
+        // Our own delivery: its message leaves the processing list in the step that queues
+        // the next attempt (with the worker's next fetch), so a crash between the two
+        // cannot leave both, or neither. Not checked against `max_message_size`: the
+        // attempt was taken within it, and one a few bytes over is dead-lettered on receipt.
+        self.inner.life.check_open()?;
+        match wire::encode_task(&message) {
+            Ok(bytes) => {
+                let due = wire::millis(message.due.unwrap_or_else(SystemTime::now));
+                (*ours).settle(Settle::Retry { due, bytes })
+            }
+            Err(e) => {
+                // Settled all the same (settlements are positional: one skipped would settle
+                // another task's message), to the dead letters, where it can be replayed.
+                let reason = format!("its retry could not be encoded: {}", dingo_core::error::chain(&e));
+                (*ours).settle(Settle::Dead { reason, keep: 0 })?;
+                Err(e)
+            }
+        }
     }
 
     fn close(&self) {
@@ -661,7 +734,10 @@ impl Consumer for RedisBroker {
         }
         self.inner.keeper()?;
         self.inner.completer()?;
-        Ok(Box::new(fetcher::RedisSubscription::start(self.clone(), tasks, settings)?))
+        let subscription = fetcher::RedisSubscription::start(self.clone(), tasks, settings)?;
+        // Its queues are consumed now: the promoter takes them on.
+        self.inner.promoter()?.refresh();
+        Ok(Box::new(subscription))
     }
 
     fn close(&self) {

@@ -20,6 +20,11 @@ pub(crate) struct QueueKeys {
     pub(crate) dead: String,
     /// How many bytes the dead-letter list holds (kept by the scripts that write it).
     pub(crate) dead_bytes: String,
+    /// Delayed messages, scored by due time (ms since the Unix epoch).
+    pub(crate) delayed: String,
+    /// A token when a message is due before all the others in `delayed`: what promoters
+    /// block on.
+    pub(crate) delayed_wake: String,
     /// The reply list of the process these keys were made for, and its notify list.
     pub(crate) reply_here: String,
     pub(crate) notify_here: String,
@@ -40,6 +45,8 @@ impl QueueKeys {
             processing: key("processing:"),
             dead: key("dead"),
             dead_bytes: key("dead:bytes"),
+            delayed: key("delayed"),
+            delayed_wake: key("delayed:wake"),
             reply_here: key(&format!("reply:{process}")),
             notify_here: key(&format!("notify:{process}")),
             listened: std::sync::atomic::AtomicBool::new(false),
@@ -105,9 +112,17 @@ mod tests {
     #[test]
     fn all_keys_of_a_queue_share_one_hash_tag() {
         let keys = QueueKeys::new("ns", "math.add", "p1");
-        for key in
-            [&keys.pending, &keys.amo, &keys.wake, &keys.consumers, &keys.processing, &keys.dead, &keys.dead_bytes]
-        {
+        for key in [
+            &keys.pending,
+            &keys.amo,
+            &keys.wake,
+            &keys.consumers,
+            &keys.processing,
+            &keys.dead,
+            &keys.dead_bytes,
+            &keys.delayed,
+            &keys.delayed_wake,
+        ] {
             assert!(key.starts_with("ns:{math.add}:"), "{key}");
         }
         assert_eq!(keys.reply("c1"), "ns:{math.add}:reply:c1");

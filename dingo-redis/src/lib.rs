@@ -58,6 +58,30 @@
 //!   running them. Nothing at most once is sent twice: a message whose send was cut off
 //!   before Redis answered may or may not be queued, and its caller gets a failure saying
 //!   so rather than waiting for a result that may never come.
+//! - **Delays.** A task due later — sent with a countdown or an ETA, or a retry waiting out
+//!   its backoff — is kept by Redis in its queue's delayed set (a sorted set by due time),
+//!   never in a worker's memory: it survives the restart of every worker process, and of
+//!   Redis as far as Redis keeps its data (see [Durability](#durability)). Every process
+//!   that consumes the queue promotes: one script moves the due tasks, oldest due first and
+//!   up to 1,000 at a time, to where an immediate send would have put them (at-most-once ones
+//!   to their own list) and wakes idle workers — so two processes promoting at once move
+//!   each task once, and there is no scheduler process to keep alive. Promoters do not poll
+//!   on a tick: each sleeps until the earliest due time, which the script gives by the
+//!   server's clock (a promoter's own clock does not matter), and a send due before
+//!   everything waiting wakes one of them (a token in `delayed:wake`); should the process
+//!   that took the token die before it promotes, the others still look every second
+//!   ([`Stats::promoted`]). A due time is the caller's wall clock (a countdown: its now plus
+//!   the countdown), kept to the millisecond and never early (a task is promoted once its
+//!   millisecond is over): a caller whose clock is off delays by as much more or less (keep
+//!   clocks in sync). A delayed send is numbered like the others (a retried batch
+//!   adds nothing a promoter may have moved meanwhile), and the same message sent twice —
+//!   same call, attempt and due time — is one task.
+//! - **Retries, in one step.** The next attempt of a failed task goes into the delayed set
+//!   in the script that settles the attempt that failed (with the worker's next fetch, as a
+//!   completion does), so a worker killed in between neither loses the retry nor makes it
+//!   twice ([`Stats::retried`]); a worker whose lease was taken over retries nothing (the
+//!   attempt runs again elsewhere: a crash never uses up an attempt). Retries of tasks of
+//!   another transport are sent, then acknowledged.
 //! - **Reports** go to one reply list per caller process and task, which expires after the
 //!   [`result_ttl`](RedisOptions::result_ttl). One listener thread per process waits on all of
 //!   them and routes each report to its call's handle by (task name, id). Reports that
@@ -128,9 +152,9 @@
 //! There is no pool to size: each thread that talks to Redis owns its connection, opened
 //! when the thread first needs it — for callers, the task sender and the report listener
 //! (one per broker, however many calls wait); for workers, a task fetcher per worker thread,
-//! the lease keeper (which also reaps), the settlement flusher and the report writer; and
-//! one for short commands (declarations, inspection). A broker serving both roles holds at
-//! most `worker threads + 6`. Each connection names itself at the server (`CLIENT
+//! the lease keeper (which also reaps), the settlement flusher, the report writer, and the
+//! delay promoter with its wake listener; and one for short commands (declarations,
+//! inspection). A broker serving both roles holds at most `worker threads + 8`. Each connection names itself at the server (`CLIENT
 //! SETNAME`), so `CLIENT LIST` shows `dingo:NAMESPACE:PROCESS:ROLE`.
 //!
 //! # TLS
@@ -200,7 +224,8 @@
 //! (or `ACL SETUSER shop-app on >PASSWORD` followed by the same rules), and the URL
 //! `redis://shop-app:PASSWORD@host:6379/?namespace=shop`. The tests run the whole
 //! conformance suite as such a user. A URL with a database other than 0 also needs
-//! `+select`; [`RedisBroker::purge_namespace`] (a tool) needs `+scan`.
+//! `+select`; [`RedisBroker::purge_namespace`] (a tool) needs `+scan`, and
+//! [`RedisBroker::delayed_len`] (inspection) `+zcard`.
 //!
 //! Two fast paths use commands in `@dangerous`, where the user may run them: `CLIENT KILL`
 //! (sends go as plain transactions, and a new connection first ends the ones it replaced,

@@ -84,7 +84,8 @@ pub(crate) static FETCH: LazyLock<Script> = LazyLock::new(|| Script::new(lua!("f
 /// batch sent again after its reply was lost changes nothing. From `ARGV[7]`, runs of one
 /// operation: (op, reply index k, count n), then the run's data: one item for `r` and for
 /// `c` with k > 0 (the run's reports back to back, stored as one list element: one Lua
-/// string and one element per run, not per report), n items for `d` and `x`, none else:
+/// string and one element per run, not per report), n items for `d` and `x`, 2n for `z`,
+/// none else:
 /// - `r`: store the n reports `data` (no lease involved: progress, at-most-once tasks);
 /// - `c`: settle the n oldest messages of the processing list (`KEYS[2]`) and store their
 ///   final reports `data` (k 0: none, fire-and-forget calls; empty `data`: none either);
@@ -94,7 +95,12 @@ pub(crate) static FETCH: LazyLock<Script> = LazyLock::new(|| Script::new(lua!("f
 ///   over the size limit);
 /// - `q`: give the newest message back to the front of its queue (`KEYS[5]`, wake `KEYS[6]`),
 ///   n times;
-/// - `x`: settle the newest message to the dead letters, as `d`.
+/// - `x`: settle the newest message to the dead letters, as `d`;
+/// - `z`: settle the n oldest messages and queue their next attempts (retries), in the same
+///   step: 2n items, a due time (ms since the Unix epoch) and the next attempt's message
+///   each. One due by the server's clock goes to the back of its queue (`KEYS[5]`, wake
+///   `KEYS[6]`), the others into the delayed set (`KEYS[8]`, see [`DELAY`]), waking a
+///   promoter (`KEYS[9]`) when one is due before every task already there.
 ///
 /// Runs keep the work in Redis's C code: a run of completions is one `LTRIM` and one `RPUSH`
 /// of one element, with no Lua loop over its tasks (each Lua step per task costs more than
@@ -102,12 +108,38 @@ pub(crate) static FETCH: LazyLock<Script> = LazyLock::new(|| Script::new(lua!("f
 ///
 /// The consumer's lease (`KEYS[1]`) must still stand: if it expired and was reaped, its
 /// messages went back to the queue for others, and nothing of `c`, `d`, `q` is applied
-/// (fencing). Reply index k is the list `KEYS[6 + 2k]` with its notify list `KEYS[7 + 2k]`;
+/// (fencing). Reply index k is the list `KEYS[8 + 2k]` with its notify list `KEYS[9 + 2k]`;
 /// each gets its reports in order, and both expire `ARGV[2]` ms later. Returns {1 if the
-/// lease stood else 0, how many final reports were rejected, how many dead letters were
-/// dropped to keep the bounds}.
+/// lease stood else 0, how many final reports and retries were rejected, how many dead
+/// letters were dropped to keep the bounds}.
 pub(crate) static COMPLETE: LazyLock<Script> =
     LazyLock::new(|| Script::new(lua!("includes/seen.lua", "includes/bury.lua", "complete.lua")));
+
+/// Adds delayed messages to a queue's delayed set (`KEYS[1]`, scored by due time: ms since the
+/// Unix epoch), once: batch number `ARGV[1]` of the sender whose sequence key is `KEYS[3]`
+/// (kept `ARGV[2]` ms), so a batch sent again after its reply was lost adds nothing a
+/// promoter may have moved meanwhile. ARGV[3..]: pairs (due time, message). Leaves a token in
+/// the promoters' wake list (`KEYS[2]`, at most one) when a message is due before every one
+/// the set held: promoters sleep until the earliest due time they know of, so only an
+/// earlier one needs to wake them. Returns how many messages it added.
+///
+/// A member is the message's bytes, unique per call and attempt (they hold the id, the
+/// attempt and the due time): the same message sent twice is one task, not two.
+pub(crate) static DELAY: LazyLock<Script> = LazyLock::new(|| Script::new(lua!("includes/seen.lua", "delay.lua")));
+
+/// Moves the due messages of a delayed set (`KEYS[1]`: a score below the server's `TIME` in
+/// ms — a due time is rounded down to the millisecond, so one in the current millisecond
+/// waits for the next, never early),
+/// oldest due first, at most `ARGV[1]` of them, where an immediate send would have put each:
+/// at-most-once messages (their options field says so) to the back of the at-most-once list
+/// (`KEYS[3]`), all others to the back of the queue (`KEYS[2]`) — a member that is no message
+/// of ours too, so a fetch dead-letters it. Leaves a wake token for idle consumers (`KEYS[4]`)
+/// as a send does. One script: two promoters running at once move each message once.
+///
+/// Returns {how many it moved, the due time of the earliest message left (`-1`: none), the
+/// server's time}: the promoter sleeps for the difference, so its own clock never matters;
+/// when it moved `ARGV[1]`, more may be due at once.
+pub(crate) static PROMOTE: LazyLock<Script> = LazyLock::new(|| Script::new(lua!("promote.lua")));
 
 /// Moves messages that never had a lease (at-most-once or undecodable ones) to the dead
 /// letters (`KEYS[1]`, its byte count `KEYS[2]`, bounded by `ARGV[1]` entries and `ARGV[2]`
@@ -153,8 +185,8 @@ pub(crate) static TRIM: LazyLock<Script> = LazyLock::new(|| Script::new(lua!("in
 pub(crate) static PROBE: LazyLock<Script> = LazyLock::new(|| Script::new(lua!("probe.lua")));
 
 /// All scripts, to load into a fresh connection's server.
-pub(crate) fn all() -> [&'static Script; 9] {
-    [&PUSH, &FETCH, &COMPLETE, &DEAD, &GIVE_BACK, &RETIRE, &RENEW, &REAP, &TRIM]
+pub(crate) fn all() -> [&'static Script; 11] {
+    [&PUSH, &FETCH, &COMPLETE, &DEAD, &GIVE_BACK, &RETIRE, &RENEW, &REAP, &TRIM, &DELAY, &PROMOTE]
 }
 
 /// One step of a pipelined batch: a script call, or a plain command (`keys` empty, the
@@ -565,7 +597,19 @@ mod tests {
         let Some(mut conn) = server() else { return };
         let prefix = format!("dingo-test-complete-{}", std::process::id());
         let key = |name: &str| format!("{prefix}:{{q}}:{name}");
-        let names = ["consumers", "processing", "seq", "dead", "pending", "wake", "dead:bytes", "reply", "notify"];
+        let names = [
+            "consumers",
+            "processing",
+            "seq",
+            "dead",
+            "pending",
+            "wake",
+            "dead:bytes",
+            "delayed",
+            "delayed:wake",
+            "reply",
+            "notify",
+        ];
         let keys: Vec<String> = names.iter().map(|n| key(n)).collect();
         let _: () = redis::cmd("DEL").arg(&keys).query(&mut conn).expect("DEL");
         // The processing list holds m1 (oldest) … m6 (newest, at its head).
@@ -592,20 +636,20 @@ mod tests {
             let result = run_batch(&mut conn, &[call("1", &runs)]).expect("COMPLETE runs");
             let (owned, rejected, dropped): (i64, i64, i64) = redis::from_redis_value(result[0].clone()).expect("3");
             assert_eq!((owned, rejected, dropped), (1, 0, 0), "{attempt}");
-            assert_eq!(list(&mut conn, 7), ["r1r2", "p3"], "the reports, in order, a run per element ({attempt})");
+            assert_eq!(list(&mut conn, 9), ["r1r2", "p3"], "the reports, in order, a run per element ({attempt})");
             assert!(list(&mut conn, 1).is_empty(), "every message settled ({attempt})");
             assert_eq!(list(&mut conn, 3), ["new:m6", "why:m4"], "m4, then m6, dead-lettered ({attempt})");
             assert_eq!(list(&mut conn, 4), ["m5"], "m5 back in its queue ({attempt})");
             let size: usize = redis::cmd("GET").arg(&keys[6]).query(&mut conn).expect("GET");
             assert_eq!(size, "new:m6why:m4".len(), "the dead letters' bytes are counted ({attempt})");
-            assert_eq!(list(&mut conn, 8), ["1"], "one wake token for the caller ({attempt})");
+            assert_eq!(list(&mut conn, 10), ["1"], "one wake token for the caller ({attempt})");
         }
         let _: () = redis::cmd("LPUSH").arg(&keys[1]).arg("m6").query(&mut conn).expect("LPUSH");
         let _: () = redis::cmd("ZREM").arg(&keys[0]).arg("c1").query(&mut conn).expect("ZREM");
         let result = run_batch(&mut conn, &[call("2", &["c", "1", "1", "r3"])]).expect("COMPLETE runs");
         let (owned, rejected, dropped): (i64, i64, i64) = redis::from_redis_value(result[0].clone()).expect("3");
         assert_eq!((owned, rejected, dropped), (0, 1, 0), "fenced out: the completion is rejected");
-        assert_eq!(list(&mut conn, 7), ["r1r2", "p3"], "its report is not stored");
+        assert_eq!(list(&mut conn, 9), ["r1r2", "p3"], "its report is not stored");
         assert_eq!(list(&mut conn, 1), ["m6"], "its message stays for the reaper");
         let _: () = redis::cmd("DEL").arg(&keys).query(&mut conn).expect("DEL");
     }
@@ -739,5 +783,187 @@ mod tests {
         let _: () = redis::cmd("DEL").arg(&list).arg(&seq_key).query(&mut conn).expect("DEL");
         assert_eq!(queued, ["first", "second"], "both messages are queued (the first sent again, last)");
         assert_eq!(calls[0].args[0], b"3", "the call sent again took a new number");
+    }
+
+    /// The server's clock, in ms since the Unix epoch (what the scripts compare due times to).
+    fn server_now(conn: &mut redis::Connection) -> i64 {
+        let (secs, micros): (i64, i64) = redis::cmd("TIME").query(conn).expect("TIME");
+        secs * 1000 + micros / 1000
+    }
+
+    /// A message as the wire ends it: `4, 1, flags, 0` (flag 4: at most once).
+    fn message(body: &str, at_most_once: bool) -> Vec<u8> {
+        let mut m = body.as_bytes().to_vec();
+        m.extend_from_slice(&[4, 1, if at_most_once { 4 | 2 } else { 2 }, 0]);
+        m
+    }
+
+    /// `DELAY` adds its messages once (sent again under its number, it adds nothing), and
+    /// wakes a promoter only for a message due before everything the set held.
+    #[test]
+    fn delay_adds_once_and_wakes_for_an_earlier_message() {
+        let Some(mut conn) = server() else { return };
+        let prefix = format!("dingo-test-delay-{}", std::process::id());
+        let keys: Vec<String> =
+            ["delayed", "delayed:wake", "seq"].iter().map(|n| format!("{prefix}:{{q}}:{n}")).collect();
+        let _: () = redis::cmd("DEL").arg(&keys).query(&mut conn).expect("DEL");
+        let delay = |conn: &mut redis::Connection, seq: &str, pairs: &[(&str, &str)]| -> i64 {
+            let mut call = Call::new(&DELAY);
+            call.keys = keys.clone();
+            call = call.numbered(seq.to_owned()).arg(SEQ_TTL);
+            for (due, m) in pairs {
+                call = call.arg(*due).arg(*m);
+            }
+            redis::from_redis_value(run_batch(conn, &[call]).expect("DELAY")[0].clone()).expect("a count")
+        };
+        let wake =
+            |conn: &mut redis::Connection| -> i64 { redis::cmd("LLEN").arg(&keys[1]).query(conn).expect("LLEN") };
+        let members = |conn: &mut redis::Connection| -> Vec<(String, i64)> {
+            redis::cmd("ZRANGEBYSCORE")
+                .arg(&keys[0])
+                .arg("-inf")
+                .arg("+inf")
+                .arg("WITHSCORES")
+                .query(conn)
+                .expect("ZRANGE")
+        };
+
+        assert_eq!(delay(&mut conn, "1", &[("2000", "b"), ("1000", "a")]), 2);
+        assert_eq!(members(&mut conn), [("a".to_owned(), 1000), ("b".to_owned(), 2000)]);
+        assert_eq!(wake(&mut conn), 1, "the first ones wake a promoter");
+        let _: () = redis::cmd("DEL").arg(&keys[1]).query(&mut conn).expect("DEL");
+        assert_eq!(delay(&mut conn, "1", &[("10", "x")]), 0, "sent again: nothing added");
+        assert_eq!(delay(&mut conn, "2", &[("1500", "c")]), 1);
+        assert_eq!(wake(&mut conn), 0, "due after the earliest: nobody to wake");
+        assert_eq!(delay(&mut conn, "3", &[("500", "d"), ("3000", "e")]), 2);
+        assert_eq!(wake(&mut conn), 1, "due before the earliest: a promoter wakes");
+        assert_eq!(delay(&mut conn, "4", &[("400", "f")]), 1);
+        assert_eq!(wake(&mut conn), 1, "at most one token");
+        assert_eq!(delay(&mut conn, "5", &[("400", "f")]), 1);
+        assert_eq!(members(&mut conn).len(), 6, "the same message twice is one");
+        let _: () = redis::cmd("DEL").arg(&keys).query(&mut conn).expect("DEL");
+    }
+
+    /// `PROMOTE` moves what is due by the server's clock, oldest due first and at most its
+    /// batch, where a send would have put each (at-most-once messages to their list, the
+    /// rest — a member that is no message too — to the queue), leaves a wake token, and
+    /// says when the next is due and what time it is.
+    #[test]
+    fn promote_moves_what_is_due_where_a_send_would() {
+        let Some(mut conn) = server() else { return };
+        let prefix = format!("dingo-test-promote-{}", std::process::id());
+        let keys: Vec<String> =
+            ["delayed", "pending", "amo", "wake"].iter().map(|n| format!("{prefix}:{{q}}:{n}")).collect();
+        let _: () = redis::cmd("DEL").arg(&keys).query(&mut conn).expect("DEL");
+        let now = server_now(&mut conn);
+        let later = now + 60_000;
+        let entries: [(i64, Vec<u8>); 5] = [
+            (now - 30, message("m1", false)),
+            (now - 20, message("m2", true)),
+            (now - 10, b"garbage".to_vec()),
+            (now - 5, message("m3", false)),
+            (later, message("m4", false)),
+        ];
+        for (due, m) in &entries {
+            let _: () = redis::cmd("ZADD").arg(&keys[0]).arg(*due).arg(m.as_slice()).query(&mut conn).expect("ZADD");
+        }
+        let promote = |conn: &mut redis::Connection, batch: &str| -> (i64, i64, i64) {
+            let mut call = Call::new(&PROMOTE).arg(batch);
+            call.keys = keys.clone();
+            redis::from_redis_value(run_batch(conn, &[call]).expect("PROMOTE")[0].clone()).expect("three numbers")
+        };
+        let list = |conn: &mut redis::Connection, i: usize| -> Vec<Vec<u8>> {
+            redis::cmd("LRANGE").arg(&keys[i]).arg(0).arg(-1).query(conn).expect("LRANGE")
+        };
+
+        let (moved, next, at) = promote(&mut conn, "2");
+        assert_eq!((moved, next), (2, now - 10), "the batch's worth, the next due at once");
+        assert!(at >= now, "the server's time");
+        assert_eq!(list(&mut conn, 1), [message("m1", false)]);
+        assert_eq!(list(&mut conn, 2), [message("m2", true)], "at most once: its own list");
+        assert_eq!(list(&mut conn, 3), [b"1".to_vec()], "idle consumers are woken");
+        let (moved, next, _) = promote(&mut conn, "100");
+        assert_eq!((moved, next), (2, later));
+        assert_eq!(list(&mut conn, 1), [message("m3", false), b"garbage".to_vec(), message("m1", false)], "FIFO");
+        assert_eq!(list(&mut conn, 3), [b"1".to_vec()], "one token");
+        let (moved, next, _) = promote(&mut conn, "100");
+        assert_eq!((moved, next), (0, later), "nothing due");
+        let _: () = redis::cmd("ZREM").arg(&keys[0]).arg(message("m4", false)).query(&mut conn).expect("ZREM");
+        let (moved, next, _) = promote(&mut conn, "100");
+        assert_eq!((moved, next), (0, -1), "nothing left");
+        let _: () = redis::cmd("DEL").arg(&keys).query(&mut conn).expect("DEL");
+    }
+
+    /// A retry (`z` in `COMPLETE`) settles the oldest message and queues the next attempt in
+    /// the same step — into the delayed set, waking a promoter when it is the earliest, or
+    /// straight into the queue when it is due already; under a lease taken over, neither.
+    #[test]
+    fn complete_retries_in_the_step_that_settles() {
+        let Some(mut conn) = server() else { return };
+        let prefix = format!("dingo-test-retry-{}", std::process::id());
+        let names = [
+            "consumers",
+            "processing",
+            "seq",
+            "dead",
+            "pending",
+            "wake",
+            "dead:bytes",
+            "delayed",
+            "delayed:wake",
+            "reply",
+            "notify",
+        ];
+        let keys: Vec<String> = names.iter().map(|n| format!("{prefix}:{{q}}:{n}")).collect();
+        let _: () = redis::cmd("DEL").arg(&keys).query(&mut conn).expect("DEL");
+        let _: () = redis::cmd("LPUSH").arg(&keys[1]).arg(&["m1", "m2", "m3"]).query(&mut conn).expect("LPUSH");
+        let _: () = redis::cmd("ZADD").arg(&keys[0]).arg(i64::MAX).arg("c1").query(&mut conn).expect("ZADD");
+        let now = server_now(&mut conn);
+        let call = |seq: &str, runs: &[String]| {
+            let mut call = Call::new(&COMPLETE);
+            call.keys = keys.clone();
+            call = call.numbered(seq.to_owned()).arg("60000").arg("c1").arg("100").arg(SEQ_TTL).arg("0");
+            for arg in runs {
+                call = call.arg(arg.as_str());
+            }
+            call
+        };
+        let list = |conn: &mut redis::Connection, i: usize| -> Vec<String> {
+            redis::cmd("LRANGE").arg(&keys[i]).arg(0).arg(-1).query(conn).expect("LRANGE")
+        };
+        let delayed = |conn: &mut redis::Connection| -> Vec<(String, i64)> {
+            redis::cmd("ZRANGEBYSCORE")
+                .arg(&keys[7])
+                .arg("-inf")
+                .arg("+inf")
+                .arg("WITHSCORES")
+                .query(conn)
+                .expect("ZRANGE")
+        };
+        let result = |conn: &mut redis::Connection, call: Call| -> (i64, i64, i64) {
+            redis::from_redis_value(run_batch(conn, &[call]).expect("COMPLETE")[0].clone()).expect("3")
+        };
+        let strings = |v: &[&str]| v.iter().map(|s| s.to_string()).collect::<Vec<_>>();
+        let (later, past) = ((now + 60_000).to_string(), (now - 1).to_string());
+
+        // m1 retried later, m2 completed, m3 retried due already.
+        let runs = strings(&["z", "0", "1", &later, "m1.2", "c", "0", "1", "z", "0", "1", &past, "m3.2"]);
+        assert_eq!(result(&mut conn, call("1", &runs)), (1, 0, 0));
+        assert!(list(&mut conn, 1).is_empty(), "all three settled");
+        assert_eq!(delayed(&mut conn), [("m1.2".to_owned(), now + 60_000)]);
+        assert_eq!(list(&mut conn, 8), ["1"], "the earliest: a promoter is woken");
+        assert_eq!(list(&mut conn, 4), ["m3.2"], "due already: straight to the queue");
+        assert_eq!(list(&mut conn, 5), ["1"], "and a consumer is woken");
+        assert_eq!(result(&mut conn, call("1", &runs)), (1, 0, 0), "sent again");
+        assert_eq!(delayed(&mut conn).len(), 1, "nothing twice");
+
+        // Fenced: the lease is gone, nothing is settled or retried.
+        let _: () = redis::cmd("LPUSH").arg(&keys[1]).arg("m4").query(&mut conn).expect("LPUSH");
+        let _: () = redis::cmd("ZREM").arg(&keys[0]).arg("c1").query(&mut conn).expect("ZREM");
+        let runs = strings(&["z", "0", "1", &later, "m4.2"]);
+        assert_eq!(result(&mut conn, call("2", &runs)), (0, 1, 0), "rejected");
+        assert_eq!(list(&mut conn, 1), ["m4"], "its message stays for the reaper");
+        assert_eq!(delayed(&mut conn).len(), 1, "no next attempt");
+        let _: () = redis::cmd("DEL").arg(&keys).query(&mut conn).expect("DEL");
     }
 }

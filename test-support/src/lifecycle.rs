@@ -325,8 +325,10 @@ pub fn a_timed_out_wait_on_a_delayed_call_loses_nothing(setup: &dyn AppSetup) {
         .countdown(Duration::from_millis(200))
         .retries(1)
         .backoff(Backoff::fixed(Duration::from_millis(200)));
-    let mut handle = flaky::call_with(&app, &options, token.clone(), 1).expect("call");
+    // Timed from before the call: its countdown runs from the call's start, and a first
+    // call may take a while (a remote broker connects its threads as they are first needed).
     let started = Instant::now();
+    let mut handle = flaky::call_with(&app, &options, token.clone(), 1).expect("call");
     for _ in 0..3 {
         match handle.wait_timeout(Duration::from_millis(60)) {
             Err(Error::Timeout(_)) => {}

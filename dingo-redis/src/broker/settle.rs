@@ -54,6 +54,9 @@ pub(crate) enum Settle {
     Requeue,
     /// The newest message cannot run: to the dead letters, as [`Settle::Dead`].
     DeadNewest { reason: String, keep: usize },
+    /// The oldest message failed and is tried again: remove it, and queue `bytes` (its next
+    /// attempt) for `due` (ms since the Unix epoch) in the same step.
+    Retry { due: u64, bytes: Vec<u8> },
 }
 
 impl Settle {
@@ -204,9 +207,10 @@ pub(crate) struct Plan {
 
 #[derive(Clone, PartialEq, Eq)]
 pub(crate) enum Kind {
-    /// A `COMPLETE` with this many final reports (its result: how many were rejected) and
-    /// dead letters (and, with some, the prefix of their queue).
-    Complete { finals: usize, dead: usize, queue: Option<Arc<str>> },
+    /// A `COMPLETE` with this many final reports (its result: how many of them and of the
+    /// retries were rejected), retries and dead letters (and, with some, the prefix of their
+    /// queue).
+    Complete { finals: usize, retries: usize, dead: usize, queue: Option<Arc<str>> },
     /// A `DEAD` of `count` messages of queue (prefix) `queue`.
     Dead { queue: Arc<str>, count: usize },
     /// A plain command of storing reports that settle nothing (progress, at-most-once
@@ -415,6 +419,8 @@ fn complete(
         .key(queue.pending.clone())
         .key(queue.wake.clone())
         .key(queue.dead_bytes.clone())
+        .key(queue.delayed.clone())
+        .key(queue.delayed_wake.clone())
         .numbered(seq)
         .arg(inner.options.result_ttl.as_millis().to_string())
         .arg(consumer)
@@ -422,7 +428,7 @@ fn complete(
         .arg(SEQ_TTL)
         .arg(inner.options.max_dead_letter_bytes.to_string());
     let mut callers: Vec<Arc<str>> = Vec::new();
-    let (mut finals, mut dead) = (0, 0);
+    let (mut finals, mut retries, mut dead) = (0, 0, 0);
     let mut runs = Runs::default();
     for settle in settles {
         match settle {
@@ -451,11 +457,17 @@ fn complete(
                 runs.add(&mut call, "x", keep, Some(dead_entry::prefix(&reason)));
             }
             Settle::Requeue => runs.add(&mut call, "q", 0, None),
+            Settle::Retry { due, bytes } => {
+                retries += 1;
+                runs.add(&mut call, "z", 0, Some(due.to_string().into_bytes()));
+                // Its second item: `z` reads a due time and a message per retry.
+                call.args.push(bytes);
+            }
         }
     }
     runs.close(&mut call);
     let queue = (dead > 0).then(|| Arc::from(queue.prefix.as_str()));
-    (call, Kind::Complete { finals, dead, queue })
+    (call, Kind::Complete { finals, retries, dead, queue })
 }
 
 /// Groups a `COMPLETE`'s settlements into runs of one operation and reply list: a header
@@ -516,12 +528,14 @@ fn reply_index(callers: &mut Vec<Arc<str>>, call: &mut Call, queue: &QueueKeys, 
 pub(crate) fn account(inner: &Inner, results: &[(Kind, Value)]) {
     for (kind, result) in results {
         match kind {
-            Kind::Complete { finals, dead, queue } => {
+            Kind::Complete { finals, retries, dead, queue } => {
                 let (owned, rejected, dropped): (i64, usize, u64) =
                     redis::from_redis_value(result.clone()).unwrap_or((1, 0, 0));
+                // Rejected: all of them or none (the lease stood or it did not).
                 inner.stats.completed.fetch_add((finals - rejected.min(*finals)) as u64, Ordering::Relaxed);
                 if owned == 1 {
                     inner.stats.dead_lettered.fetch_add(*dead as u64, Ordering::Relaxed);
+                    inner.stats.retried.fetch_add(*retries as u64, Ordering::Relaxed);
                 }
                 if let Some(queue) = queue {
                     dropped_dead_letters(inner, queue, dropped);
@@ -533,8 +547,8 @@ pub(crate) fn account(inner: &Inner, results: &[(Kind, Value)]) {
                         Level::Warning,
                         EventKind::ReportFailed,
                         format!(
-                            "{rejected} late report(s) rejected: this worker's lease had expired and its tasks were \
-                             handed to other workers"
+                            "{rejected} late report(s) or retries rejected: this worker's lease had expired and its \
+                             tasks were handed to other workers"
                         ),
                     ));
                 }

@@ -35,6 +35,9 @@ pub(crate) struct Outgoing {
     pub(crate) queue: Arc<QueueKeys>,
     pub(crate) at_most_once: bool,
     pub(crate) bytes: Vec<u8>,
+    /// When it is due (ms since the Unix epoch), if later than now: it goes to the queue's
+    /// delayed set, not to the queue.
+    pub(crate) due: Option<u64>,
     pub(crate) key: CallKey,
     /// The caller to tell if the message cannot be written.
     pub(crate) reply: Option<Arc<str>>,
@@ -50,7 +53,10 @@ enum Msg {
 /// The connection task messages go out on, shared by the writer thread and callers.
 struct Line {
     conn: Conn,
+    /// Numbers the sends, delayed ones too (under their own actor, see [`push_calls`]).
     sequence: Sequence,
+    /// The actor delayed sends are numbered as (`delay.P`).
+    delay_actor: String,
     /// Batches callers wrote whose replies nobody has read yet, oldest first.
     unanswered: VecDeque<Written>,
     /// The writer thread has stopped: nobody would read a reply any more.
@@ -81,6 +87,7 @@ impl Writer {
         let line = Arc::new(Mutex::new(Line {
             conn: inner.conn("task sender", Origin::Producer, false).fencing(),
             sequence: Sequence::new(actor::SEND, &inner.process),
+            delay_actor: format!("{}.{}", actor::DELAY, inner.process),
             unanswered: VecDeque::new(),
             closed: false,
         }));
@@ -116,20 +123,22 @@ impl Writer {
         if !self.tx.is_empty() {
             return Some(outgoing);
         }
-        let Ok(mut line) = self.line.try_lock() else { return Some(outgoing) };
+        let Ok(mut guard) = self.line.try_lock() else { return Some(outgoing) };
+        let line = &mut *guard;
         let generation = line.conn.generation();
         if line.closed || !self.tx.is_empty() || !line.unanswered.is_empty() || generation.is_none() {
             return Some(outgoing);
         }
         let mut batch = vec![outgoing];
         let scripted = !line.conn.fenced();
-        let (calls, owners) = push_calls(&mut batch, self.inner.options.batch, &mut line.sequence, scripted);
+        let (calls, owners) =
+            push_calls(&mut batch, self.inner.options.batch, &mut line.sequence, &line.delay_actor, scripted);
         let packed = scripts::pack(&calls);
         let written = line.conn.once(&mut |c| c.send_packed_command(&packed));
         let generation = if written.is_ok() { generation } else { None };
         // Written or not, the writer thread reads the reply, or sends the batch again.
         line.unanswered.push_back(Written { calls, batch, owners, generation });
-        drop(line);
+        drop(guard);
         // A full channel means the writer thread is awake and will see it anyway.
         let _ = self.tx.try_send(Msg::Replies);
         None
@@ -171,7 +180,8 @@ fn write_loop(inner: &Arc<Inner>, rx: &Receiver<Msg>, line: &Mutex<Line>, stop: 
             continue;
         }
         let scripted = !line.conn.fenced();
-        let (calls, owners) = push_calls(&mut batch, inner.options.batch, &mut line.sequence, scripted);
+        let (calls, owners) =
+            push_calls(&mut batch, inner.options.batch, &mut line.sequence, &line.delay_actor, scripted);
         write(inner, line, stop, Written { calls, batch, owners, generation: None }, false);
     }
 }
@@ -184,7 +194,7 @@ fn write(inner: &Inner, line: &mut Line, stop: &AtomicBool, written: Written, se
         unrepeatable(inner, &mut calls, &mut batch);
         if calls.is_empty() {
             // Nothing left to send (what was answered needs nothing more).
-            inner.stats.sent.fetch_add(batch.len() as u64, Ordering::Relaxed);
+            count_sent(inner, &batch);
             return;
         }
     }
@@ -206,7 +216,7 @@ fn write(inner: &Inner, line: &mut Line, stop: &AtomicBool, written: Written, se
             {
                 settle_transaction(inner, &calls, exec, &owners, &mut batch);
             }
-            inner.stats.sent.fetch_add(batch.len() as u64, Ordering::Relaxed);
+            count_sent(inner, &batch);
         }
         Some(Err(e)) => fail(inner, batch, &format!("redis refused the task messages: {e}")),
         None => fail(inner, batch, "the broker shut down while redis was unreachable"),
@@ -271,10 +281,19 @@ fn answer(inner: &Inner, line: &mut Line, stop: &AtomicBool) {
             }
         });
         if calls.is_empty() {
-            inner.stats.sent.fetch_add(batch.len() as u64, Ordering::Relaxed);
+            count_sent(inner, &batch);
             continue;
         }
         write(inner, line, stop, Written { calls, batch, owners, generation: None }, true);
+    }
+}
+
+/// Counts messages written.
+fn count_sent(inner: &Inner, batch: &[Outgoing]) {
+    inner.stats.sent.fetch_add(batch.len() as u64, Ordering::Relaxed);
+    let delayed = batch.iter().filter(|o| o.due.is_some()).count();
+    if delayed > 0 {
+        inner.stats.delayed.fetch_add(delayed as u64, Ordering::Relaxed);
     }
 }
 
@@ -291,12 +310,50 @@ fn answer(inner: &Inner, line: &mut Line, stop: &AtomicBool) {
 /// at-least-once messages go as numbered `PUSH` scripts from the start, ahead of the
 /// transaction. At-most-once messages have no number and are never sent twice (see
 /// [`unrepeatable`]).
-fn push_calls(batch: &mut [Outgoing], max: usize, sequence: &mut Sequence, scripted: bool) -> (Vec<Call>, Vec<usize>) {
+///
+/// Delayed messages (of either delivery mode) go ahead of the transaction as numbered
+/// [`DELAY`](scripts::DELAY) scripts, at most `max` messages each, under the actor
+/// `delay_actor` of their own: the transaction's plain `SET` of the sender's sequence key
+/// does not check the number it overwrites, so scripts run before it on that key would
+/// look unapplied when sent again. Both actors take their numbers from one `sequence`, so
+/// that a call sent again after `NOSCRIPT` (renumbered from it) stays below what follows.
+fn push_calls(
+    batch: &mut [Outgoing],
+    max: usize,
+    sequence: &mut Sequence,
+    delay_actor: &str,
+    scripted: bool,
+) -> (Vec<Call>, Vec<usize>) {
     let mut pushes: Vec<(Call, usize)> = Vec::new();
+    let mut delays: Vec<(Call, usize)> = Vec::new();
     let mut owners = Vec::with_capacity(batch.len());
     let mut wakes: Vec<&str> = Vec::new();
     for outgoing in batch.iter_mut() {
         let bytes = std::mem::take(&mut outgoing.bytes);
+        if let Some(due) = outgoing.due {
+            let queue = &outgoing.queue;
+            let open = delays.iter().rposition(|(call, n)| call.keys[0] == queue.delayed && *n < max);
+            let at = match open {
+                Some(at) => at,
+                None => {
+                    let (seq_key, seq) = sequence.next_for(queue.seq(delay_actor));
+                    let call = Call::new(&scripts::DELAY)
+                        .key(queue.delayed.clone())
+                        .key(queue.delayed_wake.clone())
+                        .key(seq_key)
+                        .numbered(seq)
+                        .arg(SEQ_TTL);
+                    delays.push((call, 0));
+                    delays.len() - 1
+                }
+            };
+            let (call, n) = &mut delays[at];
+            call.args.push(due.to_string().into_bytes());
+            call.args.push(bytes);
+            *n += 1;
+            owners.push(Owner::Delay(at));
+            continue;
+        }
         let list = if outgoing.at_most_once { &outgoing.queue.amo } else { &outgoing.queue.pending };
         let open = pushes.iter().rposition(|(call, n)| call.args[0] == list.as_bytes() && *n < max);
         let at = match open {
@@ -315,7 +372,7 @@ fn push_calls(batch: &mut [Outgoing], max: usize, sequence: &mut Sequence, scrip
                 pushes.len() - 1
             }
         };
-        owners.push(at);
+        owners.push(Owner::Push(at));
         if outgoing.at_most_once || !scripted {
             // The scripts leave their own wake tokens.
             if !wakes.contains(&outgoing.queue.wake.as_str()) {
@@ -331,6 +388,8 @@ fn push_calls(batch: &mut [Outgoing], max: usize, sequence: &mut Sequence, scrip
         call_of[i] = calls.len();
         calls.extend(call.redone());
     }
+    let delay_at = calls.len();
+    calls.extend(delays.into_iter().map(|(call, _)| call));
     if !plain.is_empty() {
         calls.push(Call::command("MULTI"));
         for (i, (call, _)) in plain {
@@ -348,8 +407,22 @@ fn push_calls(batch: &mut [Outgoing], max: usize, sequence: &mut Sequence, scrip
         }
         calls.push(Call::command("EXEC"));
     }
-    let owners = owners.into_iter().map(|at| call_of[at]).collect();
+    let owners = owners
+        .into_iter()
+        .map(|owner| match owner {
+            Owner::Push(at) => call_of[at],
+            Owner::Delay(at) => delay_at + at,
+        })
+        .collect();
     (calls, owners)
+}
+
+/// Which call of [`push_calls`] carries a message, while they are put together.
+enum Owner {
+    /// The `at`-th list push.
+    Push(usize),
+    /// The `at`-th `DELAY`.
+    Delay(usize),
 }
 
 /// Whether `calls` are a transaction as [`push_calls`] wrote it (not yet sent again as
@@ -384,9 +457,10 @@ fn unrepeatable(inner: &Inner, calls: &mut Vec<Call>, batch: &mut Vec<Outgoing>)
     }
 }
 
-/// Takes the at-most-once messages out of `batch`.
+/// Takes the at-most-once messages sent with plain commands out of `batch` (delayed ones
+/// went as numbered scripts, which apply once however often they are sent).
 fn at_most_once(batch: &mut Vec<Outgoing>) -> Vec<Outgoing> {
-    let (amo, rest) = std::mem::take(batch).into_iter().partition(|o| o.at_most_once);
+    let (amo, rest) = std::mem::take(batch).into_iter().partition(|o| o.at_most_once && o.due.is_none());
     *batch = rest;
     amo
 }

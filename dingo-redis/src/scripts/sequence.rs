@@ -28,6 +28,12 @@ impl Sequence {
         (queue.seq(&self.actor), n.to_string())
     }
 
+    /// The next batch's number for sequence key `key` (another actor's, sharing this
+    /// actor's numbers: see the writer's delayed sends).
+    pub(crate) fn next_for(&mut self, key: String) -> (String, String) {
+        (key, self.next_number())
+    }
+
     /// The next batch's number alone (the caller knows the key).
     pub(crate) fn next_number(&mut self) -> String {
         let n = self.next;
