@@ -17,11 +17,11 @@
 //! - `inflight-serialized`: `inflight` through the serialized local broker (MessagePack and
 //!   the wire format on every message), so the codec's cost shows;
 //! - `payload-1k-serialized`: a 1 KiB string echoed through the serialized broker.
-//! - `delayed`: `--calls`/2 calls sent at once with random countdowns spread over 1 s,
-//!   call→result rate from the first send to the last result (the broker's delay structure
-//!   under load: the rate cannot beat `calls / 1 s`);
-//! - `lateness`: 2,000 calls delayed 50–500 ms; p50 / p99 of the time from each one's due
-//!   time to its worker starting it (the rate column is calls/s over the run);
+//! - `delayed`: `--calls` calls, each due at a random moment of the run's first second (an
+//!   ETA), call→result rate from the first send to the last result (the broker's delay
+//!   structure under load; tasks due while the caller still sends run at once);
+//! - `lateness`: 2,000 calls delayed 50–500 ms, sent at 1,000 calls/s; p50 / p99 of the
+//!   time from each one's due time to its worker starting it;
 //! - `retry`: `inflight` with a task that fails its first attempt and retries once after
 //!   1 ms (through the broker's delay), call→result rate.
 //!
@@ -35,12 +35,11 @@
 //!   request-reply at a time with four plain commands (`LPUSH`, `BRPOP` on each side), the
 //!   floor under `redis-sequential`.
 //!
-//! - `redis-delayed`, `redis-lateness`, `redis-retry`: the three lifecycle scenarios above
-//!   (`redis-delayed` with `--calls` calls).
+//! - `redis-delayed`, `redis-lateness`, `redis-retry`: the three lifecycle scenarios above.
 //!
 //! Scenarios on RabbitMQ: the same seven (`amqp-inflight`, `amqp-inflight-at-most-once`,
-//! `amqp-fire-and-forget`, `amqp-sequential`, `amqp-delayed` with `--calls`/2 calls,
-//! `amqp-lateness`, `amqp-retry`), with durable queues, persistent messages and
+//! `amqp-fire-and-forget`, `amqp-sequential`, `amqp-delayed`, `amqp-lateness`,
+//! `amqp-retry`), with durable queues, persistent messages and
 //! publisher confirms (the broker's defaults); a fresh namespace per run, its queues deleted
 //! afterwards. And four baselines without dingo, amiquip alone on the same server:
 //! `amqp-raw-inflight` (calls as dingo makes them — persistent confirmed requests, a
@@ -206,7 +205,7 @@ fn local(config: &Config) {
         ("sequential", Box::new(move || sequential(&memory()?, &memory_same(), config, (calls / 10).max(1)))),
         ("inflight-serialized", Box::new(move || inflight(&serialized()?, &memory_same(), config, (calls / 4).max(1)))),
         ("payload-1k-serialized", Box::new(move || payload(serialized()?, config, (calls / 10).max(1)))),
-        ("delayed", Box::new(move || delayed(&memory()?, &memory_same(), config, (calls / 2).max(1)))),
+        ("delayed", Box::new(move || delayed(&memory()?, &memory_same(), config, calls))),
         ("lateness", Box::new(move || lateness(&memory()?, &memory_same(), config, 2_000))),
         ("retry", Box::new(move || retry(&memory()?, &memory_same(), config, (calls / 4).max(1)))),
     ];
@@ -231,7 +230,7 @@ fn redis(config: &Config) {
         let worker = App::builder().broker(namespace.broker()?).build()?;
         Ok((caller, worker, Box::new(namespace)))
     };
-    let mut scenarios = remote("redis", config, calls, calls, &pair);
+    let mut scenarios = remote("redis", config, calls, &pair);
     scenarios.push(("redis-raw-request-reply", Box::new(move || raw_redis::request_reply(url, (calls / 20).max(1)))));
     run(config, scenarios);
 }
@@ -246,7 +245,7 @@ fn amqp(config: &Config) {
         let worker = App::builder().broker(topology.broker()?).build()?;
         Ok((caller, worker, Box::new(topology)))
     };
-    let mut scenarios = remote("amqp", config, calls, (calls / 2).max(1), &pair);
+    let mut scenarios = remote("amqp", config, calls, &pair);
     scenarios.push(("amqp-raw-inflight", Box::new(move || raw_amqp::inflight(url, calls, config.window))));
     scenarios.push((
         "amqp-raw-inflight-at-most-once",
@@ -262,7 +261,6 @@ fn remote<'a>(
     broker: &str,
     config: &'a Config,
     calls: u64,
-    delayed_calls: u64,
     pair: &'a (dyn Fn() -> Result<Pair, dingo::Error> + 'a),
 ) -> Vec<Scenario<'a>> {
     let at_most_once = |app: &App| app.set_default_options(add, CallOptions::new().at_most_once(true));
@@ -301,7 +299,7 @@ fn remote<'a>(
             name("delayed"),
             Box::new(move || {
                 let (caller, worker, _cleanup) = pair()?;
-                delayed(&caller, &Some(worker), config, delayed_calls)
+                delayed(&caller, &Some(worker), config, calls)
             }),
         ),
         (
@@ -525,9 +523,12 @@ fn delayed(app: &App, worker: &Option<App>, config: &Config, calls: u64) -> Outc
     let mut spread = Spread(0x2545_f491_4f6c_dd1d);
     let mut handles = Vec::with_capacity(calls as usize);
     let start = Instant::now();
+    let first_second = SystemTime::now();
     for i in 0..calls as i64 {
-        let countdown = Duration::from_micros(spread.next(1_000_000));
-        handles.push(add::call_with(app, &CallOptions::new().countdown(countdown), i, 1)?);
+        // Due at a random moment of the run's first second (an ETA): tasks due while the
+        // caller still sends are delivered at once, as on a busy system.
+        let eta = first_second + Duration::from_micros(spread.next(1_000_000));
+        handles.push(add::call_with(app, &CallOptions::new().eta(eta), i, 1)?);
     }
     for handle in handles {
         handle.wait()?;
@@ -542,7 +543,10 @@ fn lateness(app: &App, worker: &Option<App>, config: &Config, calls: u64) -> Out
     let mut spread = Spread(0x9e37_79b9_7f4a_7c15);
     let mut handles = Vec::with_capacity(calls as usize);
     let start = Instant::now();
-    for _ in 0..calls {
+    for i in 0..calls {
+        // Paced at 1,000 calls/s: lateness of a broker at work, not of one buried in a burst.
+        let next = start + Duration::from_millis(i);
+        std::thread::sleep(next.saturating_duration_since(Instant::now()));
         let countdown = Duration::from_millis(50 + spread.next(451));
         let due = now_us() + countdown.as_micros() as u64;
         handles.push(late::call_with(app, &CallOptions::new().countdown(countdown), due)?);

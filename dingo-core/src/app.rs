@@ -20,9 +20,10 @@ use crate::error::{BrokerError, BrokerErrorKind, Error, Role, TaskError, TaskErr
 use crate::event::{Event, EventFilter, EventKind, EventSink, Events, Level, Origin};
 use crate::id::{CallKey, IdMaker, TaskId, TaskName};
 use crate::message::{Payload, ReplySink, ReplyTo, TaskMessage};
-use crate::options::CallOptions;
+use crate::options::{CallOptions, TaskOptions};
 use crate::registry::{self, Handler, RawOutput, Registry, Task, TaskRef};
 use crate::result::{self, DecodeFn, Handle, Slot};
+use crate::retry::RetryPolicy;
 use crate::worker::{Pool, Shared};
 
 /// A dingo application: the tasks it knows, the broker roles it uses, its worker pools.
@@ -315,7 +316,7 @@ impl App {
         self.check_open()?;
         let inner = &*self.inner;
         let producer = inner.producer.as_ref().ok_or(Error::MissingRole(Role::Producer))?;
-        let (options, id, codec) = inner.registry.with_settings(name.as_str(), |settings, signature| {
+        let (plan, id, codec) = inner.registry.with_settings(name.as_str(), |settings, signature| {
             // The app runs this task itself: a call with other types is refused before it
             // is sent, with both signatures spelled out (the worker could only say that the
             // fingerprints differ).
@@ -324,16 +325,17 @@ impl App {
             {
                 return Err(self.mismatch_here::<A, T>(&name, fingerprint, signature));
             }
-            let options = options.or(&settings.defaults);
+            // Merged only when the task has defaults: most calls read their own options.
+            let merged = (!settings.defaults.is_empty()).then(|| options.or(&settings.defaults));
+            let options = merged.as_ref().unwrap_or(options);
             let id = match options.get_id() {
                 Some(id) => id.clone(),
                 None => settings.id_maker.next_id(),
             };
-            Ok((options, id, settings.codec))
+            Ok((Plan::of(options), id, settings.codec))
         })?;
         let key = CallKey { name, id };
-
-        let retry = options.retry_policy();
+        let retry = plan.retry;
         let args = match args {
             // A call that may run again keeps its arguments as bytes: the worker sends them
             // with the next attempt.
@@ -342,7 +344,7 @@ impl App {
             Args::Encoded(encoded) => Payload::Encoded(encoded),
         };
 
-        let (handle, reply_to) = if options.is_ignore_report() {
+        let (handle, reply_to) = if plan.options.ignore_report {
             (Handle::detached(key.clone()), ReplyTo::None)
         } else {
             let store = inner.store.as_ref().ok_or(Error::MissingRole(Role::Store))?;
@@ -357,16 +359,15 @@ impl App {
             name: key.name.clone(),
             id: key.id.clone(),
             fingerprint,
-            options: options.task_options(),
+            options: plan.options,
             reply_to,
             args,
             attempt: 1,
-            due: None,
-            expires: None,
+            due: plan.due,
+            expires: plan.expires,
             retry,
         };
-        let message = schedule(message, &options);
-        match producer.send(message, options.get_enqueue_timeout()) {
+        match producer.send(message, plan.enqueue_timeout) {
             Ok(()) => Ok(handle),
             Err(e) => Err(self.send_failed(&key, e)),
         }
@@ -531,14 +532,32 @@ fn short_label(name: &str) -> String {
     short.chars().take(24).collect()
 }
 
-/// Sets a message's due time and expiry from its call's options (read once, at the call).
-#[inline]
-fn schedule(mut message: TaskMessage, options: &CallOptions) -> TaskMessage {
-    if options.get_delay().is_none() && options.get_expiry().is_none() {
-        return message;
+/// What a call's options (its own over its task's defaults) make of its message: the part
+/// of them a submission reads, small enough to move without a copy routine.
+struct Plan {
+    options: TaskOptions,
+    enqueue_timeout: Option<Duration>,
+    retry: RetryPolicy,
+    due: Option<SystemTime>,
+    expires: Option<SystemTime>,
+}
+
+impl Plan {
+    #[inline]
+    fn of(options: &CallOptions) -> Plan {
+        let (mut due, mut expires) = (None, None);
+        // The clock is read only when a time is set.
+        if options.get_delay().is_some() || options.get_expiry().is_some() {
+            let now = SystemTime::now();
+            due = options.get_delay().map(|when| when.from(now)).filter(|due| *due > now);
+            expires = options.get_expiry().map(|when| when.from(now));
+        }
+        Plan {
+            options: options.task_options(),
+            enqueue_timeout: options.get_enqueue_timeout(),
+            retry: options.retry_policy(),
+            due,
+            expires,
+        }
     }
-    let now = SystemTime::now();
-    message.due = options.get_delay().map(|when| when.from(now)).filter(|due| *due > now);
-    message.expires = options.get_expiry().map(|when| when.from(now));
-    message
 }

@@ -185,6 +185,19 @@ impl CallOptions {
         self.id.as_ref()
     }
 
+    /// Whether no option is set.
+    pub(crate) fn is_empty(&self) -> bool {
+        self.ignore_report.is_none()
+            && self.monitor_progress.is_none()
+            && self.at_most_once.is_none()
+            && self.enqueue_timeout.is_none()
+            && self.id.is_none()
+            && self.delay.is_none()
+            && self.expires.is_none()
+            && self.retries.is_none()
+            && self.backoff.is_none()
+    }
+
     /// These options, with every unset one taken from `defaults`.
     pub fn or(&self, defaults: &CallOptions) -> CallOptions {
         CallOptions {

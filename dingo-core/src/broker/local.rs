@@ -387,26 +387,31 @@ impl Inner {
     /// Turns a queued item into a delivery; bytes that do not decode are dead-lettered (and
     /// their caller told, if it can be identified).
     fn delivery(self: &Arc<Self>, queue: &TaskName, item: Item) -> Option<Delivery> {
-        let message = match item {
-            Item::Message(message) => message,
+        match item {
+            // Straight into the delivery: a message is a few hundred bytes, moved as little
+            // as can be.
+            Item::Message(message) if message.retry.retries() == 0 => Some(Delivery::new(message)),
+            Item::Message(message) => Some(self.with_letter(queue, message)),
             Item::Bytes(bytes) => {
                 let known = Known { name: Some(queue), address: Some(&self.address) };
                 match wire::decode_task_from(bytes, &known) {
-                    Ok(message) => message,
+                    Ok(message) if message.retry.retries() == 0 => Some(Delivery::new(message)),
+                    Ok(message) => Some(self.with_letter(queue, message)),
                     Err(malformed) => {
                         self.reject_malformed(queue, *malformed);
-                        return None;
+                        None
                     }
                 }
             }
-        };
-        if message.retry.retries() == 0 {
-            return Some(Delivery::new(message));
         }
-        // A call that retries ends in the dead letters once out of attempts: its delivery
-        // gets an acknowledgement that can put it there.
+    }
+
+    /// The delivery of a call that retries: it ends in the dead letters once out of
+    /// attempts, so it gets an acknowledgement that can put it there.
+    #[cold]
+    fn with_letter(self: &Arc<Self>, queue: &TaskName, message: TaskMessage) -> Delivery {
         let ack = LocalAck { broker: Arc::downgrade(self), queue: queue.clone(), message: letter_bytes(&message) };
-        Some(Delivery::new(message).with_ack(Some(Ack::new(ack))))
+        Delivery::new(message).with_ack(Some(Ack::new(ack)))
     }
 
     fn bury(&self, letter: DeadLetter) {
@@ -574,10 +579,9 @@ impl Producer for LocalBroker {
     }
 
     fn send(&self, message: TaskMessage, timeout: Option<Duration>) -> Result<(), BrokerError> {
-        let due = match message.due {
-            Some(due) if message.wait_at(SystemTime::now()).is_some() => Some(due),
-            _ => None,
-        };
+        // A message due already (an app sets no due time in the past) leaves the delays at
+        // the timer's next round: no need to read the clock here.
+        let due = message.due;
         self.enqueue(message, due, timeout)
     }
 
@@ -600,6 +604,7 @@ impl Producer for LocalBroker {
 
 impl LocalBroker {
     /// Puts a message into its queue, or into the delays when `due` is set.
+    #[inline(always)]
     fn enqueue(
         &self,
         message: TaskMessage,

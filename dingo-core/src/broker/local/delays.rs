@@ -25,14 +25,13 @@ pub(super) struct Entry<T> {
     /// Microseconds since the Unix epoch.
     due: u64,
     seq: u64,
-    /// Boxed: entries move between slots and the heap, and a message is a few hundred bytes.
-    held: Box<(TaskName, T)>,
+    held: (TaskName, T),
 }
 
 impl<T> Entry<T> {
     /// The queue it is bound for, and the message.
     pub(super) fn into_parts(self) -> (TaskName, T) {
-        *self.held
+        self.held
     }
 }
 
@@ -245,7 +244,7 @@ impl<T: Send + 'static> Delays<T> {
         self.wait_for_room(timeout)?;
         let due = micros(due);
         let seq = self.seq.fetch_add(1, AtomicOrdering::Relaxed);
-        let entry = Entry { due, seq, held: Box::new((queue, item)) };
+        let entry = Entry { due, seq, held: (queue, item) };
         if self.inbox.send(entry).is_err() || self.stopped.load(AtomicOrdering::SeqCst) {
             // The timer is gone: take back what it will not see (stop() hands it out).
             self.held.fetch_sub(1, AtomicOrdering::Relaxed);
@@ -365,7 +364,7 @@ mod tests {
     use std::time::Duration;
 
     fn entry(due: u64, seq: u64) -> Entry<u64> {
-        Entry { due, seq, held: Box::new((TaskName::from("t"), seq)) }
+        Entry { due, seq, held: (TaskName::from("t"), seq) }
     }
 
     #[test]
