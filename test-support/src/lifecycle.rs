@@ -104,7 +104,7 @@ fn close(app: &App) {
     app.close().expect("close");
 }
 
-/// A task delayed by 300 ms starts no earlier than due and within [`LATE`] of it.
+/// A task delayed by 300 ms starts no earlier than due and within `LATE` (1.5 s: far above the targets) of it.
 pub fn countdown_runs_after_its_delay(setup: &dyn AppSetup) {
     let app = setup.app();
     app.allocate(stamp, 1).expect("allocate");
