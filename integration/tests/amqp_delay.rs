@@ -429,12 +429,12 @@ impl Drop for RunLog {
     }
 }
 
-/// 300 calls delayed by 1.5–2.5 s; both worker processes are killed (SIGKILL) while every
+/// 500 calls delayed by 1.5–2.5 s; both worker processes are killed (SIGKILL) while every
 /// one of them waits in the delay queues, then a new worker process starts: each call runs
 /// exactly once, after its due time. The delays were in RabbitMQ, not in a worker.
 #[test]
 fn worker_processes_killed_while_tasks_wait_lose_nothing() {
-    const CALLS: u64 = 300;
+    const CALLS: u64 = 500;
     let Some(setup) = Amqp::setup() else { return };
     let log = RunLog::new("killed-while-delayed");
     let caller_broker = setup.broker();
