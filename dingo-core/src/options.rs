@@ -28,7 +28,8 @@ impl When {
     /// The time this names, for a call made at `now`.
     pub fn from(self, now: SystemTime) -> SystemTime {
         match self {
-            When::In(wait) => now.checked_add(wait).unwrap_or(now),
+            // Too far to count: as far as a message can say (never, in practice).
+            When::In(wait) => now.checked_add(wait).unwrap_or_else(|| now + Duration::from_secs(1 << 40)),
             When::At(time) => time,
         }
     }

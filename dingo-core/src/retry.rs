@@ -8,6 +8,11 @@
 //! name and id, `attempt + 1` and a due time, kept by the broker until then (the worker does
 //! not sleep holding a thread); a worker killed while running an attempt has that same
 //! attempt redelivered, which does not count as a retry.
+//!
+//! The policy travels in the message: it is the caller's (its call options over the task's
+//! defaults, from the task's attribute where the caller links the task). A caller that calls
+//! by name a task it does not link sends no retries unless it sets them; a worker without a
+//! producer cannot send a next attempt, so its failures are final.
 
 use std::cell::Cell;
 use std::time::Duration;

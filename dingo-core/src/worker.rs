@@ -257,13 +257,21 @@ pub(crate) fn execute(shared: &Shared, delivery: Delivery) {
             Err(error) if error.kind() == TaskErrorKind::Failed && retry.retries() > 0 => {
                 let wait = ctx.requested_retry().unwrap_or_else(|| retry.get_backoff().delay(attempt));
                 let starts_in_time = expires.is_none_or(|expires| SystemTime::now() + wait < expires);
+                let can_send = shared.producer.is_some();
                 match again.take() {
-                    Some(args) if starts_in_time => next = Some((args, wait, error)),
+                    Some(args) if starts_in_time && can_send => next = Some((args, wait, error)),
                     _ => {
                         // Out of attempts (or of time): the failure is final, and the
                         // message goes to the dead letters, where it can be replayed.
-                        let why =
-                            if starts_in_time { "" } else { " (no retry: it would start after the call expires)" };
+                        let why = match (starts_in_time, can_send) {
+                            (false, _) if retry.allows_after(attempt) => {
+                                " (no retry: it would start after the call expires)"
+                            }
+                            (_, false) if retry.allows_after(attempt) => {
+                                " (no retry: this worker's app has no producer to send the next attempt)"
+                            }
+                            _ => "",
+                        };
                         let message = format!("after {attempt} attempt(s): {}{why}", error.message());
                         let error = error.renamed(message).with_attempts(attempt);
                         return call.dead_letter(error, ack.take());
@@ -309,17 +317,29 @@ pub(crate) fn execute(shared: &Shared, delivery: Delivery) {
     }
 }
 
-/// Hands the next attempt of a call to the broker, which settles the failed one.
+/// Hands the next attempt of a call to the broker, which settles the failed one. If the
+/// broker refuses, the delivery was not settled (it comes back where the broker gives
+/// deliveries back); the caller is told the retry failed rather than left waiting (an
+/// in-process caller learns it from its reply sink, dropped with the message).
 fn schedule(shared: &Shared, next: TaskMessage, ack: Option<Ack>) {
     let key = next.key();
-    let failed = match &shared.producer {
-        Some(producer) => {
-            producer.retry(next, ack).err().map(|e| format!("retry not scheduled: {}", crate::error::chain(&e)))
-        }
-        None => Some("retry not scheduled: this app has no producer to send the next attempt with".to_owned()),
+    let reply = match &next.reply_to {
+        ReplyTo::Address(address) => Some(ReplyTo::Address(address.clone())),
+        _ => None,
     };
-    if let Some(message) = failed {
-        shared.events.emit(Event::new(Origin::Worker, Level::Error, EventKind::RetryFailed, message).with_task(key));
+    let Some(producer) = &shared.producer else { return };
+    let Err(e) = producer.retry(next, ack) else { return };
+    let message = format!("retry not scheduled: {}", crate::error::chain(&e));
+    shared
+        .events
+        .emit(Event::new(Origin::Worker, Level::Error, EventKind::RetryFailed, message.clone()).with_task(key.clone()));
+    if let Some(reply) = reply {
+        let report = ReportMessage {
+            name: key.name,
+            id: key.id,
+            body: ReportBody::Failure(TaskError::new(TaskErrorKind::Failed, message)),
+        };
+        let _ = shared.reporter.report(&reply, report);
     }
 }
 

@@ -109,3 +109,28 @@ fn a_retry_into_a_full_queue_does_not_wait_for_its_own_worker() {
     assert_eq!(results, (0..50).collect::<Vec<_>>());
     app.close().unwrap();
 }
+
+#[test]
+fn a_worker_without_a_producer_ends_the_call_instead_of_retrying() {
+    let broker = LocalBroker::serialized();
+    let worker = App::builder()
+        .consumer(std::sync::Arc::new(broker.clone()))
+        .reporter(std::sync::Arc::new(broker.clone()))
+        .build()
+        .unwrap();
+    worker
+        .register_with_context("fails", |_: &Context<'_>, n: i64| Err::<i64, String>(format!("no luck with {n}")))
+        .unwrap();
+    worker.allocate("fails", 1).unwrap();
+    let caller = App::builder().broker(broker.clone()).build().unwrap();
+    let options = CallOptions::new().retries(3).backoff(Backoff::fixed(Duration::from_millis(5)));
+    let error = match caller.call_with::<_, i64>("fails", &options, 1i64).unwrap().wait_timeout(PATIENCE) {
+        Err(Error::Task(error)) => error,
+        other => panic!("expected a final failure, got {other:?}"),
+    };
+    assert_eq!(error.attempts(), 1);
+    assert!(error.message().contains("no producer"), "{}", error.message());
+    assert_eq!(broker.dead_letters().len(), 1, "kept for a replay");
+    caller.close().unwrap();
+    worker.close().unwrap();
+}

@@ -140,6 +140,7 @@ macro_rules! lifecycle_suite {
             backoff_grows_and_stays_under_its_cap,
             a_task_can_ask_for_its_retry_wait,
             a_panic_is_not_retried,
+            a_bad_payload_is_not_retried,
             a_timed_out_wait_on_a_delayed_call_loses_nothing,
         );
     };

@@ -316,6 +316,24 @@ pub fn a_panic_is_not_retried(setup: &dyn AppSetup) {
     close(&app);
 }
 
+/// A message that cannot run (its arguments do not decode) is never retried, whatever the
+/// retries: one failure of kind `BadPayload`, no `TaskRetrying`, one dead letter.
+pub fn a_bad_payload_is_not_retried(setup: &dyn AppSetup) {
+    let app = setup.app();
+    let events = app.events(EventFilter::new().kinds([EventKind::TaskRetrying, EventKind::DeadLettered]));
+    app.allocate(stamp, 1).expect("allocate");
+    let garbage = dingo::Encoded::new(dingo::codec::MSGPACK, vec![0xc1, 0xff, 0x00]);
+    let options = CallOptions::new().retries(3).backoff(Backoff::fixed(Duration::from_millis(5)));
+    let outcome = app.call_raw(stamp::NAME, &options, garbage).expect("call").wait_timeout(PATIENCE);
+    let error = outcome.expect_err("bad payload");
+    assert_eq!(error.task_kind(), Some(TaskErrorKind::BadPayload), "{error:?}");
+    assert_eq!(error.task_error().map(|e| e.attempts()), Some(1));
+    let kinds: Vec<EventKind> =
+        std::iter::from_fn(|| events.recv_timeout(Duration::from_millis(500))).map(|e| e.kind).collect();
+    assert_eq!(kinds, [EventKind::DeadLettered], "dead-lettered once, never retried");
+    close(&app);
+}
+
 /// `wait_timeout` on a delayed or retrying call loses nothing: waiting again gets the result.
 pub fn a_timed_out_wait_on_a_delayed_call_loses_nothing(setup: &dyn AppSetup) {
     let app = setup.app();

@@ -13,7 +13,7 @@
 //! as unroutable — the app turns that into an `UnknownTask` failure.
 //!
 //! Delayed tasks ([`CallOptions::countdown`](crate::CallOptions::countdown), retries) wait
-//! in a heap ordered by due time, at most [`LocalOptions::max_delayed`] of them; one timer
+//! in a timer wheel (one slot per millisecond for the next 4 s, a heap beyond), at most [`LocalOptions::max_delayed`] of them; one timer
 //! thread, started by the first delayed send, sleeps until the earliest is due and moves it
 //! to its queue (a send due earlier wakes it). Like everything of this broker they live in
 //! the process: at shutdown they fail with `Shutdown` as queued tasks do.

@@ -146,7 +146,10 @@ pub fn encode_task(msg: &TaskMessage) -> Result<Vec<u8>, BrokerError> {
         field(&mut out, ATTEMPT, &msg.attempt.to_le_bytes());
     }
     if let Some(due) = msg.due {
-        field(&mut out, DUE, &millis(due).to_le_bytes());
+        // Rounded up: a due time read back is never earlier than the one sent.
+        let ms =
+            millis(due) + u64::from(due.duration_since(UNIX_EPOCH).is_ok_and(|d| d.subsec_nanos() % 1_000_000 != 0));
+        field(&mut out, DUE, &ms.to_le_bytes());
     }
     if let Some(expires) = msg.expires {
         field(&mut out, EXPIRES, &millis(expires).to_le_bytes());

@@ -245,11 +245,12 @@ impl<T: Send + 'static> Delays<T> {
         let due = micros(due);
         let seq = self.seq.fetch_add(1, AtomicOrdering::Relaxed);
         let entry = Entry { due, seq, held: (queue, item) };
-        if self.inbox.send(entry).is_err() || self.stopped.load(AtomicOrdering::SeqCst) {
-            // The timer is gone: take back what it will not see (stop() hands it out).
+        if self.inbox.send(entry).is_err() {
             self.held.fetch_sub(1, AtomicOrdering::Relaxed);
             return Err(crate::broker::kit::closed("the local broker"));
         }
+        // Once in the inbox the message is the timer's (or, after a stop, `stop()`'s): one
+        // outcome each, so a send that races with a stop still says it was taken.
         // SeqCst with the timer's store before it drains the inbox: either it sees this
         // message, or this sees the time it sleeps until.
         if due < self.sleeps_until.load(AtomicOrdering::SeqCst) {
@@ -295,7 +296,9 @@ impl<T: Send + 'static> Delays<T> {
         if let Some(inbox) = lock(&self.inbox_rx).as_ref() {
             left.extend(inbox.try_iter());
         }
-        self.held.fetch_sub(left.len().min(self.held.load(AtomicOrdering::Relaxed)), AtomicOrdering::Relaxed);
+        let _ = self.held.fetch_update(AtomicOrdering::Relaxed, AtomicOrdering::Relaxed, |held| {
+            Some(held.saturating_sub(left.len()))
+        });
         left.sort_unstable();
         left
     }
