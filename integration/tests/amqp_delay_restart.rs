@@ -45,14 +45,16 @@ impl Drop for Stopped {
     }
 }
 
-/// 200 calls delayed by 2–4 s on durable queues; RabbitMQ's application is stopped while
+/// 200 calls delayed by 2–4 s on quorum queues (their dead-lettering is at least once;
+/// classic queues dead-letter at most once, and a stop in the middle of a hop lost one call
+/// of 200 once in CI); RabbitMQ's application is stopped while
 /// every one of them waits in the delay queues, and started again (their due times pass
 /// while it is down): the worker and the caller reconnect, and each call runs exactly once,
 /// none before its due time.
 #[test]
 fn delayed_tasks_survive_a_restart_of_rabbitmq() {
     const CALLS: u64 = 200;
-    let Some(setup) = Amqp::with_options(AmqpOptions::new()) else { return };
+    let Some(setup) = Amqp::with_options(AmqpOptions::new().quorum(true)) else { return };
     let worker = App::builder().broker(setup.broker()).build().expect("worker app");
     let caller_broker = setup.broker();
     let caller = App::builder().broker(caller_broker.clone()).build().expect("caller app");
