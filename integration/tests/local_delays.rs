@@ -16,6 +16,17 @@ fn app(broker: &LocalBroker) -> App {
     app
 }
 
+/// The broker's dead letters once there are any: a worker tells the caller first, then
+/// buries the message.
+fn letters(broker: &LocalBroker) -> Vec<dingo::DeadLetter> {
+    let deadline = std::time::Instant::now() + PATIENCE;
+    while broker.dead_letters().is_empty() && std::time::Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    std::thread::sleep(Duration::from_millis(50)); // and no second one
+    broker.dead_letters()
+}
+
 #[test]
 fn delayed_calls_fail_with_shutdown_when_the_broker_stops_first() {
     for broker in [LocalBroker::new(), LocalBroker::serialized()] {
@@ -80,7 +91,7 @@ fn the_last_failed_attempt_is_kept_in_the_dead_letters() {
         };
         assert_eq!(error.attempts(), 3);
         assert_eq!(error.payload::<String>().unwrap().unwrap(), "no luck with 7", "the last error's value");
-        let dead = broker.dead_letters();
+        let dead = letters(&broker);
         assert_eq!(dead.len(), 1, "{dead:?}");
         assert_eq!(dead[0].queue, "fails");
         assert!(dead[0].reason.contains("after 3 attempt(s)"), "{}", dead[0].reason);
@@ -130,7 +141,7 @@ fn a_worker_without_a_producer_ends_the_call_instead_of_retrying() {
     };
     assert_eq!(error.attempts(), 1);
     assert!(error.message().contains("no producer"), "{}", error.message());
-    assert_eq!(broker.dead_letters().len(), 1, "kept for a replay");
+    assert_eq!(letters(&broker).len(), 1, "kept for a replay");
     caller.close().unwrap();
     worker.close().unwrap();
 }
