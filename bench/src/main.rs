@@ -415,8 +415,6 @@ fn run(config: &Config, scenarios: Vec<Scenario<'_>>) {
     }
 }
 
-/// `window` calls in flight from one caller thread: call, and once the window is full wait
-/// for the oldest.
 /// The app whose workers run the tasks: a separate worker app, or the caller itself.
 fn workers<'a>(caller: &'a App, worker: &'a Option<App>) -> &'a App {
     worker.as_ref().unwrap_or(caller)
@@ -433,19 +431,7 @@ fn close(caller: &App, worker: &Option<App>) -> Result<(), dingo::Error> {
 fn inflight(app: &App, worker: &Option<App>, config: &Config, calls: u64) -> Outcome {
     workers(app, worker).allocate(add, config.workers)?;
     warm_up(app)?;
-    let mut pending = VecDeque::with_capacity(config.window);
-    let start = Instant::now();
-    for i in 0..calls as i64 {
-        pending.push_back(add::call(app, i, 1)?);
-        if pending.len() >= config.window {
-            let handle = pending.pop_front().ok_or(dingo::Error::NoReport)?;
-            handle.wait()?;
-        }
-    }
-    for handle in pending {
-        handle.wait()?;
-    }
-    let rate = calls as f64 / start.elapsed().as_secs_f64();
+    let rate = windowed(config.window, calls, |i| add::call(app, i, 1))?;
     close(app, worker)?;
     Ok(Measure::Rate(rate))
 }
@@ -488,19 +474,7 @@ fn sequential(app: &App, worker: &Option<App>, config: &Config, calls: u64) -> O
 fn payload(app: App, config: &Config, calls: u64) -> Outcome {
     app.allocate(echo, config.workers)?;
     let data: String = (0..1024u32).map(|i| char::from(b'a' + (i % 26) as u8)).collect();
-    let mut pending = VecDeque::with_capacity(config.window);
-    let start = Instant::now();
-    for _ in 0..calls {
-        pending.push_back(echo::call(&app, data.clone())?);
-        if pending.len() >= config.window {
-            let handle = pending.pop_front().ok_or(dingo::Error::NoReport)?;
-            handle.wait()?;
-        }
-    }
-    for handle in pending {
-        handle.wait()?;
-    }
-    let rate = calls as f64 / start.elapsed().as_secs_f64();
+    let rate = windowed(config.window, calls, |_| echo::call(&app, data.clone()))?;
     app.close()?;
     Ok(Measure::Rate(rate))
 }
@@ -566,11 +540,23 @@ fn lateness(app: &App, worker: &Option<App>, config: &Config, calls: u64) -> Out
 fn retry(app: &App, worker: &Option<App>, config: &Config, calls: u64) -> Outcome {
     workers(app, worker).allocate(flaky, config.workers)?;
     let options = CallOptions::new().retries(1).backoff(Backoff::fixed(Duration::from_millis(1)));
-    let mut pending = VecDeque::with_capacity(config.window);
+    let rate = windowed(config.window, calls, |i| flaky::call_with(app, &options, i))?;
+    close(app, worker)?;
+    Ok(Measure::Rate(rate))
+}
+
+/// Calls per second of `calls` calls made by `call`, `window` of them in flight from this
+/// thread: call, and once the window is full wait for the oldest.
+fn windowed<T: Send + 'static>(
+    window: usize,
+    calls: u64,
+    mut call: impl FnMut(i64) -> Result<dingo::Handle<T>, dingo::Error>,
+) -> Result<f64, dingo::Error> {
+    let mut pending = VecDeque::with_capacity(window);
     let start = Instant::now();
     for i in 0..calls as i64 {
-        pending.push_back(flaky::call_with(app, &options, i)?);
-        if pending.len() >= config.window {
+        pending.push_back(call(i)?);
+        if pending.len() >= window {
             let handle = pending.pop_front().ok_or(dingo::Error::NoReport)?;
             handle.wait()?;
         }
@@ -578,9 +564,7 @@ fn retry(app: &App, worker: &Option<App>, config: &Config, calls: u64) -> Outcom
     for handle in pending {
         handle.wait()?;
     }
-    let rate = calls as f64 / start.elapsed().as_secs_f64();
-    close(app, worker)?;
-    Ok(Measure::Rate(rate))
+    Ok(calls as f64 / start.elapsed().as_secs_f64())
 }
 
 fn warm_up(app: &App) -> Result<(), dingo::Error> {
