@@ -33,7 +33,7 @@
 //! | `NS.dead` | direct exchange | dead letters, routed by the task queue's name |
 //! | `NS.dead.NAME` | queue, `x-max-length` 10,000 and `x-max-length-bytes` 64 MiB (RabbitMQ drops the oldest past either: [`max_dead_letters`](AmqpOptions::max_dead_letters)) | the task's dead letters ([`AmqpBroker::dead_letters`]) |
 //! | `NS.reply.ID` | queue, expires unused after the result TTL | reports for one caller process |
-//! | `NS.delay.K`, K = 0 to 27 | queue (durable, or quorum), `x-message-ttl` 2^K × 10 ms, no consumers; dead-letters to exchange `NS.delay.(K-1)` (level 0: to `NS.delay.exit`) | delayed messages, level K of the chain ([below](#delays)) |
+//! | `NS.delay.K`, K = 0 to 27 | queue (quorum; transient in a transient namespace), `x-message-ttl` 2^K × 10 ms, no consumers; dead-letters to exchange `NS.delay.(K-1)` (level 0: to `NS.delay.exit`) | delayed messages, level K of the chain ([below](#delays)) |
 //! | `NS.delay.K` | topic exchange | routes on bit K of the delay: `1` to queue `NS.delay.K`, `0` on to exchange `NS.delay.(K-1)` |
 //! | `NS.delay.exit` | headers exchange | every task queue is bound to it by its name (header `dingo-queue`) |
 //!
@@ -172,14 +172,15 @@
 //!   survives the restart of every worker process and of RabbitMQ (the TTL of a message
 //!   counts from when it entered its queue; one that expired while the node was down moves
 //!   on as the node starts).
-//! - **Quorum queues:** with [`quorum`](AmqpOptions::quorum) the delay queues are quorum
-//!   queues too, dead-lettering `at-least-once` (`x-dead-letter-strategy`, with
-//!   `x-overflow=reject-publish`): a message leaves a level only once the next has it
+//! - **Quorum delay queues.** In a durable namespace (the default) the delay queues are
+//!   quorum queues whatever the task queues are, dead-lettering `at-least-once`
+//!   (`x-dead-letter-strategy`, with `x-overflow=reject-publish`): a message leaves a level
+//!   only once the next has it, so a broker that stops in the middle of a hop loses nothing
 //!   (RabbitMQ 3.10 or later: earlier versions refuse a TTL on a quorum queue). Classic
-//!   queues dead-letter at most once: a node that stops or dies in the middle of a hop may
-//!   lose that message (a `rabbitmqctl stop_app` with 200 delayed tasks lost one, once, in
-//!   CI). Delayed tasks that must survive a broker restart want quorum queues; the restart
-//!   test runs on them.
+//!   queues dead-letter at most once: with classic delay queues a `rabbitmqctl stop_app`
+//!   with 200 delayed tasks lost one, once, in CI. A transient namespace
+//!   ([`durable(false)`](AmqpOptions::durable)) has classic transient delay queues: none of
+//!   it outlives the node anyway.
 //! - **Never early.** Each level's TTL counts from when the message entered it, so the
 //!   chain never delivers before the due time by the sender's clock. A worker that takes a
 //!   task not yet due by its own clock (another host's clock, or a delay longer than the
@@ -197,9 +198,10 @@
 //!   with its reason; one whose copy cannot be published is given back instead of rejected
 //!   (it comes back counted as a redelivery, published again under its queue's name).
 //! - A delayed message whose task queue was deleted while it waited reaches no queue at the
-//!   exit: classic queues drop it there; quorum queues, dead-lettering at least once, keep
-//!   it in level 0 (where [`AmqpBroker::delayed_len`] does not count it) and try again
-//!   every few minutes until a queue takes it (3 minutes, seen on RabbitMQ 3.10).
+//!   exit: the quorum delay queues, dead-lettering at least once, keep it in level 0 (where
+//!   [`AmqpBroker::delayed_len`] does not count it) and try again every few minutes until
+//!   a queue takes it (3 minutes, seen on RabbitMQ 3.10); a transient namespace's classic
+//!   ones drop it.
 //! - [`AmqpBroker::delayed_len`] counts what waits in the chain, [`Stats::delayed`] what was
 //!   sent into it.
 //!

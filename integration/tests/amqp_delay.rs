@@ -207,9 +207,8 @@ fn at_most_once_calls_can_be_delayed() {
     worker.close().expect("close");
 }
 
-/// Quorum queues: the delay queues are quorum queues too (RabbitMQ accepts the
-/// declarations with TTLs and at-least-once dead-lettering), and a delayed call, and a
-/// retry through the chain, each run once.
+/// Quorum task queues (beside quorum delay queues, as in every durable namespace): a
+/// delayed call, and a retry through the chain, each run once.
 #[test]
 fn delays_and_retries_on_quorum_queues() {
     let Some(setup) = Amqp::with_options(AmqpOptions::new().quorum(true)) else { return };
