@@ -13,7 +13,7 @@ use serde::Serialize;
 use serde::de::DeserializeOwned;
 
 use crate::broker::kit::lock;
-use crate::broker::{ConsumeSettings, Consumer, Producer, Reporter, Store};
+use crate::broker::{Admin, ConsumeSettings, Consumer, DeadLetter, Producer, Reporter, Select, Store};
 use crate::codec::{CodecId, Codecs, Encoded};
 use crate::context::Context;
 use crate::error::{BrokerError, BrokerErrorKind, Error, Role, TaskError, TaskErrorKind};
@@ -22,7 +22,7 @@ use crate::id::{CallKey, IdMaker, TaskId, TaskName};
 use crate::message::{Payload, ReplySink, ReplyTo, TaskMessage};
 use crate::options::{CallOptions, TaskOptions};
 use crate::registry::{self, Handler, RawOutput, Registry, Task, TaskRef};
-use crate::result::{self, DecodeFn, Handle, Slot};
+use crate::result::{self, DecodeFn, Handle, Route, Slot};
 use crate::retry::RetryPolicy;
 use crate::worker::{Pool, Shared};
 
@@ -51,6 +51,10 @@ struct Inner {
     consumer: Option<Arc<dyn Consumer>>,
     reporter: Option<Arc<dyn Reporter>>,
     store: Option<Arc<dyn Store>>,
+    /// The operator's role of the task broker (cancels, dead letters, purges).
+    admin: Option<Arc<dyn Admin>>,
+    /// The store and admin roles, as every handle of this app reaches them.
+    route: Arc<Route>,
     /// The producer moves Rust values instead of bytes.
     local_args: bool,
     registry: Registry,
@@ -345,13 +349,13 @@ impl App {
         };
 
         let (handle, reply_to) = if plan.options.ignore_report {
-            (Handle::detached(key.clone()), ReplyTo::None)
+            (Handle::detached(key.clone(), Some(inner.route.clone())), ReplyTo::None)
         } else {
             let store = inner.store.as_ref().ok_or(Error::MissingRole(Role::Store))?;
             let slot = Arc::new(Slot::new(inner.caller_codecs.clone(), decode));
             let reply_to = store.watch(&key, ReplySink::new(slot.clone())).map_err(broker_error)?;
             let keeps_state = matches!(reply_to, ReplyTo::Address(_));
-            (Handle::new(key.clone(), slot, store.clone(), keeps_state), reply_to)
+            (Handle::new(key.clone(), slot, inner.route.clone(), keeps_state), reply_to)
         };
 
         // Built in place (the builder's moves cost a copy of the message per call here).
@@ -409,6 +413,74 @@ impl App {
             }
             _ => Error::Broker(error),
         }
+    }
+
+    /// Cancels the call `id` of task `name`, from any process that knows its key (see
+    /// [`Admin::cancel`]): a call not started yet never starts (its caller gets a failure of
+    /// kind [`Cancelled`](crate::TaskErrorKind::Cancelled)), a running one sees
+    /// [`Context::is_cancelled`](crate::Context::is_cancelled). The cancel lasts
+    /// [`AppBuilder::cancel_ttl`] (a day by default). An unknown or finished call is not an
+    /// error: the cancel is recorded and changes nothing.
+    ///
+    /// ```
+    /// # fn main() -> Result<(), dingo_core::Error> {
+    /// use std::time::Duration;
+    /// use dingo_core::{App, CallOptions, TaskId};
+    ///
+    /// let app = App::local()?;
+    /// app.register("add", |(a, b): (i64, i64)| a + b)?;
+    /// let id = TaskId::new("order-7");
+    /// let options = CallOptions::new().id(id.clone()).countdown(Duration::from_secs(60));
+    /// let _handle = app.call_with::<_, i64>("add", &options, (2i64, 3i64))?;
+    /// app.cancel("add", &id)?; // it will not run
+    /// # app.close()
+    /// # }
+    /// ```
+    pub fn cancel(&self, name: impl AsRef<str>, id: &TaskId) -> Result<(), Error> {
+        let key = CallKey { name: TaskName::from(name.as_ref()), id: id.clone() };
+        self.inner.route.cancel(&key)
+    }
+
+    /// The dead letters of a task's queue, oldest first, at most `limit` (see
+    /// [`Admin::dead_letters`]).
+    ///
+    /// ```
+    /// # fn main() -> Result<(), dingo_core::Error> {
+    /// let app = dingo_core::App::local()?;
+    /// app.register("add", |(a, b): (i64, i64)| a + b)?;
+    /// assert!(app.dead_letters("add", 100)?.is_empty());
+    /// assert_eq!(app.dead_count("add")?, 0);
+    /// # app.close()
+    /// # }
+    /// ```
+    pub fn dead_letters(&self, task: impl AsRef<str>, limit: usize) -> Result<Vec<DeadLetter>, Error> {
+        self.admin()?.dead_letters(&TaskName::from(task.as_ref()), limit).map_err(broker_error)
+    }
+
+    /// How many dead letters a task's queue holds.
+    pub fn dead_count(&self, task: impl AsRef<str>) -> Result<usize, Error> {
+        self.admin()?.dead_count(&TaskName::from(task.as_ref())).map_err(broker_error)
+    }
+
+    /// Sends the selected dead letters of a task back to its queue as fresh attempts, each
+    /// once (see [`Admin::replay`]); returns how many.
+    pub fn replay_dead(&self, task: impl AsRef<str>, select: &Select) -> Result<usize, Error> {
+        self.admin()?.replay(&TaskName::from(task.as_ref()), select).map_err(broker_error)
+    }
+
+    /// Deletes the selected dead letters of a task; returns how many.
+    pub fn purge_dead(&self, task: impl AsRef<str>, select: &Select) -> Result<usize, Error> {
+        self.admin()?.purge_dead(&TaskName::from(task.as_ref()), select).map_err(broker_error)
+    }
+
+    /// Deletes the messages waiting in a task's queue (what `celery purge` does); returns
+    /// how many. Running and delayed calls are not touched, and callers are not told.
+    pub fn purge(&self, task: impl AsRef<str>) -> Result<usize, Error> {
+        self.admin()?.purge(&TaskName::from(task.as_ref())).map_err(broker_error)
+    }
+
+    fn admin(&self) -> Result<&Arc<dyn Admin>, Error> {
+        self.inner.admin.as_ref().ok_or(Error::MissingRole(Role::Admin))
     }
 
     /// Subscribes to the app's events (see [`event`](crate::event)).

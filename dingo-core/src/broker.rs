@@ -27,7 +27,12 @@
 //! [`Reporter::finish`]; a broker playing both roles overrides it to make the pair atomic
 //! (it recognises its own acknowledgements with [`Ack::downcast`]).
 //!
-//! The built-in [`local`] broker plays all four roles in process.
+//! Beside the four, a fifth role, [`Admin`], is the operator's: cancel a call by its key,
+//! list, replay and purge dead letters, purge a queue. It belongs to the task transport
+//! (the broker that plays [`Producer`] and [`Consumer`]), whose consumers honour the cancels
+//! it records ([`Consumer::cancels`]).
+//!
+//! The built-in [`local`] broker plays all five roles in process.
 
 pub mod kit;
 pub mod local;
@@ -37,12 +42,15 @@ pub mod tls;
 
 use std::any::Any;
 use std::fmt;
-use std::time::Duration;
+use std::sync::Arc;
+use std::time::{Duration, SystemTime};
 
 use crate::error::BrokerError;
 use crate::event::EventSink;
-use crate::id::{CallKey, TaskName};
+use crate::id::{CallKey, TaskId, TaskName};
 use crate::message::{ReplySink, ReplyTo, ReportMessage, TaskMessage};
+
+pub use crate::cancel::{Cancels, DEFAULT_CANCEL_TTL};
 
 /// Sends task messages (caller side).
 pub trait Producer: Send + Sync + 'static {
@@ -124,6 +132,20 @@ pub trait Consumer: Send + Sync + 'static {
     /// Starts receiving the messages of `tasks`. The subscription is shared by the worker
     /// threads of one pool.
     fn consume(&self, tasks: &[TaskName], settings: &ConsumeSettings) -> Result<Box<dyn Subscription>, BrokerError>;
+
+    /// The cancels this consumer's workers honour: before a worker starts a task it asks
+    /// whether the call is cancelled (then it does not run it: its caller gets a failure of
+    /// kind [`Cancelled`](crate::TaskErrorKind::Cancelled) and the delivery is settled), and
+    /// a running task reads it through [`Context::is_cancelled`](crate::Context::is_cancelled).
+    ///
+    /// The broker keeps the set current: a cancel that [`Admin::cancel`] recorded before a
+    /// delivery was handed out must be in the set by the time the worker reads it (so a
+    /// cancelled task never starts), and one recorded while a task runs reaches the set
+    /// within a bound the broker documents. `None` (the default): this consumer knows no
+    /// cancels.
+    fn cancels(&self) -> Option<Arc<Cancels>> {
+        None
+    }
 
     /// The app that attached this consumer is closing (its subscriptions are stopped).
     fn close(&self) {}
@@ -336,6 +358,8 @@ pub trait Store: Send + Sync + 'static {
 ///
 /// let letter = DeadLetter::new(TaskName::from("add"), "undecodable message", vec![0xc1]);
 /// assert_eq!(letter.queue.as_str(), "add");
+/// assert!(letter.key.is_none()); // the bytes are not a task message
+/// assert_eq!(letter.replay_bytes(), vec![0xc1]); // replayed as they are
 /// ```
 #[derive(Debug, Clone, PartialEq, Eq)]
 #[non_exhaustive]
@@ -346,11 +370,101 @@ pub struct DeadLetter {
     pub reason: String,
     /// The message as it was queued (its first bytes only, for one over the size limit).
     pub bytes: Vec<u8>,
+    /// When it was dead-lettered (`None`: the broker did not record it).
+    pub at: Option<SystemTime>,
+    /// The call it holds, when its bytes decode as a task message.
+    pub key: Option<CallKey>,
 }
 
 impl DeadLetter {
-    /// A dead letter of `queue`.
+    /// A dead letter of `queue` (its [`key`](DeadLetter::key) read from `bytes`).
     pub fn new(queue: TaskName, reason: impl Into<String>, bytes: Vec<u8>) -> DeadLetter {
-        DeadLetter { queue, reason: reason.into(), bytes }
+        let key = crate::message::wire::decode_task(&bytes).ok().map(|message| message.key());
+        DeadLetter { queue, reason: reason.into(), bytes, at: None, key }
     }
+
+    /// Sets [`at`](DeadLetter::at).
+    #[must_use]
+    pub fn with_time(mut self, at: Option<SystemTime>) -> DeadLetter {
+        self.at = at;
+        self
+    }
+
+    /// What a replay sends back to the queue: the same call (name, id, arguments, reply
+    /// address, retry policy) as a fresh attempt — attempt 1, no due time, no expiry (an
+    /// operator who replays a letter wants it run now) — or the bytes as they are when they
+    /// do not decode (they are dead-lettered again, with their reason).
+    pub fn replay_bytes(&self) -> Vec<u8> {
+        use crate::message::wire;
+        match wire::decode_task(&self.bytes) {
+            Ok(message) => {
+                let fresh = message.with_attempt(1).with_due(None).with_expires(None);
+                wire::encode_task(&fresh).unwrap_or_else(|_| self.bytes.clone())
+            }
+            Err(_) => self.bytes.clone(),
+        }
+    }
+
+    /// Whether `select` takes this letter.
+    pub fn is_selected(&self, select: &Select) -> bool {
+        match select {
+            Select::All => true,
+            Select::Ids(ids) => self.key.as_ref().is_some_and(|key| ids.contains(&key.id)),
+        }
+    }
+}
+
+/// Which dead letters an [`Admin`] operation takes.
+///
+/// ```
+/// use dingo_core::broker::Select;
+/// use dingo_core::TaskId;
+///
+/// let some = Select::Ids(vec![TaskId::new("7"), TaskId::new("9")]);
+/// assert_ne!(some, Select::All);
+/// ```
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum Select {
+    /// Every letter of the queue.
+    All,
+    /// The letters of these calls (by id; letters whose bytes do not decode have none).
+    Ids(Vec<TaskId>),
+}
+
+/// The operator's role (beside the four): cancels, dead letters and purges of one broker's
+/// task queues. Every built-in broker plays it; the app reaches it through
+/// [`App::cancel`](crate::App::cancel), [`App::dead_letters`](crate::App::dead_letters) and
+/// their neighbours, and a command-line tool can work on any broker by URL.
+///
+/// Queues are named by their task's name. Lists are oldest first.
+pub trait Admin: Send + Sync + 'static {
+    /// Records that the call `key` must not start, until `until`: a worker of this broker
+    /// that takes its message afterwards — queued, delayed, or redelivered; in a process that
+    /// starts after the cancel, or one cut off from the broker when it was sent — settles it
+    /// with a failure of kind [`Cancelled`](crate::TaskErrorKind::Cancelled) instead of
+    /// running it; a running task sees it through
+    /// [`Context::is_cancelled`](crate::Context::is_cancelled). Cancelling a call that is
+    /// unknown, finished, or already cancelled records the cancel and changes nothing else.
+    fn cancel(&self, key: &CallKey, until: SystemTime) -> Result<(), BrokerError>;
+
+    /// The dead letters of `queue`, oldest first, at most `limit`, each with its reason and,
+    /// where the broker records it, its time. Reading leaves them in place.
+    fn dead_letters(&self, queue: &TaskName, limit: usize) -> Result<Vec<DeadLetter>, BrokerError>;
+
+    /// How many dead letters `queue` holds.
+    fn dead_count(&self, queue: &TaskName) -> Result<usize, BrokerError>;
+
+    /// Sends the selected dead letters of `queue` back to it as fresh attempts
+    /// ([`DeadLetter::replay_bytes`]) and removes them from the dead letters; returns how
+    /// many. At least once and without duplicates: a process that dies half-way leaves each
+    /// letter either replayed (and gone from the dead letters) or still dead, never both.
+    fn replay(&self, queue: &TaskName, select: &Select) -> Result<usize, BrokerError>;
+
+    /// Deletes the selected dead letters of `queue`; returns how many.
+    fn purge_dead(&self, queue: &TaskName, select: &Select) -> Result<usize, BrokerError>;
+
+    /// Deletes every message waiting in `queue` (not those running, nor delayed ones);
+    /// returns how many. Their callers are not told: cancel calls to tell them.
+    fn purge(&self, queue: &TaskName) -> Result<usize, BrokerError>;
 }

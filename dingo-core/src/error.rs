@@ -124,6 +124,9 @@ pub enum Role {
     Reporter,
     /// Waits for reports (caller side).
     Store,
+    /// Cancels calls, replays and purges (the operator's role, see
+    /// [`Admin`](crate::broker::Admin)).
+    Admin,
 }
 
 impl fmt::Display for Role {
@@ -133,6 +136,7 @@ impl fmt::Display for Role {
             Role::Consumer => "consumer",
             Role::Reporter => "reporter",
             Role::Store => "store",
+            Role::Admin => "admin",
         })
     }
 }
@@ -153,8 +157,11 @@ pub enum TaskErrorKind {
     SignatureMismatch,
     /// The app or broker shut down before the task ran.
     Shutdown,
-    /// The task ran out of time.
-    Timeout,
+    /// The task ran past its hard time limit
+    /// ([`CallOptions::time_limit`](crate::CallOptions::time_limit)): its worker thread was
+    /// written off and replaced, the message settled. Also a task that returned `Err` after
+    /// its soft limit passed (it saw [`Context::is_cancelled`](crate::Context::is_cancelled)).
+    TimeLimit,
     /// The worker could not encode the result.
     Encode,
     /// Every worker that took the task stopped before finishing it — its process died, was
@@ -165,6 +172,10 @@ pub enum TaskErrorKind {
     /// The call was not started before its expiry
     /// ([`CallOptions::expires_in`](crate::CallOptions::expires_in)), so it never ran.
     Expired,
+    /// The call was cancelled ([`App::cancel`](crate::App::cancel),
+    /// [`Handle::cancel`](crate::Handle::cancel)) before it started, or its task returned
+    /// `Err` after it saw the cancel.
+    Cancelled,
     /// A kind this build does not know (sent by a newer peer).
     Other,
 }
@@ -179,10 +190,11 @@ impl TaskErrorKind {
             TaskErrorKind::BadPayload => 4,
             TaskErrorKind::SignatureMismatch => 5,
             TaskErrorKind::Shutdown => 6,
-            TaskErrorKind::Timeout => 7,
+            TaskErrorKind::TimeLimit => 7,
             TaskErrorKind::Encode => 8,
             TaskErrorKind::WorkerLost => 9,
             TaskErrorKind::Expired => 10,
+            TaskErrorKind::Cancelled => 11,
         }
     }
 
@@ -194,10 +206,11 @@ impl TaskErrorKind {
             4 => TaskErrorKind::BadPayload,
             5 => TaskErrorKind::SignatureMismatch,
             6 => TaskErrorKind::Shutdown,
-            7 => TaskErrorKind::Timeout,
+            7 => TaskErrorKind::TimeLimit,
             8 => TaskErrorKind::Encode,
             9 => TaskErrorKind::WorkerLost,
             10 => TaskErrorKind::Expired,
+            11 => TaskErrorKind::Cancelled,
             _ => TaskErrorKind::Other,
         }
     }
@@ -212,10 +225,11 @@ impl fmt::Display for TaskErrorKind {
             TaskErrorKind::BadPayload => "bad payload",
             TaskErrorKind::SignatureMismatch => "signature mismatch",
             TaskErrorKind::Shutdown => "shutdown",
-            TaskErrorKind::Timeout => "timeout",
+            TaskErrorKind::TimeLimit => "time limit",
             TaskErrorKind::Encode => "encode",
             TaskErrorKind::WorkerLost => "worker lost",
             TaskErrorKind::Expired => "expired",
+            TaskErrorKind::Cancelled => "cancelled",
             TaskErrorKind::Other => "other",
         })
     }

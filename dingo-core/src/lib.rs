@@ -22,6 +22,7 @@
 
 pub mod app;
 pub mod broker;
+mod cancel;
 pub mod codec;
 mod context;
 pub mod error;

@@ -7,8 +7,8 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
-use crate::broker::Store;
 use crate::broker::kit::{lock, wait, wait_timeout};
+use crate::broker::{Admin, Store};
 use crate::codec::{Codecs, Encoded};
 use crate::error::{Error, TaskError, TaskErrorKind};
 use crate::id::{CallKey, TaskId, TaskName};
@@ -48,19 +48,53 @@ pub(crate) type DecodeFn<T> = fn(Encoded, &Codecs) -> Result<T, TaskError>;
 pub struct Handle<T> {
     key: CallKey,
     slot: Option<Arc<Slot<T>>>,
-    /// The store the reports come from (`None`: detached).
-    store: Option<Arc<dyn Store>>,
+    /// The store the reports come from (`None`: detached), and where cancels go.
+    route: Option<Arc<Route>>,
+    /// Whether reports come (else the handle is detached).
+    attached: bool,
     /// Whether the store keeps state for this call (to forget when the handle goes).
     keeps_state: bool,
 }
 
 impl<T: Send + 'static> Handle<T> {
-    pub(crate) fn new(key: CallKey, slot: Arc<Slot<T>>, store: Arc<dyn Store>, keeps_state: bool) -> Handle<T> {
-        Handle { key, slot: Some(slot), store: Some(store), keeps_state }
+    pub(crate) fn new(key: CallKey, slot: Arc<Slot<T>>, route: Arc<Route>, keeps_state: bool) -> Handle<T> {
+        Handle { key, slot: Some(slot), route: Some(route), attached: true, keeps_state }
     }
 
-    pub(crate) fn detached(key: CallKey) -> Handle<T> {
-        Handle { key, slot: None, store: None, keeps_state: false }
+    pub(crate) fn detached(key: CallKey, route: Option<Arc<Route>>) -> Handle<T> {
+        Handle { key, slot: None, route, attached: false, keeps_state: false }
+    }
+
+    /// Cancels the call (see [`App::cancel`](crate::App::cancel)): if it has not started,
+    /// it never will, and this handle gets a failure of kind
+    /// [`Cancelled`](crate::TaskErrorKind::Cancelled) once a worker takes its message; if it
+    /// runs, the task sees [`Context::is_cancelled`](crate::Context::is_cancelled) and
+    /// decides (an `Err` it returns then is `Cancelled`, a value arrives as usual); if it
+    /// finished, nothing changes.
+    ///
+    /// ```
+    /// # fn main() -> Result<(), dingo_core::Error> {
+    /// use std::time::Duration;
+    /// use dingo_core::{App, CallOptions, Error, TaskErrorKind};
+    ///
+    /// let app = App::local()?;
+    /// app.register("add", |(a, b): (i64, i64)| a + b)?;
+    /// app.allocate("add", 1)?;
+    /// let later = CallOptions::new().countdown(Duration::from_millis(200));
+    /// let mut handle = app.call_with::<_, i64>("add", &later, (2i64, 3i64))?;
+    /// handle.cancel()?;
+    /// match handle.wait() {
+    ///     Err(Error::Task(e)) => assert_eq!(e.kind(), TaskErrorKind::Cancelled),
+    ///     other => panic!("{other:?}"),
+    /// }
+    /// # app.close()
+    /// # }
+    /// ```
+    pub fn cancel(&self) -> Result<(), Error> {
+        match &self.route {
+            Some(route) => route.cancel(&self.key),
+            None => Err(Error::MissingRole(crate::error::Role::Admin)),
+        }
     }
 
     /// The call's id.
@@ -174,7 +208,7 @@ impl<T: Send + 'static> Handle<T> {
         let deadline = timeout.and_then(deadline);
         let slot = self.slot.as_ref().ok_or(Error::NoReport)?;
         // Asked now, not at the call: whether this call is alone depends on the moment.
-        if let Some(store) = &self.store {
+        if let Some(store) = self.store() {
             slot.spin_until_finished(store.wait_spin());
         }
         let mut state = slot.lock();
@@ -188,11 +222,36 @@ impl<T: Send + 'static> Handle<T> {
     }
 }
 
+impl<T> Handle<T> {
+    fn store(&self) -> Option<&Arc<dyn Store>> {
+        self.route.as_ref().filter(|_| self.attached).and_then(|route| route.store.as_ref())
+    }
+}
+
+/// What a handle reaches beyond its slot: the app's store (to forget the call) and admin
+/// role (to cancel it). One per app, shared by its handles.
+pub(crate) struct Route {
+    pub(crate) store: Option<Arc<dyn Store>>,
+    pub(crate) admin: Option<Arc<dyn Admin>>,
+    pub(crate) cancel_ttl: Duration,
+}
+
+impl Route {
+    pub(crate) fn cancel(&self, key: &CallKey) -> Result<(), Error> {
+        let admin = self.admin.as_ref().ok_or(Error::MissingRole(crate::error::Role::Admin))?;
+        let until = std::time::SystemTime::now() + self.cancel_ttl;
+        admin.cancel(key, until).map_err(|e| match e.kind() {
+            crate::error::BrokerErrorKind::Closed => Error::Shutdown,
+            _ => Error::Broker(e),
+        })
+    }
+}
+
 impl<T> Drop for Handle<T> {
     /// Tells the store to stop keeping reports for this call — unless a callback still waits
     /// for the result, which then arrives as if the handle were kept.
     fn drop(&mut self) {
-        if let Some(store) = self.store.as_ref().filter(|_| self.keeps_state) {
+        if let Some(store) = self.store().filter(|_| self.keeps_state) {
             let callbacks_pending = self.slot.as_ref().is_some_and(|slot| slot.callbacks_pending());
             if !callbacks_pending {
                 store.forget(&self.key);

@@ -8,13 +8,14 @@ use std::time::Duration;
 use super::{App, Inner};
 use crate::broker::local::{LocalBroker, LocalOptions};
 use crate::broker::support::redact_url;
-use crate::broker::{Consumer, Producer, Reporter, Store};
+use crate::broker::{Admin, Consumer, DEFAULT_CANCEL_TTL, Producer, Reporter, Store};
 use crate::codec::{Codec, CodecId, Codecs};
 use crate::error::Error;
 use crate::event::{Event, EventKind, EventSink, Level, Origin};
 use crate::id::{IdMaker, TaskName, UuidV7};
 use crate::options::CallOptions;
 use crate::registry::{self, Registry, Settings};
+use crate::result::Route;
 
 /// A broker reachable by URL, registered by a broker crate (`redis`, `amqp`, …) through
 /// `inventory`, so [`App::connect`] knows every broker compiled into the program.
@@ -52,6 +53,8 @@ pub struct AppBuilder {
     consumer: Option<Arc<dyn Consumer>>,
     reporter: Option<Arc<dyn Reporter>>,
     store: Option<Arc<dyn Store>>,
+    admin: Option<Arc<dyn Admin>>,
+    cancel_ttl: Duration,
     codecs: Codecs,
     id_maker: Arc<dyn IdMaker>,
     shutdown_grace: Duration,
@@ -65,6 +68,8 @@ impl AppBuilder {
             consumer: None,
             reporter: None,
             store: None,
+            admin: None,
+            cancel_ttl: DEFAULT_CANCEL_TTL,
             codecs: Codecs::new(),
             id_maker: Arc::new(UuidV7),
             shutdown_grace: Duration::from_secs(30),
@@ -72,22 +77,27 @@ impl AppBuilder {
         }
     }
 
-    /// One broker for all four roles.
+    /// One broker for every role (the four and [`Admin`]).
     pub fn broker<B>(self, broker: B) -> AppBuilder
     where
-        B: Producer + Consumer + Reporter + Store,
+        B: Producer + Consumer + Reporter + Store + Admin,
     {
         let broker = Arc::new(broker);
-        self.producer(broker.clone()).consumer(broker.clone()).reporter(broker.clone()).store(broker)
+        self.producer(broker.clone())
+            .consumer(broker.clone())
+            .reporter(broker.clone())
+            .store(broker.clone())
+            .admin(broker)
     }
 
-    /// One broker for the task transport (producer and consumer).
+    /// One broker for the task transport (producer, consumer, and the [`Admin`] role:
+    /// cancels and dead letters belong to the tasks' queues).
     pub fn tasks<B>(self, broker: B) -> AppBuilder
     where
-        B: Producer + Consumer,
+        B: Producer + Consumer + Admin,
     {
         let broker = Arc::new(broker);
-        self.producer(broker.clone()).consumer(broker)
+        self.producer(broker.clone()).consumer(broker.clone()).admin(broker)
     }
 
     /// One broker for the report transport (reporter and store).
@@ -102,6 +112,30 @@ impl AppBuilder {
     /// The producer (needed to call).
     pub fn producer(mut self, producer: Arc<dyn Producer>) -> AppBuilder {
         self.producer = Some(producer);
+        self
+    }
+
+    /// The operator's role: cancels, dead letters, purges (set by [`broker`](AppBuilder::broker)
+    /// and [`tasks`](AppBuilder::tasks); use the task broker's).
+    pub fn admin(mut self, admin: Arc<dyn Admin>) -> AppBuilder {
+        self.admin = Some(admin);
+        self
+    }
+
+    /// How long a cancel lasts ([`App::cancel`], [`Handle::cancel`](crate::Handle::cancel)):
+    /// a call whose message a worker takes later than that after the cancel runs. Default:
+    /// [`DEFAULT_CANCEL_TTL`] (a day); keep it above the longest delay of a call you may
+    /// cancel.
+    ///
+    /// ```
+    /// # fn main() -> Result<(), dingo_core::Error> {
+    /// use std::time::Duration;
+    /// let app = dingo_core::App::builder().cancel_ttl(Duration::from_secs(3600)).build()?;
+    /// # app.close()
+    /// # }
+    /// ```
+    pub fn cancel_ttl(mut self, ttl: Duration) -> AppBuilder {
+        self.cancel_ttl = ttl;
         self
     }
 
@@ -213,7 +247,13 @@ impl AppBuilder {
                 producer: this.producer,
                 consumer: this.consumer,
                 reporter: this.reporter,
+                route: Arc::new(Route {
+                    store: this.store.clone(),
+                    admin: this.admin.clone(),
+                    cancel_ttl: this.cancel_ttl,
+                }),
                 store: this.store,
+                admin: this.admin,
                 registry: Registry::new(defaults),
                 caller_codecs: Arc::new(this.codecs.clone()),
                 codecs: this.codecs,

@@ -38,7 +38,8 @@ use crate::broker::kit::{Lifecycle, Shutdown, Signal, closed, lock};
 use crate::broker::router::{ReportRouter, Routed, UnclaimedLimit};
 use crate::broker::support;
 use crate::broker::{
-    Ack, Acknowledge, ConsumeSettings, Consumer, DeadLetter, Delivery, Producer, Recv, Reporter, Store, Subscription,
+    Ack, Acknowledge, Admin, Cancels, ConsumeSettings, Consumer, DeadLetter, Delivery, Producer, Recv, Reporter,
+    Select as Letters, Store, Subscription,
 };
 use crate::error::{BrokerError, BrokerErrorKind, TaskError, TaskErrorKind};
 use crate::event::{Event, EventKind, EventSink, EventSinks, Level, Origin};
@@ -166,6 +167,8 @@ struct Inner {
     /// The serialized store: handles waiting, and reports nobody waits for yet.
     router: ReportRouter,
     dead: Mutex<VecDeque<DeadLetter>>,
+    /// The cancels of this broker's calls (its workers read them).
+    cancels: Arc<Cancels>,
     /// Messages due later.
     delays: Arc<Delays<Item>>,
 }
@@ -206,6 +209,7 @@ impl LocalBroker {
                 events,
                 router,
                 dead: Mutex::new(VecDeque::new()),
+                cancels: Arc::new(Cancels::new()),
             }),
         }
     }
@@ -250,8 +254,9 @@ impl LocalBroker {
         }
     }
 
-    /// The messages that could not be delivered, oldest first.
-    pub fn dead_letters(&self) -> Vec<DeadLetter> {
+    /// The messages that could not be delivered, of every queue, oldest first (see
+    /// [`Admin::dead_letters`] for one queue's).
+    pub fn all_dead_letters(&self) -> Vec<DeadLetter> {
         lock(&self.inner.dead).iter().cloned().collect()
     }
 
@@ -415,6 +420,7 @@ impl Inner {
     }
 
     fn bury(&self, letter: DeadLetter) {
+        let letter = letter.with_time(Some(SystemTime::now()));
         let mut dead = lock(&self.dead);
         if dead.len() >= self.options.max_dead_letters {
             dead.pop_front();
@@ -675,6 +681,10 @@ impl Consumer for LocalBroker {
         self.inner.declare(task)
     }
 
+    fn cancels(&self) -> Option<Arc<Cancels>> {
+        Some(self.inner.cancels.clone())
+    }
+
     fn consume(&self, tasks: &[TaskName], _settings: &ConsumeSettings) -> Result<Box<dyn Subscription>, BrokerError> {
         let mut queues = Vec::with_capacity(tasks.len());
         for task in tasks {
@@ -750,6 +760,66 @@ impl Store for LocalBroker {
 
     fn close(&self) {
         self.inner.life.release(&*self.inner);
+    }
+}
+
+/// In process, a cancel is in the workers' set as soon as it returns; dead letters live in
+/// memory (at most [`max_dead_letters`](LocalOptions::max_dead_letters), the oldest dropped).
+impl Admin for LocalBroker {
+    fn cancel(&self, key: &CallKey, until: SystemTime) -> Result<(), BrokerError> {
+        self.inner.life.check_open()?;
+        self.inner.cancels.insert(key.clone(), until);
+        self.inner.cancels.prune(SystemTime::now());
+        Ok(())
+    }
+
+    fn dead_letters(&self, queue: &TaskName, limit: usize) -> Result<Vec<DeadLetter>, BrokerError> {
+        Ok(lock(&self.inner.dead).iter().filter(|letter| letter.queue == *queue).take(limit).cloned().collect())
+    }
+
+    fn dead_count(&self, queue: &TaskName) -> Result<usize, BrokerError> {
+        Ok(lock(&self.inner.dead).iter().filter(|letter| letter.queue == *queue).count())
+    }
+
+    /// Sends the letters back without waiting: a full queue ends the replay, and the
+    /// letters not sent stay dead (the count says how many went).
+    fn replay(&self, queue: &TaskName, select: &Letters) -> Result<usize, BrokerError> {
+        let target = self.inner.queue(queue.as_str())?;
+        let mut dead = lock(&self.inner.dead);
+        let mut kept = VecDeque::with_capacity(dead.len());
+        let mut replayed = 0;
+        let mut full = false;
+        while let Some(letter) = dead.pop_front() {
+            if full || letter.queue != *queue || !letter.is_selected(select) {
+                kept.push_back(letter);
+                continue;
+            }
+            match target.tx.try_send(Item::Bytes(letter.replay_bytes())) {
+                Ok(()) => replayed += 1,
+                Err(_) => {
+                    full = true;
+                    kept.push_back(letter);
+                }
+            }
+        }
+        *dead = kept;
+        Ok(replayed)
+    }
+
+    fn purge_dead(&self, queue: &TaskName, select: &Letters) -> Result<usize, BrokerError> {
+        let mut dead = lock(&self.inner.dead);
+        let before = dead.len();
+        dead.retain(|letter| letter.queue != *queue || !letter.is_selected(select));
+        Ok(before - dead.len())
+    }
+
+    fn purge(&self, queue: &TaskName) -> Result<usize, BrokerError> {
+        let rx = self.inner.queue(queue.as_str())?.rx;
+        let mut purged = 0;
+        while rx.try_recv().is_ok() {
+            purged += 1;
+        }
+        Ok(purged)
     }
 }
 

@@ -1,0 +1,123 @@
+//! Cancels: the calls a process's workers must not start (and whose running tasks see
+//! [`Context::is_cancelled`](crate::Context::is_cancelled)).
+//!
+//! A cancel is recorded by the task broker ([`Admin::cancel`](crate::broker::Admin::cancel)),
+//! durably where the broker is remote, so a worker that starts after it, or that was cut off
+//! when it was sent, still honours it. Each consumer keeps the cancels it knows in one
+//! [`Cancels`] set ([`Consumer::cancels`](crate::broker::Consumer::cancels)), which the
+//! workers read before they start a task and whenever a running task asks. Every cancel
+//! expires (`until`), so the set stays bounded.
+//!
+//! Reading costs one atomic load while the set is empty, and one hash lookup behind a
+//! read lock otherwise: a process that never cancels pays nothing measurable per task.
+
+use std::collections::HashMap;
+use std::sync::RwLock;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::time::{Duration, SystemTime};
+
+use crate::id::{CallKey, TaskId, TaskName};
+
+/// How long a cancel lasts unless the app says otherwise
+/// ([`AppBuilder::cancel_ttl`](crate::AppBuilder::cancel_ttl)): a day.
+pub const DEFAULT_CANCEL_TTL: Duration = Duration::from_secs(24 * 60 * 60);
+
+/// The cancels one consumer knows: call keys, each until a time.
+///
+/// ```
+/// use std::time::{Duration, SystemTime};
+/// use dingo_core::broker::Cancels;
+/// use dingo_core::{CallKey, TaskId, TaskName};
+///
+/// let cancels = Cancels::new();
+/// let key = CallKey::new(TaskName::from("add"), TaskId::new("7"));
+/// assert!(!cancels.is_cancelled(&key.name, &key.id));
+/// cancels.insert(key.clone(), SystemTime::now() + Duration::from_secs(60));
+/// assert!(cancels.is_cancelled(&key.name, &key.id));
+/// // Expired cancels no longer count, and `prune` drops them.
+/// cancels.insert(CallKey::new(TaskName::from("add"), TaskId::new("8")), SystemTime::UNIX_EPOCH);
+/// assert!(!cancels.is_cancelled(&TaskName::from("add"), &TaskId::new("8")));
+/// cancels.prune(SystemTime::now());
+/// assert_eq!(cancels.len(), 1);
+/// ```
+#[derive(Debug, Default)]
+pub struct Cancels {
+    /// By task name, then id: the time each cancel lapses.
+    keys: RwLock<HashMap<TaskName, HashMap<TaskId, SystemTime>>>,
+    /// How many keys `keys` holds (read without the lock: zero is the common case).
+    count: AtomicUsize,
+    /// Bumped by every insert, so a reader can tell whether anything changed.
+    generation: AtomicU64,
+}
+
+impl Cancels {
+    /// An empty set.
+    pub fn new() -> Cancels {
+        Cancels::default()
+    }
+
+    /// Adds (or extends) the cancel of `key` until `until`. Returns whether the key was new.
+    pub fn insert(&self, key: CallKey, until: SystemTime) -> bool {
+        let mut keys = crate::broker::kit::write(&self.keys);
+        let ids = keys.entry(key.name).or_default();
+        let new = match ids.get_mut(&key.id) {
+            Some(known) => {
+                *known = (*known).max(until);
+                false
+            }
+            None => {
+                ids.insert(key.id, until);
+                self.count.fetch_add(1, Ordering::Release);
+                true
+            }
+        };
+        self.generation.fetch_add(1, Ordering::Release);
+        new
+    }
+
+    /// Whether the call `name`/`id` is cancelled (a cancel that lapsed does not count).
+    #[inline]
+    pub fn is_cancelled(&self, name: &TaskName, id: &TaskId) -> bool {
+        if self.count.load(Ordering::Acquire) == 0 {
+            return false;
+        }
+        self.lookup(name, id)
+    }
+
+    #[cold]
+    fn lookup(&self, name: &TaskName, id: &TaskId) -> bool {
+        let keys = crate::broker::kit::read(&self.keys);
+        keys.get(name).and_then(|ids| ids.get(id)).is_some_and(|until| *until > SystemTime::now())
+    }
+
+    /// Drops the cancels that lapsed by `now`.
+    pub fn prune(&self, now: SystemTime) {
+        if self.count.load(Ordering::Acquire) == 0 {
+            return;
+        }
+        let mut keys = crate::broker::kit::write(&self.keys);
+        let mut removed = 0;
+        keys.retain(|_, ids| {
+            let before = ids.len();
+            ids.retain(|_, until| *until > now);
+            removed += before - ids.len();
+            !ids.is_empty()
+        });
+        self.count.fetch_sub(removed, Ordering::Release);
+    }
+
+    /// How many cancels the set holds (lapsed ones until pruned).
+    pub fn len(&self) -> usize {
+        self.count.load(Ordering::Acquire)
+    }
+
+    /// Whether the set is empty.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// A number that changes whenever a cancel is added.
+    pub fn generation(&self) -> u64 {
+        self.generation.load(Ordering::Acquire)
+    }
+}
