@@ -30,6 +30,11 @@ use amq_protocol::protocol::queue::Purge as QueuePurge;
 use amq_protocol::protocol::queue::PurgeOk as QueuePurgeOk;
 use amq_protocol::protocol::queue::Unbind as QueueUnbind;
 use amq_protocol::protocol::queue::UnbindOk as QueueUnbindOk;
+use amq_protocol::protocol::tx::AMQPMethod as AmqpTx;
+use amq_protocol::protocol::tx::{
+    Commit as TxCommit, CommitOk as TxCommitOk, Rollback as TxRollback,
+    RollbackOk as TxRollbackOk, Select as TxSelect, SelectOk as TxSelectOk,
+};
 use amq_protocol::types::FieldTable;
 use crossbeam_channel::Receiver;
 use std::cell::RefCell;
@@ -157,6 +162,27 @@ impl Channel {
     pub fn recover(&self, requeue: bool) -> Result<()> {
         self.call::<_, RecoverOk>(AmqpBasic::Recover(Recover { requeue }))
             .map(|_recover_ok| ())
+    }
+
+    /// Put this channel in transaction mode (`tx.select`; added for dingo): publishes and
+    /// acknowledgements on it take effect only at [`tx_commit`](#method.tx_commit), all
+    /// together, and are discarded by [`tx_rollback`](#method.tx_rollback) or if the channel
+    /// closes first. A channel in transaction mode cannot use publisher confirms.
+    pub fn tx_select(&self) -> Result<()> {
+        self.call::<_, TxSelectOk>(AmqpTx::Select(TxSelect {}))
+            .map(|_select_ok| ())
+    }
+
+    /// Commit the current transaction (`tx.commit`; added for dingo); a new one starts.
+    pub fn tx_commit(&self) -> Result<()> {
+        self.call::<_, TxCommitOk>(AmqpTx::Commit(TxCommit {}))
+            .map(|_commit_ok| ())
+    }
+
+    /// Abandon the current transaction (`tx.rollback`; added for dingo); a new one starts.
+    pub fn tx_rollback(&self) -> Result<()> {
+        self.call::<_, TxRollbackOk>(AmqpTx::Rollback(TxRollback {}))
+            .map(|_rollback_ok| ())
     }
 
     /// Publish a message to `exchange`. If the exchange does not exist, the server will close this

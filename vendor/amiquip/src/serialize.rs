@@ -10,6 +10,7 @@ use amq_protocol::protocol::confirm::AMQPMethod as AmqpConfirm;
 use amq_protocol::protocol::connection::AMQPMethod as AmqpConnection;
 use amq_protocol::protocol::exchange::AMQPMethod as AmqpExchange;
 use amq_protocol::protocol::queue::AMQPMethod as AmqpQueue;
+use amq_protocol::protocol::tx::AMQPMethod as AmqpTx;
 use amq_protocol::protocol::AMQPClass;
 use cookie_factory::GenError;
 use std::ops::{Index, RangeFrom};
@@ -88,6 +89,21 @@ impl_try_from_class!(
     amq_protocol::protocol::basic::QosOk,
     AMQPClass::Basic,
     AmqpBasic::QosOk
+);
+impl_try_from_class!(
+    amq_protocol::protocol::tx::SelectOk,
+    AMQPClass::Tx,
+    AmqpTx::SelectOk
+);
+impl_try_from_class!(
+    amq_protocol::protocol::tx::CommitOk,
+    AMQPClass::Tx,
+    AmqpTx::CommitOk
+);
+impl_try_from_class!(
+    amq_protocol::protocol::tx::RollbackOk,
+    AMQPClass::Tx,
+    AmqpTx::RollbackOk
 );
 impl_try_from_class!(
     amq_protocol::protocol::basic::RecoverOk,
@@ -198,6 +214,12 @@ impl IntoAmqpClass for AmqpConfirm {
 impl IntoAmqpClass for AmqpQueue {
     fn into_class(self) -> AMQPClass {
         AMQPClass::Queue(self)
+    }
+}
+
+impl IntoAmqpClass for AmqpTx {
+    fn into_class(self) -> AMQPClass {
+        AMQPClass::Tx(self)
     }
 }
 

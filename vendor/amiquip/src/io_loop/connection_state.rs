@@ -11,6 +11,7 @@ use amq_protocol::protocol::connection::Close as ConnectionClose;
 use amq_protocol::protocol::connection::CloseOk as ConnectionCloseOk;
 use amq_protocol::protocol::exchange::AMQPMethod as AmqpExchange;
 use amq_protocol::protocol::queue::AMQPMethod as AmqpQueue;
+use amq_protocol::protocol::tx::AMQPMethod as AmqpTx;
 use amq_protocol::protocol::{AMQPClass, AMQPHardError};
 use crossbeam_channel::{Sender, TrySendError};
 use log::{debug, error, trace, warn};
@@ -346,7 +347,10 @@ impl ConnectionState {
             | AMQPFrame::Method(n, method @ AMQPClass::Queue(AmqpQueue::DeleteOk(_)))
             | AMQPFrame::Method(n, method @ AMQPClass::Queue(AmqpQueue::BindOk(_)))
             | AMQPFrame::Method(n, method @ AMQPClass::Queue(AmqpQueue::PurgeOk(_)))
-            | AMQPFrame::Method(n, method @ AMQPClass::Queue(AmqpQueue::UnbindOk(_))) => {
+            | AMQPFrame::Method(n, method @ AMQPClass::Queue(AmqpQueue::UnbindOk(_)))
+            | AMQPFrame::Method(n, method @ AMQPClass::Tx(AmqpTx::SelectOk(_)))
+            | AMQPFrame::Method(n, method @ AMQPClass::Tx(AmqpTx::CommitOk(_)))
+            | AMQPFrame::Method(n, method @ AMQPClass::Tx(AmqpTx::RollbackOk(_))) => {
                 let slot = slot_get(inner, n)?;
                 trace!(
                     "trying to send method to client for channel {}: {:?}",
