@@ -12,6 +12,8 @@
 //! Declarations and queue inspection use a control channel under a lock.
 
 mod ack;
+mod admin;
+mod cancels;
 mod listener;
 mod publisher;
 mod subscription;
@@ -22,21 +24,22 @@ use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime};
 
-use amiquip::{AmqpValue, Channel, QueueDeleteOptions};
+use amiquip::{Channel, FieldTable, QueueDeleteOptions};
 use dingo_core::broker::kit::{Lazy, Lifecycle, Shutdown, ShutdownOnDrop};
 pub(crate) use dingo_core::broker::kit::{Stop, Thread, lock};
 use dingo_core::broker::router::{ReportRouter, UnclaimedLimit};
 use dingo_core::broker::support::{check_size, redact_url, reply_address};
-use dingo_core::broker::{Ack, ConsumeSettings, Consumer, Producer, Reporter, Store, Subscription};
+use dingo_core::broker::{Ack, Cancels, ConsumeSettings, Consumer, Producer, Reporter, Store, Subscription};
 use dingo_core::event::{EventSink, EventSinks};
 use dingo_core::id::UuidV7;
 use dingo_core::message::{ReplySink, ReplyTo, ReportBody, ReportMessage, TaskMessage, wire};
-use dingo_core::{BrokerError, BrokerErrorKind, CallKey, DeadLetter, IdMaker, TaskError, TaskErrorKind, TaskName};
+use dingo_core::{BrokerError, BrokerErrorKind, CallKey, IdMaker, TaskError, TaskErrorKind, TaskName};
 
-use crate::conn::{Address, Opened, Session, amqp_error};
+use crate::conn::{self, Address, Opened, Session, amqp_error};
 use crate::options::AmqpOptions;
 use crate::topology::{self, Names};
 
+use cancels::CancelWatch;
 use listener::Listener;
 use publisher::{Delay, Outgoing, Publisher, Sent, Then};
 
@@ -109,6 +112,12 @@ pub(crate) struct Inner {
     life: Lifecycle,
     publisher: Lazy<Publisher>,
     listener: Lazy<Listener>,
+    /// The cancels this broker's workers honour (see [Cancels](crate#cancels)).
+    pub(crate) cancels: Arc<Cancels>,
+    /// Whether this broker declared the cancel stream.
+    cancels_declared: AtomicBool,
+    /// Reads the cancel stream into `cancels`: started with the first subscription.
+    cancel_watch: Lazy<CancelWatch>,
 }
 
 impl AmqpBroker {
@@ -160,6 +169,9 @@ impl AmqpBroker {
             life: Lifecycle::new(NAME, events),
             publisher: Lazy::new(),
             listener: Lazy::new(),
+            cancels: Arc::new(Cancels::new()),
+            cancels_declared: AtomicBool::new(false),
+            cancel_watch: Lazy::new(),
             options,
         });
         Ok(AmqpBroker { _last: ShutdownOnDrop::new(inner.clone()), inner })
@@ -183,10 +195,7 @@ impl AmqpBroker {
     /// How many messages wait in a task's queue (not counting those delivered and not yet
     /// acknowledged).
     pub fn queue_len(&self, task: &str) -> Result<usize, BrokerError> {
-        let queue = self.inner.names.task_queue(task)?;
-        self.inner.with_control("reading the queue length", |channel| {
-            channel.queue_declare_passive(queue.clone()).map(|q| q.declared_message_count().unwrap_or(0) as usize)
-        })
+        self.inner.queue_len(&self.inner.names.task_queue(task)?)
     }
 
     /// How many messages wait in the namespace's delay queues, for all its tasks (see
@@ -206,27 +215,6 @@ impl AmqpBroker {
         Ok(total)
     }
 
-    /// The dead letters of a task, oldest first: each with the reason dingo gave (or
-    /// RabbitMQ's, for messages it dead-lettered itself). They stay in the dead-letter queue,
-    /// which keeps at most [`max_dead_letters`](AmqpOptions::max_dead_letters) of them in
-    /// [`max_dead_letter_bytes`](AmqpOptions::max_dead_letter_bytes) (RabbitMQ drops the
-    /// oldest). One over [`max_message_size`](AmqpOptions::max_message_size) is listed with
-    /// its first 4 KiB only.
-    pub fn dead_letters(&self, task: &str) -> Result<Vec<DeadLetter>, BrokerError> {
-        let queue = self.inner.names.dead_queue(task)?;
-        let name = TaskName::from(task);
-        self.inner.with_control("reading dead letters", |channel| {
-            let mut letters = Vec::new();
-            while let Some(get) = channel.basic_get(queue.clone(), false)? {
-                let reason = dead_letter_reason(&get.delivery.properties);
-                letters.push(DeadLetter::new(name.clone(), reason, get.delivery.body));
-            }
-            // Unacknowledged: they go back when the channel recovers them.
-            channel.recover(true)?;
-            Ok(letters)
-        })
-    }
-
     /// Publishes raw bytes into a task's queue, as a foreign or broken producer would (for
     /// tests and repair tools). Waits for the confirm.
     pub fn publish_raw(&self, task: &str, bytes: Vec<u8>) -> Result<(), BrokerError> {
@@ -237,23 +225,8 @@ impl AmqpBroker {
     /// caller's reply queue), as anyone allowed to write there could: for tests (forged
     /// reports) and repair tools. Waits for the confirm.
     pub fn publish_raw_to(&self, queue: &str, bytes: Vec<u8>) -> Result<(), BrokerError> {
-        let queue = queue.to_owned();
-        let mut published = false;
-        self.inner.with_control("publishing raw bytes", |channel| {
-            if published {
-                // Not twice: the first attempt may have been stored.
-                return Err(amiquip::Error::ClientException);
-            }
-            published = true;
-            channel.enable_publisher_confirms()?;
-            let confirms = channel.listen_for_publisher_confirms()?;
-            let properties = amiquip::AmqpProperties::default().with_delivery_mode(2);
-            channel.basic_publish("", amiquip::Publish::with_properties(&bytes, queue.clone(), properties))?;
-            match confirms.recv_timeout(self.inner.options.connect_timeout) {
-                Ok(amiquip::Confirm::Ack(_)) => Ok(()),
-                _ => Err(amiquip::Error::ClientException),
-            }
-        })
+        // Not twice: the first attempt may have been stored.
+        self.inner.publish_confirmed("publishing raw bytes", queue, &bytes, None, false)
     }
 
     /// This broker's reply queue (its address in the task messages it sends).
@@ -267,8 +240,9 @@ impl AmqpBroker {
     }
 
     /// Deletes the queues of these tasks (with their dead letters), these reply queues, the
-    /// namespace's dead-letter exchange and its delay queues and exchanges (with the delayed
-    /// messages of every task), with whatever they hold. For tests and tools; never while
+    /// namespace's dead-letter exchange, its delay queues and exchanges (with the delayed
+    /// messages of every task) and its cancel stream (with every cancel), with whatever they
+    /// hold. For tests and tools; never while
     /// apps use them.
     pub fn delete_topology(&self, tasks: &[String], reply_queues: &[String]) -> Result<(), BrokerError> {
         let mut queues = reply_queues.to_vec();
@@ -278,6 +252,7 @@ impl AmqpBroker {
         }
         let (delay_queues, mut exchanges) = topology::delay_names(&self.inner.names);
         queues.extend(delay_queues);
+        queues.push(self.inner.names.cancel_stream());
         exchanges.push(self.inner.names.dead_exchange());
         self.inner.with_control("deleting the topology", |channel| {
             for queue in &queues {
@@ -289,6 +264,7 @@ impl AmqpBroker {
             Ok(())
         })?;
         self.inner.delay_levels.store(0, Ordering::Release);
+        self.inner.forget_cancels();
         let mut known = lock(&self.inner.known);
         for task in tasks {
             known.remove(task);
@@ -311,26 +287,6 @@ impl fmt::Debug for AmqpBroker {
             .field("closed", &self.inner.life.is_closed())
             .finish_non_exhaustive()
     }
-}
-
-/// Why a message in a dead-letter queue is there: the reason dingo gave, or RabbitMQ's for
-/// messages it dead-lettered itself (the first `x-death` entry).
-fn dead_letter_reason(properties: &amiquip::AmqpProperties) -> String {
-    let headers = properties.headers().as_ref();
-    let ours = headers.and_then(|h| h.get(topology::REASON_HEADER)).and_then(|v| match v {
-        AmqpValue::LongString(reason) => Some(reason.clone()),
-        _ => None,
-    });
-    let theirs = || {
-        let deaths = headers?.get("x-death")?;
-        let AmqpValue::FieldArray(deaths) = deaths else { return None };
-        let Some(AmqpValue::FieldTable(first)) = deaths.first() else { return None };
-        match first.get("reason") {
-            Some(AmqpValue::LongString(reason)) => Some(format!("dead-lettered by RabbitMQ: {reason}")),
-            _ => None,
-        }
-    };
-    ours.or_else(theirs).unwrap_or_default()
 }
 
 impl Inner {
@@ -409,6 +365,108 @@ impl Inner {
             lock(&self.known).insert(task.to_owned());
         }
         Ok(exists)
+    }
+
+    /// Publishes `body` (with `headers`) into the queue named `queue` through the default
+    /// exchange, `mandatory`, on the control channel, and waits for RabbitMQ's confirm: a
+    /// message no queue took is an `Unroutable` error. `again`: it may be published once more
+    /// on a new channel if the first broke before the confirm (it may then be stored twice).
+    pub(crate) fn publish_confirmed(
+        &self,
+        what: &str,
+        queue: &str,
+        body: &[u8],
+        headers: Option<FieldTable>,
+        again: bool,
+    ) -> Result<(), BrokerError> {
+        let mut published = false;
+        let mut returned = false;
+        let result = self.with_control(what, |channel| {
+            if published && !again {
+                return Err(amiquip::Error::ClientException);
+            }
+            published = true;
+            channel.enable_publisher_confirms()?;
+            let confirms = channel.listen_for_publisher_confirms()?;
+            let returns = channel.listen_for_returns()?;
+            let mut properties = amiquip::AmqpProperties::default().with_delivery_mode(2);
+            if let Some(headers) = &headers {
+                properties = properties.with_headers(headers.clone());
+            }
+            let publish =
+                amiquip::Publish { body, routing_key: queue.to_owned(), mandatory: true, immediate: false, properties };
+            channel.basic_publish("", publish)?;
+            match confirms.recv_timeout(self.options.connect_timeout) {
+                Ok(amiquip::Confirm::Ack(_)) => {
+                    // A return comes before its confirm.
+                    returned = returns.try_recv().is_ok();
+                    Ok(())
+                }
+                _ => Err(amiquip::Error::ClientException),
+            }
+        });
+        result?;
+        if returned {
+            return Err(BrokerError::new(
+                BrokerErrorKind::Unroutable,
+                format!("{what} failed: RabbitMQ has no queue `{queue}`"),
+            ));
+        }
+        Ok(())
+    }
+
+    /// Publishes a message with `headers` into the cancel stream (declared first), confirmed.
+    pub(crate) fn publish_to_cancels(&self, what: &str, headers: FieldTable) -> Result<(), BrokerError> {
+        self.declare_cancels()?;
+        // A cancel or a marker stored twice changes nothing.
+        self.publish_confirmed(what, &self.names.cancel_stream(), &[], Some(headers), true)
+    }
+
+    /// Declares the cancel stream (once per broker, again after
+    /// [`forget_cancels`](Inner::forget_cancels)) and waits until RabbitMQ can take messages
+    /// into it: a stream just declared has no writer for a few milliseconds, and a message
+    /// published then crashes RabbitMQ 3.10's channel process, and with it the whole
+    /// connection (`INTERNAL_ERROR`, an `osiris_writer:write(none, …)` function clause). So
+    /// a consumer is attached (and cancelled) first, which RabbitMQ refuses (`does not have a
+    /// replica on the local node`, closing only the channel) until the stream is up.
+    pub(crate) fn declare_cancels(&self) -> Result<(), BrokerError> {
+        if self.cancels_declared.load(Ordering::Acquire) {
+            return Ok(());
+        }
+        let stream = self.names.cancel_stream();
+        let deadline = Instant::now() + self.options.connect_timeout * 2;
+        loop {
+            let ready = self.with_control("declaring the cancel stream", |channel| {
+                topology::declare_cancels(channel, &self.options, &self.names)?;
+                // Stream consumers need a prefetch (it applies to consumers made after it).
+                channel.qos(0, 1, false)?;
+                let mut arguments = FieldTable::new();
+                arguments.insert("x-stream-offset".into(), amiquip::AmqpValue::LongString("next".into()));
+                let options = amiquip::ConsumerOptions { arguments, ..amiquip::ConsumerOptions::default() };
+                let probe = channel.basic_consume(stream.clone(), options)?;
+                conn::cancelled(&probe, drop);
+                Ok(())
+            });
+            match ready {
+                Ok(()) => break,
+                Err(e) if is_starting(&e) && Instant::now() < deadline => {
+                    std::thread::sleep(Duration::from_millis(10));
+                }
+                Err(e) => return Err(e),
+            }
+        }
+        self.cancels_declared.store(true, Ordering::Release);
+        Ok(())
+    }
+
+    /// The cancel stream may be gone (deleted): declared again before the next use.
+    pub(crate) fn forget_cancels(&self) {
+        self.cancels_declared.store(false, Ordering::Release);
+    }
+
+    /// The cancel stream's consumer, started at the first call.
+    pub(crate) fn cancel_watch(self: &Arc<Inner>) -> Result<&CancelWatch, BrokerError> {
+        self.cancel_watch.get_or_start(|| CancelWatch::start(self.clone()))
     }
 
     pub(crate) fn publisher(self: &Arc<Inner>) -> Result<&Publisher, BrokerError> {
@@ -509,6 +567,9 @@ impl Shutdown for Inner {
         if let Some(listener) = self.listener.get() {
             listener.stop();
         }
+        if let Some(watch) = self.cancel_watch.get() {
+            watch.stop();
+        }
         self.router.close();
         *lock(&self.control) = None;
         self.session.close();
@@ -558,7 +619,15 @@ impl Consumer for AmqpBroker {
             self.inner.declare(task)?;
         }
         self.inner.publisher()?;
+        self.inner.cancel_watch()?;
         Ok(Box::new(subscription::AmqpSubscription::start(self.inner.clone(), tasks, settings)?))
+    }
+
+    /// Filled by the cancel stream's consumer; a subscription reads the stream up to its end
+    /// before it consumes (at start and after every reconnection), and cancels this broker
+    /// records go in at once (see [Cancels](crate#cancels)).
+    fn cancels(&self) -> Option<Arc<Cancels>> {
+        Some(self.inner.cancels.clone())
     }
 
     fn close(&self) {
@@ -672,6 +741,13 @@ impl Store for AmqpBroker {
     fn close(&self) {
         self.inner.life.release(&*self.inner);
     }
+}
+
+/// Whether RabbitMQ refused to attach to a stream it is still starting (406, "does not have
+/// a replica on the local node").
+fn is_starting(error: &BrokerError) -> bool {
+    let source = std::error::Error::source(error).and_then(|s| s.downcast_ref::<amiquip::Error>());
+    matches!(source, Some(amiquip::Error::ServerClosedChannel { code: 406, message, .. }) if message.contains("replica"))
 }
 
 /// Whether RabbitMQ answered "not found" (404).

@@ -289,7 +289,8 @@ mod tls;
 mod topology;
 
 pub use broker::{AmqpBroker, Stats};
-/// A dead letter, as [`AmqpBroker::dead_letters`] lists it (the type every broker uses).
+/// A dead letter, as [`Admin::dead_letters`](dingo_core::broker::Admin::dead_letters)
+/// lists it (the type every broker uses).
 pub use dingo_core::DeadLetter;
 pub use options::AmqpOptions;
 

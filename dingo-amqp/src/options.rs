@@ -102,6 +102,16 @@ pub struct AmqpOptions {
     /// [`max_dead_letters`](AmqpOptions::max_dead_letters). 0 leaves the argument out.
     /// Default 64 MiB, as on Redis.
     pub max_dead_letter_bytes: u64,
+    /// How long the namespace's cancel stream (`NS.cancels`) keeps a cancel (its
+    /// `x-max-age`): a worker that starts later still honours every cancel this young. A
+    /// cancel lasts until its own `until` (the app's
+    /// [`cancel_ttl`](dingo_core::AppBuilder::cancel_ttl), a day by default); one lasting
+    /// longer than this is honoured by workers that started before it was dropped from the
+    /// stream, not by later ones. RabbitMQ drops whole segments of 1 MiB, so a cancel may
+    /// stay longer. Like the dead-letter bounds it is part of the stream's declaration: a
+    /// stream declared with another value must be deleted (or the value set back) before
+    /// workers consume. Default 7 days.
+    pub cancel_retention: Duration,
     /// How long reports wait in a caller's reply queue, and how long an unused reply queue
     /// lives (its process gone). Default 1 day.
     pub result_ttl: Duration,
@@ -167,6 +177,7 @@ impl Default for AmqpOptions {
             result_ttl: Duration::from_secs(24 * 3600),
             max_unclaimed: dingo_core::broker::router::UnclaimedLimit::default().reports,
             max_unclaimed_bytes: dingo_core::broker::router::UnclaimedLimit::default().bytes,
+            cancel_retention: Duration::from_secs(7 * 24 * 60 * 60),
             reconnect_backoff: (Duration::from_millis(10), Duration::from_secs(2)),
             connect_retry: dingo_core::broker::support::CONNECT_RETRY,
             settle_grace: Duration::from_secs(5),
@@ -289,6 +300,13 @@ impl AmqpOptions {
     /// bytes).
     pub fn max_dead_letter_bytes(mut self, bytes: u64) -> AmqpOptions {
         self.max_dead_letter_bytes = bytes;
+        self
+    }
+
+    /// Sets [`cancel_retention`](AmqpOptions::cancel_retention) (whole seconds, at least
+    /// 1 s).
+    pub fn cancel_retention(mut self, retention: Duration) -> AmqpOptions {
+        self.cancel_retention = retention.max(Duration::from_secs(1));
         self
     }
 

@@ -41,6 +41,24 @@ use crate::options::AmqpOptions;
 /// The header carrying why a message was dead-lettered by dingo.
 pub(crate) const REASON_HEADER: &str = "x-dingo-reason";
 
+/// The header carrying when dingo dead-lettered a message (milliseconds since the Unix
+/// epoch); RabbitMQ's own dead-lettering records it in `x-death` instead (in seconds).
+pub(crate) const DEAD_AT_HEADER: &str = "x-dingo-dead-at";
+
+/// The headers of a cancel in the cancel stream: the call's task name and id, and until when
+/// it holds (milliseconds since the Unix epoch).
+pub(crate) const CANCEL_TASK_HEADER: &str = "dingo-cancel-task";
+pub(crate) const CANCEL_ID_HEADER: &str = "dingo-cancel-id";
+pub(crate) const CANCEL_UNTIL_HEADER: &str = "dingo-cancel-until";
+
+/// The header of a marker in the cancel stream: a subscription about to consume publishes
+/// one and reads the stream up to it, so it has read every cancel confirmed before.
+pub(crate) const MARKER_HEADER: &str = "dingo-marker";
+
+/// The size of the cancel stream's segments: RabbitMQ drops old messages (past
+/// `x-max-age`) a whole segment at a time, and its default (500 MB) would keep them all.
+const CANCEL_SEGMENT_BYTES: i64 = 1 << 20;
+
 /// The header carrying how many times a task message was redelivered after its worker
 /// stopped before finishing it (absent: never). RabbitMQ's own `redelivered` flag says only
 /// that it happened, and a quorum queue's `x-delivery-count` counts give-backs too.
@@ -89,6 +107,11 @@ impl Names {
     /// The namespace's dead-letter exchange (direct): `NS.dead`.
     pub(crate) fn dead_exchange(&self) -> String {
         format!("{}.dead", self.namespace)
+    }
+
+    /// The namespace's cancel stream: `NS.cancels`.
+    pub(crate) fn cancel_stream(&self) -> String {
+        format!("{}.cancels", self.namespace)
     }
 
     /// A caller process's reply queue: `NS.reply.PROCESS`.
@@ -303,6 +326,22 @@ fn kind(options: &AmqpOptions) -> FieldTable {
         arguments.insert("x-queue-type".into(), AmqpValue::LongString("quorum".into()));
     }
     arguments
+}
+
+/// Declares the namespace's cancel stream (see [Cancels](crate#cancels)): a stream queue,
+/// durable whatever the namespace (RabbitMQ's streams always are), keeping cancels for
+/// [`cancel_retention`](AmqpOptions::cancel_retention) in segments of 1 MiB.
+pub(crate) fn declare_cancels(channel: &Channel, options: &AmqpOptions, names: &Names) -> Result<(), amiquip::Error> {
+    let mut arguments = FieldTable::new();
+    arguments.insert("x-queue-type".into(), AmqpValue::LongString("stream".into()));
+    arguments.insert("x-max-age".into(), AmqpValue::LongString(format!("{}s", options.cancel_retention.as_secs())));
+    arguments.insert("x-stream-max-segment-size-bytes".into(), AmqpValue::LongLongInt(CANCEL_SEGMENT_BYTES));
+    channel
+        .queue_declare(
+            names.cancel_stream(),
+            QueueDeclareOptions { durable: true, arguments, ..QueueDeclareOptions::default() },
+        )
+        .map(|_| ())
 }
 
 /// Declares a caller's reply queue. Not exclusive: an exclusive queue dies with its

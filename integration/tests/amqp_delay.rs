@@ -9,6 +9,7 @@
 //! which the test reads to count runs across processes.
 #![cfg(feature = "amqp")]
 
+use dingo::broker::Admin as _;
 use std::collections::{BTreeMap, HashMap};
 use std::io::Write;
 use std::path::{Path, PathBuf};
@@ -135,9 +136,9 @@ fn a_large_delayed_message_reaches_the_dead_letters() {
     let dingo::Error::Task(error) = error else { panic!("not a task failure: {error:?}") };
     assert_eq!(error.attempts(), 2, "{error:?}");
     wait_until("the dead letter is there", || {
-        !caller_broker.dead_letters(fails::NAME).expect("dead letters").is_empty()
+        !caller_broker.dead_letters(&dingo::TaskName::from(fails::NAME), usize::MAX).expect("dead letters").is_empty()
     });
-    let letters = caller_broker.dead_letters(fails::NAME).expect("dead letters");
+    let letters = caller_broker.dead_letters(&dingo::TaskName::from(fails::NAME), usize::MAX).expect("dead letters");
     assert_eq!(letters.len(), 1);
     assert!(
         letters[0].reason.contains("after 2 attempt(s): attempt 2 of a 102400-byte call fails"),
@@ -520,7 +521,8 @@ fn workers_killed_during_the_backoff_change_no_attempt_count() {
     assert_eq!(runs.len(), CALLS * 3, "3 attempts of each call: {runs:?}");
     assert!(runs.values().all(|&count| count == 1), "no attempt ran twice: {runs:?}");
     wait_until("one dead letter per call", || {
-        caller_broker.dead_letters(flaky::NAME).expect("dead letters").len() == CALLS
+        caller_broker.dead_letters(&dingo::TaskName::from(flaky::NAME), usize::MAX).expect("dead letters").len()
+            == CALLS
     });
     worker.kill();
     caller.close().expect("close");

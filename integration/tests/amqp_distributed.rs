@@ -2,6 +2,7 @@
 //! processes, and a worker process is killed with SIGKILL in the middle of 1,000 tasks.
 #![cfg(feature = "amqp")]
 
+use dingo::broker::Admin as _;
 use std::collections::HashSet;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -131,7 +132,12 @@ fn a_worker_process_killed_mid_run_loses_nothing() {
 
     let fresh = setup.broker();
     wait_until("the queue is empty", || fresh.queue_len(tasks::slow_echo::NAME).expect("queue length") == 0);
-    assert!(fresh.dead_letters(tasks::slow_echo::NAME).expect("dead letters").is_empty());
+    assert!(
+        fresh
+            .dead_letters(&dingo::TaskName::from(tasks::slow_echo::NAME), usize::MAX)
+            .expect("dead letters")
+            .is_empty()
+    );
     b.kill();
     let redelivered = b.stderr().lines().filter(|l| l.ends_with("was redelivered")).count();
     eprintln!("sigkill: {at_kill} result(s) in when A was killed; B ran {redelivered} task(s) redelivered from A");
@@ -215,14 +221,19 @@ fn a_task_that_kills_its_workers_is_dead_lettered(quorum: bool) {
     assert!(aborted.iter().all(|(status, _)| !status.success()));
 
     let fresh = setup.broker();
-    let dead = fresh.dead_letters(tasks::crash_if::NAME).expect("dead letters");
+    let dead = fresh.dead_letters(&dingo::TaskName::from(tasks::crash_if::NAME), usize::MAX).expect("dead letters");
     assert_eq!(dead.len(), 1, "{dead:?}");
     assert_eq!(
         dead[0].reason,
         "redelivered 2 times: every worker that took it stopped before finishing it (its process died or was \
          killed, or its connection broke)"
     );
-    assert!(fresh.dead_letters(tasks::slow_echo::NAME).expect("dead letters").is_empty());
+    assert!(
+        fresh
+            .dead_letters(&dingo::TaskName::from(tasks::slow_echo::NAME), usize::MAX)
+            .expect("dead letters")
+            .is_empty()
+    );
     assert_eq!(fresh.queue_len(tasks::crash_if::NAME).expect("queue length"), 0);
     caller.close().expect("close");
 }

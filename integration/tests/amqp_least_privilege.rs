@@ -4,6 +4,7 @@
 //! another namespace is refused with a clear error.
 #![cfg(feature = "amqp")]
 
+use dingo::broker::Admin as _;
 use std::process::Command;
 
 use dingo::amqp::{AmqpBroker, AmqpOptions};
@@ -66,7 +67,11 @@ fn a_user_limited_to_its_namespace_runs_everything_and_nothing_else() {
     // Dead letters: published to the namespace's dead-letter exchange, read back.
     broker.publish_raw("shop.total", b"not a task message".to_vec()).expect("publish garbage");
     let deadline = std::time::Instant::now() + PATIENCE;
-    while broker.dead_letters("shop.total").expect("read the dead letters").is_empty() {
+    while broker
+        .dead_letters(&dingo::TaskName::from("shop.total"), usize::MAX)
+        .expect("read the dead letters")
+        .is_empty()
+    {
         assert!(std::time::Instant::now() < deadline, "the garbage was not dead-lettered");
         std::thread::sleep(std::time::Duration::from_millis(20));
     }

@@ -6,6 +6,7 @@
 //! declared without them by an older version refusing the declaration until told.
 #![cfg(feature = "amqp")]
 
+use dingo::broker::Admin as _;
 use std::sync::atomic::Ordering;
 
 use dingo::amqp::AmqpOptions;
@@ -81,7 +82,7 @@ fn an_oversize_task_is_dead_lettered_with_its_first_bytes_and_the_worker_goes_on
 
     assert_eq!(plus::call(&caller, 41).expect("call").wait_timeout(PATIENCE).expect("the worker goes on"), 42);
     wait_until("one dead letter", || worker_broker.stats().dead_lettered == 1);
-    let dead = worker_broker.dead_letters(plus::NAME).expect("dead letters");
+    let dead = worker_broker.dead_letters(&dingo::TaskName::from(plus::NAME), usize::MAX).expect("dead letters");
     assert_eq!(dead.len(), 1);
     assert_eq!(dead[0].reason, reason);
     assert_eq!(dead[0].bytes, oversize[..4096], "the first 4 KiB, as published");
@@ -163,7 +164,7 @@ fn dead_letters_are_bounded_by_count_and_by_bytes() {
             broker.publish_raw(plus::NAME, garbage(n)).expect("publish garbage");
         }
         wait_until("five dead-lettered", || broker.stats().dead_lettered == 5);
-        let dead = broker.dead_letters(plus::NAME).expect("dead letters");
+        let dead = broker.dead_letters(&dingo::TaskName::from(plus::NAME), usize::MAX).expect("dead letters");
         let bytes: Vec<Vec<u8>> = dead.iter().map(|d| d.bytes.clone()).collect();
         let newest: Vec<Vec<u8>> = (5 - kept + 1..=5).map(garbage).collect();
         assert_eq!(bytes, newest, "the newest {kept}, oldest first");
@@ -213,7 +214,7 @@ fn a_body_over_the_limit_is_kept_to_its_first_bytes_as_it_arrives() {
     let big: Vec<u8> = (0..1_000_000u32).map(|i| i as u8).collect();
     broker.publish_raw_to(&dead_queue, big.clone()).expect("publish");
     broker.publish_raw_to(&dead_queue, big[..100_000].to_vec()).expect("publish");
-    let dead = broker.dead_letters(plus::NAME).expect("dead letters");
+    let dead = broker.dead_letters(&dingo::TaskName::from(plus::NAME), usize::MAX).expect("dead letters");
     let lengths: Vec<usize> = dead.iter().map(|d| d.bytes.len()).collect();
     assert_eq!(lengths, [4096, 100_000], "over the limit: its first 4 KiB; at the limit: whole");
     assert_eq!(dead[0].bytes, big[..4096]);

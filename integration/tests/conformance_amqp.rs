@@ -154,7 +154,8 @@ fn quorum_queues_work() {
     }
     worker_broker.publish_raw("quorum.square", b"not a task".to_vec()).expect("publish garbage");
     wait_until("the garbage is dead-lettered", || worker_broker.stats().dead_lettered == 1);
-    let dead = worker_broker.dead_letters("quorum.square").expect("dead letters");
+    let dead = dingo::broker::Admin::dead_letters(&worker_broker, &dingo::TaskName::from("quorum.square"), usize::MAX)
+        .expect("dead letters");
     assert_eq!(dead.len(), 1, "{dead:?}");
     assert_eq!(dead[0].bytes, b"not a task");
     caller.close().expect("close");

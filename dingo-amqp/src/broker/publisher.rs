@@ -35,7 +35,7 @@ use dingo_core::{BrokerError, BrokerErrorKind, CallKey, TaskError, TaskErrorKind
 
 use super::{Inner, Stop, Thread, lock};
 use crate::conn::Backoff;
-use crate::topology::{self, DESTINATION_HEADER, Names, REASON_HEADER, REDELIVERIES_HEADER};
+use crate::topology::{self, DEAD_AT_HEADER, DESTINATION_HEADER, Names, REASON_HEADER, REDELIVERIES_HEADER};
 use dingo_core::broker::kit::{wait, wait_timeout};
 
 /// One message to publish and what to do once RabbitMQ confirmed it.
@@ -617,6 +617,8 @@ fn publish(channel: &Channel, entry: &Pending) -> Result<(), amiquip::Error> {
         }
         if let Some(reason) = &outgoing.reason {
             headers.insert(REASON_HEADER.into(), AmqpValue::LongString(reason.clone()));
+            let now = SystemTime::now().duration_since(SystemTime::UNIX_EPOCH).unwrap_or_default();
+            headers.insert(DEAD_AT_HEADER.into(), AmqpValue::LongLongInt(i64::try_from(now.as_millis()).unwrap_or(0)));
         }
         if outgoing.redeliveries > 0 {
             headers.insert(REDELIVERIES_HEADER.into(), AmqpValue::LongLongInt(i64::from(outgoing.redeliveries)));

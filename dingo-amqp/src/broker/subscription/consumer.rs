@@ -96,10 +96,11 @@ impl ConsumerThread {
     fn serve(&self, channel: Channel, number: u64, retire: &mut Sender<()>) -> Option<String> {
         let line = Arc::new(Line::new(number, Some(channel)));
         let mut tags = Vec::new();
-        let broken = match self.declare(&line).and_then(|()| self.resume(&line, &mut tags, retire)) {
-            Ok(()) => self.watch(&line, &mut tags, retire),
-            Err(why) => Some(why),
-        };
+        let broken =
+            match self.declare(&line).and_then(|()| self.sync()).and_then(|()| self.resume(&line, &mut tags, retire)) {
+                Ok(()) => self.watch(&line, &mut tags, retire),
+                Err(why) => Some(why),
+            };
         // Closing the channel requeues whatever it had not acknowledged.
         line.close();
         if broken.is_some() {
@@ -218,6 +219,14 @@ impl ConsumerThread {
             }
             Ok(false)
         })
+    }
+
+    /// Reads the cancel stream up to its end before consuming (see [Cancels](crate#cancels)):
+    /// no task cancelled before this channel opened reaches a worker unseen.
+    fn sync(&self) -> Result<(), String> {
+        let inner = &self.shared.inner;
+        let watch = inner.cancel_watch().map_err(|e| dingo_core::error::chain(&e))?;
+        watch.sync(inner, inner.options.connect_timeout * 2).map_err(|why| format!("reading the cancels: {why}"))
     }
 
     /// Declares the queues (again: one may have been deleted meanwhile) and sets the
