@@ -9,7 +9,6 @@
 //! which the test reads to count runs across processes.
 #![cfg(feature = "amqp")]
 
-use dingo::broker::Admin as _;
 use std::collections::{BTreeMap, HashMap};
 use std::io::Write;
 use std::path::{Path, PathBuf};
@@ -18,6 +17,7 @@ use std::sync::Mutex;
 use std::time::{Duration, Instant, SystemTime};
 
 use dingo::amqp::{AmqpBroker, AmqpOptions};
+use dingo::broker::Admin as _;
 use dingo::{App, Backoff, CallOptions, Report, TaskErrorKind};
 use dingo_test_support::PATIENCE;
 use dingo_test_support::amqp::Amqp;

@@ -2,13 +2,13 @@
 //! processes, and a worker process is killed with SIGKILL in the middle of 1,000 tasks.
 #![cfg(feature = "amqp")]
 
-use dingo::broker::Admin as _;
 use std::collections::HashSet;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
 use dingo::amqp::AmqpOptions;
+use dingo::broker::Admin as _;
 use dingo::{App, TaskErrorKind};
 use dingo_test_support::PATIENCE;
 use dingo_test_support::amqp::Amqp;

@@ -3,13 +3,13 @@
 //! (`rabbitmqctl close_connection`), and garbage in a queue.
 #![cfg(feature = "amqp")]
 
-use dingo::broker::Admin as _;
 use std::collections::BTreeMap;
 use std::process::Command;
 use std::sync::Mutex;
 use std::time::Duration;
 
 use dingo::amqp::AmqpBroker;
+use dingo::broker::Admin as _;
 use dingo::{App, EventKind, Level, TaskErrorKind};
 use dingo_test_support::PATIENCE;
 use dingo_test_support::amqp::Amqp;

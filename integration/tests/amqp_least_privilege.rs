@@ -4,10 +4,10 @@
 //! another namespace is refused with a clear error.
 #![cfg(feature = "amqp")]
 
-use dingo::broker::Admin as _;
 use std::process::Command;
 
 use dingo::amqp::{AmqpBroker, AmqpOptions};
+use dingo::broker::Admin as _;
 use dingo::{App, BrokerErrorKind, Error};
 use dingo_test_support::PATIENCE;
 

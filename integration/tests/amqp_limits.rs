@@ -6,10 +6,10 @@
 //! declared without them by an older version refusing the declaration until told.
 #![cfg(feature = "amqp")]
 
-use dingo::broker::Admin as _;
 use std::sync::atomic::Ordering;
 
 use dingo::amqp::AmqpOptions;
+use dingo::broker::Admin as _;
 use dingo::codec::Encoded;
 use dingo::message::{Payload, ReplyTo, ReportBody, ReportMessage, TaskMessage, Value, wire};
 use dingo::{App, EventKind, Level, TaskErrorKind, TaskId, TaskName, TaskOptions};
