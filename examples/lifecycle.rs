@@ -1,6 +1,8 @@
-//! Delays, expiry and retries on the embedded broker: a reminder sent in 300 ms, an offer
-//! that expires before anyone can take it, and a payment that fails twice before it goes
-//! through, with its caller watching the retries.
+//! The lifecycle of a call on the embedded broker: a reminder sent in 300 ms, an offer that
+//! expires before anyone can take it, a payment that fails twice before it goes through
+//! (its caller watching the retries), a report that stops at its soft time limit, a hung
+//! export cut off by its hard one, an email cancelled before it went out, and the dead
+//! letters an operator replays.
 //!
 //! Run it with `cargo run --example lifecycle`. The same calls work on Redis and RabbitMQ:
 //! there the broker keeps the delayed tasks (they survive worker restarts).
@@ -8,6 +10,7 @@
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::{Duration, Instant};
 
+use dingo::broker::Select;
 use dingo::{CallOptions, Context, Report, TaskErrorKind};
 
 /// Sends a reminder (here: says when it ran).
@@ -34,11 +37,51 @@ fn busy(millis: u64) -> u64 {
     millis
 }
 
+/// Adds up rows until its soft time limit, then returns what it has (cooperative).
+#[dingo::task(soft_time_limit = "150ms")]
+fn report(ctx: &Context, rows: u64) -> u64 {
+    let mut summed = 0;
+    while summed < rows && !ctx.is_cancelled() {
+        summed += 1;
+        std::thread::sleep(Duration::from_millis(1));
+    }
+    summed
+}
+
+/// An export that hangs (it ignores `is_cancelled`): its hard limit cuts it off.
+#[dingo::task(time_limit = "200ms")]
+fn export(millis: u64) -> u64 {
+    std::thread::sleep(Duration::from_millis(millis));
+    millis
+}
+
+/// Sends an email (here: says so).
+#[dingo::task]
+fn email(to: String) -> String {
+    format!("sent to {to}")
+}
+
+/// Imports a file: fails while the file is missing (every attempt), so its calls end in the
+/// dead letters.
+#[dingo::task(retries = 1, retry_backoff = "10ms")]
+fn import(path: String) -> Result<u64, String> {
+    static MISSING: AtomicU32 = AtomicU32::new(4); // two calls of two attempts
+    if MISSING.load(Ordering::SeqCst) > 0 {
+        MISSING.fetch_sub(1, Ordering::SeqCst);
+        return Err(format!("{path}: no such file"));
+    }
+    Ok(path.len() as u64)
+}
+
 fn main() -> Result<(), dingo::Error> {
     let app = dingo::App::local()?;
     app.allocate(remind, 1)?;
     app.allocate(charge, 1)?;
     app.allocate(busy, 1)?;
+    app.allocate(report, 1)?;
+    app.allocate(export, 1)?;
+    app.allocate(email, 1)?;
+    app.allocate(import, 1)?;
 
     // A countdown: the broker keeps the task for 300 ms, then a worker runs it.
     let started = Instant::now();
@@ -72,5 +115,52 @@ fn main() -> Result<(), dingo::Error> {
             _ => {}
         }
     }
+
+    // A soft time limit: the task sees `is_cancelled()` and returns what it has.
+    let summed = report::call(&app, 1_000_000)?.wait()?;
+    println!("report: summed {summed} rows before its soft limit");
+    assert!(summed > 0 && summed < 1_000_000);
+
+    // A hard time limit: the caller gets `TimeLimit` at 200 ms, the stuck thread is written
+    // off and a fresh one serves the next call at once.
+    let started = Instant::now();
+    let cut = export::call(&app, 10_000)?.wait().expect_err("the export hangs");
+    println!("export: {cut} (after {} ms)", started.elapsed().as_millis());
+    assert_eq!(cut.task_kind(), Some(TaskErrorKind::TimeLimit));
+    assert_eq!(export::call(&app, 1)?.wait()?, 1);
+    assert_eq!(app.threads_written_off(), 1);
+
+    // A cancel: the email is due in 200 ms; cancelled meanwhile, it never goes out.
+    let later = CallOptions::new().countdown(Duration::from_millis(200));
+    let mail = email::call_with(&app, &later, "grace".to_string())?;
+    mail.cancel()?;
+    let cancelled = mail.wait().expect_err("the email was cancelled");
+    println!("email: {cancelled}");
+    assert_eq!(cancelled.task_kind(), Some(TaskErrorKind::Cancelled));
+
+    // Dead letters: two imports fail all their attempts; once the file is there, an operator
+    // replays them and they go through.
+    for path in ["a.csv", "b.csv"] {
+        let failed = import::call(&app, path.to_string())?.wait().expect_err("missing file");
+        println!("import {path}: {failed}");
+    }
+    let name = import::NAME;
+    // The worker buries a letter just after telling its caller.
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while app.dead_count(name)? < 2 && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    let letters = app.dead_letters(name, 10)?;
+    for letter in &letters {
+        println!("dead letter of {}: {}", letter.key.as_ref().map_or("?".to_string(), |k| k.to_string()), letter.reason);
+    }
+    assert_eq!(letters.len(), 2);
+    let replayed = app.replay_dead(name, &Select::All)?;
+    println!("replayed {replayed} dead letter(s)");
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while app.dead_count(name)? > 0 && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    assert_eq!(app.dead_count(name)?, 0);
     app.close()
 }

@@ -139,11 +139,50 @@
 //! }
 //! ```
 //!
+//! # Time limits, cancellation and dead letters
+//!
+//! A task may be bounded ([`CallOptions::soft_time_limit`]: [`Context::is_cancelled`] turns
+//! true; [`CallOptions::time_limit`]: the call fails with [`TaskErrorKind::TimeLimit`] and
+//! the thread still running it is written off and replaced — see [`TimeLimits`] for the
+//! trade-off), cancelled by key ([`Handle::cancel`], [`App::cancel`]: a call not started
+//! never starts, a running one sees `is_cancelled`), and what the broker gave up on is
+//! listed, replayed and purged through one API on every broker ([`App::dead_letters`],
+//! [`App::replay_dead`], [`App::purge_dead`], [`App::purge`]; the [`broker::Admin`] role).
+//!
+//! ```
+//! use std::time::Duration;
+//! use dingo::{CallOptions, TaskErrorKind};
+//!
+//! #[dingo::task(soft_time_limit = "50ms")]
+//! fn poll(ctx: &dingo::Context, every_ms: u64) -> Result<u32, String> {
+//!     let mut polls = 0;
+//!     while !ctx.is_cancelled() {
+//!         polls += 1;
+//!         std::thread::sleep(Duration::from_millis(every_ms));
+//!     }
+//!     Err(format!("gave up after {polls} polls"))
+//! }
+//!
+//! fn main() -> Result<(), dingo::Error> {
+//!     let app = dingo::App::local()?;
+//!     app.allocate(poll, 1)?;
+//!     let error = poll::call(&app, 5)?.wait().unwrap_err();
+//!     assert_eq!(error.task_kind(), Some(TaskErrorKind::TimeLimit));
+//!
+//!     let later = CallOptions::new().countdown(Duration::from_millis(50));
+//!     let handle = poll::call_with(&app, &later, 5)?;
+//!     handle.cancel()?;
+//!     assert_eq!(handle.wait().unwrap_err().task_kind(), Some(TaskErrorKind::Cancelled));
+//!     app.close()
+//! }
+//! ```
+//!
 //! # Where to go next
 //! - [`task`]: the macro, its attribute keys and what it generates.
 //! - [`App`]: allocating workers, registering closures, calling by name, shutting down.
 //! - [`Handle`]: waiting, timeouts, report iterators, callbacks.
-//! - [`broker`]: the four broker roles, for mixing transports or writing a broker.
+//! - [`broker`]: the broker roles (the four, and [`broker::Admin`]), for mixing transports
+//!   or writing a broker.
 //! - [`event`]: subscribing to what happens inside the app.
 //!
 //! # Features
@@ -161,7 +200,7 @@ pub use dingo_core::{
     App, AppBuilder, Backoff, BrokerError, BrokerErrorKind, CallKey, CallOptions, Codec, CodecError, Context,
     DeadLetter, Encoded, Error, Event, EventFilter, EventKind, Events, Handle, IdMaker, Level, LocalBroker,
     LocalOptions, Origin, Origins, Progress, Report, Reports, RetryPolicy, Role, Sequential, Task, TaskError,
-    TaskErrorKind, TaskId, TaskName, TaskOptions, TaskRef, UuidV7, When,
+    TaskErrorKind, TaskId, TaskName, TaskOptions, TaskRef, TimeLimits, UuidV7, When,
 };
 pub use dingo_core::{broker, codec, error, event, id, message, registry, retry};
 

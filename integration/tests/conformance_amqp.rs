@@ -9,6 +9,7 @@ mod both {
     dingo_test_support::reports_suite!(Amqp::setup());
     dingo_test_support::app_suite!(Amqp::setup());
     dingo_test_support::lifecycle_suite!(Amqp::setup());
+    dingo_test_support::control_suite!(Amqp::setup());
 }
 
 #[cfg(feature = "redis")]
@@ -17,6 +18,7 @@ mod amqp_tasks_redis_reports {
 
     dingo_test_support::app_suite!(WithRedisReports::setup());
     dingo_test_support::lifecycle_suite!(WithRedisReports::setup());
+    dingo_test_support::control_suite!(WithRedisReports::setup());
 }
 
 mod durable_queues {
@@ -24,6 +26,7 @@ mod durable_queues {
 
     dingo_test_support::app_suite!(Amqp::with_options(dingo::amqp::AmqpOptions::new()));
     dingo_test_support::lifecycle_suite!(Amqp::with_options(dingo::amqp::AmqpOptions::new()));
+    dingo_test_support::control_suite!(Amqp::with_options(dingo::amqp::AmqpOptions::new()));
 }
 
 /// `App::connect` with an `amqp://` URL (the facade's `amqp` feature registers the scheme),

@@ -7,6 +7,7 @@ mod memory {
     dingo_test_support::reports_suite!(Some(Local::memory()));
     dingo_test_support::app_suite!(Some(Local::memory()));
     dingo_test_support::lifecycle_suite!(Some(Local::memory()));
+    dingo_test_support::control_suite!(Some(Local::memory()));
 }
 
 mod serialized {
@@ -16,4 +17,5 @@ mod serialized {
     dingo_test_support::reports_suite!(Some(Local::serialized()));
     dingo_test_support::app_suite!(Some(Local::serialized()));
     dingo_test_support::lifecycle_suite!(Some(Local::serialized()));
+    dingo_test_support::control_suite!(Some(Local::serialized()));
 }

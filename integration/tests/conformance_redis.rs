@@ -10,6 +10,7 @@ mod both {
     dingo_test_support::reports_suite!(Redis::setup());
     dingo_test_support::app_suite!(Redis::setup());
     dingo_test_support::lifecycle_suite!(Redis::setup());
+    dingo_test_support::control_suite!(Redis::setup());
 }
 
 /// The same suites as a least-privilege Redis user (`dingo::redis::acl_rules`: no
@@ -21,6 +22,7 @@ mod restricted {
     dingo_test_support::reports_suite!(Redis::restricted());
     dingo_test_support::app_suite!(Redis::restricted());
     dingo_test_support::lifecycle_suite!(Redis::restricted());
+    dingo_test_support::control_suite!(Redis::restricted());
 }
 
 mod restricted_redis_tasks_local_reports {
@@ -28,6 +30,7 @@ mod restricted_redis_tasks_local_reports {
 
     dingo_test_support::app_suite!(Mixed::restricted(Role::Tasks));
     dingo_test_support::lifecycle_suite!(Mixed::restricted(Role::Tasks));
+    dingo_test_support::control_suite!(Mixed::restricted(Role::Tasks));
 }
 
 mod local_tasks_restricted_redis_reports {
@@ -35,6 +38,7 @@ mod local_tasks_restricted_redis_reports {
 
     dingo_test_support::app_suite!(Mixed::restricted(Role::Reports));
     dingo_test_support::lifecycle_suite!(Mixed::restricted(Role::Reports));
+    dingo_test_support::control_suite!(Mixed::restricted(Role::Reports));
 }
 
 mod redis_tasks_local_reports {
@@ -42,6 +46,7 @@ mod redis_tasks_local_reports {
 
     dingo_test_support::app_suite!(Mixed::setup(Role::Tasks));
     dingo_test_support::lifecycle_suite!(Mixed::setup(Role::Tasks));
+    dingo_test_support::control_suite!(Mixed::setup(Role::Tasks));
 }
 
 mod local_tasks_redis_reports {
@@ -49,6 +54,7 @@ mod local_tasks_redis_reports {
 
     dingo_test_support::app_suite!(Mixed::setup(Role::Reports));
     dingo_test_support::lifecycle_suite!(Mixed::setup(Role::Reports));
+    dingo_test_support::control_suite!(Mixed::setup(Role::Reports));
 }
 
 /// `App::connect` with a `redis://` URL (the facade's `redis` feature registers the scheme),

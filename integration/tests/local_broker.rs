@@ -33,7 +33,7 @@ fn garbage_in_a_queue_is_dead_lettered_and_the_worker_goes_on() {
     assert_eq!(event.kind, EventKind::MalformedMessage);
     assert!(event.task.is_none(), "nothing identifies a caller");
     assert_eq!(app.call::<_, i64>("double", 21i64).unwrap().wait().unwrap(), 42);
-    let dead = broker.dead_letters();
+    let dead = broker.all_dead_letters();
     assert_eq!(dead.len(), 3);
     // One `DeadLettered` per dead letter (a warning), after each one's `MalformedMessage`.
     let kinds: Vec<EventKind> = std::iter::from_fn(|| dead_events.try_recv()).map(|e| e.kind).collect();
@@ -59,7 +59,7 @@ fn a_truncated_message_still_tells_its_caller() {
     let event = events.recv_timeout(PATIENCE).unwrap();
     assert_eq!(event.kind, EventKind::MalformedMessage);
     assert_eq!(event.task.unwrap().name, "double");
-    assert_eq!(broker.dead_letters().len(), 1);
+    assert_eq!(broker.all_dead_letters().len(), 1);
     app.close().unwrap();
 }
 

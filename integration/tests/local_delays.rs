@@ -20,11 +20,11 @@ fn app(broker: &LocalBroker) -> App {
 /// buries the message.
 fn letters(broker: &LocalBroker) -> Vec<dingo::DeadLetter> {
     let deadline = std::time::Instant::now() + PATIENCE;
-    while broker.dead_letters().is_empty() && std::time::Instant::now() < deadline {
+    while broker.all_dead_letters().is_empty() && std::time::Instant::now() < deadline {
         std::thread::sleep(Duration::from_millis(5));
     }
     std::thread::sleep(Duration::from_millis(50)); // and no second one
-    broker.dead_letters()
+    broker.all_dead_letters()
 }
 
 #[test]

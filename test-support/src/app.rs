@@ -163,9 +163,9 @@ pub fn panic_is_reported_and_worker_survives(setup: &dyn AppSetup) {
 }
 
 /// Counts what workers publish.
-struct CountingReporter {
-    inner: Arc<dyn Reporter>,
-    published: AtomicUsize,
+pub(crate) struct CountingReporter {
+    pub(crate) inner: Arc<dyn Reporter>,
+    pub(crate) published: AtomicUsize,
 }
 
 impl Reporter for CountingReporter {

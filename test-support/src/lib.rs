@@ -26,6 +26,7 @@
 
 pub mod app;
 pub mod certs;
+pub mod control;
 pub mod faults;
 pub mod lifecycle;
 pub mod process;
@@ -142,6 +143,29 @@ macro_rules! lifecycle_suite {
             a_panic_is_not_retried,
             a_bad_payload_is_not_retried,
             a_timed_out_wait_on_a_delayed_call_loses_nothing,
+        );
+    };
+}
+
+/// Instantiates the control rules (time limits, cancellation, dead letters) for a setup
+/// expression (an `Option` of an [`app::AppSetup`]).
+#[macro_export]
+macro_rules! control_suite {
+    ($setup:expr) => {
+        $crate::__suite!(
+            $setup,
+            $crate::control,
+            a_soft_limit_lets_the_task_return,
+            an_err_after_the_soft_limit_is_a_time_limit,
+            a_hard_limit_fails_the_call_and_keeps_the_pool,
+            a_task_attribute_sets_the_hard_limit,
+            cancelled_queued_calls_never_run,
+            a_cancelled_delayed_call_never_runs,
+            a_cancel_stops_retries,
+            a_running_task_sees_its_cancel,
+            cancelling_unknown_or_finished_calls_changes_nothing,
+            dead_letters_are_listed_replayed_and_purged,
+            purge_empties_a_queue,
         );
     };
 }

@@ -400,7 +400,11 @@ impl Inner {
             Item::Bytes(bytes) => {
                 let known = Known { name: Some(queue), address: Some(&self.address) };
                 match wire::decode_task_from(bytes, &known) {
-                    Ok(message) if message.retry.retries() == 0 => Some(Delivery::new(message)),
+                    Ok(message) if message.retry.retries() == 0 && message.name == *queue => {
+                        Some(Delivery::new(message))
+                    }
+                    // One that retries, or names another task than its queue's (no worker of
+                    // this queue runs it): it may end in the dead letters.
                     Ok(message) => Some(self.with_letter(queue, message)),
                     Err(malformed) => {
                         self.reject_malformed(queue, *malformed);
@@ -411,8 +415,9 @@ impl Inner {
         }
     }
 
-    /// The delivery of a call that retries: it ends in the dead letters once out of
-    /// attempts, so it gets an acknowledgement that can put it there.
+    /// The delivery of a call that retries (it ends in the dead letters once out of
+    /// attempts) or that names another task than its queue's: it gets an acknowledgement
+    /// that can put it there.
     #[cold]
     fn with_letter(self: &Arc<Self>, queue: &TaskName, message: TaskMessage) -> Delivery {
         let ack = LocalAck { broker: Arc::downgrade(self), queue: queue.clone(), message: letter_bytes(&message) };
@@ -523,6 +528,7 @@ fn letter_bytes(message: &TaskMessage) -> Vec<u8> {
         due: message.due,
         expires: message.expires,
         retry: message.retry,
+        limits: message.limits,
     };
     wire::encode_task(&copy).unwrap_or_default()
 }
