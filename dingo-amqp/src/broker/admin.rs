@@ -141,7 +141,14 @@ impl Admin for AmqpBroker {
         Ok(purged)
     }
 
+    /// Task messages this broker sent before are purged too: the purge waits (at most the
+    /// connect timeout) for RabbitMQ's confirms of what this broker published, which go
+    /// through another channel. At-most-once messages have no confirms: one sent just
+    /// before may escape the purge.
     fn purge(&self, queue: &TaskName) -> Result<usize, BrokerError> {
+        if let Some(publisher) = self.inner.publisher.get() {
+            publisher.flush(self.inner.options.connect_timeout);
+        }
         let name = self.inner.names.task_queue(queue.as_str())?;
         let purged = self.inner.with_control("purging a task queue", |channel| channel.queue_purge(name.clone()));
         none_if_missing(purged.map(|n| n as usize), 0)

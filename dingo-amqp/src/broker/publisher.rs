@@ -281,6 +281,27 @@ impl Publisher {
         Ok(Sent::Confirmed)
     }
 
+    /// Waits until RabbitMQ has answered for every message published (on the confirmed
+    /// path) before this call, at most `timeout`: `false` if some still wait. So a queue
+    /// operation that follows on another channel (a purge) sees them in their queues.
+    pub(crate) fn flush(&self, timeout: Duration) -> bool {
+        let shared = &*self.shared;
+        let deadline = Instant::now() + timeout;
+        let mut state = lock(&shared.state);
+        let last = state.numbers;
+        loop {
+            let settled = state.pending.front().is_none_or(|first| first.number > last);
+            if settled || state.closed {
+                return settled;
+            }
+            let left = deadline.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                return false;
+            }
+            state = wait_timeout(&shared.room, state, left);
+        }
+    }
+
     /// Whether RabbitMQ blocks publishing on the connection (a resource alarm).
     pub(crate) fn is_blocked(&self) -> bool {
         self.shared.blocked.load(Ordering::Acquire)
