@@ -31,7 +31,8 @@
 //! | --- | --- | --- |
 //! | `NS.task.NAME` | queue (durable, or quorum) | the task's messages; dead-letters to `NS.dead` |
 //! | `NS.dead` | direct exchange | dead letters, routed by the task queue's name |
-//! | `NS.dead.NAME` | queue, `x-max-length` 10,000 and `x-max-length-bytes` 64 MiB (RabbitMQ drops the oldest past either: [`max_dead_letters`](AmqpOptions::max_dead_letters)) | the task's dead letters ([`AmqpBroker::dead_letters`]) |
+//! | `NS.dead.NAME` | queue, `x-max-length` 10,000 and `x-max-length-bytes` 64 MiB (RabbitMQ drops the oldest past either: [`max_dead_letters`](AmqpOptions::max_dead_letters)) | the task's dead letters ([below](#dead-letters)) |
+//! | `NS.cancels` | stream queue (durable in every namespace), `x-max-age` 7 days ([`cancel_retention`](AmqpOptions::cancel_retention)), 1 MiB segments | cancels, and the markers subscriptions read up to ([below](#cancels)) |
 //! | `NS.reply.ID` | queue, expires unused after the result TTL | reports for one caller process |
 //! | `NS.delay.K`, K = 0 to 27 | queue (quorum; transient in a transient namespace), `x-message-ttl` 2^K × 10 ms, no consumers; dead-letters to exchange `NS.delay.(K-1)` (level 0: to `NS.delay.exit`) | delayed messages, level K of the chain ([below](#delays)) |
 //! | `NS.delay.K` | topic exchange | routes on bit K of the delay: `1` to queue `NS.delay.K`, `0` on to exchange `NS.delay.(K-1)` |
@@ -127,7 +128,8 @@
 //!   confirmed; its caller, when it can be identified and reports travel through RabbitMQ
 //!   too, gets a failure report (the worker's own checks — unknown task, other signature —
 //!   report through whatever report transport the app uses), and the worker goes on.
-//!   Messages RabbitMQ dead-letters itself land in the same queue.
+//!   Messages RabbitMQ dead-letters itself land in the same queue. They are listed,
+//!   replayed and purged through [`Admin`](dingo_core::broker::Admin) ([below](#dead-letters)).
 //! - **Size limits on receipt.** [`max_message_size`](AmqpOptions::max_message_size) holds
 //!   for deliveries too: a task message over it is not decoded; a copy of its first 4 KiB
 //!   goes to the dead letters with the reason (its length), the original is acknowledged,
@@ -205,6 +207,73 @@
 //! - [`AmqpBroker::delayed_len`] counts what waits in the chain, [`Stats::delayed`] what was
 //!   sent into it.
 //!
+//! # Cancels
+//!
+//! A message cannot be taken out of the middle of a RabbitMQ queue, so a cancel is a record
+//! every worker reads before it starts a task: [`Admin::cancel`](dingo_core::broker::Admin::cancel)
+//! (what `App::cancel` and `Handle::cancel` call) publishes the call's task name, id and
+//! `until` (headers `dingo-cancel-task`, `dingo-cancel-id`, `dingo-cancel-until`) into the
+//! namespace's stream queue `NS.cancels`, and returns once RabbitMQ confirmed it. A stream
+//! is read, not drained: each broker that consumes tasks has one consumer thread
+//! (`dingo-amqp-cancels`) reading it from its first message, then live, into the set its
+//! workers check before they start a task and that `ctx.is_cancelled()` reads
+//! ([`Consumer::cancels`](dingo_core::broker::Consumer::cancels)).
+//!
+//! - **Workers that start later, or reconnect.** Before a subscription consumes — when it
+//!   starts and on every new channel after a broken one — it publishes a marker of its own
+//!   into the stream (confirmed) and waits until its consumer read it. A stream keeps the
+//!   order in which RabbitMQ stored its messages, so every cancel confirmed before then is
+//!   in the set before the first task arrives: a call cancelled while no worker ran, or
+//!   while a worker was cut off, does not start. (The subscription's consumer waits up to
+//!   twice the connect timeout for its marker, and tries again, with a `ReceiveFailed`
+//!   event, if it does not come: workers get no tasks until it does.)
+//! - **Running workers.** A cancel reaches the set of a live consumer as RabbitMQ delivers
+//!   it: a few milliseconds (7–15 ms from the cancel call on one machine, in
+//!   `integration/tests/amqp_admin.rs`); the cancel's own broker puts it in its set at once.
+//!   A task delivered in that window may start; it then sees `ctx.is_cancelled()` turn true.
+//!   If only the cancel consumer's channel breaks while the task consumers go on, cancels
+//!   sent meanwhile reach the set once it has read on from where it stopped.
+//! - **Bounded.** Each cancel lapses at its `until` (the app's `cancel_ttl`, a day by
+//!   default) and is pruned from the set every second; the stream drops messages older than
+//!   [`cancel_retention`](AmqpOptions::cancel_retention) (7 days), a 1 MiB segment at a
+//!   time. A cancel lasting longer than that is honoured by workers that read it before it
+//!   was dropped, not by later ones. Reading the stream from its start costs a new worker
+//!   what the stream holds: small messages (headers only), tens of thousands a second.
+//! - **Transient namespaces.** RabbitMQ's streams are always durable: a transient
+//!   namespace's cancel stream outlives a restart of the node (harmless: its cancels still
+//!   lapse). [`AmqpBroker::delete_topology`] deletes it.
+//! - **RabbitMQ 3.10.** A stream just declared has no writer for a few milliseconds, and a
+//!   message published then crashes the publishing channel and the whole connection
+//!   (`INTERNAL_ERROR`). So declaring the stream waits until a consumer can attach, before
+//!   anything is published into it.
+//!
+//! # Dead letters
+//!
+//! [`Admin`](dingo_core::broker::Admin) works on `NS.dead.NAME`:
+//!
+//! - **Listing** (`dead_letters`) fetches the letters unacknowledged and gives them back in
+//!   their places: oldest first, each with its reason (`x-dingo-reason`, or RabbitMQ's own
+//!   for messages it dead-lettered), its time (`x-dingo-dead-at`, set when dingo
+//!   dead-letters, in milliseconds; else the `x-death` record's, in seconds) and the call it
+//!   holds (when its bytes decode). `dead_count` is the queue's message count (letters a
+//!   listing or replay holds at that moment are not counted).
+//! - **Replay** sends [`DeadLetter::replay_bytes`](dingo_core::DeadLetter::replay_bytes)
+//!   (attempt 1, no due time, no expiry, same id) to the task queue as a fresh message —
+//!   none of the dead letter's headers, so no redelivery count, and not marked redelivered —
+//!   in AMQP transactions on a channel of its own: each copy is published and its letter
+//!   acknowledged in one `tx.commit` per 100 letters. A replaying process killed half-way
+//!   leaves each letter either replayed (and gone from the dead letters) or still dead,
+//!   never both: RabbitMQ discards a transaction its client did not commit and gives the
+//!   letters back (tested with 1,000 letters and a SIGKILL). Atomicity across the two
+//!   queues holds against a client that dies, not against a node that crashes in the
+//!   middle of a commit. The task queue is declared first (a copy published to no queue
+//!   would be lost with its letter acknowledged). Letters not selected are fetched too, to
+//!   read their ids, and given back in their places.
+//! - **Purges**: `purge_dead` purges the queue (`Select::All`) or acknowledges the selected
+//!   letters and gives back the others; `purge` purges a task queue (`queue.purge`), after
+//!   waiting for the confirms of the task messages this broker sent before it (at-most-once
+//!   messages have none: one sent just before may escape). Both return exact counts.
+//!
 //! # Retries
 //!
 //! The worker decides a retry; the broker publishes the next attempt (same name and id,
@@ -225,7 +294,7 @@
 //! [`max_redeliveries`](AmqpOptions::max_redeliveries) times (default 5, as on Redis) after
 //! its worker stopped before finishing it is dead-lettered the next time, before it runs:
 //! reason `redelivered N times: every worker that took it stopped before finishing it …` in
-//! `x-dingo-reason` ([`AmqpBroker::dead_letters`]), a `DeadLettered` event, counted in
+//! `x-dingo-reason` ([dead letters](#dead-letters)), a `DeadLettered` event, counted in
 //! [`Stats::dead_lettered`], and its caller gets a failure of kind
 //! [`WorkerLost`](dingo_core::TaskErrorKind::WorkerLost) (when reports travel through
 //! RabbitMQ too).

@@ -73,7 +73,7 @@ pub struct AmqpOptions {
     /// first 4 KiB of a body over this limit as its frames arrive, reading the rest from
     /// the socket and dropping it (`vendor/amiquip/DINGO.md`), so an oversize message costs
     /// a worker or a caller 4 KiB and a frame, not its size. The same holds for
-    /// [`AmqpBroker::dead_letters`](crate::AmqpBroker::dead_letters): a dead letter over
+    /// [`Admin::dead_letters`](dingo_core::broker::Admin::dead_letters): a dead letter over
     /// the limit is listed with its first 4 KiB. RabbitMQ's own bound is the
     /// node's `max_message_size` in `rabbitmq.conf` (per node, not per queue or virtual
     /// host; 128 MiB by default since RabbitMQ 3.8, never above 512 MiB): set it near this value on a node that

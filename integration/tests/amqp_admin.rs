@@ -48,6 +48,24 @@ fn fickle(ctx: &dingo::Context, n: u64) -> Result<u64, String> {
     if *lock(&FICKLE_FAILS) { Err(format!("{n} fails")) } else { Ok(n) }
 }
 
+/// When `patient` started, and when it saw its cancel.
+static PATIENT: Mutex<(Option<Instant>, Option<Instant>)> = Mutex::new((None, None));
+
+/// Waits (up to 15 s) until it is cancelled, then fails because of it.
+#[dingo::task(name = "amqp_admin.patient")]
+fn patient(ctx: &dingo::Context) -> Result<(), String> {
+    lock(&PATIENT).0 = Some(Instant::now());
+    let until = Instant::now() + Duration::from_secs(15);
+    while !ctx.is_cancelled() {
+        if Instant::now() >= until {
+            return Ok(());
+        }
+        std::thread::sleep(Duration::from_millis(1));
+    }
+    lock(&PATIENT).1 = Some(Instant::now());
+    Err("stopped: cancelled".to_owned())
+}
+
 /// The file worker processes log their runs to (`DINGO_ADMIN_LOG`), if set.
 fn log_run(id: &str) {
     if let Ok(path) = std::env::var("DINGO_ADMIN_LOG") {
@@ -85,11 +103,13 @@ fn cancelled_queued_calls_never_run() {
     let caller = App::builder().broker(caller_broker.clone()).build().expect("caller app");
     Consumer::declare(&caller_broker, &name(counted::NAME)).expect("declare");
     let handles: Vec<_> = (1000..1200u64).map(|n| (n, counted::call(&caller, n).expect("call"))).collect();
+    let cancelling = Instant::now();
     for (n, handle) in &handles {
         if n % 2 == 0 {
             handle.cancel().expect("cancel");
         }
     }
+    eprintln!("100 cancels took {:?}", cancelling.elapsed());
     let worker = App::builder().broker(setup.broker()).build().expect("worker app");
     worker.allocate(counted, 4).expect("allocate");
     for (n, mut handle) in handles {
@@ -180,6 +200,35 @@ fn a_running_consumer_learns_a_cancel_within_200_ms() {
     subscription.stop();
     drop(subscription);
     caller.close().expect("close");
+}
+
+/// A task running in a worker on another connection sees its cancel (`ctx.is_cancelled()`)
+/// within 200 ms of the cancel returning, through the cancel stream; its caller gets
+/// `Cancelled`.
+#[test]
+fn a_running_task_sees_a_cancel_from_another_connection_within_200_ms() {
+    let Some(setup) = Amqp::setup() else { return };
+    let worker = App::builder().broker(setup.broker()).build().expect("worker app");
+    worker.allocate(patient, 1).expect("allocate");
+    let caller = App::builder().broker(setup.broker()).build().expect("caller app");
+    let mut handle = patient::call(&caller).expect("call");
+    wait_until("the task runs", || lock(&PATIENT).0.is_some());
+    let cancelled = Instant::now();
+    handle.cancel().expect("cancel");
+    let returned = Instant::now();
+    match handle.wait_timeout(PATIENCE) {
+        Err(Error::Task(e)) => assert_eq!(e.kind(), TaskErrorKind::Cancelled, "{e:?}"),
+        other => panic!("{other:?}"),
+    }
+    let seen = lock(&PATIENT).1.expect("the task saw its cancel");
+    let after_return = seen.saturating_duration_since(returned);
+    eprintln!(
+        "the task saw its cancel {after_return:?} after the cancel returned ({:?} after it was called)",
+        seen.saturating_duration_since(cancelled)
+    );
+    assert!(after_return < Duration::from_millis(200), "seen {after_return:?} after the cancel returned");
+    caller.close().expect("close");
+    worker.close().expect("close");
 }
 
 /// Cancelling a key nobody called, and one whose call finished: `Ok`, no event at warning
