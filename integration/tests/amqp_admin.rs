@@ -22,7 +22,8 @@ use dingo::{App, Backoff, CallKey, CallOptions, Error, TaskErrorKind, TaskId, Ta
 use dingo_test_support::PATIENCE;
 use dingo_test_support::amqp::Amqp;
 use dingo_test_support::app::NoWarnings;
-use dingo_test_support::faults::{crafted, lock, wait_until};
+use dingo_test_support::faults::{crafted, lock, server_addr, via, wait_until};
+use dingo_test_support::proxy::Proxy;
 
 /// Runs of `counted`, by argument.
 static RUNS: Mutex<BTreeMap<u64, u32>> = Mutex::new(BTreeMap::new());
@@ -427,6 +428,36 @@ fn a_worker_process_started_after_a_cancel_does_not_run_it() {
     assert_eq!(runs.get(kept.id().as_str()), Some(&1), "{runs:?}");
     assert_eq!(runs.get(cancelled.id().as_str()), None, "the cancelled call ran: {runs:?}");
     caller.close().expect("close");
+}
+
+/// A worker cut off from RabbitMQ (an outage, through a proxy) while a call is queued and
+/// cancelled: once it reconnects, the cancelled call fails with `Cancelled` and never runs
+/// there; the other call runs.
+#[test]
+fn a_worker_cut_off_when_a_cancel_was_sent_honours_it_after_reconnecting() {
+    let Some(setup) = Amqp::setup() else { return };
+    let proxy = Proxy::start(server_addr(setup.url())).expect("start the proxy");
+    let worker_broker =
+        AmqpBroker::connect_with(&via(&proxy, setup.url()), setup.options().clone()).expect("connect via the proxy");
+    setup.adopt(worker_broker.clone());
+    let worker = App::builder().broker(worker_broker).build().expect("worker app");
+    worker.allocate(counted, 2).expect("allocate");
+    let caller = App::builder().broker(setup.broker()).build().expect("caller app");
+    assert_eq!(counted::call(&caller, 3000).expect("call").wait_timeout(PATIENCE).expect("works"), 3000);
+    proxy.pause();
+    let mut cancelled = counted::call(&caller, 3001).expect("call");
+    let mut kept = counted::call(&caller, 3002).expect("call");
+    cancelled.cancel().expect("cancel");
+    std::thread::sleep(Duration::from_millis(300));
+    proxy.resume();
+    assert_eq!(kept.wait_timeout(PATIENCE).expect("the other call runs"), 3002);
+    match cancelled.wait_timeout(PATIENCE) {
+        Err(Error::Task(e)) => assert_eq!(e.kind(), TaskErrorKind::Cancelled, "{e:?}"),
+        other => panic!("the cancelled call: {other:?}"),
+    }
+    assert!(!lock(&RUNS).contains_key(&3001), "the cancelled call ran");
+    caller.close().expect("close");
+    worker.close().expect("close");
 }
 
 const WORKER_ENV: &str = "DINGO_ADMIN_WORKER";
