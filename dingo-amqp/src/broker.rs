@@ -1,4 +1,4 @@
-//! [`AmqpBroker`]: the four roles over RabbitMQ. One connection per broker; a channel used
+//! [`AmqpBroker`]: the four roles over RabbitMQ, and the operator's ([`admin`]). One connection per broker; a channel used
 //! by several threads sits behind a lock (amiquip's channels are not `Sync`):
 //!
 //! | thread | role | does |
@@ -8,8 +8,11 @@
 //! | the app's worker threads ([`subscription`]) | consumer | take deliveries straight from amiquip's consumer channels; settle them on the pool's channel (under its lock): acknowledge at-most-once tasks, requeue, dead-letter |
 //! | `dingo-amqp-consume` ([`subscription`]), one per worker pool | consumer | opens the pool's channel, declares and consumes the pool's queues with per-consumer prefetch; replaces the channel when a worker finds it broken; pauses the pool (cancels its consumers, hands back what waits) while its threads are all busy, resumes it when one is free; at stop cancels the consumers, hands back what they delivered, waits for outstanding settlements, then closes the channel |
 //! | `dingo-amqp-reply` ([`listener`]) | store | consumes this process's reply queue and routes reports to handles |
+//! | `dingo-amqp-cancels` ([`cancels`]), one per broker that consumes | consumer | reads the namespace's cancel stream from its first message, then live, into the broker's cancel set; tells subscriptions when their markers arrive |
 //!
-//! Declarations and queue inspection use a control channel under a lock.
+//! Declarations, queue inspection, cancels and markers (published with a confirm each) use a
+//! control channel under a lock; dead-letter replays and selective purges ([`admin`]) a
+//! channel of their own each.
 
 mod ack;
 mod admin;

@@ -228,3 +228,35 @@ fn time(properties: &AmqpProperties) -> Option<SystemTime> {
     };
     ours.or_else(theirs).and_then(|since| UNIX_EPOCH.checked_add(since))
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn with(headers: amiquip::FieldTable) -> AmqpProperties {
+        AmqpProperties::default().with_headers(headers)
+    }
+
+    #[test]
+    fn a_letter_has_dingos_reason_and_time_or_rabbitmqs() {
+        let mut ours = amiquip::FieldTable::new();
+        ours.insert(REASON_HEADER.into(), AmqpValue::LongString("unknown task: x".into()));
+        ours.insert(DEAD_AT_HEADER.into(), AmqpValue::LongLongInt(1_800_000_000_123));
+        let ours = with(ours);
+        assert_eq!(reason(&ours), "unknown task: x");
+        assert_eq!(time(&ours), Some(UNIX_EPOCH + Duration::from_millis(1_800_000_000_123)));
+
+        let mut death = amiquip::FieldTable::new();
+        death.insert("reason".into(), AmqpValue::LongString("expired".into()));
+        death.insert("time".into(), AmqpValue::Timestamp(1_800_000_000));
+        let mut theirs = amiquip::FieldTable::new();
+        theirs.insert("x-death".into(), AmqpValue::FieldArray(vec![AmqpValue::FieldTable(death)]));
+        let theirs = with(theirs);
+        assert_eq!(reason(&theirs), "dead-lettered by RabbitMQ: expired");
+        assert_eq!(time(&theirs), Some(UNIX_EPOCH + Duration::from_secs(1_800_000_000)));
+
+        let neither = AmqpProperties::default();
+        assert_eq!(reason(&neither), "");
+        assert_eq!(time(&neither), None);
+    }
+}

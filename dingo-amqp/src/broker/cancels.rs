@@ -215,3 +215,25 @@ pub(crate) fn cancel_headers(key: &CallKey, until: SystemTime) -> FieldTable {
     headers.insert(CANCEL_UNTIL_HEADER.into(), AmqpValue::LongLongInt(ms));
     headers
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_cancel_keeps_its_key_and_time_to_the_millisecond() {
+        let key = CallKey { name: TaskName::from("shop.total"), id: TaskId::new("42") };
+        let at = UNIX_EPOCH + Duration::from_millis(1_800_000_000_123);
+        let headers = cancel_headers(&key, at);
+        assert_eq!(until(&headers), Some(at));
+        assert_eq!(headers.get(CANCEL_TASK_HEADER), Some(&AmqpValue::LongString("shop.total".into())));
+        assert_eq!(headers.get(CANCEL_ID_HEADER), Some(&AmqpValue::LongString("42".into())));
+        let offset = AmqpProperties::default().with_headers({
+            let mut h = FieldTable::new();
+            h.insert("x-stream-offset".into(), AmqpValue::LongLongInt(7));
+            h
+        });
+        assert_eq!(stream_offset(&offset), Some(7));
+        assert_eq!(stream_offset(&AmqpProperties::default()), None);
+    }
+}
