@@ -62,7 +62,7 @@ pub(crate) static PUSH: LazyLock<Script> = LazyLock::new(|| Script::new(lua!("in
 /// list (`KEYS[2]`, popped by a plain `RPOP` just before), so the next idle consumer wakes
 /// too.
 ///
-/// Returns `{'ok', n}`: the n messages taken are the head of the processing list, for an
+/// Returns `{'ok', n, generation}`: the n messages taken are the head of the processing list, for an
 /// `LRANGE` right after the script to read. One message is moved with `LMOVE`; more pass
 /// through no Lua, which hashes every byte it is handed: into an empty processing list (the
 /// usual case: the worker's
@@ -74,9 +74,13 @@ pub(crate) static PUSH: LazyLock<Script> = LazyLock::new(|| Script::new(lua!("in
 ///
 /// Batch number `ARGV[5]` of the worker thread whose sequence key is `KEYS[6]` (kept
 /// `ARGV[6]` ms): sent again after its reply was lost, the fetch takes nothing new and
-/// returns `{'again', {messages…}}`: what it moved the first time (the head of the
-/// processing list) — else those messages would sit in the processing list unknown to
+/// returns `{'again', {messages…}, generation}`: what it moved the first time (the head of
+/// the processing list) — else those messages would sit in the processing list unknown to
 /// their worker.
+///
+/// `generation` is the queue's cancel generation (`KEYS[7]`, see [`CANCEL`]; `0`: none):
+/// a worker that has not loaded that one loads the queue's cancels ([`CANCELS`]) before it
+/// hands out what it took. One `GET` per fetch: a queue nobody cancels costs nothing more.
 pub(crate) static FETCH: LazyLock<Script> = LazyLock::new(|| Script::new(lua!("fetch.lua")));
 
 /// Settles, in order, what one consumer (`ARGV[3]`) did with its messages — once: batch
@@ -176,6 +180,33 @@ pub(crate) static REAP: LazyLock<Script> = LazyLock::new(|| Script::new(lua!("in
 /// (kept `ARGV[3]` ms), so a trim sent again after its reply was lost removes nothing more.
 pub(crate) static TRIM: LazyLock<Script> = LazyLock::new(|| Script::new(lua!("includes/seen.lua", "trim.lua")));
 
+/// Records cancels of the calls with ids ARGV[2..] of a queue until `ARGV[1]` (ms since the
+/// Unix epoch) in its cancelled set (`KEYS[1]`, id → until; a cancel already there is only
+/// extended), prunes the cancels that lapsed (up to 1,000 per call), and moves the queue's
+/// cancel generation (`KEYS[2]`) on: to the server's time in µs, or one above the last if
+/// that is higher — so a generation is never one a process loaded before the keys
+/// expired. Both keys expire with the cancel that lapses last. A cancel that lapsed already
+/// records nothing. Idempotent: a call sent again changes nothing more (no batch number).
+pub(crate) static CANCEL: LazyLock<Script> = LazyLock::new(|| Script::new(lua!("cancel.lua")));
+
+/// The cancels of a queue a process does not know yet: `{generation}` when the queue's
+/// cancel generation (`KEYS[2]`) is still `ARGV[1]` (what the process loaded), else
+/// `{generation, {id, until, …}}` — every cancel of the cancelled set (`KEYS[1]`) that has
+/// not lapsed by the server's clock. One read: the set is the one of that generation.
+pub(crate) static CANCELS: LazyLock<Script> = LazyLock::new(|| Script::new(lua!("cancels.lua")));
+
+/// Takes exact entries out of a queue's dead letters (`KEYS[1]`, its byte count `KEYS[2]`),
+/// each once (`LREM … -1`: from the tail, where the oldest are) — and with `ARGV[3]` =
+/// `replay`, sends each one removed back, in the same step: ARGV[4..] are then pairs (entry,
+/// message to send), the message going where a send would put it (at-most-once ones to
+/// `KEYS[4]`, the others to the queue `KEYS[3]`, waking a consumer `KEYS[5]`); with
+/// `purge`, ARGV[4..] are entries only. A letter is thus either still dead or sent back,
+/// never both, never twice: an entry already gone (taken by another replay) sends nothing.
+/// Batch number `ARGV[1]` of the actor whose sequence key is `KEYS[6]` (kept `ARGV[2]` ms):
+/// sent again after its reply was lost, it changes nothing and returns what the first
+/// attempt did. Returns how many letters it took.
+pub(crate) static UNBURY: LazyLock<Script> = LazyLock::new(|| Script::new(lua!("includes/seen.lua", "unbury.lua")));
+
 /// Which of the commands in ARGV the user may run, as it gives them (see `access`): ARGV
 /// holds, per command, its name, its argument count and its arguments; returns the
 /// positions (from 1) of those denied. Changes nothing; `KEYS[1]` is a key of the namespace, so that `EVALSHA`
@@ -185,8 +216,11 @@ pub(crate) static TRIM: LazyLock<Script> = LazyLock::new(|| Script::new(lua!("in
 pub(crate) static PROBE: LazyLock<Script> = LazyLock::new(|| Script::new(lua!("probe.lua")));
 
 /// All scripts, to load into a fresh connection's server.
-pub(crate) fn all() -> [&'static Script; 11] {
-    [&PUSH, &FETCH, &COMPLETE, &DEAD, &GIVE_BACK, &RETIRE, &RENEW, &REAP, &TRIM, &DELAY, &PROMOTE]
+pub(crate) fn all() -> [&'static Script; 14] {
+    [
+        &PUSH, &FETCH, &COMPLETE, &DEAD, &GIVE_BACK, &RETIRE, &RENEW, &REAP, &TRIM, &DELAY, &PROMOTE, &CANCEL,
+        &CANCELS, &UNBURY,
+    ]
 }
 
 /// One step of a pipelined batch: a script call, or a plain command (`keys` empty, the
@@ -709,7 +743,7 @@ mod tests {
         let Some(mut conn) = server() else { return };
         let prefix = format!("dingo-test-fetch-{}", std::process::id());
         let key = |name: &str| format!("{prefix}:{{q}}:{name}");
-        let names = ["pending", "amo", "wake", "consumers", "processing", "seq"];
+        let names = ["pending", "amo", "wake", "consumers", "processing", "seq", "cancelled:gen"];
         let keys: Vec<String> = names.iter().map(|n| key(n)).collect();
         let _: () = redis::cmd("DEL").arg(&keys).query(&mut conn).expect("DEL");
         // Queued oldest first: m1 is the oldest, at the tail.
@@ -725,7 +759,10 @@ mod tests {
         };
         let reply = |conn: &mut redis::Connection, call: Call| -> (String, Value) {
             let result = run_batch(conn, &[call]).expect("FETCH");
-            redis::from_redis_value(result[0].clone()).expect("a status and a value")
+            let (status, value, generation): (String, Value, String) =
+                redis::from_redis_value(result[0].clone()).expect("a status, a value and a generation");
+            assert_eq!(generation, "0", "nobody cancelled");
+            (status, value)
         };
 
         let (status, taken) = reply(&mut conn, fetch("1", "2", "1", "0"));
