@@ -5,7 +5,7 @@ mod builder;
 pub use builder::{AppBuilder, BrokerScheme};
 
 use std::fmt;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime};
 
@@ -19,6 +19,7 @@ use crate::context::Context;
 use crate::error::{BrokerError, BrokerErrorKind, Error, Role, TaskError, TaskErrorKind};
 use crate::event::{Event, EventFilter, EventKind, EventSink, Events, Level, Origin};
 use crate::id::{CallKey, IdMaker, TaskId, TaskName};
+use crate::limits::TimeLimits;
 use crate::message::{Payload, ReplySink, ReplyTo, TaskMessage};
 use crate::options::{CallOptions, TaskOptions};
 use crate::registry::{self, Handler, RawOutput, Registry, Task, TaskRef};
@@ -125,6 +126,13 @@ impl App {
         let reporter = self.inner.reporter.clone().ok_or(Error::MissingRole(Role::Reporter))?;
         let names: Vec<TaskName> = handlers.iter().map(|h| h.name().clone()).collect();
         let subscription = consumer.consume(&names, &ConsumeSettings::new(count)).map_err(broker_error)?;
+        let limits = handlers
+            .iter()
+            .filter_map(|h| {
+                let limits = self.inner.registry.with_settings(h.name().as_str(), |s, _| s.defaults.get_time_limits());
+                (!limits.is_none()).then(|| (h.name().clone(), limits))
+            })
+            .collect();
         let shared = Shared {
             handlers: handlers.into_iter().map(|h| (h.name().clone(), h)).collect(),
             reporter,
@@ -132,6 +140,9 @@ impl App {
             codecs: self.inner.codecs.clone(),
             events: self.inner.events.clone(),
             spin: self.inner.worker_spin,
+            cancels: consumer.cancels(),
+            limits,
+            written_off: AtomicU64::new(0),
         };
         let pool = Pool::spawn(label, count, subscription, shared)?;
         lock(&self.inner.pools).push(pool);
@@ -370,6 +381,7 @@ impl App {
             due: plan.due,
             expires: plan.expires,
             retry,
+            limits: plan.limits,
         };
         match producer.send(message, plan.enqueue_timeout) {
             Ok(()) => Ok(handle),
@@ -481,6 +493,13 @@ impl App {
 
     fn admin(&self) -> Result<&Arc<dyn Admin>, Error> {
         self.inner.admin.as_ref().ok_or(Error::MissingRole(Role::Admin))
+    }
+
+    /// How many worker threads of this app were written off so far: each ran a task past
+    /// its hard time limit and was replaced (see [`TimeLimits`]). A number that keeps
+    /// growing means tasks that never return, each holding a thread.
+    pub fn threads_written_off(&self) -> u64 {
+        lock(&self.inner.pools).iter().map(Pool::written_off).sum()
     }
 
     /// Subscribes to the app's events (see [`event`](crate::event)).
@@ -612,6 +631,7 @@ struct Plan {
     retry: RetryPolicy,
     due: Option<SystemTime>,
     expires: Option<SystemTime>,
+    limits: TimeLimits,
 }
 
 impl Plan {
@@ -630,6 +650,7 @@ impl Plan {
             retry: options.retry_policy(),
             due,
             expires,
+            limits: options.get_time_limits(),
         }
     }
 }

@@ -188,6 +188,15 @@ pub trait Subscription: Send + Sync + 'static {
     /// The calling worker thread stops using the subscription (it exits): whatever it holds
     /// — completions not yet stored, tasks fetched but not started — must be settled now.
     fn detach_worker(&self) {}
+
+    /// The worker thread `thread` was written off (its task ran past a hard time limit; it
+    /// may never come back), and this is called from another thread: what it holds beyond
+    /// the task it runs — tasks fetched but not started, settlements not yet stored — must
+    /// be handed back or settled now, not when it returns. The task it runs was settled
+    /// already, through [`Reporter::finish`] from the calling thread.
+    fn release_thread(&self, thread: std::thread::ThreadId) {
+        let _ = thread;
+    }
 }
 
 /// A task message handed to a worker, with what acknowledges it (made with

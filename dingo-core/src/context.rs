@@ -1,12 +1,12 @@
 //! [`Context`]: what a running task knows about its call.
 
 use std::fmt;
-use std::sync::atomic::{AtomicU64, Ordering};
-use std::time::Duration;
+use std::sync::atomic::{AtomicBool, AtomicU8, AtomicU64, Ordering};
+use std::time::{Duration, Instant};
 
 use serde::Serialize;
 
-use crate::broker::Reporter;
+use crate::broker::{Cancels, Reporter};
 use crate::codec::Encoded;
 use crate::codec::{Codec, encode};
 use crate::event::{Event, EventKind, EventSink, Level, Origin};
@@ -49,6 +49,16 @@ pub struct Context<'a> {
     pub(crate) retry: RetryPolicy,
     /// What [`Context::retry_after`] asked for, in milliseconds; `u64::MAX`: nothing.
     pub(crate) retry_after: AtomicU64,
+    /// The consumer's cancels.
+    pub(crate) cancels: Option<&'a Cancels>,
+    /// When the soft time limit passes.
+    pub(crate) soft_at: Option<Instant>,
+    /// What [`Context::deadline`] says.
+    pub(crate) deadline: Option<Instant>,
+    /// Raised when the watchdog wrote this task off (past its hard limit).
+    pub(crate) written_off: Option<&'a AtomicBool>,
+    /// What [`Context::is_cancelled`] has seen (`worker::SAW_*`).
+    pub(crate) saw: AtomicU8,
 }
 
 impl Context<'_> {
@@ -143,6 +153,80 @@ impl Context<'_> {
     pub(crate) fn requested_retry(&self) -> Option<Duration> {
         let millis = self.retry_after.load(Ordering::Relaxed);
         (millis != u64::MAX).then(|| Duration::from_millis(millis))
+    }
+
+    /// Whether the task should stop: its call was cancelled
+    /// ([`App::cancel`](crate::App::cancel), [`Handle::cancel`](crate::Handle::cancel)), or
+    /// its soft time limit passed (or its hard one: the call has failed already). Cheap
+    /// (a clock read and an atomic load while nothing is cancelled): call it in a task's
+    /// loop. Cooperative — nothing stops a task that does not ask. A task that returns `Err`
+    /// after this said `true` fails with [`Cancelled`](crate::TaskErrorKind::Cancelled) or
+    /// [`TimeLimit`](crate::TaskErrorKind::TimeLimit), and is not retried; a value it
+    /// returns arrives as usual.
+    ///
+    /// ```
+    /// # fn main() -> Result<(), dingo_core::Error> {
+    /// use std::time::Duration;
+    /// use dingo_core::{App, CallOptions, Context};
+    ///
+    /// let app = App::local()?;
+    /// app.register_with_context("count", |ctx: &Context<'_>, ()| {
+    ///     let mut n = 0u64;
+    ///     while !ctx.is_cancelled() {
+    ///         n += 1;
+    ///         std::thread::sleep(Duration::from_millis(1));
+    ///     }
+    ///     Ok::<u64, String>(n) // what it counted before its soft limit
+    /// })?;
+    /// app.allocate("count", 1)?;
+    /// let opts = CallOptions::new().soft_time_limit(Duration::from_millis(50));
+    /// let counted: u64 = app.call_with("count", &opts, ())?.wait()?;
+    /// assert!(counted > 0);
+    /// # app.close()
+    /// # }
+    /// ```
+    pub fn is_cancelled(&self) -> bool {
+        if self.written_off.is_some_and(|flag| flag.load(Ordering::Acquire)) {
+            self.saw.store(crate::worker::SAW_TIME_LIMIT, Ordering::Relaxed);
+            return true;
+        }
+        if self.cancels.is_some_and(|cancels| cancels.is_cancelled(self.name, self.id)) {
+            self.saw.store(crate::worker::SAW_CANCEL, Ordering::Relaxed);
+            return true;
+        }
+        if self.soft_at.is_some_and(|at| Instant::now() >= at) {
+            self.saw.store(crate::worker::SAW_TIME_LIMIT, Ordering::Relaxed);
+            return true;
+        }
+        false
+    }
+
+    /// When the task should be done by: its soft time limit, else its hard one (`None`:
+    /// no limit). For a task that passes a deadline on (an HTTP timeout, a query's).
+    ///
+    /// ```
+    /// # fn main() -> Result<(), dingo_core::Error> {
+    /// use std::time::{Duration, Instant};
+    /// use dingo_core::{App, CallOptions, Context};
+    ///
+    /// let app = App::local()?;
+    /// app.register_with_context("left", |ctx: &Context<'_>, ()| {
+    ///     Ok::<u64, String>(ctx.deadline().map_or(0, |d| d.saturating_duration_since(Instant::now()).as_millis() as u64))
+    /// })?;
+    /// app.allocate("left", 1)?;
+    /// let opts = CallOptions::new().time_limit(Duration::from_secs(10));
+    /// let left: u64 = app.call_with("left", &opts, ())?.wait()?;
+    /// assert!(left > 9_000 && left <= 10_000);
+    /// # app.close()
+    /// # }
+    /// ```
+    pub fn deadline(&self) -> Option<Instant> {
+        self.deadline
+    }
+
+    /// What [`is_cancelled`](Context::is_cancelled) saw last.
+    pub(crate) fn saw(&self) -> u8 {
+        self.saw.load(Ordering::Relaxed)
     }
 
     /// Sends a progress report to the caller, if it asked for them (`monitor_progress`);

@@ -509,8 +509,19 @@ mod tests {
     #[test]
     fn every_kind_round_trips_through_its_wire_code() {
         use TaskErrorKind::*;
-        let kinds =
-            [Panic, Failed, UnknownTask, BadPayload, SignatureMismatch, Shutdown, Timeout, Encode, WorkerLost, Expired];
+        let kinds = [
+            Panic,
+            Failed,
+            UnknownTask,
+            BadPayload,
+            SignatureMismatch,
+            Shutdown,
+            TimeLimit,
+            Encode,
+            WorkerLost,
+            Expired,
+            Cancelled,
+        ];
         for kind in kinds {
             assert_eq!(TaskErrorKind::from_code(kind.code()), kind, "{kind}");
         }

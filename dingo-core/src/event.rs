@@ -185,6 +185,12 @@ pub enum EventKind {
     /// A retry could not be scheduled (the broker refused the new attempt): the delivery was
     /// not settled, so the attempt runs again once the broker gives it back.
     RetryFailed,
+    /// A call was not run because it was cancelled before a worker started it (its caller
+    /// got a `Cancelled` failure).
+    TaskCancelled,
+    /// A task ran past its hard time limit: its call failed with `TimeLimit`, its worker
+    /// thread was written off and replaced.
+    TimeLimitExceeded,
     /// Workers or the app started.
     Started,
     /// Workers or the app stopped.

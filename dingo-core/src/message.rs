@@ -11,6 +11,7 @@ use std::time::{Duration, SystemTime};
 use crate::codec::Encoded;
 use crate::error::TaskError;
 use crate::id::{CallKey, TaskId, TaskName};
+use crate::limits::TimeLimits;
 use crate::options::TaskOptions;
 use crate::retry::RetryPolicy;
 
@@ -86,6 +87,16 @@ impl ReplyTo {
     pub fn wants_reports(&self) -> bool {
         !matches!(self, ReplyTo::None)
     }
+
+    /// Another way to the same place (an in-process sink shared: dropping the share after
+    /// the final report changes nothing).
+    pub(crate) fn share(&self) -> ReplyTo {
+        match self {
+            ReplyTo::None => ReplyTo::None,
+            ReplyTo::Address(address) => ReplyTo::Address(address.clone()),
+            ReplyTo::Local(sink) => ReplyTo::Local(ReplySink::new(sink.shared())),
+        }
+    }
 }
 
 impl fmt::Debug for ReplyTo {
@@ -141,6 +152,8 @@ pub struct TaskMessage {
     pub expires: Option<SystemTime>,
     /// How the call retries when it fails (the worker decides, not the broker).
     pub retry: RetryPolicy,
+    /// How long the task may run (the worker falls back to the task's own where unset).
+    pub limits: TimeLimits,
 }
 
 impl TaskMessage {
@@ -159,7 +172,16 @@ impl TaskMessage {
             due: None,
             expires: None,
             retry: RetryPolicy::NONE,
+            limits: TimeLimits::NONE,
         }
+    }
+
+    /// Sets [`limits`](TaskMessage::limits).
+    #[inline]
+    #[must_use]
+    pub fn with_limits(mut self, limits: TimeLimits) -> TaskMessage {
+        self.limits = limits;
+        self
     }
 
     /// Sets [`attempt`](TaskMessage::attempt).

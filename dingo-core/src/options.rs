@@ -4,6 +4,7 @@
 use std::time::{Duration, SystemTime};
 
 use crate::id::TaskId;
+use crate::limits::TimeLimits;
 use crate::retry::{Backoff, RetryPolicy};
 
 /// A moment given either way round: a wait from now, or a wall-clock time.
@@ -60,6 +61,7 @@ pub struct CallOptions {
     expires: Option<When>,
     retries: Option<u32>,
     backoff: Option<Backoff>,
+    limits: TimeLimits,
 }
 
 impl CallOptions {
@@ -146,6 +148,45 @@ impl CallOptions {
         self
     }
 
+    /// The hard time limit: a task still running `limit` after it started fails with
+    /// [`TimeLimit`](crate::TaskErrorKind::TimeLimit), its message settled, its worker thread
+    /// written off and replaced (see [`TimeLimits`] for the trade-off).
+    ///
+    /// ```
+    /// # fn main() -> Result<(), dingo_core::Error> {
+    /// use std::time::Duration;
+    /// use dingo_core::{App, CallOptions, Error, TaskErrorKind};
+    ///
+    /// let app = App::local()?;
+    /// app.register("nap", |ms: u64| std::thread::sleep(Duration::from_millis(ms)))?;
+    /// app.allocate("nap", 1)?;
+    /// let limited = CallOptions::new().time_limit(Duration::from_millis(50));
+    /// match app.call_with::<_, ()>("nap", &limited, 2_000u64)?.wait() {
+    ///     Err(Error::Task(e)) => assert_eq!(e.kind(), TaskErrorKind::TimeLimit),
+    ///     other => panic!("{other:?}"),
+    /// }
+    /// // The pool kept its size: the next call runs at once.
+    /// app.call::<_, ()>("nap", 1u64)?.wait()?;
+    /// # app.close()
+    /// # }
+    /// ```
+    pub fn time_limit(mut self, limit: Duration) -> CallOptions {
+        self.limits = self.limits.hard(limit);
+        self
+    }
+
+    /// The soft time limit: once it passes, [`Context::is_cancelled`](crate::Context::is_cancelled)
+    /// turns true and the task may clean up and return (see [`TimeLimits`]).
+    pub fn soft_time_limit(mut self, limit: Duration) -> CallOptions {
+        self.limits = self.limits.soft(limit);
+        self
+    }
+
+    /// The time limits set.
+    pub fn get_time_limits(&self) -> TimeLimits {
+        self.limits
+    }
+
     /// When the task may start, if a countdown or ETA is set.
     pub fn get_delay(&self) -> Option<When> {
         self.delay
@@ -197,6 +238,7 @@ impl CallOptions {
             && self.expires.is_none()
             && self.retries.is_none()
             && self.backoff.is_none()
+            && self.limits.is_none()
     }
 
     /// These options, with every unset one taken from `defaults`.
@@ -211,6 +253,7 @@ impl CallOptions {
             expires: self.expires.or(defaults.expires),
             retries: self.retries.or(defaults.retries),
             backoff: self.backoff.or(defaults.backoff),
+            limits: self.limits.or(defaults.limits),
         }
     }
 

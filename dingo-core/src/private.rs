@@ -89,8 +89,16 @@ pub fn task_defaults(
     backoff_ms: Option<u64>,
     max_ms: Option<u64>,
     jitter: Option<bool>,
+    soft_ms: Option<u64>,
+    hard_ms: Option<u64>,
 ) -> CallOptions {
     let mut options = CallOptions::new();
+    if let Some(soft) = soft_ms {
+        options = options.soft_time_limit(std::time::Duration::from_millis(soft));
+    }
+    if let Some(hard) = hard_ms {
+        options = options.time_limit(std::time::Duration::from_millis(hard));
+    }
     if let Some(retries) = retries {
         options = options.retries(retries);
     }

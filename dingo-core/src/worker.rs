@@ -1,23 +1,35 @@
 //! Worker pools: named OS threads sharing one [`Subscription`], each running one task at a
 //! time. A panic in a task is caught and reported; the thread goes on.
+//!
+//! Before a task starts, the worker checks its expiry and the consumer's
+//! [`Cancels`]. A task with a hard time limit is watched by the pool's watchdog
+//! (`watchdog.rs`): past the limit the watchdog settles the call with `TimeLimit`, writes the
+//! thread off (its late outcome is discarded) and starts a fresh thread in its place.
 
+use std::collections::HashSet;
 use std::panic::{AssertUnwindSafe, catch_unwind};
-use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU8, AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
 use std::thread::{JoinHandle, ThreadId};
 use std::time::{Duration, Instant, SystemTime};
 
 use crossbeam_channel::{Receiver, Sender};
 
-use crate::broker::{Ack, Delivery, Producer, Recv, Reporter, Subscription, support};
+use crate::broker::kit::lock;
+use crate::broker::{Ack, Cancels, Delivery, Producer, Recv, Reporter, Subscription, support};
 use crate::codec::{Codecs, Encoded};
 use crate::context::Context;
 use crate::error::{Error, TaskError, TaskErrorKind};
 use crate::event::{Event, EventKind, EventSink, Level, Origin};
 use crate::hash::FastMap;
 use crate::id::{CallKey, TaskId, TaskName};
+use crate::limits::TimeLimits;
 use crate::message::{Payload, ReplyTo, ReportBody, ReportMessage, TaskMessage};
 use crate::registry::{Handler, Invoke};
+use watchdog::{Running, Watchdog};
+
+#[path = "worker/watchdog.rs"]
+mod watchdog;
 
 /// What the threads of one pool share.
 pub(crate) struct Shared {
@@ -29,16 +41,76 @@ pub(crate) struct Shared {
     pub(crate) events: EventSink,
     /// How long an idle worker polls before it sleeps.
     pub(crate) spin: Duration,
+    /// The calls not to run (`None`: the consumer knows no cancels).
+    pub(crate) cancels: Option<Arc<Cancels>>,
+    /// The time limits of each served task that has any (its own, under the call's).
+    pub(crate) limits: crate::hash::FastMap<TaskName, TimeLimits>,
+    /// How many threads were written off (ran past a hard time limit).
+    pub(crate) written_off: AtomicU64,
 }
 
 /// A group of worker threads started by one `allocate` call.
 pub(crate) struct Pool {
-    label: String,
-    subscription: Arc<dyn Subscription>,
-    stopping: Arc<AtomicBool>,
-    threads: Vec<JoinHandle<()>>,
+    crew: Arc<Crew>,
     /// Every thread sends its id here as it exits (even by unwinding).
     exited: Receiver<ThreadId>,
+}
+
+/// What the threads of a pool, and its watchdog, share: how to start one more thread.
+pub(crate) struct Crew {
+    label: String,
+    shared: Arc<Shared>,
+    subscription: Arc<dyn Subscription>,
+    stopping: Arc<AtomicBool>,
+    exit: Sender<ThreadId>,
+    /// The threads the pool counts (written-off ones leave it).
+    threads: Mutex<Vec<JoinHandle<()>>>,
+    /// Threads written off: never waited for.
+    written_off: Mutex<HashSet<ThreadId>>,
+    /// Threads started so far (for their names).
+    started: AtomicUsize,
+    /// Started by the first task with a hard time limit.
+    watchdog: Mutex<Option<Watchdog>>,
+}
+
+impl Crew {
+    /// Starts one more worker thread.
+    fn spawn_thread(self: &Arc<Crew>) -> std::io::Result<()> {
+        let i = self.started.fetch_add(1, Ordering::Relaxed);
+        let worker = Worker { crew: self.clone() };
+        let handle =
+            std::thread::Builder::new().name(format!("dingo-{}-{i}", self.label)).spawn(move || worker.run())?;
+        lock(&self.threads).push(handle);
+        Ok(())
+    }
+
+    /// The watchdog, started on first use.
+    fn watchdog(self: &Arc<Crew>) -> Option<Watchdog> {
+        let mut watchdog = lock(&self.watchdog);
+        if watchdog.is_none() {
+            *watchdog = Watchdog::start(self);
+        }
+        watchdog.clone()
+    }
+
+    /// Writes off the thread `thread` (it ran past a hard limit): the pool forgets it, and
+    /// a fresh thread takes its place unless the pool is stopping.
+    fn write_off(self: &Arc<Crew>, thread: ThreadId) {
+        lock(&self.written_off).insert(thread);
+        lock(&self.threads).retain(|handle| handle.thread().id() != thread);
+        self.shared.written_off.fetch_add(1, Ordering::Relaxed);
+        if self.stopping.load(Ordering::Acquire) {
+            return;
+        }
+        if let Err(e) = self.spawn_thread() {
+            self.shared.events.emit(Event::new(
+                Origin::Worker,
+                Level::Error,
+                EventKind::TimeLimitExceeded,
+                format!("no thread could replace a written-off one in pool {}: {e}", self.label),
+            ));
+        }
+    }
 }
 
 impl Pool {
@@ -48,29 +120,27 @@ impl Pool {
         subscription: Box<dyn Subscription>,
         shared: Shared,
     ) -> Result<Pool, Error> {
-        let subscription: Arc<dyn Subscription> = Arc::from(subscription);
-        let shared = Arc::new(shared);
-        let stopping = Arc::new(AtomicBool::new(false));
         let (exit, exited) = crossbeam_channel::unbounded();
-        let mut pool =
-            Pool { label: label.to_owned(), subscription, stopping, threads: Vec::with_capacity(count), exited };
-        for i in 0..count {
-            let worker = Worker {
-                shared: shared.clone(),
-                subscription: pool.subscription.clone(),
-                stopping: pool.stopping.clone(),
-                exit: exit.clone(),
-            };
-            match std::thread::Builder::new().name(format!("dingo-{label}-{i}")).spawn(move || worker.run()) {
-                Ok(handle) => pool.threads.push(handle),
-                Err(e) => {
-                    pool.stop();
-                    pool.join(None);
-                    return Err(Error::Spawn(e));
-                }
+        let crew = Arc::new(Crew {
+            label: label.to_owned(),
+            shared: Arc::new(shared),
+            subscription: Arc::from(subscription),
+            stopping: Arc::new(AtomicBool::new(false)),
+            exit,
+            threads: Mutex::new(Vec::with_capacity(count)),
+            written_off: Mutex::new(HashSet::new()),
+            started: AtomicUsize::new(0),
+            watchdog: Mutex::new(None),
+        });
+        let pool = Pool { crew, exited };
+        for _ in 0..count {
+            if let Err(e) = pool.crew.spawn_thread() {
+                pool.stop();
+                pool.join(None);
+                return Err(Error::Spawn(e));
             }
         }
-        shared.events.emit(Event::new(
+        pool.crew.shared.events.emit(Event::new(
             Origin::Worker,
             Level::Info,
             EventKind::Started,
@@ -81,37 +151,43 @@ impl Pool {
 
     /// Tells the threads to exit after their current task; does not wait.
     pub(crate) fn stop(&self) {
-        self.stopping.store(true, Ordering::Release);
-        self.subscription.stop();
+        self.crew.stopping.store(true, Ordering::Release);
+        self.crew.subscription.stop();
+        if let Some(watchdog) = lock(&self.crew.watchdog).take() {
+            watchdog.stop();
+        }
     }
 
     /// Waits for the threads until `deadline` (`None`: no limit) and joins them. Returns
     /// how many were still running when it gave up; those finish on their own. The calling
-    /// thread is never waited for (`close` called from inside a task).
+    /// thread is never waited for (`close` called from inside a task), nor a written-off one.
     pub(crate) fn join(self, deadline: Option<Instant>) -> usize {
         let me = std::thread::current().id();
-        let mut waiting: Vec<JoinHandle<()>> = Vec::new();
-        for thread in self.threads {
-            if thread.thread().id() != me {
-                waiting.push(thread);
+        let waiting: Vec<JoinHandle<()>> =
+            std::mem::take(&mut *lock(&self.crew.threads)).into_iter().filter(|t| t.thread().id() != me).collect();
+        let ids: HashSet<ThreadId> = waiting.iter().map(|t| t.thread().id()).collect();
+        let mut exited: HashSet<ThreadId> = HashSet::with_capacity(ids.len());
+        loop {
+            let written_off = lock(&self.crew.written_off).clone();
+            if ids.iter().all(|id| exited.contains(id) || written_off.contains(id)) {
+                break;
             }
-        }
-        let mut exited: Vec<ThreadId> = Vec::with_capacity(waiting.len());
-        while exited.len() < waiting.len() {
-            let next = match deadline {
-                None => self.exited.recv().ok(),
-                Some(deadline) => self.exited.recv_deadline(deadline).ok(),
-            };
-            match next {
-                Some(id) => exited.push(id),
-                None => break,
+            // A thread written off meanwhile sends nothing: look again now and then.
+            let step = Instant::now() + Duration::from_millis(50);
+            let until = deadline.map_or(step, |deadline| deadline.min(step));
+            match self.exited.recv_deadline(until) {
+                Ok(id) => {
+                    exited.insert(id);
+                }
+                Err(_) if deadline.is_some_and(|deadline| Instant::now() >= deadline) => break,
+                Err(_) => {}
             }
         }
         let mut running = 0;
         for thread in waiting {
             if exited.contains(&thread.thread().id()) {
                 let _ = thread.join();
-            } else {
+            } else if !lock(&self.crew.written_off).contains(&thread.thread().id()) {
                 running += 1;
             }
         }
@@ -119,27 +195,30 @@ impl Pool {
     }
 
     pub(crate) fn label(&self) -> &str {
-        &self.label
+        &self.crew.label
+    }
+
+    /// How many of its threads were written off.
+    pub(crate) fn written_off(&self) -> u64 {
+        self.crew.shared.written_off.load(Ordering::Relaxed)
     }
 }
 
 struct Worker {
-    shared: Arc<Shared>,
-    subscription: Arc<dyn Subscription>,
-    stopping: Arc<AtomicBool>,
-    exit: Sender<ThreadId>,
+    crew: Arc<Crew>,
 }
 
 impl Drop for Worker {
     fn drop(&mut self) {
-        let _ = self.exit.send(std::thread::current().id());
+        let _ = self.crew.exit.send(std::thread::current().id());
     }
 }
 
 impl Worker {
     fn run(self) {
-        while !self.stopping.load(Ordering::Acquire) {
-            let received = match self.subscription.try_recv() {
+        let crew = &self.crew;
+        while !crew.stopping.load(Ordering::Acquire) {
+            let received = match crew.subscription.try_recv() {
                 Recv::Empty => self.idle(),
                 other => other,
             };
@@ -147,46 +226,67 @@ impl Worker {
                 Recv::Delivery(delivery) => {
                     // Task panics are caught closer to the task; this catches what is left
                     // (a panicking reporter, say), so the thread itself never dies.
-                    if catch_unwind(AssertUnwindSafe(|| execute(&self.shared, delivery))).is_err() {
-                        self.shared.events.emit(Event::new(
+                    match catch_unwind(AssertUnwindSafe(|| execute(crew, delivery))) {
+                        Ok(Ran::Done) => {}
+                        // Replaced already: this thread only had to come back.
+                        Ok(Ran::WrittenOff) => break,
+                        Err(_) => crew.shared.events.emit(Event::new(
                             Origin::Worker,
                             Level::Error,
                             EventKind::WorkerRecovered,
                             "a worker recovered from a panic outside the task (in reporting or acknowledging)",
-                        ));
+                        )),
                     }
                 }
                 Recv::Empty => {}
                 Recv::Stopped => break,
             }
         }
-        self.subscription.detach_worker();
+        crew.subscription.detach_worker();
     }
 
     /// Polls for a short while (a task that arrives within microseconds starts without a
     /// wake-up), then blocks.
     fn idle(&self) -> Recv {
-        if !self.subscription.prefers_polling() {
-            return self.subscription.recv(None);
+        let subscription = &self.crew.subscription;
+        if !subscription.prefers_polling() {
+            return subscription.recv(None);
         }
-        let polled = crate::spin::spin(self.shared.spin, || match self.subscription.try_recv() {
+        let polled = crate::spin::spin(self.crew.shared.spin, || match subscription.try_recv() {
             Recv::Empty => None,
             other => Some(other),
         });
-        polled.unwrap_or_else(|| self.subscription.recv(None))
+        polled.unwrap_or_else(|| subscription.recv(None))
     }
 }
 
+/// How a delivery ended for the thread that ran it.
+pub(crate) enum Ran {
+    Done,
+    /// The task ran past its hard limit: the watchdog settled the call and replaced the
+    /// thread, which must exit.
+    WrittenOff,
+}
+
+/// What a running task has seen ([`Context::is_cancelled`]); an `Err` it returns after
+/// is a failure of the matching kind.
+pub(crate) const SAW_NOTHING: u8 = 0;
+pub(crate) const SAW_TIME_LIMIT: u8 = 1;
+pub(crate) const SAW_CANCEL: u8 = 2;
+
 /// Runs one delivery to its final report (or to its next attempt).
-pub(crate) fn execute(shared: &Shared, delivery: Delivery) {
+pub(crate) fn execute(crew: &Arc<Crew>, delivery: Delivery) -> Ran {
+    let shared = &*crew.shared;
     let Delivery { message, ack, redelivered } = delivery;
-    let TaskMessage { name, id, fingerprint, options, reply_to, args, attempt, due: _, expires, retry } = message;
+    let TaskMessage { name, id, fingerprint, options, reply_to, args, attempt, due: _, expires, retry, limits } =
+        message;
     let call = Call { shared, name: &name, id: &id, reply_to: &reply_to };
 
     let Some(handler) = shared.handlers.get(name.as_str()) else {
         let error = TaskError::new(TaskErrorKind::UnknownTask, not_served(shared, &name));
         call.event(Level::Error, EventKind::UnknownTask, error.message().to_owned());
-        return call.dead_letter(error, ack);
+        call.dead_letter(error, ack);
+        return Ran::Done;
     };
     let Some(layout) = handler.signature().accepts(fingerprint) else {
         let error = TaskError::new(
@@ -194,13 +294,26 @@ pub(crate) fn execute(shared: &Shared, delivery: Delivery) {
             handler.signature().mismatch_there(name.as_str(), fingerprint),
         );
         call.event(Level::Error, EventKind::SignatureMismatch, error.message().to_owned());
-        return call.dead_letter(error, ack);
+        call.dead_letter(error, ack);
+        return Ran::Done;
     };
     if let Some(expires) = expires
         && let Ok(late) = SystemTime::now().duration_since(expires)
     {
-        return call.expired(late, ack);
+        call.expired(late, ack);
+        return Ran::Done;
     }
+    let cancels = shared.cancels.as_deref();
+    if cancels.is_some_and(|cancels| cancels.is_cancelled(&name, &id)) {
+        call.cancelled(ack);
+        return Ran::Done;
+    }
+    // The task's own limits under the call's (the map holds only tasks that have some).
+    let limits = if shared.limits.is_empty() {
+        limits
+    } else {
+        limits.or(shared.limits.get(name.as_str()).copied().unwrap_or_default())
+    };
 
     if options.monitor_progress && reply_to.wants_reports() {
         call.report(ReportBody::Sent);
@@ -222,6 +335,21 @@ pub(crate) fn execute(shared: &Shared, delivery: Delivery) {
         Payload::Encoded(encoded) if retry.allows_after(attempt) => Some(encoded.clone()),
         _ => None,
     };
+    let mut ack = ack;
+    // A hard limit hands the delivery to the watchdog's care: whoever settles first wins.
+    let (started, running) = if limits.is_none() {
+        (None, None)
+    } else {
+        let started = Instant::now();
+        let running = limits.get_hard().and_then(|hard| {
+            let watchdog = crew.watchdog()?;
+            let running =
+                Arc::new(Running::new(CallKey { name: name.clone(), id: id.clone() }, reply_to.share(), ack.take()));
+            watchdog.watch(started + hard, hard, running.clone());
+            Some(running)
+        });
+        (Some(started), running)
+    };
     let ctx = Context {
         name: &name,
         id: &id,
@@ -234,14 +362,29 @@ pub(crate) fn execute(shared: &Shared, delivery: Delivery) {
         attempt,
         retry,
         retry_after: AtomicU64::new(u64::MAX),
+        cancels,
+        soft_at: started.and_then(|started| limits.get_soft().map(|soft| started + soft)),
+        deadline: started.and_then(|started| limits.get_soft().or(limits.get_hard()).map(|limit| started + limit)),
+        written_off: running.as_deref().map(Running::written_off_flag),
+        saw: AtomicU8::new(SAW_NOTHING),
     };
     let span = tracing::debug_span!(target: "dingo", "task", name = %name, id = %id, attempt);
     let _entered = span.enter();
-    let mut ack = ack;
     let mut finished = false;
+    let mut written_off = false;
     let mut next: Option<(Encoded, Duration, TaskError)> = None;
     handler.run(&ctx, args, &invoke, &mut |outcome| {
         finished = true;
+        if let Some(running) = &running {
+            match running.claim() {
+                Some(claimed) => ack = claimed,
+                None => {
+                    // The watchdog settled the call already: this outcome is discarded.
+                    written_off = true;
+                    return;
+                }
+            }
+        }
         let body = match outcome {
             Ok(value) => ReportBody::Success(value),
             // The message itself is bad: it goes to the dead letters, not back to work.
@@ -253,6 +396,15 @@ pub(crate) fn execute(shared: &Shared, delivery: Delivery) {
                 };
                 call.event(Level::Error, kind, error.message().to_owned());
                 return call.dead_letter(error, ack.take());
+            }
+            // The task gave up because it saw its soft limit or a cancel: final, not retried.
+            Err(error) if error.kind() == TaskErrorKind::Failed && ctx.saw() != SAW_NOTHING => {
+                let (kind, why) = match ctx.saw() {
+                    SAW_CANCEL => (TaskErrorKind::Cancelled, "cancelled"),
+                    _ => (TaskErrorKind::TimeLimit, "soft time limit"),
+                };
+                let message = format!("{why}: {}", error.message());
+                ReportBody::Failure(TaskError::new(kind, message).with_attempts(attempt))
             }
             Err(error) if error.kind() == TaskErrorKind::Failed && retry.retries() > 0 => {
                 let wait = ctx.requested_retry().unwrap_or_else(|| retry.get_backoff().delay(attempt));
@@ -294,6 +446,9 @@ pub(crate) fn execute(shared: &Shared, delivery: Delivery) {
         };
         call.finish(body, ack.take());
     });
+    if written_off {
+        return Ran::WrittenOff;
+    }
     if let Some((args, wait, error)) = next {
         call.retrying(attempt, wait, error, options.monitor_progress);
         let next = TaskMessage {
@@ -307,14 +462,24 @@ pub(crate) fn execute(shared: &Shared, delivery: Delivery) {
             due: Some(SystemTime::now() + wait),
             expires,
             retry,
+            limits,
         };
-        return schedule(shared, next, ack.take());
+        schedule(shared, next, ack.take());
+        return Ran::Done;
     }
     if !finished {
         // Unreachable with the handlers dingo builds; kept so a delivery is never left open.
+        let ack = match &running {
+            Some(running) => match running.claim() {
+                Some(ack) => ack,
+                None => return Ran::WrittenOff,
+            },
+            None => ack.take(),
+        };
         let error = TaskError::new(TaskErrorKind::Other, "the task produced no outcome");
-        call.finish(ReportBody::Failure(error), ack.take());
+        call.finish(ReportBody::Failure(error), ack);
     }
+    Ran::Done
 }
 
 /// Hands the next attempt of a call to the broker, which settles the failed one. If the
@@ -413,6 +578,14 @@ impl Call<'_> {
         let message = format!("the call expired {} ms before a worker could start it", late.as_millis());
         self.event(Level::Warning, EventKind::TaskExpired, message.clone());
         self.finish(ReportBody::Failure(TaskError::new(TaskErrorKind::Expired, message)), ack);
+    }
+
+    /// The call was cancelled before it started: it fails with `Cancelled` and its delivery
+    /// is settled.
+    fn cancelled(&self, ack: Option<Ack>) {
+        let message = "the call was cancelled before a worker started it".to_owned();
+        self.event(Level::Info, EventKind::TaskCancelled, message.clone());
+        self.finish(ReportBody::Failure(TaskError::new(TaskErrorKind::Cancelled, message)), ack);
     }
 
     /// Tells the caller (with `monitor_progress`) and the events that attempt `attempt`

@@ -26,6 +26,10 @@ pub(crate) struct TaskAttrs {
     pub(crate) retry_backoff_max: Option<u64>,
     /// `retry_jitter = false`: full jitter on the waits (on by default).
     pub(crate) retry_jitter: Option<bool>,
+    /// `time_limit = "30s"`: the hard time limit, in milliseconds.
+    pub(crate) time_limit: Option<u64>,
+    /// `soft_time_limit = "25s"`: the soft time limit, in milliseconds.
+    pub(crate) soft_time_limit: Option<u64>,
 }
 
 impl TaskAttrs {
@@ -35,6 +39,8 @@ impl TaskAttrs {
             || self.retry_backoff.is_some()
             || self.retry_backoff_max.is_some()
             || self.retry_jitter.is_some()
+            || self.time_limit.is_some()
+            || self.soft_time_limit.is_some()
     }
 }
 
@@ -50,6 +56,8 @@ const KEYS: &[(&str, ParseKey)] = &[
     ("retry_backoff", parse_retry_backoff),
     ("retry_backoff_max", parse_retry_backoff_max),
     ("retry_jitter", parse_retry_jitter),
+    ("time_limit", parse_time_limit),
+    ("soft_time_limit", parse_soft_time_limit),
 ];
 
 /// Reads the attribute's tokens (`name = "…", …`).
@@ -133,6 +141,18 @@ fn parse_retry_backoff(meta: &ParseNestedMeta<'_>, attrs: &mut TaskAttrs, errors
 /// `retry_backoff_max = "10m"`.
 fn parse_retry_backoff_max(meta: &ParseNestedMeta<'_>, attrs: &mut TaskAttrs, errors: &mut Errors) -> syn::Result<()> {
     attrs.retry_backoff_max = duration_value(meta, "retry_backoff_max", errors)?;
+    Ok(())
+}
+
+/// `time_limit = "30s"`.
+fn parse_time_limit(meta: &ParseNestedMeta<'_>, attrs: &mut TaskAttrs, errors: &mut Errors) -> syn::Result<()> {
+    attrs.time_limit = duration_value(meta, "time_limit", errors)?;
+    Ok(())
+}
+
+/// `soft_time_limit = "25s"`.
+fn parse_soft_time_limit(meta: &ParseNestedMeta<'_>, attrs: &mut TaskAttrs, errors: &mut Errors) -> syn::Result<()> {
+    attrs.soft_time_limit = duration_value(meta, "soft_time_limit", errors)?;
     Ok(())
 }
 

@@ -126,7 +126,9 @@ fn defaults_expr(attrs: &TaskAttrs, private: &TokenStream, span: Span) -> Option
     let backoff = option(attrs.retry_backoff.map(|ms| quote!(#ms)));
     let max = option(attrs.retry_backoff_max.map(|ms| quote!(#ms)));
     let jitter = option(attrs.retry_jitter.map(|on| quote!(#on)));
-    Some(quote_spanned!(span=> #private::task_defaults(#retries, #backoff, #max, #jitter)))
+    let hard = option(attrs.time_limit.map(|ms| quote!(#ms)));
+    let soft = option(attrs.soft_time_limit.map(|ms| quote!(#ms)));
+    Some(quote_spanned!(span=> #private::task_defaults(#retries, #backoff, #max, #jitter, #soft, #hard)))
 }
 
 fn name_expr(attrs: &TaskAttrs, task: &TaskFn<'_>, private: &TokenStream) -> TokenStream {

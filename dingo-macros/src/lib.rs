@@ -43,9 +43,11 @@ use proc_macro::TokenStream;
 /// | `retry_backoff = "1s"` | `"1s"` | the first wait between attempts; it doubles each time |
 /// | `retry_backoff_max = "10m"` | `"10m"` | the longest wait |
 /// | `retry_jitter = bool` | `true` | full jitter: each wait is random between zero and the above |
+/// | `time_limit = "30s"` | none | the hard time limit: the call fails with `TimeLimit`, its thread is written off and replaced (see `dingo::TimeLimits`) |
+/// | `soft_time_limit = "25s"` | none | the soft time limit: `ctx.is_cancelled()` turns true |
 ///
 /// Durations are strings of a number and a unit: `ms`, `s`, `m`, `h` (`"1.5s"`). The retry
-/// keys are defaults: a call's `CallOptions` and `App::set_default_options` win. Unknown and
+/// and time-limit keys are defaults: a call's `CallOptions` and `App::set_default_options` win. Unknown and
 /// repeated keys are errors.
 ///
 /// ```

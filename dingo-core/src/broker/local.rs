@@ -523,6 +523,7 @@ fn letter_bytes(message: &TaskMessage) -> Vec<u8> {
         due: message.due,
         expires: message.expires,
         retry: message.retry,
+        limits: message.limits,
     };
     wire::encode_task(&copy).unwrap_or_default()
 }

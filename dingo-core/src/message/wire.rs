@@ -10,7 +10,8 @@
 //! expired: the bytes [`REDELIVERED_MARK`] replace the final end marker), 12 attempt (u32 LE,
 //! when not 1), 13 due and 14 expires (u64 LE, milliseconds since the Unix epoch), 15 retry
 //! policy (retries u32 LE, base and cap u64 LE milliseconds, flags u8: 1 exponential,
-//! 2 jitter; when retries are set); fields 12–15 come before the options, so a message's
+//! 2 jitter; when retries are set), 17 time limits (soft and hard, u32 LE milliseconds each,
+//! 0 for none; when one is set); fields 12–17 come before the options, so a message's
 //! tail stays `4, 1, flags, 0`. Report fields: 1 name, 2 id, 8 status (1 sent, 2 progress,
 //! 3 success, 4 failure, 5 retrying), 6 codec id, 7 payload bytes, 9 error kind, 10 error
 //! message, 12 attempt (of a retrying report: the attempt that failed; of a failure: how many
@@ -24,6 +25,7 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use crate::codec::Encoded;
 use crate::error::{BrokerError, BrokerErrorKind, TaskError, TaskErrorKind};
 use crate::id::{TaskId, TaskName};
+use crate::limits::TimeLimits;
 use crate::message::{Payload, ReplyTo, ReportBody, ReportMessage, TaskMessage, Value};
 use crate::options::TaskOptions;
 use crate::retry::{Backoff, RetryPolicy};
@@ -50,6 +52,7 @@ const DUE: u8 = 13;
 const EXPIRES: u8 = 14;
 const RETRY: u8 = 15;
 const AFTER: u8 = 16;
+const LIMITS: u8 = 17;
 
 /// What a broker puts in place of a task message's last byte (its end marker) to mark it
 /// redelivered: the empty field 11, then the end marker again. Brokers that rewrite
@@ -124,7 +127,11 @@ pub fn encode_task(msg: &TaskMessage) -> Result<Vec<u8>, BrokerError> {
         _ => 0,
     };
     // Room for every field at once (and the redelivery mark a broker may add).
-    let lifecycle = if msg.due.is_some() || msg.expires.is_some() || msg.retry.retries() > 0 { 56 } else { 0 };
+    let lifecycle = if msg.due.is_some() || msg.expires.is_some() || msg.retry.retries() > 0 || !msg.limits.is_none() {
+        66
+    } else {
+        0
+    };
     let mut out = Vec::with_capacity(
         48 + lifecycle + msg.name.as_str().len() + msg.id.as_str().len() + address + args.bytes.len(),
     );
@@ -156,6 +163,9 @@ pub fn encode_task(msg: &TaskMessage) -> Result<Vec<u8>, BrokerError> {
     }
     if msg.retry.retries() > 0 {
         field(&mut out, RETRY, &retry_bytes(&msg.retry));
+    }
+    if !msg.limits.is_none() {
+        field(&mut out, LIMITS, &msg.limits.to_bytes());
     }
     let mut flags = 0;
     if msg.options.ignore_report {
@@ -240,6 +250,7 @@ pub fn decode_delivery(bytes: Vec<u8>, known: &Known<'_>) -> Result<(TaskMessage
     let mut codec = None;
     let mut payload = None;
     let (mut attempt, mut due, mut expires, mut retry) = (1, None, None, RetryPolicy::NONE);
+    let mut limits = TimeLimits::NONE;
     let result = (|| {
         let mut reader = Reader::new(&bytes, TYPE_TASK)?;
         while let Some((tag, value)) = reader.next_field()? {
@@ -261,6 +272,7 @@ pub fn decode_delivery(bytes: Vec<u8>, known: &Known<'_>) -> Result<(TaskMessage
                 DUE => due = Some(time(u64::from_le_bytes(fixed(value, "due time")?))),
                 EXPIRES => expires = Some(time(u64::from_le_bytes(fixed(value, "expiry")?))),
                 RETRY => retry = retry_policy(value)?,
+                LIMITS => limits = TimeLimits::from_bytes(fixed(value, "time limits")?),
                 _ => {}
             }
         }
@@ -289,6 +301,7 @@ pub fn decode_delivery(bytes: Vec<u8>, known: &Known<'_>) -> Result<(TaskMessage
                 due,
                 expires,
                 retry,
+                limits,
             },
             redelivered,
         )),
