@@ -208,6 +208,8 @@ fn local(config: &Config) {
         ("delayed", Box::new(move || delayed(&memory()?, &memory_same(), config, calls))),
         ("lateness", Box::new(move || lateness(&memory()?, &memory_same(), config, 2_000))),
         ("retry", Box::new(move || retry(&memory()?, &memory_same(), config, (calls / 4).max(1)))),
+        ("time-limit", Box::new(move || time_limited(&memory()?, &memory_same(), config, calls))),
+        ("cancel", Box::new(move || cancels(&memory()?, (calls / 4).max(1)))),
     ];
     run(config, scenarios);
 }
@@ -314,6 +316,20 @@ fn remote<'a>(
             Box::new(move || {
                 let (caller, worker, _cleanup) = pair()?;
                 retry(&caller, &Some(worker), config, (calls / 4).max(1))
+            }),
+        ),
+        (
+            name("time-limit"),
+            Box::new(move || {
+                let (caller, worker, _cleanup) = pair()?;
+                time_limited(&caller, &Some(worker), config, calls)
+            }),
+        ),
+        (
+            name("cancel"),
+            Box::new(move || {
+                let (caller, _worker, _cleanup) = pair()?;
+                cancels(&caller, (calls / 10).max(1))
             }),
         ),
     ]
@@ -542,6 +558,29 @@ fn retry(app: &App, worker: &Option<App>, config: &Config, calls: u64) -> Outcom
     let options = CallOptions::new().retries(1).backoff(Backoff::fixed(Duration::from_millis(1)));
     let rate = windowed(config.window, calls, |i| flaky::call_with(app, &options, i))?;
     close(app, worker)?;
+    Ok(Measure::Rate(rate))
+}
+
+/// In flight with a hard time limit (never reached) on every call: the watchdog's cost.
+fn time_limited(app: &App, worker: &Option<App>, config: &Config, calls: u64) -> Outcome {
+    workers(app, worker).allocate(add, config.workers)?;
+    warm_up(app)?;
+    let options = CallOptions::new().time_limit(Duration::from_secs(60));
+    let rate = windowed(config.window, calls, |i| add::call_with(app, &options, i, 1))?;
+    close(app, worker)?;
+    Ok(Measure::Rate(rate))
+}
+
+/// Cancels per second, one after another, of distinct unknown calls (what the broker
+/// records; no worker runs).
+fn cancels(app: &App, cancels: u64) -> Outcome {
+    let name = add::NAME;
+    let start = Instant::now();
+    for i in 0..cancels {
+        app.cancel(name, &dingo::TaskId::new(&format!("bench-cancel-{i}")))?;
+    }
+    let rate = cancels as f64 / start.elapsed().as_secs_f64();
+    app.close()?;
     Ok(Measure::Rate(rate))
 }
 

@@ -38,7 +38,9 @@ use dingo_core::broker::kit::{Lazy, Lifecycle, Shutdown, ShutdownOnDrop};
 pub(crate) use dingo_core::broker::kit::{Thread, lock};
 use dingo_core::broker::router::{ReportRouter, UnclaimedLimit};
 use dingo_core::broker::support::{check_size, connect_retrying, redact_url, reply_address};
-use dingo_core::broker::{Ack, ConsumeSettings, Consumer, Producer, Reporter, Store, Subscription};
+use dingo_core::broker::{
+    Ack, Admin, Cancels, ConsumeSettings, Consumer, Producer, Reporter, Select, Store, Subscription,
+};
 use dingo_core::event::{EventSink, EventSinks, Origin};
 use dingo_core::id::UuidV7;
 use dingo_core::message::{ReplySink, ReplyTo, ReportMessage, TaskMessage, wire};
@@ -159,6 +161,9 @@ pub(crate) struct Inner {
     /// Queues this process consumes, by prefix (with how many subscriptions): what the
     /// keeper reaps.
     pub(crate) consumed: Mutex<HashMap<String, (Arc<QueueKeys>, usize)>>,
+    /// The cancels this process's workers honour, loaded from the queues' cancelled sets
+    /// (see [`Inner::load_cancels`]).
+    pub(crate) cancels: Arc<Cancels>,
 }
 
 impl RedisBroker {
@@ -227,6 +232,7 @@ impl RedisBroker {
             promoter: Lazy::new(),
             leases: Mutex::new(HashMap::new()),
             consumed: Mutex::new(HashMap::new()),
+            cancels: Arc::new(Cancels::new()),
             options,
         });
         Ok(RedisBroker { _last: ShutdownOnDrop::new(inner.clone()), inner })
@@ -242,20 +248,15 @@ impl RedisBroker {
         self.inner.stats.snapshot()
     }
 
-    /// The dead letters of a task's queue, newest first: at most
+    /// The dead letters of a task's queue, oldest first (what [`Admin::dead_letters`]
+    /// returns without a limit): at most
     /// [`max_dead_letters`](RedisOptions::max_dead_letters) of them, in at most
     /// [`max_dead_letter_bytes`](RedisOptions::max_dead_letter_bytes) (the oldest are dropped
     /// past either). The dead letter of a message over
     /// [`max_message_size`](RedisOptions::max_message_size) holds its first 4 KiB only; its
     /// reason gives its length.
     pub fn dead_letters(&self, task: &str) -> Result<Vec<DeadLetter>, BrokerError> {
-        let keys = self.inner.queue_keys(task);
-        let entries: Vec<Vec<u8>> = self
-            .inner
-            .command(&mut |c| redis::cmd("LRANGE").arg(&keys.dead).arg(0).arg(-1).query(c))
-            .map_err(|e| broker_error("reading dead letters failed", e))?;
-        let queue = TaskName::from(task);
-        Ok(entries.into_iter().filter_map(|entry| dead_entry::decode(&queue, entry)).collect())
+        Admin::dead_letters(self, &TaskName::from(task), usize::MAX)
     }
 
     /// How many messages wait in a task's queue (both delivery modes).
@@ -341,7 +342,48 @@ impl fmt::Debug for RedisBroker {
     }
 }
 
+/// How often the lease keeper looks for new cancels of the queues a process consumes: what
+/// bounds the time a running (or already fetched) task takes to see its cancel.
+pub(crate) const CANCEL_POLL: Duration = Duration::from_millis(100);
+
+/// Dead letters sent back (or purged) per script call: at most this many, in at most
+/// [`UNBURY_BYTES`] of arguments.
+const UNBURY_BATCH: usize = 100;
+const UNBURY_BYTES: usize = 1 << 20;
+
 impl Inner {
+    /// The call that loads the cancels of `queue` this process does not know yet (see
+    /// `scripts::CANCELS`).
+    pub(crate) fn cancels_call(&self, queue: &QueueKeys) -> crate::scripts::Call {
+        crate::scripts::Call::new(&crate::scripts::CANCELS)
+            .key(queue.cancelled.clone())
+            .key(queue.cancelled_gen.clone())
+            .arg(queue.cancel_gen.load(std::sync::atomic::Ordering::Acquire).to_string())
+    }
+
+    /// Takes in the reply of a [`cancels_call`](Inner::cancels_call): the cancels go into the
+    /// set first, then the generation they stand for is recorded (a worker that reads the
+    /// generation finds its cancels in the set).
+    pub(crate) fn load_cancels(&self, queue: &QueueKeys, reply: redis::Value) {
+        use std::sync::atomic::Ordering;
+        let redis::Value::Array(mut parts) = reply else { return };
+        let members = if parts.len() > 1 { parts.pop() } else { None };
+        let Some(generation) = parts.pop().and_then(|g| redis::from_redis_value::<String>(g).ok()) else {
+            return;
+        };
+        let generation: u64 = generation.parse().unwrap_or(0);
+        if let Some(members) = members {
+            let pairs: Vec<(String, f64)> = redis::from_redis_value(members).unwrap_or_default();
+            let name = TaskName::from(queue.task.as_str());
+            for (id, until) in pairs {
+                // Scores are whole milliseconds.
+                let until = wire::time(until.max(0.0) as u64);
+                self.cancels.insert(CallKey::new(name.clone(), dingo_core::TaskId::new(&id)), until);
+            }
+        }
+        queue.cancel_gen.store(generation, Ordering::Release);
+    }
+
     pub(crate) fn queue_keys(&self, task: &str) -> Arc<QueueKeys> {
         if let Some(keys) = self.queues.load().get(task) {
             return keys.clone();
@@ -740,6 +782,14 @@ impl Consumer for RedisBroker {
         Ok(Box::new(subscription))
     }
 
+    /// Kept current two ways (see [Cancellation](crate#guarantees)): every fetch returns its
+    /// queue's cancel generation, and a worker loads the cancels it lacks before it hands out
+    /// what it took; the lease keeper polls the generations of the queues this process
+    /// consumes every 100 ms, for the tasks running or fetched already.
+    fn cancels(&self) -> Option<Arc<Cancels>> {
+        Some(self.inner.cancels.clone())
+    }
+
     fn close(&self) {
         self.inner.life.release(&*self.inner);
     }
@@ -846,24 +896,226 @@ impl Store for RedisBroker {
     }
 }
 
-/// How a dead letter is kept in a queue's dead-letter list: 4-byte little-endian reason
-/// length, reason, message.
+/// The operator's role: cancels in the queues' cancelled sets, dead letters and purges
+/// with scripts that each take what they change in one step (see the key layout).
+impl Admin for RedisBroker {
+    /// One `CANCEL` script on the queue's keys, which also prunes the cancels that lapsed.
+    /// Workers of every process learn of it from their next fetch (before they hand out what
+    /// it took) and from their lease keeper's poll (within 100 ms, for tasks
+    /// running or fetched already): see [Cancellation](crate#guarantees).
+    fn cancel(&self, key: &CallKey, until: SystemTime) -> Result<(), BrokerError> {
+        self.inner.life.check_open()?;
+        let queue = self.inner.queue_keys(key.name.as_str());
+        let until = wire::millis(until).to_string();
+        self.inner
+            .command(&mut |c| {
+                crate::scripts::CANCEL
+                    .key(&queue.cancelled)
+                    .key(&queue.cancelled_gen)
+                    .arg(&until)
+                    .arg(key.id.as_str())
+                    .invoke::<i64>(c)
+            })
+            .map(|_| ())
+            .map_err(|e| broker_error("recording the cancel failed", e))
+    }
+
+    fn dead_letters(&self, queue: &TaskName, limit: usize) -> Result<Vec<DeadLetter>, BrokerError> {
+        if limit == 0 {
+            return Ok(Vec::new());
+        }
+        let keys = self.inner.queue_keys(queue.as_str());
+        // The oldest are at the tail.
+        let from = -i64::try_from(limit).unwrap_or(i64::MAX);
+        let entries: Vec<Vec<u8>> = self
+            .inner
+            .command(&mut |c| redis::cmd("LRANGE").arg(&keys.dead).arg(from).arg(-1).query(c))
+            .map_err(|e| broker_error("reading dead letters failed", e))?;
+        Ok(entries.iter().rev().filter_map(|entry| dead_entry::decode(queue, entry)).collect())
+    }
+
+    fn dead_count(&self, queue: &TaskName) -> Result<usize, BrokerError> {
+        let keys = self.inner.queue_keys(queue.as_str());
+        self.inner
+            .command(&mut |c| redis::cmd("LLEN").arg(&keys.dead).query(c))
+            .map_err(|e| broker_error("counting dead letters failed", e))
+    }
+
+    /// In batches (up to 100 letters, 1 MiB), oldest first, each one `UNBURY` script that
+    /// removes the exact entries it sends back (see the key layout): a process killed
+    /// half-way leaves every letter either sent back or still dead, and a replay after it
+    /// (in any process) sends the rest. Letters buried while it runs wait for the next.
+    fn replay(&self, queue: &TaskName, select: &Select) -> Result<usize, BrokerError> {
+        self.inner.life.check_open()?;
+        self.unbury(queue, select, true)
+    }
+
+    fn purge_dead(&self, queue: &TaskName, select: &Select) -> Result<usize, BrokerError> {
+        if *select == Select::All {
+            let keys = self.inner.queue_keys(queue.as_str());
+            // One transaction: the count is of what it deleted.
+            let (count,): (usize,) = self
+                .inner
+                .command(&mut |c| {
+                    redis::pipe()
+                        .atomic()
+                        .cmd("LLEN")
+                        .arg(&keys.dead)
+                        .cmd("DEL")
+                        .arg(&keys.dead)
+                        .arg(&keys.dead_bytes)
+                        .ignore()
+                        .query(c)
+                })
+                .map_err(|e| broker_error("purging dead letters failed", e))?;
+            return Ok(count);
+        }
+        self.unbury(queue, select, false)
+    }
+
+    /// One transaction: both lists of waiting messages (at least and at most once) and the
+    /// wake token go; delayed messages and the processing lists of running tasks stay.
+    fn purge(&self, queue: &TaskName) -> Result<usize, BrokerError> {
+        let keys = self.inner.queue_keys(queue.as_str());
+        let (pending, amo): (usize, usize) = self
+            .inner
+            .command(&mut |c| {
+                redis::pipe()
+                    .atomic()
+                    .cmd("LLEN")
+                    .arg(&keys.pending)
+                    .cmd("LLEN")
+                    .arg(&keys.amo)
+                    .cmd("DEL")
+                    .arg(&keys.pending)
+                    .arg(&keys.amo)
+                    .arg(&keys.wake)
+                    .ignore()
+                    .query(c)
+            })
+            .map_err(|e| broker_error("purging the queue failed", e))?;
+        Ok(pending + amo)
+    }
+}
+
+impl RedisBroker {
+    /// Takes the selected dead letters of `queue` out, oldest first, sending each back
+    /// (`replay`) or not; returns how many it took.
+    fn unbury(&self, queue: &TaskName, select: &Select, replay: bool) -> Result<usize, BrokerError> {
+        let keys = self.inner.queue_keys(queue.as_str());
+        let entries: Vec<Vec<u8>> = self
+            .inner
+            .command(&mut |c| redis::cmd("LRANGE").arg(&keys.dead).arg(0).arg(-1).query(c))
+            .map_err(|e| broker_error("reading dead letters failed", e))?;
+        // An actor of its own for this replay: a batch sent again applies once.
+        let mut sequence = Sequence::new(if replay { "replay" } else { "purge" }, UuidV7.next_id().as_str());
+        let mode = if replay { "replay" } else { "purge" };
+        let mut taken = 0;
+        let mut batch: Vec<Vec<u8>> = Vec::new();
+        let (mut letters, mut bytes) = (0, 0);
+        let run = |batch: &mut Vec<Vec<u8>>, sequence: &mut Sequence| -> Result<usize, BrokerError> {
+            let (seq_key, seq) = sequence.next(&keys);
+            let mut call = crate::scripts::Call::new(&crate::scripts::UNBURY)
+                .key(keys.dead.clone())
+                .key(keys.dead_bytes.clone())
+                .key(keys.pending.clone())
+                .key(keys.amo.clone())
+                .key(keys.wake.clone())
+                .key(seq_key)
+                .numbered(seq)
+                .arg("60000")
+                .arg(mode);
+            call.args.append(batch);
+            let calls = [call];
+            let result = self
+                .inner
+                .command(&mut |c| crate::scripts::run_batch(c, &calls))
+                .map_err(|e| broker_error("taking dead letters out failed", e))?;
+            let n: usize = result.into_iter().next().and_then(|v| redis::from_redis_value(v).ok()).unwrap_or(0);
+            Ok(n)
+        };
+        for entry in entries.iter().rev() {
+            let Some(letter) = dead_entry::decode(queue, entry) else { continue };
+            if !letter.is_selected(select) {
+                continue;
+            }
+            let message = if replay { Some(letter.replay_bytes()) } else { None };
+            let size = entry.len() + message.as_ref().map_or(0, Vec::len);
+            if letters > 0 && (letters >= UNBURY_BATCH || bytes + size > UNBURY_BYTES) {
+                taken += run(&mut batch, &mut sequence)?;
+                (letters, bytes) = (0, 0);
+            }
+            batch.push(entry.clone());
+            if let Some(message) = message {
+                batch.push(message);
+            }
+            letters += 1;
+            bytes += size;
+        }
+        if letters > 0 {
+            taken += run(&mut batch, &mut sequence)?;
+        }
+        Ok(taken)
+    }
+}
+
+/// How a dead letter is kept in a queue's dead-letter list: a 4-byte little-endian word —
+/// the reason's length, with the top bit set — the time it was buried (8 bytes little
+/// endian, ms since the Unix epoch, by the burying process's clock), the reason, the
+/// message. Entries written before the time was recorded have the top bit clear and no
+/// time (still read).
 pub(crate) mod dead_entry {
+    use std::time::SystemTime;
+
+    use dingo_core::message::wire;
     use dingo_core::{DeadLetter, TaskName};
 
-    /// The part before the message.
+    /// The top bit of the first word: a time follows.
+    const TIMED: u32 = 1 << 31;
+
+    /// The part before the message, stamped now.
     pub(crate) fn prefix(reason: &str) -> Vec<u8> {
-        let mut out = Vec::with_capacity(4 + reason.len());
-        out.extend_from_slice(&(reason.len() as u32).to_le_bytes());
-        out.extend_from_slice(reason.as_bytes());
+        let mut out = Vec::with_capacity(12 + reason.len());
+        let len = u32::try_from(reason.len()).unwrap_or(u32::MAX) & !TIMED;
+        out.extend_from_slice(&(len | TIMED).to_le_bytes());
+        out.extend_from_slice(&wire::millis(SystemTime::now()).to_le_bytes());
+        out.extend_from_slice(&reason.as_bytes()[..len as usize]);
         out
     }
 
     /// A dead letter of `queue` (`None`: not an entry of this layout).
-    pub(crate) fn decode(queue: &TaskName, mut entry: Vec<u8>) -> Option<DeadLetter> {
-        let len = u32::from_le_bytes(entry.get(..4)?.try_into().ok()?) as usize;
-        let reason = std::str::from_utf8(entry.get(4..4 + len)?).ok()?.to_owned();
-        entry.drain(..4 + len);
-        Some(DeadLetter::new(queue.clone(), reason, entry))
+    pub(crate) fn decode(queue: &TaskName, entry: &[u8]) -> Option<DeadLetter> {
+        let word = u32::from_le_bytes(entry.get(..4)?.try_into().ok()?);
+        let (len, at, start) = if word & TIMED != 0 {
+            let millis = u64::from_le_bytes(entry.get(4..12)?.try_into().ok()?);
+            ((word & !TIMED) as usize, Some(wire::time(millis)), 12)
+        } else {
+            (word as usize, None, 4)
+        };
+        let reason = std::str::from_utf8(entry.get(start..start + len)?).ok()?.to_owned();
+        let bytes = entry.get(start + len..)?.to_vec();
+        Some(DeadLetter::new(queue.clone(), reason, bytes).with_time(at))
+    }
+
+    #[cfg(test)]
+    mod tests {
+        use super::*;
+
+        #[test]
+        fn entries_are_read_with_and_without_a_time() {
+            let queue = TaskName::from("q");
+            let mut entry = prefix("why");
+            entry.extend_from_slice(b"message");
+            let letter = decode(&queue, &entry).expect("an entry");
+            assert_eq!((letter.reason.as_str(), letter.bytes.as_slice()), ("why", &b"message"[..]));
+            let at = letter.at.expect("a time");
+            assert!(SystemTime::now().duration_since(at).expect("in the past").as_secs() < 60);
+            // The layout before times were recorded.
+            let mut old = 3u32.to_le_bytes().to_vec();
+            old.extend_from_slice(b"whymessage");
+            let letter = decode(&queue, &old).expect("an old entry");
+            assert_eq!((letter.reason.as_str(), letter.bytes.as_slice(), letter.at), ("why", &b"message"[..], None));
+            assert!(decode(&queue, &[1, 2]).is_none());
+        }
     }
 }

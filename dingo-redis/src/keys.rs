@@ -25,6 +25,13 @@ pub(crate) struct QueueKeys {
     /// A token when a message is due before all the others in `delayed`: what promoters
     /// block on.
     pub(crate) delayed_wake: String,
+    /// The cancelled calls of the queue: id → until (ms since the Unix epoch).
+    pub(crate) cancelled: String,
+    /// The queue's cancel generation: changes with every cancel (see `scripts::CANCEL`).
+    pub(crate) cancelled_gen: String,
+    /// The cancel generation whose cancels this process has loaded into its `Cancels` (0:
+    /// none). Stored only after the cancels it stands for are in the set.
+    pub(crate) cancel_gen: std::sync::atomic::AtomicU64,
     /// The reply list of the process these keys were made for, and its notify list.
     pub(crate) reply_here: String,
     pub(crate) notify_here: String,
@@ -47,6 +54,9 @@ impl QueueKeys {
             dead_bytes: key("dead:bytes"),
             delayed: key("delayed"),
             delayed_wake: key("delayed:wake"),
+            cancelled: key("cancelled"),
+            cancelled_gen: key("cancelled:gen"),
+            cancel_gen: std::sync::atomic::AtomicU64::new(0),
             reply_here: key(&format!("reply:{process}")),
             notify_here: key(&format!("notify:{process}")),
             listened: std::sync::atomic::AtomicBool::new(false),
@@ -122,6 +132,8 @@ mod tests {
             &keys.dead_bytes,
             &keys.delayed,
             &keys.delayed_wake,
+            &keys.cancelled,
+            &keys.cancelled_gen,
         ] {
             assert!(key.starts_with("ns:{math.add}:"), "{key}");
         }

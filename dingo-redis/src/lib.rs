@@ -88,13 +88,44 @@
 //!   arrive before the handle waits are kept, a wait that times out loses nothing, and many
 //!   waiting calls cost no connection each.
 //! - **Dead letters.** A message that cannot run — it does not decode, names a task the
-//!   worker does not have, or has another signature — is moved to its queue's dead-letter
-//!   list with the reason ([`RedisBroker::dead_letters`]); its caller, when it can be
+//!   worker does not have, or has another signature —, one whose retries ran out, and one
+//!   redelivered [`max_redeliveries`](RedisOptions::max_redeliveries) times is moved to its
+//!   queue's dead-letter list with the reason and the time
+//!   ([`Admin::dead_letters`](dingo_core::broker::Admin::dead_letters), oldest first; entries
+//!   buried before times were recorded are listed without one); its caller, when it can be
 //!   identified, gets a failure report, and the worker goes on. The list keeps at most
 //!   [`max_dead_letters`](RedisOptions::max_dead_letters) entries (10,000) in at most
 //!   [`max_dead_letter_bytes`](RedisOptions::max_dead_letter_bytes) (64 MiB, counted by the
 //!   scripts in `NS:{T}:dead:bytes`); past either, the oldest are dropped, counted in
 //!   [`Stats::dead_letters_dropped`] with a `DeadLettersDropped` event.
+//! - **Replay without duplicates.** [`Admin::replay`](dingo_core::broker::Admin::replay)
+//!   sends letters back oldest first, in batches of up to 100 (1 MiB), each batch one script
+//!   that removes the exact dead entries and pushes their fresh attempts
+//!   ([`DeadLetter::replay_bytes`]: attempt 1, no due time, no expiry, no redelivery mark)
+//!   where a send would put them, numbered like every batch (a batch sent again after its
+//!   reply was lost applies once). A replaying process killed half-way leaves each letter
+//!   either replayed or still dead — never both — and a replay in any process sends the
+//!   rest. `purge_dead` takes exact entries the same way (or the whole list in one
+//!   transaction), and `purge` empties both lists of waiting tasks in one transaction
+//!   (delayed tasks and running ones stay), each returning the exact count.
+//! - **Cancellation.** [`Admin::cancel`](dingo_core::broker::Admin::cancel) records the
+//!   call's id in its queue's `cancelled` sorted set (scored by the cancel's end, pruned as
+//!   cancels lapse, the key expiring with the last) and moves the queue's cancel generation
+//!   on, in one script. Every fetch reads the generation of its queue (one `GET` inside the
+//!   fetch script: nothing more while nobody cancels); a worker that finds one its process has
+//!   not loaded loads the queue's cancels into the consumer's
+//!   [`Cancels`](dingo_core::broker::Cancels) *before* it hands out what it fetched, so a
+//!   call cancelled before it was fetched never starts — in any process, including one
+//!   started after the cancel or cut off from Redis when it was made (it loads them with its
+//!   first fetch), and whether the call was queued, delayed, a retry or redelivered. The
+//!   lease keeper of every consuming process polls the generations every 100 ms, so a running
+//!   task sees [`Context::is_cancelled`](dingo_core::Context::is_cancelled) within 100 ms
+//!   plus a round trip. One window remains: a task a worker thread fetched *before* the
+//!   cancel (prefetched behind the task it runs: at most `prefetch / workers` of them) still
+//!   starts if its turn comes before the keeper's next poll (≤ 100 ms after the cancel); it
+//!   then sees the cancel while running. For tasks that must never start once cancelled,
+//!   keep the prefetch at one task per worker thread. A cancel's end is the canceller's clock,
+//!   compared with the server's (keep clocks in sync).
 //! - **Size limits on receipt.** [`max_message_size`](RedisOptions::max_message_size) holds
 //!   for what is fetched too, not only for what is sent: a task message over it (pushed by
 //!   another producer) is not decoded but dead-lettered with its first 4 KiB only (the
@@ -258,7 +289,8 @@ mod tls;
 
 pub use access::acl_rules;
 pub use broker::{RedisBroker, Stats};
-/// What [`RedisBroker::dead_letters`] returns: the project's one dead-letter type.
+/// What [`Admin::dead_letters`](dingo_core::broker::Admin::dead_letters) returns: the
+/// project's one dead-letter type.
 pub use dingo_core::DeadLetter;
 pub use options::RedisOptions;
 

@@ -62,7 +62,7 @@ pub(crate) static PUSH: LazyLock<Script> = LazyLock::new(|| Script::new(lua!("in
 /// list (`KEYS[2]`, popped by a plain `RPOP` just before), so the next idle consumer wakes
 /// too.
 ///
-/// Returns `{'ok', n}`: the n messages taken are the head of the processing list, for an
+/// Returns `{'ok', n, generation}`: the n messages taken are the head of the processing list, for an
 /// `LRANGE` right after the script to read. One message is moved with `LMOVE`; more pass
 /// through no Lua, which hashes every byte it is handed: into an empty processing list (the
 /// usual case: the worker's
@@ -74,9 +74,13 @@ pub(crate) static PUSH: LazyLock<Script> = LazyLock::new(|| Script::new(lua!("in
 ///
 /// Batch number `ARGV[5]` of the worker thread whose sequence key is `KEYS[6]` (kept
 /// `ARGV[6]` ms): sent again after its reply was lost, the fetch takes nothing new and
-/// returns `{'again', {messages…}}`: what it moved the first time (the head of the
-/// processing list) — else those messages would sit in the processing list unknown to
+/// returns `{'again', {messages…}, generation}`: what it moved the first time (the head of
+/// the processing list) — else those messages would sit in the processing list unknown to
 /// their worker.
+///
+/// `generation` is the queue's cancel generation (`KEYS[7]`, see [`CANCEL`]; `0`: none):
+/// a worker that has not loaded that one loads the queue's cancels ([`CANCELS`]) before it
+/// hands out what it took. One `GET` per fetch: a queue nobody cancels costs nothing more.
 pub(crate) static FETCH: LazyLock<Script> = LazyLock::new(|| Script::new(lua!("fetch.lua")));
 
 /// Settles, in order, what one consumer (`ARGV[3]`) did with its messages — once: batch
@@ -176,6 +180,33 @@ pub(crate) static REAP: LazyLock<Script> = LazyLock::new(|| Script::new(lua!("in
 /// (kept `ARGV[3]` ms), so a trim sent again after its reply was lost removes nothing more.
 pub(crate) static TRIM: LazyLock<Script> = LazyLock::new(|| Script::new(lua!("includes/seen.lua", "trim.lua")));
 
+/// Records cancels of the calls with ids ARGV[2..] of a queue until `ARGV[1]` (ms since the
+/// Unix epoch) in its cancelled set (`KEYS[1]`, id → until; a cancel already there is only
+/// extended), prunes the cancels that lapsed (up to 1,000 per call), and moves the queue's
+/// cancel generation (`KEYS[2]`) on: to the server's time in µs, or one above the last if
+/// that is higher — so a generation is never one a process loaded before the keys
+/// expired. Both keys expire with the cancel that lapses last. A cancel that lapsed already
+/// records nothing. Idempotent: a call sent again changes nothing more (no batch number).
+pub(crate) static CANCEL: LazyLock<Script> = LazyLock::new(|| Script::new(lua!("cancel.lua")));
+
+/// The cancels of a queue a process does not know yet: `{generation}` when the queue's
+/// cancel generation (`KEYS[2]`) is still `ARGV[1]` (what the process loaded), else
+/// `{generation, {id, until, …}}` — every cancel of the cancelled set (`KEYS[1]`) that has
+/// not lapsed by the server's clock. One read: the set is the one of that generation.
+pub(crate) static CANCELS: LazyLock<Script> = LazyLock::new(|| Script::new(lua!("cancels.lua")));
+
+/// Takes exact entries out of a queue's dead letters (`KEYS[1]`, its byte count `KEYS[2]`),
+/// each once (`LREM … -1`: from the tail, where the oldest are) — and with `ARGV[3]` =
+/// `replay`, sends each one removed back, in the same step: ARGV[4..] are then pairs (entry,
+/// message to send), the message going where a send would put it (at-most-once ones to
+/// `KEYS[4]`, the others to the queue `KEYS[3]`, waking a consumer `KEYS[5]`); with
+/// `purge`, ARGV[4..] are entries only. A letter is thus either still dead or sent back,
+/// never both, never twice: an entry already gone (taken by another replay) sends nothing.
+/// Batch number `ARGV[1]` of the actor whose sequence key is `KEYS[6]` (kept `ARGV[2]` ms):
+/// sent again after its reply was lost, it changes nothing and returns what the first
+/// attempt did. Returns how many letters it took.
+pub(crate) static UNBURY: LazyLock<Script> = LazyLock::new(|| Script::new(lua!("includes/seen.lua", "unbury.lua")));
+
 /// Which of the commands in ARGV the user may run, as it gives them (see `access`): ARGV
 /// holds, per command, its name, its argument count and its arguments; returns the
 /// positions (from 1) of those denied. Changes nothing; `KEYS[1]` is a key of the namespace, so that `EVALSHA`
@@ -185,8 +216,11 @@ pub(crate) static TRIM: LazyLock<Script> = LazyLock::new(|| Script::new(lua!("in
 pub(crate) static PROBE: LazyLock<Script> = LazyLock::new(|| Script::new(lua!("probe.lua")));
 
 /// All scripts, to load into a fresh connection's server.
-pub(crate) fn all() -> [&'static Script; 11] {
-    [&PUSH, &FETCH, &COMPLETE, &DEAD, &GIVE_BACK, &RETIRE, &RENEW, &REAP, &TRIM, &DELAY, &PROMOTE]
+pub(crate) fn all() -> [&'static Script; 14] {
+    [
+        &PUSH, &FETCH, &COMPLETE, &DEAD, &GIVE_BACK, &RETIRE, &RENEW, &REAP, &TRIM, &DELAY, &PROMOTE, &CANCEL,
+        &CANCELS, &UNBURY,
+    ]
 }
 
 /// One step of a pipelined batch: a script call, or a plain command (`keys` empty, the
@@ -473,6 +507,7 @@ pub(crate) fn readiness<'a>(calls: impl Iterator<Item = &'a Call>, replies: &[Va
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::time::Duration;
 
     /// The test server (`DINGO_REDIS_URL`, default `redis://127.0.0.1:6379`), or `None` to
     /// skip — unless `DINGO_REQUIRE_SERVICES=1`, which makes its absence a failure.
@@ -709,7 +744,7 @@ mod tests {
         let Some(mut conn) = server() else { return };
         let prefix = format!("dingo-test-fetch-{}", std::process::id());
         let key = |name: &str| format!("{prefix}:{{q}}:{name}");
-        let names = ["pending", "amo", "wake", "consumers", "processing", "seq"];
+        let names = ["pending", "amo", "wake", "consumers", "processing", "seq", "cancelled:gen"];
         let keys: Vec<String> = names.iter().map(|n| key(n)).collect();
         let _: () = redis::cmd("DEL").arg(&keys).query(&mut conn).expect("DEL");
         // Queued oldest first: m1 is the oldest, at the tail.
@@ -725,7 +760,10 @@ mod tests {
         };
         let reply = |conn: &mut redis::Connection, call: Call| -> (String, Value) {
             let result = run_batch(conn, &[call]).expect("FETCH");
-            redis::from_redis_value(result[0].clone()).expect("a status and a value")
+            let (status, value, generation): (String, Value, String) =
+                redis::from_redis_value(result[0].clone()).expect("a status, a value and a generation");
+            assert_eq!(generation, "0", "nobody cancelled");
+            (status, value)
         };
 
         let (status, taken) = reply(&mut conn, fetch("1", "2", "1", "0"));
@@ -964,6 +1002,102 @@ mod tests {
         assert_eq!(result(&mut conn, call("2", &runs)), (0, 1, 0), "rejected");
         assert_eq!(list(&mut conn, 1), ["m4"], "its message stays for the reaper");
         assert_eq!(delayed(&mut conn).len(), 1, "no next attempt");
+        let _: () = redis::cmd("DEL").arg(&keys).query(&mut conn).expect("DEL");
+    }
+
+    /// `CANCEL` records a cancel (extending, never shortening one), prunes lapsed ones,
+    /// moves the generation on and sets both keys to expire with the last cancel; `CANCELS`
+    /// answers with the generation alone while it is the one given, else with the live
+    /// cancels.
+    #[test]
+    fn cancels_are_recorded_pruned_and_loaded_by_generation() {
+        let Some(mut conn) = server() else { return };
+        let prefix = format!("dingo-test-cancel-{}", std::process::id());
+        let keys: Vec<String> = ["cancelled", "cancelled:gen"].iter().map(|n| format!("{prefix}:{{q}}:{n}")).collect();
+        let _: () = redis::cmd("DEL").arg(&keys).query(&mut conn).expect("DEL");
+        let now = server_now(&mut conn);
+        let cancel = |conn: &mut redis::Connection, until: i64, id: &str| {
+            let mut call = Call::new(&CANCEL).arg(until.to_string()).arg(id);
+            call.keys = keys.clone();
+            run_batch(conn, &[call]).expect("CANCEL");
+        };
+        let load = |conn: &mut redis::Connection, known: &str| -> Vec<Value> {
+            let mut call = Call::new(&CANCELS).arg(known);
+            call.keys = keys.clone();
+            redis::from_redis_value(run_batch(conn, &[call]).expect("CANCELS")[0].clone()).expect("an array")
+        };
+        let generation = |conn: &mut redis::Connection| -> u64 {
+            redis::cmd("GET").arg(&keys[1]).query::<String>(conn).expect("GET").parse().expect("a number")
+        };
+        assert_eq!(load(&mut conn, "0"), [Value::BulkString(b"0".to_vec())], "nothing cancelled");
+
+        cancel(&mut conn, now + 60_000, "a");
+        let first = generation(&mut conn);
+        assert!(first > 1_000_000_000_000_000, "µs of the server's clock: {first}");
+        cancel(&mut conn, now + 30_000, "a");
+        cancel(&mut conn, now + 50, "b");
+        let second = generation(&mut conn);
+        assert!(second > first);
+        let reply = load(&mut conn, &first.to_string());
+        let members: Vec<(String, i64)> = redis::from_redis_value(reply[1].clone()).expect("pairs");
+        assert_eq!(members, [("b".to_owned(), now + 50), ("a".to_owned(), now + 60_000)], "never shortened");
+        assert_eq!(load(&mut conn, &second.to_string()).len(), 1, "known: the generation alone");
+        // A look behind the scripts (not a command dingo runs: kept out of the access scan).
+        let pttl = |conn: &mut redis::Connection, key: &str| -> i64 {
+            redis::Cmd::new().arg("PTTL").arg(key).query(conn).expect("PTTL")
+        };
+        let ttl = pttl(&mut conn, &keys[0]);
+        assert!(ttl > 59_000 && ttl <= 60_000, "the set expires with its last cancel: {ttl}");
+        let ttl = pttl(&mut conn, &keys[1]);
+        assert!(ttl > 59_000 && ttl <= 60_000, "the generation too: {ttl}");
+
+        // `b` lapses; the next cancel prunes it, and one that lapsed already records nothing.
+        std::thread::sleep(Duration::from_millis(100));
+        cancel(&mut conn, now - 1, "c");
+        let members: Vec<String> =
+            redis::cmd("ZRANGEBYSCORE").arg(&keys[0]).arg("-inf").arg("+inf").query(&mut conn).expect("ZRANGE");
+        assert_eq!(members, ["a"]);
+        let _: () = redis::cmd("DEL").arg(&keys).query(&mut conn).expect("DEL");
+    }
+
+    /// `UNBURY` takes exact entries once: replayed ones go where a send would put them, in
+    /// their order, with a wake token and the byte count kept; an entry gone already sends
+    /// nothing; sent again under its number it changes nothing and says what it did.
+    #[test]
+    fn unbury_takes_each_letter_once() {
+        let Some(mut conn) = server() else { return };
+        let prefix = format!("dingo-test-unbury-{}", std::process::id());
+        let names = ["dead", "dead:bytes", "pending", "amo", "wake", "seq"];
+        let keys: Vec<String> = names.iter().map(|n| format!("{prefix}:{{q}}:{n}")).collect();
+        let _: () = redis::cmd("DEL").arg(&keys).query(&mut conn).expect("DEL");
+        // Newest first, as `bury` leaves them: e1 is the oldest.
+        let _: () = redis::cmd("LPUSH").arg(&keys[0]).arg(&["e1", "e2", "e3", "e4"]).query(&mut conn).expect("LPUSH");
+        let _: () = redis::cmd("SET").arg(&keys[1]).arg(8).query(&mut conn).expect("SET");
+        let unbury = |conn: &mut redis::Connection, seq: &str, mode: &str, items: &[&[u8]]| -> i64 {
+            let mut call = Call::new(&UNBURY).numbered(seq.to_owned()).arg(SEQ_TTL).arg(mode);
+            call.keys = keys.clone();
+            call.args.extend(items.iter().map(|i| i.to_vec()));
+            redis::from_redis_value(run_batch(conn, &[call]).expect("UNBURY")[0].clone()).expect("a count")
+        };
+        let list = |conn: &mut redis::Connection, i: usize| -> Vec<Vec<u8>> {
+            redis::cmd("LRANGE").arg(&keys[i]).arg(0).arg(-1).query(conn).expect("LRANGE")
+        };
+        let (m1, m3) = (message("m1", false), message("m3", true));
+        let items: [&[u8]; 6] = [b"e1", &m1, b"gone", b"x", b"e3", &m3];
+        assert_eq!(unbury(&mut conn, "1", "replay", &items), 2);
+        assert_eq!(list(&mut conn, 0), [b"e4".to_vec(), b"e2".to_vec()]);
+        assert_eq!(list(&mut conn, 2), std::slice::from_ref(&m1), "to the queue");
+        assert_eq!(list(&mut conn, 3), std::slice::from_ref(&m3), "at most once: its own list");
+        assert_eq!(list(&mut conn, 4), [b"1".to_vec()], "a consumer is woken");
+        let bytes: i64 = redis::cmd("GET").arg(&keys[1]).query(&mut conn).expect("GET");
+        assert_eq!(bytes, 4);
+        assert_eq!(unbury(&mut conn, "1", "replay", &items), 2, "sent again: what it did");
+        assert_eq!(list(&mut conn, 2).len() + list(&mut conn, 3).len(), 2, "nothing twice");
+        assert_eq!(unbury(&mut conn, "2", "replay", &items), 0, "gone already: nothing sent");
+        assert_eq!(unbury(&mut conn, "3", "purge", &[b"e2", b"e4", b"e9"]), 2);
+        assert!(list(&mut conn, 0).is_empty());
+        let bytes: Option<i64> = redis::cmd("GET").arg(&keys[1]).query(&mut conn).expect("GET");
+        assert_eq!(bytes, None, "the byte count goes with the last letter");
         let _: () = redis::cmd("DEL").arg(&keys).query(&mut conn).expect("DEL");
     }
 }

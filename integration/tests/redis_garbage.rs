@@ -72,11 +72,11 @@ fn garbage_in_a_queue_is_dead_lettered_and_the_worker_goes_on() {
     let dead = worker_broker.dead_letters(plus::NAME).expect("dead letters");
     let reasons: Vec<&str> = dead.iter().map(|d| d.reason.as_str()).collect();
     assert_eq!(dead.len(), 4, "{reasons:#?}");
-    // Newest first.
-    assert!(reasons[0].starts_with("unknown task"), "{reasons:#?}");
-    assert!(reasons[1].starts_with("signature mismatch"), "{reasons:#?}");
-    assert!(reasons[2].starts_with("undecodable message"), "{reasons:#?}");
-    assert!(reasons[3].starts_with("undecodable message"), "{reasons:#?}");
+    // Oldest first.
+    assert!(reasons[0].starts_with("undecodable message"), "{reasons:#?}");
+    assert!(reasons[1].starts_with("undecodable message"), "{reasons:#?}");
+    assert!(reasons[2].starts_with("signature mismatch"), "{reasons:#?}");
+    assert!(reasons[3].starts_with("unknown task"), "{reasons:#?}");
     assert_eq!(events.count(EventKind::MalformedMessage), 2);
     // One `DeadLettered` per dead letter, whatever the cause, in order, naming the calls known.
     wait_until("a DeadLettered event per dead letter", || events.count(EventKind::DeadLettered) == 4);
@@ -108,10 +108,10 @@ fn dead_letters_keep_the_message_bytes() {
     wait_until("two dead letters", || worker_broker.dead_letters(plus::NAME).expect("dead letters").len() >= 2);
     let dead = worker_broker.dead_letters(plus::NAME).expect("dead letters");
     assert_eq!(dead.len(), 2, "{dead:#?}");
-    assert!(dead[0].reason.starts_with("signature mismatch"), "{dead:#?}");
-    assert_eq!(dead[0].bytes, wrong_signature, "the wrong-signature message, as queued");
-    assert!(dead[1].reason.starts_with("undecodable message"), "{dead:#?}");
-    assert_eq!(dead[1].bytes, garbage, "the garbage, as queued");
+    assert!(dead[1].reason.starts_with("signature mismatch"), "{dead:#?}");
+    assert_eq!(dead[1].bytes, wrong_signature, "the wrong-signature message, as queued");
+    assert!(dead[0].reason.starts_with("undecodable message"), "{dead:#?}");
+    assert_eq!(dead[0].bytes, garbage, "the garbage, as queued");
     assert!(dead.iter().all(|d| d.queue.as_str() == plus::NAME), "each names its queue: {dead:#?}");
     wait_until("the dead letters are counted", || worker_broker.stats().dead_lettered == 2);
     let failed: Vec<Event> =

@@ -170,7 +170,7 @@ fn dead_letters_are_bounded_by_count_and_by_bytes() {
     let garbage = |n: usize| format!("\u{ff} not a task message {n:02}").into_bytes();
     for (options, kept) in [
         (RedisOptions::new().max_dead_letters(3), 3),
-        // Each entry: a 4-byte length, the reason, the message; room for two of them.
+        // Each entry: a 4-byte length, an 8-byte time, the reason, the message; room for two.
         (RedisOptions::new().max_dead_letter_bytes(2 * entry_len(&garbage(0)) + 10), 2),
     ] {
         let Some(setup) = Redis::with_options(options) else { return };
@@ -184,14 +184,14 @@ fn dead_letters_are_bounded_by_count_and_by_bytes() {
         wait_until("five dead-lettered", || broker.stats().dead_lettered == 5);
         let dead = broker.dead_letters(plus::NAME).expect("dead letters");
         let kept_bytes: Vec<Vec<u8>> = dead.iter().map(|d| d.bytes.clone()).collect();
-        let newest: Vec<Vec<u8>> = (5 - kept + 1..=5).rev().map(garbage).collect();
-        assert_eq!(kept_bytes, newest, "the newest {kept}, newest first");
+        let newest: Vec<Vec<u8>> = (5 - kept + 1..=5).map(garbage).collect();
+        assert_eq!(kept_bytes, newest, "the newest {kept}, oldest first");
         assert_eq!(broker.stats().dead_letters_dropped, 5 - kept as u64);
         let event = events.wait_for(EventKind::DeadLettersDropped);
         assert_eq!(event.level, Level::Warning);
         assert!(event.message.contains("dropped, oldest first"), "{}", event.message);
         let counted: usize = redis_cli(setup.url(), &["GET", &key(&setup, "dead:bytes")]).parse().expect("a count");
-        assert_eq!(counted, dead.iter().map(|d| 4 + d.reason.len() + d.bytes.len()).sum::<usize>());
+        assert_eq!(counted, dead.iter().map(|d| 12 + d.reason.len() + d.bytes.len()).sum::<usize>());
         worker.close().expect("close");
     }
 }
@@ -202,7 +202,7 @@ fn entry_len(garbage: &[u8]) -> usize {
         "undecodable message: {}",
         dingo::error::chain(&wire::decode_task(garbage).expect_err("garbage").error)
     );
-    4 + reason.len() + garbage.len()
+    12 + reason.len() + garbage.len()
 }
 
 /// The probe's case at the default limit (16 MiB): a 50 MB task message pushed straight

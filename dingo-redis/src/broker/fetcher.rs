@@ -373,6 +373,7 @@ impl RedisSubscription {
                 .key(q.consumers.clone())
                 .key(format!("{}{consumer}", q.processing))
                 .key(seq_key)
+                .key(q.cancelled_gen.clone())
                 .arg(count.as_bytes())
                 .arg(lease.clone())
                 .arg(consumer.as_bytes())
@@ -399,6 +400,7 @@ impl RedisSubscription {
         // Per queue in `order`: its at-most-once pop (left out of a retry), its FETCH, and
         // the read of what FETCH took.
         let (mut got, mut full) = (0, false);
+        let mut stale = Vec::new();
         let mut queues = order.iter().zip(consumers);
         let (mut popped, mut fetched) = (None, None);
         for (kind, result) in results {
@@ -409,12 +411,18 @@ impl RedisSubscription {
                     let Some((&i, consumer)) = queues.next() else { break };
                     let (name, queue) = &self.queues[i];
                     let fetched = fetched.take().unwrap_or(Value::Nil);
-                    let taken = self.take(local, name, queue, consumer, popped.take(), fetched, result);
+                    let (taken, generation) = self.take(local, name, queue, consumer, popped.take(), fetched, result);
                     full |= taken >= self.per_worker;
                     got += taken;
+                    if generation.is_some_and(|g| g != queue.cancel_gen.load(Ordering::Acquire)) {
+                        stale.push(queue.clone());
+                    }
                 }
                 _ => {}
             }
+        }
+        if !stale.is_empty() {
+            self.load_cancels(local, &stale);
         }
         // No queue gave a whole batch: they are drained, and the next fetch waits first — so
         // a lone call costs one round trip of its worker, not a fetch that finds nothing and
@@ -425,7 +433,8 @@ impl RedisSubscription {
 
     /// Puts one queue's fetched messages into the buffer — the at-most-once ones `popped`
     /// first, then the ones `fetched` into the processing list (in FETCH's reply, or the
-    /// first of the processing list's `head`, as FETCH says); returns how many there were.
+    /// first of the processing list's `head`, as FETCH says); returns how many there were,
+    /// and the queue's cancel generation FETCH read.
     #[allow(clippy::too_many_arguments)]
     fn take(
         &self,
@@ -436,7 +445,7 @@ impl RedisSubscription {
         popped: Option<Value>,
         fetched: Value,
         head: Value,
-    ) -> usize {
+    ) -> (usize, Option<u64>) {
         let mut count = 0;
         if let Some(Value::Array(items)) = popped {
             for item in items {
@@ -444,10 +453,13 @@ impl RedisSubscription {
                 self.buffer(local, name, queue, None, item);
             }
         }
-        let Value::Array(reply) = fetched else { return count };
+        let Value::Array(reply) = fetched else { return (count, None) };
         let mut reply = reply.into_iter();
         let status: String = reply.next().and_then(|v| redis::from_redis_value(v).ok()).unwrap_or_default();
-        let items = match (reply.next(), head) {
+        let taken = reply.next();
+        let generation =
+            reply.next().and_then(|v| redis::from_redis_value::<String>(v).ok()).and_then(|g| g.parse().ok());
+        let items = match (taken, head) {
             (Some(Value::Array(items)), _) => items,
             // The n messages taken are the head of the processing list, newest first.
             (Some(Value::Int(n)), Value::Array(mut newest_first)) => {
@@ -470,7 +482,7 @@ impl RedisSubscription {
                 EventKind::LeaseLost,
                 format!("this worker's lease on `{}` expired (it was stalled): it starts over", queue.prefix),
             );
-            return count;
+            return (count, generation);
         }
         if let Some(entry) = local.consumers.get_mut(&queue.prefix)
             && !entry.1
@@ -482,7 +494,30 @@ impl RedisSubscription {
             count += 1;
             self.buffer(local, name, queue, Some(&consumer), item);
         }
-        count
+        (count, generation)
+    }
+
+    /// Loads the cancels of `queues` this process lacks (their fetch read a cancel
+    /// generation it has not loaded), before the worker hands out what it fetched: a task
+    /// cancelled before its fetch never starts. One round trip, only after a cancel.
+    fn load_cancels(&self, local: &mut Local, queues: &[Arc<QueueKeys>]) {
+        let calls: Vec<Call> = queues.iter().map(|q| self.inner.cancels_call(q)).collect();
+        match local.conn.retry(&self.stopped, &mut |c| scripts::run_batch(c, &calls)) {
+            Some(Ok(replies)) => {
+                for (queue, reply) in queues.iter().zip(replies) {
+                    self.inner.load_cancels(queue, reply);
+                }
+            }
+            // Stopping: what was fetched goes back unstarted.
+            None => {}
+            // Refused (not a lost connection: that is retried): the keeper tries again within
+            // its poll; the tasks fetched are handed out meanwhile.
+            Some(Err(e)) => self.event(
+                Level::Error,
+                EventKind::ReceiveFailed,
+                format!("loading the cancels failed (the lease keeper tries again): {e}"),
+            ),
+        }
     }
 
     /// Decodes one fetched message into the buffer: `leased` by `consumer` (it sits in that

@@ -1,7 +1,9 @@
 //! The lease keeper: renews the leases of the tasks this process holds (so a long task is
 //! not handed to another worker), and returns the expired leases of the queues it serves to
-//! their queue (so the tasks of a worker that died run again). Runs for as long as the
-//! process consumes anything, not only at start-up.
+//! their queue (so the tasks of a worker that died run again), and polls the cancel
+//! generations of the queues it serves every [`CANCEL_POLL`], loading new cancels into the
+//! process's set (so a running task sees its cancel, and a task fetched before the cancel
+//! does not start). Runs for as long as the process consumes anything, not only at start-up.
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -13,7 +15,7 @@ use dingo_core::message::{ReplyTo, ReportBody, ReportMessage};
 use dingo_core::{BrokerError, CallKey};
 
 use super::settle::Op;
-use super::{Inner, Thread, dead_entry, lock};
+use super::{CANCEL_POLL, Inner, Thread, dead_entry, lock};
 use crate::keys::QueueKeys;
 use crate::scripts::{self, Call};
 
@@ -38,8 +40,13 @@ fn keep(inner: &Arc<Inner>, stop: &AtomicBool) {
     let reap_every = inner.options.reap_interval;
     let mut next_renew = Instant::now() + renew_every;
     let mut next_reap = Instant::now();
+    let mut next_poll = Instant::now();
     while !stop.load(Ordering::SeqCst) {
         let now = Instant::now();
+        if now >= next_poll {
+            poll_cancels(inner, &mut conn, stop);
+            next_poll = now + CANCEL_POLL;
+        }
         if now >= next_renew {
             renew(inner, &mut conn, stop);
             next_renew = now + renew_every;
@@ -50,8 +57,25 @@ fn keep(inner: &Arc<Inner>, stop: &AtomicBool) {
         }
         // A timer, not a poll for work: wake at the next deadline, in short slices so a
         // stop is seen promptly.
-        let next = next_renew.min(next_reap);
+        let next = next_renew.min(next_reap).min(next_poll);
         std::thread::sleep(next.saturating_duration_since(Instant::now()).min(Duration::from_millis(50)));
+    }
+}
+
+/// Loads the cancels this process lacks of the queues it consumes: one script per queue,
+/// in one round trip, that answers with the generation alone while nothing changed.
+fn poll_cancels(inner: &Inner, conn: &mut crate::conn::Conn, stop: &AtomicBool) {
+    inner.cancels.prune(std::time::SystemTime::now());
+    let queues: Vec<Arc<QueueKeys>> = lock(&inner.consumed).values().map(|(queue, _)| queue.clone()).collect();
+    if queues.is_empty() {
+        return;
+    }
+    let calls: Vec<Call> = queues.iter().map(|q| inner.cancels_call(q)).collect();
+    let Some(Ok(results)) = conn.retry(stop, &mut |c| scripts::run_batch(c, &calls)) else {
+        return;
+    };
+    for (queue, result) in queues.iter().zip(results) {
+        inner.load_cancels(queue, result);
     }
 }
 

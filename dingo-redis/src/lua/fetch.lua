@@ -23,7 +23,7 @@ end
 local prior = redis.call('GET', KEYS[6])
 if prior and math.floor(tonumber(prior)) >= tonumber(ARGV[5]) then
   redis.call('PEXPIRE', KEYS[6], ARGV[6])
-  return {'again', head(tonumber(string.match(prior, '%.(%d+)$')) or 0)}
+  return {'again', head(tonumber(string.match(prior, '%.(%d+)$')) or 0), redis.call('GET', KEYS[7]) or '0'}
 end
 local queued = redis.call('LLEN', KEYS[1])
 local n = math.min(tonumber(ARGV[1]), queued)
@@ -47,5 +47,8 @@ if queued > 0 or redis.call('LLEN', KEYS[2]) > 0 then
 else
   redis.call('DEL', KEYS[3])
 end
-if ARGV[7] == '1' then return {'ok', head(n)} end
-return {'ok', n}
+-- The queue's cancel generation: the worker loads the cancels it does not know yet before
+-- it hands out what it took.
+local gen = redis.call('GET', KEYS[7]) or '0'
+if ARGV[7] == '1' then return {'ok', head(n), gen} end
+return {'ok', n, gen}
