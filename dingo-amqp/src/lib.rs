@@ -242,6 +242,11 @@
 //! - **Transient namespaces.** RabbitMQ's streams are always durable: a transient
 //!   namespace's cancel stream outlives a restart of the node (harmless: its cancels still
 //!   lapse). [`AmqpBroker::delete_topology`] deletes it.
+//! - **Resource alarms.** A cancel and a marker are publishes: while RabbitMQ blocks
+//!   publishing (a resource alarm), `cancel` fails after the connect timeout, and a
+//!   subscription that starts or reconnects waits for the alarm to end before it consumes
+//!   (with a `ReceiveFailed` event each time its wait runs out). Subscriptions already
+//!   consuming go on.
 //! - **RabbitMQ 3.10.** A stream just declared has no writer for a few milliseconds, and a
 //!   message published then crashes the publishing channel and the whole connection
 //!   (`INTERNAL_ERROR`). So declaring the stream waits until a consumer can attach, before
