@@ -152,7 +152,11 @@ fn main() -> Result<(), dingo::Error> {
     }
     let letters = app.dead_letters(name, 10)?;
     for letter in &letters {
-        println!("dead letter of {}: {}", letter.key.as_ref().map_or("?".to_string(), |k| k.to_string()), letter.reason);
+        println!(
+            "dead letter of {}: {}",
+            letter.key.as_ref().map_or("?".to_string(), |k| k.to_string()),
+            letter.reason
+        );
     }
     assert_eq!(letters.len(), 2);
     let replayed = app.replay_dead(name, &Select::All)?;
