@@ -279,7 +279,7 @@ impl App {
     {
         let name = registry::intern(name.as_ref());
         let fingerprint = registry::fingerprint::<A, T>();
-        self.submit(name, fingerprint, Args::Typed(args), options, result::decode_value::<T>)
+        self.submit(name, fingerprint, Args::Typed(args), options, result::decode_value::<T>, true)
     }
 
     /// Sends a task by name and forgets it: no report is produced. Returns the call's id.
@@ -293,7 +293,7 @@ impl App {
         let name = registry::intern(name.as_ref());
         let fingerprint = registry::args_fingerprint::<A>();
         let handle =
-            self.submit::<A, ()>(name, fingerprint, Args::Typed(args), &options, result::decode_value::<()>)?;
+            self.submit::<A, ()>(name, fingerprint, Args::Typed(args), &options, result::decode_value::<()>, false)?;
         Ok(handle.id().clone())
     }
 
@@ -307,13 +307,22 @@ impl App {
         args: Encoded,
     ) -> Result<Handle<RawOutput>, Error> {
         let name = registry::intern(name.as_ref());
-        self.submit::<(), RawOutput>(name, 0, Args::Encoded(args), options, result::decode_raw)
+        self.submit::<(), RawOutput>(name, 0, Args::Encoded(args), options, result::decode_raw, true)
     }
 
     /// Calls a macro-generated task; its stubs reach this through `__private::call`.
     pub(crate) fn call_task<K: Task>(&self, args: K::Args, options: &CallOptions) -> Result<Handle<K::Output>, Error> {
         let name = TaskName::from_static(K::NAME);
-        self.submit(name, K::fingerprint(), Args::Typed(args), options, result::decode_value::<K::Output>)
+        self.submit(name, K::fingerprint(), Args::Typed(args), options, result::decode_value::<K::Output>, true)
+    }
+
+    /// Sends a macro-generated task without a report; returns its id (no handle: none to
+    /// cancel through, so none is made).
+    pub(crate) fn send_task<K: Task>(&self, args: K::Args) -> Result<TaskId, Error> {
+        let name = TaskName::from_static(K::NAME);
+        let options = CallOptions::new().ignore_report(true);
+        let handle = self.submit(name, K::fingerprint(), Args::Typed(args), &options, result::decode_value::<()>, false)?;
+        Ok(handle.id().clone())
     }
 
     fn submit<A, T>(
@@ -323,6 +332,9 @@ impl App {
         args: Args<A>,
         options: &CallOptions,
         decode: DecodeFn<T>,
+        // Whether a detached handle (`ignore_report`) may cancel: not for `send`, which
+        // keeps only the id (and saves the reference count).
+        cancellable: bool,
     ) -> Result<Handle<T>, Error>
     where
         A: Serialize + Send + 'static,
@@ -360,7 +372,7 @@ impl App {
         };
 
         let (handle, reply_to) = if plan.options.ignore_report {
-            (Handle::detached(key.clone(), Some(inner.route.clone())), ReplyTo::None)
+            (Handle::detached(key.clone(), cancellable.then(|| inner.route.clone())), ReplyTo::None)
         } else {
             let store = inner.store.as_ref().ok_or(Error::MissingRole(Role::Store))?;
             let slot = Arc::new(Slot::new(inner.caller_codecs.clone(), decode));

@@ -27,8 +27,7 @@ pub fn call<K: Task>(app: &App, args: K::Args, options: &CallOptions) -> Result<
 
 /// Sends a macro-generated task without a report.
 pub fn send<K: Task>(app: &App, args: K::Args) -> Result<TaskId, Error> {
-    let handle = app.call_task::<K>(args, &CallOptions::new().ignore_report(true))?;
-    Ok(handle.id().clone())
+    app.send_task::<K>(args)
 }
 
 /// The `TypeId` of a function item.
