@@ -321,7 +321,8 @@ impl App {
     pub(crate) fn send_task<K: Task>(&self, args: K::Args) -> Result<TaskId, Error> {
         let name = TaskName::from_static(K::NAME);
         let options = CallOptions::new().ignore_report(true);
-        let handle = self.submit(name, K::fingerprint(), Args::Typed(args), &options, result::decode_value::<()>, false)?;
+        let handle =
+            self.submit(name, K::fingerprint(), Args::Typed(args), &options, result::decode_value::<()>, false)?;
         Ok(handle.id().clone())
     }
 

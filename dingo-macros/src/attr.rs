@@ -289,11 +289,11 @@ mod tests {
             found,
             [
                 "unknown key `nmae`; `#[dingo::task]` accepts `name`, `crate`, `retries`, `retry_backoff`, \
-                 `retry_backoff_max`, `retry_jitter`",
+                 `retry_backoff_max`, `retry_jitter`, `time_limit`, `soft_time_limit`",
                 "duplicate key `name`: it may appear once",
                 "`name` takes a string literal, e.g. `name = \"billing.charge\"`",
                 "unknown key `retry`; `#[dingo::task]` accepts `name`, `crate`, `retries`, `retry_backoff`, \
-                 `retry_backoff_max`, `retry_jitter`",
+                 `retry_backoff_max`, `retry_jitter`, `time_limit`, `soft_time_limit`",
                 "duplicate key `name`: it may appear once",
                 "the task name must not be empty",
             ]

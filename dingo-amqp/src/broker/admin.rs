@@ -46,8 +46,11 @@ impl Admin for AmqpBroker {
                 let Some(get) = channel.basic_get(dead.clone(), false)? else { break };
                 letters.push(letter(queue, &get.delivery.properties, get.delivery.body));
             }
-            // Unacknowledged: they go back, in their places.
+            // Unacknowledged: they go back, in their places — before this returns: the
+            // queue handles this channel's requeue before its next request from the same
+            // channel (a passive declare), so a replay right after finds them.
             channel.recover(true)?;
+            channel.queue_declare_passive(dead.clone())?;
             Ok(letters)
         });
         none_if_missing(read, Vec::new())
@@ -111,7 +114,10 @@ impl Admin for AmqpBroker {
                 break;
             }
         }
-        // Gives back the letters not selected (fetched, never acknowledged).
+        // Gives back the letters not selected (fetched, never acknowledged), before this
+        // returns (see `dead_letters`).
+        channel.recover(true).map_err(failed)?;
+        channel.queue_declare_passive(dead.clone()).map_err(failed)?;
         let _ = channel.close();
         Ok(replayed)
     }
@@ -135,8 +141,9 @@ impl Admin for AmqpBroker {
                 purged += 1;
             }
         }
-        // Closing waits for RabbitMQ to have processed the acknowledgements before it, and
-        // gives back the letters not selected.
+        // The letters not selected go back before this returns (see `dead_letters`).
+        channel.recover(true).map_err(failed)?;
+        channel.queue_declare_passive(dead.clone()).map_err(failed)?;
         channel.close().map_err(failed)?;
         Ok(purged)
     }
