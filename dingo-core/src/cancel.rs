@@ -22,6 +22,9 @@ use crate::id::{CallKey, TaskId, TaskName};
 /// ([`AppBuilder::cancel_ttl`](crate::AppBuilder::cancel_ttl)): a day.
 pub const DEFAULT_CANCEL_TTL: Duration = Duration::from_secs(24 * 60 * 60);
 
+/// The size below which inserts do not prune.
+const PRUNE_FROM: usize = 1024;
+
 /// The cancels one consumer knows: call keys, each until a time.
 ///
 /// ```
@@ -40,7 +43,7 @@ pub const DEFAULT_CANCEL_TTL: Duration = Duration::from_secs(24 * 60 * 60);
 /// cancels.prune(SystemTime::now());
 /// assert_eq!(cancels.len(), 1);
 /// ```
-#[derive(Debug, Default)]
+#[derive(Debug)]
 pub struct Cancels {
     /// By task name, then id: the time each cancel lapses.
     keys: RwLock<HashMap<TaskName, HashMap<TaskId, SystemTime>>>,
@@ -48,16 +51,29 @@ pub struct Cancels {
     count: AtomicUsize,
     /// Bumped by every insert, so a reader can tell whether anything changed.
     generation: AtomicU64,
+    /// The size at which an insert prunes lapsed cancels (twice the size after the last
+    /// prune): pruning stays amortized O(1) per insert.
+    prune_at: AtomicUsize,
 }
 
 impl Cancels {
     /// An empty set.
     pub fn new() -> Cancels {
-        Cancels::default()
+        Cancels {
+            keys: RwLock::default(),
+            count: AtomicUsize::new(0),
+            generation: AtomicU64::new(0),
+            prune_at: AtomicUsize::new(PRUNE_FROM),
+        }
     }
 
     /// Adds (or extends) the cancel of `key` until `until`. Returns whether the key was new.
+    /// Once the set has doubled since it was last pruned, lapsed cancels are dropped first.
     pub fn insert(&self, key: CallKey, until: SystemTime) -> bool {
+        if self.count.load(Ordering::Acquire) >= self.prune_at.load(Ordering::Relaxed) {
+            self.prune(SystemTime::now());
+            self.prune_at.store((self.len() * 2).max(PRUNE_FROM), Ordering::Relaxed);
+        }
         let mut keys = crate::broker::kit::write(&self.keys);
         let ids = keys.entry(key.name).or_default();
         let new = match ids.get_mut(&key.id) {
@@ -90,7 +106,8 @@ impl Cancels {
         keys.get(name).and_then(|ids| ids.get(id)).is_some_and(|until| *until > SystemTime::now())
     }
 
-    /// Drops the cancels that lapsed by `now`.
+    /// Drops the cancels that lapsed by `now` (a walk over the whole set: call it now and
+    /// then, not per cancel).
     pub fn prune(&self, now: SystemTime) {
         if self.count.load(Ordering::Acquire) == 0 {
             return;
@@ -119,5 +136,11 @@ impl Cancels {
     /// A number that changes whenever a cancel is added.
     pub fn generation(&self) -> u64 {
         self.generation.load(Ordering::Acquire)
+    }
+}
+
+impl Default for Cancels {
+    fn default() -> Cancels {
+        Cancels::new()
     }
 }

@@ -34,7 +34,6 @@ impl Admin for AmqpBroker {
         inner.life.check_open()?;
         inner.publish_to_cancels("recording a cancel", cancels::cancel_headers(key, until))?;
         inner.cancels.insert(key.clone(), until);
-        inner.cancels.prune(SystemTime::now());
         Ok(())
     }
 
