@@ -46,6 +46,16 @@
 //!   lease) cannot complete its tasks afterwards: the script checks the lease first, rejects
 //!   the late report and the broker counts it ([`Stats::rejected_reports`]); the consumer
 //!   then starts over under a new id.
+//! - **Hard time limits.** When the watchdog writes off a worker thread whose task ran past
+//!   its hard limit ([`TimeLimits`](dingo_core::TimeLimits)), the call fails with
+//!   `TimeLimit` and exactly its message leaves the thread's processing list — stored after
+//!   the settlements the thread still held (tasks it finished before, in their order), by
+//!   the flusher or by the write-off itself, never by position out of turn. The tasks the thread
+//!   had fetched but not started go back to the front of the queue at once (not after a
+//!   lease) and run on other threads, its consumers are retired, and the thread is fenced:
+//!   should it ever return, it settles, reports (progress included, through this broker)
+//!   and fetches nothing.
+//!   Its connection is closed at the write-off.
 //! - **Retries apply once.** A connection that breaks while a command is on its way leaves
 //!   the sender unsure whether it ran; it reconnects and sends it again. Every batch that
 //!   sends, fetches, completes or trims is numbered per sender (one small key per sender and

@@ -11,12 +11,35 @@
 //! [`FLUSH_AFTER`], or one of a task that ran longer than that, is written before the worker
 //! starts another task; the others are parked while it runs, and stored by the flusher
 //! thread if that task runs past [`FLUSH_AFTER`] (see [`super::flusher`]).
+//!
+//! A thread's state ([`Local`]) is its own, but not thread-local only: it sits in a
+//! [`Slot`] (behind a lock nobody else takes on the normal path), which the thread keeps in
+//! [`LOCAL`] and the subscription keeps by thread id, and every acknowledgement records the
+//! slot of the thread that took its task. That is for hard time limits, where another
+//! thread acts for a worker that may never come back:
+//!
+//! - The watchdog settles the call past its limit ([`RedisAck::settle`] from the watchdog's
+//!   thread): the settlement joins the owner's parked ones, after them, due at once, and the
+//!   flusher stores them in order — not the background writer, which settles by position
+//!   and could remove an earlier, finished task's message in its place.
+//! - Then the watchdog calls [`Subscription::release_thread`]: the slot is released as a
+//!   stopping thread releases its own (settlements still held stored, tasks fetched but not
+//!   started requeued newest first so they keep their order at the front of the queue,
+//!   consumers retired, the lease keeper told to forget them) and marked written off.
+//! - A written-off slot is fenced: if the thread returns, its settlements, reports and
+//!   fetches find it released and do nothing (`detach_worker` included).
+//!
+//! Should a written-off thread return between the watchdog's claim and its settlement, it
+//! releases its own slot first (its task's message stays, the consumer is not retired); the
+//! watchdog's settlement then finds no slot and goes to the background writer, which
+//! removes that message — the only one left.
 
 use std::any::Any;
 use std::cell::RefCell;
 use std::collections::VecDeque;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, Weak};
+use std::thread::ThreadId;
 use std::time::{Duration, Instant};
 
 use dingo_core::__internal::FastMap;
@@ -43,6 +66,9 @@ pub(crate) struct RedisAck {
     pub(crate) consumer: Arc<str>,
     /// The subscription whose worker thread took the task.
     pub(crate) subscription: u64,
+    /// That thread's state: where the settlement goes, in order, when another thread settles
+    /// (the watchdog, for a task past its hard time limit).
+    pub(crate) owner: Weak<Slot>,
 }
 
 impl RedisAck {
@@ -50,21 +76,36 @@ impl RedisAck {
         Arc::ptr_eq(&self.inner, inner)
     }
 
-    /// Queues the settlement on the worker thread that took the task (settlements must keep
-    /// the order of the processing list); elsewhere, hands it to the background writer.
+    /// Queues the settlement with the other settlements of the worker thread that took the
+    /// task (settlements must keep the order of the processing list). On that thread it
+    /// waits for its next round trip; from another thread (the watchdog settling a task past
+    /// its hard limit while the thread still runs it) it is parked behind the thread's
+    /// parked settlements, for the flusher to store at once. A thread written off settles
+    /// nothing (fenced); once a thread released its state, the background writer settles.
     pub(crate) fn settle(self, settle: Settle) -> Result<(), BrokerError> {
         let pending = Pending { queue: self.queue, consumer: self.consumer, settle };
-        let left = LOCAL.with(|local| match local.borrow_mut().get_mut(&self.subscription) {
-            Some(state) => {
-                state.done.push(pending);
+        let left = LOCAL.with(|local| match local.borrow().get(&self.subscription) {
+            Some(slot) if std::ptr::eq(Arc::as_ptr(slot), self.owner.as_ptr()) => {
+                let mut state = lock(&slot.local);
+                if !state.released {
+                    state.done.push(pending);
+                }
                 None
             }
-            None => Some(pending),
+            _ => Some(pending),
         });
-        match left {
-            None => Ok(()),
-            Some(pending) => self.inner.completer()?.push(pending.into_op()),
+        let Some(pending) = left else { return Ok(()) };
+        if let Some(slot) = self.owner.upgrade() {
+            let mut state = lock(&slot.local);
+            if state.written_off {
+                return Ok(());
+            }
+            if !state.released {
+                state.settle_elsewhere(&self.inner, pending);
+                return Ok(());
+            }
         }
+        self.inner.completer()?.push(pending.into_op())
     }
 }
 
@@ -89,7 +130,18 @@ impl Acknowledge for RedisAck {
 
 thread_local! {
     /// Per subscription: this worker thread's connection, fetched tasks and settlements.
-    static LOCAL: RefCell<FastMap<u64, Local>> = RefCell::new(FastMap::default());
+    static LOCAL: RefCell<FastMap<u64, Arc<Slot>>> = RefCell::new(FastMap::default());
+}
+
+/// One worker thread's state for one subscription. The thread keeps it in [`LOCAL`] and
+/// locks it (uncontended) for what it does; the subscription keeps it too, by thread id, so
+/// that another thread can reach it: the watchdog that settles the task of a thread past its
+/// hard time limit (see [`RedisAck::settle`]) and then writes the thread off
+/// ([`Subscription::release_thread`]).
+pub(crate) struct Slot {
+    /// The broker this state belongs to (its process id).
+    process: Arc<str>,
+    local: Mutex<Local>,
 }
 
 /// What a worker thread took, in the order it took it.
@@ -106,8 +158,8 @@ enum Entry {
 }
 
 struct Local {
-    /// The broker this state belongs to (its process id).
-    process: Arc<str>,
+    /// The slot this state is in (for the acknowledgements of the tasks it takes).
+    me: Weak<Slot>,
     conn: Conn,
     /// Wakes this thread's blocking wait (a stop).
     control: String,
@@ -130,6 +182,132 @@ struct Local {
     /// on the wake lists first, after its settlements.
     idle: bool,
     round: usize,
+    /// Settled and given back (the thread stopped, or was written off): it takes, settles and
+    /// reports nothing more.
+    released: bool,
+    /// Released because the thread was written off: what it does if it ever returns is
+    /// dropped (fenced).
+    written_off: bool,
+}
+
+impl Local {
+    /// The plan that stores this thread's settlements (taken from `self`): the parked
+    /// ones first, if the flusher did not store them — and the consumers whose processing
+    /// lists it settles (to abandon if it fails, see [`abandon`](Self::abandon)). Calls added
+    /// to the plan afterwards are numbered after it, in the order they run.
+    fn settle_plan(&mut self, inner: &Arc<Inner>) -> (Plan, Vec<QueueConsumer>) {
+        self.take_back(inner);
+        let done = std::mem::take(&mut self.done);
+        let settled = settled_by(&done);
+        (settle::settle_calls(inner, done, &mut self.sequence), settled)
+    }
+
+    /// Takes back what this thread parked (after the flusher stored it, if it is doing so),
+    /// abandoning the consumers the flusher could not settle, and drops the settlements of
+    /// abandoned consumers.
+    fn take_back(&mut self, inner: &Arc<Inner>) {
+        let failed = self.parked.reclaim(&mut self.done);
+        if !failed.is_empty() {
+            self.abandon(inner, failed);
+        }
+        if !self.abandoned.is_empty() {
+            let abandoned = &self.abandoned;
+            self.done.retain(|pending| !pending.settle.is_positional() || !abandoned.contains(&pending.consumer));
+        }
+    }
+
+    /// Gives up consumers whose settlements could not be stored. Settlements remove the
+    /// oldest messages of a processing list by position: once one is lost, a later one would
+    /// remove another task's message — that task would be lost. So nothing more is settled
+    /// under these ids; their leases are no longer renewed, and once they expire the reaper
+    /// puts every task of their processing lists back in the queue (at least once: those
+    /// that ran run again). This thread fetches under new ids.
+    fn abandon(&mut self, inner: &Arc<Inner>, consumers: Vec<QueueConsumer>) {
+        for (queue, consumer) in consumers {
+            if self.consumers.get(&queue.prefix).is_some_and(|(current, _)| *current == consumer) {
+                self.consumers.remove(&queue.prefix);
+            }
+            inner.forget_consumer(&queue, &consumer);
+            if !self.abandoned.contains(&consumer) {
+                self.abandoned.push(consumer);
+            }
+            event(
+                inner,
+                Level::Warning,
+                EventKind::SettlementsLost,
+                format!(
+                    "settlements on `{}` could not be stored: this worker's tasks there run again once its lease \
+                     expires",
+                    queue.prefix
+                ),
+            );
+        }
+    }
+
+    /// Stores this thread's settlements now.
+    fn settle(&mut self, inner: &Arc<Inner>) {
+        let (mut plan, settled) = self.settle_plan(inner);
+        if !plan.calls.is_empty() && self.round_trip(inner, &mut plan).is_none() {
+            self.abandon(inner, settled);
+        }
+    }
+
+    /// Parks this thread's settlements while it runs its next task: they go with its next
+    /// round trip, or the flusher stores them if the task runs long.
+    fn park(&mut self, inner: &Arc<Inner>, now: Instant) {
+        self.take_back(inner);
+        if self.done.is_empty() {
+            return;
+        }
+        if self.parked.park(&mut self.done, now) {
+            match inner.flusher() {
+                Ok(flusher) => flusher.watch(self.parked.clone()),
+                // No flusher (the broker is closing): store them now.
+                Err(_) => self.settle(inner),
+            }
+        }
+    }
+
+    /// Runs `plan` on this thread's connection; returns the results of the calls that ran,
+    /// with their kinds. Retries give up once the subscription stops: what a stopping worker
+    /// cannot store while Redis is away runs again after its lease, rather than hold the
+    /// stop up until Redis is back.
+    fn round_trip(&mut self, inner: &Arc<Inner>, plan: &mut Plan) -> Option<Vec<(Kind, Value)>> {
+        match plan.run(inner, &mut self.conn, &self.parked.stop, &mut self.sequence)? {
+            Ok(results) => {
+                settle::account(inner, &results);
+                Some(results)
+            }
+            Err(e) => {
+                event(inner, Level::Error, EventKind::ReceiveFailed, format!("talking to redis failed: {e}"));
+                None
+            }
+        }
+    }
+
+    /// Queues a settlement made on another thread while this one runs the task (the
+    /// watchdog's, at a hard time limit): parked behind what this thread parked, due at once,
+    /// so the flusher stores it now, in order. This thread takes it back before its next
+    /// round trip if the flusher did not store it yet (see [`Parked::reclaim`]).
+    fn settle_elsewhere(&mut self, inner: &Arc<Inner>, pending: Pending) {
+        self.done.push(pending);
+        // The parked ones go first; settlements of abandoned consumers are dropped.
+        self.take_back(inner);
+        if self.done.is_empty() {
+            return;
+        }
+        let now = Instant::now();
+        self.parked.park(&mut self.done, now.checked_sub(FLUSH_AFTER).unwrap_or(now));
+        match inner.flusher() {
+            // Told even if it watches this worker already: it may be waiting for news.
+            Ok(flusher) => flusher.watch(self.parked.clone()),
+            Err(_) => self.settle(inner),
+        }
+    }
+}
+
+fn event(inner: &Inner, level: Level, kind: EventKind, message: String) {
+    inner.events.emit(Event::new(Origin::Consumer, level, kind, message));
 }
 
 pub(crate) struct RedisSubscription {
@@ -144,6 +322,8 @@ pub(crate) struct RedisSubscription {
     stopped: Arc<AtomicBool>,
     /// The control lists of the worker threads, to wake them on stop.
     controls: Mutex<Vec<String>>,
+    /// The worker threads' states, for [`Subscription::release_thread`].
+    threads: Mutex<FastMap<ThreadId, Arc<Slot>>>,
 }
 
 impl RedisSubscription {
@@ -172,6 +352,7 @@ impl RedisSubscription {
             per_worker,
             stopped: Arc::new(AtomicBool::new(false)),
             controls: Mutex::new(Vec::new()),
+            threads: Mutex::new(FastMap::default()),
         })
     }
 
@@ -179,17 +360,25 @@ impl RedisSubscription {
     fn with_local<R>(&self, f: impl FnOnce(&mut Local) -> R) -> R {
         LOCAL.with(|local| {
             let mut local = local.borrow_mut();
-            let state = local.entry(self.id).or_insert_with(|| self.new_local());
-            f(state)
+            let slot = local.entry(self.id).or_insert_with(|| self.new_slot());
+            f(&mut lock(&slot.local))
         })
     }
 
-    fn new_local(&self) -> Local {
+    /// A new state for the calling thread, registered under its id.
+    fn new_slot(&self) -> Arc<Slot> {
+        let slot =
+            Arc::new_cyclic(|me| Slot { process: self.inner.process.clone(), local: Mutex::new(self.new_local(me)) });
+        lock(&self.threads).insert(std::thread::current().id(), slot.clone());
+        slot
+    }
+
+    fn new_local(&self, me: &Weak<Slot>) -> Local {
         let thread = UuidV7.next_id();
         let control = keys::control(&self.inner.options.namespace, thread.as_str());
         lock(&self.controls).push(control.clone());
         Local {
-            process: self.inner.process.clone(),
+            me: me.clone(),
             conn: self.inner.conn("task fetcher", Origin::Consumer, true),
             control,
             consumers: FastMap::default(),
@@ -202,6 +391,8 @@ impl RedisSubscription {
             sequence: Sequence::new("work", thread.as_str()),
             idle: false,
             round: 0,
+            released: false,
+            written_off: false,
         }
     }
 
@@ -228,9 +419,9 @@ impl RedisSubscription {
                     let now = Instant::now();
                     if !local.done.is_empty() {
                         if local.handed_at.is_some_and(|t| now.duration_since(t) >= FLUSH_AFTER) {
-                            self.settle(local);
+                            local.settle(&self.inner);
                         } else {
-                            self.park(local, now);
+                            local.park(&self.inner, now);
                         }
                     }
                     local.handed_at = Some(now);
@@ -239,99 +430,6 @@ impl RedisSubscription {
                 Entry::Malformed { queue, consumer, reason, keep } => {
                     local.done.push(Pending { queue, consumer, settle: Settle::Dead { reason, keep } });
                 }
-            }
-        }
-    }
-
-    /// The plan that stores this thread's settlements (taken from `local`): the parked
-    /// ones first, if the flusher did not store them — and the consumers whose processing
-    /// lists it settles (to abandon if it fails, see [`abandon`](Self::abandon)). Calls added
-    /// to the plan afterwards are numbered after it, in the order they run.
-    fn settle_plan(&self, local: &mut Local) -> (Plan, Vec<QueueConsumer>) {
-        self.take_back(local);
-        let done = std::mem::take(&mut local.done);
-        let settled = settled_by(&done);
-        (settle::settle_calls(&self.inner, done, &mut local.sequence), settled)
-    }
-
-    /// Takes back what this thread parked (after the flusher stored it, if it is doing so),
-    /// abandoning the consumers the flusher could not settle, and drops the settlements of
-    /// abandoned consumers.
-    fn take_back(&self, local: &mut Local) {
-        let failed = local.parked.reclaim(&mut local.done);
-        if !failed.is_empty() {
-            self.abandon(local, failed);
-        }
-        if !local.abandoned.is_empty() {
-            let abandoned = &local.abandoned;
-            local.done.retain(|pending| !pending.settle.is_positional() || !abandoned.contains(&pending.consumer));
-        }
-    }
-
-    /// Gives up consumers whose settlements could not be stored. Settlements remove the
-    /// oldest messages of a processing list by position: once one is lost, a later one would
-    /// remove another task's message — that task would be lost. So nothing more is settled
-    /// under these ids; their leases are no longer renewed, and once they expire the reaper
-    /// puts every task of their processing lists back in the queue (at least once: those
-    /// that ran run again). This thread fetches under new ids.
-    fn abandon(&self, local: &mut Local, consumers: Vec<QueueConsumer>) {
-        for (queue, consumer) in consumers {
-            if local.consumers.get(&queue.prefix).is_some_and(|(current, _)| *current == consumer) {
-                local.consumers.remove(&queue.prefix);
-            }
-            self.inner.forget_consumer(&queue, &consumer);
-            if !local.abandoned.contains(&consumer) {
-                local.abandoned.push(consumer);
-            }
-            self.event(
-                Level::Warning,
-                EventKind::SettlementsLost,
-                format!(
-                    "settlements on `{}` could not be stored: this worker's tasks there run again once its lease \
-                     expires",
-                    queue.prefix
-                ),
-            );
-        }
-    }
-
-    /// Stores this thread's settlements now.
-    fn settle(&self, local: &mut Local) {
-        let (mut plan, settled) = self.settle_plan(local);
-        if !plan.calls.is_empty() && self.round_trip(local, &mut plan).is_none() {
-            self.abandon(local, settled);
-        }
-    }
-
-    /// Parks this thread's settlements while it runs its next task: they go with its next
-    /// round trip, or the flusher stores them if the task runs long.
-    fn park(&self, local: &mut Local, now: Instant) {
-        self.take_back(local);
-        if local.done.is_empty() {
-            return;
-        }
-        if local.parked.park(&mut local.done, now) {
-            match self.inner.flusher() {
-                Ok(flusher) => flusher.watch(local.parked.clone()),
-                // No flusher (the broker is closing): store them now.
-                Err(_) => self.settle(local),
-            }
-        }
-    }
-
-    /// Runs `plan` on this thread's connection; returns the results of the calls that ran,
-    /// with their kinds. Retries give up once the subscription stops: what a stopping worker
-    /// cannot store while Redis is away runs again after its lease, rather than hold the
-    /// stop up until Redis is back.
-    fn round_trip(&self, local: &mut Local, plan: &mut Plan) -> Option<Vec<(Kind, Value)>> {
-        match plan.run(&self.inner, &mut local.conn, &self.stopped, &mut local.sequence)? {
-            Ok(results) => {
-                settle::account(&self.inner, &results);
-                Some(results)
-            }
-            Err(e) => {
-                self.event(Level::Error, EventKind::ReceiveFailed, format!("talking to redis failed: {e}"));
-                None
             }
         }
     }
@@ -348,7 +446,7 @@ impl RedisSubscription {
         let mut consumers = Vec::with_capacity(n);
         // Settlements first: batch numbers must rise in the order the calls run. They are
         // stored at once, even when a wait follows them.
-        let (mut plan, settled) = self.settle_plan(local);
+        let (mut plan, settled) = local.settle_plan(&self.inner);
         if local.idle {
             // After a fetch that drained the queues, wait for work before fetching again, in
             // the same round trip: the server runs the fetches the moment a wake token
@@ -389,8 +487,8 @@ impl RedisSubscription {
                 .arg((self.per_worker.max(1) - 1).to_string());
             plan.push(head, Kind::Head);
         }
-        let Some(results) = self.round_trip(local, &mut plan) else {
-            self.abandon(local, settled);
+        let Some(results) = local.round_trip(&self.inner, &mut plan) else {
+            local.abandon(&self.inner, settled);
             if !self.stopped.load(Ordering::SeqCst) {
                 // Not a connection problem (those are retried): try again a little later.
                 std::thread::sleep(self.inner.options.block_timeout.min(block));
@@ -551,6 +649,7 @@ impl RedisSubscription {
                         queue: queue.clone(),
                         consumer: consumer.clone(),
                         subscription: self.id,
+                        owner: local.me.clone(),
                     })
                 });
                 local.buffer.push_back(Entry::Task(Delivery::new(message).with_ack(ack).with_redelivered(redelivered)));
@@ -661,8 +760,22 @@ impl RedisSubscription {
     /// Settles what this thread holds — settlements not yet stored, tasks taken but not
     /// started (given back) — and forgets its state.
     fn release_local(&self) {
-        let state = LOCAL.with(|local| local.borrow_mut().remove(&self.id));
-        let Some(mut local) = state else { return };
+        let slot = LOCAL.with(|local| local.borrow_mut().remove(&self.id));
+        let Some(slot) = slot else { return };
+        lock(&self.threads).remove(&std::thread::current().id());
+        self.release(&mut lock(&slot.local), false);
+    }
+
+    /// Settles what a worker thread holds — settlements not yet stored, tasks taken but not
+    /// started (given back) — retires its consumers and marks its state released: it takes,
+    /// settles and reports nothing more. Runs on the thread itself when it stops, or on the
+    /// watchdog's when it is `written_off` (then its connection is closed too).
+    fn release(&self, local: &mut Local, written_off: bool) {
+        if local.released {
+            return;
+        }
+        local.released = true;
+        local.written_off = written_off;
         let mut amo: FastMap<String, (Arc<QueueKeys>, Vec<Vec<u8>>)> = FastMap::default();
         // Given back newest first: the script takes them from the head of the list.
         while let Some(entry) = local.buffer.pop_back() {
@@ -690,7 +803,7 @@ impl RedisSubscription {
                 }
             }
         }
-        self.settle(&mut local);
+        local.settle(&self.inner);
         if let Ok(completer) = self.inner.completer() {
             for (queue, messages) in amo.into_values() {
                 let _ = completer.push(Op::GiveBack { queue, messages });
@@ -712,11 +825,16 @@ impl RedisSubscription {
         if !retire.is_empty() {
             let _ = local.conn.once(&mut |c| scripts::run_batch(c, &retire));
         }
+        local.consumers.clear();
         lock(&self.controls).retain(|c| *c != local.control);
+        if written_off {
+            // A connection nobody uses any more (the thread may never return): closed now.
+            local.conn = self.inner.conn("task fetcher", Origin::Consumer, true);
+        }
     }
 
     fn event(&self, level: Level, kind: EventKind, message: String) {
-        self.inner.events.emit(Event::new(Origin::Consumer, level, kind, message));
+        event(&self.inner, level, kind, message);
     }
 }
 
@@ -725,10 +843,16 @@ impl RedisSubscription {
 /// which leaves by the same connection. Gives the report back otherwise.
 pub(crate) fn report_here(inner: &Inner, report: Op) -> Result<Option<Op>, BrokerError> {
     LOCAL.with(|local| {
-        let mut local = local.borrow_mut();
-        let Some(state) = local.values_mut().find(|state| Arc::ptr_eq(&state.process, &inner.process)) else {
+        let local = local.borrow();
+        let Some(slot) = local.values().find(|slot| Arc::ptr_eq(&slot.process, &inner.process)) else {
             return Ok(Some(report));
         };
+        let mut state = lock(&slot.local);
+        if state.written_off {
+            // Fenced: a thread written off reports nothing.
+            return Ok(None);
+        }
+        let state = &mut *state;
         // A report alone: it removes nothing from a processing list, so it needs no order
         // with the settlements parked or waiting, and losing it loses no task.
         let mut plan = settle::plan(inner, vec![report], &mut state.sequence);
@@ -750,10 +874,15 @@ pub(crate) fn finish_here(
     bytes: Vec<u8>,
 ) -> Option<(Arc<str>, Vec<u8>)> {
     LOCAL.with(|local| {
-        let mut local = local.borrow_mut();
-        let Some(state) = local.values_mut().find(|state| Arc::ptr_eq(&state.process, &inner.process)) else {
+        let local = local.borrow();
+        let Some(slot) = local.values().find(|slot| Arc::ptr_eq(&slot.process, &inner.process)) else {
             return Some((caller, bytes));
         };
+        let mut state = lock(&slot.local);
+        if state.written_off {
+            // Fenced: a thread written off reports nothing.
+            return None;
+        }
         let consumer = state.consumers.get(&queue.prefix).map(|(c, _)| c.clone()).unwrap_or_else(|| Arc::from(""));
         let settle = Settle::Report { caller, bytes };
         state.done.push(Pending { queue: queue.clone(), consumer, settle });
@@ -767,9 +896,11 @@ impl Subscription for RedisSubscription {
             self.release_local();
             return Recv::Stopped;
         }
-        match self.with_local(|local| self.next_buffered(local)) {
-            Some(delivery) => Recv::Delivery(delivery),
-            None => Recv::Empty,
+        match self.with_local(|local| if local.released { Err(()) } else { Ok(self.next_buffered(local)) }) {
+            Ok(Some(delivery)) => Recv::Delivery(delivery),
+            Ok(None) => Recv::Empty,
+            // Written off: fenced.
+            Err(()) => Recv::Stopped,
         }
     }
 
@@ -783,14 +914,20 @@ impl Subscription for RedisSubscription {
             let left = deadline.map(|d| d.saturating_duration_since(Instant::now()));
             let block = left.unwrap_or(self.inner.options.block_timeout).min(self.inner.options.block_timeout);
             let next = self.with_local(|local| {
+                if local.released {
+                    return Err(());
+                }
                 if let Some(delivery) = self.next_buffered(local) {
-                    return Some(delivery);
+                    return Ok(Some(delivery));
                 }
                 self.fetch(local, block);
-                self.next_buffered(local)
+                Ok(self.next_buffered(local))
             });
-            if let Some(delivery) = next {
-                return Recv::Delivery(delivery);
+            match next {
+                Ok(Some(delivery)) => return Recv::Delivery(delivery),
+                Ok(None) => {}
+                // Written off: fenced.
+                Err(()) => return Recv::Stopped,
             }
             if deadline.is_some_and(|d| Instant::now() >= d) {
                 return Recv::Empty;
@@ -821,6 +958,15 @@ impl Subscription for RedisSubscription {
 
     fn detach_worker(&self) {
         self.release_local();
+    }
+
+    /// The thread's task was settled already (the watchdog's `TimeLimit` failure, parked
+    /// behind the thread's earlier settlements): stores them all, gives back the tasks it
+    /// fetched but did not start, retires its consumers and fences the thread (see
+    /// [`release`](RedisSubscription::release)).
+    fn release_thread(&self, thread: ThreadId) {
+        let Some(slot) = lock(&self.threads).remove(&thread) else { return };
+        self.release(&mut lock(&slot.local), true);
     }
 }
 
