@@ -232,7 +232,11 @@ impl Context<'_> {
     /// Sends a progress report to the caller, if it asked for them (`monitor_progress`);
     /// otherwise does nothing. A failure to report becomes an event, never a task error.
     pub fn progress<P: Serialize>(&self, value: P) {
-        if !self.options.monitor_progress || !self.reply_to.wants_reports() {
+        // A written-off task's progress is as stale as its outcome: dropped.
+        if !self.options.monitor_progress
+            || !self.reply_to.wants_reports()
+            || self.written_off.is_some_and(|flag| flag.load(Ordering::Acquire))
+        {
             return;
         }
         let sent = encode(self.codec, &value).map_err(|e| crate::error::chain(&e)).and_then(|bytes| {

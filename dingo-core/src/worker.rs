@@ -379,7 +379,9 @@ pub(crate) fn execute(crew: &Arc<Crew>, delivery: Delivery) -> Ran {
             match running.claim() {
                 Some(claimed) => ack = claimed,
                 None => {
-                    // The watchdog settled the call already: this outcome is discarded.
+                    // The watchdog settles the call: this outcome is discarded, and the
+                    // thread leaves once the watchdog is done with its state.
+                    running.wait_settled(Duration::from_secs(10));
                     written_off = true;
                     return;
                 }
@@ -472,7 +474,10 @@ pub(crate) fn execute(crew: &Arc<Crew>, delivery: Delivery) -> Ran {
         let ack = match &running {
             Some(running) => match running.claim() {
                 Some(ack) => ack,
-                None => return Ran::WrittenOff,
+                None => {
+                    running.wait_settled(Duration::from_secs(10));
+                    return Ran::WrittenOff;
+                }
             },
             None => ack.take(),
         };

@@ -39,6 +39,9 @@ pub(crate) struct Running {
     state: AtomicU8,
     /// Raised at write-off, for [`Context::is_cancelled`](crate::Context::is_cancelled).
     written_off: AtomicBool,
+    /// Raised once the watchdog settled the call and released the thread's state: a
+    /// written-off thread that returns waits for it before it leaves its subscription.
+    settled: AtomicBool,
     ack: Mutex<Option<Ack>>,
 }
 
@@ -51,6 +54,7 @@ impl Running {
             thread: std::thread::current().id(),
             state: AtomicU8::new(RUNNING),
             written_off: AtomicBool::new(false),
+            settled: AtomicBool::new(false),
             ack: Mutex::new(ack),
         }
     }
@@ -69,6 +73,16 @@ impl Running {
         self.state.compare_exchange(RUNNING, WRITTEN_OFF, Ordering::AcqRel, Ordering::Acquire).ok()?;
         self.written_off.store(true, Ordering::Release);
         Some(lock(&self.ack).take())
+    }
+
+    /// For the written-off thread, back from its task: waits (at most `patience`) until the
+    /// watchdog has settled its call and released what the thread held, so the thread's
+    /// own leaving comes after, never in the middle.
+    pub(crate) fn wait_settled(&self, patience: Duration) {
+        let deadline = Instant::now() + patience;
+        while !self.settled.load(Ordering::Acquire) && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(1));
+        }
     }
 
     fn is_running(&self) -> bool {
@@ -174,8 +188,12 @@ fn run(crew: &Weak<Crew>, rx: &Receiver<Watch>) {
         while heap.peek().is_some_and(|Reverse(first)| first.at <= now) {
             let Some(Reverse(entry)) = heap.pop() else { break };
             let Some(ack) = entry.running.write_off() else { continue };
-            let Some(crew) = crew.upgrade() else { return };
+            let Some(crew) = crew.upgrade() else {
+                entry.running.settled.store(true, Ordering::Release);
+                return;
+            };
             settle(&crew, &entry, ack);
+            entry.running.settled.store(true, Ordering::Release);
             crew.write_off(entry.running.thread);
         }
         if heap.len() >= sweep_at {
