@@ -455,6 +455,11 @@ pub trait Admin: Send + Sync + 'static {
     /// running it; a running task sees it through
     /// [`Context::is_cancelled`](crate::Context::is_cancelled). Cancelling a call that is
     /// unknown, finished, or already cancelled records the cancel and changes nothing else.
+    ///
+    /// A remote broker may leave a short window, which it documents: a message a worker had
+    /// already taken when the cancel was recorded (prefetched behind the task it runs, or
+    /// on its way to it) may still start, and then sees `is_cancelled` (on Redis up to
+    /// 100 ms after the cancel, on RabbitMQ a few milliseconds; none on the local broker).
     fn cancel(&self, key: &CallKey, until: SystemTime) -> Result<(), BrokerError>;
 
     /// The dead letters of `queue`, oldest first, at most `limit`, each with its reason and,

@@ -71,6 +71,8 @@ pub(crate) struct Crew {
     started: AtomicUsize,
     /// Started by the first task with a hard time limit.
     watchdog: Mutex<Option<Watchdog>>,
+    /// Whether starting it failed (then hard limits go unenforced, said once).
+    watchdog_failed: AtomicBool,
 }
 
 impl Crew {
@@ -87,8 +89,10 @@ impl Crew {
     /// The watchdog, started on first use.
     fn watchdog(self: &Arc<Crew>) -> Option<Watchdog> {
         let mut watchdog = lock(&self.watchdog);
-        if watchdog.is_none() {
+        if watchdog.is_none() && !self.watchdog_failed.load(Ordering::Relaxed) && !self.stopping.load(Ordering::Acquire)
+        {
             *watchdog = Watchdog::start(self);
+            self.watchdog_failed.store(watchdog.is_none(), Ordering::Relaxed);
         }
         watchdog.clone()
     }
@@ -131,6 +135,7 @@ impl Pool {
             written_off: Mutex::new(HashSet::new()),
             started: AtomicUsize::new(0),
             watchdog: Mutex::new(None),
+            watchdog_failed: AtomicBool::new(false),
         });
         let pool = Pool { crew, exited };
         for _ in 0..count {

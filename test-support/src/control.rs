@@ -24,6 +24,13 @@ const SLACK: Duration = Duration::from_millis(900);
 /// Runs by token: the attempt of each run, by call id.
 static RUNS: Mutex<BTreeMap<String, Vec<(String, u32)>>> = Mutex::new(BTreeMap::new());
 
+/// When each `stubborn` task started, by token.
+static STARTED: Mutex<BTreeMap<String, Instant>> = Mutex::new(BTreeMap::new());
+
+/// How late past a hard limit the caller may learn of it, measured from the task's start:
+/// the target is 100 ms; the rest is room for a loaded CI machine (the figure is printed).
+const HARD_LATE: Duration = Duration::from_millis(300);
+
 /// Tokens whose `breakable` calls fail.
 static BROKEN: Mutex<BTreeSet<String>> = Mutex::new(BTreeSet::new());
 
@@ -77,6 +84,7 @@ fn count(ctx: &Context, token: String, max_ms: u64, fail: bool) -> Result<u64, S
 /// Ignores every limit: sleeps.
 #[dingo::task(name = "control.stubborn")]
 fn stubborn(ctx: &Context, token: String, sleep_ms: u64) -> u64 {
+    lock(&STARTED).entry(token.clone()).or_insert_with(Instant::now);
     record(ctx, &token);
     std::thread::sleep(Duration::from_millis(sleep_ms));
     sleep_ms
@@ -124,7 +132,10 @@ pub fn an_err_after_the_soft_limit_is_a_time_limit(setup: &dyn AppSetup) {
     let app = setup.app();
     app.allocate(count, 1).expect("allocate");
     let token = crate::unique("soft-err");
-    let options = CallOptions::new().soft_time_limit(Duration::from_millis(100)).retries(2);
+    let options = CallOptions::new()
+        .soft_time_limit(Duration::from_millis(100))
+        .retries(2)
+        .backoff(dingo::Backoff::fixed(Duration::from_millis(10)).jitter(false));
     let result = count::call_with(&app, &options, token.clone(), 10_000, true).expect("call").wait_timeout(PATIENCE);
     assert_eq!(kind_of(result), Some(TaskErrorKind::TimeLimit));
     std::thread::sleep(Duration::from_millis(200));
@@ -146,9 +157,16 @@ pub fn a_hard_limit_fails_the_call_and_keeps_the_pool(setup: &dyn AppSetup) {
     let result = stubborn::call_with(&app, &options, token.clone(), 1_500).expect("call").wait_timeout(PATIENCE);
     let took = started.elapsed();
     assert_eq!(kind_of(result), Some(TaskErrorKind::TimeLimit));
-    eprintln!("hard limit 300 ms: the caller had TimeLimit after {took:?}");
-    assert!(took >= Duration::from_millis(300), "failed before its limit ({took:?})");
-    assert!(took < Duration::from_millis(300) + SLACK, "failed {took:?} after the call (limit 300 ms)");
+    let ran = lock(&STARTED)[&token].elapsed();
+    let after_start = took.saturating_sub(started.elapsed() - ran);
+    eprintln!(
+        "hard limit 300 ms: the caller had TimeLimit {after_start:?} after the task started ({took:?} after the call)"
+    );
+    assert!(after_start >= Duration::from_millis(300), "failed before its limit ({after_start:?})");
+    assert!(
+        after_start < Duration::from_millis(300) + HARD_LATE,
+        "failed {after_start:?} after the task started (limit 300 ms)"
+    );
     assert!(events.recv_timeout(PATIENCE).is_some(), "no TimeLimitExceeded event");
     // The pool kept its one thread: the next call runs while the stubborn one still sleeps.
     let next = Instant::now();
@@ -305,9 +323,9 @@ pub fn dead_letters_are_listed_replayed_and_purged(setup: &dyn AppSetup) {
     for letter in &letters {
         assert!(letter.reason.contains("after 3 attempt(s)"), "reason: {}", letter.reason);
         assert_eq!(letter.queue.as_str(), "control.breakable");
-        if let Some(at) = letter.at {
-            assert!(at >= before && at <= SystemTime::now() + Duration::from_secs(1), "{at:?}");
-        }
+        let at = letter.at.expect("every broker records when a letter died");
+        // RabbitMQ's own dead-lettering records whole seconds.
+        assert!(at + Duration::from_secs(1) >= before && at <= SystemTime::now() + Duration::from_secs(1), "{at:?}");
     }
     assert_eq!(app.dead_letters("control.breakable", 2).expect("list").len(), 2, "the limit");
 

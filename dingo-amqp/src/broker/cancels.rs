@@ -30,8 +30,12 @@ use crate::topology::{CANCEL_ID_HEADER, CANCEL_TASK_HEADER, CANCEL_UNTIL_HEADER,
 /// How many stream messages RabbitMQ sends ahead of the consumer's acknowledgements.
 const PREFETCH: u16 = 1024;
 
-/// How often lapsed cancels are pruned from the set.
+/// How often the reader looks up from the stream (to see a stop).
 const PRUNE_EVERY: Duration = Duration::from_secs(1);
+
+/// How often lapsed cancels are pruned from the set (a walk under its write lock; the set
+/// also prunes itself as it grows, and lapsed cancels never count).
+const PRUNE_LAPSED_EVERY: Duration = Duration::from_secs(60);
 
 pub(crate) struct CancelWatch {
     watch: Arc<Watch>,
@@ -131,7 +135,7 @@ fn follow(
             recv(stop.signal) -> _ => None,
             default(left) => None,
         };
-        if prune.elapsed() >= PRUNE_EVERY {
+        if prune.elapsed() >= PRUNE_LAPSED_EVERY {
             inner.cancels.prune(SystemTime::now());
             *prune = Instant::now();
         }

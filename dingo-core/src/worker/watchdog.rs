@@ -192,9 +192,11 @@ fn run(crew: &Weak<Crew>, rx: &Receiver<Watch>) {
                 entry.running.settled.store(true, Ordering::Release);
                 return;
             };
+            // The replacement first: a settlement that blocks (a broker reconnecting) must
+            // not leave the pool a thread short.
+            crew.write_off(entry.running.thread);
             settle(&crew, &entry, ack);
             entry.running.settled.store(true, Ordering::Release);
-            crew.write_off(entry.running.thread);
         }
         if heap.len() >= sweep_at {
             heap.retain(|Reverse(entry)| entry.running.is_running());

@@ -65,7 +65,7 @@ fn keep(inner: &Arc<Inner>, stop: &AtomicBool) {
 /// Loads the cancels this process lacks of the queues it consumes: one script per queue,
 /// in one round trip, that answers with the generation alone while nothing changed.
 fn poll_cancels(inner: &Inner, conn: &mut crate::conn::Conn, stop: &AtomicBool) {
-    inner.cancels.prune(std::time::SystemTime::now());
+    // Lapsed cancels are pruned by the set itself as it grows (and never count).
     let queues: Vec<Arc<QueueKeys>> = lock(&inner.consumed).values().map(|(queue, _)| queue.clone()).collect();
     if queues.is_empty() {
         return;
