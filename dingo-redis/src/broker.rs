@@ -358,6 +358,7 @@ impl Inner {
         crate::scripts::Call::new(&crate::scripts::CANCELS)
             .key(queue.cancelled.clone())
             .key(queue.cancelled_gen.clone())
+            .key(queue.cancelled_log.clone())
             .arg(queue.cancel_gen.load(std::sync::atomic::Ordering::Acquire).to_string())
     }
 
@@ -912,6 +913,7 @@ impl Admin for RedisBroker {
                 crate::scripts::CANCEL
                     .key(&queue.cancelled)
                     .key(&queue.cancelled_gen)
+                    .key(&queue.cancelled_log)
                     .arg(&until)
                     .arg(key.id.as_str())
                     .invoke::<i64>(c)

@@ -27,6 +27,9 @@ pub(crate) struct QueueKeys {
     pub(crate) delayed_wake: String,
     /// The cancelled calls of the queue: id → until (ms since the Unix epoch).
     pub(crate) cancelled: String,
+    /// The queue's cancel log: id → the generation of its last cancel, so a process loads
+    /// only the cancels newer than those it has (see `scripts::CANCELS`).
+    pub(crate) cancelled_log: String,
     /// The queue's cancel generation: changes with every cancel (see `scripts::CANCEL`).
     pub(crate) cancelled_gen: String,
     /// The cancel generation whose cancels this process has loaded into its `Cancels` (0:
@@ -56,6 +59,7 @@ impl QueueKeys {
             delayed_wake: key("delayed:wake"),
             cancelled: key("cancelled"),
             cancelled_gen: key("cancelled:gen"),
+            cancelled_log: key("cancelled:log"),
             cancel_gen: std::sync::atomic::AtomicU64::new(0),
             reply_here: key(&format!("reply:{process}")),
             notify_here: key(&format!("notify:{process}")),
@@ -134,6 +138,7 @@ mod tests {
             &keys.delayed_wake,
             &keys.cancelled,
             &keys.cancelled_gen,
+            &keys.cancelled_log,
         ] {
             assert!(key.starts_with("ns:{math.add}:"), "{key}");
         }

@@ -1013,7 +1013,8 @@ mod tests {
     fn cancels_are_recorded_pruned_and_loaded_by_generation() {
         let Some(mut conn) = server() else { return };
         let prefix = format!("dingo-test-cancel-{}", std::process::id());
-        let keys: Vec<String> = ["cancelled", "cancelled:gen"].iter().map(|n| format!("{prefix}:{{q}}:{n}")).collect();
+        let keys: Vec<String> =
+            ["cancelled", "cancelled:gen", "cancelled:log"].iter().map(|n| format!("{prefix}:{{q}}:{n}")).collect();
         let _: () = redis::cmd("DEL").arg(&keys).query(&mut conn).expect("DEL");
         let now = server_now(&mut conn);
         let cancel = |conn: &mut redis::Connection, until: i64, id: &str| {
@@ -1040,7 +1041,13 @@ mod tests {
         assert!(second > first);
         let reply = load(&mut conn, &first.to_string());
         let members: Vec<(String, i64)> = redis::from_redis_value(reply[1].clone()).expect("pairs");
-        assert_eq!(members, [("b".to_owned(), now + 50), ("a".to_owned(), now + 60_000)], "never shortened");
+        // Both were touched after `first`: in the order of their last cancel.
+        assert_eq!(members, [("a".to_owned(), now + 60_000), ("b".to_owned(), now + 50)], "never shortened");
+        cancel(&mut conn, now + 60_000, "d");
+        let reply = load(&mut conn, &second.to_string());
+        let members: Vec<(String, i64)> = redis::from_redis_value(reply[1].clone()).expect("pairs");
+        assert_eq!(members, [("d".to_owned(), now + 60_000)], "only what is newer than the caller's");
+        let second = generation(&mut conn);
         assert_eq!(load(&mut conn, &second.to_string()).len(), 1, "known: the generation alone");
         // A look behind the scripts (not a command dingo runs: kept out of the access scan).
         let pttl = |conn: &mut redis::Connection, key: &str| -> i64 {
@@ -1050,13 +1057,18 @@ mod tests {
         assert!(ttl > 59_000 && ttl <= 60_000, "the set expires with its last cancel: {ttl}");
         let ttl = pttl(&mut conn, &keys[1]);
         assert!(ttl > 59_000 && ttl <= 60_000, "the generation too: {ttl}");
+        let ttl = pttl(&mut conn, &keys[2]);
+        assert!(ttl > 59_000 && ttl <= 60_000, "the log too: {ttl}");
 
         // `b` lapses; the next cancel prunes it, and one that lapsed already records nothing.
         std::thread::sleep(Duration::from_millis(100));
         cancel(&mut conn, now - 1, "c");
         let members: Vec<String> =
             redis::cmd("ZRANGEBYSCORE").arg(&keys[0]).arg("-inf").arg("+inf").query(&mut conn).expect("ZRANGE");
-        assert_eq!(members, ["a"]);
+        assert_eq!(members, ["a", "d"]);
+        let logged: Vec<String> =
+            redis::cmd("ZRANGEBYSCORE").arg(&keys[2]).arg("-inf").arg("+inf").query(&mut conn).expect("ZRANGE");
+        assert_eq!(logged, ["a", "d"], "lapsed ids leave the log too");
         let _: () = redis::cmd("DEL").arg(&keys).query(&mut conn).expect("DEL");
     }
 

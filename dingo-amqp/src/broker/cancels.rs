@@ -33,6 +33,10 @@ const PREFETCH: u16 = 1024;
 /// How often the reader looks up from the stream (to see a stop).
 const PRUNE_EVERY: Duration = Duration::from_secs(1);
 
+/// How long after the reader started an `INTERNAL_ERROR` is the fresh-stream fault of
+/// RabbitMQ 3.10 (an info, not a warning).
+const FRESH_STREAM: Duration = Duration::from_secs(10);
+
 /// How often lapsed cancels are pruned from the set (a walk under its write lock; the set
 /// also prunes itself as it grows, and lapsed cancels never count).
 const PRUNE_LAPSED_EVERY: Duration = Duration::from_secs(60);
@@ -84,13 +88,18 @@ fn run(inner: &Arc<Inner>, watch: &Watch, stop: &Stop) {
     // The offset to read from next (`None`: the stream's first message).
     let mut next: Option<i64> = None;
     let mut prune = Instant::now();
+    let started = Instant::now();
     while !stop.is_set() {
         let Some(opened) = inner.session.channel("cancel consumer", &stop.flag) else { break };
         let since = Instant::now();
         if let Err(error) = follow(inner, watch, &opened.channel, stop, &mut next, &mut prune) {
+            // RabbitMQ 3.10 may close a connection that uses a stream in its first moments
+            // (`INTERNAL_ERROR`, see the crate docs): expected once, right after the stream
+            // was declared, and read past without loss; anything else is a warning.
+            let young = started.elapsed() < FRESH_STREAM && error.to_string().contains("INTERNAL_ERROR");
             inner.events.emit(Event::new(
                 Origin::Consumer,
-                Level::Warning,
+                if young { Level::Info } else { Level::Warning },
                 EventKind::ReceiveFailed,
                 format!(
                     "reading the cancel stream failed ({error}); reading on from where it stopped (subscriptions \
