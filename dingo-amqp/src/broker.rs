@@ -112,6 +112,12 @@ pub(crate) struct Inner {
     /// How many levels of the namespace's delay chain this broker declared (from level 0).
     delay_levels: AtomicU32,
     control: Mutex<Option<Opened>>,
+    /// The connection of the cancel stream (declaring, publishing, reading it), apart from
+    /// the tasks': RabbitMQ 3.10 closes a connection whose channel writes into a stream
+    /// whose writer is not up yet (see [Cancels](crate#cancels)); then only this one goes.
+    streams: Lazy<Session>,
+    /// The control channel on `streams`.
+    stream_control: Mutex<Option<Opened>>,
     life: Lifecycle,
     publisher: Lazy<Publisher>,
     listener: Lazy<Listener>,
@@ -169,6 +175,8 @@ impl AmqpBroker {
             known: Mutex::new(HashSet::new()),
             delay_levels: AtomicU32::new(0),
             control: Mutex::new(None),
+            streams: Lazy::new(),
+            stream_control: Mutex::new(None),
             life: Lifecycle::new(NAME, events),
             publisher: Lazy::new(),
             listener: Lazy::new(),
@@ -299,9 +307,33 @@ impl Inner {
     fn with_control<T>(
         &self,
         what: &str,
+        f: impl FnMut(&Channel) -> Result<T, amiquip::Error>,
+    ) -> Result<T, BrokerError> {
+        self.with_channel(&self.session, &self.control, what, f)
+    }
+
+    /// [`with_control`](Inner::with_control) on the cancel stream's connection.
+    pub(crate) fn with_stream<T>(
+        &self,
+        what: &str,
+        f: impl FnMut(&Channel) -> Result<T, amiquip::Error>,
+    ) -> Result<T, BrokerError> {
+        self.with_channel(self.streams()?, &self.stream_control, what, f)
+    }
+
+    /// The cancel stream's connection, made at its first use.
+    pub(crate) fn streams(&self) -> Result<&Session, BrokerError> {
+        self.streams.get_or_start(|| self.session.sibling())
+    }
+
+    fn with_channel<T>(
+        &self,
+        session: &Session,
+        slot: &Mutex<Option<Opened>>,
+        what: &str,
         mut f: impl FnMut(&Channel) -> Result<T, amiquip::Error>,
     ) -> Result<T, BrokerError> {
-        let mut control = lock(&self.control);
+        let mut control = lock(slot);
         let mut last = None;
         for _ in 0..2 {
             let opened = match control.take() {
@@ -309,7 +341,7 @@ impl Inner {
                 None => {
                     let give_up = AtomicBool::new(false);
                     let deadline = Instant::now() + self.options.connect_timeout;
-                    match self.session.channel_until("control channel", &give_up, Some(deadline)) {
+                    match session.channel_until("control channel", &give_up, Some(deadline)) {
                         Some(opened) => opened,
                         None => {
                             return Err(BrokerError::new(
@@ -330,7 +362,7 @@ impl Inner {
                     return Err(amqp_error(&format!("{what} failed"), e));
                 }
                 Err(e) => {
-                    self.session.channel_failed(opened.generation, "control channel", &e.to_string());
+                    session.channel_failed(opened.generation, "control channel", &e.to_string());
                     last = Some(e);
                 }
             }
@@ -382,9 +414,23 @@ impl Inner {
         headers: Option<FieldTable>,
         again: bool,
     ) -> Result<(), BrokerError> {
+        self.publish_confirmed_on(false, what, queue, body, headers, again)
+    }
+
+    /// [`publish_confirmed`](Inner::publish_confirmed), on the cancel stream's connection
+    /// when `stream`.
+    fn publish_confirmed_on(
+        &self,
+        stream: bool,
+        what: &str,
+        queue: &str,
+        body: &[u8],
+        headers: Option<FieldTable>,
+        again: bool,
+    ) -> Result<(), BrokerError> {
         let mut published = false;
         let mut returned = false;
-        let result = self.with_control(what, |channel| {
+        let publish_once = |channel: &Channel| {
             if published && !again {
                 return Err(amiquip::Error::ClientException);
             }
@@ -407,7 +453,8 @@ impl Inner {
                 }
                 _ => Err(amiquip::Error::ClientException),
             }
-        });
+        };
+        let result = if stream { self.with_stream(what, publish_once) } else { self.with_control(what, publish_once) };
         result?;
         if returned {
             return Err(BrokerError::new(
@@ -422,7 +469,7 @@ impl Inner {
     pub(crate) fn publish_to_cancels(&self, what: &str, headers: FieldTable) -> Result<(), BrokerError> {
         self.declare_cancels()?;
         // A cancel or a marker stored twice changes nothing.
-        self.publish_confirmed(what, &self.names.cancel_stream(), &[], Some(headers), true)
+        self.publish_confirmed_on(true, what, &self.names.cancel_stream(), &[], Some(headers), true)
     }
 
     /// Declares the cancel stream (once per broker, again after
@@ -439,7 +486,7 @@ impl Inner {
         let stream = self.names.cancel_stream();
         let deadline = Instant::now() + self.options.connect_timeout * 2;
         loop {
-            let ready = self.with_control("declaring the cancel stream", |channel| {
+            let ready = self.with_stream("declaring the cancel stream", |channel| {
                 topology::declare_cancels(channel, &self.options, &self.names)?;
                 // Stream consumers need a prefetch (it applies to consumers made after it).
                 channel.qos(0, 1, false)?;
@@ -575,6 +622,10 @@ impl Shutdown for Inner {
         }
         self.router.close();
         *lock(&self.control) = None;
+        *lock(&self.stream_control) = None;
+        if let Some(streams) = self.streams.get() {
+            streams.close();
+        }
         self.session.close();
     }
 }

@@ -279,6 +279,11 @@ impl Session {
         })
     }
 
+    /// Another session to the same server: a connection of its own, made now.
+    pub(crate) fn sibling(&self) -> Result<Session, BrokerError> {
+        Session::connect(self.address.clone(), self.options.clone(), self.events.clone())
+    }
+
     /// A new channel, reconnecting with backoff while the connection is down; `None` once
     /// `stop` is set or the session is closed.
     pub(crate) fn channel(&self, what: &str, stop: &AtomicBool) -> Option<Opened> {

@@ -251,10 +251,12 @@
 //!   message published then crashes the publishing channel and the whole connection
 //!   (`INTERNAL_ERROR`). So declaring the stream waits until a consumer can attach, before
 //!   anything is published into it. Several brokers declaring one new stream at once can
-//!   still meet it (seen once in CI, six brokers starting together): the connection
-//!   reconnects, the reader reads on from where it stopped and subscriptions read up to
-//!   their markers again, so no cancel is missed; in a reader's first 10 s the event for it
-//!   is an info, not a warning.
+//!   still meet it (seen once in CI, six brokers starting together), so everything a broker
+//!   does with the stream — declaring, publishing cancels and markers, reading — goes
+//!   through a connection of its own, apart from its tasks' (a consuming broker holds two):
+//!   the crash takes only that one, which reconnects, the reader reading on from where it
+//!   stopped and subscriptions up to their markers again, so no cancel is missed; in a
+//!   reader's first 10 s the event for it is an info, not a warning.
 //!
 //! # Dead letters
 //!

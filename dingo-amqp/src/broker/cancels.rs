@@ -90,7 +90,15 @@ fn run(inner: &Arc<Inner>, watch: &Watch, stop: &Stop) {
     let mut prune = Instant::now();
     let started = Instant::now();
     while !stop.is_set() {
-        let Some(opened) = inner.session.channel("cancel consumer", &stop.flag) else { break };
+        let session = match inner.streams() {
+            Ok(session) => session,
+            Err(error) => {
+                backoff.broke(Instant::now(), &stop.flag);
+                let _ = error;
+                continue;
+            }
+        };
+        let Some(opened) = session.channel("cancel consumer", &stop.flag) else { break };
         let since = Instant::now();
         if let Err(error) = follow(inner, watch, &opened.channel, stop, &mut next, &mut prune) {
             // RabbitMQ 3.10 may close a connection that uses a stream in its first moments
@@ -106,7 +114,7 @@ fn run(inner: &Arc<Inner>, watch: &Watch, stop: &Stop) {
                      read it up to its end before they consume again)"
                 ),
             ));
-            inner.session.channel_failed(opened.generation, "cancel consumer", &error);
+            session.channel_failed(opened.generation, "cancel consumer", &error);
             backoff.broke(since, &stop.flag);
         }
     }
