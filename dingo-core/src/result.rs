@@ -2,18 +2,27 @@
 
 use std::collections::VecDeque;
 use std::fmt;
+use std::future::Future;
 use std::panic::{AssertUnwindSafe, catch_unwind};
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Condvar, Mutex, MutexGuard};
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Poll, Waker};
 use std::time::{Duration, Instant};
 
-use crate::broker::kit::{lock, wait, wait_timeout};
+use futures_core::Stream;
+
+#[cfg(all(test, dingo_loom))]
+#[path = "result/loom.rs"]
+mod loom;
+#[path = "result/sync.rs"]
+mod sync;
 use crate::broker::{Admin, Store};
 use crate::codec::{Codecs, Encoded};
 use crate::error::{Error, TaskError, TaskErrorKind};
 use crate::id::{CallKey, TaskId, TaskName};
 use crate::message::{ReportBody, ReportSink, Value};
 use crate::report::{Progress, Report};
+use sync::{AtomicBool, Condvar, Mutex, MutexGuard, Ordering, lock, wait, wait_timeout};
 
 /// How many `Sent` / `Progress` reports a handle keeps while nobody reads them; beyond
 /// that the oldest are dropped (a chatty task must not grow a forgotten handle without end).
@@ -27,7 +36,14 @@ pub(crate) fn deadline(timeout: Duration) -> Option<Instant> {
 /// Turns an encoded result into the caller's type.
 pub(crate) type DecodeFn<T> = fn(Encoded, &Codecs) -> Result<T, TaskError>;
 
-/// The result of one call: wait for it, iterate over its reports, or register callbacks.
+/// The result of one call: wait for it, `.await` it, iterate over (or stream) its reports,
+/// or register callbacks.
+///
+/// A handle is a [`Future`] of the call's result, on any executor: the delivering thread
+/// wakes the task's [`Waker`], nothing polls and no thread blocks. `(&mut handle).await`
+/// (under a timeout, say) leaves the handle usable, as [`wait_timeout`](Handle::wait_timeout)
+/// does: awaiting it again still gets the result. Polled again after it returned its
+/// value, it returns [`Error::ResultTaken`].
 ///
 /// A call made with `ignore_report` returns a *detached* handle: it has an id but no result
 /// ([`Error::NoReport`]).
@@ -42,6 +58,10 @@ pub(crate) type DecodeFn<T> = fn(Encoded, &Codecs) -> Result<T, TaskError>;
 /// let mut handle = app.call::<_, i64>("double", 21i64)?;
 /// handle.on_ok(|v| assert_eq!(*v, 42));
 /// assert_eq!(handle.wait_timeout(Duration::from_secs(5))?, 42);
+///
+/// // The same from async code, on any executor:
+/// let handle = app.call::<_, i64>("double", 4i64)?;
+/// assert_eq!(futures::executor::block_on(handle)?, 8);
 /// app.close()
 /// # }
 /// ```
@@ -176,9 +196,32 @@ impl<T: Send + 'static> Handle<T> {
     }
 
     /// The reports of the call, in order, ending with the final one (`Sent` and `Progress`
-    /// appear only with `monitor_progress`).
+    /// appear only with `monitor_progress`), as an [`Iterator`] that blocks; see
+    /// [`report_stream`](Handle::report_stream) for async code.
     pub fn reports(self) -> Reports<T> {
         Reports { handle: self, done: false }
+    }
+
+    /// The same reports as [`reports`](Handle::reports), as a [`Stream`]: nothing blocks,
+    /// the delivering thread wakes the task (to relay progress over server-sent events, say).
+    ///
+    /// ```
+    /// # fn main() -> Result<(), dingo_core::Error> {
+    /// use dingo_core::{App, CallOptions, Report};
+    /// use futures::StreamExt;
+    ///
+    /// let app = App::local()?;
+    /// app.register("double", |n: i64| n * 2)?;
+    /// app.allocate("double", 1)?;
+    /// let opts = CallOptions::new().monitor_progress(true);
+    /// let stream = app.call_with::<_, i64>("double", &opts, 21i64)?.report_stream();
+    /// let reports: Vec<Report<i64>> = futures::executor::block_on(stream.collect());
+    /// assert_eq!(reports.last(), Some(&Report::Success(42)));
+    /// # app.close()
+    /// # }
+    /// ```
+    pub fn report_stream(self) -> ReportStream<T> {
+        ReportStream { handle: self, done: false }
     }
 
     /// The next report, waiting at most `timeout` (`None`: no limit). `Ok(None)` once the
@@ -218,6 +261,27 @@ impl<T: Send + 'static> Handle<T> {
                 return outcome;
             }
             state = slot.sleep(state, deadline).map_err(|()| Error::Timeout(timeout.unwrap_or_default()))?;
+        }
+    }
+}
+
+impl<T: Send + 'static> Future for Handle<T> {
+    type Output = Result<T, Error>;
+
+    /// Ready with the result once the final report arrived; until then the slot keeps the
+    /// waker of the latest poll and the delivering thread wakes it.
+    fn poll(self: Pin<&mut Self>, cx: &mut std::task::Context<'_>) -> Poll<Result<T, Error>> {
+        let Some(slot) = &self.slot else {
+            return Poll::Ready(Err(Error::NoReport));
+        };
+        let mut state = slot.lock();
+        state.reports.clear();
+        match slot.take_outcome(&mut state) {
+            Some(outcome) => Poll::Ready(outcome),
+            None => {
+                state.listen(cx.waker());
+                Poll::Pending
+            }
         }
     }
 }
@@ -297,6 +361,48 @@ impl<T: Send + 'static> Iterator for Reports<T> {
     }
 }
 
+/// The reports of one call as a [`Stream`] (see [`Handle::report_stream`]).
+#[derive(Debug)]
+#[must_use = "a stream does nothing unless polled"]
+pub struct ReportStream<T> {
+    handle: Handle<T>,
+    done: bool,
+}
+
+impl<T: Send + 'static> Stream for ReportStream<T> {
+    type Item = Report<T>;
+
+    fn poll_next(mut self: Pin<&mut Self>, cx: &mut std::task::Context<'_>) -> Poll<Option<Report<T>>> {
+        if self.done {
+            return Poll::Ready(None);
+        }
+        let Some(slot) = self.handle.slot.clone() else {
+            self.done = true;
+            return Poll::Ready(None);
+        };
+        let mut state = slot.lock();
+        let report = match state.reports.pop_front() {
+            Some(report) => Some(report),
+            None => match slot.take_outcome(&mut state) {
+                Some(Ok(value)) => Some(Report::Success(value)),
+                Some(Err(Error::Task(error))) => Some(Report::Failure(error)),
+                Some(Err(_)) => None,
+                None => {
+                    state.listen(cx.waker());
+                    return Poll::Pending;
+                }
+            },
+        };
+        drop(state);
+        self.done = report.as_ref().is_none_or(Report::is_final);
+        Poll::Ready(report)
+    }
+
+    fn size_hint(&self) -> (usize, Option<usize>) {
+        if self.done { (0, Some(0)) } else { (1, None) }
+    }
+}
+
 type OnOk<T> = Box<dyn FnOnce(&T) + Send>;
 type OnErr = Box<dyn FnOnce(&TaskError) + Send>;
 
@@ -313,8 +419,27 @@ struct State<T> {
     reports: VecDeque<Report<T>>,
     outcome: Outcome<T>,
     waiting: bool,
+    /// The task of the last poll that found nothing (a future or a stream).
+    waker: Option<Waker>,
     on_ok: Option<OnOk<T>>,
     on_err: Option<OnErr>,
+}
+
+impl<T> State<T> {
+    /// Keeps `waker` to be woken by the next delivery (a poll from another task replaces it).
+    fn listen(&mut self, waker: &Waker) {
+        match &mut self.waker {
+            Some(kept) if kept.will_wake(waker) => {}
+            kept => *kept = Some(waker.clone()),
+        }
+    }
+
+    /// Wakes the task that polled last, if any.
+    fn wake(&mut self) {
+        if let Some(waker) = self.waker.take() {
+            waker.wake();
+        }
+    }
 }
 
 enum Outcome<T> {
@@ -343,6 +468,7 @@ impl<T: Send + 'static> Slot<T> {
                 reports: VecDeque::new(),
                 outcome: Outcome::Pending,
                 waiting: false,
+                waker: None,
                 on_ok: None,
                 on_err: None,
             }),
@@ -420,6 +546,7 @@ impl<T: Send + 'static> Slot<T> {
         if state.waiting {
             self.wake.notify_all();
         }
+        state.wake();
         if state.on_ok.is_none() && state.on_err.is_none() {
             return;
         }
@@ -470,8 +597,11 @@ impl<T: Send + 'static> ReportSink for Slot<T> {
                 state.reports.push_back(Report::Retrying { attempt, after, error })
             }
         }
-        if state.waiting && !self.finished.load(Ordering::Relaxed) {
-            self.wake.notify_all();
+        if !self.finished.load(Ordering::Relaxed) {
+            if state.waiting {
+                self.wake.notify_all();
+            }
+            state.wake();
         }
     }
 
