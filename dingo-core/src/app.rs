@@ -5,6 +5,7 @@ mod builder;
 pub use builder::{AppBuilder, BrokerScheme};
 
 use std::fmt;
+use std::future::Future;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime};
@@ -26,6 +27,10 @@ use crate::registry::{self, Handler, RawOutput, Registry, Task, TaskRef};
 use crate::result::{self, DecodeFn, Handle, Route, Slot};
 use crate::retry::RetryPolicy;
 use crate::worker::{Pool, Shared};
+
+/// How many calls of its async tasks a pool runs at once unless told otherwise (see
+/// [`App::allocate_concurrent`]).
+pub const DEFAULT_CONCURRENCY: usize = 100;
 
 /// A dingo application: the tasks it knows, the broker roles it uses, its worker pools.
 ///
@@ -99,7 +104,41 @@ impl App {
             .get(name.as_str())
             .and_then(|entry| entry.handler.clone())
             .ok_or_else(|| Error::UnknownTask { name: name.to_string() })?;
-        self.spawn_pool(&short_label(name.as_str()), count, vec![handler])
+        self.spawn_pool(&short_label(name.as_str()), count, DEFAULT_CONCURRENCY.max(count), vec![handler])
+    }
+
+    /// Starts `threads` worker threads for one task, which run up to `concurrency` calls of
+    /// it at once when it is an `async fn` (a thread drives several futures while they wait;
+    /// [`allocate`](App::allocate) allows [`DEFAULT_CONCURRENCY`]). Each thread takes an
+    /// equal share (at least one). A blocking task runs one call per thread whatever
+    /// `concurrency` says.
+    ///
+    /// ```
+    /// # fn main() -> Result<(), dingo_core::Error> {
+    /// let app = dingo_core::App::local()?;
+    /// app.register_async("echo", |n: u64| async move { n })?;
+    /// app.allocate_concurrent("echo", 2, 500)?; // two threads, up to 500 calls in flight
+    /// assert_eq!(app.call::<_, u64>("echo", 7u64)?.wait()?, 7);
+    /// # app.close()
+    /// # }
+    /// ```
+    pub fn allocate_concurrent<M>(
+        &self,
+        task: impl TaskRef<M>,
+        threads: usize,
+        concurrency: usize,
+    ) -> Result<(), Error> {
+        let name = task.task_name()?;
+        let handler = self
+            .inner
+            .registry
+            .get(name.as_str())
+            .and_then(|entry| entry.handler.clone())
+            .ok_or_else(|| Error::UnknownTask { name: name.to_string() })?;
+        if concurrency == 0 {
+            return Err(Error::InvalidConfig("a pool's concurrency must be at least 1".into()));
+        }
+        self.spawn_pool(&short_label(name.as_str()), threads, concurrency.max(threads), vec![handler])
     }
 
     /// Starts `count` worker threads that serve every task registered so far, like a Celery
@@ -114,10 +153,10 @@ impl App {
                     .into(),
             ));
         }
-        self.spawn_pool("all", count, handlers)
+        self.spawn_pool("all", count, DEFAULT_CONCURRENCY.max(count), handlers)
     }
 
-    fn spawn_pool(&self, label: &str, count: usize, handlers: Vec<Handler>) -> Result<(), Error> {
+    fn spawn_pool(&self, label: &str, count: usize, concurrency: usize, handlers: Vec<Handler>) -> Result<(), Error> {
         if count == 0 {
             return Err(Error::InvalidConfig("a pool needs at least one worker".into()));
         }
@@ -125,7 +164,13 @@ impl App {
         let consumer = self.inner.consumer.as_ref().ok_or(Error::MissingRole(Role::Consumer))?;
         let reporter = self.inner.reporter.clone().ok_or(Error::MissingRole(Role::Reporter))?;
         let names: Vec<TaskName> = handlers.iter().map(|h| h.name().clone()).collect();
-        let subscription = consumer.consume(&names, &ConsumeSettings::new(count)).map_err(broker_error)?;
+        // Async tasks run several per thread: the broker may hand out as many at once.
+        let any_async = handlers.iter().any(Handler::is_async);
+        let mut settings = ConsumeSettings::new(count);
+        if any_async {
+            settings.prefetch = concurrency.max(count);
+        }
+        let subscription = consumer.consume(&names, &settings).map_err(broker_error)?;
         let limits = handlers
             .iter()
             .filter_map(|h| {
@@ -143,6 +188,7 @@ impl App {
             cancels: consumer.cancels(),
             limits,
             written_off: AtomicU64::new(0),
+            concurrency: if any_async { concurrency.div_ceil(count).max(1) } else { 1 },
         };
         let pool = Pool::spawn(label, count, subscription, shared)?;
         lock(&self.inner.pools).push(pool);
@@ -184,6 +230,68 @@ impl App {
         let name = static_name(name.into());
         let handler = Handler::new(name, registry::fingerprint::<A, R>(), move |ctx: &Context<'_>, args: A| {
             f(ctx, args).map_err(|e| registry::failed(ctx, &e, e.to_string()))
+        });
+        self.add_handler(handler)
+    }
+
+    /// Registers an async closure as a task: `f` takes the arguments and returns a future of
+    /// the result. Workers drive such futures concurrently, several per thread (see
+    /// [`allocate_concurrent`](App::allocate_concurrent)).
+    ///
+    /// ```
+    /// # fn main() -> Result<(), dingo_core::Error> {
+    /// let app = dingo_core::App::local()?;
+    /// app.register_async("greet", |name: String| async move { format!("hello, {name}") })?;
+    /// app.allocate("greet", 1)?;
+    /// let greeting: String = app.call("greet", "dingo".to_string())?.wait()?;
+    /// assert_eq!(greeting, "hello, dingo");
+    /// # app.close()
+    /// # }
+    /// ```
+    pub fn register_async<A, R, F, Fut>(&self, name: impl Into<String>, f: F) -> Result<(), Error>
+    where
+        A: DeserializeOwned + Send + 'static,
+        R: Serialize + Send + 'static,
+        F: Fn(A) -> Fut + Send + Sync + 'static,
+        Fut: Future<Output = R> + Send + 'static,
+    {
+        let name = static_name(name.into());
+        let handler = Handler::new_async(name, registry::fingerprint::<A, R>(), move |_ctx, args: A| {
+            let future = f(args);
+            async move { Ok(future.await) }
+        });
+        self.add_handler(handler)
+    }
+
+    /// Registers an async closure that gets the [`Context`] (owned: the future keeps it) and
+    /// can fail: an `Err(e)` becomes a `Failed` report carrying `e`.
+    ///
+    /// ```
+    /// # fn main() -> Result<(), dingo_core::Error> {
+    /// use std::sync::Arc;
+    /// use dingo_core::{App, Context};
+    ///
+    /// let app = App::local()?;
+    /// app.register_async_with_context("attempt", |ctx: Arc<Context<'static>>, ()| async move {
+    ///     Ok::<u32, String>(ctx.attempt())
+    /// })?;
+    /// app.allocate("attempt", 1)?;
+    /// assert_eq!(app.call::<_, u32>("attempt", ())?.wait()?, 1);
+    /// # app.close()
+    /// # }
+    /// ```
+    pub fn register_async_with_context<A, R, E, F, Fut>(&self, name: impl Into<String>, f: F) -> Result<(), Error>
+    where
+        A: DeserializeOwned + Send + 'static,
+        R: Serialize + Send + 'static,
+        E: Serialize + fmt::Display,
+        F: Fn(Arc<Context<'static>>, A) -> Fut + Send + Sync + 'static,
+        Fut: Future<Output = Result<R, E>> + Send + 'static,
+    {
+        let name = static_name(name.into());
+        let handler = Handler::new_async(name, registry::fingerprint::<A, R>(), move |ctx, args: A| {
+            let future = f(ctx.clone(), args);
+            async move { future.await.map_err(|e| registry::failed(&ctx, &e, e.to_string())) }
         });
         self.add_handler(handler)
     }

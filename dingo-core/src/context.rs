@@ -1,6 +1,8 @@
 //! [`Context`]: what a running task knows about its call.
 
 use std::fmt;
+use std::ops::Deref;
+use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU8, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
@@ -36,45 +38,67 @@ use crate::retry::RetryPolicy;
 /// # app.close()
 /// # }
 /// ```
+///
+/// An `async fn` task's context is a `Context<'static>`: it owns what a blocking task's
+/// borrows from its worker, so the task's future can hold it across `.await`s.
 pub struct Context<'a> {
-    pub(crate) name: &'a TaskName,
-    pub(crate) id: &'a TaskId,
+    pub(crate) name: Lent<'a, TaskName>,
+    pub(crate) id: Lent<'a, TaskId>,
     pub(crate) options: TaskOptions,
     pub(crate) redelivered: bool,
-    pub(crate) reply_to: &'a ReplyTo,
-    pub(crate) reporter: &'a dyn Reporter,
-    pub(crate) codec: &'a dyn Codec,
-    pub(crate) events: &'a EventSink,
+    pub(crate) reply_to: Lent<'a, ReplyTo>,
+    pub(crate) reporter: Lent<'a, dyn Reporter>,
+    pub(crate) codec: Lent<'a, dyn Codec>,
+    pub(crate) events: Lent<'a, EventSink>,
     pub(crate) attempt: u32,
     pub(crate) retry: RetryPolicy,
     /// What [`Context::retry_after`] asked for, in milliseconds; `u64::MAX`: nothing.
     pub(crate) retry_after: AtomicU64,
     /// The consumer's cancels.
-    pub(crate) cancels: Option<&'a Cancels>,
+    pub(crate) cancels: Option<Lent<'a, Cancels>>,
     /// When the soft time limit passes.
     pub(crate) soft_at: Option<Instant>,
     /// What [`Context::deadline`] says.
     pub(crate) deadline: Option<Instant>,
     /// Raised when the watchdog wrote this task off (past its hard limit).
-    pub(crate) written_off: Option<&'a AtomicBool>,
+    pub(crate) written_off: Option<Lent<'a, AtomicBool>>,
     /// What [`Context::is_cancelled`] has seen (`worker::SAW_*`).
     pub(crate) saw: AtomicU8,
+}
+
+/// What a context refers to: borrowed from the worker running a blocking task, or shared
+/// with the executor running an async one (whose future must own its context).
+pub(crate) enum Lent<'a, T: ?Sized> {
+    Borrowed(&'a T),
+    Shared(Arc<T>),
+}
+
+impl<T: ?Sized> Deref for Lent<'_, T> {
+    type Target = T;
+
+    #[inline]
+    fn deref(&self) -> &T {
+        match self {
+            Lent::Borrowed(value) => value,
+            Lent::Shared(value) => value,
+        }
+    }
 }
 
 impl Context<'_> {
     /// The call's id.
     pub fn id(&self) -> &TaskId {
-        self.id
+        &self.id
     }
 
     /// The task's name.
     pub fn name(&self) -> &TaskName {
-        self.name
+        &self.name
     }
 
     /// The call's identity.
     pub fn key(&self) -> CallKey {
-        CallKey { name: self.name.clone(), id: self.id.clone() }
+        CallKey { name: TaskName::clone(&self.name), id: TaskId::clone(&self.id) }
     }
 
     /// The options the caller chose.
@@ -186,11 +210,11 @@ impl Context<'_> {
     /// # }
     /// ```
     pub fn is_cancelled(&self) -> bool {
-        if self.written_off.is_some_and(|flag| flag.load(Ordering::Acquire)) {
+        if self.written_off.as_ref().is_some_and(|flag| flag.load(Ordering::Acquire)) {
             self.saw.store(crate::worker::SAW_TIME_LIMIT, Ordering::Relaxed);
             return true;
         }
-        if self.cancels.is_some_and(|cancels| cancels.is_cancelled(self.name, self.id)) {
+        if self.cancels.as_ref().is_some_and(|cancels| cancels.is_cancelled(&self.name, &self.id)) {
             self.saw.store(crate::worker::SAW_CANCEL, Ordering::Relaxed);
             return true;
         }
@@ -235,14 +259,14 @@ impl Context<'_> {
         // A written-off task's progress is as stale as its outcome: dropped.
         if !self.options.monitor_progress
             || !self.reply_to.wants_reports()
-            || self.written_off.is_some_and(|flag| flag.load(Ordering::Acquire))
+            || self.written_off.as_ref().is_some_and(|flag| flag.load(Ordering::Acquire))
         {
             return;
         }
-        let sent = encode(self.codec, &value).map_err(|e| crate::error::chain(&e)).and_then(|bytes| {
+        let sent = encode(&*self.codec, &value).map_err(|e| crate::error::chain(&e)).and_then(|bytes| {
             let body = ReportBody::Progress(Some(Encoded::new(self.codec.id(), bytes)));
-            let report = ReportMessage { name: self.name.clone(), id: self.id.clone(), body };
-            self.reporter.report(self.reply_to, report).map_err(|e| crate::error::chain(&e))
+            let report = ReportMessage { name: TaskName::clone(&self.name), id: TaskId::clone(&self.id), body };
+            self.reporter.report(&self.reply_to, report).map_err(|e| crate::error::chain(&e))
         });
         if let Err(message) = sent {
             self.events.emit(
@@ -261,8 +285,8 @@ impl Context<'_> {
 impl fmt::Debug for Context<'_> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("Context")
-            .field("name", self.name)
-            .field("id", self.id)
+            .field("name", &*self.name)
+            .field("id", &*self.id)
             .field("options", &self.options)
             .field("redelivered", &self.redelivered)
             .field("attempt", &self.attempt)

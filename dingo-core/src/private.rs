@@ -10,14 +10,14 @@ pub use serde;
 pub use std::any::TypeId as __TypeId;
 pub use std::option::Option::{self, None, Some};
 pub use std::result::Result::{self, Err, Ok};
-pub use std::sync::OnceLock;
+pub use std::sync::{Arc, OnceLock};
 
 pub use crate::app::App;
 pub use crate::context::Context;
 pub use crate::error::{Error, TaskError};
-pub use crate::id::TaskId;
+pub use crate::id::{TaskId, TaskName};
 pub use crate::options::CallOptions;
-pub use crate::registry::{Task, TaskDecl, failed, fingerprint};
+pub use crate::registry::{Handler, Task, TaskDecl, failed, fingerprint};
 pub use crate::result::Handle;
 
 /// Calls a macro-generated task.
@@ -28,6 +28,23 @@ pub fn call<K: Task>(app: &App, args: K::Args, options: &CallOptions) -> Result<
 /// Sends a macro-generated task without a report.
 pub fn send<K: Task>(app: &App, args: K::Args) -> Result<TaskId, Error> {
     app.send_task::<K>(args)
+}
+
+/// Runs an `async fn` task's future to completion on the calling thread (its
+/// [`Task::run`]: the task called outside a worker pool).
+pub fn block_on<F: std::future::Future>(future: F) -> F::Output {
+    crate::worker::executor::block_on(future)
+}
+
+/// The handler of an `async fn` task: `start` makes the future from the owned context and
+/// the arguments.
+pub fn async_handler<K, F, Fut>(start: F) -> Handler
+where
+    K: Task,
+    F: Fn(Arc<Context<'static>>, K::Args) -> Fut + Send + Sync + 'static,
+    Fut: std::future::Future<Output = Result<K::Output, TaskError>> + Send + 'static,
+{
+    Handler::new_async(TaskName::from_static(K::NAME), K::fingerprint(), start)
 }
 
 /// The `TypeId` of a function item.

@@ -6,7 +6,9 @@
 
 use std::any::{Any, TypeId};
 use std::fmt;
+use std::future::Future;
 use std::panic::{AssertUnwindSafe, catch_unwind};
+use std::pin::Pin;
 use std::sync::{Arc, Mutex};
 
 use arc_swap::ArcSwap;
@@ -34,8 +36,16 @@ pub trait Task: 'static {
     type Args: Serialize + DeserializeOwned + Send + 'static;
     /// The value of a successful call (`T` of a `Result<T, E>` return).
     type Output: Serialize + DeserializeOwned + Send + 'static;
-    /// Runs the function.
+    /// Runs the function (an `async fn` task: to completion, on the calling thread).
     fn run(ctx: &Context<'_>, args: Self::Args) -> Result<Self::Output, TaskError>;
+    /// How workers run it: [`Handler::of`] (the default) runs [`run`](Task::run) on a worker
+    /// thread; an `async fn` task's is [`Handler::new_async`].
+    fn handler() -> Handler
+    where
+        Self: Sized,
+    {
+        Handler::of::<Self>()
+    }
     /// The signature fingerprint (see [`fingerprint`]).
     fn fingerprint() -> u64;
     /// The `TypeId` of the function item, so `app.allocate(add, 4)` finds the task.
@@ -63,7 +73,7 @@ pub struct TaskDecl {
 impl TaskDecl {
     /// The declaration of a macro-generated task.
     pub const fn of<T: Task>() -> TaskDecl {
-        TaskDecl { name: T::NAME, handler: Handler::of::<T>, fn_type_id: T::fn_type_id, defaults: T::defaults }
+        TaskDecl { name: T::NAME, handler: T::handler, fn_type_id: T::fn_type_id, defaults: T::defaults }
     }
 }
 
@@ -154,6 +164,34 @@ impl Fnv {
 pub(crate) type Done<'d> = &'d mut dyn FnMut(Result<Value<'_>, TaskError>);
 
 type RunFn = dyn Fn(&Context<'_>, Payload, &Invoke<'_>, Done<'_>) + Send + Sync;
+
+/// Starts an async task: decodes the arguments (a panic there is caught) and makes its future.
+type StartFn = dyn Fn(Arc<Context<'static>>, Payload, &Invoke<'_>) -> Result<TaskFuture, TaskError> + Send + Sync;
+
+/// A started async task: its value, typed but erased, to be handed over once it is ready.
+pub(crate) type TaskFuture = Pin<Box<dyn Future<Output = Result<Box<dyn Produced>, TaskError>> + Send>>;
+
+/// The value an async task produced, handed over like a blocking task's (encoded, or lent).
+pub(crate) trait Produced: Send {
+    fn hand_over(self: Box<Self>, invoke: &Invoke<'_>, done: Done<'_>);
+}
+
+struct Typed<R>(R);
+
+impl<R: Serialize + Send + 'static> Produced for Typed<R> {
+    fn hand_over(self: Box<Self>, invoke: &Invoke<'_>, done: Done<'_>) {
+        let value = self.0;
+        let outcome = catch_unwind(AssertUnwindSafe(|| output(invoke, value)));
+        deliver(outcome, done)
+    }
+}
+
+/// A blocking task's run, or an async task's start.
+#[derive(Clone)]
+enum Body {
+    Blocking(Arc<RunFn>),
+    Async(Arc<StartFn>),
+}
 
 /// How the worker wants a result encoded.
 pub(crate) struct Invoke<'a> {
@@ -278,7 +316,7 @@ pub(crate) fn short_type_name(name: &str) -> String {
 pub struct Handler {
     name: TaskName,
     signature: Signature,
-    run: Arc<RunFn>,
+    body: Body,
 }
 
 impl Handler {
@@ -298,30 +336,36 @@ impl Handler {
             // Decoding and encoding run user code too (serde impls): all of it is inside the
             // unwind boundary, so a panic anywhere in it is the task's failure.
             let outcome = catch_unwind(AssertUnwindSafe(|| -> Result<Output<R>, TaskError> {
-                let args: A = match args {
-                    Payload::Local(value) => take_local::<A>(value)?,
-                    Payload::Encoded(encoded) => decode_args::<A>(invoke, &encoded)?,
-                };
-                let value = f(ctx, args)?;
-                if invoke.local {
-                    return Ok(Output::Local(value));
-                }
-                invoke.codecs.encode(invoke.codec, &value).map(Output::Encoded).map_err(|e| {
-                    let message = format!("the result could not be encoded: {}", crate::error::chain(&e));
-                    TaskError::new(TaskErrorKind::Encode, message)
-                })
+                let value = f(ctx, arguments::<A>(args, invoke)?)?;
+                output(invoke, value)
             }));
-            match outcome {
-                Err(panic) => done(Err(TaskError::new(TaskErrorKind::Panic, panic_message(&*panic)))),
-                Ok(Err(error)) => done(Err(error)),
-                Ok(Ok(Output::Local(value))) => {
-                    let mut value = Some(value);
-                    done(Ok(Value::Local(&mut value)))
-                }
-                Ok(Ok(Output::Encoded(encoded))) => done(Ok(Value::Encoded(encoded))),
-            }
+            deliver(outcome, done)
         };
-        Handler { name, signature: Signature::of::<A, R>(fingerprint), run: Arc::new(run) }
+        Handler { name, signature: Signature::of::<A, R>(fingerprint), body: Body::Blocking(Arc::new(run)) }
+    }
+
+    /// A handler of an async task: `f` makes the task's future from its context (owned: the
+    /// future keeps it) and the arguments. Workers drive the futures of one pool
+    /// concurrently, up to its limit (see [`App::allocate`](crate::App::allocate)); a panic
+    /// while polling is the task's failure, and a cancel or a hard time limit drops the
+    /// future at its next `.await`.
+    pub fn new_async<A, R, F, Fut>(name: TaskName, fingerprint: u64, f: F) -> Handler
+    where
+        A: DeserializeOwned + Send + 'static,
+        R: Serialize + Send + 'static,
+        F: Fn(Arc<Context<'static>>, A) -> Fut + Send + Sync + 'static,
+        Fut: Future<Output = Result<R, TaskError>> + Send + 'static,
+    {
+        let start =
+            move |ctx: Arc<Context<'static>>, args: Payload, invoke: &Invoke<'_>| -> Result<TaskFuture, TaskError> {
+                let made = catch_unwind(AssertUnwindSafe(|| arguments::<A>(args, invoke).map(|args| f(ctx, args))));
+                let future = match made {
+                    Err(panic) => return Err(TaskError::new(TaskErrorKind::Panic, panic_message(&*panic))),
+                    Ok(made) => made?,
+                };
+                Ok(Box::pin(async move { future.await.map(|value| Box::new(Typed(value)) as Box<dyn Produced>) }))
+            };
+        Handler { name, signature: Signature::of::<A, R>(fingerprint), body: Body::Async(Arc::new(start)) }
     }
 
     /// The task's name.
@@ -334,12 +378,70 @@ impl Handler {
         self.signature.fingerprint
     }
 
+    /// Whether the task is an `async fn` (its handler made by [`new_async`](Handler::new_async)).
+    pub fn is_async(&self) -> bool {
+        matches!(self.body, Body::Async(_))
+    }
+
     pub(crate) fn signature(&self) -> &Signature {
         &self.signature
     }
 
+    /// Runs a blocking task; starts an async one and runs it to completion on this thread
+    /// (only for callers that cannot drive it otherwise).
     pub(crate) fn run(&self, ctx: &Context<'_>, args: Payload, invoke: &Invoke<'_>, done: Done<'_>) {
-        (self.run)(ctx, args, invoke, done)
+        match &self.body {
+            Body::Blocking(run) => run(ctx, args, invoke, done),
+            Body::Async(_) => done(Err(TaskError::new(
+                TaskErrorKind::Other,
+                "an async task needs its context owned: it runs through the pool's executor",
+            ))),
+        }
+    }
+
+    /// Starts an async task (`None`: the task is a blocking one).
+    pub(crate) fn start(
+        &self,
+        ctx: Arc<Context<'static>>,
+        args: Payload,
+        invoke: &Invoke<'_>,
+    ) -> Option<Result<TaskFuture, TaskError>> {
+        match &self.body {
+            Body::Blocking(_) => None,
+            Body::Async(start) => Some(start(ctx, args, invoke)),
+        }
+    }
+}
+
+/// The arguments of a call, taken from the process or decoded.
+fn arguments<A: DeserializeOwned + 'static>(args: Payload, invoke: &Invoke<'_>) -> Result<A, TaskError> {
+    match args {
+        Payload::Local(value) => take_local::<A>(value),
+        Payload::Encoded(encoded) => decode_args::<A>(invoke, &encoded),
+    }
+}
+
+/// A task's value as the worker wants it: kept in process, or encoded.
+fn output<R: Serialize + 'static>(invoke: &Invoke<'_>, value: R) -> Result<Output<R>, TaskError> {
+    if invoke.local {
+        return Ok(Output::Local(value));
+    }
+    invoke.codecs.encode(invoke.codec, &value).map(Output::Encoded).map_err(|e| {
+        let message = format!("the result could not be encoded: {}", crate::error::chain(&e));
+        TaskError::new(TaskErrorKind::Encode, message)
+    })
+}
+
+/// Hands a run's outcome (its panic, if it panicked) to `done`.
+fn deliver<R: Send + 'static>(outcome: std::thread::Result<Result<Output<R>, TaskError>>, done: Done<'_>) {
+    match outcome {
+        Err(panic) => done(Err(TaskError::new(TaskErrorKind::Panic, panic_message(&*panic)))),
+        Ok(Err(error)) => done(Err(error)),
+        Ok(Ok(Output::Local(value))) => {
+            let mut value = Some(value);
+            done(Ok(Value::Local(&mut value)))
+        }
+        Ok(Ok(Output::Encoded(encoded))) => done(Ok(Value::Encoded(encoded))),
     }
 }
 
@@ -389,7 +491,7 @@ enum Output<R> {
     Encoded(Encoded),
 }
 
-fn panic_message(panic: &(dyn Any + Send)) -> String {
+pub(crate) fn panic_message(panic: &(dyn Any + Send)) -> String {
     if let Some(s) = panic.downcast_ref::<&str>() {
         (*s).to_owned()
     } else if let Some(s) = panic.downcast_ref::<String>() {
@@ -402,7 +504,7 @@ fn panic_message(panic: &(dyn Any + Send)) -> String {
 /// Turns a task's `Err(e)` into a failure carrying `e`, encoded with the call's codec
 /// (callers decode it with [`TaskError::payload`]).
 pub fn failed<E: Serialize + ?Sized>(ctx: &Context<'_>, error: &E, message: String) -> TaskError {
-    match crate::codec::encode(ctx.codec, error) {
+    match crate::codec::encode(&*ctx.codec, error) {
         Ok(bytes) => TaskError::with_payload(TaskErrorKind::Failed, message, Encoded::new(ctx.codec.id(), bytes)),
         Err(e) => TaskError::new(
             TaskErrorKind::Failed,

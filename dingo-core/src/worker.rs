@@ -18,7 +18,7 @@ use crossbeam_channel::{Receiver, Sender};
 use crate::broker::kit::lock;
 use crate::broker::{Ack, Cancels, Delivery, Producer, Recv, Reporter, Subscription, support};
 use crate::codec::{Codecs, Encoded};
-use crate::context::Context;
+use crate::context::{Context, Lent};
 use crate::error::{Error, TaskError, TaskErrorKind};
 use crate::event::{Event, EventKind, EventSink, Level, Origin};
 use crate::hash::FastMap;
@@ -28,6 +28,8 @@ use crate::message::{Payload, ReplyTo, ReportBody, ReportMessage, TaskMessage};
 use crate::registry::{Handler, Invoke};
 use watchdog::{Running, Watchdog};
 
+#[path = "worker/executor.rs"]
+pub(crate) mod executor;
 #[path = "worker/watchdog.rs"]
 mod watchdog;
 
@@ -47,6 +49,8 @@ pub(crate) struct Shared {
     pub(crate) limits: crate::hash::FastMap<TaskName, TimeLimits>,
     /// How many threads were written off (ran past a hard time limit).
     pub(crate) written_off: AtomicU64,
+    /// How many async tasks each thread drives at once (1 for a pool of blocking tasks).
+    pub(crate) concurrency: usize,
 }
 
 /// A group of worker threads started by one `allocate` call.
@@ -356,21 +360,21 @@ pub(crate) fn execute(crew: &Arc<Crew>, delivery: Delivery) -> Ran {
         (Some(started), running)
     };
     let ctx = Context {
-        name: &name,
-        id: &id,
+        name: Lent::Borrowed(&name),
+        id: Lent::Borrowed(&id),
         options,
         redelivered,
-        reply_to: &reply_to,
-        reporter: &*shared.reporter,
-        codec: shared.codecs.get(codec).map(|c| &**c).unwrap_or(&**shared.codecs.default_codec()),
-        events: &shared.events,
+        reply_to: Lent::Borrowed(&reply_to),
+        reporter: Lent::Borrowed(&*shared.reporter),
+        codec: Lent::Borrowed(shared.codecs.get(codec).map(|c| &**c).unwrap_or(&**shared.codecs.default_codec())),
+        events: Lent::Borrowed(&shared.events),
         attempt,
         retry,
         retry_after: AtomicU64::new(u64::MAX),
-        cancels,
+        cancels: cancels.map(Lent::Borrowed),
         soft_at: started.and_then(|started| limits.get_soft().map(|soft| started + soft)),
         deadline: started.and_then(|started| limits.get_soft().or(limits.get_hard()).map(|limit| started + limit)),
-        written_off: running.as_deref().map(Running::written_off_flag),
+        written_off: running.as_deref().map(Running::written_off_flag).map(Lent::Borrowed),
         saw: AtomicU8::new(SAW_NOTHING),
     };
     let span = tracing::debug_span!(target: "dingo", "task", name = %name, id = %id, attempt);
