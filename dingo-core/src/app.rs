@@ -73,6 +73,9 @@ struct Inner {
     closed: AtomicBool,
     shutdown_grace: Duration,
     worker_spin: Duration,
+    /// Where async tasks run (feature `tokio`; `None`: on the pools' threads).
+    #[cfg(feature = "tokio")]
+    runtime: Option<tokio::runtime::Handle>,
 }
 
 impl App {
@@ -189,6 +192,8 @@ impl App {
             limits,
             written_off: AtomicU64::new(0),
             concurrency: if any_async { concurrency.div_ceil(count).max(1) } else { 1 },
+            #[cfg(feature = "tokio")]
+            runtime: self.inner.runtime.clone(),
         };
         let pool = Pool::spawn(label, count, subscription, shared)?;
         lock(&self.inner.pools).push(pool);

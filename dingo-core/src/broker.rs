@@ -185,6 +185,34 @@ pub trait Subscription: Send + Sync + 'static {
         false
     }
 
+    /// Like [`recv`](Subscription::recv), but returns [`Recv::Empty`] as soon as `bell` has a
+    /// message (taking it): a worker thread running async tasks waits for its next delivery
+    /// and for its tasks' wakers at once. The default waits in slices of a millisecond;
+    /// a subscription that waits on channels selects on the bell with them instead.
+    fn recv_or_bell(&self, timeout: Option<Duration>, bell: &crossbeam_channel::Receiver<()>) -> Recv {
+        const SLICE: Duration = Duration::from_millis(1);
+        let deadline = timeout.and_then(|t| std::time::Instant::now().checked_add(t));
+        loop {
+            if bell.try_recv().is_ok() {
+                return Recv::Empty;
+            }
+            let left = deadline.map_or(SLICE, |d| d.saturating_duration_since(std::time::Instant::now()).min(SLICE));
+            match self.recv(Some(left)) {
+                Recv::Empty if deadline.is_some_and(|d| std::time::Instant::now() >= d) => return Recv::Empty,
+                Recv::Empty => {}
+                other => return other,
+            }
+        }
+    }
+
+    /// Whether the deliveries a worker thread took must be settled in the order it took
+    /// them (a broker that removes settled messages by position). A thread running async
+    /// tasks, which finish in any order, then reports a task that finished early at once
+    /// and settles it once the ones before it are settled.
+    fn settles_in_order(&self) -> bool {
+        false
+    }
+
     /// The calling worker thread stops using the subscription (it exits): whatever it holds
     /// — completions not yet stored, tasks fetched but not started — must be settled now.
     fn detach_worker(&self) {}

@@ -12,9 +12,11 @@
 //! read lock otherwise: a process that never cancels pays nothing measurable per task.
 
 use std::collections::HashMap;
-use std::sync::RwLock;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Mutex, RwLock};
 use std::time::{Duration, SystemTime};
+
+use crossbeam_channel::Sender;
 
 use crate::id::{CallKey, TaskId, TaskName};
 
@@ -43,7 +45,6 @@ const PRUNE_FROM: usize = 1024;
 /// cancels.prune(SystemTime::now());
 /// assert_eq!(cancels.len(), 1);
 /// ```
-#[derive(Debug)]
 pub struct Cancels {
     /// By task name, then id: the time each cancel lapses.
     keys: RwLock<HashMap<TaskName, HashMap<TaskId, SystemTime>>>,
@@ -54,6 +55,14 @@ pub struct Cancels {
     /// The size at which an insert prunes lapsed cancels (twice the size after the last
     /// prune): pruning stays amortized O(1) per insert.
     prune_at: AtomicUsize,
+    /// Rung by every insert: the threads running async tasks, which drop a cancelled one.
+    bells: Mutex<Vec<Sender<()>>>,
+}
+
+impl std::fmt::Debug for Cancels {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Cancels").field("len", &self.len()).field("generation", &self.generation()).finish()
+    }
 }
 
 impl Cancels {
@@ -64,7 +73,13 @@ impl Cancels {
             count: AtomicUsize::new(0),
             generation: AtomicU64::new(0),
             prune_at: AtomicUsize::new(PRUNE_FROM),
+            bells: Mutex::new(Vec::new()),
         }
+    }
+
+    /// Rings `bell` after every insert (until its receiver is gone).
+    pub(crate) fn ring_on_insert(&self, bell: Sender<()>) {
+        crate::broker::kit::lock(&self.bells).push(bell);
     }
 
     /// Adds (or extends) the cancel of `key` until `until`. Returns whether the key was new.
@@ -87,7 +102,10 @@ impl Cancels {
                 true
             }
         };
+        drop(keys);
         self.generation.fetch_add(1, Ordering::Release);
+        crate::broker::kit::lock(&self.bells)
+            .retain(|bell| !matches!(bell.try_send(()), Err(crossbeam_channel::TrySendError::Disconnected(_))));
         new
     }
 

@@ -63,5 +63,5 @@ pub use limits::TimeLimits;
 pub use options::{CallOptions, TaskOptions, When};
 pub use registry::{Task, TaskRef};
 pub use report::{Progress, Report};
-pub use result::{Handle, ReportStream, Reports};
+pub use result::{Handle, HandleFuture, HandleFutureMut, ReportStream, Reports};
 pub use retry::{Backoff, RetryPolicy};

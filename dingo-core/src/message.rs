@@ -97,6 +97,15 @@ impl ReplyTo {
             ReplyTo::Local(sink) => ReplyTo::Local(ReplySink::new(sink.shared())),
         }
     }
+
+    /// Another way to the same place that tells the caller nothing when dropped (an async
+    /// task's context: the call may go on, retried, after the context is gone).
+    pub(crate) fn lend(&self) -> ReplyTo {
+        match self {
+            ReplyTo::Local(sink) => ReplyTo::Local(ReplySink { sink: sink.shared(), disconnects: false }),
+            other => other.share(),
+        }
+    }
 }
 
 impl fmt::Debug for ReplyTo {
@@ -323,12 +332,14 @@ pub trait ReportSink: Send + Sync + 'static {
 /// not report (it gets a `Shutdown` failure instead of waiting forever).
 pub struct ReplySink {
     sink: Arc<dyn ReportSink>,
+    /// Whether dropping it disconnects the caller (all but a lent one's).
+    disconnects: bool,
 }
 
 impl ReplySink {
     /// Wraps a sink.
     pub fn new(sink: Arc<dyn ReportSink>) -> ReplySink {
-        ReplySink { sink }
+        ReplySink { sink, disconnects: true }
     }
 
     /// Hands a report to the caller.
@@ -345,7 +356,9 @@ impl ReplySink {
 
 impl Drop for ReplySink {
     fn drop(&mut self) {
-        self.sink.disconnect();
+        if self.disconnects {
+            self.sink.disconnect();
+        }
     }
 }
 

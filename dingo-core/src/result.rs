@@ -2,7 +2,7 @@
 
 use std::collections::VecDeque;
 use std::fmt;
-use std::future::Future;
+use std::future::{Future, IntoFuture};
 use std::panic::{AssertUnwindSafe, catch_unwind};
 use std::pin::Pin;
 use std::sync::Arc;
@@ -39,11 +39,12 @@ pub(crate) type DecodeFn<T> = fn(Encoded, &Codecs) -> Result<T, TaskError>;
 /// The result of one call: wait for it, `.await` it, iterate over (or stream) its reports,
 /// or register callbacks.
 ///
-/// A handle is a [`Future`] of the call's result, on any executor: the delivering thread
-/// wakes the task's [`Waker`], nothing polls and no thread blocks. `(&mut handle).await`
-/// (under a timeout, say) leaves the handle usable, as [`wait_timeout`](Handle::wait_timeout)
-/// does: awaiting it again still gets the result. Polled again after it returned its
-/// value, it returns [`Error::ResultTaken`].
+/// `handle.await` gets the call's result on any executor ([`IntoFuture`]): the delivering
+/// thread wakes the task's [`Waker`], nothing polls and no thread blocks.
+/// `(&mut handle).await` (under a timeout, say) leaves the handle usable, as
+/// [`wait_timeout`](Handle::wait_timeout) does: awaiting it again still gets the result,
+/// and once it did, [`Error::ResultTaken`]. Where a `Future` itself is wanted
+/// (`tokio::spawn`, `block_on`), [`into_future`](IntoFuture::into_future) makes one.
 ///
 /// A call made with `ignore_report` returns a *detached* handle: it has an id but no result
 /// ([`Error::NoReport`]).
@@ -60,8 +61,11 @@ pub(crate) type DecodeFn<T> = fn(Encoded, &Codecs) -> Result<T, TaskError>;
 /// assert_eq!(handle.wait_timeout(Duration::from_secs(5))?, 42);
 ///
 /// // The same from async code, on any executor:
+/// use std::future::IntoFuture;
 /// let handle = app.call::<_, i64>("double", 4i64)?;
-/// assert_eq!(futures::executor::block_on(handle)?, 8);
+/// assert_eq!(futures::executor::block_on(async { handle.await })?, 8);
+/// let handle = app.call::<_, i64>("double", 5i64)?;
+/// assert_eq!(futures::executor::block_on(handle.into_future())?, 10);
 /// app.close()
 /// # }
 /// ```
@@ -265,12 +269,10 @@ impl<T: Send + 'static> Handle<T> {
     }
 }
 
-impl<T: Send + 'static> Future for Handle<T> {
-    type Output = Result<T, Error>;
-
+impl<T: Send + 'static> Handle<T> {
     /// Ready with the result once the final report arrived; until then the slot keeps the
     /// waker of the latest poll and the delivering thread wakes it.
-    fn poll(self: Pin<&mut Self>, cx: &mut std::task::Context<'_>) -> Poll<Result<T, Error>> {
+    fn poll_outcome(&mut self, cx: &mut std::task::Context<'_>) -> Poll<Result<T, Error>> {
         let Some(slot) = &self.slot else {
             return Poll::Ready(Err(Error::NoReport));
         };
@@ -283,6 +285,58 @@ impl<T: Send + 'static> Future for Handle<T> {
                 Poll::Pending
             }
         }
+    }
+}
+
+/// `handle.await`: the call's result.
+impl<T: Send + 'static> IntoFuture for Handle<T> {
+    type Output = Result<T, Error>;
+    type IntoFuture = HandleFuture<T>;
+
+    fn into_future(self) -> HandleFuture<T> {
+        HandleFuture { handle: self }
+    }
+}
+
+/// `(&mut handle).await`: the call's result, the handle kept (under a timeout, say: awaiting
+/// it again still gets the result).
+impl<'a, T: Send + 'static> IntoFuture for &'a mut Handle<T> {
+    type Output = Result<T, Error>;
+    type IntoFuture = HandleFutureMut<'a, T>;
+
+    fn into_future(self) -> HandleFutureMut<'a, T> {
+        HandleFutureMut { handle: self }
+    }
+}
+
+/// The future of a call's result (`handle.await`, see [`Handle`]).
+#[derive(Debug)]
+#[must_use = "futures do nothing unless you `.await` or poll them"]
+pub struct HandleFuture<T> {
+    handle: Handle<T>,
+}
+
+impl<T: Send + 'static> Future for HandleFuture<T> {
+    type Output = Result<T, Error>;
+
+    fn poll(mut self: Pin<&mut Self>, cx: &mut std::task::Context<'_>) -> Poll<Result<T, Error>> {
+        self.handle.poll_outcome(cx)
+    }
+}
+
+/// The future of a call's result that leaves the handle with its owner
+/// (`(&mut handle).await`, see [`Handle`]).
+#[derive(Debug)]
+#[must_use = "futures do nothing unless you `.await` or poll them"]
+pub struct HandleFutureMut<'a, T> {
+    handle: &'a mut Handle<T>,
+}
+
+impl<T: Send + 'static> Future for HandleFutureMut<'_, T> {
+    type Output = Result<T, Error>;
+
+    fn poll(mut self: Pin<&mut Self>, cx: &mut std::task::Context<'_>) -> Poll<Result<T, Error>> {
+        self.handle.poll_outcome(cx)
     }
 }
 

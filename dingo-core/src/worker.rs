@@ -24,8 +24,11 @@ use crate::event::{Event, EventKind, EventSink, Level, Origin};
 use crate::hash::FastMap;
 use crate::id::{CallKey, TaskId, TaskName};
 use crate::limits::TimeLimits;
-use crate::message::{Payload, ReplyTo, ReportBody, ReportMessage, TaskMessage};
+use crate::message::{Payload, ReplyTo, ReportBody, ReportMessage, TaskMessage, Value};
+use crate::options::TaskOptions;
 use crate::registry::{Handler, Invoke};
+use crate::retry::RetryPolicy;
+use executor::Executor;
 use watchdog::{Running, Watchdog};
 
 #[path = "worker/executor.rs"]
@@ -51,6 +54,9 @@ pub(crate) struct Shared {
     pub(crate) written_off: AtomicU64,
     /// How many async tasks each thread drives at once (1 for a pool of blocking tasks).
     pub(crate) concurrency: usize,
+    /// Where async tasks run (`None`: on the worker threads themselves).
+    #[cfg(feature = "tokio")]
+    pub(crate) runtime: Option<tokio::runtime::Handle>,
 }
 
 /// A group of worker threads started by one `allocate` call.
@@ -226,32 +232,74 @@ impl Drop for Worker {
 impl Worker {
     fn run(self) {
         let crew = &self.crew;
-        while !crew.stopping.load(Ordering::Acquire) {
+        // Made by the first async task this thread takes.
+        let mut executor: Option<Executor> = None;
+        // Whether the subscription said it stopped (then only running futures are driven).
+        let mut stopped = false;
+        loop {
+            if let Some(running) = executor.as_mut().filter(|executor| executor.live() > 0) {
+                running.turn(crew);
+                if running.live() == 0 {
+                    continue;
+                }
+                // Once stopping, the subscription is not asked again: on some brokers that
+                // releases the thread's deliveries, the running ones included.
+                let receiving = !stopped && !crew.stopping.load(Ordering::Acquire) && running.has_room();
+                if !receiving {
+                    running.wait(None);
+                    continue;
+                }
+                let received = match crew.subscription.try_recv() {
+                    Recv::Empty if running.is_woken() => continue,
+                    Recv::Empty => running.wait(Some(&*crew.subscription)),
+                    other => other,
+                };
+                match received {
+                    Recv::Delivery(delivery) => {
+                        // An async task's run only starts it; a blocking one among them
+                        // holds the others up while it runs (give each its own pool).
+                        if let Ran::WrittenOff = self.execute(delivery, &mut executor) {
+                            break;
+                        }
+                    }
+                    Recv::Stopped => stopped = true,
+                    _ => {}
+                }
+                continue;
+            }
+            if stopped || crew.stopping.load(Ordering::Acquire) {
+                break;
+            }
             let received = match crew.subscription.try_recv() {
                 Recv::Empty => self.idle(),
                 other => other,
             };
             match received {
-                Recv::Delivery(delivery) => {
-                    // Task panics are caught closer to the task; this catches what is left
-                    // (a panicking reporter, say), so the thread itself never dies.
-                    match catch_unwind(AssertUnwindSafe(|| execute(crew, delivery))) {
-                        Ok(Ran::Done) => {}
-                        // Replaced already: this thread only had to come back.
-                        Ok(Ran::WrittenOff) => break,
-                        Err(_) => crew.shared.events.emit(Event::new(
-                            Origin::Worker,
-                            Level::Error,
-                            EventKind::WorkerRecovered,
-                            "a worker recovered from a panic outside the task (in reporting or acknowledging)",
-                        )),
-                    }
-                }
-                Recv::Empty => {}
+                Recv::Delivery(delivery) => match self.execute(delivery, &mut executor) {
+                    Ran::Done => {}
+                    // Replaced already: this thread only had to come back.
+                    Ran::WrittenOff => break,
+                },
                 Recv::Stopped => break,
+                _ => {}
             }
         }
         crew.subscription.detach_worker();
+    }
+
+    /// Runs (or starts) one delivery. Task panics are caught closer to the task; this
+    /// catches what is left (a panicking reporter, say), so the thread itself never dies.
+    fn execute(&self, delivery: Delivery, executor: &mut Option<Executor>) -> Ran {
+        let crew = &self.crew;
+        catch_unwind(AssertUnwindSafe(|| execute(crew, delivery, executor))).unwrap_or_else(|_| {
+            crew.shared.events.emit(Event::new(
+                Origin::Worker,
+                Level::Error,
+                EventKind::WorkerRecovered,
+                "a worker recovered from a panic outside the task (in reporting or acknowledging)",
+            ));
+            Ran::Done
+        })
     }
 
     /// Polls for a short while (a task that arrives within microseconds starts without a
@@ -283,8 +331,127 @@ pub(crate) const SAW_NOTHING: u8 = 0;
 pub(crate) const SAW_TIME_LIMIT: u8 = 1;
 pub(crate) const SAW_CANCEL: u8 = 2;
 
-/// Runs one delivery to its final report (or to its next attempt).
-pub(crate) fn execute(crew: &Arc<Crew>, delivery: Delivery) -> Ran {
+/// What settling an attempt needs to know about its call, beyond its name, id and reply.
+#[derive(Clone, Copy)]
+pub(crate) struct Facts {
+    pub(crate) fingerprint: u64,
+    pub(crate) options: TaskOptions,
+    pub(crate) attempt: u32,
+    pub(crate) expires: Option<SystemTime>,
+    pub(crate) retry: RetryPolicy,
+    pub(crate) limits: TimeLimits,
+}
+
+/// What becomes of an attempt, given its outcome.
+pub(crate) enum Verdict<'v> {
+    /// The final report: stored, and the delivery settled.
+    Finish(ReportBody<'v>),
+    /// The message itself is bad, or out of attempts: the caller gets the failure and the
+    /// message goes to the dead letters.
+    DeadLetter(TaskError),
+    /// Another attempt runs after `wait`.
+    Retry { args: Encoded, wait: Duration, error: TaskError },
+}
+
+/// Decides what an outcome means for the call: the final report, a dead letter, or a
+/// retry (which takes the kept arguments `again`). `saw` and `requested_retry` are what the
+/// task's context recorded.
+pub(crate) fn judge<'v>(
+    shared: &Shared,
+    call: &Call<'_>,
+    facts: &Facts,
+    outcome: Result<Value<'v>, TaskError>,
+    saw: u8,
+    requested_retry: Option<Duration>,
+    again: &mut Option<Encoded>,
+) -> Verdict<'v> {
+    let Facts { attempt, expires, retry, .. } = *facts;
+    match outcome {
+        Ok(value) => Verdict::Finish(ReportBody::Success(value)),
+        // The message itself is bad: it goes to the dead letters, not back to work.
+        Err(error) if matches!(error.kind(), TaskErrorKind::BadPayload | TaskErrorKind::SignatureMismatch) => {
+            let kind = if error.kind() == TaskErrorKind::BadPayload {
+                EventKind::BadPayload
+            } else {
+                EventKind::SignatureMismatch
+            };
+            call.event(Level::Error, kind, error.message().to_owned());
+            Verdict::DeadLetter(error)
+        }
+        // The task gave up because it saw its soft limit or a cancel: final, not retried.
+        Err(error) if error.kind() == TaskErrorKind::Failed && saw != SAW_NOTHING => {
+            let (kind, why) = match saw {
+                SAW_CANCEL => (TaskErrorKind::Cancelled, "cancelled"),
+                _ => (TaskErrorKind::TimeLimit, "soft time limit"),
+            };
+            let message = format!("{why}: {}", error.message());
+            Verdict::Finish(ReportBody::Failure(TaskError::new(kind, message).with_attempts(attempt)))
+        }
+        Err(error) if error.kind() == TaskErrorKind::Failed && retry.retries() > 0 => {
+            let wait = requested_retry.unwrap_or_else(|| retry.get_backoff().delay(attempt));
+            let starts_in_time = expires.is_none_or(|expires| SystemTime::now() + wait < expires);
+            let can_send = shared.producer.is_some();
+            match again.take() {
+                Some(args) if starts_in_time && can_send => Verdict::Retry { args, wait, error },
+                _ => {
+                    // Out of attempts (or of time): the failure is final, and the message
+                    // goes to the dead letters, where it can be replayed.
+                    let why = match (starts_in_time, can_send) {
+                        (false, _) if retry.allows_after(attempt) => {
+                            " (no retry: it would start after the call expires)"
+                        }
+                        (_, false) if retry.allows_after(attempt) => {
+                            " (no retry: this worker's app has no producer to send the next attempt)"
+                        }
+                        _ => "",
+                    };
+                    let message = format!("after {attempt} attempt(s): {}{why}", error.message());
+                    Verdict::DeadLetter(error.renamed(message).with_attempts(attempt))
+                }
+            }
+        }
+        Err(error) => {
+            let kind = match error.kind() {
+                TaskErrorKind::Panic => Some((Level::Warning, EventKind::TaskPanicked)),
+                TaskErrorKind::Encode => Some((Level::Error, EventKind::EncodeFailed)),
+                _ => None,
+            };
+            if let Some((level, kind)) = kind {
+                let prefix = if kind == EventKind::TaskPanicked { "task panicked: " } else { "" };
+                call.event(level, kind, format!("{prefix}{}", error.message()));
+            }
+            Verdict::Finish(ReportBody::Failure(error.with_attempts(attempt)))
+        }
+    }
+}
+
+/// The next attempt of a call whose attempt failed with arguments `args`.
+pub(crate) fn next_attempt(
+    name: TaskName,
+    id: TaskId,
+    reply_to: ReplyTo,
+    facts: &Facts,
+    args: Encoded,
+    wait: Duration,
+) -> TaskMessage {
+    TaskMessage {
+        name,
+        id,
+        fingerprint: facts.fingerprint,
+        options: facts.options,
+        reply_to,
+        args: Payload::Encoded(args),
+        attempt: facts.attempt + 1,
+        due: Some(SystemTime::now() + wait),
+        expires: facts.expires,
+        retry: facts.retry,
+        limits: facts.limits,
+    }
+}
+
+/// Runs one delivery to its final report (or to its next attempt); an async task's is only
+/// started, on this thread's executor (made on first use).
+pub(crate) fn execute(crew: &Arc<Crew>, delivery: Delivery, executor: &mut Option<Executor>) -> Ran {
     let shared = &*crew.shared;
     let Delivery { message, ack, redelivered } = delivery;
     let TaskMessage { name, id, fingerprint, options, reply_to, args, attempt, due: _, expires, retry, limits } =
@@ -333,17 +500,20 @@ pub(crate) fn execute(crew: &Arc<Crew>, delivery: Delivery) -> Ran {
         Payload::Encoded(encoded) if shared.codecs.get(encoded.codec).is_ok() => encoded.codec,
         _ => shared.codecs.default_codec().id(),
     };
-    let invoke = Invoke {
-        codecs: &shared.codecs,
-        codec,
-        local: matches!(args, Payload::Local(_)) && shared.reporter.accepts_local(),
-        layout,
-    };
+    let local = matches!(args, Payload::Local(_)) && shared.reporter.accepts_local();
     // The arguments of the next attempt: only a call that may still retry pays for the copy.
-    let mut again = match &args {
+    let again = match &args {
         Payload::Encoded(encoded) if retry.allows_after(attempt) => Some(encoded.clone()),
         _ => None,
     };
+    let facts = Facts { fingerprint, options, attempt, expires, retry, limits };
+    if handler.is_async() {
+        let started = executor::Started { name, id, reply_to, facts, again, ack, redelivered, codec, local, layout };
+        executor.get_or_insert_with(|| Executor::new(crew)).start(crew, handler, args, started);
+        return Ran::Done;
+    }
+    let invoke = Invoke { codecs: &shared.codecs, codec, local, layout };
+    let mut again = again;
     let mut ack = ack;
     // A hard limit hands the delivery to the watchdog's care: whoever settles first wins.
     let (started, running) = if limits.is_none() {
@@ -396,86 +566,19 @@ pub(crate) fn execute(crew: &Arc<Crew>, delivery: Delivery) -> Ran {
                 }
             }
         }
-        let body = match outcome {
-            Ok(value) => ReportBody::Success(value),
-            // The message itself is bad: it goes to the dead letters, not back to work.
-            Err(error) if matches!(error.kind(), TaskErrorKind::BadPayload | TaskErrorKind::SignatureMismatch) => {
-                let kind = if error.kind() == TaskErrorKind::BadPayload {
-                    EventKind::BadPayload
-                } else {
-                    EventKind::SignatureMismatch
-                };
-                call.event(Level::Error, kind, error.message().to_owned());
-                return call.dead_letter(error, ack.take());
-            }
-            // The task gave up because it saw its soft limit or a cancel: final, not retried.
-            Err(error) if error.kind() == TaskErrorKind::Failed && ctx.saw() != SAW_NOTHING => {
-                let (kind, why) = match ctx.saw() {
-                    SAW_CANCEL => (TaskErrorKind::Cancelled, "cancelled"),
-                    _ => (TaskErrorKind::TimeLimit, "soft time limit"),
-                };
-                let message = format!("{why}: {}", error.message());
-                ReportBody::Failure(TaskError::new(kind, message).with_attempts(attempt))
-            }
-            Err(error) if error.kind() == TaskErrorKind::Failed && retry.retries() > 0 => {
-                let wait = ctx.requested_retry().unwrap_or_else(|| retry.get_backoff().delay(attempt));
-                let starts_in_time = expires.is_none_or(|expires| SystemTime::now() + wait < expires);
-                let can_send = shared.producer.is_some();
-                match again.take() {
-                    Some(args) if starts_in_time && can_send => next = Some((args, wait, error)),
-                    _ => {
-                        // Out of attempts (or of time): the failure is final, and the
-                        // message goes to the dead letters, where it can be replayed.
-                        let why = match (starts_in_time, can_send) {
-                            (false, _) if retry.allows_after(attempt) => {
-                                " (no retry: it would start after the call expires)"
-                            }
-                            (_, false) if retry.allows_after(attempt) => {
-                                " (no retry: this worker's app has no producer to send the next attempt)"
-                            }
-                            _ => "",
-                        };
-                        let message = format!("after {attempt} attempt(s): {}{why}", error.message());
-                        let error = error.renamed(message).with_attempts(attempt);
-                        return call.dead_letter(error, ack.take());
-                    }
-                }
-                return;
-            }
-            Err(error) => {
-                let kind = match error.kind() {
-                    TaskErrorKind::Panic => Some((Level::Warning, EventKind::TaskPanicked)),
-                    TaskErrorKind::Encode => Some((Level::Error, EventKind::EncodeFailed)),
-                    _ => None,
-                };
-                if let Some((level, kind)) = kind {
-                    let prefix = if kind == EventKind::TaskPanicked { "task panicked: " } else { "" };
-                    call.event(level, kind, format!("{prefix}{}", error.message()));
-                }
-                ReportBody::Failure(error.with_attempts(attempt))
-            }
-        };
-        call.finish(body, ack.take());
+        match judge(shared, &call, &facts, outcome, ctx.saw(), ctx.requested_retry(), &mut again) {
+            Verdict::Finish(body) => call.finish(body, ack.take()),
+            Verdict::DeadLetter(error) => call.dead_letter(error, ack.take()),
+            Verdict::Retry { args, wait, error } => next = Some((args, wait, error)),
+        }
     });
     if written_off {
         return Ran::WrittenOff;
     }
     if let Some((args, wait, error)) = next {
         call.retrying(attempt, wait, error, options.monitor_progress);
-        let next = TaskMessage {
-            name: name.clone(),
-            id: id.clone(),
-            fingerprint,
-            options,
-            reply_to,
-            args: Payload::Encoded(args),
-            attempt: attempt + 1,
-            due: Some(SystemTime::now() + wait),
-            expires,
-            retry,
-            limits,
-        };
-        schedule(shared, next, ack.take());
+        drop(ctx);
+        schedule(shared, next_attempt(name.clone(), id.clone(), reply_to, &facts, args, wait), ack.take());
         return Ran::Done;
     }
     if !finished {
@@ -500,7 +603,7 @@ pub(crate) fn execute(crew: &Arc<Crew>, delivery: Delivery) -> Ran {
 /// broker refuses, the delivery was not settled (it comes back where the broker gives
 /// deliveries back); the caller is told the retry failed rather than left waiting (an
 /// in-process caller learns it from its reply sink, dropped with the message).
-fn schedule(shared: &Shared, next: TaskMessage, ack: Option<Ack>) {
+pub(crate) fn schedule(shared: &Shared, next: TaskMessage, ack: Option<Ack>) {
     let key = next.key();
     let reply = match &next.reply_to {
         ReplyTo::Address(address) => Some(ReplyTo::Address(address.clone())),
@@ -537,15 +640,15 @@ fn not_served(shared: &Shared, name: &TaskName) -> String {
     format!("no worker here runs task `{name}` (this pool serves {list}); the message came through one of their queues")
 }
 
-struct Call<'a> {
-    shared: &'a Shared,
-    name: &'a TaskName,
-    id: &'a TaskId,
-    reply_to: &'a ReplyTo,
+pub(crate) struct Call<'a> {
+    pub(crate) shared: &'a Shared,
+    pub(crate) name: &'a TaskName,
+    pub(crate) id: &'a TaskId,
+    pub(crate) reply_to: &'a ReplyTo,
 }
 
 impl Call<'_> {
-    fn key(&self) -> CallKey {
+    pub(crate) fn key(&self) -> CallKey {
         CallKey { name: self.name.clone(), id: self.id.clone() }
     }
 
@@ -553,11 +656,11 @@ impl Call<'_> {
         ReportMessage { name: self.name.clone(), id: self.id.clone(), body }
     }
 
-    fn event(&self, level: Level, kind: EventKind, message: String) {
+    pub(crate) fn event(&self, level: Level, kind: EventKind, message: String) {
         self.shared.events.emit(Event::new(Origin::Worker, level, kind, message).with_task(self.key()));
     }
 
-    fn report(&self, body: ReportBody<'_>) {
+    pub(crate) fn report(&self, body: ReportBody<'_>) {
         if let Err(e) = self.shared.reporter.report(self.reply_to, self.message(body)) {
             self.event(Level::Error, EventKind::ReportFailed, format!("report lost: {}", crate::error::chain(&e)));
         }
@@ -565,17 +668,22 @@ impl Call<'_> {
 
     /// Tells the caller its message cannot run, then moves the message to the broker's dead
     /// letters (a malformed message must neither be lost silently nor retried forever).
-    fn dead_letter(&self, error: TaskError, ack: Option<Ack>) {
+    pub(crate) fn dead_letter(&self, error: TaskError, ack: Option<Ack>) {
         let reason = format!("{}: {}", error.kind(), error.message());
         if self.reply_to.wants_reports() {
             self.report(ReportBody::Failure(error));
         }
+        self.bury(&reason, ack);
+    }
+
+    /// Moves the message to the broker's dead letters (its caller was told already).
+    pub(crate) fn bury(&self, reason: &str, ack: Option<Ack>) {
         let Some(ack) = ack else { return };
-        match ack.reject(false, &reason) {
+        match ack.reject(false, reason) {
             Ok(()) => self.shared.events.emit(support::dead_lettered(
                 Origin::Worker,
                 self.name.as_str(),
-                &reason,
+                reason,
                 Some(self.key()),
             )),
             Err(e) => self.event(
@@ -596,7 +704,7 @@ impl Call<'_> {
 
     /// The call was cancelled before it started: it fails with `Cancelled` and its delivery
     /// is settled.
-    fn cancelled(&self, ack: Option<Ack>) {
+    pub(crate) fn cancelled(&self, ack: Option<Ack>) {
         let message = "the call was cancelled before a worker started it".to_owned();
         self.event(Level::Info, EventKind::TaskCancelled, message.clone());
         self.finish(ReportBody::Failure(TaskError::new(TaskErrorKind::Cancelled, message)), ack);
@@ -604,7 +712,7 @@ impl Call<'_> {
 
     /// Tells the caller (with `monitor_progress`) and the events that attempt `attempt`
     /// failed and the next one runs after `wait`.
-    fn retrying(&self, attempt: u32, wait: Duration, error: TaskError, monitor_progress: bool) {
+    pub(crate) fn retrying(&self, attempt: u32, wait: Duration, error: TaskError, monitor_progress: bool) {
         self.event(
             Level::Info,
             EventKind::TaskRetrying,
@@ -622,7 +730,7 @@ impl Call<'_> {
 
     /// Stores the final report and acknowledges the delivery (just acknowledges it when the
     /// caller wants no report).
-    fn finish(&self, body: ReportBody<'_>, ack: Option<Ack>) {
+    pub(crate) fn finish(&self, body: ReportBody<'_>, ack: Option<Ack>) {
         let result = if self.reply_to.wants_reports() {
             self.shared.reporter.finish(self.reply_to, self.message(body), ack)
         } else {

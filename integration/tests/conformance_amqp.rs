@@ -10,6 +10,7 @@ mod both {
     dingo_test_support::app_suite!(Amqp::setup());
     dingo_test_support::lifecycle_suite!(Amqp::setup());
     dingo_test_support::control_suite!(Amqp::setup());
+    dingo_test_support::async_task_suite!(Amqp::setup());
 }
 
 #[cfg(feature = "redis")]
@@ -19,6 +20,7 @@ mod amqp_tasks_redis_reports {
     dingo_test_support::app_suite!(WithRedisReports::setup());
     dingo_test_support::lifecycle_suite!(WithRedisReports::setup());
     dingo_test_support::control_suite!(WithRedisReports::setup());
+    dingo_test_support::async_task_suite!(WithRedisReports::setup());
 }
 
 mod durable_queues {
@@ -27,6 +29,7 @@ mod durable_queues {
     dingo_test_support::app_suite!(Amqp::with_options(dingo::amqp::AmqpOptions::new()));
     dingo_test_support::lifecycle_suite!(Amqp::with_options(dingo::amqp::AmqpOptions::new()));
     dingo_test_support::control_suite!(Amqp::with_options(dingo::amqp::AmqpOptions::new()));
+    dingo_test_support::async_task_suite!(Amqp::with_options(dingo::amqp::AmqpOptions::new()));
 }
 
 /// `App::connect` with an `amqp://` URL (the facade's `amqp` feature registers the scheme),

@@ -8,6 +8,7 @@ mod memory {
     dingo_test_support::app_suite!(Some(Local::memory()));
     dingo_test_support::lifecycle_suite!(Some(Local::memory()));
     dingo_test_support::control_suite!(Some(Local::memory()));
+    dingo_test_support::async_task_suite!(Some(Local::memory()));
 }
 
 mod serialized {
@@ -18,4 +19,5 @@ mod serialized {
     dingo_test_support::app_suite!(Some(Local::serialized()));
     dingo_test_support::lifecycle_suite!(Some(Local::serialized()));
     dingo_test_support::control_suite!(Some(Local::serialized()));
+    dingo_test_support::async_task_suite!(Some(Local::serialized()));
 }

@@ -11,6 +11,7 @@ mod both {
     dingo_test_support::app_suite!(Redis::setup());
     dingo_test_support::lifecycle_suite!(Redis::setup());
     dingo_test_support::control_suite!(Redis::setup());
+    dingo_test_support::async_task_suite!(Redis::setup());
 }
 
 /// The same suites as a least-privilege Redis user (`dingo::redis::acl_rules`: no
@@ -23,6 +24,7 @@ mod restricted {
     dingo_test_support::app_suite!(Redis::restricted());
     dingo_test_support::lifecycle_suite!(Redis::restricted());
     dingo_test_support::control_suite!(Redis::restricted());
+    dingo_test_support::async_task_suite!(Redis::restricted());
 }
 
 mod restricted_redis_tasks_local_reports {
@@ -31,6 +33,7 @@ mod restricted_redis_tasks_local_reports {
     dingo_test_support::app_suite!(Mixed::restricted(Role::Tasks));
     dingo_test_support::lifecycle_suite!(Mixed::restricted(Role::Tasks));
     dingo_test_support::control_suite!(Mixed::restricted(Role::Tasks));
+    dingo_test_support::async_task_suite!(Mixed::restricted(Role::Tasks));
 }
 
 mod local_tasks_restricted_redis_reports {
@@ -39,6 +42,7 @@ mod local_tasks_restricted_redis_reports {
     dingo_test_support::app_suite!(Mixed::restricted(Role::Reports));
     dingo_test_support::lifecycle_suite!(Mixed::restricted(Role::Reports));
     dingo_test_support::control_suite!(Mixed::restricted(Role::Reports));
+    dingo_test_support::async_task_suite!(Mixed::restricted(Role::Reports));
 }
 
 mod redis_tasks_local_reports {
@@ -47,6 +51,7 @@ mod redis_tasks_local_reports {
     dingo_test_support::app_suite!(Mixed::setup(Role::Tasks));
     dingo_test_support::lifecycle_suite!(Mixed::setup(Role::Tasks));
     dingo_test_support::control_suite!(Mixed::setup(Role::Tasks));
+    dingo_test_support::async_task_suite!(Mixed::setup(Role::Tasks));
 }
 
 mod local_tasks_redis_reports {
@@ -55,6 +60,7 @@ mod local_tasks_redis_reports {
     dingo_test_support::app_suite!(Mixed::setup(Role::Reports));
     dingo_test_support::lifecycle_suite!(Mixed::setup(Role::Reports));
     dingo_test_support::control_suite!(Mixed::setup(Role::Reports));
+    dingo_test_support::async_task_suite!(Mixed::setup(Role::Reports));
 }
 
 /// `App::connect` with a `redis://` URL (the facade's `redis` feature registers the scheme),

@@ -25,6 +25,7 @@
 #![allow(missing_debug_implementations)]
 
 pub mod app;
+pub mod async_tasks;
 pub mod certs;
 pub mod control;
 pub mod faults;
@@ -166,6 +167,28 @@ macro_rules! control_suite {
             cancelling_unknown_or_finished_calls_changes_nothing,
             dead_letters_are_listed_replayed_and_purged,
             purge_empties_a_queue,
+        );
+    };
+}
+
+/// Instantiates the rules of `async fn` tasks for a setup expression (an `Option` of an
+/// [`app::AppSetup`]).
+#[macro_export]
+macro_rules! async_task_suite {
+    ($setup:expr) => {
+        $crate::__suite!(
+            $setup,
+            $crate::async_tasks,
+            a_thousand_sleeping_tasks_share_two_threads,
+            concurrency_is_bounded_per_pool,
+            a_panicking_async_task_fails_and_the_pool_goes_on,
+            async_tasks_finish_out_of_order,
+            an_async_task_retries_then_succeeds,
+            progress_from_an_async_task,
+            a_hard_limit_drops_the_future,
+            an_async_task_sees_its_soft_limit,
+            a_cancel_drops_the_running_future,
+            close_waits_for_running_async_tasks,
         );
     };
 }

@@ -599,6 +599,75 @@ impl AmqpSubscription {
     }
 }
 
+impl AmqpSubscription {
+    /// Waits for a delivery, at most until `timeout`, or until `bell` rings.
+    fn recv_until(&self, timeout: Option<Duration>, bell: Option<&Receiver<()>>) -> Recv {
+        let deadline = timeout.map(|t| Instant::now() + t);
+        loop {
+            if self.shared.stop.is_raised() {
+                return Recv::Stopped;
+            }
+            let feed = lock(&self.shared.feed).clone();
+            if feed.paused {
+                self.ask_to_resume();
+            }
+            let mut select = Select::new();
+            for receiver in &feed.receivers {
+                select.recv(receiver);
+            }
+            let on_retired = select.recv(&feed.retired);
+            let on_stop = select.recv(self.shared.stop.receiver());
+            let on_bell = bell.map(|bell| select.recv(bell));
+            let ready = match deadline {
+                None => select.select(),
+                Some(deadline) => match select.select_deadline(deadline) {
+                    Ok(ready) => ready,
+                    Err(_) => return Recv::Empty,
+                },
+            };
+            // A selected operation must be completed, whichever it is.
+            let index = ready.index();
+            if index == on_stop {
+                let _ = ready.recv(self.shared.stop.receiver());
+                return Recv::Stopped;
+            }
+            if let (Some(on_bell), Some(bell)) = (on_bell, bell)
+                && index == on_bell
+            {
+                let _ = ready.recv(bell);
+                return Recv::Empty;
+            }
+            if index == on_retired {
+                let _ = ready.recv(&feed.retired);
+                continue;
+            }
+            let ended = match ready.recv(&feed.receivers[index]) {
+                Ok(ConsumerMessage::Delivery(delivery)) => match self.take(&feed, index, delivery) {
+                    Some(delivery) => return Recv::Delivery(delivery),
+                    None => continue,
+                },
+                Ok(other) => describe(&other),
+                Err(_) => "the consumer's channel closed".to_owned(),
+            };
+            if self.shared.stop.is_raised() {
+                return Recv::Stopped;
+            }
+            if !self.is_current(&feed) {
+                // Cancelled on purpose (a pause): the feed that replaced it is there already.
+                continue;
+            }
+            if !self.wait_for_new_feed(&feed, ended, deadline) {
+                return Recv::Stopped;
+            }
+            // (A dead feed's receivers are always ready: without this, a passed deadline
+            // would make this loop spin until the feed is replaced.)
+            if deadline.is_some_and(|d| Instant::now() >= d) {
+                return Recv::Empty;
+            }
+        }
+    }
+}
+
 impl Subscription for AmqpSubscription {
     fn try_recv(&self) -> Recv {
         if self.shared.stop.is_raised() {
@@ -634,62 +703,11 @@ impl Subscription for AmqpSubscription {
     }
 
     fn recv(&self, timeout: Option<Duration>) -> Recv {
-        let deadline = timeout.map(|t| Instant::now() + t);
-        loop {
-            if self.shared.stop.is_raised() {
-                return Recv::Stopped;
-            }
-            let feed = lock(&self.shared.feed).clone();
-            if feed.paused {
-                self.ask_to_resume();
-            }
-            let mut select = Select::new();
-            for receiver in &feed.receivers {
-                select.recv(receiver);
-            }
-            let on_retired = select.recv(&feed.retired);
-            let on_stop = select.recv(self.shared.stop.receiver());
-            let ready = match deadline {
-                None => select.select(),
-                Some(deadline) => match select.select_deadline(deadline) {
-                    Ok(ready) => ready,
-                    Err(_) => return Recv::Empty,
-                },
-            };
-            // A selected operation must be completed, whichever it is.
-            let index = ready.index();
-            if index == on_stop {
-                let _ = ready.recv(self.shared.stop.receiver());
-                return Recv::Stopped;
-            }
-            if index == on_retired {
-                let _ = ready.recv(&feed.retired);
-                continue;
-            }
-            let ended = match ready.recv(&feed.receivers[index]) {
-                Ok(ConsumerMessage::Delivery(delivery)) => match self.take(&feed, index, delivery) {
-                    Some(delivery) => return Recv::Delivery(delivery),
-                    None => continue,
-                },
-                Ok(other) => describe(&other),
-                Err(_) => "the consumer's channel closed".to_owned(),
-            };
-            if self.shared.stop.is_raised() {
-                return Recv::Stopped;
-            }
-            if !self.is_current(&feed) {
-                // Cancelled on purpose (a pause): the feed that replaced it is there already.
-                continue;
-            }
-            if !self.wait_for_new_feed(&feed, ended, deadline) {
-                return Recv::Stopped;
-            }
-            // (A dead feed's receivers are always ready: without this, a passed deadline
-            // would make this loop spin until the feed is replaced.)
-            if deadline.is_some_and(|d| Instant::now() >= d) {
-                return Recv::Empty;
-            }
-        }
+        self.recv_until(timeout, None)
+    }
+
+    fn recv_or_bell(&self, timeout: Option<Duration>, bell: &Receiver<()>) -> Recv {
+        self.recv_until(timeout, Some(bell))
     }
 
     fn stop(&self) {

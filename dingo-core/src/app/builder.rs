@@ -59,6 +59,8 @@ pub struct AppBuilder {
     id_maker: Arc<dyn IdMaker>,
     shutdown_grace: Duration,
     worker_spin: Duration,
+    #[cfg(feature = "tokio")]
+    runtime: Option<tokio::runtime::Handle>,
 }
 
 impl AppBuilder {
@@ -74,6 +76,8 @@ impl AppBuilder {
             id_maker: Arc::new(UuidV7),
             shutdown_grace: Duration::from_secs(30),
             worker_spin: Duration::from_micros(50),
+            #[cfg(feature = "tokio")]
+            runtime: None,
         }
     }
 
@@ -215,6 +219,32 @@ impl AppBuilder {
         self
     }
 
+    /// Runs the app's `async fn` tasks on a tokio runtime (feature `tokio`): a task that
+    /// needs a tokio context (reqwest, sqlx, `tokio::time`) gets one. The pool's threads
+    /// still take the deliveries, settle the calls and enforce time limits and cancels
+    /// (dropping a task's future aborts it on the runtime); the runtime only polls. Without
+    /// one, the pool's threads poll the futures themselves.
+    ///
+    /// ```
+    /// # fn main() -> Result<(), dingo_core::Error> {
+    /// let runtime = tokio::runtime::Builder::new_multi_thread().worker_threads(1).enable_time().build().unwrap();
+    /// let app = dingo_core::App::builder().tokio_runtime(runtime.handle().clone()).build()?;
+    /// app.register_async("nap", |ms: u64| async move {
+    ///     tokio::time::sleep(std::time::Duration::from_millis(ms)).await;
+    ///     ms
+    /// })?;
+    /// app.allocate("nap", 1)?;
+    /// assert_eq!(app.call::<_, u64>("nap", 5u64)?.wait()?, 5);
+    /// # app.close()
+    /// # }
+    /// ```
+    #[cfg(feature = "tokio")]
+    #[cfg_attr(docsrs, doc(cfg(feature = "tokio")))]
+    pub fn tokio_runtime(mut self, runtime: tokio::runtime::Handle) -> AppBuilder {
+        self.runtime = Some(runtime);
+        self
+    }
+
     /// Builds the app: attaches the roles, registers every linked `#[dingo::task]` and
     /// declares their queues.
     pub fn build(self) -> Result<App, Error> {
@@ -262,6 +292,8 @@ impl AppBuilder {
                 closed: AtomicBool::new(false),
                 shutdown_grace: this.shutdown_grace,
                 worker_spin: this.worker_spin,
+                #[cfg(feature = "tokio")]
+                runtime: this.runtime,
             }),
         };
         for decl in registry::linked_tasks() {

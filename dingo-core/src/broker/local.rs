@@ -840,6 +840,53 @@ impl LocalSubscription {
     fn stopped(&self) -> bool {
         self.stop.is_raised() || self.broker.life.is_closed()
     }
+
+    /// Waits for a delivery, at most until `timeout`, or until `bell` rings.
+    fn recv_until(&self, timeout: Option<Duration>, bell: Option<&Receiver<()>>) -> Recv {
+        let deadline = timeout.map(|t| Instant::now() + t);
+        loop {
+            if self.stopped() {
+                return Recv::Stopped;
+            }
+            if let Recv::Delivery(d) = self.try_recv() {
+                return Recv::Delivery(d);
+            }
+            let mut select = Select::new();
+            for (_, rx) in &self.queues {
+                select.recv(rx);
+            }
+            let stop = select.recv(self.stop.receiver());
+            let shutdown = select.recv(self.broker.life.closing());
+            let rung = bell.map(|bell| select.recv(bell));
+            let ready = match deadline {
+                Some(deadline) => match select.ready_deadline(deadline) {
+                    Ok(index) => index,
+                    Err(_) => return Recv::Empty,
+                },
+                None => select.ready(),
+            };
+            if ready == stop || ready == shutdown {
+                return Recv::Stopped;
+            }
+            if let (Some(rung), Some(bell)) = (rung, bell)
+                && ready == rung
+            {
+                let _ = bell.try_recv();
+                return Recv::Empty;
+            }
+            let (name, rx) = &self.queues[ready];
+            match rx.try_recv() {
+                Ok(item) => {
+                    if let Some(delivery) = self.broker.delivery(name, item) {
+                        return Recv::Delivery(delivery);
+                    }
+                }
+                // Another worker was faster; wait again.
+                Err(TryRecvError::Empty) => {}
+                Err(TryRecvError::Disconnected) => return Recv::Stopped,
+            }
+        }
+    }
 }
 
 impl Subscription for LocalSubscription {
@@ -866,42 +913,11 @@ impl Subscription for LocalSubscription {
     }
 
     fn recv(&self, timeout: Option<Duration>) -> Recv {
-        let deadline = timeout.map(|t| Instant::now() + t);
-        loop {
-            if self.stopped() {
-                return Recv::Stopped;
-            }
-            if let Recv::Delivery(d) = self.try_recv() {
-                return Recv::Delivery(d);
-            }
-            let mut select = Select::new();
-            for (_, rx) in &self.queues {
-                select.recv(rx);
-            }
-            let stop = select.recv(self.stop.receiver());
-            let shutdown = select.recv(self.broker.life.closing());
-            let ready = match deadline {
-                Some(deadline) => match select.ready_deadline(deadline) {
-                    Ok(index) => index,
-                    Err(_) => return Recv::Empty,
-                },
-                None => select.ready(),
-            };
-            if ready == stop || ready == shutdown {
-                return Recv::Stopped;
-            }
-            let (name, rx) = &self.queues[ready];
-            match rx.try_recv() {
-                Ok(item) => {
-                    if let Some(delivery) = self.broker.delivery(name, item) {
-                        return Recv::Delivery(delivery);
-                    }
-                }
-                // Another worker was faster; wait again.
-                Err(TryRecvError::Empty) => {}
-                Err(TryRecvError::Disconnected) => return Recv::Stopped,
-            }
-        }
+        self.recv_until(timeout, None)
+    }
+
+    fn recv_or_bell(&self, timeout: Option<Duration>, bell: &Receiver<()>) -> Recv {
+        self.recv_until(timeout, Some(bell))
     }
 
     fn stop(&self) {

@@ -5,6 +5,7 @@
 //!
 //! `RUSTFLAGS="--cfg dingo_loom" cargo test -p dingo-core --lib --release result::loom`
 
+use std::future::IntoFuture;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -37,7 +38,7 @@ fn an_awaited_result_is_never_missed() {
         let slot = slot();
         let handle = handle(&slot);
         let delivering = loom::thread::spawn(move || succeed(&slot, 5));
-        assert_eq!(loom::future::block_on(handle).unwrap(), 5);
+        assert_eq!(loom::future::block_on(handle.into_future()).unwrap(), 5);
         delivering.join().unwrap();
     });
 }
@@ -67,7 +68,7 @@ fn a_shutdown_wakes_the_awaiting_task() {
         let slot = slot();
         let handle = handle(&slot);
         let closing = loom::thread::spawn(move || slot.disconnect());
-        let outcome = loom::future::block_on(handle);
+        let outcome = loom::future::block_on(handle.into_future());
         assert!(matches!(outcome, Err(crate::Error::Task(e)) if e.kind() == crate::TaskErrorKind::Shutdown));
         closing.join().unwrap();
     });

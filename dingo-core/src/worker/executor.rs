@@ -1,11 +1,42 @@
-//! Running `async fn` tasks on a pool's own threads: each worker thread drives the futures
-//! of the deliveries it took, up to its share of the pool's concurrency, and wakes when one
-//! of them is woken. No async runtime: wakers are `std::task::Wake` handles that queue the
-//! task and ring the thread's bell.
+//! Running `async fn` tasks on a pool's own threads. Each worker thread that takes an async
+//! task becomes an executor for the tasks it took: it keeps their futures, polls one when
+//! its waker fires, and goes on receiving while it has room (its share of the pool's
+//! concurrency). No async runtime: a waker is a `std::task::Wake` handle that queues its
+//! task and rings the thread's bell, and the thread waits on the bell and its subscription
+//! at once ([`Subscription::recv_or_bell`]). With the `tokio` feature and a runtime given
+//! to the app, the futures run on that runtime and the thread awaits their join handles.
+//!
+//! A finished task is settled as a blocking one is ([`judge`], then the final report and
+//! its acknowledgement in one step) — except that on a broker that settles a thread's
+//! deliveries in the order it received them ([`Subscription::settles_in_order`]), a task
+//! that finishes before an earlier one reports at once and leaves its acknowledgement
+//! (or its dead-lettering, or its next attempt) for when the earlier ones are settled.
+//!
+//! A hard time limit or a cancel drops the task's future (at its next `.await`, as it
+//! were: a future is only ever dropped between polls) and fails the call with `TimeLimit`
+//! or `Cancelled`; nothing is written off, the thread goes on.
 
-use std::sync::Arc;
-use std::task::{Context as Poll_, Poll, Wake, Waker};
+use std::cmp::Reverse;
+use std::collections::{BTreeMap, BinaryHeap};
+use std::panic::{AssertUnwindSafe, catch_unwind};
+use std::sync::atomic::{AtomicBool, AtomicU8, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::task::{Context as PollContext, Poll, Wake, Waker};
 use std::thread::{self, Thread};
+use std::time::{Duration, Instant};
+
+use crossbeam_channel::{Receiver, Sender};
+
+use super::{Call, Crew, Facts, SAW_NOTHING, Shared, Verdict, judge, next_attempt, schedule};
+use crate::broker::kit::lock;
+use crate::broker::{Ack, Recv, Subscription};
+use crate::codec::{CodecId, Encoded};
+use crate::context::{Context, Lent};
+use crate::error::{TaskError, TaskErrorKind};
+use crate::event::{EventKind, Level};
+use crate::id::{TaskId, TaskName};
+use crate::message::{Payload, ReplyTo, ReportBody, TaskMessage};
+use crate::registry::{Handler, Invoke, Layout, Produced, TaskFuture, panic_message};
 
 /// Runs `future` to completion on the calling thread (an `async fn` task called through
 /// [`Task::run`](crate::Task::run), outside any worker).
@@ -20,7 +51,7 @@ pub(crate) fn block_on<F: std::future::Future>(future: F) -> F::Output {
         }
     }
     let waker = Waker::from(Arc::new(Unpark(thread::current())));
-    let mut cx = Poll_::from_waker(&waker);
+    let mut cx = PollContext::from_waker(&waker);
     let mut future = std::pin::pin!(future);
     loop {
         if let Poll::Ready(output) = future.as_mut().poll(&mut cx) {
@@ -29,4 +60,468 @@ pub(crate) fn block_on<F: std::future::Future>(future: F) -> F::Output {
         // A wake before this park leaves the token set: park returns at once.
         thread::park();
     }
+}
+
+/// A delivery of an async task, checked and about to start.
+pub(crate) struct Started {
+    pub(crate) name: TaskName,
+    pub(crate) id: TaskId,
+    pub(crate) reply_to: ReplyTo,
+    pub(crate) facts: Facts,
+    pub(crate) again: Option<Encoded>,
+    pub(crate) ack: Option<Ack>,
+    pub(crate) redelivered: bool,
+    pub(crate) codec: CodecId,
+    pub(crate) local: bool,
+    pub(crate) layout: Layout,
+}
+
+/// One thread's async tasks.
+pub(crate) struct Executor {
+    tasks: Vec<Option<InFlight>>,
+    free: Vec<usize>,
+    live: usize,
+    /// How many may run at once on this thread.
+    room: usize,
+    woken: Arc<Woken>,
+    bell: Receiver<()>,
+    /// Hard time limits: when, which slot, which task.
+    deadlines: BinaryHeap<Reverse<(Instant, usize, u64)>>,
+    /// Counts the tasks started, so a slot's task is told from the one before it.
+    serial: u64,
+    /// Whether the broker settles this thread's deliveries in the order received.
+    in_order: bool,
+    /// In order only: the tasks not settled yet, oldest first, with what is left to do for
+    /// those that finished (`None`: still running).
+    unsettled: BTreeMap<u64, Option<Deferred>>,
+    /// The cancels' generation when the running tasks were last checked.
+    cancels_seen: u64,
+}
+
+struct InFlight {
+    serial: u64,
+    future: TaskFuture,
+    /// What its waker queues, and the waker itself.
+    wakes: Arc<TaskWaker>,
+    waker: Waker,
+    ctx: Arc<Context<'static>>,
+    name: TaskName,
+    id: TaskId,
+    reply_to: ReplyTo,
+    facts: Facts,
+    again: Option<Encoded>,
+    ack: Option<Ack>,
+    codec: CodecId,
+    local: bool,
+    layout: Layout,
+    hard: Option<Duration>,
+    span: tracing::Span,
+}
+
+/// What a task that finished before an earlier one still has to do, once that one is
+/// settled (its report went out when it finished).
+enum Deferred {
+    Ack(Option<Ack>),
+    Bury { reason: String, ack: Option<Ack>, name: TaskName, id: TaskId },
+    Retry(TaskMessage, Option<Ack>),
+}
+
+/// The tasks woken since the thread last looked, and its bell.
+struct Woken {
+    queue: Mutex<Vec<(usize, u64)>>,
+    bell: Sender<()>,
+}
+
+impl Woken {
+    fn ring(&self) {
+        // Full: the thread has a ring pending already, one is enough.
+        let _ = self.bell.try_send(());
+    }
+}
+
+struct TaskWaker {
+    slot: usize,
+    serial: u64,
+    woken: Arc<Woken>,
+    /// Whether the task is queued already (many wakes before a poll queue it once).
+    queued: AtomicBool,
+}
+
+impl Wake for TaskWaker {
+    fn wake(self: Arc<Self>) {
+        self.wake_by_ref();
+    }
+
+    fn wake_by_ref(self: &Arc<Self>) {
+        if !self.queued.swap(true, Ordering::AcqRel) {
+            lock(&self.woken.queue).push((self.slot, self.serial));
+            self.woken.ring();
+        }
+    }
+}
+
+impl Executor {
+    pub(crate) fn new(crew: &Crew) -> Executor {
+        let (bell_tx, bell) = crossbeam_channel::bounded(1);
+        if let Some(cancels) = &crew.shared.cancels {
+            cancels.ring_on_insert(bell_tx.clone());
+        }
+        Executor {
+            tasks: Vec::new(),
+            free: Vec::new(),
+            live: 0,
+            room: crew.shared.concurrency.max(1),
+            woken: Arc::new(Woken { queue: Mutex::new(Vec::new()), bell: bell_tx }),
+            bell,
+            deadlines: BinaryHeap::new(),
+            serial: 0,
+            in_order: crew.subscription.settles_in_order(),
+            unsettled: BTreeMap::new(),
+            cancels_seen: crew.shared.cancels.as_ref().map_or(0, |c| c.generation()),
+        }
+    }
+
+    /// How many tasks run.
+    pub(crate) fn live(&self) -> usize {
+        self.live
+    }
+
+    /// Whether another task may start.
+    pub(crate) fn has_room(&self) -> bool {
+        self.live < self.room
+    }
+
+    /// Whether a task was woken and waits to be polled.
+    pub(crate) fn is_woken(&self) -> bool {
+        !lock(&self.woken.queue).is_empty()
+    }
+
+    /// Starts a task and polls it once.
+    pub(crate) fn start(&mut self, crew: &Crew, handler: &Handler, args: Payload, started: Started) {
+        let shared = &*crew.shared;
+        let Started { name, id, reply_to, facts, again, ack, redelivered, codec, local, layout } = started;
+        let now = Instant::now();
+        let limits = facts.limits;
+        let ctx = Arc::new(Context {
+            name: Lent::Shared(Arc::new(name.clone())),
+            id: Lent::Shared(Arc::new(id.clone())),
+            options: facts.options,
+            redelivered,
+            reply_to: Lent::Shared(Arc::new(reply_to.lend())),
+            reporter: Lent::Shared(shared.reporter.clone()),
+            codec: Lent::Shared(
+                shared.codecs.get(codec).cloned().unwrap_or_else(|_| shared.codecs.default_codec().clone()),
+            ),
+            events: Lent::Shared(Arc::new(shared.events.clone())),
+            attempt: facts.attempt,
+            retry: facts.retry,
+            retry_after: AtomicU64::new(u64::MAX),
+            cancels: shared.cancels.clone().map(Lent::Shared),
+            soft_at: limits.get_soft().map(|soft| now + soft),
+            deadline: limits.get_soft().or(limits.get_hard()).map(|limit| now + limit),
+            written_off: None,
+            saw: AtomicU8::new(SAW_NOTHING),
+        });
+        self.serial += 1;
+        let serial = self.serial;
+        if self.in_order {
+            self.unsettled.insert(serial, None);
+        }
+        let span = tracing::debug_span!(target: "dingo", "task", name = %name, id = %id, attempt = facts.attempt);
+        let invoke = Invoke { codecs: &shared.codecs, codec, local, layout };
+        let made = {
+            let _entered = span.enter();
+            handler.start(ctx.clone(), args, &invoke)
+        };
+        let slot = self.free.pop().unwrap_or_else(|| {
+            self.tasks.push(None);
+            self.tasks.len() - 1
+        });
+        let wakes = Arc::new(TaskWaker { slot, serial, woken: self.woken.clone(), queued: AtomicBool::new(false) });
+        let waker = Waker::from(wakes.clone());
+        let hard = limits.get_hard();
+        let task = |future: TaskFuture| InFlight {
+            serial,
+            future,
+            wakes,
+            waker,
+            ctx,
+            name,
+            id,
+            reply_to,
+            facts,
+            again,
+            ack,
+            codec,
+            local,
+            layout,
+            hard,
+            span,
+        };
+        let future = match made {
+            Some(Ok(future)) => on_runtime(shared, future),
+            // Arguments that did not decode, a panic making the future: the outcome is here.
+            Some(Err(error)) => Box::pin(std::future::ready(Err(error))),
+            None => Box::pin(std::future::ready(Err(TaskError::new(
+                TaskErrorKind::Other,
+                "a blocking task was started as an async one",
+            )))),
+        };
+        self.tasks[slot] = Some(task(future));
+        self.live += 1;
+        if let Some(hard) = hard {
+            self.deadlines.push(Reverse((now + hard, slot, serial)));
+        }
+        self.poll(crew, slot);
+    }
+
+    /// Polls the woken tasks, then fails those past their hard limit or cancelled.
+    pub(crate) fn turn(&mut self, crew: &Crew) {
+        let woken = std::mem::take(&mut *lock(&self.woken.queue));
+        for (slot, serial) in woken {
+            if self.tasks.get(slot).and_then(Option::as_ref).is_some_and(|task| task.serial == serial) {
+                self.poll(crew, slot);
+            }
+        }
+        let now = Instant::now();
+        while let Some(&Reverse((at, slot, serial))) = self.deadlines.peek() {
+            if at > now {
+                break;
+            }
+            self.deadlines.pop();
+            let Some(task) = self.tasks.get(slot).and_then(Option::as_ref).filter(|task| task.serial == serial) else {
+                continue;
+            };
+            let limit = task.hard.unwrap_or_default();
+            let message =
+                format!("the task ran past its hard time limit of {} ms: its future was dropped", limit.as_millis());
+            self.abandon(crew, slot, TaskErrorKind::TimeLimit, EventKind::TimeLimitExceeded, Level::Warning, message);
+        }
+        if let Some(cancels) = &crew.shared.cancels {
+            let generation = cancels.generation();
+            if generation != self.cancels_seen {
+                self.cancels_seen = generation;
+                let cancelled: Vec<usize> = (self.tasks.iter().enumerate())
+                    .filter_map(|(slot, task)| {
+                        task.as_ref().filter(|task| cancels.is_cancelled(&task.name, &task.id)).map(|_| slot)
+                    })
+                    .collect();
+                for slot in cancelled {
+                    let message = "the call was cancelled while it ran: its future was dropped".to_owned();
+                    self.abandon(crew, slot, TaskErrorKind::Cancelled, EventKind::TaskCancelled, Level::Info, message);
+                }
+            }
+        }
+    }
+
+    /// Waits until a task is woken, the next hard limit passes, or (given the
+    /// subscription, while there is room) a delivery arrives.
+    pub(crate) fn wait(&self, subscription: Option<&dyn Subscription>) -> Recv {
+        if self.is_woken() {
+            return Recv::Empty;
+        }
+        let timeout = self
+            .deadlines
+            .peek()
+            .map(|Reverse((at, _, _))| at.saturating_duration_since(Instant::now()) + Duration::from_micros(100));
+        match subscription {
+            Some(subscription) => subscription.recv_or_bell(timeout, &self.bell),
+            None => {
+                let _ = match timeout {
+                    Some(timeout) => self.bell.recv_timeout(timeout).map_err(|_| ()),
+                    None => self.bell.recv().map_err(|_| ()),
+                };
+                Recv::Empty
+            }
+        }
+    }
+
+    fn poll(&mut self, crew: &Crew, slot: usize) {
+        let Some(task) = self.tasks[slot].as_mut() else { return };
+        // Cleared before the poll: a wake during it queues the task again.
+        task.wakes.queued.store(false, Ordering::Release);
+        let mut cx = PollContext::from_waker(&task.waker);
+        let polled = {
+            let _entered = task.span.enter();
+            catch_unwind(AssertUnwindSafe(|| task.future.as_mut().poll(&mut cx)))
+        };
+        let outcome = match polled {
+            Ok(Poll::Pending) => return,
+            Ok(Poll::Ready(outcome)) => outcome,
+            Err(panic) => Err(TaskError::new(TaskErrorKind::Panic, panic_message(&*panic))),
+        };
+        if let Some(task) = self.take(slot) {
+            self.settle(crew, task, outcome);
+        }
+    }
+
+    /// Removes a task, dropping its future (a panic in its drop is the task's, not the
+    /// thread's: caught).
+    fn take(&mut self, slot: usize) -> Option<InFlight> {
+        let mut task = self.tasks.get_mut(slot)?.take()?;
+        self.free.push(slot);
+        self.live -= 1;
+        let future = std::mem::replace(&mut task.future, Box::pin(std::future::pending()));
+        if catch_unwind(AssertUnwindSafe(move || drop(future))).is_err() {
+            tracing::warn!(target: "dingo", "an async task's future panicked when dropped");
+        }
+        Some(task)
+    }
+
+    /// Drops a running task's future and fails its call with `kind`.
+    fn abandon(
+        &mut self,
+        crew: &Crew,
+        slot: usize,
+        kind: TaskErrorKind,
+        event: EventKind,
+        level: Level,
+        message: String,
+    ) {
+        let Some(task) = self.take(slot) else { return };
+        let shared = &*crew.shared;
+        let call = Call { shared, name: &task.name, id: &task.id, reply_to: &task.reply_to };
+        call.event(level, event, message.clone());
+        let error = TaskError::new(kind, message).with_attempts(task.facts.attempt);
+        let verdict = Verdict::Finish(ReportBody::Failure(error));
+        self.conclude(shared, task, verdict);
+    }
+
+    /// Hands a finished task's outcome over (encoded, or lent to an in-process caller) and
+    /// settles it.
+    fn settle(&mut self, crew: &Crew, mut task: InFlight, outcome: Result<Box<dyn Produced>, TaskError>) {
+        let shared = &*crew.shared;
+        let ctx = task.ctx.clone();
+        let (saw, requested) = (ctx.saw(), ctx.requested_retry());
+        let mut again = task.again.take();
+        let facts = task.facts;
+        let _entered = task.span.clone().entered();
+        match outcome {
+            Ok(produced) => {
+                let invoke =
+                    Invoke { codecs: &shared.codecs, codec: task.codec, local: task.local, layout: task.layout };
+                let mut task = Some(task);
+                produced.hand_over(&invoke, &mut |outcome| {
+                    let Some(task) = task.take() else { return };
+                    let verdict = {
+                        let call = Call { shared, name: &task.name, id: &task.id, reply_to: &task.reply_to };
+                        judge(shared, &call, &facts, outcome, saw, requested, &mut again)
+                    };
+                    self.conclude(shared, task, verdict);
+                });
+            }
+            Err(error) => {
+                let verdict = {
+                    let call = Call { shared, name: &task.name, id: &task.id, reply_to: &task.reply_to };
+                    judge(shared, &call, &facts, Err(error), saw, requested, &mut again)
+                };
+                self.conclude(shared, task, verdict);
+            }
+        }
+    }
+
+    /// Acts on a verdict: at once, or — a task finishing before an earlier one, on a broker
+    /// that settles in order — reporting now and settling later.
+    fn conclude(&mut self, shared: &Shared, task: InFlight, verdict: Verdict<'_>) {
+        let InFlight { serial, name, id, reply_to, facts, mut ack, .. } = task;
+        let call = Call { shared, name: &name, id: &id, reply_to: &reply_to };
+        let first = self.unsettled.keys().next().copied();
+        let now = !self.in_order || first == Some(serial);
+        let deferred = match verdict {
+            Verdict::Finish(body) if now => {
+                call.finish(body, ack.take());
+                None
+            }
+            Verdict::Finish(body) => {
+                if reply_to.wants_reports() {
+                    call.report(body);
+                }
+                Some(Deferred::Ack(ack.take()))
+            }
+            Verdict::DeadLetter(error) if now => {
+                call.dead_letter(error, ack.take());
+                None
+            }
+            Verdict::DeadLetter(error) => {
+                let reason = format!("{}: {}", error.kind(), error.message());
+                if reply_to.wants_reports() {
+                    call.report(ReportBody::Failure(error));
+                }
+                Some(Deferred::Bury { reason, ack: ack.take(), name: name.clone(), id: id.clone() })
+            }
+            Verdict::Retry { args, wait, error } => {
+                call.retrying(facts.attempt, wait, error, facts.options.monitor_progress);
+                let next = next_attempt(name.clone(), id.clone(), reply_to, &facts, args, wait);
+                if now {
+                    schedule(shared, next, ack.take());
+                    None
+                } else {
+                    Some(Deferred::Retry(next, ack.take()))
+                }
+            }
+        };
+        if !self.in_order {
+            return;
+        }
+        match deferred {
+            Some(deferred) => {
+                self.unsettled.insert(serial, Some(deferred));
+            }
+            None => {
+                self.unsettled.remove(&serial);
+                // The tasks after it that finished already can settle now, in order.
+                while let Some(mut entry) = self.unsettled.first_entry() {
+                    let Some(deferred) = entry.get_mut().take() else { break };
+                    entry.remove();
+                    run_deferred(shared, deferred);
+                }
+            }
+        }
+    }
+}
+
+fn run_deferred(shared: &Shared, deferred: Deferred) {
+    match deferred {
+        Deferred::Ack(ack) => {
+            if let Some(Err(e)) = ack.map(Ack::ack) {
+                tracing::error!(target: "dingo", "acknowledging an async task failed: {}", crate::error::chain(&e));
+            }
+        }
+        Deferred::Bury { reason, ack, name, id } => {
+            let reply_to = ReplyTo::None;
+            Call { shared, name: &name, id: &id, reply_to: &reply_to }.bury(&reason, ack);
+        }
+        Deferred::Retry(next, ack) => schedule(shared, next, ack),
+    }
+}
+
+/// Where a task's future runs: on the app's tokio runtime when it has one (the thread then
+/// drives the join handle; dropping it aborts the task), else on this thread.
+fn on_runtime(shared: &Shared, future: TaskFuture) -> TaskFuture {
+    #[cfg(feature = "tokio")]
+    if let Some(runtime) = &shared.runtime {
+        return on_tokio(runtime, future);
+    }
+    let _ = shared;
+    future
+}
+
+#[cfg(feature = "tokio")]
+fn on_tokio(runtime: &tokio::runtime::Handle, future: TaskFuture) -> TaskFuture {
+    struct AbortOnDrop(tokio::task::AbortHandle);
+    impl Drop for AbortOnDrop {
+        fn drop(&mut self) {
+            self.0.abort();
+        }
+    }
+    let join = runtime.spawn(future);
+    let guard = AbortOnDrop(join.abort_handle());
+    Box::pin(async move {
+        let _guard = guard;
+        match join.await {
+            Ok(outcome) => outcome,
+            Err(e) if e.is_panic() => Err(TaskError::new(TaskErrorKind::Panic, panic_message(&*e.into_panic()))),
+            Err(e) => Err(TaskError::new(TaskErrorKind::Other, format!("the task was stopped on its runtime: {e}"))),
+        }
+    })
 }

@@ -960,6 +960,11 @@ impl Subscription for RedisSubscription {
         self.release_local();
     }
 
+    /// A consumer's settled messages leave its processing list from the oldest end.
+    fn settles_in_order(&self) -> bool {
+        true
+    }
+
     /// The thread's task was settled already (the watchdog's `TimeLimit` failure, parked
     /// behind the thread's earlier settlements): stores them all, gives back the tasks it
     /// fetched but did not start, retires its consumers and fences the thread (see
