@@ -104,8 +104,34 @@ pub struct Proc {
 impl Proc {
     /// Starts example `name` (built first if needed) with `args` and `env`.
     pub fn spawn(examples: &Examples, name: &str, args: &[&str], env: &[(&str, &str)]) -> Proc {
-        let mut child = Command::new(example(examples, name))
-            .args(args)
+        let mut command = Command::new(example(examples, name));
+        command.args(args);
+        Proc::start(name, command, env)
+    }
+
+    /// Starts this test binary again to run the test `test` alone (a worker process's part,
+    /// which does nothing unless `env` tells it what to do), with `env`.
+    pub fn this_test(test: &str, env: &[(&str, &str)]) -> Proc {
+        let mut command = Command::new(std::env::current_exe().expect("the test binary"));
+        command.args([test, "--exact", "--nocapture", "--test-threads=1"]);
+        Proc::start(test, command, env)
+    }
+
+    /// Waits until the process printed a line ending with `line` (a test binary's own
+    /// output follows `test NAME ... ` on its line), failing after `patience` or if it exits.
+    pub fn wait_for_line(&mut self, line: &str, patience: Duration) {
+        let deadline = Instant::now() + patience;
+        while !self.stdout().lines().any(|l| l.ends_with(line)) {
+            if let Some(status) = self.exited() {
+                panic!("{} exited ({status}) before printing {line:?}; stderr:\n{}", self.name, self.stderr());
+            }
+            assert!(Instant::now() < deadline, "{} did not print {line:?} within {patience:?}", self.name);
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    }
+
+    fn start(name: &str, mut command: Command, env: &[(&str, &str)]) -> Proc {
+        let mut child = command
             .envs(env.iter().copied())
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
