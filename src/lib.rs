@@ -197,10 +197,10 @@
 #![cfg_attr(docsrs, feature(doc_cfg))]
 
 pub use dingo_core::{
-    App, AppBuilder, Backoff, BrokerError, BrokerErrorKind, CallKey, CallOptions, Codec, CodecError, Context,
-    DeadLetter, Encoded, Error, Event, EventFilter, EventKind, Events, Handle, HandleFuture, HandleFutureMut, IdMaker,
-    Level, LocalBroker, LocalOptions, Origin, Origins, Progress, Report, ReportStream, Reports, RetryPolicy, Role,
-    Sequential, Task, TaskError, TaskErrorKind, TaskId, TaskName, TaskOptions, TaskRef, TimeLimits, UuidV7, When,
+    App, AppBuilder, Backoff, BrokerError, BrokerErrorKind, CallFuture, CallKey, CallOptions, Codec, CodecError,
+    Context, DeadLetter, Encoded, Error, Event, EventFilter, EventKind, Events, Handle, HandleFuture, HandleFutureMut,
+    IdMaker, Level, LocalBroker, LocalOptions, Origin, Origins, Progress, Report, ReportStream, Reports, RetryPolicy,
+    Role, Sequential, Task, TaskError, TaskErrorKind, TaskId, TaskName, TaskOptions, TaskRef, TimeLimits, UuidV7, When,
 };
 pub use dingo_core::{broker, codec, error, event, id, message, registry, retry};
 

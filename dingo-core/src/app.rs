@@ -1,8 +1,11 @@
 //! [`App`]: registers tasks, runs worker pools, makes calls.
 
 mod builder;
+#[path = "app/sending.rs"]
+mod sending;
 
 pub use builder::{AppBuilder, BrokerScheme};
+pub use sending::CallFuture;
 
 use std::fmt;
 use std::future::Future;
@@ -76,6 +79,8 @@ struct Inner {
     /// Where async tasks run (feature `tokio`; `None`: on the pools' threads).
     #[cfg(feature = "tokio")]
     runtime: Option<tokio::runtime::Handle>,
+    /// The thread `call_async` calls on, started by the first.
+    sending: Mutex<Option<Arc<sending::Sending>>>,
 }
 
 impl App {
@@ -395,6 +400,58 @@ impl App {
         self.submit(name, fingerprint, Args::Typed(args), options, result::decode_value::<T>, true)
     }
 
+    /// [`call`](App::call) for async code that must never block: the call is made on the
+    /// app's sending thread (started by the first such call) and the future gives its
+    /// handle. `call` blocks only while the broker pushes back — a full local queue, a
+    /// Redis or RabbitMQ send buffer full while the server is away — and at most the
+    /// call's [`enqueue_timeout`](CallOptions::enqueue_timeout); this blocks never, at the
+    /// cost of a hand-over to another thread (a few microseconds). Nothing is sent until
+    /// the future is first polled; dropped before the thread took it, nothing is sent.
+    ///
+    /// ```
+    /// # fn main() -> Result<(), dingo_core::Error> {
+    /// let app = dingo_core::App::local()?;
+    /// app.register("double", |n: i64| n * 2)?;
+    /// app.allocate("double", 1)?;
+    /// let doubled = futures::executor::block_on(async {
+    ///     let handle = app.call_async::<_, i64>("double", 21i64).await?;
+    ///     handle.await
+    /// })?;
+    /// assert_eq!(doubled, 42);
+    /// # app.close()
+    /// # }
+    /// ```
+    pub fn call_async<A, T>(&self, name: impl AsRef<str>, args: A) -> CallFuture<T>
+    where
+        A: Serialize + Send + 'static,
+        T: DeserializeOwned + Send + 'static,
+    {
+        self.call_async_with(name, &CallOptions::new(), args)
+    }
+
+    /// [`call_async`](App::call_async) with options.
+    pub fn call_async_with<A, T>(&self, name: impl AsRef<str>, options: &CallOptions, args: A) -> CallFuture<T>
+    where
+        A: Serialize + Send + 'static,
+        T: DeserializeOwned + Send + 'static,
+    {
+        let name = registry::intern(name.as_ref());
+        let options = options.clone();
+        CallFuture::new(self, move |app| app.call_with(name, &options, args))
+    }
+
+    /// The sending thread of `call_async`, started on first use.
+    fn sending(&self) -> Result<Arc<sending::Sending>, Error> {
+        self.check_open()?;
+        let mut sending = lock(&self.inner.sending);
+        if let Some(sending) = &*sending {
+            return Ok(sending.clone());
+        }
+        let started = Arc::new(sending::Sending::start()?);
+        *sending = Some(started.clone());
+        Ok(started)
+    }
+
     /// Sends a task by name and forgets it: no report is produced. Returns the call's id.
     ///
     /// The argument types are checked as in [`call`](App::call).
@@ -656,6 +713,9 @@ impl App {
             pool.stop();
         }
         let deadline = result::deadline(self.inner.shutdown_grace);
+        if let Some(sending) = lock(&self.inner.sending).take() {
+            sending.stop(deadline);
+        }
         let mut running = 0;
         for pool in pools {
             let label = pool.label().to_owned();

@@ -51,7 +51,7 @@ pub mod __internal {
     pub use crate::hash::{FastMap, FxHasher};
 }
 
-pub use app::{App, AppBuilder};
+pub use app::{App, AppBuilder, CallFuture};
 pub use broker::DeadLetter;
 pub use broker::local::{LocalBroker, LocalOptions};
 pub use codec::{Codec, CodecError, Encoded};

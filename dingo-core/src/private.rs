@@ -12,7 +12,7 @@ pub use std::option::Option::{self, None, Some};
 pub use std::result::Result::{self, Err, Ok};
 pub use std::sync::{Arc, OnceLock};
 
-pub use crate::app::App;
+pub use crate::app::{App, CallFuture};
 pub use crate::context::Context;
 pub use crate::error::{Error, TaskError};
 pub use crate::id::{TaskId, TaskName};
@@ -23,6 +23,12 @@ pub use crate::result::Handle;
 /// Calls a macro-generated task.
 pub fn call<K: Task>(app: &App, args: K::Args, options: &CallOptions) -> Result<Handle<K::Output>, Error> {
     app.call_task::<K>(args, options)
+}
+
+/// Calls a macro-generated task without blocking (see [`App::call_async`]).
+pub fn call_async<K: Task>(app: &App, args: K::Args, options: &CallOptions) -> CallFuture<K::Output> {
+    let options = options.clone();
+    CallFuture::new(app, move |app| app.call_task::<K>(args, &options))
 }
 
 /// Sends a macro-generated task without a report.

@@ -294,6 +294,7 @@ impl AppBuilder {
                 worker_spin: this.worker_spin,
                 #[cfg(feature = "tokio")]
                 runtime: this.runtime,
+                sending: Mutex::new(None),
             }),
         };
         for decl in registry::linked_tasks() {
