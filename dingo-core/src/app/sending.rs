@@ -86,7 +86,13 @@ pub struct CallFuture<T> {
 }
 
 struct Done<T> {
-    state: Mutex<(Option<Result<Handle<T>, Error>>, Option<Waker>)>,
+    state: Mutex<DoneState<T>>,
+}
+
+/// The call's outcome once made, and the task to wake then.
+struct DoneState<T> {
+    outcome: Option<Result<Handle<T>, Error>>,
+    waker: Option<Waker>,
 }
 
 impl<T> std::fmt::Debug for CallFuture<T> {
@@ -100,13 +106,13 @@ impl<T: Send + 'static> CallFuture<T> {
         app: &App,
         call: impl FnOnce(&App) -> Result<Handle<T>, Error> + Send + 'static,
     ) -> CallFuture<T> {
-        let done = Arc::new(Done { state: Mutex::new((None, None)) });
+        let done = Arc::new(Done { state: Mutex::new(DoneState { outcome: None, waker: None }) });
         let (ours, caller) = (done.clone(), app.clone());
         let job: Job = Box::new(move || {
             let handle = call(&caller);
             let mut state = lock(&ours.state);
-            state.0 = Some(handle);
-            if let Some(waker) = state.1.take() {
+            state.outcome = Some(handle);
+            if let Some(waker) = state.waker.take() {
                 waker.wake();
             }
         });
@@ -143,10 +149,10 @@ impl<T: Send + 'static> Future for CallFuture<T> {
             }
         }
         let mut state = lock(&self.done.state);
-        match state.0.take() {
+        match state.outcome.take() {
             Some(result) => Poll::Ready(result),
             None => {
-                state.1 = Some(cx.waker().clone());
+                state.waker = Some(cx.waker().clone());
                 Poll::Pending
             }
         }
