@@ -423,6 +423,19 @@ pub struct ReportStream<T> {
     done: bool,
 }
 
+impl<T: Send + 'static> ReportStream<T> {
+    /// The call's identity.
+    pub fn key(&self) -> &CallKey {
+        self.handle.key()
+    }
+
+    /// Cancels the call (see [`Handle::cancel`]); the stream then ends with its failure.
+    /// A round trip to the broker on a remote one: from async code, off the executor.
+    pub fn cancel(&self) -> Result<(), Error> {
+        self.handle.cancel()
+    }
+}
+
 impl<T: Send + 'static> Stream for ReportStream<T> {
     type Item = Report<T>;
 
