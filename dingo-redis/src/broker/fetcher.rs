@@ -58,6 +58,10 @@ use crate::conn::Conn;
 use crate::keys::{self, QueueKeys};
 use crate::scripts::{self, Call, SEQ_TTL, Sequence};
 
+/// How often a worker thread running async tasks looks for more work (see
+/// [`RedisSubscription::recv_or_bell`]).
+const LOOK_EVERY: Duration = Duration::from_millis(10);
+
 /// One delivered task's place in its consumer's processing list: settling it stores the
 /// final report and removes the message in one step.
 pub(crate) struct RedisAck {
@@ -963,6 +967,19 @@ impl Subscription for RedisSubscription {
     /// A consumer's settled messages leave its processing list from the oldest end.
     fn settles_in_order(&self) -> bool {
         true
+    }
+
+    /// A thread cannot wait on its connection and the bell at once: it looks for work
+    /// (and stores its settlements) without waiting, then waits on the bell for up to
+    /// [`LOOK_EVERY`]. Its woken tasks run at once; a task arriving while it is busy with
+    /// async ones waits up to that long (the pool's idle threads block on Redis as usual).
+    fn recv_or_bell(&self, timeout: Option<Duration>, bell: &crossbeam_channel::Receiver<()>) -> Recv {
+        match self.recv(Some(Duration::ZERO)) {
+            Recv::Empty => {}
+            other => return other,
+        }
+        let _ = bell.recv_timeout(timeout.map_or(LOOK_EVERY, |t| t.min(LOOK_EVERY)));
+        Recv::Empty
     }
 
     /// The thread's task was settled already (the watchdog's `TimeLimit` failure, parked
