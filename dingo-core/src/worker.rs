@@ -238,7 +238,11 @@ impl Worker {
         let mut stopped = false;
         loop {
             if let Some(running) = executor.as_mut().filter(|executor| executor.live() > 0) {
-                running.turn(crew);
+                // As around `execute`: a panic settling a task (a reporter's) must not take
+                // the thread down.
+                if catch_unwind(AssertUnwindSafe(|| running.turn(crew))).is_err() {
+                    recovered(crew);
+                }
                 if running.live() == 0 {
                     continue;
                 }
@@ -292,12 +296,7 @@ impl Worker {
     fn execute(&self, delivery: Delivery, executor: &mut Option<Executor>) -> Ran {
         let crew = &self.crew;
         catch_unwind(AssertUnwindSafe(|| execute(crew, delivery, executor))).unwrap_or_else(|_| {
-            crew.shared.events.emit(Event::new(
-                Origin::Worker,
-                Level::Error,
-                EventKind::WorkerRecovered,
-                "a worker recovered from a panic outside the task (in reporting or acknowledging)",
-            ));
+            recovered(crew);
             Ran::Done
         })
     }
@@ -315,6 +314,16 @@ impl Worker {
         });
         polled.unwrap_or_else(|| subscription.recv(None))
     }
+}
+
+/// Says that a worker thread caught a panic outside any task.
+fn recovered(crew: &Crew) {
+    crew.shared.events.emit(Event::new(
+        Origin::Worker,
+        Level::Error,
+        EventKind::WorkerRecovered,
+        "a worker recovered from a panic outside the task (in reporting or acknowledging)",
+    ));
 }
 
 /// How a delivery ended for the thread that ran it.
