@@ -144,8 +144,8 @@ use proc_macro::TokenStream;
 /// Rejected, each with an error at the offending tokens (all of them in one pass, and the
 /// function is still emitted so its callers see no follow-on errors): generic parameters
 /// (types, lifetimes, consts), `impl Trait` arguments and returns, `where` clauses, `self`,
-/// `async fn`, `const fn`, `unsafe fn`, `extern` ABIs, variadics, patterns other than a
-/// name, borrowed argument or return types, `&mut Context`, a second context, unknown or
+/// `const fn`, `unsafe fn`, `extern` ABIs, variadics, patterns other than a name, borrowed
+/// argument or return types, `&mut Context`, a second context, unknown or
 /// repeated keys, a `name` that is not a non-empty string literal, a `crate` that is not a
 /// path. A syntax error in the function's body is rustc's own, at its place: the body is
 /// emitted as written, never parsed by the macro.

@@ -1,8 +1,14 @@
 //! `impl Task for <stub>`: the wire types, how the worker runs the function, and the
 //! signature fingerprint.
+//!
+//! A plain `fn` is run by `run`. An `async fn` gets two ways in: `handler`, whose future the
+//! worker drives (it owns the context), and `run`, which drives the same code to completion
+//! on the calling thread. Both share what the function's return becomes, so an `Err` fails
+//! the same way whichever way the task ran.
 
 use proc_macro2::{Ident, Span, TokenStream};
-use quote::quote_spanned;
+use quote::{format_ident, quote_spanned};
+use syn::Token;
 
 use super::Generated;
 use crate::signature::{Output, Param};
@@ -17,7 +23,13 @@ pub(super) fn task_impl(generated: &Generated<'_>) -> TokenStream {
     let locals = Locals::new(span);
     let (ctx, args) = (&locals.ctx, &locals.args);
 
-    let run = outcome(generated, &locals, call(generated, &locals));
+    let (run, handler) = match task.asyncness {
+        None => (outcome(generated, &locals, call(generated, &locals)), None),
+        Some(asyncness) => {
+            let (run, handler) = async_bodies(generated, &locals, asyncness);
+            (run, Some(handler))
+        }
+    };
 
     let defaults = generated.defaults.as_ref().map(|defaults| {
         quote_spanned! {span=>
@@ -41,6 +53,8 @@ pub(super) fn task_impl(generated: &Generated<'_>) -> TokenStream {
             {
                 #run
             }
+
+            #handler
 
             fn fingerprint() -> u64 {
                 static FINGERPRINT: #private::OnceLock<u64> = #private::OnceLock::new();
@@ -94,8 +108,9 @@ fn call(generated: &Generated<'_>, locals: &Locals) -> TokenStream {
     quote_spanned!(span=> #ident(#(#call_args),*))
 }
 
-/// What the function's return `value` (its call) becomes: `Result<Output, TaskError>`, an
-/// `Err(e)` a failure carrying `e`, with `ctx` the `&Context` in scope.
+/// What the function's return `value` becomes: `Result<Output, TaskError>`, an `Err(e)` a
+/// failure carrying `e`. Plain and `async fn` tasks alike (`value` is the call, or the call
+/// `.await`ed), with `ctx` the `&Context` in scope.
 fn outcome(generated: &Generated<'_>, locals: &Locals, value: TokenStream) -> TokenStream {
     let span = generated.span;
     let private = generated.private();
@@ -123,4 +138,59 @@ fn outcome(generated: &Generated<'_>, locals: &Locals, value: TokenStream) -> To
             }
         }
     }
+}
+
+/// The bodies of `run` and `handler` for an `async fn`: the same future, driven on the
+/// calling thread by `run` and by the worker through `handler`.
+fn async_bodies(generated: &Generated<'_>, locals: &Locals, asyncness: &Token![async]) -> (TokenStream, TokenStream) {
+    let span = generated.span;
+    let private = generated.private();
+    let (ctx, args) = (&locals.ctx, &locals.args);
+    let at_async = asyncness.span;
+
+    // The worker may move the future between threads, so it must be `Send`. Checked on the
+    // function's own future, at its `async`: rustc then names the value held across an
+    // `.await` in the user's body. The opaque return is `Send` by its bound, so the worker's
+    // own bound does not fail a second time.
+    let send = format_ident!("__dingo_send_{}", task_ident(generated), span = at_async);
+    let send_fn = quote_spanned! {at_async=>
+        // Named after the task, so it cannot shadow the function it checks (`__dingo_send_x`
+        // is not snake case when `x` begins with an underscore).
+        #[allow(non_snake_case)]
+        fn #send<F: #private::Future + #private::Send>(future: F)
+            -> impl #private::Future<Output = F::Output> + #private::Send
+        {
+            future
+        }
+    };
+    let call = call(generated, locals);
+    // At the `async` itself (not mixed-site): rustc reports the bound at the argument and
+    // again where the opaque type is used, and one span makes the two one error.
+    let future = Ident::new("__dingo_future", at_async);
+    let sent = quote_spanned!(at_async=> #send(#future).await);
+    let handler_outcome = outcome(generated, locals, sent);
+    let run_outcome = outcome(generated, locals, quote_spanned!(at_async=> #call.await));
+
+    let run = quote_spanned! {span=>
+        #private::block_on(async move { #run_outcome })
+    };
+    let handler = quote_spanned! {span=>
+        fn handler() -> #private::Handler {
+            #send_fn
+            #private::async_handler::<Self, _, _>(
+                |#ctx: #private::Arc<#private::Context<'static>>, #args: Self::Args| async move {
+                    // The future owns the context; the function borrows it, as `run` lends it.
+                    let #ctx: &#private::Context<'_> = &#ctx;
+                    let #future = #call;
+                    #handler_outcome
+                },
+            )
+        }
+    };
+    (run, handler)
+}
+
+fn task_ident(generated: &Generated<'_>) -> String {
+    use syn::ext::IdentExt;
+    generated.task.ident.unraw().to_string()
 }
