@@ -282,6 +282,10 @@ fn check_travels(ty: &Type, position: Position, errors: &mut Errors) {
         Type::ImplTrait(impl_trait) => match position {
             Position::Argument => errors
                 .at(impl_trait, "`impl Trait` arguments make a task generic: the worker needs concrete argument types"),
+            Position::Return if is_future(impl_trait) => errors.at(
+                impl_trait,
+                "a task cannot return `impl Future`; make it an `async fn` returning the future's output",
+            ),
             Position::Return => {
                 errors.at(impl_trait, "a task cannot return `impl Trait`: the caller needs a concrete type to decode")
             }
@@ -318,6 +322,14 @@ fn check_travels(ty: &Type, position: Position, errors: &mut Errors) {
         Type::Group(group) => check_travels(&group.elem, position, errors),
         _ => {}
     }
+}
+
+/// Whether `impl …` names a trait ending in `Future` (a hand-written `async fn`).
+fn is_future(impl_trait: &syn::TypeImplTrait) -> bool {
+    impl_trait.bounds.iter().any(|bound| match bound {
+        syn::TypeParamBound::Trait(bound) => bound.path.segments.last().is_some_and(|s| s.ident == "Future"),
+        _ => false,
+    })
 }
 
 /// The message for a borrowed argument, with the owned type to use where it is obvious.
@@ -450,6 +462,18 @@ mod tests {
             fn f() {}
         );
         assert!(analyze_ok(&plain).unwrap_or_else(|errors| panic!("{errors:?}")).asyncness.is_none());
+    }
+
+    #[test]
+    fn an_impl_future_return_is_told_to_be_an_async_fn() {
+        assert_eq!(
+            output_of(parse_quote!(impl std::future::Future<Output = i64> + Send)),
+            "a task cannot return `impl Future`; make it an `async fn` returning the future's output"
+        );
+        assert_eq!(
+            output_of(parse_quote!(impl Iterator<Item = i64>)),
+            "a task cannot return `impl Trait`: the caller needs a concrete type to decode"
+        );
     }
 
     #[test]

@@ -31,10 +31,17 @@ async unsafe fn raw(n: u64) -> u64 {
     n
 }
 
+/// A hand-written future is a plain `fn`, told to become an `async fn`.
+#[dingo::task]
+fn fetch(url: String) -> impl std::future::Future<Output = usize> {
+    async move { url.len() }
+}
+
 fn main() {
     let _ = Counter(1).add(2);
     let _ = first(vec![1, 2]);
     let _ = count; // no context to lend outside a worker
     let _ = sum([1, 2].into_iter());
     let _ = unsafe { raw(1) };
+    let _ = fetch("x".to_string());
 }
