@@ -204,8 +204,8 @@ pub use dingo_core::{
 };
 pub use dingo_core::{broker, codec, error, event, id, message, registry, retry};
 
-/// Turns a function into a task (attribute keys, generated items and accepted signatures
-/// are listed below).
+/// Turns a function, plain or `async`, into a task (attribute keys, generated items,
+/// accepted signatures and `async fn` tasks are described below).
 pub use dingo_macros::task;
 
 /// The Redis broker (feature `redis`).

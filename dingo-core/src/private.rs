@@ -8,6 +8,8 @@ pub use core::{concat, module_path};
 pub use inventory;
 pub use serde;
 pub use std::any::TypeId as __TypeId;
+pub use std::future::Future;
+pub use std::marker::Send;
 pub use std::option::Option::{self, None, Some};
 pub use std::result::Result::{self, Err, Ok};
 pub use std::sync::{Arc, OnceLock};

@@ -5,6 +5,7 @@
 //! prelude), so it compiles under `#![no_implicit_prelude]` and in crates that depend on
 //! neither serde nor inventory; with `crate = path`, `path::__private::…` instead.
 
+mod function;
 mod stub;
 mod submit;
 mod task_impl;
@@ -31,8 +32,9 @@ pub(crate) fn task(attr: TokenStream, item: TokenStream) -> TokenStream {
         }
     };
     let task = signature::analyze(&func, &mut errors);
+    let function = function::function(item, &func);
     if !errors.is_empty() {
-        return unchanged(item, errors);
+        return unchanged(function, errors);
     }
 
     let span = task.ident.span();
@@ -52,15 +54,15 @@ pub(crate) fn task(attr: TokenStream, item: TokenStream) -> TokenStream {
     let task_impl = task_impl::task_impl(&generated);
     let submit = submit::submit(&generated);
     quote! {
-        #item
+        #function
         #stub
         #task_impl
         #submit
     }
 }
 
-/// The item as written plus the errors: the function still compiles on its own, so one
-/// mistake does not turn every call of it into "cannot find function".
+/// The function (as written, or as `function` emits it) plus the errors: it still compiles
+/// on its own, so one mistake does not turn every call of it into "cannot find function".
 fn unchanged(item: TokenStream, errors: Errors) -> TokenStream {
     let errors = errors.finish().err().map(syn::Error::into_compile_error);
     quote!(#item #errors)
@@ -163,5 +165,41 @@ mod tests {
         let default = task(TokenStream::new(), item).to_string();
         assert!(default.contains(":: dingo :: __private"), "{default}");
         assert!(!default.contains("renamed"), "{default}");
+
+        let async_item = quote!(
+            async fn add(ctx: &Context, a: i64) -> Result<i64, String> {
+                Ok(a)
+            }
+        );
+        let renamed = task(quote!(crate = renamed), async_item).to_string();
+        assert!(renamed.contains("renamed :: __private :: async_handler"), "{renamed}");
+        assert!(!renamed.contains("dingo ::"), "a path not through `crate`: {renamed}");
+    }
+
+    #[test]
+    fn an_async_fn_gets_a_handler_and_a_blocking_run() {
+        let expanded = task(
+            TokenStream::new(),
+            quote!(
+                async fn add(ctx: &Context, a: i64) -> i64 {
+                    a
+                }
+            ),
+        )
+        .to_string();
+        assert!(expanded.starts_with("async fn add (ctx : & Context < '_ > , a : i64) -> i64 { a }"), "{expanded}");
+        assert!(expanded.contains("fn handler ()"), "{expanded}");
+        assert!(expanded.contains(":: dingo :: __private :: async_handler :: < Self , _ , _ >"), "{expanded}");
+        assert!(expanded.contains(":: dingo :: __private :: block_on (async move"), "{expanded}");
+        assert!(expanded.contains("__dingo_send_add (__dingo_future) . await"), "{expanded}");
+
+        let plain = quote!(
+            fn add(ctx: &Context, a: i64) -> i64 {
+                a
+            }
+        );
+        let expanded = task(TokenStream::new(), plain.clone()).to_string();
+        assert!(expanded.starts_with(&plain.to_string()), "emitted as written: {expanded}");
+        assert!(!expanded.contains("fn handler") && !expanded.contains("block_on"), "{expanded}");
     }
 }

@@ -2,15 +2,17 @@
 //! signature. The body stays tokens (as in tokio-macros): it is emitted as written, so a
 //! syntax error in it is reported by rustc at its place, not as "not a function".
 
-use proc_macro2::{Span, TokenStream};
+use proc_macro2::{Group, Span, TokenStream};
 use syn::parse::{Parse, ParseStream};
-use syn::{Abi, Attribute, Signature, Token, Visibility, braced};
+use syn::{Abi, Attribute, Signature, Token, Visibility};
 
 /// A free function with its body left unparsed.
 pub(crate) struct TaskItem {
     pub(crate) attrs: Vec<Attribute>,
     pub(crate) vis: Visibility,
     pub(crate) sig: Signature,
+    /// The body, braces included, as written.
+    pub(crate) body: Group,
 }
 
 impl Parse for TaskItem {
@@ -25,19 +27,17 @@ impl Parse for TaskItem {
         if !input.peek(syn::token::Brace) {
             return Err(not_a_fn());
         }
-        let body;
-        braced!(body in input);
-        // Taken as tokens, unread: syn would complain about content left unparsed.
-        body.parse::<TokenStream>()?;
+        // Taken as tokens, unread.
+        let body: Group = input.parse()?;
         if !input.is_empty() {
             return Err(not_a_fn());
         }
-        Ok(TaskItem { attrs, vis, sig })
+        Ok(TaskItem { attrs, vis, sig, body })
     }
 }
 
 /// Whether the next tokens begin a function: `fn`, after any of `const`, `async`, `unsafe`
-/// and `extern "ABI"` (which `signature` then rejects one by one), as syn itself looks.
+/// and `extern "ABI"` (`signature` rejects all but `async`), as syn itself looks.
 fn starts_fn(input: ParseStream<'_>) -> bool {
     let ahead = input.fork();
     ahead.parse::<Option<Token![const]>>().is_ok()

@@ -88,9 +88,10 @@ use proc_macro::TokenStream;
 ///
 /// # Generated items
 ///
-/// The function is emitted unchanged: still callable and unit-testable. Next to it, with the
-/// function's visibility, comes a struct of the same name (a braced struct, so it lives only
-/// in the type namespace and `add(2, 3)` still calls the function) with:
+/// The function is emitted unchanged (but for an `async fn`'s context lifetime, see below):
+/// still callable and unit-testable. Next to it, with the function's visibility, comes a
+/// struct of the same name (a braced struct, so it lives only in the type namespace and
+/// `add(2, 3)` still calls the function) with:
 ///
 /// | item | what |
 /// | --- | --- |
@@ -98,11 +99,61 @@ use proc_macro::TokenStream;
 /// | `add::call(&app, a, b)` | calls the task: `Result<Handle<T>, Error>` |
 /// | `add::call_with(&app, &options, a, b)` | the same with `CallOptions` |
 /// | `add::send(&app, a, b)` | fire-and-forget (`ignore_report`): `Result<TaskId, Error>` |
-/// | `impl Task for add` | the wire types (`Args`, `Output`), how a worker runs it, the signature fingerprint |
+/// | `impl Task for add` | the wire types (`Args`, `Output`), how a worker runs it (`run`; for an `async fn` also `handler`), the signature fingerprint |
 ///
 /// and an `inventory` submission of its `TaskDecl`, so every `App` in the program knows the
 /// task. The stubs take the arguments in the function's order and types, so a wrong
 /// argument is an ordinary type error at the call.
+///
+/// # `async fn` tasks
+///
+/// An `async fn` is a task too, with the same keys, signatures and stubs: callers cannot
+/// tell. Workers drive its future, several calls at once per thread while they wait
+/// (`App::allocate` lets a pool run up to 100 calls at once, `App::allocate_concurrent`
+/// sets the number), and the future owns its context, so `ctx` stays usable across
+/// `.await`s.
+///
+/// ```
+/// use dingo::Context;
+///
+/// /// Looks a price up (the `.await` lets the worker drive other calls meanwhile).
+/// #[dingo::task(name = "shop.price", time_limit = "5s")]
+/// async fn price(ctx: &Context, sku: String) -> Result<u64, String> {
+///     ctx.progress("looking up");
+///     let cents = lookup(&sku).await?;
+///     ctx.progress("found");
+///     Ok(cents)
+/// }
+///
+/// async fn lookup(sku: &str) -> Result<u64, String> {
+///     match sku {
+///         "tea" => Ok(350),
+///         _ => Err(format!("no price for {sku}")),
+///     }
+/// }
+///
+/// # fn main() -> Result<(), dingo::Error> {
+/// let app = dingo::App::local()?;
+/// app.allocate(price, 1)?; // one thread, many calls of `price` at once
+/// let calls = [price::call(&app, "tea".to_string())?, price::call(&app, "tea".to_string())?];
+/// for call in calls {
+///     assert_eq!(call.wait()?, 350);
+/// }
+/// let err = price::call(&app, "mate".to_string())?.wait().unwrap_err();
+/// assert_eq!(err.task_error().unwrap().message(), "no price for mate");
+/// # app.close()
+/// # }
+/// ```
+///
+/// - The future must be `Send` (a worker may move it between threads); one that holds,
+///   say, an `Rc` across an `.await` is a compile error at the function, naming the value.
+/// - The context is written `&Context` as in a plain `fn`: in an `async fn` rustc wants its
+///   lifetime spelled out, so the macro emits `&Context<'_>`, the same type. That is the
+///   only change to the function, which stays callable (`price(ctx, sku).await`).
+/// - `Task::run` (a call outside any worker) drives the future to the end on the calling
+///   thread.
+/// - A hard time limit or a cancel drops the future at its next `.await`; a panic while it
+///   is polled is the call's failure, as for a plain `fn`.
 ///
 /// # Linking
 ///
@@ -143,11 +194,11 @@ use proc_macro::TokenStream;
 ///
 /// Rejected, each with an error at the offending tokens (all of them in one pass, and the
 /// function is still emitted so its callers see no follow-on errors): generic parameters
-/// (types, lifetimes, consts), `impl Trait` arguments and returns, `where` clauses, `self`,
-/// `async fn`, `const fn`, `unsafe fn`, `extern` ABIs, variadics, patterns other than a
-/// name, borrowed argument or return types, `&mut Context`, a second context, unknown or
-/// repeated keys, a `name` that is not a non-empty string literal, a `crate` that is not a
-/// path. A syntax error in the function's body is rustc's own, at its place: the body is
+/// (types, lifetimes, consts), `impl Trait` arguments and returns (`impl Future`: write an
+/// `async fn`), `where` clauses, `self`, `const fn`, `unsafe fn`, `extern` ABIs, variadics,
+/// patterns other than a name, borrowed argument or return types, `&mut Context`, a second
+/// context, unknown or repeated keys, a `name` that is not a non-empty string literal, a
+/// `crate` that is not a path. A syntax error in the function's body is rustc's own, at its place: the body is
 /// emitted as written, never parsed by the macro.
 #[proc_macro_attribute]
 pub fn task(attr: TokenStream, item: TokenStream) -> TokenStream {

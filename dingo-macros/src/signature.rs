@@ -9,7 +9,8 @@
 use proc_macro2::{Span, TokenStream};
 use quote::quote;
 use syn::{
-    FnArg, GenericArgument, Ident, Pat, PathArguments, ReturnType, Safety, Signature, Type, TypeReference, Visibility,
+    FnArg, GenericArgument, Ident, Pat, PathArguments, ReturnType, Safety, Signature, Token, Type, TypeReference,
+    Visibility,
 };
 
 use crate::errors::Errors;
@@ -24,6 +25,9 @@ pub(crate) struct TaskFn<'a> {
     /// The parentheses around the parameters: where "the arguments cannot travel" points.
     pub(crate) params_span: Span,
     pub(crate) output: Output<'a>,
+    /// The `async` of an `async fn`: the worker drives its future, and a future that is not
+    /// `Send` is reported there.
+    pub(crate) asyncness: Option<&'a Token![async]>,
 }
 
 /// One parameter of the function.
@@ -89,15 +93,13 @@ pub(crate) fn analyze<'a>(func: &'a TaskItem, errors: &mut Errors) -> TaskFn<'a>
         params: params(sig, errors),
         params_span: sig.paren_token.span.join(),
         output: output(&sig.output, errors),
+        asyncness: sig.asyncness.as_ref(),
     }
 }
 
 fn check_qualifiers(sig: &Signature, errors: &mut Errors) {
     if let Some(constness) = &sig.constness {
         errors.at(constness, "`const fn` cannot be a task; remove `const`");
-    }
-    if let Some(asyncness) = &sig.asyncness {
-        errors.at(asyncness, "`async fn` cannot be a task: workers run tasks on threads; make it a plain `fn`");
     }
     if let Safety::Unsafe(safety) = &sig.safety {
         errors.at(safety, "`unsafe fn` cannot be a task: it is called with whatever arguments arrive; remove `unsafe`");
@@ -206,6 +208,23 @@ fn context_ref(ty: &Type) -> Option<&TypeReference> {
     }
 }
 
+/// The `Context` of a `&Context` parameter written without its lifetime (`&Context`, not
+/// `&Context<'_>`), to be completed.
+pub(crate) fn elided_context(ty: &mut Type) -> Option<&mut syn::PathSegment> {
+    let Type::Reference(reference) = peel_mut(ty) else {
+        return None;
+    };
+    if reference.mutability.is_some() {
+        return None;
+    }
+    match peel_mut(&mut reference.elem) {
+        Type::Path(path) if path.qself.is_none() => {
+            path.path.segments.last_mut().filter(|segment| segment.ident == "Context" && segment.arguments.is_none())
+        }
+        _ => None,
+    }
+}
+
 /// The `T` and `E` of `Result<T, E>` (any path ending in `Result` with exactly two type
 /// arguments; one-argument aliases such as `io::Result<T>` are plain values).
 fn result_types(ty: &Type) -> Option<(&Type, &Type)> {
@@ -237,6 +256,15 @@ fn peel(mut ty: &Type) -> &Type {
     }
 }
 
+/// [`peel`], for changing the type.
+fn peel_mut(ty: &mut Type) -> &mut Type {
+    match ty {
+        Type::Paren(inner) => peel_mut(&mut inner.elem),
+        Type::Group(inner) => peel_mut(&mut inner.elem),
+        other => other,
+    }
+}
+
 #[derive(Clone, Copy)]
 enum Position {
     Argument,
@@ -254,6 +282,10 @@ fn check_travels(ty: &Type, position: Position, errors: &mut Errors) {
         Type::ImplTrait(impl_trait) => match position {
             Position::Argument => errors
                 .at(impl_trait, "`impl Trait` arguments make a task generic: the worker needs concrete argument types"),
+            Position::Return if is_future(impl_trait) => errors.at(
+                impl_trait,
+                "a task cannot return `impl Future`; make it an `async fn` returning the future's output",
+            ),
             Position::Return => {
                 errors.at(impl_trait, "a task cannot return `impl Trait`: the caller needs a concrete type to decode")
             }
@@ -290,6 +322,14 @@ fn check_travels(ty: &Type, position: Position, errors: &mut Errors) {
         Type::Group(group) => check_travels(&group.elem, position, errors),
         _ => {}
     }
+}
+
+/// Whether `impl …` names a trait ending in `Future` (a hand-written `async fn`).
+fn is_future(impl_trait: &syn::TypeImplTrait) -> bool {
+    impl_trait.bounds.iter().any(|bound| match bound {
+        syn::TypeParamBound::Trait(bound) => bound.path.segments.last().is_some_and(|s| s.ident == "Future"),
+        _ => false,
+    })
 }
 
 /// The message for a borrowed argument, with the owned type to use where it is obvious.
@@ -405,6 +445,47 @@ mod tests {
             )),
             Err(vec!["a task takes at most one `&Context` parameter".to_owned()])
         );
+    }
+
+    #[test]
+    fn accepts_async_fns_like_plain_ones() {
+        let func: TaskItem = parse_quote!(
+            async fn f(ctx: &Context, a: i64) -> Result<i64, String> {
+                Ok(a)
+            }
+        );
+        let task = analyze_ok(&func).unwrap_or_else(|errors| panic!("{errors:?}"));
+        assert!(task.asyncness.is_some());
+        assert!(matches!(task.output, Output::Result { .. }));
+        assert_eq!(task.params.len(), 2);
+        let plain: TaskItem = parse_quote!(
+            fn f() {}
+        );
+        assert!(analyze_ok(&plain).unwrap_or_else(|errors| panic!("{errors:?}")).asyncness.is_none());
+    }
+
+    #[test]
+    fn an_impl_future_return_is_told_to_be_an_async_fn() {
+        assert_eq!(
+            output_of(parse_quote!(impl std::future::Future<Output = i64> + Send)),
+            "a task cannot return `impl Future`; make it an `async fn` returning the future's output"
+        );
+        assert_eq!(
+            output_of(parse_quote!(impl Iterator<Item = i64>)),
+            "a task cannot return `impl Trait`: the caller needs a concrete type to decode"
+        );
+    }
+
+    #[test]
+    fn finds_a_context_written_without_its_lifetime() {
+        let completed = |mut ty: Type| elided_context(&mut ty).map(|segment| segment.ident.to_string());
+        assert_eq!(completed(parse_quote!(&Context)).as_deref(), Some("Context"));
+        assert_eq!(completed(parse_quote!(&dingo::Context)).as_deref(), Some("Context"));
+        assert_eq!(completed(parse_quote!(&'static ::dingo::Context)).as_deref(), Some("Context"));
+        assert_eq!(completed(parse_quote!(&Context<'_>)), None);
+        assert_eq!(completed(parse_quote!(&mut Context)), None);
+        assert_eq!(completed(parse_quote!(Context)), None);
+        assert_eq!(completed(parse_quote!(&Contexts)), None);
     }
 
     #[test]

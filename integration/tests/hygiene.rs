@@ -26,7 +26,7 @@ mod hygienic {
 
     use ::std::convert::From;
     use ::std::string::String;
-    use ::std::sync::atomic::{AtomicI64, Ordering};
+    use ::std::sync::atomic::{AtomicBool, AtomicI64, Ordering};
 
     /// Documented like any function; the docs stay on it.
     #[::dingo::task]
@@ -88,6 +88,30 @@ mod hygienic {
         -__dingo_args
     }
 
+    /// An `async fn`, with the context held across an `.await` and arguments named like
+    /// the generated locals.
+    #[::dingo::task(name = "hygiene.async_scale", retries = 1)]
+    pub(crate) async fn async_scale(
+        ctx: &::dingo::Context<'_>,
+        __dingo_args: i64,
+        __dingo_future: i64,
+    ) -> ::core::result::Result<(i64, String), super::DivError> {
+        ::core::future::ready(()).await;
+        if __dingo_future == 0 {
+            return ::core::result::Result::Err(super::DivError::ByZero { dividend: __dingo_args });
+        }
+        ::core::result::Result::Ok((__dingo_args * __dingo_future, String::from(ctx.name().as_str())))
+    }
+
+    pub(crate) static RAN: AtomicBool = AtomicBool::new(false);
+
+    /// An `async fn` of no arguments and no result, named like the generated assertion's
+    /// prefix, its context written without the lifetime (the macro writes it).
+    #[::dingo::task]
+    pub(crate) async fn __dingo_send(_ctx: &::dingo::Context) {
+        RAN.store(true, Ordering::SeqCst);
+    }
+
     /// Arguments named like the stubs' own parameters, the generated locals and the task.
     #[::dingo::task]
     pub(crate) fn clash(app: i64, options: i64, clash: i64, __dingo_args: i64, ctx: i64) -> i64 {
@@ -118,6 +142,17 @@ mod renamed {
     pub(crate) fn whoami(ctx: &renamed::Context<'_>) -> String {
         String::from(ctx.name().as_str())
     }
+}
+
+/// Runs the async tasks through `Task::run` (their future driven on this worker's thread),
+/// lending this blocking task's context.
+#[dingo::task]
+fn drive_async(ctx: &dingo::Context, a: i64, b: i64) -> Result<(i64, String), String> {
+    <hygienic::__dingo_send as Task>::run(ctx, ()).map_err(|e| e.to_string())?;
+    <hygienic::async_scale as Task>::run(ctx, (a, b)).map_err(|e| {
+        let payload: DivError = e.payload().unwrap().unwrap();
+        format!("{}: {} ({payload:?})", e.kind(), e.message())
+    })
 }
 
 fn app() -> App {
@@ -220,5 +255,22 @@ fn a_renamed_crate_path_generates_working_tasks() {
     assert!(renamed::triple::NAME.ends_with("hygiene::renamed::triple"), "{}", renamed::triple::NAME);
     assert_eq!(renamed::triple::call(&app, 4).unwrap().wait().unwrap(), 12);
     assert_eq!(renamed::whoami::call(&app).unwrap().wait().unwrap(), "renamed.whoami");
+    app.close().unwrap();
+}
+
+#[test]
+fn async_tasks_expand_hygienically_and_run() {
+    assert!(<hygienic::async_scale as Task>::handler().is_async());
+    assert!(<hygienic::__dingo_send as Task>::handler().is_async());
+    assert_eq!(hygienic::async_scale::NAME, "hygiene.async_scale");
+    assert_eq!(<hygienic::async_scale as Task>::defaults(), CallOptions::new().retries(1));
+
+    let app = App::local().unwrap();
+    app.allocate(drive_async, 1).unwrap();
+    let (scaled, name) = drive_async::call(&app, 6, 7).unwrap().wait().unwrap();
+    assert_eq!((scaled, name.as_str()), (42, drive_async::NAME));
+    assert!(hygienic::RAN.load(std::sync::atomic::Ordering::SeqCst));
+    let failure = drive_async::call(&app, 6, 0).unwrap().wait().unwrap_err();
+    assert_eq!(failure.task_error().unwrap().message(), "failed: cannot divide 6 by zero (ByZero { dividend: 6 })");
     app.close().unwrap();
 }
