@@ -98,6 +98,8 @@ use proc_macro::TokenStream;
 /// | `add::NAME` | the task's name |
 /// | `add::call(&app, a, b)` | calls the task: `Result<Handle<T>, Error>` |
 /// | `add::call_with(&app, &options, a, b)` | the same with `CallOptions` |
+/// | `add::call_async(&app, a, b)` | from async code, never blocking: a `CallFuture<T>` of the handle |
+/// | `add::call_async_with(&app, &options, a, b)` | the same with `CallOptions` |
 /// | `add::send(&app, a, b)` | fire-and-forget (`ignore_report`): `Result<TaskId, Error>` |
 /// | `impl Task for add` | the wire types (`Args`, `Output`), how a worker runs it (`run`; for an `async fn` also `handler`), the signature fingerprint |
 ///

@@ -1,4 +1,5 @@
-//! The stub: a struct named like the function, with `NAME`, `call`, `call_with` and `send`.
+//! The stub: a struct named like the function, with `NAME`, `call`, `call_with`,
+//! `call_async`, `call_async_with` and `send`.
 //!
 //! A braced struct lives only in the type namespace, so the function of the same name stays
 //! callable as `add(1, 2)` while `add::call(&app, 1, 2)` reaches the stub.
@@ -71,6 +72,19 @@ pub(super) fn stub(generated: &Generated<'_>) -> TokenStream {
                 -> #private::Result<#private::Handle<#output>, #private::Error>
             {
                 #private::call::<#ident>(#app, #value, #options)
+            }
+
+            /// Calls the task from async code without ever blocking (see `App::call_async`):
+            /// the future gives the handle, which gives the typed result when awaited.
+            #vis fn call_async(#app: &#private::App, #params) -> #private::CallFuture<#output> {
+                #private::call_async::<#ident>(#app, #value, &#private::CallOptions::new())
+            }
+
+            /// [`call_async`](Self::call_async) with `options`.
+            #vis fn call_async_with(#app: &#private::App, #options: &#private::CallOptions, #params)
+                -> #private::CallFuture<#output>
+            {
+                #private::call_async::<#ident>(#app, #value, #options)
             }
 
             /// Sends the task without waiting for a report (fire-and-forget); returns its id.
