@@ -1,8 +1,9 @@
 //! An async web service on dingo: [axum] handlers that enqueue tasks on the app's broker
-//! and `.await` their typed results (a [`dingo::Handle`] is a `Future`: no thread blocks
+//! and `.await` their typed results (a [`dingo::Handle`] is `IntoFuture`: no thread blocks
 //! while a request waits), or relay a call's progress reports as server-sent events (its
 //! [`dingo::ReportStream`]). The tasks run on worker threads, in this process or in others
-//! sharing the broker; they are all in [`tasks`].
+//! sharing the broker — `sum_squares`, an `async fn`, many at once per thread on the
+//! server's tokio runtime; they are all in [`tasks`].
 //!
 //! | route | reply |
 //! | --- | --- |
@@ -21,10 +22,16 @@
 //! use std::time::Duration;
 //! use dingo_axum_example::Service;
 //!
-//! let app = dingo::App::connect("redis://127.0.0.1:6379?namespace=shop")?;
+//! let runtime = tokio::runtime::Runtime::new()?;
+//! let broker = dingo::redis::RedisBroker::connect_with(
+//!     "redis://127.0.0.1:6379",
+//!     dingo::redis::RedisOptions::new().namespace("shop"),
+//! )?;
+//! // The async task sleeps on tokio's timer: it runs on the server's runtime.
+//! let app = dingo::App::builder().broker(broker).tokio_runtime(runtime.handle().clone()).build()?;
 //! dingo_axum_example::tasks::serve(&app, 4)?; // worker threads in this process
 //! let service = Service::new(app.clone()).deadline(Duration::from_secs(30));
-//! tokio::runtime::Runtime::new()?.block_on(async {
+//! runtime.block_on(async {
 //!     let listener = tokio::net::TcpListener::bind("127.0.0.1:3000").await?;
 //!     let router = service.router();
 //!     axum::serve(listener, router)
@@ -34,7 +41,7 @@
 //!         })
 //!         .await
 //! })?;
-//! app.close()?; // blocking: outside the runtime
+//! app.close()?; // blocking: outside the runtime's tasks, before the runtime goes
 //! # Ok(())
 //! # }
 //! ```

@@ -86,17 +86,20 @@ fn main() -> Result<(), MainError> {
     let patience = std::env::var("DINGO_CONNECT_RETRY_S").ok().and_then(|v| v.parse().ok()).unwrap_or(30);
     let options = RedisOptions::new().namespace(&args.namespace).connect_retry(Duration::from_secs(patience));
     eprintln!("connecting to {} (namespace {})", dingo::broker::support::redact_url(&args.redis), args.namespace);
-    let app = App::builder().broker(RedisBroker::connect_with(&args.redis, options)?).build()?;
+    let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
+    // The async tasks run on the server's runtime (they sleep on tokio's timer).
+    let broker = RedisBroker::connect_with(&args.redis, options)?;
+    let app = App::builder().broker(broker).tokio_runtime(runtime.handle().clone()).build()?;
     if args.threads > 0 {
         dingo_axum_example::tasks::serve(&app, args.threads)?;
     }
 
-    let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
     let served = runtime.block_on(serve(app.clone(), &args));
+    // Blocking, so outside the runtime's tasks, but before the runtime goes: the running
+    // tasks (async ones on the runtime) finish and report first.
+    app.close()?;
     // Cancels of calls whose requests went away run on the blocking pool: let them finish.
     runtime.shutdown_timeout(Duration::from_secs(5));
-    // Blocking, so outside the runtime: running tasks finish and report first.
-    app.close()?;
     served
 }
 

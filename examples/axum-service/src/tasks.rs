@@ -1,9 +1,10 @@
 //! The service's tasks, all here. The handlers reach them only through their stubs
-//! (`add::call_with`, …) and [`serve`], so a task can become an `async fn` once dingo runs
-//! those without a handler changing.
+//! (`add::call_with`, …) and [`serve`]: whether a task is an `async fn` is the task's
+//! business, not its callers'.
 //!
-//! They are ordinary functions run by worker threads: a task may block (here it sleeps)
-//! without holding up the web server's runtime.
+//! `add` is an ordinary function run by a worker thread; `sum_squares` is an `async fn`
+//! that waits on tokio's timer between its steps: the pool's threads drive many such calls
+//! at once, on the tokio runtime the app was given (`AppBuilder::tokio_runtime`).
 
 use std::time::Duration;
 
@@ -41,10 +42,10 @@ pub struct Squares {
 }
 
 /// Sums the squares of 1 to `n`, one step at a time with a pause of `pause_ms` before each,
-/// reporting a [`Step`] after each: a slow task with progress. It stops at the next step
-/// once its call is cancelled (the caller went away).
+/// reporting a [`Step`] after each: a slow task with progress. Cancelled (the caller went
+/// away), its future is dropped at its next pause.
 #[dingo::task(name = "axum_example.sum_squares")]
-pub fn sum_squares(ctx: &Context, n: u32, pause_ms: u64) -> Result<Squares, String> {
+pub async fn sum_squares(ctx: &Context, n: u32, pause_ms: u64) -> Result<Squares, String> {
     if n > MAX_STEPS {
         return Err(format!("n = {n} is more than {MAX_STEPS} steps"));
     }
@@ -54,17 +55,22 @@ pub fn sum_squares(ctx: &Context, n: u32, pause_ms: u64) -> Result<Squares, Stri
         if ctx.is_cancelled() {
             return Err(format!("stopped after {} of {n} steps", i - 1));
         }
-        std::thread::sleep(pause);
+        tokio::time::sleep(pause).await;
         sum += u64::from(i) * u64::from(i);
         ctx.progress(Step { done: i, of: n });
     }
     Ok(Squares { n, sum })
 }
 
+/// How many `sum_squares` calls the service's workers run at once.
+pub const CONCURRENCY: usize = 200;
+
 /// Starts `threads` worker threads for each task of the service (a pool per task, so slow
-/// `sum_squares` calls never hold up `add`).
+/// `sum_squares` calls never hold up `add`); those of `sum_squares` run up to
+/// [`CONCURRENCY`] calls at once. The app needs a tokio runtime (`sum_squares` sleeps on
+/// tokio's timer).
 pub fn serve(app: &App, threads: usize) -> Result<(), dingo::Error> {
     app.allocate(add, threads)?;
-    app.allocate(sum_squares, threads)?;
+    app.allocate_concurrent(sum_squares, threads, CONCURRENCY)?;
     Ok(())
 }

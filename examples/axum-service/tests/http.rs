@@ -26,10 +26,10 @@ impl Server {
     /// `threads` worker threads per task, calls answered within `deadline`; `None` to skip.
     fn start(threads: usize, deadline: Duration) -> Option<Server> {
         let redis = Redis::setup()?;
-        let app = App::builder().broker(redis.broker()).build().expect("app");
-        dingo_axum_example::tasks::serve(&app, threads).expect("workers");
         let runtime =
             tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().expect("runtime");
+        let app = App::builder().broker(redis.broker()).tokio_runtime(runtime.handle().clone()).build().expect("app");
+        dingo_axum_example::tasks::serve(&app, threads).expect("workers");
         let listener = runtime.block_on(tokio::net::TcpListener::bind("127.0.0.1:0")).expect("bind");
         let addr = listener.local_addr().expect("address");
         let service = Service::new(app.clone()).deadline(deadline);
@@ -62,10 +62,10 @@ impl Server {
 
 impl Drop for Server {
     fn drop(&mut self) {
+        let _ = self.app.close();
         if let Some(runtime) = self.runtime.take() {
             runtime.shutdown_timeout(Duration::from_secs(5));
         }
-        let _ = self.app.close();
     }
 }
 
