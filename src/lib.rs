@@ -177,6 +177,42 @@
 //! }
 //! ```
 //!
+//! # Async
+//!
+//! A [`Handle`] is `IntoFuture`: `handle.await` on any executor, no thread blocking while
+//! the task runs; [`Handle::report_stream`] gives the reports as a `Stream`, and the stubs'
+//! `call_async` (like [`App::call_async`]) a call that never blocks even when the broker
+//! pushes back. A task may be an `async fn`: a pool's threads drive many at once
+//! ([`App::allocate_concurrent`]), and a hard time limit or a cancel drops its future. With
+//! the `tokio` feature, [`AppBuilder::tokio_runtime`] runs them on a tokio runtime.
+//!
+//! ```
+//! use std::time::Duration;
+//!
+//! /// An async task (the future must be `Send`).
+//! #[dingo::task]
+//! async fn slow_double(ctx: &dingo::Context, n: u64) -> u64 {
+//!     ctx.progress("thinking");
+//!     std::future::ready(()).await; // any `.await`: a timer, a client, …
+//!     n * 2
+//! }
+//!
+//! fn main() -> Result<(), dingo::Error> {
+//!     let app = dingo::App::local()?;
+//!     app.allocate_concurrent(slow_double, 1, 100)?; // 1 thread, up to 100 calls at once
+//!     let doubled = futures::executor::block_on(async {
+//!         let now = slow_double::call(&app, 21)?.await?;        // awaiting a handle
+//!         let later = slow_double::call_async(&app, 4).await?;   // a call that never blocks
+//!         Ok::<_, dingo::Error>((now, later.await?))
+//!     })?;
+//!     assert_eq!(doubled, (42, 8));
+//!
+//!     let mut handle = slow_double::call(&app, 5)?;
+//!     assert_eq!(handle.wait_timeout(Duration::from_secs(5))?, 10); // blocking works too
+//!     app.close()
+//! }
+//! ```
+//!
 //! # Where to go next
 //! - [`task`]: the macro, its attribute keys and what it generates.
 //! - [`App`]: allocating workers, registering closures, calling by name, shutting down.
@@ -193,6 +229,7 @@
 //! | `redis-tls` | no | `rediss://` URLs (TLS through the system's OpenSSL) |
 //! | `amqp` | no | the RabbitMQ broker (`dingo::amqp`, `amqp://` URLs) |
 //! | `amqp-tls` | no | `amqps://` URLs (TLS through the system's OpenSSL) |
+//! | `tokio` | no | async tasks on a tokio runtime ([`AppBuilder::tokio_runtime`]) |
 #![deny(missing_docs)]
 #![cfg_attr(docsrs, feature(doc_cfg))]
 
