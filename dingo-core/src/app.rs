@@ -105,14 +105,7 @@ impl App {
     ///
     /// `task` is a `#[dingo::task]` function item (`app.allocate(add, 4)`) or a task name.
     pub fn allocate<M>(&self, task: impl TaskRef<M>, count: usize) -> Result<(), Error> {
-        let name = task.task_name()?;
-        let handler = self
-            .inner
-            .registry
-            .get(name.as_str())
-            .and_then(|entry| entry.handler.clone())
-            .ok_or_else(|| Error::UnknownTask { name: name.to_string() })?;
-        self.spawn_pool(&short_label(name.as_str()), count, DEFAULT_CONCURRENCY.max(count), vec![handler])
+        self.allocate_concurrent(task, count, DEFAULT_CONCURRENCY)
     }
 
     /// Starts `threads` worker threads for one task, which run up to `concurrency` calls of
