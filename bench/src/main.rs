@@ -10,10 +10,19 @@
 //! `--url` may carry broker options in its query (`redis://127.0.0.1:6379/?prefetch=512`,
 //! `amqp://guest:guest@127.0.0.1:5672/%2f?prefetch=256`).
 //!
+//! `--only` takes one scenario name or several, comma-separated.
+//!
 //! Scenarios on the local broker:
 //! - `inflight`: no-op `add` with a result, `--window` calls in flight from one caller thread;
+//! - `inflight-await`: the same through `.await` on a current-thread tokio runtime (the one
+//!   caller thread): `--window` handles in flight in a `FuturesUnordered`, the next call made
+//!   as soon as one of them is ready;
 //! - `fire-and-forget`: `add::send`, counted when the worker has run them all;
 //! - `sequential`: one call at a time, p50 / p99 of call→result latency;
+//! - `sequential-await`: the same, `add::call(..)?.await` on a current-thread tokio runtime;
+//! - `call-time`, `call-time-await`: `inflight` and `inflight-await` with every `call` timed
+//!   (what blocks a caller, and an async caller's runtime thread: the send, and the wait
+//!   for room in a full queue): its p99.9 and its max over the run, beside the rate;
 //! - `inflight-serialized`: `inflight` through the serialized local broker (MessagePack and
 //!   the wire format on every message), so the codec's cost shows;
 //! - `payload-1k-serialized`: a 1 KiB string echoed through the serialized broker.
@@ -28,18 +37,22 @@
 //! Scenarios on Redis (a caller app and a worker app, each with its own connections, in
 //! this process; a fresh namespace per run, deleted afterwards):
 //! - `redis-inflight`: at-least-once `add::call` + `wait`, `--window` calls in flight;
+//!   `redis-inflight-await` through `.await`, as `inflight-await`;
 //! - `redis-inflight-at-most-once`: the same with the task's default `at_most_once`;
 //! - `redis-fire-and-forget`: at-least-once `add::send`, counted when the workers ran them;
-//! - `redis-sequential`: one call at a time, p50 / p99;
+//! - `redis-sequential`: one call at a time, p50 / p99; `redis-sequential-await` through
+//!   `.await`;
+//! - `redis-call-time`, `redis-call-time-await`: as `call-time`, `call-time-await`;
 //! - `redis-raw-request-reply`: the baseline without dingo, the `redis` crate alone: one
 //!   request-reply at a time with four plain commands (`LPUSH`, `BRPOP` on each side), the
 //!   floor under `redis-sequential`.
 //!
 //! - `redis-delayed`, `redis-lateness`, `redis-retry`: the three lifecycle scenarios above.
 //!
-//! Scenarios on RabbitMQ: the same seven (`amqp-inflight`, `amqp-inflight-at-most-once`,
-//! `amqp-fire-and-forget`, `amqp-sequential`, `amqp-delayed`, `amqp-lateness`,
-//! `amqp-retry`), with durable queues, persistent messages and
+//! Scenarios on RabbitMQ: the same (`amqp-inflight`, `amqp-inflight-await`,
+//! `amqp-inflight-at-most-once`, `amqp-fire-and-forget`, `amqp-sequential`,
+//! `amqp-sequential-await`, `amqp-call-time`, `amqp-call-time-await`, `amqp-delayed`,
+//! `amqp-lateness`, `amqp-retry`), with durable queues, persistent messages and
 //! publisher confirms (the broker's defaults); a fresh namespace per run, its queues deleted
 //! afterwards. And four baselines without dingo, amiquip alone on the same server:
 //! `amqp-raw-inflight` (calls as dingo makes them — persistent confirmed requests, a
@@ -51,17 +64,23 @@
 //! publisher confirms, manual acks: what fire-and-forget needs at the least, in messages/s)
 //! and `amqp-raw-request-reply` (one persistent confirmed request and its reply at a time:
 //! the floor under `amqp-sequential`).
+//!
+//! A scenario and its `-await` twin run in turns (blocking, awaiting, blocking, …), so both
+//! medians come from the same minutes of a shared machine, and print one under the other.
 
 mod raw_amqp;
 mod raw_redis;
 
 use std::collections::VecDeque;
+use std::future::IntoFuture;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use dingo::amqp::{AmqpBroker, AmqpOptions};
 use dingo::redis::{RedisBroker, RedisOptions};
-use dingo::{App, Backoff, CallOptions, Context, LocalBroker};
+use dingo::{App, Backoff, CallOptions, Context, Handle, LocalBroker};
+use futures::StreamExt;
+use futures::stream::FuturesUnordered;
 
 #[cfg(feature = "mimalloc")]
 #[global_allocator]
@@ -108,7 +127,7 @@ struct Config {
     url: String,
     window: usize,
     workers: usize,
-    only: Option<String>,
+    only: Option<Vec<String>>,
     worker_spin: Option<Duration>,
     sequential_ids: bool,
 }
@@ -118,7 +137,17 @@ type Scenario<'a> = (&'static str, Box<dyn Fn() -> Outcome + 'a>);
 
 enum Measure {
     Rate(f64),
-    Latency { p50: Duration, p99: Duration, rate: f64 },
+    Latency {
+        p50: Duration,
+        p99: Duration,
+        rate: f64,
+    },
+    /// The rate, and how long one `call` took: its p99.9 and its max over the run.
+    CallTime {
+        rate: f64,
+        p999: Duration,
+        max: Duration,
+    },
 }
 
 fn main() {
@@ -150,7 +179,7 @@ fn main() {
             "--url" => config.url = value.clone(),
             "--window" => config.window = number().max(1) as usize,
             "--workers" => config.workers = number().max(1) as usize,
-            "--only" => config.only = Some(value.clone()),
+            "--only" => config.only = Some(value.split(',').map(str::to_owned).collect()),
             "--worker-spin-us" => config.worker_spin = Some(Duration::from_micros(number())),
             "--ids" => match value.as_str() {
                 "uuid" => config.sequential_ids = false,
@@ -170,7 +199,7 @@ fn main() {
 
 fn usage(problem: &str) -> ! {
     eprintln!(
-        "{problem}\nusage: dingo-bench local|redis|amqp [--runs N] [--url URL] [--calls N] [--window N] [--workers N] [--only SCENARIO] [--worker-spin-us N] [--ids uuid|sequential]"
+        "{problem}\nusage: dingo-bench local|redis|amqp [--runs N] [--url URL] [--calls N] [--window N] [--workers N] [--only SCENARIO[,SCENARIO…]] [--worker-spin-us N] [--ids uuid|sequential]"
     );
     std::process::exit(2)
 }
@@ -201,8 +230,15 @@ fn local(config: &Config) {
     let serialized = || builder().broker(LocalBroker::serialized()).build();
     let scenarios: Vec<Scenario<'_>> = vec![
         ("inflight", Box::new(move || inflight(&memory()?, &memory_same(), config, calls))),
+        ("inflight-await", Box::new(move || inflight_await(&memory()?, &memory_same(), config, calls))),
         ("fire-and-forget", Box::new(move || fire_and_forget(&memory()?, &memory_same(), config, calls))),
         ("sequential", Box::new(move || sequential(&memory()?, &memory_same(), config, (calls / 10).max(1)))),
+        (
+            "sequential-await",
+            Box::new(move || sequential_await(&memory()?, &memory_same(), config, (calls / 10).max(1))),
+        ),
+        ("call-time", Box::new(move || call_time(&memory()?, &memory_same(), config, calls, Wait::Blocking))),
+        ("call-time-await", Box::new(move || call_time(&memory()?, &memory_same(), config, calls, Wait::Await))),
         ("inflight-serialized", Box::new(move || inflight(&serialized()?, &memory_same(), config, (calls / 4).max(1)))),
         ("payload-1k-serialized", Box::new(move || payload(serialized()?, config, (calls / 10).max(1)))),
         ("delayed", Box::new(move || delayed(&memory()?, &memory_same(), config, calls))),
@@ -276,6 +312,13 @@ fn remote<'a>(
             }),
         ),
         (
+            name("inflight-await"),
+            Box::new(move || {
+                let (caller, worker, _cleanup) = pair()?;
+                inflight_await(&caller, &Some(worker), config, calls)
+            }),
+        ),
+        (
             name("inflight-at-most-once"),
             Box::new(move || {
                 let (caller, worker, _cleanup) = pair()?;
@@ -295,6 +338,27 @@ fn remote<'a>(
             Box::new(move || {
                 let (caller, worker, _cleanup) = pair()?;
                 sequential(&caller, &Some(worker), config, (calls / 20).max(1))
+            }),
+        ),
+        (
+            name("sequential-await"),
+            Box::new(move || {
+                let (caller, worker, _cleanup) = pair()?;
+                sequential_await(&caller, &Some(worker), config, (calls / 20).max(1))
+            }),
+        ),
+        (
+            name("call-time"),
+            Box::new(move || {
+                let (caller, worker, _cleanup) = pair()?;
+                call_time(&caller, &Some(worker), config, calls, Wait::Blocking)
+            }),
+        ),
+        (
+            name("call-time-await"),
+            Box::new(move || {
+                let (caller, worker, _cleanup) = pair()?;
+                call_time(&caller, &Some(worker), config, calls, Wait::Await)
             }),
         ),
         (
@@ -393,40 +457,84 @@ impl Drop for Namespace {
 }
 
 fn run(config: &Config, scenarios: Vec<Scenario<'_>>) {
-    println!("{:<28} {:>14} {:>14} {:>14} {:>10} {:>10}", "scenario", "median/s", "min/s", "max/s", "p50", "p99");
-    for (name, scenario) in scenarios {
-        if config.only.as_deref().is_some_and(|only| only != name) {
-            continue;
+    println!(
+        "{:<28} {:>14} {:>14} {:>14} {:>10} {:>10} {:>11} {:>11}",
+        "scenario", "median/s", "min/s", "max/s", "p50", "p99", "call p99.9", "call max"
+    );
+    let wanted = |name: &str| config.only.as_ref().is_none_or(|only| only.iter().any(|o| o == name));
+    // A scenario and its `-await` twin (listed right after it) run in turns.
+    let mut groups: Vec<Vec<Scenario<'_>>> = Vec::new();
+    for scenario in scenarios.into_iter().filter(|(name, _)| wanted(name)) {
+        let stem = scenario.0.strip_suffix("-await");
+        match groups.last_mut() {
+            Some(group) if stem == Some(group[0].0) => group.push(scenario),
+            _ => groups.push(vec![scenario]),
         }
-        let mut rates = Vec::new();
-        let mut p50s = Vec::new();
-        let mut p99s = Vec::new();
+    }
+    for group in groups {
+        let mut samples: Vec<Samples> = group.iter().map(|_| Samples::default()).collect();
         for _ in 0..config.runs {
-            match scenario() {
-                Ok(Measure::Rate(rate)) => rates.push(rate),
-                Ok(Measure::Latency { p50, p99, rate }) => {
-                    rates.push(rate);
-                    p50s.push(p50);
-                    p99s.push(p99);
-                }
-                Err(e) => {
-                    eprintln!("{name} failed: {}", dingo::error::chain(&e));
-                    std::process::exit(1);
+            for ((name, scenario), samples) in group.iter().zip(&mut samples) {
+                match scenario() {
+                    Ok(measure) => samples.add(measure),
+                    Err(e) => {
+                        eprintln!("{name} failed: {}", dingo::error::chain(&e));
+                        std::process::exit(1);
+                    }
                 }
             }
         }
-        rates.sort_by(f64::total_cmp);
-        p50s.sort();
-        p99s.sort();
-        let latency = |v: &[Duration]| v.get(v.len() / 2).map(|d| format!("{:.2}µs", d.as_secs_f64() * 1e6));
+        for ((name, _), samples) in group.iter().zip(samples) {
+            samples.print(name);
+        }
+    }
+}
+
+/// What the runs of one scenario measured.
+#[derive(Default)]
+struct Samples {
+    rates: Vec<f64>,
+    p50s: Vec<Duration>,
+    p99s: Vec<Duration>,
+    call_p999s: Vec<Duration>,
+    call_maxes: Vec<Duration>,
+}
+
+impl Samples {
+    fn add(&mut self, measure: Measure) {
+        match measure {
+            Measure::Rate(rate) => self.rates.push(rate),
+            Measure::Latency { p50, p99, rate } => {
+                self.rates.push(rate);
+                self.p50s.push(p50);
+                self.p99s.push(p99);
+            }
+            Measure::CallTime { rate, p999, max } => {
+                self.rates.push(rate);
+                self.call_p999s.push(p999);
+                self.call_maxes.push(max);
+            }
+        }
+    }
+
+    /// One row: the medians (and the spread of the rate).
+    fn print(mut self, name: &str) {
+        self.rates.sort_by(f64::total_cmp);
+        let latency = |v: &mut Vec<Duration>| {
+            v.sort();
+            v.get(v.len() / 2).map_or_else(|| "-".into(), |d| format!("{:.2}µs", d.as_secs_f64() * 1e6))
+        };
+        let rates = &self.rates;
         println!(
-            "{:<28} {:>14.0} {:>14.0} {:>14.0} {:>10} {:>10}",
+            "{:<28} {:>14.0} {:>14.0} {:>14.0} {:>10} {:>10} {:>11} {:>11}",
             name,
             rates[rates.len() / 2],
             rates[0],
             rates[rates.len() - 1],
-            latency(&p50s).unwrap_or_else(|| "-".into()),
-            latency(&p99s).unwrap_or_else(|| "-".into()),
+            latency(&mut self.p50s),
+            latency(&mut self.p99s),
+            latency(&mut self.call_p999s),
+            latency(&mut self.call_maxes),
         );
     }
 }
@@ -481,10 +589,82 @@ fn sequential(app: &App, worker: &Option<App>, config: &Config, calls: u64) -> O
     }
     let rate = calls as f64 / start.elapsed().as_secs_f64();
     latencies.sort();
-    let at = |q: f64| latencies[((latencies.len() as f64 * q) as usize).min(latencies.len() - 1)];
-    let measure = Measure::Latency { p50: at(0.50), p99: at(0.99), rate };
+    let measure = Measure::Latency { p50: at(&latencies, 0.50), p99: at(&latencies, 0.99), rate };
     close(app, worker)?;
     Ok(measure)
+}
+
+/// `sequential` through `.await` on a current-thread tokio runtime.
+fn sequential_await(app: &App, worker: &Option<App>, config: &Config, calls: u64) -> Outcome {
+    workers(app, worker).allocate(add, config.workers)?;
+    warm_up(app)?;
+    let runtime = runtime()?;
+    let mut latencies = Vec::with_capacity(calls as usize);
+    let start = Instant::now();
+    runtime.block_on(async {
+        for i in 0..calls as i64 {
+            let begin = Instant::now();
+            add::call(app, i, 1)?.await?;
+            latencies.push(begin.elapsed());
+        }
+        Ok::<(), dingo::Error>(())
+    })?;
+    let rate = calls as f64 / start.elapsed().as_secs_f64();
+    latencies.sort();
+    let measure = Measure::Latency { p50: at(&latencies, 0.50), p99: at(&latencies, 0.99), rate };
+    close(app, worker)?;
+    Ok(measure)
+}
+
+/// The `q` quantile of `sorted` (not empty).
+fn at(sorted: &[Duration], q: f64) -> Duration {
+    sorted[((sorted.len() as f64 * q) as usize).min(sorted.len() - 1)]
+}
+
+/// A current-thread tokio runtime: an async caller on one thread, as the blocking caller.
+fn runtime() -> Result<tokio::runtime::Runtime, dingo::Error> {
+    tokio::runtime::Builder::new_current_thread().build().map_err(|e| {
+        dingo::Error::Broker(dingo::BrokerError::new(dingo::BrokerErrorKind::Other, format!("tokio runtime: {e}")))
+    })
+}
+
+/// How a caller waits for its results.
+#[derive(Clone, Copy)]
+enum Wait {
+    /// `wait` on the oldest handle ([`windowed`]).
+    Blocking,
+    /// `.await` in a `FuturesUnordered` ([`windowed_await`]).
+    Await,
+}
+
+/// `inflight` through `.await` ([`windowed_await`]).
+fn inflight_await(app: &App, worker: &Option<App>, config: &Config, calls: u64) -> Outcome {
+    workers(app, worker).allocate(add, config.workers)?;
+    warm_up(app)?;
+    let rate = runtime()?.block_on(windowed_await(config.window, calls, |i| add::call(app, i, 1)))?;
+    close(app, worker)?;
+    Ok(Measure::Rate(rate))
+}
+
+/// `inflight` (or `inflight_await`) with every `call` timed: how long a caller's thread is
+/// held by the call itself (the send; the wait for room when a queue is full).
+fn call_time(app: &App, worker: &Option<App>, config: &Config, calls: u64, wait: Wait) -> Outcome {
+    workers(app, worker).allocate(add, config.workers)?;
+    warm_up(app)?;
+    let mut times = Vec::with_capacity(calls as usize);
+    let call = |i| {
+        let begin = Instant::now();
+        let handle = add::call(app, i, 1);
+        times.push(begin.elapsed());
+        handle
+    };
+    let rate = match wait {
+        Wait::Blocking => windowed(config.window, calls, call)?,
+        Wait::Await => runtime()?.block_on(windowed_await(config.window, calls, call))?,
+    };
+    close(app, worker)?;
+    times.sort_unstable();
+    Ok(Measure::CallTime { rate, p999: at(&times, 0.999), max: at(&times, 1.0) })
 }
 
 fn payload(app: App, config: &Config, calls: u64) -> Outcome {
@@ -547,8 +727,7 @@ fn lateness(app: &App, worker: &Option<App>, config: &Config, calls: u64) -> Out
     }
     let rate = calls as f64 / start.elapsed().as_secs_f64();
     latencies.sort();
-    let at = |q: f64| latencies[((latencies.len() as f64 * q) as usize).min(latencies.len() - 1)];
-    let measure = Measure::Latency { p50: at(0.50), p99: at(0.99), rate };
+    let measure = Measure::Latency { p50: at(&latencies, 0.50), p99: at(&latencies, 0.99), rate };
     close(app, worker)?;
     Ok(measure)
 }
@@ -602,6 +781,29 @@ fn windowed<T: Send + 'static>(
     }
     for handle in pending {
         handle.wait()?;
+    }
+    Ok(calls as f64 / start.elapsed().as_secs_f64())
+}
+
+/// [`windowed`] through `.await`: `window` handles in flight in a `FuturesUnordered`, the
+/// next call made as soon as one of them is ready (whichever: each is polled when woken).
+async fn windowed_await<T: Send + 'static>(
+    window: usize,
+    calls: u64,
+    mut call: impl FnMut(i64) -> Result<Handle<T>, dingo::Error>,
+) -> Result<f64, dingo::Error> {
+    let mut pending = FuturesUnordered::new();
+    let start = Instant::now();
+    for i in 0..calls as i64 {
+        pending.push(call(i)?.into_future());
+        if pending.len() >= window
+            && let Some(result) = pending.next().await
+        {
+            result?;
+        }
+    }
+    while let Some(result) = pending.next().await {
+        result?;
     }
     Ok(calls as f64 / start.elapsed().as_secs_f64())
 }

@@ -1,5 +1,7 @@
 //! The conformance suite on RabbitMQ: as task transport, as report transport, and both; and
-//! the App-level suite with tasks on RabbitMQ and reports on Redis.
+//! the App-level suite with tasks on RabbitMQ and reports on Redis. The App-level suite runs
+//! awaited (as well as blocking) in `both` and `amqp_tasks_redis_reports`; durable queues
+//! change how messages are kept, not how calls wait, so `durable_queues` only blocks.
 #![cfg(feature = "amqp")]
 
 mod both {
@@ -26,7 +28,7 @@ mod amqp_tasks_redis_reports {
 mod durable_queues {
     use dingo_test_support::amqp::Amqp;
 
-    dingo_test_support::app_suite!(Amqp::with_options(dingo::amqp::AmqpOptions::new()));
+    dingo_test_support::app_suite!(Amqp::with_options(dingo::amqp::AmqpOptions::new()), waiters = [blocking]);
     dingo_test_support::lifecycle_suite!(Amqp::with_options(dingo::amqp::AmqpOptions::new()));
     dingo_test_support::control_suite!(Amqp::with_options(dingo::amqp::AmqpOptions::new()));
     dingo_test_support::async_task_suite!(Amqp::with_options(dingo::amqp::AmqpOptions::new()));

@@ -1,6 +1,9 @@
 //! The conformance suite on Redis: as task transport, as report transport, and both; and
 //! the App-level suite with Redis in one role and the serialized local broker in the other;
-//! all of it again as a least-privilege user.
+//! all of it again as a least-privilege user. The App-level suite runs awaited (as well as
+//! blocking) in `both` only: what wakes an awaiting caller is its report transport, Redis
+//! there and the serialized local broker (awaited in `conformance_local`) or Redis again in
+//! the other setups; the restricted user changes which commands run, not how calls wait.
 #![cfg(feature = "redis")]
 
 mod both {
@@ -21,7 +24,7 @@ mod restricted {
 
     dingo_test_support::transport_suite!(Redis::restricted());
     dingo_test_support::reports_suite!(Redis::restricted());
-    dingo_test_support::app_suite!(Redis::restricted());
+    dingo_test_support::app_suite!(Redis::restricted(), waiters = [blocking]);
     dingo_test_support::lifecycle_suite!(Redis::restricted());
     dingo_test_support::control_suite!(Redis::restricted());
     dingo_test_support::async_task_suite!(Redis::restricted());
@@ -30,7 +33,7 @@ mod restricted {
 mod restricted_redis_tasks_local_reports {
     use dingo_test_support::redis::{Mixed, Role};
 
-    dingo_test_support::app_suite!(Mixed::restricted(Role::Tasks));
+    dingo_test_support::app_suite!(Mixed::restricted(Role::Tasks), waiters = [blocking]);
     dingo_test_support::lifecycle_suite!(Mixed::restricted(Role::Tasks));
     dingo_test_support::control_suite!(Mixed::restricted(Role::Tasks));
     dingo_test_support::async_task_suite!(Mixed::restricted(Role::Tasks));
@@ -39,7 +42,7 @@ mod restricted_redis_tasks_local_reports {
 mod local_tasks_restricted_redis_reports {
     use dingo_test_support::redis::{Mixed, Role};
 
-    dingo_test_support::app_suite!(Mixed::restricted(Role::Reports));
+    dingo_test_support::app_suite!(Mixed::restricted(Role::Reports), waiters = [blocking]);
     dingo_test_support::lifecycle_suite!(Mixed::restricted(Role::Reports));
     dingo_test_support::control_suite!(Mixed::restricted(Role::Reports));
     dingo_test_support::async_task_suite!(Mixed::restricted(Role::Reports));
@@ -48,7 +51,7 @@ mod local_tasks_restricted_redis_reports {
 mod redis_tasks_local_reports {
     use dingo_test_support::redis::{Mixed, Role};
 
-    dingo_test_support::app_suite!(Mixed::setup(Role::Tasks));
+    dingo_test_support::app_suite!(Mixed::setup(Role::Tasks), waiters = [blocking]);
     dingo_test_support::lifecycle_suite!(Mixed::setup(Role::Tasks));
     dingo_test_support::control_suite!(Mixed::setup(Role::Tasks));
     dingo_test_support::async_task_suite!(Mixed::setup(Role::Tasks));
@@ -57,7 +60,7 @@ mod redis_tasks_local_reports {
 mod local_tasks_redis_reports {
     use dingo_test_support::redis::{Mixed, Role};
 
-    dingo_test_support::app_suite!(Mixed::setup(Role::Reports));
+    dingo_test_support::app_suite!(Mixed::setup(Role::Reports), waiters = [blocking]);
     dingo_test_support::lifecycle_suite!(Mixed::setup(Role::Reports));
     dingo_test_support::control_suite!(Mixed::setup(Role::Reports));
     dingo_test_support::async_task_suite!(Mixed::setup(Role::Reports));

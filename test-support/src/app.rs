@@ -1,6 +1,7 @@
 //! App-level scenarios (Go dingo's single- and multi-app suites, and the failure paths):
 //! they run on whatever broker the setup gives, with one app holding every role or with
-//! several caller and worker apps sharing the broker.
+//! several caller and worker apps sharing the broker. Each waits for its calls through a
+//! [`Waiter`]: blocking, or `.await` on an executor, the same rules for both.
 
 use std::collections::HashSet;
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -16,6 +17,7 @@ use dingo::{
 };
 
 use crate::PATIENCE;
+use crate::awaiting::Waiter;
 use dingo::broker::kit::lock;
 
 /// Builds apps on one fresh broker (or namespace) per test.
@@ -93,18 +95,18 @@ pub fn expect_event(events: &Events, kind: EventKind) -> dingo::Event {
 
 /// A task `n -> n + 1` called with `monitor_progress` delivers exactly Sent, Progress (its
 /// start) and Success(6) for n = 5.
-pub fn sent_progress_success(setup: &dyn AppSetup) {
+pub fn sent_progress_success(setup: &dyn AppSetup, waiter: &Waiter) {
     let app = setup.app();
     let quiet = NoWarnings::watch(&app);
     app.allocate(plus_one, 1).expect("allocate");
     let handle = plus_one::call_with(&app, &CallOptions::new().monitor_progress(true), 5).expect("call");
-    let reports: Vec<Report<i64>> = handle.reports().collect();
+    let reports: Vec<Report<i64>> = waiter.reports(handle);
     assert_eq!(reports.len(), 3, "{reports:?}");
     assert_eq!(reports[0], Report::Sent);
     assert!(matches!(&reports[1], Report::Progress(p) if p.is_start()), "{reports:?}");
     assert_eq!(reports[2], Report::Success(6));
     // Without monitor_progress only the final report arrives.
-    let reports: Vec<Report<i64>> = plus_one::call(&app, 6).expect("call").reports().collect();
+    let reports: Vec<Report<i64>> = waiter.reports(plus_one::call(&app, 6).expect("call"));
     assert_eq!(reports, [Report::Success(7)]);
     app.close().expect("close");
     quiet.check();
@@ -113,7 +115,7 @@ pub fn sent_progress_success(setup: &dyn AppSetup) {
 /// 12 task names of `fn(n: i64, msg: String) -> (i64, String)`, each with its own sequential
 /// ids (so every name issues "1".."5"), 5 concurrent calls each: every call gets
 /// `(n + 1000, "the msg: " + msg)`.
-pub fn same_ids_under_12_names(setup: &dyn AppSetup) {
+pub fn same_ids_under_12_names(setup: &dyn AppSetup, waiter: &Waiter) {
     let app = setup.app();
     let quiet = NoWarnings::watch(&app);
     let names: Vec<String> = (0..12).map(|i| format!("conformance.same_id.{i}")).collect();
@@ -130,9 +132,9 @@ pub fn same_ids_under_12_names(setup: &dyn AppSetup) {
             s.spawn(move || {
                 for j in 0..5i64 {
                     let n = i as i64 * 12 + j;
-                    let mut handle = app.call::<_, (i64, String)>(name, (n, j.to_string())).expect("call");
+                    let handle = app.call::<_, (i64, String)>(name, (n, j.to_string())).expect("call");
                     lock(ids).insert((name.clone(), handle.id().to_string()));
-                    let got = handle.wait_timeout(PATIENCE).expect("result");
+                    let got = waiter.wait_timeout(handle, PATIENCE).expect("result");
                     assert_eq!(got, (n + 1000, format!("the msg: {j}")));
                 }
             });
@@ -147,17 +149,17 @@ pub fn same_ids_under_12_names(setup: &dyn AppSetup) {
 
 /// A panic becomes a `Panic` failure with the panic's message, and the next call on the
 /// same (only) worker works.
-pub fn panic_is_reported_and_worker_survives(setup: &dyn AppSetup) {
+pub fn panic_is_reported_and_worker_survives(setup: &dyn AppSetup, waiter: &Waiter) {
     let app = setup.app();
     let events = app.events(EventFilter::new().level(Level::Warning));
     app.allocate(explode, 1).expect("allocate");
-    let err = explode::call(&app, -1).expect("call").wait().expect_err("must fail");
+    let err = waiter.wait(explode::call(&app, -1).expect("call")).expect_err("must fail");
     let task_error = err.task_error().expect("a task error");
     assert_eq!(task_error.kind(), TaskErrorKind::Panic);
     assert_eq!(task_error.message(), "boom: -1");
     expect_event(&events, EventKind::TaskPanicked);
     for n in 1..=3 {
-        assert_eq!(explode::call(&app, n).expect("call").wait().expect("works again"), n * 10);
+        assert_eq!(waiter.wait(explode::call(&app, n).expect("call")).expect("works again"), n * 10);
     }
     app.close().expect("close");
 }
@@ -194,7 +196,7 @@ impl Reporter for CountingReporter {
 
 /// `ignore_report` (fire-and-forget): the call gives no handle to wait on, the task runs,
 /// and the worker publishes nothing.
-pub fn ignore_report_gives_no_handle_and_no_report(setup: &dyn AppSetup) {
+pub fn ignore_report_gives_no_handle_and_no_report(setup: &dyn AppSetup, waiter: &Waiter) {
     let counting = Arc::new(CountingReporter { inner: setup.reporter(), published: AtomicUsize::new(0) });
     let app = setup.builder().reporter(counting.clone()).build().expect("build");
     app.allocate(record, 1).expect("allocate");
@@ -204,7 +206,7 @@ pub fn ignore_report_gives_no_handle_and_no_report(setup: &dyn AppSetup) {
     let options = CallOptions::new().ignore_report(true).monitor_progress(true);
     let handle = record::call_with(&app, &options, format!("{token}.2")).expect("call");
     assert!(handle.is_detached());
-    assert!(matches!(handle.wait(), Err(Error::NoReport)));
+    assert!(matches!(waiter.wait(handle), Err(Error::NoReport)));
 
     let deadline = Instant::now() + PATIENCE;
     while !(lock(&RECORDED).contains(&token) && lock(&RECORDED).contains(&format!("{token}.2"))) {
@@ -217,25 +219,26 @@ pub fn ignore_report_gives_no_handle_and_no_report(setup: &dyn AppSetup) {
 
 /// Closing an app lets the running task finish; a call still queued gets a `Shutdown`
 /// failure instead of waiting forever.
-pub fn shutdown_fails_pending_calls(setup: &dyn AppSetup) {
+pub fn shutdown_fails_pending_calls(setup: &dyn AppSetup, waiter: &Waiter) {
     let app = setup.builder().shutdown_grace(PATIENCE).build().expect("build");
     app.allocate(sleep_then_echo, 1).expect("allocate");
-    let mut running = sleep_then_echo::call_with(&app, &CallOptions::new().monitor_progress(true), 300).expect("call");
+    let running = sleep_then_echo::call_with(&app, &CallOptions::new().monitor_progress(true), 300).expect("call");
+    let mut running = waiter.on(running);
     assert!(matches!(running.next_report(Some(PATIENCE)), Ok(Some(Report::Sent))), "the first task started");
     let queued = sleep_then_echo::call(&app, 0).expect("call");
     app.close().expect("close");
     assert_eq!(running.wait().expect("the running task finishes"), 300);
-    let err = queued.wait().expect_err("the queued task cannot run any more");
+    let err = waiter.wait(queued).expect_err("the queued task cannot run any more");
     assert_eq!(err.task_kind(), Some(TaskErrorKind::Shutdown), "{err:?}");
     assert!(matches!(sleep_then_echo::call(&app, 0), Err(Error::Shutdown)));
 }
 
 /// A wait that times out loses nothing: the result that arrives later is there for the next
 /// wait, and a result that arrives while nobody waits is kept for the first wait.
-pub fn a_timed_out_wait_loses_nothing(setup: &dyn AppSetup) {
+pub fn a_timed_out_wait_loses_nothing(setup: &dyn AppSetup, waiter: &Waiter) {
     let app = setup.app();
     app.allocate(sleep_then_echo, 1).expect("allocate");
-    let mut slow = sleep_then_echo::call(&app, 300).expect("call");
+    let mut slow = waiter.on(sleep_then_echo::call(&app, 300).expect("call"));
     let second = sleep_then_echo::call(&app, 0).expect("call");
     match slow.wait_timeout(Duration::from_millis(50)) {
         Err(Error::Timeout(after)) => assert_eq!(after, Duration::from_millis(50)),
@@ -243,17 +246,17 @@ pub fn a_timed_out_wait_loses_nothing(setup: &dyn AppSetup) {
     }
     assert_eq!(slow.wait_timeout(PATIENCE).expect("waiting again"), 300);
     std::thread::sleep(Duration::from_millis(200)); // `second` finishes while nobody waits
-    assert_eq!(second.wait().expect("a result that came while nobody waited"), 0);
+    assert_eq!(waiter.wait(second).expect("a result that came while nobody waited"), 0);
     app.close().expect("close");
 }
 
 /// A call of a task nobody registered fails with `UnknownTask` instead of hanging, and says
 /// that the crate defining it may not be linked (the likely cause for a `#[dingo::task]`).
-pub fn unknown_task_fails(setup: &dyn AppSetup) {
+pub fn unknown_task_fails(setup: &dyn AppSetup, waiter: &Waiter) {
     let app = setup.app();
     app.allocate_all(1).expect("allocate");
     let task = "conformance_tasks::no_such_task";
-    let outcome = app.call::<_, i64>(task, 1i64).and_then(|mut h| h.wait_timeout(PATIENCE));
+    let outcome = app.call::<_, i64>(task, 1i64).and_then(|h| waiter.wait_timeout(h, PATIENCE));
     let err = outcome.expect_err("must fail");
     assert_eq!(err.task_kind(), Some(TaskErrorKind::UnknownTask), "{err:?}");
     let message = err.task_error().expect("a task error").message().to_owned();
@@ -273,7 +276,7 @@ pub fn unknown_task_fails(setup: &dyn AppSetup) {
 /// at once, naming both signatures, when the calling app has the task itself (every app has
 /// every `#[dingo::task]`); otherwise at the worker, which names its own types. The worker
 /// goes on.
-pub fn signature_mismatch_fails(setup: &dyn AppSetup) {
+pub fn signature_mismatch_fails(setup: &dyn AppSetup, waiter: &Waiter) {
     let worker = setup.app();
     let caller = setup.app();
     let worker_events = worker.events(EventFilter::new().level(Level::Error));
@@ -297,11 +300,8 @@ pub fn signature_mismatch_fails(setup: &dyn AppSetup) {
     // A closure only the worker has: what a caller built from other code would send.
     worker.register("conformance.halve", |n: u64| n / 2).expect("register");
     worker.allocate("conformance.halve", 1).expect("allocate");
-    let err = caller
-        .call::<_, u64>("conformance.halve", (8u64, 2u64))
-        .expect("sent: the caller cannot check")
-        .wait_timeout(PATIENCE)
-        .expect_err("refused by the worker");
+    let handle = caller.call::<_, u64>("conformance.halve", (8u64, 2u64)).expect("sent: the caller cannot check");
+    let err = waiter.wait_timeout(handle, PATIENCE).expect_err("refused by the worker");
     assert_eq!(err.task_kind(), Some(TaskErrorKind::SignatureMismatch), "{err:?}");
     assert_eq!(
         err.task_error().expect("a task error").message(),
@@ -315,21 +315,16 @@ pub fn signature_mismatch_fails(setup: &dyn AppSetup) {
     );
     let event = expect_event(&worker_events, EventKind::SignatureMismatch);
     assert_eq!(event.origin, Origin::Worker);
-    let err = caller
-        .call::<_, String>("conformance.halve", 8u64)
-        .expect("sent")
-        .wait_timeout(PATIENCE)
-        .expect_err("refused by the worker");
+    let handle = caller.call::<_, String>("conformance.halve", 8u64).expect("sent");
+    let err = waiter.wait_timeout(handle, PATIENCE).expect_err("refused by the worker");
     assert!(
         err.to_string().contains("but the call passes the same arguments but expects another result type"),
         "{err}"
     );
 
-    assert_eq!(plus_one::call(&caller, 1).expect("call").wait_timeout(PATIENCE).expect("works"), 2);
-    assert_eq!(
-        caller.call::<_, u64>("conformance.halve", 8u64).expect("call").wait_timeout(PATIENCE).expect("works"),
-        4
-    );
+    assert_eq!(waiter.wait_timeout(plus_one::call(&caller, 1).expect("call"), PATIENCE).expect("works"), 2);
+    let handle = caller.call::<_, u64>("conformance.halve", 8u64).expect("call");
+    assert_eq!(waiter.wait_timeout(handle, PATIENCE).expect("works"), 4);
     close_both(&caller, &worker);
 }
 
@@ -337,7 +332,7 @@ pub fn signature_mismatch_fails(setup: &dyn AppSetup) {
 /// `(x,)` — a `#[dingo::task]` as a closure, from the app that runs it as from another — and
 /// reads each as what was sent: an empty list of lists sent as `(vec![],)` is that empty list,
 /// not a list holding one empty list.
-pub fn one_argument_calls_agree(setup: &dyn AppSetup) {
+pub fn one_argument_calls_agree(setup: &dyn AppSetup, waiter: &Waiter) {
     let worker = setup.app();
     let caller = setup.app();
     let warnings = NoWarnings::watch(&worker);
@@ -349,16 +344,16 @@ pub fn one_argument_calls_agree(setup: &dyn AppSetup) {
     worker.allocate("conformance.count", 1).expect("allocate");
 
     for (who, app) in [("worker", &worker), ("caller", &caller)] {
-        let wait = |handle: Result<dingo::Handle<i64>, Error>| handle.expect("call").wait_timeout(PATIENCE);
+        let wait = |handle: Result<dingo::Handle<i64>, Error>| waiter.wait_timeout(handle.expect("call"), PATIENCE);
         assert_eq!(wait(plus_one::call(app, 1)).expect("stub"), 2, "{who}");
         assert_eq!(wait(app.call(plus_one::NAME, 2i64)).expect("bare"), 3, "{who}");
         assert_eq!(wait(app.call(plus_one::NAME, (3i64,))).expect("tuple"), 4, "{who}");
 
-        let wait = |handle: Result<dingo::Handle<u64>, Error>| handle.expect("call").wait_timeout(PATIENCE);
+        let wait = |handle: Result<dingo::Handle<u64>, Error>| waiter.wait_timeout(handle.expect("call"), PATIENCE);
         assert_eq!(wait(app.call("conformance.halve", 8u64)).expect("bare"), 4, "{who}");
         assert_eq!(wait(app.call("conformance.halve", (10u64,))).expect("tuple"), 5, "{who}");
 
-        let wait = |handle: Result<dingo::Handle<usize>, Error>| handle.expect("call").wait_timeout(PATIENCE);
+        let wait = |handle: Result<dingo::Handle<usize>, Error>| waiter.wait_timeout(handle.expect("call"), PATIENCE);
         assert_eq!(wait(app.call("conformance.count", (Vec::<Vec<u64>>::new(),))).expect("tuple"), 0, "{who}");
         assert_eq!(wait(app.call("conformance.count", vec![Vec::<u64>::new()])).expect("bare"), 1, "{who}");
         assert_eq!(wait(app.call("conformance.count", (vec![Vec::<u64>::new()],))).expect("tuple"), 1, "{who}");
@@ -384,27 +379,24 @@ fn close_both(caller: &App, worker: &App) {
 
 /// Arguments that do not decode give a `BadPayload` failure and an event; the worker goes
 /// on.
-pub fn bad_payload_fails_and_worker_goes_on(setup: &dyn AppSetup) {
+pub fn bad_payload_fails_and_worker_goes_on(setup: &dyn AppSetup, waiter: &Waiter) {
     let app = setup.app();
     let events = app.events(EventFilter::new().level(Level::Error));
     app.allocate(plus_one, 1).expect("allocate");
     let garbage = Encoded::new(dingo::codec::MSGPACK, vec![0xc1, 0xff, 0x00]);
-    let err = app
-        .call_raw(plus_one::NAME, &CallOptions::new(), garbage)
-        .expect("call")
-        .wait_timeout(PATIENCE)
-        .expect_err("must fail");
+    let handle = app.call_raw(plus_one::NAME, &CallOptions::new(), garbage).expect("call");
+    let err = waiter.wait_timeout(handle, PATIENCE).expect_err("must fail");
     assert_eq!(err.task_kind(), Some(TaskErrorKind::BadPayload), "{err:?}");
     let event = expect_event(&events, EventKind::BadPayload);
     assert_eq!(event.task.map(|t| t.name.to_string()), Some(plus_one::NAME.to_string()));
-    assert_eq!(plus_one::call(&app, 41).expect("call").wait().expect("works"), 42);
+    assert_eq!(waiter.wait(plus_one::call(&app, 41).expect("call")).expect("works"), 42);
     app.close().expect("close");
 }
 
 /// Three caller apps and three worker apps on one broker. Only the callers ask for progress
 /// reports (the option travels with the task); each caller gets exactly Sent, Progress and
 /// its own result for each of its 5 calls.
-pub fn three_callers_three_workers(setup: &dyn AppSetup) {
+pub fn three_callers_three_workers(setup: &dyn AppSetup, waiter: &Waiter) {
     let workers: Vec<App> = (0..3).map(|_| setup.app()).collect();
     for worker in &workers {
         worker.allocate(order, 1).expect("allocate");
@@ -420,7 +412,7 @@ pub fn three_callers_three_workers(setup: &dyn AppSetup) {
                 let handles: Vec<_> =
                     (0..5).map(|i| order::call(caller, k as i64, format!("{k}.{i}")).expect("call")).collect();
                 for (i, handle) in handles.into_iter().enumerate() {
-                    let reports: Vec<Report<(i64, String)>> = handle.reports().collect();
+                    let reports: Vec<Report<(i64, String)>> = waiter.reports(handle);
                     assert_eq!(reports.len(), 3, "{reports:?}");
                     assert_eq!(reports[0], Report::Sent);
                     assert!(matches!(&reports[1], Report::Progress(p) if p.is_start()));

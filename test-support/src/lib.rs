@@ -8,7 +8,9 @@
 //!   (task name, id)).
 //! - [`app`]: App-level scenarios (progress reports, many names with the same ids, panics,
 //!   fire-and-forget, shutdown, unknown tasks, signature mismatches, bad payloads, several
-//!   caller and worker apps on one broker).
+//!   caller and worker apps on one broker), each waiting through a [`awaiting::Waiter`]:
+//!   blocking, and `.await` on a current-thread and a multi-thread tokio runtime and on
+//!   `futures::executor::block_on`.
 //! - helpers for fault tests: [`faults`], a TCP [`proxy`] that cuts connections, example
 //!   programs as child [`process`]es, a private [`redis_server`] to kill and restart (or
 //!   serving TLS only, with a throwaway CA from [`certs`]), a private [`rabbitmq_node`]
@@ -26,6 +28,7 @@
 
 pub mod app;
 pub mod async_tasks;
+pub mod awaiting;
 pub mod certs;
 pub mod control;
 pub mod faults;
@@ -102,25 +105,41 @@ macro_rules! reports_suite {
     };
 }
 
-/// Instantiates the [`app`] suite for apps on one shared broker (see [`transport_suite`]).
+/// Instantiates the [`app`] suite for apps on one shared broker (see [`transport_suite`]),
+/// once per way of waiting: a module per [`awaiting::Waiter`] (`blocking`, `current_thread`,
+/// `multi_thread`, `block_on`), each with one `#[test]` per rule.
+///
+/// `app_suite!(setup, waiters = [blocking])` instantiates only the waiters listed: for setups
+/// whose report transport (what wakes a waiter) another instantiation already covers awaited.
 #[macro_export]
 macro_rules! app_suite {
     ($setup:expr) => {
-        $crate::__suite!(
-            $setup,
-            $crate::app,
-            sent_progress_success,
-            same_ids_under_12_names,
-            panic_is_reported_and_worker_survives,
-            ignore_report_gives_no_handle_and_no_report,
-            shutdown_fails_pending_calls,
-            a_timed_out_wait_loses_nothing,
-            unknown_task_fails,
-            signature_mismatch_fails,
-            one_argument_calls_agree,
-            bad_payload_fails_and_worker_goes_on,
-            three_callers_three_workers,
-        );
+        $crate::app_suite!($setup, waiters = [blocking, current_thread, multi_thread, block_on]);
+    };
+    ($setup:expr, waiters = [$($waiter:ident),+ $(,)?]) => {
+        $(
+            mod $waiter {
+                #[allow(unused_imports)]
+                use super::*;
+
+                $crate::__suite!(
+                    $setup,
+                    $crate::app,
+                    waiter = $waiter,
+                    sent_progress_success,
+                    same_ids_under_12_names,
+                    panic_is_reported_and_worker_survives,
+                    ignore_report_gives_no_handle_and_no_report,
+                    shutdown_fails_pending_calls,
+                    a_timed_out_wait_loses_nothing,
+                    unknown_task_fails,
+                    signature_mismatch_fails,
+                    one_argument_calls_agree,
+                    bad_payload_fails_and_worker_goes_on,
+                    three_callers_three_workers,
+                );
+            }
+        )+
     };
 }
 
@@ -193,10 +212,22 @@ macro_rules! async_task_suite {
     };
 }
 
-/// Instantiates the rules of one suite module.
+/// Instantiates the rules of one suite module (with `waiter = NAME`: rules that also take
+/// the [`awaiting::Waiter`] of that name).
 #[doc(hidden)]
 #[macro_export]
 macro_rules! __suite {
+    ($setup:expr, $module:path, waiter = $waiter:ident, $($test:ident),+ $(,)?) => {
+        $(
+            #[test]
+            fn $test() {
+                use $module as suite;
+                if let Some(setup) = $setup {
+                    suite::$test(&setup, &$crate::awaiting::Waiter::$waiter());
+                }
+            }
+        )+
+    };
     ($setup:expr, $module:path, $($test:ident),+ $(,)?) => {
         $(
             #[test]

@@ -38,7 +38,8 @@ fn listed_in(lib: &str, suite: &str, module: &str) -> Vec<String> {
     let mut args = args.split(',').map(str::trim).filter(|arg| !arg.is_empty());
     assert_eq!(args.next(), Some("$setup"), "`{suite}`: the first argument is the setup");
     assert_eq!(args.next(), Some(format!("$crate::{module}").as_str()), "`{suite}` instantiates another module");
-    let mut listed: Vec<String> = args.map(str::to_owned).collect();
+    // `waiter = NAME` (the app suite's rules also take a waiter) is not a rule.
+    let mut listed: Vec<String> = args.filter(|arg| !arg.starts_with("waiter =")).map(str::to_owned).collect();
     listed.sort();
     listed
 }
@@ -68,4 +69,10 @@ fn the_reader_finds_rules_and_lists() {
     let lib = "macro_rules! app_suite {\n    ($setup:expr) => {\n        $crate::__suite!(\n            $setup,\n            \
                $crate::app,\n            rule_b,\n            rule_a,\n        );\n    };\n}\n";
     assert_eq!(listed_in(lib, "app_suite", "app"), ["rule_a", "rule_b"]);
+    let source = "use x;\npub fn rule_c(setup: &dyn AppSetup, waiter: &Waiter) {}\n";
+    assert_eq!(rules_in(source), ["rule_c"]);
+    let lib = "macro_rules! app_suite {\n    ($setup:expr) => {\n        $crate::app_suite!($setup, waiters = [a, b]);\n    \
+               };\n    ($setup:expr, waiters = [$($waiter:ident),+]) => {\n        $crate::__suite!(\n            \
+               $setup,\n            $crate::app,\n            waiter = $waiter,\n            rule_c,\n        );\n    };\n}\n";
+    assert_eq!(listed_in(lib, "app_suite", "app"), ["rule_c"]);
 }
