@@ -389,6 +389,7 @@ impl Handler {
 
     /// Runs a blocking task; starts an async one and runs it to completion on this thread
     /// (only for callers that cannot drive it otherwise).
+    #[inline]
     pub(crate) fn run(&self, ctx: &Context<'_>, args: Payload, invoke: &Invoke<'_>, done: Done<'_>) {
         match &self.body {
             Body::Blocking(run) => run(ctx, args, invoke, done),
@@ -414,6 +415,7 @@ impl Handler {
 }
 
 /// The arguments of a call, taken from the process or decoded.
+#[inline]
 fn arguments<A: DeserializeOwned + 'static>(args: Payload, invoke: &Invoke<'_>) -> Result<A, TaskError> {
     match args {
         Payload::Local(value) => take_local::<A>(value),
@@ -422,6 +424,7 @@ fn arguments<A: DeserializeOwned + 'static>(args: Payload, invoke: &Invoke<'_>) 
 }
 
 /// A task's value as the worker wants it: kept in process, or encoded.
+#[inline]
 fn output<R: Serialize + 'static>(invoke: &Invoke<'_>, value: R) -> Result<Output<R>, TaskError> {
     if invoke.local {
         return Ok(Output::Local(value));
@@ -433,6 +436,7 @@ fn output<R: Serialize + 'static>(invoke: &Invoke<'_>, value: R) -> Result<Outpu
 }
 
 /// Hands a run's outcome (its panic, if it panicked) to `done`.
+#[inline]
 fn deliver<R: Send + 'static>(outcome: std::thread::Result<Result<Output<R>, TaskError>>, done: Done<'_>) {
     match outcome {
         Err(panic) => done(Err(TaskError::new(TaskErrorKind::Panic, panic_message(&*panic)))),

@@ -293,6 +293,7 @@ impl Worker {
 
     /// Runs (or starts) one delivery. Task panics are caught closer to the task; this
     /// catches what is left (a panicking reporter, say), so the thread itself never dies.
+    #[inline]
     fn execute(&self, delivery: Delivery, executor: &mut Option<Executor>) -> Ran {
         let crew = &self.crew;
         catch_unwind(AssertUnwindSafe(|| execute(crew, delivery, executor))).unwrap_or_else(|_| {
@@ -363,15 +364,15 @@ pub(crate) enum Verdict<'v> {
 }
 
 /// Decides what an outcome means for the call: the final report, a dead letter, or a
-/// retry (which takes the kept arguments `again`). `saw` and `requested_retry` are what the
-/// task's context recorded.
+/// retry (which takes the kept arguments `again`), given what the task's context recorded.
+// Inlined: on the blocking path it runs once per task, inside the task's outcome closure.
+#[inline(always)]
 pub(crate) fn judge<'v>(
     shared: &Shared,
     call: &Call<'_>,
     facts: &Facts,
     outcome: Result<Value<'v>, TaskError>,
-    saw: u8,
-    requested_retry: Option<Duration>,
+    ctx: &Context<'_>,
     again: &mut Option<Encoded>,
 ) -> Verdict<'v> {
     let Facts { attempt, expires, retry, .. } = *facts;
@@ -388,8 +389,8 @@ pub(crate) fn judge<'v>(
             Verdict::DeadLetter(error)
         }
         // The task gave up because it saw its soft limit or a cancel: final, not retried.
-        Err(error) if error.kind() == TaskErrorKind::Failed && saw != SAW_NOTHING => {
-            let (kind, why) = match saw {
+        Err(error) if error.kind() == TaskErrorKind::Failed && ctx.saw() != SAW_NOTHING => {
+            let (kind, why) = match ctx.saw() {
                 SAW_CANCEL => (TaskErrorKind::Cancelled, "cancelled"),
                 _ => (TaskErrorKind::TimeLimit, "soft time limit"),
             };
@@ -397,7 +398,7 @@ pub(crate) fn judge<'v>(
             Verdict::Finish(ReportBody::Failure(TaskError::new(kind, message).with_attempts(attempt)))
         }
         Err(error) if error.kind() == TaskErrorKind::Failed && retry.retries() > 0 => {
-            let wait = requested_retry.unwrap_or_else(|| retry.get_backoff().delay(attempt));
+            let wait = ctx.requested_retry().unwrap_or_else(|| retry.get_backoff().delay(attempt));
             let starts_in_time = expires.is_none_or(|expires| SystemTime::now() + wait < expires);
             let can_send = shared.producer.is_some();
             match again.take() {
@@ -575,7 +576,7 @@ pub(crate) fn execute(crew: &Arc<Crew>, delivery: Delivery, executor: &mut Optio
                 }
             }
         }
-        match judge(shared, &call, &facts, outcome, ctx.saw(), ctx.requested_retry(), &mut again) {
+        match judge(shared, &call, &facts, outcome, &ctx, &mut again) {
             Verdict::Finish(body) => call.finish(body, ack.take()),
             Verdict::DeadLetter(error) => call.dead_letter(error, ack.take()),
             Verdict::Retry { args, wait, error } => next = Some((args, wait, error)),

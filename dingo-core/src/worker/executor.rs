@@ -392,7 +392,6 @@ impl Executor {
     fn settle(&mut self, crew: &Crew, mut task: InFlight, outcome: Result<Box<dyn Produced>, TaskError>) {
         let shared = &*crew.shared;
         let ctx = task.ctx.clone();
-        let (saw, requested) = (ctx.saw(), ctx.requested_retry());
         let mut again = task.again.take();
         let facts = task.facts;
         let _entered = task.span.clone().entered();
@@ -405,7 +404,7 @@ impl Executor {
                     let Some(task) = task.take() else { return };
                     let verdict = {
                         let call = Call { shared, name: &task.name, id: &task.id, reply_to: &task.reply_to };
-                        judge(shared, &call, &facts, outcome, saw, requested, &mut again)
+                        judge(shared, &call, &facts, outcome, &ctx, &mut again)
                     };
                     self.conclude(shared, task, verdict);
                 });
@@ -413,7 +412,7 @@ impl Executor {
             Err(error) => {
                 let verdict = {
                     let call = Call { shared, name: &task.name, id: &task.id, reply_to: &task.reply_to };
-                    judge(shared, &call, &facts, Err(error), saw, requested, &mut again)
+                    judge(shared, &call, &facts, Err(error), &ctx, &mut again)
                 };
                 self.conclude(shared, task, verdict);
             }
