@@ -187,8 +187,11 @@ pub trait Subscription: Send + Sync + 'static {
 
     /// Like [`recv`](Subscription::recv), but returns [`Recv::Empty`] as soon as `bell` has a
     /// message (taking it): a worker thread running async tasks waits for its next delivery
-    /// and for its tasks' wakers at once. The default waits in slices of a millisecond;
-    /// a subscription that waits on channels selects on the bell with them instead.
+    /// and for its tasks' wakers at once (`Some(Duration::ZERO)`: only looks). Returning
+    /// [`Recv::Stopped`], it must not give back or settle what the thread holds: the thread
+    /// still runs tasks it took and settles them before it calls
+    /// [`detach_worker`](Subscription::detach_worker). The default waits in slices of a
+    /// millisecond; a subscription that waits on channels selects on the bell with them.
     fn recv_or_bell(&self, timeout: Option<Duration>, bell: &crossbeam_channel::Receiver<()>) -> Recv {
         const SLICE: Duration = Duration::from_millis(1);
         let deadline = timeout.and_then(|t| std::time::Instant::now().checked_add(t));

@@ -253,8 +253,10 @@ impl Worker {
                     running.wait(None);
                     continue;
                 }
-                let received = match crew.subscription.try_recv() {
-                    Recv::Empty if running.is_woken() => continue,
+                // Not `try_recv`: a stopped subscription must not give back what this thread
+                // still runs (see `recv_or_bell`).
+                let received = match running.look(&*crew.subscription) {
+                    Recv::Empty if running.has_news() => continue,
                     Recv::Empty => running.wait(Some(&*crew.subscription)),
                     other => other,
                 };

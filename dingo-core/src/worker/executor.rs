@@ -29,7 +29,7 @@ use crossbeam_channel::{Receiver, Sender};
 
 use super::{Call, Crew, Facts, SAW_NOTHING, Shared, Verdict, judge, next_attempt, schedule};
 use crate::broker::kit::lock;
-use crate::broker::{Ack, Recv, Subscription};
+use crate::broker::{Ack, Cancels, Recv, Subscription};
 use crate::codec::{CodecId, Encoded};
 use crate::context::{Context, Lent};
 use crate::error::{TaskError, TaskErrorKind};
@@ -94,7 +94,9 @@ pub(crate) struct Executor {
     /// In order only: the tasks not settled yet, oldest first, with what is left to do for
     /// those that finished (`None`: still running).
     unsettled: BTreeMap<u64, Option<Deferred>>,
-    /// The cancels' generation when the running tasks were last checked.
+    /// The consumer's cancels, and their generation when the running tasks were last
+    /// checked.
+    cancels: Option<Arc<Cancels>>,
     cancels_seen: u64,
 }
 
@@ -177,6 +179,7 @@ impl Executor {
             serial: 0,
             in_order: crew.subscription.settles_in_order(),
             unsettled: BTreeMap::new(),
+            cancels: crew.shared.cancels.clone(),
             cancels_seen: crew.shared.cancels.as_ref().map_or(0, |c| c.generation()),
         }
     }
@@ -191,9 +194,16 @@ impl Executor {
         self.live < self.room
     }
 
-    /// Whether a task was woken and waits to be polled.
-    pub(crate) fn is_woken(&self) -> bool {
+    /// Whether a task was woken and waits to be polled, or a cancel came (the bell that
+    /// told of it may have been taken by a look for deliveries).
+    pub(crate) fn has_news(&self) -> bool {
         !lock(&self.woken.queue).is_empty()
+            || self.cancels.as_ref().is_some_and(|cancels| cancels.generation() != self.cancels_seen)
+    }
+
+    /// A delivery if one is there, without waiting.
+    pub(crate) fn look(&self, subscription: &dyn Subscription) -> Recv {
+        subscription.recv_or_bell(Some(Duration::ZERO), &self.bell)
     }
 
     /// Starts a task and polls it once.
@@ -297,7 +307,7 @@ impl Executor {
                 format!("the task ran past its hard time limit of {} ms: its future was dropped", limit.as_millis());
             self.abandon(crew, slot, TaskErrorKind::TimeLimit, EventKind::TimeLimitExceeded, Level::Warning, message);
         }
-        if let Some(cancels) = &crew.shared.cancels {
+        if let Some(cancels) = self.cancels.clone() {
             let generation = cancels.generation();
             if generation != self.cancels_seen {
                 self.cancels_seen = generation;
@@ -317,7 +327,7 @@ impl Executor {
     /// Waits until a task is woken, the next hard limit passes, or (given the
     /// subscription, while there is room) a delivery arrives.
     pub(crate) fn wait(&self, subscription: Option<&dyn Subscription>) -> Recv {
-        if self.is_woken() {
+        if self.has_news() {
             return Recv::Empty;
         }
         let timeout = self

@@ -451,10 +451,11 @@ impl RedisSubscription {
         // Settlements first: batch numbers must rise in the order the calls run. They are
         // stored at once, even when a wait follows them.
         let (mut plan, settled) = local.settle_plan(&self.inner);
-        if local.idle {
+        if local.idle && !block.is_zero() {
             // After a fetch that drained the queues, wait for work before fetching again, in
             // the same round trip: the server runs the fetches the moment a wake token
-            // comes (at once if one is there: a token stays while work waits).
+            // comes (at once if one is there: a token stays while work waits). A fetch
+            // that must not wait (a thread running async tasks looking for more) does not.
             let mut wait = Call::command("BLPOP").arg(local.control.as_bytes());
             for (_, q) in &self.queues {
                 wait = wait.arg(q.wake.as_bytes());
@@ -894,25 +895,16 @@ pub(crate) fn finish_here(
     })
 }
 
-impl Subscription for RedisSubscription {
-    fn try_recv(&self) -> Recv {
-        if self.stopped.load(Ordering::Acquire) {
-            self.release_local();
-            return Recv::Stopped;
-        }
-        match self.with_local(|local| if local.released { Err(()) } else { Ok(self.next_buffered(local)) }) {
-            Ok(Some(delivery)) => Recv::Delivery(delivery),
-            Ok(None) => Recv::Empty,
-            // Written off: fenced.
-            Err(()) => Recv::Stopped,
-        }
-    }
-
-    fn recv(&self, timeout: Option<Duration>) -> Recv {
+impl RedisSubscription {
+    /// Waits for a delivery at most `timeout`; stopped, gives back what this thread holds
+    /// first when `release` says so (not for a thread still running async tasks it took).
+    fn recv_until(&self, timeout: Option<Duration>, release: bool) -> Recv {
         let deadline = timeout.and_then(|t| Instant::now().checked_add(t));
         loop {
             if self.stopped.load(Ordering::Acquire) {
-                self.release_local();
+                if release {
+                    self.release_local();
+                }
                 return Recv::Stopped;
             }
             let left = deadline.map(|d| d.saturating_duration_since(Instant::now()));
@@ -937,6 +929,25 @@ impl Subscription for RedisSubscription {
                 return Recv::Empty;
             }
         }
+    }
+}
+
+impl Subscription for RedisSubscription {
+    fn try_recv(&self) -> Recv {
+        if self.stopped.load(Ordering::Acquire) {
+            self.release_local();
+            return Recv::Stopped;
+        }
+        match self.with_local(|local| if local.released { Err(()) } else { Ok(self.next_buffered(local)) }) {
+            Ok(Some(delivery)) => Recv::Delivery(delivery),
+            Ok(None) => Recv::Empty,
+            // Written off: fenced.
+            Err(()) => Recv::Stopped,
+        }
+    }
+
+    fn recv(&self, timeout: Option<Duration>) -> Recv {
+        self.recv_until(timeout, true)
     }
 
     fn stop(&self) {
@@ -973,12 +984,20 @@ impl Subscription for RedisSubscription {
     /// (and stores its settlements) without waiting, then waits on the bell for up to
     /// [`LOOK_EVERY`]. Its woken tasks run at once; a task arriving while it is busy with
     /// async ones waits up to that long (the pool's idle threads block on Redis as usual).
+    ///
+    /// Stopped, it returns at once and gives nothing back: the thread still runs tasks it
+    /// took, and settles them before it detaches.
     fn recv_or_bell(&self, timeout: Option<Duration>, bell: &crossbeam_channel::Receiver<()>) -> Recv {
-        match self.recv(Some(Duration::ZERO)) {
+        match self.recv_until(Some(Duration::ZERO), false) {
             Recv::Empty => {}
             other => return other,
         }
-        let _ = bell.recv_timeout(timeout.map_or(LOOK_EVERY, |t| t.min(LOOK_EVERY)));
+        match timeout.map_or(LOOK_EVERY, |t| t.min(LOOK_EVERY)) {
+            wait if wait.is_zero() => {}
+            wait => {
+                let _ = bell.recv_timeout(wait);
+            }
+        }
         Recv::Empty
     }
 
