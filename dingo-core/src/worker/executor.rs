@@ -280,6 +280,14 @@ impl Executor {
         self.tasks[slot] = Some(task(future));
         self.live += 1;
         if let Some(hard) = hard {
+            // The limits of tasks that finished stay until they pass: dropped here once they
+            // outnumber the running tasks, so a long limit on quick tasks keeps no backlog.
+            if self.deadlines.len() >= 64 && self.deadlines.len() > 2 * self.live {
+                let tasks = &self.tasks;
+                self.deadlines.retain(|Reverse((_, slot, serial))| {
+                    tasks.get(*slot).and_then(Option::as_ref).is_some_and(|task| task.serial == *serial)
+                });
+            }
             self.deadlines.push(Reverse((now + hard, slot, serial)));
         }
         self.poll(crew, slot);
