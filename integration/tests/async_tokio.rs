@@ -125,3 +125,42 @@ fn a_hard_limit_or_a_cancel_aborts_the_task_on_the_runtime() {
     assert_eq!(app.threads_written_off(), 0);
     app.close().expect("close");
 }
+
+/// Progress sent from the runtime's threads keeps its order with the final report: the
+/// pool's thread reports it (on Redis a report from elsewhere would take another path than
+/// the final one, and could land after it).
+#[cfg(feature = "redis")]
+#[test]
+fn progress_from_the_runtime_arrives_in_order_before_the_result_on_redis() {
+    use dingo::{Context, Report};
+    let Some(redis) = dingo_test_support::redis::Redis::setup() else { return };
+    let runtime = runtime();
+    let app = App::builder().broker(redis.broker()).tokio_runtime(runtime.handle().clone()).build().expect("app");
+    app.register_async_with_context("tokio.steps", |ctx: Arc<Context<'static>>, steps: u32| async move {
+        for step in 1..=steps {
+            tokio::time::sleep(Duration::from_millis(1)).await;
+            ctx.progress(step);
+        }
+        Ok::<u32, String>(steps * 10)
+    })
+    .expect("register");
+    app.allocate_concurrent("tokio.steps", 1, 200).expect("allocate");
+    let options = CallOptions::new().monitor_progress(true);
+    // Many at once, each reporting its last step just before it returns: the window in
+    // which a report on another path could land after the final one.
+    let handles: Vec<_> =
+        (0..200).map(|_| app.call_with::<_, u32>("tokio.steps", &options, 3u32).expect("call")).collect();
+    for handle in handles {
+        let reports: Vec<Report<u32>> = handle.reports().collect();
+        let steps: Vec<u32> = reports
+            .iter()
+            .filter_map(|r| match r {
+                Report::Progress(p) => p.value::<u32>().map(|v| v.expect("decodes")),
+                _ => None,
+            })
+            .collect();
+        assert_eq!(steps, [1, 2, 3], "{reports:?}");
+        assert_eq!(reports.last(), Some(&Report::Success(30)));
+    }
+    app.close().expect("close");
+}

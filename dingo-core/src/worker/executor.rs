@@ -12,6 +12,9 @@
 //! that finishes before an earlier one reports at once and leaves its acknowledgement
 //! (or its dead-lettering, or its next attempt) for when the earlier ones are settled.
 //!
+//! A task's progress goes through the thread too (`Relay`): wherever its future runs, the
+//! thread reports it, before the task's final report.
+//!
 //! A hard time limit or a cancel drops the task's future (at its next `.await`, as it
 //! were: a future is only ever dropped between polls) and fails the call with `TimeLimit`
 //! or `Cancelled`; nothing is written off, the thread goes on.
@@ -29,13 +32,13 @@ use crossbeam_channel::{Receiver, Sender};
 
 use super::{Call, Crew, Facts, SAW_NOTHING, Shared, Verdict, judge, next_attempt, schedule};
 use crate::broker::kit::lock;
-use crate::broker::{Ack, Cancels, Recv, Subscription};
+use crate::broker::{Ack, Cancels, Recv, Reporter, Subscription};
 use crate::codec::{CodecId, Encoded};
 use crate::context::{Context, Lent};
-use crate::error::{TaskError, TaskErrorKind};
-use crate::event::{EventKind, Level};
+use crate::error::{BrokerError, BrokerErrorKind, TaskError, TaskErrorKind};
+use crate::event::{Event, EventKind, Level, Origin};
 use crate::id::{TaskId, TaskName};
-use crate::message::{Payload, ReplyTo, ReportBody, TaskMessage};
+use crate::message::{Payload, ReplyTo, ReportBody, ReportMessage, TaskMessage};
 use crate::registry::{Handler, Invoke, Layout, Produced, TaskFuture, panic_message};
 
 /// Runs `future` to completion on the calling thread (an `async fn` task called through
@@ -85,6 +88,8 @@ pub(crate) struct Executor {
     room: usize,
     woken: Arc<Woken>,
     bell: Receiver<()>,
+    /// The progress of the tasks, to report from this thread.
+    relay: Arc<Relay>,
     /// Hard time limits: when, which slot, which task.
     deadlines: BinaryHeap<Reverse<(Instant, usize, u64)>>,
     /// Counts the tasks started, so a slot's task is told from the one before it.
@@ -128,6 +133,31 @@ enum Deferred {
     Retry(TaskMessage, Option<Ack>),
 }
 
+/// Where an async task's context sends its progress: queued for the executor's thread,
+/// which reports it in order with the task's final report. A future may run on another
+/// thread (a tokio runtime's, or one the task handed its context to), and a broker may
+/// report from a worker thread on another path than from elsewhere (Redis: the thread's
+/// own connection, in order with its settlements, against a background writer's).
+struct Relay {
+    queue: Mutex<Vec<(ReplyTo, ReportMessage<'static>)>>,
+    woken: Arc<Woken>,
+}
+
+impl Reporter for Relay {
+    fn report(&self, to: &ReplyTo, report: ReportMessage<'_>) -> Result<(), BrokerError> {
+        let ReportMessage { name, id, body } = report;
+        let body = match body {
+            ReportBody::Progress(progress) => ReportBody::Progress(progress),
+            ReportBody::Sent => ReportBody::Sent,
+            // A context sends nothing else.
+            _ => return Err(BrokerError::new(BrokerErrorKind::Other, "only progress is relayed")),
+        };
+        lock(&self.queue).push((to.lend(), ReportMessage { name, id, body }));
+        self.woken.ring();
+        Ok(())
+    }
+}
+
 /// The tasks woken since the thread last looked, and its bell.
 struct Woken {
     queue: Mutex<Vec<(usize, u64)>>,
@@ -168,12 +198,14 @@ impl Executor {
         if let Some(cancels) = &crew.shared.cancels {
             cancels.ring_on_insert(bell_tx.clone());
         }
+        let woken = Arc::new(Woken { queue: Mutex::new(Vec::new()), bell: bell_tx });
         Executor {
             tasks: Vec::new(),
             free: Vec::new(),
             live: 0,
             room: crew.shared.concurrency.max(1),
-            woken: Arc::new(Woken { queue: Mutex::new(Vec::new()), bell: bell_tx }),
+            relay: Arc::new(Relay { queue: Mutex::new(Vec::new()), woken: woken.clone() }),
+            woken,
             bell,
             deadlines: BinaryHeap::new(),
             serial: 0,
@@ -198,6 +230,7 @@ impl Executor {
     /// told of it may have been taken by a look for deliveries).
     pub(crate) fn has_news(&self) -> bool {
         !lock(&self.woken.queue).is_empty()
+            || !lock(&self.relay.queue).is_empty()
             || self.cancels.as_ref().is_some_and(|cancels| cancels.generation() != self.cancels_seen)
     }
 
@@ -218,7 +251,7 @@ impl Executor {
             options: facts.options,
             redelivered,
             reply_to: Lent::Shared(Arc::new(reply_to.lend())),
-            reporter: Lent::Shared(shared.reporter.clone()),
+            reporter: Lent::Shared(self.relay.clone()),
             codec: Lent::Shared(
                 shared.codecs.get(codec).cloned().unwrap_or_else(|_| shared.codecs.default_codec().clone()),
             ),
@@ -293,8 +326,20 @@ impl Executor {
         self.poll(crew, slot);
     }
 
+    /// Reports the progress the tasks sent, in order (before any of them settles).
+    fn relay(&self, shared: &Shared) {
+        let relayed = std::mem::take(&mut *lock(&self.relay.queue));
+        for (to, report) in relayed {
+            if let Err(e) = shared.reporter.report(&to, report) {
+                let message = format!("progress report lost: {}", crate::error::chain(&e));
+                shared.events.emit(Event::new(Origin::Worker, Level::Warning, EventKind::ReportFailed, message));
+            }
+        }
+    }
+
     /// Polls the woken tasks, then fails those past their hard limit or cancelled.
     pub(crate) fn turn(&mut self, crew: &Crew) {
+        self.relay(&crew.shared);
         let woken = std::mem::take(&mut *lock(&self.woken.queue));
         for (slot, serial) in woken {
             if self.tasks.get(slot).and_then(Option::as_ref).is_some_and(|task| task.serial == serial) {
@@ -409,6 +454,8 @@ impl Executor {
     /// settles it.
     fn settle(&mut self, crew: &Crew, mut task: InFlight, outcome: Result<Box<dyn Produced>, TaskError>) {
         let shared = &*crew.shared;
+        // Its progress first (it may have sent some in the poll that finished it).
+        self.relay(shared);
         let ctx = task.ctx.clone();
         let mut again = task.again.take();
         let facts = task.facts;
