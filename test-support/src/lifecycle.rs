@@ -171,10 +171,13 @@ pub fn random_delays_run_once_in_due_order(setup: &dyn AppSetup) {
     }
     let late: Vec<u64> = runs.iter().map(|r| r.started - r.due).collect();
     let worst = late.iter().max().copied().unwrap_or(0);
-    assert!(worst <= LATE.as_millis() as u64 + 1_000, "a task started {worst} ms late");
+    // One bound for both: a task that may start this late may start after tasks due up to
+    // this much later (RabbitMQ's quorum delay hops, under CI's load, reach ~1.8 s).
+    let bound = LATE.as_millis() as u64 + 1_000;
+    assert!(worst <= bound, "a task started {worst} ms late");
     for pair in runs.windows(2) {
         assert!(
-            pair[1].due + LATE.as_millis() as u64 >= pair[0].due,
+            pair[1].due + bound >= pair[0].due,
             "out of due order: due {} ran after due {}",
             pair[1].due - start,
             pair[0].due - start
